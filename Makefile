@@ -1,0 +1,25 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+# Both create .venv first. TORCH is the torch requirement installed before the project: the
+# default is the CPU build this workplace keeps on disk; on a GPU machine use e.g. TORCH=torch.
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+
+.PHONY: setup demo test clean
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+demo: setup
+	$(PY) train.py --demo
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

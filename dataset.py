@@ -1,0 +1,310 @@
+"""Caption data: where images and captions come from, and how they become training batches.
+
+Sources (`--dataset`):
+  flickr30k  Flickr30k from the Hub's parquet export, Karpathy train/val/test (the default)
+  karpathy   a local folder with dataset_{flickr30k,flickr8k,coco}.json plus its images
+  folder     a local folder of images with captions.jsonl or captions.csv
+The offline demo writes a `folder` data set (see demo.py).
+
+Every caption of an image is used: training iterates over (image, caption) pairs; evaluation
+scores each image against all of its references.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from model import IGNORE_INDEX
+from utils import UserError
+
+FLICKR30K_PARQUET = "hf://datasets/nlphuji/flickr30k@refs/convert/parquet/TEST/test/*.parquet"
+DATASETS = ("flickr30k", "karpathy", "folder")
+SPLITS = ("train", "val", "test")
+KARPATHY_FILES = ("dataset_flickr30k.json", "dataset_flickr8k.json", "dataset_coco.json")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+@dataclass
+class ImageRecord:
+    """One image and all of its reference captions."""
+
+    image_id: str
+    captions: list[str]
+    split: str
+    path: Path | None = None  # local sources
+    row: int | None = None  # row in a Hub dataset (flickr30k)
+    table: object = field(default=None, repr=False)  # that Hub dataset
+
+    def open(self):
+        from PIL import Image
+
+        if self.table is not None:
+            image = self.table[self.row]["image"]
+        else:
+            try:
+                image = Image.open(self.path)
+                image.load()
+            except (OSError, Image.DecompressionBombError) as error:
+                raise UserError(f"cannot read image {self.path}: {error}") from None
+        return image.convert("RGB")
+
+
+def normalize_caption(text) -> str:
+    """Collapse whitespace; anything that is not text becomes an empty caption (and is dropped)."""
+    return " ".join(text.split()) if isinstance(text, str) else ""
+
+
+def _clean_captions(captions) -> list[str]:
+    return [c for c in (normalize_caption(t) for t in captions) if c]
+
+
+# ----------------------------------------------------------------------------------------------
+# Sources
+# ----------------------------------------------------------------------------------------------
+
+def load_flickr30k_hub(split: str, data_files: str = FLICKR30K_PARQUET) -> list[ImageRecord]:
+    """Flickr30k as a user gets it today: the parquet export with a Karpathy `split` column."""
+    import datasets
+
+    try:
+        table = datasets.load_dataset("parquet", data_files={"flickr30k": data_files}, split="flickr30k")
+    except Exception as error:  # datasets raises many kinds (network, missing files, schema)
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(
+            f"could not load Flickr30k from {data_files} ({first}); without network use --dataset karpathy "
+            "or --dataset folder with --data-dir, or --demo"
+        ) from None
+    missing = {"image", "caption", "split"} - set(table.column_names)
+    if missing:
+        raise UserError(f"{data_files} lacks columns {sorted(missing)}; expected the nlphuji/flickr30k parquet export")
+    splits = table["split"]
+    captions = table["caption"]
+    ids = table["img_id"] if "img_id" in table.column_names else [str(i) for i in range(len(table))]
+    names = table["filename"] if "filename" in table.column_names else ids
+    records = []
+    for row, (row_split, row_captions, image_id, name) in enumerate(zip(splits, captions, ids, names)):
+        if row_split == split:
+            records.append(
+                ImageRecord(str(name or image_id), _clean_captions(row_captions), split, row=row, table=table)
+            )
+    return records
+
+
+def find_karpathy_json(data_dir: Path) -> Path:
+    for name in KARPATHY_FILES:
+        if (data_dir / name).is_file():
+            return data_dir / name
+    raise UserError(f"no Karpathy split file ({', '.join(KARPATHY_FILES)}) in {data_dir}")
+
+
+def _resolve_image(data_dir: Path, *parts: str) -> Path:
+    relative = Path(*[p for p in parts if p])
+    for root in (data_dir, data_dir / "images", data_dir / "Images", data_dir / "flickr30k-images"):
+        if (root / relative).is_file():
+            return root / relative
+    return data_dir / relative
+
+
+def load_karpathy(data_dir: Path, split: str) -> list[ImageRecord]:
+    """A Karpathy-format JSON; COCO's `restval` images are trained on, as in the papers."""
+    path = find_karpathy_json(data_dir)
+    try:
+        images = json.loads(path.read_text())["images"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise UserError(f"{path} is not a Karpathy split file ({error})") from None
+    wanted = {"train": {"train", "restval"}}.get(split, {split})
+    records = []
+    for image in images:
+        if image.get("split") not in wanted:
+            continue
+        captions = _clean_captions(s.get("raw", " ".join(s.get("tokens", []))) for s in image.get("sentences", []))
+        image_id = str(image.get("cocoid", image.get("imgid", image["filename"])))
+        path_ = _resolve_image(data_dir, image.get("filepath", ""), image["filename"])
+        records.append(ImageRecord(image_id, captions, split, path=path_))
+    return records
+
+
+def _read_caption_rows(data_dir: Path) -> list[dict]:
+    jsonl, csv_path = data_dir / "captions.jsonl", data_dir / "captions.csv"
+    if jsonl.is_file():
+        rows = []
+        for number, line in enumerate(jsonl.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise UserError(f"{jsonl} line {number} is not JSON ({error})") from None
+        return rows
+    if csv_path.is_file():
+        with open(csv_path, newline="") as handle:
+            return list(csv.DictReader(handle))
+    raise UserError(f"{data_dir} has neither captions.jsonl nor captions.csv")
+
+
+def load_caption_folder(data_dir: Path, split: str, seed: int = 0, held_out_fraction: float = 0.05) -> list[ImageRecord]:
+    """A folder of images with captions.jsonl ({"image", "captions"|"caption", "split"?}) or
+    captions.csv (columns image, caption, split?; one row per caption).
+
+    Rows without a split are assigned one by a seeded shuffle: `held_out_fraction` each to
+    val and test (at least one image each once there are three), the rest to train.
+    """
+    by_image: dict[str, dict] = {}
+    for number, row in enumerate(_read_caption_rows(data_dir), 1):
+        name = row.get("image") or row.get("file_name") or row.get("filename")
+        if not name:
+            raise UserError(f"{data_dir}: caption row {number} names no image (expected an 'image' field)")
+        entry = by_image.setdefault(name, {"captions": [], "split": row.get("split") or None})
+        captions = row.get("captions", row.get("caption", []))
+        entry["captions"].extend([captions] if isinstance(captions, str) else captions)
+    names = list(by_image)
+    unassigned = [n for n in names if by_image[n]["split"] is None]
+    if unassigned:
+        order = sorted(unassigned)
+        random.Random(seed).shuffle(order)
+        n_held = max(1, round(held_out_fraction * len(order))) if len(order) >= 3 else 0
+        for i, name in enumerate(order):
+            by_image[name]["split"] = "val" if i < n_held else "test" if i < 2 * n_held else "train"
+    return [
+        ImageRecord(name, _clean_captions(entry["captions"]), split, path=data_dir / name)
+        for name, entry in by_image.items()
+        if entry["split"] == split
+    ]
+
+
+def load_records(dataset: str, split: str, data_dir: str | None = None, hub_data_files: str = FLICKR30K_PARQUET,
+                 seed: int = 0) -> list[ImageRecord]:
+    """The images of one split with their captions; images without a usable caption are left out."""
+    if dataset not in DATASETS:
+        raise UserError(f"dataset {dataset!r} is unknown; choose one of {', '.join(DATASETS)}")
+    if split not in SPLITS:
+        raise UserError(f"split {split!r} is unknown; choose one of {', '.join(SPLITS)}")
+    if dataset == "flickr30k":
+        records = load_flickr30k_hub(split, hub_data_files)
+    else:
+        if not data_dir:
+            raise UserError(f"--dataset {dataset} needs --data-dir")
+        root = Path(data_dir).expanduser()
+        if not root.is_dir():
+            raise UserError(f"data folder not found: {root}")
+        records = load_karpathy(root, split) if dataset == "karpathy" else load_caption_folder(root, split, seed)
+    records = [r for r in records if r.captions]
+    missing = [r.path for r in records if r.path is not None and not r.path.is_file()]
+    if missing:
+        raise UserError(f"{len(missing)} of {len(records)} {split} images are missing (first: {missing[0]}); "
+                        "check --data-dir")
+    return records
+
+
+def limit_records(records: list[ImageRecord], limit: int, seed: int) -> list[ImageRecord]:
+    """A seeded, reproducible subset of `limit` images (all when limit <= 0)."""
+    if limit <= 0 or limit >= len(records):
+        return records
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    return [records[i] for i in sorted(order[:limit])]
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenisation and batches
+# ----------------------------------------------------------------------------------------------
+
+def tokenize_caption(tokenizer, caption: str, eos_token_id: int, max_tokens: int) -> list[int]:
+    """Caption tokens, cut to max_tokens - 1, then EOS: every caption teaches the model to stop."""
+    ids = tokenizer(caption, add_special_tokens=False)["input_ids"]
+    return ids[: max_tokens - 1] + [eos_token_id]
+
+
+class CaptionPairs(Dataset):
+    """(image, caption) pairs over pre-computed image features; tokenised once up front."""
+
+    def __init__(self, records: list[ImageRecord], features: torch.Tensor, tokenizer, eos_token_id: int,
+                 max_tokens: int):
+        self.features = features
+        self.pairs: list[tuple[int, list[int]]] = []
+        for index, record in enumerate(records):
+            for caption in record.captions:
+                self.pairs.append((index, tokenize_caption(tokenizer, caption, eos_token_id, max_tokens)))
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict:
+        image_index, token_ids = self.pairs[i]
+        return {"image_features": self.features[image_index], "token_ids": token_ids}
+
+
+def collate_captions(batch: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Pad to the longest caption in the batch (dynamic padding); labels are -100 at padding.
+
+    Labels equal input_ids at real positions (EOS included): the shift happens in the model,
+    whose hidden state at prefix_length-1+t predicts caption token t.
+    """
+    longest = max(len(item["token_ids"]) for item in batch)
+    input_ids = torch.full((len(batch), longest), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(batch), longest), IGNORE_INDEX, dtype=torch.long)
+    for row, item in enumerate(batch):
+        ids = torch.tensor(item["token_ids"], dtype=torch.long)
+        input_ids[row, : len(ids)] = ids
+        labels[row, : len(ids)] = ids
+    return {
+        "image_features": torch.stack([item["image_features"] for item in batch]),
+        "input_ids": input_ids,
+        "labels": labels,
+    }
+
+
+class EpochShuffleSampler(Sampler):
+    """A permutation that depends only on (seed, epoch): resuming at a batch replays the same order."""
+
+    def __init__(self, length: int, seed: int):
+        self.length, self.seed, self.epoch = length, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.length, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.length
+
+
+# ----------------------------------------------------------------------------------------------
+# Images -> CLIP features
+# ----------------------------------------------------------------------------------------------
+
+class ImageTensors(Dataset):
+    """Decoded and preprocessed images, so DataLoader workers decode in parallel."""
+
+    def __init__(self, records: list[ImageRecord], processor):
+        self.records, self.processor = records, processor
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.processor(images=self.records[i].open(), return_tensors="pt")["pixel_values"][0]
+
+
+def extract_features(captioner, records: list[ImageRecord], batch_size: int = 64, num_workers: int = 0,
+                     progress: bool = True, desc: str = "CLIP features") -> torch.Tensor:
+    """CLIP features (N, F) for every record, computed once: the frozen encoder never sees an image twice."""
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    if not records:
+        return torch.empty(0, captioner.config.image_feature_dim)
+    loader = DataLoader(ImageTensors(records, captioner.processor), batch_size=batch_size, num_workers=num_workers)
+    chunks = []
+    with tqdm(total=len(records), desc=desc, unit="img", disable=not progress) as bar:
+        for pixel_values in loader:
+            chunks.append(captioner.image_features(pixel_values).cpu())
+            bar.update(len(pixel_values))
+    return torch.cat(chunks)

@@ -1,0 +1,254 @@
+"""The offline demo: a synthetic image set and tiny backbones that load like the real ones.
+
+    python demo.py data --out DIR                   # coloured shapes, 5 captions each, train/val/test
+    python demo.py backbones --captions DIR --out DIR   # tiny CLIP + tokenizer + pre-trained tiny Qwen3
+
+`python train.py --demo` builds both once (under $CAPTIONER_HOME, default ~/.cache/captioner) and
+trains on them through exactly the code path a real run uses. The backbone builder takes any
+caption folder (captions.jsonl/.csv, see dataset.py), so you can smoke-test your own data offline:
+
+    python demo.py backbones --captions my_data --out tiny
+    python train.py --dataset folder --data-dir my_data --clip-model tiny/clip --lm-model tiny/lm
+
+Why the tiny LM is pre-trained: a frozen random LM cannot be steered by a prefix (adapter
+training plateaus); a briefly pre-trained, then frozen, one mirrors the real setting.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+from utils import UserError, cache_home, run_cli, seed_everything
+
+DEMO_VERSION = 1  # bump when the recipe below changes, so cached assets are rebuilt
+EOS_TOKEN = "<|endoftext|>"
+
+SHAPE_COLOURS = {
+    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
+    "yellow": (235, 215, 40), "purple": (140, 60, 170), "orange": (245, 140, 30),
+}
+BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128)}
+SHAPES = ("circle", "square", "triangle", "cross")
+TEMPLATES = (
+    "a {colour} {shape} on a {background} background",
+    "a {colour} {shape} on {background}",
+    "a {colour} {shape} in front of a {background} background",
+    "there is a {colour} {shape} on a {background} background",
+    "a picture of a {colour} {shape} on {background}",
+)
+SPLIT_SIZES = {"train": 900, "val": 60, "test": 150}
+IMAGE_SIZE = 64
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic images
+# ----------------------------------------------------------------------------------------------
+
+def draw_shape(shape: str, colour: str, background: str, rng: random.Random, size: int = IMAGE_SIZE):
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (size, size), _jitter(BACKGROUNDS[background], rng))
+    draw = ImageDraw.Draw(image)
+    # Centred with a little jitter: a random-init tower sees colour anywhere, but shape only
+    # where it sits still (see README: the demo measures the pipeline, not vision).
+    extent = rng.uniform(0.55, 0.8) * size
+    x0 = (size - extent) / 2 + rng.uniform(-3, 3)
+    y0 = (size - extent) / 2 + rng.uniform(-3, 3)
+    box = (x0, y0, x0 + extent, y0 + extent)
+    fill = _jitter(SHAPE_COLOURS[colour], rng)
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(x0 + extent / 2, y0), (x0, y0 + extent), (x0 + extent, y0 + extent)], fill=fill)
+    else:  # cross: two bars a third of the extent wide
+        third = extent / 3
+        draw.rectangle((x0 + third, y0, x0 + 2 * third, y0 + extent), fill=fill)
+        draw.rectangle((x0, y0 + third, x0 + extent, y0 + 2 * third), fill=fill)
+    return image
+
+
+def _jitter(rgb, rng: random.Random, amount: int = 12):
+    return tuple(max(0, min(255, c + rng.randint(-amount, amount))) for c in rgb)
+
+
+def demo_captions(colour: str, shape: str, background: str) -> list[str]:
+    return [t.format(colour=colour, shape=shape, background=background) for t in TEMPLATES]
+
+
+def build_demo_data(out_dir: str | Path, seed: int = 0, split_sizes: dict | None = None) -> Path:
+    """Write coloured-shape PNGs and captions.jsonl (with splits) in the `folder` format."""
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    combos = [(c, s, b) for c in SHAPE_COLOURS for s in SHAPES for b in BACKGROUNDS]
+    lines = []
+    for split, count in (split_sizes or SPLIT_SIZES).items():
+        for i in range(count):
+            colour, shape, background = combos[rng.randrange(len(combos))]
+            name = f"images/{split}_{i:04d}.png"
+            draw_shape(shape, colour, background, rng).save(out_dir / name)
+            lines.append(json.dumps({"image": name, "captions": demo_captions(colour, shape, background),
+                                     "split": split}))
+    tmp = out_dir / "captions.jsonl.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(out_dir / "captions.jsonl")  # written last: its presence marks a complete set
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny backbones
+# ----------------------------------------------------------------------------------------------
+
+def build_tokenizer(captions: list[str], vocab_size: int = 400):
+    """A byte-level BPE tokenizer (Qwen's kind) trained on the captions, EOS = PAD = <|endoftext|>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOS_TOKEN], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    core.train_from_iterator(captions, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
+
+
+def build_tiny_clip(out_dir: Path, image_size: int = IMAGE_SIZE, seed: int = 0) -> None:
+    """A random-init tiny CLIP, saved whole like openai/clip-vit-base-patch32 (vision tower loaded from it)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(seed)
+    projection_dim = 48
+    config = CLIPConfig(
+        text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16, projection_dim=projection_dim,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=1),
+        # One layer and a wider init keep a random tower's output about the image rather than
+        # its constant class embedding (measured: nearest-neighbour colour accuracy 0.90 -> 0.95).
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                           image_size=image_size, patch_size=8, projection_dim=projection_dim,
+                           initializer_range=0.1),
+        projection_dim=projection_dim,
+    )
+    CLIPModel(config).save_pretrained(out_dir)
+    CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
+    ).save_pretrained(out_dir)
+
+
+def pretrain_tiny_lm(caption_groups: list[list[str]], tokenizer, out_dir: Path, steps: int = 1400, seed: int = 0,
+                     progress: bool = True):
+    """A tiny Qwen3 taught the captions' language in a few hundred steps, then saved (and later frozen).
+
+    Each training sequence packs 1-5 captions of one image, EOS after each: like a real LM's
+    coherent documents, this teaches the model to carry what its context says into the next
+    caption. A tiny LM trained on lone captions ignores any prefix, and no adapter can steer it.
+    """
+    from tqdm.auto import tqdm
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    seed_everything(seed)
+    eos = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+        tie_word_embeddings=True, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
+    )
+    lm = Qwen3ForCausalLM(config)
+    groups = [[tokenizer(c, add_special_tokens=False)["input_ids"] + [eos] for c in g] for g in caption_groups if g]
+    optimizer = torch.optim.AdamW(lm.parameters(), lr=5e-3, weight_decay=0.0)
+    rng = random.Random(seed)
+    loss_value = math.nan
+    # A fixed step count, not a time budget, so the same seed builds the same LM on any machine.
+    for step in tqdm(range(steps), desc="pre-training tiny LM", unit="step", disable=not progress, mininterval=1.0):
+        for group_ in optimizer.param_groups:  # linear decay
+            group_["lr"] = 5e-3 * max(0.05, 1 - step / steps)
+        batch = []
+        for _ in range(64):
+            group = groups[rng.randrange(len(groups))]
+            picked = rng.sample(group, k=rng.randint(1, min(5, len(group))))
+            batch.append([token for caption in picked for token in caption])
+        longest = max(map(len, batch))
+        ids = torch.full((len(batch), longest), eos)
+        labels = torch.full((len(batch), longest), -100)
+        for row, seq in enumerate(batch):
+            ids[row, : len(seq)] = torch.tensor(seq)
+            labels[row, : len(seq)] = torch.tensor(seq)
+        loss = lm(input_ids=ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = loss.item()
+    lm.generation_config.eos_token_id = eos
+    lm.generation_config.pad_token_id = eos
+    lm.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return {"steps": steps, "final_loss": loss_value}
+
+
+def build_tiny_backbones(captions_dir: str | Path, out_dir: str | Path, lm_steps: int = 1400, seed: int = 0,
+                         progress: bool = True) -> dict:
+    """Tiny CLIP at out/clip and tokenizer + tiny Qwen3 at out/lm, from a caption folder's training split."""
+    from dataset import load_caption_folder
+
+    out_dir = Path(out_dir)
+    records = load_caption_folder(Path(captions_dir), "train", seed)
+    captions = [c for r in records for c in r.captions]
+    if not captions:
+        raise UserError(f"{captions_dir} has no training captions to build a tokenizer from")
+    tokenizer = build_tokenizer(captions)
+    build_tiny_clip(out_dir / "clip", seed=seed)
+    stats = pretrain_tiny_lm([r.captions for r in records], tokenizer, out_dir / "lm", lm_steps, seed, progress)
+    (out_dir / "BUILT").write_text(json.dumps({"version": DEMO_VERSION, "captions": len(captions), **stats}) + "\n")
+    return {"clip": str(out_dir / "clip"), "lm": str(out_dir / "lm"), **stats}
+
+
+def demo_root() -> Path:
+    return cache_home() / f"demo-v{DEMO_VERSION}"
+
+
+def ensure_demo_assets(progress: bool = True) -> dict[str, str]:
+    """Build the demo data and backbones once; later calls reuse the cache."""
+    root = demo_root()
+    data_dir, backbones = root / "data", root / "backbones"
+    if not (data_dir / "captions.jsonl").is_file():
+        print(f"building the synthetic demo images in {data_dir} ...", flush=True)
+        build_demo_data(data_dir)
+    if not (backbones / "BUILT").is_file():
+        print(f"building the tiny demo backbones in {backbones} ...", flush=True)
+        build_tiny_backbones(data_dir, backbones, progress=progress)
+    return {"data_dir": str(data_dir), "clip_model": str(backbones / "clip"), "lm_model": str(backbones / "lm")}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    data = commands.add_parser("data", help="write the synthetic coloured-shapes data set")
+    data.add_argument("--out", required=True, help="folder to write images/ and captions.jsonl into")
+    data.add_argument("--seed", type=int, default=0, help="random seed for the drawings")
+    backbones = commands.add_parser("backbones", help="build tiny CLIP + tokenizer + pre-trained tiny Qwen3")
+    backbones.add_argument("--captions", required=True, help="a caption folder (captions.jsonl or captions.csv)")
+    backbones.add_argument("--out", required=True, help="output folder; writes clip/ and lm/ inside")
+    backbones.add_argument("--lm-steps", type=int, default=1400, help="pre-training steps of the tiny LM (batch 64)")
+    backbones.add_argument("--seed", type=int, default=0, help="random seed")
+    args = parser.parse_args(argv)
+    if args.command == "data":
+        print(f"wrote {build_demo_data(args.out, args.seed)}")
+    else:
+        built = build_tiny_backbones(args.captions, args.out, args.lm_steps, args.seed)
+        print(f"tiny backbones ready: --clip-model {built['clip']} --lm-model {built['lm']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,358 @@
+"""The captioner: frozen CLIP vision tower -> trainable adapter -> frozen causal LM.
+
+    from model import load_captioner
+    captioner = load_captioner("saved_models/demo")
+    captioner.caption_images([pil_image])
+
+Only the adapter is trained and saved (adapter.safetensors + adapter_config.json); the backbones
+are re-loaded with from_pretrained from the ids recorded in the config.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from utils import UserError, write_json
+
+FORMAT_VERSION = 1
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_KINDS = ("linear", "mlp")
+IGNORE_INDEX = -100  # label value the loss skips; never a real token id
+
+
+@dataclass
+class AdapterConfig:
+    """Everything needed to rebuild a trained captioner from its run folder alone."""
+
+    clip_model: str
+    lm_model: str
+    clip_revision: str | None = None
+    lm_revision: str | None = None
+    adapter_kind: str = "mlp"
+    prefix_length: int = 10
+    image_feature_dim: int = 0  # from the CLIP projection, filled in from the loaded backbone
+    lm_hidden_dim: int = 0  # from the LM's embeddings, filled in from the loaded backbone
+    adapter_hidden_dim: int = 0  # 0: ClipCap's rule, prefix_length * lm_hidden_dim // 2
+    normalize_image_features: bool = True  # same at training and inference (ClipCap #33)
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    vocab_size: int | None = None
+    max_caption_tokens: int = 40
+    format_version: int = FORMAT_VERSION
+    training: dict = field(default_factory=dict)  # hyperparameters, history, best scores, versions
+
+    def __post_init__(self):
+        if self.adapter_kind not in ADAPTER_KINDS:
+            raise UserError(f"adapter kind {self.adapter_kind!r} is unknown; choose one of {', '.join(ADAPTER_KINDS)}")
+        if self.adapter_kind == "linear":
+            self.prefix_length = 1  # the original student project: one Linear, one prefix token
+        if self.prefix_length < 1:
+            raise UserError(f"prefix length must be >= 1, got {self.prefix_length}")
+        if self.adapter_kind == "mlp" and self.adapter_hidden_dim == 0 and self.lm_hidden_dim:
+            self.adapter_hidden_dim = self.prefix_length * self.lm_hidden_dim // 2
+
+    def to_json(self, path: str | Path) -> None:
+        write_json(path, dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> AdapterConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"{path} not found: point --checkpoint at a run folder holding {ADAPTER_CONFIG}")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise UserError(f"{path} is not valid JSON ({error})") from None
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise UserError(f"{path} has checkpoint format version {version!r}; this code reads version {FORMAT_VERSION}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserError(f"{path} has unknown fields {unknown}; was it written by a newer version?")
+        return cls(**data)
+
+
+class Adapter(nn.Module):
+    """Maps one image feature (B, F) to prefix_length LM input embeddings (B, k, D)."""
+
+    def __init__(self, config: AdapterConfig):
+        super().__init__()
+        self.prefix_length = config.prefix_length
+        self.lm_hidden_dim = config.lm_hidden_dim
+        out_dim = config.prefix_length * config.lm_hidden_dim
+        if config.adapter_kind == "linear":
+            self.net = nn.Linear(config.image_feature_dim, out_dim)
+        else:  # ClipCap's MLP, GELU as in LLaVA's mlp2x_gelu
+            self.net = nn.Sequential(
+                nn.Linear(config.image_feature_dim, config.adapter_hidden_dim),
+                nn.GELU(),
+                nn.Linear(config.adapter_hidden_dim, out_dim),
+            )
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        prefix = self.net(image_features)  # (B, k * D)
+        return prefix.view(image_features.shape[0], self.prefix_length, self.lm_hidden_dim)  # (B, k, D)
+
+
+@dataclass
+class DecodingConfig:
+    strategy: str = "greedy"  # greedy | beam | sample
+    num_beams: int = 3
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_new_tokens: int = 30
+
+    def __post_init__(self):
+        if self.strategy not in ("greedy", "beam", "sample"):
+            raise UserError(f"decoding strategy {self.strategy!r} is unknown; choose greedy, beam or sample")
+        if self.max_new_tokens < 1:
+            raise UserError(f"max new tokens must be >= 1, got {self.max_new_tokens}")
+        if self.strategy == "beam" and self.num_beams < 2:
+            raise UserError(f"beam search needs --num-beams >= 2, got {self.num_beams}")
+        if self.strategy == "sample" and not (self.temperature > 0 and 0 < self.top_p <= 1):
+            raise UserError(f"sampling needs temperature > 0 and 0 < top-p <= 1, got {self.temperature}, {self.top_p}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Backbones
+# ----------------------------------------------------------------------------------------------
+
+def resolve_dtype(name: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def _from_pretrained(loader, what: str, name: str, **kwargs):
+    if name.startswith(("/", ".", "~")) and not Path(name).expanduser().exists():
+        raise UserError(f"{what} folder not found: {name}")
+    try:
+        return loader.from_pretrained(name, **kwargs)
+    except (OSError, ValueError, RuntimeError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(
+            f"could not load {what} {name!r} ({first_line}); give a local folder or a Hub id this machine can reach"
+        ) from None
+
+
+def load_backbones(clip_model: str, lm_model: str, clip_revision=None, lm_revision=None, dtype=torch.float32):
+    """Load the frozen backbones with from_pretrained: the same path for the real and the tiny ones."""
+    from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, CLIPVisionModelWithProjection
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars: noise in every log
+    # A full CLIP checkpoint (like openai/clip-vit-base-patch32) also holds the text tower, which
+    # the vision-only class leaves out by design: silence the report that lists those keys.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        clip = _from_pretrained(CLIPVisionModelWithProjection, "CLIP model", clip_model, revision=clip_revision,
+                                dtype=dtype)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    processor = _from_pretrained(AutoImageProcessor, "CLIP image processor", clip_model, revision=clip_revision)
+    lm = _from_pretrained(AutoModelForCausalLM, "language model", lm_model, revision=lm_revision, dtype=dtype)
+    tokenizer = _from_pretrained(AutoTokenizer, "tokenizer", lm_model, revision=lm_revision)
+    return clip, processor, lm, tokenizer
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+def backbone_revision(model) -> str | None:
+    """The Hub commit a backbone came from, when it came from the Hub."""
+    return getattr(model.config, "_commit_hash", None)
+
+
+# ----------------------------------------------------------------------------------------------
+# The captioner
+# ----------------------------------------------------------------------------------------------
+
+class Captioner(nn.Module):
+    """Frozen CLIP + trainable adapter + frozen LM. Only `self.adapter` has trainable parameters."""
+
+    def __init__(self, config: AdapterConfig, clip, processor, lm, tokenizer, adapter: Adapter | None = None):
+        super().__init__()
+        self.config = config
+        self.clip = freeze(clip)
+        self.lm = freeze(lm)
+        self.processor = processor
+        self.tokenizer = tokenizer
+        self.adapter = adapter if adapter is not None else Adapter(config)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.lm.parameters()).device
+
+    def train(self, mode: bool = True):
+        # Frozen backbones stay in eval mode whatever the trainer asks (no dropout in them, ever).
+        self.training = mode
+        self.adapter.train(mode)
+        return self
+
+    # -- images -> features -> prefix ---------------------------------------------------------
+    def preprocess(self, images) -> torch.Tensor:
+        return self.processor(images=images, return_tensors="pt")["pixel_values"]
+
+    @torch.no_grad()
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        clip_dtype = next(self.clip.parameters()).dtype
+        features = self.clip(pixel_values=pixel_values.to(self.device, clip_dtype)).image_embeds  # (B, F)
+        features = features.float()
+        if self.config.normalize_image_features:
+            features = F.normalize(features, dim=-1)
+        return features
+
+    def prefix_embeds(self, image_features: torch.Tensor) -> torch.Tensor:
+        prefix = self.adapter(image_features)  # (B, k, D)
+        return prefix.to(self.lm.get_input_embeddings().weight.dtype)
+
+    # -- training loss ------------------------------------------------------------------------
+    def forward(self, image_features: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over caption tokens (EOS included); labels are -100 at padding.
+
+        Input sequence: [prefix_1..prefix_k, caption_0..caption_{T-2}]. The hidden state at
+        position k-1+t predicts caption token t, so the last caption token is never an input.
+        Logits are computed only at positions with a real label: never B x L x vocab.
+        """
+        k = self.config.prefix_length
+        prefix = self.prefix_embeds(image_features)  # (B, k, D)
+        tokens = self.lm.get_input_embeddings()(input_ids[:, :-1])  # (B, T-1, D)
+        embeds = torch.cat([prefix, tokens], dim=1)  # (B, k+T-1, D)
+        # Right padding + causal attention: real positions never see padding, so no mask is needed
+        # and the attention kernel can take its causal fast path.
+        hidden = self.lm.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+        hidden = hidden[:, k - 1 :]  # (B, T, D): position k-1+t predicts caption token t
+        keep = labels != IGNORE_INDEX
+        logits = self.lm.get_output_embeddings()(hidden[keep])  # (N, V), N = real caption tokens
+        return F.cross_entropy(logits.float(), labels[keep])
+
+    # -- generation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, image_features: torch.Tensor, decoding: DecodingConfig | None = None) -> list[str]:
+        from transformers import GenerationConfig
+
+        decoding = decoding or DecodingConfig()
+        prefix = self.prefix_embeds(image_features.to(self.device))  # (B, k, D)
+        attention_mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=self.device)
+        generation_config = GenerationConfig(
+            max_new_tokens=decoding.max_new_tokens,
+            do_sample=decoding.strategy == "sample",
+            num_beams=decoding.num_beams if decoding.strategy == "beam" else 1,
+            temperature=decoding.temperature if decoding.strategy == "sample" else None,
+            top_p=decoding.top_p if decoding.strategy == "sample" else None,
+            top_k=None,
+            eos_token_id=self.config.eos_token_id,
+            pad_token_id=self.config.pad_token_id,
+            use_cache=True,
+        )
+        # With inputs_embeds a decoder-only model returns only the new tokens.
+        new_tokens = self.lm.generate(
+            inputs_embeds=prefix, attention_mask=attention_mask, generation_config=generation_config
+        )
+        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        return [" ".join(text.split()) for text in texts]
+
+    def caption_images(self, images, decoding: DecodingConfig | None = None) -> list[str]:
+        return self.generate(self.image_features(self.preprocess(images)), decoding)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building, saving and loading
+# ----------------------------------------------------------------------------------------------
+
+def build_captioner(config: AdapterConfig, dtype=torch.float32, device="cpu") -> Captioner:
+    """Load the backbones named in config, fill in the sizes they define, and add a fresh adapter."""
+    clip, processor, lm, tokenizer = load_backbones(
+        config.clip_model, config.lm_model, config.clip_revision, config.lm_revision, dtype
+    )
+    config.image_feature_dim = clip.visual_projection.out_features
+    config.lm_hidden_dim = lm.get_input_embeddings().weight.shape[1]
+    config.clip_revision = config.clip_revision or backbone_revision(clip)
+    config.lm_revision = config.lm_revision or backbone_revision(lm)
+    config.eos_token_id, config.pad_token_id = special_token_ids(tokenizer, lm)
+    config.vocab_size = len(tokenizer)
+    config.__post_init__()  # derive the adapter's hidden size now that the LM's is known
+    captioner = Captioner(config, clip.to(device), processor, lm.to(device), tokenizer)
+    return captioner
+
+
+def special_token_ids(tokenizer, lm) -> tuple[int, int]:
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else lm.config.eos_token_id
+    if isinstance(eos, list):
+        eos = eos[0]
+    if eos is None:
+        raise UserError("the language model's tokenizer has no EOS token; captions could never end")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    return int(eos), int(pad)
+
+
+def save_adapter(directory: str | Path, adapter: nn.Module, config: AdapterConfig) -> None:
+    """Write adapter.safetensors + adapter_config.json: the adapter's weights only, never a frozen one."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in adapter.state_dict().items()}
+    tmp = directory / (ADAPTER_WEIGHTS + ".tmp")
+    save_file(state, str(tmp), metadata={"format_version": str(FORMAT_VERSION)})
+    tmp.replace(directory / ADAPTER_WEIGHTS)
+    config.to_json(directory / ADAPTER_CONFIG)
+
+
+def load_adapter_state(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise UserError(f"{path} not found: the run folder has no trained adapter (did training save one?)")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise UserError(f"{path} is not a readable safetensors file ({error}); re-save or re-train it") from None
+
+
+def check_backbones_match(config: AdapterConfig, captioner: Captioner, source: Path) -> None:
+    clip_dim = captioner.clip.visual_projection.out_features
+    lm_dim = captioner.lm.get_input_embeddings().weight.shape[1]
+    if config.image_feature_dim != clip_dim or config.lm_hidden_dim != lm_dim:
+        raise UserError(
+            f"{source}: adapter was trained for image features {config.image_feature_dim} -> LM {config.lm_hidden_dim}, "
+            f"but the loaded backbones give {clip_dim} -> {lm_dim}; load the backbones named in {ADAPTER_CONFIG}"
+        )
+    eos, _ = special_token_ids(captioner.tokenizer, captioner.lm)
+    if config.vocab_size is not None and (len(captioner.tokenizer) != config.vocab_size or eos != config.eos_token_id):
+        raise UserError(
+            f"{source}: tokenizer differs from the one the adapter was trained with "
+            f"(vocab {len(captioner.tokenizer)} vs {config.vocab_size}, EOS {eos} vs {config.eos_token_id})"
+        )
+
+
+def load_captioner(checkpoint: str | Path, device="cpu", dtype=torch.float32, clip_model=None, lm_model=None) -> Captioner:
+    """Rebuild a trained captioner from a run folder (or its last/ sub-folder) alone."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_dir():
+        raise UserError(f"checkpoint folder not found: {checkpoint}")
+    config = AdapterConfig.from_json(checkpoint / ADAPTER_CONFIG)
+    state = load_adapter_state(checkpoint / ADAPTER_WEIGHTS)
+    clip, processor, lm, tokenizer = load_backbones(
+        clip_model or config.clip_model, lm_model or config.lm_model, config.clip_revision, config.lm_revision, dtype
+    )
+    captioner = Captioner(config, clip.to(device), processor, lm.to(device), tokenizer)
+    check_backbones_match(config, captioner, checkpoint)
+    try:
+        captioner.adapter.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise UserError(f"{checkpoint / ADAPTER_WEIGHTS} does not fit {ADAPTER_CONFIG}: {str(error).splitlines()[0]}") from None
+    captioner.adapter.to(device).eval()
+    return captioner

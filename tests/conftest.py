@@ -1,0 +1,39 @@
+"""Shared fixtures: a small synthetic data set and tiny backbones, built once per test session
+through the same builders (and later the same from_pretrained loaders) as the offline demo."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from demo import build_demo_data, build_tiny_backbones  # noqa: E402
+
+SMALL_SPLITS = {"train": 40, "val": 6, "test": 6}
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("tiny")
+    data_dir = build_demo_data(root / "data", seed=1, split_sizes=SMALL_SPLITS)
+    built = build_tiny_backbones(data_dir, root / "backbones", lm_steps=40, progress=False)
+    return {"data_dir": str(data_dir), "clip_model": built["clip"], "lm_model": built["lm"]}
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    # Keep the demo cache out of the user's home during tests.
+    monkeypatch.setenv("CAPTIONER_HOME", str(tmp_path / "captioner-home"))
+
+
+def train_args(tiny: dict, output_dir, run_name: str, *extra: str) -> list[str]:
+    """Flags for a few-second training run on the tiny fixture."""
+    return [
+        "--dataset", "folder", "--data-dir", tiny["data_dir"], "--clip-model", tiny["clip_model"],
+        "--lm-model", tiny["lm_model"], "--output-dir", str(output_dir), "--run-name", run_name,
+        "--epochs", "2", "--batch-size", "16", "--mixed-precision", "no", "--eval-every", "5",
+        "--save-every", "5", "--log-every", "2", "--val-limit", "4", "--num-workers", "0",
+        "--learning-rate", "3e-3", "--no-progress", *extra,
+    ]

@@ -1,0 +1,97 @@
+"""Data sources: Hub parquet (Flickr30k schema), Karpathy JSON, caption folders; limits and order."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from dataset import EpochShuffleSampler, limit_records, load_flickr30k_hub, load_records
+from utils import UserError
+
+
+def write_image(path, colour=(200, 30, 30)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (32, 32), colour).save(path)
+
+
+def test_flickr30k_parquet_export_schema(tmp_path):
+    """The Hub loader, pointed at a local parquet file with the nlphuji/flickr30k export's columns."""
+    import datasets
+
+    rows = {
+        "image": [Image.new("RGB", (16, 16), (i * 40, 0, 0)) for i in range(4)],
+        "caption": [[f"caption {i} {j}" for j in range(5)] for i in range(4)],
+        "sentids": [[str(5 * i + j) for j in range(5)] for i in range(4)],
+        "split": ["train", "val", "test", "train"],
+        "img_id": [str(i) for i in range(4)],
+        "filename": [f"{1000 + i}.jpg" for i in range(4)],
+    }
+    table = datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image())
+    path = tmp_path / "flickr.parquet"
+    table.to_parquet(str(path))
+    train = load_flickr30k_hub("train", str(path))
+    assert [r.image_id for r in train] == ["1000.jpg", "1003.jpg"]
+    assert train[1].captions == [f"caption 3 {j}" for j in range(5)]
+    assert train[0].open().size == (16, 16) and train[0].open().mode == "RGB"
+    assert [r.image_id for r in load_records("flickr30k", "test", hub_data_files=str(path))] == ["1002.jpg"]
+
+
+def test_flickr30k_unreachable_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="--demo"):
+        load_flickr30k_hub("train", str(tmp_path / "absent" / "*.parquet"))
+
+
+def test_karpathy_json_with_restval(tmp_path):
+    images = []
+    for i, split in enumerate(["train", "restval", "val", "test"]):
+        write_image(tmp_path / "images" / "train2014" / f"{i}.jpg")
+        images.append({"filepath": "train2014", "filename": f"{i}.jpg", "cocoid": 100 + i, "split": split,
+                       "sentences": [{"raw": f"A photo {i} .", "tokens": ["a"]}, {"raw": f"  another   {i} "}]})
+    (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": images}))
+    train = load_records("karpathy", "train", str(tmp_path))
+    assert [r.image_id for r in train] == ["100", "101"]  # COCO's restval is trained on
+    assert train[0].captions == ["A photo 0 .", "another 0"]
+    assert train[0].open().size == (32, 32)
+    assert [r.image_id for r in load_records("karpathy", "test", str(tmp_path))] == ["103"]
+
+
+def test_caption_folder_csv_groups_captions_and_assigns_splits(tmp_path):
+    lines = ["image,caption"]
+    for i in range(20):
+        write_image(tmp_path / f"img{i}.png")
+        lines += [f"img{i}.png,first caption {i}", f'img{i}.png,"second, with comma {i}"', f"img{i}.png,   "]
+    (tmp_path / "captions.csv").write_text("\n".join(lines) + "\n")
+    splits = {s: load_records("folder", s, str(tmp_path), seed=3) for s in ("train", "val", "test")}
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [18, 1, 1]
+    every = [r.image_id for s in splits.values() for r in s]
+    assert sorted(every) == sorted(f"img{i}.png" for i in range(20))  # each image in exactly one split
+    assert splits["train"][0].captions[1].startswith("second, with comma")
+    assert all(len(r.captions) == 2 for r in splits["train"])  # the blank caption is dropped
+    again = load_records("folder", "val", str(tmp_path), seed=3)
+    assert [r.image_id for r in again] == [r.image_id for r in splits["val"]]
+
+
+def test_missing_images_are_reported_up_front(tmp_path):
+    (tmp_path / "captions.jsonl").write_text(json.dumps({"image": "gone.png", "captions": ["x"], "split": "train"}))
+    with pytest.raises(UserError, match="missing"):
+        load_records("folder", "train", str(tmp_path))
+
+
+def test_train_limit_is_seeded_and_stable(tiny):
+    records = load_records("folder", "train", tiny["data_dir"])
+    a, b = limit_records(records, 10, seed=1), limit_records(records, 10, seed=1)
+    assert len(a) == 10 and [r.image_id for r in a] == [r.image_id for r in b]
+    assert [r.image_id for r in limit_records(records, 10, seed=2)] != [r.image_id for r in a]
+    assert limit_records(records, 0, seed=1) == records
+
+
+def test_epoch_order_depends_only_on_seed_and_epoch():
+    sampler = EpochShuffleSampler(50, seed=7)
+    sampler.set_epoch(3)
+    first = list(sampler)
+    other = EpochShuffleSampler(50, seed=7)
+    other.set_epoch(3)
+    assert list(other) == first and sorted(first) == list(range(50))
+    other.set_epoch(4)
+    assert list(other) != first

@@ -1,0 +1,105 @@
+"""The model's contract: batches, loss positions, freezing, saving and reloading."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from dataset import collate_captions, tokenize_caption
+from model import IGNORE_INDEX, AdapterConfig, DecodingConfig, build_captioner, load_captioner, save_adapter
+from train import TrainConfig, make_optimizer
+
+
+def make_captioner(tiny, **kwargs):
+    config = AdapterConfig(clip_model=tiny["clip_model"], lm_model=tiny["lm_model"], **kwargs)
+    return build_captioner(config)
+
+
+def test_collated_batch_token_by_token(tiny):
+    captioner = make_captioner(tiny)
+    tok, eos, pad = captioner.tokenizer, captioner.config.eos_token_id, captioner.config.pad_token_id
+    short, long = "a red circle on white", "a picture of a blue square on a gray background"
+    short_ids, long_ids = (tok(c, add_special_tokens=False)["input_ids"] for c in (short, long))
+    features = torch.randn(2, captioner.config.image_feature_dim)
+    batch = collate_captions([
+        {"image_features": features[0], "token_ids": tokenize_caption(tok, short, eos, 40)},
+        {"image_features": features[1], "token_ids": tokenize_caption(tok, long, eos, 40)},
+    ], pad_token_id=pad)
+
+    length = len(long_ids) + 1
+    assert batch["input_ids"].shape == batch["labels"].shape == (2, length)
+    # Row 0: caption tokens, EOS, then padding that the loss ignores.
+    assert batch["labels"][0].tolist() == short_ids + [eos] + [IGNORE_INDEX] * (length - len(short_ids) - 1)
+    assert batch["input_ids"][0].tolist() == short_ids + [eos] + [pad] * (length - len(short_ids) - 1)
+    # Row 1: the longest caption, EOS last, no padding.
+    assert batch["labels"][1].tolist() == long_ids + [eos]
+    assert (batch["labels"] != IGNORE_INDEX).sum() == len(short_ids) + len(long_ids) + 2
+    assert torch.equal(batch["image_features"], features)
+
+    # The loss sees the prefix at positions 0..k-1 and caption token t predicted at k-1+t:
+    # compare with a plain full-sequence forward and an explicit shift.
+    k = captioner.config.prefix_length
+    loss = captioner(**batch)
+    prefix = captioner.prefix_embeds(batch["image_features"])
+    embeds = torch.cat([prefix, captioner.lm.get_input_embeddings()(batch["input_ids"])], dim=1)
+    logits = captioner.lm(inputs_embeds=embeds).logits  # (B, k+T, V)
+    expected = F.cross_entropy(logits[:, k - 1 : -1].reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1),
+                               ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_caption_truncation_keeps_eos(tiny):
+    captioner = make_captioner(tiny)
+    ids = tokenize_caption(captioner.tokenizer, "a red circle on a white background " * 10, 0, max_tokens=6)
+    assert len(ids) == 6 and ids[-1] == 0
+
+
+def test_only_the_adapter_trains(tiny):
+    captioner = make_captioner(tiny)
+    adapter_params = {id(p) for p in captioner.adapter.parameters()}
+    for name, param in captioner.named_parameters():
+        assert param.requires_grad == (id(param) in adapter_params), name
+    captioner.train()
+    assert captioner.adapter.training and not captioner.clip.training and not captioner.lm.training
+    optimizer = make_optimizer(captioner, TrainConfig())
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert in_optimizer == adapter_params
+
+
+def test_adapter_kinds_take_sizes_from_backbones(tiny):
+    linear = make_captioner(tiny, adapter_kind="linear", prefix_length=10)
+    mlp = make_captioner(tiny, adapter_kind="mlp", prefix_length=4)
+    clip_dim = linear.clip.visual_projection.out_features
+    lm_dim = linear.lm.get_input_embeddings().weight.shape[1]
+    assert linear.config.prefix_length == 1
+    assert [tuple(p.shape) for p in linear.adapter.parameters()] == [(lm_dim, clip_dim), (lm_dim,)]
+    assert mlp.config.adapter_hidden_dim == 4 * lm_dim // 2
+    assert mlp.adapter(torch.randn(3, clip_dim)).shape == (3, 4, lm_dim)
+
+
+def test_save_reload_gives_identical_captions(tiny, tmp_path):
+    captioner = make_captioner(tiny)
+    torch.manual_seed(0)
+    for param in captioner.adapter.parameters():  # a distinctive adapter, not the fresh init
+        param.data.normal_(0, 0.5)
+    save_adapter(tmp_path / "ckpt", captioner.adapter, captioner.config)
+    reloaded = load_captioner(tmp_path / "ckpt")
+    images = [Image.open(f"{tiny['data_dir']}/images/test_000{i}.png") for i in range(4)]
+    for decoding in (DecodingConfig(), DecodingConfig(strategy="beam", num_beams=3)):
+        assert reloaded.caption_images(images, decoding) == captioner.caption_images(images, decoding)
+    for (name, a), (_, b) in zip(captioner.adapter.state_dict().items(), reloaded.adapter.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_generation_modes_return_clean_strings(tiny):
+    captioner = make_captioner(tiny)
+    features = torch.randn(3, captioner.config.image_feature_dim)
+    torch.manual_seed(0)
+    for decoding in (DecodingConfig(max_new_tokens=5), DecodingConfig(strategy="beam", num_beams=2),
+                     DecodingConfig(strategy="sample", temperature=0.9, top_p=0.8)):
+        captions = captioner.generate(features, decoding)
+        assert len(captions) == 3
+        for caption in captions:
+            assert "<|endoftext|>" not in caption and caption == " ".join(caption.split())
+    short = captioner.generate(features, DecodingConfig(max_new_tokens=2))
+    assert all(len(captioner.tokenizer(c, add_special_tokens=False)["input_ids"]) <= 2 for c in short)

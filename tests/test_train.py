@@ -1,0 +1,148 @@
+"""train.py, eval.py and inference.py end to end on the tiny backbones, resume, and the demo bar."""
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import eval as eval_script
+import inference
+import train
+from conftest import train_args
+from utils import read_jsonl, run_cli
+
+
+def adapter_weights(path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def test_train_eval_inference_end_to_end(tiny, tmp_path, capsys):
+    assert train.main(train_args(tiny, tmp_path, "e2e")) == 0
+    run = tmp_path / "e2e"
+    for name in ("adapter.safetensors", "adapter_config.json", "run_config.json", "train_log.jsonl",
+                 "last/adapter.safetensors", "last/adapter_config.json", "resume/trainer_state.json",
+                 "metrics.json", "predictions.jsonl"):
+        assert (run / name).is_file(), name
+
+    config = json.loads((run / "adapter_config.json").read_text())
+    assert config["format_version"] == 1 and config["lm_model"] == tiny["lm_model"]
+    assert config["eos_token_id"] is not None and config["image_feature_dim"] > 0
+    training = config["training"]
+    assert training["checkpoint"] == "best" and training["best"]["val_rougeL"] >= 0
+    assert training["history"] and "torch" in training["library_versions"]
+    assert training["hyperparameters"]["learning_rate"] == 3e-3
+
+    log = read_jsonl(run / "train_log.jsonl")
+    losses = [r["loss"] for r in log if r["type"] == "train"]
+    assert losses[-1] < losses[0], "the training loss should fall"
+    assert any(r["type"] == "eval" and "val_rougeL" in r for r in log)
+
+    capsys.readouterr()
+    assert eval_script.main([str(run), "--split", "test", "--no-progress", "--num-workers", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "ROUGE-L" in printed and "BLEU-4" in printed
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0 <= metrics["rougeL"] <= 1 and 0 <= metrics["bleu4"] <= 1
+    assert "rouge-score" in metrics["rougeL_variant"]
+    predictions = read_jsonl(run / "predictions.jsonl")
+    assert len(predictions) == metrics["num_images"] == 6
+    assert all(len(p["references"]) == 5 and isinstance(p["prediction"], str) for p in predictions)
+
+    images = [str(Path(tiny["data_dir"]) / "images" / f"test_000{i}.png") for i in range(3)]
+    assert inference.main(["--checkpoint", str(run), "--json", *images]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["image"] for line in lines] == images
+    # The same greedy captions eval.py wrote for those images.
+    by_id = {p["image_id"]: p["prediction"] for p in predictions}
+    assert [line["caption"] for line in lines] == [by_id[f"images/test_000{i}.png"] for i in range(3)]
+
+
+def test_no_frozen_weight_is_ever_saved(tiny, tmp_path):
+    train.main(train_args(tiny, tmp_path, "lean", "--final-eval", "false"))
+    run = tmp_path / "lean"
+    adapter_keys = set(adapter_weights(run / "adapter.safetensors"))
+    assert adapter_keys and all(key.startswith("net.") for key in adapter_keys)
+    adapter_numel = sum(t.numel() for t in adapter_weights(run / "adapter.safetensors").values())
+    for path in run.rglob("*.safetensors"):
+        with safe_open(str(path), "pt") as handle:
+            assert set(handle.keys()) == adapter_keys, path
+    optimizer = torch.load(run / "resume" / "optimizer.bin", weights_only=True)
+    moments = sum(t.numel() for state in optimizer["state"].values() for t in state.values() if t.dim() > 0)
+    assert moments == 2 * adapter_numel  # Adam's two moments, for the adapter alone
+    frozen_bytes = sum(p.stat().st_size for p in Path(tiny["lm_model"]).glob("*.safetensors"))
+    assert sum(p.stat().st_size for p in run.rglob("*") if p.is_file()) < 8 * adapter_numel * 4 + frozen_bytes
+
+
+def test_resume_after_signal_matches_uninterrupted_run(tiny, tmp_path):
+    train.main(train_args(tiny, tmp_path, "straight"))
+    expected = adapter_weights(tmp_path / "straight" / "last" / "adapter.safetensors")
+
+    def interrupt_at_7(step):
+        if step == 7:
+            signal.raise_signal(signal.SIGINT)  # what Ctrl-C does: the loop saves and leaves
+
+    summary = train.train(train.parse_config(train_args(tiny, tmp_path, "stopped")), on_step=interrupt_at_7)
+    assert summary["interrupted"] and summary["step"] == 7
+    state = json.loads((tmp_path / "stopped" / "resume" / "trainer_state.json").read_text())
+    assert state["step"] == 7 and not state["finished"]
+    assert train.main(["--run-name", "stopped", "--output-dir", str(tmp_path), "--resume", "--no-progress"]) == 0
+    resumed = adapter_weights(tmp_path / "stopped" / "last" / "adapter.safetensors")
+    for key in expected:
+        assert torch.equal(expected[key], resumed[key]), key
+    steps = [r["step"] for r in read_jsonl(tmp_path / "stopped" / "train_log.jsonl") if r["type"] == "train"]
+    assert steps == sorted(set(steps)), "the resumed log continues without repeating steps"
+
+
+def test_resume_after_crash_restarts_from_last_checkpoint(tiny, tmp_path):
+    train.main(train_args(tiny, tmp_path, "straight"))
+    expected = adapter_weights(tmp_path / "straight" / "last" / "adapter.safetensors")
+
+    def crash_at_8(step):
+        if step == 8:
+            raise RuntimeError("power cut")
+
+    with pytest.raises(RuntimeError):
+        train.train(train.parse_config(train_args(tiny, tmp_path, "crashed")), on_step=crash_at_8)
+    state = json.loads((tmp_path / "crashed" / "resume" / "trainer_state.json").read_text())
+    assert state["step"] == 5  # the last periodic checkpoint (--save-every 5)
+    assert train.main(["--run-name", "crashed", "--output-dir", str(tmp_path), "--resume", "--no-progress"]) == 0
+    resumed = adapter_weights(tmp_path / "crashed" / "last" / "adapter.safetensors")
+    for key in expected:
+        assert torch.equal(expected[key], resumed[key]), key
+
+
+def test_existing_run_is_never_overwritten(tiny, tmp_path, capsys):
+    train.main(train_args(tiny, tmp_path, "once", "--final-eval", "false", "--max-steps", "2"))
+    assert run_cli(train.main, train_args(tiny, tmp_path, "once")) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_clear_errors(tiny, tmp_path, capsys):
+    assert run_cli(inference.main, ["--checkpoint", str(tmp_path / "nope"), "x.png"]) == 2
+    assert run_cli(eval_script.main, [str(tmp_path)]) == 2
+    assert run_cli(train.main, train_args(tiny, tmp_path, "bad", "--lm-model", str(tmp_path / "missing"))) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 3 and all(line.startswith("error: ") for line in errors)
+    assert "nope" in errors[0] and "missing" in errors[2]
+
+
+@pytest.mark.parametrize("script", [train, eval_script, inference])
+def test_help_reads_well(script, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "usage" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_demo_reaches_the_learning_bar(tmp_path):
+    """python train.py --demo: builds the demo assets, trains, and scores the held-out test images."""
+    assert train.main(["--demo", "--output-dir", str(tmp_path), "--no-progress"]) == 0
+    metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    assert metrics["split"] == "test" and metrics["num_images"] == 150
+    assert metrics["rougeL"] >= 0.85, metrics

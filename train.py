@@ -1,0 +1,489 @@
+"""Train the adapter between a frozen CLIP and a frozen causal LM, under Hugging Face Accelerate.
+
+    python train.py --demo                                  # offline demo: builds tiny backbones, trains, evaluates
+    python train.py --train-limit 2000 --run-name quick     # Flickr30k from the Hub, first 2,000 training images
+    python train.py --run-name quick --resume               # continue an interrupted run where it stopped
+    accelerate launch train.py --run-name big ...           # several GPUs (DDP)
+
+A run folder saved_models/<run-name>/ holds the best adapter (by validation ROUGE-L) at its top,
+the last one in last/, the resume state in resume/, run_config.json and train_log.jsonl.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from dataset import (DATASETS, FLICKR30K_PARQUET, CaptionPairs, EpochShuffleSampler, collate_captions,
+                     extract_features, limit_records, load_records)
+from model import (ADAPTER_WEIGHTS, IGNORE_INDEX, AdapterConfig, DecodingConfig, build_captioner,
+                   load_adapter_state, resolve_dtype, save_adapter)
+from utils import (UserError, append_jsonl, caption_metrics, library_versions, read_json, read_jsonl, run_cli,
+                   write_json)
+
+RUN_CONFIG = "run_config.json"
+TRAIN_LOG = "train_log.jsonl"
+TRAINER_STATE = "trainer_state.json"
+
+
+def _help(text: str, **kwargs):
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class TrainConfig:
+    """Every training flag; written to run_config.json so a run can be resumed and audited."""
+
+    run_name: str = _help("name of the run folder under --output-dir (default: run-<date>-<time>; 'demo' with --demo)",
+                          default="")
+    output_dir: str = _help("where run folders are written", default="saved_models")
+    demo: bool = _help("offline demo: build (once) and use tiny backbones and a synthetic image set", default=False)
+    resume: bool = _help("continue the run named by --run-name from its last checkpoint, with its saved config",
+                         default=False)
+    # data
+    dataset: Literal[DATASETS] = _help("flickr30k (Hub parquet export) | karpathy (local JSON + images) | folder "
+                                       "(local images + captions.jsonl/.csv)", default="flickr30k")
+    data_dir: str | None = _help("data folder for --dataset karpathy or folder", default=None)
+    hub_data_files: str = _help("parquet files for --dataset flickr30k", default=FLICKR30K_PARQUET)
+    train_limit: int = _help("train on at most this many images (all their captions); 0 = all", default=0)
+    val_limit: int = _help("validate on at most this many images; 0 = all", default=200)
+    test_limit: int = _help("final test evaluation on at most this many images; 0 = all", default=0)
+    # model
+    clip_model: str = _help("CLIP checkpoint (Hub id or folder)", default="openai/clip-vit-base-patch32")
+    lm_model: str = _help("causal LM checkpoint with its tokenizer (Hub id or folder)", default="Qwen/Qwen3-0.6B-Base")
+    clip_revision: str | None = _help("Hub revision of the CLIP checkpoint", default=None)
+    lm_revision: str | None = _help("Hub revision of the LM checkpoint", default=None)
+    adapter_kind: Literal["linear", "mlp"] = _help("linear: one Linear, one prefix token; mlp: ClipCap-style MLP",
+                                                   default="mlp")
+    prefix_length: int = _help("prefix tokens the mlp adapter makes (linear always makes 1)", default=10)
+    adapter_hidden_dim: int = _help("mlp hidden size; 0 = prefix_length * LM hidden / 2 (ClipCap's rule)", default=0)
+    max_caption_tokens: int = _help("longer captions are cut to this many tokens, EOS included", default=40)
+    # optimisation
+    epochs: int = _help("passes over the (image, caption) pairs", default=3)
+    max_steps: int = _help("stop after this many optimizer steps; 0 = run all epochs", default=0)
+    batch_size: int = _help("pairs per micro-batch per process", default=64)
+    grad_accum_steps: int = _help("micro-batches per optimizer step", default=1)
+    learning_rate: float = _help("peak AdamW learning rate", default=3e-4)
+    weight_decay: float = _help("AdamW weight decay", default=0.01)
+    warmup_ratio: float = _help("fraction of steps spent warming up before cosine decay", default=0.05)
+    max_grad_norm: float = _help("gradient clipping norm; 0 = off", default=1.0)
+    mixed_precision: Literal["bf16", "fp16", "no"] = _help("Accelerate mixed precision", default="bf16")
+    frozen_dtype: Literal["auto", "bf16", "fp16", "fp32"] = _help(
+        "dtype of the frozen backbones' weights; auto = that of --mixed-precision", default="auto")
+    seed: int = _help("seed for initialisation, data order and subsets", default=42)
+    # cadence
+    log_every: int = _help("log training loss every N optimizer steps", default=10)
+    eval_every: int = _help("validation loss + ROUGE-L every N steps (and at the end); 0 = only at the end",
+                            default=500)
+    save_every: int = _help("write last/ and the resume state every N steps (and at the end)", default=500)
+    # evaluation and loading
+    final_eval: bool = _help("after training, caption the test split with the best adapter and score it",
+                             default=True)
+    eval_batch_size: int = _help("images per generation batch", default=64)
+    feature_batch_size: int = _help("images per CLIP batch when extracting features", default=64)
+    num_workers: int = _help("DataLoader workers that decode images", default=2)
+    progress: bool = _help("show progress bars", default=True)
+
+
+DEMO_DEFAULTS = dict(
+    run_name="demo", dataset="folder", data_dir="", clip_model="", lm_model="", epochs=8, batch_size=32,
+    learning_rate=3e-3, warmup_ratio=0.03, eval_every=250, save_every=250, val_limit=60, num_workers=0,
+    # bf16 autocast on a CPU without bf16 matrix units ran this demo 7x slower (measured): fp32 on CPU.
+    mixed_precision="bf16" if torch.cuda.is_available() else "no",
+)
+
+
+def parse_config(argv=None) -> TrainConfig:
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(TrainConfig, description=__doc__.split("\n\n")[0])
+    (config,) = parser.parse_args_into_dataclasses(args=argv)
+    if config.demo:  # the demo changes defaults; flags given explicitly still win
+        parser.set_defaults(**DEMO_DEFAULTS)
+        (config,) = parser.parse_args_into_dataclasses(args=argv)
+    return config
+
+
+def resolve_config(config: TrainConfig) -> TrainConfig:
+    """Fill what the flags leave open: demo assets, a run name, a saved config on --resume."""
+    if config.resume:
+        if not config.run_name:
+            raise UserError("--resume needs --run-name of the run to continue")
+        saved = Path(config.output_dir) / config.run_name / RUN_CONFIG
+        if not saved.is_file():
+            raise UserError(f"nothing to resume: {saved} not found")
+        return dataclasses.replace(TrainConfig(**read_json(saved, "run config")), resume=True,
+                                   progress=config.progress)
+    if config.demo:
+        from demo import ensure_demo_assets
+
+        assets = ensure_demo_assets(progress=config.progress)
+        config.data_dir = config.data_dir or assets["data_dir"]
+        config.clip_model = config.clip_model or assets["clip_model"]
+        config.lm_model = config.lm_model or assets["lm_model"]
+    if not config.run_name:
+        config.run_name = time.strftime("run-%Y%m%d-%H%M%S")
+    for name in ("batch_size", "grad_accum_steps", "epochs", "eval_batch_size", "feature_batch_size"):
+        if getattr(config, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
+    if config.max_caption_tokens < 2:
+        raise UserError("--max-caption-tokens must be >= 2 (one word and EOS)")
+    return config
+
+
+def frozen_dtype(config: TrainConfig) -> torch.dtype:
+    if config.frozen_dtype != "auto":
+        return resolve_dtype(config.frozen_dtype)
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision, torch.float32)
+
+
+@dataclass
+class TrainerState:
+    """Where training stands: saved with the resume state, enough to continue exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches of the current epoch already consumed
+    best_rougeL: float = -1.0
+    best_step: int = 0
+    history: list = field(default_factory=list)  # one entry per validation
+    finished: bool = False
+
+
+class StopRequest:
+    """SIGINT/SIGTERM ask the loop to save a resumable checkpoint at the next step and leave."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal_name is not None:  # a second Ctrl-C: the user really wants out
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces of the run
+# ----------------------------------------------------------------------------------------------
+
+def adapter_config_for(config: TrainConfig) -> AdapterConfig:
+    return AdapterConfig(
+        clip_model=config.clip_model, lm_model=config.lm_model, clip_revision=config.clip_revision,
+        lm_revision=config.lm_revision, adapter_kind=config.adapter_kind, prefix_length=config.prefix_length,
+        adapter_hidden_dim=config.adapter_hidden_dim, max_caption_tokens=config.max_caption_tokens,
+    )
+
+
+def load_split(config: TrainConfig, split: str, limit: int):
+    records = load_records(config.dataset, split, config.data_dir, config.hub_data_files, config.seed)
+    return limit_records(records, limit, config.seed)
+
+
+def make_pairs(captioner, records, config: TrainConfig, desc: str) -> CaptionPairs:
+    features = extract_features(captioner, records, config.feature_batch_size, config.num_workers,
+                                progress=config.progress, desc=desc)
+    return CaptionPairs(records, features, captioner.tokenizer, captioner.config.eos_token_id,
+                        config.max_caption_tokens)
+
+
+def make_loader(pairs: CaptionPairs, batch_size: int, pad_token_id: int, sampler=None):
+    from torch.utils.data import DataLoader
+
+    return DataLoader(pairs, batch_size=batch_size, sampler=sampler,
+                      collate_fn=partial(collate_captions, pad_token_id=pad_token_id),
+                      pin_memory=torch.cuda.is_available())
+
+
+def make_optimizer(captioner, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the adapter's parameters and nothing else: the backbones stay frozen."""
+    return torch.optim.AdamW(captioner.adapter.parameters(), lr=config.learning_rate,
+                             weight_decay=config.weight_decay, fused=torch.cuda.is_available())
+
+
+def lr_schedule(optimizer, config: TrainConfig, total_steps: int, num_processes: int):
+    from transformers import get_cosine_schedule_with_warmup
+
+    # Accelerate steps a prepared scheduler once per process per optimizer step, hence the factor.
+    warmup = int(config.warmup_ratio * total_steps)
+    return get_cosine_schedule_with_warmup(optimizer, warmup * num_processes, total_steps * num_processes)
+
+
+@torch.no_grad()
+def validate(captioner, pairs: CaptionPairs, records, config: TrainConfig, accelerator) -> dict:
+    """Token-weighted validation loss and greedy-caption ROUGE-L / BLEU-4 on the validation images."""
+    captioner.eval()
+    loss_sum, tokens = 0.0, 0
+    for batch in make_loader(pairs, config.eval_batch_size, captioner.config.pad_token_id):
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        with accelerator.autocast():
+            loss = captioner(**batch)
+        count = int((batch["labels"] != IGNORE_INDEX).sum())
+        loss_sum, tokens = loss_sum + loss.item() * count, tokens + count
+    predictions = []
+    for start in range(0, len(records), config.eval_batch_size):
+        features = pairs.features[start : start + config.eval_batch_size]
+        predictions += captioner.generate(features, DecodingConfig(max_new_tokens=config.max_caption_tokens))
+    metrics = caption_metrics(predictions, [r.captions for r in records])
+    captioner.train()
+    return {"val_loss": loss_sum / max(tokens, 1), "val_rougeL": metrics["rougeL"], "val_bleu4": metrics["bleu4"],
+            "example": predictions[0] if predictions else ""}
+
+
+def export_metadata(config: TrainConfig, state: TrainerState, kind: str) -> dict:
+    return {
+        "checkpoint": kind,
+        "step": state.step,
+        "hyperparameters": dataclasses.asdict(config),
+        "best": {"val_rougeL": state.best_rougeL, "step": state.best_step},
+        "history": state.history,
+        "library_versions": library_versions(),
+    }
+
+
+def save_export(directory: Path, accelerator, adapter, captioner, config, state, kind: str) -> None:
+    if accelerator.is_main_process:
+        adapter_config = dataclasses.replace(captioner.config, training=export_metadata(config, state, kind))
+        save_adapter(directory, accelerator.unwrap_model(adapter), adapter_config)
+
+
+def save_resume_state(run_dir: Path, accelerator, state: TrainerState) -> None:
+    """Optimizer, scheduler, RNG and adapter via Accelerate, plus where the data stands.
+
+    Written aside and then renamed, so a crash mid-save leaves the previous state usable.
+    """
+    final, tmp, old = run_dir / "resume", run_dir / "resume.tmp", run_dir / "resume.old"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    if accelerator.is_main_process:
+        write_json(tmp / TRAINER_STATE, dataclasses.asdict(state))
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def load_resume_state(run_dir: Path, accelerator) -> TrainerState:
+    resume_dir = run_dir / "resume"
+    if not (resume_dir / TRAINER_STATE).is_file() and (run_dir / "resume.old" / TRAINER_STATE).is_file():
+        resume_dir = run_dir / "resume.old"  # a crash between the two renames
+    if not (resume_dir / TRAINER_STATE).is_file():
+        raise UserError(f"{run_dir} has no resume state (resume/{TRAINER_STATE}); it cannot be continued")
+    accelerator.load_state(str(resume_dir))
+    return TrainerState(**read_json(resume_dir / TRAINER_STATE, "trainer state"))
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint a resumed run restarts from."""
+    if path.is_file():
+        kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+        path.unlink()
+        for record in kept:
+            append_jsonl(path, record)
+
+
+def check_run_folder(run_dir: Path, config: TrainConfig) -> None:
+    if config.resume:
+        return
+    if (run_dir / "resume").exists() or (run_dir / ADAPTER_WEIGHTS).exists():
+        raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-name")
+
+
+def banner(accelerator, config, train_pairs, train_records, steps_per_epoch, total_steps, trainable) -> None:
+    accelerator.print(
+        "***** Running training *****\n"
+        f"  images = {len(train_records):,}   (image, caption) pairs = {len(train_pairs):,}\n"
+        f"  epochs = {config.epochs}   steps per epoch = {steps_per_epoch:,}   total optimizer steps = {total_steps:,}\n"
+        f"  batch per process = {config.batch_size}   processes = {accelerator.num_processes}   "
+        f"accumulation = {config.grad_accum_steps}   "
+        f"global batch = {config.batch_size * config.grad_accum_steps * accelerator.num_processes}\n"
+        f"  trainable parameters = {trainable:,} (adapter only)   device = {accelerator.device}   "
+        f"mixed precision = {config.mixed_precision}"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+
+def train(config: TrainConfig, on_step=None) -> dict:
+    """Train (or continue) one run; returns a summary. `on_step(step)` is called after every step."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    config = resolve_config(config)
+    run_dir = Path(config.output_dir) / config.run_name
+    check_run_folder(run_dir, config)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision,
+                              gradient_accumulation_steps=config.grad_accum_steps)
+    set_seed(config.seed)
+
+    captioner = build_captioner(adapter_config_for(config), dtype=frozen_dtype(config), device=accelerator.device)
+    train_records = load_split(config, "train", config.train_limit)
+    val_records = load_split(config, "val", config.val_limit)
+    if not train_records:
+        raise UserError(f"no training images with captions found in {config.dataset} {config.data_dir or ''}")
+    train_pairs = make_pairs(captioner, train_records, config, "CLIP features (train)")
+    val_pairs = make_pairs(captioner, val_records, config, "CLIP features (val)")
+
+    pad = captioner.config.pad_token_id
+    train_loader = make_loader(train_pairs, config.batch_size, pad, EpochShuffleSampler(len(train_pairs), config.seed))
+    adapter = captioner.adapter
+    optimizer = make_optimizer(captioner, config)
+    steps_per_epoch = math.ceil(math.ceil(len(train_loader) / accelerator.num_processes) / config.grad_accum_steps)
+    total_steps = config.max_steps or config.epochs * steps_per_epoch
+    scheduler = lr_schedule(optimizer, config, total_steps, accelerator.num_processes)
+    adapter, optimizer, train_loader, scheduler = accelerator.prepare(adapter, optimizer, train_loader, scheduler)
+    captioner.adapter = adapter
+
+    state = TrainerState()
+    if config.resume:
+        state = load_resume_state(run_dir, accelerator)
+        accelerator.print(f"resuming {run_dir} at step {state.step} (epoch {state.epoch}, "
+                          f"batch {state.batches_in_epoch})")
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / RUN_CONFIG, dataclasses.asdict(config))
+        truncate_log(run_dir / TRAIN_LOG, state.step)
+    trainable = sum(p.numel() for p in adapter.parameters() if p.requires_grad)
+    banner(accelerator, config, train_pairs, train_records, steps_per_epoch, total_steps, trainable)
+
+    def log(record: dict) -> None:
+        if accelerator.is_main_process:
+            append_jsonl(run_dir / TRAIN_LOG, {**record, "time": round(time.time(), 3)})
+
+    def run_validation() -> None:
+        result = validate(captioner, val_pairs, val_records, config, accelerator)
+        improved = result["val_rougeL"] > state.best_rougeL
+        if improved:
+            state.best_rougeL, state.best_step = result["val_rougeL"], state.step
+        state.history.append({"step": state.step, **{k: v for k, v in result.items() if k != "example"}})
+        log({"type": "eval", "step": state.step, "epoch": state.epoch, **result})
+        accelerator.print(f"step {state.step}: val loss {result['val_loss']:.4f}  val ROUGE-L "
+                          f"{result['val_rougeL']:.4f}  e.g. {result['example']!r}")
+        if improved:
+            save_export(run_dir, accelerator, adapter, captioner, config, state, "best")
+
+    def save_checkpoint() -> None:
+        save_export(run_dir / "last", accelerator, adapter, captioner, config, state, "last")
+        save_resume_state(run_dir, accelerator, state)
+
+    samples_per_step = config.batch_size * config.grad_accum_steps * accelerator.num_processes
+    last_validated = state.history[-1]["step"] if state.history else -1
+    running_loss, running_steps, window_start = torch.zeros((), device=accelerator.device), 0, time.perf_counter()
+    bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step",
+               disable=not (config.progress and accelerator.is_local_main_process))
+    captioner.train()
+    with StopRequest() as stop:
+        while state.step < total_steps and not state.finished:
+            train_loader.set_epoch(state.epoch)
+            batches = (accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
+                       if state.batches_in_epoch else train_loader)
+            for batch in batches:
+                with accelerator.accumulate(adapter):
+                    with accelerator.autocast():
+                        loss = captioner(**batch)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and config.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(adapter.parameters(), config.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                state.batches_in_epoch += 1
+                running_loss += loss.detach() / config.grad_accum_steps
+                if not accelerator.sync_gradients:
+                    continue
+                state.step += 1
+                running_steps += 1
+                bar.update(1)
+                if state.step % config.log_every == 0 or state.step == total_steps:
+                    mean_loss = accelerator.reduce(running_loss, "mean").item() / running_steps
+                    speed = running_steps * samples_per_step / (time.perf_counter() - window_start)
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", samples_per_s=f"{speed:,.0f}")
+                    log({"type": "train", "step": state.step, "epoch": state.epoch, "loss": mean_loss,
+                         "lr": scheduler.get_last_lr()[0], "samples_per_s": speed})
+                    running_loss.zero_()
+                    running_steps, window_start = 0, time.perf_counter()
+                if config.eval_every and state.step % config.eval_every == 0:
+                    run_validation()
+                    last_validated = state.step
+                if config.save_every and state.step % config.save_every == 0:
+                    save_checkpoint()
+                if on_step is not None:
+                    on_step(state.step)
+                if stop.signal_name or state.step >= total_steps:
+                    break
+            else:
+                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+            if stop.signal_name:
+                bar.close()
+                save_checkpoint()
+                accelerator.print(f"{stop.signal_name}: saved a checkpoint at step {state.step}; continue with "
+                                  f"python train.py --run-name {config.run_name} --output-dir {config.output_dir} "
+                                  "--resume")
+                return {"run_dir": str(run_dir), "interrupted": True, "step": state.step}
+    bar.close()
+
+    if last_validated != state.step:
+        run_validation()
+    state.finished = True
+    save_checkpoint()
+    summary = {"run_dir": str(run_dir), "interrupted": False, "step": state.step,
+               "best_val_rougeL": state.best_rougeL, "best_step": state.best_step}
+    if config.final_eval and accelerator.is_main_process:
+        summary["test"] = final_evaluation(captioner, accelerator.unwrap_model(adapter), run_dir, config)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+def final_evaluation(captioner, adapter, run_dir: Path, config: TrainConfig) -> dict:
+    """Score the best adapter on the test split, exactly as `python eval.py RUN` would."""
+    from eval import evaluate_captioner, print_metrics, write_eval_outputs
+
+    captioner.adapter = adapter
+    adapter.load_state_dict(load_adapter_state(run_dir / ADAPTER_WEIGHTS))
+    records = load_split(config, "test", config.test_limit)
+    if not records:
+        print("no test images: skipping the final evaluation")
+        return {}
+    metrics, predictions = evaluate_captioner(captioner, records, DecodingConfig(), config.eval_batch_size,
+                                              config.feature_batch_size, config.num_workers, config.progress)
+    metrics["split"] = "test"
+    write_eval_outputs(run_dir, metrics, predictions)
+    print_metrics(metrics, title=f"{run_dir} on the test split ({len(records)} images)")
+    return {k: v for k, v in metrics.items() if not isinstance(v, list)}
+
+
+def main(argv=None) -> int:
+    summary = train(parse_config(argv))
+    return 1 if summary["interrupted"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,134 @@
+"""Small helpers shared by train.py, eval.py and inference.py: errors, files, metrics, versions."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import sys
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line by the scripts, never as a traceback."""
+
+
+def run_cli(main_fn, argv=None) -> int:
+    """Run a script's main, turning UserError into a one-line message and exit code 2."""
+    try:
+        return main_fn(argv) or 0
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def cache_home() -> Path:
+    """Where built demo assets live; CAPTIONER_HOME overrides it (tests point it at a temp dir)."""
+    return Path(os.environ.get("CAPTIONER_HOME", Path.home() / ".cache" / "captioner"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------
+
+def write_json(path: str | Path, data) -> None:
+    """Write JSON atomically: a crash mid-write leaves the old file, never half a new one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: str | Path, what: str = "file"):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{what} {path} is not valid JSON ({error}); re-create it or point to another") from None
+
+
+def append_jsonl(path: str | Path, record: dict) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    with open(path) as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def library_versions() -> dict[str, str]:
+    import accelerate
+    import datasets
+    import safetensors
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+        "datasets": datasets.__version__,
+        "safetensors": safetensors.__version__,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Caption metrics
+# ----------------------------------------------------------------------------------------------
+
+# Named precisely because several "ROUGE-L"s exist (see ../shared/stack-notes.md): this is the
+# rouge-score package's F-measure, best reference by F1, its own lower-casing tokenizer, no stemming.
+ROUGE_L_VARIANT = "rouge-score rougeL F1, multi-reference max (score_multi), no stemming"
+BLEU_VARIANT = "nltk corpus_bleu BLEU-4, uniform weights, no smoothing, lower-cased whitespace tokens"
+
+
+def rouge_l_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> list[float]:
+    """Per-caption ROUGE-L F1 against the best of its references."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    return [scorer.score_multi(list(refs), pred)["rougeL"].fmeasure for pred, refs in zip(predictions, references)]
+
+
+def bleu4(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """Corpus BLEU-4 over the whole set (BLEU is a corpus statistic, not a mean of sentence scores)."""
+    from nltk.translate.bleu_score import corpus_bleu
+
+    hypotheses = [pred.lower().split() for pred in predictions]
+    refs = [[ref.lower().split() for ref in rs] for rs in references]
+    if not any(hypotheses):
+        return 0.0
+    with warnings.catch_warnings():  # NLTK warns whenever a corpus has no 4-gram match; 0 is the answer
+        warnings.simplefilter("ignore")
+        return float(corpus_bleu(refs, hypotheses))
+
+
+def caption_metrics(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict:
+    per_image = rouge_l_scores(predictions, references)
+    return {
+        "rougeL": float(np.mean(per_image)) if per_image else 0.0,
+        "bleu4": bleu4(predictions, references),
+        "num_images": len(predictions),
+        "rougeL_per_image": per_image,
+    }
+
+
+def format_table(rows: Iterable[Sequence], header: Sequence[str]) -> str:
+    rows = [[str(cell) for cell in row] for row in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(str(h)) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
