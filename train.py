@@ -43,7 +43,8 @@ def _help(text: str, **kwargs):
 class TrainConfig:
     """Every training flag; written to run_config.json so a run can be resumed and audited."""
 
-    run_name: str = _help("name of the run folder under --output-dir (default: run-<date>-<time>; 'demo' with --demo)",
+    run_name: str = _help("name of the run folder under --output-dir (default: run-<date>-<time>; with --demo the "
+                          "first free of demo, demo-2, ...)",
                           default="")
     output_dir: str = _help("where run folders are written", default="saved_models")
     demo: bool = _help("offline demo: build (once) and use tiny backbones and a synthetic image set", default=False)
@@ -95,7 +96,7 @@ class TrainConfig:
 
 
 DEMO_DEFAULTS = dict(
-    run_name="demo", dataset="folder", data_dir="", clip_model="", lm_model="", epochs=8, batch_size=32,
+    run_name="", dataset="folder", data_dir="", clip_model="", lm_model="", epochs=8, batch_size=32,
     learning_rate=3e-3, warmup_ratio=0.03, eval_every=250, save_every=250, val_limit=60, num_workers=0,
     # bf16 autocast on a CPU without bf16 matrix units ran this demo 7x slower (measured): fp32 on CPU.
     mixed_precision="bf16" if torch.cuda.is_available() else "no",
@@ -130,6 +131,9 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         config.data_dir = config.data_dir or assets["data_dir"]
         config.clip_model = config.clip_model or assets["clip_model"]
         config.lm_model = config.lm_model or assets["lm_model"]
+    if not config.run_name and config.demo:  # demo, demo-2, ...: a rerun never stops on an existing folder
+        names = ["demo", *(f"demo-{i}" for i in range(2, 1000))]
+        config.run_name = next(n for n in names if not (Path(config.output_dir) / n).exists())
     if not config.run_name:
         config.run_name = time.strftime("run-%Y%m%d-%H%M%S")
     for name in ("batch_size", "grad_accum_steps", "epochs", "eval_batch_size", "feature_batch_size"):

@@ -146,3 +146,14 @@ def test_demo_reaches_the_learning_bar(tmp_path):
     metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
     assert metrics["split"] == "test" and metrics["num_images"] == 150
     assert metrics["rougeL"] >= 0.85, metrics
+
+
+def test_demo_reruns_pick_a_fresh_run_folder(tiny, tmp_path, monkeypatch):
+    import demo
+
+    monkeypatch.setattr(demo, "ensure_demo_assets", lambda progress=True: tiny)
+    first = train.resolve_config(train.parse_config(["--demo", "--output-dir", str(tmp_path)]))
+    assert first.run_name == "demo" and first.lm_model == tiny["lm_model"]
+    (tmp_path / "demo").mkdir()
+    second = train.resolve_config(train.parse_config(["--demo", "--output-dir", str(tmp_path)]))
+    assert second.run_name == "demo-2"
