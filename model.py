@@ -155,9 +155,11 @@ def load_backbones(clip_model: str, lm_model: str, clip_revision=None, lm_revisi
     try:
         clip = _from_pretrained(CLIPVisionModelWithProjection, "CLIP model", clip_model, revision=clip_revision,
                                 dtype=dtype)
+        # Without torchvision the processor falls back to its PIL backend (same preprocessing) and
+        # says so on every load.
+        processor = _from_pretrained(AutoImageProcessor, "CLIP image processor", clip_model, revision=clip_revision)
     finally:
         hf_logging.set_verbosity(verbosity)
-    processor = _from_pretrained(AutoImageProcessor, "CLIP image processor", clip_model, revision=clip_revision)
     lm = _from_pretrained(AutoModelForCausalLM, "language model", lm_model, revision=lm_revision, dtype=dtype)
     tokenizer = _from_pretrained(AutoTokenizer, "tokenizer", lm_model, revision=lm_revision)
     return clip, processor, lm, tokenizer
