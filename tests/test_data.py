@@ -95,3 +95,21 @@ def test_epoch_order_depends_only_on_seed_and_epoch():
     assert list(other) == first and sorted(first) == list(range(50))
     other.set_epoch(4)
     assert list(other) != first
+
+
+def test_demo_commands_build_data_and_loadable_backbones(tmp_path, capsys):
+    """`python demo.py data` and `python demo.py backbones`, then the backbones through --clip/--lm flags' loader."""
+    import demo
+    from model import AdapterConfig, build_captioner
+
+    assert demo.main(["data", "--out", str(tmp_path / "shapes")]) == 0
+    counts = {s: len(load_records("folder", s, str(tmp_path / "shapes"))) for s in ("train", "val", "test")}
+    assert counts == demo.SPLIT_SIZES
+    assert demo.main(["backbones", "--captions", str(tmp_path / "shapes"), "--out", str(tmp_path / "tiny"),
+                      "--lm-steps", "3"]) == 0
+    assert "--clip-model" in capsys.readouterr().out
+    captioner = build_captioner(AdapterConfig(clip_model=str(tmp_path / "tiny" / "clip"),
+                                              lm_model=str(tmp_path / "tiny" / "lm")))
+    tokens = captioner.tokenizer("a red circle on a white background", add_special_tokens=False)["input_ids"]
+    assert captioner.tokenizer.decode(tokens) == "a red circle on a white background"
+    assert captioner.config.eos_token_id == captioner.tokenizer.convert_tokens_to_ids(demo.EOS_TOKEN)
