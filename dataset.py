@@ -42,17 +42,22 @@ class ImageRecord:
     table: object = field(default=None, repr=False)  # that Hub dataset
 
     def open(self):
-        from PIL import Image
-
         if self.table is not None:
-            image = self.table[self.row]["image"]
-        else:
-            try:
-                image = Image.open(self.path)
-                image.load()
-            except (OSError, Image.DecompressionBombError) as error:
-                raise UserError(f"cannot read image {self.path}: {error}") from None
-        return image.convert("RGB")
+            return self.table[self.row]["image"].convert("RGB")
+        return open_image(self.path)
+
+
+def open_image(path):
+    """An RGB PIL image, or a one-line UserError naming the file."""
+    from PIL import Image
+
+    if not Path(path).is_file():
+        raise UserError(f"image not found: {path}")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, Image.DecompressionBombError) as error:
+        raise UserError(f"cannot read image {path}: {error}") from None
 
 
 def normalize_caption(text) -> str:

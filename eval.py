@@ -19,8 +19,8 @@ import torch
 
 from dataset import DATASETS, FLICKR30K_PARQUET, extract_features, limit_records, load_records
 from model import ADAPTER_CONFIG, DecodingConfig, load_captioner
-from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, UserError, append_jsonl, caption_metrics, format_table,
-                   read_json, run_cli, write_json)
+from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, UserError, caption_metrics, format_table,
+                   read_json, run_cli, write_json, write_jsonl)
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -75,10 +75,7 @@ def evaluate_captioner(captioner, records, decoding: DecodingConfig, batch_size:
 def write_eval_outputs(out_dir: Path, metrics: dict, predictions: list[dict]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / METRICS_FILE, metrics)
-    path = out_dir / PREDICTIONS_FILE
-    path.unlink(missing_ok=True)
-    for row in predictions:
-        append_jsonl(path, row)
+    write_jsonl(out_dir / PREDICTIONS_FILE, predictions)
 
 
 def print_metrics(metrics: dict, title: str) -> None:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import torch
 
+from dataset import open_image
 from eval import add_decoding_flags, decoding_from_args, default_dtype, pick_device
 from model import load_captioner
-from utils import UserError, run_cli
+from utils import run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,27 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def open_images(paths: list[str]):
-    from PIL import Image
-
-    images = []
-    for path in paths:
-        if not Path(path).is_file():
-            raise UserError(f"image not found: {path}")
-        try:
-            with Image.open(path) as image:
-                images.append(image.convert("RGB"))
-        except (OSError, Image.DecompressionBombError) as error:
-            raise UserError(f"cannot read image {path}: {error}") from None
-    return images
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     decoding = decoding_from_args(args)
     device = pick_device(args.device)
     captioner = load_captioner(args.checkpoint, device=device, dtype=default_dtype(device))
-    images = open_images(args.images)
+    images = [open_image(path) for path in args.images]
     torch.manual_seed(args.seed)
     captions = []
     for start in range(0, len(images), args.batch_size):

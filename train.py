@@ -28,7 +28,7 @@ from dataset import (DATASETS, FLICKR30K_PARQUET, CaptionPairs, EpochShuffleSamp
 from model import (ADAPTER_WEIGHTS, IGNORE_INDEX, AdapterConfig, DecodingConfig, build_captioner,
                    load_adapter_state, resolve_dtype, save_adapter)
 from utils import (UserError, append_jsonl, caption_metrics, library_versions, read_json, read_jsonl, run_cli,
-                   write_json)
+                   write_json, write_jsonl)
 
 RUN_CONFIG = "run_config.json"
 TRAIN_LOG = "train_log.jsonl"
@@ -304,10 +304,7 @@ def load_resume_state(run_dir: Path, accelerator) -> TrainerState:
 def truncate_log(path: Path, step: int) -> None:
     """Drop log lines written after the checkpoint a resumed run restarts from."""
     if path.is_file():
-        kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
-        path.unlink()
-        for record in kept:
-            append_jsonl(path, record)
+        write_jsonl(path, [r for r in read_jsonl(path) if r.get("step", 0) <= step])
 
 
 def check_run_folder(run_dir: Path, config: TrainConfig) -> None:

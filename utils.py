@@ -65,6 +65,14 @@ def append_jsonl(path: str | Path, record: dict) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
+def write_jsonl(path: str | Path, records) -> None:
+    """Replace a JSONL file in one pass, atomically (written aside, then renamed)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(record) + "\n" for record in records))
+    os.replace(tmp, path)
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     with open(path) as handle:
         return [json.loads(line) for line in handle if line.strip()]
