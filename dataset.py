@@ -12,8 +12,11 @@ scores each image against all of its references.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import os
 import random
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,12 +24,14 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from model import IGNORE_INDEX
-from utils import UserError
+from utils import UserError, cache_home, write_json
 
 FLICKR30K_PARQUET = "hf://datasets/nlphuji/flickr30k@refs/convert/parquet/TEST/test/*.parquet"
 DATASETS = ("flickr30k", "karpathy", "folder")
 SPLITS = ("train", "val", "test")
 KARPATHY_FILES = ("dataset_flickr30k.json", "dataset_flickr8k.json", "dataset_coco.json")
+FEATURE_CACHE_VERSION = 1  # bump when what a cached feature means changes
+FEATURE_PART_SIZE = 4096  # images per cache part: what an interrupted extraction can lose at most
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -298,18 +303,129 @@ class ImageTensors(Dataset):
         return self.processor(images=self.records[i].open(), return_tensors="pt")["pixel_values"][0]
 
 
+def image_key(record: ImageRecord) -> str:
+    """What identifies an image's content cheaply: a file's path, size and mtime, or a Hub row of a
+    dataset fingerprint (which changes when its files do). A rewritten file gets a new key."""
+    if record.table is not None:
+        return f"hub|{getattr(record.table, '_fingerprint', 'unknown')}|{record.row}"
+    stat = record.path.stat()
+    return f"file|{record.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+def encoder_fingerprint(captioner) -> str:
+    """A digest of everything that decides a CLIP feature: the weights themselves (whatever folder or
+    Hub id they came from), their dtype, the vision config and the image preprocessing."""
+    cached = getattr(captioner, "_encoder_fingerprint", None)
+    if cached:
+        return cached
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"v{FEATURE_CACHE_VERSION}|{type(captioner.clip).__name__}|{type(captioner.processor).__name__}"
+                  .encode())
+    digest.update(captioner.clip.config.to_json_string(use_diff=False).encode())
+    digest.update(captioner.processor.to_json_string().encode())
+    for name, tensor in sorted(captioner.clip.state_dict().items()):
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes())
+    captioner._encoder_fingerprint = digest.hexdigest()
+    return captioner._encoder_fingerprint
+
+
+class FeatureCache:
+    """CLIP embeddings on disk, one folder per encoder fingerprint, read back through memory maps.
+
+    <root>/<fingerprint>/part-<id>.npy   float32 (n, F) embeddings, before normalisation
+    <root>/<fingerprint>/part-<id>.json  the n image keys, written after the .npy (a part without
+                                          its keys file is an interrupted write and is ignored)
+    Extraction appends new parts; nothing is ever rewritten, so concurrent runs cannot corrupt it.
+    """
+
+    def __init__(self, root: str | Path, fingerprint: str):
+        self.folder = Path(root).expanduser() / fingerprint
+        self.rows: dict[str, tuple[Path, int]] = {}
+        for keys_file in sorted(self.folder.glob("part-*.json")):
+            array_file = keys_file.with_suffix(".npy")
+            try:
+                keys = json.loads(keys_file.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue  # a damaged keys file: its images are simply extracted again
+            if array_file.is_file():
+                self.rows.update((key, (array_file, row)) for row, key in enumerate(keys))
+
+    def missing(self, keys: list[str]) -> list[int]:
+        return [i for i, key in enumerate(keys) if key not in self.rows]
+
+    def add(self, keys: list[str], embeddings: torch.Tensor) -> None:
+        import numpy as np
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        part = self.folder / f"part-{uuid.uuid4().hex}"
+        with open(part.with_suffix(".npy.tmp"), "wb") as handle:
+            np.save(handle, embeddings.float().numpy())
+        os.replace(part.with_suffix(".npy.tmp"), part.with_suffix(".npy"))
+        write_json(part.with_suffix(".json"), keys)
+        self.rows.update((key, (part.with_suffix(".npy"), row)) for row, key in enumerate(keys))
+
+    def read(self, keys: list[str]) -> torch.Tensor:
+        """(len(keys), F) float32, gathered from the memory-mapped parts."""
+        import numpy as np
+
+        by_file: dict[Path, list[tuple[int, int]]] = {}
+        for i, key in enumerate(keys):
+            array_file, row = self.rows[key]
+            by_file.setdefault(array_file, []).append((i, row))
+        out = None
+        for array_file, pairs in by_file.items():
+            array = np.load(array_file, mmap_mode="r")
+            if out is None:
+                out = torch.empty(len(keys), array.shape[1])
+            targets, rows = zip(*pairs)
+            out[list(targets)] = torch.from_numpy(np.ascontiguousarray(array[list(rows)]))
+        return out
+
+
+def default_feature_cache_dir() -> Path:
+    return cache_home() / "features"
+
+
 def extract_features(captioner, records: list[ImageRecord], batch_size: int = 64, num_workers: int = 0,
-                     progress: bool = True, desc: str = "CLIP features") -> torch.Tensor:
-    """CLIP features (N, F) for every record, computed once: the frozen encoder never sees an image twice."""
+                     progress: bool = True, desc: str = "CLIP features", cache_dir: str | Path | None = None,
+                     use_cache: bool = True) -> torch.Tensor:
+    """CLIP features (N, F) for every record, as the adapter sees them.
+
+    With the cache (the default) each image is encoded once per encoder fingerprint, ever: later
+    epochs and later runs read the stored embeddings and never decode an image or run CLIP.
+    """
+    if not records:
+        return torch.empty(0, captioner.config.image_feature_dim)
+    if not use_cache:
+        return captioner.finish_features(_encode(captioner, records, batch_size, num_workers, progress, desc))
+    cache = FeatureCache(cache_dir or default_feature_cache_dir(), encoder_fingerprint(captioner))
+    keys = [image_key(record) for record in records]
+    todo = cache.missing(keys)
+    if todo:
+        # Parts of a few thousand images: an interrupted extraction keeps what it finished.
+        for start in range(0, len(todo), FEATURE_PART_SIZE):
+            chunk = todo[start : start + FEATURE_PART_SIZE]
+            embeddings = _encode(captioner, [records[i] for i in chunk], batch_size, num_workers, progress,
+                                 f"{desc} {start + len(chunk):,}/{len(todo):,} new" if len(todo) > FEATURE_PART_SIZE
+                                 else desc)
+            cache.add([keys[i] for i in chunk], embeddings)
+    elif progress:
+        print(f"{desc}: {len(keys):,} images read from the feature cache {cache.folder}")
+    return captioner.finish_features(cache.read(keys))
+
+
+def _encode(captioner, records: list[ImageRecord], batch_size: int, num_workers: int, progress: bool,
+            desc: str) -> torch.Tensor:
+    """Raw CLIP embeddings (N, F): images decoded and preprocessed in parallel DataLoader workers."""
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    if not records:
-        return torch.empty(0, captioner.config.image_feature_dim)
-    loader = DataLoader(ImageTensors(records, captioner.processor), batch_size=batch_size, num_workers=num_workers)
+    loader = DataLoader(ImageTensors(records, captioner.processor), batch_size=batch_size, num_workers=num_workers,
+                        pin_memory=captioner.device.type == "cuda")
     chunks = []
     with tqdm(total=len(records), desc=desc, unit="img", disable=not progress) as bar:
         for pixel_values in loader:
-            chunks.append(captioner.image_features(pixel_values).cpu())
+            chunks.append(captioner.clip_embeddings(pixel_values).cpu())
             bar.update(len(pixel_values))
     return torch.cat(chunks)

@@ -201,6 +201,9 @@ def build_tiny_backbones(captions_dir: str | Path, out_dir: str | Path, lm_steps
     """Tiny CLIP at out/clip and tokenizer + tiny Qwen3 at out/lm, from a caption folder's training split."""
     from dataset import load_caption_folder
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars for one tiny shard: noise
     out_dir = Path(out_dir)
     records = load_caption_folder(Path(captions_dir), "train", seed)
     captions = [c for r in records for c in r.captions]

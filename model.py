@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -191,6 +192,8 @@ class Captioner(nn.Module):
         self.processor = processor
         self.tokenizer = tokenizer
         self.adapter = adapter if adapter is not None else Adapter(config)
+        self.decode_step = None  # a compiled one-token LM step, see enable_compiled_decoding
+        self._static_cache = None
 
     @property
     def device(self) -> torch.device:
@@ -207,13 +210,18 @@ class Captioner(nn.Module):
         return self.processor(images=images, return_tensors="pt")["pixel_values"]
 
     @torch.no_grad()
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def clip_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """CLIP's projected image embeddings (B, F) in fp32, as the feature cache stores them."""
         clip_dtype = next(self.clip.parameters()).dtype
-        features = self.clip(pixel_values=pixel_values.to(self.device, clip_dtype)).image_embeds  # (B, F)
-        features = features.float()
-        if self.config.normalize_image_features:
-            features = F.normalize(features, dim=-1)
-        return features
+        return self.clip(pixel_values=pixel_values.to(self.device, clip_dtype)).image_embeds.float()  # (B, F)
+
+    def finish_features(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """What the adapter sees: L2-normalised when the config says so, at training and inference alike."""
+        embeddings = embeddings.float()
+        return F.normalize(embeddings, dim=-1) if self.config.normalize_image_features else embeddings
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.finish_features(self.clip_embeddings(pixel_values))
 
     def prefix_embeds(self, image_features: torch.Tensor) -> torch.Tensor:
         prefix = self.adapter(image_features)  # (B, k, D)
@@ -242,10 +250,74 @@ class Captioner(nn.Module):
     # -- generation ---------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, image_features: torch.Tensor, decoding: DecodingConfig | None = None) -> list[str]:
-        from transformers import GenerationConfig
-
         decoding = decoding or DecodingConfig()
         prefix = self.prefix_embeds(image_features.to(self.device))  # (B, k, D)
+        if decoding.strategy == "greedy":
+            new_tokens = self.greedy_tokens(prefix, decoding.max_new_tokens)
+        else:
+            new_tokens = self.hf_generate_tokens(prefix, decoding)
+        return self.decode(new_tokens)
+
+    def decode(self, new_tokens: torch.Tensor) -> list[str]:
+        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        return [" ".join(text.split()) for text in texts]
+
+    @torch.no_grad()
+    def greedy_tokens(self, prefix: torch.Tensor, max_new_tokens: int, stop_at_eos: bool = True) -> torch.Tensor:
+        """Greedy decoding in a plain loop over the LM's forward with a KV cache: the same tokens as
+        `generate(do_sample=False)` (a test checks), without its per-token bookkeeping.
+
+        With `self.decode_step` set (see `enable_compiled_decoding`) the cache is static and each
+        one-token step runs as a compiled graph. Rows that have ended are filled with PAD.
+        """
+        batch, k, _ = prefix.shape
+        eos, pad = self.config.eos_token_id, self.config.pad_token_id
+        step = self.decode_step or self.lm
+        cache = self._kv_cache(batch, k + max_new_tokens)
+        output = self.lm(inputs_embeds=prefix, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                         cache_position=torch.arange(k, device=prefix.device))
+        token = output.logits[:, -1].argmax(-1)  # (B,)
+        tokens, finished = [token], token == eos
+        for position in range(k, k + max_new_tokens - 1):
+            if stop_at_eos and bool(finished.all()):
+                break
+            output = step(input_ids=token[:, None], past_key_values=cache, use_cache=True,
+                          cache_position=torch.tensor([position], device=prefix.device))
+            token = output.logits[:, -1].argmax(-1)
+            if stop_at_eos:
+                token = token.masked_fill(finished, pad)
+                finished = finished | (token == eos)
+            tokens.append(token)
+        return torch.stack(tokens, dim=1)  # (B, new)
+
+    def _kv_cache(self, batch: int, length: int):
+        """A fresh dynamic cache for eager decoding; for the compiled step one static cache per
+        shape, reset and reused, so the captured graph always sees the same buffers."""
+        from transformers import DynamicCache, StaticCache
+
+        if self.decode_step is None:
+            return DynamicCache(config=self.lm.config)
+        if self._static_cache is None or self._static_cache[0] != (batch, length):
+            cache = StaticCache(config=self.lm.config, max_cache_len=length)
+            self._static_cache = ((batch, length), cache)
+        else:
+            self._static_cache[1].reset()
+        return self._static_cache[1]
+
+    def enable_compiled_decoding(self) -> bool:
+        """Static KV cache + a compiled one-token step with CUDA graphs (reduce-overhead): on a GPU
+        this takes greedy decoding from per-token Python overhead to per-token kernel time.
+        Only on CUDA; elsewhere the eager loop stays (returns whether it was enabled)."""
+        if self.device.type != "cuda":
+            return False
+        self.decode_step = torch.compile(self.lm, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        return True
+
+    @torch.no_grad()
+    def hf_generate_tokens(self, prefix: torch.Tensor, decoding: DecodingConfig) -> torch.Tensor:
+        """Beam search and sampling through the LM's own `generate` (KV cache, batched)."""
+        from transformers import GenerationConfig
+
         attention_mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=self.device)
         generation_config = GenerationConfig(
             max_new_tokens=decoding.max_new_tokens,
@@ -259,14 +331,36 @@ class Captioner(nn.Module):
             use_cache=True,
         )
         # With inputs_embeds a decoder-only model returns only the new tokens.
-        new_tokens = self.lm.generate(
-            inputs_embeds=prefix, attention_mask=attention_mask, generation_config=generation_config
-        )
-        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        return [" ".join(text.split()) for text in texts]
+        return self.lm.generate(inputs_embeds=prefix, attention_mask=attention_mask,
+                                generation_config=generation_config)
 
     def caption_images(self, images, decoding: DecodingConfig | None = None) -> list[str]:
         return self.generate(self.image_features(self.preprocess(images)), decoding)
+
+
+class TrainingLoss:
+    """The captioner's loss, eager or through torch.compile (`--compile`).
+
+    Compilation happens on the first call; where it cannot run (no C++ compiler, an unsupported
+    op or platform) training says so in one line and continues eagerly with the same loss.
+    """
+
+    def __init__(self, captioner: Captioner, compile: bool = False, backend: str = "inductor"):
+        self.captioner = captioner
+        self.compiled = torch.compile(captioner, backend=backend) if compile else None
+
+    def __call__(self, **batch) -> torch.Tensor:
+        if self.compiled is not None:
+            try:
+                return self.compiled(**batch)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as error:  # torch.compile fails in many ways (backend, compiler, graph)
+                first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                print(f"warning: torch.compile could not run ({type(error).__name__}: {first[:200]}); "
+                      "continuing without --compile", file=sys.stderr)
+                self.compiled = None
+        return self.captioner(**batch)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,351 @@
+"""Measure the captioner's speed against the naive way of doing the same job, in one run.
+
+    python bench.py --shapes tiny                  # seconds on a CPU: checks the benchmark itself
+    python bench.py --shapes real                  # CLIP ViT-B/32 + Qwen3-0.6B-Base shapes, random weights
+    python bench.py --shapes real --only train --batches 64,256,512 --compile
+
+Speed does not depend on weight values, so random-init backbones with the exact real configs
+give the real models' speed; nothing is downloaded. Prints one JSON line per measurement, each
+with the device, shapes and batch:
+
+  train      samples/s and peak memory of a full optimizer step. naive = CLIP on every step,
+             fp32 frozen weights (+ bf16 autocast on GPU), logits for the whole vocabulary at
+             every position (what public prefix-captioning projects do); product = this
+             project's step: cached features, frozen weights in the compute dtype, logits at
+             caption tokens only, fused AdamW on GPU, and with --compile torch.compile.
+  extract    CLIP feature extraction images/s on 224x224 tensors.
+  generate   batched greedy captions/s with 24 new tokens: plain `generate` vs this project's loop.
+  latency    one image, warm: preprocess + CLIP + adapter + 24 new tokens, median of repeats.
+  cold       process start to printed caption: `python inference.py` on a saved run folder.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from model import IGNORE_INDEX, AdapterConfig, Captioner, TrainingLoss, save_adapter
+
+PREFIX_LENGTH, CAPTION_TOKENS = 10, 24  # Flickr30k captions: ~13 words ~ 17 Qwen tokens + EOS, padded
+SECTIONS = ("train", "extract", "generate", "latency", "cold")
+
+# Exactly the configs of openai/clip-vit-base-patch32 (vision tower + projection) and
+# Qwen/Qwen3-0.6B-Base (../shared/stack-notes.md); "tiny" is the offline demo's size.
+SHAPES = {
+    "real": {
+        "clip": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                     patch_size=32, image_size=224, projection_dim=512, hidden_act="quick_gelu"),
+        "lm": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                   num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
+                   max_position_embeddings=32768, rms_norm_eps=1e-6,
+                   rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0}),
+        "image_size": 224,
+    },
+    "tiny": {
+        "clip": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                     patch_size=8, image_size=64, projection_dim=48),
+        "lm": dict(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=2, num_key_value_heads=1, head_dim=32, tie_word_embeddings=True,
+                   max_position_embeddings=256),
+        "image_size": 64,
+    },
+}
+DEFAULT_BATCHES = {("real", "cuda"): "64,256,512", ("real", "cpu"): "4,8", ("tiny", "cuda"): "64,256",
+                   ("tiny", "cpu"): "16,64"}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, repeats: int, warmup: int) -> float:
+    """Mean seconds per call after warm-up calls (which also trigger compilation)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / repeats
+
+
+def reset_peak(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device):
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
+
+
+def emit(args, **record) -> None:
+    print(json.dumps({"device": args.device_name, "shapes": args.shapes, **record}), flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backbones with the real configs and random weights
+# ----------------------------------------------------------------------------------------------
+
+def build_backbones(shapes: str, device, dtype):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, Qwen3Config, Qwen3ForCausalLM
+
+    spec = SHAPES[shapes]
+    torch.manual_seed(0)
+    clip = CLIPVisionModelWithProjection(CLIPVisionConfig(**spec["clip"])).to(device, dtype).eval().requires_grad_(False)
+    lm = Qwen3ForCausalLM(Qwen3Config(**spec["lm"])).to(device, dtype).eval().requires_grad_(False)
+    return clip, lm
+
+
+def image_processor(shapes: str):
+    from transformers import CLIPImageProcessor
+
+    size = SHAPES[shapes]["image_size"]  # CLIPImageProcessor's defaults are ViT-B/32's preprocessing
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def make_captioner(shapes: str, device, dtype) -> Captioner:
+    clip, lm = build_backbones(shapes, device, dtype)
+    config = AdapterConfig(clip_model=f"random-{shapes}-clip", lm_model=f"random-{shapes}-lm",
+                           prefix_length=PREFIX_LENGTH, image_feature_dim=clip.visual_projection.out_features,
+                           lm_hidden_dim=lm.config.hidden_size, eos_token_id=0, pad_token_id=0)
+    config.__post_init__()
+    captioner = Captioner(config, clip, image_processor(shapes), lm, tokenizer=None)
+    captioner.adapter.to(device)
+    return captioner
+
+
+def random_batch(captioner, batch: int, image_size: int, device) -> dict:
+    input_ids = torch.randint(1, captioner.lm.config.vocab_size, (batch, CAPTION_TOKENS), device=device)
+    features = F.normalize(torch.randn(batch, captioner.config.image_feature_dim, device=device), dim=-1)
+    return {"input_ids": input_ids, "labels": input_ids.clone(), "image_features": features,
+            "pixel_values": torch.randn(batch, 3, image_size, image_size, device=device)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Training step: naive vs product
+# ----------------------------------------------------------------------------------------------
+
+def naive_loss(captioner, pixel_values, input_ids, labels) -> torch.Tensor:
+    """The common way: encode the images again, then the LM's own loss over all positions."""
+    features = F.normalize(captioner.clip(pixel_values=pixel_values).image_embeds.float(), dim=-1)
+    prefix = captioner.adapter(features)  # (B, k, D)
+    tokens = captioner.lm.get_input_embeddings()(input_ids)
+    embeds = torch.cat([prefix.to(tokens.dtype), tokens], dim=1)
+    ignore = torch.full((len(input_ids), prefix.shape[1]), IGNORE_INDEX, device=input_ids.device)
+    return captioner.lm(inputs_embeds=embeds, labels=torch.cat([ignore, labels], dim=1)).loss
+
+
+def bench_train(args, path: str, batch: int) -> None:
+    device = args.device
+    gpu_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    # naive keeps fp32 weights; the product stores frozen weights in the compute dtype (bf16 on GPU).
+    weights_dtype = torch.bfloat16 if (path != "naive" and gpu_bf16) else torch.float32
+    reset_peak(device)
+    captioner = make_captioner(args.shapes, device, weights_dtype)
+    data = random_batch(captioner, batch, SHAPES[args.shapes]["image_size"], device)
+    optimizer = torch.optim.AdamW(captioner.adapter.parameters(), lr=1e-4, fused=device.type == "cuda")
+    loss_function = TrainingLoss(captioner, compile=path == "product+compile")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu_bf16)
+
+    def step():
+        with autocast:
+            if path == "naive":
+                loss = naive_loss(captioner, data["pixel_values"], data["input_ids"], data["labels"])
+            else:
+                loss = loss_function(image_features=data["image_features"], input_ids=data["input_ids"],
+                                     labels=data["labels"])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(captioner.adapter.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    warmup = 3 if path == "product+compile" else 1
+    seconds = timed(step, device, args.repeats, warmup)
+    emit(args, bench="train", path=path, batch=batch, prefix_tokens=PREFIX_LENGTH, caption_tokens=CAPTION_TOKENS,
+         weights_dtype=str(weights_dtype).replace("torch.", ""), autocast_bf16=gpu_bf16, step_s=round(seconds, 4),
+         samples_per_s=round(batch / seconds, 1), peak_mem_gib=peak_gib(device))
+
+
+# ----------------------------------------------------------------------------------------------
+# Extraction, generation, latency
+# ----------------------------------------------------------------------------------------------
+
+def compute_dtype(device):
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def bench_extract(args, captioner) -> None:
+    device, size = args.device, SHAPES[args.shapes]["image_size"]
+    batch = 256 if device.type == "cuda" else 32
+    pixel_values = torch.randn(batch, 3, size, size, device=device)
+    seconds = timed(lambda: captioner.clip_embeddings(pixel_values), device, args.repeats, 1)
+    emit(args, bench="extract", batch=batch, image_size=size, images_per_s=round(batch / seconds, 1))
+
+
+def plain_generate(captioner, prefix, new_tokens: int):
+    attention_mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+    return captioner.lm.generate(inputs_embeds=prefix, attention_mask=attention_mask, max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+
+
+def bench_generate(args, captioner) -> None:
+    device = args.device
+    batch = args.generate_batch or (512 if device.type == "cuda" else 16)
+    features = F.normalize(torch.randn(batch, captioner.config.image_feature_dim, device=device), dim=-1)
+    with torch.no_grad():
+        prefix = captioner.prefix_embeds(features)
+    runs = {"plain-generate": lambda: plain_generate(captioner, prefix, CAPTION_TOKENS),
+            "product": lambda: captioner.greedy_tokens(prefix, CAPTION_TOKENS, stop_at_eos=False)}
+    for path, run in runs.items():
+        with torch.no_grad():
+            seconds = timed(run, device, max(1, args.repeats // 2), 1)
+        emit(args, bench="generate", path=path, batch=batch, new_tokens=CAPTION_TOKENS,
+             captions_per_s=round(batch / seconds, 1), batch_s=round(seconds, 3))
+
+
+def bench_latency(args, captioner) -> None:
+    """One image end to end, as inference.py does it, warm; plain generate as the baseline."""
+    import numpy as np
+    from PIL import Image
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (375, 500, 3), dtype=np.uint8))
+
+    def caption(use_plain: bool):
+        with torch.no_grad():
+            prefix = captioner.prefix_embeds(captioner.image_features(captioner.preprocess([image])))
+            if use_plain:
+                return plain_generate(captioner, prefix, CAPTION_TOKENS)
+            return captioner.greedy_tokens(prefix, CAPTION_TOKENS, stop_at_eos=False)
+
+    paths = {"plain-generate": True, "product": False}
+    if args.compile and captioner.enable_compiled_decoding():
+        paths["product+compiled-decode"] = False
+    for path, use_plain in paths.items():
+        if path == "product":
+            captioner.decode_step = None
+        if path == "product+compiled-decode":
+            captioner.enable_compiled_decoding()
+        for _ in range(3):  # warm-up (and compilation)
+            caption(use_plain)
+        times = []
+        for _ in range(args.repeats):
+            sync(args.device)
+            start = time.perf_counter()
+            caption(use_plain)
+            sync(args.device)
+            times.append(time.perf_counter() - start)
+        emit(args, bench="latency", path=path, batch=1, new_tokens=CAPTION_TOKENS,
+             median_ms=round(1000 * statistics.median(times), 1), min_ms=round(1000 * min(times), 1))
+    captioner.decode_step = None
+
+
+def save_run_folder(captioner, folder: Path) -> Path:
+    """A run folder inference.py accepts: the random backbones saved as from_pretrained folders."""
+    from transformers.utils import logging as hf_logging
+
+    from demo import build_tokenizer
+
+    hf_logging.disable_progress_bar()
+    clip_dir, lm_dir, run_dir = folder / "clip", folder / "lm", folder / "run"
+    captioner.clip.save_pretrained(clip_dir)
+    captioner.processor.save_pretrained(clip_dir)
+    captioner.lm.save_pretrained(lm_dir)
+    tokenizer = build_tokenizer(["a photo of a dog on the grass"] * 4)
+    tokenizer.save_pretrained(lm_dir)
+    config = captioner.config
+    config.clip_model, config.lm_model, config.vocab_size = str(clip_dir), str(lm_dir), len(tokenizer)
+    config.eos_token_id = config.pad_token_id = tokenizer.eos_token_id
+    save_adapter(run_dir, captioner.adapter, config)
+    return run_dir
+
+
+def bench_cold(args, captioner) -> None:
+    """Process start to printed caption, for a fresh `python inference.py` (median of 3)."""
+    import numpy as np
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory() as folder:
+        run_dir = save_run_folder(captioner, Path(folder))
+        image = Path(folder) / "photo.jpg"
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (375, 500, 3), dtype=np.uint8)).save(image)
+        command = [sys.executable, str(Path(__file__).with_name("inference.py")), "--checkpoint", str(run_dir),
+                   str(image), "--max-new-tokens", str(CAPTION_TOKENS), "--device", args.device.type]
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            done = subprocess.run(command, capture_output=True, text=True)
+            times.append(time.perf_counter() - start)
+            if done.returncode != 0:
+                raise SystemExit(f"inference.py failed: {done.stderr.strip().splitlines()[-1:]}")
+    emit(args, bench="cold", command="python inference.py --checkpoint RUN photo.jpg", new_tokens=CAPTION_TOKENS,
+         median_s=round(statistics.median(times), 2))
+
+
+# ----------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", choices=tuple(SHAPES), default="tiny", help="backbone shapes (random weights)")
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {SECTIONS}")
+    parser.add_argument("--batches", default="", help="training batch sizes (default: by shapes and device)")
+    parser.add_argument("--naive-batches", default="", help="naive-path batch sizes (default: the smallest of "
+                        "--batches, so both paths are compared at an equal batch)")
+    parser.add_argument("--generate-batch", type=int, default=0, help="batch for captions/s (default 512 GPU, 16 CPU)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement")
+    parser.add_argument("--compile", action="store_true", help="also measure torch.compile paths")
+    parser.add_argument("--device", default="auto", help="cpu, cuda ... (default: cuda if available)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    args.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
+                               else args.device)
+    args.device_name = device_name(args.device)
+    if args.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    sections = [s for s in args.only.split(",") if s]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise SystemExit(f"error: unknown --only sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+    batches = [int(b) for b in (args.batches or DEFAULT_BATCHES[(args.shapes, args.device.type)]).split(",")]
+    naive_batches = [int(b) for b in args.naive_batches.split(",")] if args.naive_batches else batches[:1]
+    print(json.dumps({"torch": torch.__version__, "device": args.device_name, "shapes": args.shapes,
+                      "threads": torch.get_num_threads(), "pid": os.getpid()}), flush=True)
+    if "train" in sections:
+        for batch in naive_batches:
+            bench_train(args, "naive", batch)
+        for batch in batches:
+            bench_train(args, "product", batch)
+            if args.compile:
+                bench_train(args, "product+compile", batch)
+    rest = [s for s in sections if s != "train"]
+    if rest:
+        captioner = make_captioner(args.shapes, args.device, compute_dtype(args.device))
+        for section in rest:
+            {"extract": bench_extract, "generate": bench_generate, "latency": bench_latency,
+             "cold": bench_cold}[section](args, captioner)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

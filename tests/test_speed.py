@@ -1,0 +1,151 @@
+"""Fast paths give the same answers as the plain ones: feature cache, compiled loss, lean decoding."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from dataset import FeatureCache, encoder_fingerprint, extract_features, load_records
+from model import AdapterConfig, DecodingConfig, build_captioner
+
+
+@pytest.fixture(scope="module")
+def captioner(tiny):
+    return build_captioner(AdapterConfig(clip_model=tiny["clip_model"], lm_model=tiny["lm_model"]))
+
+
+def forbid_clip(monkeypatch, captioner):
+    def fail(pixel_values):
+        raise AssertionError("CLIP ran although every feature was cached")
+
+    monkeypatch.setattr(captioner, "clip_embeddings", fail)
+
+
+def count_clip_images(monkeypatch, captioner) -> list[int]:
+    seen, real = [], captioner.clip_embeddings
+
+    def counting(pixel_values):
+        seen.append(len(pixel_values))
+        return real(pixel_values)
+
+    monkeypatch.setattr(captioner, "clip_embeddings", counting)
+    return seen
+
+
+def test_cached_features_equal_fresh_ones_and_skip_clip(tiny, captioner, tmp_path, monkeypatch):
+    records = load_records("folder", "train", tiny["data_dir"])[:12]
+    fresh = extract_features(captioner, records, batch_size=5, progress=False, use_cache=False)
+    first = extract_features(captioner, records, batch_size=5, progress=False, cache_dir=tmp_path)
+    assert torch.equal(first, fresh)
+    assert len(list(tmp_path.glob("*/part-*.npy"))) == 1
+
+    with monkeypatch.context() as patch:
+        forbid_clip(patch, captioner)
+        again = extract_features(captioner, records, batch_size=5, progress=False, cache_dir=tmp_path)
+        # A different subset and order is served from the same cache.
+        subset = extract_features(captioner, records[::-3], progress=False, cache_dir=tmp_path)
+    assert torch.equal(again, fresh)
+    assert torch.equal(subset, fresh[list(range(len(records)))[::-3]])
+
+    # Only images not yet cached are encoded.
+    more = load_records("folder", "train", tiny["data_dir"])[:15]
+    seen = count_clip_images(monkeypatch, captioner)
+    extract_features(captioner, more, batch_size=5, progress=False, cache_dir=tmp_path)
+    assert sum(seen) == 3
+
+
+def test_changed_encoder_or_image_is_never_served_stale(tiny, tmp_path, monkeypatch):
+    captioner = build_captioner(AdapterConfig(clip_model=tiny["clip_model"], lm_model=tiny["lm_model"]))
+    records = load_records("folder", "train", tiny["data_dir"])[:4]
+    extract_features(captioner, records, progress=False, cache_dir=tmp_path)
+    base = encoder_fingerprint(captioner)
+
+    # Different weights at the same path: a new fingerprint, everything encoded again.
+    with torch.no_grad():
+        captioner.clip.visual_projection.weight.mul_(1.01)
+    captioner._encoder_fingerprint = None
+    assert encoder_fingerprint(captioner) != base
+    seen = count_clip_images(monkeypatch, captioner)
+    extract_features(captioner, records, progress=False, cache_dir=tmp_path)
+    assert sum(seen) == 4
+
+    # Different preprocessing: a new fingerprint as well.
+    captioner._encoder_fingerprint = None
+    before = encoder_fingerprint(captioner)
+    captioner.processor.image_mean = [0.5, 0.5, 0.5]
+    captioner._encoder_fingerprint = None
+    assert encoder_fingerprint(captioner) != before
+
+    # An image rewritten in place (new size or mtime) is encoded again; the others are not.
+    captioner._encoder_fingerprint = None
+    extract_features(captioner, records, progress=False, cache_dir=tmp_path)
+    stat = records[0].path.stat()
+    os.utime(records[0].path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    seen.clear()
+    extract_features(captioner, records, progress=False, cache_dir=tmp_path)
+    assert sum(seen) == 1
+
+
+def test_interrupted_cache_write_is_ignored(tiny, captioner, tmp_path, monkeypatch):
+    records = load_records("folder", "train", tiny["data_dir"])[:3]
+    expected = extract_features(captioner, records, progress=False, cache_dir=tmp_path)
+    folder = tmp_path / encoder_fingerprint(captioner)
+    # A part whose keys file never got written (killed between the two writes) does not count.
+    for keys_file in folder.glob("part-*.json"):
+        keys_file.unlink()
+    assert FeatureCache(tmp_path, encoder_fingerprint(captioner)).missing(["x"]) == [0]
+    seen = count_clip_images(monkeypatch, captioner)
+    again = extract_features(captioner, records, progress=False, cache_dir=tmp_path)
+    assert sum(seen) == 3 and torch.equal(again, expected)
+
+
+def test_greedy_loop_gives_the_tokens_of_generate(captioner):
+    torch.manual_seed(3)
+    features = torch.nn.functional.normalize(torch.randn(6, captioner.config.image_feature_dim), dim=-1)
+    decoding = DecodingConfig(strategy="greedy", max_new_tokens=12)
+    prefix = captioner.prefix_embeds(features)
+    reference = captioner.hf_generate_tokens(prefix, decoding)
+    ours = captioner.greedy_tokens(prefix, decoding.max_new_tokens)
+    eos = captioner.config.eos_token_id
+    assert (reference == eos).any(), "the fixture should end some captions early"
+    assert captioner.decode(ours) == captioner.decode(reference)
+    width = min(ours.shape[1], reference.shape[1])
+    assert torch.equal(ours[:, :width], reference[:, :width])
+    # One image at a time (inference.py's path) gives the same captions as the batch.
+    singles = [captioner.decode(captioner.greedy_tokens(prefix[i : i + 1], 12))[0] for i in range(6)]
+    assert singles == captioner.decode(reference)
+
+
+def test_compiled_loss_equals_eager_and_falls_back(captioner, capsys):
+    from model import TrainingLoss
+
+    torch.manual_seed(4)
+    ids = torch.randint(1, 300, (4, 9))
+    labels = ids.clone()
+    labels[:2, 6:] = -100
+    batch = {"image_features": torch.randn(4, captioner.config.image_feature_dim), "input_ids": ids, "labels": labels}
+
+    def loss_and_grad(loss_function):
+        captioner.adapter.zero_grad()
+        loss = loss_function(**batch)
+        loss.backward()
+        return loss.detach(), captioner.adapter.net[0].weight.grad.clone()
+
+    eager_loss, eager_grad = loss_and_grad(captioner)
+    # aot_eager traces the graph as inductor would (graph breaks, functionalisation) without the
+    # minute of C++ compilation; the loss and gradients must not change.
+    compiled = TrainingLoss(captioner, compile=True, backend="aot_eager")
+    compiled_loss, compiled_grad = loss_and_grad(compiled)
+    assert compiled.compiled is not None
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    torch.testing.assert_close(compiled_grad, eager_grad)
+
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("no C++ compiler here")
+
+    fallback = TrainingLoss(captioner, compile=True, backend=broken_backend)
+    fallback_loss, fallback_grad = loss_and_grad(fallback)
+    assert fallback.compiled is None
+    assert "torch.compile could not run" in capsys.readouterr().err
+    assert torch.equal(fallback_loss, eager_loss) and torch.equal(fallback_grad, eager_grad)
