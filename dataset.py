@@ -246,7 +246,10 @@ class CaptionPairs(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         image_index, token_ids = self.pairs[i]
-        return {"image_features": self.features[image_index], "token_ids": token_ids}
+        return {"image_features": self.features[image_index], "token_ids": token_ids, "pair_index": i}
+
+    def image_index(self, pair_index: int) -> int:
+        return self.pairs[pair_index][0]
 
 
 def collate_captions(batch: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -262,11 +265,14 @@ def collate_captions(batch: list[dict], pad_token_id: int) -> dict[str, torch.Te
         ids = torch.tensor(item["token_ids"], dtype=torch.long)
         input_ids[row, : len(ids)] = ids
         labels[row, : len(ids)] = ids
-    return {
+    collated = {
         "image_features": torch.stack([item["image_features"] for item in batch]),
         "input_ids": input_ids,
         "labels": labels,
     }
+    if "pair_index" in batch[0]:  # which pairs these are: named in the log if a batch goes non-finite
+        collated["pair_index"] = torch.tensor([item["pair_index"] for item in batch])
+    return collated
 
 
 class EpochShuffleSampler(Sampler):
@@ -299,8 +305,19 @@ class ImageTensors(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.processor(images=self.records[i].open(), return_tensors="pt")["pixel_values"][0]
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
+        """(index, pixels, "") or, for an image that cannot be read, (index, None, why)."""
+        try:
+            return i, self.processor(images=self.records[i].open(), return_tensors="pt")["pixel_values"][0], ""
+        except UserError as error:
+            return i, None, str(error)
+
+
+def _collate_images(items):
+    good = [(i, pixels) for i, pixels, _ in items if pixels is not None]
+    bad = [(i, why) for i, pixels, why in items if pixels is None]
+    indices = [i for i, _ in good]
+    return indices, (torch.stack([pixels for _, pixels in good]) if good else None), bad
 
 
 def image_key(record: ImageRecord) -> str:
@@ -389,43 +406,63 @@ def default_feature_cache_dir() -> Path:
 
 def extract_features(captioner, records: list[ImageRecord], batch_size: int = 64, num_workers: int = 0,
                      progress: bool = True, desc: str = "CLIP features", cache_dir: str | Path | None = None,
-                     use_cache: bool = True) -> torch.Tensor:
+                     use_cache: bool = True, on_bad_sample: str = "error",
+                     bad_samples: list | None = None) -> torch.Tensor:
     """CLIP features (N, F) for every record, as the adapter sees them.
 
     With the cache (the default) each image is encoded once per encoder fingerprint, ever: later
     epochs and later runs read the stored embeddings and never decode an image or run CLIP.
+    An image that cannot be read raises a UserError naming it (on_bad_sample="error"), or
+    (on_bad_sample="skip") gets a row of NaN and an (image_id, reason) entry in `bad_samples`;
+    unreadable images are never cached, so a fixed file is picked up next time.
     """
     if not records:
         return torch.empty(0, captioner.config.image_feature_dim)
+    failures: dict[int, str] = {}
     if not use_cache:
-        return captioner.finish_features(_encode(captioner, records, batch_size, num_workers, progress, desc))
-    cache = FeatureCache(cache_dir or default_feature_cache_dir(), encoder_fingerprint(captioner))
-    keys = [image_key(record) for record in records]
-    todo = cache.missing(keys)
-    if todo:
+        embeddings = _encode(captioner, records, batch_size, num_workers, progress, desc, failures, on_bad_sample)
+    else:
+        cache = FeatureCache(cache_dir or default_feature_cache_dir(), encoder_fingerprint(captioner))
+        keys = [image_key(record) for record in records]
+        todo = cache.missing(keys)
         # Parts of a few thousand images: an interrupted extraction keeps what it finished.
         for start in range(0, len(todo), FEATURE_PART_SIZE):
             chunk = todo[start : start + FEATURE_PART_SIZE]
-            embeddings = _encode(captioner, [records[i] for i in chunk], batch_size, num_workers, progress,
-                                 f"{desc} {start + len(chunk):,}/{len(todo):,} new" if len(todo) > FEATURE_PART_SIZE
-                                 else desc)
-            cache.add([keys[i] for i in chunk], embeddings)
-    elif progress:
-        print(f"{desc}: {len(keys):,} images read from the feature cache {cache.folder}")
-    return captioner.finish_features(cache.read(keys))
+            label = f"{desc} {start + len(chunk):,}/{len(todo):,} new" if len(todo) > FEATURE_PART_SIZE else desc
+            chunk_failures: dict[int, str] = {}
+            encoded = _encode(captioner, [records[i] for i in chunk], batch_size, num_workers, progress, label,
+                              chunk_failures, on_bad_sample)
+            readable = [j for j in range(len(chunk)) if j not in chunk_failures]
+            if readable:
+                cache.add([keys[chunk[j]] for j in readable], encoded[readable])
+            failures.update({chunk[j]: why for j, why in chunk_failures.items()})
+        if not todo and progress:
+            print(f"{desc}: {len(keys):,} images read from the feature cache {cache.folder}")
+        embeddings = torch.full((len(records), captioner.config.image_feature_dim), float("nan"))
+        cached = [i for i in range(len(records)) if i not in failures]
+        if cached:
+            embeddings[cached] = cache.read([keys[i] for i in cached])
+    if bad_samples is not None:
+        bad_samples.extend((records[i].image_id, why) for i, why in sorted(failures.items()))
+    return captioner.finish_features(embeddings)
 
 
 def _encode(captioner, records: list[ImageRecord], batch_size: int, num_workers: int, progress: bool,
-            desc: str) -> torch.Tensor:
-    """Raw CLIP embeddings (N, F): images decoded and preprocessed in parallel DataLoader workers."""
+            desc: str, failures: dict, on_bad_sample: str) -> torch.Tensor:
+    """Raw CLIP embeddings (N, F), NaN rows for unreadable images (recorded in `failures`).
+    Images are decoded and preprocessed in parallel DataLoader workers."""
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
     loader = DataLoader(ImageTensors(records, captioner.processor), batch_size=batch_size, num_workers=num_workers,
-                        pin_memory=captioner.device.type == "cuda")
-    chunks = []
+                        collate_fn=_collate_images, pin_memory=captioner.device.type == "cuda")
+    embeddings = torch.full((len(records), captioner.config.image_feature_dim), float("nan"))
     with tqdm(total=len(records), desc=desc, unit="img", disable=not progress) as bar:
-        for pixel_values in loader:
-            chunks.append(captioner.clip_embeddings(pixel_values).cpu())
-            bar.update(len(pixel_values))
-    return torch.cat(chunks)
+        for indices, pixel_values, bad in loader:
+            if bad and on_bad_sample == "error":
+                raise UserError(f"{bad[0][1]} (pass --on-bad-sample skip to leave unreadable images out)")
+            failures.update(bad)
+            if pixel_values is not None:
+                embeddings[indices] = captioner.clip_embeddings(pixel_values).cpu()
+            bar.update(len(indices) + len(bad))
+    return embeddings

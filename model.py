@@ -395,15 +395,21 @@ def special_token_ids(tokenizer, lm) -> tuple[int, int]:
 
 def save_adapter(directory: str | Path, adapter: nn.Module, config: AdapterConfig) -> None:
     """Write adapter.safetensors + adapter_config.json: the adapter's weights only, never a frozen one."""
-    from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in adapter.state_dict().items()}
-    tmp = directory / (ADAPTER_WEIGHTS + ".tmp")
-    save_file(state, str(tmp), metadata={"format_version": str(FORMAT_VERSION)})
-    tmp.replace(directory / ADAPTER_WEIGHTS)
+    save_adapter_weights(directory / ADAPTER_WEIGHTS, adapter)
     config.to_json(directory / ADAPTER_CONFIG)
+
+
+def save_adapter_weights(path: Path, adapter: nn.Module) -> None:
+    """The adapter's tensors as safetensors, written aside and renamed (atomic)."""
+    from safetensors.torch import save_file
+
+    state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in adapter.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata={"format_version": str(FORMAT_VERSION)})
+    tmp.replace(path)
 
 
 def load_adapter_state(path: Path) -> dict[str, torch.Tensor]:

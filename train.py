@@ -26,9 +26,9 @@ import torch
 from dataset import (DATASETS, FLICKR30K_PARQUET, CaptionPairs, EpochShuffleSampler, collate_captions,
                      extract_features, limit_records, load_records)
 from model import (ADAPTER_WEIGHTS, IGNORE_INDEX, AdapterConfig, DecodingConfig, TrainingLoss, build_captioner,
-                   load_adapter_state, resolve_dtype, save_adapter)
-from utils import (UserError, append_jsonl, caption_metrics, library_versions, read_json, read_jsonl, run_cli,
-                   write_json, write_jsonl)
+                   load_adapter_state, resolve_dtype, save_adapter, save_adapter_weights)
+from utils import (UserError, append_jsonl, caption_metrics, library_versions, load_state, read_json, read_jsonl,
+                   rng_states, run_cli, save_state, set_rng_states, write_json, write_jsonl)
 
 RUN_CONFIG = "run_config.json"
 TRAIN_LOG = "train_log.jsonl"
@@ -85,6 +85,10 @@ class TrainConfig:
     frozen_dtype: Literal["auto", "bf16", "fp16", "fp32"] = _help(
         "dtype of the frozen backbones' weights; auto = that of --mixed-precision", default="auto")
     seed: int = _help("seed for initialisation, data order and subsets", default=42)
+    max_nonfinite_steps: int = _help("a step whose loss or gradient is NaN/inf is not applied; after this many in a "
+                                     "row the run stops, its last good checkpoint intact", default=5)
+    on_bad_sample: Literal["skip", "error"] = _help("an unreadable image: skip it (listed at the end and in "
+                                                    "bad_samples.jsonl) or stop with an error", default="skip")
     # cadence
     log_every: int = _help("log training loss every N optimizer steps", default=10)
     eval_every: int = _help("validation loss + ROUGE-L every N steps (and at the end); 0 = only at the end",
@@ -170,6 +174,8 @@ class TrainerState:
     best_step: int = 0
     history: list = field(default_factory=list)  # one entry per validation
     finished: bool = False
+    nonfinite_in_a_row: int = 0
+    nonfinite_steps: int = 0  # steps not applied because of a NaN/inf loss or gradient
 
 
 class StopRequest:
@@ -177,6 +183,7 @@ class StopRequest:
 
     def __init__(self):
         self.signal_name: str | None = None
+        self.agreed = False  # another process saw a signal (multi-process runs)
         self._previous = {}
 
     def __enter__(self):
@@ -214,12 +221,17 @@ def load_split(config: TrainConfig, split: str, limit: int):
     return limit_records(records, limit, config.seed)
 
 
-def make_pairs(captioner, records, config: TrainConfig, desc: str) -> CaptionPairs:
+def make_pairs(captioner, records, config: TrainConfig, desc: str, bad_samples: list):
+    """(records that could be read, their caption pairs); unreadable images go to bad_samples."""
     features = extract_features(captioner, records, config.feature_batch_size, config.num_workers,
                                 progress=config.progress, desc=desc, cache_dir=config.feature_cache_dir or None,
-                                use_cache=config.feature_cache)
-    return CaptionPairs(records, features, captioner.tokenizer, captioner.config.eos_token_id,
-                        config.max_caption_tokens)
+                                use_cache=config.feature_cache, on_bad_sample=config.on_bad_sample,
+                                bad_samples=bad_samples)
+    readable = ~torch.isnan(features).any(dim=1)
+    records = [record for record, ok in zip(records, readable.tolist()) if ok]
+    pairs = CaptionPairs(records, features[readable], captioner.tokenizer, captioner.config.eos_token_id,
+                         config.max_caption_tokens)
+    return records, pairs
 
 
 def make_loader(pairs: CaptionPairs, batch_size: int, pad_token_id: int, sampler=None):
@@ -250,7 +262,7 @@ def validate(captioner, pairs: CaptionPairs, records, config: TrainConfig, accel
     captioner.eval()
     loss_sum, tokens = 0.0, 0
     for batch in make_loader(pairs, config.eval_batch_size, captioner.config.pad_token_id):
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        batch = {k: v.to(accelerator.device) for k, v in batch.items() if k != "pair_index"}
         with accelerator.autocast():
             loss = captioner(**batch)
         count = int((batch["labels"] != IGNORE_INDEX).sum())
@@ -277,37 +289,70 @@ def export_metadata(config: TrainConfig, state: TrainerState, kind: str) -> dict
 
 
 def save_export(directory: Path, accelerator, adapter, captioner, config, state, kind: str) -> None:
+    """adapter.safetensors + adapter_config.json; a separate folder (last/) is written aside and
+    swapped in whole, the best adapter at the run root file by file (each file atomically)."""
     if accelerator.is_main_process:
         adapter_config = dataclasses.replace(captioner.config, training=export_metadata(config, state, kind))
-        save_adapter(directory, accelerator.unwrap_model(adapter), adapter_config)
+        if kind == "best":
+            save_adapter(directory, accelerator.unwrap_model(adapter), adapter_config)
+        else:
+            tmp = directory.with_name(directory.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_adapter(tmp, accelerator.unwrap_model(adapter), adapter_config)
+            swap_in(directory, tmp)
 
 
-def save_resume_state(run_dir: Path, accelerator, state: TrainerState) -> None:
-    """Optimizer, scheduler, RNG and adapter via Accelerate, plus where the data stands.
+def swap_in(folder: Path, tmp: Path) -> None:
+    """Replace `folder` by the finished `tmp`: the old one stays whole until the new one is."""
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
 
-    Written aside and then renamed, so a crash mid-save leaves the previous state usable.
+
+def save_resume_state(run_dir: Path, accelerator, adapter, optimizer, scheduler, state: TrainerState) -> None:
+    """Adapter, optimizer, scheduler, every process's RNG, and where the data stands.
+
+    safetensors + JSON only (loading never unpickles). Written aside, then renamed, so a crash
+    mid-save leaves the previous state usable.
     """
-    final, tmp, old = run_dir / "resume", run_dir / "resume.tmp", run_dir / "resume.old"
+    final, tmp = run_dir / "resume", run_dir / "resume.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    save_state(tmp, f"rng_{accelerator.process_index}", rng_states())
     if accelerator.is_main_process:
-        write_json(tmp / TRAINER_STATE, dataclasses.asdict(state))
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        save_adapter_weights(tmp / ADAPTER_WEIGHTS, accelerator.unwrap_model(adapter))
+        save_state(tmp, "optimizer", optimizer.state_dict())
+        save_state(tmp, "scheduler", scheduler.scheduler.state_dict())
+        if accelerator.scaler is not None:
+            save_state(tmp, "grad_scaler", accelerator.scaler.state_dict())
+        write_json(tmp / TRAINER_STATE, dataclasses.asdict(state))  # last: its presence marks a whole state
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        swap_in(final, tmp)
     accelerator.wait_for_everyone()
 
 
-def load_resume_state(run_dir: Path, accelerator) -> TrainerState:
+def load_resume_state(run_dir: Path, accelerator, adapter, optimizer, scheduler) -> TrainerState:
     resume_dir = run_dir / "resume"
     if not (resume_dir / TRAINER_STATE).is_file() and (run_dir / "resume.old" / TRAINER_STATE).is_file():
         resume_dir = run_dir / "resume.old"  # a crash between the two renames
     if not (resume_dir / TRAINER_STATE).is_file():
         raise UserError(f"{run_dir} has no resume state (resume/{TRAINER_STATE}); it cannot be continued")
-    accelerator.load_state(str(resume_dir))
+    rng_file = resume_dir / f"rng_{accelerator.process_index}.json"
+    if not rng_file.is_file():
+        raise UserError(f"{resume_dir} was saved by fewer processes than {accelerator.num_processes}; resume with "
+                        "the same number of processes")
+    accelerator.unwrap_model(adapter).load_state_dict(load_adapter_state(resume_dir / ADAPTER_WEIGHTS))
+    optimizer.load_state_dict(load_state(resume_dir, "optimizer"))
+    scheduler.scheduler.load_state_dict(load_state(resume_dir, "scheduler"))
+    if accelerator.scaler is not None and (resume_dir / "grad_scaler.json").is_file():
+        accelerator.scaler.load_state_dict(load_state(resume_dir, "grad_scaler"))
+    set_rng_states(load_state(resume_dir, f"rng_{accelerator.process_index}"))
     return TrainerState(**read_json(resume_dir / TRAINER_STATE, "trainer state"))
 
 
@@ -360,9 +405,12 @@ def train(config: TrainConfig, on_step=None) -> dict:
     if not train_records:
         raise UserError(f"no training images with captions found in {config.dataset} {config.data_dir or ''}")
     # The main process fills the feature cache first; the others then read it instead of encoding.
+    bad_samples: list[tuple[str, str]] = []
     with accelerator.main_process_first():
-        train_pairs = make_pairs(captioner, train_records, config, "CLIP features (train)")
-        val_pairs = make_pairs(captioner, val_records, config, "CLIP features (val)")
+        train_records, train_pairs = make_pairs(captioner, train_records, config, "CLIP features (train)", bad_samples)
+        val_records, val_pairs = make_pairs(captioner, val_records, config, "CLIP features (val)", bad_samples)
+    if not train_pairs:
+        raise UserError(f"none of the training images could be read (first: {bad_samples[0][1]})")
 
     pad = captioner.config.pad_token_id
     train_loader = make_loader(train_pairs, config.batch_size, pad, EpochShuffleSampler(len(train_pairs), config.seed))
@@ -376,7 +424,7 @@ def train(config: TrainConfig, on_step=None) -> dict:
 
     state = TrainerState()
     if config.resume:
-        state = load_resume_state(run_dir, accelerator)
+        state = load_resume_state(run_dir, accelerator, adapter, optimizer, scheduler)
         accelerator.print(f"resuming {run_dir} at step {state.step} (epoch {state.epoch}, "
                           f"batch {state.batches_in_epoch})")
     if accelerator.is_main_process:
@@ -404,11 +452,27 @@ def train(config: TrainConfig, on_step=None) -> dict:
 
     def save_checkpoint() -> None:
         save_export(run_dir / "last", accelerator, adapter, captioner, config, state, "last")
-        save_resume_state(run_dir, accelerator, state)
+        save_resume_state(run_dir, accelerator, adapter, optimizer, scheduler, state)
+
+    def skip_nonfinite_step(window_losses: list, grad_norm: float, pair_indices: list) -> None:
+        state.nonfinite_in_a_row += 1
+        state.nonfinite_steps += 1
+        images = sorted({train_records[train_pairs.image_index(i)].image_id for i in pair_indices})
+        log({"type": "nonfinite", "step": state.step, "epoch": state.epoch, "losses": window_losses,
+             "grad_norm": grad_norm, "image_ids": images})
+        accelerator.print(f"step {state.step}: non-finite loss or gradient (losses {window_losses}, grad norm "
+                          f"{grad_norm}); the step was not applied ({state.nonfinite_in_a_row} in a row)")
+        if config.max_nonfinite_steps and state.nonfinite_in_a_row >= config.max_nonfinite_steps:
+            raise UserError(
+                f"{state.nonfinite_in_a_row} non-finite steps in a row (up to step {state.step}): the run stopped "
+                f"and its last good checkpoint in {run_dir / 'resume'} is intact; lower --learning-rate or check "
+                f"the batches named in {run_dir / TRAIN_LOG}"
+            )
 
     samples_per_step = config.batch_size * config.grad_accum_steps * accelerator.num_processes
     last_validated = state.history[-1]["step"] if state.history else -1
     running_loss, running_steps, window_start = torch.zeros((), device=accelerator.device), 0, time.perf_counter()
+    window_losses, window_pairs = [], []
     bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step",
                disable=not (config.progress and accelerator.is_local_main_process))
     loss_function = TrainingLoss(captioner, compile=config.compile)
@@ -419,23 +483,29 @@ def train(config: TrainConfig, on_step=None) -> dict:
             batches = (accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
                        if state.batches_in_epoch else train_loader)
             for batch in batches:
+                window_pairs += batch.pop("pair_index").tolist()
                 with accelerator.accumulate(adapter):
                     with accelerator.autocast():
                         loss = loss_function(**batch)
+                    loss = weight_by_global_tokens(loss, batch["labels"], accelerator)
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients and config.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(adapter.parameters(), config.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    window_losses.append(loss.detach())
+                    if accelerator.sync_gradients:
+                        applied = optimizer_step(accelerator, adapter, optimizer, scheduler, window_losses,
+                                                 config.max_grad_norm)
                 state.batches_in_epoch += 1
-                running_loss += loss.detach() / config.grad_accum_steps
                 if not accelerator.sync_gradients:
                     continue
                 state.step += 1
-                running_steps += 1
                 bar.update(1)
-                if state.step % config.log_every == 0 or state.step == total_steps:
+                if applied is True:
+                    state.nonfinite_in_a_row = 0
+                    running_loss += torch.stack(window_losses).sum() / config.grad_accum_steps
+                    running_steps += 1
+                else:
+                    skip_nonfinite_step([float(x) for x in window_losses], applied, window_pairs)
+                window_losses, window_pairs = [], []
+                if (state.step % config.log_every == 0 or state.step == total_steps) and running_steps:
                     mean_loss = accelerator.reduce(running_loss, "mean").item() / running_steps
                     speed = running_steps * samples_per_step / (time.perf_counter() - window_start)
                     bar.set_postfix(loss=f"{mean_loss:.4f}", samples_per_s=f"{speed:,.0f}")
@@ -450,16 +520,16 @@ def train(config: TrainConfig, on_step=None) -> dict:
                     save_checkpoint()
                 if on_step is not None:
                     on_step(state.step)
-                if stop.signal_name or state.step >= total_steps:
+                if stop_requested(stop, accelerator) or state.step >= total_steps:
                     break
             else:
                 state.epoch, state.batches_in_epoch = state.epoch + 1, 0
-            if stop.signal_name:
+            if stop.signal_name or stop.agreed:
                 bar.close()
                 save_checkpoint()
-                accelerator.print(f"{stop.signal_name}: saved a checkpoint at step {state.step}; continue with "
-                                  f"python train.py --run-name {config.run_name} --output-dir {config.output_dir} "
-                                  "--resume")
+                accelerator.print(f"{stop.signal_name or 'signal'}: saved a checkpoint at step {state.step}; "
+                                  f"continue with python train.py --run-name {config.run_name} --output-dir "
+                                  f"{config.output_dir} --resume")
                 return {"run_dir": str(run_dir), "interrupted": True, "step": state.step}
     bar.close()
 
@@ -467,13 +537,62 @@ def train(config: TrainConfig, on_step=None) -> dict:
         run_validation()
     state.finished = True
     save_checkpoint()
+    report_bad_samples(run_dir, bad_samples, accelerator)
     summary = {"run_dir": str(run_dir), "interrupted": False, "step": state.step,
-               "best_val_rougeL": state.best_rougeL, "best_step": state.best_step}
+               "best_val_rougeL": state.best_rougeL, "best_step": state.best_step,
+               "nonfinite_steps": state.nonfinite_steps, "bad_samples": len(bad_samples)}
     if config.final_eval and accelerator.is_main_process:
         summary["test"] = final_evaluation(captioner, accelerator.unwrap_model(adapter), run_dir, config)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+def optimizer_step(accelerator, adapter, optimizer, scheduler, window_losses: list, max_grad_norm: float):
+    """Clip and apply one optimizer step unless a loss or the gradient is NaN/inf on any process.
+
+    Returns True when applied, else the gradient norm (a float, maybe nan) for the log. The
+    check costs one host sync per optimizer step; all processes decide together, so they stay
+    in step. The schedule advances either way, so step counts and learning rates stay aligned.
+    """
+    grad_norm = accelerator.clip_grad_norm_(adapter.parameters(), max_grad_norm if max_grad_norm > 0 else math.inf)
+    finite = torch.isfinite(torch.stack(window_losses)).all() & torch.isfinite(grad_norm)
+    finite = bool(accelerator.reduce(finite.float(), "min").item() > 0)
+    if finite:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return True if finite else float(grad_norm)
+
+
+def weight_by_global_tokens(loss: torch.Tensor, labels: torch.Tensor, accelerator) -> torch.Tensor:
+    """Under several processes, rescale each process's mean so that DDP's gradient average equals
+    the token-weighted mean over the global batch: the same loss as one process with the same
+    global batch, however the caption lengths fall across processes."""
+    if accelerator.num_processes == 1:
+        return loss
+    tokens = (labels != IGNORE_INDEX).sum().float()
+    mean_tokens = accelerator.reduce(tokens.clone(), "mean")
+    return loss * (tokens / mean_tokens)
+
+
+def stop_requested(stop: StopRequest, accelerator) -> bool:
+    """A signal seen by any process stops all of them at the same step (else a collective hangs)."""
+    if accelerator.num_processes > 1:
+        flag = torch.tensor(1.0 if stop.signal_name else 0.0, device=accelerator.device)
+        stop.agreed = bool(accelerator.reduce(flag, "max").item() > 0)
+        return stop.agreed
+    return stop.signal_name is not None
+
+
+def report_bad_samples(run_dir: Path, bad_samples: list, accelerator) -> None:
+    if not bad_samples or not accelerator.is_main_process:
+        return
+    write_jsonl(run_dir / "bad_samples.jsonl", [{"image_id": i, "reason": why} for i, why in bad_samples])
+    listed = "; ".join(f"{i} ({why})" for i, why in bad_samples[:5])
+    more = f" and {len(bad_samples) - 5} more" if len(bad_samples) > 5 else ""
+    accelerator.print(f"skipped {len(bad_samples)} unreadable images: {listed}{more} "
+                      f"(all in {run_dir / 'bad_samples.jsonl'})")
 
 
 def final_evaluation(captioner, adapter, run_dir: Path, config: TrainConfig) -> dict:

@@ -140,3 +140,85 @@ def format_table(rows: Iterable[Sequence], header: Sequence[str]) -> str:
     widths = [max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(str(h)) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+# ----------------------------------------------------------------------------------------------
+# State without pickle: tensors in safetensors, everything else in JSON
+# ----------------------------------------------------------------------------------------------
+
+def _split_tensors(value, tensors: dict, path: str):
+    """JSON-able structure with each tensor replaced by a reference into `tensors`."""
+    if isinstance(value, torch.Tensor):
+        tensors[path] = value.detach().cpu().contiguous()
+        return {"__tensor__": path}
+    if isinstance(value, np.ndarray):
+        tensors[path] = torch.from_numpy(value.astype(np.int64) if value.dtype.kind in "ui" else value)
+        return {"__ndarray__": path, "dtype": str(value.dtype)}
+    if isinstance(value, dict):
+        if all(isinstance(key, str) for key in value):
+            return {key: _split_tensors(item, tensors, f"{path}.{key}") for key, item in value.items()}
+        return {"__items__": [[key, _split_tensors(item, tensors, f"{path}.{key}")] for key, item in value.items()]}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_split_tensors(item, tensors, f"{path}.{i}") for i, item in enumerate(value)]}
+    if isinstance(value, list):
+        return [_split_tensors(item, tensors, f"{path}.{i}") for i, item in enumerate(value)]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot store {type(value).__name__} at {path} without pickle")
+
+
+def _join_tensors(value, tensors: dict):
+    if isinstance(value, list):
+        return [_join_tensors(item, tensors) for item in value]
+    if not isinstance(value, dict):
+        return value
+    if "__tensor__" in value:
+        return tensors[value["__tensor__"]]
+    if "__ndarray__" in value:
+        return tensors[value["__ndarray__"]].numpy().astype(value["dtype"])
+    if "__tuple__" in value:
+        return tuple(_join_tensors(item, tensors) for item in value["__tuple__"])
+    if "__items__" in value:
+        return {key: _join_tensors(item, tensors) for key, item in value["__items__"]}
+    return {key: _join_tensors(item, tensors) for key, item in value.items()}
+
+
+def save_state(folder: str | Path, name: str, state) -> None:
+    """Write a nested state (optimizer, scheduler, RNG ...) as name.safetensors + name.json."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    structure = _split_tensors(state, tensors, name)
+    folder = Path(folder)
+    save_file(tensors, str(folder / f"{name}.safetensors"))
+    write_json(folder / f"{name}.json", structure)
+
+
+def load_state(folder: str | Path, name: str):
+    """Read what save_state wrote; never unpickles."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    structure = read_json(folder / f"{name}.json", f"{name} state")
+    try:
+        tensors = load_file(str(folder / f"{name}.safetensors"))
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"{folder / name}.safetensors is missing or damaged ({error})") from None
+    return _join_tensors(structure, tensors)
+
+
+def rng_states() -> dict:
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

@@ -14,7 +14,7 @@ import eval as eval_script
 import inference
 import train
 from conftest import train_args
-from utils import read_jsonl, run_cli
+from utils import load_state, read_jsonl, run_cli
 
 
 def adapter_weights(path) -> dict[str, torch.Tensor]:
@@ -68,10 +68,12 @@ def test_no_frozen_weight_is_ever_saved(tiny, tmp_path):
     adapter_keys = set(adapter_weights(run / "adapter.safetensors"))
     assert adapter_keys and all(key.startswith("net.") for key in adapter_keys)
     adapter_numel = sum(t.numel() for t in adapter_weights(run / "adapter.safetensors").values())
-    for path in run.rglob("*.safetensors"):
+    for path in run.rglob("adapter.safetensors"):
         with safe_open(str(path), "pt") as handle:
             assert set(handle.keys()) == adapter_keys, path
-    optimizer = torch.load(run / "resume" / "optimizer.bin", weights_only=True)
+    # Resume state: safetensors + JSON only, nothing that loading would unpickle.
+    assert {p.suffix for p in run.rglob("*") if p.is_file()} <= {".safetensors", ".json", ".jsonl"}
+    optimizer = load_state(run / "resume", "optimizer")
     moments = sum(t.numel() for state in optimizer["state"].values() for t in state.values() if t.dim() > 0)
     assert moments == 2 * adapter_numel  # Adam's two moments, for the adapter alone
     frozen_bytes = sum(p.stat().st_size for p in Path(tiny["lm_model"]).glob("*.safetensors"))
