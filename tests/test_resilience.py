@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -108,6 +109,12 @@ def test_unreadable_images_are_skipped_and_reported(tiny, tmp_path, capsys):
     assert "train_0001.png" in err and "Traceback" not in err
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def run_training_processes(tiny, out: Path, name: str, processes: int, batch: int) -> subprocess.CompletedProcess:
     args = train_args(tiny, out, name, "--final-eval", "false", "--train-limit", "32", "--batch-size", str(batch),
                       "--epochs", "2", "--eval-every", "0", "--save-every", "0", "--log-every", "1")
@@ -117,7 +124,7 @@ def run_training_processes(tiny, out: Path, name: str, processes: int, batch: in
         command = [sys.executable, str(ROOT / "train.py"), *args]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                   "--master_port", "29517", str(ROOT / "train.py"), *args]
+                   "--master_port", str(free_port()), str(ROOT / "train.py"), *args]
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
