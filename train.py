@@ -148,13 +148,17 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     if not config.run_name:
         config.run_name = time.strftime("run-%Y%m%d-%H%M%S")
     if config.mixed_precision == "auto":
-        config.mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        config.mixed_precision = auto_mixed_precision()
     for name in ("batch_size", "grad_accum_steps", "epochs", "eval_batch_size", "feature_batch_size"):
         if getattr(config, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
     if config.max_caption_tokens < 2:
         raise UserError("--max-caption-tokens must be >= 2 (one word and EOS)")
     return config
+
+
+def auto_mixed_precision() -> str:
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
 def frozen_dtype(config: TrainConfig) -> torch.dtype:
@@ -389,14 +393,23 @@ def banner(accelerator, config, train_pairs, train_records, steps_per_epoch, tot
 def train(config: TrainConfig, on_step=None) -> dict:
     """Train (or continue) one run; returns a summary. `on_step(step)` is called after every step."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import broadcast_object_list, set_seed
     from tqdm.auto import tqdm
 
-    config = resolve_config(config)
-    run_dir = Path(config.output_dir) / config.run_name
-    check_run_folder(run_dir, config)
+    if config.resume:
+        config = resolve_config(config)  # the saved config, precision and accumulation included
+    elif config.mixed_precision == "auto":
+        config.mixed_precision = auto_mixed_precision()
     accelerator = Accelerator(mixed_precision=config.mixed_precision,
                               gradient_accumulation_steps=config.grad_accum_steps)
+    if not config.resume:
+        # The main process builds demo assets and picks the run name first; the others then find
+        # the assets cached and take the main process's name (a free "demo-N" could differ).
+        with accelerator.main_process_first():
+            config = resolve_config(config)
+        config.run_name = broadcast_object_list([config.run_name])[0]
+    run_dir = Path(config.output_dir) / config.run_name
+    check_run_folder(run_dir, config)
     set_seed(config.seed)
 
     captioner = build_captioner(adapter_config_for(config), dtype=frozen_dtype(config), device=accelerator.device)
