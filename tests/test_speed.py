@@ -149,3 +149,21 @@ def test_compiled_loss_equals_eager_and_falls_back(captioner, capsys):
     assert fallback.compiled is None
     assert "torch.compile could not run" in capsys.readouterr().err
     assert torch.equal(fallback_loss, eager_loss) and torch.equal(fallback_grad, eager_grad)
+
+
+def test_bench_tiny_prints_one_json_line_per_measurement(capsys):
+    import json
+
+    import bench
+
+    assert bench.main(["--shapes", "tiny", "--only", "train,extract,generate,latency", "--repeats", "1",
+                       "--batches", "8", "--generate-batch", "4"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    records = [r for r in lines if "bench" in r]
+    assert {(r["bench"], r.get("path")) for r in records} == {
+        ("train", "naive"), ("train", "product"), ("extract", None), ("generate", "plain-generate"),
+        ("generate", "product"), ("latency", "plain-generate"), ("latency", "product")}
+    for record in records:
+        assert record["device"] and record["shapes"] == "tiny"
+    train_rows = [r for r in records if r["bench"] == "train"]
+    assert all(r["batch"] == 8 and r["samples_per_s"] > 0 and r["caption_tokens"] == 24 for r in train_rows)
