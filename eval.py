@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from dataset import DATASETS, FLICKR30K_PARQUET, extract_features, limit_records, load_records
-from metrics import COCO_METRICS, COCO_VARIANT, TOKENIZATION_DETAILS, coco_metrics
+from metrics import COCO_METRICS, COCO_VARIANT, TOKENIZATION_DETAILS, coco_metrics, start_meteor
 from model import ADAPTER_CONFIG, DecodingConfig, load_captioner
 from report import EXTRA_METRICS, baseline_verdict, percent, sweep_rows, write_report
 from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, UserError, caption_metrics, format_table, read_json, run_cli,
@@ -224,6 +224,8 @@ def evaluate_captioner(captioner, records, decodings: dict[str, DecodingConfig],
     extraction when the caller has them (train.py).
     """
     processes = processes or Processes()
+    if processes.is_main:
+        start_meteor()  # its JVM loads for seconds: let it do so while we caption
     captioner.eval()
     shard = processes.shard(len(records), batch_size)
     mine = records[shard.start : shard.stop]
@@ -468,6 +470,9 @@ def main(argv=None) -> int:
         return 0
     result = results[describe_decoding(decoding)]
     result.metrics.update({"split": args.split, "checkpoint": str(checkpoint), "dataset": dataset})
+    if args.split == "train":
+        result.metrics["notes"].append("on the train split the baseline retrieves each image's own captions: "
+                                       "it is an upper bound there, not a baseline")
     sweep = sweep_table(results) if args.decoding_sweep else None
     out_dir = Path(args.out) if args.out else checkpoint
     written = write_eval_outputs(out_dir, result, records, run_dir, sweep, args.gallery_size)

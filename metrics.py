@@ -177,6 +177,15 @@ def _meteor():
     return Meteor()
 
 
+def start_meteor() -> None:
+    """Start METEOR's JVM now, so it loads its tables while the captions are being generated."""
+    if java_available():
+        try:
+            _meteor()
+        except OSError:  # reported when the scores are computed
+            _meteor.cache_clear()
+
+
 def _meteor_scores(gts: dict, res: dict) -> tuple[float, list[float]]:
     try:
         score, scores = _meteor().compute_score(gts, res)
