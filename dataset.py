@@ -460,7 +460,7 @@ def _encode(captioner, records: list[ImageRecord], batch_size: int, num_workers:
     with tqdm(total=len(records), desc=desc, unit="img", disable=not progress) as bar:
         for indices, pixel_values, bad in loader:
             if bad and on_bad_sample == "error":
-                raise UserError(f"{bad[0][1]} (pass --on-bad-sample skip to leave unreadable images out)")
+                raise UserError(f"{bad[0][1]} (training leaves unreadable images out with --on-bad-sample skip)")
             failures.update(bad)
             if pixel_values is not None:
                 embeddings[indices] = captioner.clip_embeddings(pixel_values).cpu()

@@ -140,9 +140,17 @@ class Processes:
 # Captions and the baseline
 # ----------------------------------------------------------------------------------------------
 
-def clip_features(captioner, records, batch_size: int, num_workers: int, progress: bool, desc: str) -> torch.Tensor:
-    """CLIP features of records: the one place evaluation gets them, so a feature cache can slot in here."""
-    return extract_features(captioner, records, batch_size, num_workers, progress, desc)
+def clip_features(captioner, records, batch_size: int, num_workers: int, progress: bool, desc: str,
+                  feature_cache: dict | None = None, on_bad_sample: str = "error") -> torch.Tensor:
+    """CLIP features of records, through the on-disk feature cache (`feature_cache`: the run's
+    {"cache_dir", "use_cache"}; default: the default cache)."""
+    return extract_features(captioner, records, batch_size, num_workers, progress, desc,
+                            on_bad_sample=on_bad_sample, **(feature_cache or {}))
+
+
+def feature_cache_settings(run: dict) -> dict:
+    """The feature cache a run trained with (run_config.json), so evaluation reads the same one."""
+    return {"cache_dir": run.get("feature_cache_dir") or None, "use_cache": run.get("feature_cache", True)}
 
 
 @torch.no_grad()
@@ -215,7 +223,8 @@ def beats_baseline(metrics: dict, baseline: dict) -> bool:
 @torch.no_grad()
 def evaluate_captioner(captioner, records, decodings: dict[str, DecodingConfig], train_records, batch_size: int = 64,
                        num_workers: int = 0, progress: bool = True, seed: int = 0, processes: Processes | None = None,
-                       train_features: torch.Tensor | None = None) -> dict[str, SplitResult] | None:
+                       train_features: torch.Tensor | None = None,
+                       feature_cache: dict | None = None) -> dict[str, SplitResult] | None:
     """Caption every record with each decoding, find each record's nearest training caption, and
     score all of them on the whole split against every reference.
 
@@ -229,7 +238,7 @@ def evaluate_captioner(captioner, records, decodings: dict[str, DecodingConfig],
     captioner.eval()
     shard = processes.shard(len(records), batch_size)
     mine = records[shard.start : shard.stop]
-    features = clip_features(captioner, mine, batch_size, num_workers, progress, "CLIP features")
+    features = clip_features(captioner, mine, batch_size, num_workers, progress, "CLIP features", feature_cache)
     predictions = {}
     for name, decoding in decodings.items():
         local = caption_features(captioner, features, decoding, batch_size, seed, shard.start // batch_size,
@@ -244,9 +253,13 @@ def evaluate_captioner(captioner, records, decodings: dict[str, DecodingConfig],
         train_shard = processes.shard(len(train_records), batch_size)
         train_features = torch.cat(processes.gather([clip_features(
             captioner, train_records[train_shard.start : train_shard.stop], batch_size, num_workers, progress,
-            "CLIP features (training images, for the baseline)")]))
+            "CLIP features (training images, for the baseline)", feature_cache, on_bad_sample="skip")]))
     if not processes.is_main:
         return None
+    readable = ~torch.isnan(train_features).any(dim=1)  # unreadable training images: no baseline candidates
+    if not readable.all():
+        train_records = [r for r, ok in zip(train_records, readable.tolist()) if ok]
+        train_features = train_features[readable]
 
     baseline = nearest_neighbour_captions(train_features, [r.captions for r in train_records], query_features)
     references = [record.captions for record in records]
@@ -415,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hub-data-files", default=None, help="parquet files for --dataset flickr30k")
     parser.add_argument("--out", default=None, help="folder for the outputs (default: the checkpoint folder; "
                                                     "with --compare: none, the table is only printed)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per CLIP and generation batch")
+    parser.add_argument("--batch-size", type=int, default=128 if torch.cuda.is_available() else 64,
+                        help="images per CLIP and generation batch (default 128 on a GPU, 64 on a CPU)")
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers that decode images")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available; "
                                                          "under torchrun/accelerate launch: each process's own)")
@@ -465,7 +479,8 @@ def main(argv=None) -> int:
     device = processes.device or pick_device(args.device)
     captioner = load_captioner(checkpoint, device=device, dtype=default_dtype(device))
     results = evaluate_captioner(captioner, records, decodings, train_records, args.batch_size, args.num_workers,
-                                 not args.no_progress and processes.is_main, args.seed, processes)
+                                 not args.no_progress and processes.is_main, args.seed, processes,
+                                 feature_cache=feature_cache_settings(run))
     if results is None:  # not the main process: it captioned its shard and is done
         return 0
     result = results[describe_decoding(decoding)]

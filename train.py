@@ -613,7 +613,7 @@ def final_evaluation(captioner, adapter, run_dir: Path, config: TrainConfig, tra
     """Score the best adapter on the test split, exactly as `python eval.py RUN` would (report included).
 
     The nearest-neighbour baseline reuses the training features extracted for training."""
-    from eval import describe_decoding, evaluate_captioner, print_metrics, write_eval_outputs
+    from eval import describe_decoding, evaluate_captioner, feature_cache_settings, print_metrics, write_eval_outputs
 
     captioner.adapter = adapter
     adapter.load_state_dict(load_adapter_state(run_dir / ADAPTER_WEIGHTS))
@@ -624,7 +624,8 @@ def final_evaluation(captioner, adapter, run_dir: Path, config: TrainConfig, tra
     decoding = DecodingConfig()
     results = evaluate_captioner(captioner, records, {describe_decoding(decoding): decoding}, train_records,
                                  config.eval_batch_size, config.num_workers, config.progress,
-                                 train_features=train_features)
+                                 train_features=train_features,
+                                 feature_cache=feature_cache_settings(dataclasses.asdict(config)))
     result = results[describe_decoding(decoding)]
     result.metrics.update({"split": "test", "checkpoint": str(run_dir), "dataset": config.dataset})
     write_eval_outputs(run_dir, result, records, run_dir)
