@@ -11,12 +11,15 @@ scores each image against all of its references.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
 import os
 import random
+import unicodedata
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,29 +51,115 @@ class ImageRecord:
 
     def open(self):
         if self.table is not None:
-            return self.table[self.row]["image"].convert("RGB")
+            try:
+                with refuse_decompression_bombs():
+                    return to_rgb(self.table[self.row]["image"])
+            except Exception as error:  # the Hub loader decodes the stored bytes with Pillow
+                raise UserError(f"cannot read image {self.image_id} (row {self.row}): {_first_line(error)}") from None
         return open_image(self.path)
 
 
+# Formats a caption data set plausibly holds (the IMAGE_SUFFIXES). Pillow identifies files by
+# content, so a renamed file still opens; anything else (EPS, which runs Ghostscript, PSD, ...)
+# is refused rather than handed to a rarely used parser.
+IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")
+TRANSPARENT_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+
+
 def open_image(path):
-    """An RGB PIL image, or a one-line UserError naming the file."""
+    """An RGB PIL image, or a one-line UserError naming the file and what is wrong with it.
+
+    EXIF orientation is applied; transparency is composited on white; 16-bit and 32-bit grey is
+    scaled to 8 bit; an animated image gives its first frame. Images over Pillow's
+    MAX_IMAGE_PIXELS (89M) are refused as possible decompression bombs.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"image not found: {path}")
+    if path.stat().st_size == 0:
+        raise UserError(f"cannot read image {path}: the file is empty")
+    try:
+        with refuse_decompression_bombs(), Image.open(path, formats=IMAGE_FORMATS) as image:
+            image.load()  # decode now, inside the try: truncated data fails here, not later
+            return to_rgb(image)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        size = _first_line(error).split(", could be")[0]
+        raise UserError(f"refusing image {path} as a possible decompression bomb: {size}") from None
+    except UnidentifiedImageError:
+        raise UserError(f"cannot read image {path}: not a {', '.join(IMAGE_FORMATS)} image") from None
+    except Exception as error:  # Pillow's decoders raise many kinds on hostile bytes (OSError, ValueError, ...)
+        raise UserError(f"cannot read image {path} (damaged or truncated?): {_first_line(error)}") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+@contextlib.contextmanager
+def refuse_decompression_bombs():
+    """Turn Pillow's DecompressionBombWarning (over MAX_IMAGE_PIXELS) into an error, like the
+    DecompressionBombError it raises only at twice that size."""
     from PIL import Image
 
-    if not Path(path).is_file():
-        raise UserError(f"image not found: {path}")
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, Image.DecompressionBombError) as error:
-        raise UserError(f"cannot read image {path}: {error}") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+
+
+def to_rgb(image):
+    """A decoded image as the model sees it: upright by its EXIF orientation, transparent pixels
+    on white (not black), high bit depths scaled (not clipped to white), then RGB."""
+    from PIL import Image, ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        image = _grey_to_8bit(image)
+    if image.mode in TRANSPARENT_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _grey_to_8bit(image):
+    """16-bit grey (I;16*) and 16-bit data held in I mode scale by 255/65535; other I or F data
+    (negative, wider, float) is stretched from its minimum to its maximum."""
+    import numpy as np
+    from PIL import Image
+
+    values = np.asarray(image).astype(np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if image.mode.startswith("I;16") or (image.mode == "I" and low >= 0 and high <= 65535):
+        low, high = 0.0, 65535.0
+    elif image.mode == "F" and low >= 0 and high <= 1:
+        low, high = 0.0, 1.0
+    scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))  # 2-D uint8: mode L
 
 
 def normalize_caption(text) -> str:
-    """Collapse whitespace; anything that is not text becomes an empty caption (and is dropped)."""
-    return " ".join(text.split()) if isinstance(text, str) else ""
+    """A caption by rule (an empty result means the caption is dropped):
+
+    - anything that is not a string (None, a number, a list) is not a caption: empty;
+    - Unicode is normalised to NFC, so one text is always one token sequence;
+    - control characters (tabs, newlines, NUL, escape, ...) and unpaired surrogates count as
+      whitespace; runs of whitespace become one space, none at either end;
+    - length is not limited here: tokenize_caption cuts at max_caption_tokens.
+    """
+    if not isinstance(text, str):
+        return ""
+    text = unicodedata.normalize("NFC", text)
+    text = "".join(" " if unicodedata.category(c) in ("Cc", "Cs") else c for c in text)
+    return " ".join(text.split())
 
 
 def _clean_captions(captions) -> list[str]:
+    """A row's captions (a list, one string, or junk) without the empty ones."""
+    if isinstance(captions, str) or not isinstance(captions, (list, tuple)):
+        captions = [captions]
     return [c for c in (normalize_caption(t) for t in captions) if c]
 
 
@@ -125,35 +214,56 @@ def load_karpathy(data_dir: Path, split: str) -> list[ImageRecord]:
     """A Karpathy-format JSON; COCO's `restval` images are trained on, as in the papers."""
     path = find_karpathy_json(data_dir)
     try:
-        images = json.loads(path.read_text())["images"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        images = json.loads(path.read_text(encoding="utf-8-sig"))["images"]
+        if not isinstance(images, list):
+            raise TypeError(f"'images' is a {type(images).__name__}, not a list")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
         raise UserError(f"{path} is not a Karpathy split file ({error})") from None
     wanted = {"train": {"train", "restval"}}.get(split, {split})
     records = []
-    for image in images:
+    for number, image in enumerate(images):
+        if not isinstance(image, dict) or not isinstance(image.get("filename"), str) or not image["filename"]:
+            raise UserError(f"{path}: images[{number}] has no 'filename'")
         if image.get("split") not in wanted:
             continue
-        captions = _clean_captions(s.get("raw", " ".join(s.get("tokens", []))) for s in image.get("sentences", []))
+        sentences = image.get("sentences")
+        captions = _clean_captions([_karpathy_text(s) for s in sentences] if isinstance(sentences, list) else [])
         image_id = str(image.get("cocoid", image.get("imgid", image["filename"])))
         path_ = _resolve_image(data_dir, image.get("filepath", ""), image["filename"])
         records.append(ImageRecord(image_id, captions, split, path=path_))
     return records
 
 
+def _karpathy_text(sentence):
+    """A sentence's raw text, else its tokens joined; junk comes back as is and is dropped later."""
+    if not isinstance(sentence, dict):
+        return sentence
+    if sentence.get("raw") is not None:
+        return sentence["raw"]
+    tokens = sentence.get("tokens")
+    return " ".join(t for t in tokens if isinstance(t, str)) if isinstance(tokens, list) else None
+
+
 def _read_caption_rows(data_dir: Path) -> list[dict]:
+    # utf-8-sig: a byte-order mark (as spreadsheet programs write) is not part of the first column's name.
     jsonl, csv_path = data_dir / "captions.jsonl", data_dir / "captions.csv"
-    if jsonl.is_file():
-        rows = []
-        for number, line in enumerate(jsonl.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise UserError(f"{jsonl} line {number} is not JSON ({error})") from None
-        return rows
-    if csv_path.is_file():
-        with open(csv_path, newline="") as handle:
-            return list(csv.DictReader(handle))
+    try:
+        if jsonl.is_file():
+            rows = []
+            for number, line in enumerate(jsonl.read_text(encoding="utf-8-sig").splitlines(), 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as error:
+                        raise UserError(f"{jsonl} line {number} is not JSON ({error})") from None
+                    if not isinstance(rows[-1], dict):
+                        raise UserError(f"{jsonl} line {number} is not a JSON object with an 'image' field")
+            return rows
+        if csv_path.is_file():
+            with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+                return list(csv.DictReader(handle))
+    except UnicodeDecodeError as error:
+        raise UserError(f"{jsonl if jsonl.is_file() else csv_path} is not UTF-8 text ({error})") from None
     raise UserError(f"{data_dir} has neither captions.jsonl nor captions.csv")
 
 
@@ -169,9 +279,11 @@ def load_caption_folder(data_dir: Path, split: str, seed: int = 0, held_out_frac
         name = row.get("image") or row.get("file_name") or row.get("filename")
         if not name:
             raise UserError(f"{data_dir}: caption row {number} names no image (expected an 'image' field)")
+        if not isinstance(name, str):
+            raise UserError(f"{data_dir}: caption row {number} has image {name!r}, not a file name")
         entry = by_image.setdefault(name, {"captions": [], "split": row.get("split") or None})
         captions = row.get("captions", row.get("caption", []))
-        entry["captions"].extend([captions] if isinstance(captions, str) else captions)
+        entry["captions"].extend(captions if isinstance(captions, (list, tuple)) else [captions])
     names = list(by_image)
     unassigned = [n for n in names if by_image[n]["split"] is None]
     if unassigned:
@@ -225,9 +337,13 @@ def limit_records(records: list[ImageRecord], limit: int, seed: int) -> list[Ima
 # ----------------------------------------------------------------------------------------------
 
 def tokenize_caption(tokenizer, caption: str, eos_token_id: int, max_tokens: int) -> list[int]:
-    """Caption tokens, cut to max_tokens - 1, then EOS: every caption teaches the model to stop."""
-    ids = tokenizer(caption, add_special_tokens=False)["input_ids"]
-    return ids[: max_tokens - 1] + [eos_token_id]
+    """Caption tokens, cut to max_tokens - 1, then EOS: every caption teaches the model to stop.
+
+    Special-token text inside a caption ("<|endoftext|>" typed into a CSV) is tokenised as plain
+    text, so EOS comes only at the end and a caption can never teach the model to stop early.
+    """
+    ids = tokenizer(caption, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return ids[: max(max_tokens - 1, 0)] + [eos_token_id]
 
 
 class CaptionPairs(Dataset):

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from dataset import DATASETS, FLICKR30K_PARQUET, extract_features, limit_records, load_records
 from metrics import COCO_METRICS, COCO_VARIANT, TOKENIZATION_DETAILS, coco_metrics, start_meteor
-from model import ADAPTER_CONFIG, DecodingConfig, load_captioner
+from model import ADAPTER_CONFIG, LM_QUANTIZATIONS, DecodingConfig, load_captioner
 from report import EXTRA_METRICS, baseline_verdict, percent, sweep_rows, write_report
 from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, UserError, caption_metrics, format_table, read_json, run_cli,
                    write_json, write_jsonl)
@@ -66,6 +66,22 @@ def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--top-p", type=float, default=0.9, help="nucleus mass for --strategy sample")
     group.add_argument("--max-new-tokens", type=int, default=30, help="longest caption, in tokens")
     group.add_argument("--seed", type=int, default=0, help="random seed (matters for --strategy sample)")
+
+
+def add_loading_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("loading")
+    group.add_argument("--lm-quantization", choices=LM_QUANTIZATIONS, default=None,
+                       help="load the frozen LM in 8-bit or 4-bit NF4 through bitsandbytes, for small GPUs "
+                            "(default: what the run trained with, from its run_config.json; else none)")
+    group.add_argument("--trust-remote-code", action="store_true",
+                       help="allow backbones whose checkpoints ship their own Python code to run it; off unless "
+                            "given here (a checkpoint can never turn it on)")
+
+
+def loading_from_args(args, checkpoint: Path) -> dict:
+    """load_captioner's options: quantisation from the flag, else the run's own; trust only from the flag."""
+    lm_quantization = args.lm_quantization or find_run_config(checkpoint).get("lm_quantization") or "none"
+    return {"lm_quantization": lm_quantization, "trust_remote_code": args.trust_remote_code}
 
 
 def decoding_from_args(args) -> DecodingConfig:
@@ -441,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="images in the report's gallery, worst first; 0 = every image")
     parser.add_argument("--compare", nargs="+", metavar="RUN",
                         help="print one table of these runs side by side, from their metrics.json; no evaluation")
+    add_loading_flags(parser)
     add_decoding_flags(parser)
     return parser
 
@@ -477,7 +494,8 @@ def main(argv=None) -> int:
     train_records = baseline_training_records(run, dataset, data_dir, hub_files)
     processes = Processes.from_environment(args.device)
     device = processes.device or pick_device(args.device)
-    captioner = load_captioner(checkpoint, device=device, dtype=default_dtype(device))
+    captioner = load_captioner(checkpoint, device=device, dtype=default_dtype(device),
+                               **loading_from_args(args, checkpoint))
     results = evaluate_captioner(captioner, records, decodings, train_records, args.batch_size, args.num_workers,
                                  not args.no_progress and processes.is_main, args.seed, processes,
                                  feature_cache=feature_cache_settings(run))

@@ -2,22 +2,26 @@
 
     python inference.py --checkpoint saved_models/demo photo.jpg other.png
     python inference.py --checkpoint saved_models/demo --strategy beam --num-beams 5 --json *.jpg
+    python inference.py --checkpoint saved_models/demo --lm-quantization 4bit photo.jpg   # a small GPU
 
 Needs only the run folder and the backbones its adapter_config.json names. Prints one caption
-per image ("path<TAB>caption"), or one JSON object per line with --json.
+per image ("path<TAB>caption"), or one JSON object per line with --json. An image that cannot be
+read gets one line on stderr ("error: ..." naming it; {"image", "error"} on stdout with --json),
+the others are still captioned, and the exit status is 1.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
 from dataset import open_image
-from eval import add_decoding_flags, decoding_from_args, default_dtype, pick_device
-from model import load_captioner
-from utils import run_cli
+from eval import add_decoding_flags, add_loading_flags, decoding_from_args, default_dtype, loading_from_args, pick_device
+from model import ADAPTER_CONFIG, AdapterConfig, load_captioner
+from utils import UserError, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,25 +34,52 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile", action="store_true",
                         help="greedy decoding with a static KV cache and a compiled one-token step (CUDA only; "
                              "pays off when captioning many images in one process)")
+    add_loading_flags(parser)
     add_decoding_flags(parser)
     return parser
+
+
+def open_images(paths: list[str]) -> list:
+    """Each path's RGB image, or the UserError saying why it cannot be read."""
+    opened = []
+    for path in paths:
+        try:
+            opened.append(open_image(path))
+        except UserError as error:
+            opened.append(error)
+    return opened
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     decoding = decoding_from_args(args)
     device = pick_device(args.device)
-    captioner = load_captioner(args.checkpoint, device=device, dtype=default_dtype(device))
-    if args.compile and not captioner.enable_compiled_decoding():
-        print("note: --compile needs a CUDA device; decoding eagerly", file=sys.stderr)
-    images = [open_image(path) for path in args.images]
-    torch.manual_seed(args.seed)
-    captions = []
-    for start in range(0, len(images), args.batch_size):
-        captions += captioner.caption_images(images[start : start + args.batch_size], decoding)
-    for path, caption in zip(args.images, captions):
-        print(json.dumps({"image": path, "caption": caption}) if args.json else f"{path}\t{caption}")
-    return 0
+    checkpoint = Path(args.checkpoint)
+    AdapterConfig.from_json(checkpoint / ADAPTER_CONFIG)  # a bad checkpoint is reported before any image
+    captioner, failed = None, 0
+    # Decoded a batch at a time (memory stays flat however many images); the backbones are loaded
+    # at the first readable image, so a run where every image is bad loads no model at all.
+    for start in range(0, len(args.images), args.batch_size):
+        paths = args.images[start : start + args.batch_size]
+        opened = open_images(paths)
+        images = [image for image in opened if not isinstance(image, UserError)]
+        if images and captioner is None:
+            captioner = load_captioner(checkpoint, device=device, dtype=default_dtype(device),
+                                       **loading_from_args(args, checkpoint))
+            if args.compile and not captioner.enable_compiled_decoding():
+                print("note: --compile needs a CUDA device; decoding eagerly", file=sys.stderr)
+            torch.manual_seed(args.seed)
+        captions = iter(captioner.caption_images(images, decoding) if images else [])
+        for path, image in zip(paths, opened):
+            if isinstance(image, UserError):
+                failed += 1
+                print(f"error: {image}", file=sys.stderr)
+                if args.json:
+                    print(json.dumps({"image": path, "error": str(image)}))
+            else:
+                caption = next(captions)
+                print(json.dumps({"image": path, "caption": caption}) if args.json else f"{path}\t{caption}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ FORMAT_VERSION = 1
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_KINDS = ("linear", "mlp")
+LM_QUANTIZATIONS = ("none", "8bit", "4bit")  # the frozen LM through bitsandbytes (--lm-quantization)
 IGNORE_INDEX = -100  # label value the loss skips; never a real token id
 
 
@@ -71,14 +73,30 @@ class AdapterConfig:
             data = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise UserError(f"{path} is not valid JSON ({error})") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path} holds a JSON {type(data).__name__}, not an adapter config object")
         version = data.get("format_version")
         if version != FORMAT_VERSION:
             raise UserError(f"{path} has checkpoint format version {version!r}; this code reads version {FORMAT_VERSION}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields))
         if unknown:
             raise UserError(f"{path} has unknown fields {unknown}; was it written by a newer version?")
+        missing = sorted(name for name, f in fields.items() if name not in data
+                         and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+        if missing:
+            raise UserError(f"{path} lacks the fields {missing}")
+        for name, value in data.items():
+            if not _json_value_fits(value, fields[name].type):
+                raise UserError(f"{path}: {name} is {value!r}, expected {fields[name].type}")
         return cls(**data)
+
+
+def _json_value_fits(value, annotation: str) -> bool:
+    """Whether a JSON value matches a field's annotation ("int", "str | None", ...); bool is no int."""
+    kinds = {"str": str, "int": int, "bool": bool, "dict": dict, "None": type(None)}
+    allowed = tuple(kinds[name.strip()] for name in annotation.split("|"))
+    return isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
 
 
 class Adapter(nn.Module):
@@ -137,33 +155,83 @@ def _from_pretrained(loader, what: str, name: str, **kwargs):
         return loader.from_pretrained(name, **kwargs)
     except (OSError, ValueError, RuntimeError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(
-            f"could not load {what} {name!r} ({first_line}); give a local folder or a Hub id this machine can reach"
-        ) from None
+        if "trust_remote_code" in str(error):
+            hint = "; pass --trust-remote-code only if you trust that code"
+        elif "safetensors" in first_line:
+            hint = "; weights are read from safetensors files only, pickled ones (.bin, .pt) are never loaded"
+        else:
+            hint = "; give a local folder or a Hub id this machine can reach"
+        raise UserError(f"could not load {what} {name!r} ({first_line}){hint}") from None
 
 
-def load_backbones(clip_model: str, lm_model: str, clip_revision=None, lm_revision=None, dtype=torch.float32):
-    """Load the frozen backbones with from_pretrained: the same path for the real and the tiny ones."""
+def _drop_int8_cast_notice(record: logging.LogRecord) -> bool:
+    return "inputs will be cast from" not in record.getMessage()
+
+
+def lm_quantization_config(lm_quantization: str, device: torch.device):
+    """bitsandbytes settings for the frozen LM, or None: 8-bit (LLM.int8) or 4-bit NF4, whose matmuls
+    run in bf16 on a GPU that has it (fp16 on older ones) and fp32 on a CPU."""
+    if lm_quantization not in LM_QUANTIZATIONS:
+        raise UserError(f"LM quantization {lm_quantization!r} is unknown; choose one of {', '.join(LM_QUANTIZATIONS)}")
+    if lm_quantization == "none":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError(f"--lm-quantization {lm_quantization} needs bitsandbytes: pip install bitsandbytes") from None
+    from transformers import BitsAndBytesConfig
+
+    if lm_quantization == "8bit":
+        # LLM.int8 casts bf16/fp32 activations to fp16 and logs a warning on every single matmul.
+        logging.getLogger("bitsandbytes.autograd._functions").addFilter(_drop_int8_cast_notice)
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if device.type == "cuda":
+        compute_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        compute_dtype = torch.float32
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
+
+
+def load_backbones(clip_model: str, lm_model: str, clip_revision=None, lm_revision=None, dtype=torch.float32,
+                   device="cpu", lm_quantization: str = "none", trust_remote_code: bool = False):
+    """Load the frozen backbones with from_pretrained onto `device`: the same path for the real and the tiny ones.
+
+    Weights are read from safetensors only (never unpickled), and code shipped with a checkpoint
+    runs only when the caller passes trust_remote_code=True (a flag, never a checkpoint field).
+    A quantised LM is placed by device_map while loading: bitsandbytes weights cannot be moved later.
+    """
     from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, CLIPVisionModelWithProjection
 
     from transformers.utils import logging as hf_logging
 
+    device = torch.device(device)
+    quantization_config = lm_quantization_config(lm_quantization, device)
     hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars: noise in every log
     # A full CLIP checkpoint (like openai/clip-vit-base-patch32) also holds the text tower, which
     # the vision-only class leaves out by design: silence the report that lists those keys.
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    trust = {"trust_remote_code": trust_remote_code}
     try:
         clip = _from_pretrained(CLIPVisionModelWithProjection, "CLIP model", clip_model, revision=clip_revision,
-                                dtype=dtype)
+                                dtype=dtype, use_safetensors=True, **trust)
         # Without torchvision the processor falls back to its PIL backend (same preprocessing) and
         # says so on every load.
-        processor = _from_pretrained(AutoImageProcessor, "CLIP image processor", clip_model, revision=clip_revision)
+        processor = _from_pretrained(AutoImageProcessor, "CLIP image processor", clip_model, revision=clip_revision,
+                                     **trust)
     finally:
         hf_logging.set_verbosity(verbosity)
-    lm = _from_pretrained(AutoModelForCausalLM, "language model", lm_model, revision=lm_revision, dtype=dtype)
-    tokenizer = _from_pretrained(AutoTokenizer, "tokenizer", lm_model, revision=lm_revision)
-    return clip, processor, lm, tokenizer
+    if quantization_config is None:
+        lm = _from_pretrained(AutoModelForCausalLM, "language model", lm_model, revision=lm_revision, dtype=dtype,
+                              use_safetensors=True, **trust).to(device)
+    else:
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        lm = _from_pretrained(AutoModelForCausalLM, "language model", lm_model, revision=lm_revision, dtype=dtype,
+                              use_safetensors=True, quantization_config=quantization_config,
+                              device_map={"": device}, **trust)
+    tokenizer = _from_pretrained(AutoTokenizer, "tokenizer", lm_model, revision=lm_revision, **trust)
+    return clip.to(device), processor, lm, tokenizer
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -367,10 +435,12 @@ class TrainingLoss:
 # Building, saving and loading
 # ----------------------------------------------------------------------------------------------
 
-def build_captioner(config: AdapterConfig, dtype=torch.float32, device="cpu") -> Captioner:
+def build_captioner(config: AdapterConfig, dtype=torch.float32, device="cpu", lm_quantization: str = "none",
+                    trust_remote_code: bool = False) -> Captioner:
     """Load the backbones named in config, fill in the sizes they define, and add a fresh adapter."""
     clip, processor, lm, tokenizer = load_backbones(
-        config.clip_model, config.lm_model, config.clip_revision, config.lm_revision, dtype
+        config.clip_model, config.lm_model, config.clip_revision, config.lm_revision, dtype, device, lm_quantization,
+        trust_remote_code,
     )
     config.image_feature_dim = clip.visual_projection.out_features
     config.lm_hidden_dim = lm.get_input_embeddings().weight.shape[1]
@@ -379,7 +449,8 @@ def build_captioner(config: AdapterConfig, dtype=torch.float32, device="cpu") ->
     config.eos_token_id, config.pad_token_id = special_token_ids(tokenizer, lm)
     config.vocab_size = len(tokenizer)
     config.__post_init__()  # derive the adapter's hidden size now that the LM's is known
-    captioner = Captioner(config, clip.to(device), processor, lm.to(device), tokenizer)
+    captioner = Captioner(config, clip, processor, lm, tokenizer)
+    captioner.adapter.to(captioner.device)  # the backbones are placed while loading: a quantised LM cannot move
     return captioner
 
 
@@ -424,37 +495,49 @@ def load_adapter_state(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{path} is not a readable safetensors file ({error}); re-save or re-train it") from None
 
 
-def check_backbones_match(config: AdapterConfig, captioner: Captioner, source: Path) -> None:
+def check_backbones_match(config: AdapterConfig, captioner: Captioner, source: Path, clip_model: str,
+                          lm_model: str) -> None:
+    """The loaded backbones and tokenizer are the ones the adapter was trained against (by size and ids)."""
     clip_dim = captioner.clip.visual_projection.out_features
     lm_dim = captioner.lm.get_input_embeddings().weight.shape[1]
-    if config.image_feature_dim != clip_dim or config.lm_hidden_dim != lm_dim:
-        raise UserError(
-            f"{source}: adapter was trained for image features {config.image_feature_dim} -> LM {config.lm_hidden_dim}, "
-            f"but the loaded backbones give {clip_dim} -> {lm_dim}; load the backbones named in {ADAPTER_CONFIG}"
-        )
+    if config.image_feature_dim != clip_dim:
+        raise UserError(f"{source}: the adapter takes {config.image_feature_dim}-d image features, but CLIP "
+                        f"{clip_model!r} gives {clip_dim}-d ones; use the CLIP it was trained with")
+    if config.lm_hidden_dim != lm_dim:
+        raise UserError(f"{source}: the adapter makes {config.lm_hidden_dim}-d prefix embeddings, but LM "
+                        f"{lm_model!r} has hidden size {lm_dim}; use the LM it was trained with")
     eos, _ = special_token_ids(captioner.tokenizer, captioner.lm)
     if config.vocab_size is not None and (len(captioner.tokenizer) != config.vocab_size or eos != config.eos_token_id):
         raise UserError(
-            f"{source}: tokenizer differs from the one the adapter was trained with "
-            f"(vocab {len(captioner.tokenizer)} vs {config.vocab_size}, EOS {eos} vs {config.eos_token_id})"
+            f"{source}: the tokenizer of {lm_model!r} differs from the one the adapter was trained with "
+            f"(vocab {len(captioner.tokenizer)}, EOS {eos}; trained with vocab {config.vocab_size}, "
+            f"EOS {config.eos_token_id})"
         )
 
 
-def load_captioner(checkpoint: str | Path, device="cpu", dtype=torch.float32, clip_model=None, lm_model=None) -> Captioner:
-    """Rebuild a trained captioner from a run folder (or its last/ sub-folder) alone."""
+def load_captioner(checkpoint: str | Path, device="cpu", dtype=torch.float32, clip_model=None, lm_model=None,
+                   lm_quantization: str = "none", trust_remote_code: bool = False) -> Captioner:
+    """Rebuild a trained captioner from a run folder (or its last/ sub-folder) alone.
+
+    Reads only JSON and safetensors: nothing in a checkpoint is ever unpickled. Whether to run
+    code shipped with a backbone, and how to quantise the LM, are the caller's choices, not the
+    checkpoint's.
+    """
     checkpoint = Path(checkpoint)
     if not checkpoint.is_dir():
         raise UserError(f"checkpoint folder not found: {checkpoint}")
     config = AdapterConfig.from_json(checkpoint / ADAPTER_CONFIG)
     state = load_adapter_state(checkpoint / ADAPTER_WEIGHTS)
+    clip_model, lm_model = clip_model or config.clip_model, lm_model or config.lm_model
     clip, processor, lm, tokenizer = load_backbones(
-        clip_model or config.clip_model, lm_model or config.lm_model, config.clip_revision, config.lm_revision, dtype
+        clip_model, lm_model, config.clip_revision, config.lm_revision, dtype, device, lm_quantization, trust_remote_code
     )
-    captioner = Captioner(config, clip.to(device), processor, lm.to(device), tokenizer)
-    check_backbones_match(config, captioner, checkpoint)
+    captioner = Captioner(config, clip, processor, lm, tokenizer)
+    check_backbones_match(config, captioner, checkpoint / ADAPTER_CONFIG, clip_model, lm_model)
     try:
         captioner.adapter.load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        raise UserError(f"{checkpoint / ADAPTER_WEIGHTS} does not fit {ADAPTER_CONFIG}: {str(error).splitlines()[0]}") from None
-    captioner.adapter.to(device).eval()
+    except RuntimeError as error:  # "Error(s) in loading state_dict ...", then one line per mismatch
+        details = "; ".join(line.strip() for line in str(error).splitlines()[1:3] if line.strip())
+        raise UserError(f"{checkpoint / ADAPTER_WEIGHTS} does not fit {checkpoint / ADAPTER_CONFIG}: {details}") from None
+    captioner.adapter.to(captioner.device).eval()
     return captioner

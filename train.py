@@ -63,6 +63,11 @@ class TrainConfig:
     lm_model: str = _help("causal LM checkpoint with its tokenizer (Hub id or folder)", default="Qwen/Qwen3-0.6B-Base")
     clip_revision: str | None = _help("Hub revision of the CLIP checkpoint", default=None)
     lm_revision: str | None = _help("Hub revision of the LM checkpoint", default=None)
+    lm_quantization: Literal["none", "8bit", "4bit"] = _help(
+        "load the frozen LM in 8-bit or 4-bit NF4 through bitsandbytes, for small GPUs; eval.py and inference.py "
+        "load it the same way unless told otherwise", default="none")
+    trust_remote_code: bool = _help("allow backbones whose checkpoints ship their own Python code to run it "
+                                    "(off unless given)", default=False)
     adapter_kind: Literal["linear", "mlp"] = _help("linear: one Linear, one prefix token; mlp: ClipCap-style MLP",
                                                    default="mlp")
     prefix_length: int = _help("prefix tokens the mlp adapter makes (linear always makes 1)", default=10)
@@ -133,8 +138,9 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         saved = Path(config.output_dir) / config.run_name / RUN_CONFIG
         if not saved.is_file():
             raise UserError(f"nothing to resume: {saved} not found")
+        # Trust in remote code comes from this command line only, never from a saved file.
         return dataclasses.replace(TrainConfig(**read_json(saved, "run config")), resume=True,
-                                   progress=config.progress)
+                                   progress=config.progress, trust_remote_code=config.trust_remote_code)
     if config.demo:
         from demo import ensure_demo_assets
 
@@ -412,7 +418,8 @@ def train(config: TrainConfig, on_step=None) -> dict:
     check_run_folder(run_dir, config)
     set_seed(config.seed)
 
-    captioner = build_captioner(adapter_config_for(config), dtype=frozen_dtype(config), device=accelerator.device)
+    captioner = build_captioner(adapter_config_for(config), dtype=frozen_dtype(config), device=accelerator.device,
+                                lm_quantization=config.lm_quantization, trust_remote_code=config.trust_remote_code)
     train_records = load_split(config, "train", config.train_limit)
     val_records = load_split(config, "val", config.val_limit)
     if not train_records:

@@ -23,8 +23,17 @@ def run_cli(main_fn, argv=None) -> int:
     try:
         return main_fn(argv) or 0
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {user_message(error)}", file=sys.stderr)
         return 2
+
+
+def user_message(error: UserError) -> str:
+    """The one-line message. A UserError raised in a DataLoader worker (an image that cannot be
+    read) reaches the main process wrapped in the worker's traceback; its last line is the message."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and "DataLoader worker" in lines[0]:
+        return lines[-1].partition("UserError: ")[2] or lines[-1]
+    return str(error)
 
 
 def seed_everything(seed: int) -> None:

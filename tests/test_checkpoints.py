@@ -1,0 +1,348 @@
+"""Loading is safe and says what is wrong: damaged or mismatched checkpoints, no unpickling, no
+remote code unless asked; and the frozen LM can be quantised (8-bit, 4-bit) with the adapter
+still learning through it."""
+from __future__ import annotations
+
+import dataclasses
+
+import json
+import pickle
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import eval as eval_script
+import inference
+import model
+import train
+from conftest import train_args
+from dataset import collate_captions, load_records, tokenize_caption
+from model import AdapterConfig, build_captioner, load_captioner, save_adapter
+from utils import UserError, run_cli, write_json
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny, tmp_path_factory) -> Path:
+    """A saved (untrained) adapter for the tiny backbones; tests copy it before breaking it."""
+    captioner = build_captioner(AdapterConfig(clip_model=tiny["clip_model"], lm_model=tiny["lm_model"]))
+    folder = tmp_path_factory.mktemp("ckpt") / "run"
+    save_adapter(folder, captioner.adapter, captioner.config)
+    return folder
+
+
+@pytest.fixture
+def copy(checkpoint, tmp_path) -> Path:
+    return Path(shutil.copytree(checkpoint, tmp_path / "run"))
+
+
+def load_error(*args, **kwargs) -> str:
+    with pytest.raises(UserError) as info:
+        load_captioner(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message, message
+    return message
+
+
+def edit_config(folder: Path, **changes) -> None:
+    path = folder / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+# ----------------------------------------------------------------------------------------------
+# Damaged checkpoints
+# ----------------------------------------------------------------------------------------------
+
+def test_missing_files(copy, tmp_path):
+    assert "checkpoint folder not found" in load_error(tmp_path / "nowhere")
+    (copy / "adapter.safetensors").unlink()
+    assert "adapter.safetensors not found" in load_error(copy)
+    (copy / "adapter_config.json").unlink()
+    assert "adapter_config.json not found" in load_error(copy)
+
+
+def test_corrupt_and_truncated_weights(copy):
+    weights = copy / "adapter.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    message = load_error(copy)
+    assert str(weights) in message and "not a readable safetensors file" in message
+    weights.write_bytes(bytes(range(256)) * 4)
+    assert "not a readable safetensors file" in load_error(copy)
+    weights.write_bytes(b"")
+    assert "not a readable safetensors file" in load_error(copy)
+
+
+def test_weights_that_do_not_fit_the_config(copy, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(copy / "adapter.safetensors"))
+    state["net.0.weight"] = state["net.0.weight"][:, :-1].contiguous()
+    save_file(state, str(copy / "adapter.safetensors"))
+    message = load_error(copy)
+    assert "does not fit" in message and "net.0.weight" in message and "size mismatch" in message
+
+
+def test_config_of_another_format_or_shape(copy):
+    config = copy / "adapter_config.json"
+    original = config.read_text()
+    edit_config(copy, format_version=99)
+    message = load_error(copy)
+    assert str(config) in message and "format version 99" in message
+    for broken, expected in (("{not json", "not valid JSON"), ("[1, 2]", "not an adapter config object"),
+                             (json.dumps({**json.loads(original), "prefix_length": "ten"}), "prefix_length is 'ten'"),
+                             (json.dumps({**json.loads(original), "vocab_size": True}), "vocab_size is True"),
+                             (json.dumps({**json.loads(original), "extra": 1}), "unknown fields ['extra']")):
+        config.write_text(broken)
+        message = load_error(copy)
+        assert str(config) in message and expected in message, message
+    data = json.loads(original)
+    del data["lm_model"]
+    config.write_text(json.dumps(data))
+    assert "lacks the fields ['lm_model']" in load_error(copy)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backbones that do not match the adapter
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def other_backbones(tiny, tmp_path_factory) -> dict:
+    """Random-init backbones of other sizes, and the tiny LM with a tokenizer of another vocabulary."""
+    from transformers import (AutoConfig, AutoTokenizer, CLIPVisionConfig, CLIPVisionModelWithProjection,
+                              Qwen3ForCausalLM)
+
+    root = tmp_path_factory.mktemp("other")
+    clip_config = CLIPVisionConfig.from_pretrained(tiny["clip_model"])
+    clip_config.projection_dim = clip_config.projection_dim // 2
+    CLIPVisionModelWithProjection(clip_config).save_pretrained(root / "clip")
+    shutil.copy(Path(tiny["clip_model"]) / "preprocessor_config.json", root / "clip")
+
+    lm_config = AutoConfig.from_pretrained(tiny["lm_model"])
+    lm_config.hidden_size, lm_config.head_dim = lm_config.hidden_size // 2, lm_config.head_dim // 2
+    Qwen3ForCausalLM(lm_config).save_pretrained(root / "lm")
+    AutoTokenizer.from_pretrained(tiny["lm_model"]).save_pretrained(root / "lm")
+
+    shutil.copytree(tiny["lm_model"], root / "vocab")
+    tokenizer = AutoTokenizer.from_pretrained(tiny["lm_model"])
+    tokenizer.add_tokens(["zebra"])
+    tokenizer.save_pretrained(root / "vocab")
+    return {"clip": str(root / "clip"), "lm": str(root / "lm"), "vocab": str(root / "vocab")}
+
+
+def test_config_naming_backbones_of_other_sizes(tiny, copy, other_backbones):
+    edit_config(copy, lm_model=other_backbones["lm"])
+    message = load_error(copy)
+    assert str(copy / "adapter_config.json") in message and "64-d prefix" in message and "hidden size 32" in message
+    edit_config(copy, lm_model=tiny["lm_model"], clip_model=other_backbones["clip"])
+    message = load_error(copy)
+    assert "48-d image features" in message and "gives 24-d" in message and other_backbones["clip"] in message
+    # Sizes edited to match the other LM as well: then the weights do not fit the config.
+    edit_config(copy, clip_model=tiny["clip_model"], lm_model=other_backbones["lm"], lm_hidden_dim=32,
+                adapter_hidden_dim=160)
+    assert "does not fit" in load_error(copy)
+
+
+def test_backbone_overrides_of_other_sizes(checkpoint, other_backbones):
+    assert "hidden size 32" in load_error(checkpoint, lm_model=other_backbones["lm"])
+    assert "gives 24-d" in load_error(checkpoint, clip_model=other_backbones["clip"])
+
+
+def test_tokenizer_of_another_vocabulary(checkpoint, other_backbones):
+    message = load_error(checkpoint, lm_model=other_backbones["vocab"])
+    assert "tokenizer" in message and "differs" in message and str(checkpoint) in message
+    config = json.loads((checkpoint / "adapter_config.json").read_text())
+    assert f"vocab {config['vocab_size'] + 1}" in message and f"trained with vocab {config['vocab_size']}" in message
+
+
+# ----------------------------------------------------------------------------------------------
+# Nothing is unpickled; no remote code unless asked
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def no_unpickling(monkeypatch):
+    """Any torch.load or pickle load fails the test."""
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(args[:1])
+        raise AssertionError("something was unpickled")
+
+    for owner, name in ((torch, "load"), (torch.serialization, "load"), (pickle, "load"), (pickle, "loads")):
+        monkeypatch.setattr(owner, name, refuse)
+    return calls
+
+
+def test_inference_and_eval_never_unpickle(tiny, checkpoint, tmp_path, no_unpickling, capsys):
+    run = Path(shutil.copytree(checkpoint, tmp_path / "run"))
+    write_json(run / "run_config.json", {"dataset": "folder", "data_dir": tiny["data_dir"], "seed": 0})
+    image = str(Path(tiny["data_dir"]) / "images" / "test_0000.png")
+    assert inference.main(["--checkpoint", str(run), image]) == 0
+    assert eval_script.main([str(run), "--limit", "2", "--no-progress", "--num-workers", "0"]) == 0
+    assert no_unpickling == []
+
+
+def test_pickled_backbone_weights_are_refused(tiny, checkpoint, tmp_path, no_unpickling):
+    from safetensors.torch import load_file
+
+    pickled = Path(shutil.copytree(tiny["lm_model"], tmp_path / "lm"))
+    torch.save(load_file(str(pickled / "model.safetensors")), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    message = load_error(checkpoint, lm_model=str(pickled))
+    assert "could not load language model" in message and str(pickled) in message and "never loaded" in message
+    assert no_unpickling == []
+
+
+def test_trust_remote_code_is_off_unless_asked(tiny, checkpoint, monkeypatch, capsys):
+    calls = []
+    real = model._from_pretrained
+
+    def recording(loader, what, name, **kwargs):
+        calls.append((what, kwargs))
+        return real(loader, what, name, **kwargs)
+
+    monkeypatch.setattr(model, "_from_pretrained", recording)
+    load_captioner(checkpoint)
+    assert [what for what, _ in calls] == ["CLIP model", "CLIP image processor", "language model", "tokenizer"]
+    assert all(kwargs["trust_remote_code"] is False for _, kwargs in calls)  # explicit, not left to a default
+    assert all(kwargs["use_safetensors"] is True for what, kwargs in calls if "model" in what)
+
+    calls.clear()
+    image = str(Path(tiny["data_dir"]) / "images" / "test_0000.png")
+    assert inference.main(["--checkpoint", str(checkpoint), "--trust-remote-code", image]) == 0
+    assert calls and all(kwargs["trust_remote_code"] is True for _, kwargs in calls)
+    calls.clear()
+    assert train.parse_config(["--trust-remote-code"]).trust_remote_code is True
+    assert train.parse_config([]).trust_remote_code is False
+
+
+def test_resume_never_takes_trust_from_the_run_folder(tmp_path):
+    saved = dataclasses.asdict(train.TrainConfig(run_name="r", output_dir=str(tmp_path), trust_remote_code=True))
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "run_config.json").write_text(json.dumps(saved))
+    resumed = train.resolve_config(train.TrainConfig(run_name="r", output_dir=str(tmp_path), resume=True))
+    assert resumed.resume and resumed.trust_remote_code is False
+    asked = train.resolve_config(train.TrainConfig(run_name="r", output_dir=str(tmp_path), resume=True,
+                                                   trust_remote_code=True))
+    assert asked.trust_remote_code is True
+
+
+def test_code_shipped_with_a_backbone_never_runs(tiny, checkpoint, tmp_path):
+    lm = Path(shutil.copytree(tiny["lm_model"], tmp_path / "lm"))
+    marker = tmp_path / "code-ran"
+    (lm / "custom_qwen.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
+                                       "from transformers import Qwen3Config as Config, Qwen3ForCausalLM as Model\n")
+    config = json.loads((lm / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "custom_qwen.Config", "AutoModelForCausalLM": "custom_qwen.Model"}
+    (lm / "config.json").write_text(json.dumps(config))
+    load_captioner(checkpoint, lm_model=str(lm))
+    assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# A quantised frozen LM
+# ----------------------------------------------------------------------------------------------
+
+def fixed_batch(captioner, data_dir: str, size: int = 8) -> dict:
+    records = load_records("folder", "train", data_dir)[:size]
+    torch.manual_seed(0)
+    features = torch.nn.functional.normalize(torch.randn(size, captioner.config.image_feature_dim), dim=-1)
+    eos = captioner.config.eos_token_id
+    return collate_captions([{"image_features": features[i],
+                              "token_ids": tokenize_caption(captioner.tokenizer, r.captions[0], eos, 40)}
+                             for i, r in enumerate(records)], captioner.config.pad_token_id)
+
+
+@pytest.mark.parametrize("quantization, layer", [("8bit", "Linear8bitLt"), ("4bit", "Linear4bit")])
+def test_adapter_learns_through_a_quantised_lm(tiny, quantization, layer):
+    torch.manual_seed(0)
+    captioner = build_captioner(AdapterConfig(clip_model=tiny["clip_model"], lm_model=tiny["lm_model"]),
+                                lm_quantization=quantization)
+    assert any(type(module).__name__ == layer for module in captioner.lm.modules())
+    assert not any(p.requires_grad for p in captioner.lm.parameters())
+    batch = fixed_batch(captioner, tiny["data_dir"])
+    optimizer = torch.optim.AdamW(captioner.adapter.parameters(), lr=3e-3)
+    captioner.train()
+    losses = []
+    for step in range(8):
+        loss = captioner(**batch)
+        assert torch.isfinite(loss), loss
+        loss.backward()
+        if step == 0:
+            grads = [p.grad for p in captioner.adapter.parameters()]
+            assert all(g is not None and g.abs().sum() > 0 for g in grads)
+            assert all(p.grad is None for p in captioner.lm.parameters())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+    captions = captioner.generate(batch["image_features"][:2])
+    assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
+
+
+def test_quantisation_choice_is_checked(monkeypatch):
+    with pytest.raises(UserError, match="choose one of none, 8bit, 4bit"):
+        model.lm_quantization_config("3bit", torch.device("cpu"))
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # what an absent package looks like to import
+    with pytest.raises(UserError, match="pip install bitsandbytes"):
+        model.lm_quantization_config("4bit", torch.device("cpu"))
+    assert model.lm_quantization_config("none", torch.device("cpu")) is None
+
+
+def test_quantisation_is_recorded_and_reused(tiny, tmp_path, monkeypatch, capsys):
+    assert train.main(train_args(tiny, tmp_path, "small", "--lm-quantization", "4bit", "--max-steps", "3",
+                                 "--final-eval", "false")) == 0
+    run = tmp_path / "small"
+    assert json.loads((run / "run_config.json").read_text())["lm_quantization"] == "4bit"
+    assert json.loads((run / "adapter_config.json").read_text())["training"]["hyperparameters"][
+        "lm_quantization"] == "4bit"
+    used = []
+    real = inference.load_captioner
+    monkeypatch.setattr(inference, "load_captioner", lambda *a, **kw: used.append(kw["lm_quantization"]) or real(*a, **kw))
+    image = str(Path(tiny["data_dir"]) / "images" / "test_0000.png")
+    assert inference.main(["--checkpoint", str(run), image]) == 0
+    assert inference.main(["--checkpoint", str(run / "last"), "--lm-quantization", "none", image]) == 0
+    assert used == ["4bit", "none"]
+
+
+# ----------------------------------------------------------------------------------------------
+# inference.py with bad images among good ones
+# ----------------------------------------------------------------------------------------------
+
+def test_inference_reports_bad_images_and_captions_the_rest(tiny, checkpoint, tmp_path, capsys):
+    good = [str(Path(tiny["data_dir"]) / "images" / f"test_000{i}.png") for i in range(2)]
+    (tmp_path / "broken.png").write_bytes(Path(good[0]).read_bytes()[:100])
+    bad = [str(tmp_path / "missing.jpg"), str(tmp_path / "broken.png")]
+    assert inference.main(["--checkpoint", str(checkpoint), "--batch-size", "2", good[0], *bad, good[1]]) == 1
+    out, err = capsys.readouterr()
+    assert [line.split("\t")[0] for line in out.splitlines()] == [good[0], good[1]]
+    errors = err.strip().splitlines()
+    assert len(errors) == 2 and all(line.startswith("error: ") for line in errors)
+    assert bad[0] in errors[0] and bad[1] in errors[1]
+
+    assert inference.main(["--checkpoint", str(checkpoint), "--json", good[0], *bad]) == 1
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [sorted(line) for line in lines] == [["caption", "image"], ["error", "image"], ["error", "image"]]
+    assert [line["image"] for line in lines] == [good[0], *bad] and "not found" in lines[1]["error"]
+
+
+def test_inference_with_only_bad_images_loads_no_model(checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(inference, "load_captioner", lambda *a, **kw: pytest.fail("loaded a model for nothing"))
+    (tmp_path / "notes.jpg").write_text("not a picture")
+    assert run_cli(inference.main, ["--checkpoint", str(checkpoint), str(tmp_path / "notes.jpg")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "notes.jpg" in err and "Traceback" not in err
+
+
+def test_eval_with_a_bad_image_is_one_line(tiny, checkpoint, tmp_path, capsys):
+    data = Path(shutil.copytree(tiny["data_dir"], tmp_path / "data"))
+    test_image = next(r.path for r in load_records("folder", "test", str(data)))
+    test_image.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(40))
+    run = Path(shutil.copytree(checkpoint, tmp_path / "run"))
+    for workers in ("0", "2"):
+        args = [str(run), "--dataset", "folder", "--data-dir", str(data), "--no-progress", "--num-workers", workers]
+        assert run_cli(eval_script.main, args) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and err.startswith("error: ") and str(test_image) in err, err

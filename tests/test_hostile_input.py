@@ -1,0 +1,318 @@
+"""Hostile input: broken and unusual images, odd captions. Every valid kind of image opens as the
+right RGB picture; every bad one is a one-line UserError naming the file."""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from dataset import (ImageRecord, load_records, normalize_caption, open_image, to_rgb,
+                     tokenize_caption)
+from utils import UserError
+
+WHITE = (255, 255, 255)
+
+
+def pixel(image, xy=(0, 0)):
+    assert image.mode == "RGB"
+    return image.getpixel(xy)
+
+
+def near(rgb, expected, tolerance=8):
+    return all(abs(a - b) <= tolerance for a, b in zip(rgb, expected))
+
+
+def noise_image(size=(48, 32), seed=0):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def saved(image, path, **kwargs):
+    image.save(path, **kwargs)
+    return path
+
+
+def assert_one_line_error(path, *words):
+    with pytest.raises(UserError) as info:
+        open_image(path)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message, message
+    what = message.replace(str(path), "").replace(path.name, "").lower()  # the test's tmp path names words too
+    for word in words:
+        assert word in what, message
+    return message
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad images: a one-line UserError naming the file
+# ----------------------------------------------------------------------------------------------
+
+def test_missing_empty_and_text_files(tmp_path):
+    assert_one_line_error(tmp_path / "absent.jpg", "not found")
+    (tmp_path / "zero.png").write_bytes(b"")
+    assert_one_line_error(tmp_path / "zero.png", "empty")
+    (tmp_path / "notes.jpg").write_text("this is not a picture\n")
+    assert_one_line_error(tmp_path / "notes.jpg", "not a jpeg, png")
+
+
+def test_truncated_jpeg_and_png(tmp_path):
+    for suffix in ("jpg", "png"):
+        whole = saved(noise_image(), tmp_path / f"whole.{suffix}").read_bytes()
+        (tmp_path / f"half.{suffix}").write_bytes(whole[: len(whole) // 2])
+        assert_one_line_error(tmp_path / f"half.{suffix}")
+
+
+def test_corrupt_png_data(tmp_path):
+    data = bytearray(saved(noise_image(), tmp_path / "ok.png").read_bytes())
+    start = data.index(b"IDAT") + 8
+    data[start : start + 64] = bytes(64)  # compressed pixels overwritten: the chunk's CRC no longer matches
+    (tmp_path / "corrupt.png").write_bytes(bytes(data))
+    assert_one_line_error(tmp_path / "corrupt.png")
+
+
+def test_tiff_with_a_rational_height(tmp_path):
+    """Pillow raises ValueError here, not OSError: every decoder error must become a UserError."""
+    import struct
+
+    data = bytearray(saved(noise_image((12, 9)), tmp_path / "ok.tif").read_bytes())
+    ifd = struct.unpack("<I", data[4:8])[0]
+    for entry in range(struct.unpack("<H", data[ifd : ifd + 2])[0]):
+        offset = ifd + 2 + 12 * entry
+        if struct.unpack("<H", data[offset : offset + 2])[0] == 257:  # ImageLength
+            data[offset + 2 : offset + 4] = struct.pack("<H", 5)  # LONG -> RATIONAL
+    (tmp_path / "bad.tif").write_bytes(bytes(data))
+    assert_one_line_error(tmp_path / "bad.tif", "invalid dimensions")
+
+
+def test_decompression_bomb_is_refused(tmp_path):
+    # 10,000 x 10,000 one-bit pixels compress to ~12 kB, yet are 100M pixels (> Pillow's 89M limit,
+    # below the 179M at which Pillow itself raises rather than warns).
+    bomb = saved(Image.new("1", (10_000, 10_000)), tmp_path / "bomb.png")
+    assert bomb.stat().st_size < 100_000
+    assert_one_line_error(bomb, "decompression bomb", "100000000 pixels")
+
+
+def test_formats_outside_the_image_suffixes_are_refused(tmp_path):
+    # Pillow would read a PPM (and hand an EPS to Ghostscript); a caption data set has no business with them.
+    ppm = saved(Image.new("RGB", (8, 8), (10, 20, 30)), tmp_path / "photo.ppm", format="PPM")
+    assert_one_line_error(ppm, "not a jpeg, png")
+
+
+# ----------------------------------------------------------------------------------------------
+# Valid images of every kind: the right RGB picture
+# ----------------------------------------------------------------------------------------------
+
+def test_grayscale_and_one_bit(tmp_path):
+    grey = open_image(saved(Image.new("L", (4, 4), 90), tmp_path / "grey.png"))
+    assert pixel(grey) == (90, 90, 90)
+    bits = open_image(saved(Image.new("1", (4, 4), 1), tmp_path / "bits.png"))
+    assert pixel(bits) == WHITE
+
+
+def test_transparency_is_composited_on_white(tmp_path):
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red
+    rgba.putpixel((1, 1), (0, 0, 255, 255))  # one opaque blue pixel
+    rgba.putpixel((2, 2), (0, 0, 0, 128))  # half-transparent black: mid grey on white
+    image = open_image(saved(rgba, tmp_path / "rgba.png"))
+    assert pixel(image) == WHITE and pixel(image, (1, 1)) == (0, 0, 255)
+    assert near(pixel(image, (2, 2)), (127, 127, 127), 2)
+
+    la = open_image(saved(Image.new("LA", (4, 4), (0, 0)), tmp_path / "la.png"))
+    assert pixel(la) == WHITE
+
+    palette = Image.new("P", (4, 4), 0)
+    palette.putpalette([0, 0, 0, 255, 0, 0])
+    palette.putpixel((1, 1), 1)
+    image = open_image(saved(palette, tmp_path / "palette.png", transparency=0))
+    assert pixel(image) == WHITE and pixel(image, (1, 1)) == (255, 0, 0)
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped(tmp_path):
+    mid = np.full((4, 4), 32768, np.uint16)
+    mid[0, 0], mid[0, 1] = 0, 65535
+    image = open_image(saved(Image.fromarray(mid), tmp_path / "grey16.png"))
+    assert Image.open(tmp_path / "grey16.png").mode == "I;16"
+    assert near(pixel(image, (2, 2)), (128, 128, 128), 1)
+    assert pixel(image, (0, 0)) == (0, 0, 0) and pixel(image, (1, 0)) == WHITE
+    tiff = open_image(saved(Image.fromarray(mid), tmp_path / "grey16.tif"))
+    assert near(pixel(tiff, (2, 2)), (128, 128, 128), 1)
+    # 32-bit integer and float grey (mode I, F) as decoders hand them over.
+    assert near(pixel(to_rgb(Image.fromarray(mid.astype(np.int32))), (2, 2)), (128, 128, 128), 1)
+    assert near(pixel(to_rgb(Image.fromarray(np.full((2, 2), 0.5, np.float32)))), (128, 128, 128), 1)
+
+
+def test_cmyk_jpeg(tmp_path):
+    image = open_image(saved(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), tmp_path / "cmyk.jpg"))
+    assert near(pixel(image, (4, 4)), (255, 0, 0), 12)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    stored = Image.new("RGB", (40, 20), (220, 0, 0))
+    stored.paste((0, 0, 220), (20, 0, 40, 20))  # left half red, right half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the viewer rotates 90 degrees clockwise
+    image = open_image(saved(stored, tmp_path / "rotated.jpg", exif=exif, quality=95))
+    assert image.size == (20, 40)
+    assert near(pixel(image, (10, 5)), (220, 0, 0), 30) and near(pixel(image, (10, 35)), (0, 0, 220), 30)
+
+
+def test_animated_gif_gives_its_first_frame(tmp_path):
+    frames = [Image.new("RGB", (8, 8), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    path = saved(frames[0], tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    assert Image.open(path).n_frames == 2
+    assert pixel(open_image(path)) == (255, 0, 0)
+
+
+def test_hub_images_follow_the_same_rules():
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    record = ImageRecord("1.jpg", ["a caption"], "train", row=0, table=[{"image": rgba}])
+    assert pixel(record.open()) == WHITE
+
+
+# ----------------------------------------------------------------------------------------------
+# Properties over random bytes and strings
+# ----------------------------------------------------------------------------------------------
+
+def _valid_files() -> list[bytes]:
+    files = []
+    for fmt, kwargs in (("PNG", {}), ("JPEG", {"quality": 80}), ("GIF", {}), ("BMP", {}), ("WEBP", {}),
+                        ("TIFF", {})):
+        buffer = io.BytesIO()
+        noise_image((12, 9)).save(buffer, format=fmt, **kwargs)
+        files.append(buffer.getvalue())
+    return files
+
+
+VALID_FILES = _valid_files()
+
+
+@st.composite
+def image_like_bytes(draw) -> bytes:
+    """A real file's first N bytes plus a random tail, a real file with a few bytes changed, or noise."""
+    kind = draw(st.sampled_from(["prefix", "flipped", "noise"]))
+    if kind == "noise":
+        return draw(st.binary(max_size=600))
+    original = draw(st.sampled_from(VALID_FILES))
+    if kind == "prefix":
+        return original[: draw(st.integers(0, len(original)))] + draw(st.binary(max_size=300))
+    data = bytearray(original)
+    for _ in range(draw(st.integers(1, 6))):
+        data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
+    return bytes(data)
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory):
+    return tmp_path_factory.mktemp("fuzz") / "input.jpg"
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=image_like_bytes())
+def test_open_image_on_random_bytes_gives_rgb_or_user_error(scratch, data):
+    scratch.write_bytes(data)
+    try:
+        image = open_image(scratch)
+    except UserError as error:
+        assert "\n" not in str(error) and str(scratch) in str(error)
+    else:
+        assert isinstance(image, Image.Image) and image.mode == "RGB" and image.width > 0
+
+
+@pytest.fixture(scope="module")
+def byte_level_tokenizer():
+    from demo import EOS_TOKEN, build_tokenizer
+
+    tokenizer = build_tokenizer(["a red circle on a white background", "ein rotes Quadrat", "un carré bleu"])
+    return tokenizer, tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+
+
+HOSTILE_CHARACTERS = " \t\n\r\x00\x07\x0b\x0c\x1b\x7f\x85\xa0\u2028\u3000\u200b\ufeff\u0301e\u00e9\u4e00\U0001f600ab"
+captions = st.one_of(
+    st.text(),
+    st.text(alphabet=HOSTILE_CHARACTERS),
+    st.lists(st.sampled_from(["<|endoftext|>", "a", " ", "e\u0301", "\x00", "\ud800", "\t\n"])).map("".join),
+    st.none(), st.integers(), st.floats(), st.lists(st.text(), max_size=2),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=captions, max_tokens=st.integers(1, 48))
+def test_caption_rules_on_random_text(byte_level_tokenizer, text, max_tokens):
+    import unicodedata
+
+    tokenizer, eos = byte_level_tokenizer
+    caption = normalize_caption(text)
+    assert isinstance(caption, str)
+    assert caption == " ".join(caption.split()), "no leading, trailing or repeated whitespace"
+    assert not any(unicodedata.category(c) in ("Cc", "Cs") for c in caption)
+    assert unicodedata.is_normalized("NFC", caption) and normalize_caption(caption) == caption
+    if not isinstance(text, str):
+        assert caption == ""
+    ids = tokenize_caption(tokenizer, caption, eos, max_tokens)
+    assert ids[-1] == eos and len(ids) <= max_tokens
+    assert eos not in ids[:-1], "caption text never produces EOS"
+
+
+# ----------------------------------------------------------------------------------------------
+# Captions by rule, through the loaders
+# ----------------------------------------------------------------------------------------------
+
+def test_caption_rules():
+    assert normalize_caption("  a\tcat\n\non\x00a\x1bmat \u2028") == "a cat on a mat"
+    assert normalize_caption("cafe\u0301") == "caf\u00e9"  # NFC: one text, one token sequence
+    assert normalize_caption("日本の 猫  ") == "日本の 猫"
+    for junk in (None, 5, 2.5, ["a"], {"raw": "a"}, "", "   \n\t"):
+        assert normalize_caption(junk) == ""
+    long = "word " * 10_000
+    assert normalize_caption(long) == long.strip()  # cut only at tokenisation
+
+
+def test_caption_text_cannot_end_a_caption_early(byte_level_tokenizer):
+    tokenizer, eos = byte_level_tokenizer
+    ids = tokenize_caption(tokenizer, "a red <|endoftext|> circle", eos, 40)
+    assert ids.count(eos) == 1 and ids[-1] == eos
+    assert tokenize_caption(tokenizer, "a red circle " * 50, eos, 6)[-1] == eos
+
+
+def test_loaders_survive_odd_captions(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "b.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "c.png")
+    rows = [
+        {"image": "a.png", "captions": ["  a cat\t", None, 7, "", "   ", ["nested"], "caf\u00e9"], "split": "train"},
+        {"image": "b.png", "captions": None, "split": "train"},
+        {"image": "c.png", "caption": 3.5, "split": "train"},
+    ]
+    (tmp_path / "captions.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    records = load_records("folder", "train", str(tmp_path))
+    assert [(r.image_id, r.captions) for r in records] == [("a.png", ["a cat", "caf\u00e9"])]
+
+    karpathy = tmp_path / "k"
+    (karpathy / "images").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(karpathy / "images" / "a.jpg")
+    sentences = [{"raw": None, "tokens": ["a", 5, "dog"]}, "bare string", 12, {"tokens": None}, {"raw": "\x00"}]
+    (karpathy / "dataset_flickr8k.json").write_text(json.dumps(
+        {"images": [{"filename": "a.jpg", "imgid": 1, "split": "train", "sentences": sentences}]}))
+    assert load_records("karpathy", "train", str(karpathy))[0].captions == ["a dog", "bare string"]
+
+
+def test_caption_files_with_bad_encoding_or_rows_are_clear_errors(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "captions.csv").write_bytes("\ufeffimage,caption\na.png,un caf\u00e9\n".encode("utf-8"))
+    every = [r for s in ("train", "val", "test") for r in load_records("folder", s, str(tmp_path))]
+    assert [r.captions for r in every] == [["un caf\u00e9"]]  # a BOM is not part of the "image" column
+
+    (tmp_path / "captions.csv").write_bytes(b"image,caption\na.png,caf\xe9\n")  # Latin-1, not UTF-8
+    with pytest.raises(UserError, match="not UTF-8"):
+        load_records("folder", "train", str(tmp_path))
+    (tmp_path / "captions.jsonl").write_text('["a.png", "a list, not an object"]\n')
+    with pytest.raises(UserError, match="line 1"):
+        load_records("folder", "train", str(tmp_path))
+    (tmp_path / "captions.jsonl").write_text('{"image": 5, "caption": "x"}\n')
+    with pytest.raises(UserError, match="not a file name"):
+        load_records("folder", "train", str(tmp_path))
