@@ -4,7 +4,6 @@ still learning through it."""
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import pickle
 import shutil
