@@ -17,6 +17,7 @@ with the device, shapes and batch:
   generate   batched greedy captions/s with 24 new tokens: plain `generate` vs this project's loop.
   latency    one image, warm: preprocess + CLIP + adapter + 24 new tokens, median of repeats.
   cold       process start to printed caption: `python inference.py` on a saved run folder.
+  quantized  the product step with the frozen LM unquantised, 8-bit and 4-bit: samples/s, peak memory.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from model import IGNORE_INDEX, AdapterConfig, Captioner, TrainingLoss, save_adapter
 
 PREFIX_LENGTH, CAPTION_TOKENS = 10, 24  # Flickr30k captions: ~13 words ~ 17 Qwen tokens + EOS, padded
-SECTIONS = ("train", "extract", "generate", "latency", "cold")
+SECTIONS = ("train", "extract", "generate", "latency", "cold", "quantized")
 
 # Exactly the configs of openai/clip-vit-base-patch32 (vision tower + projection) and
 # Qwen/Qwen3-0.6B-Base (../shared/stack-notes.md); "tiny" is the offline demo's size.
@@ -154,14 +155,9 @@ def naive_loss(captioner, pixel_values, input_ids, labels) -> torch.Tensor:
     return captioner.lm(inputs_embeds=embeds, labels=torch.cat([ignore, labels], dim=1)).loss
 
 
-def bench_train(args, path: str, batch: int) -> None:
-    device = args.device
-    gpu_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    # naive keeps fp32 weights; the product stores frozen weights in the compute dtype (bf16 on GPU).
-    weights_dtype = torch.bfloat16 if (path != "naive" and gpu_bf16) else torch.float32
-    reset_peak(device)
-    captioner = make_captioner(args.shapes, device, weights_dtype)
-    data = random_batch(captioner, batch, SHAPES[args.shapes]["image_size"], device)
+def training_step(captioner, path: str, batch: int, image_size: int, device, gpu_bf16: bool):
+    """One full optimizer step of the given path, as a closure over its own batch and optimizer."""
+    data = random_batch(captioner, batch, image_size, device)
     optimizer = torch.optim.AdamW(captioner.adapter.parameters(), lr=1e-4, fused=device.type == "cuda")
     loss_function = TrainingLoss(captioner, compile=path == "product+compile")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu_bf16)
@@ -178,11 +174,49 @@ def bench_train(args, path: str, batch: int) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    return step
+
+
+def bench_train(args, path: str, batch: int) -> None:
+    device = args.device
+    gpu_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    # naive keeps fp32 weights; the product stores frozen weights in the compute dtype (bf16 on GPU).
+    weights_dtype = torch.bfloat16 if (path != "naive" and gpu_bf16) else torch.float32
+    reset_peak(device)
+    captioner = make_captioner(args.shapes, device, weights_dtype)
+    step = training_step(captioner, path, batch, SHAPES[args.shapes]["image_size"], device, gpu_bf16)
     warmup = 3 if path == "product+compile" else 1
     seconds = timed(step, device, args.repeats, warmup)
     emit(args, bench="train", path=path, batch=batch, prefix_tokens=PREFIX_LENGTH, caption_tokens=CAPTION_TOKENS,
          weights_dtype=str(weights_dtype).replace("torch.", ""), autocast_bf16=gpu_bf16, step_s=round(seconds, 4),
          samples_per_s=round(batch / seconds, 1), peak_mem_gib=peak_gib(device))
+
+
+def bench_quantized(args) -> None:
+    """The product step with the frozen LM in bf16/fp32, 8-bit and 4-bit (bitsandbytes): speed and
+    peak memory, at the smallest --batches batch. The LM goes through a saved folder because
+    bitsandbytes quantises while from_pretrained loads."""
+    from transformers import AutoModelForCausalLM
+
+    from model import freeze, lm_quantization_config
+
+    device, batch = args.device, args.batches_list[0]
+    gpu_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    dtype = compute_dtype(device)
+    with tempfile.TemporaryDirectory() as folder:
+        captioner = make_captioner(args.shapes, device, dtype)
+        captioner.lm.save_pretrained(folder)
+        for mode in ("none", "8bit", "4bit"):
+            captioner.lm = None
+            reset_peak(device)
+            quantization = lm_quantization_config(mode, device)
+            extra = {"quantization_config": quantization, "device_map": {"": device}} if quantization else {}
+            lm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **extra)
+            captioner.lm = freeze(lm if quantization else lm.to(device))
+            step = training_step(captioner, "product", batch, SHAPES[args.shapes]["image_size"], device, gpu_bf16)
+            seconds = timed(step, device, args.repeats, 1)
+            emit(args, bench="quantized", lm_quantization=mode, batch=batch, caption_tokens=CAPTION_TOKENS,
+                 samples_per_s=round(batch / seconds, 1), peak_mem_gib=peak_gib(device))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,7 +339,8 @@ def bench_cold(args, captioner) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", choices=tuple(SHAPES), default="tiny", help="backbone shapes (random weights)")
-    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {SECTIONS}")
+    parser.add_argument("--only", default=",".join(s for s in SECTIONS if s != "quantized"),
+                        help=f"comma-separated sections of {SECTIONS} (default: all but quantized)")
     parser.add_argument("--batches", default="", help="training batch sizes (default: by shapes and device)")
     parser.add_argument("--naive-batches", default="", help="naive-path batch sizes (default: the smallest of "
                         "--batches, so both paths are compared at an equal batch)")
@@ -328,6 +363,7 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"error: unknown --only sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
     batches = [int(b) for b in (args.batches or DEFAULT_BATCHES[(args.shapes, args.device.type)]).split(",")]
+    args.batches_list = batches
     naive_batches = [int(b) for b in args.naive_batches.split(",")] if args.naive_batches else batches[:1]
     print(json.dumps({"torch": torch.__version__, "device": args.device_name, "shapes": args.shapes,
                       "threads": torch.get_num_threads(), "pid": os.getpid()}), flush=True)
@@ -338,7 +374,9 @@ def main(argv=None) -> int:
             bench_train(args, "product", batch)
             if args.compile:
                 bench_train(args, "product+compile", batch)
-    rest = [s for s in sections if s != "train"]
+    if "quantized" in sections:
+        bench_quantized(args)
+    rest = [s for s in sections if s not in ("train", "quantized")]
     if rest:
         captioner = make_captioner(args.shapes, args.device, compute_dtype(args.device))
         for section in rest:

@@ -156,13 +156,14 @@ def test_bench_tiny_prints_one_json_line_per_measurement(capsys):
 
     import bench
 
-    assert bench.main(["--shapes", "tiny", "--only", "train,extract,generate,latency", "--repeats", "1",
+    assert bench.main(["--shapes", "tiny", "--only", "train,extract,generate,latency,quantized", "--repeats", "1",
                        "--batches", "8", "--generate-batch", "4"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     records = [r for r in lines if "bench" in r]
     assert {(r["bench"], r.get("path")) for r in records} == {
         ("train", "naive"), ("train", "product"), ("extract", None), ("generate", "plain-generate"),
-        ("generate", "product"), ("latency", "plain-generate"), ("latency", "product")}
+        ("generate", "product"), ("latency", "plain-generate"), ("latency", "product"), ("quantized", None)}
+    assert [r["lm_quantization"] for r in records if r["bench"] == "quantized"] == ["none", "8bit", "4bit"]
     for record in records:
         assert record["device"] and record["shapes"] == "tiny"
     train_rows = [r for r in records if r["bench"] == "train"]
