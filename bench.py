@@ -88,6 +88,23 @@ def timed(fn, device, repeats: int, warmup: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
+def timed_interleaved(functions: dict, device, repeats: int, warmup: int) -> dict[str, float]:
+    """Median seconds per call of each function, calling them in turn (A B A B ...), so that load
+    from other work on the machine falls on all of them alike; the ratio stays honest."""
+    for _ in range(warmup):
+        for fn in functions.values():
+            fn()
+    times = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, fn in functions.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def reset_peak(device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -192,6 +209,23 @@ def bench_train(args, path: str, batch: int) -> None:
          samples_per_s=round(batch / seconds, 1), peak_mem_gib=peak_gib(device))
 
 
+def bench_train_interleaved(args, batches: list[int], naive_batches: list[int]) -> None:
+    """On a CPU (shared, noisy): both paths on the same batch sizes, timed in turn."""
+    device, size = args.device, SHAPES[args.shapes]["image_size"]
+    captioner = make_captioner(args.shapes, device, torch.float32)  # CPU: fp32 for both (no bf16 units)
+    for batch in sorted(set(batches) | set(naive_batches)):
+        paths = (["naive"] if batch in naive_batches else []) + (["product"] if batch in batches else [])
+        if args.compile and batch in batches:
+            paths.append("product+compile")
+        steps = {path: training_step(captioner, path, batch, size, device, False) for path in paths}
+        seconds = timed_interleaved(steps, device, args.repeats, 3 if args.compile else 1)
+        for path in paths:
+            emit(args, bench="train", path=path, batch=batch, prefix_tokens=PREFIX_LENGTH,
+                 caption_tokens=CAPTION_TOKENS, weights_dtype="float32", autocast_bf16=False,
+                 step_s=round(seconds[path], 4), samples_per_s=round(batch / seconds[path], 1),
+                 peak_mem_gib=None, timing="median, paths interleaved")
+
+
 def bench_quantized(args) -> None:
     """The product step with the frozen LM in bf16/fp32, 8-bit and 4-bit (bitsandbytes): speed and
     peak memory, at the smallest --batches batch. The LM goes through a saved folder because
@@ -249,11 +283,11 @@ def bench_generate(args, captioner) -> None:
         prefix = captioner.prefix_embeds(features)
     runs = {"plain-generate": lambda: plain_generate(captioner, prefix, CAPTION_TOKENS),
             "product": lambda: captioner.greedy_tokens(prefix, CAPTION_TOKENS, stop_at_eos=False)}
-    for path, run in runs.items():
-        with torch.no_grad():
-            seconds = timed(run, device, max(1, args.repeats // 2), 1)
+    with torch.no_grad():
+        seconds = timed_interleaved(runs, device, max(1, args.repeats // 2), 1)
+    for path in runs:
         emit(args, bench="generate", path=path, batch=batch, new_tokens=CAPTION_TOKENS,
-             captions_per_s=round(batch / seconds, 1), batch_s=round(seconds, 3))
+             captions_per_s=round(batch / seconds[path], 2), batch_s=round(seconds[path], 3))
 
 
 def bench_latency(args, captioner) -> None:
@@ -270,25 +304,14 @@ def bench_latency(args, captioner) -> None:
                 return plain_generate(captioner, prefix, CAPTION_TOKENS)
             return captioner.greedy_tokens(prefix, CAPTION_TOKENS, stop_at_eos=False)
 
-    paths = {"plain-generate": True, "product": False}
+    seconds = timed_interleaved({"plain-generate": lambda: caption(True), "product": lambda: caption(False)},
+                                args.device, args.repeats, 2)
+    for path, value in seconds.items():
+        emit(args, bench="latency", path=path, batch=1, new_tokens=CAPTION_TOKENS, median_ms=round(1000 * value, 1))
     if args.compile and captioner.enable_compiled_decoding():
-        paths["product+compiled-decode"] = False
-    for path, use_plain in paths.items():
-        if path == "product":
-            captioner.decode_step = None
-        if path == "product+compiled-decode":
-            captioner.enable_compiled_decoding()
-        for _ in range(3):  # warm-up (and compilation)
-            caption(use_plain)
-        times = []
-        for _ in range(args.repeats):
-            sync(args.device)
-            start = time.perf_counter()
-            caption(use_plain)
-            sync(args.device)
-            times.append(time.perf_counter() - start)
-        emit(args, bench="latency", path=path, batch=1, new_tokens=CAPTION_TOKENS,
-             median_ms=round(1000 * statistics.median(times), 1), min_ms=round(1000 * min(times), 1))
+        value = timed_interleaved({"compiled": lambda: caption(False)}, args.device, args.repeats, 3)["compiled"]
+        emit(args, bench="latency", path="product+compiled-decode", batch=1, new_tokens=CAPTION_TOKENS,
+             median_ms=round(1000 * value, 1))
     captioner.decode_step = None
 
 
@@ -367,7 +390,9 @@ def main(argv=None) -> int:
     naive_batches = [int(b) for b in args.naive_batches.split(",")] if args.naive_batches else batches[:1]
     print(json.dumps({"torch": torch.__version__, "device": args.device_name, "shapes": args.shapes,
                       "threads": torch.get_num_threads(), "pid": os.getpid()}), flush=True)
-    if "train" in sections:
+    if "train" in sections and args.device.type == "cpu":
+        bench_train_interleaved(args, batches, naive_batches)
+    elif "train" in sections:  # a GPU: one path at a time, so each gets its own peak memory
         for batch in naive_batches:
             bench_train(args, "naive", batch)
         for batch in batches:

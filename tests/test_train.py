@@ -80,13 +80,14 @@ def test_no_frozen_weight_is_ever_saved(tiny, tmp_path):
     assert sum(p.stat().st_size for p in run.rglob("*") if p.is_file()) < 8 * adapter_numel * 4 + frozen_bytes
 
 
-def test_resume_after_signal_matches_uninterrupted_run(tiny, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_resume_after_signal_matches_uninterrupted_run(tiny, tmp_path, signum):
     train.main(train_args(tiny, tmp_path, "straight"))
     expected = adapter_weights(tmp_path / "straight" / "last" / "adapter.safetensors")
 
     def interrupt_at_7(step):
         if step == 7:
-            signal.raise_signal(signal.SIGINT)  # what Ctrl-C does: the loop saves and leaves
+            signal.raise_signal(signum)  # Ctrl-C, or a scheduler's SIGTERM: the loop saves and leaves
 
     summary = train.train(train.parse_config(train_args(tiny, tmp_path, "stopped")), on_step=interrupt_at_7)
     assert summary["interrupted"] and summary["step"] == 7
