@@ -1,29 +1,61 @@
-"""Caption a split with a trained run and score it against all references.
+"""Caption a split with a trained run, score it as the papers do, beside a baseline, and show it.
 
-    python eval.py saved_models/demo                     # test split of the data the run trained on
+    python eval.py saved_models/demo                          # the run's test split, greedy
     python eval.py saved_models/demo --split val --limit 100 --strategy beam --num-beams 5
-    python eval.py saved_models/demo/last                # the last adapter instead of the best
+    python eval.py saved_models/demo/last                     # the last adapter instead of the best
+    python eval.py saved_models/demo --decoding-sweep         # greedy, beam 3, beam 5, nucleus: one table
+    python eval.py --compare saved_models/a saved_models/b    # runs side by side, from their metrics.json
+    ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 eval.py saved_models/demo   # N processes (CPU)
+    accelerate launch eval.py saved_models/demo                                     # N GPUs
 
-Prints a table and writes metrics.json (rougeL, bleu4, ...) and predictions.jsonl (image id,
-prediction, references) into the run folder (or --out). ROUGE-L is the rouge-score package's
-F1 with the best reference per image; BLEU-4 is NLTK's corpus BLEU: the variants are named in
-metrics.json. (These are not the COCO-toolkit numbers papers report.)
+Scores: the COCO caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D) exactly as pycocoevalcap
+computes them on PTB-tokenised, lower-cased text, over the whole split (see metrics.py); plus
+the rouge-score package's ROUGE-L and NLTK's BLEU-4, labelled as such. Tables print scores x100,
+as papers do; metrics.json keeps pycocoevalcap's raw values (CIDEr-D 0-10, the others 0-1).
+
+Baseline: every evaluation also captions each image with the first caption of the training image
+whose CLIP feature is nearest (cosine). An adapter that does not beat it on CIDEr-D is flagged.
+
+Writes into the run folder (or --out): metrics.json, predictions.jsonl (per-image scores and the
+baseline caption), report.html (self-contained: gallery worst first, metrics, curves),
+curve_loss.png and curve_val_metrics.png (from the run's train_log.jsonl), and with
+--decoding-sweep decoding_sweep.json. --compare reads each run's metrics.json (evaluate a run
+first; nothing is re-evaluated implicitly) and with --out writes comparison.md and comparison.json.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
+import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from dataset import DATASETS, FLICKR30K_PARQUET, extract_features, limit_records, load_records
+from metrics import COCO_METRICS, COCO_VARIANT, TOKENIZATION_DETAILS, coco_metrics, start_meteor
 from model import ADAPTER_CONFIG, DecodingConfig, load_captioner
-from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, UserError, caption_metrics, format_table,
-                   read_json, run_cli, write_json, write_jsonl)
+from report import EXTRA_METRICS, baseline_verdict, percent, sweep_rows, write_report
+from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, UserError, caption_metrics, format_table, read_json, run_cli,
+                   write_json, write_jsonl)
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"
+SWEEP_FILE = "decoding_sweep.json"
+COMPARISON_FILES = ("comparison.md", "comparison.json")
+TRAIN_LOG = "train_log.jsonl"
+BASELINE = "nearest-neighbour baseline"
+BASELINE_METHOD = ("for each image, the first caption of the training image whose CLIP feature is most cosine-similar "
+                   "(ties: the earliest training image)")
+DECIDING_METRIC = "coco_cider_d"  # the adapter must beat the baseline on this one
+SCALE_NOTE = "raw pycocoevalcap values: CIDEr-D in 0-10, the others in 0-1; tables print x100"
+# The decoding comparison: the same split, the same seed for sampling.
+SWEEP_DECODINGS = (DecodingConfig(), DecodingConfig(strategy="beam", num_beams=3),
+                   DecodingConfig(strategy="beam", num_beams=5),
+                   DecodingConfig(strategy="sample", top_p=0.9, temperature=1.0))
 
 
 def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +73,14 @@ def decoding_from_args(args) -> DecodingConfig:
                           top_p=args.top_p, max_new_tokens=args.max_new_tokens)
 
 
+def describe_decoding(decoding: DecodingConfig) -> str:
+    if decoding.strategy == "beam":
+        return f"beam {decoding.num_beams}"
+    if decoding.strategy == "sample":
+        return f"nucleus top-p {decoding.top_p:g} T {decoding.temperature:g}"
+    return "greedy"
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -51,69 +91,358 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
 
 
+# ----------------------------------------------------------------------------------------------
+# Several processes
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Processes:
+    """This process among the evaluation's processes: one, unless started by torchrun or accelerate launch."""
+
+    rank: int = 0
+    count: int = 1
+    device: torch.device | None = None
+
+    @classmethod
+    def from_environment(cls, device: str = "auto") -> Processes:
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return cls()
+        from accelerate import PartialState
+        from accelerate.utils import parse_flag_from_env
+
+        # PartialState joins the process group torchrun / accelerate launch set up. Unlike Accelerator it
+        # does not read ACCELERATE_USE_CPU, and without cpu=True it runs every CPU process alone.
+        cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or device == "cpu" or not torch.cuda.is_available()
+        state = PartialState(cpu=cpu)
+        return cls(state.process_index, state.num_processes, state.device)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, length: int, batch_size: int) -> range:
+        """This process's contiguous run of whole batches. No padding, so each image is captioned exactly
+        once, and in the same batch as in a single-process run: the captions and metrics are identical."""
+        batches = math.ceil(length / batch_size)
+        first, last = self.rank * batches // self.count, (self.rank + 1) * batches // self.count
+        return range(first * batch_size, min(last * batch_size, length))
+
+    def gather(self, items: list) -> list:
+        """Every process's items, concatenated in rank order (which puts the shards back in split order)."""
+        if self.count == 1:
+            return list(items)
+        from accelerate.utils import gather_object
+
+        return gather_object(list(items))
+
+
+# ----------------------------------------------------------------------------------------------
+# Captions and the baseline
+# ----------------------------------------------------------------------------------------------
+
+def clip_features(captioner, records, batch_size: int, num_workers: int, progress: bool, desc: str) -> torch.Tensor:
+    """CLIP features of records: the one place evaluation gets them, so a feature cache can slot in here."""
+    return extract_features(captioner, records, batch_size, num_workers, progress, desc)
+
+
 @torch.no_grad()
-def evaluate_captioner(captioner, records, decoding: DecodingConfig, batch_size: int = 64,
-                       feature_batch_size: int = 64, num_workers: int = 0, progress: bool = True):
-    """Caption every record in batches; score each against all its references."""
+def caption_features(captioner, features: torch.Tensor, decoding: DecodingConfig, batch_size: int, seed: int = 0,
+                     first_batch: int = 0, progress: bool = False, desc: str = "captioning") -> list[str]:
+    """Captions for image features, in batches. Each batch is seeded by its index in the split, so
+    sampling gives the same captions whichever process captions the batch."""
     from tqdm.auto import tqdm
 
+    captions = []
+    for number, start in enumerate(tqdm(range(0, len(features), batch_size), desc=desc, unit="batch",
+                                        disable=not progress)):
+        torch.manual_seed(seed + first_batch + number)
+        captions += captioner.generate(features[start : start + batch_size], decoding)
+    return captions
+
+
+def nearest_neighbour_captions(train_features: torch.Tensor, train_captions, query_features: torch.Tensor,
+                               chunk_size: int = 1024) -> list[str]:
+    """For each query feature, a caption of the training image whose feature is most cosine-similar.
+
+    train_features (N, F) and query_features (Q, F) are CLIP features (normalised here, so scale
+    does not matter); train_captions holds, per training image, its caption or list of captions,
+    of which the first is returned. Deterministic: ties go to the earliest training image.
+    """
+    if len(train_features) != len(train_captions):
+        raise ValueError(f"{len(train_features)} training features but {len(train_captions)} caption entries")
+    if len(train_features) == 0:
+        raise ValueError("no training images to retrieve captions from")
+    train = F.normalize(train_features.float(), dim=-1)
+    nearest = []
+    for start in range(0, len(query_features), chunk_size):  # never a Q x N matrix for the whole split at once
+        query = F.normalize(query_features[start : start + chunk_size].float().to(train.device), dim=-1)
+        nearest += (query @ train.T).argmax(dim=1).tolist()  # (chunk, N) -> first index of the maximum
+    first = lambda captions: captions if isinstance(captions, str) else captions[0]  # noqa: E731
+    return [first(train_captions[index]) for index in nearest]
+
+
+# ----------------------------------------------------------------------------------------------
+# Scores
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class SplitResult:
+    """One decoding's evaluation: what metrics.json and predictions.jsonl hold."""
+
+    metrics: dict
+    rows: list[dict]
+
+
+def score_predictions(prediction_sets: dict[str, list[str]], references: list[list[str]], notes: list[str]):
+    """{name: (metrics, per-image scores)}: the COCO metrics plus rouge-score ROUGE-L and NLTK BLEU-4."""
+    coco = coco_metrics(prediction_sets, references, notes=notes)
+    scored = {}
+    for name, predictions in prediction_sets.items():
+        extra = caption_metrics(predictions, references)
+        per_image = {**coco[name].per_image, "rougeL": extra.pop("rougeL_per_image")}
+        scored[name] = ({**coco[name].metrics, "rougeL": extra["rougeL"], "bleu4": extra["bleu4"]}, per_image)
+    return scored
+
+
+def metric_keys() -> list[str]:
+    return [key for key, _ in COCO_METRICS] + [key for key, *_ in EXTRA_METRICS]
+
+
+def beats_baseline(metrics: dict, baseline: dict) -> bool:
+    return metrics[DECIDING_METRIC] > baseline[DECIDING_METRIC]
+
+
+@torch.no_grad()
+def evaluate_captioner(captioner, records, decodings: dict[str, DecodingConfig], train_records, batch_size: int = 64,
+                       num_workers: int = 0, progress: bool = True, seed: int = 0, processes: Processes | None = None,
+                       train_features: torch.Tensor | None = None) -> dict[str, SplitResult] | None:
+    """Caption every record with each decoding, find each record's nearest training caption, and
+    score all of them on the whole split against every reference.
+
+    With several processes each captions its shard and the main process gathers and scores:
+    it alone gets the results, the others None. `train_features` (of train_records) skips their
+    extraction when the caller has them (train.py).
+    """
+    processes = processes or Processes()
+    if processes.is_main:
+        start_meteor()  # its JVM loads for seconds: let it do so while we caption
     captioner.eval()
-    features = extract_features(captioner, records, feature_batch_size, num_workers, progress)
-    predictions = []
-    for start in tqdm(range(0, len(records), batch_size), desc="captioning", unit="batch", disable=not progress):
-        predictions += captioner.generate(features[start : start + batch_size], decoding)
-    references = [r.captions for r in records]
-    metrics = caption_metrics(predictions, references)
-    per_image = metrics.pop("rougeL_per_image")
-    metrics.update({"rougeL_variant": ROUGE_L_VARIANT, "bleu4_variant": BLEU_VARIANT,
-                    "decoding": vars(decoding)})
-    rows = [{"image_id": r.image_id, "prediction": p, "references": r.captions, "rougeL": s}
-            for r, p, s in zip(records, predictions, per_image)]
-    return metrics, rows
+    shard = processes.shard(len(records), batch_size)
+    mine = records[shard.start : shard.stop]
+    features = clip_features(captioner, mine, batch_size, num_workers, progress, "CLIP features")
+    predictions = {}
+    for name, decoding in decodings.items():
+        local = caption_features(captioner, features, decoding, batch_size, seed, shard.start // batch_size,
+                                 progress, f"captioning ({name})")
+        predictions[name] = processes.gather(local)
+    captioned = processes.gather([record.image_id for record in mine])
+    if captioned != [record.image_id for record in records]:  # each image exactly once, in split order
+        raise RuntimeError(f"the processes captioned {len(captioned)} images for a split of {len(records)}")
+    images_per_process = processes.gather([len(mine)])
+    query_features = torch.cat(processes.gather([features]))
+    if train_features is None:
+        train_shard = processes.shard(len(train_records), batch_size)
+        train_features = torch.cat(processes.gather([clip_features(
+            captioner, train_records[train_shard.start : train_shard.stop], batch_size, num_workers, progress,
+            "CLIP features (training images, for the baseline)")]))
+    if not processes.is_main:
+        return None
+
+    baseline = nearest_neighbour_captions(train_features, [r.captions for r in train_records], query_features)
+    references = [record.captions for record in records]
+    notes: list[str] = []
+    scored = score_predictions({**predictions, BASELINE: baseline}, references, notes)
+    baseline_metrics, baseline_per_image = scored.pop(BASELINE)
+    results = {}
+    for name, (scores, per_image) in scored.items():
+        metrics = {
+            "num_images": len(records),
+            **{key: scores[key] for key, _ in COCO_METRICS},
+            "coco_tokenization": scores["coco_tokenization"],
+            "coco_tokenization_detail": TOKENIZATION_DETAILS[scores["coco_tokenization"]],
+            "coco_variant": COCO_VARIANT,
+            "coco_scale": SCALE_NOTE,
+            "rougeL": scores["rougeL"], "rougeL_variant": ROUGE_L_VARIANT,
+            "bleu4": scores["bleu4"], "bleu4_variant": BLEU_VARIANT,
+            "decoding_name": name,
+            "decoding": vars(decodings[name]),
+            "baseline": {"method": BASELINE_METHOD, "train_images": len(train_records),
+                         **{key: baseline_metrics[key] for key in metric_keys()}},
+            "beats_baseline": beats_baseline(scores, baseline_metrics),
+            "baseline_decided_by": DECIDING_METRIC,
+            "processes": {"num_processes": processes.count, "images_per_process": images_per_process},
+            "notes": notes,
+        }
+        rows = [{"image_id": record.image_id, "prediction": predictions[name][i], "references": record.captions,
+                 "baseline": baseline[i], **{key: values[i] for key, values in per_image.items()},
+                 "baseline_coco_cider_d": baseline_per_image["coco_cider_d"][i]}
+                for i, record in enumerate(records)]
+        results[name] = SplitResult(metrics, rows)
+    return results
 
 
-def write_eval_outputs(out_dir: Path, metrics: dict, predictions: list[dict]) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / METRICS_FILE, metrics)
-    write_jsonl(out_dir / PREDICTIONS_FILE, predictions)
+# ----------------------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------------------
 
-
-def print_metrics(metrics: dict, title: str) -> None:
-    rows = [("ROUGE-L", f"{metrics['rougeL']:.4f}", metrics["rougeL_variant"]),
-            ("BLEU-4", f"{metrics['bleu4']:.4f}", metrics["bleu4_variant"])]
-    print(f"\n{title}\n" + format_table(rows, ("metric", "score", "variant")) + "\n")
+def find_run_dir(checkpoint: Path) -> Path:
+    """The run folder: the checkpoint itself, or its parent for last/."""
+    for folder in (checkpoint, checkpoint.parent):
+        if (folder / "run_config.json").is_file():
+            return folder
+    return checkpoint
 
 
 def find_run_config(checkpoint: Path) -> dict:
-    """run_config.json sits in the run folder; last/ is one level below it."""
-    for folder in (checkpoint, checkpoint.parent):
-        if (folder / "run_config.json").is_file():
-            return read_json(folder / "run_config.json", "run config")
-    return {}
+    path = find_run_dir(checkpoint) / "run_config.json"
+    return read_json(path, "run config") if path.is_file() else {}
+
+
+def write_eval_outputs(out_dir: Path, result: SplitResult, records, run_dir: Path | None = None,
+                       sweep: dict | None = None, gallery_size: int = 0) -> list[Path]:
+    """metrics.json, predictions.jsonl, report.html and the curve PNGs (and decoding_sweep.json)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / METRICS_FILE, result.metrics)
+    write_jsonl(out_dir / PREDICTIONS_FILE, result.rows)
+    written = [out_dir / METRICS_FILE, out_dir / PREDICTIONS_FILE]
+    if sweep is not None:
+        write_json(out_dir / SWEEP_FILE, sweep)
+        written.append(out_dir / SWEEP_FILE)
+    train_log = run_dir / TRAIN_LOG if run_dir is not None else None
+    written += write_report(out_dir, result.metrics, result.rows, records, train_log, sweep, gallery_size)
+    return written
+
+
+def print_metrics(metrics: dict, title: str) -> None:
+    rows = [(name, percent(metrics[key]), percent(metrics["baseline"][key]), "COCO, " + metrics["coco_tokenization"])
+            for key, name in COCO_METRICS]
+    rows += [(name, percent(metrics[key]), percent(metrics["baseline"][key]), metrics[f"{key}_variant"])
+             for key, name, _ in EXTRA_METRICS]
+    print(f"\n{title}\n" + format_table(rows, ("metric (x100)", "adapter", "NN baseline", "variant")))
+    print(baseline_verdict(metrics) + "\n")
+
+
+def sweep_table(results: dict[str, SplitResult]) -> dict:
+    """decoding_sweep.json: one row per decoding and one for the baseline, all on the same split."""
+    first = next(iter(results.values())).metrics
+    rows = [{"decoding": name, "settings": result.metrics["decoding"],
+             **{key: result.metrics[key] for key in metric_keys()}, "beats_baseline": result.metrics["beats_baseline"]}
+            for name, result in results.items()]
+    rows.append({"decoding": BASELINE, "settings": {"method": BASELINE_METHOD},
+                 **{key: first["baseline"][key] for key in metric_keys()}, "beats_baseline": None})
+    return {"num_images": first["num_images"], "coco_tokenization": first["coco_tokenization"],
+            "scale": SCALE_NOTE, "baseline_decided_by": DECIDING_METRIC, "rows": rows}
+
+
+# ----------------------------------------------------------------------------------------------
+# --compare
+# ----------------------------------------------------------------------------------------------
+
+def comparison(run_paths: list[str]) -> dict:
+    """One table of runs side by side, from the metrics.json each evaluation wrote."""
+    runs = []
+    for path in map(Path, run_paths):
+        metrics_path = path if path.suffix == ".json" else path / METRICS_FILE
+        if not metrics_path.is_file():
+            raise UserError(f"{path} has no {METRICS_FILE}: evaluate it first (python eval.py {path})")
+        metrics = read_json(metrics_path, "metrics")
+        if "coco_cider_d" not in metrics:
+            raise UserError(f"{metrics_path} predates the COCO metrics: re-evaluate it (python eval.py {path})")
+        runs.append((str(path), metrics))
+    names = [Path(p).name if [Path(q).name for q, _ in runs].count(Path(p).name) == 1 else p for p, _ in runs]
+    table = [[name, *(percent(m.get(key)) for _, m in runs)] for key, name in COCO_METRICS]
+    table += [[name, *(percent(m.get(key)) for _, m in runs)] for key, name, _ in EXTRA_METRICS]
+    table.append(["NN baseline CIDEr-D", *(percent(m["baseline"][DECIDING_METRIC]) for _, m in runs)])
+    table.append(["beats baseline", *("yes" if m["beats_baseline"] else "NO" for _, m in runs)])
+    for key, label in (("dataset", "dataset"), ("split", "split"), ("num_images", "images"),
+                       ("decoding_name", "decoding"), ("coco_tokenization", "tokenization")):
+        table.append([label, *(str(m.get(key, "?")) for _, m in runs)])
+    notes = []
+    for key in ("dataset", "split", "num_images", "coco_tokenization"):
+        values = {str(m.get(key)) for _, m in runs}
+        if len(values) > 1:
+            notes.append(f"not comparable: the runs differ in {key} ({', '.join(sorted(values))})")
+    return {"header": ["metric (x100)", *names], "rows": table, "runs": [p for p, _ in runs], "notes": notes,
+            "metrics": {p: {key: m.get(key) for key in metric_keys()} | {"baseline_" + DECIDING_METRIC:
+                        m["baseline"][DECIDING_METRIC]} for p, m in runs}}
+
+
+def markdown_table(header, rows) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
+
+
+def compare_main(args) -> int:
+    table = comparison(args.compare)
+    print(format_table(table["rows"], table["header"]))
+    for note in table["notes"]:
+        print(f"note: {note}")
+    if args.out:
+        out_dir = Path(args.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        notes = "".join(f"\n{note}\n" for note in table["notes"])
+        (out_dir / COMPARISON_FILES[0]).write_text(markdown_table(table["header"], table["rows"]) + notes)
+        write_json(out_dir / COMPARISON_FILES[1], table)
+        print(f"wrote {out_dir / COMPARISON_FILES[0]} and {out_dir / COMPARISON_FILES[1]}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The script
+# ----------------------------------------------------------------------------------------------
+
+def baseline_training_records(run: dict, dataset: str, data_dir, hub_files: str):
+    """The images the run trained on (its data, --train-limit and seed): the baseline retrieves their captions."""
+    if run.get("dataset"):
+        seed = run.get("seed", 0)
+        records = load_records(run["dataset"], "train", run.get("data_dir"),
+                               run.get("hub_data_files") or FLICKR30K_PARQUET, seed)
+        records = limit_records(records, run.get("train_limit", 0), seed)
+    else:
+        records = load_records(dataset, "train", data_dir, hub_files)
+    if not records:
+        raise UserError("the run's training split has no images with captions: the baseline needs them")
+    return records
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="run folder (best adapter) or its last/ sub-folder")
+    parser.add_argument("checkpoint", nargs="?", help="run folder (best adapter) or its last/ sub-folder")
     parser.add_argument("--split", choices=("train", "val", "test"), default="test", help="split to caption")
     parser.add_argument("--limit", type=int, default=0, help="caption at most this many images (seeded); 0 = all")
     parser.add_argument("--dataset", choices=DATASETS, default=None, help="data source (default: the run's own)")
     parser.add_argument("--data-dir", default=None, help="data folder (default: the run's own)")
     parser.add_argument("--hub-data-files", default=None, help="parquet files for --dataset flickr30k")
-    parser.add_argument("--out", default=None, help="folder for metrics.json and predictions.jsonl (default: checkpoint)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per generation batch")
+    parser.add_argument("--out", default=None, help="folder for the outputs (default: the checkpoint folder; "
+                                                    "with --compare: none, the table is only printed)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per CLIP and generation batch")
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers that decode images")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available; "
+                                                         "under torchrun/accelerate launch: each process's own)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--decoding-sweep", action="store_true",
+                        help="also caption with greedy, beam 3, beam 5 and nucleus sampling (top-p 0.9, T 1.0, "
+                             "--seed) and write one table of all of them (decoding_sweep.json, report.html)")
+    parser.add_argument("--gallery-size", type=int, default=0,
+                        help="images in the report's gallery, worst first; 0 = every image")
+    parser.add_argument("--compare", nargs="+", metavar="RUN",
+                        help="print one table of these runs side by side, from their metrics.json; no evaluation")
     add_decoding_flags(parser)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.compare:
+        return compare_main(args)
+    if not args.checkpoint:
+        raise UserError("give a run folder to evaluate (python eval.py RUN), or --compare RUN RUN ...")
     checkpoint = Path(args.checkpoint)
     if not (checkpoint / ADAPTER_CONFIG).is_file():
         raise UserError(f"{checkpoint} is not a run folder: it has no {ADAPTER_CONFIG}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    run_dir = find_run_dir(checkpoint)
     run = find_run_config(checkpoint)
     dataset = args.dataset or run.get("dataset")
     if dataset is None:
@@ -122,20 +451,37 @@ def main(argv=None) -> int:
     hub_files = args.hub_data_files or run.get("hub_data_files") or FLICKR30K_PARQUET
     seed = run.get("seed", 0)
     decoding = decoding_from_args(args)
-    torch.manual_seed(args.seed)
+    decodings = {describe_decoding(decoding): decoding}
+    if args.decoding_sweep:
+        for sweep_decoding in SWEEP_DECODINGS:
+            sweep_decoding = dataclasses.replace(sweep_decoding, max_new_tokens=args.max_new_tokens)
+            decodings.setdefault(describe_decoding(sweep_decoding), sweep_decoding)
 
     records = limit_records(load_records(dataset, args.split, data_dir, hub_files, seed), args.limit, seed)
     if not records:
         raise UserError(f"the {args.split} split of {dataset} {data_dir or ''} has no images with captions")
-    device = pick_device(args.device)
+    train_records = baseline_training_records(run, dataset, data_dir, hub_files)
+    processes = Processes.from_environment(args.device)
+    device = processes.device or pick_device(args.device)
     captioner = load_captioner(checkpoint, device=device, dtype=default_dtype(device))
-    metrics, predictions = evaluate_captioner(captioner, records, decoding, args.batch_size, args.batch_size,
-                                              args.num_workers, not args.no_progress)
-    metrics.update({"split": args.split, "checkpoint": str(checkpoint), "dataset": dataset})
+    results = evaluate_captioner(captioner, records, decodings, train_records, args.batch_size, args.num_workers,
+                                 not args.no_progress and processes.is_main, args.seed, processes)
+    if results is None:  # not the main process: it captioned its shard and is done
+        return 0
+    result = results[describe_decoding(decoding)]
+    result.metrics.update({"split": args.split, "checkpoint": str(checkpoint), "dataset": dataset})
+    if args.split == "train":
+        result.metrics["notes"].append("on the train split the baseline retrieves each image's own captions: "
+                                       "it is an upper bound there, not a baseline")
+    sweep = sweep_table(results) if args.decoding_sweep else None
     out_dir = Path(args.out) if args.out else checkpoint
-    write_eval_outputs(out_dir, metrics, predictions)
-    print_metrics(metrics, title=f"{checkpoint} on {dataset} {args.split} ({len(records)} images, {decoding.strategy})")
-    print(f"wrote {out_dir / METRICS_FILE} and {out_dir / PREDICTIONS_FILE}")
+    written = write_eval_outputs(out_dir, result, records, run_dir, sweep, args.gallery_size)
+    print_metrics(result.metrics, title=f"{checkpoint} on {dataset} {args.split} ({len(records)} images, "
+                                        f"{result.metrics['decoding_name']}, {result.metrics['coco_tokenization']})")
+    if sweep is not None:
+        header, rows = sweep_rows(sweep)
+        print("Decoding comparison (x100), same split:\n" + format_table(rows, header) + "\n")
+    print("wrote " + ", ".join(str(path) for path in written))
     return 0
 
 

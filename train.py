@@ -542,7 +542,8 @@ def train(config: TrainConfig, on_step=None) -> dict:
                "best_val_rougeL": state.best_rougeL, "best_step": state.best_step,
                "nonfinite_steps": state.nonfinite_steps, "bad_samples": len(bad_samples)}
     if config.final_eval and accelerator.is_main_process:
-        summary["test"] = final_evaluation(captioner, accelerator.unwrap_model(adapter), run_dir, config)
+        summary["test"] = final_evaluation(captioner, accelerator.unwrap_model(adapter), run_dir, config,
+                                           train_records, train_pairs.features)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
@@ -595,9 +596,11 @@ def report_bad_samples(run_dir: Path, bad_samples: list, accelerator) -> None:
                       f"(all in {run_dir / 'bad_samples.jsonl'})")
 
 
-def final_evaluation(captioner, adapter, run_dir: Path, config: TrainConfig) -> dict:
-    """Score the best adapter on the test split, exactly as `python eval.py RUN` would."""
-    from eval import evaluate_captioner, print_metrics, write_eval_outputs
+def final_evaluation(captioner, adapter, run_dir: Path, config: TrainConfig, train_records, train_features) -> dict:
+    """Score the best adapter on the test split, exactly as `python eval.py RUN` would (report included).
+
+    The nearest-neighbour baseline reuses the training features extracted for training."""
+    from eval import describe_decoding, evaluate_captioner, print_metrics, write_eval_outputs
 
     captioner.adapter = adapter
     adapter.load_state_dict(load_adapter_state(run_dir / ADAPTER_WEIGHTS))
@@ -605,12 +608,15 @@ def final_evaluation(captioner, adapter, run_dir: Path, config: TrainConfig) -> 
     if not records:
         print("no test images: skipping the final evaluation")
         return {}
-    metrics, predictions = evaluate_captioner(captioner, records, DecodingConfig(), config.eval_batch_size,
-                                              config.feature_batch_size, config.num_workers, config.progress)
-    metrics["split"] = "test"
-    write_eval_outputs(run_dir, metrics, predictions)
-    print_metrics(metrics, title=f"{run_dir} on the test split ({len(records)} images)")
-    return {k: v for k, v in metrics.items() if not isinstance(v, list)}
+    decoding = DecodingConfig()
+    results = evaluate_captioner(captioner, records, {describe_decoding(decoding): decoding}, train_records,
+                                 config.eval_batch_size, config.num_workers, config.progress,
+                                 train_features=train_features)
+    result = results[describe_decoding(decoding)]
+    result.metrics.update({"split": "test", "checkpoint": str(run_dir), "dataset": config.dataset})
+    write_eval_outputs(run_dir, result, records, run_dir)
+    print_metrics(result.metrics, title=f"{run_dir} on the test split ({len(records)} images, greedy)")
+    return {k: v for k, v in result.metrics.items() if not isinstance(v, (list, dict))}
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,245 @@
+"""The evaluation report eval.py writes: one self-contained HTML file, and the training curves as PNGs.
+
+report.html holds everything inline (CSS, 128-px JPEG thumbnails and the PNG curves as base64
+data URIs), so it can be mailed or archived alone. It shows the metrics beside the
+nearest-neighbour baseline (and the decoding comparison, when there is one), the loss and
+validation curves from the run's train_log.jsonl, and a gallery of every image with its
+prediction, the baseline's caption, its references and its scores, worst first by per-image
+CIDEr-D (ties: lower COCO ROUGE-L first).
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import time
+from pathlib import Path
+
+from metrics import COCO_METRICS
+from utils import BLEU_VARIANT, ROUGE_L_VARIANT, UserError, read_jsonl
+
+REPORT_FILE = "report.html"
+LOSS_CURVE = "curve_loss.png"
+METRIC_CURVE = "curve_val_metrics.png"
+THUMBNAIL_SIZE = 128
+GALLERY_ORDER = "per-image CIDEr-D (whole-split IDF), worst first; ties: lower COCO ROUGE-L first"
+PER_IMAGE_SCORES = (("coco_cider_d", "CIDEr-D"), ("coco_bleu4", "BLEU-4"), ("coco_meteor", "METEOR"),
+                    ("coco_rougeL", "ROUGE-L"), ("rougeL", "ROUGE-L (rouge-score)"))
+
+CSS = """
+body { font: 14px/1.45 system-ui, sans-serif; margin: 24px auto; max-width: 1180px; color: #222; padding: 0 16px; }
+h1 { font-size: 22px; margin-bottom: 4px; } h2 { font-size: 17px; margin-top: 28px; border-bottom: 1px solid #ddd; }
+.meta { color: #555; } .note { color: #7a5a00; background: #fff6d6; padding: 4px 8px; margin: 4px 0; }
+.verdict { padding: 8px 12px; margin: 12px 0; font-weight: 600; border-radius: 4px; }
+.good { background: #e4f5e4; color: #145214; } .bad { background: #fde2e2; color: #8a1010; }
+table { border-collapse: collapse; margin: 8px 0; } th, td { padding: 4px 10px; border-bottom: 1px solid #e5e5e5; }
+th { text-align: left; background: #f6f6f6; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+tr.decides td { font-weight: 600; } .variant { color: #777; font-size: 12px; }
+.curves img { max-width: 560px; width: 48%; margin-right: 1%; border: 1px solid #eee; }
+.gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(360px, 1fr)); gap: 12px; }
+.card { display: flex; gap: 10px; border: 1px solid #e2e2e2; border-radius: 6px; padding: 8px; }
+.card img { width: 128px; height: 128px; object-fit: contain; background: #f3f3f3; flex: none; }
+.card .text { min-width: 0; } .pred { font-weight: 600; } .base { color: #555; }
+.refs { margin: 4px 0 0 16px; padding: 0; color: #333; font-size: 12.5px; }
+.scores { font-size: 12px; color: #555; } .rank { color: #999; font-size: 12px; }
+"""
+
+
+# Rows of the metric tables beyond the COCO metrics: (metrics.json key, printed name, variant).
+EXTRA_METRICS = (("rougeL", "ROUGE-L (rouge-score)", ROUGE_L_VARIANT), ("bleu4", "BLEU-4 (NLTK)", BLEU_VARIANT))
+METRIC_NAMES = dict(COCO_METRICS) | {key: name for key, name, _ in EXTRA_METRICS}
+
+
+def percent(value) -> str:
+    """Scores x100, as papers print them; None (METEOR without Java) as n/a."""
+    return "n/a" if value is None else f"{100 * value:.2f}"
+
+
+def baseline_verdict(metrics: dict) -> str:
+    """A sentence: whether the run beats the nearest-neighbour baseline, on the metric its metrics.json names."""
+    key = metrics["baseline_decided_by"]
+    name, ours, theirs = METRIC_NAMES.get(key, key), percent(metrics[key]), percent(metrics["baseline"][key])
+    if metrics["beats_baseline"]:
+        return f"The adapter beats the nearest-neighbour baseline on {name} ({ours} vs {theirs})."
+    return (f"WARNING: the adapter does NOT beat the nearest-neighbour baseline on {name} ({ours} vs {theirs}): "
+            "retrieving the nearest training image's caption does as well or better.")
+
+
+def sweep_rows(sweep: dict) -> tuple[list[str], list[list[str]]]:
+    """The decoding comparison as a header and rows of strings (x100)."""
+    header = ["decoding", *(name for _, name in COCO_METRICS), "ROUGE-L (rouge-score)", "beats baseline"]
+    verdict = {True: "yes", False: "NO", None: ""}
+    rows = [[row["decoding"], *(percent(row[key]) for key, _ in COCO_METRICS), percent(row["rougeL"]),
+             verdict[row["beats_baseline"]]] for row in sweep["rows"]]
+    return header, rows
+
+
+def esc(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Curves
+# ----------------------------------------------------------------------------------------------
+
+def training_curves(train_log: Path | None, out_dir: Path) -> list[Path]:
+    """Loss (training and validation) and validation metrics by optimizer step, as PNGs; none without a log."""
+    if train_log is None or not train_log.is_file():
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed, none opened
+    import matplotlib.pyplot as plt
+
+    log = read_jsonl(train_log)
+    train = [r for r in log if r.get("type") == "train" and "loss" in r]
+    evals = [r for r in log if r.get("type") == "eval"]
+    if not train and not evals:
+        return []
+    paths = []
+    figure, axes = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    if train:
+        axes.plot([r["step"] for r in train], [r["loss"] for r in train], label="training loss", lw=1.2)
+    if evals:
+        axes.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation loss", ms=4)
+    axes.set(xlabel="optimizer step", ylabel="cross-entropy per caption token", title="Loss")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    paths.append(out_dir / LOSS_CURVE)
+    figure.savefig(paths[-1])
+    plt.close(figure)
+    if evals:
+        figure, axes = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+        for key, label in (("val_rougeL", "ROUGE-L (rouge-score)"), ("val_bleu4", "BLEU-4 (NLTK)")):
+            if all(key in r for r in evals):
+                axes.plot([r["step"] for r in evals], [100 * r[key] for r in evals], "o-", label=label, ms=4)
+        if all("val_rougeL" in r for r in evals):  # train.py keeps the first best validation ROUGE-L
+            best = max(evals, key=lambda r: (r["val_rougeL"], -r["step"]))
+            axes.axvline(best["step"], color="gray", ls="--", lw=1, label=f"best, saved (step {best['step']})")
+        axes.set(xlabel="optimizer step", ylabel="score x100", title="Validation captions (greedy)")
+        axes.grid(alpha=0.3)
+        axes.legend()
+        figure.tight_layout()
+        paths.append(out_dir / METRIC_CURVE)
+        figure.savefig(paths[-1])
+        plt.close(figure)
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# HTML
+# ----------------------------------------------------------------------------------------------
+
+def data_uri(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def thumbnail_uri(image) -> str:
+    """A JPEG thumbnail, at most THUMBNAIL_SIZE px on its longer side, as a data URI."""
+    image = image.copy()
+    image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=85)
+    return data_uri(buffer.getvalue(), "image/jpeg")
+
+
+def worst_first(rows: list[dict]) -> list[dict]:
+    return sorted(rows, key=lambda r: (r["coco_cider_d"], r["coco_rougeL"], str(r["image_id"])))
+
+
+def metrics_table(metrics: dict) -> str:
+    baseline = metrics["baseline"]
+    lines = ["<table><tr><th>metric (x100)</th><th>this run</th><th>NN baseline</th><th>difference</th>"
+             "<th>variant</th></tr>"]
+    rows = [(key, name, "COCO (pycocoevalcap), " + metrics["coco_tokenization"]) for key, name in COCO_METRICS]
+    rows += [(key, name, metrics.get(f"{key}_variant", variant)) for key, name, variant in EXTRA_METRICS]
+    for key, name, variant in rows:
+        ours, theirs = metrics.get(key), baseline.get(key)
+        difference = "n/a" if ours is None or theirs is None else f"{100 * (ours - theirs):+.2f}"
+        css = ' class="decides"' if key == metrics["baseline_decided_by"] else ""
+        lines.append(f"<tr{css}><td>{esc(name)}</td><td class=num>{percent(ours)}</td>"
+                     f"<td class=num>{percent(theirs)}</td><td class=num>{difference}</td>"
+                     f"<td class=variant>{esc(variant)}</td></tr>")
+    return "\n".join(lines) + "</table>"
+
+
+def sweep_html(sweep: dict) -> str:
+    header, rows = sweep_rows(sweep)
+    lines = ["<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"]
+    for row in rows:
+        lines.append("<tr><td>" + esc(row[0]) + "</td>" + "".join(f"<td class=num>{esc(c)}</td>" for c in row[1:])
+                     + "</tr>")
+    return "\n".join(lines) + "</table>"
+
+
+def gallery_card(rank: int, row: dict, image) -> str:
+    scores = " · ".join(f"{esc(name)} {percent(row.get(key))}" for key, name in PER_IMAGE_SCORES)
+    refs = "".join(f"<li>{esc(ref)}</li>" for ref in row["references"])
+    picture = f'<img src="{thumbnail_uri(image)}" alt="{esc(row["image_id"])}">' if image is not None else \
+        '<img alt="image not readable">'
+    return (f'<div class="card">{picture}<div class="text"><div class="rank">#{rank} · {esc(row["image_id"])}</div>'
+            f'<div class="pred">{esc(row["prediction"]) or "<i>(empty)</i>"}</div>'
+            f'<div class="base">baseline: {esc(row["baseline"])} '
+            f'(CIDEr-D {percent(row.get("baseline_coco_cider_d"))})</div>'
+            f'<div class="scores">{scores}</div><ul class="refs">{refs}</ul></div></div>')
+
+
+def open_quietly(record):
+    """The record's image, or None: one unreadable image must not cost the whole report."""
+    try:
+        return record.open()
+    except (UserError, OSError):
+        return None
+
+
+def render_report(metrics: dict, rows: list[dict], records, curves: list[Path], sweep: dict | None,
+                  gallery_size: int = 0) -> str:
+    by_id = {record.image_id: record for record in records}
+    ordered = worst_first(rows)
+    if gallery_size > 0:
+        ordered = ordered[:gallery_size]
+    title = f"Evaluation: {metrics.get('checkpoint', '')}"
+    meta = (f"{metrics.get('dataset', '?')} {metrics.get('split', '?')} split · {metrics['num_images']} images · "
+            f"decoding: {metrics.get('decoding_name', '?')} · tokenisation: {metrics['coco_tokenization']} "
+            f"({metrics.get('coco_tokenization_detail', '')}) · {metrics['processes']['num_processes']} process(es) · "
+            f"written {time.strftime('%Y-%m-%d %H:%M')}")
+    good = metrics["beats_baseline"]
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{esc(title)}</title>",
+        f"<style>{CSS}</style></head><body>", f"<h1>{esc(title)}</h1>", f'<div class="meta">{esc(meta)}</div>',
+        *(f'<div class="note">note: {esc(note)}</div>' for note in metrics.get("notes", [])),
+        f'<div class="verdict {"good" if good else "bad"}">{esc(baseline_verdict(metrics))}</div>',
+        "<h2>Metrics</h2>", metrics_table(metrics),
+        f'<p class="variant">Scale: {esc(metrics.get("coco_scale", ""))}. Baseline: '
+        f'{esc(metrics["baseline"]["method"])}, over {metrics["baseline"]["train_images"]} training images. '
+        f'Scorers: {esc(metrics.get("coco_variant", ""))}.</p>',
+    ]
+    if sweep is not None:
+        parts += ["<h2>Decoding comparison</h2>", sweep_html(sweep)]
+    parts.append("<h2>Training curves</h2>")
+    if curves:
+        parts.append('<div class="curves">' + "".join(
+            f'<img src="{data_uri(path.read_bytes(), "image/png")}" alt="{esc(path.name)}">' for path in curves)
+            + "</div>")
+    else:
+        parts.append("<p>No train_log.jsonl next to this checkpoint: no curves.</p>")
+    shown = f"all {len(rows)}" if len(ordered) == len(rows) else f"the worst {len(ordered)} of {len(rows)}"
+    parts += [f"<h2>Gallery: {shown} images</h2>", f'<p class="variant">Order: {esc(GALLERY_ORDER)}. '
+              "Bold: this run's caption; then the baseline's; then the references.</p>", '<div class="gallery">']
+    for rank, row in enumerate(ordered, 1):
+        record = by_id.get(row["image_id"])
+        parts.append(gallery_card(rank, row, open_quietly(record) if record is not None else None))
+    parts += ["</div>", "</body></html>"]
+    return "\n".join(parts) + "\n"
+
+
+def write_report(out_dir: Path, metrics: dict, rows: list[dict], records, train_log: Path | None,
+                 sweep: dict | None = None, gallery_size: int = 0) -> list[Path]:
+    """report.html and the curve PNGs beside it; returns the paths written."""
+    curves = training_curves(train_log, out_dir)
+    path = out_dir / REPORT_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(render_report(metrics, rows, records, curves, sweep, gallery_size), encoding="utf-8")
+    tmp.replace(path)
+    return [path, *curves]

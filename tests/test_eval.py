@@ -1,0 +1,181 @@
+"""eval.py as a user runs it: metrics, baseline, report, decoding sweep, --compare, several processes."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import eval as eval_script
+import train
+from conftest import train_args
+from dataset import extract_features, load_records
+from metrics import COCO_METRICS, coco_metrics
+from model import load_captioner
+from report import render_report
+from utils import read_jsonl, run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP_NAMES = ["greedy", "beam 3", "beam 5", "nucleus top-p 0.9 T 1", eval_script.BASELINE]
+
+
+@pytest.fixture(scope="module")
+def run(tiny, tmp_path_factory) -> Path:
+    """A briefly trained run on the tiny fixture (no final evaluation: the tests evaluate it)."""
+    output = tmp_path_factory.mktemp("runs")
+    assert train.main(train_args(tiny, output, "run", "--final-eval", "false")) == 0
+    return output / "run"
+
+
+@pytest.fixture(scope="module")
+def evaluated(run, tmp_path_factory) -> Path:
+    """`python eval.py RUN --decoding-sweep --out OUT`, once for the tests that read its files."""
+    out = tmp_path_factory.mktemp("eval")
+    assert eval_script.main([str(run), "--decoding-sweep", "--out", str(out), "--no-progress", "--num-workers", "0"]) == 0
+    return out
+
+
+def test_metrics_baseline_and_report_hold_the_numbers_of_the_run(tiny, run, evaluated):
+    metrics = json.loads((evaluated / "metrics.json").read_text())
+    rows = read_jsonl(evaluated / "predictions.jsonl")
+    assert metrics["num_images"] == len(rows) == 6 and metrics["split"] == "test"
+    assert metrics["coco_tokenization"] in ("ptb-java", "ptb-python")
+    assert "rouge-score" in metrics["rougeL_variant"] and 0 <= metrics["rougeL"] <= 1
+    for key, _ in COCO_METRICS:
+        assert key in metrics and key in metrics["baseline"]
+    assert metrics["baseline_decided_by"] == "coco_cider_d"
+    assert metrics["beats_baseline"] == (metrics["coco_cider_d"] > metrics["baseline"]["coco_cider_d"])
+
+    # The baseline, recomputed here from the run's training images: the nearest training image's first caption.
+    captioner = load_captioner(run)
+    train_records = load_records("folder", "train", tiny["data_dir"], seed=42)
+    test_records = load_records("folder", "test", tiny["data_dir"], seed=42)
+    expected = eval_script.nearest_neighbour_captions(
+        extract_features(captioner, train_records, progress=False), [r.captions for r in train_records],
+        extract_features(captioner, test_records, progress=False))
+    assert [row["baseline"] for row in rows] == expected
+    assert metrics["baseline"]["train_images"] == len(train_records)
+    rescored = coco_metrics({"run": [r["prediction"] for r in rows], "baseline": expected},
+                            [r.captions for r in test_records])
+    for key, _ in COCO_METRICS:
+        assert metrics[key] == pytest.approx(rescored["run"].metrics[key], rel=1e-12)
+        assert metrics["baseline"][key] == pytest.approx(rescored["baseline"].metrics[key], rel=1e-12)
+    assert [row["coco_cider_d"] for row in rows] == pytest.approx(rescored["run"].per_image["coco_cider_d"])
+
+    # The report: self-contained, with the run's and the baseline's numbers, curves, the whole gallery worst first.
+    report = (evaluated / "report.html").read_text()
+    for value in (metrics["coco_cider_d"], metrics["baseline"]["coco_cider_d"], metrics["coco_bleu4"]):
+        assert f"{100 * value:.2f}" in report
+    assert metrics["coco_tokenization"] in report
+    assert report.count('src="data:image/jpeg;base64,') == 6 and report.count('src="data:image/png;base64,') == 2
+    assert not re.search(r'(src|href)="(?!data:)', report), "the report must not load anything from outside"
+    assert ("does NOT beat" in report) == (not metrics["beats_baseline"])
+    order = [m.group(1) for m in re.finditer(r'class="rank">#\d+ · ([^<]+)<', report)]
+    worst_first = sorted(rows, key=lambda r: (r["coco_cider_d"], r["coco_rougeL"], r["image_id"]))
+    assert order == [row["image_id"] for row in worst_first]
+    for name in ("curve_loss.png", "curve_val_metrics.png"):
+        with Image.open(evaluated / name) as image:
+            assert image.format == "PNG" and image.width > 300
+
+
+def test_decoding_sweep_is_one_table_on_the_same_split(evaluated):
+    sweep = json.loads((evaluated / "decoding_sweep.json").read_text())
+    metrics = json.loads((evaluated / "metrics.json").read_text())
+    assert [row["decoding"] for row in sweep["rows"]] == SWEEP_NAMES and sweep["num_images"] == 6
+    greedy, baseline = sweep["rows"][0], sweep["rows"][-1]
+    assert greedy["settings"]["strategy"] == "greedy" and sweep["rows"][2]["settings"]["num_beams"] == 5
+    assert sweep["rows"][3]["settings"] | {"max_new_tokens": 0} == {
+        "strategy": "sample", "num_beams": 3, "temperature": 1.0, "top_p": 0.9, "max_new_tokens": 0}
+    for key, _ in COCO_METRICS:
+        assert greedy[key] == metrics[key] and baseline[key] == metrics["baseline"][key]
+    assert "Decoding comparison" in (evaluated / "report.html").read_text()
+
+
+def test_compare_puts_runs_side_by_side(evaluated, tmp_path, capsys):
+    other = tmp_path / "other"
+    other.mkdir()
+    metrics = json.loads((evaluated / "metrics.json").read_text())
+    (other / "metrics.json").write_text(json.dumps({**metrics, "coco_cider_d": 1.2345, "coco_bleu4": 0.5678}))
+    capsys.readouterr()
+    assert eval_script.main(["--compare", str(evaluated), str(other), "--out", str(tmp_path / "cmp")]) == 0
+    printed = capsys.readouterr().out
+    cider_row = next(line for line in printed.splitlines() if line.startswith("CIDEr-D"))
+    assert cider_row.split()[1:] == [f"{100 * metrics['coco_cider_d']:.2f}", "123.45"]
+    table = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert table["header"] == ["metric (x100)", evaluated.name, "other"]
+    assert table["metrics"][str(other)]["coco_bleu4"] == 0.5678
+    assert table["metrics"][str(evaluated)]["coco_cider_d"] == metrics["coco_cider_d"]
+    markdown = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "| CIDEr-D |" in markdown and "123.45" in markdown and "56.78" in markdown
+
+    assert run_cli(eval_script.main, ["--compare", str(evaluated), str(tmp_path / "never-evaluated")]) == 2
+    assert run_cli(eval_script.main, []) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2 and all(line.startswith("error: ") for line in errors)
+    assert "never-evaluated" in errors[0] and "python eval.py" in errors[0]
+
+
+def test_without_java_the_report_names_the_python_tokenisation(run, tmp_path, monkeypatch, capsys):
+    which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if name == "java" else which(name, *a, **k))
+    assert eval_script.main([str(run), "--out", str(tmp_path), "--no-progress", "--num-workers", "0"]) == 0
+    captured = capsys.readouterr()
+    notes = [line for line in captured.err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "java not found" in notes[0]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["coco_tokenization"] == "ptb-python" and metrics["coco_meteor"] is None
+    assert any("java not found" in note for note in metrics["notes"])
+    assert "n/a" in captured.out
+    report = (tmp_path / "report.html").read_text()
+    assert "ptb-python" in report and "java not found" in report
+
+
+def test_report_flags_a_run_that_does_not_beat_the_baseline(tmp_path):
+    class Record:
+        image_id, captions = "a<b>.png", ["a red circle"]
+
+        def open(self):
+            return Image.new("RGB", (300, 200), (200, 30, 30))
+
+    scores = {key: 0.1 for key, _ in COCO_METRICS} | {"rougeL": 0.1, "bleu4": 0.1}
+    metrics = {**scores, "num_images": 1, "coco_tokenization": "ptb-java", "beats_baseline": False,
+               "baseline_decided_by": "coco_cider_d", "processes": {"num_processes": 1},
+               "baseline": {**scores, "coco_cider_d": 0.5, "method": "nearest", "train_images": 3}}
+    row = {"image_id": "a<b>.png", "prediction": "<script>alert(1)</script>", "references": ["a red circle"],
+           "baseline": "a red circle", "coco_cider_d": 0.1, "coco_rougeL": 0.1}
+    html = render_report(metrics, [row], [Record()], [], None)
+    assert 'class="verdict bad"' in html and "does NOT beat the nearest-neighbour baseline on CIDEr-D" in html
+    assert "10.00 vs 50.00" in html
+    assert "<script>" not in html and "&lt;script&gt;" in html and "a&lt;b&gt;.png" in html
+
+
+def test_two_processes_caption_each_image_once_and_match_one_process(run, evaluated, tmp_path):
+    """ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 eval.py RUN: shards of whole batches, gathered."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(ROOT / "eval.py"), str(run), "--out", str(tmp_path), "--batch-size", "2", "--num-workers", "0",
+               "--no-progress"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("wrote ") == 1, "only the main process writes and prints"
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    single = json.loads((evaluated / "metrics.json").read_text())
+    # 6 images in 3 batches of 2: one batch for process 0, two for process 1.
+    assert metrics["processes"] == {"num_processes": 2, "images_per_process": [2, 4]}
+    rows, single_rows = read_jsonl(tmp_path / "predictions.jsonl"), read_jsonl(evaluated / "predictions.jsonl")
+    assert [r["image_id"] for r in rows] == [r["image_id"] for r in single_rows]  # each once, in split order
+    assert [r["prediction"] for r in rows] == [r["prediction"] for r in single_rows]
+    for key in [k for k, _ in COCO_METRICS] + ["rougeL", "bleu4", "baseline", "beats_baseline"]:
+        assert metrics[key] == single[key], key
+
+
+def test_every_flag_has_help():
+    parser = eval_script.build_parser()
+    for action in parser._actions:
+        assert action.help, action.dest

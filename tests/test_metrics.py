@@ -1,0 +1,137 @@
+"""The COCO metrics equal the reference implementation's, the Python tokenisation equals Java's on
+ordinary captions, a missing Java degrades with a note, and the nearest-neighbour rule."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+import metrics
+from eval import nearest_neighbour_captions
+from metrics import COCO_METRICS, coco_metrics, ptb_tokenize_python
+
+needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="the reference PTB tokenizer and METEOR need Java")
+
+# Capitals, punctuation, contractions and brackets, so that tokenisation changes the scores;
+# enough images that CIDEr-D's IDF differs from one image to the whole split.
+PREDICTIONS = [
+    "A man riding a brown horse on the beach.",
+    "Two dogs (one brown, one white) play in the grass!",
+    "A woman's red umbrella in the rain",
+    "A CAT sitting on a couch.",
+    "a group of people standing around a table",
+    "A child can't reach the cookie jar...",
+    "a dog",
+    "",
+]
+REFERENCES = [
+    ["A man rides a horse along the beach.", "Someone riding a brown horse by the sea.", "A horse and rider on sand."],
+    ["Two dogs playing in the grass.", "A brown dog and a white dog play outside.", "Dogs run on a lawn!"],
+    ["A woman holds a red umbrella.", "A red umbrella in the rain.", "Someone walks in the rain with an umbrella."],
+    ["A cat sits on the couch.", "A grey cat lying on a sofa.", "The cat is sitting on a couch."],
+    ["People stand around a table.", "A group of people gathered at a table.", "Several people near a table."],
+    ["A child reaching for a cookie jar.", "A kid can't reach the jar.", "A little boy tries to reach cookies."],
+    ["A dog runs in a field.", "A black dog running.", "A dog outside."],
+    ["A bowl of fruit.", "Apples and bananas in a bowl.", "Fruit in a bowl on a table."],
+]
+# Ordinary captions and punctuation the Python imitation must tokenise exactly like the Java tokenizer.
+TOKENIZER_CASES = [
+    "A man's colour (grey) dog, running!", 'She said "hello" -- and left...', "can't won't I'm",
+    "black-and-white photo of 1,000 people & a cat; yes: no?", "", "...", "A [red] {circle} on a white background.",
+    "U.S. flag at 3.5 p.m.", "an  emoji \U0001F600 café naïve", "don't 'quote' this", "Mr. Smith's 90's car",
+    "rock 'n' roll", "e-mail @home #tag $5 50% a/b", "Two dogs play in the grass .", "A dog. It runs.",
+    "I cannot go, gonna wanna gotta", "AT&T store", "He's 5' tall", "the 'best' dog", "dogs' toys",
+    "Two young guys with shaggy hair look at their hands while hanging out in the yard.", "The St. Louis arch.",
+    "Is it? Yes! No.", "x-ray of a 10-year-old", "The boys' team won!!", "Kids at 5:30 play", "a man - on a bike",
+    'A sign reads "STOP".', "She's got a 'nice' car, doesn't she?", "A bird (maybe a hawk) flies", "a 1990's car",
+    "A    spaced   caption  ", *PREDICTIONS, *(ref for refs in REFERENCES for ref in refs),
+]
+
+
+def reference_scores(predictions, references, tokenize=True) -> dict:
+    """pycocoevalcap called directly, as its COCOEvalCap.evaluate does (minus SPICE, which needs a download)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    gts = {i: [{"caption": ref} for ref in refs] for i, refs in enumerate(references)}
+    res = {i: [{"caption": pred}] for i, pred in enumerate(predictions)}
+    if tokenize:
+        tokenizer = PTBTokenizer()
+        gts, res = tokenizer.tokenize(gts), tokenizer.tokenize(res)
+    else:
+        gts = {i: [c["caption"] for c in v] for i, v in gts.items()}
+        res = {i: [c["caption"] for c in v] for i, v in res.items()}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    cider, cider_per_image = Cider().compute_score(gts, res)
+    scores = {f"coco_bleu{n + 1}": bleu[n] for n in range(4)}
+    scores["coco_rougeL"] = Rouge().compute_score(gts, res)[0]
+    scores["coco_cider_d"], scores["cider_per_image"] = cider, list(cider_per_image)
+    if tokenize:
+        scores["coco_meteor"] = Meteor().compute_score(gts, res)[0]
+    scores["gts"], scores["res"] = gts, res
+    return scores
+
+
+@needs_java
+def test_coco_metrics_equal_the_reference_implementation():
+    ours = coco_metrics({"run": PREDICTIONS}, REFERENCES)["run"]
+    reference = reference_scores(PREDICTIONS, REFERENCES)
+    assert ours.metrics["coco_tokenization"] == "ptb-java"
+    for key, name in COCO_METRICS:
+        assert ours.metrics[key] == pytest.approx(reference[key], rel=1e-12, abs=1e-15), name
+    assert ours.per_image["coco_cider_d"] == pytest.approx(reference["cider_per_image"], rel=1e-12)
+
+    # The fixture is sensitive to what must not break: on raw (untokenised, mixed-case) text the
+    # reference gives other numbers, so equality above means tokenisation and lower-casing happened.
+    raw = reference_scores(PREDICTIONS, REFERENCES, tokenize=False)
+    assert raw["coco_cider_d"] != pytest.approx(reference["coco_cider_d"])
+    assert raw["coco_bleu4"] != pytest.approx(reference["coco_bleu4"])
+    # ... and CIDEr-D is a whole-split statistic: image by image (IDF of one image) it is another number.
+    from pycocoevalcap.cider.cider import Cider
+
+    one_by_one = [Cider().compute_score({0: reference["gts"][i]}, {0: reference["res"][i]})[0]
+                  for i in range(len(PREDICTIONS))]
+    assert sum(one_by_one) / len(one_by_one) != pytest.approx(ours.metrics["coco_cider_d"])
+    half = coco_metrics({"run": PREDICTIONS[:4]}, REFERENCES[:4], use_java=True)["run"]
+    assert half.per_image["coco_cider_d"][0] != pytest.approx(ours.per_image["coco_cider_d"][0])
+
+
+@needs_java
+def test_python_tokenisation_equals_the_java_tokenizer_on_ordinary_captions():
+    java, tokenization, notes = metrics.tokenize_captions(TOKENIZER_CASES, use_java=True)
+    assert tokenization == "ptb-java" and not notes
+    assert [ptb_tokenize_python(caption) for caption in TOKENIZER_CASES] == java
+
+
+def test_without_java_the_metrics_degrade_with_one_note(monkeypatch, capsys):
+    which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if name == "java" else which(name, *a, **k))
+    notes = []
+    ours = coco_metrics({"run": PREDICTIONS}, REFERENCES, notes=notes)["run"]
+    assert ours.metrics["coco_tokenization"] == "ptb-python"
+    assert ours.metrics["coco_meteor"] is None and ours.per_image["coco_meteor"] == [None] * len(PREDICTIONS)
+    printed = capsys.readouterr().err.strip().splitlines()
+    assert len(printed) == 1 and "java not found" in printed[0] and "METEOR" in printed[0] and notes
+    # The same scorers on the Python tokens, called directly.
+    from pycocoevalcap.cider.cider import Cider
+
+    gts = {i: [ptb_tokenize_python(r) for r in refs] for i, refs in enumerate(REFERENCES)}
+    res = {i: [ptb_tokenize_python(p)] for i, p in enumerate(PREDICTIONS)}
+    assert ours.metrics["coco_cider_d"] == pytest.approx(Cider().compute_score(gts, res)[0], rel=1e-12)
+    assert ours.metrics["coco_bleu1"] > 0 and ours.metrics["coco_rougeL"] > 0
+
+
+def test_nearest_neighbour_captions_rule():
+    train_features = torch.tensor([[1.0, 0.0], [0.0, 1.0], [10.0, 10.0], [0.0, 2.0]])
+    train_captions = [["a first", "a second"], "b", ["c"], ["d"]]
+    queries = torch.tensor([[2.0, 0.1], [0.0, 5.0], [1.0, 1.0]])
+    # Cosine, not distance: [1, 1] is nearest to [10, 10] in angle. [0, 5] ties between [0, 1] and
+    # [0, 2]: the earliest training image wins. Always the first caption of the image.
+    assert nearest_neighbour_captions(train_features, train_captions, queries) == ["a first", "b", "c"]
+    assert nearest_neighbour_captions(train_features, train_captions, queries, chunk_size=1) == ["a first", "b", "c"]
+    with pytest.raises(ValueError):
+        nearest_neighbour_captions(train_features, train_captions[:2], queries)
