@@ -429,6 +429,10 @@ def build_app(page: Page, examples: list[tuple[str, str]]):
             return (gr.Slider(visible=beam), gr.Slider(visible=sample), gr.Slider(visible=sample),
                     gr.Number(visible=sample))
 
+        # A new image clears the last one's captions and message, in the browser (no round trip), so
+        # nothing on the page describes a picture that is no longer there.
+        image.change(None, None, [left_caption, left_time, right_caption, right_time, message],
+                     js="() => ['', '', '', '', '']")
         strategy.change(show_controls, strategy, [num_beams, temperature, top_p, seed], queue=False,
                         api_visibility="private")
         # One caption at a time: more requests wait in the queue (the page shows their place in it).
