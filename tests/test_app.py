@@ -5,6 +5,7 @@ package; where either is missing they are skipped with the reason (.ci/run insta
 """
 from __future__ import annotations
 
+import base64
 import importlib.util
 import os
 import socket
@@ -34,6 +35,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 START_TIMEOUT_S = 120
 CAPTION_TIMEOUT_MS = 30_000
+MAX_UPLOAD_MB = 2  # the served page's limit: small, so the test can exceed it with a 3 MB image
 
 gradio = pytest.importorskip("gradio", reason='the app extra is not installed (pip install -e ".[app]")')
 
@@ -79,7 +81,7 @@ def server(run, tmp_path_factory):
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             [sys.executable, str(ROOT / "app.py"), "--checkpoint", str(run), str(run / "last"),
-             "--port", str(port), "--no-progress"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+             "--port", str(port), "--no-progress", "--max-upload-mb", str(MAX_UPLOAD_MB)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -194,6 +196,11 @@ def test_bad_uploads_leave_the_server_answering(page, run, tiny, capsys, tmp_pat
     press_caption_and_wait(page, "message")
     assert "megapixels" in page.locator("#message").inner_text()
 
+    too_big = tmp_path / "noise.png"  # random pixels do not compress: about 3 MB
+    Image.frombytes("RGB", (1000, 1000), os.urandom(3_000_000)).save(too_big)
+    page.locator("#image input[type=file]").set_input_files(str(too_big))
+    page.get_by_text("exceed the maximum allowed size").wait_for(timeout=CAPTION_TIMEOUT_MS)  # Gradio refuses it
+
     upload(page, good)
     press_caption_and_wait(page, "caption")
     assert caption_of(page, "left") == inference_caption(capsys, run, good)
@@ -255,6 +262,22 @@ def test_uploads_are_checked_before_decoding(tiny, tmp_path):
     for path, words in cases.items():
         with pytest.raises(UserError, match=words):
             app.open_upload(path, 40, 1)
+
+
+def test_the_image_box_hands_over_paths_unopened(tmp_path, tiny):
+    """Uploads arrive as a path (nothing decoded before open_upload); an image pasted inline as a
+    data: URL is written to a file first."""
+    from gradio.data_classes import ImageData
+
+    box = app.image_input_class()(type="filepath", image_mode=None, render=False)
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("not an image")
+    assert box.preprocess(ImageData(path=str(not_an_image))) == str(not_an_image)
+    assert box.preprocess(None) is None
+    good = Path(tiny["data_dir"]) / "images" / "test_0000.png"
+    inline = "data:image/png;base64," + base64.b64encode(good.read_bytes()).decode()
+    pasted = box.preprocess(ImageData(url=inline))
+    assert Path(pasted).read_bytes() == good.read_bytes()
 
 
 def test_no_checkpoint_serves_the_newest_demo_run_or_trains_one(tmp_path, monkeypatch):
