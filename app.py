@@ -346,31 +346,36 @@ class Page:
 # The page
 # ----------------------------------------------------------------------------------------------
 
-def image_input_class():
-    """gr.Image that hands the handler the uploaded file's path without opening it: gr.Image's own
-    preprocessing decodes with PIL first, and a file that is not an image (or an image bomb) would
-    fail there with a bare "Error" instead of reaching open_upload and its friendly message."""
+def image_path_unopened(payload, cache_dir: str) -> str | None:
+    """What the image box hands the handler: the uploaded file's path, nothing decoded yet (an image
+    pasted inline as a data: URL is written to a file first)."""
+    if payload is None:
+        return None
+    if payload.path:
+        return str(payload.path)
+    if payload.url and payload.url.startswith("data:"):
+        try:
+            data = base64.b64decode(payload.url.split(",", 1)[1], validate=False)
+        except (IndexError, binascii.Error):
+            data = b""
+        os.makedirs(cache_dir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".img", delete=False) as handle:
+            handle.write(data)
+        return handle.name
+    return None
+
+
+def image_box(**kwargs):
+    """A gr.Image whose handler gets the file's path unopened. gr.Image's own preprocessing decodes
+    with PIL first, so a file that is not an image (or an image bomb) would fail there with a bare
+    "Error" instead of reaching open_upload and its message. The method is replaced on this one
+    instance rather than in a subclass because Gradio writes a .pyi stub beside the source file of
+    every Component subclass."""
     import gradio as gr
 
-    class UploadedImage(gr.Image):
-        is_template = True  # rendered by gr.Image's own front end
-
-        def preprocess(self, payload):
-            if payload is None:
-                return None
-            if payload.path:
-                return str(payload.path)
-            if payload.url and payload.url.startswith("data:"):  # a pasted image sent inline
-                try:
-                    data = base64.b64decode(payload.url.split(",", 1)[1], validate=False)
-                except (IndexError, binascii.Error):
-                    data = b""
-                with tempfile.NamedTemporaryFile(dir=self.GRADIO_CACHE, suffix=".img", delete=False) as handle:
-                    handle.write(data)
-                return handle.name
-            return None
-
-    return UploadedImage
+    box = gr.Image(type="filepath", image_mode=None, **kwargs)
+    box.preprocess = lambda payload: image_path_unopened(payload, box.GRADIO_CACHE)
+    return box
 
 
 def intro(page: Page, examples: list[tuple[str, str]]) -> str:
@@ -395,8 +400,7 @@ def build_app(page: Page, examples: list[tuple[str, str]]):
         gr.Markdown(intro(page, examples), elem_id="intro")
         with gr.Row():
             with gr.Column(scale=1):
-                image = image_input_class()(label="Image", sources=["upload", "clipboard"], type="filepath",
-                                            image_mode=None, height=320, elem_id="image")
+                image = image_box(label="Image", sources=["upload", "clipboard"], height=320, elem_id="image")
                 if examples:
                     gr.Examples([[path] for path, _ in examples], inputs=[image],
                                 example_labels=[label for _, label in examples], label="Examples",

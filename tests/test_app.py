@@ -269,7 +269,7 @@ def test_the_image_box_hands_over_paths_unopened(tmp_path, tiny):
     data: URL is written to a file first."""
     from gradio.data_classes import ImageData
 
-    box = app.image_input_class()(type="filepath", image_mode=None, render=False)
+    box = app.image_box(render=False)
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_text("not an image")
     assert box.preprocess(ImageData(path=str(not_an_image))) == str(not_an_image)
