@@ -134,11 +134,17 @@ def build_baseline(captioner, checkpoint: Path, batch_size: int, progress: bool)
     if not records:
         return None, "no baseline: none of the run's training images could be read"
     note = f"the first caption of the most CLIP-similar of the run's {len(records):,} training images"
+    if bad_samples:
+        note += f" ({len(bad_samples):,} unreadable ones left out)"
     return Baseline(features[readable], [record.captions for record in records]), note
 
 
 def load_run(checkpoint: str | Path, device, with_baseline: bool = True, batch_size: int = 64,
              progress: bool = True) -> LoadedRun:
+    """The run's captioner and baseline, loaded once, and one warm-up caption so that the first
+    visitor's timing is not the first-call overhead."""
+    from PIL import Image
+
     from eval import default_dtype
     from model import ADAPTER_CONFIG, load_captioner
 
@@ -153,8 +159,6 @@ def load_run(checkpoint: str | Path, device, with_baseline: bool = True, batch_s
         run.baseline, run.baseline_note = build_baseline(captioner, checkpoint, batch_size, progress)
     else:
         run.baseline_note = "no baseline (--no-baseline)"
-    from PIL import Image
-
     caption_with_run(run, Image.new("RGB", (WARM_UP_SIZE, WARM_UP_SIZE), (128, 128, 128)), decoding_config())
     print(f"loaded {run.name} from {checkpoint} in {time.perf_counter() - started:.1f} s; {run.baseline_note}",
           flush=True)
@@ -506,7 +510,7 @@ def main(argv=None) -> int:
     print(f"serving {', '.join(run.name for run in runs)} on http://{args.host}:{args.port} (Ctrl-C stops)", flush=True)
     try:
         app.launch(server_name=args.host, server_port=args.port, max_file_size=int(args.max_upload_mb * 2**20),
-                   allowed_paths=sorted({str(Path(path).parent) for path, _ in examples}), show_error=False)
+                   show_error=False)
     except OSError as error:
         raise UserError(f"cannot serve on {args.host}:{args.port} ({error}); pick another --port") from None
     return 0
