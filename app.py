@@ -507,7 +507,8 @@ def main(argv=None) -> int:
     page = Page(runs, args.max_megapixels, args.max_upload_mb)
     examples = example_images(checkpoints[0], args.examples)
     app = build_app(page, examples)
-    print(f"starting the page for {', '.join(run.name for run in runs)} on http://{args.host}:{args.port} (Ctrl-C stops)", flush=True)
+    names = ", ".join(run.name for run in runs)
+    print(f"starting the page for {names} on http://{args.host}:{args.port} (Ctrl-C stops)", flush=True)
     try:
         app.launch(server_name=args.host, server_port=args.port, max_file_size=int(args.max_upload_mb * 2**20),
                    show_error=False)
