@@ -81,7 +81,8 @@ def server(run, tmp_path_factory):
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             [sys.executable, str(ROOT / "app.py"), "--checkpoint", str(run), str(run / "last"),
-             "--port", str(port), "--no-progress", "--max-upload-mb", str(MAX_UPLOAD_MB)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+             "--port", str(port), "--no-progress", "--max-upload-mb", str(MAX_UPLOAD_MB)],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -137,7 +138,8 @@ def upload(page, path) -> None:
         " return img && img.src.includes('/file=') && img.src !== before; }", arg=before, timeout=CAPTION_TIMEOUT_MS)
     # A new image clears the previous captions and message.
     page.wait_for_function("() => !document.querySelector('#message').innerText.includes('\u26a0')"
-                           " && document.querySelector('#left-caption textarea').value === ''", timeout=CAPTION_TIMEOUT_MS)
+                           " && document.querySelector('#left-caption textarea').value === ''",
+                           timeout=CAPTION_TIMEOUT_MS)
 
 
 def press_caption_and_wait(page, expect: str) -> None:
@@ -258,7 +260,8 @@ def test_uploads_are_checked_before_decoding(tiny, tmp_path):
     truncated.write_bytes(good.read_bytes()[:150])
     big = tmp_path / "big.bin"
     big.write_bytes(b"\0" * (2 * 2**20))
-    cases = {None: "Choose an image", truncated: "could not be read", big: "2 MB", tmp_path / "gone.png": "did not arrive"}
+    cases = {None: "Choose an image", truncated: "could not be read", big: "2 MB",
+             tmp_path / "gone.png": "did not arrive"}
     for path, words in cases.items():
         with pytest.raises(UserError, match=words):
             app.open_upload(path, 40, 1)
