@@ -1,0 +1,521 @@
+"""A web page to try a trained captioner: drop, upload or paste an image, read its caption beside a
+second run's or the nearest-neighbour baseline's, with decoding controls and the time each took.
+
+    python app.py                                             # the newest offline demo run (trains one if none)
+    python app.py --checkpoint saved_models/quick             # your run, beside the nearest-neighbour baseline
+    python app.py --checkpoint saved_models/a saved_models/b  # two runs side by side
+    python app.py --host 0.0.0.0 --port 7861                  # reachable from other machines
+
+Serves a Gradio page on http://127.0.0.1:7860 (localhost only unless --host says otherwise). Each
+run's model and its baseline load once, at start-up; caption requests wait in Gradio's queue and
+run one at a time. Needs the `app` extra (`pip install -e ".[app]"`; `make setup` installs it)
+and no network.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import os
+import re
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from utils import UserError, run_cli
+
+# Gradio reports usage and checks for new versions over the network unless told not to.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+DEFAULT_PORT = 7860
+DEMO_RUN_NAME = re.compile(r"demo(-(\d+))?")
+NOTHING = "nothing"
+BASELINE_PREFIX = "nearest-neighbour baseline of "
+STRATEGIES = ("greedy", "beam", "sample")
+WARM_UP_SIZE = 64  # pixels of the blank image each model captions once at start-up
+
+
+# ----------------------------------------------------------------------------------------------
+# Which runs: the user's, or the newest offline demo run
+# ----------------------------------------------------------------------------------------------
+
+def find_demo_run(output_dir: str | Path) -> Path | None:
+    """The newest demo run (demo, demo-2, ... as train.py --demo names them) that has an adapter."""
+    from model import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None
+    runs = [folder for folder in output_dir.iterdir()
+            if DEMO_RUN_NAME.fullmatch(folder.name) and (folder / ADAPTER_CONFIG).is_file()
+            and (folder / ADAPTER_WEIGHTS).is_file()]
+    if not runs:
+        return None
+    number = lambda folder: int(DEMO_RUN_NAME.fullmatch(folder.name).group(2) or 1)  # noqa: E731
+    return max(runs, key=lambda folder: ((folder / ADAPTER_WEIGHTS).stat().st_mtime_ns, number(folder)))
+
+
+def ensure_demo_run(output_dir: str | Path, progress: bool = True) -> Path:
+    """The newest demo run, after training one exactly as `python train.py --demo` does if there is none."""
+    import train
+    from demo import ensure_demo_assets
+
+    ensure_demo_assets(progress=progress)  # the demo's backbones live in a cache that may have been cleared
+    run = find_demo_run(output_dir)
+    if run is not None:
+        return run
+    print(f"no demo run under {output_dir}/ yet: training one with `python train.py --demo` "
+          "(about two minutes on 2 CPU cores) ...", flush=True)
+    argv = ["--demo", "--output-dir", str(output_dir)] + ([] if progress else ["--no-progress"])
+    if train.main(argv) != 0:
+        raise UserError("demo training was interrupted; run `python app.py` again to train it afresh")
+    run = find_demo_run(output_dir)
+    if run is None:
+        raise UserError(f"demo training finished but left no run with an adapter under {output_dir}")
+    return run
+
+
+# ----------------------------------------------------------------------------------------------
+# Loaded once at start-up: the models, their baselines, the examples
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Baseline:
+    """The nearest-neighbour baseline of one run: CLIP features and captions of its training images."""
+
+    features: torch.Tensor  # (N, F), as the run's captioner computes them
+    captions: list[list[str]]
+
+    def caption(self, image_features: torch.Tensor) -> str:
+        from eval import nearest_neighbour_captions
+
+        return nearest_neighbour_captions(self.features, self.captions, image_features)[0]
+
+
+@dataclass
+class LoadedRun:
+    name: str
+    path: Path
+    captioner: object
+    baseline: Baseline | None = None
+    baseline_note: str = ""  # what the baseline is, or why there is none
+    # Gradio's queue already runs one caption at a time; the lock keeps a run safe from any other
+    # caller too (a torch model's generate is not meant to run in two threads at once).
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def build_baseline(captioner, checkpoint: Path, batch_size: int, progress: bool) -> tuple[Baseline | None, str]:
+    """Features of the run's training images (through the on-disk feature cache, so a second start-up
+    reads them back), or None and the reason when its training data is not at hand."""
+    from dataset import FLICKR30K_PARQUET, extract_features
+    from eval import baseline_training_records, find_run_config
+
+    run = find_run_config(checkpoint)
+    if not run.get("dataset"):
+        return None, "no baseline: the run folder does not say which data it was trained on"
+    try:
+        records = baseline_training_records(run, run["dataset"], run.get("data_dir"),
+                                            run.get("hub_data_files") or FLICKR30K_PARQUET)
+        bad_samples: list = []
+        features = extract_features(captioner, records, batch_size, 0, progress,
+                                    "CLIP features (training images, for the baseline)",
+                                    cache_dir=run.get("feature_cache_dir") or None, use_cache=True,
+                                    on_bad_sample="skip", bad_samples=bad_samples)
+    except UserError as error:
+        return None, f"no baseline: its training images could not be read ({error})"
+    readable = ~torch.isnan(features).any(dim=1)
+    records = [record for record, ok in zip(records, readable.tolist()) if ok]
+    if not records:
+        return None, "no baseline: none of the run's training images could be read"
+    note = f"the first caption of the most CLIP-similar of the run's {len(records):,} training images"
+    if bad_samples:
+        note += f" ({len(bad_samples):,} unreadable ones left out)"
+    return Baseline(features[readable], [record.captions for record in records]), note
+
+
+def load_run(checkpoint: str | Path, device, with_baseline: bool = True, batch_size: int = 64,
+             progress: bool = True) -> LoadedRun:
+    """The run's captioner and baseline, loaded once, and one warm-up caption so that the first
+    visitor's timing is not the first-call overhead."""
+    from PIL import Image
+
+    from eval import default_dtype
+    from model import ADAPTER_CONFIG, load_captioner
+
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / ADAPTER_CONFIG).is_file():
+        raise UserError(f"{checkpoint} is not a run folder: it has no {ADAPTER_CONFIG}")
+    started = time.perf_counter()
+    captioner = load_captioner(checkpoint, device=device, dtype=default_dtype(device))
+    name = checkpoint.name if checkpoint.name != "last" else f"{checkpoint.parent.name}/last"
+    run = LoadedRun(name, checkpoint, captioner)
+    if with_baseline:
+        run.baseline, run.baseline_note = build_baseline(captioner, checkpoint, batch_size, progress)
+    else:
+        run.baseline_note = "no baseline (--no-baseline)"
+    caption_with_run(run, Image.new("RGB", (WARM_UP_SIZE, WARM_UP_SIZE), (128, 128, 128)), decoding_config())
+    print(f"loaded {run.name} from {checkpoint} in {time.perf_counter() - started:.1f} s; {run.baseline_note}",
+          flush=True)
+    return run
+
+
+def unique_names(runs: list[LoadedRun]) -> None:
+    """Runs named alike (two `last` folders, say) are told apart by their full path."""
+    names = [run.name for run in runs]
+    for run in runs:
+        if names.count(run.name) > 1:
+            run.name = str(run.path)
+
+
+def example_images(checkpoint: Path, count: int) -> list[tuple[str, str]]:
+    """(path, label): the first test images of the run's own data, then real photos that install
+    with the dependencies (matplotlib's Grace Hopper; scikit-image's astronaut and cat if present)."""
+    from dataset import FLICKR30K_PARQUET, load_records
+    from eval import find_run_config
+
+    examples = []
+    run = find_run_config(checkpoint)
+    if run.get("dataset") and count > 0:
+        try:
+            records = load_records(run["dataset"], "test", run.get("data_dir"),
+                                   run.get("hub_data_files") or FLICKR30K_PARQUET, run.get("seed", 0))[:count]
+        except UserError:
+            records = []
+        folder = None
+        for record in records:
+            if record.path is None:  # a Hub row: give the page a file of it
+                folder = folder or Path(tempfile.mkdtemp(prefix="captioner-app-examples-"))
+                path = folder / f"{re.sub(r'[^A-Za-z0-9._-]', '_', record.image_id)}.png"
+                record.open().save(path)
+            else:
+                path = record.path
+            examples.append((str(path), f"test image {Path(record.image_id).stem}"))
+    for path, label in real_photos():
+        examples.append((path, label))
+    return examples
+
+
+def real_photos() -> list[tuple[str, str]]:
+    import importlib.util
+
+    photos = []
+    matplotlib = importlib.util.find_spec("matplotlib")
+    if matplotlib and matplotlib.origin:
+        photos.append((Path(matplotlib.origin).parent / "mpl-data" / "sample_data" / "grace_hopper.jpg",
+                       "photo: Grace Hopper"))
+    skimage = importlib.util.find_spec("skimage")  # not a dependency; its bundled photos if installed
+    if skimage and skimage.origin:
+        data = Path(skimage.origin).parent / "data"
+        photos += [(data / "astronaut.png", "photo: astronaut"), (data / "chelsea.png", "photo: cat")]
+    return [(str(path), label) for path, label in photos if path.is_file()]
+
+
+# ----------------------------------------------------------------------------------------------
+# One request
+# ----------------------------------------------------------------------------------------------
+
+def open_upload(path, max_megapixels: float, max_upload_mb: float):
+    """The uploaded file as an RGB PIL image, or a UserError a person can act on. The pixel count is
+    read from the header before anything is decoded, so an image bomb costs nothing."""
+    from PIL import Image
+
+    from dataset import open_image
+
+    if not path:
+        raise UserError("Choose an image first: drop one on the box, upload or paste one, or click an example.")
+    path = Path(path)
+    if not path.is_file():
+        raise UserError("The upload did not arrive; please try again.")
+    megabytes = path.stat().st_size / 2**20
+    if megabytes > max_upload_mb:
+        raise UserError(f"That file is {megabytes:.0f} MB; this page takes images up to {max_upload_mb:g} MB.")
+    unreadable = ("That file could not be read as an image: it may be damaged or cut short, or not be an image at "
+                  "all. Try a JPEG, PNG, WebP, GIF, BMP or TIFF file.")
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except Image.DecompressionBombError:  # PIL refuses to even open the very largest
+        raise UserError(f"That image is far too large; this page takes images up to {max_megapixels:g} megapixels.") \
+            from None
+    except Exception:  # PIL raises many kinds for files that are not images (UnidentifiedImageError, ...)
+        raise UserError(unreadable) from None
+    if width * height > max_megapixels * 1e6:
+        raise UserError(f"That image is {width:,} x {height:,} pixels ({width * height / 1e6:.0f} megapixels); "
+                        f"this page takes images up to {max_megapixels:g} megapixels. Please make it smaller.")
+    try:
+        return open_image(path)  # the same opener as inference.py, so the page captions the same pixels
+    except Exception:  # UserError from a truncated file, or anything PIL raises while decoding
+        raise UserError(unreadable) from None
+
+
+def decoding_config(strategy: str = "greedy", num_beams: float = 3, temperature: float = 0.7, top_p: float = 0.9,
+                    max_new_tokens: float = 30):
+    from model import DecodingConfig
+
+    return DecodingConfig(strategy=strategy, num_beams=int(num_beams), temperature=float(temperature),
+                          top_p=float(top_p), max_new_tokens=int(max_new_tokens))
+
+
+def caption_with_run(run: LoadedRun, image, decoding, seed: int = 0) -> tuple[str, float]:
+    """(caption, milliseconds from the PIL image to the text). Seeded like inference.py --seed, so
+    sampling gives the same caption here as there."""
+    with run.lock:
+        started = time.perf_counter()
+        torch.manual_seed(seed)
+        caption = run.captioner.caption_images([image], decoding)[0]
+        return caption, (time.perf_counter() - started) * 1000
+
+
+def caption_with_baseline(run: LoadedRun, image) -> tuple[str, float]:
+    with run.lock:
+        started = time.perf_counter()
+        with torch.no_grad():
+            features = run.captioner.image_features(run.captioner.preprocess([image]))  # (1, F)
+        caption = run.baseline.caption(features)
+        return caption, (time.perf_counter() - started) * 1000
+
+
+def describe(decoding) -> str:
+    from eval import describe_decoding
+
+    return f"{describe_decoding(decoding)}, at most {decoding.max_new_tokens} new tokens"
+
+
+@dataclass
+class Page:
+    """What the page offers: its runs, their baselines, and the limits on uploads."""
+
+    runs: list[LoadedRun]
+    max_megapixels: float = 40
+    max_upload_mb: float = 50
+
+    def __post_init__(self):
+        self.by_name = {run.name: run for run in self.runs}
+        self.baselines = {BASELINE_PREFIX + run.name: run for run in self.runs if run.baseline is not None}
+
+    @property
+    def compare_choices(self) -> list[str]:
+        return [*self.baselines, *self.by_name, NOTHING]
+
+    @property
+    def default_compare(self) -> str:
+        if len(self.runs) > 1:
+            return self.runs[1].name
+        return next(iter(self.baselines), NOTHING)
+
+    def caption_one(self, choice: str, image, decoding, seed: int) -> tuple[str, str]:
+        """(caption, timing line) for one side of the page."""
+        if choice in self.baselines:
+            run = self.baselines[choice]
+            caption, ms = caption_with_baseline(run, image)
+            return caption, f"**{ms:,.0f} ms** · {run.baseline_note}"
+        if choice in self.by_name:
+            caption, ms = caption_with_run(self.by_name[choice], image, decoding, seed)
+            return caption, f"**{ms:,.0f} ms** · {describe(decoding)}"
+        return "", ""
+
+    def caption(self, image_path, left: str, right: str, strategy: str, num_beams, temperature, top_p,
+                max_new_tokens, seed):
+        """The Caption button: (left caption, left time, right caption, right time, message).
+        Whatever goes wrong with one request becomes a message on the page; the server carries on."""
+        import gradio as gr
+
+        try:
+            if left not in self.by_name:
+                raise UserError(f"Pick a run to caption with ({', '.join(self.by_name)}).")
+            image = open_upload(image_path, self.max_megapixels, self.max_upload_mb)
+            decoding = decoding_config(strategy, num_beams, temperature, top_p, max_new_tokens)
+            seed = int(seed or 0)
+            left_caption, left_time = self.caption_one(left, image, decoding, seed)
+            right_caption, right_time = self.caption_one(right, image, decoding, seed)
+        except UserError as error:
+            gr.Warning(str(error))
+            return "", "", "", "", f"⚠️ {error}"
+        except Exception as error:  # noqa: BLE001 - one bad request must not take the page down
+            traceback.print_exc()
+            message = f"Something went wrong captioning that image ({type(error).__name__}); please try another."
+            gr.Warning(message)
+            return "", "", "", "", f"⚠️ {message}"
+        return (gr.Textbox(value=left_caption, label=f"caption: {left}"), left_time,
+                gr.Textbox(value=right_caption, label=f"compared with: {right}"), right_time, "")
+
+
+# ----------------------------------------------------------------------------------------------
+# The page
+# ----------------------------------------------------------------------------------------------
+
+def image_path_unopened(payload, cache_dir: str) -> str | None:
+    """What the image box hands the handler: the uploaded file's path, nothing decoded yet (an image
+    pasted inline as a data: URL is written to a file first)."""
+    if payload is None:
+        return None
+    if payload.path:
+        return str(payload.path)
+    if payload.url and payload.url.startswith("data:"):
+        try:
+            data = base64.b64decode(payload.url.split(",", 1)[1], validate=False)
+        except (IndexError, binascii.Error):
+            data = b""
+        os.makedirs(cache_dir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".img", delete=False) as handle:
+            handle.write(data)
+        return handle.name
+    return None
+
+
+def image_box(**kwargs):
+    """A gr.Image whose handler gets the file's path unopened. gr.Image's own preprocessing decodes
+    with PIL first, so a file that is not an image (or an image bomb) would fail there with a bare
+    "Error" instead of reaching open_upload and its message. The method is replaced on this one
+    instance rather than in a subclass because Gradio writes a .pyi stub beside the source file of
+    every Component subclass."""
+    import gradio as gr
+
+    box = gr.Image(type="filepath", image_mode=None, **kwargs)
+    box.preprocess = lambda payload: image_path_unopened(payload, box.GRADIO_CACHE)
+    return box
+
+
+def intro(page: Page, examples: list[tuple[str, str]]) -> str:
+    lines = ["# Captioner: try a trained run",
+             "Drop, upload or paste an image (or click an example), choose what to compare, and press **Caption**. "
+             "Times are measured on this server, from the decoded image to the text."]
+    for run in page.runs:
+        config = run.captioner.config
+        lines.append(f"- **{run.name}** (`{run.path}`): {config.adapter_kind} adapter, {config.prefix_length} prefix "
+                     f"tokens; CLIP `{config.clip_model}`, LM `{config.lm_model}`. Baseline: {run.baseline_note}.")
+    if any(label.startswith("photo") for _, label in examples):
+        lines.append("\nThe photos among the examples are real photographs. A run trained on the offline demo's "
+                     "synthetic coloured shapes has never seen one and will describe them as shapes: that is "
+                     "expected of the tiny demo model, not a bug.")
+    return "\n".join(lines)
+
+
+def build_app(page: Page, examples: list[tuple[str, str]]):
+    import gradio as gr
+
+    with gr.Blocks(title="Captioner") as app:
+        gr.Markdown(intro(page, examples), elem_id="intro")
+        with gr.Row():
+            with gr.Column(scale=1):
+                image = image_box(label="Image", sources=["upload", "clipboard"], height=320, elem_id="image")
+                if examples:
+                    gr.Examples([[path] for path, _ in examples], inputs=[image],
+                                example_labels=[label for _, label in examples], label="Examples",
+                                examples_per_page=len(examples))
+            with gr.Column(scale=1):
+                with gr.Row():
+                    left = gr.Dropdown(list(page.by_name), value=page.runs[0].name, label="Caption with",
+                                       elem_id="left-choice")
+                    right = gr.Dropdown(page.compare_choices, value=page.default_compare, label="Compare with",
+                                        elem_id="right-choice")
+                with gr.Accordion("Decoding", open=True):
+                    strategy = gr.Radio(list(STRATEGIES), value="greedy", label="Strategy", elem_id="strategy",
+                                        info="the nearest-neighbour baseline does not decode: it retrieves")
+                    num_beams = gr.Slider(2, 10, value=3, step=1, label="Beam width", visible=False)
+                    temperature = gr.Slider(0.05, 2.0, value=0.7, step=0.05, label="Temperature", visible=False)
+                    top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p", visible=False)
+                    seed = gr.Number(0, precision=0, label="Seed (sampling)", visible=False)
+                    max_new_tokens = gr.Slider(1, 100, value=30, step=1, label="Max new tokens")
+                button = gr.Button("Caption", variant="primary", elem_id="caption-button")
+                message = gr.Markdown("", elem_id="message")
+                left_caption = gr.Textbox(label=f"caption: {page.runs[0].name}", interactive=False,
+                                          elem_id="left-caption", lines=2)
+                left_time = gr.Markdown("", elem_id="left-time")
+                right_caption = gr.Textbox(label=f"compared with: {page.default_compare}", interactive=False,
+                                           elem_id="right-caption", lines=2)
+                right_time = gr.Markdown("", elem_id="right-time")
+
+        def show_controls(chosen: str):
+            beam, sample = chosen == "beam", chosen == "sample"
+            return (gr.Slider(visible=beam), gr.Slider(visible=sample), gr.Slider(visible=sample),
+                    gr.Number(visible=sample))
+
+        # A new image clears the last one's captions and message, in the browser (no round trip), so
+        # nothing on the page describes a picture that is no longer there.
+        image.change(None, None, [left_caption, left_time, right_caption, right_time, message],
+                     js="() => ['', '', '', '', '']")
+        strategy.change(show_controls, strategy, [num_beams, temperature, top_p, seed], queue=False,
+                        api_visibility="private")
+        # One caption at a time: more requests wait in the queue (the page shows their place in it).
+        button.click(page.caption, [image, left, right, strategy, num_beams, temperature, top_p, max_new_tokens, seed],
+                     [left_caption, left_time, right_caption, right_time, message],
+                     api_name="caption", concurrency_limit=1)
+    app.queue(max_size=64)
+    return app
+
+
+# ----------------------------------------------------------------------------------------------
+# The script
+# ----------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", nargs="+", metavar="RUN",
+                        help="run folder(s) to serve (a run folder, or its last/ sub-folder); the first captions "
+                             "by default, the others can be compared with it (default: the newest offline demo run "
+                             "under --output-dir, trained first if there is none)")
+    parser.add_argument("--output-dir", default="saved_models",
+                        help="where to look for, and if need be train, the demo run when no --checkpoint is given")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to serve on (default: this machine only; 0.0.0.0 for every interface)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to serve on")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip the nearest-neighbour baseline (it reads every training image of each run once, "
+                             "then keeps their CLIP features in the on-disk feature cache)")
+    parser.add_argument("--examples", type=int, default=4, help="test images of the first run offered as examples")
+    parser.add_argument("--max-megapixels", type=float, default=40, help="larger images are refused with a message")
+    parser.add_argument("--max-upload-mb", type=float, default=50, help="larger files are refused with a message")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars at start-up")
+    return parser
+
+
+def import_gradio():
+    try:
+        import gradio
+    except ImportError:
+        raise UserError('the page needs Gradio: pip install -e ".[app]" (make setup installs it)') from None
+    return gradio
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from eval import pick_device
+
+    import_gradio()
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port must be between 1 and 65535, got {args.port}")
+    if args.max_megapixels <= 0 or args.max_upload_mb <= 0:
+        raise UserError("--max-megapixels and --max-upload-mb must be positive")
+    progress = not args.no_progress
+    checkpoints = [Path(path) for path in args.checkpoint or [ensure_demo_run(args.output_dir, progress)]]
+    from model import ADAPTER_CONFIG
+
+    for checkpoint in checkpoints:  # every folder checked before the first (slow) load
+        if not (checkpoint / ADAPTER_CONFIG).is_file():
+            raise UserError(f"{checkpoint} is not a run folder: it has no {ADAPTER_CONFIG}")
+    device = pick_device(args.device)
+    runs = [load_run(checkpoint, device, not args.no_baseline, progress=progress) for checkpoint in checkpoints]
+    unique_names(runs)
+    page = Page(runs, args.max_megapixels, args.max_upload_mb)
+    examples = example_images(checkpoints[0], args.examples)
+    app = build_app(page, examples)
+    names = ", ".join(run.name for run in runs)
+    print(f"starting the page for {names} on http://{args.host}:{args.port} (Ctrl-C stops)", flush=True)
+    try:
+        app.launch(server_name=args.host, server_port=args.port, max_file_size=int(args.max_upload_mb * 2**20),
+                   show_error=False)
+    except OSError as error:
+        raise UserError(f"cannot serve on {args.host}:{args.port} ({error}); pick another --port") from None
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
