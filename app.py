@@ -113,8 +113,8 @@ class LoadedRun:
 def build_baseline(captioner, checkpoint: Path, batch_size: int, progress: bool) -> tuple[Baseline | None, str]:
     """Features of the run's training images (through the on-disk feature cache, so a second start-up
     reads them back), or None and the reason when its training data is not at hand."""
-    from dataset import FLICKR30K_PARQUET, extract_features
-    from eval import baseline_training_records, find_run_config
+    from dataset import FLICKR30K_PARQUET, drop_unreadable, extract_features
+    from eval import baseline_training_records, feature_cache_settings, find_run_config
 
     run = find_run_config(checkpoint)
     if not run.get("dataset"):
@@ -125,18 +125,16 @@ def build_baseline(captioner, checkpoint: Path, batch_size: int, progress: bool)
         bad_samples: list = []
         features = extract_features(captioner, records, batch_size, 0, progress,
                                     "CLIP features (training images, for the baseline)",
-                                    cache_dir=run.get("feature_cache_dir") or None, use_cache=True,
-                                    on_bad_sample="skip", bad_samples=bad_samples)
+                                    on_bad_sample="skip", bad_samples=bad_samples, **feature_cache_settings(run))
     except UserError as error:
         return None, f"no baseline: its training images could not be read ({error})"
-    readable = ~torch.isnan(features).any(dim=1)
-    records = [record for record, ok in zip(records, readable.tolist()) if ok]
+    records, features = drop_unreadable(records, features)
     if not records:
         return None, "no baseline: none of the run's training images could be read"
     note = f"the first caption of the most CLIP-similar of the run's {len(records):,} training images"
     if bad_samples:
         note += f" ({len(bad_samples):,} unreadable ones left out)"
-    return Baseline(features[readable], [record.captions for record in records]), note
+    return Baseline(features, [record.captions for record in records]), note
 
 
 def load_run(checkpoint: str | Path, device, with_baseline: bool = True, batch_size: int = 64,

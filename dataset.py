@@ -563,6 +563,15 @@ def extract_features(captioner, records: list[ImageRecord], batch_size: int = 64
     return captioner.finish_features(embeddings)
 
 
+def drop_unreadable(records: list[ImageRecord], features: torch.Tensor):
+    """The records whose features are real and those features: extract_features marks an image
+    it could not read (on_bad_sample="skip") with a row of NaN."""
+    readable = ~torch.isnan(features).any(dim=1)
+    if readable.all():
+        return records, features
+    return [r for r, ok in zip(records, readable.tolist()) if ok], features[readable]
+
+
 def _encode(captioner, records: list[ImageRecord], batch_size: int, num_workers: int, progress: bool,
             desc: str, failures: dict, on_bad_sample: str) -> torch.Tensor:
     """Raw CLIP embeddings (N, F), NaN rows for unreadable images (recorded in `failures`).

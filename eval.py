@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dataset import DATASETS, FLICKR30K_PARQUET, extract_features, limit_records, load_records
+from dataset import DATASETS, FLICKR30K_PARQUET, drop_unreadable, extract_features, limit_records, load_records
 from metrics import COCO_METRICS, COCO_VARIANT, TOKENIZATION_DETAILS, coco_metrics, start_meteor
 from model import ADAPTER_CONFIG, LM_QUANTIZATIONS, DecodingConfig, load_captioner
 from report import EXTRA_METRICS, baseline_verdict, percent, sweep_rows, write_report
@@ -272,10 +272,7 @@ def evaluate_captioner(captioner, records, decodings: dict[str, DecodingConfig],
             "CLIP features (training images, for the baseline)", feature_cache, on_bad_sample="skip")]))
     if not processes.is_main:
         return None
-    readable = ~torch.isnan(train_features).any(dim=1)  # unreadable training images: no baseline candidates
-    if not readable.all():
-        train_records = [r for r, ok in zip(train_records, readable.tolist()) if ok]
-        train_features = train_features[readable]
+    train_records, train_features = drop_unreadable(train_records, train_features)  # no unreadable candidates
 
     baseline = nearest_neighbour_captions(train_features, [r.captions for r in train_records], query_features)
     references = [record.captions for record in records]

@@ -102,13 +102,8 @@ def training_curves(train_log: Path | None, out_dir: Path) -> list[Path]:
         axes.plot([r["step"] for r in train], [r["loss"] for r in train], label="training loss", lw=1.2)
     if evals:
         axes.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation loss", ms=4)
-    axes.set(xlabel="optimizer step", ylabel="cross-entropy per caption token", title="Loss")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    paths.append(out_dir / LOSS_CURVE)
-    figure.savefig(paths[-1])
-    plt.close(figure)
+    paths.append(_finish_curve(plt, figure, axes, out_dir / LOSS_CURVE, ylabel="cross-entropy per caption token",
+                               title="Loss"))
     if evals:
         figure, axes = plt.subplots(figsize=(6.4, 3.6), dpi=100)
         for key, label in (("val_rougeL", "ROUGE-L (rouge-score)"), ("val_bleu4", "BLEU-4 (NLTK)")):
@@ -117,14 +112,20 @@ def training_curves(train_log: Path | None, out_dir: Path) -> list[Path]:
         if all("val_rougeL" in r for r in evals):  # train.py keeps the first best validation ROUGE-L
             best = max(evals, key=lambda r: (r["val_rougeL"], -r["step"]))
             axes.axvline(best["step"], color="gray", ls="--", lw=1, label=f"best, saved (step {best['step']})")
-        axes.set(xlabel="optimizer step", ylabel="score x100", title="Validation captions (greedy)")
-        axes.grid(alpha=0.3)
-        axes.legend()
-        figure.tight_layout()
-        paths.append(out_dir / METRIC_CURVE)
-        figure.savefig(paths[-1])
-        plt.close(figure)
+        paths.append(_finish_curve(plt, figure, axes, out_dir / METRIC_CURVE, ylabel="score x100",
+                                   title="Validation captions (greedy)"))
     return paths
+
+
+def _finish_curve(plt, figure, axes, path, ylabel: str, title: str):
+    """Label, grid, legend and save one curve figure; returns its path."""
+    axes.set(xlabel="optimizer step", ylabel=ylabel, title=title)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path
 
 
 # ----------------------------------------------------------------------------------------------

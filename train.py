@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 
 from dataset import (DATASETS, FLICKR30K_PARQUET, CaptionPairs, EpochShuffleSampler, collate_captions,
-                     extract_features, limit_records, load_records)
+                     drop_unreadable, extract_features, limit_records, load_records)
 from model import (ADAPTER_WEIGHTS, IGNORE_INDEX, AdapterConfig, DecodingConfig, TrainingLoss, build_captioner,
                    load_adapter_state, resolve_dtype, save_adapter, save_adapter_weights)
 from utils import (UserError, append_jsonl, caption_metrics, library_versions, load_state, read_json, read_jsonl,
@@ -237,9 +237,8 @@ def make_pairs(captioner, records, config: TrainConfig, desc: str, bad_samples: 
                                 progress=config.progress, desc=desc, cache_dir=config.feature_cache_dir or None,
                                 use_cache=config.feature_cache, on_bad_sample=config.on_bad_sample,
                                 bad_samples=bad_samples)
-    readable = ~torch.isnan(features).any(dim=1)
-    records = [record for record, ok in zip(records, readable.tolist()) if ok]
-    pairs = CaptionPairs(records, features[readable], captioner.tokenizer, captioner.config.eos_token_id,
+    records, features = drop_unreadable(records, features)
+    pairs = CaptionPairs(records, features, captioner.tokenizer, captioner.config.eos_token_id,
                          config.max_caption_tokens)
     return records, pairs
 
