@@ -261,10 +261,41 @@ def _read_caption_rows(data_dir: Path) -> list[dict]:
             return rows
         if csv_path.is_file():
             with open(csv_path, newline="", encoding="utf-8-sig") as handle:
-                return list(csv.DictReader(handle))
+                return [_whole_csv_row(csv_path, reader.fieldnames, row, reader.line_num)
+                        for reader in [csv.DictReader(handle)] for row in reader]
     except UnicodeDecodeError as error:
         raise UserError(f"{jsonl if jsonl.is_file() else csv_path} is not UTF-8 text ({error})") from None
     raise UserError(f"{data_dir} has neither captions.jsonl nor captions.csv")
+
+
+def _whole_csv_row(path: Path, header: list[str], row: dict, line: int) -> dict:
+    """A row with more fields than the header is a caption with unquoted commas. When the caption is
+    the last column, its pieces are joined back; elsewhere the row is ambiguous, so it is an error."""
+    extra = row.pop(None, None)  # csv.DictReader's place for fields beyond the header
+    if extra is None:
+        return row
+    if header and header[-1] == "caption":
+        row["caption"] = ",".join([row["caption"], *extra])
+        return row
+    raise UserError(f"{path} line {line} has {len(header) + len(extra)} fields but the header has {len(header)}: "
+                    "put a caption that contains commas in double quotes")
+
+
+SPLIT_ALIASES = {"validation": "val", "valid": "val", "dev": "val", "testing": "test", "training": "train",
+                 "restval": "train"}
+
+
+def _split_name(path: Path, value) -> str | None:
+    """A row's split, read leniently ("Train", " validation ") but never guessed: an unknown value
+    is an error, since silently dropping those images would shrink the data set unnoticed."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    name = str(value).strip().lower()
+    name = SPLIT_ALIASES.get(name, name)
+    if name not in SPLITS:
+        raise UserError(f"{path}: split {value!r} is unknown; use one of {', '.join(SPLITS)} (or leave it empty "
+                        "to have one assigned)")
+    return name
 
 
 def load_caption_folder(data_dir: Path, split: str, seed: int = 0, held_out_fraction: float = 0.05) -> list[ImageRecord]:
@@ -281,7 +312,7 @@ def load_caption_folder(data_dir: Path, split: str, seed: int = 0, held_out_frac
             raise UserError(f"{data_dir}: caption row {number} names no image (expected an 'image' field)")
         if not isinstance(name, str):
             raise UserError(f"{data_dir}: caption row {number} has image {name!r}, not a file name")
-        entry = by_image.setdefault(name, {"captions": [], "split": row.get("split") or None})
+        entry = by_image.setdefault(name, {"captions": [], "split": _split_name(data_dir, row.get("split"))})
         captions = row.get("captions", row.get("caption", []))
         entry["captions"].extend(captions if isinstance(captions, (list, tuple)) else [captions])
     names = list(by_image)

@@ -316,3 +316,27 @@ def test_caption_files_with_bad_encoding_or_rows_are_clear_errors(tmp_path):
     (tmp_path / "captions.jsonl").write_text('{"image": 5, "caption": "x"}\n')
     with pytest.raises(UserError, match="not a file name"):
         load_records("folder", "train", str(tmp_path))
+
+
+def test_csv_captions_with_unquoted_commas_are_kept_whole_or_refused(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "captions.csv").write_text("image,caption\na.png,a dog, a ball, and grass\n")
+    every = [r for s in ("train", "val", "test") for r in load_records("folder", s, str(tmp_path))]
+    assert [r.captions for r in every] == [["a dog, a ball, and grass"]]  # caption is the last column
+    (tmp_path / "captions.csv").write_text("image,caption,split\na.png,a dog, a ball,train\n")
+    with pytest.raises(UserError, match="line 2 has 4 fields.*double quotes"):
+        load_records("folder", "train", str(tmp_path))
+
+
+def test_split_names_are_read_leniently_and_unknown_ones_refused(tmp_path):
+    for name in ("a.png", "b.png", "c.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    rows = [{"image": "a.png", "caption": "x", "split": " Train"}, {"image": "b.png", "caption": "y", "split": "validation"},
+            {"image": "c.png", "caption": "z", "split": "TEST"}]
+    (tmp_path / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [[r.image_id for r in load_records("folder", s, str(tmp_path))] for s in ("train", "val", "test")] == [
+        ["a.png"], ["b.png"], ["c.png"]]
+    rows[2]["split"] = "holdout"
+    (tmp_path / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(UserError, match="split 'holdout' is unknown"):
+        load_records("folder", "train", str(tmp_path))
