@@ -13,6 +13,8 @@ with the device, shapes and batch:
              every position (what public prefix-captioning projects do); product = this
              project's step: cached features, frozen weights in the compute dtype, logits at
              caption tokens only, fused AdamW on GPU, and with --compile torch.compile.
+  loss       the LM-head loss alone (batch x 24 caption tokens): whole fp32 logits + cross-entropy vs
+             the product's chunked frozen-head loss; seconds and peak memory, each in its own process.
   extract    CLIP feature extraction images/s on 224x224 tensors.
   generate   batched greedy captions/s with 24 new tokens: plain `generate` vs this project's loop.
   latency    one image, warm: preprocess + CLIP + adapter + 24 new tokens, median of repeats.
@@ -22,6 +24,7 @@ with the device, shapes and batch:
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -38,7 +41,7 @@ import torch.nn.functional as F
 from model import IGNORE_INDEX, AdapterConfig, Captioner, TrainingLoss, save_adapter
 
 PREFIX_LENGTH, CAPTION_TOKENS = 10, 24  # Flickr30k captions: ~13 words ~ 17 Qwen tokens + EOS, padded
-SECTIONS = ("train", "extract", "generate", "latency", "cold", "quantized")
+SECTIONS = ("train", "loss", "extract", "generate", "latency", "cold", "quantized")
 
 # Exactly the configs of openai/clip-vit-base-patch32 (vision tower + projection) and
 # Qwen/Qwen3-0.6B-Base (../shared/stack-notes.md); "tiny" is the offline demo's size.
@@ -116,7 +119,44 @@ def peak_gib(device):
 
 
 def emit(args, **record) -> None:
-    print(json.dumps({"device": args.device_name, "shapes": args.shapes, **record}), flush=True)
+    record = {"device": args.device_name, "shapes": args.shapes, **record}
+    args.records.append(record)
+    print(json.dumps(record), flush=True)
+
+
+# The issue's targets for one H100 with the real shapes: (what, bench, key, comparison, value).
+TARGETS = (
+    ("training samples/s, batch 256", "train", "samples_per_s", ">=", 4000),
+    ("peak GPU memory of that step, GiB", "train", "peak_mem_gib", "<=", 16),
+    ("batched greedy captions/s", "generate", "captions_per_s", ">=", 1500),
+    ("one caption warm, ms", "latency", "median_ms", "<=", 100),
+    ("CLIP extraction images/s", "extract", "images_per_s", ">=", 3000),
+)
+
+
+def best_product(records, bench: str, key: str, larger_is_better: bool, **match):
+    """The product's best record of one bench (naive and plain-generate are baselines, not candidates)."""
+    rows = [r for r in records if r["bench"] == bench and r.get("path") not in ("naive", "plain-generate")
+            and all(r.get(k) == v for k, v in match.items()) and r.get(key) is not None]
+    return (max if larger_is_better else min)(rows, key=lambda r: r[key]) if rows else None
+
+
+def target_table(records) -> str:
+    """Markdown: each target, the product's best figure from this run, and whether it is met."""
+    lines = ["| target | measured (best product path) | met? |", "|---|---|---|"]
+    fastest_256 = best_product(records, "train", "samples_per_s", True, batch=256)
+    for what, bench, key, comparison, value in TARGETS:
+        if bench == "train":
+            row = fastest_256
+        else:
+            row = best_product(records, bench, key, comparison == ">=")
+        if row is None or row.get(key) is None:
+            lines.append(f"| {what} {comparison} {value:,} | not measured | |")
+            continue
+        met = row[key] >= value if comparison == ">=" else row[key] <= value
+        lines.append(f"| {what} {comparison} {value:,} | {row[key]:,} ({row.get('path') or bench}, batch "
+                     f"{row.get('batch', '-')}) | {'yes' if met else '**no**'} |")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,8 +168,9 @@ def build_backbones(shapes: str, device, dtype):
 
     spec = SHAPES[shapes]
     torch.manual_seed(0)
-    clip = CLIPVisionModelWithProjection(CLIPVisionConfig(**spec["clip"])).to(device, dtype).eval().requires_grad_(False)
-    lm = Qwen3ForCausalLM(Qwen3Config(**spec["lm"])).to(device, dtype).eval().requires_grad_(False)
+    with torch.device(device):  # initialise on the device: random init of 600M parameters on a CPU takes a while
+        clip = CLIPVisionModelWithProjection(CLIPVisionConfig(**spec["clip"])).to(dtype).eval().requires_grad_(False)
+        lm = Qwen3ForCausalLM(Qwen3Config(**spec["lm"])).to(dtype).eval().requires_grad_(False)
     return clip, lm
 
 
@@ -172,11 +213,25 @@ def naive_loss(captioner, pixel_values, input_ids, labels) -> torch.Tensor:
     return captioner.lm(inputs_embeds=embeds, labels=torch.cat([ignore, labels], dim=1)).loss
 
 
-def training_step(captioner, path: str, batch: int, image_size: int, device, gpu_bf16: bool):
-    """One full optimizer step of the given path, as a closure over its own batch and optimizer."""
+def full_logits_loss(captioner, image_features, input_ids, labels) -> torch.Tensor:
+    """The product's step but with plain fp32 logits at every caption position and F.cross_entropy
+    (what ../shared/tools/limit_bench.py's lean step does): a baseline for the chunked loss."""
+    k = captioner.config.prefix_length
+    prefix = captioner.prefix_embeds(image_features)
+    embeds = torch.cat([prefix, captioner.lm.get_input_embeddings()(input_ids[:, :-1])], dim=1)
+    hidden = captioner.lm.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state[:, k - 1 :]
+    logits = captioner.lm.get_output_embeddings()(hidden).float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+def training_step(captioner, path: str, batch: int, image_size: int, device, gpu_bf16: bool, mode=None):
+    """One full optimizer step of the given path, as a closure over its own batch and optimizer.
+    Paths: naive, product, product+compile, full-logits+compile; `mode` is torch.compile's mode."""
     data = random_batch(captioner, batch, image_size, device)
     optimizer = torch.optim.AdamW(captioner.adapter.parameters(), lr=1e-4, fused=device.type == "cuda")
-    loss_function = TrainingLoss(captioner, compile=path == "product+compile")
+    loss_function = TrainingLoss(captioner, compile=path == "product+compile", mode=mode)
+    if path == "full-logits+compile":
+        loss_function = torch.compile(lambda **b: full_logits_loss(captioner, **b), mode=mode)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu_bf16)
 
     def step():
@@ -194,19 +249,44 @@ def training_step(captioner, path: str, batch: int, image_size: int, device, gpu
     return step
 
 
-def bench_train(args, path: str, batch: int) -> None:
+def bench_train(args, path: str, batch: int, mode: str | None = None) -> None:
     device = args.device
     gpu_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     # naive keeps fp32 weights; the product stores frozen weights in the compute dtype (bf16 on GPU).
     weights_dtype = torch.bfloat16 if (path != "naive" and gpu_bf16) else torch.float32
     reset_peak(device)
     captioner = make_captioner(args.shapes, device, weights_dtype)
-    step = training_step(captioner, path, batch, SHAPES[args.shapes]["image_size"], device, gpu_bf16)
-    warmup = 3 if path == "product+compile" else 1
+    step = training_step(captioner, path, batch, SHAPES[args.shapes]["image_size"], device, gpu_bf16, mode)
+    warmup = 3 if "compile" in path else 1
     seconds = timed(step, device, args.repeats, warmup)
-    emit(args, bench="train", path=path, batch=batch, prefix_tokens=PREFIX_LENGTH, caption_tokens=CAPTION_TOKENS,
-         weights_dtype=str(weights_dtype).replace("torch.", ""), autocast_bf16=gpu_bf16, step_s=round(seconds, 4),
-         samples_per_s=round(batch / seconds, 1), peak_mem_gib=peak_gib(device))
+    emit(args, bench="train", path=path, compile_mode=mode, batch=batch, prefix_tokens=PREFIX_LENGTH,
+         caption_tokens=CAPTION_TOKENS, weights_dtype=str(weights_dtype).replace("torch.", ""),
+         autocast_bf16=gpu_bf16, step_s=round(seconds, 4), samples_per_s=round(batch / seconds, 1),
+         peak_mem_gib=peak_gib(device))
+    if args.profile and batch == max(args.batches_list) and "compile" in path and mode is None:
+        profile_step(args, step, f"{path} batch {batch}")
+    del step, captioner
+    gc.collect()
+
+
+def profile_step(args, step, label: str) -> None:
+    """What limits a step: GPU kernel time by kind, and GPU busy time against wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step(); sync(args.device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.type == "cuda" else [])
+    start = time.perf_counter()
+    with profile(activities=activities) as trace:
+        for _ in range(3):
+            step()
+        sync(args.device)
+    wall = (time.perf_counter() - start) / 3
+    events = trace.key_averages()
+    busy = sum(e.self_device_time_total for e in events) / 3 / 1e6
+    print(f"profile of {label}: wall {wall * 1000:.1f} ms/step, GPU kernels busy {busy * 1000:.1f} ms/step",
+          flush=True)
+    print(events.table(sort_by="self_device_time_total" if args.device.type == "cuda" else "self_cpu_time_total",
+                       row_limit=25, max_name_column_width=70), flush=True)
 
 
 def bench_train_interleaved(args, batches: list[int], naive_batches: list[int]) -> None:
@@ -251,6 +331,57 @@ def bench_quantized(args) -> None:
             seconds = timed(step, device, args.repeats, 1)
             emit(args, bench="quantized", lm_quantization=mode, batch=batch, caption_tokens=CAPTION_TOKENS,
                  samples_per_s=round(batch / seconds, 1), peak_mem_gib=peak_gib(device))
+
+
+def head_loss_run(path: str, rows: int, shapes: str, device_type: str, repeats: int, queue) -> None:
+    """In a fresh process (so that its peak memory is its own): the LM-head loss alone, forward and
+    backward, for `rows` caption tokens; puts (seconds, peak GiB) on the queue."""
+    import resource
+
+    from model import frozen_head_cross_entropy
+
+    device = torch.device(device_type)
+    vocab, hidden_size = SHAPES[shapes]["lm"]["vocab_size"], SHAPES[shapes]["lm"]["hidden_size"]
+    dtype = compute_dtype(device)
+    torch.manual_seed(0)
+    weight = torch.randn(vocab, hidden_size, device=device).mul_(0.02).to(dtype)  # in place: no transient copy
+    # that would raise the peak before the measurement starts
+    hidden = torch.randn(rows, hidden_size, device=device, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, vocab, (rows,), device=device)
+    sync(device)
+    reset_peak(device)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def step():
+        if path == "chunked":
+            loss = frozen_head_cross_entropy(hidden, weight, labels)
+        else:  # what most projects do: the whole logits in fp32, then cross-entropy
+            loss = F.cross_entropy((hidden @ weight.t()).float(), labels)
+        loss.backward()
+        hidden.grad = None
+
+    seconds = timed(step, device, repeats, 1)
+    rss = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**20  # KiB -> GiB (Linux)
+    queue.put((seconds, peak_gib(device) if device.type == "cuda" else round(rss, 2)))
+
+
+def bench_loss(args) -> None:
+    """The LM-head loss alone at the largest --batches batch: plain full fp32 logits vs the chunked
+    frozen-head loss the product uses. Each path runs in its own process for an honest peak."""
+    import multiprocessing
+
+    rows = max(args.batches_list) * CAPTION_TOKENS
+    context = multiprocessing.get_context("spawn")
+    for path in ("plain", "chunked"):
+        queue = context.Queue()
+        child = context.Process(target=head_loss_run,
+                                args=(path, rows, args.shapes, args.device.type, args.repeats, queue))
+        child.start()
+        seconds, peak = queue.get()
+        child.join()
+        emit(args, bench="loss", path=path, rows=rows, vocab=SHAPES[args.shapes]["lm"]["vocab_size"],
+             step_s=round(seconds, 4), peak_mem_gib=peak,
+             memory="peak allocated on the GPU" if args.device.type == "cuda" else "peak RSS growth of the process")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,6 +502,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile paths")
     parser.add_argument("--device", default="auto", help="cpu, cuda ... (default: cuda if available)")
+    parser.add_argument("--variants", default="", help="GPU only: more compiled training steps to time, as "
+                        "NAME@BATCH with NAME a torch.compile mode (reduce-overhead, max-autotune, ...) or "
+                        "full-logits (plain fp32 logits + F.cross_entropy instead of the chunked loss)")
+    parser.add_argument("--profile", action="store_true", help="profile the compiled step at the largest batch")
+    parser.add_argument("--targets", action="store_true", help="end with a table of the issue's H100 targets "
+                        "against this run's best product figures")
+    parser.add_argument("--out", default="", help="also write the JSON lines to this file")
     return parser
 
 
@@ -379,6 +517,7 @@ def main(argv=None) -> int:
     args.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
                                else args.device)
     args.device_name = device_name(args.device)
+    args.records = []
     if args.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     sections = [s for s in args.only.split(",") if s]
@@ -399,14 +538,24 @@ def main(argv=None) -> int:
             bench_train(args, "product", batch)
             if args.compile:
                 bench_train(args, "product+compile", batch)
+        for variant in filter(None, args.variants.split(",")):  # e.g. reduce-overhead@256
+            name, _, batch = variant.partition("@")
+            path, mode = (("full-logits+compile", None) if name == "full-logits" else ("product+compile", name))
+            bench_train(args, path, int(batch or max(batches)), mode)
+    if "loss" in sections:
+        bench_loss(args)
     if "quantized" in sections:
         bench_quantized(args)
-    rest = [s for s in sections if s not in ("train", "quantized")]
+    rest = [s for s in sections if s not in ("train", "loss", "quantized")]
     if rest:
         captioner = make_captioner(args.shapes, args.device, compute_dtype(args.device))
         for section in rest:
             {"extract": bench_extract, "generate": bench_generate, "latency": bench_latency,
              "cold": bench_cold}[section](args, captioner)
+    if args.out:
+        Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in args.records))
+    if args.targets:
+        print(target_table(args.records), flush=True)
     return 0
 
 
