@@ -639,8 +639,8 @@ def final_evaluation(captioner, adapter, run_dir: Path, config: TrainConfig, tra
     return {k: v for k, v in result.metrics.items() if not isinstance(v, (list, dict))}
 
 
-def main(argv=None) -> int:
-    summary = train(parse_config(argv))
+def main(argv=None, on_step=None) -> int:
+    summary = train(parse_config(argv), on_step=on_step)
     return 1 if summary["interrupted"] else 0
 
 

@@ -1,6 +1,7 @@
 """Training under faults: NaN steps, crashes mid-save, unreadable images, several processes."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -120,18 +121,47 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def run_training_processes(tiny, out: Path, name: str, processes: int, batch: int) -> subprocess.CompletedProcess:
+def kill_process_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (torchrun starts each worker in a session of its
+    own, so killing a process group would leave the workers running)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))  # parent pid -> pid
+    pending, tree = [pid], []
+    while pending:
+        tree.append(pending.pop())
+        pending.extend(children.get(tree[-1], []))
+    for member in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(member, signal.SIGKILL)
+
+
+def run_training_processes(tiny, out: Path, name: str, processes: int, batch: int, *extra: str,
+                           script: Path = ROOT / "train.py", returncode: int = 0,
+                           timeout: int = 600) -> subprocess.CompletedProcess:
     args = train_args(tiny, out, name, "--final-eval", "false", "--train-limit", "32", "--batch-size", str(batch),
-                      "--epochs", "2", "--eval-every", "0", "--save-every", "0", "--log-every", "1")
+                      "--epochs", "2", "--eval-every", "0", "--save-every", "0", "--log-every", "1", *extra)
     args.remove("--no-progress")
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     if processes == 1:
-        command = [sys.executable, str(ROOT / "train.py"), *args]
+        command = [sys.executable, str(script), *args]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                   "--master_port", str(free_port()), str(ROOT / "train.py"), *args]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+                   "--master_port", str(free_port()), str(script), *args]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        stdout, stderr = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # a hang: kill the launcher and every worker, none left behind
+        kill_process_tree(child.pid)
+        stdout, stderr = child.communicate()
+        pytest.fail(f"{name}: {processes} training processes still running after {timeout} s (a hang?)\n"
+                    f"{stderr[-3000:]}")
+    done = subprocess.CompletedProcess(command, child.returncode, stdout, stderr)
+    assert done.returncode == returncode, done.stderr[-3000:]
     return done
 
 
@@ -156,3 +186,32 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny, tmp_path):
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5)
     assert not (tmp_path / "two" / "last.tmp").exists()
     assert json.loads((tmp_path / "two" / "run_config.json").read_text())["batch_size"] == 8
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_process_stops_all_at_the_same_step_and_resume_matches(tiny, tmp_path):
+    """SIGTERM reaches only rank 1 (as when a scheduler kills one worker first): both ranks must
+    stop at the same step (else the next collective hangs), save once, and resume exactly."""
+    wrapper = tmp_path / "train_signalled.py"
+    wrapper.write_text(
+        "import os, signal, sys\n"
+        "import train\n"
+        "def on_step(step):\n"
+        "    if step == 6 and os.environ.get('RANK') == '1':\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "sys.exit(train.main(sys.argv[1:], on_step=on_step))\n")
+    straight = run_training_processes(tiny, tmp_path, "straight", 2, 8)
+    # Without the agreed stop, rank 0 would wait forever in the next all-reduce: hence the timeout.
+    stopped = run_training_processes(tiny, tmp_path, "stopped", 2, 8, script=wrapper, returncode=1, timeout=240)
+    assert "SIGTERM" not in straight.stdout
+    assert stopped.stdout.count("saved a checkpoint at step 6") == 1, stopped.stdout[-2000:]  # one rank prints
+    state = json.loads((tmp_path / "stopped" / "resume" / "trainer_state.json").read_text())
+    assert state["step"] == 6 and not state["finished"]  # the signalled step itself: the flag is read after it
+    resumed = run_training_processes(tiny, tmp_path, "stopped", 2, 8, "--resume")
+    assert "resum" in resumed.stdout.lower()
+    steps = [r["step"] for r in read_jsonl(tmp_path / "stopped" / "train_log.jsonl") if r["type"] == "train"]
+    assert steps == list(range(1, 21)), "the resumed log continues without repeating or skipping steps"
+    expected = load_file(tmp_path / "straight" / "last" / "adapter.safetensors")
+    got = load_file(tmp_path / "stopped" / "last" / "adapter.safetensors")
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
