@@ -397,7 +397,7 @@ class Captioner(nn.Module):
         """
         batch, k, _ = prefix.shape
         eos, pad = self.config.eos_token_id, self.config.pad_token_id
-        step = self.decode_step or self.lm
+        step = self.decode_step if self.decode_step is not None else self.lm  # (a compiled module has no truth value)
         cache = self._kv_cache(batch, k + max_new_tokens)
         output = self.lm(inputs_embeds=prefix, past_key_values=cache, use_cache=True, logits_to_keep=1,
                          cache_position=torch.arange(k, device=prefix.device))
@@ -429,13 +429,15 @@ class Captioner(nn.Module):
             self._static_cache[1].reset()
         return self._static_cache[1]
 
-    def enable_compiled_decoding(self) -> bool:
+    def enable_compiled_decoding(self, backend: str = "inductor", mode: str | None = "reduce-overhead",
+                                 cuda_only: bool = True) -> bool:
         """Static KV cache + a compiled one-token step with CUDA graphs (reduce-overhead): on a GPU
         this takes greedy decoding from per-token Python overhead to per-token kernel time.
-        Only on CUDA; elsewhere the eager loop stays (returns whether it was enabled)."""
-        if self.device.type != "cuda":
+        Only on CUDA by default; elsewhere the eager loop stays (returns whether it was enabled).
+        Tests pass another backend to check the static-cache loop on a CPU."""
+        if cuda_only and self.device.type != "cuda":
             return False
-        self.decode_step = torch.compile(self.lm, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        self.decode_step = torch.compile(self.lm, backend=backend, mode=mode, fullgraph=True, dynamic=False)
         return True
 
     @torch.no_grad()
