@@ -369,8 +369,11 @@ class Captioner(nn.Module):
         # and the attention kernel can take its causal fast path.
         hidden = self.lm.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
         hidden = hidden[:, k - 1 :]  # (B, T, D): position k-1+t predicts caption token t
-        return frozen_head_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm.get_output_embeddings().weight,
-                                         labels.reshape(-1))
+        hidden, labels, head = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1), self.lm.get_output_embeddings()
+        if type(head) is not nn.Linear or head.bias is not None:  # a head the chunked loss can't take apart
+            keep = labels != IGNORE_INDEX  # (a quantised or biased one): its own forward, labelled rows only
+            return F.cross_entropy(head(hidden[keep]).float(), labels[keep])
+        return frozen_head_cross_entropy(hidden, head.weight, labels)
 
     # -- generation ---------------------------------------------------------------------------
     @torch.no_grad()

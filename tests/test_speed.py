@@ -267,3 +267,26 @@ def test_target_table_judges_the_best_product_figure_never_a_baseline():
     assert "900 (product" in generate and generate.endswith("| **no** |")
     assert "80 (product+compiled-decode" in latency and latency.endswith("| yes |")
     assert "not measured" in extract
+
+
+def test_a_head_with_a_bias_keeps_its_bias_in_the_loss(captioner):
+    import torch.nn.functional as F
+
+    torch.manual_seed(7)
+    head = captioner.lm.get_output_embeddings()
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    biased.weight.data.copy_(head.weight.data)
+    biased.bias.data.normal_(0, 2.0)
+    biased.requires_grad_(False)
+    ids = torch.randint(1, 300, (3, 7))
+    batch = {"image_features": torch.randn(3, captioner.config.image_feature_dim), "input_ids": ids, "labels": ids}
+    captioner.lm.set_output_embeddings(biased)
+    try:
+        loss = captioner(**batch)
+        k = captioner.config.prefix_length
+        embeds = torch.cat([captioner.prefix_embeds(batch["image_features"]),
+                            captioner.lm.get_input_embeddings()(ids[:, :-1])], dim=1)
+        hidden = captioner.lm.base_model(inputs_embeds=embeds).last_hidden_state[:, k - 1 :]
+        torch.testing.assert_close(loss, F.cross_entropy(biased(hidden).reshape(-1, biased.out_features), ids.reshape(-1)))
+    finally:
+        captioner.lm.set_output_embeddings(head)
