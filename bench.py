@@ -282,7 +282,11 @@ def profile_step(args, step, label: str) -> None:
         sync(args.device)
     wall = (time.perf_counter() - start) / 3
     events = trace.key_averages()
-    busy = sum(e.self_device_time_total for e in events) / 3 / 1e6
+    from torch.autograd import DeviceType
+
+    # Kernel events only (as the profiler's own total counts them): an op's device time is its kernels'.
+    busy = sum(e.self_device_time_total for e in events
+               if e.device_type == DeviceType.CUDA and not e.is_user_annotation) / 3 / 1e6
     print(f"profile of {label}: wall {wall * 1000:.1f} ms/step, GPU kernels busy {busy * 1000:.1f} ms/step",
           flush=True)
     print(events.table(sort_by="self_device_time_total" if args.device.type == "cuda" else "self_cpu_time_total",
