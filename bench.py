@@ -271,6 +271,7 @@ def bench_train(args, path: str, batch: int, mode: str | None = None) -> None:
 
 def profile_step(args, step, label: str) -> None:
     """What limits a step: GPU kernel time by kind, and GPU busy time against wall time."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     step(); sync(args.device)
@@ -282,8 +283,6 @@ def profile_step(args, step, label: str) -> None:
         sync(args.device)
     wall = (time.perf_counter() - start) / 3
     events = trace.key_averages()
-    from torch.autograd import DeviceType
-
     # Kernel events only (as the profiler's own total counts them): an op's device time is its kernels'.
     busy = sum(e.self_device_time_total for e in events
                if e.device_type == DeviceType.CUDA and not e.is_user_annotation) / 3 / 1e6
