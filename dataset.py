@@ -261,8 +261,8 @@ def _read_caption_rows(data_dir: Path) -> list[dict]:
             return rows
         if csv_path.is_file():
             with open(csv_path, newline="", encoding="utf-8-sig") as handle:
-                return [_whole_csv_row(csv_path, reader.fieldnames, row, reader.line_num)
-                        for reader in [csv.DictReader(handle)] for row in reader]
+                reader = csv.DictReader(handle)
+                return [_whole_csv_row(csv_path, reader.fieldnames, row, reader.line_num) for row in reader]
     except UnicodeDecodeError as error:
         raise UserError(f"{jsonl if jsonl.is_file() else csv_path} is not UTF-8 text ({error})") from None
     raise UserError(f"{data_dir} has neither captions.jsonl nor captions.csv")

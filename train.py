@@ -502,7 +502,7 @@ def train(config: TrainConfig, on_step=None) -> dict:
             batches = (accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
                        if state.batches_in_epoch else train_loader)
             for batch in batches:
-                window_pairs += batch.pop("pair_index").tolist()
+                window_pairs.append(batch.pop("pair_index"))  # read back only for a skipped step: no sync here
                 with accelerator.accumulate(adapter):
                     with accelerator.autocast():
                         loss = loss_function(**batch)
@@ -522,7 +522,8 @@ def train(config: TrainConfig, on_step=None) -> dict:
                     running_loss += torch.stack(window_losses).sum() / config.grad_accum_steps
                     running_steps += 1
                 else:
-                    skip_nonfinite_step([float(x) for x in window_losses], applied, window_pairs)
+                    skip_nonfinite_step([float(x) for x in window_losses], applied,
+                                        torch.cat(window_pairs).tolist())
                 window_losses, window_pairs = [], []
                 if (state.step % config.log_every == 0 or state.step == total_steps) and running_steps:
                     mean_loss = accelerator.reduce(running_loss, "mean").item() / running_steps
