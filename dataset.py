@@ -399,25 +399,33 @@ class CaptionPairs(Dataset):
         return self.pairs[pair_index][0]
 
 
-def collate_captions(batch: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+def collate_captions(batch: list[dict], pad_token_id: int, length_multiple: int = 1,
+                     rows: int | None = None) -> dict[str, torch.Tensor]:
     """Pad to the longest caption in the batch (dynamic padding); labels are -100 at padding.
 
     Labels equal input_ids at real positions (EOS included): the shift happens in the model,
     whose hidden state at prefix_length-1+t predicts caption token t.
+
+    For a compiled loss, which builds one graph per shape, `length_multiple` rounds the length
+    up to a bucket and `rows` pads a short batch (an epoch's last) with rows that are all
+    padding: labels -100 everywhere, so they add nothing to the loss or its gradient.
     """
     longest = max(len(item["token_ids"]) for item in batch)
-    input_ids = torch.full((len(batch), longest), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(batch), longest), IGNORE_INDEX, dtype=torch.long)
+    longest = -(-longest // length_multiple) * length_multiple
+    height = max(rows or 0, len(batch))
+    input_ids = torch.full((height, longest), pad_token_id, dtype=torch.long)
+    labels = torch.full((height, longest), IGNORE_INDEX, dtype=torch.long)
     for row, item in enumerate(batch):
         ids = torch.tensor(item["token_ids"], dtype=torch.long)
         input_ids[row, : len(ids)] = ids
         labels[row, : len(ids)] = ids
+    features = torch.stack([item["image_features"] for item in batch])  # (B, F)
     collated = {
-        "image_features": torch.stack([item["image_features"] for item in batch]),
+        "image_features": torch.cat([features, features.new_zeros(height - len(batch), features.shape[1])]),
         "input_ids": input_ids,
         "labels": labels,
     }
-    if "pair_index" in batch[0]:  # which pairs these are: named in the log if a batch goes non-finite
+    if "pair_index" in batch[0]:  # which pairs these are (real rows only): named in the log if a batch goes non-finite
         collated["pair_index"] = torch.tensor([item["pair_index"] for item in batch])
     return collated
 

@@ -477,7 +477,9 @@ class TrainingLoss:
 
     def __init__(self, captioner: Captioner, compile: bool = False, backend: str = "inductor", mode: str | None = None):
         self.captioner = captioner
-        self.compiled = torch.compile(captioner, backend=backend, mode=mode) if compile else None
+        # Static shapes: the trainer feeds a few bucketed shapes (train.make_train_loader), each worth its
+        # own specialised graph; a dynamic graph would be specialised anyway by the loss's loop over rows.
+        self.compiled = torch.compile(captioner, backend=backend, mode=mode, dynamic=False) if compile else None
 
     def __call__(self, **batch) -> torch.Tensor:
         if self.compiled is not None:

@@ -86,7 +86,8 @@ class TrainConfig:
         "Accelerate mixed precision; auto = bf16 on a GPU that has it, else no (bf16 autocast on a CPU "
         "without bf16 units ran 7x slower, measured)", default="auto")
     compile: bool = _help("torch.compile the training loss (falls back to eager with a note where it cannot "
-                          "run); pays off on GPUs, costs about a minute of compilation first", default=False)
+                          "run); pays off on GPUs; compiles once per caption-length bucket, at most 6, to "
+                          "which batches are then padded", default=False)
     frozen_dtype: Literal["auto", "bf16", "fp16", "fp32"] = _help(
         "dtype of the frozen backbones' weights; auto = that of --mixed-precision", default="auto")
     seed: int = _help("seed for initialisation, data order and subsets", default=42)
@@ -243,12 +244,39 @@ def make_pairs(captioner, records, config: TrainConfig, desc: str, bad_samples: 
     return records, pairs
 
 
-def make_loader(pairs: CaptionPairs, batch_size: int, pad_token_id: int, sampler=None):
+COMPILED_LENGTH_BUCKETS = 6  # at most this many caption lengths, so as many graphs, under --compile
+
+
+def compiled_length_multiple(max_caption_tokens: int) -> int:
+    """The caption-length bucket for a compiled loss: a multiple of 8, coarse enough that every
+    length up to max_caption_tokens falls in one of COMPILED_LENGTH_BUCKETS buckets.
+
+    torch.compile builds a graph per input shape (the chunked loss's loop over rows fixes the
+    shape even when dynamo tries a dynamic graph), and after 8 it silently runs eager. Exact
+    dynamic padding on real captions (5 to 40+ tokens) meets that limit within the first epoch,
+    having paid a compilation for each length on the way.
+    """
+    return 8 * math.ceil(max_caption_tokens / (8 * COMPILED_LENGTH_BUCKETS))
+
+
+def make_loader(pairs: CaptionPairs, batch_size: int, pad_token_id: int, sampler=None, length_multiple: int = 1,
+                full_batches: bool = False):
+    """Batches padded to their longest caption, rounded up to `length_multiple`; with `full_batches`
+    a short last batch is filled with padding rows (see collate_captions)."""
     from torch.utils.data import DataLoader
 
-    return DataLoader(pairs, batch_size=batch_size, sampler=sampler,
-                      collate_fn=partial(collate_captions, pad_token_id=pad_token_id),
+    collate = partial(collate_captions, pad_token_id=pad_token_id, length_multiple=length_multiple,
+                      rows=batch_size if full_batches else None)
+    return DataLoader(pairs, batch_size=batch_size, sampler=sampler, collate_fn=collate,
                       pin_memory=torch.cuda.is_available())
+
+
+def make_train_loader(pairs: CaptionPairs, config: TrainConfig, pad_token_id: int):
+    """Shuffled training batches. Under --compile they come in only a few shapes (bucketed lengths,
+    full batches: see compiled_length_multiple); eagerly, each is padded to its longest caption."""
+    return make_loader(pairs, config.batch_size, pad_token_id, EpochShuffleSampler(len(pairs), config.seed),
+                       length_multiple=compiled_length_multiple(config.max_caption_tokens) if config.compile else 1,
+                       full_batches=config.compile)
 
 
 def make_optimizer(captioner, config: TrainConfig) -> torch.optim.Optimizer:
@@ -431,8 +459,7 @@ def train(config: TrainConfig, on_step=None) -> dict:
     if not train_pairs:
         raise UserError(f"none of the training images could be read (first: {bad_samples[0][1]})")
 
-    pad = captioner.config.pad_token_id
-    train_loader = make_loader(train_pairs, config.batch_size, pad, EpochShuffleSampler(len(train_pairs), config.seed))
+    train_loader = make_train_loader(train_pairs, config, captioner.config.pad_token_id)
     adapter = captioner.adapter
     optimizer = make_optimizer(captioner, config)
     steps_per_epoch = math.ceil(math.ceil(len(train_loader) / accelerator.num_processes) / config.grad_accum_steps)

@@ -227,6 +227,51 @@ def test_compiled_loss_equals_eager_and_falls_back(captioner, capsys):
     assert torch.equal(fallback_loss, eager_loss) and torch.equal(fallback_grad, eager_grad)
 
 
+def test_compiled_training_meets_few_shapes_and_keeps_each_batch_loss(captioner):
+    """Real captions run from a few tokens to the cut-off: padding each batch exactly to its longest
+    would compile one graph per length until torch.compile's limit (8), then silently run eager.
+    Under --compile the trainer's batches come in a few bucketed shapes, and padding changes no
+    batch's loss or gradient."""
+    import random
+
+    from dataset import CaptionPairs, ImageRecord
+    from model import TrainingLoss
+    from train import COMPILED_LENGTH_BUCKETS, make_loader, make_train_loader, parse_config
+
+    words = "a red blue green circle square triangle on in with".split()
+    rng = random.Random(0)
+    records = [ImageRecord(f"im{i}", [" ".join(rng.choices(words, k=rng.randint(1, 8)))], "train") for i in range(61)]
+    pairs = CaptionPairs(records, torch.randn(len(records), captioner.config.image_feature_dim), captioner.tokenizer,
+                         captioner.config.eos_token_id, max_tokens=16)
+    config = parse_config(["--compile", "--batch-size", "3", "--max-caption-tokens", "16", "--seed", "3"])
+    pad = captioner.config.pad_token_id
+    bucketed = list(make_train_loader(pairs, config, pad))
+    exact = list(make_loader(pairs, 3, pad, make_train_loader(pairs, config, pad).sampler))  # same pairs, unpadded
+    exact_shapes = {tuple(batch["input_ids"].shape) for batch in exact}
+    bucketed_shapes = {tuple(batch["input_ids"].shape) for batch in bucketed}
+    assert len(exact_shapes) > 8, "the test data should need bucketing"
+    assert len(bucketed_shapes) <= COMPILED_LENGTH_BUCKETS and {rows for rows, _ in bucketed_shapes} == {3}
+
+    graphs = []
+
+    def counting_aot_eager(graph, example_inputs):
+        graphs.append(graph)
+        return torch._dynamo.lookup_backend("aot_eager")(graph, example_inputs)
+
+    compiled = TrainingLoss(captioner, compile=True, backend=counting_aot_eager)
+    for padded, plain in zip(bucketed, exact, strict=True):
+        assert torch.equal(padded["pair_index"], plain["pair_index"])
+        results = []
+        for loss_function, batch in ((compiled, padded), (captioner, plain)):
+            captioner.adapter.zero_grad()
+            loss = loss_function(**{k: v for k, v in batch.items() if k != "pair_index"})
+            loss.backward()
+            results.append((loss.detach(), captioner.adapter.net[0].weight.grad.clone()))
+        torch.testing.assert_close(results[0], results[1])
+    assert compiled.compiled is not None
+    assert len(graphs) == len(bucketed_shapes), "one graph per shape: no graph breaks, no fallback to eager"
+
+
 def test_bench_tiny_prints_one_json_line_per_measurement(capsys):
     import json
 
