@@ -307,6 +307,16 @@ def frozen_head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels
     return _FrozenHeadCrossEntropy.apply(hidden, weight, labels, chunk_rows)
 
 
+def compiled_decode_rows(rows: int) -> int:
+    """The batch a compiled decoding step runs for `rows` captions: the next power of two.
+
+    Each batch size is its own graph (and CUDA-graph capture and static cache); after 8 of them
+    torch.compile quietly runs eager. Captioning N images in batches, minus unreadable ones,
+    brings any number of sizes; powers of two bring log2 of the largest, for at most 2x the rows.
+    """
+    return 1 << (rows - 1).bit_length()
+
+
 class Captioner(nn.Module):
     """Frozen CLIP + trainable adapter + frozen LM. Only `self.adapter` has trainable parameters."""
 
@@ -319,7 +329,7 @@ class Captioner(nn.Module):
         self.tokenizer = tokenizer
         self.adapter = adapter if adapter is not None else Adapter(config)
         self.decode_step = None  # a compiled one-token LM step, see enable_compiled_decoding
-        self._static_cache = None
+        self._static_caches = {}  # (batch, length) -> StaticCache, for decode_step
 
     @property
     def device(self) -> torch.device:
@@ -398,14 +408,18 @@ class Captioner(nn.Module):
         With `self.decode_step` set (see `enable_compiled_decoding`) the cache is static and each
         one-token step runs as a compiled graph. Rows that have ended are filled with PAD.
         """
-        batch, k, _ = prefix.shape
+        rows, k, _ = prefix.shape
         eos, pad = self.config.eos_token_id, self.config.pad_token_id
         step = self.decode_step if self.decode_step is not None else self.lm  # (a compiled module has no truth value)
-        cache = self._kv_cache(batch, k + max_new_tokens)
+        if self.decode_step is not None:  # a graph and a static cache per batch size: only powers of two
+            prefix = torch.cat([prefix, prefix.new_zeros(compiled_decode_rows(rows) - rows, *prefix.shape[1:])])
+        cache = self._kv_cache(prefix.shape[0], k + max_new_tokens)
         output = self.lm(inputs_embeds=prefix, past_key_values=cache, use_cache=True, logits_to_keep=1,
                          cache_position=torch.arange(k, device=prefix.device))
         token = output.logits[:, -1].argmax(-1)  # (B,)
-        tokens, finished = [token], token == eos
+        finished = token == eos
+        finished[rows:] = True  # padding rows: never wait for them
+        tokens = [token]
         for position in range(k, k + max_new_tokens - 1):
             if stop_at_eos and bool(finished.all()):
                 break
@@ -416,21 +430,21 @@ class Captioner(nn.Module):
                 token = token.masked_fill(finished, pad)
                 finished = finished | (token == eos)
             tokens.append(token)
-        return torch.stack(tokens, dim=1)  # (B, new)
+        return torch.stack(tokens, dim=1)[:rows]  # (B, new)
 
     def _kv_cache(self, batch: int, length: int):
         """A fresh dynamic cache for eager decoding; for the compiled step one static cache per
-        shape, reset and reused, so the captured graph always sees the same buffers."""
+        shape, reset and reused, so each captured graph always sees the same buffers."""
         from transformers import DynamicCache, StaticCache
 
         if self.decode_step is None:
             return DynamicCache(config=self.lm.config)
-        if self._static_cache is None or self._static_cache[0] != (batch, length):
-            cache = StaticCache(config=self.lm.config, max_cache_len=length)
-            self._static_cache = ((batch, length), cache)
+        cache = self._static_caches.get((batch, length))
+        if cache is None:
+            cache = self._static_caches[batch, length] = StaticCache(config=self.lm.config, max_cache_len=length)
         else:
-            self._static_cache[1].reset()
-        return self._static_cache[1]
+            cache.reset()
+        return cache
 
     def enable_compiled_decoding(self, backend: str = "inductor", mode: str | None = "reduce-overhead",
                                  cuda_only: bool = True) -> bool:

@@ -118,23 +118,39 @@ def test_greedy_loop_gives_the_tokens_of_generate(captioner):
     assert singles == captioner.decode(reference)
 
 
+def counting_aot_eager(graphs: list):
+    """A torch.compile backend that traces as inductor would (aot_eager: graph breaks,
+    functionalisation, no C++ compilation) and records each graph it is given."""
+
+    def backend(graph, example_inputs):
+        graphs.append(graph)
+        return torch._dynamo.lookup_backend("aot_eager")(graph, example_inputs)
+
+    return backend
+
+
 def test_static_cache_decoding_gives_the_tokens_of_the_eager_loop(captioner):
     """The compiled-decoding path (static KV cache, one compiled step, reused and reset across
-    calls and shapes) without CUDA graphs: aot_eager traces what inductor would compile."""
+    calls and shapes) without CUDA graphs. Eight batch sizes, as inference.py meets them when
+    some images are unreadable, compile one graph per power of two, not one per size (which
+    would reach torch.compile's limit of 8 and then quietly run eager)."""
     torch.manual_seed(6)
-    features = torch.nn.functional.normalize(torch.randn(6, captioner.config.image_feature_dim), dim=-1)
+    features = torch.nn.functional.normalize(torch.randn(8, captioner.config.image_feature_dim), dim=-1)
     prefix = captioner.prefix_embeds(features)
-    eager = [captioner.greedy_tokens(p, 12) for p in (prefix, prefix[:1], prefix[3:5])]
+    batches = [prefix[:n] for n in (6, 1, 2, 3, 5, 7, 8, 4)]
+    eager = [captioner.greedy_tokens(p, 12) for p in batches]
     assert not captioner.enable_compiled_decoding()  # on a CPU the default keeps the eager loop
+    graphs = []
     try:
-        assert captioner.enable_compiled_decoding(backend="aot_eager", mode=None, cuda_only=False)
+        assert captioner.enable_compiled_decoding(backend=counting_aot_eager(graphs), mode=None, cuda_only=False)
         for _ in range(2):  # the second round reuses (and resets) the static caches of the first
-            static = [captioner.greedy_tokens(p, 12) for p in (prefix, prefix[:1], prefix[3:5])]
-            for ours, reference in zip(static, eager):
+            static = [captioner.greedy_tokens(p, 12) for p in batches]
+            for ours, reference in zip(static, eager, strict=True):
                 assert torch.equal(ours, reference)
-        assert captioner._static_cache is not None
+        assert sorted(batch for batch, _ in captioner._static_caches) == [1, 2, 4, 8]
+        assert len(graphs) == 4
     finally:
-        captioner.decode_step, captioner._static_cache = None, None
+        captioner.decode_step, captioner._static_caches = None, {}
 
 
 class LargestTensor:
@@ -253,12 +269,7 @@ def test_compiled_training_meets_few_shapes_and_keeps_each_batch_loss(captioner)
     assert len(bucketed_shapes) <= COMPILED_LENGTH_BUCKETS and {rows for rows, _ in bucketed_shapes} == {3}
 
     graphs = []
-
-    def counting_aot_eager(graph, example_inputs):
-        graphs.append(graph)
-        return torch._dynamo.lookup_backend("aot_eager")(graph, example_inputs)
-
-    compiled = TrainingLoss(captioner, compile=True, backend=counting_aot_eager)
+    compiled = TrainingLoss(captioner, compile=True, backend=counting_aot_eager(graphs))
     for padded, plain in zip(bucketed, exact, strict=True):
         assert torch.equal(padded["pair_index"], plain["pair_index"])
         results = []
