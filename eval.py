@@ -39,8 +39,8 @@ from dataset import DATASETS, FLICKR30K_PARQUET, drop_unreadable, extract_featur
 from metrics import COCO_METRICS, COCO_VARIANT, TOKENIZATION_DETAILS, coco_metrics, start_meteor
 from model import ADAPTER_CONFIG, LM_QUANTIZATIONS, DecodingConfig, load_captioner
 from report import EXTRA_METRICS, baseline_verdict, percent, sweep_rows, write_report
-from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, UserError, caption_metrics, format_table, read_json, run_cli,
-                   write_json, write_jsonl)
+from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, UserError, caption_metrics, default_image_workers, format_table,
+                   read_json, run_cli, write_json, write_jsonl)
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -443,7 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "with --compare: none, the table is only printed)")
     parser.add_argument("--batch-size", type=int, default=128 if torch.cuda.is_available() else 64,
                         help="images per CLIP and generation batch (default 128 on a GPU, 64 on a CPU)")
-    parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers that decode images")
+    parser.add_argument("--num-workers", type=int, default=default_image_workers(),
+                        help="DataLoader workers that decode images (default: one per CPU core, at most 8)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available; "
                                                          "under torchrun/accelerate launch: each process's own)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")

@@ -27,8 +27,8 @@ from dataset import (DATASETS, FLICKR30K_PARQUET, CaptionPairs, EpochShuffleSamp
                      drop_unreadable, extract_features, limit_records, load_records)
 from model import (ADAPTER_WEIGHTS, IGNORE_INDEX, AdapterConfig, DecodingConfig, TrainingLoss, build_captioner,
                    load_adapter_state, resolve_dtype, save_adapter, save_adapter_weights)
-from utils import (UserError, append_jsonl, caption_metrics, library_versions, load_state, read_json, read_jsonl,
-                   rng_states, run_cli, save_state, set_rng_states, write_json, write_jsonl)
+from utils import (UserError, append_jsonl, caption_metrics, default_image_workers, library_versions, load_state,
+                   read_json, read_jsonl, rng_states, run_cli, save_state, set_rng_states, write_json, write_jsonl)
 
 RUN_CONFIG = "run_config.json"
 TRAIN_LOG = "train_log.jsonl"
@@ -110,7 +110,8 @@ class TrainConfig:
                                 default=True)
     feature_cache_dir: str = _help("feature cache folder (default: $CAPTIONER_HOME/features, "
                                    "~/.cache/captioner/features)", default="")
-    num_workers: int = _help("DataLoader workers that decode images", default=2)
+    num_workers: int = _help("DataLoader workers that decode images; by default one per CPU core, at most 8",
+                             default=default_image_workers())
     progress: bool = _help("show progress bars", default=True)
 
 

@@ -36,6 +36,17 @@ def user_message(error: UserError) -> str:
     return str(error)
 
 
+def default_image_workers() -> int:
+    """DataLoader workers that decode images: one per CPU this process may use, at most 8.
+
+    Decoding and preprocessing a 500x375 JPEG took 4.8 ms on one core here, so a fixed pair of
+    workers would hold feature extraction to ~400 images/s on any machine, far below CLIP's pace
+    on a GPU. Counted with sched_getaffinity, which honours taskset and container CPU sets.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(8, cores)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -346,3 +346,11 @@ def test_a_head_with_a_bias_keeps_its_bias_in_the_loss(captioner):
         torch.testing.assert_close(loss, F.cross_entropy(biased(hidden).reshape(-1, biased.out_features), ids.reshape(-1)))
     finally:
         captioner.lm.set_output_embeddings(head)
+
+
+def test_image_workers_default_to_the_cores_this_process_may_use(monkeypatch):
+    from utils import default_image_workers
+
+    for cores, expected in ((range(1), 1), (range(3), 3), (range(64), 8)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, cores=cores: set(cores))
+        assert default_image_workers() == expected
