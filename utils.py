@@ -99,19 +99,19 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def library_versions() -> dict[str, str]:
-    import accelerate
-    import datasets
-    import safetensors
-    import transformers
+    """Versions of the libraries a run depends on, for the checkpoint's metadata. Read from the
+    installed packages' metadata, not by importing them: saving a checkpoint must not import (or
+    fail for the want of) a library the run itself never used, such as datasets."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "accelerate": accelerate.__version__,
-        "datasets": datasets.__version__,
-        "safetensors": safetensors.__version__,
-    }
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            **{name: installed(name) for name in ("transformers", "accelerate", "datasets", "safetensors")}}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ still learning through it."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import pickle
 import shutil
@@ -20,7 +21,7 @@ import train
 from conftest import train_args
 from dataset import collate_captions, load_records, tokenize_caption
 from model import AdapterConfig, build_captioner, load_captioner, save_adapter
-from utils import UserError, run_cli, write_json
+from utils import UserError, library_versions, run_cli, write_json
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +54,15 @@ def edit_config(folder: Path, **changes) -> None:
 # ----------------------------------------------------------------------------------------------
 # Damaged checkpoints
 # ----------------------------------------------------------------------------------------------
+
+def test_library_versions_are_read_without_importing_the_libraries(monkeypatch):
+    # Every checkpoint records library versions. A machine that trains from a folder or benchmarks
+    # may lack a working `datasets`; saving must not need to import it.
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ImportError
+    versions = library_versions()
+    assert versions["datasets"] == importlib.metadata.version("datasets")
+    assert versions["torch"] == torch.__version__ and versions["transformers"]
+
 
 def test_missing_files(copy, tmp_path):
     assert "checkpoint folder not found" in load_error(tmp_path / "nowhere")
