@@ -538,20 +538,23 @@ def train(config: TrainConfig, on_step=None) -> dict:
                     accelerator.backward(loss)
                     window_losses.append(loss.detach())
                     if accelerator.sync_gradients:
-                        applied = optimizer_step(accelerator, adapter, optimizer, scheduler, window_losses,
+                        outcome = optimizer_step(accelerator, adapter, optimizer, scheduler, window_losses,
                                                  config.max_grad_norm)
                 state.batches_in_epoch += 1
                 if not accelerator.sync_gradients:
                     continue
                 state.step += 1
                 bar.update(1)
-                if applied is True:
+                if outcome.applied:
                     state.nonfinite_in_a_row = 0
                     running_loss += torch.stack(window_losses).sum() / config.grad_accum_steps
                     running_steps += 1
-                else:
-                    skip_nonfinite_step([float(x) for x in window_losses], applied,
+                elif outcome.nonfinite:
+                    skip_nonfinite_step([float(x) for x in window_losses], outcome.grad_norm,
                                         torch.cat(window_pairs).tolist())
+                else:  # fp16's loss scaler skipped an overflowing step and lowered its scale
+                    log({"type": "overflow", "step": state.step, "epoch": state.epoch,
+                         "loss_scale": outcome.loss_scale})
                 window_losses, window_pairs = [], []
                 if (state.step % config.log_every == 0 or state.step == total_steps) and running_steps:
                     mean_loss = accelerator.reduce(running_loss, "mean").item() / running_steps
@@ -597,21 +600,47 @@ def train(config: TrainConfig, on_step=None) -> dict:
     return summary
 
 
-def optimizer_step(accelerator, adapter, optimizer, scheduler, window_losses: list, max_grad_norm: float):
+@dataclass
+class StepOutcome:
+    """What optimizer_step did. `nonfinite`: a skipped step that counts toward --max-nonfinite-steps."""
+    applied: bool
+    nonfinite: bool = False
+    grad_norm: float | None = None
+    loss_scale: float | None = None  # fp16's loss scale after the step, when a step was skipped under it
+
+
+def optimizer_step(accelerator, adapter, optimizer, scheduler, window_losses: list, max_grad_norm: float) -> StepOutcome:
     """Clip and apply one optimizer step unless a loss or the gradient is NaN/inf on any process.
 
-    Returns True when applied, else the gradient norm (a float, maybe nan) for the log. The
-    check costs one host sync per optimizer step; all processes decide together, so they stay
+    The check costs one host sync per optimizer step; all processes decide together, so they stay
     in step. The schedule advances either way, so step counts and learning rates stay aligned.
+
+    Under fp16 a loss scaler (accelerator.scaler) multiplies the loss so that small gradients survive
+    fp16, and an overflowing gradient is its normal way of finding the scale: its step skips the update
+    and halves the scale. Such a step is reported but not counted as non-finite, unless the scale is
+    already below 1, where fp16's range no longer explains it. A non-finite loss always counts.
     """
     grad_norm = accelerator.clip_grad_norm_(adapter.parameters(), max_grad_norm if max_grad_norm > 0 else math.inf)
-    finite = torch.isfinite(torch.stack(window_losses)).all() & torch.isfinite(grad_norm)
+    losses_finite = torch.isfinite(torch.stack(window_losses)).all()
+    scaler = accelerator.scaler
+    finite = losses_finite if scaler is not None else losses_finite & torch.isfinite(grad_norm)
     finite = bool(accelerator.reduce(finite.float(), "min").item() > 0)
-    if finite:
-        optimizer.step()
+    if scaler is None:
+        outcome = StepOutcome(applied=True) if finite else StepOutcome(False, True, float(grad_norm))
+        if finite:
+            optimizer.step()
+    elif finite:
+        scale = scaler.get_scale()
+        optimizer.step()  # accelerate's wrapper: the scaler's step (skipped on overflow), then its update
+        skipped = accelerator.optimizer_step_was_skipped
+        outcome = (StepOutcome(False, scale < 1, float(grad_norm), scaler.get_scale()) if skipped
+                   else StepOutcome(applied=True))
+    else:
+        scaler.update()  # close the scaler's step (clipping unscaled the gradients), else the next one fails
+        outcome = StepOutcome(False, True, float(grad_norm), scaler.get_scale())
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return True if finite else float(grad_norm)
+    return outcome
 
 
 def weight_by_global_tokens(loss: torch.Tensor, labels: torch.Tensor, accelerator) -> torch.Tensor:

@@ -59,6 +59,45 @@ def test_nonfinite_steps_in_a_row_stop_the_run_with_the_last_good_checkpoint(tin
     assert train.main(train_args(tiny, tmp_path, "diverged", "--resume")) == 0
 
 
+def fp16_accelerator():
+    """An Accelerator with the loss scaler that mixed_precision="fp16" sets up on a GPU, here with
+    torch's CPU GradScaler (on a CPU, Accelerate makes none)."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision="no")
+    accelerator.scaler, accelerator.native_amp = torch.amp.GradScaler("cpu", init_scale=2.0**16), True
+    accelerator.state._mixed_precision = "fp16"
+    return accelerator
+
+
+def test_fp16_loss_scaler_overflow_is_skipped_without_counting_and_training_goes_on():
+    accelerator = fp16_accelerator()
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    layer, optimizer, scheduler = accelerator.prepare(layer, optimizer, scheduler)
+    inputs = torch.randn(2, 4)
+
+    def step(loss_factor: float) -> train.StepOutcome:
+        loss = layer(inputs).square().mean() * loss_factor
+        accelerator.backward(loss)
+        return train.optimizer_step(accelerator, layer, optimizer, scheduler, [loss.detach()], 1.0)
+
+    before = layer.weight.detach().clone()
+    # A finite loss whose scaled gradient overflows: the scaler's normal search for its scale.
+    overflow = step(1e36)
+    assert not overflow.applied and not overflow.nonfinite and overflow.loss_scale == 2.0**15
+    assert torch.equal(layer.weight, before)
+    # The next step must work (the scaler's step was closed) and be applied.
+    assert step(1.0).applied and not torch.equal(layer.weight, before)
+    # A NaN loss is a bad step, counted, and the step after it still works.
+    after = layer.weight.detach().clone()
+    nan = step(float("nan"))
+    assert not nan.applied and nan.nonfinite and torch.equal(layer.weight, after)
+    assert step(1.0).applied
+
+
 def test_kill_in_the_middle_of_a_save_keeps_the_last_good_checkpoint(tiny, tmp_path):
     train.main(train_args(tiny, tmp_path, "straight", "--final-eval", "false"))
     expected = load_file(tmp_path / "straight" / "last" / "adapter.safetensors")
