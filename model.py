@@ -498,7 +498,8 @@ class TrainingLoss:
     def __call__(self, **batch) -> torch.Tensor:
         if self.compiled is not None:
             try:
-                return self.compiled(**batch)
+                with backward_compiled_with_forward():
+                    return self.compiled(**batch)
             except torch.OutOfMemoryError:
                 raise
             except Exception as error:  # torch.compile fails in many ways (backend, compiler, graph)
@@ -507,6 +508,19 @@ class TrainingLoss:
                       "continuing without --compile", file=sys.stderr)
                 self.compiled = None
         return self.captioner(**batch)
+
+
+def backward_compiled_with_forward():
+    """Make torch.compile build a graph's backward while it builds the forward. By default it waits
+    for the first backward call, so a backward that cannot compile would fail in loss.backward(),
+    outside TrainingLoss's fallback. The switch is private to torch: where it is missing, the default."""
+    import contextlib
+
+    import torch._functorch.config as config
+
+    if not hasattr(config, "force_non_lazy_backward_lowering"):
+        return contextlib.nullcontext()
+    return config.patch(force_non_lazy_backward_lowering=True)
 
 
 # ----------------------------------------------------------------------------------------------

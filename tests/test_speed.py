@@ -236,11 +236,19 @@ def test_compiled_loss_equals_eager_and_falls_back(captioner, capsys):
     def broken_backend(graph, example_inputs):
         raise RuntimeError("no C++ compiler here")
 
-    fallback = TrainingLoss(captioner, compile=True, backend=broken_backend)
-    fallback_loss, fallback_grad = loss_and_grad(fallback)
-    assert fallback.compiled is None
-    assert "torch.compile could not run" in capsys.readouterr().err
-    assert torch.equal(fallback_loss, eager_loss) and torch.equal(fallback_grad, eager_grad)
+    def broken_backward(graph, example_inputs):
+        raise RuntimeError("the backward graph does not compile")
+
+    from torch._dynamo.backends.common import aot_autograd
+
+    # A backend that compiles the forward but not the backward: torch.compile would normally meet
+    # that only in loss.backward(), beyond the fallback.
+    for backend in (broken_backend, aot_autograd(fw_compiler=lambda graph, inputs: graph, bw_compiler=broken_backward)):
+        fallback = TrainingLoss(captioner, compile=True, backend=backend)
+        fallback_loss, fallback_grad = loss_and_grad(fallback)
+        assert fallback.compiled is None
+        assert "torch.compile could not run" in capsys.readouterr().err
+        assert torch.equal(fallback_loss, eager_loss) and torch.equal(fallback_grad, eager_grad)
 
 
 def test_compiled_training_meets_few_shapes_and_keeps_each_batch_loss(captioner):
