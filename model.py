@@ -406,8 +406,20 @@ class Captioner(nn.Module):
         `generate(do_sample=False)` (a test checks), without its per-token bookkeeping.
 
         With `self.decode_step` set (see `enable_compiled_decoding`) the cache is static and each
-        one-token step runs as a compiled graph. Rows that have ended are filled with PAD.
+        one-token step runs as a compiled graph; where that cannot compile, decoding says so in one
+        line and goes on eagerly. Rows that have ended are filled with PAD.
         """
+        if self.decode_step is not None:
+            try:
+                return self._greedy_loop(prefix, max_new_tokens, stop_at_eos)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as error:  # torch.compile fails in many ways (backend, compiler, CUDA graphs)
+                warn_compile_failed(error, "decoding")
+                self.decode_step, self._static_caches = None, {}
+        return self._greedy_loop(prefix, max_new_tokens, stop_at_eos)
+
+    def _greedy_loop(self, prefix: torch.Tensor, max_new_tokens: int, stop_at_eos: bool) -> torch.Tensor:
         rows, k, _ = prefix.shape
         eos, pad = self.config.eos_token_id, self.config.pad_token_id
         step = self.decode_step if self.decode_step is not None else self.lm  # (a compiled module has no truth value)
@@ -503,11 +515,15 @@ class TrainingLoss:
             except torch.OutOfMemoryError:
                 raise
             except Exception as error:  # torch.compile fails in many ways (backend, compiler, graph)
-                first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                print(f"warning: torch.compile could not run ({type(error).__name__}: {first[:200]}); "
-                      "continuing without --compile", file=sys.stderr)
+                warn_compile_failed(error, "training")
                 self.compiled = None
         return self.captioner(**batch)
+
+
+def warn_compile_failed(error: Exception, what: str) -> None:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    print(f"warning: torch.compile could not run ({type(error).__name__}: {first[:200]}); continuing {what} "
+          "without --compile", file=sys.stderr)
 
 
 def backward_compiled_with_forward():

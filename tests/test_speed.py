@@ -153,6 +153,24 @@ def test_static_cache_decoding_gives_the_tokens_of_the_eager_loop(captioner):
         captioner.decode_step, captioner._static_caches = None, {}
 
 
+def test_compiled_decoding_that_cannot_compile_falls_back_to_the_eager_loop(captioner, capsys):
+    torch.manual_seed(7)
+    prefix = captioner.prefix_embeds(torch.nn.functional.normalize(torch.randn(3, captioner.config.image_feature_dim),
+                                                                    dim=-1))
+    eager = captioner.greedy_tokens(prefix, 12)
+
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("CUDA graphs unavailable")
+
+    try:
+        assert captioner.enable_compiled_decoding(backend=broken_backend, mode=None, cuda_only=False)
+        assert torch.equal(captioner.greedy_tokens(prefix, 12), eager)
+        assert captioner.decode_step is None, "decoding must stay eager after a failed compilation"
+        assert "torch.compile could not run (BackendCompilerFailed" in capsys.readouterr().err
+    finally:
+        captioner.decode_step, captioner._static_caches = None, {}
+
+
 class LargestTensor:
     """Records the most elements any op produced while active (a dispatch mode sees every op)."""
 
