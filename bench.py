@@ -24,10 +24,12 @@ with the device, shapes and batch:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
 import platform
+import queue as queue_module
 import statistics
 import subprocess
 import sys
@@ -134,11 +136,24 @@ TARGETS = (
 )
 
 
+BASELINE_PATHS = ("naive", "plain-generate", "full-logits+compile")
+
+
 def best_product(records, bench: str, key: str, larger_is_better: bool, **match):
-    """The product's best record of one bench (naive and plain-generate are baselines, not candidates)."""
-    rows = [r for r in records if r["bench"] == bench and r.get("path") not in ("naive", "plain-generate")
+    """The product's best record of one bench (the baselines in BASELINE_PATHS are not candidates)."""
+    rows = [r for r in records if r["bench"] == bench and r.get("path") not in BASELINE_PATHS
             and all(r.get(k) == v for k, v in match.items()) and r.get(key) is not None]
     return (max if larger_is_better else min)(rows, key=lambda r: r[key]) if rows else None
+
+
+def path_label(record) -> str:
+    """A record's path, with its torch.compile mode, and a note where compilation fell back to eager."""
+    label = record.get("path") or record["bench"]
+    if record.get("compile_mode"):
+        label += f" mode={record['compile_mode']}"
+    if record.get("compiled") is False:
+        label += ", compile failed: ran eager"
+    return label
 
 
 def target_table(records) -> str:
@@ -154,7 +169,7 @@ def target_table(records) -> str:
             lines.append(f"| {what} {comparison} {value:,} | not measured | |")
             continue
         met = row[key] >= value if comparison == ">=" else row[key] <= value
-        lines.append(f"| {what} {comparison} {value:,} | {row[key]:,} ({row.get('path') or bench}, batch "
+        lines.append(f"| {what} {comparison} {value:,} | {row[key]:,} ({path_label(row)}, batch "
                      f"{row.get('batch', '-')}) | {'yes' if met else '**no**'} |")
     return "\n".join(lines)
 
@@ -246,6 +261,7 @@ def training_step(captioner, path: str, batch: int, image_size: int, device, gpu
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    step.loss_function = loss_function
     return step
 
 
@@ -255,18 +271,30 @@ def bench_train(args, path: str, batch: int, mode: str | None = None) -> None:
     # naive keeps fp32 weights; the product stores frozen weights in the compute dtype (bf16 on GPU).
     weights_dtype = torch.bfloat16 if (path != "naive" and gpu_bf16) else torch.float32
     reset_peak(device)
-    captioner = make_captioner(args.shapes, device, weights_dtype)
-    step = training_step(captioner, path, batch, SHAPES[args.shapes]["image_size"], device, gpu_bf16, mode)
-    warmup = 3 if "compile" in path else 1
-    seconds = timed(step, device, args.repeats, warmup)
-    emit(args, bench="train", path=path, compile_mode=mode, batch=batch, prefix_tokens=PREFIX_LENGTH,
-         caption_tokens=CAPTION_TOKENS, weights_dtype=str(weights_dtype).replace("torch.", ""),
-         autocast_bf16=gpu_bf16, step_s=round(seconds, 4), samples_per_s=round(batch / seconds, 1),
-         peak_mem_gib=peak_gib(device))
-    if args.profile and batch == max(args.batches_list) and "compile" in path and mode is None:
-        profile_step(args, step, f"{path} batch {batch}")
-    del step, captioner
-    gc.collect()
+    captioner = step = None
+    try:
+        captioner = make_captioner(args.shapes, device, weights_dtype)
+        step = training_step(captioner, path, batch, SHAPES[args.shapes]["image_size"], device, gpu_bf16, mode)
+        seconds = timed(step, device, args.repeats, 3 if "compile" in path else 1)
+    except Exception as error:  # one failed measurement (out of memory, a compiler error) must not end the run
+        emit(args, bench="train", path=path, compile_mode=mode, batch=batch, error=one_line(error))
+    else:
+        compiled = getattr(step.loss_function, "compiled", True) is not None if "compile" in path else None
+        emit(args, bench="train", path=path, compile_mode=mode, compiled=compiled, batch=batch,
+             prefix_tokens=PREFIX_LENGTH, caption_tokens=CAPTION_TOKENS,
+             weights_dtype=str(weights_dtype).replace("torch.", ""), autocast_bf16=gpu_bf16,
+             step_s=round(seconds, 4), samples_per_s=round(batch / seconds, 1), peak_mem_gib=peak_gib(device))
+        if args.profile and batch == max(args.batches_list) and "compile" in path and mode is None:
+            profile_step(args, step, f"{path} batch {batch}")
+    finally:
+        del step, captioner
+        gc.collect()
+        reset_peak(device)
+
+
+def one_line(error: Exception) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
 def profile_step(args, step, label: str) -> None:
@@ -324,7 +352,8 @@ def bench_quantized(args) -> None:
         captioner = make_captioner(args.shapes, device, dtype)
         captioner.lm.save_pretrained(folder)
         for mode in ("none", "8bit", "4bit"):
-            captioner.lm = None
+            captioner.lm = lm = step = None  # the previous mode's LM and optimizer must not count in this one's peak
+            gc.collect()
             reset_peak(device)
             quantization = lm_quantization_config(mode, device)
             extra = {"quantization_config": quantization, "device_map": {"": device}} if quantization else {}
@@ -380,8 +409,15 @@ def bench_loss(args) -> None:
         child = context.Process(target=head_loss_run,
                                 args=(path, rows, args.shapes, args.device.type, args.repeats, queue))
         child.start()
-        seconds, peak = queue.get()
+        result = None
+        while result is None and (child.is_alive() or not queue.empty()):
+            with contextlib.suppress(queue_module.Empty):
+                result = queue.get(timeout=1)  # a child that dies (out of memory, a crash) puts nothing
         child.join()
+        if result is None:
+            emit(args, bench="loss", path=path, rows=rows, error=f"the measuring process exited with {child.exitcode}")
+            continue
+        seconds, peak = result
         emit(args, bench="loss", path=path, rows=rows, vocab=SHAPES[args.shapes]["lm"]["vocab_size"],
              step_s=round(seconds, 4), peak_mem_gib=peak,
              memory="peak allocated on the GPU" if args.device.type == "cuda" else "peak RSS growth of the process")
@@ -417,11 +453,29 @@ def bench_generate(args, captioner) -> None:
         prefix = captioner.prefix_embeds(features)
     runs = {"plain-generate": lambda: plain_generate(captioner, prefix, CAPTION_TOKENS),
             "product": lambda: captioner.greedy_tokens(prefix, CAPTION_TOKENS, stop_at_eos=False)}
+    repeats = max(1, args.repeats // 2)
     with torch.no_grad():
-        seconds = timed_interleaved(runs, device, max(1, args.repeats // 2), 1)
+        seconds = timed_interleaved(runs, device, repeats, 1)
     for path in runs:
         emit(args, bench="generate", path=path, batch=batch, new_tokens=CAPTION_TOKENS,
              captions_per_s=round(batch / seconds[path], 2), batch_s=round(seconds[path], 3))
+    compiled = compiled_decode_seconds(args, captioner, runs["product"], repeats)
+    if compiled:
+        emit(args, bench="generate", path="product+compiled-decode", compiled=compiled[1], batch=batch,
+             new_tokens=CAPTION_TOKENS, captions_per_s=round(batch / compiled[0], 2), batch_s=round(compiled[0], 3))
+
+
+def compiled_decode_seconds(args, captioner, run, repeats: int):
+    """With --compile on a GPU: (median seconds of `run` with the compiled decoding step, whether it
+    stayed compiled). None where compiled decoding does not apply."""
+    if not (args.compile and captioner.enable_compiled_decoding()):
+        return None
+    try:
+        with torch.no_grad():
+            seconds = timed_interleaved({"compiled": run}, args.device, repeats, 3)["compiled"]
+        return seconds, captioner.decode_step is not None  # decoding falls back to eager if it cannot compile
+    finally:
+        captioner.decode_step, captioner._static_caches = None, {}
 
 
 def bench_latency(args, captioner) -> None:
@@ -442,11 +496,10 @@ def bench_latency(args, captioner) -> None:
                                 args.device, args.repeats, 2)
     for path, value in seconds.items():
         emit(args, bench="latency", path=path, batch=1, new_tokens=CAPTION_TOKENS, median_ms=round(1000 * value, 1))
-    if args.compile and captioner.enable_compiled_decoding():
-        value = timed_interleaved({"compiled": lambda: caption(False)}, args.device, args.repeats, 3)["compiled"]
-        emit(args, bench="latency", path="product+compiled-decode", batch=1, new_tokens=CAPTION_TOKENS,
-             median_ms=round(1000 * value, 1))
-    captioner.decode_step = None
+    compiled = compiled_decode_seconds(args, captioner, lambda: caption(False), args.repeats)
+    if compiled:
+        emit(args, bench="latency", path="product+compiled-decode", compiled=compiled[1], batch=1,
+             new_tokens=CAPTION_TOKENS, median_ms=round(1000 * compiled[0], 1))
 
 
 def save_run_folder(captioner, folder: Path) -> Path:

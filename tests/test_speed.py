@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dataset import FeatureCache, encoder_fingerprint, extract_features, load_records
-from model import AdapterConfig, DecodingConfig, build_captioner
+from model import AdapterConfig, Captioner, DecodingConfig, build_captioner
 
 
 @pytest.fixture(scope="module")
@@ -339,16 +339,94 @@ def test_target_table_judges_the_best_product_figure_never_a_baseline():
                row("train", "product", batch=256, samples_per_s=3000, peak_mem_gib=20),
                row("train", "product+compile", batch=256, samples_per_s=4200, peak_mem_gib=14),
                row("train", "product+compile", batch=512, samples_per_s=5000, peak_mem_gib=30),  # other batch
+               row("train", "full-logits+compile", batch=256, samples_per_s=4500, peak_mem_gib=21),  # a baseline
+               row("train", "product+compile", batch=256, samples_per_s=4100, peak_mem_gib=13,
+                   compile_mode="reduce-overhead"),
                row("generate", "plain-generate", captions_per_s=2000), row("generate", "product", captions_per_s=900),
-               row("latency", "product", median_ms=120), row("latency", "product+compiled-decode", median_ms=80)]
+               row("latency", "product", median_ms=120),
+               row("latency", "product+compiled-decode", median_ms=80, compiled=False)]
     table = bench.target_table(records).splitlines()
     assert len(table) == 2 + len(bench.TARGETS)
     training, memory, generate, latency, extract = table[2:]
     assert "4,200 (product+compile, batch 256)" in training and training.endswith("| yes |")
-    assert "14 (product+compile" in memory and memory.endswith("| yes |")
+    assert "14 (product+compile, batch" in memory and memory.endswith("| yes |")
     assert "900 (product" in generate and generate.endswith("| **no** |")
-    assert "80 (product+compiled-decode" in latency and latency.endswith("| yes |")
+    assert "80 (product+compiled-decode, compile failed: ran eager" in latency and latency.endswith("| yes |")
+    # Another compile mode is named in the label.
+    [reduce_overhead] = [r for r in records if r.get("compile_mode") == "reduce-overhead"]
+    reduce_overhead["samples_per_s"] = 4300
+    assert "4,300 (product+compile mode=reduce-overhead, batch 256)" in bench.target_table(records).splitlines()[2]
     assert "not measured" in extract
+
+
+def bench_args(**extra):
+    import argparse
+
+    import bench
+
+    args = argparse.Namespace(shapes="tiny", device=torch.device("cpu"), repeats=1, profile=False, compile=True,
+                              batches_list=[8], records=[], **extra)
+    args.device_name = bench.device_name(args.device)
+    return args
+
+
+def test_bench_says_when_a_compiled_path_ran_eager_and_survives_a_failed_measurement(monkeypatch):
+    import functools
+
+    import bench
+    from model import TrainingLoss
+
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("no compiler")
+
+    args = bench_args()
+    monkeypatch.setattr(bench, "TrainingLoss", functools.partial(TrainingLoss, backend=broken_backend))
+    bench.bench_train(args, "product+compile", 8)
+    assert args.records[-1]["compiled"] is False and args.records[-1]["samples_per_s"] > 0
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(bench, "make_captioner", out_of_memory)
+    bench.bench_train(args, "naive", 8)  # must not raise: the run goes on to its other measurements
+    assert args.records[-1]["error"].startswith("OutOfMemoryError: CUDA out of memory")
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "broken"])
+def test_bench_times_compiled_decoding_and_says_whether_it_held(monkeypatch, capsys, backend):
+    import json
+
+    import bench
+
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("CUDA graphs unavailable")
+
+    real = Captioner.enable_compiled_decoding
+    monkeypatch.setattr(Captioner, "enable_compiled_decoding", lambda self: real(
+        self, backend=broken_backend if backend == "broken" else backend, mode=None, cuda_only=False))
+    assert bench.main(["--shapes", "tiny", "--only", "generate,latency", "--compile", "--repeats", "1",
+                       "--generate-batch", "4"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"device')]
+    compiled = [r for r in records if r["path"] == "product+compiled-decode"]
+    assert [r["bench"] for r in compiled] == ["generate", "latency"]
+    assert all(r["compiled"] is (backend == "aot_eager") for r in compiled)
+
+
+def test_quantized_bench_frees_each_lm_before_measuring_the_next(monkeypatch):
+    import gc
+
+    import bench
+    from transformers import PreTrainedModel
+
+    live_at_reset = []
+
+    def counting_reset(device):
+        gc.collect()
+        live_at_reset.append(sum(isinstance(o, PreTrainedModel) and hasattr(o, "lm_head") for o in gc.get_objects()))
+
+    monkeypatch.setattr(bench, "reset_peak", counting_reset)
+    bench.bench_quantized(bench_args())
+    assert live_at_reset == [0, 0, 0], "a previous mode's LM would count in the next mode's peak memory"
 
 
 def test_a_head_with_a_bias_keeps_its_bias_in_the_loss(captioner):
