@@ -241,9 +241,17 @@ def full_logits_loss(captioner, image_features, input_ids, labels) -> torch.Tens
 
 def training_step(captioner, path: str, batch: int, image_size: int, device, gpu_bf16: bool, mode=None):
     """One full optimizer step of the given path, as a closure over its own batch and optimizer.
-    Paths: naive, product, product+compile, full-logits+compile; `mode` is torch.compile's mode."""
+    Paths: naive, product, product+compile, full-logits+compile; `mode` is torch.compile's mode.
+    All but naive end in the trainer's own optimizer step (train.optimizer_step: clipping, the
+    non-finite check and the host sync it costs), so their figures are what train.py can reach."""
+    from accelerate import Accelerator
+
+    from train import optimizer_step
+
     data = random_batch(captioner, batch, image_size, device)
     optimizer = torch.optim.AdamW(captioner.adapter.parameters(), lr=1e-4, fused=device.type == "cuda")
+    constant_lr = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    accelerator = Accelerator()  # what optimizer_step asks of it (clipping, reduce) needs no prepare; autocast is ours
     loss_function = TrainingLoss(captioner, compile=path == "product+compile", mode=mode)
     if path == "full-logits+compile":
         loss_function = torch.compile(lambda **b: full_logits_loss(captioner, **b), mode=mode)
@@ -257,9 +265,12 @@ def training_step(captioner, path: str, batch: int, image_size: int, device, gpu
                 loss = loss_function(image_features=data["image_features"], input_ids=data["input_ids"],
                                      labels=data["labels"])
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(captioner.adapter.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if path == "naive":  # as public projects do: no check of the loss
+            torch.nn.utils.clip_grad_norm_(captioner.adapter.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            optimizer_step(accelerator, captioner.adapter, optimizer, constant_lr, [loss.detach()], 1.0)
 
     step.loss_function = loss_function
     return step

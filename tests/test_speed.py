@@ -412,6 +412,23 @@ def test_bench_times_compiled_decoding_and_says_whether_it_held(monkeypatch, cap
     assert all(r["compiled"] is (backend == "aot_eager") for r in compiled)
 
 
+def test_bench_product_step_is_the_trainers_step_with_its_nonfinite_check(monkeypatch):
+    # The product's figures must be what train.py reaches, its per-step check (and host sync) included:
+    # a NaN loss goes through that check and leaves the adapter as it was.
+    import bench
+    from model import TrainingLoss
+
+    captioner = bench.make_captioner("tiny", torch.device("cpu"), torch.float32)
+    real = TrainingLoss.__call__
+    monkeypatch.setattr(TrainingLoss, "__call__", lambda self, **batch: real(self, **batch) * float("nan"))
+    before = {name: value.clone() for name, value in captioner.adapter.state_dict().items()}
+    step = bench.training_step(captioner, "product", 4, bench.SHAPES["tiny"]["image_size"], torch.device("cpu"),
+                               gpu_bf16=False)
+    step()
+    for name, value in captioner.adapter.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
 def test_quantized_bench_frees_each_lm_before_measuring_the_next(monkeypatch):
     import gc
 
