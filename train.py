@@ -582,19 +582,28 @@ def train(config: TrainConfig, on_step=None) -> dict:
                                   f"continue with python train.py --run-name {config.run_name} --output-dir "
                                   f"{config.output_dir} --resume")
                 return {"run_dir": str(run_dir), "interrupted": True, "step": state.step}
-    bar.close()
-
-    if last_validated != state.step:
-        run_validation()
-    state.finished = True
-    save_checkpoint()
-    report_bad_samples(run_dir, bad_samples, accelerator)
-    summary = {"run_dir": str(run_dir), "interrupted": False, "step": state.step,
+        bar.close()
+        # Still under StopRequest: a signal now waits until the finished run is saved.
+        if last_validated != state.step:
+            run_validation()
+        state.finished = True
+        save_checkpoint()
+        report_bad_samples(run_dir, bad_samples, accelerator)
+        stopped = stop_requested(stop, accelerator)
+    summary = {"run_dir": str(run_dir), "interrupted": stopped, "step": state.step,
                "best_val_rougeL": state.best_rougeL, "best_step": state.best_step,
                "nonfinite_steps": state.nonfinite_steps, "bad_samples": len(bad_samples)}
-    if config.final_eval and accelerator.is_main_process:
-        summary["test"] = final_evaluation(captioner, accelerator.unwrap_model(adapter), run_dir, config,
-                                           train_records, train_pairs.features)
+    if stopped:
+        accelerator.print(f"{stop.signal_name or 'signal'}: training finished and is saved in {run_dir}; the test "
+                          f"evaluation was skipped: python eval.py {run_dir}")
+    elif config.final_eval and accelerator.is_main_process:
+        try:
+            summary["test"] = final_evaluation(captioner, accelerator.unwrap_model(adapter), run_dir, config,
+                                               train_records, train_pairs.features)
+        except KeyboardInterrupt:
+            print(f"interrupted: training finished and is saved in {run_dir}; the test evaluation was not "
+                  f"completed: python eval.py {run_dir}", file=sys.stderr)
+            summary["interrupted"] = True
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
@@ -698,7 +707,12 @@ def final_evaluation(captioner, adapter, run_dir: Path, config: TrainConfig, tra
 
 
 def main(argv=None, on_step=None) -> int:
-    summary = train(parse_config(argv), on_step=on_step)
+    try:
+        summary = train(parse_config(argv), on_step=on_step)
+    except KeyboardInterrupt:  # before training began, or a second Ctrl-C: saved checkpoints stay whole
+        print("interrupted; a run folder keeps its last complete checkpoint (continue it with --resume)",
+              file=sys.stderr)
+        return 130
     return 1 if summary["interrupted"] else 0
 
 

@@ -101,6 +101,38 @@ def test_resume_after_signal_matches_uninterrupted_run(tiny, tmp_path, signum):
     assert steps == sorted(set(steps)), "the resumed log continues without repeating steps"
 
 
+def test_signal_during_the_final_validation_or_test_evaluation_keeps_the_finished_run(tiny, tmp_path, monkeypatch,
+                                                                                     capsys):
+    # The end of a run (final validation, save, test evaluation) can take minutes; a Ctrl-C there
+    # must neither lose the training nor leave a run folder that can be neither resumed nor redone.
+    real_validate = train.validate
+
+    steps_done = []
+
+    def interrupted_validate(captioner, pairs, records, config, accelerator):
+        if steps_done[-1:] == [config.max_steps]:  # the validation after the last step
+            signal.raise_signal(signal.SIGINT)
+        return real_validate(captioner, pairs, records, config, accelerator)
+
+    monkeypatch.setattr(train, "validate", interrupted_validate)
+    args = train_args(tiny, tmp_path, "late", "--max-steps", "7", "--eval-every", "0", "--save-every", "100")
+    assert train.main(args, on_step=steps_done.append) == 1
+    out = capsys.readouterr().out
+    assert "training finished and is saved" in out and "python eval.py" in out
+    state = json.loads((tmp_path / "late" / "resume" / "trainer_state.json").read_text())
+    assert state["finished"] and state["step"] == 7
+    assert (tmp_path / "late" / "adapter.safetensors").is_file() and not (tmp_path / "late" / "metrics.json").exists()
+
+    def interrupted_evaluation(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "final_evaluation", interrupted_evaluation)
+    args = train_args(tiny, tmp_path, "later", "--max-steps", "3", "--save-every", "100")
+    assert train.main(args) == 1
+    assert "the test evaluation was not completed: python eval.py" in capsys.readouterr().err
+    assert json.loads((tmp_path / "later" / "resume" / "trainer_state.json").read_text())["finished"]
+
+
 def test_resume_after_crash_restarts_from_last_checkpoint(tiny, tmp_path):
     train.main(train_args(tiny, tmp_path, "straight"))
     expected = adapter_weights(tmp_path / "straight" / "last" / "adapter.safetensors")
