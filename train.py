@@ -122,27 +122,52 @@ DEMO_DEFAULTS = dict(
 
 
 def parse_config(argv=None) -> TrainConfig:
+    """The flags as a TrainConfig. `config.given_flags` (not a field, so never saved) names the
+    flags written on the command line: on --resume only those may change the saved config."""
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(TrainConfig, description=__doc__.split("\n\n")[0])
-    (config,) = parser.parse_args_into_dataclasses(args=argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # No abbreviated flags: --resume compares the flags given by their full names.
+    parser = HfArgumentParser(TrainConfig, description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    config, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:
+        raise UserError(f"unknown arguments {' '.join(unknown)}; see python train.py --help")
     if config.demo:  # the demo changes defaults; flags given explicitly still win
         parser.set_defaults(**DEMO_DEFAULTS)
-        (config,) = parser.parse_args_into_dataclasses(args=argv)
+        config, _ = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    config.given_flags = flags_named(argv)
     return config
+
+
+def flags_named(argv: list[str]) -> set[str]:
+    """TrainConfig fields named by flags in argv (--eval-every, --eval_every=5, --no-feature-cache)."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    names = set()
+    for token in argv:
+        if not token.startswith("--"):
+            continue
+        name = token[2:].partition("=")[0].replace("-", "_")
+        if name not in fields and name.startswith("no_"):
+            name = name[3:]
+        if name in fields:
+            names.add(name)
+    return names
+
+
+# Flags that may change when a run is resumed: they steer what it does from now on (how long, how
+# fast, how often it reports), not what it has done. Any other flag would contradict the saved state.
+RESUME_OVERRIDES = {"epochs", "max_steps", "learning_rate", "max_nonfinite_steps", "log_every", "eval_every",
+                    "save_every", "final_eval", "test_limit", "eval_batch_size", "feature_batch_size",
+                    "feature_cache", "feature_cache_dir", "num_workers", "compile", "on_bad_sample", "data_dir",
+                    "hub_data_files"}
+# Always taken from the command line: where the run is, and what this machine may do.
+RESUME_FROM_COMMAND_LINE = ("run_name", "output_dir", "progress", "trust_remote_code")
 
 
 def resolve_config(config: TrainConfig) -> TrainConfig:
     """Fill what the flags leave open: demo assets, a run name, a saved config on --resume."""
     if config.resume:
-        if not config.run_name:
-            raise UserError("--resume needs --run-name of the run to continue")
-        saved = Path(config.output_dir) / config.run_name / RUN_CONFIG
-        if not saved.is_file():
-            raise UserError(f"nothing to resume: {saved} not found")
-        # Trust in remote code comes from this command line only, never from a saved file.
-        return dataclasses.replace(TrainConfig(**read_json(saved, "run config")), resume=True,
-                                   progress=config.progress, trust_remote_code=config.trust_remote_code)
+        return check_config(resumed_config(config))
     if config.demo:
         from demo import ensure_demo_assets
 
@@ -157,11 +182,65 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         config.run_name = time.strftime("run-%Y%m%d-%H%M%S")
     if config.mixed_precision == "auto":
         config.mixed_precision = auto_mixed_precision()
-    for name in ("batch_size", "grad_accum_steps", "epochs", "eval_batch_size", "feature_batch_size"):
+    return check_config(config)
+
+
+def resumed_config(config: TrainConfig) -> TrainConfig:
+    """The run's saved config, in the folder named on this command line, with the flags given here
+    that may change (RESUME_OVERRIDES) applied; `resume_changes` lists them. Trust in remote code
+    comes from this command line only, never from a saved file."""
+    if not config.run_name:
+        raise UserError("--resume needs --run-name of the run to continue")
+    saved_file = Path(config.output_dir) / config.run_name / RUN_CONFIG
+    if not saved_file.is_file():
+        raise UserError(f"nothing to resume: {saved_file} not found")
+    saved_fields = read_json(saved_file, "run config")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    if not isinstance(saved_fields, dict) or set(saved_fields) - known:
+        raise UserError(f"{saved_file} is not a run config of this version of train.py (unknown fields "
+                        f"{sorted(set(saved_fields) - known) if isinstance(saved_fields, dict) else saved_fields!r})")
+    saved = TrainConfig(**saved_fields)
+    given = getattr(config, "given_flags", set()) - {"resume", "demo", *RESUME_FROM_COMMAND_LINE}
+    refused = sorted(name for name in given - RESUME_OVERRIDES if getattr(config, name) != getattr(saved, name))
+    if refused:
+        listed = ", ".join(f"--{n.replace('_', '-')} (saved {getattr(saved, n)!r})" for n in refused)
+        raise UserError(f"--resume continues {saved_file.parent} as it was saved, and {listed} cannot change; "
+                        "start a new run (another --run-name) to train with other settings")
+    changes = {name: getattr(config, name) for name in sorted(given & RESUME_OVERRIDES)
+               if getattr(config, name) != getattr(saved, name)}
+    resumed = dataclasses.replace(saved, resume=True, **changes,
+                                  **{name: getattr(config, name) for name in RESUME_FROM_COMMAND_LINE})
+    resumed.resume_changes = {name: (getattr(saved, name), value) for name, value in changes.items()}
+    return resumed
+
+
+def check_config(config: TrainConfig) -> TrainConfig:
+    """Refuse values that would crash later or be silently misread, naming the flag."""
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    for name in ("batch_size", "grad_accum_steps", "epochs", "eval_batch_size", "feature_batch_size", "log_every",
+                 "prefix_length"):
         if getattr(config, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
+            raise UserError(f"{flag(name)} must be >= 1, got {getattr(config, name)}")
+    for name in ("max_steps", "train_limit", "val_limit", "test_limit", "eval_every", "save_every", "num_workers",
+                 "adapter_hidden_dim", "max_nonfinite_steps"):
+        if getattr(config, name) < 0:
+            raise UserError(f"{flag(name)} must be >= 0 (0 means {'none' if name == 'num_workers' else 'off or all'}, "
+                            f"see --help), got {getattr(config, name)}")
     if config.max_caption_tokens < 2:
         raise UserError("--max-caption-tokens must be >= 2 (one word and EOS)")
+    if not 0 < config.learning_rate <= 1:  # also refuses nan; AdamW moves each weight by about this much per step
+        raise UserError(f"--learning-rate must be > 0 and <= 1, got {config.learning_rate}")
+    for name in ("weight_decay", "max_grad_norm"):
+        if not 0 <= getattr(config, name) < math.inf:
+            raise UserError(f"{flag(name)} must be a finite number >= 0, got {getattr(config, name)}")
+    if not 0 <= config.warmup_ratio < 1:
+        raise UserError(f"--warmup-ratio must be >= 0 and < 1, got {config.warmup_ratio}")
+    for name in ("output_dir", "feature_cache_dir"):
+        path = Path(getattr(config, name)).expanduser() if getattr(config, name) else None
+        if path is not None and path.exists() and not path.is_dir():
+            raise UserError(f"{flag(name)} {path} is a file, not a folder; name a folder")
     return config
 
 
@@ -394,6 +473,15 @@ def load_resume_state(run_dir: Path, accelerator, adapter, optimizer, scheduler)
     return TrainerState(**read_json(resume_dir / TRAINER_STATE, "trainer state"))
 
 
+def set_peak_learning_rate(optimizer, scheduler, learning_rate: float) -> None:
+    """A resumed run with another --learning-rate: the schedule keeps its shape and position, scaled
+    to the new peak (the loaded scheduler state carries the old one)."""
+    schedule = scheduler.scheduler
+    schedule.base_lrs = [learning_rate] * len(schedule.base_lrs)
+    for group, factor in zip(optimizer.param_groups, schedule.lr_lambdas, strict=True):
+        group["initial_lr"], group["lr"] = learning_rate, learning_rate * factor(schedule.last_epoch)
+
+
 def truncate_log(path: Path, step: int) -> None:
     """Drop log lines written after the checkpoint a resumed run restarts from."""
     if path.is_file():
@@ -403,6 +491,8 @@ def truncate_log(path: Path, step: int) -> None:
 def check_run_folder(run_dir: Path, config: TrainConfig) -> None:
     if config.resume:
         return
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir} is a file, not a run folder; choose another --run-name")
     if (run_dir / "resume").exists() or (run_dir / ADAPTER_WEIGHTS).exists():
         raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-name")
 
@@ -472,8 +562,13 @@ def train(config: TrainConfig, on_step=None) -> dict:
     state = TrainerState()
     if config.resume:
         state = load_resume_state(run_dir, accelerator, adapter, optimizer, scheduler)
+        changes = getattr(config, "resume_changes", {})
+        if "learning_rate" in changes:
+            set_peak_learning_rate(optimizer, scheduler, config.learning_rate)
+        state.finished = state.finished and state.step >= total_steps  # a finished run given more steps goes on
+        changed = "".join(f", --{name.replace('_', '-')} {new} (was {old})" for name, (old, new) in changes.items())
         accelerator.print(f"resuming {run_dir} at step {state.step} (epoch {state.epoch}, "
-                          f"batch {state.batches_in_epoch})")
+                          f"batch {state.batches_in_epoch}){changed}")
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / RUN_CONFIG, dataclasses.asdict(config))
@@ -512,8 +607,9 @@ def train(config: TrainConfig, on_step=None) -> dict:
         if config.max_nonfinite_steps and state.nonfinite_in_a_row >= config.max_nonfinite_steps:
             raise UserError(
                 f"{state.nonfinite_in_a_row} non-finite steps in a row (up to step {state.step}): the run stopped "
-                f"and its last good checkpoint in {run_dir / 'resume'} is intact; lower --learning-rate or check "
-                f"the batches named in {run_dir / TRAIN_LOG}"
+                f"and its last good checkpoint in {run_dir / 'resume'} is intact; continue it with a lower learning "
+                f"rate (python train.py --output-dir {config.output_dir} --run-name {config.run_name} --resume "
+                f"--learning-rate {config.learning_rate / 10:g}) or check the batches named in {run_dir / TRAIN_LOG}"
             )
 
     samples_per_step = config.batch_size * config.grad_accum_steps * accelerator.num_processes

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 from pathlib import Path
 
@@ -149,6 +150,49 @@ def test_resume_after_crash_restarts_from_last_checkpoint(tiny, tmp_path):
     resumed = adapter_weights(tmp_path / "crashed" / "last" / "adapter.safetensors")
     for key in expected:
         assert torch.equal(expected[key], resumed[key]), key
+
+
+def test_resume_continues_the_folder_it_is_given_and_applies_only_flags_that_may_change(tiny, tmp_path, capsys):
+    import shutil
+
+    train.main(train_args(tiny, tmp_path, "first", "--final-eval", "false", "--max-steps", "4"))
+    original = {p: p.read_bytes() for p in (tmp_path / "first").rglob("*") if p.is_file()}
+    # A copied (or moved) run continues in its own folder, never in the one its config names.
+    shutil.copytree(tmp_path / "first", tmp_path / "copy")
+    resume = ["--output-dir", str(tmp_path), "--run-name", "copy", "--resume", "--no-progress"]
+    assert train.main([*resume, "--max-steps", "6", "--learning-rate", "1e-3", "--log-every", "1"]) == 0
+    assert {p: p.read_bytes() for p in (tmp_path / "first").rglob("*") if p.is_file()} == original
+    log = read_jsonl(tmp_path / "copy" / "train_log.jsonl")
+    assert max(r["step"] for r in log if r["type"] == "train") == 6  # --max-steps was extended
+    assert "--learning-rate 0.001 (was 0.003)" in capsys.readouterr().out
+    # The schedule keeps its shape (cosine over the 6 steps now asked for) at the new peak.
+    lr_after_step_5 = next(r["lr"] for r in log if r["type"] == "train" and r["step"] == 5)
+    assert lr_after_step_5 == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 5 / 6)))
+    # A flag that would contradict the saved state is refused, in one line, naming it.
+    assert run_cli(train.main, [*resume, "--batch-size", "8"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "--batch-size (saved 16) cannot change" in error
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--bogus-flag"], "unknown arguments --bogus-flag"),
+    (["--log-every", "0"], "--log-every must be >= 1"),
+    (["--max-steps", "-5"], "--max-steps must be >= 0"),
+    (["--train-limit", "-1"], "--train-limit must be >= 0"),
+    (["--learning-rate", "nan"], "--learning-rate must be > 0"),
+    (["--learning-rate", "-1"], "--learning-rate must be > 0"),
+    (["--adapter-hidden-dim", "-5"], "--adapter-hidden-dim must be >= 0"),
+    (["--num-workers", "-1"], "--num-workers must be >= 0"),
+    (["--warmup-ratio", "1.5"], "--warmup-ratio must be"),
+    (["--output-dir", "A_FILE"], "is a file, not a folder"),
+])
+def test_bad_flag_values_are_one_line_errors_before_any_work(tiny, tmp_path, capsys, flags, message):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    args = train_args(tiny, tmp_path, "bad") + [str(a_file) if flag == "A_FILE" else flag for flag in flags]
+    assert run_cli(train.main, args) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and "\n" not in error and message in error, error
 
 
 def test_existing_run_is_never_overwritten(tiny, tmp_path, capsys):
