@@ -462,15 +462,36 @@ def load_resume_state(run_dir: Path, accelerator, adapter, optimizer, scheduler)
         raise UserError(f"{run_dir} has no resume state (resume/{TRAINER_STATE}); it cannot be continued")
     rng_file = resume_dir / f"rng_{accelerator.process_index}.json"
     if not rng_file.is_file():
-        raise UserError(f"{resume_dir} was saved by fewer processes than {accelerator.num_processes}; resume with "
-                        "the same number of processes")
-    accelerator.unwrap_model(adapter).load_state_dict(load_adapter_state(resume_dir / ADAPTER_WEIGHTS))
-    optimizer.load_state_dict(load_state(resume_dir, "optimizer"))
-    scheduler.scheduler.load_state_dict(load_state(resume_dir, "scheduler"))
+        saved_by = len(list(resume_dir.glob("rng_*.json")))
+        if not saved_by or accelerator.process_index < saved_by:
+            raise UserError(f"{rng_file} is missing: the resume state is damaged; resume from a copy or start again")
+        raise UserError(f"{resume_dir} was saved by {saved_by} processes, fewer than {accelerator.num_processes}; "
+                        "resume with the same number of processes")
+
+    restore(resume_dir / ADAPTER_WEIGHTS, lambda: accelerator.unwrap_model(adapter).load_state_dict(
+        load_adapter_state(resume_dir / ADAPTER_WEIGHTS)))
+    restore(resume_dir / "optimizer.json", lambda: optimizer.load_state_dict(load_state(resume_dir, "optimizer")))
+    restore(resume_dir / "scheduler.json",
+            lambda: scheduler.scheduler.load_state_dict(load_state(resume_dir, "scheduler")))
     if accelerator.scaler is not None and (resume_dir / "grad_scaler.json").is_file():
-        accelerator.scaler.load_state_dict(load_state(resume_dir, "grad_scaler"))
-    set_rng_states(load_state(resume_dir, f"rng_{accelerator.process_index}"))
-    return TrainerState(**read_json(resume_dir / TRAINER_STATE, "trainer state"))
+        restore(resume_dir / "grad_scaler.json",
+                lambda: accelerator.scaler.load_state_dict(load_state(resume_dir, "grad_scaler")))
+    restore(rng_file, lambda: set_rng_states(load_state(resume_dir, f"rng_{accelerator.process_index}")))
+    return restore(resume_dir / TRAINER_STATE,
+                   lambda: TrainerState(**read_json(resume_dir / TRAINER_STATE, "trainer state")))
+
+
+def restore(what: Path, load):
+    """load(), with a resume-state file that reads but does not fit (edited, from another run or
+    version) reported in one line naming it, not as a traceback from deep inside torch."""
+    try:
+        return load()
+    except UserError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise UserError(f"{what} does not fit this run ({type(error).__name__}: {first}); the resume state is "
+                        "damaged or from another run: resume from a copy or start again") from None
 
 
 def set_peak_learning_rate(optimizer, scheduler, learning_rate: float) -> None:

@@ -94,8 +94,22 @@ def write_jsonl(path: str | Path, records) -> None:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    with open(path) as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    """The records of a JSON-lines file. A last line without its newline that does not parse was cut
+    short by a crash in append_jsonl: it is left out (the rest of the log is good). Any other line
+    that is not JSON is an error naming the file and line."""
+    text = Path(path).read_text()
+    lines = text.split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if number == len(lines):  # the file does not end with a newline: a torn last write
+                break
+            raise UserError(f"{path} line {number} is not JSON ({error}); fix or delete that line") from None
+    return records
 
 
 def library_versions() -> dict[str, str]:

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import train
 from conftest import train_args
 from model import TrainingLoss
-from utils import read_json, read_jsonl, run_cli
+from utils import UserError, read_json, read_jsonl, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,6 +96,35 @@ def test_fp16_loss_scaler_overflow_is_skipped_without_counting_and_training_goes
     nan = step(float("nan"))
     assert not nan.applied and nan.nonfinite and torch.equal(layer.weight, after)
     assert step(1.0).applied
+
+
+def test_a_damaged_resume_state_or_log_is_one_line_naming_the_file(tiny, tmp_path, capsys):
+    train.main(train_args(tiny, tmp_path, "good", "--final-eval", "false", "--max-steps", "2"))
+    damages = {
+        "trainer_state.json": lambda run: (run / "resume" / "trainer_state.json").write_text('{"step": 2, "x": 1}'),
+        "optimizer.json": lambda run: (run / "resume" / "optimizer.json").write_text("{}"),
+        "rng_0.json": lambda run: (run / "resume" / "rng_0.json").unlink(),
+        "run_config.json": lambda run: (run / "run_config.json").write_text("[]"),
+    }
+    for name, damage in damages.items():
+        run = Path(shutil.copytree(tmp_path / "good", tmp_path / f"bad-{name}"))
+        damage(run)
+        assert run_cli(train.main, ["--output-dir", str(tmp_path), "--run-name", run.name, "--resume",
+                                    "--no-progress", "--max-steps", "3"]) == 2, name
+        error = capsys.readouterr().err.strip()
+        assert error.startswith("error: ") and "\n" not in error and name in error, error
+
+    # A crash while appending to the log leaves a torn last line: resuming drops it and goes on.
+    run = Path(shutil.copytree(tmp_path / "good", tmp_path / "torn"))
+    with open(run / "train_log.jsonl", "a") as log:
+        log.write('{"type": "train", "step": 3, "lo')
+    assert train.main(["--output-dir", str(tmp_path), "--run-name", "torn", "--resume", "--no-progress",
+                       "--max-steps", "3"]) == 0
+    assert [r["step"] for r in read_jsonl(run / "train_log.jsonl") if r["type"] == "train"][-1] == 3
+    # A bad line elsewhere is not a torn write: an error naming the line.
+    (run / "train_log.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(UserError, match="train_log.jsonl line 2 is not JSON"):
+        read_jsonl(run / "train_log.jsonl")
 
 
 def test_kill_in_the_middle_of_a_save_keeps_the_last_good_checkpoint(tiny, tmp_path):
