@@ -808,6 +808,8 @@ def final_evaluation(captioner, adapter, run_dir: Path, config: TrainConfig, tra
     captioner.adapter = adapter
     adapter.load_state_dict(load_adapter_state(run_dir / ADAPTER_WEIGHTS))
     records = load_split(config, "test", config.test_limit)
+    if config.on_bad_sample == "skip":
+        records = readable_records(captioner, records, config, "test")
     if not records:
         print("no test images: skipping the final evaluation")
         return {}
@@ -821,6 +823,21 @@ def final_evaluation(captioner, adapter, run_dir: Path, config: TrainConfig, tra
     write_eval_outputs(run_dir, result, records, run_dir)
     print_metrics(result.metrics, title=f"{run_dir} on the test split ({len(records)} images, greedy)")
     return {k: v for k, v in result.metrics.items() if not isinstance(v, (list, dict))}
+
+
+def readable_records(captioner, records, config: TrainConfig, split: str):
+    """The records whose images can be read (their features are then cached), saying which were not.
+    eval.py stops at an unreadable image; a training run that skips them skips them here too."""
+    bad: list[tuple[str, str]] = []
+    features = extract_features(captioner, records, config.feature_batch_size, config.num_workers,
+                                progress=config.progress, desc=f"CLIP features ({split})",
+                                cache_dir=config.feature_cache_dir or None, use_cache=config.feature_cache,
+                                on_bad_sample="skip", bad_samples=bad)
+    if bad:
+        listed = "; ".join(f"{image} ({why})" for image, why in bad[:3]) + (" ..." if len(bad) > 3 else "")
+        print(f"skipped {len(bad)} unreadable {split} images: {listed}; the {split} scores cover the other "
+              f"{len(records) - len(bad)}")
+    return drop_unreadable(records, features)[0]
 
 
 def main(argv=None, on_step=None) -> int:

@@ -176,6 +176,17 @@ def test_unreadable_images_are_skipped_and_reported(tiny, tmp_path, capsys):
     assert [b["image_id"] for b in bad] == ["images/train_0001.png", "images/train_0002.png"]
     assert "skipped 2 unreadable images" in capsys.readouterr().out
 
+    # An unreadable test image: the run that skips bad images also skips it in its final evaluation.
+    test_image = data / "images" / "test_0001.png"
+    test_image.write_bytes(test_image.read_bytes()[:100])
+    args = train_args(tiny, tmp_path, "with-test", "--max-steps", "2")
+    args[args.index("--data-dir") + 1] = str(data)
+    assert train.main(args) == 0
+    out = capsys.readouterr().out
+    assert "skipped 1 unreadable test images: images/test_0001.png" in out
+    metrics = read_json(tmp_path / "with-test" / "metrics.json")
+    assert metrics["num_images"] == 5
+
     strict = train_args(tiny, tmp_path, "strict", "--on-bad-sample", "error")
     strict[strict.index("--data-dir") + 1] = str(data)
     assert run_cli(train.main, strict) == 2
