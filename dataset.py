@@ -18,6 +18,7 @@ import itertools
 import json
 import os
 import random
+import sys
 import unicodedata
 import uuid
 import warnings
@@ -514,19 +515,52 @@ class FeatureCache:
     <root>/<fingerprint>/part-<id>.json  the n image keys, written after the .npy (a part without
                                           its keys file is an interrupted write and is ignored)
     Extraction appends new parts; nothing is ever rewritten, so concurrent runs cannot corrupt it.
+    A part that cannot be read back (truncated, overwritten, not the float32 (n, F) its keys
+    promise) is deleted with a note on stderr and its images are extracted again: a cache must
+    never stop a run, nor feed it wrong features.
     """
 
-    def __init__(self, root: str | Path, fingerprint: str):
+    def __init__(self, root: str | Path, fingerprint: str, feature_dim: int | None = None):
         self.folder = Path(root).expanduser() / fingerprint
+        self.feature_dim = feature_dim
         self.rows: dict[str, tuple[Path, int]] = {}
         for keys_file in sorted(self.folder.glob("part-*.json")):
             array_file = keys_file.with_suffix(".npy")
             try:
-                keys = json.loads(keys_file.read_text())
-            except (OSError, json.JSONDecodeError):
+                keys = json.loads(keys_file.read_text(encoding="utf-8"))
+            except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8 at all
                 continue  # a damaged keys file: its images are simply extracted again
-            if array_file.is_file():
-                self.rows.update((key, (array_file, row)) for row, key in enumerate(keys))
+            if not array_file.is_file():
+                continue
+            problem = self._part_problem(array_file, keys)
+            if problem:
+                self._drop_part(keys_file, array_file, problem)
+                continue
+            self.rows.update((key, (array_file, row)) for row, key in enumerate(keys))
+
+    def _part_problem(self, array_file: Path, keys) -> str:
+        """Why a part cannot be used, or "" if it can. Only the .npy header is read (a memory map),
+        so checking every part up front is cheap, and read() never meets a bad one mid-run."""
+        if not isinstance(keys, list) or not all(isinstance(key, str) for key in keys):
+            return "its keys file is not a list of image keys"
+        try:
+            array = np.load(array_file, mmap_mode="r", allow_pickle=False)
+        except Exception as error:  # numpy raises many kinds on damaged bytes (ValueError, EOFError, OSError)
+            return _first_line(error)
+        if not isinstance(array, np.ndarray):  # np.load opens a zip archive as an .npz
+            return "not a .npy array"
+        width = self.feature_dim or (array.shape[1] if array.ndim == 2 else None)
+        if array.dtype != np.float32 or array.shape != (len(keys), width):
+            return f"holds {array.dtype} {array.shape}, not float32 ({len(keys)}, {width or 'F'})"
+        return ""
+
+    @staticmethod
+    def _drop_part(keys_file: Path, array_file: Path, problem: str) -> None:
+        print(f"note: feature cache part {array_file} cannot be read ({problem}); deleting it, its images "
+              "will be extracted again", file=sys.stderr)
+        for path in (keys_file, array_file):  # keys first: an .npy without its keys is ignored anyway
+            with contextlib.suppress(OSError):  # a read-only cache: the part is still left unused
+                path.unlink()
 
     def missing(self, keys: list[str]) -> list[int]:
         return [i for i, key in enumerate(keys) if key not in self.rows]
@@ -582,7 +616,8 @@ def extract_features(captioner, records: list[ImageRecord], batch_size: int = 64
     if not use_cache:
         embeddings = _encode(captioner, records, batch_size, num_workers, progress, desc, failures, on_bad_sample)
     else:
-        cache = FeatureCache(cache_dir or default_feature_cache_dir(), encoder_fingerprint(captioner))
+        cache = FeatureCache(cache_dir or default_feature_cache_dir(), encoder_fingerprint(captioner),
+                             captioner.config.image_feature_dim)
         keys = [image_key(record) for record in records]
         todo = cache.missing(keys)
         # Parts of a few thousand images: an interrupted extraction keeps what it finished.

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from dataset import EpochShuffleSampler, limit_records, load_flickr30k_hub, load_records
+from dataset import (EpochShuffleSampler, encoder_fingerprint, extract_features, limit_records, load_flickr30k_hub,
+                     load_records)
 from utils import UserError
 
 
@@ -113,3 +116,55 @@ def test_demo_commands_build_data_and_loadable_backbones(tmp_path, capsys):
     tokens = captioner.tokenizer("a red circle on a white background", add_special_tokens=False)["input_ids"]
     assert captioner.tokenizer.decode(tokens) == "a red circle on a white background"
     assert captioner.config.eos_token_id == captioner.tokenizer.convert_tokens_to_ids(demo.EOS_TOKEN)
+
+
+@pytest.fixture(scope="module")
+def captioner(tiny):
+    from model import AdapterConfig, build_captioner
+
+    return build_captioner(AdapterConfig(clip_model=tiny["clip_model"], lm_model=tiny["lm_model"]))
+
+
+def _garbage(path, width):
+    path.write_bytes(b"\x00\xffnot an array at all" * 20)
+
+
+def _truncated(path, width):
+    path.write_bytes(path.read_bytes()[:150])
+
+
+def _pickled(path, width):
+    np.save(path, np.array([{"a": 1}] * 3, dtype=object), allow_pickle=True)
+
+
+def _too_few_rows(path, width):
+    np.save(path, np.zeros((2, width), np.float32))
+
+
+def _float64(path, width):
+    np.save(path, np.zeros((3, width), np.float64))
+
+
+@pytest.mark.parametrize("damage", [_garbage, _truncated, _pickled, _too_few_rows, _float64])
+def test_damaged_feature_cache_part_is_dropped_and_extracted_again(tiny, captioner, tmp_path, capsys, damage):
+    records = load_records("folder", "train", tiny["data_dir"])[:3]
+    expected = extract_features(captioner, records, progress=False, cache_dir=tmp_path)
+    [part] = (tmp_path / encoder_fingerprint(captioner)).glob("part-*.npy")
+    damage(part, captioner.config.image_feature_dim)
+    capsys.readouterr()
+    again = extract_features(captioner, records, progress=False, cache_dir=tmp_path)
+    assert torch.equal(again, expected)  # re-extracted, not zeros or garbage read from the bad part
+    note = [line for line in capsys.readouterr().err.splitlines() if str(part) in line]
+    assert len(note) == 1 and "extracted again" in note[0]
+    # The bad part is gone and the new one serves the next run without a note.
+    assert not part.exists()
+    extract_features(captioner, records, progress=False, cache_dir=tmp_path)
+    assert "cannot be read" not in capsys.readouterr().err
+
+
+def test_feature_cache_keys_file_of_garbage_bytes_is_extracted_again(tiny, captioner, tmp_path):
+    records = load_records("folder", "train", tiny["data_dir"])[:2]
+    expected = extract_features(captioner, records, progress=False, cache_dir=tmp_path)
+    [keys_file] = (tmp_path / encoder_fingerprint(captioner)).glob("part-*.json")
+    keys_file.write_bytes(b"\xff\xfe\x00garbage")  # not UTF-8: once a UnicodeDecodeError that stopped the run
+    assert torch.equal(extract_features(captioner, records, progress=False, cache_dir=tmp_path), expected)
