@@ -262,12 +262,53 @@ def _read_caption_rows(data_dir: Path) -> list[dict]:
                         raise UserError(f"{jsonl} line {number} is not a JSON object with an 'image' field")
             return rows
         if csv_path.is_file():
-            with open(csv_path, newline="", encoding="utf-8-sig") as handle:
-                reader = csv.DictReader(handle)
-                return [_whole_csv_row(csv_path, reader.fieldnames, row, reader.line_num) for row in reader]
+            return _read_caption_csv(csv_path)
     except UnicodeDecodeError as error:
         raise UserError(f"{jsonl if jsonl.is_file() else csv_path} is not UTF-8 text ({error})") from None
     raise UserError(f"{data_dir} has neither captions.jsonl nor captions.csv")
+
+
+# csv's default field limit (131,072 characters) is a guard against runaway quotes, which strict
+# mode reports instead; a caption of any length is accepted and cut at tokenisation.
+CSV_FIELD_LIMIT = 2**31 - 1  # the largest a C long holds everywhere
+
+
+def _read_caption_csv(path: Path) -> list[dict]:
+    """captions.csv as csv.DictReader rows (extra fields under None), read with strict quoting: an
+    unterminated quote would otherwise swallow the rest of the file into one caption."""
+    rows, row_start = [], 1
+    previous_limit = csv.field_size_limit(CSV_FIELD_LIMIT)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle, strict=True)
+            header = next(reader, [])
+            row_start = reader.line_num + 1
+            for fields in reader:
+                if fields:  # a blank line is no row, as for csv.DictReader
+                    rows.append(_whole_csv_row(path, header, _csv_dict(header, fields), row_start))
+                row_start = reader.line_num + 1
+    except csv.Error as error:
+        raise UserError(f"{path} line {row_start}: {_csv_quote_problem(error)}; put a caption that contains "
+                        'commas or quotes in double quotes, with each quote inside it doubled ("")') from None
+    finally:
+        csv.field_size_limit(previous_limit)  # the limit is global to the process: leave it as found
+    return rows
+
+
+def _csv_dict(header: list[str], fields: list[str]) -> dict:
+    """A row keyed by the header, as csv.DictReader makes it: missing fields None, extra ones under None."""
+    row = dict(itertools.zip_longest(header, fields[: len(header)]))
+    if len(fields) > len(header):
+        row[None] = fields[len(header):]
+    return row
+
+
+def _csv_quote_problem(error: csv.Error) -> str:
+    if "end of data" in str(error):
+        return "a quote opened in this row is never closed"
+    if "expected after" in str(error):
+        return f"a quoted field in this row is followed by more text ({error})"
+    return f"this row is not valid CSV ({error})"
 
 
 def _whole_csv_row(path: Path, header: list[str], row: dict, line: int) -> dict:

@@ -168,3 +168,31 @@ def test_feature_cache_keys_file_of_garbage_bytes_is_extracted_again(tiny, capti
     [keys_file] = (tmp_path / encoder_fingerprint(captioner)).glob("part-*.json")
     keys_file.write_bytes(b"\xff\xfe\x00garbage")  # not UTF-8: once a UnicodeDecodeError that stopped the run
     assert torch.equal(extract_features(captioner, records, progress=False, cache_dir=tmp_path), expected)
+
+
+@pytest.mark.parametrize("bad_rows", [
+    ['img.png,"a dog on grass,train', "b.png,a bird,train"],  # open to the end of the file
+    ['img.png,"a dog on grass,train', 'b.png,"a bird",train'],  # closed by the next row's quote
+    ['img.png,"a dog" on grass,train', "b.png,a bird,train"],  # text after the closing quote
+])
+def test_csv_quote_left_open_is_an_error_naming_its_line(tmp_path, bad_rows):
+    for name in ("a.png", "img.png", "b.png"):
+        write_image(tmp_path / name)
+    lines = ["image,caption,split", "a.png,a cat,train", *bad_rows]
+    (tmp_path / "captions.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError) as error:
+        load_records("folder", "train", str(tmp_path))
+    message = str(error.value)
+    assert f"{tmp_path / 'captions.csv'} line 3:" in message and "\n" not in message
+
+
+def test_csv_caption_over_the_csv_field_limit_is_accepted(tmp_path):
+    import csv
+
+    write_image(tmp_path / "a.png")
+    long_caption = "a dog " * 30_000  # 180,000 characters: over csv's default limit of 131,072
+    (tmp_path / "captions.csv").write_text(f"image,caption\na.png,{long_caption}\na.png,short\n")
+    limit = csv.field_size_limit()
+    [record] = [r for s in ("train", "val", "test") for r in load_records("folder", s, str(tmp_path))]
+    assert record.captions == [long_caption.strip(), "short"]
+    assert csv.field_size_limit() == limit  # the process-wide limit is left as it was
