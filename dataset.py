@@ -341,6 +341,40 @@ def _split_name(path: Path, value) -> str | None:
     return name
 
 
+def _group_by_image(data_dir: Path, rows: list[dict]) -> dict[str, dict]:
+    """Caption rows gathered per image: {name: {"captions", "split", "split_row"}}. An image
+    belongs to one split, and a row without a split takes the one another row gives its image."""
+    by_image: dict[str, dict] = {}
+    for number, row in enumerate(rows, 1):
+        name = _image_name(data_dir, row, number)
+        entry = by_image.setdefault(name, {"captions": [], "split": None, "split_row": None})
+        _set_split(data_dir, name, entry, _split_name(data_dir, row.get("split")), number)
+        captions = row.get("captions", row.get("caption", []))
+        entry["captions"].extend(captions if isinstance(captions, (list, tuple)) else [captions])
+    return by_image
+
+
+def _image_name(data_dir: Path, row: dict, number: int) -> str:
+    name = row.get("image") or row.get("file_name") or row.get("filename")
+    if not name:
+        raise UserError(f"{data_dir}: caption row {number} names no image (expected an 'image' field)")
+    if not isinstance(name, str):
+        raise UserError(f"{data_dir}: caption row {number} has image {name!r}, not a file name")
+    return name
+
+
+def _set_split(data_dir: Path, name: str, entry: dict, split: str | None, number: int) -> None:
+    """Give an image the split a row names. Two different splits are an error: merging them
+    silently would put one image in both training and test (or drop it from one)."""
+    if split is None or split == entry["split"]:
+        return
+    if entry["split"] is not None:
+        raise UserError(f"{data_dir}: image {name} is listed in split {entry['split']} (caption row "
+                        f"{entry['split_row']}) and in split {split} (caption row {number}); give each image "
+                        "one split")
+    entry["split"], entry["split_row"] = split, number
+
+
 def load_caption_folder(data_dir: Path, split: str, seed: int = 0, held_out_fraction: float = 0.05) -> list[ImageRecord]:
     """A folder of images with captions.jsonl ({"image", "captions"|"caption", "split"?}) or
     captions.csv (columns image, caption, split?; one row per caption).
@@ -348,16 +382,7 @@ def load_caption_folder(data_dir: Path, split: str, seed: int = 0, held_out_frac
     Rows without a split are assigned one by a seeded shuffle: `held_out_fraction` each to
     val and test (at least one image each once there are three), the rest to train.
     """
-    by_image: dict[str, dict] = {}
-    for number, row in enumerate(_read_caption_rows(data_dir), 1):
-        name = row.get("image") or row.get("file_name") or row.get("filename")
-        if not name:
-            raise UserError(f"{data_dir}: caption row {number} names no image (expected an 'image' field)")
-        if not isinstance(name, str):
-            raise UserError(f"{data_dir}: caption row {number} has image {name!r}, not a file name")
-        entry = by_image.setdefault(name, {"captions": [], "split": _split_name(data_dir, row.get("split"))})
-        captions = row.get("captions", row.get("caption", []))
-        entry["captions"].extend(captions if isinstance(captions, (list, tuple)) else [captions])
+    by_image = _group_by_image(data_dir, _read_caption_rows(data_dir))
     names = list(by_image)
     unassigned = [n for n in names if by_image[n]["split"] is None]
     if unassigned:

@@ -196,3 +196,39 @@ def test_csv_caption_over_the_csv_field_limit_is_accepted(tmp_path):
     [record] = [r for s in ("train", "val", "test") for r in load_records("folder", s, str(tmp_path))]
     assert record.captions == [long_caption.strip(), "short"]
     assert csv.field_size_limit() == limit  # the process-wide limit is left as it was
+
+
+def write_jsonl_captions(folder, rows):
+    (folder / "captions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+@pytest.mark.parametrize("file_format", ["jsonl", "csv"])
+def test_image_listed_in_two_splits_is_an_error_naming_both(tmp_path, file_format):
+    for name in ("a.png", "b.png"):
+        write_image(tmp_path / name)
+    rows = [("a.png", "a red square", "train"), ("b.png", "a bird", "train"), ("a.png", "red again", "test")]
+    if file_format == "jsonl":
+        write_jsonl_captions(tmp_path, [{"image": i, "caption": c, "split": s} for i, c, s in rows])
+    else:
+        (tmp_path / "captions.csv").write_text("image,caption,split\n" + "".join(f"{i},{c},{s}\n" for i, c, s in rows))
+    with pytest.raises(UserError) as error:
+        load_records("folder", "train", str(tmp_path))
+    message = str(error.value)
+    assert "a.png" in message and "split train" in message and "split test" in message and "\n" not in message
+
+
+def test_image_listed_twice_in_one_split_or_once_without_keeps_all_its_captions(tmp_path):
+    for name in ("a.png", "b.png"):
+        write_image(tmp_path / name)
+    write_jsonl_captions(tmp_path, [
+        {"image": "a.png", "caption": "one", "split": "test"},
+        {"image": "a.png", "caption": "two", "split": "test"},
+        {"image": "a.png", "caption": "three"},  # no split: the image's own
+        {"image": "b.png", "caption": "first, no split"},  # the split a later row gives counts
+        {"image": "b.png", "caption": "second", "split": "val"},
+    ])
+    [a] = load_records("folder", "test", str(tmp_path))
+    assert a.image_id == "a.png" and a.captions == ["one", "two", "three"]
+    [b] = load_records("folder", "val", str(tmp_path))
+    assert b.image_id == "b.png" and b.captions == ["first, no split", "second"]
+    assert load_records("folder", "train", str(tmp_path)) == []
