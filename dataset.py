@@ -355,12 +355,15 @@ def _group_by_image(data_dir: Path, rows: list[dict]) -> dict[str, dict]:
 
 
 def _image_name(data_dir: Path, row: dict, number: int) -> str:
+    """A row's image path, normalised so that one file is one image however it is spelled
+    ("./images/x.png", "images//x.png", "images/x.png"), else it could land in two splits.
+    Lexical only: symlinks are not resolved, so the id stays the path the file gives."""
     name = row.get("image") or row.get("file_name") or row.get("filename")
     if not name:
         raise UserError(f"{data_dir}: caption row {number} names no image (expected an 'image' field)")
     if not isinstance(name, str):
         raise UserError(f"{data_dir}: caption row {number} has image {name!r}, not a file name")
-    return name
+    return os.path.normpath(name)
 
 
 def _set_split(data_dir: Path, name: str, entry: dict, split: str | None, number: int) -> None:

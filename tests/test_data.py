@@ -232,3 +232,21 @@ def test_image_listed_twice_in_one_split_or_once_without_keeps_all_its_captions(
     [b] = load_records("folder", "val", str(tmp_path))
     assert b.image_id == "b.png" and b.captions == ["first, no split", "second"]
     assert load_records("folder", "train", str(tmp_path)) == []
+
+
+def test_spellings_of_one_image_path_are_one_image(tmp_path):
+    write_image(tmp_path / "images" / "x.png")
+    write_jsonl_captions(tmp_path, [
+        {"image": "./images/x.png", "caption": "one", "split": "train"},
+        {"image": "images//x.png", "caption": "two", "split": "train"},
+        {"image": "images/x.png", "caption": "three", "split": "train"},
+    ])
+    [record] = load_records("folder", "train", str(tmp_path))
+    assert record.image_id == "images/x.png" and record.captions == ["one", "two", "three"]
+    # Spelled differently in two splits, it is still one file: an error, not a train/test leak.
+    write_jsonl_captions(tmp_path, [
+        {"image": "./images/x.png", "caption": "one", "split": "train"},
+        {"image": "images/x.png", "caption": "two", "split": "test"},
+    ])
+    with pytest.raises(UserError, match="images/x.png .*split train.*split test"):
+        load_records("folder", "test", str(tmp_path))
