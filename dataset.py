@@ -79,8 +79,9 @@ def open_image(path):
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"image not found: {path}")
+    problem = image_file_problem(path)
+    if problem:
+        raise UserError(problem)
     if path.stat().st_size == 0:
         raise UserError(f"cannot read image {path}: the file is empty")
     try:
@@ -94,6 +95,16 @@ def open_image(path):
         raise UserError(f"cannot read image {path}: not a {', '.join(IMAGE_FORMATS)} image") from None
     except Exception as error:  # Pillow's decoders raise many kinds on hostile bytes (OSError, ValueError, ...)
         raise UserError(f"cannot read image {path} (damaged or truncated?): {_first_line(error)}") from None
+
+
+def image_file_problem(path: Path) -> str:
+    """Why `path` is no image file to open, or "" if it is one. A directory is called one: "not
+    found" would send the user looking for a path that is there."""
+    if path.is_dir():
+        return f"{path} is a directory, not an image file"
+    if not path.is_file():
+        return f"image not found: {path}"
+    return ""
 
 
 def _first_line(error: BaseException) -> str:
@@ -418,7 +429,7 @@ def load_records(dataset: str, split: str, data_dir: str | None = None, hub_data
             raise UserError(f"data folder not found: {root}")
         records = load_karpathy(root, split) if dataset == "karpathy" else load_caption_folder(root, split, seed)
     records = [r for r in records if r.captions]
-    missing = [r.path for r in records if r.path is not None and not r.path.is_file()]
+    missing = [image_file_problem(r.path) for r in records if r.path is not None and not r.path.is_file()]
     if missing:
         raise UserError(f"{len(missing)} of {len(records)} {split} images are missing (first: {missing[0]}); "
                         "check --data-dir")

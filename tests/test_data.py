@@ -250,3 +250,14 @@ def test_spellings_of_one_image_path_are_one_image(tmp_path):
     ])
     with pytest.raises(UserError, match="images/x.png .*split train.*split test"):
         load_records("folder", "test", str(tmp_path))
+
+
+def test_directory_where_an_image_is_expected_is_called_a_directory(tmp_path):
+    from dataset import open_image
+
+    (tmp_path / "photo.png").mkdir()
+    with pytest.raises(UserError, match=r"photo.png is a directory, not an image file$"):
+        open_image(tmp_path / "photo.png")
+    write_jsonl_captions(tmp_path, [{"image": "photo.png", "caption": "x", "split": "train"}])
+    with pytest.raises(UserError, match="photo.png is a directory"):
+        load_records("folder", "train", str(tmp_path))
