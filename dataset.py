@@ -413,8 +413,12 @@ def load_caption_folder(data_dir: Path, split: str, seed: int = 0, held_out_frac
 
 
 def load_records(dataset: str, split: str, data_dir: str | None = None, hub_data_files: str = FLICKR30K_PARQUET,
-                 seed: int = 0) -> list[ImageRecord]:
-    """The images of one split with their captions; images without a usable caption are left out."""
+                 seed: int = 0, on_bad_sample: str = "error", bad_samples: list | None = None) -> list[ImageRecord]:
+    """The images of one split with their captions; images without a usable caption are left out.
+
+    An image whose file is missing stops with a UserError (on_bad_sample="error"), or is left out
+    and listed in `bad_samples` as (image_id, why) (on_bad_sample="skip"), as an unreadable one is.
+    """
     if dataset not in DATASETS:
         raise UserError(f"dataset {dataset!r} is unknown; choose one of {', '.join(DATASETS)}")
     if split not in SPLITS:
@@ -429,11 +433,24 @@ def load_records(dataset: str, split: str, data_dir: str | None = None, hub_data
             raise UserError(f"data folder not found: {root}")
         records = load_karpathy(root, split) if dataset == "karpathy" else load_caption_folder(root, split, seed)
     records = [r for r in records if r.captions]
-    missing = [image_file_problem(r.path) for r in records if r.path is not None and not r.path.is_file()]
-    if missing:
-        raise UserError(f"{len(missing)} of {len(records)} {split} images are missing (first: {missing[0]}); "
+    return _drop_missing_files(records, split, on_bad_sample, bad_samples)
+
+
+def _drop_missing_files(records: list[ImageRecord], split: str, on_bad_sample: str,
+                        bad_samples: list | None) -> list[ImageRecord]:
+    """The records whose image files are there (see load_records). With every file of the split
+    missing it is the folder that is wrong, not a sample: that stops the run in either mode."""
+    problems = {i: image_file_problem(r.path) for i, r in enumerate(records) if r.path is not None}
+    problems = {i: why for i, why in problems.items() if why}
+    if not problems:
+        return records
+    if on_bad_sample != "skip" or len(problems) == len(records):
+        first = next(iter(problems.values()))
+        raise UserError(f"{len(problems)} of {len(records)} {split} images are missing (first: {first}); "
                         "check --data-dir")
-    return records
+    if bad_samples is not None:
+        bad_samples.extend((records[i].image_id, why) for i, why in problems.items())
+    return [r for i, r in enumerate(records) if i not in problems]
 
 
 def limit_records(records: list[ImageRecord], limit: int, seed: int) -> list[ImageRecord]:

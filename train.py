@@ -307,8 +307,12 @@ def adapter_config_for(config: TrainConfig) -> AdapterConfig:
     )
 
 
-def load_split(config: TrainConfig, split: str, limit: int):
-    records = load_records(config.dataset, split, config.data_dir, config.hub_data_files, config.seed)
+def load_split(config: TrainConfig, split: str, limit: int, bad_samples: list | None = None):
+    """One split's records. Given the run's bad_samples, images whose files are missing follow
+    --on-bad-sample as unreadable ones do; without it (the final test, as eval.py) they stop the run."""
+    on_bad_sample = config.on_bad_sample if bad_samples is not None else "error"
+    records = load_records(config.dataset, split, config.data_dir, config.hub_data_files, config.seed,
+                           on_bad_sample, bad_samples)
     return limit_records(records, limit, config.seed)
 
 
@@ -559,12 +563,12 @@ def train(config: TrainConfig, on_step=None) -> dict:
 
     captioner = build_captioner(adapter_config_for(config), dtype=frozen_dtype(config), device=accelerator.device,
                                 lm_quantization=config.lm_quantization, trust_remote_code=config.trust_remote_code)
-    train_records = load_split(config, "train", config.train_limit)
-    val_records = load_split(config, "val", config.val_limit)
+    bad_samples: list[tuple[str, str]] = []
+    train_records = load_split(config, "train", config.train_limit, bad_samples)
+    val_records = load_split(config, "val", config.val_limit, bad_samples)
     if not train_records:
         raise UserError(f"no training images with captions found in {config.dataset} {config.data_dir or ''}")
     # The main process fills the feature cache first; the others then read it instead of encoding.
-    bad_samples: list[tuple[str, str]] = []
     with accelerator.main_process_first():
         train_records, train_pairs = make_pairs(captioner, train_records, config, "CLIP features (train)", bad_samples)
         val_records, val_pairs = make_pairs(captioner, val_records, config, "CLIP features (val)", bad_samples)

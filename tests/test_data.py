@@ -261,3 +261,46 @@ def test_directory_where_an_image_is_expected_is_called_a_directory(tmp_path):
     write_jsonl_captions(tmp_path, [{"image": "photo.png", "caption": "x", "split": "train"}])
     with pytest.raises(UserError, match="photo.png is a directory"):
         load_records("folder", "train", str(tmp_path))
+
+
+def test_missing_image_files_are_skipped_and_listed_or_stop(tmp_path):
+    for name in ("a.png", "b.png"):
+        write_image(tmp_path / name)
+    names = ("a.png", "gone.png", "b.png")
+    write_jsonl_captions(tmp_path, [{"image": n, "caption": "x", "split": "train"} for n in names])
+    bad_samples = []
+    kept = load_records("folder", "train", str(tmp_path), on_bad_sample="skip", bad_samples=bad_samples)
+    assert [r.image_id for r in kept] == ["a.png", "b.png"]
+    assert bad_samples == [("gone.png", f"image not found: {tmp_path / 'gone.png'}")]
+    with pytest.raises(UserError, match="1 of 3 train images are missing"):
+        load_records("folder", "train", str(tmp_path))  # on_bad_sample="error", as eval.py reads
+    # Every file missing is a wrong --data-dir, not a bad sample: an error in skip mode too.
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).unlink()
+    with pytest.raises(UserError, match="3 of 3 train images are missing.*check --data-dir"):
+        load_records("folder", "train", str(tmp_path), on_bad_sample="skip", bad_samples=[])
+
+
+def test_training_skips_a_missing_image_and_lists_it_or_stops_on_it(tiny, tmp_path, capsys):
+    import shutil
+
+    import train
+    from conftest import train_args
+    from utils import read_jsonl, run_cli
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny["data_dir"], data)
+    (data / "images" / "train_0003.png").unlink()
+    args = train_args(tiny, tmp_path, "skip", "--final-eval", "false", "--max-steps", "3")
+    args[args.index("--data-dir") + 1] = str(data)
+    summary = train.train(train.parse_config(args))
+    assert summary["step"] == 3 and not summary["interrupted"] and summary["bad_samples"] == 1
+    [bad] = read_jsonl(tmp_path / "skip" / "bad_samples.jsonl")
+    assert bad["image_id"] == "images/train_0003.png" and "not found" in bad["reason"]
+    assert "skipped 1 unreadable images: images/train_0003.png" in capsys.readouterr().out
+
+    strict = train_args(tiny, tmp_path, "strict", "--on-bad-sample", "error", "--final-eval", "false")
+    strict[strict.index("--data-dir") + 1] = str(data)
+    assert run_cli(train.main, strict) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "train_0003.png" in err and "\n" not in err
