@@ -93,7 +93,8 @@ class TrainConfig:
     seed: int = _help("seed for initialisation, data order and subsets", default=42)
     max_nonfinite_steps: int = _help("a step whose loss or gradient is NaN/inf is not applied; after this many in a "
                                      "row the run stops, its last good checkpoint intact", default=5)
-    on_bad_sample: Literal["skip", "error"] = _help("an unreadable image: skip it (listed at the end and in "
+    on_bad_sample: Literal["skip", "error"] = _help("an unreadable or missing image (training, validation or the "
+                                                    "final test): skip it (listed at the end and in "
                                                     "bad_samples.jsonl) or stop with an error", default="skip")
     # cadence
     log_every: int = _help("log training loss every N optimizer steps", default=10)
@@ -811,9 +812,11 @@ def final_evaluation(captioner, adapter, run_dir: Path, config: TrainConfig, tra
 
     captioner.adapter = adapter
     adapter.load_state_dict(load_adapter_state(run_dir / ADAPTER_WEIGHTS))
-    records = load_split(config, "test", config.test_limit)
-    if config.on_bad_sample == "skip":
-        records = readable_records(captioner, records, config, "test")
+    skip = config.on_bad_sample == "skip"
+    bad: list[tuple[str, str]] = []
+    records = load_split(config, "test", config.test_limit, bad if skip else None)
+    if skip:
+        records = readable_records(captioner, records, config, "test", bad)
     if not records:
         print("no test images: skipping the final evaluation")
         return {}
@@ -829,19 +832,20 @@ def final_evaluation(captioner, adapter, run_dir: Path, config: TrainConfig, tra
     return {k: v for k, v in result.metrics.items() if not isinstance(v, (list, dict))}
 
 
-def readable_records(captioner, records, config: TrainConfig, split: str):
-    """The records whose images can be read (their features are then cached), saying which were not.
-    eval.py stops at an unreadable image; a training run that skips them skips them here too."""
-    bad: list[tuple[str, str]] = []
+def readable_records(captioner, records, config: TrainConfig, split: str, bad: list):
+    """The records whose images can be read (their features are then cached), saying which were not
+    (with those already in `bad`, e.g. missing files). eval.py stops at an unreadable image; a
+    training run that skips them skips them here too."""
     features = extract_features(captioner, records, config.feature_batch_size, config.num_workers,
                                 progress=config.progress, desc=f"CLIP features ({split})",
                                 cache_dir=config.feature_cache_dir or None, use_cache=config.feature_cache,
                                 on_bad_sample="skip", bad_samples=bad)
+    records = drop_unreadable(records, features)[0]
     if bad:
         listed = "; ".join(f"{image} ({why})" for image, why in bad[:3]) + (" ..." if len(bad) > 3 else "")
         print(f"skipped {len(bad)} unreadable {split} images: {listed}; the {split} scores cover the other "
-              f"{len(records) - len(bad)}")
-    return drop_unreadable(records, features)[0]
+              f"{len(records)}")
+    return records
 
 
 def main(argv=None, on_step=None) -> int:
