@@ -601,12 +601,19 @@ def train(config: TrainConfig, on_step=None) -> dict:
         truncate_log(run_dir / TRAIN_LOG, state.step)
     trainable = sum(p.numel() for p in adapter.parameters() if p.requires_grad)
     banner(accelerator, config, train_pairs, train_records, steps_per_epoch, total_steps, trainable)
+    if not val_records:
+        accelerator.print("note: no validation images, so no validation scores; adapter.safetensors will be the "
+                          "last step's adapter")
 
     def log(record: dict) -> None:
         if accelerator.is_main_process:
             append_jsonl(run_dir / TRAIN_LOG, {**record, "time": round(time.time(), 3)})
 
     def run_validation() -> None:
+        if not val_records:  # nothing to choose by: the latest adapter is the best there is
+            state.best_step = state.step
+            save_export(run_dir, accelerator, adapter, captioner, config, state, "best")
+            return
         result = validate(captioner, val_pairs, val_records, config, accelerator)
         improved = result["val_rougeL"] > state.best_rougeL
         if improved:

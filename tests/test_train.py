@@ -195,6 +195,21 @@ def test_bad_flag_values_are_one_line_errors_before_any_work(tiny, tmp_path, cap
     assert error.startswith("error: ") and "\n" not in error and message in error, error
 
 
+def test_without_validation_images_the_best_adapter_is_the_last(tiny, tmp_path, capsys):
+    import shutil
+
+    data = Path(shutil.copytree(tiny["data_dir"], tmp_path / "data"))
+    rows = (data / "captions.jsonl").read_text().splitlines()
+    (data / "captions.jsonl").write_text("\n".join(r for r in rows if json.loads(r)["split"] != "val") + "\n")
+    args = train_args(tiny, tmp_path, "noval", "--final-eval", "false", "--max-steps", "6", "--eval-every", "2")
+    args[args.index("--data-dir") + 1] = str(data)
+    assert train.main(args) == 0
+    assert "no validation images" in capsys.readouterr().out
+    best = adapter_weights(tmp_path / "noval" / "adapter.safetensors")
+    last = adapter_weights(tmp_path / "noval" / "last" / "adapter.safetensors")
+    assert all(torch.equal(best[key], last[key]) for key in last)
+
+
 def test_existing_run_is_never_overwritten(tiny, tmp_path, capsys):
     train.main(train_args(tiny, tmp_path, "once", "--final-eval", "false", "--max-steps", "2"))
     assert run_cli(train.main, train_args(tiny, tmp_path, "once")) == 2
