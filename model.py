@@ -47,6 +47,7 @@ class AdapterConfig:
     eos_token_id: int | None = None
     pad_token_id: int | None = None
     vocab_size: int | None = None
+    vocabulary_digest: str | None = None  # of the tokenizer's token -> id map: same size and EOS is not the same tokenizer
     max_caption_tokens: int = 40
     format_version: int = FORMAT_VERSION
     training: dict = field(default_factory=dict)  # hyperparameters, history, best scores, versions
@@ -556,10 +557,19 @@ def build_captioner(config: AdapterConfig, dtype=torch.float32, device="cpu", lm
     config.lm_revision = config.lm_revision or backbone_revision(lm)
     config.eos_token_id, config.pad_token_id = special_token_ids(tokenizer, lm)
     config.vocab_size = len(tokenizer)
+    config.vocabulary_digest = vocabulary_digest(tokenizer)
     config.__post_init__()  # derive the adapter's hidden size now that the LM's is known
     captioner = Captioner(config, clip, processor, lm, tokenizer)
     captioner.adapter.to(captioner.device)  # the backbones are placed while loading: a quantised LM cannot move
     return captioner
+
+
+def vocabulary_digest(tokenizer) -> str:
+    """A short digest of the tokenizer's token -> id map (added tokens included)."""
+    import hashlib
+
+    vocabulary = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    return hashlib.sha256(json.dumps(vocabulary, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 def special_token_ids(tokenizer, lm) -> tuple[int, int]:
@@ -621,6 +631,10 @@ def check_backbones_match(config: AdapterConfig, captioner: Captioner, source: P
             f"(vocab {len(captioner.tokenizer)}, EOS {eos}; trained with vocab {config.vocab_size}, "
             f"EOS {config.eos_token_id})"
         )
+    # Checkpoints written before the digest existed have none: size and EOS are all they can check.
+    if config.vocabulary_digest is not None and vocabulary_digest(captioner.tokenizer) != config.vocabulary_digest:
+        raise UserError(f"{source}: the tokenizer of {lm_model!r} has the size and EOS of the one the adapter was "
+                        "trained with but another vocabulary (tokens map to other ids); use the LM it was trained with")
 
 
 def load_captioner(checkpoint: str | Path, device="cpu", dtype=torch.float32, clip_model=None, lm_model=None,

@@ -138,7 +138,16 @@ def other_backbones(tiny, tmp_path_factory) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(tiny["lm_model"])
     tokenizer.add_tokens(["zebra"])
     tokenizer.save_pretrained(root / "vocab")
-    return {"clip": str(root / "clip"), "lm": str(root / "lm"), "vocab": str(root / "vocab")}
+
+    # Same size, same EOS, two tokens trading ids: another tokenizer all the same.
+    shutil.copytree(tiny["lm_model"], root / "swapped")
+    spec = json.loads((root / "swapped" / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    first, second = sorted(vocab, key=vocab.get)[-2:]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (root / "swapped" / "tokenizer.json").write_text(json.dumps(spec))
+    return {"clip": str(root / "clip"), "lm": str(root / "lm"), "vocab": str(root / "vocab"),
+            "swapped": str(root / "swapped")}
 
 
 def test_config_naming_backbones_of_other_sizes(tiny, copy, other_backbones):
@@ -164,6 +173,12 @@ def test_tokenizer_of_another_vocabulary(checkpoint, other_backbones):
     assert "tokenizer" in message and "differs" in message and str(checkpoint) in message
     config = json.loads((checkpoint / "adapter_config.json").read_text())
     assert f"vocab {config['vocab_size'] + 1}" in message and f"trained with vocab {config['vocab_size']}" in message
+    message = load_error(checkpoint, lm_model=other_backbones["swapped"])
+    assert "another vocabulary" in message and str(checkpoint) in message
+    # A checkpoint from before the digest can check size and EOS only, and still loads.
+    old = Path(shutil.copytree(checkpoint, checkpoint.parent / "before-digest"))
+    edit_config(old, vocabulary_digest=None)
+    load_captioner(old, lm_model=other_backbones["swapped"])
 
 
 # ----------------------------------------------------------------------------------------------
