@@ -59,19 +59,22 @@ def test_nonfinite_steps_in_a_row_stop_the_run_with_the_last_good_checkpoint(tin
     assert train.main(train_args(tiny, tmp_path, "diverged", "--resume")) == 0
 
 
+@pytest.fixture
 def fp16_accelerator():
     """An Accelerator with the loss scaler that mixed_precision="fp16" sets up on a GPU, here with
-    torch's CPU GradScaler (on a CPU, Accelerate makes none)."""
+    torch's CPU GradScaler (on a CPU, Accelerate makes none). Accelerate's state is shared by the
+    whole process: it is put back afterwards."""
     from accelerate import Accelerator
 
     accelerator = Accelerator(mixed_precision="no")
     accelerator.scaler, accelerator.native_amp = torch.amp.GradScaler("cpu", init_scale=2.0**16), True
     accelerator.state._mixed_precision = "fp16"
-    return accelerator
+    yield accelerator
+    accelerator.state._mixed_precision = "no"
 
 
-def test_fp16_loss_scaler_overflow_is_skipped_without_counting_and_training_goes_on():
-    accelerator = fp16_accelerator()
+def test_fp16_loss_scaler_overflow_is_skipped_without_counting_and_training_goes_on(fp16_accelerator):
+    accelerator = fp16_accelerator
     torch.manual_seed(0)
     layer = torch.nn.Linear(4, 4)
     optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-2)
