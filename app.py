@@ -492,6 +492,7 @@ def main(argv=None) -> int:
         raise UserError(f"--port must be between 1 and 65535, got {args.port}")
     if args.max_megapixels <= 0 or args.max_upload_mb <= 0:
         raise UserError("--max-megapixels and --max-upload-mb must be positive")
+    device = pick_device(args.device)  # before the demo run, which may have to be trained first
     progress = not args.no_progress
     checkpoints = [Path(path) for path in args.checkpoint or [ensure_demo_run(args.output_dir, progress)]]
     from model import ADAPTER_CONFIG
@@ -499,7 +500,6 @@ def main(argv=None) -> int:
     for checkpoint in checkpoints:  # every folder checked before the first (slow) load
         if not (checkpoint / ADAPTER_CONFIG).is_file():
             raise UserError(f"{checkpoint} is not a run folder: it has no {ADAPTER_CONFIG}")
-    device = pick_device(args.device)
     runs = [load_run(checkpoint, device, not args.no_baseline, progress=progress) for checkpoint in checkpoints]
     unique_names(runs)
     page = Page(runs, args.max_megapixels, args.max_upload_mb)

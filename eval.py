@@ -97,10 +97,40 @@ def describe_decoding(decoding: DecodingConfig) -> str:
     return "greedy"
 
 
+def available_devices() -> str:
+    """What --device may name on this machine, for the error that says it named something else."""
+    names = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        names += ["cuda"] + [f"cuda:{index}" for index in range(count)]
+    if torch.backends.mps.is_available():
+        names.append("mps")
+    return ", ".join(names)
+
+
 def pick_device(name: str) -> torch.device:
+    """The --device flag's device, or a one-line UserError when this machine has no such device
+    (torch's own errors for these are a traceback, or an assertion deep inside the first .to())."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {name!r} is not a device; use one of: {available_devices()}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            reason = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise UserError(f"--device {name}: {reason}; use one of: {available_devices()}")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                            f"use one of: {available_devices()}")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError(f"--device {name}: MPS (Apple GPU) is not available here; "
+                            f"use one of: {available_devices()}")
+    elif device.type != "cpu":
+        raise UserError(f"--device {name}: these scripts run on cpu, cuda or mps; use one of: {available_devices()}")
+    return device
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -460,8 +490,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_args(args) -> None:
+    """What the flags' types cannot check alone (this machine's devices), before any data or model loads."""
+    if not args.compare:
+        pick_device(args.device)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    check_args(args)
     if args.compare:
         return compare_main(args)
     if not args.checkpoint:

@@ -1,0 +1,105 @@
+"""Bad command-line input is one line naming the flag and what to do, never a traceback, and is
+caught before any model loads: eval.py, inference.py, app.py and bench.py."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import app
+import bench
+import eval as eval_script
+import inference
+from demo import build_demo_data
+from model import ADAPTER_CONFIG, AdapterConfig
+from utils import run_cli, write_json
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return build_demo_data(tmp_path_factory.mktemp("data"), seed=1, split_sizes={"train": 4, "val": 2, "test": 2})
+
+
+@pytest.fixture(scope="module")
+def run(data_dir, tmp_path_factory) -> Path:
+    """A run folder as far as the scripts look before loading a model (its config, its data); the
+    backbones it names do not exist, and `no_model` makes sure nothing tries to load them."""
+    folder = tmp_path_factory.mktemp("runs") / "run"
+    folder.mkdir()
+    AdapterConfig(clip_model="unused/clip", lm_model="unused/lm").to_json(folder / ADAPTER_CONFIG)
+    write_json(folder / "run_config.json", {"dataset": "folder", "data_dir": str(data_dir)})
+    return folder
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Loading a model, or training the demo run, fails the test: every check must come first."""
+    def fail(*args, **kwargs):
+        pytest.fail("a model was loaded before the command line was checked")
+
+    for module, name in ((inference, "load_captioner"), (eval_script, "load_captioner"), (app, "load_run"),
+                         (app, "ensure_demo_run"), (bench, "make_captioner")):
+        monkeypatch.setattr(module, name, fail)
+
+
+def cli_error(capsys, main, argv) -> str:
+    """Run a script's main as its command line does; assert exit status 2 and exactly one error line
+    (argparse may print its usage above it); return that line."""
+    try:
+        code = run_cli(main, argv)
+    except SystemExit as exit:  # argparse's parser.error
+        code = exit.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert "error: " in lines[-1], err
+    usage = lines[:-1]  # argparse's usage: "usage: ..." and its indented continuation lines
+    assert all(line.startswith(("usage:", " ")) for line in usage), err
+    return lines[-1]
+
+
+def image(data_dir) -> str:
+    return str(next(Path(data_dir, "images").glob("test_*.png")))
+
+
+# ----------------------------------------------------------------------------------------------
+# --device
+# ----------------------------------------------------------------------------------------------
+
+def script_argv(script, run, data_dir, *flags) -> list[str]:
+    if script is inference:
+        return ["--checkpoint", str(run), *flags, image(data_dir)]
+    if script is eval_script:
+        return [str(run), *flags]
+    return ["--checkpoint", str(run), *flags]
+
+
+@pytest.mark.parametrize("script", [inference, eval_script, app], ids=["inference", "eval", "app"])
+def test_unavailable_or_unknown_device(script, run, data_dir, no_model, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for device in ("cuda", "cuda:1", "mps", "banana", "meta"):
+        line = cli_error(capsys, script.main, script_argv(script, run, data_dir, "--device", device))
+        assert f"--device {device}" in line.replace("'", "") and "use one of: auto, cpu" in line, line
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    line = cli_error(capsys, script.main, script_argv(script, run, data_dir, "--device", "cuda:3"))
+    assert "--device cuda:3" in line and "2 CUDA device(s)" in line and "cuda:1" in line, line
+
+
+def test_app_checks_the_device_before_training_a_demo_run(no_model, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    line = cli_error(capsys, app.main, ["--device", "cuda"])  # no --checkpoint: the demo run would be trained
+    assert "--device cuda" in line, line
+
+
+def test_known_devices_still_parse(monkeypatch):
+    assert eval_script.pick_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert eval_script.pick_device("cuda:1") == torch.device("cuda:1")
+    assert eval_script.pick_device("auto") == torch.device("cuda")
