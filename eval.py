@@ -58,6 +58,38 @@ SWEEP_DECODINGS = (DecodingConfig(), DecodingConfig(strategy="beam", num_beams=3
                    DecodingConfig(strategy="sample", top_p=0.9, temperature=1.0))
 
 
+def whole_number(minimum: int, maximum: int | None = None, meaning: str = ""):
+    """An argparse type: an integer from minimum to maximum, else argparse's one-line error naming the
+    flag, before anything loads. `meaning` says what a special value means, e.g. " (0 = all)"."""
+    bounds = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"expected a whole number {bounds}{meaning}, got {text!r}")
+        return value
+
+    return parse
+
+
+def positive_number(text: str) -> float:
+    """An argparse type: a finite number > 0 (a limit of nan or inf would silently be no limit)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+# What torch.manual_seed takes, with room for eval's per-batch offsets (seed + batch index).
+SEED_RANGE = (-(2**63), 2**63 - 1)
+
+
 def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("decoding")
     group.add_argument("--strategy", choices=("greedy", "beam", "sample"), default="greedy", help="decoding strategy")
@@ -65,7 +97,8 @@ def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--temperature", type=float, default=0.7, help="temperature for --strategy sample")
     group.add_argument("--top-p", type=float, default=0.9, help="nucleus mass for --strategy sample")
     group.add_argument("--max-new-tokens", type=int, default=30, help="longest caption, in tokens")
-    group.add_argument("--seed", type=int, default=0, help="random seed (matters for --strategy sample)")
+    group.add_argument("--seed", type=whole_number(*SEED_RANGE), default=0,
+                       help="random seed (matters for --strategy sample)")
 
 
 def add_loading_flags(parser: argparse.ArgumentParser) -> None:
@@ -465,15 +498,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", nargs="?", help="run folder (best adapter) or its last/ sub-folder")
     parser.add_argument("--split", choices=("train", "val", "test"), default="test", help="split to caption")
-    parser.add_argument("--limit", type=int, default=0, help="caption at most this many images (seeded); 0 = all")
+    parser.add_argument("--limit", type=whole_number(0, meaning=" (0 = all)"), default=0,
+                        help="caption at most this many images (seeded); 0 = all")
     parser.add_argument("--dataset", choices=DATASETS, default=None, help="data source (default: the run's own)")
     parser.add_argument("--data-dir", default=None, help="data folder (default: the run's own)")
     parser.add_argument("--hub-data-files", default=None, help="parquet files for --dataset flickr30k")
     parser.add_argument("--out", default=None, help="folder for the outputs (default: the checkpoint folder; "
                                                     "with --compare: none, the table is only printed)")
-    parser.add_argument("--batch-size", type=int, default=128 if torch.cuda.is_available() else 64,
+    parser.add_argument("--batch-size", type=whole_number(1), default=128 if torch.cuda.is_available() else 64,
                         help="images per CLIP and generation batch (default 128 on a GPU, 64 on a CPU)")
-    parser.add_argument("--num-workers", type=int, default=default_image_workers(),
+    parser.add_argument("--num-workers", type=whole_number(0, meaning=" (0 = decode in this process)"),
+                        default=default_image_workers(),
                         help="DataLoader workers that decode images (default: one per CPU core, at most 8)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available; "
                                                          "under torchrun/accelerate launch: each process's own)")
@@ -481,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--decoding-sweep", action="store_true",
                         help="also caption with greedy, beam 3, beam 5 and nucleus sampling (top-p 0.9, T 1.0, "
                              "--seed) and write one table of all of them (decoding_sweep.json, report.html)")
-    parser.add_argument("--gallery-size", type=int, default=0,
+    parser.add_argument("--gallery-size", type=whole_number(0, meaning=" (0 = every image)"), default=0,
                         help="images in the report's gallery, worst first; 0 = every image")
     parser.add_argument("--compare", nargs="+", metavar="RUN",
                         help="print one table of these runs side by side, from their metrics.json; no evaluation")
@@ -506,8 +541,6 @@ def main(argv=None) -> int:
     checkpoint = Path(args.checkpoint)
     if not (checkpoint / ADAPTER_CONFIG).is_file():
         raise UserError(f"{checkpoint} is not a run folder: it has no {ADAPTER_CONFIG}")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     run_dir = find_run_dir(checkpoint)
     run = find_run_config(checkpoint)
     dataset = args.dataset or run.get("dataset")

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from dataset import open_image
-from eval import add_decoding_flags, add_loading_flags, decoding_from_args, default_dtype, loading_from_args, pick_device
+from eval import (add_decoding_flags, add_loading_flags, decoding_from_args, default_dtype, loading_from_args,
+                  pick_device, whole_number)
 from model import ADAPTER_CONFIG, AdapterConfig, load_captioner
 from utils import UserError, run_cli
 
@@ -29,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files to caption")
     parser.add_argument("--checkpoint", required=True, help="run folder (best adapter) or its last/ sub-folder")
     parser.add_argument("--json", action="store_true", help="print one JSON object per image")
-    parser.add_argument("--batch-size", type=int, default=32, help="images captioned together")
+    parser.add_argument("--batch-size", type=whole_number(1), default=32, help="images captioned together")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--compile", action="store_true",
                         help="greedy decoding with a static KV cache and a compiled one-token step (CUDA only; "

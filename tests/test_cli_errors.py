@@ -103,3 +103,35 @@ def test_known_devices_still_parse(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert eval_script.pick_device("cuda:1") == torch.device("cuda:1")
     assert eval_script.pick_device("auto") == torch.device("cuda")
+
+
+# ----------------------------------------------------------------------------------------------
+# Numeric flags out of range: argparse's one-line error, naming the flag
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flag, value", [
+    ("--batch-size", "0"),  # was range()'s ValueError traceback
+    ("--batch-size", "-1"),  # was: nothing captioned, exit status 0
+    ("--seed", str(2**64)),  # was torch.manual_seed's overflow traceback
+])
+def test_inference_numeric_flags(flag, value, run, data_dir, no_model, capsys):
+    line = cli_error(capsys, inference.main, ["--checkpoint", str(run), flag, value, image(data_dir)])
+    assert f"argument {flag}: expected a whole number" in line and repr(value) in line, line
+
+
+@pytest.mark.parametrize("flag, value, meaning", [
+    ("--limit", "-1", "0 = all"),  # was silently "all"
+    ("--gallery-size", "-2", "0 = every image"),  # was silently "every image"
+    ("--num-workers", "-1", "0 = decode in this process"),  # was DataLoader's ValueError traceback
+    ("--seed", str(-(2**64)), ""),
+])
+def test_eval_numeric_flags(flag, value, meaning, run, no_model, capsys):
+    line = cli_error(capsys, eval_script.main, [str(run), flag, value, "--no-progress"])
+    assert f"argument {flag}: expected a whole number" in line and repr(value) in line and meaning in line, line
+
+
+def test_in_range_values_still_parse():
+    args = eval_script.build_parser().parse_args(["RUN", "--limit", "0", "--num-workers", "0", "--gallery-size", "3",
+                                                  "--seed", "-1", "--batch-size", "1"])
+    assert (args.limit, args.num_workers, args.gallery_size, args.seed, args.batch_size) == (0, 0, 3, -1, 1)
+    assert inference.build_parser().parse_args(["--checkpoint", "RUN", "--batch-size", "1", "x.png"]).batch_size == 1
