@@ -525,8 +525,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_out_folder(out: Path) -> None:
+    """--out must be a folder that exists or can be made: a file in its place (or in its path) would
+    only fail at the end, after the whole split was captioned, with FileExistsError."""
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                where = "is a file" if folder == out else f"is inside {folder}, which is a file"
+                raise UserError(f"--out {out} {where}: give a folder for the outputs (it is made if need be)")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise UserError(f"--out {out}: cannot write in {folder}; give a folder you can write to")
+            return
+
+
 def check_args(args) -> None:
-    """What the flags' types cannot check alone (this machine's devices), before any data or model loads."""
+    """What the flags' types cannot check alone (the --out path, this machine's devices), before any
+    data or model loads."""
+    if args.out:
+        check_out_folder(Path(args.out))
     if not args.compare:
         pick_device(args.device)
 

@@ -2,6 +2,7 @@
 caught before any model loads: eval.py, inference.py, app.py and bench.py."""
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -135,3 +136,28 @@ def test_in_range_values_still_parse():
                                                   "--seed", "-1", "--batch-size", "1"])
     assert (args.limit, args.num_workers, args.gallery_size, args.seed, args.batch_size) == (0, 0, 3, -1, 1)
     assert inference.build_parser().parse_args(["--checkpoint", "RUN", "--batch-size", "1", "x.png"]).batch_size == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# eval.py --out
+# ----------------------------------------------------------------------------------------------
+
+def test_eval_out_must_be_a_folder(run, no_model, tmp_path, capsys):
+    a_file = tmp_path / "afile"
+    a_file.write_text("not a folder")
+    line = cli_error(capsys, eval_script.main, [str(run), "--out", str(a_file), "--no-progress"])
+    assert f"--out {a_file} is a file" in line and "give a folder" in line, line  # was FileExistsError at the end
+    line = cli_error(capsys, eval_script.main, [str(run), "--out", str(a_file / "sub"), "--no-progress"])
+    assert f"is inside {a_file}, which is a file" in line, line
+    # --compare writes there too
+    line = cli_error(capsys, eval_script.main, ["--compare", str(run), str(run), "--out", str(a_file)])
+    assert f"--out {a_file} is a file" in line, line
+
+
+def test_eval_out_must_be_writable(run, no_model, tmp_path, monkeypatch, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    # Permissions do not stop root (these tests may run as root): the folder is made unwritable this way.
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked)
+    line = cli_error(capsys, eval_script.main, [str(run), "--out", str(locked / "eval"), "--no-progress"])
+    assert f"cannot write in {locked}" in line, line  # was PermissionError at the end
