@@ -220,11 +220,12 @@ class Processes:
 # ----------------------------------------------------------------------------------------------
 
 def clip_features(captioner, records, batch_size: int, num_workers: int, progress: bool, desc: str,
-                  feature_cache: dict | None = None, on_bad_sample: str = "error") -> torch.Tensor:
+                  feature_cache: dict | None = None, on_bad_sample: str = "error",
+                  bad_samples: list | None = None) -> torch.Tensor:
     """CLIP features of records, through the on-disk feature cache (`feature_cache`: the run's
     {"cache_dir", "use_cache"}; default: the default cache)."""
     return extract_features(captioner, records, batch_size, num_workers, progress, desc,
-                            on_bad_sample=on_bad_sample, **(feature_cache or {}))
+                            on_bad_sample=on_bad_sample, bad_samples=bad_samples, **(feature_cache or {}))
 
 
 def feature_cache_settings(run: dict) -> dict:
@@ -266,6 +267,18 @@ def nearest_neighbour_captions(train_features: torch.Tensor, train_captions, que
         nearest += (query @ train.T).argmax(dim=1).tolist()  # (chunk, N) -> first index of the maximum
     first = lambda captions: captions if isinstance(captions, str) else captions[0]  # noqa: E731
     return [first(train_captions[index]) for index in nearest]
+
+
+def check_readable(bad_samples: list[tuple[str, str]]) -> None:
+    """Every image of the split must be read: each is scored against its references. (The images are
+    read to the end first, so the message counts them all; the readable ones are cached meanwhile.)"""
+    if bad_samples:
+        _, first_reason = bad_samples[0]
+        more = f" (and {len(bad_samples) - 1} more unreadable images)" if len(bad_samples) > 1 else ""
+        them = "them" if more else "it"
+        raise UserError(f"{first_reason}{more}: evaluation scores every image of the split, so fix {them} or "
+                        f"remove {them} from the split (train.py --on-bad-sample skip only leaves such images out "
+                        "of training)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,7 +330,10 @@ def evaluate_captioner(captioner, records, decodings: dict[str, DecodingConfig],
     captioner.eval()
     shard = processes.shard(len(records), batch_size)
     mine = records[shard.start : shard.stop]
-    features = clip_features(captioner, mine, batch_size, num_workers, progress, "CLIP features", feature_cache)
+    bad_samples: list[tuple[str, str]] = []
+    features = clip_features(captioner, mine, batch_size, num_workers, progress, "CLIP features", feature_cache,
+                             on_bad_sample="skip", bad_samples=bad_samples)
+    check_readable(processes.gather(bad_samples))
     predictions = {}
     for name, decoding in decodings.items():
         local = caption_features(captioner, features, decoding, batch_size, seed, shard.start // batch_size,

@@ -14,7 +14,7 @@ import bench
 import eval as eval_script
 import inference
 from demo import build_demo_data
-from model import ADAPTER_CONFIG, AdapterConfig
+from model import ADAPTER_CONFIG, AdapterConfig, build_captioner, save_adapter
 from utils import run_cli, write_json
 
 
@@ -161,3 +161,31 @@ def test_eval_out_must_be_writable(run, no_model, tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked)
     line = cli_error(capsys, eval_script.main, [str(run), "--out", str(locked / "eval"), "--no-progress"])
     assert f"cannot write in {locked}" in line, line  # was PermissionError at the end
+
+
+# ----------------------------------------------------------------------------------------------
+# eval.py and an unreadable image: advice that is true of eval.py
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny, tmp_path_factory) -> Path:
+    """A saved (untrained) adapter for the tiny backbones."""
+    captioner = build_captioner(AdapterConfig(clip_model=tiny["clip_model"], lm_model=tiny["lm_model"]))
+    folder = tmp_path_factory.mktemp("ckpt") / "run"
+    save_adapter(folder, captioner.adapter, captioner.config)
+    return folder
+
+
+def test_eval_bad_image_message_does_not_offer_a_flag_eval_lacks(tiny, checkpoint, tmp_path, capsys):
+    assert "--on-bad-sample" not in eval_script.build_parser().format_help()
+    data = Path(shutil.copytree(tiny["data_dir"], tmp_path / "data"))
+    first, second = sorted((data / "images").glob("test_*.png"))[:2]
+    first.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(40))
+    second.write_bytes(b"")
+    for workers in ("0", "2"):
+        line = cli_error(capsys, eval_script.main, [str(checkpoint), "--dataset", "folder", "--data-dir", str(data),
+                                                    "--no-progress", "--num-workers", workers])
+        assert str(first) in line and "and 1 more unreadable images" in line, line
+        assert "fix them or remove them from the split" in line, line
+        # The only --on-bad-sample it may mention is train.py's (it used to suggest it as eval's own).
+        assert line.count("--on-bad-sample") == line.count("train.py --on-bad-sample") == 1, line
