@@ -454,6 +454,8 @@ def build_app(page: Page, examples: list[tuple[str, str]]):
 # ----------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
+    from eval import positive_number, whole_number  # argparse types: a bad number is one line, before anything loads
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", nargs="+", metavar="RUN",
                         help="run folder(s) to serve (a run folder, or its last/ sub-folder); the first captions "
@@ -463,14 +465,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where to look for, and if need be train, the demo run when no --checkpoint is given")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to serve on (default: this machine only; 0.0.0.0 for every interface)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to serve on")
+    parser.add_argument("--port", type=whole_number(1, 65535), default=DEFAULT_PORT, help="port to serve on")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--no-baseline", action="store_true",
                         help="skip the nearest-neighbour baseline (it reads every training image of each run once, "
                              "then keeps their CLIP features in the on-disk feature cache)")
-    parser.add_argument("--examples", type=int, default=4, help="test images of the first run offered as examples")
-    parser.add_argument("--max-megapixels", type=float, default=40, help="larger images are refused with a message")
-    parser.add_argument("--max-upload-mb", type=float, default=50, help="larger files are refused with a message")
+    parser.add_argument("--examples", type=whole_number(0), default=4,
+                        help="test images of the first run offered as examples")
+    parser.add_argument("--max-megapixels", type=positive_number, default=40,
+                        help="larger images are refused with a message")
+    parser.add_argument("--max-upload-mb", type=positive_number, default=50,
+                        help="larger files are refused with a message")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars at start-up")
     return parser
 
@@ -488,10 +493,6 @@ def main(argv=None) -> int:
     from eval import pick_device
 
     import_gradio()
-    if not 0 < args.port < 65536:
-        raise UserError(f"--port must be between 1 and 65535, got {args.port}")
-    if args.max_megapixels <= 0 or args.max_upload_mb <= 0:
-        raise UserError("--max-megapixels and --max-upload-mb must be positive")
     device = pick_device(args.device)  # before the demo run, which may have to be trained first
     progress = not args.no_progress
     checkpoints = [Path(path) for path in args.checkpoint or [ensure_demo_run(args.output_dir, progress)]]

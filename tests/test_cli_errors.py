@@ -138,6 +138,18 @@ def test_in_range_values_still_parse():
     assert inference.build_parser().parse_args(["--checkpoint", "RUN", "--batch-size", "1", "x.png"]).batch_size == 1
 
 
+
+@pytest.mark.parametrize("flag, value", [
+    ("--examples", "-1"),  # was silently no examples
+    ("--max-megapixels", "nan"),  # was silently no limit: every size compares False with nan
+    ("--max-upload-mb", "inf"),  # was OverflowError from int(inf) at launch, after the models loaded
+    ("--max-megapixels", "0"),  # refused before too, by a check in main() that is now the flag's type
+    ("--port", "70000"),  # likewise
+])
+def test_app_numeric_flags(flag, value, run, no_model, capsys):
+    line = cli_error(capsys, app.main, ["--checkpoint", str(run), flag, value])
+    assert flag in line, line
+
 # ----------------------------------------------------------------------------------------------
 # eval.py --out
 # ----------------------------------------------------------------------------------------------
