@@ -40,7 +40,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from eval import pick_device, whole_number
 from model import IGNORE_INDEX, AdapterConfig, Captioner, TrainingLoss, save_adapter
+from utils import UserError, run_cli
 
 PREFIX_LENGTH, CAPTION_TOKENS = 10, 24  # Flickr30k captions: ~13 words ~ 17 Qwen tokens + EOS, padded
 SECTIONS = ("train", "loss", "extract", "generate", "latency", "cold", "quantized")
@@ -556,20 +558,55 @@ def bench_cold(args, captioner) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# The command line: flag values are checked by their argparse types, so a bad one is one line
+# before anything is built, not a traceback (or a division by zero) half-way through the run.
+# ----------------------------------------------------------------------------------------------
+
+def section_list(text: str) -> list[str]:
+    sections = [s for s in text.split(",") if s]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
+    return sections
+
+
+def batch_list(text: str) -> list[int]:
+    """Comma-separated batch sizes, each >= 1; "" (the default) is an empty list: sizes by shapes and device."""
+    try:
+        batches = [int(b) for b in text.split(",")] if text else []
+    except ValueError:
+        batches = [0]
+    if any(b < 1 for b in batches):
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers >= 1, got {text!r}")
+    return batches
+
+
+def variant_list(text: str) -> list[tuple[str, int | None]]:
+    """NAME@BATCH,... as (NAME, BATCH); BATCH may be left out (None: the largest --batches)."""
+    variants = []
+    for variant in filter(None, text.split(",")):
+        name, _, batch = variant.partition("@")
+        if not name or (batch and not (batch.isdigit() and int(batch) >= 1)):
+            raise argparse.ArgumentTypeError(f"expected NAME@BATCH with BATCH a whole number >= 1, got {variant!r}")
+        variants.append((name, int(batch) if batch else None))
+    return variants
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", choices=tuple(SHAPES), default="tiny", help="backbone shapes (random weights)")
-    parser.add_argument("--only", default=",".join(s for s in SECTIONS if s != "quantized"),
+    parser.add_argument("--only", type=section_list, default=",".join(s for s in SECTIONS if s != "quantized"),
                         help=f"comma-separated sections of {SECTIONS} (default: all but quantized)")
-    parser.add_argument("--batches", default="", help="training batch sizes (default: by shapes and device)")
-    parser.add_argument("--naive-batches", default="", help="naive-path batch sizes (default: the smallest of "
-                        "--batches, so both paths are compared at an equal batch)")
-    parser.add_argument("--generate-batch", type=int, default=0, help="batch for captions/s (default 512 GPU, 16 CPU)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement")
+    parser.add_argument("--batches", type=batch_list, default="",
+                        help="training batch sizes (default: by shapes and device)")
+    parser.add_argument("--naive-batches", type=batch_list, default="", help="naive-path batch sizes (default: the "
+                        "smallest of --batches, so both paths are compared at an equal batch)")
+    parser.add_argument("--generate-batch", type=whole_number(1), default=None,
+                        help="batch for captions/s (default 512 GPU, 16 CPU)")
+    parser.add_argument("--repeats", type=whole_number(1), default=5, help="timed repeats per measurement")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile paths")
     parser.add_argument("--device", default="auto", help="cpu, cuda ... (default: cuda if available)")
-    parser.add_argument("--variants", default="", help="GPU only: more compiled training steps to time, as "
+    parser.add_argument("--variants", type=variant_list, default="", help="GPU only: more compiled training steps to time, as "
                         "NAME@BATCH with NAME a torch.compile mode (reduce-overhead, max-autotune, ...) or "
                         "full-logits (plain fp32 logits + F.cross_entropy instead of the chunked loss)")
     parser.add_argument("--profile", action="store_true", help="profile the compiled step at the largest batch")
@@ -579,21 +616,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_args(args) -> None:
+    """What the flags' types cannot check alone, before anything is built."""
+    args.device = pick_device(args.device)
+    if args.device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {args.device}: bench.py measures on cpu or cuda")
+    if args.out and (Path(args.out).is_dir() or not Path(args.out).parent.is_dir()):
+        raise UserError(f"--out {args.out}: give a file in an existing folder (the JSON lines are written there "
+                        "at the end of the run)")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    args.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
-                               else args.device)
+    check_args(args)
     args.device_name = device_name(args.device)
     args.records = []
     if args.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    sections = [s for s in args.only.split(",") if s]
-    unknown = set(sections) - set(SECTIONS)
-    if unknown:
-        raise SystemExit(f"error: unknown --only sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
-    batches = [int(b) for b in (args.batches or DEFAULT_BATCHES[(args.shapes, args.device.type)]).split(",")]
+    sections = args.only
+    batches = args.batches or [int(b) for b in DEFAULT_BATCHES[(args.shapes, args.device.type)].split(",")]
     args.batches_list = batches
-    naive_batches = [int(b) for b in args.naive_batches.split(",")] if args.naive_batches else batches[:1]
+    naive_batches = args.naive_batches or batches[:1]
     print(json.dumps({"torch": torch.__version__, "device": args.device_name, "shapes": args.shapes,
                       "threads": torch.get_num_threads(), "pid": os.getpid()}), flush=True)
     if "train" in sections and args.device.type == "cpu":
@@ -605,10 +648,9 @@ def main(argv=None) -> int:
             bench_train(args, "product", batch)
             if args.compile:
                 bench_train(args, "product+compile", batch)
-        for variant in filter(None, args.variants.split(",")):  # e.g. reduce-overhead@256
-            name, _, batch = variant.partition("@")
+        for name, batch in args.variants:  # e.g. reduce-overhead@256
             path, mode = (("full-logits+compile", None) if name == "full-logits" else ("product+compile", name))
-            bench_train(args, path, int(batch or max(batches)), mode)
+            bench_train(args, path, batch or max(batches), mode)
     if "loss" in sections:
         bench_loss(args)
     if "quantized" in sections:
@@ -627,4 +669,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -201,3 +201,42 @@ def test_eval_bad_image_message_does_not_offer_a_flag_eval_lacks(tiny, checkpoin
         assert "fix them or remove them from the split" in line, line
         # The only --on-bad-sample it may mention is train.py's (it used to suggest it as eval's own).
         assert line.count("--on-bad-sample") == line.count("train.py --on-bad-sample") == 1, line
+
+
+# ----------------------------------------------------------------------------------------------
+# bench.py
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flag, value", [
+    ("--batches", "0"),  # was RuntimeError from a reshape of an empty batch
+    ("--batches", "abc"),  # was int()'s ValueError traceback
+    ("--batches", "4,,8"),  # likewise
+    ("--naive-batches", "0"),  # was the reshape's RuntimeError
+    ("--repeats", "0"),  # was ZeroDivisionError (GPU) / StatisticsError (CPU)
+    ("--repeats", "-1"),
+    ("--generate-batch", "-1"),  # was torch.randn's RuntimeError in the generate section
+    ("--variants", "max-autotune@x"),  # was int()'s ValueError, on a GPU, after the other measurements
+])
+def test_bench_flags(flag, value, no_model, capsys):
+    line = cli_error(capsys, bench.main, ["--shapes", "tiny", "--only", "train,generate", flag, value])
+    assert f"argument {flag}: expected" in line and repr(value) in line, line
+
+
+def test_bench_device(no_model, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    line = cli_error(capsys, bench.main, ["--shapes", "tiny", "--device", "cuda"])  # was an AssertionError
+    assert "--device cuda" in line and "use one of: auto, cpu" in line, line
+
+
+def test_bench_out(no_model, tmp_path, capsys):
+    # Was IsADirectoryError / FileNotFoundError at the end of the run, its measurements lost.
+    for out in (tmp_path, tmp_path / "missing" / "bench.jsonl"):
+        line = cli_error(capsys, bench.main, ["--shapes", "tiny", "--out", str(out)])
+        assert f"--out {out}: give a file in an existing folder" in line, line
+
+
+def test_bench_flags_still_parse():
+    args = bench.build_parser().parse_args(["--batches", "4,8", "--variants", "reduce-overhead@256,full-logits",
+                                            "--only", "train,loss"])
+    assert args.batches == [4, 8] and args.naive_batches == [] and args.generate_batch is None
+    assert args.variants == [("reduce-overhead", 256), ("full-logits", None)] and args.only == ["train", "loss"]
