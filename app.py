@@ -454,7 +454,7 @@ def build_app(page: Page, examples: list[tuple[str, str]]):
 # ----------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    from eval import positive_number, whole_number  # argparse types: a bad number is one line, before anything loads
+    from utils import positive_number, whole_number  # argparse types: a bad number is one line, before anything loads
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", nargs="+", metavar="RUN",

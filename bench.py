@@ -40,9 +40,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from eval import pick_device, whole_number
+from eval import pick_device
 from model import IGNORE_INDEX, AdapterConfig, Captioner, TrainingLoss, save_adapter
-from utils import UserError, run_cli
+from utils import UserError, run_cli, whole_number
 
 PREFIX_LENGTH, CAPTION_TOKENS = 10, 24  # Flickr30k captions: ~13 words ~ 17 Qwen tokens + EOS, padded
 SECTIONS = ("train", "loss", "extract", "generate", "latency", "cold", "quantized")

@@ -40,7 +40,7 @@ from metrics import COCO_METRICS, COCO_VARIANT, TOKENIZATION_DETAILS, coco_metri
 from model import ADAPTER_CONFIG, LM_QUANTIZATIONS, DecodingConfig, load_captioner
 from report import EXTRA_METRICS, baseline_verdict, percent, sweep_rows, write_report
 from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, UserError, caption_metrics, default_image_workers, format_table,
-                   read_json, run_cli, write_json, write_jsonl)
+                   positive_number, read_json, run_cli, whole_number, write_json, write_jsonl)
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -56,34 +56,6 @@ SCALE_NOTE = "raw pycocoevalcap values: CIDEr-D in 0-10, the others in 0-1; tabl
 SWEEP_DECODINGS = (DecodingConfig(), DecodingConfig(strategy="beam", num_beams=3),
                    DecodingConfig(strategy="beam", num_beams=5),
                    DecodingConfig(strategy="sample", top_p=0.9, temperature=1.0))
-
-
-def whole_number(minimum: int, maximum: int | None = None, meaning: str = ""):
-    """An argparse type: an integer from minimum to maximum, else argparse's one-line error naming the
-    flag, before anything loads. `meaning` says what a special value means, e.g. " (0 = all)"."""
-    bounds = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < minimum or (maximum is not None and value > maximum):
-            raise argparse.ArgumentTypeError(f"expected a whole number {bounds}{meaning}, got {text!r}")
-        return value
-
-    return parse
-
-
-def positive_number(text: str) -> float:
-    """An argparse type: a finite number > 0 (a limit of nan or inf would silently be no limit)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
 
 
 # What torch.manual_seed takes, with room for eval's per-batch offsets (seed + batch index).

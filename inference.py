@@ -20,9 +20,9 @@ import torch
 
 from dataset import open_image
 from eval import (add_decoding_flags, add_loading_flags, decoding_from_args, default_dtype, loading_from_args,
-                  pick_device, whole_number)
+                  pick_device)
 from model import ADAPTER_CONFIG, AdapterConfig, load_captioner
-from utils import UserError, run_cli
+from utils import UserError, run_cli, whole_number
 
 
 def build_parser() -> argparse.ArgumentParser:

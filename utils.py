@@ -1,7 +1,9 @@
 """Small helpers shared by train.py, eval.py and inference.py: errors, files, metrics, versions."""
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import os
 import platform
 import random
@@ -25,6 +27,34 @@ def run_cli(main_fn, argv=None) -> int:
     except UserError as error:
         print(f"error: {user_message(error)}", file=sys.stderr)
         return 2
+
+
+def whole_number(minimum: int, maximum: int | None = None, meaning: str = ""):
+    """An argparse type: an integer from minimum to maximum, else argparse's one-line error naming the
+    flag, before anything loads. `meaning` says what a special value means, e.g. " (0 = all)"."""
+    bounds = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"expected a whole number {bounds}{meaning}, got {text!r}")
+        return value
+
+    return parse
+
+
+def positive_number(text: str) -> float:
+    """An argparse type: a finite number > 0 (a limit of nan or inf would silently be no limit)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
 
 
 def user_message(error: UserError) -> str:
