@@ -137,7 +137,7 @@ class DecodingConfig:
             raise UserError(f"max new tokens must be >= 1, got {self.max_new_tokens}")
         if self.strategy == "beam" and self.num_beams < 2:
             raise UserError(f"beam search needs --num-beams >= 2, got {self.num_beams}")
-        if self.strategy == "sample" and not (self.temperature > 0 and 0 < self.top_p <= 1):
+        if self.strategy == "sample" and not (0 < self.temperature < float("inf") and 0 < self.top_p <= 1):
             raise UserError(f"sampling needs temperature > 0 and 0 < top-p <= 1, got {self.temperature}, {self.top_p}")
 
 

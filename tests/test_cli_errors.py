@@ -120,6 +120,12 @@ def test_inference_numeric_flags(flag, value, run, data_dir, no_model, capsys):
     assert f"argument {flag}: expected a whole number" in line and repr(value) in line, line
 
 
+def test_sampling_temperature_must_be_finite(run, data_dir, no_model, capsys):
+    line = cli_error(capsys, inference.main, ["--checkpoint", str(run), "--strategy", "sample", "--temperature", "inf",
+                                              image(data_dir)])
+    assert "sampling needs temperature > 0" in line and "inf" in line, line
+
+
 @pytest.mark.parametrize("flag, value, meaning", [
     ("--limit", "-1", "0 = all"),  # was silently "all"
     ("--gallery-size", "-2", "0 = every image"),  # was silently "every image"
