@@ -22,6 +22,17 @@ def tiny(tmp_path_factory) -> dict:
     return {"data_dir": str(data_dir), "clip_model": built["clip"], "lm_model": built["lm"]}
 
 
+@pytest.fixture(scope="module")
+def checkpoint(tiny, tmp_path_factory) -> Path:
+    """A saved (untrained) adapter for the tiny backbones; tests copy it before breaking it."""
+    from model import AdapterConfig, build_captioner, save_adapter
+
+    captioner = build_captioner(AdapterConfig(clip_model=tiny["clip_model"], lm_model=tiny["lm_model"]))
+    folder = tmp_path_factory.mktemp("ckpt") / "run"
+    save_adapter(folder, captioner.adapter, captioner.config)
+    return folder
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     # Keep the demo cache out of the user's home during tests.

@@ -20,17 +20,8 @@ import model
 import train
 from conftest import train_args
 from dataset import collate_captions, load_records, tokenize_caption
-from model import AdapterConfig, build_captioner, load_captioner, save_adapter
+from model import AdapterConfig, build_captioner, load_captioner
 from utils import UserError, library_versions, run_cli, write_json
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tiny, tmp_path_factory) -> Path:
-    """A saved (untrained) adapter for the tiny backbones; tests copy it before breaking it."""
-    captioner = build_captioner(AdapterConfig(clip_model=tiny["clip_model"], lm_model=tiny["lm_model"]))
-    folder = tmp_path_factory.mktemp("ckpt") / "run"
-    save_adapter(folder, captioner.adapter, captioner.config)
-    return folder
 
 
 @pytest.fixture

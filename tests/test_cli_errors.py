@@ -14,7 +14,7 @@ import bench
 import eval as eval_script
 import inference
 from demo import build_demo_data
-from model import ADAPTER_CONFIG, AdapterConfig, build_captioner, save_adapter
+from model import ADAPTER_CONFIG, AdapterConfig
 from utils import run_cli, write_json
 
 
@@ -184,15 +184,6 @@ def test_eval_out_must_be_writable(run, no_model, tmp_path, monkeypatch, capsys)
 # ----------------------------------------------------------------------------------------------
 # eval.py and an unreadable image: advice that is true of eval.py
 # ----------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def checkpoint(tiny, tmp_path_factory) -> Path:
-    """A saved (untrained) adapter for the tiny backbones."""
-    captioner = build_captioner(AdapterConfig(clip_model=tiny["clip_model"], lm_model=tiny["lm_model"]))
-    folder = tmp_path_factory.mktemp("ckpt") / "run"
-    save_adapter(folder, captioner.adapter, captioner.config)
-    return folder
-
 
 def test_eval_bad_image_message_does_not_offer_a_flag_eval_lacks(tiny, checkpoint, tmp_path, capsys):
     assert "--on-bad-sample" not in eval_script.build_parser().format_help()
