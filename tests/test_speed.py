@@ -435,11 +435,14 @@ def test_quantized_bench_frees_each_lm_before_measuring_the_next(monkeypatch):
     import bench
     from transformers import PreTrainedModel
 
-    live_at_reset = []
+    def live_lms() -> set[int]:
+        gc.collect()
+        return {id(o) for o in gc.get_objects() if isinstance(o, PreTrainedModel) and hasattr(o, "lm_head")}
+
+    before, live_at_reset = live_lms(), []  # other tests' fixtures may hold LMs of their own
 
     def counting_reset(device):
-        gc.collect()
-        live_at_reset.append(sum(isinstance(o, PreTrainedModel) and hasattr(o, "lm_head") for o in gc.get_objects()))
+        live_at_reset.append(len(live_lms() - before))
 
     monkeypatch.setattr(bench, "reset_peak", counting_reset)
     bench.bench_quantized(bench_args())
