@@ -233,18 +233,38 @@ def load_karpathy(data_dir: Path, split: str) -> list[ImageRecord]:
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
         raise UserError(f"{path} is not a Karpathy split file ({error})") from None
     wanted = {"train": {"train", "restval"}}.get(split, {split})
-    records = []
+    records: dict[str, ImageRecord] = {}  # by image file: an entry listed twice is one image
+    first_seen: dict[str, tuple[str, int]] = {}
     for number, image in enumerate(images):
         if not isinstance(image, dict) or not isinstance(image.get("filename"), str) or not image["filename"]:
             raise UserError(f"{path}: images[{number}] has no 'filename'")
+        file = os.path.normpath(os.path.join(str(image.get("filepath") or ""), image["filename"]))
+        _check_one_split(path, file, _training_split(image.get("split")), number, first_seen)
         if image.get("split") not in wanted:
             continue
         sentences = image.get("sentences")
         captions = _clean_captions([_karpathy_text(s) for s in sentences] if isinstance(sentences, list) else [])
+        if file in records:
+            records[file].captions.extend(captions)
+            continue
         image_id = str(image.get("cocoid", image.get("imgid", image["filename"])))
         path_ = _resolve_image(data_dir, image.get("filepath", ""), image["filename"])
-        records.append(ImageRecord(image_id, captions, split, path=path_))
-    return records
+        records[file] = ImageRecord(image_id, captions, split, path=path_)
+    return list(records.values())
+
+
+def _training_split(split):
+    """COCO's `restval` images are training images (see load_karpathy)."""
+    return "train" if split == "restval" else split
+
+
+def _check_one_split(path: Path, file: str, split, number: int, first_seen: dict) -> None:
+    """An image file listed under two splits would be trained on and scored on (a leak), or
+    dropped from one of them: an error naming both entries, as for a caption folder."""
+    seen_split, seen_number = first_seen.setdefault(file, (split, number))
+    if seen_split != split:
+        raise UserError(f"{path}: image {file} is listed in split {seen_split} (images[{seen_number}]) and in "
+                        f"split {split} (images[{number}]); give each image one split")
 
 
 def _karpathy_text(sentence):

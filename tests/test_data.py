@@ -59,6 +59,21 @@ def test_karpathy_json_with_restval(tmp_path):
     assert [r.image_id for r in load_records("karpathy", "test", str(tmp_path))] == ["103"]
 
 
+
+def test_karpathy_image_listed_in_two_splits_is_an_error_and_a_repeat_is_one_image(tmp_path):
+    write_image(tmp_path / "images" / "a.jpg")
+    entry = {"filename": "a.jpg", "imgid": 7, "sentences": [{"raw": "a dog"}]}
+    karpathy = tmp_path / "dataset_flickr8k.json"
+    karpathy.write_text(json.dumps({"images": [{**entry, "split": "train"}, {**entry, "split": "test"}]}))
+    with pytest.raises(UserError, match=r"a.jpg is listed in split train \(images\[0\]\) and in split test "
+                                        r"\(images\[1\]\)"):
+        load_records("karpathy", "train", str(tmp_path))
+    # Listed twice in training splits (restval is training data), it is one image with both captions.
+    karpathy.write_text(json.dumps({"images": [{**entry, "split": "train"},
+                                               {**entry, "split": "restval", "sentences": [{"raw": "a cat"}]}]}))
+    [record] = load_records("karpathy", "train", str(tmp_path))
+    assert record.captions == ["a dog", "a cat"]
+
 def test_caption_folder_csv_groups_captions_and_assigns_splits(tmp_path):
     lines = ["image,caption"]
     for i in range(20):
