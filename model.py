@@ -10,6 +10,7 @@ are re-loaded with from_pretrained from the ids recorded in the config.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import logging
 import sys
@@ -318,6 +319,13 @@ def compiled_decode_rows(rows: int) -> int:
     return 1 << (rows - 1).bit_length()
 
 
+def kv_cache_argument(lm) -> str:
+    """The name under which the LM's forward takes a KV cache: transformers renamed `past_key_values`
+    to `cache` (5.24 warns on the old name, 5.40 drops it), and a dropped name would not fail loudly:
+    forward's **kwargs would swallow it and decoding would silently run without its cache."""
+    parameters = inspect.signature(type(lm).forward).parameters  # follows the deprecation wrapper
+    return "cache" if "cache" in parameters else "past_key_values"
+
 class Captioner(nn.Module):
     """Frozen CLIP + trainable adapter + frozen LM. Only `self.adapter` has trainable parameters."""
 
@@ -330,6 +338,7 @@ class Captioner(nn.Module):
         self.tokenizer = tokenizer
         self.adapter = adapter if adapter is not None else Adapter(config)
         self.decode_step = None  # a compiled one-token LM step, see enable_compiled_decoding
+        self._cache_kwarg = kv_cache_argument(lm)
         self._static_caches = {}  # (batch, length) -> StaticCache, for decode_step
 
     @property
@@ -427,7 +436,7 @@ class Captioner(nn.Module):
         if self.decode_step is not None:  # a graph and a static cache per batch size: only powers of two
             prefix = torch.cat([prefix, prefix.new_zeros(compiled_decode_rows(rows) - rows, *prefix.shape[1:])])
         cache = self._kv_cache(prefix.shape[0], k + max_new_tokens)
-        output = self.lm(inputs_embeds=prefix, past_key_values=cache, use_cache=True, logits_to_keep=1,
+        output = self.lm(inputs_embeds=prefix, **{self._cache_kwarg: cache}, use_cache=True, logits_to_keep=1,
                          cache_position=torch.arange(k, device=prefix.device))
         token = output.logits[:, -1].argmax(-1)  # (B,)
         finished = token == eos
@@ -436,7 +445,7 @@ class Captioner(nn.Module):
         for position in range(k, k + max_new_tokens - 1):
             if stop_at_eos and bool(finished.all()):
                 break
-            output = step(input_ids=token[:, None], past_key_values=cache, use_cache=True,
+            output = step(input_ids=token[:, None], **{self._cache_kwarg: cache}, use_cache=True,
                           cache_position=torch.tensor([position], device=prefix.device))
             token = output.logits[:, -1].argmax(-1)
             if stop_at_eos:

@@ -103,3 +103,25 @@ def test_generation_modes_return_clean_strings(tiny):
             assert "<|endoftext|>" not in caption and caption == " ".join(caption.split())
     short = captioner.generate(features, DecodingConfig(max_new_tokens=2))
     assert all(len(captioner.tokenizer(c, add_special_tokens=False)["input_ids"]) <= 2 for c in short)
+
+
+def test_decoding_passes_the_kv_cache_under_the_name_the_installed_lm_takes(tiny):
+    import warnings
+
+    from model import kv_cache_argument
+
+    class Renamed(torch.nn.Module):
+        def forward(self, input_ids=None, cache=None, **kwargs): ...
+
+    class Older(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, **kwargs): ...
+
+    assert (kv_cache_argument(Renamed()), kv_cache_argument(Older())) == ("cache", "past_key_values")
+    captioner = build_captioner(AdapterConfig(clip_model=tiny["clip_model"], lm_model=tiny["lm_model"]))
+    prefix = captioner.adapter(torch.randn(2, captioner.config.image_feature_dim))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        tokens = captioner.greedy_tokens(prefix, 6, stop_at_eos=False)
+    # A deprecated name still works today, with a warning; once it is gone it would be swallowed.
+    assert not [w for w in seen if "is deprecated" in str(w.message)], [str(w.message) for w in seen]
+    assert tokens.shape == (2, 6)
