@@ -27,8 +27,9 @@ from dataset import (DATASETS, FLICKR30K_PARQUET, CaptionPairs, EpochShuffleSamp
                      drop_unreadable, extract_features, limit_records, load_records)
 from model import (ADAPTER_WEIGHTS, IGNORE_INDEX, AdapterConfig, DecodingConfig, TrainingLoss, build_captioner,
                    load_adapter_state, resolve_dtype, save_adapter, save_adapter_weights)
-from utils import (UserError, append_jsonl, caption_metrics, default_image_workers, library_versions, load_state,
-                   read_json, read_jsonl, rng_states, run_cli, save_state, set_rng_states, write_json, write_jsonl)
+from utils import (Terminated, UserError, append_jsonl, caption_metrics, default_image_workers, interrupted_exit_code,
+                   library_versions, load_state, read_json, read_jsonl, rng_states, run_cli, save_state,
+                   set_rng_states, write_json, write_jsonl)
 
 RUN_CONFIG = "run_config.json"
 TRAIN_LOG = "train_log.jsonl"
@@ -288,7 +289,7 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         if self.signal_name is not None:  # a second Ctrl-C: the user really wants out
-            raise KeyboardInterrupt
+            raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
 
     def __exit__(self, *exc):
@@ -858,10 +859,11 @@ def readable_records(captioner, records, config: TrainConfig, split: str, bad: l
 def main(argv=None, on_step=None) -> int:
     try:
         summary = train(parse_config(argv), on_step=on_step)
-    except KeyboardInterrupt:  # before training began, or a second Ctrl-C: saved checkpoints stay whole
-        print("interrupted; a run folder keeps its last complete checkpoint (continue it with --resume)",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:  # before training began, or a second signal: saves stay whole
+        print(f"interrupted ({'SIGTERM' if isinstance(interrupt, Terminated) else 'Ctrl-C'}); a run folder keeps "
+              "its last complete checkpoint (continue it with --resume) and the feature cache keeps every part "
+              "it finished", file=sys.stderr)
+        return interrupted_exit_code(interrupt)
     return 1 if summary["interrupted"] else 0
 
 

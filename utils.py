@@ -7,6 +7,7 @@ import math
 import os
 import platform
 import random
+import signal
 import sys
 import warnings
 from collections.abc import Iterable, Sequence
@@ -20,13 +21,38 @@ class UserError(Exception):
     """A problem with the user's input: printed as one line by the scripts, never as a traceback."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or `kill`'s stop), raised where Ctrl-C raises KeyboardInterrupt, so that
+    both unwind the same way: `finally` blocks run and the script ends with one line, not a traceback."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated
+
+
+def interrupted_exit_code(interrupt: KeyboardInterrupt) -> int:
+    """The shell's code for a process stopped by a signal: 128 + SIGTERM (15) or SIGINT (2)."""
+    return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
+
+
 def run_cli(main_fn, argv=None) -> int:
-    """Run a script's main, turning UserError into a one-line message and exit code 2."""
+    """Run a script's main: a UserError becomes a one-line message and exit code 2; Ctrl-C or SIGTERM
+    a one-line message and exit code 130 or 143 (a script may catch them first to say more)."""
+    try:
+        previous = signal.signal(signal.SIGTERM, raise_terminated)
+    except ValueError:  # not the main thread, where signals cannot be handled: leave them alone
+        previous = None
     try:
         return main_fn(argv) or 0
     except UserError as error:
         print(f"error: {user_message(error)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as interrupt:
+        print(f"interrupted ({'SIGTERM' if isinstance(interrupt, Terminated) else 'Ctrl-C'})", file=sys.stderr)
+        return interrupted_exit_code(interrupt)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def whole_number(minimum: int, maximum: int | None = None, meaning: str = ""):

@@ -298,3 +298,51 @@ def test_a_signal_to_one_process_stops_all_at_the_same_step_and_resume_matches(t
     got = load_file(tmp_path / "stopped" / "last" / "adapter.safetensors")
     for key in expected:
         assert torch.equal(got[key], expected[key]), key
+
+
+def test_sigterm_during_feature_extraction_is_one_line_and_keeps_the_finished_parts(tiny, tmp_path, monkeypatch,
+                                                                                    capsys):
+    """A scheduler's SIGTERM before training begins (here: while CLIP features are extracted) ends the
+    script with one line and exit code 143, and the parts already extracted are reused next time."""
+    import dataset
+
+    monkeypatch.setattr(dataset, "FEATURE_PART_SIZE", 8)
+    real_add, added = dataset.FeatureCache.add, []
+
+    def add_then_sigterm(self, keys, embeddings):
+        real_add(self, keys, embeddings)
+        added.append(list(keys))
+        if len(added) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled at the next bytecode, as a real one would be
+
+    monkeypatch.setattr(dataset.FeatureCache, "add", add_then_sigterm)
+    # Stand-in for the default action (which would kill pytest): without run_cli's handler the run goes on.
+    before = lambda signum, frame: None  # noqa: E731
+    previous = signal.signal(signal.SIGTERM, before)
+    args = train_args(tiny, tmp_path, "termed", "--max-steps", "2", "--final-eval", "false")
+    try:
+        assert run_cli(train.main, args) == 128 + signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is before  # the script's handler does not outlive it
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("interrupted (SIGTERM); a run folder keeps its last complete checkpoint"), error
+    assert [len(keys) for keys in added] == [8, 8]
+
+    first_run = {key for keys in added for key in keys}
+    added.clear()
+    monkeypatch.setattr(dataset.FeatureCache, "add", lambda self, keys, embeddings: (
+        added.append(list(keys)), real_add(self, keys, embeddings)))
+    assert run_cli(train.main, args) == 0
+    second_run = {key for keys in added for key in keys}
+    assert second_run and not second_run & first_run  # the 16 finished images were not encoded again
+
+
+def test_ctrl_c_or_sigterm_in_any_script_is_one_line_with_the_shell_exit_code():
+    for signum, code, line in ((signal.SIGTERM, 143, "interrupted (SIGTERM)"), (signal.SIGINT, 130,
+                                                                                "interrupted (Ctrl-C)")):
+        script = (f"import os, sys; from utils import run_cli; "
+                  f"sys.exit(run_cli(lambda argv: os.kill(os.getpid(), {int(signum)}) or __import__('time').sleep(30)))")
+        done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert (done.returncode, done.stderr.strip()) == (code, line), done.stderr[-2000:]
+
