@@ -16,6 +16,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -777,7 +778,12 @@ def optimizer_step(accelerator, adapter, optimizer, scheduler, window_losses: li
     else:
         scaler.update()  # close the scaler's step (clipping unscaled the gradients), else the next one fails
         outcome = StepOutcome(False, True, float(grad_norm), scaler.get_scale())
-    scheduler.step()
+    if outcome.applied:
+        scheduler.step()
+    else:
+        with warnings.catch_warnings():  # torch takes a skip before the first applied step for a mistake
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return outcome
 

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -346,3 +347,20 @@ def test_ctrl_c_or_sigterm_in_any_script_is_one_line_with_the_shell_exit_code():
         done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert (done.returncode, done.stderr.strip()) == (code, line), done.stderr[-2000:]
 
+
+def test_a_skipped_first_step_advances_the_schedule_without_torch_calling_it_a_mistake(tiny, tmp_path,
+                                                                                        monkeypatch):
+    poison_calls(monkeypatch, {1})
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        summary = train.train(train.parse_config(train_args(tiny, tmp_path, "first", "--final-eval", "false",
+                                                            "--max-steps", "2", "--log-every", "1")))
+    assert summary["nonfinite_steps"] == 1
+    assert not [w for w in seen if "lr_scheduler.step()" in str(w.message)], [str(w.message) for w in seen]
+    # The skipped step still moved the schedule on: step 2 logs the learning rate of step 2.
+    [logged] = [r for r in read_jsonl(tmp_path / "first" / "train_log.jsonl") if r["type"] == "train"]
+    config = train.parse_config(train_args(tiny, tmp_path, "x", "--max-steps", "2"))
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=config.learning_rate)
+    schedule = train.lr_schedule(optimizer, config, 2, 1)
+    optimizer.step(), schedule.step(), optimizer.step(), schedule.step()
+    assert logged["step"] == 2 and logged["lr"] == pytest.approx(schedule.get_last_lr()[0])
