@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from eval import pick_device
 from model import IGNORE_INDEX, AdapterConfig, Captioner, TrainingLoss, save_adapter
-from utils import UserError, run_cli, whole_number
+from utils import UserError, read_jsonl, run_cli, whole_number
 
 PREFIX_LENGTH, CAPTION_TOKENS = 10, 24  # Flickr30k captions: ~13 words ~ 17 Qwen tokens + EOS, padded
 SECTIONS = ("train", "loss", "extract", "generate", "latency", "cold", "quantized")
@@ -126,6 +126,9 @@ def emit(args, **record) -> None:
     record = {"device": args.device_name, "shapes": args.shapes, **record}
     args.records.append(record)
     print(json.dumps(record), flush=True)
+    if getattr(args, "out", ""):  # line by line: a run stopped at a time limit keeps what it measured
+        with open(args.out, "a") as out:
+            out.write(json.dumps(record) + "\n")
 
 
 # The issue's targets for one H100 with the real shapes: (what, bench, key, comparison, value).
@@ -613,7 +616,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--targets", action="store_true", help="end with a table of the issue's H100 targets "
                         "against this run's best product figures")
     parser.add_argument("--out", default="", help="also write the JSON lines to this file")
+    parser.add_argument("--targets-from", nargs="+", metavar="JSONL", default=None,
+                        help="measure nothing: print the targets table from the --out files of earlier runs "
+                        "(a GPU lease's runs split into several calls)")
     return parser
+
+
+def targets_from(paths: list[str]) -> str:
+    """The targets table over the measurements of several --out files."""
+    records = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise UserError(f"--targets-from {path}: no such file; give the --out files of earlier bench.py runs")
+        records += [r for r in read_jsonl(path) if isinstance(r, dict) and "bench" in r]
+    if not records:
+        raise UserError(f"--targets-from {' '.join(paths)}: no measurements in these files")
+    return target_table(records)
 
 
 def check_args(args) -> None:
@@ -622,15 +640,20 @@ def check_args(args) -> None:
     if args.device.type not in ("cpu", "cuda"):
         raise UserError(f"--device {args.device}: bench.py measures on cpu or cuda")
     if args.out and (Path(args.out).is_dir() or not Path(args.out).parent.is_dir()):
-        raise UserError(f"--out {args.out}: give a file in an existing folder (the JSON lines are written there "
-                        "at the end of the run)")
+        raise UserError(f"--out {args.out}: give a file in an existing folder (each JSON line is written "
+                        "there as it is measured)")
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.targets_from:
+        print(targets_from(args.targets_from), flush=True)
+        return 0
     check_args(args)
     args.device_name = device_name(args.device)
     args.records = []
+    if args.out:
+        Path(args.out).write_text("")  # emit() appends each measurement as it is made
     if args.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     sections = args.only
@@ -661,8 +684,6 @@ def main(argv=None) -> int:
         for section in rest:
             {"extract": bench_extract, "generate": bench_generate, "latency": bench_latency,
              "cold": bench_cold}[section](args, captioner)
-    if args.out:
-        Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in args.records))
     if args.targets:
         print(target_table(args.records), flush=True)
     return 0

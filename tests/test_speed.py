@@ -359,6 +359,40 @@ def test_target_table_judges_the_best_product_figure_never_a_baseline():
     assert "not measured" in extract
 
 
+
+def test_targets_table_from_the_out_files_of_split_runs(tmp_path, capsys):
+    import json
+
+    import bench
+    from utils import run_cli
+
+    train = [{"bench": "train", "path": "product+compile", "batch": 256, "samples_per_s": 4100, "peak_mem_gib": 12}]
+    rest = [{"bench": "generate", "path": "product", "captions_per_s": 1600},
+            {"bench": "extract", "images_per_s": 3500}]
+    for name, records in (("a.jsonl", train), ("b.jsonl", rest)):
+        lines = [{"torch": "2.x", "device": "cpu"}] + records  # the header line a run prints first
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert bench.main(["--targets-from", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]) == 0
+    assert capsys.readouterr().out.strip() == bench.target_table(train + rest)
+    assert "4,100" in bench.target_table(train + rest) and "1,600" in bench.target_table(train + rest)
+    assert run_cli(bench.main, ["--targets-from", str(tmp_path / "absent.jsonl")]) == 2
+    assert "absent.jsonl: no such file" in capsys.readouterr().err
+
+
+def test_bench_out_file_keeps_each_measurement_when_the_run_is_cut_short(tmp_path, monkeypatch):
+    import bench
+    from utils import read_jsonl
+
+    def killed(args, captioner):  # a time limit's kill, in the middle of the next section
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "bench_generate", killed)
+    out = tmp_path / "bench.jsonl"
+    out.write_text('{"bench": "stale"}\n')  # an earlier run's file is replaced, not added to
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--shapes", "tiny", "--only", "extract,generate", "--repeats", "1", "--out", str(out)])
+    assert [r["bench"] for r in read_jsonl(out)] == ["extract"]
+
 def bench_args(**extra):
     import argparse
 
