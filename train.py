@@ -468,12 +468,13 @@ def load_resume_state(run_dir: Path, accelerator, adapter, optimizer, scheduler)
     if not (resume_dir / TRAINER_STATE).is_file():
         raise UserError(f"{run_dir} has no resume state (resume/{TRAINER_STATE}); it cannot be continued")
     rng_file = resume_dir / f"rng_{accelerator.process_index}.json"
+    saved_by = len(list(resume_dir.glob("rng_*.json")))  # one per process that saved it
+    if saved_by and saved_by != accelerator.num_processes:
+        # The global batch, the steps per epoch and each process's place in the epoch depend on it.
+        raise UserError(f"{resume_dir} was saved by {saved_by} processes, not {accelerator.num_processes}; "
+                        f"resume with the same number of processes ({saved_by})")
     if not rng_file.is_file():
-        saved_by = len(list(resume_dir.glob("rng_*.json")))
-        if not saved_by or accelerator.process_index < saved_by:
-            raise UserError(f"{rng_file} is missing: the resume state is damaged; resume from a copy or start again")
-        raise UserError(f"{resume_dir} was saved by {saved_by} processes, fewer than {accelerator.num_processes}; "
-                        "resume with the same number of processes")
+        raise UserError(f"{rng_file} is missing: the resume state is damaged; resume from a copy or start again")
 
     restore(resume_dir / ADAPTER_WEIGHTS, lambda: accelerator.unwrap_model(adapter).load_state_dict(
         load_adapter_state(resume_dir / ADAPTER_WEIGHTS)))

@@ -364,3 +364,14 @@ def test_a_skipped_first_step_advances_the_schedule_without_torch_calling_it_a_m
     schedule = train.lr_schedule(optimizer, config, 2, 1)
     optimizer.step(), schedule.step(), optimizer.step(), schedule.step()
     assert logged["step"] == 2 and logged["lr"] == pytest.approx(schedule.get_last_lr()[0])
+
+
+def test_resuming_with_another_number_of_processes_is_refused(tiny, tmp_path, capsys):
+    """The global batch and each process's place in the epoch depend on the process count: a run
+    saved by 2 processes (here: its resume state as 2 processes leave it) does not go on with 1."""
+    train.main(train_args(tiny, tmp_path, "two", "--final-eval", "false", "--max-steps", "2"))
+    resume = tmp_path / "two" / "resume"
+    shutil.copy(resume / "rng_0.json", resume / "rng_1.json")
+    assert run_cli(train.main, ["--output-dir", str(tmp_path), "--run-name", "two", "--resume", "--no-progress",
+                                "--max-steps", "3"]) == 2
+    assert "was saved by 2 processes, not 1; resume with the same number of processes (2)" in capsys.readouterr().err
