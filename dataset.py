@@ -394,7 +394,12 @@ def _image_name(data_dir: Path, row: dict, number: int) -> str:
         raise UserError(f"{data_dir}: caption row {number} names no image (expected an 'image' field)")
     if not isinstance(name, str):
         raise UserError(f"{data_dir}: caption row {number} has image {name!r}, not a file name")
-    return os.path.normpath(name)
+    name = os.path.normpath(name)
+    if os.path.isabs(name):  # an absolute spelling of a file in the folder is that file's relative name
+        relative = os.path.relpath(name, os.path.abspath(data_dir))
+        if not relative.startswith(os.pardir):
+            return relative
+    return name
 
 
 def _set_split(data_dir: Path, name: str, entry: dict, split: str | None, number: int) -> None:

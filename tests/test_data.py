@@ -265,6 +265,13 @@ def test_spellings_of_one_image_path_are_one_image(tmp_path):
     ])
     with pytest.raises(UserError, match="images/x.png .*split train.*split test"):
         load_records("folder", "test", str(tmp_path))
+    # Nor does an absolute spelling of the same file get past the check.
+    write_jsonl_captions(tmp_path, [
+        {"image": "images/x.png", "caption": "one", "split": "train"},
+        {"image": str(tmp_path / "images" / "x.png"), "caption": "two", "split": "test"},
+    ])
+    with pytest.raises(UserError, match="images/x.png .*split train.*split test"):
+        load_records("folder", "test", str(tmp_path))
 
 
 def test_directory_where_an_image_is_expected_is_called_a_directory(tmp_path):
