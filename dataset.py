@@ -397,7 +397,7 @@ def _image_name(data_dir: Path, row: dict, number: int) -> str:
     name = os.path.normpath(name)
     if os.path.isabs(name):  # an absolute spelling of a file in the folder is that file's relative name
         relative = os.path.relpath(name, os.path.abspath(data_dir))
-        if not relative.startswith(os.pardir):
+        if relative != os.pardir and not relative.startswith(os.pardir + os.sep):
             return relative
     return name
 
