@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import shutil
 import signal
 import sys
@@ -466,7 +467,9 @@ def load_resume_state(run_dir: Path, accelerator, adapter, optimizer, scheduler)
     if not (resume_dir / TRAINER_STATE).is_file() and (run_dir / "resume.old" / TRAINER_STATE).is_file():
         resume_dir = run_dir / "resume.old"  # a crash between the two renames
     if not (resume_dir / TRAINER_STATE).is_file():
-        raise UserError(f"{run_dir} has no resume state (resume/{TRAINER_STATE}); it cannot be continued")
+        raise UserError(f"{run_dir} has no resume state (resume/{TRAINER_STATE}): it stopped before its first "
+                        "checkpoint and cannot be continued; start it again under another --run-name (or delete "
+                        "the folder)")
     rng_file = resume_dir / f"rng_{accelerator.process_index}.json"
     saved_by = len(list(resume_dir.glob("rng_*.json")))  # one per process that saved it
     if saved_by and saved_by != accelerator.num_processes:
@@ -518,12 +521,24 @@ def truncate_log(path: Path, step: int) -> None:
 
 
 def check_run_folder(run_dir: Path, config: TrainConfig) -> None:
+    """Before anything loads: the run folder can be written, and a new run does not land on an old one."""
+    folder = next(p for p in (run_dir, *run_dir.parents) if p.exists())  # where the first write will happen
+    if folder.is_dir() and not os.access(folder, os.W_OK):
+        raise UserError(f"{folder} cannot be written (a read-only disk or no permission); "
+                        f"{'copy the run somewhere writable and resume it there' if config.resume else 'choose another --output-dir'}")
     if config.resume:
         return
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir} is a file, not a run folder; choose another --run-name")
-    if (run_dir / "resume").exists() or (run_dir / ADAPTER_WEIGHTS).exists():
+    if has_resume_state(run_dir):
         raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-name")
+    if (run_dir / ADAPTER_WEIGHTS).exists() or (run_dir / "last").exists():
+        raise UserError(f"{run_dir} holds a run that stopped before its first resumable checkpoint, so it cannot be "
+                        "continued; delete or rename that folder, or choose another --run-name")
+
+
+def has_resume_state(run_dir: Path) -> bool:
+    return any((run_dir / name / TRAINER_STATE).is_file() for name in ("resume", "resume.old"))
 
 
 def banner(accelerator, config, train_pairs, train_records, steps_per_epoch, total_steps, trainable) -> None:
@@ -641,6 +656,12 @@ def train(config: TrainConfig, on_step=None) -> dict:
         accelerator.print(f"step {state.step}: non-finite loss or gradient (losses {window_losses}, grad norm "
                           f"{grad_norm}); the step was not applied ({state.nonfinite_in_a_row} in a row)")
         if config.max_nonfinite_steps and state.nonfinite_in_a_row >= config.max_nonfinite_steps:
+            if not has_resume_state(run_dir):
+                raise UserError(
+                    f"{state.nonfinite_in_a_row} non-finite steps in a row (up to step {state.step}), before the run's "
+                    f"first checkpoint: start again with a lower learning rate (--learning-rate "
+                    f"{config.learning_rate / 10:g}) under another --run-name, or check the batches named in "
+                    f"{run_dir / TRAIN_LOG}")
             raise UserError(
                 f"{state.nonfinite_in_a_row} non-finite steps in a row (up to step {state.step}): the run stopped "
                 f"and its last good checkpoint in {run_dir / 'resume'} is intact; continue it with a lower learning "

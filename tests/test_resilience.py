@@ -375,3 +375,36 @@ def test_resuming_with_another_number_of_processes_is_refused(tiny, tmp_path, ca
     assert run_cli(train.main, ["--output-dir", str(tmp_path), "--run-name", "two", "--resume", "--no-progress",
                                 "--max-steps", "3"]) == 2
     assert "was saved by 2 processes, not 1; resume with the same number of processes (2)" in capsys.readouterr().err
+
+
+def test_a_run_that_stopped_before_its_first_checkpoint_says_what_to_do(tiny, tmp_path, monkeypatch, capsys):
+    # Non-finite from the first step: the stop cannot point to a checkpoint that was never written.
+    poison_calls(monkeypatch, {1, 2, 3})
+    args = train_args(tiny, tmp_path, "early", "--max-nonfinite-steps", "3", "--final-eval", "false")
+    assert run_cli(train.main, args) == 2
+    error = capsys.readouterr().err
+    assert "before the run's first checkpoint: start again with a lower learning rate" in error, error
+    assert not (tmp_path / "early" / "resume").exists()
+    # A folder with a validated adapter but no resume state: neither --resume nor a new run is a dead end.
+    monkeypatch.undo()
+    (tmp_path / "early" / "adapter.safetensors").write_bytes(b"")
+    assert run_cli(train.main, args) == 2
+    assert "stopped before its first resumable checkpoint, so it cannot be continued; delete or rename" in \
+        capsys.readouterr().err
+    assert run_cli(train.main, ["--output-dir", str(tmp_path), "--run-name", "early", "--resume"]) == 2
+    assert "start it again under another --run-name" in capsys.readouterr().err
+
+
+def test_an_output_folder_that_cannot_be_written_is_one_line_before_anything_loads(tiny, tmp_path, monkeypatch,
+                                                                                   capsys):
+    import os
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path) == locked and mode == os.W_OK
+                        else real_access(path, mode, **kw))  # as a read-only mount answers (root ignores modes)
+    monkeypatch.setattr(train, "build_captioner", lambda *a, **k: pytest.fail("loaded before checking the folder"))
+    assert run_cli(train.main, train_args(tiny, locked / "runs", "new")) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {locked} cannot be written (a read-only disk or no "
+                                               "permission); choose another --output-dir")
