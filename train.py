@@ -11,6 +11,8 @@ the last one in last/, the resume state in resume/, run_config.json and train_lo
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import os
 import shutil
@@ -271,6 +273,9 @@ class TrainerState:
     finished: bool = False
     nonfinite_in_a_row: int = 0
     nonfinite_steps: int = 0  # steps not applied because of a NaN/inf loss or gradient
+    # What the state belongs to, checked on --resume ("" in states saved before these were kept):
+    settings: str = ""  # settings_digest of the run's config
+    train_data: str = ""  # training_set_label of the data it trained on
 
 
 class StopRequest:
@@ -537,6 +542,31 @@ def check_run_folder(run_dir: Path, config: TrainConfig) -> None:
                         "continued; delete or rename that folder, or choose another --run-name")
 
 
+def settings_digest(config: TrainConfig) -> str:
+    """A digest of the settings a resumed run cannot change (all but RESUME_OVERRIDES and where the run
+    is): a resume state copied in from another run does not match its folder's run_config.json."""
+    fixed = {name: value for name, value in dataclasses.asdict(config).items()
+             if name not in RESUME_OVERRIDES | {*RESUME_FROM_COMMAND_LINE, "resume"}}
+    return hashlib.sha256(json.dumps(fixed, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def training_set_label(train_records, train_pairs) -> str:
+    """The training set in a few words plus a digest of its image ids: --data-dir may point a resumed
+    run to its data moved elsewhere (same ids), never to other data (another position in another epoch)."""
+    digest = hashlib.sha256("\0".join(r.image_id for r in train_records).encode()).hexdigest()[:16]
+    return f"{len(train_records):,} images, {len(train_pairs):,} pairs, ids {digest}"
+
+
+def check_resume_belongs(state: "TrainerState", run_dir: Path, config: TrainConfig, train_data: str) -> None:
+    if state.settings and state.settings != settings_digest(config):
+        raise UserError(f"{run_dir / 'resume'} does not belong to this run: it was saved with other settings than "
+                        f"{run_dir / RUN_CONFIG} (copied in from another run?); resume that run in its own folder or "
+                        "start again")
+    if state.train_data and state.train_data != train_data:
+        raise UserError(f"--resume: the training data is not the run's (saved: {state.train_data}; now: {train_data}); "
+                        "--data-dir may name the same data moved elsewhere, not other data: start a new run for that")
+
+
 def has_resume_state(run_dir: Path) -> bool:
     return any((run_dir / name / TRAINER_STATE).is_file() for name in ("resume", "resume.old"))
 
@@ -604,8 +634,10 @@ def train(config: TrainConfig, on_step=None) -> dict:
     captioner.adapter = adapter
 
     state = TrainerState()
+    train_data = training_set_label(train_records, train_pairs)
     if config.resume:
         state = load_resume_state(run_dir, accelerator, adapter, optimizer, scheduler)
+        check_resume_belongs(state, run_dir, config, train_data)
         changes = getattr(config, "resume_changes", {})
         if "learning_rate" in changes:
             set_peak_learning_rate(optimizer, scheduler, config.learning_rate)
@@ -613,6 +645,7 @@ def train(config: TrainConfig, on_step=None) -> dict:
         changed = "".join(f", --{name.replace('_', '-')} {new} (was {old})" for name, (old, new) in changes.items())
         accelerator.print(f"resuming {run_dir} at step {state.step} (epoch {state.epoch}, "
                           f"batch {state.batches_in_epoch}){changed}")
+    state.settings, state.train_data = settings_digest(config), train_data
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / RUN_CONFIG, dataclasses.asdict(config))

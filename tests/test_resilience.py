@@ -408,3 +408,27 @@ def test_an_output_folder_that_cannot_be_written_is_one_line_before_anything_loa
     assert run_cli(train.main, train_args(tiny, locked / "runs", "new")) == 2
     assert capsys.readouterr().err.strip() == (f"error: {locked} cannot be written (a read-only disk or no "
                                                "permission); choose another --output-dir")
+
+
+def test_resume_refuses_other_data_and_another_runs_state_but_takes_moved_data(tiny, tmp_path, capsys):
+    def resume(name, *extra):
+        return run_cli(train.main, ["--output-dir", str(tmp_path), "--run-name", name, "--resume", "--no-progress",
+                                    "--max-steps", "3", *extra])
+
+    for name, seed in (("mine", "42"), ("other", "7")):
+        train.main(train_args(tiny, tmp_path, name, "--final-eval", "false", "--max-steps", "2", "--seed", seed))
+    moved = Path(shutil.copytree(tiny["data_dir"], tmp_path / "moved"))
+    fewer = Path(shutil.copytree(tiny["data_dir"], tmp_path / "fewer"))
+    rows = (fewer / "captions.jsonl").read_text().splitlines()
+    (fewer / "captions.jsonl").write_text("\n".join(r for r in rows if "train_0001" not in r) + "\n")
+    assert resume("mine", "--data-dir", str(fewer)) == 2
+    error = capsys.readouterr().err
+    assert "the training data is not the run's (saved: 40 images" in error and "now: 39 images" in error, error
+
+    shutil.copytree(tmp_path / "mine", tmp_path / "mixed")
+    shutil.rmtree(tmp_path / "mixed" / "resume")
+    shutil.copytree(tmp_path / "other" / "resume", tmp_path / "mixed" / "resume")
+    assert resume("mixed") == 2
+    assert "resume does not belong to this run" in capsys.readouterr().err
+
+    assert resume("mine", "--data-dir", str(moved)) == 0  # the same images in another place
