@@ -615,6 +615,8 @@ def train(config: TrainConfig, on_step=None) -> dict:
     bad_samples: list[tuple[str, str]] = []
     train_records = load_split(config, "train", config.train_limit, bad_samples)
     val_records = load_split(config, "val", config.val_limit, bad_samples)
+    if config.final_eval:  # missing test files stop the run now, not after training (they are loaded again then)
+        load_split(config, "test", config.test_limit, [] if config.on_bad_sample == "skip" else None)
     if not train_records:
         raise UserError(f"no training images with captions found in {config.dataset} {config.data_dir or ''}")
     # The main process fills the feature cache first; the others then read it instead of encoding.

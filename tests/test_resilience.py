@@ -432,3 +432,15 @@ def test_resume_refuses_other_data_and_another_runs_state_but_takes_moved_data(t
     assert "resume does not belong to this run" in capsys.readouterr().err
 
     assert resume("mine", "--data-dir", str(moved)) == 0  # the same images in another place
+
+
+def test_missing_test_images_stop_the_run_before_training_not_after(tiny, tmp_path, capsys):
+    data = Path(shutil.copytree(tiny["data_dir"], tmp_path / "data"))
+    for image in (data / "images").glob("test_*"):
+        image.unlink()
+    args = train_args(tiny, tmp_path, "notest", "--data-dir", str(data), "--max-steps", "2")
+    assert run_cli(train.main, args) == 2
+    assert "test images are missing" in capsys.readouterr().err
+    assert not (tmp_path / "notest" / "train_log.jsonl").exists()  # no training was done and lost
+    # Without the final evaluation the test split is not needed.
+    assert run_cli(train.main, [*args, "--final-eval", "false"]) == 0
