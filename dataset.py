@@ -684,6 +684,12 @@ class FeatureCache:
             with contextlib.suppress(OSError):  # a read-only cache: the part is still left unused
                 path.unlink()
 
+    def drop_parts_holding(self, keys: list[str], problem: str) -> None:
+        """Delete the parts that hold these keys (see _drop_part): their images are extracted again."""
+        for array_file in sorted({self.rows[key][0] for key in keys}):
+            self._drop_part(array_file.with_suffix(".json"), array_file, problem)
+            self.rows = {key: where for key, where in self.rows.items() if where[0] != array_file}
+
     def missing(self, keys: list[str]) -> list[int]:
         return [i for i, key in enumerate(keys) if key not in self.rows]
 
@@ -723,7 +729,7 @@ def default_feature_cache_dir() -> Path:
 def extract_features(captioner, records: list[ImageRecord], batch_size: int = 64, num_workers: int = 0,
                      progress: bool = True, desc: str = "CLIP features", cache_dir: str | Path | None = None,
                      use_cache: bool = True, on_bad_sample: str = "error",
-                     bad_samples: list | None = None) -> torch.Tensor:
+                     bad_samples: list | None = None, _retry: bool = False) -> torch.Tensor:
     """CLIP features (N, F) for every record, as the adapter sees them.
 
     With the cache (the default) each image is encoded once per encoder fingerprint, ever: later
@@ -759,6 +765,12 @@ def extract_features(captioner, records: list[ImageRecord], batch_size: int = 64
         cached = [i for i in range(len(records)) if i not in failures]
         if cached:
             embeddings[cached] = cache.read([keys[i] for i in cached])
+        # Extraction never stores a NaN row, so one here is a damaged part: extract its images again.
+        damaged = [keys[i] for i in cached if not torch.isfinite(embeddings[i]).all()]
+        if damaged and not _retry:
+            cache.drop_parts_holding(damaged, f"it holds NaN or infinite numbers in {len(damaged)} row(s)")
+            return extract_features(captioner, records, batch_size, num_workers, progress, desc, cache_dir, use_cache,
+                                    on_bad_sample, bad_samples, _retry=True)
     if bad_samples is not None:
         bad_samples.extend((records[i].image_id, why) for i, why in sorted(failures.items()))
     return captioner.finish_features(embeddings)
@@ -789,6 +801,14 @@ def _encode(captioner, records: list[ImageRecord], batch_size: int, num_workers:
                 raise UserError(f"{bad[0][1]} (training leaves unreadable images out with --on-bad-sample skip)")
             failures.update(bad)
             if pixel_values is not None:
-                embeddings[indices] = captioner.clip_embeddings(pixel_values).cpu()
+                encoded = captioner.clip_embeddings(pixel_values).cpu()
+                for row in (~torch.isfinite(encoded).all(dim=1)).nonzero().flatten().tolist():
+                    # e.g. an fp16 CLIP overflowing: never cached, never trained on, and said so
+                    why = f"{records[indices[row]].image_id}: CLIP gave NaN or infinite features for this image"
+                    if on_bad_sample == "error":
+                        raise UserError(f"{why} (training leaves such images out with --on-bad-sample skip)")
+                    failures[indices[row]] = why
+                    encoded[row] = float("nan")
+                embeddings[indices] = encoded
             bar.update(len(indices) + len(bad))
     return embeddings

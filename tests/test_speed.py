@@ -101,6 +101,46 @@ def test_interrupted_cache_write_is_ignored(tiny, captioner, tmp_path, monkeypat
     assert sum(seen) == 3 and torch.equal(again, expected)
 
 
+
+def test_cached_features_that_are_not_finite_are_extracted_again(tiny, captioner, tmp_path, monkeypatch, capsys):
+    import numpy as np
+
+    records = load_records("folder", "train", tiny["data_dir"])[:3]
+    expected = extract_features(captioner, records, progress=False, cache_dir=tmp_path)
+    [part] = (tmp_path / encoder_fingerprint(captioner)).glob("part-*.npy")
+    stored = np.load(part, mmap_mode="r+")
+    stored[1] = np.nan  # a damaged row: a bit flip, an edit, a write from a broken version
+    stored.flush()
+    del stored
+    seen = count_clip_images(monkeypatch, captioner)
+    again = extract_features(captioner, records, progress=False, cache_dir=tmp_path)
+    assert sum(seen) == 3 and torch.equal(again, expected)  # re-encoded, not dropped as unreadable
+    assert "(it holds NaN or infinite numbers in 1 row(s)); deleting it" in capsys.readouterr().err
+
+
+def test_an_image_whose_clip_features_are_not_finite_is_a_bad_sample_never_cached(tiny, captioner, tmp_path,
+                                                                                  monkeypatch):
+    from utils import UserError
+
+    records = load_records("folder", "train", tiny["data_dir"])[:3]
+    real = captioner.clip_embeddings
+
+    def overflowing(pixel_values):  # as an fp16 CLIP can overflow on one image
+        out = real(pixel_values)
+        out[1] = float("inf")
+        return out
+
+    monkeypatch.setattr(captioner, "clip_embeddings", overflowing)
+    bad = []
+    features = extract_features(captioner, records, progress=False, cache_dir=tmp_path, on_bad_sample="skip",
+                                bad_samples=bad)
+    assert [image for image, _ in bad] == [records[1].image_id] and "NaN or infinite features" in bad[0][1]
+    assert torch.isnan(features[1]).all() and torch.isfinite(features[[0, 2]]).all()
+    assert FeatureCache(tmp_path, encoder_fingerprint(captioner)).missing(
+        [__import__("dataset").image_key(r) for r in records]) == [1]
+    with pytest.raises(UserError, match=f"{records[1].image_id}: CLIP gave NaN or infinite features"):
+        extract_features(captioner, records, progress=False, cache_dir=tmp_path / "other", on_bad_sample="error")
+
 def test_greedy_loop_gives_the_tokens_of_generate(captioner):
     torch.manual_seed(3)
     features = torch.nn.functional.normalize(torch.randn(6, captioner.config.image_feature_dim), dim=-1)
