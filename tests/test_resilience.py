@@ -195,6 +195,10 @@ def test_unreadable_images_are_skipped_and_reported(tiny, tmp_path, capsys):
     strict = train_args(tiny, tmp_path, "strict", "--on-bad-sample", "error")
     strict[strict.index("--data-dir") + 1] = str(data)
     assert run_cli(train.main, strict) == 2
+    err = capsys.readouterr().err  # the missing test file is found first, before any image is decoded
+    assert "1 of 6 test images are missing" in err and "test_0002.png" in err and "Traceback" not in err
+    shutil.copy(Path(tiny["data_dir"]) / "images" / "test_0002.png", data / "images" / "test_0002.png")
+    assert run_cli(train.main, strict) == 2
     err = capsys.readouterr().err
     assert "train_0001.png" in err and "Traceback" not in err
 
@@ -444,3 +448,4 @@ def test_missing_test_images_stop_the_run_before_training_not_after(tiny, tmp_pa
     assert not (tmp_path / "notest" / "train_log.jsonl").exists()  # no training was done and lost
     # Without the final evaluation the test split is not needed.
     assert run_cli(train.main, [*args, "--final-eval", "false"]) == 0
+
