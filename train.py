@@ -704,9 +704,9 @@ def train(config: TrainConfig, on_step=None) -> dict:
                 f"--learning-rate {config.learning_rate / 10:g}) or check the batches named in {run_dir / TRAIN_LOG}"
             )
 
-    samples_per_step = config.batch_size * config.grad_accum_steps * accelerator.num_processes
     last_validated = state.history[-1]["step"] if state.history else -1
     running_loss, running_steps, window_start = torch.zeros((), device=accelerator.device), 0, time.perf_counter()
+    running_samples = torch.zeros((), dtype=torch.long, device=accelerator.device)  # real rows, not padding
     window_losses, window_pairs = [], []
     bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step",
                disable=not (config.progress and accelerator.is_local_main_process))
@@ -723,7 +723,11 @@ def train(config: TrainConfig, on_step=None) -> dict:
                     with accelerator.autocast():
                         loss = loss_function(**batch)
                     loss = weight_by_global_tokens(loss, batch["labels"], accelerator)
+                    scale = short_window_scale(state.batches_in_epoch, len(train_loader), config.grad_accum_steps)
+                    if scale != 1:
+                        loss = loss * scale
                     accelerator.backward(loss)
+                    running_samples += (batch["labels"] != IGNORE_INDEX).any(dim=1).sum()
                     window_losses.append(loss.detach())
                     if accelerator.sync_gradients:
                         outcome = optimizer_step(accelerator, adapter, optimizer, scheduler, window_losses,
@@ -735,7 +739,7 @@ def train(config: TrainConfig, on_step=None) -> dict:
                 bar.update(1)
                 if outcome.applied:
                     state.nonfinite_in_a_row = 0
-                    running_loss += torch.stack(window_losses).sum() / config.grad_accum_steps
+                    running_loss += torch.stack(window_losses).sum() / config.grad_accum_steps  # the window's mean
                     running_steps += 1
                 elif outcome.nonfinite:
                     skip_nonfinite_step([float(x) for x in window_losses], outcome.grad_norm,
@@ -746,11 +750,13 @@ def train(config: TrainConfig, on_step=None) -> dict:
                 window_losses, window_pairs = [], []
                 if (state.step % config.log_every == 0 or state.step == total_steps) and running_steps:
                     mean_loss = accelerator.reduce(running_loss, "mean").item() / running_steps
-                    speed = running_steps * samples_per_step / (time.perf_counter() - window_start)
+                    samples = accelerator.reduce(running_samples, "sum").item()
+                    speed = samples / (time.perf_counter() - window_start)
                     bar.set_postfix(loss=f"{mean_loss:.4f}", samples_per_s=f"{speed:,.0f}")
                     log({"type": "train", "step": state.step, "epoch": state.epoch, "loss": mean_loss,
-                         "lr": scheduler.get_last_lr()[0], "samples_per_s": speed})
+                         "lr": scheduler.get_last_lr()[0], "samples": samples, "samples_per_s": speed})
                     running_loss.zero_()
+                    running_samples.zero_()
                     running_steps, window_start = 0, time.perf_counter()
                 if config.eval_every and state.step % config.eval_every == 0:
                     run_validation()
@@ -843,6 +849,14 @@ def optimizer_step(accelerator, adapter, optimizer, scheduler, window_losses: li
             scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return outcome
+
+
+def short_window_scale(batch_index: int, batches_in_epoch: int, accumulation: int) -> float:
+    """The factor that makes an epoch's last, short accumulation window an average of its own
+    micro-batches. Accelerate divides every loss by the accumulation steps, so a window of 3 of 8
+    micro-batches would otherwise step with 3/8 of the gradient (and log 3/8 of the loss)."""
+    window_start = batch_index - batch_index % accumulation
+    return accumulation / min(accumulation, batches_in_epoch - window_start)
 
 
 def weight_by_global_tokens(loss: torch.Tensor, labels: torch.Tensor, accelerator) -> torch.Tensor:

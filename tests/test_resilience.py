@@ -449,3 +449,23 @@ def test_missing_test_images_stop_the_run_before_training_not_after(tiny, tmp_pa
     # Without the final evaluation the test split is not needed.
     assert run_cli(train.main, [*args, "--final-eval", "false"]) == 0
 
+
+def test_an_epochs_short_accumulation_window_is_the_mean_of_its_micro_batches(tiny, tmp_path):
+    import math
+
+    from dataset import load_records
+
+    assert [train.short_window_scale(i, 10, 4) for i in range(10)] == [1.0] * 8 + [2.0] * 2
+    assert train.short_window_scale(0, 3, 8) == 8 / 3
+    pairs = sum(len(r.captions) for r in load_records("folder", "train", tiny["data_dir"]))
+    batches = math.ceil(pairs / 16)  # train_args' batch size
+    logged = {}
+    for accumulation in (batches, 100):  # one step over the whole epoch: a full window, then a short one
+        name = f"accum{accumulation}"
+        train.main(train_args(tiny, tmp_path, name, "--grad-accum-steps", str(accumulation), "--max-steps", "1",
+                              "--log-every", "1", "--final-eval", "false", "--eval-every", "0"))
+        [logged[accumulation]] = [r for r in read_jsonl(tmp_path / name / "train_log.jsonl") if r["type"] == "train"]
+    assert logged[100]["loss"] == pytest.approx(logged[batches]["loss"], rel=1e-5)
+    assert batches < 100  # so the second window is short, and unscaled it would log batches/100 of the mean
+    # The logged loss is the sum of the losses that were back-propagated: the gradient is scaled alike.
+    assert logged[100]["samples"] == logged[batches]["samples"] == pairs  # what the speed is counted from
