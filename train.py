@@ -412,7 +412,7 @@ def export_metadata(config: TrainConfig, state: TrainerState, kind: str) -> dict
         "checkpoint": kind,
         "step": state.step,
         "hyperparameters": dataclasses.asdict(config),
-        "best": {"val_rougeL": state.best_rougeL, "step": state.best_step},
+        "best": {"val_rougeL": state.best_rougeL if state.best_rougeL >= 0 else None, "step": state.best_step},
         "history": state.history,
         "library_versions": library_versions(),
     }

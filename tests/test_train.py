@@ -208,6 +208,8 @@ def test_without_validation_images_the_best_adapter_is_the_last(tiny, tmp_path, 
     best = adapter_weights(tmp_path / "noval" / "adapter.safetensors")
     last = adapter_weights(tmp_path / "noval" / "last" / "adapter.safetensors")
     assert all(torch.equal(best[key], last[key]) for key in last)
+    training = json.loads((tmp_path / "noval" / "adapter_config.json").read_text())["training"]
+    assert training["best"] == {"val_rougeL": None, "step": 6}  # no score, not a made-up -1
 
 
 def test_existing_run_is_never_overwritten(tiny, tmp_path, capsys):
