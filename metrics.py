@@ -25,8 +25,10 @@ import functools
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -188,11 +190,31 @@ def start_meteor() -> None:
 
 def _meteor_scores(gts: dict, res: dict) -> tuple[float, list[float]]:
     try:
-        score, scores = _meteor().compute_score(gts, res)
-    except Exception:
-        _meteor.cache_clear()  # a dead JVM: start a fresh one once
-        score, scores = _meteor().compute_score(gts, res)
+        try:
+            score, scores = _meteor().compute_score(gts, res)
+        except Exception:
+            _meteor.cache_clear()  # a dead JVM: start a fresh one once
+            score, scores = _meteor().compute_score(gts, res)
+    except BaseException:  # Ctrl-C or SIGTERM while scoring
+        _stop_meteor()
+        raise
     return float(score), [float(s) for s in scores]
+
+
+def _stop_meteor() -> None:
+    """End the METEOR process after an interrupt. pycocoevalcap's Meteor holds a lock while it scores
+    and takes it again in __del__, so an interrupt in between left the lock held and Python hung for
+    good at exit. Here the JVM is ended and __del__ gets a free lock and a closed pipe."""
+    if not _meteor.cache_info().currsize:
+        return
+    meteor = _meteor()
+    _meteor.cache_clear()
+    meteor.meteor_p.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        meteor.meteor_p.wait(timeout=10)
+    with contextlib.suppress(OSError):  # a pipe to a dead process: unflushed bytes cannot go anywhere
+        meteor.meteor_p.stdin.close()
+    meteor.lock = threading.Lock()
 
 
 def _score_tokenized(gts: dict, res: dict, with_meteor: bool) -> CaptionScores:

@@ -135,3 +135,32 @@ def test_nearest_neighbour_captions_rule():
     assert nearest_neighbour_captions(train_features, train_captions, queries, chunk_size=1) == ["a first", "b", "c"]
     with pytest.raises(ValueError):
         nearest_neighbour_captions(train_features, train_captions[:2], queries)
+
+
+def test_an_interrupt_while_meteor_scores_ends_the_process_instead_of_hanging_it():
+    """pycocoevalcap's Meteor keeps its lock when scoring is interrupted and waits for it again at
+    exit: the process hung for good after printing "interrupted". A stand-in JVM that never answers
+    (no Java needed) is interrupted the way Ctrl-C would; the script must end, with 130."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = """
+import os, signal, subprocess, sys, threading
+from pycocoevalcap.meteor.meteor import Meteor
+import metrics
+from utils import run_cli
+
+def silent_jvm(self):
+    self.meteor_p = subprocess.Popen(["sleep", "600"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    self.lock = threading.Lock()
+
+Meteor.__init__ = silent_jvm
+def main(argv):
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+    metrics._meteor_scores({0: ["a dog"]}, {0: ["a dog"]})
+sys.exit(run_cli(main))
+"""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr.strip()) == (130, "interrupted (Ctrl-C)"), done.stderr[-2000:]
