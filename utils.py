@@ -26,7 +26,11 @@ class Terminated(KeyboardInterrupt):
     both unwind the same way: `finally` blocks run and the script ends with one line, not a traceback."""
 
 
+_TERMINATED: list[bool] = []  # set by a SIGTERM, even where its exception gets swallowed
+
+
 def raise_terminated(signum, frame):
+    _TERMINATED.append(True)
     raise Terminated
 
 
@@ -42,8 +46,12 @@ def run_cli(main_fn, argv=None) -> int:
         previous = signal.signal(signal.SIGTERM, raise_terminated)
     except ValueError:  # not the main thread, where signals cannot be handled: leave them alone
         previous = None
+    _TERMINATED.clear()
     try:
-        return main_fn(argv) or 0
+        code = main_fn(argv) or 0
+        if _TERMINATED:  # raised inside a __del__ or a callback, Python printed it and went on
+            raise Terminated
+        return code
     except UserError as error:
         print(f"error: {user_message(error)}", file=sys.stderr)
         return 2

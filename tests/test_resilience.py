@@ -352,6 +352,22 @@ def test_ctrl_c_or_sigterm_in_any_script_is_one_line_with_the_shell_exit_code():
         assert (done.returncode, done.stderr.strip()) == (code, line), done.stderr[-2000:]
 
 
+
+def test_a_sigterm_whose_exception_was_swallowed_still_ends_the_script_with_143():
+    # Raised inside a __del__ (or a library callback), the exception is printed as ignored and the
+    # code goes on: the script must still end as terminated, not finish its work and exit 0.
+    script = ("import gc, os, signal, sys; from utils import run_cli\n"
+              "class Finalised:\n"
+              "    def __del__(self): os.kill(os.getpid(), signal.SIGTERM)\n"
+              "def main(argv):\n"
+              "    Finalised(); gc.collect()\n"
+              "    print('went on')\n"
+              "sys.exit(run_cli(main))\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.stdout == "went on\n" and "Exception ignored" in done.stderr  # the swallowing this guards against
+    assert done.returncode == 143 and done.stderr.strip().endswith("interrupted (SIGTERM)"), done.stderr[-2000:]
+
+
 def test_a_skipped_first_step_advances_the_schedule_without_torch_calling_it_a_mistake(tiny, tmp_path,
                                                                                         monkeypatch):
     poison_calls(monkeypatch, {1})
