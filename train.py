@@ -31,9 +31,9 @@ from dataset import (DATASETS, FLICKR30K_PARQUET, CaptionPairs, EpochShuffleSamp
                      drop_unreadable, extract_features, limit_records, load_records)
 from model import (ADAPTER_WEIGHTS, IGNORE_INDEX, AdapterConfig, DecodingConfig, TrainingLoss, build_captioner,
                    load_adapter_state, resolve_dtype, save_adapter, save_adapter_weights)
-from utils import (Terminated, UserError, append_jsonl, caption_metrics, default_image_workers, interrupted_exit_code,
-                   library_versions, load_state, read_json, read_jsonl, rng_states, run_cli, save_state,
-                   set_rng_states, write_json, write_jsonl)
+from utils import (Terminated, UserError, append_jsonl, caption_metrics, default_image_workers, interrupt_handled,
+                   interrupted_exit_code, library_versions, load_state, read_json, read_jsonl, rng_states, run_cli,
+                   save_state, set_rng_states, write_json, write_jsonl)
 
 RUN_CONFIG = "run_config.json"
 TRAIN_LOG = "train_log.jsonl"
@@ -795,6 +795,7 @@ def train(config: TrainConfig, on_step=None) -> dict:
             summary["test"] = final_evaluation(captioner, accelerator.unwrap_model(adapter), run_dir, config,
                                                train_records, train_pairs.features)
         except KeyboardInterrupt:
+            interrupt_handled()
             print(f"interrupted: training finished and is saved in {run_dir}; the test evaluation was not "
                   f"completed: python eval.py {run_dir}", file=sys.stderr)
             summary["interrupted"] = True
@@ -937,6 +938,7 @@ def main(argv=None, on_step=None) -> int:
     try:
         summary = train(parse_config(argv), on_step=on_step)
     except KeyboardInterrupt as interrupt:  # before training began, or a second signal: saves stay whole
+        interrupt_handled()
         print(f"interrupted ({'SIGTERM' if isinstance(interrupt, Terminated) else 'Ctrl-C'}); a run folder keeps "
               "its last complete checkpoint (continue it with --resume) and the feature cache keeps every part "
               "it finished", file=sys.stderr)

@@ -34,6 +34,11 @@ def raise_terminated(signum, frame):
     raise Terminated
 
 
+def interrupt_handled() -> None:
+    """A script caught the interrupt and said what it means: run_cli need not end the script for it."""
+    _TERMINATED.clear()
+
+
 def interrupted_exit_code(interrupt: KeyboardInterrupt) -> int:
     """The shell's code for a process stopped by a signal: 128 + SIGTERM (15) or SIGINT (2)."""
     return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)

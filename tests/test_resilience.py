@@ -485,3 +485,20 @@ def test_an_epochs_short_accumulation_window_is_the_mean_of_its_micro_batches(ti
     assert batches < 100  # so the second window is short, and unscaled it would log batches/100 of the mean
     # The logged loss is the sum of the losses that were back-propagated: the gradient is scaled alike.
     assert logged[100]["samples"] == logged[batches]["samples"] == pairs  # what the speed is counted from
+
+
+def test_sigterm_during_the_final_test_evaluation_is_one_line_and_keeps_the_run(tiny, tmp_path, monkeypatch,
+                                                                               capsys):
+    def evaluation_terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("the signal should have stopped the evaluation")
+
+    monkeypatch.setattr(train, "final_evaluation", evaluation_terminated)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)  # pytest's stand-in, see above
+    try:
+        assert run_cli(train.main, train_args(tiny, tmp_path, "late", "--max-steps", "2")) == 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("interrupted: training finished and is saved in") and "\n" not in error, error
+    assert read_json(tmp_path / "late" / "resume" / "trainer_state.json")["finished"]
