@@ -153,12 +153,16 @@ def resolve_dtype(name: str) -> torch.dtype:
 def _from_pretrained(loader, what: str, name: str, **kwargs):
     if name.startswith(("/", ".", "~")) and not Path(name).expanduser().exists():
         raise UserError(f"{what} folder not found: {name}")
+    from safetensors import SafetensorError
+
     try:
         return loader.from_pretrained(name, **kwargs)
-    except (OSError, ValueError, RuntimeError) as error:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if "trust_remote_code" in str(error):
             hint = "; pass --trust-remote-code only if you trust that code"
+        elif isinstance(error, SafetensorError):  # a truncated or overwritten weights file
+            hint = "; its weights file is damaged: download or copy that model again"
         elif "safetensors" in first_line:
             hint = "; weights are read from safetensors files only, pickled ones (.bin, .pt) are never loaded"
         else:

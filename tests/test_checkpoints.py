@@ -210,6 +210,15 @@ def test_pickled_backbone_weights_are_refused(tiny, checkpoint, tmp_path, no_unp
     assert no_unpickling == []
 
 
+
+def test_damaged_backbone_weights_are_one_line_naming_the_model(tiny, checkpoint, tmp_path):
+    for kind, key in (("lm", "lm_model"), ("clip", "clip_model")):
+        damaged = Path(shutil.copytree(tiny[key], tmp_path / kind))
+        weights = damaged / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])  # a download or copy cut short
+        message = load_error(checkpoint, **{key: str(damaged)})
+        assert str(damaged) in message and "weights file is damaged" in message, message
+
 def test_trust_remote_code_is_off_unless_asked(tiny, checkpoint, monkeypatch, capsys):
     calls = []
     real = model._from_pretrained
