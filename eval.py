@@ -40,7 +40,7 @@ from metrics import COCO_METRICS, COCO_VARIANT, TOKENIZATION_DETAILS, coco_metri
 from model import ADAPTER_CONFIG, LM_QUANTIZATIONS, DecodingConfig, load_captioner
 from report import EXTRA_METRICS, baseline_verdict, percent, sweep_rows, write_report
 from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, UserError, caption_metrics, default_image_workers, format_table,
-                   positive_number, read_json, run_cli, whole_number, write_json, write_jsonl)
+                   positive_number, read_json, read_jsonl, run_cli, whole_number, write_json, write_jsonl)
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -526,6 +526,16 @@ def check_out_folder(out: Path) -> None:
             return
 
 
+def check_outputs_can_be_written(checkpoint: Path, run_dir: Path | None, out: str) -> None:
+    """Before any work: the outputs' default folder (the checkpoint) can be written, and the run's
+    log, which the report plots, reads; either used to fail only after the whole split was captioned."""
+    if not out and not os.access(checkpoint, os.W_OK | os.X_OK):
+        raise UserError(f"{checkpoint} cannot be written, and the outputs go there unless --out says otherwise: "
+                        "pass --out FOLDER")
+    if run_dir is not None and (run_dir / TRAIN_LOG).is_file():
+        read_jsonl(run_dir / TRAIN_LOG)  # a line that is not JSON: one line naming it
+
+
 def check_args(args) -> None:
     """What the flags' types cannot check alone (the --out path, this machine's devices), before any
     data or model loads."""
@@ -546,6 +556,7 @@ def main(argv=None) -> int:
     if not (checkpoint / ADAPTER_CONFIG).is_file():
         raise UserError(f"{checkpoint} is not a run folder: it has no {ADAPTER_CONFIG}")
     run_dir = find_run_dir(checkpoint)
+    check_outputs_can_be_written(checkpoint, run_dir, args.out)
     run = find_run_config(checkpoint)
     dataset = args.dataset or run.get("dataset")
     if dataset is None:
