@@ -748,6 +748,7 @@ def extract_features(captioner, records: list[ImageRecord], batch_size: int = 64
                              captioner.config.image_feature_dim)
         keys = [image_key(record) for record in records]
         todo = cache.missing(keys)
+        unstored: dict[str, torch.Tensor] = {}  # features the cache could not take (a read-only disk)
         # Parts of a few thousand images: an interrupted extraction keeps what it finished.
         for start in range(0, len(todo), FEATURE_PART_SIZE):
             chunk = todo[start : start + FEATURE_PART_SIZE]
@@ -756,15 +757,25 @@ def extract_features(captioner, records: list[ImageRecord], batch_size: int = 64
             encoded = _encode(captioner, [records[i] for i in chunk], batch_size, num_workers, progress, label,
                               chunk_failures, on_bad_sample)
             readable = [j for j in range(len(chunk)) if j not in chunk_failures]
-            if readable:
-                cache.add([keys[chunk[j]] for j in readable], encoded[readable])
+            if readable and not unstored:
+                try:
+                    cache.add([keys[chunk[j]] for j in readable], encoded[readable])
+                except OSError as error:  # a cache must never stop a run: go on without storing
+                    print(f"note: the feature cache {cache.folder} cannot be written ({_first_line(error)}); "
+                          "features are kept in memory for this run only", file=sys.stderr)
+                    unstored.update((keys[chunk[j]], encoded[j]) for j in readable)
+            elif readable:
+                unstored.update((keys[chunk[j]], encoded[j]) for j in readable)
             failures.update({chunk[j]: why for j, why in chunk_failures.items()})
         if not todo and progress:
             print(f"{desc}: {len(keys):,} images read from the feature cache {cache.folder}")
         embeddings = torch.full((len(records), captioner.config.image_feature_dim), float("nan"))
-        cached = [i for i in range(len(records)) if i not in failures]
+        cached = [i for i in range(len(records)) if i not in failures and keys[i] not in unstored]
         if cached:
             embeddings[cached] = cache.read([keys[i] for i in cached])
+        for i in range(len(records)):
+            if keys[i] in unstored:
+                embeddings[i] = unstored[keys[i]]
         # Extraction never stores a NaN row, so one here is a damaged part: extract its images again.
         damaged = [keys[i] for i in cached if not torch.isfinite(embeddings[i]).all()]
         if damaged and not _retry:

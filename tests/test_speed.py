@@ -141,6 +141,19 @@ def test_an_image_whose_clip_features_are_not_finite_is_a_bad_sample_never_cache
     with pytest.raises(UserError, match=f"{records[1].image_id}: CLIP gave NaN or infinite features"):
         extract_features(captioner, records, progress=False, cache_dir=tmp_path / "other", on_bad_sample="error")
 
+
+def test_a_feature_cache_that_cannot_be_written_is_a_note_not_a_stop(tiny, captioner, tmp_path, monkeypatch, capsys):
+    import dataset
+
+    monkeypatch.setattr(dataset, "FEATURE_PART_SIZE", 2)  # several parts: the first failure is not the last write
+    records = load_records("folder", "train", tiny["data_dir"])[:5]
+    expected = extract_features(captioner, records, progress=False, use_cache=False)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")  # the cache folder would be inside a file: every write fails, as on a read-only disk
+    features = extract_features(captioner, records, progress=False, cache_dir=blocker / "cache")
+    assert torch.allclose(features, expected, atol=1e-5)  # (CLIP batches of 2 here, of 5 there)
+    assert capsys.readouterr().err.count("cannot be written") == 1
+
 def test_greedy_loop_gives_the_tokens_of_generate(captioner):
     torch.manual_seed(3)
     features = torch.nn.functional.normalize(torch.randn(6, captioner.config.image_feature_dim), dim=-1)
