@@ -63,6 +63,9 @@ def run_cli(main_fn, argv=None) -> int:
     except KeyboardInterrupt as interrupt:
         print(f"interrupted ({'SIGTERM' if isinstance(interrupt, Terminated) else 'Ctrl-C'})", file=sys.stderr)
         return interrupted_exit_code(interrupt)
+    except BrokenPipeError:  # `python inference.py ... | head -1`: the reader has all it wants
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        return 128 + signal.SIGPIPE
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -502,3 +502,14 @@ def test_sigterm_during_the_final_test_evaluation_is_one_line_and_keeps_the_run(
     error = capsys.readouterr().err.strip()
     assert error.startswith("interrupted: training finished and is saved in") and "\n" not in error, error
     assert read_json(tmp_path / "late" / "resume" / "trainer_state.json")["finished"]
+
+
+def test_a_reader_that_stops_reading_ends_the_script_quietly():
+    # `python inference.py *.jpg | head -1`: the closed pipe is the reader's choice, not an error to trace.
+    script = "import sys; from utils import run_cli; sys.exit(run_cli(lambda argv: [print('a caption') for _ in range(10**6)]))"
+    child = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    assert child.stdout.readline() == "a caption\n"
+    child.stdout.close()
+    assert child.wait(timeout=60) == 128 + signal.SIGPIPE
+    assert child.stderr.read() == ""
