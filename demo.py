@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from utils import UserError, cache_home, run_cli, seed_everything
+from utils import UserError, cache_home, run_cli, seed_everything, whole_number
 
 DEMO_VERSION = 1  # bump when the recipe below changes, so cached assets are rebuilt
 EOS_TOKEN = "<|endoftext|>"
@@ -223,6 +223,9 @@ def demo_root() -> Path:
 def ensure_demo_assets(progress: bool = True) -> dict[str, str]:
     """Build the demo data and backbones once; later calls reuse the cache."""
     root = demo_root()
+    blocker = next((p for p in (root, *root.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UserError(f"the demo is built in {root}, but {blocker} is a file; point CAPTIONER_HOME at a folder")
     data_dir, backbones = root / "data", root / "backbones"
     if not (data_dir / "captions.jsonl").is_file():
         print(f"building the synthetic demo images in {data_dir} ...", flush=True)
@@ -233,18 +236,32 @@ def ensure_demo_assets(progress: bool = True) -> dict[str, str]:
     return {"data_dir": str(data_dir), "clip_model": str(backbones / "clip"), "lm_model": str(backbones / "lm")}
 
 
+def check_new_folder(out: Path) -> None:
+    """--out must be a new or empty folder: the builders write fixed names (captions.jsonl, images/,
+    clip/, lm/) and would silently replace a user's own files of those names."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a new folder")
+    if out.is_dir() and any(out.iterdir()):
+        raise UserError(f"--out {out} is not empty; give a new or empty folder (nothing in it is overwritten)")
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UserError(f"--out {out} is inside {blocker}, which is a file; give a new folder")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     data = commands.add_parser("data", help="write the synthetic coloured-shapes data set")
     data.add_argument("--out", required=True, help="folder to write images/ and captions.jsonl into")
-    data.add_argument("--seed", type=int, default=0, help="random seed for the drawings")
+    data.add_argument("--seed", type=whole_number(0, 2**32 - 1), default=0, help="random seed for the drawings")
     backbones = commands.add_parser("backbones", help="build tiny CLIP + tokenizer + pre-trained tiny Qwen3")
     backbones.add_argument("--captions", required=True, help="a caption folder (captions.jsonl or captions.csv)")
     backbones.add_argument("--out", required=True, help="output folder; writes clip/ and lm/ inside")
-    backbones.add_argument("--lm-steps", type=int, default=1400, help="pre-training steps of the tiny LM (batch 64)")
-    backbones.add_argument("--seed", type=int, default=0, help="random seed")
+    backbones.add_argument("--lm-steps", type=whole_number(1), default=1400,
+                           help="pre-training steps of the tiny LM (batch 64)")
+    backbones.add_argument("--seed", type=whole_number(0, 2**32 - 1), default=0, help="random seed")
     args = parser.parse_args(argv)
+    check_new_folder(Path(args.out))
     if args.command == "data":
         print(f"wrote {build_demo_data(args.out, args.seed)}")
     else:

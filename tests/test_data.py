@@ -133,6 +133,25 @@ def test_demo_commands_build_data_and_loadable_backbones(tmp_path, capsys):
     assert captioner.config.eos_token_id == captioner.tokenizer.convert_tokens_to_ids(demo.EOS_TOKEN)
 
 
+
+def test_demo_commands_never_overwrite_a_users_folder(tmp_path, capsys, monkeypatch):
+    import demo
+    from utils import run_cli
+
+    mine = tmp_path / "my_data"
+    mine.mkdir()
+    (mine / "captions.jsonl").write_text('{"image": "a.jpg", "caption": "mine"}\n')
+    assert run_cli(demo.main, ["data", "--out", str(mine)]) == 2
+    assert "is not empty; give a new or empty folder" in capsys.readouterr().err
+    assert (mine / "captions.jsonl").read_text() == '{"image": "a.jpg", "caption": "mine"}\n'
+    assert run_cli(demo.main, ["data", "--out", str(mine / "captions.jsonl")]) == 2
+    assert "is a file; give a new folder" in capsys.readouterr().err
+    # A CAPTIONER_HOME that is a file: one line, not NotADirectoryError from deep inside the build.
+    monkeypatch.setenv("CAPTIONER_HOME", str(mine / "captions.jsonl"))
+    with pytest.raises(UserError, match="is a file; point CAPTIONER_HOME at a folder"):
+        demo.ensure_demo_assets(progress=False)
+
+
 @pytest.fixture(scope="module")
 def captioner(tiny):
     from model import AdapterConfig, build_captioner
