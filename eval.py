@@ -280,7 +280,11 @@ def metric_keys() -> list[str]:
     return [key for key, _ in COCO_METRICS] + [key for key, *_ in EXTRA_METRICS]
 
 
-def beats_baseline(metrics: dict, baseline: dict) -> bool:
+def beats_baseline(metrics: dict, baseline: dict) -> bool | None:
+    """Whether the adapter scores above the baseline; None where the metric cannot tell: CIDEr-D is 0
+    for everything when its document frequencies cannot weigh n-grams (one image, or identical references)."""
+    if metrics[DECIDING_METRIC] == baseline[DECIDING_METRIC] == 0:
+        return None
     return metrics[DECIDING_METRIC] > baseline[DECIDING_METRIC]
 
 
@@ -430,7 +434,7 @@ def comparison(run_paths: list[str]) -> dict:
     table = [[name, *(percent(m.get(key)) for _, m in runs)] for key, name in COCO_METRICS]
     table += [[name, *(percent(m.get(key)) for _, m in runs)] for key, name, _ in EXTRA_METRICS]
     table.append(["NN baseline CIDEr-D", *(percent(m["baseline"][DECIDING_METRIC]) for _, m in runs)])
-    table.append(["beats baseline", *("yes" if m["beats_baseline"] else "NO" for _, m in runs)])
+    table.append(["beats baseline", *({True: "yes", False: "NO"}.get(m["beats_baseline"], "n/a") for _, m in runs)])
     for key, label in (("dataset", "dataset"), ("split", "split"), ("num_images", "images"),
                        ("decoding_name", "decoding"), ("coco_tokenization", "tokenization")):
         table.append([label, *(str(m.get(key, "?")) for _, m in runs)])

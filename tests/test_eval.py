@@ -179,3 +179,16 @@ def test_every_flag_has_help():
     parser = eval_script.build_parser()
     for action in parser._actions:
         assert action.help, action.dest
+
+
+def test_a_cider_tie_at_zero_is_no_verdict_rather_than_a_loss():
+    """With one test image every CIDEr-D is 0 (no n-gram can be weighed): saying the adapter does not
+    beat the baseline would be a verdict the metric cannot give."""
+    from eval import beats_baseline
+    from report import baseline_verdict
+
+    zero = {"coco_cider_d": 0.0}
+    assert beats_baseline(zero, zero) is None
+    assert beats_baseline({"coco_cider_d": 0.2}, zero) is True and beats_baseline(zero, {"coco_cider_d": 0.2}) is False
+    metrics = {**zero, "baseline_decided_by": "coco_cider_d", "baseline": zero, "beats_baseline": None}
+    assert baseline_verdict(metrics).startswith("No verdict against the nearest-neighbour baseline: CIDEr-D is 0.00")
