@@ -74,7 +74,8 @@ def open_image(path):
 
     EXIF orientation is applied; transparency is composited on white; 16-bit and 32-bit grey is
     scaled to 8 bit; an animated image gives its first frame. Images over Pillow's
-    MAX_IMAGE_PIXELS (89M) are refused as possible decompression bombs.
+    MAX_IMAGE_PIXELS (89M) are refused as possible decompression bombs, and so are strips over
+    MAX_ASPECT_RATIO times as long as they are wide.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -86,8 +87,11 @@ def open_image(path):
         raise UserError(f"cannot read image {path}: the file is empty")
     try:
         with refuse_decompression_bombs(), Image.open(path, formats=IMAGE_FORMATS) as image:
+            check_aspect_ratio(path, *image.size)  # from the header, before anything is decoded
             image.load()  # decode now, inside the try: truncated data fails here, not later
             return to_rgb(image)
+    except UserError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         size = _first_line(error).split(", could be")[0]
         raise UserError(f"refusing image {path} as a possible decompression bomb: {size}") from None
@@ -95,6 +99,17 @@ def open_image(path):
         raise UserError(f"cannot read image {path}: not a {', '.join(IMAGE_FORMATS)} image") from None
     except Exception as error:  # Pillow's decoders raise many kinds on hostile bytes (OSError, ValueError, ...)
         raise UserError(f"cannot read image {path} (damaged or truncated?): {_first_line(error)}") from None
+
+
+# CLIP's preprocessing scales the shorter side up to 224 before it crops the centre square, so a thin
+# strip of few pixels (1 x 100,000: a 471-byte PNG) becomes gigabytes; no photo is this thin.
+MAX_ASPECT_RATIO = 100
+
+
+def check_aspect_ratio(path: Path, width: int, height: int) -> None:
+    if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):
+        raise UserError(f"refusing image {path}: {width}x{height} is over {MAX_ASPECT_RATIO} times as long as it is "
+                        "wide (CLIP would see only a centre square of it, after scaling it up to gigabytes)")
 
 
 def image_file_problem(path: Path) -> str:

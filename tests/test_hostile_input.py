@@ -97,6 +97,16 @@ def test_decompression_bomb_is_refused(tmp_path):
     assert_one_line_error(bomb, "decompression bomb", "100000000 pixels")
 
 
+
+def test_a_thin_strip_that_preprocessing_would_blow_up_is_refused(tmp_path):
+    # 1 x 100,000 pixels in 471 bytes: under the pixel limit, but scaled to a shorter side of 224 it
+    # is 22 billion pixels (measured: 4.4 GB peak for the tiny 64-pixel CLIP before this check).
+    strip = saved(Image.new("RGB", (1, 100_000)), tmp_path / "strip.png")
+    assert_one_line_error(strip, "refusing image", "1x100000 is over 100 times as long as it is wide")
+    # A wide panorama is a photo: it is read.
+    assert open_image(saved(Image.new("RGB", (1200, 150)), tmp_path / "panorama.png")).size == (1200, 150)
+
+
 def test_formats_outside_the_image_suffixes_are_refused(tmp_path):
     # Pillow would read a PPM (and hand an EPS to Ghostscript); a caption data set has no business with them.
     ppm = saved(Image.new("RGB", (8, 8), (10, 20, 30)), tmp_path / "photo.ppm", format="PPM")
