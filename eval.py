@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import math
 import os
 import sys
@@ -276,6 +277,13 @@ def score_predictions(prediction_sets: dict[str, list[str]], references: list[li
     return scored
 
 
+def images_digest(records) -> str:
+    """Which images a split's scores cover, in a few characters: --compare tells apart two evaluations
+    of the same size on different images (a --limit subset drawn with another seed, another folder)."""
+    ids = "\0".join(sorted(str(r.image_id) for r in records))
+    return hashlib.sha256(ids.encode()).hexdigest()[:16]
+
+
 def metric_keys() -> list[str]:
     return [key for key, _ in COCO_METRICS] + [key for key, *_ in EXTRA_METRICS]
 
@@ -427,8 +435,9 @@ def comparison(run_paths: list[str]) -> dict:
         if not metrics_path.is_file():
             raise UserError(f"{path} has no {METRICS_FILE}: evaluate it first (python eval.py {path})")
         metrics = read_json(metrics_path, "metrics")
-        if "coco_cider_d" not in metrics:
-            raise UserError(f"{metrics_path} predates the COCO metrics: re-evaluate it (python eval.py {path})")
+        if not isinstance(metrics, dict) or not {"coco_cider_d", "baseline", "beats_baseline"} <= set(metrics):
+            raise UserError(f"{metrics_path} is not a metrics.json of this version of eval.py: re-evaluate it "
+                            f"(python eval.py {path})")
         runs.append((str(path), metrics))
     names = [Path(p).name if [Path(q).name for q, _ in runs].count(Path(p).name) == 1 else p for p, _ in runs]
     table = [[name, *(percent(m.get(key)) for _, m in runs)] for key, name in COCO_METRICS]
@@ -443,6 +452,9 @@ def comparison(run_paths: list[str]) -> dict:
         values = {str(m.get(key)) for _, m in runs}
         if len(values) > 1:
             notes.append(f"not comparable: the runs differ in {key} ({', '.join(sorted(values))})")
+    if len({m.get("images_digest") for _, m in runs if m.get("images_digest")}) > 1:  # (older files have none)
+        notes.append("not comparable: the runs were scored on different images (another --limit subset, seed or "
+                     "data folder)")
     return {"header": ["metric (x100)", *names], "rows": table, "runs": [p for p, _ in runs], "notes": notes,
             "metrics": {p: {key: m.get(key) for key in metric_keys()} | {"baseline_" + DECIDING_METRIC:
                         m["baseline"][DECIDING_METRIC]} for p, m in runs}}
@@ -589,7 +601,8 @@ def main(argv=None) -> int:
     if results is None:  # not the main process: it captioned its shard and is done
         return 0
     result = results[describe_decoding(decoding)]
-    result.metrics.update({"split": args.split, "checkpoint": str(checkpoint), "dataset": dataset})
+    result.metrics.update({"split": args.split, "checkpoint": str(checkpoint), "dataset": dataset,
+                           "images_digest": images_digest(records)})
     if args.split == "train":
         result.metrics["notes"].append("on the train split the baseline retrieves each image's own captions: "
                                        "it is an upper bound there, not a baseline")

@@ -894,7 +894,8 @@ def final_evaluation(captioner, adapter, run_dir: Path, config: TrainConfig, tra
     """Score the best adapter on the test split, exactly as `python eval.py RUN` would (report included).
 
     The nearest-neighbour baseline reuses the training features extracted for training."""
-    from eval import describe_decoding, evaluate_captioner, feature_cache_settings, print_metrics, write_eval_outputs
+    from eval import (describe_decoding, evaluate_captioner, feature_cache_settings, images_digest, print_metrics,
+                      write_eval_outputs)
 
     captioner.adapter = adapter
     adapter.load_state_dict(load_adapter_state(run_dir / ADAPTER_WEIGHTS))
@@ -912,7 +913,8 @@ def final_evaluation(captioner, adapter, run_dir: Path, config: TrainConfig, tra
                                  train_features=train_features,
                                  feature_cache=feature_cache_settings(dataclasses.asdict(config)))
     result = results[describe_decoding(decoding)]
-    result.metrics.update({"split": "test", "checkpoint": str(run_dir), "dataset": config.dataset})
+    result.metrics.update({"split": "test", "checkpoint": str(run_dir), "dataset": config.dataset,
+                           "images_digest": images_digest(records)})
     write_eval_outputs(run_dir, result, records, run_dir)
     print_metrics(result.metrics, title=f"{run_dir} on the test split ({len(records)} images, greedy)")
     return {k: v for k, v in result.metrics.items() if not isinstance(v, (list, dict))}

@@ -121,6 +121,25 @@ def test_compare_puts_runs_side_by_side(evaluated, tmp_path, capsys):
     assert "never-evaluated" in errors[0] and "python eval.py" in errors[0]
 
 
+
+def test_compare_says_when_runs_were_scored_on_different_images(evaluated, tmp_path, capsys):
+    metrics = json.loads((evaluated / "metrics.json").read_text())
+    assert len(metrics["images_digest"]) == 16
+    for name, digest in (("same", metrics["images_digest"]), ("subset", "0" * 16)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps({**metrics, "images_digest": digest}))
+    capsys.readouterr()
+    assert eval_script.main(["--compare", str(evaluated), str(tmp_path / "same")]) == 0
+    assert "different images" not in capsys.readouterr().out
+    assert eval_script.main(["--compare", str(evaluated), str(tmp_path / "subset")]) == 0
+    assert "not comparable: the runs were scored on different images" in capsys.readouterr().out
+    # A metrics.json from elsewhere is one line, not a KeyError.
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "metrics.json").write_text('{"coco_cider_d": 1.0}')
+    assert run_cli(eval_script.main, ["--compare", str(evaluated), str(tmp_path / "foreign")]) == 2
+    assert "is not a metrics.json of this version of eval.py" in capsys.readouterr().err
+
+
 def test_without_java_the_report_names_the_python_tokenisation(run, tmp_path, monkeypatch, capsys):
     which = shutil.which
     monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if name == "java" else which(name, *a, **k))
