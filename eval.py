@@ -82,12 +82,18 @@ def add_loading_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--trust-remote-code", action="store_true",
                        help="allow backbones whose checkpoints ship their own Python code to run it; off unless "
                             "given here (a checkpoint can never turn it on)")
+    group.add_argument("--clip-model", default=None,
+                       help="the CLIP backbone (Hub id or folder) in place of the one the checkpoint names, e.g. "
+                            "after moving it; it must have the same sizes")
+    group.add_argument("--lm-model", default=None,
+                       help="the LM and tokenizer in place of those the checkpoint names (same sizes and vocabulary)")
 
 
 def loading_from_args(args, checkpoint: Path) -> dict:
     """load_captioner's options: quantisation from the flag, else the run's own; trust only from the flag."""
     lm_quantization = args.lm_quantization or find_run_config(checkpoint).get("lm_quantization") or "none"
-    return {"lm_quantization": lm_quantization, "trust_remote_code": args.trust_remote_code}
+    return {"lm_quantization": lm_quantization, "trust_remote_code": args.trust_remote_code,
+            "clip_model": args.clip_model, "lm_model": args.lm_model}
 
 
 def decoding_from_args(args) -> DecodingConfig:

@@ -663,10 +663,20 @@ def load_captioner(checkpoint: str | Path, device="cpu", dtype=torch.float32, cl
         raise UserError(f"checkpoint folder not found: {checkpoint}")
     config = AdapterConfig.from_json(checkpoint / ADAPTER_CONFIG)
     state = load_adapter_state(checkpoint / ADAPTER_WEIGHTS)
+    named = {"CLIP": clip_model is None, "LM": lm_model is None}  # by the checkpoint, not by the caller
     clip_model, lm_model = clip_model or config.clip_model, lm_model or config.lm_model
-    clip, processor, lm, tokenizer = load_backbones(
-        clip_model, lm_model, config.clip_revision, config.lm_revision, dtype, device, lm_quantization, trust_remote_code
-    )
+    try:
+        clip, processor, lm, tokenizer = load_backbones(
+            clip_model, lm_model, config.clip_revision, config.lm_revision, dtype, device, lm_quantization,
+            trust_remote_code
+        )
+    except UserError as error:  # a backbone folder moved since training: say where the path came from
+        backbone = "CLIP" if str(error).startswith("CLIP") else "LM"
+        if "folder not found" not in str(error) or not named[backbone]:
+            raise
+        flag = "--clip-model" if backbone == "CLIP" else "--lm-model"
+        raise UserError(f"{error}, as named by {checkpoint / ADAPTER_CONFIG}; if it was moved, pass its new place "
+                        f"with {flag}") from None
     captioner = Captioner(config, clip, processor, lm, tokenizer)
     check_backbones_match(config, captioner, checkpoint / ADAPTER_CONFIG, clip_model, lm_model)
     try:

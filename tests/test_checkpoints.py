@@ -63,6 +63,18 @@ def test_missing_files(copy, tmp_path):
     assert "adapter_config.json not found" in load_error(copy)
 
 
+def test_moved_backbones_are_named_with_the_flag_that_finds_them(tiny, copy, tmp_path, capsys):
+    moved = Path(shutil.copytree(tiny["lm_model"], tmp_path / "moved-lm"))
+    edit_config(copy, lm_model=str(tmp_path / "gone-lm"))
+    message = load_error(copy)
+    assert message.startswith(f"language model folder not found: {tmp_path / 'gone-lm'}, as named by ")
+    assert message.endswith("if it was moved, pass its new place with --lm-model"), message
+    # The flag, as inference.py takes it, finds it.
+    image = str(Path(tiny["data_dir"]) / "images" / "test_0000.png")
+    assert run_cli(inference.main, ["--checkpoint", str(copy), "--lm-model", str(moved), image]) == 0
+    assert "test_0000.png" in capsys.readouterr().out
+
+
 def test_corrupt_and_truncated_weights(copy):
     weights = copy / "adapter.safetensors"
     data = weights.read_bytes()
