@@ -571,6 +571,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
     if args.compare:
+        if args.checkpoint:
+            raise UserError(f"give a run to evaluate ({args.checkpoint}) or --compare RUN RUN ..., not both")
         return compare_main(args)
     if not args.checkpoint:
         raise UserError("give a run folder to evaluate (python eval.py RUN), or --compare RUN RUN ...")

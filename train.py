@@ -941,9 +941,9 @@ def main(argv=None, on_step=None) -> int:
         summary = train(parse_config(argv), on_step=on_step)
     except KeyboardInterrupt as interrupt:  # before training began, or a second signal: saves stay whole
         interrupt_handled()
-        print(f"interrupted ({'SIGTERM' if isinstance(interrupt, Terminated) else 'Ctrl-C'}); a run folder keeps "
-              "its last complete checkpoint (continue it with --resume) and the feature cache keeps every part "
-              "it finished", file=sys.stderr)
+        print(f"interrupted ({'SIGTERM' if isinstance(interrupt, Terminated) else 'Ctrl-C'}); nothing saved is "
+              "damaged: a run folder keeps its last complete checkpoint (continue it with --resume) and the feature "
+              "cache every part it finished", file=sys.stderr)
         return interrupted_exit_code(interrupt)
     return 1 if summary["interrupted"] else 0
 

@@ -138,6 +138,9 @@ def test_compare_says_when_runs_were_scored_on_different_images(evaluated, tmp_p
     (tmp_path / "foreign" / "metrics.json").write_text('{"coco_cider_d": 1.0}')
     assert run_cli(eval_script.main, ["--compare", str(evaluated), str(tmp_path / "foreign")]) == 2
     assert "is not a metrics.json of this version of eval.py" in capsys.readouterr().err
+    # A run to evaluate and --compare at once: which was meant is not guessed.
+    assert run_cli(eval_script.main, [str(evaluated), "--compare", str(evaluated), str(tmp_path / "same")]) == 2
+    assert "or --compare RUN RUN ..., not both" in capsys.readouterr().err
 
 
 def test_without_java_the_report_names_the_python_tokenisation(run, tmp_path, monkeypatch, capsys):

@@ -331,7 +331,7 @@ def test_sigterm_during_feature_extraction_is_one_line_and_keeps_the_finished_pa
     finally:
         signal.signal(signal.SIGTERM, previous)
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.startswith("interrupted (SIGTERM); a run folder keeps its last complete checkpoint"), error
+    assert error.startswith("interrupted (SIGTERM); nothing saved is damaged: a run folder keeps its last"), error
     assert [len(keys) for keys in added] == [8, 8]
 
     first_run = {key for keys in added for key in keys}
