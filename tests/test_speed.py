@@ -428,6 +428,9 @@ def test_targets_table_from_the_out_files_of_split_runs(tmp_path, capsys):
     assert bench.main(["--targets-from", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]) == 0
     assert capsys.readouterr().out.strip() == bench.target_table(train + rest)
     assert "4,100" in bench.target_table(train + rest) and "1,600" in bench.target_table(train + rest)
+    assert "note:" not in bench.target_table(train + rest)
+    tiny = [{**r, "shapes": "tiny"} for r in rest]
+    assert bench.target_table(tiny).endswith("the targets are for the real shapes (--shapes real) on an H100")
     assert run_cli(bench.main, ["--targets-from", str(tmp_path / "absent.jsonl")]) == 2
     assert "absent.jsonl: no such file" in capsys.readouterr().err
 
