@@ -945,7 +945,27 @@ def main(argv=None, on_step=None) -> int:
               "damaged: a run folder keeps its last complete checkpoint (continue it with --resume) and the feature "
               "cache every part it finished", file=sys.stderr)
         return interrupted_exit_code(interrupt)
+    except RuntimeError as error:
+        if not lost_another_process(error):
+            raise
+        print(f"error: another process of this run ended ({lost_another_process(error)}), so this one stops too; a "
+              "run folder keeps its last complete checkpoint (continue it with --resume)", file=sys.stderr)
+        return 1
     return 1 if summary["interrupted"] else 0
+
+
+# What a collective raises on the processes left when one of them is gone (gloo; NCCL reports its own).
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def lost_another_process(error: RuntimeError) -> str:
+    """The reason, if `error` is a collective failing because another process of the run ended (stopped
+    by a signal before training, or crashed): that process said why; here a traceback would bury it."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return ""
+    return next((reason for reason in PEER_LOST if reason in str(error)), "")
 
 
 if __name__ == "__main__":

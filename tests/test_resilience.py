@@ -513,3 +513,25 @@ def test_a_reader_that_stops_reading_ends_the_script_quietly():
     child.stdout.close()
     assert child.wait(timeout=60) == 128 + signal.SIGPIPE
     assert child.stderr.read() == ""
+
+
+@pytest.mark.slow
+def test_a_process_stopped_before_training_leaves_the_others_one_line_not_a_traceback(tiny, tmp_path):
+    """SIGTERM reaches rank 1 alone while it reads its features (before training): it ends with its
+    own line, and rank 0, whose next collective fails on the closed connection, says why in one."""
+    wrapper = tmp_path / "train_terminated_early.py"
+    wrapper.write_text(
+        "import os, signal, sys\n"
+        "import train\n"
+        "from utils import run_cli\n"
+        "real = train.make_pairs\n"
+        "def make_pairs(*args, **kwargs):\n"
+        "    if os.environ.get('RANK') == '1':\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return real(*args, **kwargs)\n"
+        "train.make_pairs = make_pairs\n"
+        "sys.exit(run_cli(train.main))\n")
+    done = run_training_processes(tiny, tmp_path, "early", 2, 8, script=wrapper, returncode=1, timeout=240)
+    assert "interrupted (SIGTERM)" in done.stderr  # rank 1
+    assert "error: another process of this run ended (Connection closed by peer)" in done.stderr, done.stderr[-3000:]
+    assert "[rank0]: Traceback" not in done.stderr, done.stderr[-3000:]
