@@ -269,8 +269,8 @@ def load_karpathy(data_dir: Path, split: str) -> list[ImageRecord]:
 
 
 def _training_split(split):
-    """COCO's `restval` images are training images (see load_karpathy)."""
-    return "train" if split == "restval" else split
+    """A split's name as the caption folders read it (COCO's `restval` is training data)."""
+    return SPLIT_ALIASES.get(split, split) if isinstance(split, str) else split
 
 
 def _check_one_split(path: Path, file: str, split, number: int, first_seen: dict) -> None:
@@ -772,15 +772,9 @@ def extract_features(captioner, records: list[ImageRecord], batch_size: int = 64
             encoded = _encode(captioner, [records[i] for i in chunk], batch_size, num_workers, progress, label,
                               chunk_failures, on_bad_sample)
             readable = [j for j in range(len(chunk)) if j not in chunk_failures]
-            if readable and not unstored:
-                try:
-                    cache.add([keys[chunk[j]] for j in readable], encoded[readable])
-                except OSError as error:  # a cache must never stop a run: go on without storing
-                    print(f"note: the feature cache {cache.folder} cannot be written ({_first_line(error)}); "
-                          "features are kept in memory for this run only", file=sys.stderr)
-                    unstored.update((keys[chunk[j]], encoded[j]) for j in readable)
-            elif readable:
-                unstored.update((keys[chunk[j]], encoded[j]) for j in readable)
+            new_keys = [keys[chunk[j]] for j in readable]
+            if new_keys and (unstored or not _store_part(cache, new_keys, encoded[readable])):
+                unstored.update(zip(new_keys, encoded[readable]))
             failures.update({chunk[j]: why for j, why in chunk_failures.items()})
         if not todo and progress:
             print(f"{desc}: {len(keys):,} images read from the feature cache {cache.folder}")
@@ -800,6 +794,18 @@ def extract_features(captioner, records: list[ImageRecord], batch_size: int = 64
     if bad_samples is not None:
         bad_samples.extend((records[i].image_id, why) for i, why in sorted(failures.items()))
     return captioner.finish_features(embeddings)
+
+
+def _store_part(cache: FeatureCache, keys: list[str], embeddings: torch.Tensor) -> bool:
+    """Add a part to the cache; False, with a note, where the cache cannot be written (a read-only
+    disk): a cache must never stop a run, which then keeps its features in memory."""
+    try:
+        cache.add(keys, embeddings)
+        return True
+    except OSError as error:
+        print(f"note: the feature cache {cache.folder} cannot be written ({_first_line(error)}); features are kept "
+              "in memory for this run only", file=sys.stderr)
+        return False
 
 
 def drop_unreadable(records: list[ImageRecord], features: torch.Tensor):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from utils import UserError, cache_home, run_cli, seed_everything, whole_number
+from utils import UserError, cache_home, nearest_existing, run_cli, seed_everything, whole_number
 
 DEMO_VERSION = 1  # bump when the recipe below changes, so cached assets are rebuilt
 EOS_TOKEN = "<|endoftext|>"
@@ -223,8 +223,8 @@ def demo_root() -> Path:
 def ensure_demo_assets(progress: bool = True) -> dict[str, str]:
     """Build the demo data and backbones once; later calls reuse the cache."""
     root = demo_root()
-    blocker = next((p for p in (root, *root.parents) if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
+    blocker = nearest_existing(root)
+    if not blocker.is_dir():
         raise UserError(f"the demo is built in {root}, but {blocker} is a file; point CAPTIONER_HOME at a folder")
     data_dir, backbones = root / "data", root / "backbones"
     if not (data_dir / "captions.jsonl").is_file():
@@ -239,13 +239,13 @@ def ensure_demo_assets(progress: bool = True) -> dict[str, str]:
 def check_new_folder(out: Path) -> None:
     """--out must be a new or empty folder: the builders write fixed names (captions.jsonl, images/,
     clip/, lm/) and would silently replace a user's own files of those names."""
-    if out.exists() and not out.is_dir():
+    folder = nearest_existing(out)
+    if folder == out and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a new folder")
-    if out.is_dir() and any(out.iterdir()):
+    if folder == out and any(out.iterdir()):
         raise UserError(f"--out {out} is not empty; give a new or empty folder (nothing in it is overwritten)")
-    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        raise UserError(f"--out {out} is inside {blocker}, which is a file; give a new folder")
+    if not folder.is_dir():
+        raise UserError(f"--out {out} is inside {folder}, which is a file; give a new folder")
 
 
 def main(argv=None) -> int:

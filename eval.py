@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import math
 import os
 import sys
@@ -41,7 +40,8 @@ from metrics import COCO_METRICS, COCO_VARIANT, TOKENIZATION_DETAILS, coco_metri
 from model import ADAPTER_CONFIG, LM_QUANTIZATIONS, DecodingConfig, load_captioner
 from report import EXTRA_METRICS, baseline_verdict, percent, sweep_rows, write_report
 from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, UserError, caption_metrics, default_image_workers, format_table,
-                   positive_number, read_json, read_jsonl, run_cli, whole_number, write_json, write_jsonl)
+                   ids_digest, nearest_existing, positive_number, read_json, read_jsonl, run_cli, whole_number,
+                   write_json, write_jsonl)
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -286,8 +286,7 @@ def score_predictions(prediction_sets: dict[str, list[str]], references: list[li
 def images_digest(records) -> str:
     """Which images a split's scores cover, in a few characters: --compare tells apart two evaluations
     of the same size on different images (a --limit subset drawn with another seed, another folder)."""
-    ids = "\0".join(sorted(str(r.image_id) for r in records))
-    return hashlib.sha256(ids.encode()).hexdigest()[:16]
+    return ids_digest(sorted(str(r.image_id) for r in records))
 
 
 def metric_keys() -> list[str]:
@@ -538,23 +537,21 @@ def build_parser() -> argparse.ArgumentParser:
 def check_out_folder(out: Path) -> None:
     """--out must be a folder that exists or can be made: a file in its place (or in its path) would
     only fail at the end, after the whole split was captioned, with FileExistsError."""
-    for folder in (out, *out.parents):
-        if folder.exists():
-            if not folder.is_dir():
-                where = "is a file" if folder == out else f"is inside {folder}, which is a file"
-                raise UserError(f"--out {out} {where}: give a folder for the outputs (it is made if need be)")
-            if not os.access(folder, os.W_OK | os.X_OK):
-                raise UserError(f"--out {out}: cannot write in {folder}; give a folder you can write to")
-            return
+    folder = nearest_existing(out)
+    if not folder.is_dir():
+        where = "is a file" if folder == out else f"is inside {folder}, which is a file"
+        raise UserError(f"--out {out} {where}: give a folder for the outputs (it is made if need be)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: cannot write in {folder}; give a folder you can write to")
 
 
-def check_outputs_can_be_written(checkpoint: Path, run_dir: Path | None, out: str) -> None:
+def check_outputs_can_be_written(checkpoint: Path, run_dir: Path, out: str) -> None:
     """Before any work: the outputs' default folder (the checkpoint) can be written, and the run's
     log, which the report plots, reads; either used to fail only after the whole split was captioned."""
     if not out and not os.access(checkpoint, os.W_OK | os.X_OK):
         raise UserError(f"{checkpoint} cannot be written, and the outputs go there unless --out says otherwise: "
                         "pass --out FOLDER")
-    if run_dir is not None and (run_dir / TRAIN_LOG).is_file():
+    if (run_dir / TRAIN_LOG).is_file():
         read_jsonl(run_dir / TRAIN_LOG)  # a line that is not JSON: one line naming it
 
 

@@ -330,6 +330,7 @@ def kv_cache_argument(lm) -> str:
     parameters = inspect.signature(type(lm).forward).parameters  # follows the deprecation wrapper
     return "cache" if "cache" in parameters else "past_key_values"
 
+
 class Captioner(nn.Module):
     """Frozen CLIP + trainable adapter + frozen LM. Only `self.adapter` has trainable parameters."""
 

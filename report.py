@@ -60,8 +60,8 @@ def baseline_verdict(metrics: dict) -> str:
     key = metrics["baseline_decided_by"]
     name, ours, theirs = METRIC_NAMES.get(key, key), percent(metrics[key]), percent(metrics["baseline"][key])
     if metrics["beats_baseline"] is None:
-        return (f"No verdict against the nearest-neighbour baseline: {name} is {ours} for both, as it is when it cannot "
-                "weigh n-grams (too few images, or identical references); evaluate on more images.")
+        return (f"No verdict against the nearest-neighbour baseline: {name} is {ours} for both, as it is when it "
+                "cannot weigh n-grams (too few images, or identical references); evaluate on more images.")
     if metrics["beats_baseline"]:
         return f"The adapter beats the nearest-neighbour baseline on {name} ({ours} vs {theirs})."
     return (f"WARNING: the adapter does NOT beat the nearest-neighbour baseline on {name} ({ours} vs {theirs}): "
@@ -208,12 +208,12 @@ def render_report(metrics: dict, rows: list[dict], records, curves: list[Path], 
             f"decoding: {metrics.get('decoding_name', '?')} · tokenisation: {metrics['coco_tokenization']} "
             f"({metrics.get('coco_tokenization_detail', '')}) · {metrics['processes']['num_processes']} process(es) · "
             f"written {time.strftime('%Y-%m-%d %H:%M')}")
-    good = metrics["beats_baseline"]
+    verdict_class = {True: "good", False: "bad"}.get(metrics["beats_baseline"], "note")  # None: no verdict
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{esc(title)}</title>",
         f"<style>{CSS}</style></head><body>", f"<h1>{esc(title)}</h1>", f'<div class="meta">{esc(meta)}</div>',
         *(f'<div class="note">note: {esc(note)}</div>' for note in metrics.get("notes", [])),
-        f'<div class="verdict {"good" if good else "note" if good is None else "bad"}">{esc(baseline_verdict(metrics))}</div>',
+        f'<div class="verdict {verdict_class}">{esc(baseline_verdict(metrics))}</div>',
         "<h2>Metrics</h2>", metrics_table(metrics),
         f'<p class="variant">Scale: {esc(metrics.get("coco_scale", ""))}. Baseline: '
         f'{esc(metrics["baseline"]["method"])}, over {metrics["baseline"]["train_images"]} training images. '

@@ -31,9 +31,10 @@ from dataset import (DATASETS, FLICKR30K_PARQUET, CaptionPairs, EpochShuffleSamp
                      drop_unreadable, extract_features, limit_records, load_records)
 from model import (ADAPTER_WEIGHTS, IGNORE_INDEX, AdapterConfig, DecodingConfig, TrainingLoss, build_captioner,
                    load_adapter_state, resolve_dtype, save_adapter, save_adapter_weights)
-from utils import (Terminated, UserError, append_jsonl, caption_metrics, default_image_workers, interrupt_handled,
-                   interrupted_exit_code, library_versions, load_state, read_json, read_jsonl, rng_states, run_cli,
-                   save_state, set_rng_states, write_json, write_jsonl)
+from utils import (Terminated, UserError, append_jsonl, caption_metrics, default_image_workers, ids_digest,
+                   interrupt_handled, interrupt_name, interrupted_exit_code, library_versions, load_state,
+                   nearest_existing, read_json, read_jsonl, rng_states, run_cli, save_state, set_rng_states,
+                   write_json, write_jsonl)
 
 RUN_CONFIG = "run_config.json"
 TRAIN_LOG = "train_log.jsonl"
@@ -468,10 +469,8 @@ def save_resume_state(run_dir: Path, accelerator, adapter, optimizer, scheduler,
 
 
 def load_resume_state(run_dir: Path, accelerator, adapter, optimizer, scheduler) -> TrainerState:
-    resume_dir = run_dir / "resume"
-    if not (resume_dir / TRAINER_STATE).is_file() and (run_dir / "resume.old" / TRAINER_STATE).is_file():
-        resume_dir = run_dir / "resume.old"  # a crash between the two renames
-    if not (resume_dir / TRAINER_STATE).is_file():
+    resume_dir = resume_state_dir(run_dir)
+    if resume_dir is None:
         raise UserError(f"{run_dir} has no resume state (resume/{TRAINER_STATE}): it stopped before its first "
                         "checkpoint and cannot be continued; start it again under another --run-name (or delete "
                         "the folder)")
@@ -527,15 +526,15 @@ def truncate_log(path: Path, step: int) -> None:
 
 def check_run_folder(run_dir: Path, config: TrainConfig) -> None:
     """Before anything loads: the run folder can be written, and a new run does not land on an old one."""
-    folder = next(p for p in (run_dir, *run_dir.parents) if p.exists())  # where the first write will happen
+    folder = nearest_existing(run_dir)  # where the first write will happen
     if folder.is_dir() and not os.access(folder, os.W_OK):
-        raise UserError(f"{folder} cannot be written (a read-only disk or no permission); "
-                        f"{'copy the run somewhere writable and resume it there' if config.resume else 'choose another --output-dir'}")
+        fix = "copy the run somewhere writable and resume it there" if config.resume else "choose another --output-dir"
+        raise UserError(f"{folder} cannot be written (a read-only disk or no permission); {fix}")
     if config.resume:
         return
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir} is a file, not a run folder; choose another --run-name")
-    if has_resume_state(run_dir):
+    if resume_state_dir(run_dir) is not None:
         raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-name")
     if (run_dir / ADAPTER_WEIGHTS).exists() or (run_dir / "last").exists():
         raise UserError(f"{run_dir} holds a run that stopped before its first resumable checkpoint, so it cannot be "
@@ -553,7 +552,7 @@ def settings_digest(config: TrainConfig) -> str:
 def training_set_label(train_records, train_pairs) -> str:
     """The training set in a few words plus a digest of its image ids: --data-dir may point a resumed
     run to its data moved elsewhere (same ids), never to other data (another position in another epoch)."""
-    digest = hashlib.sha256("\0".join(r.image_id for r in train_records).encode()).hexdigest()[:16]
+    digest = ids_digest(r.image_id for r in train_records)
     return f"{len(train_records):,} images, {len(train_pairs):,} pairs, ids {digest}"
 
 
@@ -567,8 +566,10 @@ def check_resume_belongs(state: "TrainerState", run_dir: Path, config: TrainConf
                         "--data-dir may name the same data moved elsewhere, not other data: start a new run for that")
 
 
-def has_resume_state(run_dir: Path) -> bool:
-    return any((run_dir / name / TRAINER_STATE).is_file() for name in ("resume", "resume.old"))
+def resume_state_dir(run_dir: Path) -> Path | None:
+    """resume/, or resume.old/ after a crash between the two renames of a save; None before the first save."""
+    return next((run_dir / name for name in ("resume", "resume.old") if (run_dir / name / TRAINER_STATE).is_file()),
+                None)
 
 
 def banner(accelerator, config, train_pairs, train_records, steps_per_epoch, total_steps, trainable) -> None:
@@ -615,8 +616,7 @@ def train(config: TrainConfig, on_step=None) -> dict:
     bad_samples: list[tuple[str, str]] = []
     train_records = load_split(config, "train", config.train_limit, bad_samples)
     val_records = load_split(config, "val", config.val_limit, bad_samples)
-    if config.final_eval:  # missing test files stop the run now, not after training (they are loaded again then)
-        load_split(config, "test", config.test_limit, [] if config.on_bad_sample == "skip" else None)
+    test_split = load_test_split(config) if config.final_eval else None  # missing files stop the run now
     if not train_records:
         raise UserError(f"no training images with captions found in {config.dataset} {config.data_dir or ''}")
     # The main process fills the feature cache first; the others then read it instead of encoding.
@@ -691,7 +691,7 @@ def train(config: TrainConfig, on_step=None) -> dict:
         accelerator.print(f"step {state.step}: non-finite loss or gradient (losses {window_losses}, grad norm "
                           f"{grad_norm}); the step was not applied ({state.nonfinite_in_a_row} in a row)")
         if config.max_nonfinite_steps and state.nonfinite_in_a_row >= config.max_nonfinite_steps:
-            if not has_resume_state(run_dir):
+            if resume_state_dir(run_dir) is None:
                 raise UserError(
                     f"{state.nonfinite_in_a_row} non-finite steps in a row (up to step {state.step}), before the run's "
                     f"first checkpoint: start again with a lower learning rate (--learning-rate "
@@ -793,7 +793,7 @@ def train(config: TrainConfig, on_step=None) -> dict:
     elif config.final_eval and accelerator.is_main_process:
         try:
             summary["test"] = final_evaluation(captioner, accelerator.unwrap_model(adapter), run_dir, config,
-                                               train_records, train_pairs.features)
+                                               test_split, train_records, train_pairs.features)
         except KeyboardInterrupt:
             interrupt_handled()
             print(f"interrupted: training finished and is saved in {run_dir}; the test evaluation was not "
@@ -890,7 +890,16 @@ def report_bad_samples(run_dir: Path, bad_samples: list, accelerator) -> None:
                       f"(all in {run_dir / 'bad_samples.jsonl'})")
 
 
-def final_evaluation(captioner, adapter, run_dir: Path, config: TrainConfig, train_records, train_features) -> dict:
+def load_test_split(config: TrainConfig) -> tuple[list, list]:
+    """The final evaluation's test records and the missing files among them (left out under skip),
+    loaded with the other splits so that missing test files stop a run before training, not after."""
+    missing: list[tuple[str, str]] = []
+    records = load_split(config, "test", config.test_limit, missing if config.on_bad_sample == "skip" else None)
+    return records, missing
+
+
+def final_evaluation(captioner, adapter, run_dir: Path, config: TrainConfig, test_split: tuple[list, list],
+                     train_records, train_features) -> dict:
     """Score the best adapter on the test split, exactly as `python eval.py RUN` would (report included).
 
     The nearest-neighbour baseline reuses the training features extracted for training."""
@@ -899,10 +908,9 @@ def final_evaluation(captioner, adapter, run_dir: Path, config: TrainConfig, tra
 
     captioner.adapter = adapter
     adapter.load_state_dict(load_adapter_state(run_dir / ADAPTER_WEIGHTS))
-    skip = config.on_bad_sample == "skip"
-    bad: list[tuple[str, str]] = []
-    records = load_split(config, "test", config.test_limit, bad if skip else None)
-    if skip:
+    records, missing = test_split
+    bad = list(missing)
+    if config.on_bad_sample == "skip":
         records = readable_records(captioner, records, config, "test", bad)
     if not records:
         print("no test images: skipping the final evaluation")
@@ -941,14 +949,15 @@ def main(argv=None, on_step=None) -> int:
         summary = train(parse_config(argv), on_step=on_step)
     except KeyboardInterrupt as interrupt:  # before training began, or a second signal: saves stay whole
         interrupt_handled()
-        print(f"interrupted ({'SIGTERM' if isinstance(interrupt, Terminated) else 'Ctrl-C'}); nothing saved is "
+        print(f"interrupted ({interrupt_name(interrupt)}); nothing saved is "
               "damaged: a run folder keeps its last complete checkpoint (continue it with --resume) and the feature "
               "cache every part it finished", file=sys.stderr)
         return interrupted_exit_code(interrupt)
     except RuntimeError as error:
-        if not lost_another_process(error):
+        reason = lost_another_process(error)
+        if not reason:
             raise
-        print(f"error: another process of this run ended ({lost_another_process(error)}), so this one stops too; a "
+        print(f"error: another process of this run ended ({reason}), so this one stops too; a "
               "run folder keeps its last complete checkpoint (continue it with --resume)", file=sys.stderr)
         return 1
     return 1 if summary["interrupted"] else 0

@@ -39,6 +39,10 @@ def interrupt_handled() -> None:
     _TERMINATED.clear()
 
 
+def interrupt_name(interrupt: KeyboardInterrupt) -> str:
+    return "SIGTERM" if isinstance(interrupt, Terminated) else "Ctrl-C"
+
+
 def interrupted_exit_code(interrupt: KeyboardInterrupt) -> int:
     """The shell's code for a process stopped by a signal: 128 + SIGTERM (15) or SIGINT (2)."""
     return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
@@ -61,7 +65,7 @@ def run_cli(main_fn, argv=None) -> int:
         print(f"error: {user_message(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as interrupt:
-        print(f"interrupted ({'SIGTERM' if isinstance(interrupt, Terminated) else 'Ctrl-C'})", file=sys.stderr)
+        print(f"interrupted ({interrupt_name(interrupt)})", file=sys.stderr)
         return interrupted_exit_code(interrupt)
     except BrokenPipeError:  # `python inference.py ... | head -1`: the reader has all it wants
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
@@ -123,6 +127,18 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def nearest_existing(path: Path) -> Path:
+    """`path` or its nearest ancestor that exists: where writing `path` would begin (or fail)."""
+    return next(p for p in (path, *path.parents) if p.exists())
+
+
+def ids_digest(ids: Iterable[str]) -> str:
+    """A short digest of a sequence of image ids: which images, in a few characters."""
+    import hashlib
+
+    return hashlib.sha256("\0".join(ids).encode()).hexdigest()[:16]
 
 
 def cache_home() -> Path:
