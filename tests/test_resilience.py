@@ -230,7 +230,7 @@ def kill_process_tree(pid: int) -> None:
 
 def run_training_processes(tiny, out: Path, name: str, processes: int, batch: int, *extra: str,
                            script: Path = ROOT / "train.py", returncode: int = 0,
-                           timeout: int = 600) -> subprocess.CompletedProcess:
+                           timeout: int = 600, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     args = train_args(tiny, out, name, "--final-eval", "false", "--train-limit", "32", "--batch-size", str(batch),
                       "--epochs", "2", "--eval-every", "0", "--save-every", "0", "--log-every", "1", *extra)
     args.remove("--no-progress")
@@ -239,7 +239,7 @@ def run_training_processes(tiny, out: Path, name: str, processes: int, batch: in
         command = [sys.executable, str(script), *args]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                   "--master_port", str(free_port()), str(script), *args]
+                   "--master_port", str(free_port()), *launcher, str(script), *args]
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     try:
         stdout, stderr = child.communicate(timeout=timeout)
@@ -290,7 +290,8 @@ def test_a_signal_to_one_process_stops_all_at_the_same_step_and_resume_matches(t
         "sys.exit(train.main(sys.argv[1:], on_step=on_step))\n")
     straight = run_training_processes(tiny, tmp_path, "straight", 2, 8)
     # Without the agreed stop, rank 0 would wait forever in the next all-reduce: hence the timeout.
-    stopped = run_training_processes(tiny, tmp_path, "stopped", 2, 8, script=wrapper, returncode=1, timeout=240)
+    stopped = run_training_processes(tiny, tmp_path, "stopped", 2, 8, script=wrapper, returncode=1, timeout=240,
+                                  launcher=("--monitor-interval", "5"))
     assert "SIGTERM" not in straight.stdout
     assert stopped.stdout.count("saved a checkpoint at step 6") == 1, stopped.stdout[-2000:]  # one rank prints
     state = json.loads((tmp_path / "stopped" / "resume" / "trainer_state.json").read_text())
@@ -518,7 +519,11 @@ def test_a_reader_that_stops_reading_ends_the_script_quietly():
 @pytest.mark.slow
 def test_a_process_stopped_before_training_leaves_the_others_one_line_not_a_traceback(tiny, tmp_path):
     """SIGTERM reaches rank 1 alone while it reads its features (before training): it ends with its
-    own line, and rank 0, whose next collective fails on the closed connection, says why in one."""
+    own line, and rank 0, whose next collective fails on the closed connection, says why in one.
+
+    The launcher would also SIGTERM rank 0 as soon as its monitor (every 0.1 s by default) sees rank 1
+    gone; rank 0 then says "interrupted", one line too, but a race that hides the line under test.
+    A 5 s monitor interval lets rank 0 reach its collective first."""
     wrapper = tmp_path / "train_terminated_early.py"
     wrapper.write_text(
         "import os, signal, sys\n"
@@ -531,7 +536,8 @@ def test_a_process_stopped_before_training_leaves_the_others_one_line_not_a_trac
         "    return real(*args, **kwargs)\n"
         "train.make_pairs = make_pairs\n"
         "sys.exit(run_cli(train.main))\n")
-    done = run_training_processes(tiny, tmp_path, "early", 2, 8, script=wrapper, returncode=1, timeout=240)
+    done = run_training_processes(tiny, tmp_path, "early", 2, 8, script=wrapper, returncode=1, timeout=240,
+                                  launcher=("--monitor-interval", "5"))
     assert "interrupted (SIGTERM)" in done.stderr  # rank 1
     assert "error: another process of this run ended (Connection closed by peer)" in done.stderr, done.stderr[-3000:]
     assert "[rank0]: Traceback" not in done.stderr, done.stderr[-3000:]
