@@ -252,6 +252,11 @@ def open_upload(path, max_megapixels: float, max_upload_mb: float):
         raise UserError(unreadable) from None
 
 
+# What the timing line adds when a run's first token ended the caption (an adapter trained a few
+# steps does this): an empty box alone looks as if the page never answered.
+EMPTY_CAPTION_NOTE = " · the model wrote an empty caption: its first token ended it"
+
+
 def decoding_config(strategy: str = "greedy", num_beams: float = 3, temperature: float = 0.7, top_p: float = 0.9,
                     max_new_tokens: float = 30):
     from model import DecodingConfig
@@ -315,7 +320,7 @@ class Page:
             return caption, f"**{ms:,.0f} ms** · {run.baseline_note}"
         if choice in self.by_name:
             caption, ms = caption_with_run(self.by_name[choice], image, decoding, seed)
-            return caption, f"**{ms:,.0f} ms** · {describe(decoding)}"
+            return caption, f"**{ms:,.0f} ms** · {describe(decoding)}" + ("" if caption else EMPTY_CAPTION_NOTE)
         return "", ""
 
     def caption(self, image_path, left: str, right: str, strategy: str, num_beams, temperature, top_p,
