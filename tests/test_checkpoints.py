@@ -159,7 +159,11 @@ def test_config_naming_backbones_of_other_sizes(tiny, copy, other_backbones):
     assert str(copy / "adapter_config.json") in message and "64-d prefix" in message and "hidden size 32" in message
     edit_config(copy, lm_model=tiny["lm_model"], clip_model=other_backbones["clip"])
     message = load_error(copy)
-    assert "48-d image features" in message and "gives 24-d" in message and other_backbones["clip"] in message
+    from transformers import CLIPVisionConfig
+
+    width = CLIPVisionConfig.from_pretrained(tiny["clip_model"]).projection_dim
+    assert f"{width}-d image features" in message and f"gives {width // 2}-d" in message
+    assert other_backbones["clip"] in message
     # Sizes edited to match the other LM as well: then the weights do not fit the config.
     edit_config(copy, clip_model=tiny["clip_model"], lm_model=other_backbones["lm"], lm_hidden_dim=32,
                 adapter_hidden_dim=160)
