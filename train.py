@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -703,8 +704,8 @@ def train(config: TrainConfig, on_step=None) -> dict:
             raise UserError(
                 f"{state.nonfinite_in_a_row} non-finite steps in a row (up to step {state.step}): the run stopped "
                 f"and its last good checkpoint in {run_dir / 'resume'} is intact; continue it with a lower learning "
-                f"rate (python train.py --output-dir {config.output_dir} --run-name {config.run_name} --resume "
-                f"--learning-rate {config.learning_rate / 10:g}) or check the batches named in {run_dir / TRAIN_LOG}"
+                f"rate ({resume_command(config, accelerator.num_processes, '--learning-rate', f'{config.learning_rate / 10:g}')}"
+                f") or check the batches named in {run_dir / TRAIN_LOG}"
             )
 
     last_validated = state.history[-1]["step"] if state.history else -1
@@ -776,8 +777,7 @@ def train(config: TrainConfig, on_step=None) -> dict:
                 bar.close()
                 save_checkpoint()
                 accelerator.print(f"{stop.signal_name or 'signal'}: saved a checkpoint at step {state.step}; "
-                                  f"continue with python train.py --run-name {config.run_name} --output-dir "
-                                  f"{config.output_dir} --resume")
+                                  f"continue with {resume_command(config, accelerator.num_processes)}")
                 return {"run_dir": str(run_dir), "interrupted": True, "step": state.step}
         bar.close()
         # Still under StopRequest: a signal now waits until the finished run is saved.
@@ -805,6 +805,17 @@ def train(config: TrainConfig, on_step=None) -> dict:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+def resume_command(config: TrainConfig, processes: int, *extra: str) -> str:
+    """The command that continues this run. A run saved by N processes resumes only with N (its state
+    holds each one's RNG), so with several the hint names the launcher and the count, not python."""
+    args = shlex.join(["train.py", "--run-name", config.run_name, "--output-dir", str(config.output_dir),
+                       "--resume", *extra])
+    if processes == 1:
+        return f"python {args}"
+    return (f"accelerate launch --num_processes {processes} {args} (or the launcher this run was started with, "
+            f"again with {processes} processes in all)")
 
 
 @dataclass

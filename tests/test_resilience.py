@@ -296,6 +296,10 @@ def test_a_signal_to_one_process_stops_all_at_the_same_step_and_resume_matches(t
     assert stopped.stdout.count("saved a checkpoint at step 6") == 1, stopped.stdout[-2000:]  # one rank prints
     state = json.loads((tmp_path / "stopped" / "resume" / "trainer_state.json").read_text())
     assert state["step"] == 6 and not state["finished"]  # the signalled step itself: the flag is read after it
+    # The hint relaunches with 2 processes: `python train.py --resume` would be refused (1 process).
+    hint = stopped.stdout.split("continue with ")[-1].splitlines()[0]
+    assert hint.startswith("accelerate launch --num_processes 2 train.py --run-name stopped "), hint
+    assert "with 2 processes in all" in hint, hint
     resumed = run_training_processes(tiny, tmp_path, "stopped", 2, 8, "--resume")
     assert "resum" in resumed.stdout.lower()
     steps = [r["step"] for r in read_jsonl(tmp_path / "stopped" / "train_log.jsonl") if r["type"] == "train"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import signal
 from pathlib import Path
 
@@ -82,7 +83,7 @@ def test_no_frozen_weight_is_ever_saved(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_resume_after_signal_matches_uninterrupted_run(tiny, tmp_path, signum):
+def test_resume_after_signal_matches_uninterrupted_run(tiny, tmp_path, signum, capsys):
     train.main(train_args(tiny, tmp_path, "straight"))
     expected = adapter_weights(tmp_path / "straight" / "last" / "adapter.safetensors")
 
@@ -94,7 +95,11 @@ def test_resume_after_signal_matches_uninterrupted_run(tiny, tmp_path, signum):
     assert summary["interrupted"] and summary["step"] == 7
     state = json.loads((tmp_path / "stopped" / "resume" / "trainer_state.json").read_text())
     assert state["step"] == 7 and not state["finished"]
-    assert train.main(["--run-name", "stopped", "--output-dir", str(tmp_path), "--resume", "--no-progress"]) == 0
+    # The printed command is the one that resumes (its paths quoted for the shell).
+    hint = capsys.readouterr().out.split("continue with ")[-1].strip()
+    program, script, *args = shlex.split(hint)
+    assert (program, script, args[-1]) == ("python", "train.py", "--resume"), hint
+    assert train.main([*args, "--no-progress"]) == 0
     resumed = adapter_weights(tmp_path / "stopped" / "last" / "adapter.safetensors")
     for key in expected:
         assert torch.equal(expected[key], resumed[key]), key
