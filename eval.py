@@ -40,8 +40,8 @@ from metrics import COCO_METRICS, COCO_VARIANT, TOKENIZATION_DETAILS, coco_metri
 from model import ADAPTER_CONFIG, LM_QUANTIZATIONS, DecodingConfig, load_captioner
 from report import EXTRA_METRICS, baseline_verdict, percent, sweep_rows, write_report
 from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, UserError, caption_metrics, default_image_workers, format_table,
-                   ids_digest, nearest_existing, positive_number, read_json, read_jsonl, run_cli, whole_number,
-                   write_json, write_jsonl)
+                   ids_digest, lone_cpu_launch_warning, nearest_existing, positive_number, read_json, read_jsonl,
+                   run_cli, whole_number, write_json, write_jsonl)
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -164,6 +164,8 @@ class Processes:
     @classmethod
     def from_environment(cls, device: str = "auto") -> Processes:
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            if warning := lone_cpu_launch_warning("eval.py"):
+                print(warning, file=sys.stderr)
             return cls()
         from accelerate import PartialState
         from accelerate.utils import parse_flag_from_env

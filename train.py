@@ -34,8 +34,8 @@ from model import (ADAPTER_WEIGHTS, IGNORE_INDEX, AdapterConfig, DecodingConfig,
                    load_adapter_state, resolve_dtype, save_adapter, save_adapter_weights)
 from utils import (Terminated, UserError, append_jsonl, caption_metrics, default_image_workers, ids_digest,
                    interrupt_handled, interrupt_name, interrupted_exit_code, library_versions, load_state,
-                   nearest_existing, read_json, read_jsonl, rng_states, run_cli, save_state, set_rng_states,
-                   write_json, write_jsonl)
+                   lone_cpu_launch_warning, nearest_existing, read_json, read_jsonl, rng_states, run_cli, save_state,
+                   set_rng_states, write_json, write_jsonl)
 
 RUN_CONFIG = "run_config.json"
 TRAIN_LOG = "train_log.jsonl"
@@ -605,6 +605,8 @@ def train(config: TrainConfig, on_step=None) -> dict:
         config.mixed_precision = auto_mixed_precision()
     accelerator = Accelerator(mixed_precision=config.mixed_precision,
                               gradient_accumulation_steps=config.grad_accum_steps)
+    if accelerator.num_processes == 1 and (warning := lone_cpu_launch_warning("train.py")):
+        print(warning, file=sys.stderr)
     if not config.resume:
         # The main process builds demo assets and picks the run name first; the others then find
         # the assets cached and take the main process's name (a free "demo-N" could differ).
@@ -695,17 +697,18 @@ def train(config: TrainConfig, on_step=None) -> dict:
         accelerator.print(f"step {state.step}: non-finite loss or gradient (losses {window_losses}, grad norm "
                           f"{grad_norm}); the step was not applied ({state.nonfinite_in_a_row} in a row)")
         if config.max_nonfinite_steps and state.nonfinite_in_a_row >= config.max_nonfinite_steps:
+            lower_rate = f"{config.learning_rate / 10:g}"
             if resume_state_dir(run_dir) is None:
                 raise UserError(
                     f"{state.nonfinite_in_a_row} non-finite steps in a row (up to step {state.step}), before the run's "
                     f"first checkpoint: start again with a lower learning rate (--learning-rate "
-                    f"{config.learning_rate / 10:g}) under another --run-name, or check the batches named in "
+                    f"{lower_rate}) under another --run-name, or check the batches named in "
                     f"{run_dir / TRAIN_LOG}")
             raise UserError(
                 f"{state.nonfinite_in_a_row} non-finite steps in a row (up to step {state.step}): the run stopped "
                 f"and its last good checkpoint in {run_dir / 'resume'} is intact; continue it with a lower learning "
-                f"rate ({resume_command(config, accelerator.num_processes, '--learning-rate', f'{config.learning_rate / 10:g}')}"
-                f") or check the batches named in {run_dir / TRAIN_LOG}"
+                f"rate ({resume_command(config, accelerator.num_processes, '--learning-rate', lower_rate)}) or "
+                f"check the batches named in {run_dir / TRAIN_LOG}"
             )
 
     last_validated = state.history[-1]["step"] if state.history else -1

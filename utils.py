@@ -123,6 +123,24 @@ def default_image_workers() -> int:
     return min(8, cores)
 
 
+# Where an MPI launcher tells a process its world size (Accelerate's CPU multi-process path is mpirun).
+MPI_WORLD_SIZE = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE", "WORLD_SIZE")
+
+
+def lone_cpu_launch_warning(script: str) -> str:
+    """A warning when `accelerate launch --cpu --num_processes N` ran this as one process, else "".
+
+    Accelerate starts several CPU processes only through mpirun; without it its simple launcher
+    starts one, setting MASTER_ADDR/PORT but no world size, and the run goes on alone and silent.
+    """
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true", "yes"):
+        return ""
+    if "MASTER_ADDR" not in os.environ or any(name in os.environ for name in MPI_WORLD_SIZE):
+        return ""
+    return (f"warning: this is 1 process: accelerate launch --cpu starts several only through mpirun; for N CPU "
+            f"processes use ACCELERATE_USE_CPU=true torchrun --nproc_per_node N {script} ...")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -53,11 +54,16 @@ def test_nonfinite_steps_in_a_row_stop_the_run_with_the_last_good_checkpoint(tin
     poison_calls(monkeypatch, {7, 8, 9})
     args = train_args(tiny, tmp_path, "diverged", "--max-nonfinite-steps", "3", "--final-eval", "false")
     assert run_cli(train.main, args) == 2
-    assert "3 non-finite steps in a row" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "3 non-finite steps in a row" in error
     run = tmp_path / "diverged"
     assert read_json(run / "resume" / "trainer_state.json")["step"] == 5  # the save before the trouble
     monkeypatch.undo()
-    assert train.main(train_args(tiny, tmp_path, "diverged", "--resume")) == 0
+    # The command the error gives continues the run at a tenth of the rate.
+    program, script, *args = shlex.split(error.split("lower learning rate (")[1].split(") or check")[0])
+    assert (program, script) == ("python", "train.py") and args[-2:] == ["--learning-rate", "0.0003"], args
+    assert train.main([*args, "--no-progress"]) == 0
+    assert read_json(run / "run_config.json")["learning_rate"] == 0.0003  # conftest's 3e-3, a tenth
 
 
 @pytest.fixture
@@ -258,6 +264,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny, tmp_path):
     one = run_training_processes(tiny, tmp_path, "one", 1, 16)
     two = run_training_processes(tiny, tmp_path, "two", 2, 8)
     assert "processes = 2" in two.stdout and two.stdout.count("***** Running training *****") == 1
+    assert "this is 1 process" not in one.stderr + two.stderr  # torchrun and plain python: no false alarm
     # One progress bar: only the main process draws one (each bar renders its 0% state once).
     assert two.stderr.count("training:   0%") == one.stderr.count("training:   0%") == 1
     losses = {}
@@ -274,6 +281,26 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny, tmp_path):
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5)
     assert not (tmp_path / "two" / "last.tmp").exists()
     assert json.loads((tmp_path / "two" / "run_config.json").read_text())["batch_size"] == 8
+
+
+def test_accelerate_launch_cpu_running_one_process_says_so(tmp_path):
+    """`accelerate launch --cpu --num_processes 2` starts one process (several need mpirun): the
+    scripts must say so, not run alone in silence. Checked against the installed Accelerate."""
+    probe = tmp_path / "probe.py"
+    probe.write_text("import utils\nprint(repr(utils.lone_cpu_launch_warning('train.py')))\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for name in ("ACCELERATE_USE_CPU", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE"):
+        env.pop(name, None)
+    launched = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+                               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                               str(probe)], capture_output=True, text=True, env=env, timeout=120)
+    assert launched.returncode == 0, launched.stderr[-2000:]
+    lines = launched.stdout.splitlines()
+    assert len(lines) == 1, launched.stdout  # one process printed
+    assert "torchrun --nproc_per_node N train.py" in lines[0], lines[0]
+    plain = subprocess.run([sys.executable, str(probe)], capture_output=True, text=True, timeout=60,
+                           env={**env, "ACCELERATE_USE_CPU": "true"})
+    assert plain.stdout.strip() == "''", plain.stdout  # one process asked for: nothing to say
 
 
 @pytest.mark.slow
