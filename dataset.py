@@ -445,11 +445,20 @@ def load_caption_folder(data_dir: Path, split: str, seed: int = 0, held_out_frac
         n_held = max(1, round(held_out_fraction * len(order))) if len(order) >= 3 else 0
         for i, name in enumerate(order):
             by_image[name]["split"] = "val" if i < n_held else "test" if i < 2 * n_held else "train"
-    return [
-        ImageRecord(name, _clean_captions(entry["captions"]), split, path=data_dir / name)
-        for name, entry in by_image.items()
-        if entry["split"] == split
-    ]
+    records, repeats = [], []
+    for name, entry in by_image.items():
+        if entry["split"] == split:
+            captions = _clean_captions(entry["captions"])
+            unique = list(dict.fromkeys(captions))
+            repeats.extend((name, c) for c in unique if captions.count(c) > 1)
+            records.append(ImageRecord(name, unique, split, path=data_dir / name))
+    if repeats:
+        # A caption twice for one image is a copied row, not two annotators: it would weigh double in
+        # training and count as two references in the scores.
+        name, caption = repeats[0]
+        print(f"note: {split}: a caption written more than once for the same image counts once; "
+              f"{len(repeats):,} such in {data_dir} (first: {name} {caption!r})")
+    return records
 
 
 def load_records(dataset: str, split: str, data_dir: str | None = None, hub_data_files: str = FLICKR30K_PARQUET,

@@ -268,6 +268,25 @@ def test_image_listed_twice_in_one_split_or_once_without_keeps_all_its_captions(
     assert load_records("folder", "train", str(tmp_path)) == []
 
 
+def test_a_caption_repeated_for_one_image_counts_once_and_is_reported(tmp_path, capsys):
+    """A CSV pasted in twice must not double a caption's weight in training or in the references."""
+    for name in ("a.png", "b.png"):
+        write_image(tmp_path / name)
+    rows = [{"image": "a.png", "caption": "a red circle", "split": "train"},
+            {"image": "a.png", "caption": "a  red circle ", "split": "train"},  # the same once normalised
+            {"image": "a.png", "caption": "a blue circle", "split": "train"},
+            {"image": "b.png", "caption": "a red circle", "split": "train"}]  # another image: its own
+    write_jsonl_captions(tmp_path, rows + rows[:1])
+    a, b = load_records("folder", "train", str(tmp_path))
+    assert a.captions == ["a red circle", "a blue circle"] and b.captions == ["a red circle"]
+    note = capsys.readouterr().out
+    assert "train: a caption written more than once" in note and "1 such" in note, note
+    assert "a.png 'a red circle'" in note, note
+    write_jsonl_captions(tmp_path, rows[2:])
+    load_records("folder", "train", str(tmp_path))
+    assert "more than once" not in capsys.readouterr().out
+
+
 def test_spellings_of_one_image_path_are_one_image(tmp_path):
     write_image(tmp_path / "images" / "x.png")
     write_jsonl_captions(tmp_path, [
