@@ -396,17 +396,22 @@ def find_run_config(checkpoint: Path) -> dict:
 
 def write_eval_outputs(out_dir: Path, result: SplitResult, records, run_dir: Path | None = None,
                        sweep: dict | None = None, gallery_size: int = 0) -> list[Path]:
-    """metrics.json, predictions.jsonl, report.html and the curve PNGs (and decoding_sweep.json)."""
+    """metrics.json, predictions.jsonl, report.html and the curve PNGs (and decoding_sweep.json).
+
+    Each file is replaced atomically; metrics.json, which --compare reads as "evaluated", goes first
+    and comes back last, so a crash or Ctrl-C half-way leaves no metrics beside other predictions.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / METRICS_FILE, result.metrics)
+    (out_dir / METRICS_FILE).unlink(missing_ok=True)
     write_jsonl(out_dir / PREDICTIONS_FILE, result.rows)
-    written = [out_dir / METRICS_FILE, out_dir / PREDICTIONS_FILE]
+    written = [out_dir / PREDICTIONS_FILE]
     if sweep is not None:
         write_json(out_dir / SWEEP_FILE, sweep)
         written.append(out_dir / SWEEP_FILE)
     train_log = run_dir / TRAIN_LOG if run_dir is not None else None
     written += write_report(out_dir, result.metrics, result.rows, records, train_log, sweep, gallery_size)
-    return written
+    write_json(out_dir / METRICS_FILE, result.metrics)
+    return [out_dir / METRICS_FILE, *written]
 
 
 def print_metrics(metrics: dict, title: str) -> None:

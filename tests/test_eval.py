@@ -122,6 +122,27 @@ def test_compare_puts_runs_side_by_side(evaluated, tmp_path, capsys):
 
 
 
+def test_an_evaluation_stopped_while_writing_leaves_no_metrics_beside_other_predictions(run, evaluated, tmp_path,
+                                                                                        monkeypatch):
+    """metrics.json marks a folder evaluated (--compare reads it): a stop after the new predictions
+    are written must not leave the previous metrics.json posing as theirs."""
+    out = tmp_path / "out"
+    shutil.copytree(evaluated, out)
+    old_predictions = (out / "predictions.jsonl").read_text()
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C while the report is written
+
+    monkeypatch.setattr(eval_script, "write_report", stopped)
+    args = [str(run), "--out", str(out), "--no-progress", "--num-workers", "0", "--limit", "2"]
+    assert run_cli(eval_script.main, args) == 130
+    assert (out / "predictions.jsonl").read_text() != old_predictions  # the new ones were written
+    assert not (out / "metrics.json").exists()
+    monkeypatch.undo()
+    assert run_cli(eval_script.main, args) == 0
+    assert json.loads((out / "metrics.json").read_text())["num_images"] == 2
+
+
 def test_compare_says_when_runs_were_scored_on_different_images(evaluated, tmp_path, capsys):
     metrics = json.loads((evaluated / "metrics.json").read_text())
     assert len(metrics["images_digest"]) == 16
