@@ -38,10 +38,10 @@ import torch.nn.functional as F
 from dataset import DATASETS, FLICKR30K_PARQUET, drop_unreadable, extract_features, limit_records, load_records
 from metrics import COCO_METRICS, COCO_VARIANT, TOKENIZATION_DETAILS, coco_metrics, start_meteor
 from model import ADAPTER_CONFIG, LM_QUANTIZATIONS, DecodingConfig, load_captioner
-from report import EXTRA_METRICS, baseline_verdict, percent, sweep_rows, write_report
-from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, UserError, caption_metrics, default_image_workers, format_table,
-                   ids_digest, lone_cpu_launch_warning, nearest_existing, positive_number, read_json, read_jsonl,
-                   run_cli, whole_number, write_json, write_jsonl)
+from report import EXTRA_METRICS, baseline_verdict, collapse_line, percent, sweep_rows, write_report
+from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, UserError, caption_diversity, caption_metrics, default_image_workers,
+                   format_table, ids_digest, lone_cpu_launch_warning, nearest_existing, positive_number, read_json,
+                   read_jsonl, run_cli, whole_number, write_json, write_jsonl)
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -363,9 +363,11 @@ def evaluate_captioner(captioner, records, decodings: dict[str, DecodingConfig],
             "decoding_name": name,
             "decoding": vars(decodings[name]),
             "baseline": {"method": BASELINE_METHOD, "train_images": len(train_records),
-                         **{key: baseline_metrics[key] for key in metric_keys()}},
+                         **{key: baseline_metrics[key] for key in metric_keys()},
+                         "diversity": caption_diversity(baseline)},
             "beats_baseline": beats_baseline(scores, baseline_metrics),
             "baseline_decided_by": DECIDING_METRIC,
+            "diversity": caption_diversity(predictions[name]),
             "processes": {"num_processes": processes.count, "images_per_process": images_per_process},
             "notes": notes,
         }
@@ -420,7 +422,10 @@ def print_metrics(metrics: dict, title: str) -> None:
     rows += [(name, percent(metrics[key]), percent(metrics["baseline"][key]), metrics[f"{key}_variant"])
              for key, name, _ in EXTRA_METRICS]
     print(f"\n{title}\n" + format_table(rows, ("metric (x100)", "adapter", "NN baseline", "variant")))
-    print(baseline_verdict(metrics) + "\n")
+    print(baseline_verdict(metrics))
+    if warning := collapse_line(metrics):
+        print(warning)
+    print()
 
 
 def sweep_table(results: dict[str, SplitResult]) -> dict:

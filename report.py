@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from metrics import COCO_METRICS
-from utils import BLEU_VARIANT, ROUGE_L_VARIANT, UserError, read_jsonl
+from utils import BLEU_VARIANT, ROUGE_L_VARIANT, UserError, collapse_warning, read_jsonl
 
 REPORT_FILE = "report.html"
 LOSS_CURVE = "curve_loss.png"
@@ -66,6 +66,15 @@ def baseline_verdict(metrics: dict) -> str:
         return f"The adapter beats the nearest-neighbour baseline on {name} ({ours} vs {theirs})."
     return (f"WARNING: the adapter does NOT beat the nearest-neighbour baseline on {name} ({ours} vs {theirs}): "
             "retrieving the nearest training image's caption does as well or better.")
+
+
+def collapse_line(metrics: dict) -> str:
+    """The collapse warning for an evaluation's metrics, or "" (also for metrics.json files older than
+    the diversity counts)."""
+    if "diversity" not in metrics:
+        return ""
+    usual = metrics["baseline"].get("diversity", {}).get("top_caption_share")
+    return collapse_warning(metrics["diversity"], metrics["num_images"], usual)
 
 
 def sweep_rows(sweep: dict) -> tuple[list[str], list[list[str]]]:
@@ -209,11 +218,13 @@ def render_report(metrics: dict, rows: list[dict], records, curves: list[Path], 
             f"({metrics.get('coco_tokenization_detail', '')}) · {metrics['processes']['num_processes']} process(es) · "
             f"written {time.strftime('%Y-%m-%d %H:%M')}")
     verdict_class = {True: "good", False: "bad"}.get(metrics["beats_baseline"], "note")  # None: no verdict
+    collapsed = collapse_line(metrics)
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{esc(title)}</title>",
         f"<style>{CSS}</style></head><body>", f"<h1>{esc(title)}</h1>", f'<div class="meta">{esc(meta)}</div>',
         *(f'<div class="note">note: {esc(note)}</div>' for note in metrics.get("notes", [])),
         f'<div class="verdict {verdict_class}">{esc(baseline_verdict(metrics))}</div>',
+        *([f'<div class="verdict bad">{esc(collapsed)}</div>'] if collapsed else []),
         "<h2>Metrics</h2>", metrics_table(metrics),
         f'<p class="variant">Scale: {esc(metrics.get("coco_scale", ""))}. Baseline: '
         f'{esc(metrics["baseline"]["method"])}, over {metrics["baseline"]["train_images"]} training images. '

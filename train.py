@@ -32,10 +32,10 @@ from dataset import (DATASETS, FLICKR30K_PARQUET, CaptionPairs, EpochShuffleSamp
                      drop_unreadable, extract_features, limit_records, load_records)
 from model import (ADAPTER_WEIGHTS, IGNORE_INDEX, AdapterConfig, DecodingConfig, TrainingLoss, build_captioner,
                    load_adapter_state, resolve_dtype, save_adapter, save_adapter_weights)
-from utils import (Terminated, UserError, append_jsonl, caption_metrics, default_image_workers, ids_digest,
-                   interrupt_handled, interrupt_name, interrupted_exit_code, library_versions, load_state,
-                   lone_cpu_launch_warning, nearest_existing, read_json, read_jsonl, rng_states, run_cli, save_state,
-                   set_rng_states, write_json, write_jsonl)
+from utils import (Terminated, UserError, append_jsonl, caption_diversity, caption_metrics, collapse_warning,
+                   default_image_workers, ids_digest, interrupt_handled, interrupt_name, interrupted_exit_code,
+                   library_versions, load_state, lone_cpu_launch_warning, nearest_existing, read_json, read_jsonl,
+                   rng_states, run_cli, save_state, set_rng_states, write_json, write_jsonl)
 
 RUN_CONFIG = "run_config.json"
 TRAIN_LOG = "train_log.jsonl"
@@ -407,9 +407,13 @@ def validate(captioner, pairs: CaptionPairs, records, config: TrainConfig, accel
         features = pairs.features[start : start + config.eval_batch_size]
         predictions += captioner.generate(features, DecodingConfig(max_new_tokens=config.max_caption_tokens))
     metrics = caption_metrics(predictions, [r.captions for r in records])
+    diversity = caption_diversity(predictions)
     captioner.train()
     return {"val_loss": loss_sum / max(tokens, 1), "val_rougeL": metrics["rougeL"], "val_bleu4": metrics["bleu4"],
-            "example": predictions[0] if predictions else ""}
+            "val_distinct_captions": diversity["distinct_captions"],
+            "val_top_caption_share": round(diversity["top_caption_share"], 4),
+            "example": predictions[0] if predictions else "",
+            "warning": collapse_warning(diversity, len(records), what="validation images")}
 
 
 def export_metadata(config: TrainConfig, state: TrainerState, kind: str) -> dict:
@@ -677,10 +681,13 @@ def train(config: TrainConfig, on_step=None) -> dict:
         improved = result["val_rougeL"] > state.best_rougeL
         if improved:
             state.best_rougeL, state.best_step = result["val_rougeL"], state.step
-        state.history.append({"step": state.step, **{k: v for k, v in result.items() if k != "example"}})
+        state.history.append({"step": state.step,
+                              **{k: v for k, v in result.items() if k not in ("example", "warning")}})
         log({"type": "eval", "step": state.step, "epoch": state.epoch, **result})
         accelerator.print(f"step {state.step}: val loss {result['val_loss']:.4f}  val ROUGE-L "
                           f"{result['val_rougeL']:.4f}  e.g. {result['example']!r}")
+        if result["warning"]:
+            accelerator.print(f"step {state.step}: {result['warning']}")
         if improved:
             save_export(run_dir, accelerator, adapter, captioner, config, state, "best")
 

@@ -10,6 +10,7 @@ import random
 import signal
 import sys
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -273,6 +274,33 @@ def caption_metrics(predictions: Sequence[str], references: Sequence[Sequence[st
         "num_images": len(predictions),
         "rougeL_per_image": per_image,
     }
+
+
+# One caption whatever the image ("collapse") is a known failure of prefix captioners, often with
+# a larger or different LM: the LM fits the captions' language and ignores the prefix. On a data set
+# of similar images it can still score a fair ROUGE-L, so the captions are counted as well.
+COLLAPSE_SHARE = 0.5  # one caption for half the images or more
+COLLAPSE_MIN_IMAGES = 10  # fewer images say too little
+
+
+def caption_diversity(predictions: Sequence[str]) -> dict:
+    """How many different captions, and the most common one with its share of the images."""
+    counts = Counter(predictions)
+    top, count = counts.most_common(1)[0] if counts else ("", 0)
+    return {"distinct_captions": len(counts), "top_caption": top, "top_caption_share": count / max(len(predictions), 1)}
+
+
+def collapse_warning(diversity: dict, images: int, usual_share: float | None = None, what: str = "images") -> str:
+    """A warning line when one caption covers COLLAPSE_SHARE of the images or more, else "".
+    `usual_share`: the top share of captions that follow the data (the nearest-neighbour baseline's);
+    a data set that repetitive is no sign of collapse, so the warning needs twice that share."""
+    share = diversity["top_caption_share"]
+    if images < COLLAPSE_MIN_IMAGES or share < COLLAPSE_SHARE:
+        return ""
+    if usual_share is not None and share < 2 * usual_share:
+        return ""
+    return (f"WARNING: one caption for {share:.0%} of the {images} {what} ({diversity['top_caption']!r}): the LM is "
+            "not reading the image prefix (collapse); see the README's 'One caption for every image'")
 
 
 def format_table(rows: Iterable[Sequence], header: Sequence[str]) -> str:

@@ -18,8 +18,8 @@ from conftest import train_args
 from dataset import extract_features, load_records
 from metrics import COCO_METRICS, coco_metrics
 from model import load_captioner
-from report import render_report
-from utils import read_jsonl, run_cli
+from report import collapse_line, render_report
+from utils import caption_diversity, collapse_warning, read_jsonl, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP_NAMES = ["greedy", "beam 3", "beam 5", "nucleus top-p 0.9 T 1", eval_script.BASELINE]
@@ -76,6 +76,12 @@ def test_metrics_baseline_and_report_hold_the_numbers_of_the_run(tiny, run, eval
     assert report.count('src="data:image/jpeg;base64,') == 6 and report.count('src="data:image/png;base64,') == 2
     assert not re.search(r'(src|href)="(?!data:)', report), "the report must not load anything from outside"
     assert ("does NOT beat" in report) == (not metrics["beats_baseline"])
+    # The caption counts are of this run's captions and the baseline's, as predictions.jsonl holds them.
+    for diversity, captions in ((metrics["diversity"], [r["prediction"] for r in rows]),
+                                (metrics["baseline"]["diversity"], [r["baseline"] for r in rows])):
+        assert diversity["distinct_captions"] == len(set(captions))
+        assert diversity["top_caption_share"] == captions.count(diversity["top_caption"]) / len(captions)
+    assert "one caption for" not in report  # 6 images are too few to call a collapse
     order = [m.group(1) for m in re.finditer(r'class="rank">#\d+ · ([^<]+)<', report)]
     worst_first = sorted(rows, key=lambda r: (r["coco_cider_d"], r["coco_rougeL"], r["image_id"]))
     assert order == [row["image_id"] for row in worst_first]
@@ -196,6 +202,37 @@ def test_report_flags_a_run_that_does_not_beat_the_baseline(tmp_path):
     assert 'class="verdict bad"' in html and "does NOT beat the nearest-neighbour baseline on CIDEr-D" in html
     assert "10.00 vs 50.00" in html
     assert "<script>" not in html and "&lt;script&gt;" in html and "a&lt;b&gt;.png" in html
+
+
+def test_one_caption_for_most_images_is_flagged_unless_the_data_is_as_repetitive(tmp_path):
+    """A collapsed adapter (the LM ignores its prefix) can score a fair ROUGE-L on similar images:
+    the report and the printed table must say so, measured against the baseline's own repetition."""
+    class Record:
+        def __init__(self, i):
+            self.image_id, self.captions = f"{i}.png", [f"caption {i}"]
+
+        def open(self):
+            return Image.new("RGB", (64, 64))
+
+    images = 12
+    collapsed = ["a dog"] * 10 + ["a cat", "a cow"]
+    scores = {key: 0.1 for key, _ in COCO_METRICS} | {"rougeL": 0.1, "bleu4": 0.1}
+    for baseline_captions, flagged in ((list(collapsed), False), ([f"caption {i}" for i in range(images)], True)):
+        metrics = {**scores, "num_images": images, "coco_tokenization": "ptb-java", "beats_baseline": True,
+                   "baseline_decided_by": "coco_cider_d", "processes": {"num_processes": 1},
+                   "diversity": caption_diversity(collapsed),
+                   "baseline": {**scores, "method": "nearest", "train_images": 3,
+                                "diversity": caption_diversity(baseline_captions)}}
+        rows = [{"image_id": f"{i}.png", "prediction": collapsed[i], "references": [f"caption {i}"],
+                 "baseline": baseline_captions[i], "coco_cider_d": 0.1, "coco_rougeL": 0.1} for i in range(images)]
+        html = render_report(metrics, rows, [Record(i) for i in range(images)], [], None)
+        assert ("one caption for 83% of the 12 images (&#x27;a dog&#x27;)" in html) == flagged, flagged
+        assert (collapse_line(metrics) != "") == flagged
+    assert metrics["diversity"] == {"distinct_captions": 3, "top_caption": "a dog", "top_caption_share": 10 / 12}
+    # Below the share, or on too few images, nothing is said.
+    assert collapse_warning(caption_diversity(["a dog"] * 5 + [str(i) for i in range(7)]), 12) == ""
+    assert collapse_warning(caption_diversity(["a dog"] * 9), 9) == ""
+    assert collapse_warning(caption_diversity(["a dog"] * 6 + [str(i) for i in range(6)]), 12) != ""
 
 
 def test_two_processes_caption_each_image_once_and_match_one_process(run, evaluated, tmp_path):

@@ -200,6 +200,25 @@ def test_bad_flag_values_are_one_line_errors_before_any_work(tiny, tmp_path, cap
     assert error.startswith("error: ") and "\n" not in error and message in error, error
 
 
+def test_validation_says_when_the_lm_writes_one_caption_for_every_image(tiny, tmp_path, monkeypatch, capsys):
+    """Collapse (the LM ignores its prefix) shows in validation's log and output, not only at the end."""
+    import utils
+    from model import Captioner
+
+    monkeypatch.setattr(utils, "COLLAPSE_MIN_IMAGES", 2)  # the fixture's validation split is 4 images
+    monkeypatch.setattr(Captioner, "generate", lambda self, features, decoding=None: ["a dog"] * len(features))
+    assert train.main(train_args(tiny, tmp_path, "collapsed", "--final-eval", "false", "--max-steps", "5")) == 0
+    [evaluation] = [r for r in read_jsonl(tmp_path / "collapsed" / "train_log.jsonl") if r["type"] == "eval"]
+    assert evaluation["val_distinct_captions"] == 1 and evaluation["val_top_caption_share"] == 1.0
+    assert "step 5: WARNING: one caption for 100% of the 4 validation images ('a dog')" in capsys.readouterr().out
+    monkeypatch.undo()
+    monkeypatch.setattr(utils, "COLLAPSE_MIN_IMAGES", 2)
+    monkeypatch.setattr(Captioner, "generate", lambda self, features, decoding=None: [f"a dog {i}" for i in
+                                                                                         range(len(features))])
+    assert train.main(train_args(tiny, tmp_path, "varied", "--final-eval", "false", "--max-steps", "5")) == 0
+    assert "one caption for" not in capsys.readouterr().out
+
+
 def test_without_validation_images_the_best_adapter_is_the_last(tiny, tmp_path, capsys):
     import shutil
 
