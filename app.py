@@ -71,7 +71,7 @@ def ensure_demo_run(output_dir: str | Path, progress: bool = True) -> Path:
     if run is not None:
         return run
     print(f"no demo run under {output_dir}/ yet: training one with `python train.py --demo` "
-          "(about two minutes on 2 CPU cores) ...", flush=True)
+          "(about 3 minutes on 2 CPU cores) ...", flush=True)
     argv = ["--demo", "--output-dir", str(output_dir)] + ([] if progress else ["--no-progress"])
     if train.main(argv) != 0:
         raise UserError("demo training was interrupted; run `python app.py` again to train it afresh")

@@ -1,7 +1,7 @@
 """Train the adapter between a frozen CLIP and a frozen causal LM, under Hugging Face Accelerate.
 
     python train.py --demo                                  # offline demo: builds tiny backbones, trains, evaluates
-    python train.py --train-limit 2000 --run-name quick     # Flickr30k from the Hub, first 2,000 training images
+    python train.py --train-limit 2000 --run-name quick     # Flickr30k from the Hub, 2,000 training images (seeded)
     python train.py --run-name quick --resume               # continue an interrupted run where it stopped
     accelerate launch train.py --run-name big ...           # several GPUs (DDP)
 
