@@ -555,16 +555,19 @@ def check_out_folder(out: Path) -> None:
         raise UserError(f"--out {out} {where}: give a folder for the outputs (it is made if need be)")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UserError(f"--out {out}: cannot write in {folder}; give a folder you can write to")
+    try:  # made now: a place that cannot hold a folder (/proc, a full disk) fails before the work, not after
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"--out {out} cannot be made ({error.strerror or error}); give a folder you can write "
+                        "to") from None
 
 
-def check_outputs_can_be_written(checkpoint: Path, run_dir: Path, out: str) -> None:
-    """Before any work: the outputs' default folder (the checkpoint) can be written, and the run's
-    log, which the report plots, reads; either used to fail only after the whole split was captioned."""
+def check_outputs_can_be_written(checkpoint: Path, out: str) -> None:
+    """Before any work: the outputs' default folder (the checkpoint) can be written; it used to fail
+    only after the whole split was captioned. (A damaged train_log.jsonl costs only the curves.)"""
     if not out and not os.access(checkpoint, os.W_OK | os.X_OK):
         raise UserError(f"{checkpoint} cannot be written, and the outputs go there unless --out says otherwise: "
                         "pass --out FOLDER")
-    if (run_dir / TRAIN_LOG).is_file():
-        read_jsonl(run_dir / TRAIN_LOG)  # a line that is not JSON: one line naming it
 
 
 def check_args(args) -> None:
@@ -589,7 +592,7 @@ def main(argv=None) -> int:
     if not (checkpoint / ADAPTER_CONFIG).is_file():
         raise UserError(f"{checkpoint} is not a run folder: it has no {ADAPTER_CONFIG}")
     run_dir = find_run_dir(checkpoint)
-    check_outputs_can_be_written(checkpoint, run_dir, args.out)
+    check_outputs_can_be_written(checkpoint, args.out)
     run = find_run_config(checkpoint)
     dataset = args.dataset or run.get("dataset")
     if dataset is None:

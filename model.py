@@ -101,6 +101,23 @@ def _json_value_fits(value, annotation: str) -> bool:
     return isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
 
 
+# The default (10 prefix tokens, Qwen3-0.6B's 1024 wide, ClipCap's hidden rule) has 55M parameters. A size
+# flag off by a few zeros would instead ask the allocator for terabytes and fail with its traceback.
+MAX_ADAPTER_PARAMETERS = 2_000_000_000
+
+
+def check_adapter_size(config: AdapterConfig, out_dim: int) -> None:
+    if config.adapter_kind == "linear":
+        parameters = (config.image_feature_dim + 1) * out_dim
+    else:
+        hidden = config.adapter_hidden_dim
+        parameters = (config.image_feature_dim + 1) * hidden + (hidden + 1) * out_dim
+    if parameters > MAX_ADAPTER_PARAMETERS:
+        raise UserError(f"the adapter would have {parameters:,} parameters ({config.adapter_kind}, prefix_length "
+                        f"{config.prefix_length} x LM width {config.lm_hidden_dim}, hidden {config.adapter_hidden_dim}"
+                        f"), over {MAX_ADAPTER_PARAMETERS:,}; lower --prefix-length or --adapter-hidden-dim")
+
+
 class Adapter(nn.Module):
     """Maps one image feature (B, F) to prefix_length LM input embeddings (B, k, D)."""
 
@@ -109,6 +126,7 @@ class Adapter(nn.Module):
         self.prefix_length = config.prefix_length
         self.lm_hidden_dim = config.lm_hidden_dim
         out_dim = config.prefix_length * config.lm_hidden_dim
+        check_adapter_size(config, out_dim)
         if config.adapter_kind == "linear":
             self.net = nn.Linear(config.image_feature_dim, out_dim)
         else:  # ClipCap's MLP, GELU as in LLaVA's mlp2x_gelu

@@ -103,7 +103,11 @@ def training_curves(train_log: Path | None, out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")  # files only: no display needed, none opened
     import matplotlib.pyplot as plt
 
-    log = read_jsonl(train_log)
+    try:
+        log = read_jsonl(train_log)
+    except UserError as error:  # the curves are an extra: a damaged log must not cost the evaluation
+        print(f"note: no training curves in the report: {error}")
+        return []
     train = [r for r in log if r.get("type") == "train" and "loss" in r]
     evals = [r for r in log if r.get("type") == "eval"]
     if not train and not evals:
@@ -238,7 +242,7 @@ def render_report(metrics: dict, rows: list[dict], records, curves: list[Path], 
             f'<img src="{data_uri(path.read_bytes(), "image/png")}" alt="{esc(path.name)}">' for path in curves)
             + "</div>")
     else:
-        parts.append("<p>No train_log.jsonl next to this checkpoint: no curves.</p>")
+        parts.append("<p>No training curves: no readable train_log.jsonl next to this checkpoint.</p>")
     shown = f"all {len(rows)}" if len(ordered) == len(rows) else f"the worst {len(ordered)} of {len(rows)}"
     parts += [f"<h2>Gallery: {shown} images</h2>", f'<p class="variant">Order: {esc(GALLERY_ORDER)}. '
               "Bold: this run's caption; then the baseline's; then the references.</p>", '<div class="gallery">']

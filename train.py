@@ -175,8 +175,16 @@ RESUME_OVERRIDES = {"epochs", "max_steps", "learning_rate", "max_nonfinite_steps
 RESUME_FROM_COMMAND_LINE = ("run_name", "output_dir", "progress", "trust_remote_code")
 
 
+def check_run_name(name: str) -> None:
+    """A run name is one folder under --output-dir: `..`, `/abs` or `a/b` would write a run elsewhere."""
+    if name and (name in (".", "..") or Path(name).name != name or "\\" in name):
+        raise UserError(f"--run-name {name!r} must be a plain folder name (no '/', not '.' or '..'); "
+                        "--output-dir says where run folders go")
+
+
 def resolve_config(config: TrainConfig) -> TrainConfig:
     """Fill what the flags leave open: demo assets, a run name, a saved config on --resume."""
+    check_run_name(config.run_name)
     if config.resume:
         return check_config(resumed_config(config))
     if config.demo:
@@ -241,6 +249,8 @@ def check_config(config: TrainConfig) -> TrainConfig:
                             f"see --help), got {getattr(config, name)}")
     if config.max_caption_tokens < 2:
         raise UserError("--max-caption-tokens must be >= 2 (one word and EOS)")
+    if not 0 <= config.seed < 2**32:  # numpy's seed range (accelerate's set_seed seeds numpy too)
+        raise UserError(f"--seed must be from 0 to {2**32 - 1}, got {config.seed}")
     if not 0 < config.learning_rate <= 1:  # also refuses nan; AdamW moves each weight by about this much per step
         raise UserError(f"--learning-rate must be > 0 and <= 1, got {config.learning_rate}")
     for name in ("weight_decay", "max_grad_norm"):
@@ -547,6 +557,10 @@ def check_run_folder(run_dir: Path, config: TrainConfig) -> None:
     if (run_dir / ADAPTER_WEIGHTS).exists() or (run_dir / "last").exists():
         raise UserError(f"{run_dir} holds a run that stopped before its first resumable checkpoint, so it cannot be "
                         "continued; delete or rename that folder, or choose another --run-name")
+    if run_dir.is_dir() and any(run_dir.iterdir()):  # a new run would rewrite a config, cut a log, mix in files
+        held = "a run that stopped before its first save (its config and log)" if (run_dir / RUN_CONFIG).exists() \
+            else "files that are not a run"
+        raise UserError(f"{run_dir} holds {held}; delete or rename that folder, or choose another --run-name")
 
 
 def settings_digest(config: TrainConfig) -> str:
@@ -651,7 +665,12 @@ def train(config: TrainConfig, on_step=None) -> dict:
         state = load_resume_state(run_dir, accelerator, adapter, optimizer, scheduler)
         check_resume_belongs(state, run_dir, config, train_data)
         changes = getattr(config, "resume_changes", {})
-        if "learning_rate" in changes:
+        if {"epochs", "max_steps"} & set(changes) and total_steps <= state.step:
+            raise UserError(f"{run_dir} is at step {state.step}, and with the new --epochs/--max-steps the run has "
+                            f"{total_steps} steps: nothing to continue; give more steps than {state.step}")
+        if {"learning_rate", "epochs", "max_steps"} & set(changes):
+            # The optimizer comes back with the old schedule's last rate (0 where that schedule ended):
+            # the first step must take the rate of the new schedule at this step, as every later one does.
             set_peak_learning_rate(optimizer, scheduler, config.learning_rate)
         state.finished = state.finished and state.step >= total_steps  # a finished run given more steps goes on
         changed = "".join(f", --{name.replace('_', '-')} {new} (was {old})" for name, (old, new) in changes.items())
@@ -660,8 +679,8 @@ def train(config: TrainConfig, on_step=None) -> dict:
     state.settings, state.train_data = settings_digest(config), train_data
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
+        truncate_log(run_dir / TRAIN_LOG, state.step)  # first: a damaged log stops a resume before the config changes
         write_json(run_dir / RUN_CONFIG, dataclasses.asdict(config))
-        truncate_log(run_dir / TRAIN_LOG, state.step)
     trainable = sum(p.numel() for p in adapter.parameters() if p.requires_grad)
     banner(accelerator, config, train_pairs, train_records, steps_per_epoch, total_steps, trainable)
     if not val_records:

@@ -149,6 +149,20 @@ def test_an_evaluation_stopped_while_writing_leaves_no_metrics_beside_other_pred
     assert json.loads((out / "metrics.json").read_text())["num_images"] == 2
 
 
+def test_a_damaged_training_log_costs_the_report_its_curves_not_the_evaluation(run, tmp_path, capsys):
+    copied = Path(shutil.copytree(run, tmp_path / "copied"))
+    log = copied / "train_log.jsonl"
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join([lines[0], "garbage{", *lines[1:]]) + "\n")
+    out = tmp_path / "out"
+    assert eval_script.main([str(copied), "--out", str(out), "--no-progress", "--num-workers", "0", "--limit",
+                             "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "note: no training curves in the report:" in printed and "line 2 is not JSON" in printed, printed
+    assert (out / "metrics.json").is_file() and not list(out.glob("curve_*.png"))
+    assert "No training curves" in (out / "report.html").read_text()
+
+
 def test_compare_says_when_runs_were_scored_on_different_images(evaluated, tmp_path, capsys):
     metrics = json.loads((evaluated / "metrics.json").read_text())
     assert len(metrics["images_digest"]) == 16

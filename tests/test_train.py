@@ -179,6 +179,25 @@ def test_resume_continues_the_folder_it_is_given_and_applies_only_flags_that_may
     assert "\n" not in error and "--batch-size (saved 16) cannot change" in error
 
 
+def test_a_finished_run_given_more_steps_trains_from_its_first_new_step(tiny, tmp_path, capsys):
+    """The optimizer comes back with the finished schedule's last rate, 0: without taking the new
+    schedule's rate, the first step after extending a run silently changed nothing."""
+    args = train_args(tiny, tmp_path, "done", "--final-eval", "false", "--max-steps", "4")
+    assert train.main(args) == 0
+    finished = adapter_weights(tmp_path / "done" / "last" / "adapter.safetensors")
+    resume = ["--output-dir", str(tmp_path), "--run-name", "done", "--resume", "--no-progress"]
+    assert train.main([*resume, "--max-steps", "5"]) == 0
+    extended = adapter_weights(tmp_path / "done" / "last" / "adapter.safetensors")
+    assert any(not torch.equal(finished[key], extended[key]) for key in finished), "step 5 changed nothing"
+    # Fewer steps than the run has taken: nothing to continue, said in one line, the config untouched.
+    config = (tmp_path / "done" / "run_config.json").read_text()
+    capsys.readouterr()
+    assert run_cli(train.main, [*resume, "--max-steps", "3"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "is at step 5" in error and "nothing to continue" in error and "\n" not in error, error
+    assert (tmp_path / "done" / "run_config.json").read_text() == config
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--bogus-flag"], "unknown arguments --bogus-flag"),
     (["--log-every", "0"], "--log-every must be >= 1"),
@@ -187,6 +206,11 @@ def test_resume_continues_the_folder_it_is_given_and_applies_only_flags_that_may
     (["--learning-rate", "nan"], "--learning-rate must be > 0"),
     (["--learning-rate", "-1"], "--learning-rate must be > 0"),
     (["--adapter-hidden-dim", "-5"], "--adapter-hidden-dim must be >= 0"),
+    (["--seed", "-1"], "--seed must be from 0 to 4294967295"),
+    (["--seed", "4294967296"], "--seed must be from 0 to 4294967295"),
+    (["--run-name", ".."], "must be a plain folder name"),
+    (["--run-name", "a/b"], "must be a plain folder name"),
+    (["--run-name", "/abs/x"], "must be a plain folder name"),
     (["--num-workers", "-1"], "--num-workers must be >= 0"),
     (["--warmup-ratio", "1.5"], "--warmup-ratio must be"),
     (["--output-dir", "A_FILE"], "is a file, not a folder"),
@@ -240,6 +264,26 @@ def test_existing_run_is_never_overwritten(tiny, tmp_path, capsys):
     train.main(train_args(tiny, tmp_path, "once", "--final-eval", "false", "--max-steps", "2"))
     assert run_cli(train.main, train_args(tiny, tmp_path, "once")) == 2
     assert "--resume" in capsys.readouterr().err
+    # Nor a folder where a run stopped before its first save (its log would be cut), nor anyone's files.
+    stopped, other = tmp_path / "stopped", tmp_path / "other"
+    stopped.mkdir()
+    (stopped / "run_config.json").write_text("{}")
+    (stopped / "train_log.jsonl").write_text('{"type": "nonfinite", "step": 3}\n')
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    for folder, held in ((stopped, "a run that stopped before its first save"), (other, "files that are not a run")):
+        assert run_cli(train.main, train_args(tiny, tmp_path, folder.name)) == 2
+        error = capsys.readouterr().err.strip()
+        assert f"{folder} holds {held}" in error and "\n" not in error, error
+    assert (stopped / "train_log.jsonl").read_text() == '{"type": "nonfinite", "step": 3}\n'
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+
+
+def test_an_adapter_too_large_to_allocate_is_one_line_naming_the_flags(tiny, tmp_path, capsys):
+    assert run_cli(train.main, train_args(tiny, tmp_path, "huge", "--prefix-length", "100000")) == 2
+    error = capsys.readouterr().err.strip()
+    assert "the adapter would have" in error and "lower --prefix-length or --adapter-hidden-dim" in error, error
+    assert "\n" not in error
 
 
 def test_clear_errors(tiny, tmp_path, capsys):
