@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import UserError, write_json
+from utils import UserError, with_usual_mode, write_json
 
 FORMAT_VERSION = 1
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -630,6 +630,7 @@ def save_adapter_weights(path: Path, adapter: nn.Module) -> None:
     state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in adapter.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata={"format_version": str(FORMAT_VERSION)})
+    with_usual_mode(tmp)
     tmp.replace(path)
 
 

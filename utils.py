@@ -351,6 +351,14 @@ def _join_tensors(value, tensors: dict):
     return {key: _join_tensors(item, tensors) for key, item in value.items()}
 
 
+def with_usual_mode(path: str | Path) -> None:
+    """Give a file the mode open() would (0666 less the umask). safetensors writes its files 0600,
+    which hides a run's weights from the other users of a shared run folder."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def save_state(folder: str | Path, name: str, state) -> None:
     """Write a nested state (optimizer, scheduler, RNG ...) as name.safetensors + name.json."""
     from safetensors.torch import save_file
@@ -359,6 +367,7 @@ def save_state(folder: str | Path, name: str, state) -> None:
     structure = _split_tensors(state, tensors, name)
     folder = Path(folder)
     save_file(tensors, str(folder / f"{name}.safetensors"))
+    with_usual_mode(folder / f"{name}.safetensors")
     write_json(folder / f"{name}.json", structure)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 import signal
 from pathlib import Path
@@ -80,6 +81,11 @@ def test_no_frozen_weight_is_ever_saved(tiny, tmp_path):
     assert moments == 2 * adapter_numel  # Adam's two moments, for the adapter alone
     frozen_bytes = sum(p.stat().st_size for p in Path(tiny["lm_model"]).glob("*.safetensors"))
     assert sum(p.stat().st_size for p in run.rglob("*") if p.is_file()) < 8 * adapter_numel * 4 + frozen_bytes
+    # Every file with the mode open() gives (safetensors alone would write 0600: unreadable to a team).
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.relative_to(run): oct(p.stat().st_mode & 0o777) for p in run.rglob("*") if p.is_file()}
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
