@@ -63,12 +63,22 @@ SWEEP_DECODINGS = (DecodingConfig(), DecodingConfig(strategy="beam", num_beams=3
 SEED_RANGE = (-(2**63), 2**63 - 1)
 
 
+# The strategy-specific flags: their defaults, and the strategy each belongs to.
+DECODING_DEFAULTS = {"num_beams": 3, "temperature": 0.7, "top_p": 0.9}
+STRATEGY_OF = {"num_beams": "beam", "temperature": "sample", "top_p": "sample"}
+
+
 def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("decoding")
-    group.add_argument("--strategy", choices=("greedy", "beam", "sample"), default="greedy", help="decoding strategy")
-    group.add_argument("--num-beams", type=int, default=3, help="beam width for --strategy beam")
-    group.add_argument("--temperature", type=float, default=0.7, help="temperature for --strategy sample")
-    group.add_argument("--top-p", type=float, default=0.9, help="nucleus mass for --strategy sample")
+    group.add_argument("--strategy", choices=("greedy", "beam", "sample"), default=None,
+                       help="decoding strategy (default: greedy, or beam given --num-beams, sample given "
+                            "--temperature or --top-p)")
+    group.add_argument("--num-beams", type=int, default=None,
+                       help=f"beam width for --strategy beam (default {DECODING_DEFAULTS['num_beams']})")
+    group.add_argument("--temperature", type=float, default=None,
+                       help=f"temperature for --strategy sample (default {DECODING_DEFAULTS['temperature']})")
+    group.add_argument("--top-p", type=float, default=None,
+                       help=f"nucleus mass for --strategy sample (default {DECODING_DEFAULTS['top_p']})")
     group.add_argument("--max-new-tokens", type=int, default=30, help="longest caption, in tokens")
     group.add_argument("--seed", type=whole_number(*SEED_RANGE), default=0,
                        help="random seed (matters for --strategy sample)")
@@ -97,8 +107,23 @@ def loading_from_args(args, checkpoint: Path) -> dict:
 
 
 def decoding_from_args(args) -> DecodingConfig:
-    return DecodingConfig(strategy=args.strategy, num_beams=args.num_beams, temperature=args.temperature,
-                          top_p=args.top_p, max_new_tokens=args.max_new_tokens)
+    """The decoding the flags ask for. A strategy's own flag implies it (`--num-beams 5` alone means beam
+    search); one that another strategy would ignore is an error, not a silent greedy decode."""
+    given = [name for name in DECODING_DEFAULTS if getattr(args, name) is not None]
+    strategy = args.strategy
+    if strategy is None:
+        implied = {STRATEGY_OF[name] for name in given}
+        if len(implied) > 1:
+            raise UserError("--num-beams is for beam search, --temperature and --top-p for sampling: give one "
+                            "kind, or --strategy")
+        strategy = implied.pop() if implied else "greedy"
+    stray = [name for name in given if STRATEGY_OF[name] != strategy]
+    if stray:
+        raise UserError(f"--{stray[0].replace('_', '-')} applies to --strategy {STRATEGY_OF[stray[0]]}, "
+                        f"not {strategy}")
+    values = {name: DECODING_DEFAULTS[name] if getattr(args, name) is None else getattr(args, name)
+              for name in DECODING_DEFAULTS}
+    return DecodingConfig(strategy=strategy, max_new_tokens=args.max_new_tokens, **values)
 
 
 def describe_decoding(decoding: DecodingConfig) -> str:

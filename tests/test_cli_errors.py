@@ -126,6 +126,24 @@ def test_sampling_temperature_must_be_finite(run, data_dir, no_model, capsys):
     assert "sampling needs temperature > 0" in line and "inf" in line, line
 
 
+def test_a_strategys_own_flag_implies_it_and_a_stray_one_is_an_error(run, data_dir, no_model, capsys):
+    """`--num-beams 5` alone used to decode greedily, the flag silently ignored."""
+    def decoding(*flags):
+        args = inference.build_parser().parse_args(["--checkpoint", "c", *flags, "x.png"])
+        return eval_script.decoding_from_args(args)
+
+    assert (decoding().strategy, decoding().num_beams, decoding().temperature) == ("greedy", 3, 0.7)
+    assert (decoding("--num-beams", "5").strategy, decoding("--num-beams", "5").num_beams) == ("beam", 5)
+    assert decoding("--temperature", "0.5").strategy == decoding("--top-p", "0.8").strategy == "sample"
+    assert decoding("--strategy", "sample").top_p == 0.9
+    line = cli_error(capsys, inference.main, ["--checkpoint", str(run), "--strategy", "greedy", "--num-beams", "5",
+                                              image(data_dir)])
+    assert "--num-beams applies to --strategy beam, not greedy" in line, line
+    line = cli_error(capsys, inference.main, ["--checkpoint", str(run), "--num-beams", "5", "--top-p", "0.8",
+                                              image(data_dir)])
+    assert "give one kind, or --strategy" in line, line
+
+
 @pytest.mark.parametrize("flag, value, meaning", [
     ("--limit", "-1", "0 = all"),  # was silently "all"
     ("--gallery-size", "-2", "0 = every image"),  # was silently "every image"
