@@ -328,6 +328,7 @@ def _read_caption_csv(path: Path) -> list[dict]:
         with open(path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.reader(handle, strict=True)
             header = next(reader, [])
+            check_csv_header(path, header)
             row_start = reader.line_num + 1
             for fields in reader:
                 if fields:  # a blank line is no row, as for csv.DictReader
@@ -339,6 +340,21 @@ def _read_caption_csv(path: Path) -> list[dict]:
     finally:
         csv.field_size_limit(previous_limit)  # the limit is global to the process: leave it as found
     return rows
+
+
+# The fields a caption row may name its image and its caption(s) by ("file_name" and "text" are what
+# Hugging Face's imagefolder metadata uses).
+IMAGE_FIELDS = ("image", "file_name", "filename")
+CAPTION_FIELDS = ("captions", "caption", "text")
+
+
+def check_csv_header(path: Path, header: list[str]) -> None:
+    """The first line must name an image column and a caption column: without a header (or with other
+    names) every row used to be dropped, ending in "no training images with captions found"."""
+    if not set(header) & set(IMAGE_FIELDS) or not set(header) & set(CAPTION_FIELDS):
+        raise UserError(f"{path}: the first line must be a header naming the image column ({', '.join(IMAGE_FIELDS)}) "
+                        f"and the caption column ({', '.join(CAPTION_FIELDS[1:])}), e.g. image,caption,split; "
+                        f"it is {','.join(header)!r}")
 
 
 def _csv_dict(header: list[str], fields: list[str]) -> dict:
@@ -363,8 +379,8 @@ def _whole_csv_row(path: Path, header: list[str], row: dict, line: int) -> dict:
     extra = row.pop(None, None)  # csv.DictReader's place for fields beyond the header
     if extra is None:
         return row
-    if header and header[-1] == "caption":
-        row["caption"] = ",".join([row["caption"], *extra])
+    if header and header[-1] in CAPTION_FIELDS:
+        row[header[-1]] = ",".join([row[header[-1]], *extra])
         return row
     raise UserError(f"{path} line {line} has {len(header) + len(extra)} fields but the header has {len(header)}: "
                     "put a caption that contains commas in double quotes")
@@ -395,7 +411,11 @@ def _group_by_image(data_dir: Path, rows: list[dict]) -> dict[str, dict]:
         name = _image_name(data_dir, row, number)
         entry = by_image.setdefault(name, {"captions": [], "split": None, "split_row": None})
         _set_split(data_dir, name, entry, _split_name(data_dir, row.get("split")), number)
-        captions = row.get("captions", row.get("caption", []))
+        field = next((f for f in CAPTION_FIELDS if f in row), None)
+        if field is None:
+            raise UserError(f"{data_dir}: caption row {number} has no caption (expected a field named "
+                            f"{', '.join(CAPTION_FIELDS)}; it has {', '.join(map(str, row))})")
+        captions = row[field]
         entry["captions"].extend(captions if isinstance(captions, (list, tuple)) else [captions])
     return by_image
 
@@ -404,7 +424,7 @@ def _image_name(data_dir: Path, row: dict, number: int) -> str:
     """A row's image path, normalised so that one file is one image however it is spelled
     ("./images/x.png", "images//x.png", "images/x.png"), else it could land in two splits.
     Lexical only: symlinks are not resolved, so the id stays the path the file gives."""
-    name = row.get("image") or row.get("file_name") or row.get("filename")
+    name = next((row[f] for f in IMAGE_FIELDS if row.get(f)), None)
     if not name:
         raise UserError(f"{data_dir}: caption row {number} names no image (expected an 'image' field)")
     if not isinstance(name, str):
@@ -430,8 +450,8 @@ def _set_split(data_dir: Path, name: str, entry: dict, split: str | None, number
 
 
 def load_caption_folder(data_dir: Path, split: str, seed: int = 0, held_out_fraction: float = 0.05) -> list[ImageRecord]:
-    """A folder of images with captions.jsonl ({"image", "captions"|"caption", "split"?}) or
-    captions.csv (columns image, caption, split?; one row per caption).
+    """A folder of images with captions.jsonl ({"image", "captions"|"caption"|"text", "split"?}) or
+    captions.csv (columns image, caption, split?; one row per caption; file_name and text also do).
 
     Rows without a split are assigned one by a seeded shuffle: `held_out_fraction` each to
     val and test (at least one image each once there are three), the rest to train.

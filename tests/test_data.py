@@ -287,6 +287,21 @@ def test_a_caption_repeated_for_one_image_counts_once_and_is_reported(tmp_path, 
     assert "more than once" not in capsys.readouterr().out
 
 
+def test_caption_files_name_their_columns_as_imagefolder_does_or_say_what_is_missing(tmp_path):
+    write_image(tmp_path / "a.png")
+    (tmp_path / "captions.csv").write_text("file_name,text,split\na.png,a red circle,train\n")
+    [record] = load_records("folder", "train", str(tmp_path))  # Hugging Face imagefolder's names
+    assert record.captions == ["a red circle"]
+    (tmp_path / "captions.csv").write_text("a.png,a red circle\n")  # no header: every row was dropped
+    with pytest.raises(UserError, match="first line must be a header naming the image column .* it is "
+                                        "'a.png,a red circle'"):
+        load_records("folder", "train", str(tmp_path))
+    (tmp_path / "captions.csv").unlink()
+    write_jsonl_captions(tmp_path, [{"image": "a.png", "description": "a red circle", "split": "train"}])
+    with pytest.raises(UserError, match="row 1 has no caption .*it has image, description, split"):
+        load_records("folder", "train", str(tmp_path))
+
+
 def test_spellings_of_one_image_path_are_one_image(tmp_path):
     write_image(tmp_path / "images" / "x.png")
     write_jsonl_captions(tmp_path, [
