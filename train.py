@@ -190,6 +190,10 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     if config.demo:
         from demo import ensure_demo_assets
 
+        if config.dataset != "folder":  # --demo's data is a caption folder; another source would be a silent swap
+            raise UserError(f"--demo trains on its own synthetic caption folder, not --dataset {config.dataset}: "
+                            "drop one of the two")
+
         assets = ensure_demo_assets(progress=config.progress)
         config.data_dir = config.data_dir or assets["data_dir"]
         config.clip_model = config.clip_model or assets["clip_model"]

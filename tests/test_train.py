@@ -217,6 +217,7 @@ def test_a_finished_run_given_more_steps_trains_from_its_first_new_step(tiny, tm
     (["--run-name", ".."], "must be a plain folder name"),
     (["--run-name", "a/b"], "must be a plain folder name"),
     (["--run-name", "/abs/x"], "must be a plain folder name"),
+    (["--demo", "--dataset", "flickr30k"], "--demo trains on its own synthetic caption folder"),
     (["--num-workers", "-1"], "--num-workers must be >= 0"),
     (["--warmup-ratio", "1.5"], "--warmup-ratio must be"),
     (["--output-dir", "A_FILE"], "is a file, not a folder"),
