@@ -474,6 +474,10 @@ def comparison(run_paths: list[str]) -> dict:
     runs = []
     for path in map(Path, run_paths):
         metrics_path = path if path.suffix == ".json" else path / METRICS_FILE
+        if not path.exists():
+            raise UserError(f"--compare: {path} does not exist")
+        if run_paths.count(str(path)) > 1 and str(path) not in [p for p, _ in runs]:
+            print(f"note: {path} is given {run_paths.count(str(path))} times")
         if not metrics_path.is_file():
             raise UserError(f"{path} has no {METRICS_FILE}: evaluate it first (python eval.py {path})")
         metrics = read_json(metrics_path, "metrics")
@@ -604,12 +608,24 @@ def check_args(args) -> None:
         pick_device(args.device)
 
 
+def flags_compare_ignores(parser: argparse.ArgumentParser, args) -> list[str]:
+    """Evaluation flags given with --compare, which evaluates nothing: they would silently do nothing."""
+    kept = {"compare", "out", "checkpoint", "help"}
+    return [action.option_strings[0] for action in parser._actions
+            if action.dest not in kept and action.option_strings and getattr(args, action.dest) != action.default]
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     check_args(args)
     if args.compare:
         if args.checkpoint:
             raise UserError(f"give a run to evaluate ({args.checkpoint}) or --compare RUN RUN ..., not both")
+        if ignored := flags_compare_ignores(parser, args):
+            raise UserError(f"--compare reads the metrics.json each evaluation wrote and evaluates nothing, so "
+                            f"{', '.join(ignored)} would do nothing: evaluate with them first (python eval.py RUN "
+                            f"{' '.join(ignored)} ...)")
         return compare_main(args)
     if not args.checkpoint:
         raise UserError("give a run folder to evaluate (python eval.py RUN), or --compare RUN RUN ...")

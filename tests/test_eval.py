@@ -120,11 +120,20 @@ def test_compare_puts_runs_side_by_side(evaluated, tmp_path, capsys):
     markdown = (tmp_path / "cmp" / "comparison.md").read_text()
     assert "| CIDEr-D |" in markdown and "123.45" in markdown and "56.78" in markdown
 
+    (tmp_path / "never-evaluated").mkdir()
     assert run_cli(eval_script.main, ["--compare", str(evaluated), str(tmp_path / "never-evaluated")]) == 2
     assert run_cli(eval_script.main, []) == 2
+    assert run_cli(eval_script.main, ["--compare", str(evaluated), str(tmp_path / "nowhere")]) == 2
+    # Evaluation flags would do nothing here: said, not ignored.
+    assert run_cli(eval_script.main, ["--compare", str(evaluated), str(other), "--limit", "5",
+                                      "--decoding-sweep"]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
-    assert len(errors) == 2 and all(line.startswith("error: ") for line in errors)
+    assert len(errors) == 4 and all(line.startswith("error: ") for line in errors)
     assert "never-evaluated" in errors[0] and "python eval.py" in errors[0]
+    assert errors[2].endswith(f"--compare: {tmp_path / 'nowhere'} does not exist"), errors[2]
+    assert "--limit, --decoding-sweep would do nothing" in errors[3], errors[3]
+    assert eval_script.main(["--compare", str(evaluated), str(evaluated)]) == 0
+    assert f"note: {evaluated} is given 2 times" in capsys.readouterr().out
 
 
 
