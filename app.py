@@ -485,6 +485,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_can_serve(host: str, port: int) -> None:
+    """Before the (slow) loading: the address exists here and the port is free. Gradio's own error
+    names only the port, with advice for its Python API, even when the host is what is wrong."""
+    import errno
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as error:
+        raise UserError(f"--host {host} is not an address this machine knows ({error.strerror}); use 127.0.0.1 "
+                        "(this machine) or 0.0.0.0 (every interface)") from None
+    with socket.socket(family, kind, proto) as probe:
+        try:
+            probe.bind(address)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise UserError(f"port {port} on {host} is in use; pick another --port") from None
+            raise UserError(f"cannot serve on {host}:{port} ({error.strerror}); --host must be an address of "
+                            "this machine, and ports below 1024 need root") from None
+
+
 def import_gradio():
     try:
         import gradio
@@ -498,6 +519,7 @@ def main(argv=None) -> int:
     from eval import pick_device
 
     import_gradio()
+    check_can_serve(args.host, args.port)
     device = pick_device(args.device)  # before the demo run, which may have to be trained first
     progress = not args.no_progress
     checkpoints = [Path(path) for path in args.checkpoint or [ensure_demo_run(args.output_dir, progress)]]
@@ -517,7 +539,8 @@ def main(argv=None) -> int:
         app.launch(server_name=args.host, server_port=args.port, max_file_size=int(args.max_upload_mb * 2**20),
                    show_error=False)
     except OSError as error:
-        raise UserError(f"cannot serve on {args.host}:{args.port} ({error}); pick another --port") from None
+        raise UserError(f"cannot serve on {args.host}:{args.port} ({str(error).split(' (')[0]}); pick another "
+                        "--port") from None
     return 0
 
 

@@ -92,6 +92,19 @@ def test_unavailable_or_unknown_device(script, run, data_dir, no_model, monkeypa
     assert "--device cuda:3" in line and "2 CUDA device(s)" in line and "cuda:1" in line, line
 
 
+def test_app_names_a_bad_host_or_a_taken_port_before_loading(run, no_model, capsys):
+    import socket
+
+    line = cli_error(capsys, app.main, ["--checkpoint", str(run), "--host", "999.1.1.1"])
+    assert "--host 999.1.1.1 is not an address this machine knows" in line, line  # was blamed on the port
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        line = cli_error(capsys, app.main, ["--checkpoint", str(run), "--port", str(port)])
+    assert line.endswith(f"port {port} on 127.0.0.1 is in use; pick another --port"), line
+
+
 def test_app_checks_the_device_before_training_a_demo_run(no_model, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     line = cli_error(capsys, app.main, ["--device", "cuda"])  # no --checkpoint: the demo run would be trained
