@@ -69,6 +69,11 @@ class AdapterConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> AdapterConfig:
         path = Path(path)
+        if path.parent.is_file():  # --checkpoint named a file, such as the run's adapter.safetensors
+            raise UserError(f"{path.parent} is a file: --checkpoint names the run folder (here {path.parent.parent})")
+        if path.is_dir():
+            raise UserError(f"{path} is a folder, not a JSON file: point --checkpoint at a run folder whose "
+                            f"{ADAPTER_CONFIG} is a file")
         if not path.is_file():
             raise UserError(f"{path} not found: point --checkpoint at a run folder holding {ADAPTER_CONFIG}")
         try:

@@ -92,6 +92,11 @@ def test_unavailable_or_unknown_device(script, run, data_dir, no_model, monkeypa
     assert "--device cuda:3" in line and "2 CUDA device(s)" in line and "cuda:1" in line, line
 
 
+def test_a_checkpoint_named_by_one_of_its_files_points_to_the_folder(run, data_dir, no_model, capsys):
+    line = cli_error(capsys, inference.main, ["--checkpoint", str(run / "adapter_config.json"), image(data_dir)])
+    assert line.endswith(f"{run / 'adapter_config.json'} is a file: --checkpoint names the run folder (here {run})")
+
+
 def test_app_names_a_bad_host_or_a_taken_port_before_loading(run, no_model, capsys):
     import socket
 
