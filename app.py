@@ -462,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     from utils import positive_number, whole_number  # argparse types: a bad number is one line, before anything loads
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", nargs="+", metavar="RUN",
+    parser.add_argument("--checkpoint", nargs="+", action="extend", metavar="RUN",
                         help="run folder(s) to serve (a run folder, or its last/ sub-folder); the first captions "
                              "by default, the others can be compared with it (default: the newest offline demo run "
                              "under --output-dir, trained first if there is none)")

@@ -571,6 +571,8 @@ def bench_cold(args, captioner) -> None:
 
 def section_list(text: str) -> list[str]:
     sections = [s for s in text.split(",") if s]
+    if not sections:
+        raise argparse.ArgumentTypeError(f"name at least one of {', '.join(SECTIONS)}")
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
@@ -588,6 +590,10 @@ def batch_list(text: str) -> list[int]:
     return batches
 
 
+# torch.compile's modes, and the plain-logits baseline.
+VARIANT_NAMES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "full-logits")
+
+
 def variant_list(text: str) -> list[tuple[str, int | None]]:
     """NAME@BATCH,... as (NAME, BATCH); BATCH may be left out (None: the largest --batches)."""
     variants = []
@@ -595,6 +601,8 @@ def variant_list(text: str) -> list[tuple[str, int | None]]:
         name, _, batch = variant.partition("@")
         if not name or (batch and not (batch.isdigit() and int(batch) >= 1)):
             raise argparse.ArgumentTypeError(f"expected NAME@BATCH with BATCH a whole number >= 1, got {variant!r}")
+        if name not in VARIANT_NAMES:
+            raise argparse.ArgumentTypeError(f"unknown variant {name!r}; choose from {', '.join(VARIANT_NAMES)}")
         variants.append((name, int(batch) if batch else None))
     return variants
 
@@ -667,6 +675,8 @@ def main(argv=None) -> int:
     print(json.dumps({"torch": torch.__version__, "device": args.device_name, "shapes": args.shapes,
                       "threads": torch.get_num_threads(), "pid": os.getpid()}), flush=True)
     if "train" in sections and args.device.type == "cpu":
+        if args.variants:
+            print("note: --variants are measured on a GPU only; skipped on this CPU", flush=True)
         bench_train_interleaved(args, batches, naive_batches)
     elif "train" in sections:  # a GPU: one path at a time, so each gets its own peak memory
         for batch in naive_batches:

@@ -295,6 +295,8 @@ def _karpathy_text(sentence):
 def _read_caption_rows(data_dir: Path) -> list[dict]:
     # utf-8-sig: a byte-order mark (as spreadsheet programs write) is not part of the first column's name.
     jsonl, csv_path = data_dir / "captions.jsonl", data_dir / "captions.csv"
+    if jsonl.is_file() and csv_path.is_file():  # which one holds the captions meant is not ours to guess
+        raise UserError(f"{data_dir} holds both captions.jsonl and captions.csv; keep the one that is meant")
     try:
         if jsonl.is_file():
             rows = []
@@ -303,7 +305,8 @@ def _read_caption_rows(data_dir: Path) -> list[dict]:
                     try:
                         rows.append(json.loads(line))
                     except json.JSONDecodeError as error:
-                        raise UserError(f"{jsonl} line {number} is not JSON ({error})") from None
+                        raise UserError(f"{jsonl} line {number} is not JSON ({error}); the file holds one JSON "
+                                        'object per line, e.g. {"image": "a.jpg", "caption": "..."}') from None
                     if not isinstance(rows[-1], dict):
                         raise UserError(f"{jsonl} line {number} is not a JSON object with an 'image' field")
             return rows

@@ -47,6 +47,8 @@ def open_images(paths: list[str]) -> list:
         try:
             opened.append(open_image(path))
         except UserError as error:
+            if Path(path).is_dir():  # a folder given where its images were meant
+                error = UserError(f"{error}; to caption the images in it, name them: {Path(path) / '*.jpg'}")
             opened.append(error)
     return opened
 

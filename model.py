@@ -81,7 +81,7 @@ class AdapterConfig:
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise UserError(f"{path} is not valid JSON ({error})") from None
         if not isinstance(data, dict):
-            raise UserError(f"{path} holds a JSON {type(data).__name__}, not an adapter config object")
+            raise UserError(f"{path} holds {json_kind(data)}, not an adapter config object")
         version = data.get("format_version")
         if version != FORMAT_VERSION:
             raise UserError(f"{path} has checkpoint format version {version!r}; this code reads version {FORMAT_VERSION}")
@@ -121,6 +121,13 @@ def check_adapter_size(config: AdapterConfig, out_dim: int) -> None:
         raise UserError(f"the adapter would have {parameters:,} parameters ({config.adapter_kind}, prefix_length "
                         f"{config.prefix_length} x LM width {config.lm_hidden_dim}, hidden {config.adapter_hidden_dim}"
                         f"), over {MAX_ADAPTER_PARAMETERS:,}; lower --prefix-length or --adapter-hidden-dim")
+
+
+def json_kind(value) -> str:
+    """What a JSON value is, in JSON's words (null, not NoneType)."""
+    kinds = {type(None): "null", bool: "true/false", int: "a number", float: "a number", str: "a string",
+             list: "a list", dict: "an object"}
+    return kinds.get(type(value), type(value).__name__)
 
 
 class Adapter(nn.Module):

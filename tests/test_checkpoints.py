@@ -103,7 +103,8 @@ def test_config_of_another_format_or_shape(copy):
     edit_config(copy, format_version=99)
     message = load_error(copy)
     assert str(config) in message and "format version 99" in message
-    for broken, expected in (("{not json", "not valid JSON"), ("[1, 2]", "not an adapter config object"),
+    for broken, expected in (("{not json", "not valid JSON"), ("[1, 2]", "holds a list, not an adapter config"),
+                             ("null", "holds null, not an adapter config object"),
                              (json.dumps({**json.loads(original), "prefix_length": "ten"}), "prefix_length is 'ten'"),
                              (json.dumps({**json.loads(original), "vocab_size": True}), "vocab_size is True"),
                              (json.dumps({**json.loads(original), "extra": 1}), "unknown fields ['extra']")):
@@ -377,6 +378,9 @@ def test_inference_with_only_bad_images_loads_no_model(checkpoint, tmp_path, mon
     assert run_cli(inference.main, ["--checkpoint", str(checkpoint), str(tmp_path / "notes.jpg")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "notes.jpg" in err and "Traceback" not in err
+    (tmp_path / "photos").mkdir()  # a folder where its images were meant: say how to name them
+    assert run_cli(inference.main, ["--checkpoint", str(checkpoint), str(tmp_path / "photos")]) == 1
+    assert capsys.readouterr().err.strip().endswith(f"to caption the images in it, name them: {tmp_path}/photos/*.jpg")
 
 
 def test_eval_with_a_bad_image_is_one_line(tiny, checkpoint, tmp_path, capsys):

@@ -269,6 +269,20 @@ def test_bench_flags(flag, value, no_model, capsys):
     assert f"argument {flag}: expected" in line and repr(value) in line, line
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--only", "", "argument --only: name at least one of train"),  # measured nothing, exit status 0
+    ("--variants", "foo@4", "argument --variants: unknown variant 'foo'; choose from default"),  # never validated
+])
+def test_bench_flags_that_would_measure_nothing(flag, value, message, no_model, capsys):
+    line = cli_error(capsys, bench.main, ["--shapes", "tiny", flag, value])
+    assert message in line, line
+
+
+def test_app_serves_every_checkpoint_given(no_model):
+    args = app.build_parser().parse_args(["--checkpoint", "a", "--checkpoint", "b", "c"])
+    assert args.checkpoint == ["a", "b", "c"]  # a second --checkpoint used to replace the first
+
+
 def test_bench_device(no_model, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     line = cli_error(capsys, bench.main, ["--shapes", "tiny", "--device", "cuda"])  # was an AssertionError

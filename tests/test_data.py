@@ -302,6 +302,16 @@ def test_caption_files_name_their_columns_as_imagefolder_does_or_say_what_is_mis
         load_records("folder", "train", str(tmp_path))
 
 
+def test_caption_files_that_are_two_or_not_json_lines_are_named(tmp_path):
+    write_image(tmp_path / "a.png")
+    (tmp_path / "captions.jsonl").write_text('[\n  {"image": "a.png", "caption": "x"}\n]\n')  # pretty JSON
+    with pytest.raises(UserError, match="line 1 is not JSON .*one JSON object per line"):
+        load_records("folder", "train", str(tmp_path))
+    (tmp_path / "captions.csv").write_text("image,caption\na.png,x\n")
+    with pytest.raises(UserError, match="holds both captions.jsonl and captions.csv; keep the one that is meant"):
+        load_records("folder", "train", str(tmp_path))
+
+
 def test_spellings_of_one_image_path_are_one_image(tmp_path):
     write_image(tmp_path / "images" / "x.png")
     write_jsonl_captions(tmp_path, [
