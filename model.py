@@ -96,6 +96,10 @@ class AdapterConfig:
         for name, value in data.items():
             if not _json_value_fits(value, fields[name].type):
                 raise UserError(f"{path}: {name} is {value!r}, expected {fields[name].type}")
+        for name, least in (("max_caption_tokens", 2), ("image_feature_dim", 0), ("lm_hidden_dim", 0),
+                            ("adapter_hidden_dim", 0)):
+            if data.get(name, least) < least:
+                raise UserError(f"{path}: {name} is {data[name]}, expected a whole number >= {least}")
         return cls(**data)
 
 

@@ -208,6 +208,18 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     return check_config(config)
 
 
+def check_saved_types(path: Path, saved: dict) -> None:
+    """Each saved value of the kind its flag takes: an edited "8" for 8 would otherwise surface as a
+    refusal to change --batch-size, or deep in the loop."""
+    defaults = dataclasses.asdict(TrainConfig())
+    for name, value in saved.items():
+        default = defaults[name]
+        kinds = (str, type(None)) if default is None else (int, float) if isinstance(default, float) else type(default)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and not isinstance(default, bool)):
+            kind = "str" if default is None else type(default).__name__
+            raise UserError(f"{path}: {name} is {value!r}, expected {kind}; restore the run's own run_config.json")
+
+
 def resumed_config(config: TrainConfig) -> TrainConfig:
     """The run's saved config, in the folder named on this command line, with the flags given here
     that may change (RESUME_OVERRIDES) applied; `resume_changes` lists them. Trust in remote code
@@ -222,6 +234,7 @@ def resumed_config(config: TrainConfig) -> TrainConfig:
     if not isinstance(saved_fields, dict) or set(saved_fields) - known:
         raise UserError(f"{saved_file} is not a run config of this version of train.py (unknown fields "
                         f"{sorted(set(saved_fields) - known) if isinstance(saved_fields, dict) else saved_fields!r})")
+    check_saved_types(saved_file, saved_fields)
     saved = TrainConfig(**saved_fields)
     given = getattr(config, "given_flags", set()) - {"resume", "demo", *RESUME_FROM_COMMAND_LINE}
     refused = sorted(name for name in given - RESUME_OVERRIDES if getattr(config, name) != getattr(saved, name))

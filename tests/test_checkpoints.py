@@ -105,6 +105,8 @@ def test_config_of_another_format_or_shape(copy):
     assert str(config) in message and "format version 99" in message
     for broken, expected in (("{not json", "not valid JSON"), ("[1, 2]", "holds a list, not an adapter config"),
                              ("null", "holds null, not an adapter config object"),
+                             (json.dumps({**json.loads(original), "max_caption_tokens": -1}),
+                              "max_caption_tokens is -1, expected a whole number >= 2"),
                              (json.dumps({**json.loads(original), "prefix_length": "ten"}), "prefix_length is 'ten'"),
                              (json.dumps({**json.loads(original), "vocab_size": True}), "vocab_size is True"),
                              (json.dumps({**json.loads(original), "extra": 1}), "unknown fields ['extra']")):

@@ -115,6 +115,8 @@ def test_a_damaged_resume_state_or_log_is_one_line_naming_the_file(tiny, tmp_pat
         "optimizer.json": lambda run: (run / "resume" / "optimizer.json").write_text("{}"),
         "rng_0.json": lambda run: (run / "resume" / "rng_0.json").unlink(),
         "run_config.json": lambda run: (run / "run_config.json").write_text("[]"),
+        "batch_size is '16'": lambda run: (run / "run_config.json").write_text(
+            (run / "run_config.json").read_text().replace('"batch_size": 16', '"batch_size": "16"')),
     }
     for name, damage in damages.items():
         run = Path(shutil.copytree(tmp_path / "good", tmp_path / f"bad-{name}"))
@@ -135,6 +137,12 @@ def test_a_damaged_resume_state_or_log_is_one_line_naming_the_file(tiny, tmp_pat
     (run / "train_log.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
     with pytest.raises(UserError, match="train_log.jsonl line 2 is not JSON"):
         read_jsonl(run / "train_log.jsonl")
+    # ... which stops a resume before run_config.json takes the new flags.
+    config = (run / "run_config.json").read_text()
+    assert run_cli(train.main, ["--output-dir", str(tmp_path), "--run-name", "torn", "--resume", "--no-progress",
+                                "--max-steps", "5"]) == 2
+    assert "line 2 is not JSON" in capsys.readouterr().err
+    assert (run / "run_config.json").read_text() == config
 
 
 def test_kill_in_the_middle_of_a_save_keeps_the_last_good_checkpoint(tiny, tmp_path):
