@@ -320,6 +320,7 @@ def test_caption_files_with_bad_encoding_or_rows_are_clear_errors(tmp_path):
     (tmp_path / "captions.csv").write_bytes(b"image,caption\na.png,caf\xe9\n")  # Latin-1, not UTF-8
     with pytest.raises(UserError, match="not UTF-8"):
         load_records("folder", "train", str(tmp_path))
+    (tmp_path / "captions.csv").unlink()  # both files at once is an error of its own
     (tmp_path / "captions.jsonl").write_text('["a.png", "a list, not an object"]\n')
     with pytest.raises(UserError, match="line 1"):
         load_records("folder", "train", str(tmp_path))
