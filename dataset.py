@@ -22,6 +22,7 @@ import sys
 import unicodedata
 import uuid
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -471,10 +472,9 @@ def load_caption_folder(data_dir: Path, split: str, seed: int = 0, held_out_frac
     records, repeats = [], []
     for name, entry in by_image.items():
         if entry["split"] == split:
-            captions = _clean_captions(entry["captions"])
-            unique = list(dict.fromkeys(captions))
-            repeats.extend((name, c) for c in unique if captions.count(c) > 1)
-            records.append(ImageRecord(name, unique, split, path=data_dir / name))
+            counts = Counter(_clean_captions(entry["captions"]))  # keeps first-seen order
+            repeats.extend((name, caption) for caption, count in counts.items() if count > 1)
+            records.append(ImageRecord(name, list(counts), split, path=data_dir / name))
     if repeats:
         # A caption twice for one image is a copied row, not two annotators: it would weigh double in
         # training and count as two references in the scores.

@@ -471,13 +471,13 @@ def sweep_table(results: dict[str, SplitResult]) -> dict:
 
 def comparison(run_paths: list[str]) -> dict:
     """One table of runs side by side, from the metrics.json each evaluation wrote."""
+    for twice in sorted({path for path in run_paths if run_paths.count(path) > 1}):
+        print(f"note: {twice} is given {run_paths.count(twice)} times")
     runs = []
     for path in map(Path, run_paths):
         metrics_path = path if path.suffix == ".json" else path / METRICS_FILE
         if not path.exists():
             raise UserError(f"--compare: {path} does not exist")
-        if run_paths.count(str(path)) > 1 and str(path) not in [p for p, _ in runs]:
-            print(f"note: {path} is given {run_paths.count(str(path))} times")
         if not metrics_path.is_file():
             raise UserError(f"{path} has no {METRICS_FILE}: evaluate it first (python eval.py {path})")
         metrics = read_json(metrics_path, "metrics")

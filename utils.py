@@ -134,9 +134,11 @@ def lone_cpu_launch_warning(script: str) -> str:
     Accelerate starts several CPU processes only through mpirun; without it its simple launcher
     starts one, setting MASTER_ADDR/PORT but no world size, and the run goes on alone and silent.
     """
-    if os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true", "yes"):
+    if "ACCELERATE_USE_CPU" not in os.environ or "MASTER_ADDR" not in os.environ:
         return ""
-    if "MASTER_ADDR" not in os.environ or any(name in os.environ for name in MPI_WORLD_SIZE):
+    from accelerate.utils import parse_flag_from_env  # how Accelerate itself reads the flag
+
+    if not parse_flag_from_env("ACCELERATE_USE_CPU") or any(name in os.environ for name in MPI_WORLD_SIZE):
         return ""
     return (f"warning: this is 1 process: accelerate launch --cpu starts several only through mpirun; for N CPU "
             f"processes use ACCELERATE_USE_CPU=true torchrun --nproc_per_node N {script} ...")
