@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from utils import UserError, run_cli
+from utils import UserError, nearest_existing, run_cli
 
 # Gradio reports usage and checks for new versions over the network unless told not to.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -66,6 +66,9 @@ def ensure_demo_run(output_dir: str | Path, progress: bool = True) -> Path:
     import train
     from demo import ensure_demo_assets
 
+    folder = nearest_existing(Path(output_dir))
+    if not folder.is_dir():  # before the demo is built or trained, not after (train.py would say it too, late)
+        raise UserError(f"--output-dir {output_dir}: {folder} is a file, not a folder; name a folder for the demo run")
     ensure_demo_assets(progress=progress)  # the demo's backbones live in a cache that may have been cleared
     run = find_demo_run(output_dir)
     if run is not None:

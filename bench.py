@@ -199,10 +199,15 @@ def build_backbones(shapes: str, device, dtype):
 
 
 def image_processor(shapes: str):
-    from transformers import CLIPImageProcessor
+    from model import transformers_errors_only
 
     size = SHAPES[shapes]["image_size"]  # CLIPImageProcessor's defaults are ViT-B/32's preprocessing
-    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    # Without torchvision, importing the name falls back to the PIL backend (the same preprocessing)
+    # with a warning.
+    with transformers_errors_only():
+        from transformers import CLIPImageProcessor
+
+        return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
 def make_captioner(shapes: str, device, dtype) -> Captioner:
@@ -640,7 +645,12 @@ def targets_from(paths: list[str]) -> str:
     for path in paths:
         if not Path(path).is_file():
             raise UserError(f"--targets-from {path}: no such file; give the --out files of earlier bench.py runs")
-        records += [r for r in read_jsonl(path) if isinstance(r, dict) and "bench" in r]
+        try:
+            lines = read_jsonl(path)
+        except (UserError, UnicodeDecodeError):  # e.g. the README named instead of bench.jsonl
+            raise UserError(f"--targets-from {path}: not a JSON-lines file; give the --out files of earlier "
+                            "bench.py runs") from None
+        records += [r for r in lines if isinstance(r, dict) and "bench" in r]
     if not records:
         raise UserError(f"--targets-from {' '.join(paths)}: no measurements in these files")
     return target_table(records)

@@ -835,9 +835,14 @@ def _store_part(cache: FeatureCache, keys: list[str], embeddings: torch.Tensor) 
         cache.add(keys, embeddings)
         return True
     except OSError as error:
-        print(f"note: the feature cache {cache.folder} cannot be written ({_first_line(error)}); features are kept "
-              "in memory for this run only", file=sys.stderr)
+        if cache.folder not in _UNWRITABLE_CACHES:  # once per run, not once per split
+            _UNWRITABLE_CACHES.add(cache.folder)
+            print(f"note: the feature cache {cache.folder} cannot be written ({_first_line(error)}); features are "
+                  "kept in memory for this run only", file=sys.stderr)
         return False
+
+
+_UNWRITABLE_CACHES: set[Path] = set()  # the cache folders _store_part has already said it cannot write
 
 
 def drop_unreadable(records: list[ImageRecord], features: torch.Tensor):

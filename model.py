@@ -9,6 +9,7 @@ are re-loaded with from_pretrained from the ids recorded in the config.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -232,6 +233,19 @@ def lm_quantization_config(lm_quantization: str, device: torch.device):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
 
 
+@contextlib.contextmanager
+def transformers_errors_only():
+    """Transformers' warnings off for a block: notes meant for a library's developers, not our users."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def load_backbones(clip_model: str, lm_model: str, clip_revision=None, lm_revision=None, dtype=torch.float32,
                    device="cpu", lm_quantization: str = "none", trust_remote_code: bool = False):
     """Load the frozen backbones with from_pretrained onto `device`: the same path for the real and the tiny ones.
@@ -247,20 +261,14 @@ def load_backbones(clip_model: str, lm_model: str, clip_revision=None, lm_revisi
     device = torch.device(device)
     quantization_config = lm_quantization_config(lm_quantization, device)
     hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars: noise in every log
+    trust = {"trust_remote_code": trust_remote_code}
     # A full CLIP checkpoint (like openai/clip-vit-base-patch32) also holds the text tower, which
     # the vision-only class leaves out by design: silence the report that lists those keys.
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    trust = {"trust_remote_code": trust_remote_code}
-    try:
+    with transformers_errors_only():
         clip = _from_pretrained(CLIPVisionModelWithProjection, "CLIP model", clip_model, revision=clip_revision,
                                 dtype=dtype, use_safetensors=True, **trust)
-        # Without torchvision the processor falls back to its PIL backend (same preprocessing) and
-        # says so on every load.
         processor = _from_pretrained(AutoImageProcessor, "CLIP image processor", clip_model, revision=clip_revision,
                                      **trust)
-    finally:
-        hf_logging.set_verbosity(verbosity)
     if quantization_config is None:
         lm = _from_pretrained(AutoModelForCausalLM, "language model", lm_model, revision=lm_revision, dtype=dtype,
                               use_safetensors=True, **trust).to(device)

@@ -313,6 +313,22 @@ def test_no_checkpoint_serves_the_newest_demo_run_or_trains_one(tmp_path, monkey
     assert app.ensure_demo_run(tmp_path, progress=False) == newer and len(trained) == 1
 
 
+def test_an_output_dir_that_is_a_file_is_refused_before_any_training(tmp_path, monkeypatch, capsys):
+    import demo
+
+    monkeypatch.setattr(demo, "ensure_demo_assets", lambda progress=True: pytest.fail("built the demo first"))
+    monkeypatch.setattr(train, "main", lambda argv: pytest.fail("trained a demo run first"))
+    monkeypatch.setattr(app, "import_gradio", lambda: None)
+    monkeypatch.setattr(app, "check_can_serve", lambda host, port: None)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for output_dir in (blocker, blocker / "runs"):
+        assert run_cli(app.main, ["--output-dir", str(output_dir), "--device", "cpu"]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()  # and nothing on stdout about training
+        assert line == f"error: --output-dir {output_dir}: {blocker} is a file, not a folder; name a folder for " \
+            "the demo run"
+
+
 def test_bad_checkpoint_is_one_line(tmp_path, capsys):
     assert run_cli(app.main, ["--checkpoint", str(tmp_path / "nope")]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()

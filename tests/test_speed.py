@@ -146,6 +146,7 @@ def test_a_feature_cache_that_cannot_be_written_is_a_note_not_a_stop(tiny, capti
     import dataset
 
     monkeypatch.setattr(dataset, "FEATURE_PART_SIZE", 2)  # several parts: the first failure is not the last write
+    monkeypatch.setattr(dataset, "_UNWRITABLE_CACHES", set())
     records = load_records("folder", "train", tiny["data_dir"])[:5]
     expected = extract_features(captioner, records, progress=False, use_cache=False)
     blocker = tmp_path / "a-file"
@@ -153,6 +154,11 @@ def test_a_feature_cache_that_cannot_be_written_is_a_note_not_a_stop(tiny, capti
     features = extract_features(captioner, records, progress=False, cache_dir=blocker / "cache")
     assert torch.allclose(features, expected, atol=1e-5)  # (CLIP batches of 2 here, of 5 there)
     assert capsys.readouterr().err.count("cannot be written") == 1
+    # The next split of the same run (validation after training) says nothing new.
+    val = extract_features(captioner, load_records("folder", "val", tiny["data_dir"])[:2], progress=False,
+                           cache_dir=blocker / "cache")
+    assert torch.isfinite(val).all() and "cannot be written" not in capsys.readouterr().err
+
 
 def test_greedy_loop_gives_the_tokens_of_generate(captioner):
     torch.manual_seed(3)
@@ -433,6 +439,12 @@ def test_targets_table_from_the_out_files_of_split_runs(tmp_path, capsys):
     assert bench.target_table(tiny).endswith("the targets are for the real shapes (--shapes real) on an H100")
     assert run_cli(bench.main, ["--targets-from", str(tmp_path / "absent.jsonl")]) == 2
     assert "absent.jsonl: no such file" in capsys.readouterr().err
+    readme = tmp_path / "README.md"  # a likely slip: the file the table goes into
+    for text in ("# Speed\n\n| device | figure |\n", "\n".join(map(json.dumps, train)) + "\n# note\n"):
+        readme.write_text(text)
+        assert run_cli(bench.main, ["--targets-from", str(readme)]) == 2
+        assert capsys.readouterr().err.strip() == f"error: --targets-from {readme}: not a JSON-lines file; give the " \
+            "--out files of earlier bench.py runs"
 
 
 def test_bench_out_file_keeps_each_measurement_when_the_run_is_cut_short(tmp_path, monkeypatch):
@@ -568,3 +580,20 @@ def test_image_workers_default_to_the_cores_this_process_may_use(monkeypatch):
     for cores, expected in ((range(1), 1), (range(3), 3), (range(64), 8)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, cores=cores: set(cores))
         assert default_image_workers() == expected
+
+
+def test_building_image_processors_prints_no_library_warning(tiny, tmp_path):
+    """Without torchvision (as on these CPU machines), transformers warns on the first import of
+    CLIPImageProcessor that it falls back to the PIL backend: noise under bench.py's JSON lines and
+    the demo build. Once per process, so only a fresh one shows whether it is silenced."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = ("import bench, demo, model; from pathlib import Path; bench.image_processor('tiny'); "
+              f"demo.build_tiny_clip(Path({str(tmp_path / 'clip')!r})); "
+              f"model.load_backbones({tiny['clip_model']!r}, {tiny['lm_model']!r})")
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "torchvision" not in done.stderr and "warn" not in done.stderr.lower(), done.stderr
