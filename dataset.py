@@ -484,6 +484,18 @@ def load_caption_folder(data_dir: Path, split: str, seed: int = 0, held_out_frac
     return records
 
 
+def check_data_flags(dataset: str, data_dir: str | None, hub_data_files: str | None) -> None:
+    """Refuse a data flag the chosen source would silently ignore. None: the flag was not given."""
+    if data_dir is not None and not data_dir.strip():
+        raise UserError("--data-dir is empty; name the data folder, or leave the flag out")
+    if dataset == "flickr30k" and data_dir is not None:
+        raise UserError(f"--data-dir {data_dir} is read by --dataset karpathy or folder, but --dataset flickr30k "
+                        "reads the Hub's parquet files (--hub-data-files); drop --data-dir or pick another --dataset")
+    if dataset != "flickr30k" and hub_data_files is not None:
+        raise UserError(f"--hub-data-files is read by --dataset flickr30k only, and this run reads --dataset {dataset} "
+                        "(--data-dir); drop --hub-data-files")
+
+
 def load_records(dataset: str, split: str, data_dir: str | None = None, hub_data_files: str = FLICKR30K_PARQUET,
                  seed: int = 0, on_bad_sample: str = "error", bad_samples: list | None = None) -> list[ImageRecord]:
     """The images of one split with their captions; images without a usable caption are left out.

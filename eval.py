@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dataset import DATASETS, FLICKR30K_PARQUET, drop_unreadable, extract_features, limit_records, load_records
+from dataset import (DATASETS, FLICKR30K_PARQUET, check_data_flags, drop_unreadable, extract_features, limit_records,
+                     load_records)
 from metrics import COCO_METRICS, COCO_VARIANT, TOKENIZATION_DETAILS, coco_metrics, start_meteor
 from model import ADAPTER_CONFIG, LM_QUANTIZATIONS, DecodingConfig, load_captioner
 from report import EXTRA_METRICS, baseline_verdict, collapse_line, percent, sweep_rows, write_report
@@ -638,6 +639,7 @@ def main(argv=None) -> int:
     dataset = args.dataset or run.get("dataset")
     if dataset is None:
         raise UserError(f"{checkpoint} does not say which data it was trained on; pass --dataset and --data-dir")
+    check_data_flags(dataset, args.data_dir, args.hub_data_files)
     data_dir = args.data_dir or (run.get("data_dir") if dataset == run.get("dataset") else None)
     hub_files = args.hub_data_files or run.get("hub_data_files") or FLICKR30K_PARQUET
     seed = run.get("seed", 0)

@@ -28,8 +28,8 @@ from typing import Literal
 
 import torch
 
-from dataset import (DATASETS, FLICKR30K_PARQUET, CaptionPairs, EpochShuffleSampler, collate_captions,
-                     drop_unreadable, extract_features, limit_records, load_records)
+from dataset import (DATASETS, FLICKR30K_PARQUET, CaptionPairs, EpochShuffleSampler, check_data_flags,
+                     collate_captions, drop_unreadable, extract_features, limit_records, load_records)
 from model import (ADAPTER_WEIGHTS, IGNORE_INDEX, AdapterConfig, DecodingConfig, TrainingLoss, build_captioner,
                    load_adapter_state, resolve_dtype, save_adapter, save_adapter_weights)
 from utils import (Terminated, UserError, append_jsonl, caption_diversity, caption_metrics, collapse_warning,
@@ -185,14 +185,18 @@ def check_run_name(name: str) -> None:
 def resolve_config(config: TrainConfig) -> TrainConfig:
     """Fill what the flags leave open: demo assets, a run name, a saved config on --resume."""
     check_run_name(config.run_name)
+    given = {name: getattr(config, name) for name in ("data_dir", "hub_data_files")
+             if name in getattr(config, "given_flags", set())}
     if config.resume:
-        return check_config(resumed_config(config))
+        resumed = resumed_config(config)
+        check_data_flags(resumed.dataset, given.get("data_dir"), given.get("hub_data_files"))
+        return check_config(resumed)
+    if config.demo and config.dataset != "folder":  # --demo's data is a caption folder: another would be a silent swap
+        raise UserError(f"--demo trains on its own synthetic caption folder, not --dataset {config.dataset}: "
+                        "drop one of the two")
+    check_data_flags(config.dataset, given.get("data_dir"), given.get("hub_data_files"))
     if config.demo:
         from demo import ensure_demo_assets
-
-        if config.dataset != "folder":  # --demo's data is a caption folder; another source would be a silent swap
-            raise UserError(f"--demo trains on its own synthetic caption folder, not --dataset {config.dataset}: "
-                            "drop one of the two")
 
         assets = ensure_demo_assets(progress=config.progress)
         config.data_dir = config.data_dir or assets["data_dir"]

@@ -196,6 +196,15 @@ def test_app_numeric_flags(flag, value, run, no_model, capsys):
 # eval.py --out
 # ----------------------------------------------------------------------------------------------
 
+def test_eval_refuses_data_flags_its_source_would_ignore(run, data_dir, no_model, capsys):
+    assert "--hub-data-files is read by --dataset flickr30k only, and this run reads --dataset folder" in cli_error(
+        capsys, eval_script.main, [str(run), "--hub-data-files", "mine/*.parquet"])
+    assert "but --dataset flickr30k reads the Hub's parquet files" in cli_error(
+        capsys, eval_script.main, [str(run), "--dataset", "flickr30k", "--data-dir", str(data_dir)])
+    # An empty --data-dir is not "the run's own": leaving the flag out is.
+    assert "--data-dir is empty" in cli_error(capsys, eval_script.main, [str(run), "--data-dir", ""])
+
+
 def test_eval_out_must_be_a_folder(run, no_model, tmp_path, capsys):
     a_file = tmp_path / "afile"
     a_file.write_text("not a folder")

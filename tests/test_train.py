@@ -183,6 +183,9 @@ def test_resume_continues_the_folder_it_is_given_and_applies_only_flags_that_may
     assert run_cli(train.main, [*resume, "--batch-size", "8"]) == 2
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and "--batch-size (saved 16) cannot change" in error
+    # A data flag this run's source never reads is refused too, not silently dropped.
+    assert run_cli(train.main, [*resume, "--hub-data-files", "mine/*.parquet"]) == 2
+    assert "--hub-data-files is read by --dataset flickr30k only" in capsys.readouterr().err
 
 
 def test_a_finished_run_given_more_steps_trains_from_its_first_new_step(tiny, tmp_path, capsys):
@@ -221,6 +224,10 @@ def test_a_finished_run_given_more_steps_trains_from_its_first_new_step(tiny, tm
     (["--num-workers", "-1"], "--num-workers must be >= 0"),
     (["--warmup-ratio", "1.5"], "--warmup-ratio must be"),
     (["--output-dir", "A_FILE"], "is a file, not a folder"),
+    (["--hub-data-files", "mine/*.parquet"], "--hub-data-files is read by --dataset flickr30k only, and this run "
+                                             "reads --dataset folder"),
+    (["--dataset", "flickr30k"], "is read by --dataset karpathy or folder, but --dataset flickr30k"),
+    (["--data-dir", ""], "--data-dir is empty"),
 ])
 def test_bad_flag_values_are_one_line_errors_before_any_work(tiny, tmp_path, capsys, flags, message):
     a_file = tmp_path / "a_file"
