@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import json
 import logging
@@ -185,13 +186,34 @@ def resolve_dtype(name: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
+@functools.cache
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hub's address answers at all, asked once per process. Offline, huggingface_hub
+    retries each file with back-off (about 30 s, a 'Retrying' line each time) before it looks in
+    its cache; knowing up front, a Hub id loads from the cache at once, or fails at once."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    endpoint = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout_s).close()
+        return True
+    except OSError:  # no DNS, no route, refused, timed out
+        return False
+
+
 def _from_pretrained(loader, what: str, name: str, **kwargs):
     if name.startswith(("/", ".", "~")) and not Path(name).expanduser().exists():
         raise UserError(f"{what} folder not found: {name}")
     from safetensors import SafetensorError
 
+    offline = not Path(name).expanduser().exists() and not hub_reachable()
     try:
-        return loader.from_pretrained(name, **kwargs)
+        return loader.from_pretrained(name, **kwargs, **({"local_files_only": True} if offline else {}))
     except (OSError, ValueError, RuntimeError, SafetensorError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if "trust_remote_code" in str(error):
@@ -200,6 +222,10 @@ def _from_pretrained(loader, what: str, name: str, **kwargs):
             hint = "; its weights file is damaged: download or copy that model again"
         elif "safetensors" in first_line:
             hint = "; weights are read from safetensors files only, pickled ones (.bin, .pt) are never loaded"
+        elif offline:
+            raise UserError(f"could not load {what} {name!r}: the Hub cannot be reached from this machine, and the "
+                            "Hub cache here does not hold it; give a local folder, or load it once where the Hub "
+                            "is reachable") from None
         else:
             hint = "; give a local folder or a Hub id this machine can reach"
         raise UserError(f"could not load {what} {name!r} ({first_line}){hint}") from None

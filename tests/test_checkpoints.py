@@ -395,3 +395,68 @@ def test_eval_with_a_bad_image_is_one_line(tiny, checkpoint, tmp_path, capsys):
         assert run_cli(eval_script.main, args) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and err.startswith("error: ") and str(test_image) in err, err
+
+
+def hub_cache_holding(cache: Path, repo_id: str, folder: str) -> None:
+    """`folder` laid out as huggingface_hub caches a download of `repo_id` (refs/main -> a snapshot)."""
+    entry = cache / ("models--" + repo_id.replace("/", "--"))
+    commit = "0" * 40
+    shutil.copytree(folder, entry / "snapshots" / commit)
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text(commit)
+
+
+def test_without_the_hub_a_cached_hub_id_loads_at_once_and_an_uncached_one_fails_at_once(tiny, tmp_path):
+    """Offline, huggingface_hub retried every file for about 30 s, a 'Retrying' line each time,
+    before it looked in its cache. A fresh process, as the Hub's cache folder is read at import."""
+    import os
+    import subprocess
+
+    cache = tmp_path / "hub"
+    hub_cache_holding(cache, "someone/tiny-clip", tiny["clip_model"])
+    hub_cache_holding(cache, "someone/tiny-lm", tiny["lm_model"])
+    script = """
+import time, model
+from utils import UserError
+model.hub_reachable = lambda: False  # as on a machine without network, whatever this one has
+clip, processor, lm, tokenizer = model.load_backbones("someone/tiny-clip", "someone/tiny-lm")
+print("loaded", type(lm).__name__)
+start = time.perf_counter()
+try:
+    model.load_backbones("someone/not-cached", "someone/tiny-lm")
+except UserError as error:
+    print("error:", error)
+print(f"failed in {time.perf_counter() - start:.1f} s")
+"""
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "loaded Qwen3ForCausalLM", done.stdout
+    assert lines[1] == ("error: could not load CLIP model 'someone/not-cached': the Hub cannot be reached from this "
+                        "machine, and the Hub cache here does not hold it; give a local folder, or load it once where "
+                        "the Hub is reachable"), done.stdout
+    assert float(lines[2].split()[2]) < 5, done.stdout  # no back-off: it was about 23 s of it
+    assert "Retrying" not in done.stderr, done.stderr
+
+
+def test_hub_reachable_asks_the_endpoint_and_respects_offline_mode(monkeypatch):
+    import socket
+
+    from huggingface_hub import constants
+
+    with socket.socket() as server:  # a port that answers, then one that refuses
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+        model.hub_reachable.cache_clear()
+        assert model.hub_reachable()
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # HF_HUB_OFFLINE=1: never ask
+        model.hub_reachable.cache_clear()
+        assert not model.hub_reachable()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    model.hub_reachable.cache_clear()
+    assert not model.hub_reachable()  # the port is closed now
+    model.hub_reachable.cache_clear()
