@@ -214,7 +214,8 @@ def make_captioner(shapes: str, device, dtype) -> Captioner:
     clip, lm = build_backbones(shapes, device, dtype)
     config = AdapterConfig(clip_model=f"random-{shapes}-clip", lm_model=f"random-{shapes}-lm",
                            prefix_length=PREFIX_LENGTH, image_feature_dim=clip.visual_projection.out_features,
-                           lm_hidden_dim=lm.config.hidden_size, eos_token_id=0, pad_token_id=0)
+                           lm_hidden_dim=lm.config.hidden_size, eos_token_id=0, pad_token_id=0,
+                           standardize_image_features=True)  # as train.py's adapter (one op on (B, F))
     config.__post_init__()
     captioner = Captioner(config, clip, image_processor(shapes), lm, tokenizer=None)
     captioner.adapter.to(device)

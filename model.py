@@ -47,6 +47,9 @@ class AdapterConfig:
     lm_hidden_dim: int = 0  # from the LM's embeddings, filled in from the loaded backbone
     adapter_hidden_dim: int = 0  # 0: ClipCap's rule, prefix_length * lm_hidden_dim // 2
     normalize_image_features: bool = True  # same at training and inference (ClipCap #33)
+    # The adapter z-scores each feature dimension by the training set's mean and std, kept with its
+    # weights (see Adapter). False in checkpoints written before it existed, and where turned off.
+    standardize_image_features: bool = False
     eos_token_id: int | None = None
     pad_token_id: int | None = None
     vocab_size: int | None = None
@@ -154,7 +157,29 @@ class Adapter(nn.Module):
                 nn.Linear(config.adapter_hidden_dim, out_dim),
             )
 
+        if config.standardize_image_features:  # buffers: saved with the weights, never trained
+            self.register_buffer("feature_mean", torch.zeros(config.image_feature_dim))
+            self.register_buffer("feature_std", torch.ones(config.image_feature_dim))
+
+    def set_feature_statistics(self, image_features: torch.Tensor) -> None:
+        """The training set's per-dimension mean and std (N, F) -> (F,), for standardize_image_features.
+
+        Why: CLIP embeddings share a large common component (they sit in a narrow cone), so what
+        tells images apart is a small variation on top of it. Centred and scaled, that variation
+        reaches the MLP at the scale its initialisation expects. The transform is affine, so the
+        functions the adapter can learn are the same; only how fast it finds them changes.
+        """
+        features = image_features.detach().float()
+        std = features.std(dim=0, correction=0)
+        # A dimension that barely varies in training is not scaled up more than 10x past a typical
+        # one: its noise on new images would otherwise swamp the rest.
+        floor = 0.1 * std.median().item()
+        self.feature_mean.copy_(features.mean(dim=0))
+        self.feature_std.copy_(std.clamp_min(floor) if floor > 0 else torch.ones_like(std))
+
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "feature_mean"):
+            image_features = (image_features - self.feature_mean) / self.feature_std  # (B, F)
         prefix = self.net(image_features)  # (B, k * D)
         return prefix.view(image_features.shape[0], self.prefix_length, self.lm_hidden_dim)  # (B, k, D)
 

@@ -131,3 +131,36 @@ def test_decoding_passes_the_kv_cache_under_the_name_the_installed_lm_takes(tiny
     # A deprecated name still works today, with a warning; once it is gone it would be swallowed.
     assert not [w for w in seen if "is deprecated" in str(w.message)], [str(w.message) for w in seen]
     assert tokens.shape == (2, 6)
+
+
+def test_standardised_features_reach_the_mlp_centred_and_scaled(tiny):
+    captioner = make_captioner(tiny, standardize_image_features=True)
+    adapter = captioner.adapter
+    torch.manual_seed(0)
+    features = F.normalize(torch.randn(50, captioner.config.image_feature_dim) + 3.0, dim=-1)  # a narrow cone
+    features[:, 0] = 0.25  # a dimension that never varies in training
+    adapter.set_feature_statistics(features)
+    standardised = (features - features.mean(dim=0)) / adapter.feature_std
+    assert torch.allclose(adapter(features).flatten(1), adapter.net(standardised))
+    typical = features.std(dim=0, correction=0).median()
+    assert adapter.feature_std[0] == 0.1 * typical  # floored: not divided by (almost) zero
+    assert torch.allclose(adapter.feature_std[1:], features[:, 1:].std(dim=0, correction=0).clamp_min(0.1 * typical))
+    assert torch.isfinite(adapter(features + 0.01)).all()
+    # One training image (no spread at all): the features pass through centred, unscaled.
+    adapter.set_feature_statistics(features[:1])
+    assert torch.equal(adapter.feature_std, torch.ones_like(adapter.feature_std))
+    # The statistics are buffers: saved and reloaded with the weights, never trained.
+    assert {"feature_mean", "feature_std"} <= set(adapter.state_dict())
+    assert all("feature" not in name for name, _ in adapter.named_parameters())
+
+
+def test_checkpoints_from_before_standardisation_load_without_it(tiny, tmp_path):
+    import json
+
+    captioner = make_captioner(tiny)
+    save_adapter(tmp_path, captioner.adapter, captioner.config)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    del config["standardize_image_features"]  # as written before the field existed
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    loaded = load_captioner(tmp_path)
+    assert loaded.config.standardize_image_features is False and not hasattr(loaded.adapter, "feature_mean")
