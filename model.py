@@ -28,7 +28,7 @@ from utils import UserError, with_usual_mode, write_json
 FORMAT_VERSION = 1
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_KINDS = ("linear", "mlp")
+ADAPTER_KINDS = ("linear", "mlp", "transformer")
 LM_QUANTIZATIONS = ("none", "8bit", "4bit")  # the frozen LM through bitsandbytes (--lm-quantization)
 IGNORE_INDEX = -100  # label value the loss skips; never a real token id
 
@@ -46,6 +46,7 @@ class AdapterConfig:
     image_feature_dim: int = 0  # from the CLIP projection, filled in from the loaded backbone
     lm_hidden_dim: int = 0  # from the LM's embeddings, filled in from the loaded backbone
     adapter_hidden_dim: int = 0  # 0: ClipCap's rule, prefix_length * lm_hidden_dim // 2
+    adapter_layers: int = 8  # transformer adapter only: its self-attention layers (ClipCap's 8)
     normalize_image_features: bool = True  # same at training and inference (ClipCap #33)
     # The adapter z-scores each feature dimension by the training set's mean and std, kept with its
     # weights (see Adapter). False in checkpoints written before it existed, and where turned off.
@@ -65,6 +66,8 @@ class AdapterConfig:
             self.prefix_length = 1  # the original student project: one Linear, one prefix token
         if self.prefix_length < 1:
             raise UserError(f"prefix length must be >= 1, got {self.prefix_length}")
+        if self.adapter_layers < 1:
+            raise UserError(f"adapter layers must be >= 1, got {self.adapter_layers}")
         if self.adapter_kind == "mlp" and self.adapter_hidden_dim == 0 and self.lm_hidden_dim:
             self.adapter_hidden_dim = self.prefix_length * self.lm_hidden_dim // 2
 
@@ -102,7 +105,7 @@ class AdapterConfig:
             if not _json_value_fits(value, fields[name].type):
                 raise UserError(f"{path}: {name} is {value!r}, expected {fields[name].type}")
         for name, least in (("max_caption_tokens", 2), ("image_feature_dim", 0), ("lm_hidden_dim", 0),
-                            ("adapter_hidden_dim", 0)):
+                            ("adapter_hidden_dim", 0), ("adapter_layers", 1)):
             if data.get(name, least) < least:
                 raise UserError(f"{path}: {name} is {data[name]}, expected a whole number >= {least}")
         return cls(**data)
@@ -121,15 +124,21 @@ MAX_ADAPTER_PARAMETERS = 2_000_000_000
 
 
 def check_adapter_size(config: AdapterConfig, out_dim: int) -> None:
+    width = config.lm_hidden_dim
     if config.adapter_kind == "linear":
         parameters = (config.image_feature_dim + 1) * out_dim
+        shape, fix = "", "pick a smaller LM"
+    elif config.adapter_kind == "transformer":  # projection, constants, then per layer attention + 2x FFN + norms
+        parameters = ((config.image_feature_dim + 1) * out_dim + out_dim
+                      + config.adapter_layers * (8 * width * width + 11 * width))
+        shape, fix = f", {config.adapter_layers} layers", "lower --prefix-length or --adapter-layers"
     else:
         hidden = config.adapter_hidden_dim
         parameters = (config.image_feature_dim + 1) * hidden + (hidden + 1) * out_dim
+        shape, fix = f", hidden {hidden}", "lower --prefix-length or --adapter-hidden-dim"
     if parameters > MAX_ADAPTER_PARAMETERS:
         raise UserError(f"the adapter would have {parameters:,} parameters ({config.adapter_kind}, prefix_length "
-                        f"{config.prefix_length} x LM width {config.lm_hidden_dim}, hidden {config.adapter_hidden_dim}"
-                        f"), over {MAX_ADAPTER_PARAMETERS:,}; lower --prefix-length or --adapter-hidden-dim")
+                        f"{config.prefix_length} x LM width {width}{shape}), over {MAX_ADAPTER_PARAMETERS:,}; {fix}")
 
 
 def json_kind(value) -> str:
@@ -150,6 +159,8 @@ class Adapter(nn.Module):
         check_adapter_size(config, out_dim)
         if config.adapter_kind == "linear":
             self.net = nn.Linear(config.image_feature_dim, out_dim)
+        elif config.adapter_kind == "transformer":
+            self.net = TransformerMapper(config)
         else:  # ClipCap's MLP, GELU as in LLaVA's mlp2x_gelu
             self.net = nn.Sequential(
                 nn.Linear(config.image_feature_dim, config.adapter_hidden_dim),
@@ -182,6 +193,31 @@ class Adapter(nn.Module):
             image_features = (image_features - self.feature_mean) / self.feature_std  # (B, F)
         prefix = self.net(image_features)  # (B, k * D)
         return prefix.view(image_features.shape[0], self.prefix_length, self.lm_hidden_dim)  # (B, k, D)
+
+
+class TransformerMapper(nn.Module):
+    """ClipCap's transformer mapper (its best frozen-LM variant): the image feature is projected to
+    k tokens, k learned constant tokens sit beside them, and self-attention layers over all 2k
+    let the constants gather what they need; their outputs are the prefix. (B, F) -> (B, k * D).
+    """
+
+    def __init__(self, config: AdapterConfig):
+        super().__init__()
+        self.prefix_length, width = config.prefix_length, config.lm_hidden_dim
+        self.project = nn.Linear(config.image_feature_dim, config.prefix_length * width)
+        self.prefix_const = nn.Parameter(torch.randn(config.prefix_length, width))
+        heads = next(h for h in (8, 4, 2, 1) if width % h == 0)  # ClipCap's 8 where the width allows
+        # Pre-norm, no dropout, FFN twice the width: ClipCap's choices, on torch's own layer.
+        layer = nn.TransformerEncoderLayer(width, heads, dim_feedforward=2 * width, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.layers = nn.TransformerEncoder(layer, config.adapter_layers, enable_nested_tensor=False)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        batch = image_features.shape[0]
+        tokens = self.project(image_features).view(batch, self.prefix_length, -1)  # (B, k, D)
+        constants = self.prefix_const.expand(batch, -1, -1)  # (B, k, D)
+        mapped = self.layers(torch.cat([tokens, constants], dim=1))  # (B, 2k, D)
+        return mapped[:, self.prefix_length :].reshape(batch, -1)  # (B, k * D)
 
 
 @dataclass

@@ -75,10 +75,13 @@ class TrainConfig:
         "load it the same way unless told otherwise", default="none")
     trust_remote_code: bool = _help("allow backbones whose checkpoints ship their own Python code to run it "
                                     "(off unless given)", default=False)
-    adapter_kind: Literal["linear", "mlp"] = _help("linear: one Linear, one prefix token; mlp: ClipCap-style MLP",
-                                                   default="mlp")
-    prefix_length: int = _help("prefix tokens the mlp adapter makes (linear always makes 1)", default=10)
+    adapter_kind: Literal["linear", "mlp", "transformer"] = _help(
+        "linear: one Linear, one prefix token; mlp: ClipCap-style MLP; transformer: ClipCap's transformer mapper "
+        "(self-attention over the projected feature and learned prefix tokens)", default="mlp")
+    prefix_length: int = _help("prefix tokens the mlp and transformer adapters make (linear always makes 1)",
+                               default=10)
     adapter_hidden_dim: int = _help("mlp hidden size; 0 = prefix_length * LM hidden / 2 (ClipCap's rule)", default=0)
+    adapter_layers: int = _help("self-attention layers of the transformer adapter (ClipCap's 8)", default=8)
     max_caption_tokens: int = _help("longer captions are cut to this many tokens, EOS included", default=40)
     standardize_image_features: bool = _help(
         "the adapter first centres and scales each CLIP feature dimension by the training set's mean and std "
@@ -181,7 +184,7 @@ RESUME_FROM_COMMAND_LINE = ("run_name", "output_dir", "progress", "trust_remote_
 # Fields added after runs had been saved, with the value those runs trained with: a run_config.json
 # without one reads as that value, and at that value it stays out of the settings digest, so their
 # resume states still match.
-FIELDS_ADDED_LATER = {"standardize_image_features": False}
+FIELDS_ADDED_LATER = {"standardize_image_features": False, "adapter_layers": 8}
 
 
 def check_run_name(name: str) -> None:
@@ -204,6 +207,7 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         raise UserError(f"--demo trains on its own synthetic caption folder, not --dataset {config.dataset}: "
                         "drop one of the two")
     check_data_flags(config.dataset, given.get("data_dir"), given.get("hub_data_files"))
+    check_adapter_flags(config)
     if config.demo:
         from demo import ensure_demo_assets
 
@@ -219,6 +223,14 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     if config.mixed_precision == "auto":
         config.mixed_precision = auto_mixed_precision()
     return check_config(config)
+
+
+def check_adapter_flags(config: TrainConfig) -> None:
+    """A size flag of another adapter kind would be silently ignored: refuse it."""
+    for name, kind in (("adapter_hidden_dim", "mlp"), ("adapter_layers", "transformer")):
+        if name in getattr(config, "given_flags", set()) and config.adapter_kind != kind:
+            raise UserError(f"--{name.replace('_', '-')} sizes the {kind} adapter, but --adapter-kind is "
+                            f"{config.adapter_kind}; drop it, or pass --adapter-kind {kind}")
 
 
 def check_saved_types(path: Path, saved: dict) -> None:
@@ -269,7 +281,7 @@ def check_config(config: TrainConfig) -> TrainConfig:
         return "--" + name.replace("_", "-")
 
     for name in ("batch_size", "grad_accum_steps", "epochs", "eval_batch_size", "feature_batch_size", "log_every",
-                 "prefix_length"):
+                 "prefix_length", "adapter_layers"):
         if getattr(config, name) < 1:
             raise UserError(f"{flag(name)} must be >= 1, got {getattr(config, name)}")
     for name in ("max_steps", "train_limit", "val_limit", "test_limit", "eval_every", "save_every", "num_workers",
@@ -357,8 +369,8 @@ def adapter_config_for(config: TrainConfig) -> AdapterConfig:
     return AdapterConfig(
         clip_model=config.clip_model, lm_model=config.lm_model, clip_revision=config.clip_revision,
         lm_revision=config.lm_revision, adapter_kind=config.adapter_kind, prefix_length=config.prefix_length,
-        adapter_hidden_dim=config.adapter_hidden_dim, max_caption_tokens=config.max_caption_tokens,
-        standardize_image_features=config.standardize_image_features,
+        adapter_hidden_dim=config.adapter_hidden_dim, adapter_layers=config.adapter_layers,
+        max_caption_tokens=config.max_caption_tokens, standardize_image_features=config.standardize_image_features,
     )
 
 

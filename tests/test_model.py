@@ -1,6 +1,7 @@
 """The model's contract: batches, loss positions, freezing, saving and reloading."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -8,6 +9,7 @@ from PIL import Image
 from dataset import collate_captions, tokenize_caption
 from model import IGNORE_INDEX, AdapterConfig, DecodingConfig, build_captioner, load_captioner, save_adapter
 from train import TrainConfig, make_optimizer
+from utils import UserError
 
 
 def make_captioner(tiny, **kwargs):
@@ -75,6 +77,43 @@ def test_adapter_kinds_take_sizes_from_backbones(tiny):
     assert [tuple(p.shape) for p in linear.adapter.parameters()] == [(lm_dim, clip_dim), (lm_dim,)]
     assert mlp.config.adapter_hidden_dim == 4 * lm_dim // 2
     assert mlp.adapter(torch.randn(3, clip_dim)).shape == (3, 4, lm_dim)
+
+
+def test_transformer_adapter_attends_from_learned_prefix_tokens_and_learns_through_all_of_them(tiny, tmp_path,
+                                                                                                 monkeypatch):
+    import model
+
+    captioner = make_captioner(tiny, adapter_kind="transformer", prefix_length=4, adapter_layers=2)
+    clip_dim, lm_dim = captioner.config.image_feature_dim, captioner.config.lm_hidden_dim
+    adapter = captioner.adapter
+    features = torch.randn(3, clip_dim)
+    prefix = adapter(features)
+    assert prefix.shape == (3, 4, lm_dim)
+    # Each image's prefix depends on its own feature only, through attention to its projected tokens.
+    assert torch.allclose(adapter(features[1:2]), prefix[1:2], atol=1e-6)
+    assert not torch.allclose(prefix[0], prefix[1])
+    captioner.train()
+    batch = collate_captions([{"image_features": f, "token_ids": tokenize_caption(
+        captioner.tokenizer, "a red circle on white", captioner.config.eos_token_id, 40)} for f in features],
+        pad_token_id=captioner.config.pad_token_id)
+    captioner(batch["image_features"], batch["input_ids"], batch["labels"]).backward()
+    no_gradient = [name for name, p in adapter.named_parameters() if p.grad is None or not p.grad.abs().sum()]
+    assert not no_gradient and {"net.project.weight", "net.prefix_const"} <= {n for n, _ in adapter.named_parameters()}
+    # The size check's count is the real one (it refuses adapters too large to allocate).
+    parameters = sum(p.numel() for p in adapter.parameters())
+    config = captioner.config
+    monkeypatch.setattr(model, "MAX_ADAPTER_PARAMETERS", parameters)
+    model.check_adapter_size(config, config.prefix_length * lm_dim)  # exactly at the limit: allowed
+    monkeypatch.setattr(model, "MAX_ADAPTER_PARAMETERS", parameters - 1)
+    too_large = rf"would have {parameters:,} parameters \(transformer, .*, 2 layers\).*--adapter-layers"
+    with pytest.raises(UserError, match=too_large):
+        model.check_adapter_size(config, config.prefix_length * lm_dim)
+    monkeypatch.undo()
+    # Saved and rebuilt from its config alone: the same prefix.
+    save_adapter(tmp_path / "ckpt", adapter, config)
+    reloaded = load_captioner(tmp_path / "ckpt")
+    assert reloaded.config.adapter_kind == "transformer" and reloaded.config.adapter_layers == 2
+    assert torch.equal(reloaded.adapter(features), adapter.eval()(features))
 
 
 def test_save_reload_gives_identical_captions(tiny, tmp_path):

@@ -75,6 +75,18 @@ def test_train_eval_inference_end_to_end(tiny, tmp_path, capsys):
     assert [line["caption"] for line in lines] == [by_id[f"images/test_000{i}.png"] for i in range(3)]
 
 
+def test_a_transformer_adapter_trains_and_reloads(tiny, tmp_path):
+    args = train_args(tiny, tmp_path, "mapper", "--final-eval", "false", "--adapter-kind", "transformer",
+                      "--adapter-layers", "2", "--prefix-length", "4")
+    assert train.main(args) == 0
+    losses = [r["loss"] for r in read_jsonl(tmp_path / "mapper" / "train_log.jsonl") if r["type"] == "train"]
+    assert losses[-1] < losses[0], losses
+    captioner = load_captioner(tmp_path / "mapper")
+    assert (captioner.config.adapter_kind, captioner.config.adapter_layers, captioner.config.prefix_length) == (
+        "transformer", 2, 4)
+    assert len(captioner.adapter.net.layers.layers) == 2
+
+
 def test_no_frozen_weight_is_ever_saved(tiny, tmp_path):
     train.main(train_args(tiny, tmp_path, "lean", "--final-eval", "false"))
     run = tmp_path / "lean"
@@ -200,14 +212,15 @@ def test_resume_continues_the_folder_it_is_given_and_applies_only_flags_that_may
     assert "--hub-data-files is read by --dataset flickr30k only" in capsys.readouterr().err
 
 
-def test_a_run_saved_before_feature_standardisation_resumes_as_it_was_trained(tiny, tmp_path):
+def test_a_run_saved_before_later_fields_existed_resumes_as_it_was_trained(tiny, tmp_path):
     import hashlib
 
     args = train_args(tiny, tmp_path, "old", "--final-eval", "false", "--no-standardize-image-features")
     assert train.main([*args, "--max-steps", "4"]) == 0
     for name in ("run_config.json", "adapter_config.json", "last/adapter_config.json"):  # as written back then
         saved = json.loads((tmp_path / "old" / name).read_text())
-        del saved["standardize_image_features"]
+        for field in train.FIELDS_ADDED_LATER:  # standardize_image_features, adapter_layers
+            del saved[field]
         (tmp_path / "old" / name).write_text(json.dumps(saved))
     # The resume state's settings digest, as the code before the field computed it (over every field then).
     fixed = {name: value for name, value in json.loads((tmp_path / "old" / "run_config.json").read_text()).items()
@@ -249,6 +262,9 @@ def test_a_finished_run_given_more_steps_trains_from_its_first_new_step(tiny, tm
     (["--learning-rate", "nan"], "--learning-rate must be > 0"),
     (["--learning-rate", "-1"], "--learning-rate must be > 0"),
     (["--adapter-hidden-dim", "-5"], "--adapter-hidden-dim must be >= 0"),
+    (["--adapter-layers", "0", "--adapter-kind", "transformer"], "--adapter-layers must be >= 1"),
+    (["--adapter-layers", "4"], "--adapter-layers sizes the transformer adapter, but --adapter-kind is mlp"),
+    (["--adapter-kind", "transformer", "--adapter-hidden-dim", "64"], "--adapter-hidden-dim sizes the mlp adapter"),
     (["--seed", "-1"], "--seed must be from 0 to 4294967295"),
     (["--seed", "4294967296"], "--seed must be from 0 to 4294967295"),
     (["--run-name", ".."], "must be a plain folder name"),
