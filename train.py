@@ -85,7 +85,8 @@ class TrainConfig:
     max_caption_tokens: int = _help("longer captions are cut to this many tokens, EOS included", default=40)
     standardize_image_features: bool = _help(
         "the adapter first centres and scales each CLIP feature dimension by the training set's mean and std "
-        "(kept with its weights); on the demo it halved the shape errors (--no-standardize-image-features: off)",
+        "(kept with its weights); on the demo it cut shape errors from 24 to 7 of 150 "
+        "(--no-standardize-image-features: off)",
         default=True)
     # optimisation
     epochs: int = _help("passes over the (image, caption) pairs", default=3)
