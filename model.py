@@ -108,7 +108,9 @@ class AdapterConfig:
                             ("adapter_hidden_dim", 0), ("adapter_layers", 1)):
             if data.get(name, least) < least:
                 raise UserError(f"{path}: {name} is {data[name]}, expected a whole number >= {least}")
-        return cls(**data)
+        config = cls(**data)
+        check_adapter_size(config, config.prefix_length * config.lm_hidden_dim, source=path)
+        return config
 
 
 def _json_value_fits(value, annotation: str) -> bool:
@@ -123,7 +125,9 @@ def _json_value_fits(value, annotation: str) -> bool:
 MAX_ADAPTER_PARAMETERS = 2_000_000_000
 
 
-def check_adapter_size(config: AdapterConfig, out_dim: int) -> None:
+def check_adapter_size(config: AdapterConfig, out_dim: int, source: Path | None = None) -> None:
+    """Refuse an adapter too large to allocate, naming what sized it: train.py's flags, or the
+    adapter_config.json (`source`) a checkpoint was loaded from."""
     width = config.lm_hidden_dim
     if config.adapter_kind == "linear":
         parameters = (config.image_feature_dim + 1) * out_dim
@@ -136,6 +140,8 @@ def check_adapter_size(config: AdapterConfig, out_dim: int) -> None:
         hidden = config.adapter_hidden_dim
         parameters = (config.image_feature_dim + 1) * hidden + (hidden + 1) * out_dim
         shape, fix = f", hidden {hidden}", "lower --prefix-length or --adapter-hidden-dim"
+    if source is not None:
+        fix = f"{source} asks for it: restore that file's sizes as training wrote them"
     if parameters > MAX_ADAPTER_PARAMETERS:
         raise UserError(f"the adapter would have {parameters:,} parameters ({config.adapter_kind}, prefix_length "
                         f"{config.prefix_length} x LM width {width}{shape}), over {MAX_ADAPTER_PARAMETERS:,}; {fix}")
@@ -253,6 +259,7 @@ def hub_reachable(timeout_s: float = 3.0) -> bool:
     retries each file with back-off (about 30 s, a 'Retrying' line each time) before it looks in
     its cache; knowing up front, a Hub id loads from the cache at once, or fails at once."""
     import socket
+    import urllib.request
     from urllib.parse import urlparse
 
     from huggingface_hub import constants
@@ -260,8 +267,11 @@ def hub_reachable(timeout_s: float = 3.0) -> bool:
     if constants.HF_HUB_OFFLINE:
         return False
     endpoint = urlparse(constants.ENDPOINT)
+    if endpoint.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(endpoint.hostname or ""):
+        return True  # reached through a proxy: only huggingface_hub's own client can tell
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
     try:
-        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout_s).close()
+        socket.create_connection((endpoint.hostname, port), timeout=timeout_s).close()
         return True
     except OSError:  # no DNS, no route, refused, timed out
         return False
@@ -781,6 +791,22 @@ def check_backbones_match(config: AdapterConfig, captioner: Captioner, source: P
                         "trained with but another vocabulary (tokens map to other ids); use the LM it was trained with")
 
 
+def weights_mismatch(adapter: nn.Module, state: dict, error: RuntimeError) -> str:
+    """What a strict load_state_dict refused, briefly: a transformer adapter has dozens of tensors
+    per layer, and torch's message names every one."""
+    expected, given = set(adapter.state_dict()), set(state)
+
+    def few(names) -> str:
+        names = sorted(names)
+        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+    parts = [f"{len(keys)} {what} ({few(keys)})" for what, keys in
+             (("tensors missing", expected - given), ("unexpected tensors", given - expected)) if keys]
+    if not parts:  # same names, other shapes: torch's first lines say which ("size mismatch for ...")
+        parts = [line.strip() for line in str(error).splitlines()[1:3] if line.strip()]
+    return "; ".join(parts)[:600]
+
+
 def load_captioner(checkpoint: str | Path, device="cpu", dtype=torch.float32, clip_model=None, lm_model=None,
                    lm_quantization: str = "none", trust_remote_code: bool = False) -> Captioner:
     """Rebuild a trained captioner from a run folder (or its last/ sub-folder) alone.
@@ -813,7 +839,9 @@ def load_captioner(checkpoint: str | Path, device="cpu", dtype=torch.float32, cl
     try:
         captioner.adapter.load_state_dict(state, strict=True)
     except RuntimeError as error:  # "Error(s) in loading state_dict ...", then one line per mismatch
-        details = "; ".join(line.strip() for line in str(error).splitlines()[1:3] if line.strip())
-        raise UserError(f"{checkpoint / ADAPTER_WEIGHTS} does not fit {checkpoint / ADAPTER_CONFIG}: {details}") from None
+        raise UserError(f"{checkpoint / ADAPTER_WEIGHTS} does not fit {checkpoint / ADAPTER_CONFIG}: "
+                        f"{weights_mismatch(captioner.adapter, state, error)}; the config's sizes (prefix_length, "
+                        "adapter_hidden_dim, adapter_layers, standardize_image_features) must be those the weights "
+                        "were trained with") from None
     captioner.adapter.to(captioner.device).eval()
     return captioner

@@ -97,6 +97,23 @@ def test_weights_that_do_not_fit_the_config(copy, tmp_path):
     assert "does not fit" in message and "net.0.weight" in message and "size mismatch" in message
 
 
+def test_a_transformer_adapter_with_other_layers_is_named_briefly(tiny, tmp_path):
+    captioner = build_captioner(AdapterConfig(clip_model=tiny["clip_model"], lm_model=tiny["lm_model"],
+                                              adapter_kind="transformer", adapter_layers=2))
+    model.save_adapter(tmp_path / "run", captioner.adapter, captioner.config)
+    edit_config(tmp_path / "run", adapter_layers=3)  # one layer's dozen tensors are missing
+    message = load_error(tmp_path / "run")
+    assert "does not fit" in message and "12 tensors missing (net.layers.layers.2." in message and "9 more" in message
+    assert "adapter_layers" in message and len(message) < 800, message
+
+
+def test_an_edited_config_asking_for_a_huge_adapter_names_the_file(copy):
+    edit_config(copy, adapter_hidden_dim=10**9)
+    message = load_error(copy)
+    assert "the adapter would have" in message and str(copy / "adapter_config.json") in message
+    assert "--" not in message  # no train.py flag: inference.py and eval.py have none of them
+
+
 def test_config_of_another_format_or_shape(copy):
     config = copy / "adapter_config.json"
     original = config.read_text()
@@ -459,4 +476,37 @@ def test_hub_reachable_asks_the_endpoint_and_respects_offline_mode(monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     model.hub_reachable.cache_clear()
     assert not model.hub_reachable()  # the port is closed now
+    model.hub_reachable.cache_clear()
+
+
+def test_hub_reachable_probes_the_endpoints_port_and_trusts_a_proxy(monkeypatch):
+    import socket
+
+    from huggingface_hub import constants
+
+    asked = []
+
+    class Closed:
+        def close(self):
+            pass
+
+    monkeypatch.setattr(socket, "create_connection", lambda address, timeout: asked.append(address) or Closed())
+    for name in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy", "all_proxy", "NO_PROXY",
+                 "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for endpoint, address in (("https://hub.example", ("hub.example", 443)), ("http://mirror.example",
+                              ("mirror.example", 80)), ("http://mirror.example:8080", ("mirror.example", 8080))):
+        monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+        model.hub_reachable.cache_clear()
+        assert model.hub_reachable() and asked[-1] == address
+    # Behind a proxy a direct connection says nothing: huggingface_hub's client goes through it.
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.example")
+    monkeypatch.setenv("https_proxy", "http://proxy.example:3128")
+    model.hub_reachable.cache_clear()
+    asked.clear()
+    assert model.hub_reachable() and asked == []
+    monkeypatch.setenv("no_proxy", "hub.example")  # ... unless the Hub is exempt from it
+    model.hub_reachable.cache_clear()
+    assert model.hub_reachable() and asked == [("hub.example", 443)]
     model.hub_reachable.cache_clear()
