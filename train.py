@@ -139,6 +139,9 @@ DEMO_DEFAULTS = dict(
     run_name="", dataset="folder", data_dir="", clip_model="", lm_model="", epochs=16, batch_size=32,
     learning_rate=1e-2, warmup_ratio=0.03, eval_every=250, save_every=250, val_limit=60, num_workers=0,
 )
+# The transformer adapter on the demo, same epochs: CIDEr-D 724.68 at 1e-3, 611.79 at the MLP's 1e-2
+# (below retrieval): attention layers want a lower rate.
+DEMO_TRANSFORMER_LEARNING_RATE = 1e-3
 
 
 def parse_config(argv=None) -> TrainConfig:
@@ -212,6 +215,8 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     if config.demo:
         from demo import ensure_demo_assets
 
+        if config.adapter_kind == "transformer" and "learning_rate" not in getattr(config, "given_flags", set()):
+            config.learning_rate = DEMO_TRANSFORMER_LEARNING_RATE
         assets = ensure_demo_assets(progress=config.progress)
         config.data_dir = config.data_dir or assets["data_dir"]
         config.clip_model = config.clip_model or assets["clip_model"]

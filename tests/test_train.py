@@ -387,3 +387,8 @@ def test_demo_reruns_pick_a_fresh_run_folder(tiny, tmp_path, monkeypatch):
     (tmp_path / "demo").mkdir()
     second = train.resolve_config(train.parse_config(["--demo", "--output-dir", str(tmp_path)]))
     assert second.run_name == "demo-2"
+    # The demo's learning rate suits its adapter, unless the command line names one.
+    assert second.learning_rate == 1e-2
+    demo_with = ["--demo", "--output-dir", str(tmp_path), "--adapter-kind", "transformer"]
+    assert train.resolve_config(train.parse_config(demo_with)).learning_rate == 1e-3
+    assert train.resolve_config(train.parse_config([*demo_with, "--learning-rate", "5e-3"])).learning_rate == 5e-3
