@@ -461,13 +461,14 @@ def test_bench_out_file_keeps_each_measurement_when_the_run_is_cut_short(tmp_pat
         bench.main(["--shapes", "tiny", "--only", "extract,generate", "--repeats", "1", "--out", str(out)])
     assert [r["bench"] for r in read_jsonl(out)] == ["extract"]
 
+
 def bench_args(**extra):
     import argparse
 
     import bench
 
     args = argparse.Namespace(shapes="tiny", device=torch.device("cpu"), repeats=1, profile=False, compile=True,
-                              batches_list=[8], records=[], **extra)
+                              batches_list=[8], records=[], adapter_kind="mlp", **extra)
     args.device_name = bench.device_name(args.device)
     return args
 
@@ -597,3 +598,20 @@ def test_building_image_processors_prints_no_library_warning(tiny, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "torchvision" not in done.stderr and "warn" not in done.stderr.lower(), done.stderr
+
+
+def test_bench_measures_the_transformer_adapter_and_keeps_it_out_of_the_targets(capsys):
+    import json
+
+    import bench
+
+    assert bench.main(["--shapes", "tiny", "--only", "train,latency", "--repeats", "1", "--batches", "4",
+                       "--adapter-kind", "transformer"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"bench"' in line]
+    assert {r["bench"] for r in records} == {"train", "latency"} and all(r["adapter"] == "transformer" for r in records)
+    assert all(r["samples_per_s"] > 0 for r in records if r["bench"] == "train")
+    # The targets are the MLP product's: another adapter's figures are not candidates.
+    product = next(r for r in records if r["bench"] == "train" and r["path"] == "product")
+    table = bench.target_table(records + [{**product, "adapter": "mlp", "batch": 256, "samples_per_s": 1.0}])
+    assert "| 1.0 (product, batch 256) |" in table
+    assert bench.target_table(records).count("not measured") == len(bench.TARGETS)

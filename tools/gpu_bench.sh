@@ -54,4 +54,6 @@ part quantized 90 --only quantized --batches 64
 part compiled 150 --only train --batches 256 --naive-batches 4 --compile --profile --variants reduce-overhead@256
 # Process start to printed caption, and the LM-head loss alone.
 part cold 90 --only cold,loss --batches 256
+# What the transformer adapter (ClipCap's mapper, 8 layers) costs against the MLP measured above.
+part transformer 90 --only train --batches 256 --naive-batches 4 --adapter-kind transformer
 python3 bench.py --targets-from "$out/bench.jsonl" 2>&1 | tee -a "$out/bench.log"
