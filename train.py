@@ -54,7 +54,8 @@ class TrainConfig:
                           "first free of demo, demo-2, ...)",
                           default="")
     output_dir: str = _help("where run folders are written", default="saved_models")
-    demo: bool = _help("offline demo: build (once) and use tiny backbones and a synthetic image set", default=False)
+    demo: bool = _help("offline demo: build (once) and use tiny backbones and a synthetic image set (its learning "
+                       "rate is 1e-2, 1e-3 with --adapter-kind transformer)", default=False)
     resume: bool = _help("continue the run named by --run-name from its last checkpoint, with its saved config",
                          default=False)
     # data
