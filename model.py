@@ -183,7 +183,7 @@ class Adapter(nn.Module):
 
         Why: CLIP embeddings share a large common component (they sit in a narrow cone), so what
         tells images apart is a small variation on top of it. Centred and scaled, that variation
-        reaches the MLP at the scale its initialisation expects. The transform is affine, so the
+        reaches the adapter's first layer at the scale its initialisation expects. The transform is affine, so the
         functions the adapter can learn are the same; only how fast it finds them changes.
         """
         features = image_features.detach().float()
