@@ -201,15 +201,10 @@ def build_backbones(shapes: str, device, dtype):
 
 
 def image_processor(shapes: str):
-    from model import transformers_errors_only
+    from model import clip_image_processor
 
     size = SHAPES[shapes]["image_size"]  # CLIPImageProcessor's defaults are ViT-B/32's preprocessing
-    # Without torchvision, importing the name falls back to the PIL backend (the same preprocessing)
-    # with a warning.
-    with transformers_errors_only():
-        from transformers import CLIPImageProcessor
-
-        return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return clip_image_processor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
 def make_captioner(shapes: str, device, dtype, adapter_kind: str = "mlp") -> Captioner:

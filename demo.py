@@ -133,7 +133,7 @@ def build_tiny_clip(out_dir: Path, image_size: int = IMAGE_SIZE, seed: int = 0) 
     """A random-init tiny CLIP, saved whole like openai/clip-vit-base-patch32 (vision tower loaded from it)."""
     from transformers import CLIPConfig, CLIPModel
 
-    from model import transformers_errors_only
+    from model import clip_image_processor
 
     torch.manual_seed(seed)
     projection_dim = 256
@@ -152,16 +152,10 @@ def build_tiny_clip(out_dir: Path, image_size: int = IMAGE_SIZE, seed: int = 0) 
         projection_dim=projection_dim,
     )
     CLIPModel(config).save_pretrained(out_dir)
-    # Without torchvision, importing the name falls back to the PIL backend (the same preprocessing)
-    # with a warning.
-    with transformers_errors_only():
-        from transformers import CLIPImageProcessor
-
-        processor = CLIPImageProcessor(
-            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-            image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
-        )
-    processor.save_pretrained(out_dir)
+    clip_image_processor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
+    ).save_pretrained(out_dir)
 
 
 def pretrain_tiny_lm(caption_groups: list[list[str]], tokenizer, out_dir: Path, steps: int = 1400, seed: int = 0,

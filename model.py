@@ -330,6 +330,15 @@ def lm_quantization_config(lm_quantization: str, device: torch.device):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
 
 
+def clip_image_processor(**settings):
+    """CLIPImageProcessor(**settings). Without torchvision, importing that name falls back to the PIL
+    backend (the same preprocessing) with a warning: noise for our users, so it is imported quietly."""
+    with transformers_errors_only():
+        from transformers import CLIPImageProcessor
+
+        return CLIPImageProcessor(**settings)
+
+
 @contextlib.contextmanager
 def transformers_errors_only():
     """Transformers' warnings off for a block: notes meant for a library's developers, not our users."""
