@@ -237,6 +237,19 @@ def _score_tokenized(gts: dict, res: dict, with_meteor: bool) -> CaptionScores:
     return result
 
 
+def validation_cider_d(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """pycocoevalcap's CIDEr-D of one split (its IDF over that split's references) with the Python PTB
+    tokenisation: validation during training needs no JVM and gives the same score on every machine."""
+    from pycocoevalcap.cider.cider import Cider
+
+    if not references or len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} images")
+    gts = {i: [ptb_tokenize_python(ref) for ref in refs] for i, refs in enumerate(references)}
+    res = {i: [ptb_tokenize_python(prediction)] for i, prediction in enumerate(predictions)}
+    score, _ = Cider().compute_score(gts, res)
+    return float(score)
+
+
 def coco_metrics(prediction_sets: Mapping[str, Sequence[str]], references: Sequence[Sequence[str]],
                  use_java: bool | None = None, notes: list[str] | None = None) -> dict[str, CaptionScores]:
     """COCO metrics of each named set of predictions (one caption per image) against the same references.

@@ -125,12 +125,27 @@ def training_curves(train_log: Path | None, out_dir: Path) -> list[Path]:
         for key, label in (("val_rougeL", "ROUGE-L (rouge-score)"), ("val_bleu4", "BLEU-4 (NLTK)")):
             if all(key in r for r in evals):
                 axes.plot([r["step"] for r in evals], [100 * r[key] for r in evals], "o-", label=label, ms=4)
-        if all("val_rougeL" in r for r in evals):  # train.py keeps the first best validation ROUGE-L
-            best = max(evals, key=lambda r: (r["val_rougeL"], -r["step"]))
+        if best := best_validation(evals):
             axes.axvline(best["step"], color="gray", ls="--", lw=1, label=f"best, saved (step {best['step']})")
+        if all("val_cider_d" in r for r in evals):  # CIDEr-D runs to 10 (x100: 1000): an axis of its own
+            cider_axes = axes.twinx()
+            cider_axes.plot([r["step"] for r in evals], [100 * r["val_cider_d"] for r in evals], "s:", ms=4,
+                            color="tab:green")
+            cider_axes.set_ylabel("CIDEr-D x100")
+            axes.plot([], [], "s:", ms=4, color="tab:green", label="CIDEr-D (right axis)")  # in the one legend
         paths.append(_finish_curve(plt, figure, axes, out_dir / METRIC_CURVE, ylabel="score x100",
                                    title="Validation captions (greedy)"))
     return paths
+
+
+def best_validation(evals: list[dict]) -> dict | None:
+    """The validation whose adapter train.py kept: the last one it marked "best" (runs since --select-by),
+    else, in older logs, the first with the highest val ROUGE-L (how those runs chose)."""
+    if any("best" in r for r in evals):
+        return next((r for r in reversed(evals) if r.get("best")), None)
+    if evals and all("val_rougeL" in r for r in evals):
+        return max(evals, key=lambda r: (r["val_rougeL"], -r["step"]))
+    return None
 
 
 def _finish_curve(plt, figure, axes, path, ylabel: str, title: str):

@@ -5,7 +5,7 @@
     python train.py --run-name quick --resume               # continue an interrupted run where it stopped
     accelerate launch train.py --run-name big ...           # several GPUs (DDP)
 
-A run folder saved_models/<run-name>/ holds the best adapter (by validation ROUGE-L) at its top,
+A run folder saved_models/<run-name>/ holds the best adapter (by validation ROUGE-L, or --select-by) at its top,
 the last one in last/, the resume state in resume/, run_config.json and train_log.jsonl.
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ import shutil
 import signal
 import sys
 import time
+import typing
 import warnings
 from dataclasses import dataclass, field
 from functools import partial
@@ -30,6 +31,7 @@ import torch
 
 from dataset import (DATASETS, FLICKR30K_PARQUET, CaptionPairs, EpochShuffleSampler, check_data_flags,
                      collate_captions, drop_unreadable, extract_features, limit_records, load_records)
+from metrics import validation_cider_d
 from model import (ADAPTER_WEIGHTS, IGNORE_INDEX, AdapterConfig, DecodingConfig, TrainingLoss, build_captioner,
                    load_adapter_state, resolve_dtype, save_adapter, save_adapter_weights)
 from utils import (Terminated, UserError, append_jsonl, caption_diversity, caption_metrics, collapse_warning,
@@ -38,6 +40,9 @@ from utils import (Terminated, UserError, append_jsonl, caption_diversity, capti
                    rng_states, run_cli, save_state, set_rng_states, write_json, write_jsonl)
 
 RUN_CONFIG = "run_config.json"
+# --select-by: the validation record's key, and whether higher is better.
+SELECT_BY = {"rougeL": ("val_rougeL", True), "cider_d": ("val_cider_d", True), "loss": ("val_loss", False)}
+CIDER_MIN_VAL_IMAGES = 10  # fewer, and CIDEr-D's IDF (over the validation split) says little
 TRAIN_LOG = "train_log.jsonl"
 TRAINER_STATE = "trainer_state.json"
 
@@ -114,8 +119,12 @@ class TrainConfig:
                                                     "bad_samples.jsonl) or stop with an error", default="skip")
     # cadence
     log_every: int = _help("log training loss every N optimizer steps", default=10)
-    eval_every: int = _help("validation loss + ROUGE-L every N steps (and at the end); 0 = only at the end",
-                            default=500)
+    eval_every: int = _help("validation loss, ROUGE-L and CIDEr-D every N steps (and at the end); 0 = only at "
+                            "the end", default=500)
+    select_by: Literal[tuple(SELECT_BY)] = _help(
+        "the validation score that picks the best adapter, saved at the run's top: rougeL (rouge-score ROUGE-L "
+        "F1), cider_d (pycocoevalcap CIDEr-D over the validation split, Python PTB tokenisation; wants 10 or more "
+        "validation images) or loss (the lowest validation loss)", default="rougeL")
     save_every: int = _help("write last/ and the resume state every N steps (and at the end)", default=500)
     # evaluation and loading
     final_eval: bool = _help("after training, caption the test split with the best adapter and score it",
@@ -189,7 +198,7 @@ RESUME_FROM_COMMAND_LINE = ("run_name", "output_dir", "progress", "trust_remote_
 # Fields added after runs had been saved, with the value those runs trained with: a run_config.json
 # without one reads as that value, and at that value it stays out of the settings digest, so their
 # resume states still match.
-FIELDS_ADDED_LATER = {"standardize_image_features": False, "adapter_layers": 8}
+FIELDS_ADDED_LATER = {"standardize_image_features": False, "adapter_layers": 8, "select_by": "rougeL"}
 
 
 def check_run_name(name: str) -> None:
@@ -244,12 +253,17 @@ def check_saved_types(path: Path, saved: dict) -> None:
     """Each saved value of the kind its flag takes: an edited "8" for 8 would otherwise surface as a
     refusal to change --batch-size, or deep in the loop."""
     defaults = dataclasses.asdict(TrainConfig())
+    hints = typing.get_type_hints(TrainConfig)
     for name, value in saved.items():
         default = defaults[name]
         kinds = (str, type(None)) if default is None else (int, float) if isinstance(default, float) else type(default)
         if not isinstance(value, kinds) or (isinstance(value, bool) and not isinstance(default, bool)):
             kind = "str" if default is None else type(default).__name__
             raise UserError(f"{path}: {name} is {value!r}, expected {kind}; restore the run's own run_config.json")
+        choices = typing.get_args(hints[name]) if typing.get_origin(hints[name]) is Literal else ()
+        if choices and value not in choices:
+            raise UserError(f"{path}: {name} is {value!r}, expected one of {', '.join(choices)}; restore the run's "
+                            "own run_config.json")
 
 
 def resumed_config(config: TrainConfig) -> TrainConfig:
@@ -331,7 +345,7 @@ class TrainerState:
     step: int = 0
     epoch: int = 0
     batches_in_epoch: int = 0  # micro-batches of the current epoch already consumed
-    best_rougeL: float = -1.0
+    best_score: float | None = None  # the --select-by score of the best adapter; None before any validation
     best_step: int = 0
     history: list = field(default_factory=list)  # one entry per validation
     finished: bool = False
@@ -453,7 +467,7 @@ def lr_schedule(optimizer, config: TrainConfig, total_steps: int, num_processes:
 
 @torch.no_grad()
 def validate(captioner, pairs: CaptionPairs, records, config: TrainConfig, accelerator) -> dict:
-    """Token-weighted validation loss and greedy-caption ROUGE-L / BLEU-4 on the validation images."""
+    """Token-weighted validation loss and greedy-caption ROUGE-L / BLEU-4 / CIDEr-D on the validation images."""
     captioner.eval()
     loss_sum, tokens = 0.0, 0
     for batch in make_loader(pairs, config.eval_batch_size, captioner.config.pad_token_id):
@@ -466,10 +480,12 @@ def validate(captioner, pairs: CaptionPairs, records, config: TrainConfig, accel
     for start in range(0, len(records), config.eval_batch_size):
         features = pairs.features[start : start + config.eval_batch_size]
         predictions += captioner.generate(features, DecodingConfig(max_new_tokens=config.max_caption_tokens))
-    metrics = caption_metrics(predictions, [r.captions for r in records])
+    references = [r.captions for r in records]
+    metrics = caption_metrics(predictions, references)
     diversity = caption_diversity(predictions)
     captioner.train()
     return {"val_loss": loss_sum / max(tokens, 1), "val_rougeL": metrics["rougeL"], "val_bleu4": metrics["bleu4"],
+            "val_cider_d": validation_cider_d(predictions, references),
             "val_distinct_captions": diversity["distinct_captions"],
             "val_top_caption_share": round(diversity["top_caption_share"], 4),
             "example": predictions[0] if predictions else "",
@@ -481,7 +497,8 @@ def export_metadata(config: TrainConfig, state: TrainerState, kind: str) -> dict
         "checkpoint": kind,
         "step": state.step,
         "hyperparameters": dataclasses.asdict(config),
-        "best": {"val_rougeL": state.best_rougeL if state.best_rougeL >= 0 else None, "step": state.best_step},
+        "best": {"by": SELECT_BY[config.select_by][0], SELECT_BY[config.select_by][0]: state.best_score,
+                 "step": state.best_step},
         "history": state.history,
         "library_versions": library_versions(),
     }
@@ -561,7 +578,16 @@ def load_resume_state(run_dir: Path, accelerator, adapter, optimizer, scheduler)
                 lambda: accelerator.scaler.load_state_dict(load_state(resume_dir, "grad_scaler")))
     restore(rng_file, lambda: set_rng_states(load_state(resume_dir, f"rng_{accelerator.process_index}")))
     return restore(resume_dir / TRAINER_STATE,
-                   lambda: TrainerState(**read_json(resume_dir / TRAINER_STATE, "trainer state")))
+                   lambda: trainer_state_from(read_json(resume_dir / TRAINER_STATE, "trainer state")))
+
+
+def trainer_state_from(saved: dict) -> TrainerState:
+    """A TrainerState from its JSON. States saved before --select-by kept the best val ROUGE-L as
+    best_rougeL, -1 before any validation."""
+    if isinstance(saved, dict) and "best_rougeL" in saved and "best_score" not in saved:
+        saved = {**saved, "best_score": saved["best_rougeL"] if saved["best_rougeL"] >= 0 else None}
+        del saved["best_rougeL"]
+    return TrainerState(**saved)
 
 
 def restore(what: Path, load):
@@ -739,6 +765,9 @@ def train(config: TrainConfig, on_step=None) -> dict:
     if not val_records:
         accelerator.print("note: no validation images, so no validation scores; adapter.safetensors will be the "
                           "last step's adapter")
+    elif config.select_by == "cider_d" and len(val_records) < CIDER_MIN_VAL_IMAGES:
+        accelerator.print(f"note: CIDEr-D weighs words by how few of the {len(val_records)} validation images use "
+                          "them, which says little with so few; --val-limit 0 (all) or --select-by rougeL is safer")
 
     def log(record: dict) -> None:
         if accelerator.is_main_process:
@@ -750,14 +779,18 @@ def train(config: TrainConfig, on_step=None) -> dict:
             save_export(run_dir, accelerator, adapter, captioner, config, state, "best")
             return
         result = validate(captioner, val_pairs, val_records, config, accelerator)
-        improved = result["val_rougeL"] > state.best_rougeL
+        key, higher_is_better = SELECT_BY[config.select_by]
+        improved = (state.best_score is None or math.isnan(state.best_score)
+                    or (result[key] > state.best_score if higher_is_better else result[key] < state.best_score))
         if improved:
-            state.best_rougeL, state.best_step = result["val_rougeL"], state.step
+            state.best_score, state.best_step = result[key], state.step
+        result["best"] = improved  # so the report marks the adapter that was kept
         state.history.append({"step": state.step,
                               **{k: v for k, v in result.items() if k not in ("example", "warning")}})
         log({"type": "eval", "step": state.step, "epoch": state.epoch, **result})
         accelerator.print(f"step {state.step}: val loss {result['val_loss']:.4f}  val ROUGE-L "
-                          f"{result['val_rougeL']:.4f}  e.g. {result['example']!r}")
+                          f"{result['val_rougeL']:.4f}  CIDEr-D {result['val_cider_d']:.4f}"
+                          f"{'  (best so far, saved)' if improved else ''}  e.g. {result['example']!r}")
         if result["warning"]:
             accelerator.print(f"step {state.step}: {result['warning']}")
         if improved:
@@ -870,7 +903,7 @@ def train(config: TrainConfig, on_step=None) -> dict:
         report_bad_samples(run_dir, bad_samples, accelerator)
         stopped = stop_requested(stop, accelerator)
     summary = {"run_dir": str(run_dir), "interrupted": stopped, "step": state.step,
-               "best_val_rougeL": state.best_rougeL, "best_step": state.best_step,
+               "best": {"by": SELECT_BY[config.select_by][0], "score": state.best_score, "step": state.best_step},
                "nonfinite_steps": state.nonfinite_steps, "bad_samples": len(bad_samples)}
     if stopped:
         accelerator.print(f"{stop.signal_name or 'signal'}: training finished and is saved in {run_dir}; the test "

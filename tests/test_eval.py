@@ -18,7 +18,7 @@ from conftest import train_args
 from dataset import extract_features, load_records
 from metrics import COCO_METRICS, coco_metrics
 from model import load_captioner
-from report import collapse_line, render_report
+from report import best_validation, collapse_line, render_report
 from utils import caption_diversity, collapse_warning, read_jsonl, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,6 +88,17 @@ def test_metrics_baseline_and_report_hold_the_numbers_of_the_run(tiny, run, eval
     for name in ("curve_loss.png", "curve_val_metrics.png"):
         with Image.open(evaluated / name) as image:
             assert image.format == "PNG" and image.width > 300
+
+
+def test_the_curves_mark_the_validation_whose_adapter_was_kept():
+    # Since --select-by, train.py marks each validation that saved the top adapter; the last one holds.
+    marked = [{"step": 2, "val_rougeL": 0.5, "best": True}, {"step": 4, "val_rougeL": 0.7, "best": True},
+              {"step": 6, "val_rougeL": 0.9, "best": False}]  # e.g. --select-by loss: not the top ROUGE-L
+    assert best_validation(marked)["step"] == 4
+    # Older logs: the first step with the highest ROUGE-L, as those runs chose.
+    old = [{"step": 2, "val_rougeL": 0.5}, {"step": 4, "val_rougeL": 0.7}, {"step": 6, "val_rougeL": 0.7}]
+    assert best_validation(old)["step"] == 4
+    assert best_validation([]) is None
 
 
 def test_decoding_sweep_is_one_table_on_the_same_split(evaluated):

@@ -125,6 +125,18 @@ def test_without_java_the_metrics_degrade_with_one_note(monkeypatch, capsys):
     assert ours.metrics["coco_bleu1"] > 0 and ours.metrics["coco_rougeL"] > 0
 
 
+def test_validation_cider_d_is_the_splits_cider_d_with_python_tokens():
+    scores = coco_metrics({"run": PREDICTIONS}, REFERENCES, use_java=False)["run"]
+    assert metrics.validation_cider_d(PREDICTIONS, REFERENCES) == pytest.approx(scores.metrics["coco_cider_d"],
+                                                                                 rel=1e-12)
+    assert scores.metrics["coco_cider_d"] > 0
+    # A whole-split statistic: the IDF of half the split gives the first image another score.
+    half = metrics.validation_cider_d(PREDICTIONS[:4], REFERENCES[:4])
+    assert half != pytest.approx(sum(scores.per_image["coco_cider_d"][:4]) / 4)
+    with pytest.raises(ValueError, match="3 predictions for 4 images"):
+        metrics.validation_cider_d(PREDICTIONS[:3], REFERENCES[:4])
+
+
 def test_nearest_neighbour_captions_rule():
     train_features = torch.tensor([[1.0, 0.0], [0.0, 1.0], [10.0, 10.0], [0.0, 2.0]])
     train_captions = [["a first", "a second"], "b", ["c"], ["d"]]

@@ -219,19 +219,24 @@ def test_a_run_saved_before_later_fields_existed_resumes_as_it_was_trained(tiny,
     assert train.main([*args, "--max-steps", "4"]) == 0
     for name in ("run_config.json", "adapter_config.json", "last/adapter_config.json"):  # as written back then
         saved = json.loads((tmp_path / "old" / name).read_text())
-        for field in train.FIELDS_ADDED_LATER:  # standardize_image_features, adapter_layers
-            del saved[field]
+        for field in train.FIELDS_ADDED_LATER:  # standardize_image_features, adapter_layers, select_by
+            assert field in saved or name != "run_config.json"
+            saved.pop(field, None)
         (tmp_path / "old" / name).write_text(json.dumps(saved))
     # The resume state's settings digest, as the code before the field computed it (over every field then).
     fixed = {name: value for name, value in json.loads((tmp_path / "old" / "run_config.json").read_text()).items()
              if name not in train.RESUME_OVERRIDES | {*train.RESUME_FROM_COMMAND_LINE, "resume"}}
     old_digest = hashlib.sha256(json.dumps(fixed, sort_keys=True, default=str).encode()).hexdigest()[:16]
     state_file = tmp_path / "old" / "resume" / "trainer_state.json"
-    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "settings": old_digest}))
+    state = json.loads(state_file.read_text())
+    best = state.pop("best_score")  # kept as best_rougeL before --select-by, -1 until a validation
+    state_file.write_text(json.dumps({**state, "settings": old_digest, "best_rougeL": -1 if best is None else best}))
     resume = ["--output-dir", str(tmp_path), "--run-name", "old", "--resume", "--no-progress", "--max-steps", "6"]
     assert train.main(resume) == 0  # not "does not belong to this run", nor a missing feature_mean
     assert json.loads((tmp_path / "old" / "run_config.json").read_text())["standardize_image_features"] is False
     assert "feature_mean" not in adapter_weights(tmp_path / "old" / "last" / "adapter.safetensors")
+    assert json.loads((tmp_path / "old" / "last" / "adapter_config.json").read_text())["training"]["best"]["by"] == \
+        "val_rougeL"
     assert max(r["step"] for r in read_jsonl(tmp_path / "old" / "train_log.jsonl") if r["type"] == "train") == 6
 
 
@@ -307,6 +312,51 @@ def test_validation_says_when_the_lm_writes_one_caption_for_every_image(tiny, tm
     assert "one caption for" not in capsys.readouterr().out
 
 
+def kept_validation(run: Path) -> tuple[int, dict]:
+    """The step of the adapter at the run's top, and the run's validation records by step."""
+    training = json.loads((run / "adapter_config.json").read_text())["training"]
+    assert training["step"] == training["best"]["step"]  # the top adapter was written at its best step
+    return training["best"]["step"], {r["step"]: r for r in read_jsonl(run / "train_log.jsonl") if r["type"] == "eval"}
+
+
+def test_select_by_loss_keeps_the_adapter_of_the_lowest_validation_loss(tiny, tmp_path, capsys):
+    args = train_args(tiny, tmp_path, "by-loss", "--final-eval", "false", "--max-steps", "8", "--eval-every", "2",
+                      "--select-by", "loss")
+    assert train.main(args) == 0
+    step, evals = kept_validation(tmp_path / "by-loss")
+    lowest = min(evals.values(), key=lambda r: (r["val_loss"], r["step"]))
+    assert step == lowest["step"] and lowest["best"]
+    assert len({r["val_loss"] for r in evals.values()}) == 4  # four validations, four different losses
+    training = json.loads((tmp_path / "by-loss" / "adapter_config.json").read_text())["training"]
+    assert training["best"] == {"by": "val_loss", "val_loss": lowest["val_loss"], "step": step}
+    # --select-by decides what "best" means for the whole run: a resume may not change it.
+    resume = ["--output-dir", str(tmp_path), "--run-name", "by-loss", "--resume", "--no-progress"]
+    assert run_cli(train.main, [*resume, "--select-by", "rougeL"]) == 2
+    assert "--select-by (saved 'loss') cannot change" in capsys.readouterr().err
+    # A hand-edited choice that train.py does not know is named with the ones it does.
+    config_file = tmp_path / "by-loss" / "run_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "select_by": "bleu"}))
+    assert run_cli(train.main, resume) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "select_by is 'bleu', expected one of rougeL, cider_d, loss" in error, error
+
+
+def test_select_by_cider_d_keeps_the_adapter_of_the_highest_validation_cider_d(tiny, tmp_path, monkeypatch, capsys):
+    # The tiny LM's captions score alike at every step, so the validation CIDEr-D is scripted: highest
+    # at the second of four validations, after a lower one and before lower ones.
+    scores = iter([0.2, 0.9, 0.5, 0.1])
+    monkeypatch.setattr(train, "validation_cider_d", lambda predictions, references: next(scores))
+    args = train_args(tiny, tmp_path, "by-cider", "--final-eval", "false", "--max-steps", "8", "--eval-every", "2",
+                      "--select-by", "cider_d", "--val-limit", "0")
+    assert train.main(args) == 0
+    step, evals = kept_validation(tmp_path / "by-cider")
+    assert step == 4 and evals[4]["val_cider_d"] == 0.9
+    assert [evals[s]["best"] for s in (2, 4, 6, 8)] == [True, True, False, False]
+    printed = capsys.readouterr().out
+    assert "step 4: val loss" in printed and "CIDEr-D 0.9000  (best so far, saved)" in printed
+    assert "CIDEr-D weighs words" in printed  # 6 validation images: too few for its IDF, and it says so
+
+
 def test_without_validation_images_the_best_adapter_is_the_last(tiny, tmp_path, capsys):
     import shutil
 
@@ -321,7 +371,7 @@ def test_without_validation_images_the_best_adapter_is_the_last(tiny, tmp_path, 
     last = adapter_weights(tmp_path / "noval" / "last" / "adapter.safetensors")
     assert all(torch.equal(best[key], last[key]) for key in last)
     training = json.loads((tmp_path / "noval" / "adapter_config.json").read_text())["training"]
-    assert training["best"] == {"val_rougeL": None, "step": 6}  # no score, not a made-up -1
+    assert training["best"] == {"by": "val_rougeL", "val_rougeL": None, "step": 6}  # no score, not a made-up -1
 
 
 def test_existing_run_is_never_overwritten(tiny, tmp_path, capsys):
