@@ -397,9 +397,33 @@ def test_inference_with_only_bad_images_loads_no_model(checkpoint, tmp_path, mon
     assert run_cli(inference.main, ["--checkpoint", str(checkpoint), str(tmp_path / "notes.jpg")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "notes.jpg" in err and "Traceback" not in err
-    (tmp_path / "photos").mkdir()  # a folder where its images were meant: say how to name them
+    (tmp_path / "photos").mkdir()  # a folder with no image in it: said so, in one line
     assert run_cli(inference.main, ["--checkpoint", str(checkpoint), str(tmp_path / "photos")]) == 1
-    assert capsys.readouterr().err.strip().endswith(f"to caption the images in it, name them: {tmp_path}/photos/*.jpg")
+    assert capsys.readouterr().err.strip() == (f"error: {tmp_path}/photos is a folder with no image files in it "
+                                               "(looked for .bmp .gif .jpeg .jpg .png .tif .tiff .webp, sub-folders "
+                                               "included)")
+
+
+def test_inference_on_a_folder_captions_the_images_under_it_in_order(tiny, checkpoint, tmp_path, capsys):
+    images = sorted((Path(tiny["data_dir"]) / "images").glob("test_*.png"))[:3]
+    folder = tmp_path / "photos"
+    (folder / "trip" / ".thumbnails").mkdir(parents=True)
+    named = [folder / "b.PNG", folder / "a.png", folder / "trip" / "c.png"]
+    for source, target in zip(images, named):
+        shutil.copy(source, target)
+    for other in ("notes.txt", ".DS_Store", "._a.png", "trip/.thumbnails/c.png"):  # not photos: left out
+        shutil.copy(images[0], folder / other)
+    single = tmp_path / "single.png"
+    shutil.copy(images[0], single)
+    assert inference.main(["--checkpoint", str(checkpoint), "--batch-size", "2", str(folder), str(single)]) == 0
+    out, err = capsys.readouterr()
+    listed = [line.split("\t")[0] for line in out.splitlines()]
+    assert listed == [str(folder / "a.png"), str(folder / "b.PNG"), str(folder / "trip" / "c.png"), str(single)]
+    assert err.strip() == f"note: {folder}: left out 4 files not named as images (.bmp .gif .jpeg .jpg .png .tif " \
+                          ".tiff .webp) or hidden"
+    # The same captions as naming the files one by one.
+    assert inference.main(["--checkpoint", str(checkpoint), *listed]) == 0
+    assert capsys.readouterr().out == out
 
 
 def test_eval_with_a_bad_image_is_one_line(tiny, checkpoint, tmp_path, capsys):
