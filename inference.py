@@ -59,7 +59,8 @@ def image_paths(arguments: list[str]) -> list[str]:
         images = [str(p) for p in files if p.suffix.lower() in IMAGE_SUFFIXES
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
         if len(images) < len(files):
-            print(f"note: {argument}: left out {len(files) - len(images)} files not named as images "
+            left_out = len(files) - len(images)
+            print(f"note: {argument}: left out {left_out} file{'s' if left_out != 1 else ''} not named as images "
                   f"({' '.join(sorted(IMAGE_SUFFIXES))}) or hidden", file=sys.stderr)
         paths += images or [argument]
     return paths
