@@ -688,11 +688,142 @@ def banner(accelerator, config, train_pairs, train_records, steps_per_epoch, tot
 # The run
 # ----------------------------------------------------------------------------------------------
 
+@dataclass
+class Run:
+    """One training run once it is set up: what train() built (the prepared adapter, optimizer,
+    schedule and loader, the data, the state) and what the loop does with them besides stepping."""
+
+    config: TrainConfig
+    accelerator: object
+    run_dir: Path
+    captioner: object
+    adapter: object  # accelerator-prepared (DDP-wrapped under several processes)
+    optimizer: object
+    scheduler: object
+    train_loader: object
+    train_records: list
+    train_pairs: CaptionPairs
+    val_records: list
+    val_pairs: CaptionPairs
+    test_split: tuple | None  # loaded before training so that missing test images stop the run early
+    bad_samples: list
+    total_steps: int
+    state: TrainerState
+    last_validated: int = -1  # the step of the latest validation
+
+    def log(self, record: dict) -> None:
+        if self.accelerator.is_main_process:
+            append_jsonl(self.run_dir / TRAIN_LOG, {**record, "time": round(time.time(), 3)})
+
+    def save_export(self, kind: str) -> None:
+        directory = self.run_dir if kind == "best" else self.run_dir / "last"
+        save_export(directory, self.accelerator, self.adapter, self.captioner, self.config, self.state, kind)
+
+    def save_checkpoint(self) -> None:
+        self.save_export("last")
+        save_resume_state(self.run_dir, self.accelerator, self.adapter, self.optimizer, self.scheduler, self.state)
+
+    def validate(self) -> None:
+        """Score the adapter on the validation images, and keep it at the run's top if --select-by's score improved."""
+        state, accelerator = self.state, self.accelerator
+        self.last_validated = state.step
+        if not self.val_records:  # nothing to choose by: the latest adapter is the best there is
+            state.best_step = state.step
+            self.save_export("best")
+            return
+        result = validate(self.captioner, self.val_pairs, self.val_records, self.config, accelerator)
+        key, higher_is_better = SELECT_BY[self.config.select_by]
+        improved = (state.best_score is None or math.isnan(state.best_score)
+                    or (result[key] > state.best_score if higher_is_better else result[key] < state.best_score))
+        if improved:
+            state.best_score, state.best_step = result[key], state.step
+        result["best"] = improved  # so the report marks the adapter that was kept
+        state.history.append({"step": state.step,
+                              **{k: v for k, v in result.items() if k not in ("example", "warning")}})
+        self.log({"type": "eval", "step": state.step, "epoch": state.epoch, **result})
+        accelerator.print(f"step {state.step}: val loss {result['val_loss']:.4f}  val ROUGE-L "
+                          f"{result['val_rougeL']:.4f}  CIDEr-D {result['val_cider_d']:.4f}"
+                          f"{'  (best so far, saved)' if improved else ''}  e.g. {result['example']!r}")
+        if result["warning"]:
+            accelerator.print(f"step {state.step}: {result['warning']}")
+        if improved:
+            self.save_export("best")
+
+    def skip_nonfinite_step(self, window_losses: list, grad_norm: float, pair_indices: list) -> None:
+        """Log a step that was not applied (NaN/inf) with its images; stop the run after too many in a row."""
+        state, config = self.state, self.config
+        state.nonfinite_in_a_row += 1
+        state.nonfinite_steps += 1
+        images = sorted({self.train_records[self.train_pairs.image_index(i)].image_id for i in pair_indices})
+        self.log({"type": "nonfinite", "step": state.step, "epoch": state.epoch, "losses": window_losses,
+                  "grad_norm": grad_norm, "image_ids": images})
+        self.accelerator.print(f"step {state.step}: non-finite loss or gradient (losses {window_losses}, grad norm "
+                               f"{grad_norm}); the step was not applied ({state.nonfinite_in_a_row} in a row)")
+        if config.max_nonfinite_steps and state.nonfinite_in_a_row >= config.max_nonfinite_steps:
+            lower_rate = f"{config.learning_rate / 10:g}"
+            if resume_state_dir(self.run_dir) is None:
+                raise UserError(
+                    f"{state.nonfinite_in_a_row} non-finite steps in a row (up to step {state.step}), before the run's "
+                    f"first checkpoint: start again with a lower learning rate (--learning-rate "
+                    f"{lower_rate}) under another --run-name, or check the batches named in "
+                    f"{self.run_dir / TRAIN_LOG}")
+            raise UserError(
+                f"{state.nonfinite_in_a_row} non-finite steps in a row (up to step {state.step}): the run stopped "
+                f"and its last good checkpoint in {self.run_dir / 'resume'} is intact; continue it with a lower "
+                f"learning rate ({resume_command(config, self.accelerator.num_processes, '--learning-rate', lower_rate)})"
+                f" or check the batches named in {self.run_dir / TRAIN_LOG}"
+            )
+
+
+class LossWindow:
+    """The training loss and real samples since the last log line, kept on the device: reading them
+    back costs a host sync, paid only every --log-every steps."""
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.loss = torch.zeros((), device=accelerator.device)
+        self.samples = torch.zeros((), dtype=torch.long, device=accelerator.device)  # real rows, not padding
+        self.steps, self.start = 0, time.perf_counter()
+
+    def add_step(self, step_losses: list, accumulation: int) -> None:
+        self.loss += torch.stack(step_losses).sum() / accumulation  # the accumulation window's mean
+        self.steps += 1
+
+    def flush(self) -> dict:
+        """Mean loss and samples/s over every process since the last flush; then start a new window."""
+        mean_loss = self.accelerator.reduce(self.loss, "mean").item() / self.steps
+        samples = self.accelerator.reduce(self.samples, "sum").item()
+        speed = samples / (time.perf_counter() - self.start)
+        self.loss.zero_()
+        self.samples.zero_()
+        self.steps, self.start = 0, time.perf_counter()
+        return {"loss": mean_loss, "samples": samples, "samples_per_s": speed}
+
+
 def train(config: TrainConfig, on_step=None) -> dict:
     """Train (or continue) one run; returns a summary. `on_step(step)` is called after every step."""
+    config, accelerator = start(config)
+    run = set_up_run(config, accelerator)
+    with StopRequest() as stop:
+        if not train_steps(run, stop, on_step):
+            return {"run_dir": str(run.run_dir), "interrupted": True, "step": run.state.step}
+        # Still under StopRequest: a signal now waits until the finished run is saved.
+        if run.last_validated != run.state.step:
+            run.validate()
+        run.state.finished = True
+        run.save_checkpoint()
+        report_bad_samples(run.run_dir, run.bad_samples, accelerator)
+        stopped = stop_requested(stop, accelerator)
+    summary = finish(run, stopped, stop.signal_name)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+def start(config: TrainConfig):
+    """The resolved config and the Accelerator; every process agrees on the run's name."""
     from accelerate import Accelerator
-    from accelerate.utils import broadcast_object_list, set_seed
-    from tqdm.auto import tqdm
+    from accelerate.utils import broadcast_object_list
 
     if config.resume:
         config = resolve_config(config)  # the saved config, precision and accumulation included
@@ -708,10 +839,17 @@ def train(config: TrainConfig, on_step=None) -> dict:
         with accelerator.main_process_first():
             config = resolve_config(config)
         config.run_name = broadcast_object_list([config.run_name])[0]
+    return config, accelerator
+
+
+def set_up_run(config: TrainConfig, accelerator) -> Run:
+    """Backbones, data, features, optimizer and schedule, prepared by Accelerate; on --resume the
+    saved state loaded into them. Writes the run's config, prints the banner."""
+    from accelerate.utils import set_seed
+
     run_dir = Path(config.output_dir) / config.run_name
     check_run_folder(run_dir, config)
     set_seed(config.seed)
-
     captioner = build_captioner(adapter_config_for(config), dtype=frozen_dtype(config), device=accelerator.device,
                                 lm_quantization=config.lm_quantization, trust_remote_code=config.trust_remote_code)
     bad_samples: list[tuple[str, str]] = []
@@ -737,28 +875,17 @@ def train(config: TrainConfig, on_step=None) -> dict:
     scheduler = lr_schedule(optimizer, config, total_steps, accelerator.num_processes)
     adapter, optimizer, train_loader, scheduler = accelerator.prepare(adapter, optimizer, train_loader, scheduler)
     captioner.adapter = adapter
+    run = Run(config, accelerator, run_dir, captioner, adapter, optimizer, scheduler, train_loader, train_records,
+              train_pairs, val_records, val_pairs, test_split, bad_samples, total_steps, TrainerState())
 
-    state = TrainerState()
     train_data = training_set_label(train_records, train_pairs)
     if config.resume:
-        state = load_resume_state(run_dir, accelerator, adapter, optimizer, scheduler)
-        check_resume_belongs(state, run_dir, config, train_data)
-        changes = getattr(config, "resume_changes", {})
-        if {"epochs", "max_steps"} & set(changes) and total_steps <= state.step:
-            raise UserError(f"{run_dir} is at step {state.step}, and with the new --epochs/--max-steps the run has "
-                            f"{total_steps} steps: nothing to continue; give more steps than {state.step}")
-        if {"learning_rate", "epochs", "max_steps"} & set(changes):
-            # The optimizer comes back with the old schedule's last rate (0 where that schedule ended):
-            # the first step must take the rate of the new schedule at this step, as every later one does.
-            set_peak_learning_rate(optimizer, scheduler, config.learning_rate)
-        state.finished = state.finished and state.step >= total_steps  # a finished run given more steps goes on
-        changed = "".join(f", --{name.replace('_', '-')} {new} (was {old})" for name, (old, new) in changes.items())
-        accelerator.print(f"resuming {run_dir} at step {state.step} (epoch {state.epoch}, "
-                          f"batch {state.batches_in_epoch}){changed}")
-    state.settings, state.train_data = settings_digest(config), train_data
+        resume(run, train_data)
+    run.state.settings, run.state.train_data = settings_digest(config), train_data
+    run.last_validated = run.state.history[-1]["step"] if run.state.history else -1
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        truncate_log(run_dir / TRAIN_LOG, state.step)  # first: a damaged log stops a resume before the config changes
+        truncate_log(run_dir / TRAIN_LOG, run.state.step)  # first: a damaged log stops a resume before the config changes
         write_json(run_dir / RUN_CONFIG, dataclasses.asdict(config))
     trainable = sum(p.numel() for p in adapter.parameters() if p.requires_grad)
     banner(accelerator, config, train_pairs, train_records, steps_per_epoch, total_steps, trainable)
@@ -768,157 +895,124 @@ def train(config: TrainConfig, on_step=None) -> dict:
     elif config.select_by == "cider_d" and len(val_records) < CIDER_MIN_VAL_IMAGES:
         accelerator.print(f"note: CIDEr-D weighs words by how few of the {len(val_records)} validation images use "
                           "them, which says little with so few; --val-limit 0 (all) or --select-by rougeL is safer")
+    return run
 
-    def log(record: dict) -> None:
-        if accelerator.is_main_process:
-            append_jsonl(run_dir / TRAIN_LOG, {**record, "time": round(time.time(), 3)})
 
-    def run_validation() -> None:
-        if not val_records:  # nothing to choose by: the latest adapter is the best there is
-            state.best_step = state.step
-            save_export(run_dir, accelerator, adapter, captioner, config, state, "best")
-            return
-        result = validate(captioner, val_pairs, val_records, config, accelerator)
-        key, higher_is_better = SELECT_BY[config.select_by]
-        improved = (state.best_score is None or math.isnan(state.best_score)
-                    or (result[key] > state.best_score if higher_is_better else result[key] < state.best_score))
-        if improved:
-            state.best_score, state.best_step = result[key], state.step
-        result["best"] = improved  # so the report marks the adapter that was kept
-        state.history.append({"step": state.step,
-                              **{k: v for k, v in result.items() if k not in ("example", "warning")}})
-        log({"type": "eval", "step": state.step, "epoch": state.epoch, **result})
-        accelerator.print(f"step {state.step}: val loss {result['val_loss']:.4f}  val ROUGE-L "
-                          f"{result['val_rougeL']:.4f}  CIDEr-D {result['val_cider_d']:.4f}"
-                          f"{'  (best so far, saved)' if improved else ''}  e.g. {result['example']!r}")
-        if result["warning"]:
-            accelerator.print(f"step {state.step}: {result['warning']}")
-        if improved:
-            save_export(run_dir, accelerator, adapter, captioner, config, state, "best")
+def resume(run: Run, train_data: str) -> None:
+    """Load the run's resume state into the prepared pieces, after checking it is this run's, and
+    apply the flags that changed (a longer run, another peak learning rate)."""
+    config, accelerator = run.config, run.accelerator
+    state = run.state = load_resume_state(run.run_dir, accelerator, run.adapter, run.optimizer, run.scheduler)
+    check_resume_belongs(state, run.run_dir, config, train_data)
+    changes = getattr(config, "resume_changes", {})
+    if {"epochs", "max_steps"} & set(changes) and run.total_steps <= state.step:
+        raise UserError(f"{run.run_dir} is at step {state.step}, and with the new --epochs/--max-steps the run has "
+                        f"{run.total_steps} steps: nothing to continue; give more steps than {state.step}")
+    if {"learning_rate", "epochs", "max_steps"} & set(changes):
+        # The optimizer comes back with the old schedule's last rate (0 where that schedule ended):
+        # the first step must take the rate of the new schedule at this step, as every later one does.
+        set_peak_learning_rate(run.optimizer, run.scheduler, config.learning_rate)
+    state.finished = state.finished and state.step >= run.total_steps  # a finished run given more steps goes on
+    changed = "".join(f", --{name.replace('_', '-')} {new} (was {old})" for name, (old, new) in changes.items())
+    accelerator.print(f"resuming {run.run_dir} at step {state.step} (epoch {state.epoch}, "
+                      f"batch {state.batches_in_epoch}){changed}")
 
-    def save_checkpoint() -> None:
-        save_export(run_dir / "last", accelerator, adapter, captioner, config, state, "last")
-        save_resume_state(run_dir, accelerator, adapter, optimizer, scheduler, state)
 
-    def skip_nonfinite_step(window_losses: list, grad_norm: float, pair_indices: list) -> None:
-        state.nonfinite_in_a_row += 1
-        state.nonfinite_steps += 1
-        images = sorted({train_records[train_pairs.image_index(i)].image_id for i in pair_indices})
-        log({"type": "nonfinite", "step": state.step, "epoch": state.epoch, "losses": window_losses,
-             "grad_norm": grad_norm, "image_ids": images})
-        accelerator.print(f"step {state.step}: non-finite loss or gradient (losses {window_losses}, grad norm "
-                          f"{grad_norm}); the step was not applied ({state.nonfinite_in_a_row} in a row)")
-        if config.max_nonfinite_steps and state.nonfinite_in_a_row >= config.max_nonfinite_steps:
-            lower_rate = f"{config.learning_rate / 10:g}"
-            if resume_state_dir(run_dir) is None:
-                raise UserError(
-                    f"{state.nonfinite_in_a_row} non-finite steps in a row (up to step {state.step}), before the run's "
-                    f"first checkpoint: start again with a lower learning rate (--learning-rate "
-                    f"{lower_rate}) under another --run-name, or check the batches named in "
-                    f"{run_dir / TRAIN_LOG}")
-            raise UserError(
-                f"{state.nonfinite_in_a_row} non-finite steps in a row (up to step {state.step}): the run stopped "
-                f"and its last good checkpoint in {run_dir / 'resume'} is intact; continue it with a lower learning "
-                f"rate ({resume_command(config, accelerator.num_processes, '--learning-rate', lower_rate)}) or "
-                f"check the batches named in {run_dir / TRAIN_LOG}"
-            )
+def train_steps(run: Run, stop: StopRequest, on_step=None) -> bool:
+    """Optimizer steps from the state's position to the run's end, validating, saving and logging
+    at their cadence. Returns False when a signal stopped it (a resumable checkpoint is then saved)."""
+    from tqdm.auto import tqdm
 
-    last_validated = state.history[-1]["step"] if state.history else -1
-    running_loss, running_steps, window_start = torch.zeros((), device=accelerator.device), 0, time.perf_counter()
-    running_samples = torch.zeros((), dtype=torch.long, device=accelerator.device)  # real rows, not padding
-    window_losses, window_pairs = [], []
-    bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step",
+    config, accelerator, state = run.config, run.accelerator, run.state
+    window = LossWindow(accelerator)
+    step_losses, step_pairs = [], []  # the micro-batches of the optimizer step being accumulated
+    bar = tqdm(total=run.total_steps, initial=state.step, desc="training", unit="step",
                disable=not (config.progress and accelerator.is_local_main_process))
-    loss_function = TrainingLoss(captioner, compile=config.compile)
-    captioner.train()
-    with StopRequest() as stop:
-        while state.step < total_steps and not state.finished:
-            train_loader.set_epoch(state.epoch)
-            batches = (accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
-                       if state.batches_in_epoch else train_loader)
-            for batch in batches:
-                window_pairs.append(batch.pop("pair_index"))  # read back only for a skipped step: no sync here
-                with accelerator.accumulate(adapter):
-                    with accelerator.autocast():
-                        loss = loss_function(**batch)
-                    loss = weight_by_global_tokens(loss, batch["labels"], accelerator)
-                    scale = short_window_scale(state.batches_in_epoch, len(train_loader), config.grad_accum_steps)
-                    if scale != 1:
-                        loss = loss * scale
-                    accelerator.backward(loss)
-                    running_samples += (batch["labels"] != IGNORE_INDEX).any(dim=1).sum()
-                    window_losses.append(loss.detach())
-                    if accelerator.sync_gradients:
-                        outcome = optimizer_step(accelerator, adapter, optimizer, scheduler, window_losses,
-                                                 config.max_grad_norm)
-                state.batches_in_epoch += 1
-                if not accelerator.sync_gradients:
-                    continue
-                state.step += 1
-                bar.update(1)
-                if outcome.applied:
-                    state.nonfinite_in_a_row = 0
-                    running_loss += torch.stack(window_losses).sum() / config.grad_accum_steps  # the window's mean
-                    running_steps += 1
-                elif outcome.nonfinite:
-                    skip_nonfinite_step([float(x) for x in window_losses], outcome.grad_norm,
-                                        torch.cat(window_pairs).tolist())
-                else:  # fp16's loss scaler skipped an overflowing step and lowered its scale
-                    log({"type": "overflow", "step": state.step, "epoch": state.epoch,
-                         "loss_scale": outcome.loss_scale})
-                window_losses, window_pairs = [], []
-                if (state.step % config.log_every == 0 or state.step == total_steps) and running_steps:
-                    mean_loss = accelerator.reduce(running_loss, "mean").item() / running_steps
-                    samples = accelerator.reduce(running_samples, "sum").item()
-                    speed = samples / (time.perf_counter() - window_start)
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", samples_per_s=f"{speed:,.0f}")
-                    log({"type": "train", "step": state.step, "epoch": state.epoch, "loss": mean_loss,
-                         "lr": scheduler.get_last_lr()[0], "samples": samples, "samples_per_s": speed})
-                    running_loss.zero_()
-                    running_samples.zero_()
-                    running_steps, window_start = 0, time.perf_counter()
-                if config.eval_every and state.step % config.eval_every == 0:
-                    run_validation()
-                    last_validated = state.step
-                if config.save_every and state.step % config.save_every == 0:
-                    save_checkpoint()
-                if on_step is not None:
-                    on_step(state.step)
-                if stop_requested(stop, accelerator) or state.step >= total_steps:
-                    break
-            else:
-                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
-            if stop.signal_name or stop.agreed:
-                bar.close()
-                save_checkpoint()
-                accelerator.print(f"{stop.signal_name or 'signal'}: saved a checkpoint at step {state.step}; "
-                                  f"continue with {resume_command(config, accelerator.num_processes)}")
-                return {"run_dir": str(run_dir), "interrupted": True, "step": state.step}
-        bar.close()
-        # Still under StopRequest: a signal now waits until the finished run is saved.
-        if last_validated != state.step:
-            run_validation()
-        state.finished = True
-        save_checkpoint()
-        report_bad_samples(run_dir, bad_samples, accelerator)
-        stopped = stop_requested(stop, accelerator)
+    loss_function = TrainingLoss(run.captioner, compile=config.compile)
+    run.captioner.train()
+    while state.step < run.total_steps and not state.finished:
+        run.train_loader.set_epoch(state.epoch)
+        batches = (accelerator.skip_first_batches(run.train_loader, state.batches_in_epoch)
+                   if state.batches_in_epoch else run.train_loader)
+        for batch in batches:
+            step_pairs.append(batch.pop("pair_index"))  # read back only for a skipped step: no sync here
+            with accelerator.accumulate(run.adapter):
+                with accelerator.autocast():
+                    loss = loss_function(**batch)
+                loss = weight_by_global_tokens(loss, batch["labels"], accelerator)
+                scale = short_window_scale(state.batches_in_epoch, len(run.train_loader), config.grad_accum_steps)
+                if scale != 1:
+                    loss = loss * scale
+                accelerator.backward(loss)
+                window.samples += (batch["labels"] != IGNORE_INDEX).any(dim=1).sum()
+                step_losses.append(loss.detach())
+                if accelerator.sync_gradients:
+                    outcome = optimizer_step(accelerator, run.adapter, run.optimizer, run.scheduler, step_losses,
+                                             config.max_grad_norm)
+            state.batches_in_epoch += 1
+            if not accelerator.sync_gradients:
+                continue
+            state.step += 1
+            bar.update(1)
+            record_step(run, outcome, step_losses, step_pairs, window)
+            step_losses, step_pairs = [], []
+            if (state.step % config.log_every == 0 or state.step == run.total_steps) and window.steps:
+                logged = window.flush()
+                bar.set_postfix(loss=f"{logged['loss']:.4f}", samples_per_s=f"{logged['samples_per_s']:,.0f}")
+                run.log({"type": "train", "step": state.step, "epoch": state.epoch, "loss": logged["loss"],
+                         "lr": run.scheduler.get_last_lr()[0], "samples": logged["samples"],
+                         "samples_per_s": logged["samples_per_s"]})
+            if config.eval_every and state.step % config.eval_every == 0:
+                run.validate()
+            if config.save_every and state.step % config.save_every == 0:
+                run.save_checkpoint()
+            if on_step is not None:
+                on_step(state.step)
+            if stop_requested(stop, accelerator) or state.step >= run.total_steps:
+                break
+        else:
+            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+        if stop.signal_name or stop.agreed:
+            bar.close()
+            run.save_checkpoint()
+            accelerator.print(f"{stop.signal_name or 'signal'}: saved a checkpoint at step {state.step}; "
+                              f"continue with {resume_command(config, accelerator.num_processes)}")
+            return False
+    bar.close()
+    return True
+
+
+def record_step(run: Run, outcome: "StepOutcome", step_losses: list, step_pairs: list, window: LossWindow) -> None:
+    """Count an optimizer step that was applied, or log why it was not."""
+    if outcome.applied:
+        run.state.nonfinite_in_a_row = 0
+        window.add_step(step_losses, run.config.grad_accum_steps)
+    elif outcome.nonfinite:
+        run.skip_nonfinite_step([float(x) for x in step_losses], outcome.grad_norm, torch.cat(step_pairs).tolist())
+    else:  # fp16's loss scaler skipped an overflowing step and lowered its scale
+        run.log({"type": "overflow", "step": run.state.step, "epoch": run.state.epoch,
+                 "loss_scale": outcome.loss_scale})
+
+
+def finish(run: Run, stopped: bool, signal_name: str | None) -> dict:
+    """The finished run's summary, after the test evaluation (main process, --final-eval) unless a
+    signal came (to this process: `signal_name`, or to another) while the run was being finished."""
+    config, state, run_dir = run.config, run.state, run.run_dir
     summary = {"run_dir": str(run_dir), "interrupted": stopped, "step": state.step,
                "best": {"by": SELECT_BY[config.select_by][0], "score": state.best_score, "step": state.best_step},
-               "nonfinite_steps": state.nonfinite_steps, "bad_samples": len(bad_samples)}
+               "nonfinite_steps": state.nonfinite_steps, "bad_samples": len(run.bad_samples)}
     if stopped:
-        accelerator.print(f"{stop.signal_name or 'signal'}: training finished and is saved in {run_dir}; the test "
-                          f"evaluation was skipped: python eval.py {run_dir}")
-    elif config.final_eval and accelerator.is_main_process:
+        run.accelerator.print(f"{signal_name or 'signal'}: training finished and is saved in {run_dir}; the test "
+                              f"evaluation was skipped: python eval.py {run_dir}")
+    elif config.final_eval and run.accelerator.is_main_process:
         try:
-            summary["test"] = final_evaluation(captioner, accelerator.unwrap_model(adapter), run_dir, config,
-                                               test_split, train_records, train_pairs.features)
+            summary["test"] = final_evaluation(run.captioner, run.accelerator.unwrap_model(run.adapter), run_dir,
+                                               config, run.test_split, run.train_records, run.train_pairs.features)
         except KeyboardInterrupt:
             interrupt_handled()
             print(f"interrupted: training finished and is saved in {run_dir}; the test evaluation was not "
                   f"completed: python eval.py {run_dir}", file=sys.stderr)
             summary["interrupted"] = True
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
     return summary
 
 
