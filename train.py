@@ -43,6 +43,11 @@ RUN_CONFIG = "run_config.json"
 # --select-by: the validation record's key, and whether higher is better.
 SELECT_BY = {"rougeL": ("val_rougeL", True), "cider_d": ("val_cider_d", True), "loss": ("val_loss", False)}
 CIDER_MIN_VAL_IMAGES = 10  # fewer, and CIDEr-D's IDF (over the validation split) says little
+# --report-to: Accelerate's trackers, and the package each needs (pip name).
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet-ml",
+            "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio"}
+TRACKING_DIR = "tracking"  # under the run folder: where trackers that write files (TensorBoard) write
+TRACKING_PROJECT = "captioner"  # the W&B project, MLflow experiment, ... (the run is named by --run-name)
 TRAIN_LOG = "train_log.jsonl"
 TRAINER_STATE = "trainer_state.json"
 
@@ -139,6 +144,10 @@ class TrainConfig:
     num_workers: int = _help("DataLoader workers that decode images; by default one per CPU core, at most 8",
                              default=default_image_workers())
     progress: bool = _help("show progress bars", default=True)
+    report_to: str = _help(
+        "also send the log (training loss, learning rate, speed, validation and test scores) to experiment "
+        f"trackers through Accelerate, comma-separated: {', '.join(TRACKERS)} (TensorBoard writes under the run "
+        "folder, in tracking/); each needs its package installed; none: train_log.jsonl only", default="none")
 
 
 # 16 epochs: where the demo's validation loss stopped falling (measured before features were
@@ -192,7 +201,7 @@ def flags_named(argv: list[str]) -> set[str]:
 RESUME_OVERRIDES = {"epochs", "max_steps", "learning_rate", "max_nonfinite_steps", "log_every", "eval_every",
                     "save_every", "final_eval", "test_limit", "eval_batch_size", "feature_batch_size",
                     "feature_cache", "feature_cache_dir", "num_workers", "compile", "on_bad_sample", "data_dir",
-                    "hub_data_files"}
+                    "hub_data_files", "report_to"}
 # Always taken from the command line: where the run is, and what this machine may do.
 RESUME_FROM_COMMAND_LINE = ("run_name", "output_dir", "progress", "trust_remote_code")
 # Fields added after runs had been saved, with the value those runs trained with: a run_config.json
@@ -325,7 +334,28 @@ def check_config(config: TrainConfig) -> TrainConfig:
         path = Path(getattr(config, name)).expanduser() if getattr(config, name) else None
         if path is not None and path.exists() and not path.is_dir():
             raise UserError(f"{flag(name)} {path} is a file, not a folder; name a folder")
+    tracker_names(config.report_to)
     return config
+
+
+def tracker_names(report_to: str) -> list[str]:
+    """--report-to as Accelerate's tracker names, each checked to be known and installed (Accelerate
+    itself drops a tracker whose package is missing, with a debug message no one sees)."""
+    names = [name.strip().lower() for name in report_to.split(",") if name.strip()]
+    if names == ["none"]:
+        return []
+    unknown = [name for name in names if name not in TRACKERS]
+    if unknown or not names:
+        raise UserError(f"--report-to {report_to!r}: {'unknown ' + ', '.join(unknown) if unknown else 'empty'}; "
+                        f"give none or some of {', '.join(TRACKERS)}, comma-separated")
+    from accelerate.tracking import get_available_trackers
+
+    installed = {str(tracker) for tracker in get_available_trackers()}
+    missing = [name for name in names if name not in installed]
+    if missing:
+        raise UserError(f"--report-to {', '.join(missing)}: not installed here; pip install "
+                        f"{' '.join(TRACKERS[name] for name in missing)}, or leave it out")
+    return list(dict.fromkeys(names))
 
 
 def auto_mixed_precision() -> str:
@@ -712,8 +742,11 @@ class Run:
     last_validated: int = -1  # the step of the latest validation
 
     def log(self, record: dict) -> None:
+        """A record for train_log.jsonl, and for the --report-to trackers."""
         if self.accelerator.is_main_process:
             append_jsonl(self.run_dir / TRAIN_LOG, {**record, "time": round(time.time(), 3)})
+            if self.accelerator.trackers:
+                self.accelerator.log(tracker_values(record), step=record["step"])
 
     def save_export(self, kind: str) -> None:
         directory = self.run_dir if kind == "best" else self.run_dir / "last"
@@ -803,18 +836,21 @@ class LossWindow:
 def train(config: TrainConfig, on_step=None) -> dict:
     """Train (or continue) one run; returns a summary. `on_step(step)` is called after every step."""
     config, accelerator = start(config)
-    run = set_up_run(config, accelerator)
-    with StopRequest() as stop:
-        if not train_steps(run, stop, on_step):
-            return {"run_dir": str(run.run_dir), "interrupted": True, "step": run.state.step}
-        # Still under StopRequest: a signal now waits until the finished run is saved.
-        if run.last_validated != run.state.step:
-            run.validate()
-        run.state.finished = True
-        run.save_checkpoint()
-        report_bad_samples(run.run_dir, run.bad_samples, accelerator)
-        stopped = stop_requested(stop, accelerator)
-    summary = finish(run, stopped, stop.signal_name)
+    try:
+        run = set_up_run(config, accelerator)
+        with StopRequest() as stop:
+            if not train_steps(run, stop, on_step):
+                return {"run_dir": str(run.run_dir), "interrupted": True, "step": run.state.step}
+            # Still under StopRequest: a signal now waits until the finished run is saved.
+            if run.last_validated != run.state.step:
+                run.validate()
+            run.state.finished = True
+            run.save_checkpoint()
+            report_bad_samples(run.run_dir, run.bad_samples, accelerator)
+            stopped = stop_requested(stop, accelerator)
+        summary = finish(run, stopped, stop.signal_name)
+    finally:
+        close_trackers(accelerator)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
@@ -823,14 +859,17 @@ def train(config: TrainConfig, on_step=None) -> dict:
 def start(config: TrainConfig):
     """The resolved config and the Accelerator; every process agrees on the run's name."""
     from accelerate import Accelerator
-    from accelerate.utils import broadcast_object_list
+    from accelerate.utils import ProjectConfiguration, broadcast_object_list
 
     if config.resume:
         config = resolve_config(config)  # the saved config, precision and accumulation included
     elif config.mixed_precision == "auto":
         config.mixed_precision = auto_mixed_precision()
+    # Trackers that write files need a folder now; it becomes the run's own once the run is named.
     accelerator = Accelerator(mixed_precision=config.mixed_precision,
-                              gradient_accumulation_steps=config.grad_accum_steps)
+                              gradient_accumulation_steps=config.grad_accum_steps,
+                              log_with=tracker_names(config.report_to) or None,
+                              project_config=ProjectConfiguration(logging_dir=config.output_dir))
     if accelerator.num_processes == 1 and (warning := lone_cpu_launch_warning("train.py")):
         print(warning, file=sys.stderr)
     if not config.resume:
@@ -887,6 +926,7 @@ def set_up_run(config: TrainConfig, accelerator) -> Run:
         run_dir.mkdir(parents=True, exist_ok=True)
         truncate_log(run_dir / TRAIN_LOG, run.state.step)  # first: a damaged log stops a resume before the config changes
         write_json(run_dir / RUN_CONFIG, dataclasses.asdict(config))
+    start_trackers(run)
     trainable = sum(p.numel() for p in adapter.parameters() if p.requires_grad)
     banner(accelerator, config, train_pairs, train_records, steps_per_epoch, total_steps, trainable)
     if not val_records:
@@ -896,6 +936,38 @@ def set_up_run(config: TrainConfig, accelerator) -> Run:
         accelerator.print(f"note: CIDEr-D weighs words by how few of the {len(val_records)} validation images use "
                           "them, which says little with so few; --val-limit 0 (all) or --select-by rougeL is safer")
     return run
+
+
+def start_trackers(run: Run) -> None:
+    """--report-to: start Accelerate's trackers with the run's settings. A resumed run goes on in the
+    same TensorBoard folder, where what was logged after its checkpoint is hidden (purge_step), as
+    train_log.jsonl is cut back to the checkpoint."""
+    if not run.accelerator.log_with:
+        return
+    run.accelerator.project_configuration.logging_dir = str(run.run_dir / TRACKING_DIR)
+    settings = {name: value if isinstance(value, (bool, int, float, str)) else str(value)
+                for name, value in dataclasses.asdict(run.config).items()}
+    init_kwargs = {"wandb": {"name": run.config.run_name}, "mlflow": {"run_name": run.config.run_name}}
+    if run.state.step:
+        init_kwargs["tensorboard"] = {"purge_step": run.state.step + 1}
+    run.accelerator.init_trackers(TRACKING_PROJECT, config=settings, init_kwargs=init_kwargs)
+
+
+def tracker_values(record: dict) -> dict:
+    """A train_log.jsonl record as tracker scalars: its numbers, named "<type>/<name>" (val/rougeL,
+    train/loss, nonfinite/grad_norm); the step, epoch and time are the trackers' own."""
+    kind = {"eval": "val"}.get(record["type"], record["type"])
+    return {f"{kind}/{name.removeprefix('val_')}": value for name, value in record.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)
+            and name not in ("step", "epoch", "time") and math.isfinite(value)}
+
+
+def close_trackers(accelerator) -> None:
+    """Flush and close the trackers however the run ends (an interrupted or failed run included);
+    end_training() then finds none left to close again."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    accelerator.trackers = []
 
 
 def resume(run: Run, train_data: str) -> None:
@@ -1008,6 +1080,8 @@ def finish(run: Run, stopped: bool, signal_name: str | None) -> dict:
         try:
             summary["test"] = final_evaluation(run.captioner, run.accelerator.unwrap_model(run.adapter), run_dir,
                                                config, run.test_split, run.train_records, run.train_pairs.features)
+            if run.accelerator.trackers:
+                run.accelerator.log(tracker_values({"type": "test", **summary["test"]}), step=state.step)
         except KeyboardInterrupt:
             interrupt_handled()
             print(f"interrupted: training finished and is saved in {run_dir}; the test evaluation was not "

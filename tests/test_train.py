@@ -1,6 +1,7 @@
 """train.py, eval.py and inference.py end to end on the tiny backbones, resume, and the demo bar."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -185,6 +186,56 @@ def test_resume_after_crash_restarts_from_last_checkpoint(tiny, tmp_path):
     resumed = adapter_weights(tmp_path / "crashed" / "last" / "adapter.safetensors")
     for key in expected:
         assert torch.equal(expected[key], resumed[key]), key
+
+
+def tensorboard_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar TensorBoard shows for the run, as (step, value) by tag."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tracking" / "captioner"))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_report_to_tensorboard_shows_the_log_and_a_resumed_run_once(tiny, tmp_path):
+    pytest.importorskip("tensorboard")
+    args = train_args(tiny, tmp_path, "tracked", "--report-to", "tensorboard")
+
+    def crash_at_8(step):
+        if step == 8:
+            raise RuntimeError("power cut")
+
+    with pytest.raises(RuntimeError):  # after the checkpoint at step 5, steps 6 and 8 were logged
+        train.train(train.parse_config(args), on_step=crash_at_8)
+    assert [s for s, _ in tensorboard_scalars(tmp_path / "tracked")["train/loss"]] == [2, 4, 6, 8]
+    assert train.main(["--run-name", "tracked", "--output-dir", str(tmp_path), "--resume", "--no-progress"]) == 0
+
+    scalars = tensorboard_scalars(tmp_path / "tracked")
+    log = read_jsonl(tmp_path / "tracked" / "train_log.jsonl")
+    # The same numbers as train_log.jsonl, each step once: what came after the checkpoint is shown
+    # from the resumed run only, as the log keeps it.
+    for tag, kind, key in (("train/loss", "train", "loss"), ("train/lr", "train", "lr"),
+                           ("val/loss", "eval", "val_loss"), ("val/rougeL", "eval", "val_rougeL"),
+                           ("val/cider_d", "eval", "val_cider_d")):
+        expected = [(r["step"], r[key]) for r in log if r["type"] == kind]
+        assert [s for s, _ in scalars[tag]] == [s for s, _ in expected], tag
+        assert [v for _, v in scalars[tag]] == pytest.approx([v for _, v in expected], rel=1e-6, abs=1e-7), tag
+    metrics = json.loads((tmp_path / "tracked" / "metrics.json").read_text())
+    assert scalars["test/coco_cider_d"] == [(26, pytest.approx(metrics["coco_cider_d"], rel=1e-6))]
+
+
+@pytest.mark.parametrize("report_to, message", [
+    ("tensorbord", "--report-to 'tensorbord': unknown tensorbord; give none or some of tensorboard, wandb"),
+    ("wandb", "--report-to wandb: not installed here; pip install wandb, or leave it out"),
+    (",", "--report-to ',': empty"),
+])
+def test_report_to_a_tracker_that_cannot_run_is_one_line_before_any_work(tiny, tmp_path, capsys, report_to, message):
+    if report_to == "wandb" and importlib.util.find_spec("wandb"):
+        pytest.skip("wandb is installed here")
+    assert run_cli(train.main, train_args(tiny, tmp_path, "untracked", "--report-to", report_to)) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and message in error, error
+    assert not (tmp_path / "untracked").exists()
 
 
 def test_resume_continues_the_folder_it_is_given_and_applies_only_flags_that_may_change(tiny, tmp_path, capsys):
