@@ -98,6 +98,8 @@ def open_image(path):
         raise UserError(f"refusing image {path} as a possible decompression bomb: {size}") from None
     except UnidentifiedImageError:
         raise UserError(f"cannot read image {path}: not a {', '.join(IMAGE_FORMATS)} image") from None
+    except PermissionError:
+        raise UserError(f"cannot read image {path}: permission denied") from None
     except Exception as error:  # Pillow's decoders raise many kinds on hostile bytes (OSError, ValueError, ...)
         raise UserError(f"cannot read image {path} (damaged or truncated?): {_first_line(error)}") from None
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -44,32 +45,59 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def image_paths(arguments: list[str]) -> list[str]:
-    """The arguments with each folder replaced by the image files under it, sorted. Files there
-    without an image suffix (notes, .DS_Store, captions) are left out, counted in one note; a
-    folder with no image file stays, to be reported as a directory like any unreadable path."""
-    paths = []
+def image_paths(arguments: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The arguments with each folder replaced by the image files under it, sorted, and the folders
+    that could not be read (path: why). Linked folders are followed, each real folder once; links
+    named as images are kept even when broken, to be reported as missing. Files there without an
+    image suffix (notes, .DS_Store, captions) and hidden ones are left out, counted in one note;
+    hidden folders (.git, .thumbnails) are not searched."""
+    paths, unreadable = [], {}
     for argument in arguments:
-        folder = Path(argument)
-        if not folder.is_dir():
+        if not Path(argument).is_dir():
             paths.append(argument)
             continue
-        files = sorted(p for p in folder.rglob("*") if p.is_file())
-        # Hidden files and folders (macOS's "._photo.jpg", .thumbnails/) are no one's photos.
-        images = [str(p) for p in files if p.suffix.lower() in IMAGE_SUFFIXES
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
-        if len(images) < len(files):
-            left_out = len(files) - len(images)
+        images, left_out = walk_images(Path(argument), unreadable)
+        if left_out:
             print(f"note: {argument}: left out {left_out} file{'s' if left_out != 1 else ''} not named as images "
                   f"({' '.join(sorted(IMAGE_SUFFIXES))}) or hidden", file=sys.stderr)
-        paths += images or [argument]
-    return paths
+        paths += images
+        if not images and str(Path(argument)) not in unreadable:  # reported as a folder with no image files
+            paths.append(argument)
+    paths += [folder for folder in unreadable if folder not in paths]
+    return paths, unreadable
 
 
-def open_images(paths: list[str]) -> list:
+def walk_images(folder: Path, unreadable: dict[str, str]) -> tuple[list[str], int]:
+    """(image files under `folder`, sorted; how many other files were left out). Folders that cannot
+    be listed go into `unreadable`."""
+    images, left_out, seen = [], 0, set()
+
+    def cannot_list(error: OSError) -> None:
+        unreadable[error.filename] = f"cannot read folder {error.filename}: {error.strerror or error}"
+
+    for root, folders, files in os.walk(folder, onerror=cannot_list, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link back up the tree, or a second link to one folder
+            folders[:] = []
+            continue
+        seen.add(real)
+        # Hidden files and folders (macOS's "._photo.jpg", .thumbnails/) are no one's photos.
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        for name in files:
+            if Path(name).suffix.lower() in IMAGE_SUFFIXES and not name.startswith("."):
+                images.append(str(Path(root) / name))
+            else:
+                left_out += 1
+    return sorted(images, key=lambda path: Path(path).parts), left_out
+
+
+def open_images(paths: list[str], unreadable: dict[str, str]) -> list:
     """Each path's RGB image, or the UserError saying why it cannot be read."""
     opened = []
     for path in paths:
+        if path in unreadable:  # a folder that could not be listed
+            opened.append(UserError(unreadable[path]))
+            continue
         try:
             opened.append(open_image(path))
         except UserError as error:
@@ -87,12 +115,12 @@ def main(argv=None) -> int:
     checkpoint = Path(args.checkpoint)
     AdapterConfig.from_json(checkpoint / ADAPTER_CONFIG)  # a bad checkpoint is reported before any image
     captioner, failed = None, 0
-    paths_to_caption = image_paths(args.images)
+    paths_to_caption, unreadable = image_paths(args.images)
     # Decoded a batch at a time (memory stays flat however many images); the backbones are loaded
     # at the first readable image, so a run where every image is bad loads no model at all.
     for start in range(0, len(paths_to_caption), args.batch_size):
         paths = paths_to_caption[start : start + args.batch_size]
-        opened = open_images(paths)
+        opened = open_images(paths, unreadable)
         images = [image for image in opened if not isinstance(image, UserError)]
         if images and captioner is None:
             captioner = load_captioner(checkpoint, device=device, dtype=default_dtype(device),

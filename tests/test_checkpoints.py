@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import json
+import os
 import pickle
 import shutil
 import sys
@@ -419,11 +420,37 @@ def test_inference_on_a_folder_captions_the_images_under_it_in_order(tiny, check
     out, err = capsys.readouterr()
     listed = [line.split("\t")[0] for line in out.splitlines()]
     assert listed == [str(folder / "a.png"), str(folder / "b.PNG"), str(folder / "trip" / "c.png"), str(single)]
-    assert err.strip() == f"note: {folder}: left out 4 files not named as images (.bmp .gif .jpeg .jpg .png .tif " \
-                          ".tiff .webp) or hidden"
+    assert err.strip() == f"note: {folder}: left out 3 files not named as images (.bmp .gif .jpeg .jpg .png .tif " \
+                          ".tiff .webp) or hidden"  # and the hidden folder, unsearched
     # The same captions as naming the files one by one.
     assert inference.main(["--checkpoint", str(checkpoint), *listed]) == 0
     assert capsys.readouterr().out == out
+
+
+def test_inference_on_a_folder_follows_links_once_and_reports_what_it_cannot_read(tiny, checkpoint, tmp_path,
+                                                                                  monkeypatch, capsys):
+    image = sorted((Path(tiny["data_dir"]) / "images").glob("test_*.png"))[0]
+    library, elsewhere = tmp_path / "library", tmp_path / "elsewhere"
+    for folder in (library / "locked", elsewhere):
+        folder.mkdir(parents=True)
+    shutil.copy(image, elsewhere / "far.png")
+    shutil.copy(image, library / "locked" / "inside.png")
+    (library / "2023").symlink_to(elsewhere)  # a photo library on another disk
+    (elsewhere / "back").symlink_to(library)  # a loop: followed once, not forever
+    (library / "gone.png").symlink_to(tmp_path / "deleted.png")
+    scandir = os.scandir
+
+    def locked_scandir(path="."):  # tests run as root, which permission bits do not stop
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", locked_scandir)
+    assert inference.main(["--checkpoint", str(checkpoint), str(library)]) == 1
+    out, err = capsys.readouterr()
+    assert [line.split("\t")[0] for line in out.splitlines()] == [str(library / "2023" / "far.png")]
+    assert err.splitlines() == [f"error: image not found: {library / 'gone.png'}",
+                                f"error: cannot read folder {library / 'locked'}: Permission denied"]
 
 
 def test_eval_with_a_bad_image_is_one_line(tiny, checkpoint, tmp_path, capsys):

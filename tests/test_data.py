@@ -348,6 +348,21 @@ def test_directory_where_an_image_is_expected_is_called_a_directory(tmp_path):
         load_records("folder", "train", str(tmp_path))
 
 
+def test_an_image_without_read_permission_is_called_so_not_damaged(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from dataset import open_image
+
+    write_image(tmp_path / "a.png")
+
+    def denied(*args, **kwargs):  # what open() raises on a mode-000 file (tests run as root, which reads it)
+        raise PermissionError(13, "Permission denied", str(tmp_path / "a.png"))
+
+    monkeypatch.setattr(Image, "open", denied)
+    with pytest.raises(UserError, match=r"cannot read image .*a.png: permission denied$"):
+        open_image(tmp_path / "a.png")
+
+
 def test_missing_image_files_are_skipped_and_listed_or_stop(tmp_path):
     for name in ("a.png", "b.png"):
         write_image(tmp_path / name)
