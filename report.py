@@ -140,11 +140,14 @@ def training_curves(train_log: Path | None, out_dir: Path) -> list[Path]:
 
 def best_validation(evals: list[dict]) -> dict | None:
     """The validation whose adapter train.py kept: the last one it marked "best" (runs since --select-by),
-    else, in older logs, the first with the highest val ROUGE-L (how those runs chose)."""
-    if any("best" in r for r in evals):
-        return next((r for r in reversed(evals) if r.get("best")), None)
-    if evals and all("val_rougeL" in r for r in evals):
-        return max(evals, key=lambda r: (r["val_rougeL"], -r["step"]))
+    else the first with the highest val ROUGE-L among those logged before marks existed (how those
+    runs chose; an older run resumed since has both kinds)."""
+    marked = [r for r in evals if r.get("best")]
+    if marked:
+        return marked[-1]
+    older = [r for r in evals if "best" not in r]
+    if older and all("val_rougeL" in r for r in older):
+        return max(older, key=lambda r: (r["val_rougeL"], -r["step"]))
     return None
 
 

@@ -10,6 +10,7 @@ the last one in last/, the resume state in resume/, run_config.json and train_lo
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -345,9 +346,11 @@ def tracker_names(report_to: str) -> list[str]:
     if names == ["none"]:
         return []
     unknown = [name for name in names if name not in TRACKERS]
-    if unknown or not names:
-        raise UserError(f"--report-to {report_to!r}: {'unknown ' + ', '.join(unknown) if unknown else 'empty'}; "
-                        f"give none or some of {', '.join(TRACKERS)}, comma-separated")
+    problem = ("none cannot be combined with trackers" if "none" in names else
+               f"unknown {', '.join(unknown)}" if unknown else "empty" if not names else "")
+    if problem:
+        raise UserError(f"--report-to {report_to!r}: {problem}; give none or some of {', '.join(TRACKERS)}, "
+                        "comma-separated")
     from accelerate.tracking import get_available_trackers
 
     installed = {str(tracker) for tracker in get_available_trackers()}
@@ -903,6 +906,10 @@ def set_up_run(config: TrainConfig, accelerator) -> Run:
         val_records, val_pairs = make_pairs(captioner, val_records, config, "CLIP features (val)", bad_samples)
     if not train_pairs:
         raise UserError(f"none of the training images could be read (first: {bad_samples[0][1]})")
+    if config.select_by == "cider_d" and len(val_records) == 1:  # before anything is written
+        raise UserError("--select-by cider_d weighs words by how few validation images use them, and with 1 "
+                        "validation image every weight is 0: give --val-limit 0 (all) or more validation images, "
+                        "or --select-by rougeL or loss")
 
     train_loader = make_train_loader(train_pairs, config, captioner.config.pad_token_id)
     adapter = captioner.adapter
@@ -950,7 +957,13 @@ def start_trackers(run: Run) -> None:
     init_kwargs = {"wandb": {"name": run.config.run_name}, "mlflow": {"run_name": run.config.run_name}}
     if run.state.step:
         init_kwargs["tensorboard"] = {"purge_step": run.state.step + 1}
-    run.accelerator.init_trackers(TRACKING_PROJECT, config=settings, init_kwargs=init_kwargs)
+    try:
+        run.accelerator.init_trackers(TRACKING_PROJECT, config=settings, init_kwargs=init_kwargs)
+    except Exception as error:  # a tracker's own start: a folder, a server, a login
+        close_trackers(run.accelerator)
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        raise UserError(f"--report-to {run.config.report_to}: a tracker could not start ({type(error).__name__}: "
+                        f"{first}); fix that, or leave --report-to out (it may change on --resume)") from None
 
 
 def tracker_values(record: dict) -> dict:
@@ -965,9 +978,10 @@ def tracker_values(record: dict) -> dict:
 def close_trackers(accelerator) -> None:
     """Flush and close the trackers however the run ends (an interrupted or failed run included);
     end_training() then finds none left to close again."""
-    for tracker in accelerator.trackers:
-        tracker.finish()
-    accelerator.trackers = []
+    trackers, accelerator.trackers = accelerator.trackers, []
+    for tracker in trackers:
+        with contextlib.suppress(Exception):  # one that never started has nothing to close
+            tracker.finish()
 
 
 def resume(run: Run, train_data: str) -> None:

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import signal
 from pathlib import Path
 
@@ -228,6 +229,7 @@ def test_report_to_tensorboard_shows_the_log_and_a_resumed_run_once(tiny, tmp_pa
     ("tensorbord", "--report-to 'tensorbord': unknown tensorbord; give none or some of tensorboard, wandb"),
     ("wandb", "--report-to wandb: not installed here; pip install wandb, or leave it out"),
     (",", "--report-to ',': empty"),
+    ("none,tensorboard", "none cannot be combined with trackers"),
 ])
 def test_report_to_a_tracker_that_cannot_run_is_one_line_before_any_work(tiny, tmp_path, capsys, report_to, message):
     if report_to == "wandb" and importlib.util.find_spec("wandb"):
@@ -236,6 +238,29 @@ def test_report_to_a_tracker_that_cannot_run_is_one_line_before_any_work(tiny, t
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and message in error, error
     assert not (tmp_path / "untracked").exists()
+
+
+def test_a_tracker_that_cannot_start_is_one_line_and_the_run_resumes_without_it(tiny, tmp_path, capsys):
+    pytest.importorskip("tensorboard")
+    args = train_args(tiny, tmp_path, "tracked", "--report-to", "tensorboard", "--final-eval", "false")
+    assert train.main([*args, "--max-steps", "4"]) == 0
+    shutil.rmtree(tmp_path / "tracked" / "tracking")
+    (tmp_path / "tracked" / "tracking").write_text("not a folder")  # TensorBoard cannot write its events
+    resume = ["--run-name", "tracked", "--output-dir", str(tmp_path), "--resume", "--no-progress", "--max-steps", "6"]
+    assert run_cli(train.main, resume) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and error.startswith("error: --report-to tensorboard: a tracker could not start "
+                                                   "(NotADirectoryError"), error
+    assert train.main([*resume, "--report-to", "none"]) == 0  # the work was kept, and the flag may change
+    assert json.loads((tmp_path / "tracked" / "resume" / "trainer_state.json").read_text())["step"] == 6
+
+
+def test_select_by_cider_d_with_one_validation_image_is_refused_before_anything_is_written(tiny, tmp_path, capsys):
+    args = train_args(tiny, tmp_path, "one-val", "--select-by", "cider_d", "--val-limit", "1")
+    assert run_cli(train.main, args) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "with 1 validation image every weight is 0" in error, error
+    assert not (tmp_path / "one-val").exists()
 
 
 def test_resume_continues_the_folder_it_is_given_and_applies_only_flags_that_may_change(tiny, tmp_path, capsys):
