@@ -133,10 +133,13 @@ def _first_line(error: BaseException) -> str:
 @contextlib.contextmanager
 def refuse_decompression_bombs():
     """Turn Pillow's DecompressionBombWarning (over MAX_IMAGE_PIXELS) into an error, like the
-    DecompressionBombError it raises only at twice that size."""
+    DecompressionBombError it raises only at twice that size. Pillow's other warnings on damaged
+    files ("Truncated File Read", "Corrupt EXIF data") are silenced: such an image either decodes,
+    and is used, or fails with the one line open_image gives."""
     from PIL import Image
 
     with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         yield
 

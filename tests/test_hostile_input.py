@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -226,11 +227,39 @@ def scratch(tmp_path_factory):
 def test_open_image_on_random_bytes_gives_rgb_or_user_error(scratch, data):
     scratch.write_bytes(data)
     try:
-        image = open_image(scratch)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            image = open_image(scratch)
     except UserError as error:
         assert "\n" not in str(error) and str(scratch) in str(error)
     else:
         assert isinstance(image, Image.Image) and image.mode == "RGB" and image.width > 0
+    assert not caught, [str(w.message) for w in caught]  # nothing but the one line (or the image) comes out
+
+
+def test_pillows_warnings_on_a_damaged_file_stay_inside_the_one_line(tmp_path):
+    """A truncated TIFF makes Pillow warn ("Truncated File Read") before it fails: the user sees
+    open_image's one line, not a warning with a Pillow source line under it."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(buffer, "TIFF")
+    data = buffer.getvalue()
+
+    def pillow_warns(head: bytes) -> bool:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                Image.open(io.BytesIO(head)).load()
+            except Exception:
+                pass
+        return any(issubclass(w.category, UserWarning) for w in caught)
+
+    cut = next(cut for cut in range(len(data) - 1, 8, -1) if pillow_warns(data[:cut]))
+    (tmp_path / "cut.tif").write_bytes(data[:cut])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(UserError, match="cut.tif"):
+            open_image(tmp_path / "cut.tif")
+    assert not caught, [str(w.message) for w in caught]
 
 
 @pytest.fixture(scope="module")
