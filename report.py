@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import time
 from pathlib import Path
 
@@ -125,8 +126,8 @@ def training_curves(train_log: Path | None, out_dir: Path) -> list[Path]:
         for key, label in (("val_rougeL", "ROUGE-L (rouge-score)"), ("val_bleu4", "BLEU-4 (NLTK)")):
             if all(key in r for r in evals):
                 axes.plot([r["step"] for r in evals], [100 * r[key] for r in evals], "o-", label=label, ms=4)
-        if best := best_validation(evals):
-            axes.axvline(best["step"], color="gray", ls="--", lw=1, label=f"best, saved (step {best['step']})")
+        if (best := kept_step(train_log.parent)) is not None or (best := best_validation(evals)) is not None:
+            axes.axvline(best, color="gray", ls="--", lw=1, label=f"best, saved (step {best})")
         if all("val_cider_d" in r for r in evals):  # CIDEr-D runs to 10 (x100: 1000): an axis of its own
             cider_axes = axes.twinx()
             cider_axes.plot([r["step"] for r in evals], [100 * r["val_cider_d"] for r in evals], "s:", ms=4,
@@ -138,16 +139,27 @@ def training_curves(train_log: Path | None, out_dir: Path) -> list[Path]:
     return paths
 
 
-def best_validation(evals: list[dict]) -> dict | None:
-    """The validation whose adapter train.py kept: the last one it marked "best" (runs since --select-by),
-    else the first with the highest val ROUGE-L among those logged before marks existed (how those
-    runs chose; an older run resumed since has both kinds)."""
+def kept_step(run_dir: Path) -> int | None:
+    """The step of the adapter at the run's top, as its adapter_config.json records it: the truth
+    where the log cannot say (a run resumed after its best was saved but before its next checkpoint
+    has no record of that validation left). None where it records none."""
+    try:
+        step = json.loads((run_dir / "adapter_config.json").read_text())["training"]["best"]["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def best_validation(evals: list[dict]) -> int | None:
+    """The step of the validation whose adapter train.py kept, from the log: the last one it marked
+    "best" (runs since --select-by), else the first with the highest val ROUGE-L among those logged
+    before marks existed (how those runs chose; an older run resumed since has both kinds)."""
     marked = [r for r in evals if r.get("best")]
     if marked:
-        return marked[-1]
+        return marked[-1]["step"]
     older = [r for r in evals if "best" not in r]
     if older and all("val_rougeL" in r for r in older):
-        return max(older, key=lambda r: (r["val_rougeL"], -r["step"]))
+        return max(older, key=lambda r: (r["val_rougeL"], -r["step"]))["step"]
     return None
 
 

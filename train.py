@@ -33,7 +33,7 @@ import torch
 from dataset import (DATASETS, FLICKR30K_PARQUET, CaptionPairs, EpochShuffleSampler, check_data_flags,
                      collate_captions, drop_unreadable, extract_features, limit_records, load_records)
 from metrics import validation_cider_d
-from model import (ADAPTER_WEIGHTS, IGNORE_INDEX, AdapterConfig, DecodingConfig, TrainingLoss, build_captioner,
+from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, IGNORE_INDEX, AdapterConfig, DecodingConfig, TrainingLoss, build_captioner,
                    load_adapter_state, resolve_dtype, save_adapter, save_adapter_weights)
 from utils import (Terminated, UserError, append_jsonl, caption_diversity, caption_metrics, collapse_warning,
                    default_image_workers, ids_digest, interrupt_handled, interrupt_name, interrupted_exit_code,
@@ -769,8 +769,10 @@ class Run:
             return
         result = validate(self.captioner, self.val_pairs, self.val_records, self.config, accelerator)
         key, higher_is_better = SELECT_BY[self.config.select_by]
+        # A tie counts only at the kept step itself: a resumed run re-validating the newer best it adopted.
         improved = (state.best_score is None or math.isnan(state.best_score)
-                    or (result[key] > state.best_score if higher_is_better else result[key] < state.best_score))
+                    or (result[key] > state.best_score if higher_is_better else result[key] < state.best_score)
+                    or (result[key] == state.best_score and state.step == state.best_step))
         if improved:
             state.best_score, state.best_step = result[key], state.step
         result["best"] = improved  # so the report marks the adapter that was kept
@@ -999,9 +1001,42 @@ def resume(run: Run, train_data: str) -> None:
         # the first step must take the rate of the new schedule at this step, as every later one does.
         set_peak_learning_rate(run.optimizer, run.scheduler, config.learning_rate)
     state.finished = state.finished and state.step >= run.total_steps  # a finished run given more steps goes on
+    adopt_newer_best(run)
     changed = "".join(f", --{name.replace('_', '-')} {new} (was {old})" for name, (old, new) in changes.items())
     accelerator.print(f"resuming {run.run_dir} at step {state.step} (epoch {state.epoch}, "
                       f"batch {state.batches_in_epoch}){changed}")
+
+
+def adopt_newer_best(run: Run) -> None:
+    """A run killed (SIGKILL, a power cut) after it saved a new best adapter but before its next
+    checkpoint resumes from a state that knows only an older best. The newer adapter at the run's top
+    was validated all the same: it stays the best unless a later validation beats it, rather than
+    being overwritten by the first one that beats the older score. Read by the main process, so
+    that every process decides alike."""
+    from accelerate.utils import broadcast_object_list
+
+    state, key = run.state, SELECT_BY[run.config.select_by][0]
+    kept = [saved_best(run.run_dir / ADAPTER_CONFIG, key) if run.accelerator.is_main_process else None]
+    if run.accelerator.num_processes > 1:
+        kept = broadcast_object_list(kept)
+    if kept[0] is not None and kept[0][0] > state.step:
+        state.best_step, state.best_score = kept[0]
+        run.accelerator.print(f"note: the best adapter in {run.run_dir} is from step {state.best_step} ({key} "
+                              f"{state.best_score:.4f}), after this checkpoint; it stays the best unless a later "
+                              "validation beats it")
+
+
+def saved_best(path: Path, key: str) -> tuple[int, float] | None:
+    """(step, score) of the best adapter an adapter_config.json records, or None where it records none
+    by this score (before the first validation, no validation images, another version)."""
+    try:
+        best = json.loads(path.read_text())["training"]["best"]
+        step, score = best["step"], best[key]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if isinstance(step, int) and isinstance(score, (int, float)) and math.isfinite(score):
+        return step, float(score)
+    return None
 
 
 def train_steps(run: Run, stop: StopRequest, on_step=None) -> bool:

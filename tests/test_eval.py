@@ -94,13 +94,13 @@ def test_the_curves_mark_the_validation_whose_adapter_was_kept():
     # Since --select-by, train.py marks each validation that saved the top adapter; the last one holds.
     marked = [{"step": 2, "val_rougeL": 0.5, "best": True}, {"step": 4, "val_rougeL": 0.7, "best": True},
               {"step": 6, "val_rougeL": 0.9, "best": False}]  # e.g. --select-by loss: not the top ROUGE-L
-    assert best_validation(marked)["step"] == 4
+    assert best_validation(marked) == 4
     # Older logs: the first step with the highest ROUGE-L, as those runs chose.
     old = [{"step": 2, "val_rougeL": 0.5}, {"step": 4, "val_rougeL": 0.7}, {"step": 6, "val_rougeL": 0.7}]
-    assert best_validation(old)["step"] == 4
+    assert best_validation(old) == 4
     # An older run resumed after the marks came: none of the new validations improved on the old best.
     resumed = old + [{"step": 8, "val_rougeL": 0.6, "best": False}, {"step": 10, "val_rougeL": 0.65, "best": False}]
-    assert best_validation(resumed)["step"] == 4
+    assert best_validation(resumed) == 4
     assert best_validation([]) is None
 
 

@@ -433,6 +433,49 @@ def test_select_by_cider_d_keeps_the_adapter_of_the_highest_validation_cider_d(t
     assert "CIDEr-D weighs words" in printed  # 6 validation images: too few for its IDF, and it says so
 
 
+@pytest.mark.parametrize("eval_every, resumed_scores, expected_evals", [
+    # Another cadence: step 6 is not validated again; 8 and 12 beat step 4's 0.3, not step 6's 0.9.
+    (4, [0.5, 0.4], [(2, True), (4, True), (8, False), (12, False)]),
+    # The same cadence: step 6 validates again, alike (a tie at the kept step keeps it, marked).
+    (2, [0.9, 0.5, 0.4, 0.35], [(2, True), (4, True), (6, True), (8, False), (10, False), (12, False)]),
+])
+def test_a_best_adapter_saved_after_the_last_checkpoint_survives_a_crash_and_resume(
+        tiny, tmp_path, monkeypatch, capsys, eval_every, resumed_scores, expected_evals):
+    """Killed after a new best (step 6) but before the next checkpoint (10): the resume state (step 5)
+    knows an older best (step 4). The step-6 adapter must stay the best unless a later validation
+    beats it, not be overwritten by the first that beats step 4's score."""
+    import report
+
+    scores = iter([0.2, 0.3, 0.9, 0.1, *resumed_scores])  # steps 2, 4, 6, 8, then the crash
+    monkeypatch.setattr(train, "validation_cider_d", lambda predictions, references: next(scores))
+    args = train_args(tiny, tmp_path, "killed", "--final-eval", "false", "--max-steps", "12", "--eval-every", "2",
+                      "--save-every", "5", "--select-by", "cider_d", "--val-limit", "0")
+
+    def crash_at_8(step):
+        if step == 8:
+            raise RuntimeError("power cut")
+
+    with pytest.raises(RuntimeError):
+        train.train(train.parse_config(args), on_step=crash_at_8)
+    run = tmp_path / "killed"
+    assert json.loads((run / "resume" / "trainer_state.json").read_text())["best_step"] == 4
+    kept = adapter_weights(run / "adapter.safetensors")  # step 6's
+    capsys.readouterr()
+    resume = ["--run-name", "killed", "--output-dir", str(tmp_path), "--resume", "--no-progress", "--eval-every", str(eval_every)]
+    assert train.main(resume) == 0
+    top = adapter_weights(run / "adapter.safetensors")
+    assert all(torch.equal(top[key], kept[key]) for key in kept)
+    assert "the best adapter in" in capsys.readouterr().out
+    training = json.loads((run / "adapter_config.json").read_text())["training"]
+    assert training["best"] == {"by": "val_cider_d", "val_cider_d": 0.9, "step": 6}
+    assert json.loads((run / "resume" / "trainer_state.json").read_text())["best_step"] == 6
+    evals = [r for r in read_jsonl(run / "train_log.jsonl") if r["type"] == "eval"]
+    assert [(r["step"], r["best"]) for r in evals] == expected_evals
+    # Where the log lost step 6's validation with the crash, the curves mark the kept step all the same.
+    assert report.kept_step(run) == 6
+    assert report.best_validation(evals) == (6 if (6, True) in expected_evals else 4)
+
+
 def test_without_validation_images_the_best_adapter_is_the_last(tiny, tmp_path, capsys):
     import shutil
 
