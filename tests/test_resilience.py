@@ -267,28 +267,35 @@ def run_training_processes(tiny, out: Path, name: str, processes: int, batch: in
     return done
 
 
+@pytest.fixture(scope="module")
+def two_processes(tiny, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """A 2-process run (batch 8 each) that two tests compare with: (its output folder, the process)."""
+    out = tmp_path_factory.mktemp("two-processes")
+    return out, run_training_processes(tiny, out, "two", 2, 8)
+
+
 @pytest.mark.slow
-def test_two_processes_match_one_with_the_same_global_batch(tiny, tmp_path):
+def test_two_processes_match_one_with_the_same_global_batch(tiny, tmp_path, two_processes):
     one = run_training_processes(tiny, tmp_path, "one", 1, 16)
-    two = run_training_processes(tiny, tmp_path, "two", 2, 8)
+    two_out, two = two_processes
     assert "processes = 2" in two.stdout and two.stdout.count("***** Running training *****") == 1
     assert "this is 1 process" not in one.stderr + two.stderr  # torchrun and plain python: no false alarm
     # One progress bar: only the main process draws one (each bar renders its 0% state once).
     assert two.stderr.count("training:   0%") == one.stderr.count("training:   0%") == 1
     losses = {}
-    for name in ("one", "two"):
-        log = read_jsonl(tmp_path / name / "train_log.jsonl")
+    for name, out in (("one", tmp_path), ("two", two_out)):
+        log = read_jsonl(out / name / "train_log.jsonl")
         losses[name] = [r["loss"] for r in log if r["type"] == "train"]
         assert [r["step"] for r in log if r["type"] == "train"] == list(range(1, 21))  # one log, no duplicate lines
     # Same pairs per step and the same token-weighted loss; only the order of float sums
     # differs. Stated tolerance: 1e-5 on losses and adapter weights after 20 steps.
     torch.testing.assert_close(torch.tensor(losses["two"]), torch.tensor(losses["one"]), rtol=1e-5, atol=1e-5)
     a = load_file(tmp_path / "one" / "last" / "adapter.safetensors")
-    b = load_file(tmp_path / "two" / "last" / "adapter.safetensors")
+    b = load_file(two_out / "two" / "last" / "adapter.safetensors")
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5)
-    assert not (tmp_path / "two" / "last.tmp").exists()
-    assert json.loads((tmp_path / "two" / "run_config.json").read_text())["batch_size"] == 8
+    assert not (two_out / "two" / "last.tmp").exists()
+    assert json.loads((two_out / "two" / "run_config.json").read_text())["batch_size"] == 8
 
 
 def test_accelerate_launch_cpu_running_one_process_says_so(tmp_path):
@@ -312,7 +319,7 @@ def test_accelerate_launch_cpu_running_one_process_says_so(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_signal_to_one_process_stops_all_at_the_same_step_and_resume_matches(tiny, tmp_path):
+def test_a_signal_to_one_process_stops_all_at_the_same_step_and_resume_matches(tiny, tmp_path, two_processes):
     """SIGTERM reaches only rank 1 (as when a scheduler kills one worker first): both ranks must
     stop at the same step (else the next collective hangs), save once, and resume exactly."""
     wrapper = tmp_path / "train_signalled.py"
@@ -323,7 +330,7 @@ def test_a_signal_to_one_process_stops_all_at_the_same_step_and_resume_matches(t
         "    if step == 6 and os.environ.get('RANK') == '1':\n"
         "        os.kill(os.getpid(), signal.SIGTERM)\n"
         "sys.exit(train.main(sys.argv[1:], on_step=on_step))\n")
-    straight = run_training_processes(tiny, tmp_path, "straight", 2, 8)
+    straight_out, straight = two_processes  # the same run, uninterrupted
     # Without the agreed stop, rank 0 would wait forever in the next all-reduce: hence the timeout.
     stopped = run_training_processes(tiny, tmp_path, "stopped", 2, 8, script=wrapper, returncode=1, timeout=240,
                                   launcher=("--monitor-interval", "5"))
@@ -339,7 +346,7 @@ def test_a_signal_to_one_process_stops_all_at_the_same_step_and_resume_matches(t
     assert "resum" in resumed.stdout.lower()
     steps = [r["step"] for r in read_jsonl(tmp_path / "stopped" / "train_log.jsonl") if r["type"] == "train"]
     assert steps == list(range(1, 21)), "the resumed log continues without repeating or skipping steps"
-    expected = load_file(tmp_path / "straight" / "last" / "adapter.safetensors")
+    expected = load_file(straight_out / "two" / "last" / "adapter.safetensors")
     got = load_file(tmp_path / "stopped" / "last" / "adapter.safetensors")
     for key in expected:
         assert torch.equal(got[key], expected[key]), key
