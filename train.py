@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -49,6 +50,7 @@ TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", 
             "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio"}
 TRACKING_DIR = "tracking"  # under the run folder: where trackers that write files (TensorBoard) write
 TRACKING_PROJECT = "captioner"  # the W&B project, MLflow experiment, ... (the run is named by --run-name)
+WANDB_RUN_ID = "wandb_run_id.txt"  # under TRACKING_DIR: the W&B run that every start of this run logs to
 TRAIN_LOG = "train_log.jsonl"
 TRAINER_STATE = "trainer_state.json"
 
@@ -950,13 +952,15 @@ def set_up_run(config: TrainConfig, accelerator) -> Run:
 def start_trackers(run: Run) -> None:
     """--report-to: start Accelerate's trackers with the run's settings. A resumed run goes on in the
     same TensorBoard folder, where what was logged after its checkpoint is hidden (purge_step), as
-    train_log.jsonl is cut back to the checkpoint."""
+    train_log.jsonl is cut back to the checkpoint, and in the same W&B run."""
     if not run.accelerator.log_with:
         return
     run.accelerator.project_configuration.logging_dir = str(run.run_dir / TRACKING_DIR)
     settings = {name: value if isinstance(value, (bool, int, float, str)) else str(value)
                 for name, value in dataclasses.asdict(run.config).items()}
     init_kwargs = {"wandb": {"name": run.config.run_name}, "mlflow": {"run_name": run.config.run_name}}
+    if "wandb" in tracker_names(run.config.report_to) and run.accelerator.is_main_process:
+        init_kwargs["wandb"].update(wandb_run(run.run_dir / TRACKING_DIR))
     if run.state.step:
         init_kwargs["tensorboard"] = {"purge_step": run.state.step + 1}
     try:
@@ -966,6 +970,20 @@ def start_trackers(run: Run) -> None:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
         raise UserError(f"--report-to {run.config.report_to}: a tracker could not start ({type(error).__name__}: "
                         f"{first}); fix that, or leave --report-to out (it may change on --resume)") from None
+
+
+def wandb_run(tracking: Path) -> dict:
+    """wandb.init's arguments for the one W&B run of this run folder: its id, drawn at the first start
+    and kept in tracking/, so that a resumed run goes on in it rather than starting another (W&B
+    cannot rewind a run, so it keeps what it was first sent for the steps a resumed run repeats);
+    W&B's own files in tracking/ too, not in a wandb/ folder wherever the command was run.
+    WANDB_RUN_ID, where set, names the run instead."""
+    tracking.mkdir(parents=True, exist_ok=True)
+    id_file = tracking / WANDB_RUN_ID
+    run_id = (os.environ.get("WANDB_RUN_ID") or (id_file.read_text().strip() if id_file.is_file() else "")
+              or secrets.token_hex(4))  # 8 characters, as W&B draws its own
+    id_file.write_text(run_id + "\n")
+    return {"id": run_id, "resume": "allow", "dir": str(tracking)}
 
 
 def tracker_values(record: dict) -> dict:

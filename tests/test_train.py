@@ -225,15 +225,43 @@ def test_report_to_tensorboard_shows_the_log_and_a_resumed_run_once(tiny, tmp_pa
     assert scalars["test/coco_cider_d"] == [(26, pytest.approx(metrics["coco_cider_d"], rel=1e-6))]
 
 
+def test_report_to_wandb_goes_on_in_the_same_wandb_run_after_a_resume(tiny, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    for name, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONFIG_DIR": tmp_path / "wandb-config",
+                        "WANDB_CACHE_DIR": tmp_path / "wandb-cache", "WANDB_DATA_DIR": tmp_path / "wandb-data"}.items():
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+    monkeypatch.chdir(tmp_path)  # where a wandb/ folder would appear if W&B were not told the run's folder
+    args = train_args(tiny, tmp_path, "tracked", "--report-to", "wandb", "--final-eval", "false", "--max-steps", "10")
+
+    def crash_at_8(step):
+        if step == 8:
+            raise RuntimeError("power cut")
+
+    with pytest.raises(RuntimeError):
+        train.train(train.parse_config(args), on_step=crash_at_8)
+    assert train.main(["--run-name", "tracked", "--output-dir", str(tmp_path), "--resume", "--no-progress"]) == 0
+    assert train.main([*train_args(tiny, tmp_path, "other", "--report-to", "wandb", "--final-eval", "false",
+                                   "--max-steps", "2")]) == 0
+
+    def wandb_runs(run: str) -> list[str]:  # W&B's offline folders: offline-run-<time>-<run id>
+        return sorted(p.name.rsplit("-", 1)[1] for p in (tmp_path / run / "tracking" / "wandb").glob("offline-run-*"))
+
+    run_id = (tmp_path / "tracked" / "tracking" / "wandb_run_id.txt").read_text().strip()
+    assert wandb_runs("tracked") == [run_id, run_id]  # two starts, one W&B run (`wandb sync` joins them)
+    assert wandb_runs("other") != [run_id] and len(wandb_runs("other")) == 1  # another run, another W&B run
+    assert not (tmp_path / "wandb").exists()
+
+
 @pytest.mark.parametrize("report_to, message", [
     ("tensorbord", "--report-to 'tensorbord': unknown tensorbord; give none or some of tensorboard, wandb"),
-    ("wandb", "--report-to wandb: not installed here; pip install wandb, or leave it out"),
+    ("comet_ml", "--report-to comet_ml: not installed here; pip install comet-ml, or leave it out"),
     (",", "--report-to ',': empty"),
     ("none,tensorboard", "none cannot be combined with trackers"),
 ])
 def test_report_to_a_tracker_that_cannot_run_is_one_line_before_any_work(tiny, tmp_path, capsys, report_to, message):
-    if report_to == "wandb" and importlib.util.find_spec("wandb"):
-        pytest.skip("wandb is installed here")
+    if report_to == "comet_ml" and importlib.util.find_spec("comet_ml"):
+        pytest.skip("comet_ml is installed here")
     assert run_cli(train.main, train_args(tiny, tmp_path, "untracked", "--report-to", report_to)) == 2
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and message in error, error
