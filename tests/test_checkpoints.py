@@ -427,6 +427,23 @@ def test_inference_on_a_folder_captions_the_images_under_it_in_order(tiny, check
     assert capsys.readouterr().out == out
 
 
+def test_inference_output_keeps_one_line_per_image_whatever_the_file_names(tiny, checkpoint, tmp_path, capsys,
+                                                                          monkeypatch):
+    image = sorted((Path(tiny["data_dir"]) / "images").glob("test_*.png"))[0]
+    names = ["plain.png", "tab\there.png", "new\nline.png", '"quoted".png', "caf\u00e9.png"]
+    for name in names:
+        shutil.copy(image, tmp_path / name)
+    monkeypatch.chdir(tmp_path)  # paths as given: relative, so one can start with a quote
+    assert inference.main(["--checkpoint", str(checkpoint), *names]) == 0
+    lines = capsys.readouterr().out.split("\n")[:-1]
+    assert len(lines) == len(names)
+    fields = [line.split("\t") for line in lines]
+    assert all(len(parts) == 2 and parts[1] for parts in fields)  # path, then the caption
+    printed = [json.loads(path) if path.startswith('"') else path for path, _ in fields]
+    assert printed == names
+    assert [path.startswith('"') for path, _ in fields] == [False, True, True, True, False]  # plain names stay plain
+
+
 def test_inference_on_a_folder_follows_links_once_and_reports_what_it_cannot_read(tiny, checkpoint, tmp_path,
                                                                                   monkeypatch, capsys):
     image = sorted((Path(tiny["data_dir"]) / "images").glob("test_*.png"))[0]
