@@ -749,19 +749,43 @@ def save_adapter(directory: str | Path, adapter: nn.Module, config: AdapterConfi
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_adapter_weights(directory / ADAPTER_WEIGHTS, adapter)
+    # Each file is replaced atomically, the two not together: the weights carry a copy of their
+    # config, from which repair_torn_export restores it after a crash between the two renames.
+    save_adapter_weights(directory / ADAPTER_WEIGHTS, adapter, described_by=config)
     config.to_json(directory / ADAPTER_CONFIG)
 
 
-def save_adapter_weights(path: Path, adapter: nn.Module) -> None:
-    """The adapter's tensors as safetensors, written aside and renamed (atomic)."""
+def save_adapter_weights(path: Path, adapter: nn.Module, described_by: AdapterConfig | None = None) -> None:
+    """The adapter's tensors as safetensors, written aside and renamed (atomic); with `described_by`,
+    that config's JSON in the file's metadata too."""
     from safetensors.torch import save_file
 
     state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in adapter.state_dict().items()}
+    metadata = {"format_version": str(FORMAT_VERSION)}
+    if described_by is not None:
+        metadata[ADAPTER_CONFIG] = json.dumps(dataclasses.asdict(described_by), default=str)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata={"format_version": str(FORMAT_VERSION)})
+    save_file(state, str(tmp), metadata=metadata)
     with_usual_mode(tmp)
     tmp.replace(path)
+
+
+def repair_torn_export(directory: Path) -> bool:
+    """Where adapter_config.json is not the config its weights were saved with (a crash between the two
+    renames of save_adapter), rewrite it from the copy in the weights' metadata. True if it did."""
+    from safetensors import SafetensorError, safe_open
+
+    weights, config_path = Path(directory) / ADAPTER_WEIGHTS, Path(directory) / ADAPTER_CONFIG
+    try:
+        with safe_open(str(weights), framework="pt") as opened:
+            carried = json.loads((opened.metadata() or {})[ADAPTER_CONFIG])
+        described = json.loads(config_path.read_text()) if config_path.is_file() else None
+    except (SafetensorError, OSError, ValueError, KeyError, RecursionError):
+        return False  # none to compare (before the copy existed, no weights) or a damaged file: loading says so
+    if not isinstance(carried, dict) or carried == described:
+        return False
+    write_json(config_path, carried)
+    return True
 
 
 def load_adapter_state(path: Path) -> dict[str, torch.Tensor]:

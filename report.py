@@ -145,7 +145,7 @@ def kept_step(run_dir: Path) -> int | None:
     has no record of that validation left). None where it records none."""
     try:
         step = json.loads((run_dir / "adapter_config.json").read_text())["training"]["best"]["step"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None
     return step if isinstance(step, int) and not isinstance(step, bool) else None
 

@@ -35,7 +35,7 @@ from dataset import (DATASETS, FLICKR30K_PARQUET, CaptionPairs, EpochShuffleSamp
                      collate_captions, drop_unreadable, extract_features, limit_records, load_records)
 from metrics import validation_cider_d
 from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, IGNORE_INDEX, AdapterConfig, DecodingConfig, TrainingLoss, build_captioner,
-                   load_adapter_state, resolve_dtype, save_adapter, save_adapter_weights)
+                   load_adapter_state, repair_torn_export, resolve_dtype, save_adapter, save_adapter_weights)
 from utils import (Terminated, UserError, append_jsonl, caption_diversity, caption_metrics, collapse_warning,
                    default_image_workers, ids_digest, interrupt_handled, interrupt_name, interrupted_exit_code,
                    library_versions, load_state, lone_cpu_launch_warning, nearest_existing, read_json, read_jsonl,
@@ -771,10 +771,11 @@ class Run:
             return
         result = validate(self.captioner, self.val_pairs, self.val_records, self.config, accelerator)
         key, higher_is_better = SELECT_BY[self.config.select_by]
-        # A tie counts only at the kept step itself: a resumed run re-validating the newer best it adopted.
+        # A tie counts only at the kept step itself: a resumed run re-validating the newer best it adopted
+        # (within float noise: another --eval-batch-size sums the same loss in another order).
         improved = (state.best_score is None or math.isnan(state.best_score)
                     or (result[key] > state.best_score if higher_is_better else result[key] < state.best_score)
-                    or (result[key] == state.best_score and state.step == state.best_step))
+                    or (state.step == state.best_step and math.isclose(result[key], state.best_score, rel_tol=1e-6)))
         if improved:
             state.best_score, state.best_step = result[key], state.step
         result["best"] = improved  # so the report marks the adapter that was kept
@@ -936,8 +937,9 @@ def set_up_run(config: TrainConfig, accelerator) -> Run:
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         truncate_log(run_dir / TRAIN_LOG, run.state.step)  # first: a damaged log stops a resume before the config changes
+    start_trackers(run)  # before the config is written: a tracker that cannot start leaves it as it was
+    if accelerator.is_main_process:
         write_json(run_dir / RUN_CONFIG, dataclasses.asdict(config))
-    start_trackers(run)
     trainable = sum(p.numel() for p in adapter.parameters() if p.requires_grad)
     banner(accelerator, config, train_pairs, train_records, steps_per_epoch, total_steps, trainable)
     if not val_records:
@@ -967,9 +969,13 @@ def start_trackers(run: Run) -> None:
         run.accelerator.init_trackers(TRACKING_PROJECT, config=settings, init_kwargs=init_kwargs)
     except Exception as error:  # a tracker's own start: a folder, a server, a login
         close_trackers(run.accelerator)
+        if not run.config.resume and run.accelerator.is_main_process:  # so the same command can run again
+            shutil.rmtree(run.run_dir / TRACKING_DIR, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                run.run_dir.rmdir()  # only if nothing else is in it
         first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
         raise UserError(f"--report-to {run.config.report_to}: a tracker could not start ({type(error).__name__}: "
-                        f"{first}); fix that, or leave --report-to out (it may change on --resume)") from None
+                        f"{first}); fix that, or run without it (--report-to none; it may change on --resume)") from None
 
 
 def wandb_run(tracking: Path) -> dict:
@@ -1027,21 +1033,37 @@ def resume(run: Run, train_data: str) -> None:
 
 def adopt_newer_best(run: Run) -> None:
     """A run killed (SIGKILL, a power cut) after it saved a new best adapter but before its next
-    checkpoint resumes from a state that knows only an older best. The newer adapter at the run's top
-    was validated all the same: it stays the best unless a later validation beats it, rather than
-    being overwritten by the first one that beats the older score. Read by the main process, so
-    that every process decides alike."""
+    checkpoint resumes from a state that knows only an older best (whose weights the newer ones
+    replaced). On the same schedule the resumed run retraces those steps, so the newer adapter stays
+    the best unless a later validation beats it, rather than being overwritten by the first one that
+    beats the older score. On another schedule (--max-steps, --epochs, --learning-rate changed) it
+    came from steps this run no longer takes, like the log lines cut after the checkpoint: the first
+    validation from here on replaces it. Read by the main process, so every process decides alike."""
     from accelerate.utils import broadcast_object_list
 
-    state, key = run.state, SELECT_BY[run.config.select_by][0]
-    kept = [saved_best(run.run_dir / ADAPTER_CONFIG, key) if run.accelerator.is_main_process else None]
+    state, config, key = run.state, run.config, SELECT_BY[run.config.select_by][0]
+    kept = [None]
+    if run.accelerator.is_main_process:
+        if repair_torn_export(run.run_dir):
+            print(f"note: {run.run_dir / ADAPTER_CONFIG} was rewritten from the copy inside {ADAPTER_WEIGHTS}: "
+                  "the run had stopped between saving the two")
+        kept = [saved_best(run.run_dir / ADAPTER_CONFIG, key)]
     if run.accelerator.num_processes > 1:
         kept = broadcast_object_list(kept)
-    if kept[0] is not None and kept[0][0] > state.step:
-        state.best_step, state.best_score = kept[0]
-        run.accelerator.print(f"note: the best adapter in {run.run_dir} is from step {state.best_step} ({key} "
-                              f"{state.best_score:.4f}), after this checkpoint; it stays the best unless a later "
-                              "validation beats it")
+    if kept[0] is None or kept[0][0] <= state.step:
+        return
+    step, score = kept[0]
+    rescheduled = sorted({"epochs", "max_steps", "learning_rate"} & set(getattr(config, "resume_changes", {})))
+    if rescheduled or step > run.total_steps:
+        state.best_score = None
+        changed = ", ".join(f"--{name.replace('_', '-')}" for name in rescheduled) or "the schedule"
+        run.accelerator.print(f"note: the best adapter in {run.run_dir} is from step {step}, after this checkpoint, "
+                              f"on the schedule before {changed} changed; the first validation from here on "
+                              "replaces it")
+        return
+    state.best_step, state.best_score = step, score
+    run.accelerator.print(f"note: the best adapter in {run.run_dir} is from step {step} ({key} {score:.4f}), after "
+                          "this checkpoint; it stays the best unless a later validation beats it")
 
 
 def saved_best(path: Path, key: str) -> tuple[int, float] | None:
@@ -1050,11 +1072,11 @@ def saved_best(path: Path, key: str) -> tuple[int, float] | None:
     try:
         best = json.loads(path.read_text())["training"]["best"]
         step, score = best["step"], best[key]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None
-    if isinstance(step, int) and isinstance(score, (int, float)) and math.isfinite(score):
-        return step, float(score)
-    return None
+    numbers = isinstance(step, int) and isinstance(score, (int, float)) and not isinstance(step, bool) \
+        and not isinstance(score, bool)
+    return (step, float(score)) if numbers and math.isfinite(score) else None
 
 
 def train_steps(run: Run, stop: StopRequest, on_step=None) -> bool:

@@ -279,8 +279,32 @@ def test_a_tracker_that_cannot_start_is_one_line_and_the_run_resumes_without_it(
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and error.startswith("error: --report-to tensorboard: a tracker could not start "
                                                    "(NotADirectoryError"), error
+    assert "--report-to none" in error  # what to do: leaving the flag out would resume with the saved one
     assert train.main([*resume, "--report-to", "none"]) == 0  # the work was kept, and the flag may change
     assert json.loads((tmp_path / "tracked" / "resume" / "trainer_state.json").read_text())["step"] == 6
+
+
+def test_a_tracker_that_cannot_start_changes_nothing_the_next_command_reads(tiny, tmp_path, capsys, monkeypatch):
+    """The run's saved config keeps its --report-to, and a new run leaves no folder behind, so the
+    same command without the tracker runs."""
+    pytest.importorskip("tensorboard")
+    from accelerate.tracking import TensorBoardTracker
+
+    def cannot_start(self, *args, **kwargs):
+        raise OSError("No space left on device")
+
+    args = train_args(tiny, tmp_path, "plain", "--final-eval", "false", "--max-steps", "4")
+    assert train.main(args) == 0
+    monkeypatch.setattr(TensorBoardTracker, "__init__", cannot_start)
+    resume = ["--run-name", "plain", "--output-dir", str(tmp_path), "--resume", "--no-progress", "--max-steps", "6"]
+    assert run_cli(train.main, [*resume, "--report-to", "tensorboard"]) == 2
+    assert "a tracker could not start (OSError: No space left on device)" in capsys.readouterr().err
+    assert json.loads((tmp_path / "plain" / "run_config.json").read_text())["report_to"] == "none"
+    assert train.main(resume) == 0  # as saved: no tracker
+    new = train_args(tiny, tmp_path, "new", "--final-eval", "false", "--max-steps", "2")
+    assert run_cli(train.main, [*new, "--report-to", "tensorboard"]) == 2
+    assert not (tmp_path / "new").exists()
+    assert train.main(new) == 0
 
 
 def test_select_by_cider_d_with_one_validation_image_is_refused_before_anything_is_written(tiny, tmp_path, capsys):
@@ -461,19 +485,10 @@ def test_select_by_cider_d_keeps_the_adapter_of_the_highest_validation_cider_d(t
     assert "CIDEr-D weighs words" in printed  # 6 validation images: too few for its IDF, and it says so
 
 
-@pytest.mark.parametrize("eval_every, resumed_scores, expected_evals", [
-    # Another cadence: step 6 is not validated again; 8 and 12 beat step 4's 0.3, not step 6's 0.9.
-    (4, [0.5, 0.4], [(2, True), (4, True), (8, False), (12, False)]),
-    # The same cadence: step 6 validates again, alike (a tie at the kept step keeps it, marked).
-    (2, [0.9, 0.5, 0.4, 0.35], [(2, True), (4, True), (6, True), (8, False), (10, False), (12, False)]),
-])
-def test_a_best_adapter_saved_after_the_last_checkpoint_survives_a_crash_and_resume(
-        tiny, tmp_path, monkeypatch, capsys, eval_every, resumed_scores, expected_evals):
-    """Killed after a new best (step 6) but before the next checkpoint (10): the resume state (step 5)
-    knows an older best (step 4). The step-6 adapter must stay the best unless a later validation
-    beats it, not be overwritten by the first that beats step 4's score."""
-    import report
-
+def crash_after_a_best_at_step_6(tiny, tmp_path, monkeypatch, resumed_scores: list[float]) -> Path:
+    """A run (--select-by cider_d, validations every 2 steps, checkpoints every 5) whose scripted
+    validation scores make step 6 the best (0.9, after 0.2 and 0.3), then crash at step 8: its resume
+    state (step 5) knows only step 4's best. The resumed run's validations score `resumed_scores`."""
     scores = iter([0.2, 0.3, 0.9, 0.1, *resumed_scores])  # steps 2, 4, 6, 8, then the crash
     monkeypatch.setattr(train, "validation_cider_d", lambda predictions, references: next(scores))
     args = train_args(tiny, tmp_path, "killed", "--final-eval", "false", "--max-steps", "12", "--eval-every", "2",
@@ -487,21 +502,79 @@ def test_a_best_adapter_saved_after_the_last_checkpoint_survives_a_crash_and_res
         train.train(train.parse_config(args), on_step=crash_at_8)
     run = tmp_path / "killed"
     assert json.loads((run / "resume" / "trainer_state.json").read_text())["best_step"] == 4
+    return run
+
+
+def resume_killed(tmp_path, *flags: str) -> None:
+    assert train.main(["--run-name", "killed", "--output-dir", str(tmp_path), "--resume", "--no-progress", *flags]) == 0
+
+
+@pytest.mark.parametrize("eval_every, resumed_scores, expected_evals", [
+    # Another cadence: step 6 is not validated again; 8 and 12 beat step 4's 0.3, not step 6's 0.9.
+    (4, [0.5, 0.4], [(2, True), (4, True), (8, False), (12, False)]),
+    # The same cadence: step 6 validates again, alike up to float noise (as with another --eval-batch-size):
+    # a tie at the kept step keeps it, marked.
+    (2, [0.9 - 1e-9, 0.5, 0.4, 0.35], [(2, True), (4, True), (6, True), (8, False), (10, False), (12, False)]),
+])
+def test_a_best_adapter_saved_after_the_last_checkpoint_survives_a_crash_and_resume(
+        tiny, tmp_path, monkeypatch, capsys, eval_every, resumed_scores, expected_evals):
+    """The step-6 adapter must stay the best unless a later validation beats it, not be overwritten
+    by the first that beats step 4's score."""
+    import report
+
+    run = crash_after_a_best_at_step_6(tiny, tmp_path, monkeypatch, resumed_scores)
     kept = adapter_weights(run / "adapter.safetensors")  # step 6's
     capsys.readouterr()
-    resume = ["--run-name", "killed", "--output-dir", str(tmp_path), "--resume", "--no-progress", "--eval-every", str(eval_every)]
-    assert train.main(resume) == 0
+    resume_killed(tmp_path, "--eval-every", str(eval_every))
     top = adapter_weights(run / "adapter.safetensors")
     assert all(torch.equal(top[key], kept[key]) for key in kept)
     assert "the best adapter in" in capsys.readouterr().out
     training = json.loads((run / "adapter_config.json").read_text())["training"]
-    assert training["best"] == {"by": "val_cider_d", "val_cider_d": 0.9, "step": 6}
+    assert training["best"] == {"by": "val_cider_d", "val_cider_d": pytest.approx(0.9), "step": 6}
     assert json.loads((run / "resume" / "trainer_state.json").read_text())["best_step"] == 6
     evals = [r for r in read_jsonl(run / "train_log.jsonl") if r["type"] == "eval"]
     assert [(r["step"], r["best"]) for r in evals] == expected_evals
     # Where the log lost step 6's validation with the crash, the curves mark the kept step all the same.
     assert report.kept_step(run) == 6
     assert report.best_validation(evals) == (6 if (6, True) in expected_evals else 4)
+
+
+def test_a_best_from_steps_a_rescheduled_resume_no_takes_is_replaced_by_its_first_validation(tiny, tmp_path,
+                                                                                              monkeypatch, capsys):
+    # --max-steps 14: from step 5 on, another schedule; step 6's adapter belongs to the one abandoned.
+    run = crash_after_a_best_at_step_6(tiny, tmp_path, monkeypatch, [0.5, 0.4, 0.45])  # steps 8, 12, 14
+    capsys.readouterr()
+    resume_killed(tmp_path, "--eval-every", "4", "--max-steps", "14")
+    training = json.loads((run / "adapter_config.json").read_text())["training"]
+    assert training["best"] == {"by": "val_cider_d", "val_cider_d": 0.5, "step": 8}
+    assert training["step"] == 8  # the adapter at the top is the one its config describes
+    assert "on the schedule before --max-steps changed; the first validation from here on replaces it" in \
+        capsys.readouterr().out
+
+
+def test_a_crash_between_writing_the_best_weights_and_their_config_is_repaired_on_resume(tiny, tmp_path,
+                                                                                        monkeypatch, capsys):
+    import model
+
+    real_to_json = model.AdapterConfig.to_json
+
+    def killed_before_the_best_config_at_6(self, path):
+        if self.training.get("checkpoint") == "best" and self.training.get("step") == 6:
+            raise RuntimeError("power cut")  # the step-6 weights are in place, the config is step 4's
+        real_to_json(self, path)
+
+    monkeypatch.setattr(model.AdapterConfig, "to_json", killed_before_the_best_config_at_6)
+    run = crash_after_a_best_at_step_6(tiny, tmp_path, monkeypatch, [0.5, 0.4])  # the crash: inside the save at 6
+    assert json.loads((run / "adapter_config.json").read_text())["training"]["step"] == 4
+    kept = adapter_weights(run / "adapter.safetensors")  # step 6's
+    monkeypatch.setattr(model.AdapterConfig, "to_json", real_to_json)
+    capsys.readouterr()
+    resume_killed(tmp_path, "--eval-every", "4")
+    top = adapter_weights(run / "adapter.safetensors")
+    assert all(torch.equal(top[key], kept[key]) for key in kept)
+    training = json.loads((run / "adapter_config.json").read_text())["training"]
+    assert training["step"] == 6 and training["best"] == {"by": "val_cider_d", "val_cider_d": 0.9, "step": 6}
+    assert "was rewritten from the copy inside adapter.safetensors" in capsys.readouterr().out
 
 
 def test_without_validation_images_the_best_adapter_is_the_last(tiny, tmp_path, capsys):
