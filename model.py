@@ -771,8 +771,10 @@ def save_adapter_weights(path: Path, adapter: nn.Module, described_by: AdapterCo
 
 
 def repair_torn_export(directory: Path) -> bool:
-    """Where adapter_config.json is not the config its weights were saved with (a crash between the two
-    renames of save_adapter), rewrite it from the copy in the weights' metadata. True if it did."""
+    """Where adapter_config.json is older than the weights beside it (a crash between the two renames
+    of save_adapter: the copy in the weights' metadata was saved at a later training step), rewrite
+    it from that copy. A config edited by hand (a backbone moved) is the same step's: left alone.
+    True if it rewrote the file."""
     from safetensors import SafetensorError, safe_open
 
     weights, config_path = Path(directory) / ADAPTER_WEIGHTS, Path(directory) / ADAPTER_CONFIG
@@ -782,10 +784,17 @@ def repair_torn_export(directory: Path) -> bool:
         described = json.loads(config_path.read_text()) if config_path.is_file() else None
     except (SafetensorError, OSError, ValueError, KeyError, RecursionError):
         return False  # none to compare (before the copy existed, no weights) or a damaged file: loading says so
-    if not isinstance(carried, dict) or carried == described:
+    if _training_step(carried) <= _training_step(described):
         return False
     write_json(config_path, carried)
     return True
+
+
+def _training_step(config) -> int:
+    """The training step an adapter config JSON says it was saved at; -1 where it says none."""
+    training = config.get("training") if isinstance(config, dict) else None
+    step = training.get("step") if isinstance(training, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else -1
 
 
 def load_adapter_state(path: Path) -> dict[str, torch.Tensor]:

@@ -575,6 +575,11 @@ def test_a_crash_between_writing_the_best_weights_and_their_config_is_repaired_o
     training = json.loads((run / "adapter_config.json").read_text())["training"]
     assert training["step"] == 6 and training["best"] == {"by": "val_cider_d", "val_cider_d": 0.9, "step": 6}
     assert "was rewritten from the copy inside adapter.safetensors" in capsys.readouterr().out
+    # A config edited by hand (the LM moved) describes the same step as the weights: left as it is.
+    edited = {**json.loads((run / "adapter_config.json").read_text()), "lm_model": str(tmp_path / "moved-lm")}
+    (run / "adapter_config.json").write_text(json.dumps(edited))
+    assert not model.repair_torn_export(run)
+    assert json.loads((run / "adapter_config.json").read_text()) == edited
 
 
 def test_without_validation_images_the_best_adapter_is_the_last(tiny, tmp_path, capsys):
