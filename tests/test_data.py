@@ -134,6 +134,15 @@ def test_demo_commands_build_data_and_loadable_backbones(tmp_path, capsys):
 
 
 
+def test_building_the_demo_tokenizer_writes_nothing_to_stdout(capfd):
+    # bench.py builds one for its cold-start run folder, and its stdout must stay pure JSON lines.
+    from demo import build_tokenizer
+
+    tokenizer = build_tokenizer(["a red circle on a white background", "a blue square on a grey background"] * 50)
+    assert tokenizer("a red square").input_ids
+    assert capfd.readouterr().out == ""
+
+
 def test_demo_commands_never_overwrite_a_users_folder(tmp_path, capsys, monkeypatch):
     import demo
     from utils import run_cli
