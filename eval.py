@@ -80,9 +80,9 @@ def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
                        help=f"temperature for --strategy sample (default {DECODING_DEFAULTS['temperature']})")
     group.add_argument("--top-p", type=float, default=None,
                        help=f"nucleus mass for --strategy sample (default {DECODING_DEFAULTS['top_p']})")
-    group.add_argument("--max-new-tokens", type=int, default=30, help="longest caption, in tokens")
+    group.add_argument("--max-new-tokens", type=int, default=30, help="longest caption, in tokens (default 30)")
     group.add_argument("--seed", type=whole_number(*SEED_RANGE), default=0,
-                       help="random seed (matters for --strategy sample)")
+                       help="random seed (matters for --strategy sample; default 0)")
 
 
 def add_loading_flags(parser: argparse.ArgumentParser) -> None:
@@ -548,7 +548,7 @@ def baseline_training_records(run: dict, dataset: str, data_dir, hub_files: str)
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", nargs="?", help="run folder (best adapter) or its last/ sub-folder")
-    parser.add_argument("--split", choices=("train", "val", "test"), default="test", help="split to caption")
+    parser.add_argument("--split", choices=("train", "val", "test"), default="test", help="split to caption (default: test)")
     parser.add_argument("--limit", type=whole_number(0, meaning=" (0 = all)"), default=0,
                         help="caption at most this many images (seeded); 0 = all")
     parser.add_argument("--dataset", choices=DATASETS, default=None, help="data source (default: the run's own)")

@@ -10,6 +10,7 @@ the last one in last/, the resume state in resume/, run_config.json and train_lo
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import hashlib
@@ -169,11 +170,8 @@ DEMO_TRANSFORMER_LEARNING_RATE = 1e-3
 def parse_config(argv=None) -> TrainConfig:
     """The flags as a TrainConfig. `config.given_flags` (not a field, so never saved) names the
     flags written on the command line: on --resume only those may change the saved config."""
-    from transformers import HfArgumentParser
-
     argv = sys.argv[1:] if argv is None else list(argv)
-    # No abbreviated flags: --resume compares the flags given by their full names.
-    parser = HfArgumentParser(TrainConfig, description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser = build_parser()
     config, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
         raise UserError(f"unknown arguments {' '.join(unknown)}; see python train.py --help")
@@ -182,6 +180,31 @@ def parse_config(argv=None) -> TrainConfig:
         config, _ = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     config.given_flags = flags_named(argv)
     return config
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown once: not where a flag's help already says its default, nor for a --no-X switch."""
+
+    def _get_help_string(self, action):
+        if "(default" in (action.help or "") or action.option_strings[0].startswith("--no-"):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser():
+    """TrainConfig's flags. HfArgumentParser names each field's underscore spelling first and gives
+    a --no-X switch its X's help; --help lists them as the README writes them (--run-name) and says
+    what each switch does."""
+    from transformers import HfArgumentParser
+
+    # No abbreviated flags: --resume compares the flags given by their full names.
+    parser = HfArgumentParser(TrainConfig, description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                              formatter_class=HelpFormatter)
+    for action in parser._actions:
+        action.option_strings.sort(key=lambda option: "_" in option)  # --run-name before --run_name
+        if action.option_strings[0].startswith("--no-"):
+            action.help = f"turn off --{action.option_strings[0].removeprefix('--no-')}"
+    return parser
 
 
 def flags_named(argv: list[str]) -> set[str]:

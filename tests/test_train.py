@@ -642,6 +642,18 @@ def test_help_reads_well(script, capsys):
     assert "usage" in capsys.readouterr().out
 
 
+def test_train_help_names_flags_as_the_readme_does_and_each_default_once(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines: compare single-spaced
+    assert "[--run-name RUN_NAME]" in out and "[--run_name" not in out  # the usage line
+    assert "--eval-every EVAL_EVERY, --eval_every EVAL_EVERY" in out
+    assert "demo-2, ...)" in out and "demo-2, ...) (default:" not in out  # the help text gives it already
+    assert "--no-final-eval, --no_final_eval turn off --final-eval --" in out  # not --final-eval's help again
+    for action in train.build_parser()._actions:
+        assert action.help and (action.help.count("(default") <= 1), action.dest
+
+
 @pytest.mark.slow
 def test_demo_reaches_the_learning_bar(tmp_path):
     """python train.py --demo: builds the demo assets, trains, and scores the held-out test images."""
