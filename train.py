@@ -306,7 +306,10 @@ def resumed_config(config: TrainConfig) -> TrainConfig:
     that may change (RESUME_OVERRIDES) applied; `resume_changes` lists them. Trust in remote code
     comes from this command line only, never from a saved file."""
     if not config.run_name:
-        raise UserError("--resume needs --run-name of the run to continue")
+        resumable = resumable_runs(Path(config.output_dir))
+        listed = (f"; in {config.output_dir}, newest first: {', '.join(resumable[:5])}"
+                  f"{', ...' if len(resumable) > 5 else ''}" if resumable else "")
+        raise UserError(f"--resume needs --run-name of the run to continue{listed}")
     saved_file = Path(config.output_dir) / config.run_name / RUN_CONFIG
     if not saved_file.is_file():
         raise UserError(f"nothing to resume: {saved_file} not found")
@@ -329,6 +332,16 @@ def resumed_config(config: TrainConfig) -> TrainConfig:
                                   **{name: getattr(config, name) for name in RESUME_FROM_COMMAND_LINE})
     resumed.resume_changes = {name: (getattr(saved, name), value) for name, value in changes.items()}
     return resumed
+
+
+def resumable_runs(output_dir: Path) -> list[str]:
+    """The names of the run folders under output_dir that hold a resume state, newest first."""
+    try:
+        runs = [folder for folder in output_dir.iterdir() if resume_state_dir(folder) is not None]
+    except OSError:
+        return []
+    return [folder.name for folder in sorted(runs, key=lambda f: (resume_state_dir(f) / TRAINER_STATE).stat().st_mtime,
+                                             reverse=True)]
 
 
 def check_config(config: TrainConfig) -> TrainConfig:

@@ -634,6 +634,19 @@ def test_clear_errors(tiny, tmp_path, capsys):
     assert "nope" in errors[0] and "missing" in errors[2]
 
 
+def test_resume_without_a_run_name_lists_the_runs_it_could_continue(tmp_path, capsys):
+    for age, name in enumerate(["demo-2", "demo", "quick"]):  # newest first
+        state = tmp_path / name / "resume" / "trainer_state.json"
+        state.parent.mkdir(parents=True)
+        state.write_text("{}")
+        os.utime(state, (1_000_000 - age, 1_000_000 - age))
+    (tmp_path / "notes").mkdir()  # not a run
+    assert run_cli(train.main, ["--demo", "--resume", "--output-dir", str(tmp_path)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == f"error: --resume needs --run-name of the run to continue; in {tmp_path}, newest first: " \
+                    "demo-2, demo, quick", error
+
+
 @pytest.mark.parametrize("script", [train, eval_script, inference])
 def test_help_reads_well(script, capsys):
     with pytest.raises(SystemExit) as exit_info:
