@@ -6,8 +6,8 @@
     python inference.py --checkpoint saved_models/demo --lm-quantization 4bit photo.jpg   # a small GPU
 
 Needs only the run folder and the backbones its adapter_config.json names. Prints one caption
-per image ("path<TAB>caption"; a path with a tab or newline in its name is written as a quoted JSON
-string), or one JSON object per line with --json. A folder stands for the
+per image ("path<TAB>caption"; a path with a tab, newline or other control character in its name, or
+one that starts with a quote, is written as a quoted JSON string), or one JSON object per line with --json. A folder stands for the
 image files under it (by name: .jpg .jpeg .png .bmp .gif .webp .tif .tiff, any case), sorted, its
 sub-folders included; other files there are left out with one note. An image that cannot be read
 gets one line on stderr ("error: ..." naming it; {"image", "error"} on stdout with --json), the
@@ -144,9 +144,9 @@ def main(argv=None) -> int:
 
 
 def tab_line(path: str, caption: str) -> str:
-    """"path<TAB>caption". A path that holds a tab, a newline or another control character (legal in
-    file names) would split or break the line, so it is written as a JSON string instead, in quotes;
-    so is one that starts with a quote. Captions are single-spaced already."""
+    """The line "path<TAB>caption". A path that holds a tab, a newline or another control character
+    (legal in file names) would split or break the line, so it is written as a JSON string instead, in
+    quotes; so is one that starts with a quote. Captions are single-spaced already."""
     if path.startswith('"') or any(unicodedata.category(char) == "Cc" for char in path):
         path = json.dumps(path, ensure_ascii=False)
     return f"{path}\t{caption}"

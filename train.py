@@ -186,9 +186,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Defaults shown once: not where a flag's help already says its default, nor for a --no-X switch."""
 
     def _get_help_string(self, action):
-        if "(default" in (action.help or "") or action.option_strings[0].startswith("--no-"):
+        if "(default" in (action.help or "") or is_off_switch(action):
             return action.help
         return super()._get_help_string(action)
+
+
+def is_off_switch(action) -> bool:
+    """HfArgumentParser's --no-X for a boolean field X that defaults to True (store_false into X)."""
+    return isinstance(action, argparse._StoreFalseAction)
 
 
 def build_parser():
@@ -202,8 +207,8 @@ def build_parser():
                               formatter_class=HelpFormatter)
     for action in parser._actions:
         action.option_strings.sort(key=lambda option: "_" in option)  # --run-name before --run_name
-        if action.option_strings[0].startswith("--no-"):
-            action.help = f"turn off --{action.option_strings[0].removeprefix('--no-')}"
+        if is_off_switch(action):
+            action.help = f"turn off --{action.dest.replace('_', '-')}"
     return parser
 
 
@@ -336,12 +341,12 @@ def resumed_config(config: TrainConfig) -> TrainConfig:
 
 def resumable_runs(output_dir: Path) -> list[str]:
     """The names of the run folders under output_dir that hold a resume state, newest first."""
-    try:
-        runs = [folder for folder in output_dir.iterdir() if resume_state_dir(folder) is not None]
-    except OSError:
-        return []
-    return [folder.name for folder in sorted(runs, key=lambda f: (resume_state_dir(f) / TRAINER_STATE).stat().st_mtime,
-                                             reverse=True)]
+    saved = []
+    with contextlib.suppress(OSError):
+        for folder in output_dir.iterdir():
+            with contextlib.suppress(OSError, TypeError):  # TypeError: its resume/ was being swapped just now
+                saved.append(((resume_state_dir(folder) / TRAINER_STATE).stat().st_mtime, folder.name))
+    return [name for _, name in sorted(saved, reverse=True)]
 
 
 def check_config(config: TrainConfig) -> TrainConfig:
@@ -778,6 +783,7 @@ class Run:
     val_pairs: CaptionPairs
     test_split: tuple | None  # loaded before training so that missing test images stop the run early
     bad_samples: list
+    steps_per_epoch: int
     total_steps: int
     state: TrainerState
     last_validated: int = -1  # the step of the latest validation
@@ -963,7 +969,7 @@ def set_up_run(config: TrainConfig, accelerator) -> Run:
     adapter, optimizer, train_loader, scheduler = accelerator.prepare(adapter, optimizer, train_loader, scheduler)
     captioner.adapter = adapter
     run = Run(config, accelerator, run_dir, captioner, adapter, optimizer, scheduler, train_loader, train_records,
-              train_pairs, val_records, val_pairs, test_split, bad_samples, total_steps, TrainerState())
+              train_pairs, val_records, val_pairs, test_split, bad_samples, steps_per_epoch, total_steps, TrainerState())
 
     train_data = training_set_label(train_records, train_pairs)
     if config.resume:
@@ -997,11 +1003,11 @@ def start_trackers(run: Run) -> None:
     settings = {name: value if isinstance(value, (bool, int, float, str)) else str(value)
                 for name, value in dataclasses.asdict(run.config).items()}
     init_kwargs = {"wandb": {"name": run.config.run_name}, "mlflow": {"run_name": run.config.run_name}}
-    if "wandb" in tracker_names(run.config.report_to) and run.accelerator.is_main_process:
-        init_kwargs["wandb"].update(wandb_run(run.run_dir / TRACKING_DIR))
     if run.state.step:
         init_kwargs["tensorboard"] = {"purge_step": run.state.step + 1}
     try:
+        if "wandb" in tracker_names(run.config.report_to) and run.accelerator.is_main_process:
+            init_kwargs["wandb"].update(wandb_run(run.run_dir / TRACKING_DIR))
         run.accelerator.init_trackers(TRACKING_PROJECT, config=settings, init_kwargs=init_kwargs)
     except Exception as error:  # a tracker's own start: a folder, a server, a login
         close_trackers(run.accelerator)
@@ -1019,13 +1025,16 @@ def wandb_run(tracking: Path) -> dict:
     and kept in tracking/, so that a resumed run goes on in it rather than starting another (W&B
     cannot rewind a run, so it keeps what it was first sent for the steps a resumed run repeats);
     W&B's own files in tracking/ too, not in a wandb/ folder wherever the command was run.
-    WANDB_RUN_ID, where set, names the run instead."""
+    WANDB_RUN_ID, where set, names the run of this start instead (and is kept if none was)."""
     tracking.mkdir(parents=True, exist_ok=True)
     id_file = tracking / WANDB_RUN_ID
-    run_id = (os.environ.get("WANDB_RUN_ID") or (id_file.read_text().strip() if id_file.is_file() else "")
-              or secrets.token_hex(4))  # 8 characters, as W&B draws its own
-    id_file.write_text(run_id + "\n")
-    return {"id": run_id, "resume": "allow", "dir": str(tracking)}
+    stored = id_file.read_text().strip() if id_file.is_file() else ""
+    if not stored:
+        stored = os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4)  # 8 characters, as W&B draws its own
+        tmp = id_file.with_name(id_file.name + ".tmp")
+        tmp.write_text(stored + "\n")
+        tmp.replace(id_file)  # whole or not at all: an empty id would start another W&B run
+    return {"id": os.environ.get("WANDB_RUN_ID") or stored, "resume": "allow", "dir": str(tracking)}
 
 
 def tracker_values(record: dict) -> dict:
@@ -1070,49 +1079,64 @@ def resume(run: Run, train_data: str) -> None:
 def adopt_newer_best(run: Run) -> None:
     """A run killed (SIGKILL, a power cut) after it saved a new best adapter but before its next
     checkpoint resumes from a state that knows only an older best (whose weights the newer ones
-    replaced). On the same schedule the resumed run retraces those steps, so the newer adapter stays
-    the best unless a later validation beats it, rather than being overwritten by the first one that
-    beats the older score. On another schedule (--max-steps, --epochs, --learning-rate changed) it
-    came from steps this run no longer takes, like the log lines cut after the checkpoint: the first
-    validation from here on replaces it. Read by the main process, so every process decides alike."""
+    replaced). On the schedule that adapter was trained on, the resumed run retraces its steps, so
+    it stays the best unless a later validation beats it, rather than being overwritten by the first
+    one that beats the older score. On another schedule (--max-steps, --epochs or --learning-rate
+    changed since, on this resume or an earlier one) it came from steps this run no longer takes,
+    like the log lines cut after the checkpoint: the first validation from here on replaces it."""
+    kept = newer_saved_best(run)
+    if kept is None:
+        return
+    step, score, schedule = kept
+    now = (run.total_steps, run.config.learning_rate)
+    if schedule != now:
+        run.state.best_score = None
+        run.accelerator.print(f"note: the best adapter in {run.run_dir} is from step {step}, after this checkpoint, "
+                              f"of another schedule ({describe_schedule(schedule)}; now {describe_schedule(now)}); "
+                              "the first validation from here on replaces it")
+        return
+    run.state.best_step, run.state.best_score = step, score
+    run.accelerator.print(f"note: the best adapter in {run.run_dir} is from step {step} "
+                          f"({SELECT_BY[run.config.select_by][0]} {score:.4f}), after this checkpoint; it stays the "
+                          "best unless a later validation beats it")
+
+
+def describe_schedule(schedule: tuple) -> str:
+    steps, learning_rate = schedule
+    return f"{steps} steps, peak learning rate {learning_rate}"
+
+
+def newer_saved_best(run: Run) -> tuple[int, float, tuple] | None:
+    """(step, score, schedule) of the best adapter at the run's top where it is from a step after the
+    resume state's, else None; the same on every process. The main process reads it (first repairing
+    a config torn from its weights) and tells the others."""
     from accelerate.utils import broadcast_object_list
 
-    state, config, key = run.state, run.config, SELECT_BY[run.config.select_by][0]
     kept = [None]
     if run.accelerator.is_main_process:
         if repair_torn_export(run.run_dir):
             print(f"note: {run.run_dir / ADAPTER_CONFIG} was rewritten from the copy inside {ADAPTER_WEIGHTS}: "
                   "the run had stopped between saving the two")
-        kept = [saved_best(run.run_dir / ADAPTER_CONFIG, key)]
+        kept = [saved_best(run.run_dir / ADAPTER_CONFIG, SELECT_BY[run.config.select_by][0], run.steps_per_epoch)]
     if run.accelerator.num_processes > 1:
         kept = broadcast_object_list(kept)
-    if kept[0] is None or kept[0][0] <= state.step:
-        return
-    step, score = kept[0]
-    rescheduled = sorted({"epochs", "max_steps", "learning_rate"} & set(getattr(config, "resume_changes", {})))
-    if rescheduled or step > run.total_steps:
-        state.best_score = None
-        changed = ", ".join(f"--{name.replace('_', '-')}" for name in rescheduled) or "the schedule"
-        run.accelerator.print(f"note: the best adapter in {run.run_dir} is from step {step}, after this checkpoint, "
-                              f"on the schedule before {changed} changed; the first validation from here on "
-                              "replaces it")
-        return
-    state.best_step, state.best_score = step, score
-    run.accelerator.print(f"note: the best adapter in {run.run_dir} is from step {step} ({key} {score:.4f}), after "
-                          "this checkpoint; it stays the best unless a later validation beats it")
+    return kept[0] if kept[0] is not None and kept[0][0] > run.state.step else None
 
 
-def saved_best(path: Path, key: str) -> tuple[int, float] | None:
-    """(step, score) of the best adapter an adapter_config.json records, or None where it records none
-    by this score (before the first validation, no validation images, another version)."""
+def saved_best(path: Path, key: str, steps_per_epoch: int) -> tuple[int, float, tuple] | None:
+    """(step, score, schedule) of the best adapter an adapter_config.json records, the schedule being
+    (total optimizer steps, peak learning rate) of the settings it was trained with; None where it
+    records no best by this score (before the first validation, no validation images, another version)."""
     try:
-        best = json.loads(path.read_text())["training"]["best"]
-        step, score = best["step"], best[key]
+        training = json.loads(path.read_text())["training"]
+        step, score = training["best"]["step"], training["best"][key]
+        settings = training["hyperparameters"]
+        schedule = (settings["max_steps"] or settings["epochs"] * steps_per_epoch, settings["learning_rate"])
     except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None
     numbers = isinstance(step, int) and isinstance(score, (int, float)) and not isinstance(step, bool) \
         and not isinstance(score, bool)
-    return (step, float(score)) if numbers and math.isfinite(score) else None
+    return (step, float(score), schedule) if numbers and math.isfinite(score) else None
 
 
 def train_steps(run: Run, stop: StopRequest, on_step=None) -> bool:

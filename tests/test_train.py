@@ -284,6 +284,18 @@ def test_a_tracker_that_cannot_start_is_one_line_and_the_run_resumes_without_it(
     assert json.loads((tmp_path / "tracked" / "resume" / "trainer_state.json").read_text())["step"] == 6
 
 
+def test_a_wandb_run_that_cannot_keep_its_id_is_one_line(tiny, tmp_path, capsys):
+    pytest.importorskip("wandb")
+    args = train_args(tiny, tmp_path, "tracked", "--final-eval", "false", "--max-steps", "4")
+    assert train.main(args) == 0
+    (tmp_path / "tracked" / "tracking").write_text("not a folder")  # where W&B's id and files would go
+    resume = ["--run-name", "tracked", "--output-dir", str(tmp_path), "--resume", "--no-progress", "--max-steps", "6"]
+    assert run_cli(train.main, [*resume, "--report-to", "wandb"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and error.startswith("error: --report-to wandb: a tracker could not start "
+                                                   "(FileExistsError"), error
+
+
 def test_a_tracker_that_cannot_start_changes_nothing_the_next_command_reads(tiny, tmp_path, capsys, monkeypatch):
     """The run's saved config keeps its --report-to, and a new run leaves no folder behind, so the
     same command without the tracker runs."""
@@ -485,11 +497,13 @@ def test_select_by_cider_d_keeps_the_adapter_of_the_highest_validation_cider_d(t
     assert "CIDEr-D weighs words" in printed  # 6 validation images: too few for its IDF, and it says so
 
 
-def crash_after_a_best_at_step_6(tiny, tmp_path, monkeypatch, resumed_scores: list[float]) -> Path:
+def crash_after_a_best_at_step_6(tiny, tmp_path, monkeypatch, resumed_scores: list[float],
+                                 scores_before_the_crash=(0.2, 0.3, 0.9, 0.1)) -> Path:
     """A run (--select-by cider_d, validations every 2 steps, checkpoints every 5) whose scripted
-    validation scores make step 6 the best (0.9, after 0.2 and 0.3), then crash at step 8: its resume
-    state (step 5) knows only step 4's best. The resumed run's validations score `resumed_scores`."""
-    scores = iter([0.2, 0.3, 0.9, 0.1, *resumed_scores])  # steps 2, 4, 6, 8, then the crash
+    validation scores make step 6 the best (0.9, after 0.2 and 0.3), then crash at step 8 (or earlier,
+    where a test makes it: then give the scores of the validations before it): its resume state
+    (step 5) knows only step 4's best. The resumed run's validations score `resumed_scores`."""
+    scores = iter([*scores_before_the_crash, *resumed_scores])
     monkeypatch.setattr(train, "validation_cider_d", lambda predictions, references: next(scores))
     args = train_args(tiny, tmp_path, "killed", "--final-eval", "false", "--max-steps", "12", "--eval-every", "2",
                       "--save-every", "5", "--select-by", "cider_d", "--val-limit", "0")
@@ -542,14 +556,35 @@ def test_a_best_adapter_saved_after_the_last_checkpoint_survives_a_crash_and_res
 def test_a_best_from_steps_a_rescheduled_resume_no_takes_is_replaced_by_its_first_validation(tiny, tmp_path,
                                                                                               monkeypatch, capsys):
     # --max-steps 14: from step 5 on, another schedule; step 6's adapter belongs to the one abandoned.
-    run = crash_after_a_best_at_step_6(tiny, tmp_path, monkeypatch, [0.5, 0.4, 0.45])  # steps 8, 12, 14
+    # Step 8 scores below step 4's 0.3, the checkpoint's best, and still replaces it: no adapter of this
+    # schedule was kept before.
+    run = crash_after_a_best_at_step_6(tiny, tmp_path, monkeypatch, [0.25, 0.2, 0.1])  # steps 8, 12, 14
     capsys.readouterr()
     resume_killed(tmp_path, "--eval-every", "4", "--max-steps", "14")
     training = json.loads((run / "adapter_config.json").read_text())["training"]
-    assert training["best"] == {"by": "val_cider_d", "val_cider_d": 0.5, "step": 8}
+    assert training["best"] == {"by": "val_cider_d", "val_cider_d": 0.25, "step": 8}
     assert training["step"] == 8  # the adapter at the top is the one its config describes
-    assert "on the schedule before --max-steps changed; the first validation from here on replaces it" in \
-        capsys.readouterr().out
+    assert "of another schedule (12 steps, peak learning rate 0.003; now 14 steps, peak learning rate 0.003); the " \
+           "first validation from here on replaces it" in capsys.readouterr().out
+
+
+def test_a_best_from_an_earlier_schedule_is_not_adopted_after_a_second_crash(tiny, tmp_path, monkeypatch, capsys):
+    """The rescheduled resume is itself killed before its first validation; the next plain --resume
+    changes no flag, yet step 6's adapter is still from the 12-step schedule, not this 14-step one."""
+    run = crash_after_a_best_at_step_6(tiny, tmp_path, monkeypatch, [0.25, 0.2, 0.1])  # steps 8, 12, 14
+
+    def crash_at_7(step):
+        if step == 7:
+            raise RuntimeError("preempted again")
+
+    resumed = ["--run-name", "killed", "--output-dir", str(tmp_path), "--resume", "--no-progress"]
+    with pytest.raises(RuntimeError):
+        train.train(train.parse_config([*resumed, "--eval-every", "4", "--max-steps", "14"]), on_step=crash_at_7)
+    capsys.readouterr()
+    resume_killed(tmp_path)
+    assert "of another schedule" in capsys.readouterr().out
+    training = json.loads((run / "adapter_config.json").read_text())["training"]
+    assert training["best"] == {"by": "val_cider_d", "val_cider_d": 0.25, "step": 8}
 
 
 def test_a_crash_between_writing_the_best_weights_and_their_config_is_repaired_on_resume(tiny, tmp_path,
@@ -564,7 +599,8 @@ def test_a_crash_between_writing_the_best_weights_and_their_config_is_repaired_o
         real_to_json(self, path)
 
     monkeypatch.setattr(model.AdapterConfig, "to_json", killed_before_the_best_config_at_6)
-    run = crash_after_a_best_at_step_6(tiny, tmp_path, monkeypatch, [0.5, 0.4])  # the crash: inside the save at 6
+    run = crash_after_a_best_at_step_6(tiny, tmp_path, monkeypatch, [0.5, 0.4],  # steps 8 and 12 after resuming
+                                       scores_before_the_crash=[0.2, 0.3, 0.9])  # the crash: inside the save at 6
     assert json.loads((run / "adapter_config.json").read_text())["training"]["step"] == 4
     kept = adapter_weights(run / "adapter.safetensors")  # step 6's
     monkeypatch.setattr(model.AdapterConfig, "to_json", real_to_json)
@@ -574,6 +610,8 @@ def test_a_crash_between_writing_the_best_weights_and_their_config_is_repaired_o
     assert all(torch.equal(top[key], kept[key]) for key in kept)
     training = json.loads((run / "adapter_config.json").read_text())["training"]
     assert training["step"] == 6 and training["best"] == {"by": "val_cider_d", "val_cider_d": 0.9, "step": 6}
+    evals = [(r["step"], r["best"]) for r in read_jsonl(run / "train_log.jsonl") if r["type"] == "eval"]
+    assert evals == [(2, True), (4, True), (8, False), (12, False)]
     assert "was rewritten from the copy inside adapter.safetensors" in capsys.readouterr().out
     # A config edited by hand (the LM moved) describes the same step as the weights: left as it is.
     edited = {**json.loads((run / "adapter_config.json").read_text()), "lm_model": str(tmp_path / "moved-lm")}
