@@ -12,12 +12,11 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import time
 from pathlib import Path
 
 from metrics import COCO_METRICS
-from utils import BLEU_VARIANT, ROUGE_L_VARIANT, UserError, collapse_warning, read_jsonl
+from utils import BLEU_VARIANT, ROUGE_L_VARIANT, UserError, collapse_warning, json_value, read_jsonl
 
 REPORT_FILE = "report.html"
 LOSS_CURVE = "curve_loss.png"
@@ -143,10 +142,7 @@ def kept_step(run_dir: Path) -> int | None:
     """The step of the adapter at the run's top, as its adapter_config.json records it: the truth
     where the log cannot say (a run resumed after its best was saved but before its next checkpoint
     has no record of that validation left). None where it records none."""
-    try:
-        step = json.loads((run_dir / "adapter_config.json").read_text())["training"]["best"]["step"]
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
-        return None
+    step = json_value(run_dir / "adapter_config.json", "training", "best", "step")
     return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 

@@ -35,12 +35,13 @@ import torch
 from dataset import (DATASETS, FLICKR30K_PARQUET, CaptionPairs, EpochShuffleSampler, check_data_flags,
                      collate_captions, drop_unreadable, extract_features, limit_records, load_records)
 from metrics import validation_cider_d
-from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, IGNORE_INDEX, AdapterConfig, DecodingConfig, TrainingLoss, build_captioner,
-                   load_adapter_state, repair_torn_export, resolve_dtype, save_adapter, save_adapter_weights)
+from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, IGNORE_INDEX, AdapterConfig, DecodingConfig, TrainingLoss,
+                   build_captioner, load_adapter_state, repair_torn_export, resolve_dtype, save_adapter,
+                   save_adapter_weights)
 from utils import (Terminated, UserError, append_jsonl, caption_diversity, caption_metrics, collapse_warning,
                    default_image_workers, ids_digest, interrupt_handled, interrupt_name, interrupted_exit_code,
-                   library_versions, load_state, lone_cpu_launch_warning, nearest_existing, read_json, read_jsonl,
-                   rng_states, run_cli, save_state, set_rng_states, write_json, write_jsonl)
+                   json_value, library_versions, load_state, lone_cpu_launch_warning, nearest_existing, read_json,
+                   read_jsonl, rng_states, run_cli, save_state, set_rng_states, write_json, write_jsonl)
 
 RUN_CONFIG = "run_config.json"
 # --select-by: the validation record's key, and whether higher is better.
@@ -969,7 +970,8 @@ def set_up_run(config: TrainConfig, accelerator) -> Run:
     adapter, optimizer, train_loader, scheduler = accelerator.prepare(adapter, optimizer, train_loader, scheduler)
     captioner.adapter = adapter
     run = Run(config, accelerator, run_dir, captioner, adapter, optimizer, scheduler, train_loader, train_records,
-              train_pairs, val_records, val_pairs, test_split, bad_samples, steps_per_epoch, total_steps, TrainerState())
+              train_pairs, val_records, val_pairs, test_split, bad_samples, steps_per_epoch, total_steps,
+              TrainerState())
 
     train_data = training_set_label(train_records, train_pairs)
     if config.resume:
@@ -1017,7 +1019,8 @@ def start_trackers(run: Run) -> None:
                 run.run_dir.rmdir()  # only if nothing else is in it
         first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
         raise UserError(f"--report-to {run.config.report_to}: a tracker could not start ({type(error).__name__}: "
-                        f"{first}); fix that, or run without it (--report-to none; it may change on --resume)") from None
+                        f"{first}); fix that, or run without it (--report-to none; it may change on --resume)"
+                        ) from None
 
 
 def wandb_run(tracking: Path) -> dict:
@@ -1127,12 +1130,12 @@ def saved_best(path: Path, key: str, steps_per_epoch: int) -> tuple[int, float, 
     """(step, score, schedule) of the best adapter an adapter_config.json records, the schedule being
     (total optimizer steps, peak learning rate) of the settings it was trained with; None where it
     records no best by this score (before the first validation, no validation images, another version)."""
+    training = json_value(path, "training")
     try:
-        training = json.loads(path.read_text())["training"]
         step, score = training["best"]["step"], training["best"][key]
         settings = training["hyperparameters"]
         schedule = (settings["max_steps"] or settings["epochs"] * steps_per_epoch, settings["learning_rate"])
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+    except (KeyError, TypeError):
         return None
     numbers = isinstance(step, int) and isinstance(score, (int, float)) and not isinstance(step, bool) \
         and not isinstance(score, bool)

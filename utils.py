@@ -179,6 +179,19 @@ def write_json(path: str | Path, data) -> None:
     os.replace(tmp, path)
 
 
+def json_value(path: str | Path, *keys: str):
+    """The value under `keys` in a JSON file, or None where the file cannot be read or parsed, or
+    does not hold it: for metadata that is only consulted (a missing or damaged file is reported,
+    if at all, by whatever loads it)."""
+    try:
+        value = json.loads(Path(path).read_text())
+        for key in keys:
+            value = value[key]
+    except (OSError, ValueError, KeyError, TypeError, IndexError, RecursionError):
+        return None
+    return value
+
+
 def read_json(path: str | Path, what: str = "file"):
     path = Path(path)
     if not path.is_file():
