@@ -1008,7 +1008,8 @@ def start_trackers(run: Run) -> None:
     if run.state.step:
         init_kwargs["tensorboard"] = {"purge_step": run.state.step + 1}
     try:
-        if "wandb" in tracker_names(run.config.report_to) and run.accelerator.is_main_process:
+        wanted = {str(tracker) for tracker in run.accelerator.log_with}  # already checked: see start()
+        if "wandb" in wanted and run.accelerator.is_main_process:
             init_kwargs["wandb"].update(wandb_run(run.run_dir / TRACKING_DIR))
         run.accelerator.init_trackers(TRACKING_PROJECT, config=settings, init_kwargs=init_kwargs)
     except Exception as error:  # a tracker's own start: a folder, a server, a login
