@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import UserError, with_usual_mode, write_json
+from utils import UserError, replace_durably, with_usual_mode, write_json
 
 FORMAT_VERSION = 1
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -756,7 +756,7 @@ def save_adapter(directory: str | Path, adapter: nn.Module, config: AdapterConfi
 
 
 def save_adapter_weights(path: Path, adapter: nn.Module, described_by: AdapterConfig | None = None) -> None:
-    """The adapter's tensors as safetensors, written aside and renamed (atomic); with `described_by`,
+    """The adapter's tensors as safetensors, written aside and renamed (atomic and durable); with `described_by`,
     that config's JSON in the file's metadata too."""
     from safetensors.torch import save_file
 
@@ -767,7 +767,7 @@ def save_adapter_weights(path: Path, adapter: nn.Module, described_by: AdapterCo
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata=metadata)
     with_usual_mode(tmp)
-    tmp.replace(path)
+    replace_durably(tmp, path)
 
 
 def repair_torn_export(directory: Path) -> bool:

@@ -41,7 +41,8 @@ from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, IGNORE_INDEX, AdapterConfig,
 from utils import (Terminated, UserError, append_jsonl, caption_diversity, caption_metrics, collapse_warning,
                    default_image_workers, ids_digest, interrupt_handled, interrupt_name, interrupted_exit_code,
                    json_value, library_versions, load_state, lone_cpu_launch_warning, nearest_existing, read_json,
-                   read_jsonl, rng_states, run_cli, save_state, set_rng_states, write_json, write_jsonl)
+                   read_jsonl, rng_states, run_cli, save_state, set_rng_states, sync_folder, sync_tree, write_json,
+                   write_jsonl)
 
 RUN_CONFIG = "run_config.json"
 # --select-by: the validation record's key, and whether higher is better.
@@ -379,6 +380,8 @@ def check_config(config: TrainConfig) -> TrainConfig:
         path = Path(getattr(config, name)).expanduser() if getattr(config, name) else None
         if path is not None and path.exists() and not path.is_dir():
             raise UserError(f"{flag(name)} {path} is a file, not a folder; name a folder")
+    if config.feature_cache_dir:  # saved absolute: eval.py run from another folder reads the same cache
+        config.feature_cache_dir = str(Path(config.feature_cache_dir).expanduser().absolute())
     tracker_names(config.report_to)
     return config
 
@@ -596,12 +599,16 @@ def save_export(directory: Path, accelerator, adapter, captioner, config, state,
 
 
 def swap_in(folder: Path, tmp: Path) -> None:
-    """Replace `folder` by the finished `tmp`: the old one stays whole until the new one is."""
+    """Replace `folder` by the finished `tmp`: the old one stays whole until the new one is, on the
+    disk too (a power cut soon after the renames must not leave empty files where the old ones were;
+    see utils.replace_durably)."""
     old = folder.with_name(folder.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
+    sync_tree(tmp)
     if folder.exists():
         folder.rename(old)
     tmp.rename(folder)
+    sync_folder(folder.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 

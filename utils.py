@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -171,12 +172,52 @@ def cache_home() -> Path:
 # Files
 # ----------------------------------------------------------------------------------------------
 
+def sync_file(path: str | Path) -> None:
+    """Flush a file's bytes to the disk (fsync)."""
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def sync_folder(path: str | Path) -> None:
+    """Flush a folder's entries (the names renamed into it) to the disk; nothing where the system
+    cannot open a folder for it (Windows)."""
+    with contextlib.suppress(OSError):
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def sync_tree(folder: str | Path) -> None:
+    """sync_file every file under `folder`, then sync_folder each folder, deepest first."""
+    folder = Path(folder)
+    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if path.is_file() and not path.is_symlink():
+            sync_file(path)
+        elif path.is_dir():
+            sync_folder(path)
+    sync_folder(folder)
+
+
+def replace_durably(tmp: str | Path, path: str | Path) -> None:
+    """os.replace(tmp, path) once tmp's bytes are on the disk, and the rename too before returning.
+
+    A rename alone is atomic against a crash of the process, not against a power cut: file systems
+    write a new file's data later than its name (ext4, XFS: up to half a minute), so the name could
+    survive pointing at an empty file, where the old one was whole."""
+    sync_file(tmp)
+    os.replace(tmp, path)
+    sync_folder(Path(path).parent)
+
+
 def write_json(path: str | Path, data) -> None:
-    """Write JSON atomically: a crash mid-write leaves the old file, never half a new one."""
+    """Write JSON atomically and durably: a crash or power cut mid-write leaves the old file, never
+    half a new one."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
+    replace_durably(tmp, path)
 
 
 def json_value(path: str | Path, *keys: str):
@@ -208,11 +249,11 @@ def append_jsonl(path: str | Path, record: dict) -> None:
 
 
 def write_jsonl(path: str | Path, records) -> None:
-    """Replace a JSONL file in one pass, atomically (written aside, then renamed)."""
+    """Replace a JSONL file in one pass, atomically (written aside, then renamed; see replace_durably)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(record) + "\n" for record in records))
-    os.replace(tmp, path)
+    replace_durably(tmp, path)
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

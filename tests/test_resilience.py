@@ -145,6 +145,36 @@ def test_a_damaged_resume_state_or_log_is_one_line_naming_the_file(tiny, tmp_pat
     assert (run / "run_config.json").read_text() == config
 
 
+def test_every_file_reaches_the_disk_before_its_name_does(tiny, tmp_path, monkeypatch):
+    """A rename is atomic against a crash of the process, not against a power cut: file systems write
+    a new file's data later than its name, which could survive pointing at an empty file while the
+    old checkpoint is already deleted. Each file of a checkpoint, an export and a feature cache part
+    is fsynced under its temporary name, before the rename; the folder holding the new name after."""
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(descriptor):
+        synced.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        return real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    args = train_args(tiny, tmp_path, "run", "--max-steps", "4", "--final-eval", "false", "--eval-every", "2",
+                      "--save-every", "2", "--feature-cache-dir", str(tmp_path / "cache"))
+    assert train.main(args) == 0
+    run = tmp_path / "run"
+    for folder in ("resume", "last"):
+        files = list((run / folder).iterdir())
+        assert files and all(str(run / f"{folder}.tmp" / path.name) in synced for path in files), (files, synced)
+        # The folder last, then the rename of it into the run, before the old one is deleted.
+        after = [synced[i + 1] for i, name in enumerate(synced[:-1]) if name == str(run / f"{folder}.tmp")]
+        assert after and set(after) == {str(run)}, synced
+    for name in ("adapter.safetensors", "adapter_config.json", "run_config.json"):
+        assert str(run / f"{name}.tmp") in synced, name
+    assert str(run) in synced  # the renames in it
+    parts = list((tmp_path / "cache").glob("*/part-*"))
+    assert parts and all(str(part) + ".tmp" in synced for part in parts), (parts, synced)
+
+
 def test_kill_in_the_middle_of_a_save_keeps_the_last_good_checkpoint(tiny, tmp_path):
     train.main(train_args(tiny, tmp_path, "straight", "--final-eval", "false"))
     expected = load_file(tmp_path / "straight" / "last" / "adapter.safetensors")

@@ -730,3 +730,11 @@ def test_demo_reruns_pick_a_fresh_run_folder(tiny, tmp_path, monkeypatch):
     demo_with = ["--demo", "--output-dir", str(tmp_path), "--adapter-kind", "transformer"]
     assert train.resolve_config(train.parse_config(demo_with)).learning_rate == 1e-3
     assert train.resolve_config(train.parse_config([*demo_with, "--learning-rate", "5e-3"])).learning_rate == 5e-3
+
+
+def test_a_relative_feature_cache_dir_is_saved_absolute(tmp_path, monkeypatch):
+    """eval.py reads the run's cache from run_config.json, maybe from another folder: a relative path
+    would there name a new, empty cache, and every image would be encoded again."""
+    monkeypatch.chdir(tmp_path)
+    config = train.check_config(train.parse_config(["--feature-cache-dir", "cache", "--run-name", "x"]))
+    assert config.feature_cache_dir == str(tmp_path / "cache")
