@@ -31,13 +31,16 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from model import IGNORE_INDEX
-from utils import UserError, cache_home, write_json
+from utils import UserError, cache_home, replace_durably, write_json
 
 FLICKR30K_PARQUET = "hf://datasets/nlphuji/flickr30k@refs/convert/parquet/TEST/test/*.parquet"
 DATASETS = ("flickr30k", "karpathy", "folder")
 SPLITS = ("train", "val", "test")
 KARPATHY_FILES = ("dataset_flickr30k.json", "dataset_flickr8k.json", "dataset_coco.json")
-FEATURE_CACHE_VERSION = 1  # bump when what a cached feature means changes
+# Bump when what a cached feature means changes, the image decoding (open_image, to_rgb) included:
+# a cached feature is never decoded again, so a decoding fix would otherwise never reach it.
+# 2: EXIF rotation, transparency on white and 16-bit grey in to_rgb; parts carry a checksum.
+FEATURE_CACHE_VERSION = 2
 FEATURE_PART_SIZE = 4096  # images per cache part: what an interrupted extraction can lose at most
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -668,24 +671,40 @@ def _collate_images(items):
 
 
 def image_key(record: ImageRecord) -> str:
-    """What identifies an image's content cheaply: a file's path, size and mtime, or a Hub row of a
-    dataset fingerprint (which changes when its files do). A rewritten file gets a new key."""
+    """What identifies an image's content cheaply: a file's path, size, mtime and ctime (what git's
+    index compares too), or a Hub row of a dataset fingerprint (which changes when its files do).
+
+    A rewritten file gets a new key, even one whose size and mtime were put back (`cp -p`, `rsync -a`,
+    `touch -d`, an EXIF edit that keeps the date): no tool can set the ctime, the kernel moves it on
+    every change. A chmod moves it too, and costs one more encoding of that image."""
     if record.table is not None:
         return f"hub|{getattr(record.table, '_fingerprint', 'unknown')}|{record.row}"
     stat = record.path.stat()
-    return f"file|{record.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    return f"file|{record.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}"
+
+
+def _without_location(settings):
+    """A config's settings less where it was loaded from and which transformers wrote it: a copy of
+    the same CLIP in another folder gives the same features."""
+    if isinstance(settings, dict):
+        return {key: _without_location(value) for key, value in settings.items()
+                if key not in ("_name_or_path", "transformers_version")}
+    return settings
 
 
 def encoder_fingerprint(captioner) -> str:
     """A digest of everything that decides a CLIP feature: the weights themselves (whatever folder or
-    Hub id they came from), their dtype, the vision config and the image preprocessing."""
+    Hub id they came from), their dtype, the vision config, the image preprocessing, and the decoding
+    (FEATURE_CACHE_VERSION for ours, Pillow's version for its decoders)."""
+    import PIL
+
     cached = getattr(captioner, "_encoder_fingerprint", None)
     if cached:
         return cached
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(f"v{FEATURE_CACHE_VERSION}|{type(captioner.clip).__name__}|{type(captioner.processor).__name__}"
-                  .encode())
-    digest.update(captioner.clip.config.to_json_string(use_diff=False).encode())
+    digest.update(f"v{FEATURE_CACHE_VERSION}|Pillow {PIL.__version__}|{type(captioner.clip).__name__}|"
+                  f"{type(captioner.processor).__name__}".encode())
+    digest.update(json.dumps(_without_location(captioner.clip.config.to_dict()), sort_keys=True, default=str).encode())
     digest.update(captioner.processor.to_json_string().encode())
     for name, tensor in sorted(captioner.clip.state_dict().items()):
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
@@ -698,37 +717,46 @@ class FeatureCache:
     """CLIP embeddings on disk, one folder per encoder fingerprint, read back through memory maps.
 
     <root>/<fingerprint>/part-<id>.npy   float32 (n, F) embeddings, before normalisation
-    <root>/<fingerprint>/part-<id>.json  the n image keys, written after the .npy (a part without
-                                          its keys file is an interrupted write and is ignored)
+    <root>/<fingerprint>/part-<id>.json  {"keys": the n image keys, "blake2b": the .npy's digest},
+                                          written after the .npy (a part without its keys file is
+                                          an interrupted write and is ignored)
     Extraction appends new parts; nothing is ever rewritten, so concurrent runs cannot corrupt it.
-    A part that cannot be read back (truncated, overwritten, not the float32 (n, F) its keys
-    promise) is deleted with a note on stderr and its images are extracted again: a cache must
-    never stop a run, nor feed it wrong features.
+    Both files reach the disk before their names do (utils.replace_durably). A part that cannot be
+    read back (truncated, overwritten, zeroed, not the float32 (n, F) its keys promise, bytes
+    other than those its digest was taken of) is deleted with a note on stderr and its images are
+    extracted again: a cache must never stop a run, nor feed it wrong features.
     """
 
     def __init__(self, root: str | Path, fingerprint: str, feature_dim: int | None = None):
         self.folder = Path(root).expanduser() / fingerprint
         self.feature_dim = feature_dim
         self.rows: dict[str, tuple[Path, int]] = {}
+        self.digests: dict[Path, str] = {}
+        self.verified: set[Path] = set()
         for keys_file in sorted(self.folder.glob("part-*.json")):
             array_file = keys_file.with_suffix(".npy")
+            if array_file in _DROPPED_PARTS or not array_file.is_file():
+                continue  # dropped but not deletable (a read-only cache), or deleted by hand
             try:
-                keys = json.loads(keys_file.read_text(encoding="utf-8"))
-            except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8 at all
-                continue  # a damaged keys file: its images are simply extracted again
-            if not array_file.is_file():
-                continue
-            problem = self._part_problem(array_file, keys)
+                entry = json.loads(keys_file.read_text(encoding="utf-8"))
+            except OSError:
+                continue  # unreadable now (permissions): its images are extracted again
+            except ValueError:  # not JSON, or not UTF-8 at all: keys files are written whole, so damage
+                entry = None
+            problem = self._part_problem(array_file, entry)
             if problem:
                 self._drop_part(keys_file, array_file, problem)
                 continue
-            self.rows.update((key, (array_file, row)) for row, key in enumerate(keys))
+            self.digests[array_file] = entry["blake2b"]
+            self.rows.update((key, (array_file, row)) for row, key in enumerate(entry["keys"]))
 
-    def _part_problem(self, array_file: Path, keys) -> str:
+    def _part_problem(self, array_file: Path, entry) -> str:
         """Why a part cannot be used, or "" if it can. Only the .npy header is read (a memory map),
-        so checking every part up front is cheap, and read() never meets a bad one mid-run."""
-        if not isinstance(keys, list) or not all(isinstance(key, str) for key in keys):
-            return "its keys file is not a list of image keys"
+        so checking every part up front is cheap; the bytes are checked when first read (verify)."""
+        keys = entry.get("keys") if isinstance(entry, dict) else None
+        if not isinstance(keys, list) or not all(isinstance(key, str) for key in keys) \
+                or not isinstance(entry.get("blake2b"), str):
+            return "its keys file is not the image keys and digest of the part"
         try:
             array = np.load(array_file, mmap_mode="r", allow_pickle=False)
         except Exception as error:  # numpy raises many kinds on damaged bytes (ValueError, EOFError, OSError)
@@ -744,34 +772,52 @@ class FeatureCache:
     def _drop_part(keys_file: Path, array_file: Path, problem: str) -> None:
         print(f"note: feature cache part {array_file} cannot be read ({problem}); deleting it, its images "
               "will be extracted again", file=sys.stderr)
+        _DROPPED_PARTS.add(array_file)  # where it cannot be deleted, it is still never read again
         for path in (keys_file, array_file):  # keys first: an .npy without its keys is ignored anyway
             with contextlib.suppress(OSError):  # a read-only cache: the part is still left unused
                 path.unlink()
 
-    def drop_parts_holding(self, keys: list[str], problem: str) -> None:
-        """Delete the parts that hold these keys (see _drop_part): their images are extracted again."""
-        for array_file in sorted({self.rows[key][0] for key in keys}):
-            self._drop_part(array_file.with_suffix(".json"), array_file, problem)
+    def verify(self, keys: list[str]) -> list[str]:
+        """The keys whose parts' bytes differ from those their digest was taken of (a flipped bit, a
+        block a crash left zeroed); those parts are dropped (see _drop_part). Each part is read
+        whole once per cache, and only when its features are wanted."""
+        damaged = []
+        for array_file in sorted({self.rows[key][0] for key in keys} - self.verified):
+            if _file_digest(array_file) == self.digests[array_file]:
+                self.verified.add(array_file)
+                continue
+            self._drop_part(array_file.with_suffix(".json"), array_file,
+                            "its bytes are not those it was written with")
+            damaged += [key for key in keys if self.rows[key][0] == array_file]
             self.rows = {key: where for key, where in self.rows.items() if where[0] != array_file}
+        return damaged
 
     def missing(self, keys: list[str]) -> list[int]:
         return [i for i, key in enumerate(keys) if key not in self.rows]
 
     def add(self, keys: list[str], embeddings: torch.Tensor) -> None:
-        import numpy as np
+        import io
 
         self.folder.mkdir(parents=True, exist_ok=True)
         part = self.folder / f"part-{uuid.uuid4().hex}"
-        with open(part.with_suffix(".npy.tmp"), "wb") as handle:
-            np.save(handle, embeddings.float().numpy())
-        os.replace(part.with_suffix(".npy.tmp"), part.with_suffix(".npy"))
-        write_json(part.with_suffix(".json"), keys)
+        buffer = io.BytesIO()
+        np.save(buffer, embeddings.float().numpy())
+        tmp = part.with_suffix(".npy.tmp")
+        try:
+            tmp.write_bytes(buffer.getvalue())
+            replace_durably(tmp, part.with_suffix(".npy"))
+        except BaseException:  # a full disk, an interrupt: no partial file is left behind for good
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        digest = hashlib.blake2b(buffer.getvalue(), digest_size=16).hexdigest()
+        write_json(part.with_suffix(".json"), {"keys": keys, "blake2b": digest})
         self.rows.update((key, (part.with_suffix(".npy"), row)) for row, key in enumerate(keys))
+        self.digests[part.with_suffix(".npy")] = digest
+        self.verified.add(part.with_suffix(".npy"))
 
     def read(self, keys: list[str]) -> torch.Tensor:
-        """(len(keys), F) float32, gathered from the memory-mapped parts."""
-        import numpy as np
-
+        """(len(keys), F) float32, gathered from the memory-mapped parts (call verify first)."""
         by_file: dict[Path, list[tuple[int, int]]] = {}
         for i, key in enumerate(keys):
             array_file, row = self.rows[key]
@@ -784,6 +830,17 @@ class FeatureCache:
             targets, rows = zip(*pairs)
             out[list(targets)] = torch.from_numpy(np.ascontiguousarray(array[list(rows)]))
         return out
+
+
+_DROPPED_PARTS: set[Path] = set()  # parts found damaged in this process, deleted or not
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def default_feature_cache_dir() -> Path:
@@ -829,17 +886,17 @@ def extract_features(captioner, records: list[ImageRecord], batch_size: int = 64
             print(f"{desc}: {len(keys):,} images read from the feature cache {cache.folder}")
         embeddings = torch.full((len(records), captioner.config.image_feature_dim), float("nan"))
         cached = [i for i in range(len(records)) if i not in failures and keys[i] not in unstored]
+        if cache.verify([keys[i] for i in cached]):  # damaged parts, now dropped: extract their images again
+            if _retry:  # damaged again between two reads: something else is writing into the cache
+                raise UserError(f"the feature cache {cache.folder} is being damaged while this run reads it; "
+                                "check the disk, delete that folder and run again")
+            return extract_features(captioner, records, batch_size, num_workers, progress, desc, cache_dir, use_cache,
+                                    on_bad_sample, bad_samples, _retry=True)
         if cached:
             embeddings[cached] = cache.read([keys[i] for i in cached])
         for i in range(len(records)):
             if keys[i] in unstored:
                 embeddings[i] = unstored[keys[i]]
-        # Extraction never stores a NaN row, so one here is a damaged part: extract its images again.
-        damaged = [keys[i] for i in cached if not torch.isfinite(embeddings[i]).all()]
-        if damaged and not _retry:
-            cache.drop_parts_holding(damaged, f"it holds NaN or infinite numbers in {len(damaged)} row(s)")
-            return extract_features(captioner, records, batch_size, num_workers, progress, desc, cache_dir, use_cache,
-                                    on_bad_sample, bad_samples, _retry=True)
     if bad_samples is not None:
         bad_samples.extend((records[i].image_id, why) for i, why in sorted(failures.items()))
     return captioner.finish_features(embeddings)

@@ -211,6 +211,7 @@ def test_feature_cache_keys_file_of_garbage_bytes_is_extracted_again(tiny, capti
     [keys_file] = (tmp_path / encoder_fingerprint(captioner)).glob("part-*.json")
     keys_file.write_bytes(b"\xff\xfe\x00garbage")  # not UTF-8: once a UnicodeDecodeError that stopped the run
     assert torch.equal(extract_features(captioner, records, progress=False, cache_dir=tmp_path), expected)
+    assert not keys_file.with_suffix(".npy").exists()  # the part it described is removed, not left for good
 
 
 @pytest.mark.parametrize("bad_rows", [
