@@ -39,6 +39,7 @@ NOTHING = "nothing"
 BASELINE_PREFIX = "nearest-neighbour baseline of "
 STRATEGIES = ("greedy", "beam", "sample")
 WARM_UP_SIZE = 64  # pixels of the blank image each model captions once at start-up
+MAX_UPLOAD_MB = 100_000
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,7 +338,11 @@ class Page:
                 raise UserError(f"Pick a run to caption with ({', '.join(self.by_name)}).")
             image = open_upload(image_path, self.max_megapixels, self.max_upload_mb)
             decoding = decoding_config(strategy, num_beams, temperature, top_p, max_new_tokens)
+            from eval import SEED_RANGE
+
             seed = int(seed or 0)
+            if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+                raise UserError(f"The seed must be a whole number from {SEED_RANGE[0]} to {SEED_RANGE[1]}.")
             left_caption, left_time = self.caption_one(left, image, decoding, seed)
             right_caption, right_time = self.caption_one(right, image, decoding, seed)
         except UserError as error:
@@ -461,6 +466,17 @@ def build_app(page: Page, examples: list[tuple[str, str]]):
 # The script
 # ----------------------------------------------------------------------------------------------
 
+def upload_limit(text: str) -> float:
+    """An argparse type for --max-upload-mb: a number > 0 and at most MAX_UPLOAD_MB (Gradio takes
+    the limit as a 64-bit byte count: a larger one broke every request)."""
+    from utils import positive_number
+
+    value = positive_number(text)
+    if value > MAX_UPLOAD_MB:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_UPLOAD_MB:,} (MB), got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from utils import positive_number, whole_number  # argparse types: a bad number is one line, before anything loads
 
@@ -482,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="test images of the first run offered as examples")
     parser.add_argument("--max-megapixels", type=positive_number, default=40,
                         help="larger images are refused with a message")
-    parser.add_argument("--max-upload-mb", type=positive_number, default=50,
+    parser.add_argument("--max-upload-mb", type=upload_limit, default=50,
                         help="larger files are refused with a message")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars at start-up")
     return parser

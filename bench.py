@@ -677,7 +677,10 @@ def main(argv=None) -> int:
     args.device_name = device_name(args.device)
     args.records = []
     if args.out:
-        Path(args.out).write_text("")  # emit() appends each measurement as it is made
+        try:
+            Path(args.out).write_text("")  # emit() appends each measurement as it is made
+        except OSError as error:
+            raise UserError(f"--out {args.out} cannot be written ({error.strerror or error}); name a writable file")
     if args.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     sections = args.only

@@ -214,7 +214,7 @@ def load_flickr30k_hub(split: str, data_files: str = FLICKR30K_PARQUET) -> list[
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(
             f"could not load Flickr30k from {data_files} ({first}); without network use --dataset karpathy "
-            "or --dataset folder with --data-dir, or --demo"
+            "or --dataset folder with --data-dir (train.py: or --demo)"
         ) from None
     missing = {"image", "caption", "split"} - set(table.column_names)
     if missing:
@@ -521,6 +521,8 @@ def load_records(dataset: str, split: str, data_dir: str | None = None, hub_data
         if not data_dir:
             raise UserError(f"--dataset {dataset} needs --data-dir")
         root = Path(data_dir).expanduser()
+        if root.is_file():
+            raise UserError(f"--data-dir {root} is a file: name the folder that holds it ({root.parent})")
         if not root.is_dir():
             raise UserError(f"data folder not found: {root}")
         records = load_karpathy(root, split) if dataset == "karpathy" else load_caption_folder(root, split, seed)

@@ -25,6 +25,7 @@ first; nothing is re-evaluated implicitly) and with --out writes comparison.md a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -39,7 +40,7 @@ from dataset import (DATASETS, FLICKR30K_PARQUET, check_data_flags, drop_unreada
                      load_records)
 from metrics import COCO_METRICS, COCO_VARIANT, TOKENIZATION_DETAILS, coco_metrics, start_meteor
 from model import ADAPTER_CONFIG, LM_QUANTIZATIONS, DecodingConfig, load_captioner
-from report import EXTRA_METRICS, baseline_verdict, collapse_line, percent, sweep_rows, write_report
+from report import EXTRA_METRICS, REPORT_FILE, baseline_verdict, collapse_line, percent, sweep_rows, write_report
 from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, UserError, caption_diversity, caption_metrics, default_image_workers,
                    format_table, ids_digest, lone_cpu_launch_warning, nearest_existing, positive_number, read_json,
                    read_jsonl, run_cli, whole_number, write_json, write_jsonl)
@@ -62,6 +63,7 @@ SWEEP_DECODINGS = (DecodingConfig(), DecodingConfig(strategy="beam", num_beams=3
 
 # What torch.manual_seed takes, with room for eval's per-batch offsets (seed + batch index).
 SEED_RANGE = (-(2**63), 2**63 - 1)
+MAX_NEW_TOKENS = 1024  # a caption; the LM's own context bounds it further (Captioner.generate)
 
 
 # The strategy-specific flags: their defaults, and the strategy each belongs to.
@@ -80,7 +82,8 @@ def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
                        help=f"temperature for --strategy sample (default {DECODING_DEFAULTS['temperature']})")
     group.add_argument("--top-p", type=float, default=None,
                        help=f"nucleus mass for --strategy sample (default {DECODING_DEFAULTS['top_p']})")
-    group.add_argument("--max-new-tokens", type=int, default=30, help="longest caption, in tokens (default 30)")
+    group.add_argument("--max-new-tokens", type=whole_number(1, MAX_NEW_TOKENS), default=30,
+                       help="longest caption, in tokens (default 30)")
     group.add_argument("--seed", type=whole_number(*SEED_RANGE), default=0,
                        help="random seed (matters for --strategy sample; default 0)")
 
@@ -430,16 +433,42 @@ def write_eval_outputs(out_dir: Path, result: SplitResult, records, run_dir: Pat
     and comes back last, so a crash or Ctrl-C half-way leaves no metrics beside other predictions.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / METRICS_FILE).unlink(missing_ok=True)
-    write_jsonl(out_dir / PREDICTIONS_FILE, result.rows)
-    written = [out_dir / PREDICTIONS_FILE]
-    if sweep is not None:
-        write_json(out_dir / SWEEP_FILE, sweep)
-        written.append(out_dir / SWEEP_FILE)
-    train_log = run_dir / TRAIN_LOG if run_dir is not None else None
-    written += write_report(out_dir, result.metrics, result.rows, records, train_log, sweep, gallery_size)
-    write_json(out_dir / METRICS_FILE, result.metrics)
+    with outputs_lock(out_dir):
+        # What an earlier evaluation wrote must not stay beside this one's predictions: its report
+        # (if this write stops half-way) and its decoding sweep (if this one has none).
+        for name in (METRICS_FILE, REPORT_FILE, SWEEP_FILE):
+            (out_dir / name).unlink(missing_ok=True)
+        write_jsonl(out_dir / PREDICTIONS_FILE, result.rows)
+        written = [out_dir / PREDICTIONS_FILE]
+        if sweep is not None:
+            write_json(out_dir / SWEEP_FILE, sweep)
+            written.append(out_dir / SWEEP_FILE)
+        train_log = run_dir / TRAIN_LOG if run_dir is not None else None
+        written += write_report(out_dir, result.metrics, result.rows, records, train_log, sweep, gallery_size)
+        write_json(out_dir / METRICS_FILE, result.metrics)
     return [out_dir / METRICS_FILE, *written]
+
+
+@contextlib.contextmanager
+def outputs_lock(out_dir: Path):
+    """One evaluation at a time writes into a folder: two at once (say val and test of one run)
+    would otherwise leave one's metrics beside the other's predictions. The second waits, then
+    replaces the first's files whole. An advisory lock, where the system has one (not Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(out_dir / ".eval.lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another evaluation to finish writing into {out_dir} ...", file=sys.stderr, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def print_metrics(metrics: dict, title: str) -> None:
@@ -631,6 +660,10 @@ def main(argv=None) -> int:
     if not args.checkpoint:
         raise UserError("give a run folder to evaluate (python eval.py RUN), or --compare RUN RUN ...")
     checkpoint = Path(args.checkpoint)
+    if not checkpoint.exists():
+        raise UserError(f"{checkpoint} does not exist: give a run folder (python eval.py saved_models/RUN)")
+    if checkpoint.is_file():
+        raise UserError(f"{checkpoint} is a file: eval.py takes the run folder (here {checkpoint.parent})")
     if not (checkpoint / ADAPTER_CONFIG).is_file():
         raise UserError(f"{checkpoint} is not a run folder: it has no {ADAPTER_CONFIG}")
     run_dir = find_run_dir(checkpoint)

@@ -238,7 +238,7 @@ class DecodingConfig:
         if self.strategy not in ("greedy", "beam", "sample"):
             raise UserError(f"decoding strategy {self.strategy!r} is unknown; choose greedy, beam or sample")
         if self.max_new_tokens < 1:
-            raise UserError(f"max new tokens must be >= 1, got {self.max_new_tokens}")
+            raise UserError(f"max new tokens (--max-new-tokens) must be >= 1, got {self.max_new_tokens}")
         if self.strategy == "beam" and self.num_beams < 2:
             raise UserError(f"beam search needs --num-beams >= 2, got {self.num_beams}")
         if self.strategy == "sample" and not (0 < self.temperature < float("inf") and 0 < self.top_p <= 1):
@@ -552,6 +552,11 @@ class Captioner(nn.Module):
     @torch.no_grad()
     def generate(self, image_features: torch.Tensor, decoding: DecodingConfig | None = None) -> list[str]:
         decoding = decoding or DecodingConfig()
+        context = getattr(self.lm.config, "max_position_embeddings", None)
+        if context and self.config.prefix_length + decoding.max_new_tokens > context:
+            raise UserError(f"--max-new-tokens {decoding.max_new_tokens} and the {self.config.prefix_length} prefix "
+                            f"tokens exceed the language model's {context}-token context; use at most "
+                            f"{context - self.config.prefix_length}")
         prefix = self.prefix_embeds(image_features.to(self.device))  # (B, k, D)
         if decoding.strategy == "greedy":
             new_tokens = self.greedy_tokens(prefix, decoding.max_new_tokens)

@@ -253,6 +253,17 @@ def test_concurrent_requests_are_queued_and_models_load_once(server, run, tiny):
     assert "Traceback" not in log, log
 
 
+def test_a_seed_out_of_range_is_a_message_on_the_page(server, tiny):
+    from gradio_client import Client, handle_file
+
+    url, log_path = server
+    image = handle_file(str(Path(tiny["data_dir"]) / "images" / "test_0003.png"))
+    result = Client(url, verbose=False).predict(image, "run", "nothing", "sample", 3, 0.7, 0.9, 20, 1e30,
+                                                api_name="/caption")
+    assert result[4].startswith("⚠️ The seed must be a whole number from"), result  # was "(ValueError)"
+    assert "Traceback" not in log_path.read_text()
+
+
 # ----------------------------------------------------------------------------------------------
 # Without a server
 # ----------------------------------------------------------------------------------------------

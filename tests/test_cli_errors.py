@@ -167,6 +167,7 @@ def test_a_strategys_own_flag_implies_it_and_a_stray_one_is_an_error(run, data_d
     ("--gallery-size", "-2", "0 = every image"),  # was silently "every image"
     ("--num-workers", "-1", "0 = decode in this process"),  # was DataLoader's ValueError traceback
     ("--seed", str(-(2**64)), ""),
+    ("--max-new-tokens", "100000000", "from 1 to 1024"),  # was a 24 GB allocation, then the kernel's kill
 ])
 def test_eval_numeric_flags(flag, value, meaning, run, no_model, capsys):
     line = cli_error(capsys, eval_script.main, [str(run), flag, value, "--no-progress"])
@@ -187,6 +188,7 @@ def test_in_range_values_still_parse():
     ("--max-upload-mb", "inf"),  # was OverflowError from int(inf) at launch, after the models loaded
     ("--max-megapixels", "0"),  # refused before too, by a check in main() that is now the flag's type
     ("--port", "70000"),  # likewise
+    ("--max-upload-mb", "1e300"),  # was a TypeError traceback in every request: Gradio takes a 64-bit byte count
 ])
 def test_app_numeric_flags(flag, value, run, no_model, capsys):
     line = cli_error(capsys, app.main, ["--checkpoint", str(run), flag, value])
@@ -310,3 +312,19 @@ def test_bench_flags_still_parse():
                                             "--only", "train,loss"])
     assert args.batches == [4, 8] and args.naive_batches == [] and args.generate_batch is None
     assert args.variants == [("reduce-overhead", 256), ("full-logits", None)] and args.only == ["train", "loss"]
+
+
+def test_eval_says_what_is_wrong_with_the_run_or_data_path(run, data_dir, tmp_path, no_model, capsys):
+    line = cli_error(capsys, eval_script.main, [str(tmp_path / "nowhere")])
+    assert line.endswith(f"{tmp_path / 'nowhere'} does not exist: give a run folder (python eval.py saved_models/RUN)")
+    line = cli_error(capsys, eval_script.main, [str(run / "adapter_config.json")])
+    assert line.endswith(f"is a file: eval.py takes the run folder (here {run})"), line
+    captions = next(Path(data_dir).glob("captions.*"))
+    line = cli_error(capsys, eval_script.main, [str(run), "--data-dir", str(captions), "--no-progress"])
+    assert f"--data-dir {captions} is a file: name the folder that holds it ({data_dir})" in line, line
+
+
+def test_bench_out_that_cannot_be_written_is_one_line(capsys):
+    # A folder that exists and takes no new files (even for root): was open()'s FileNotFoundError traceback.
+    line = cli_error(capsys, bench.main, ["--shapes", "tiny", "--out", "/proc/bench.jsonl"])
+    assert "--out /proc/bench.jsonl cannot be written" in line, line

@@ -154,22 +154,50 @@ def test_compare_puts_runs_side_by_side(evaluated, tmp_path, capsys):
 def test_an_evaluation_stopped_while_writing_leaves_no_metrics_beside_other_predictions(run, evaluated, tmp_path,
                                                                                         monkeypatch):
     """metrics.json marks a folder evaluated (--compare reads it): a stop after the new predictions
-    are written must not leave the previous metrics.json posing as theirs."""
+    are written must not leave the previous metrics.json posing as theirs, nor its report, nor an
+    earlier decoding sweep. Meanwhile no other evaluation can write into the folder."""
+    import fcntl
+
     out = tmp_path / "out"
     shutil.copytree(evaluated, out)
+    (out / "decoding_sweep.json").write_text('{"num_images": 99}')  # from an earlier --decoding-sweep
+    assert (out / "report.html").is_file()
     old_predictions = (out / "predictions.jsonl").read_text()
 
     def stopped(*args, **kwargs):
+        with open(out / ".eval.lock", "a") as other, pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a second evaluation would wait here
         raise KeyboardInterrupt  # Ctrl-C while the report is written
 
     monkeypatch.setattr(eval_script, "write_report", stopped)
     args = [str(run), "--out", str(out), "--no-progress", "--num-workers", "0", "--limit", "2"]
     assert run_cli(eval_script.main, args) == 130
     assert (out / "predictions.jsonl").read_text() != old_predictions  # the new ones were written
-    assert not (out / "metrics.json").exists()
+    assert not any((out / name).exists() for name in ("metrics.json", "report.html", "decoding_sweep.json"))
     monkeypatch.undo()
     assert run_cli(eval_script.main, args) == 0
     assert json.loads((out / "metrics.json").read_text())["num_images"] == 2
+    assert (out / "report.html").is_file() and not (out / "decoding_sweep.json").exists()
+
+
+def test_two_evaluations_writing_into_one_folder_take_turns(tmp_path, capsys):
+    import threading
+
+    order = []
+
+    def second():
+        with eval_script.outputs_lock(tmp_path):
+            order.append("second")
+
+    with eval_script.outputs_lock(tmp_path):
+        waiting = threading.Thread(target=second)
+        waiting.start()
+        waiting.join(timeout=1.0)
+        assert waiting.is_alive()  # it waits for the first to finish writing
+        order.append("first")
+    waiting.join(timeout=30)
+    assert order == ["first", "second"]
+    assert "waiting for another evaluation to finish writing" in capsys.readouterr().err
 
 
 def test_a_damaged_training_log_costs_the_report_its_curves_not_the_evaluation(run, tmp_path, capsys):

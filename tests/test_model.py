@@ -203,3 +203,13 @@ def test_checkpoints_from_before_standardisation_load_without_it(tiny, tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     loaded = load_captioner(tmp_path)
     assert loaded.config.standardize_image_features is False and not hasattr(loaded.adapter, "feature_mean")
+
+
+def test_a_caption_longer_than_the_lm_context_is_refused_in_one_line(tiny):
+    captioner = make_captioner(tiny)
+    context, k = captioner.lm.config.max_position_embeddings, captioner.config.prefix_length
+    features = torch.randn(1, captioner.config.image_feature_dim)
+    with pytest.raises(UserError, match=f"exceed the language model's {context}-token context; use at most "
+                                        f"{context - k}"):
+        captioner.generate(features, DecodingConfig(strategy="beam", max_new_tokens=context - k + 1))
+    assert len(captioner.generate(features, DecodingConfig(max_new_tokens=context - k))) == 1
