@@ -150,27 +150,37 @@ def test_every_file_reaches_the_disk_before_its_name_does(tiny, tmp_path, monkey
     a new file's data later than its name, which could survive pointing at an empty file while the
     old checkpoint is already deleted. Each file of a checkpoint, an export and a feature cache part
     is fsynced under its temporary name, before the rename; the folder holding the new name after."""
-    synced = []
-    real_fsync = os.fsync
+    events = []  # ("sync", path) and ("rename", source, target), in order
+    real_fsync, real_rename = os.fsync, os.rename
 
     def recording_fsync(descriptor):
-        synced.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        events.append(("sync", os.readlink(f"/proc/self/fd/{descriptor}")))
         return real_fsync(descriptor)
 
+    def recording_rename(source, target, *args, **kwargs):
+        events.append(("rename", str(source), str(target)))
+        return real_rename(source, target, *args, **kwargs)
+
     monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "rename", recording_rename)
     args = train_args(tiny, tmp_path, "run", "--max-steps", "4", "--final-eval", "false", "--eval-every", "2",
                       "--save-every", "2", "--feature-cache-dir", str(tmp_path / "cache"))
     assert train.main(args) == 0
     run = tmp_path / "run"
+    synced = [event[1] for event in events if event[0] == "sync"]
     for folder in ("resume", "last"):
         files = list((run / folder).iterdir())
-        assert files and all(str(run / f"{folder}.tmp" / path.name) in synced for path in files), (files, synced)
-        # The folder last, then the rename of it into the run, before the old one is deleted.
-        after = [synced[i + 1] for i, name in enumerate(synced[:-1]) if name == str(run / f"{folder}.tmp")]
-        assert after and set(after) == {str(run)}, synced
+        assert files and all(str(run / f"{folder}.tmp" / path.name) in synced for path in files), (files, events)
+        # Each swap: the finished folder synced last, then renamed into the run, then the run synced
+        # (before the old checkpoint is deleted).
+        swaps = [i for i, event in enumerate(events) if event == ("rename", str(run / f"{folder}.tmp"), str(run / folder))]
+        assert swaps, events
+        for i in swaps:
+            last_sync_before = next(event for event in reversed(events[:i]) if event[0] == "sync")
+            assert last_sync_before == ("sync", str(run / f"{folder}.tmp")), events
+            assert events[i + 1] == ("sync", str(run)), events
     for name in ("adapter.safetensors", "adapter_config.json", "run_config.json"):
         assert str(run / f"{name}.tmp") in synced, name
-    assert str(run) in synced  # the renames in it
     parts = list((tmp_path / "cache").glob("*/part-*"))
     assert parts and all(str(part) + ".tmp" in synced for part in parts), (parts, synced)
 
