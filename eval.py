@@ -316,7 +316,8 @@ def score_predictions(prediction_sets: dict[str, list[str]], references: list[li
 
 def images_digest(records) -> str:
     """Which images a split's scores cover, in a few characters: --compare tells apart two evaluations
-    of the same size on different images (a --limit subset drawn with another seed, another folder)."""
+    of the same size on different images (a --limit subset drawn with another seed, another folder's
+    file names). Ids only: two folders holding the same names are not told apart."""
     return ids_digest(sorted(str(r.image_id) for r in records))
 
 
