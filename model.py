@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import UserError, replace_durably, with_usual_mode, write_json
+from utils import UserError, is_whole_number, replace_durably, with_usual_mode, write_json
 
 FORMAT_VERSION = 1
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -799,7 +799,7 @@ def _training_step(config) -> int:
     """The training step an adapter config JSON says it was saved at; -1 where it says none."""
     training = config.get("training") if isinstance(config, dict) else None
     step = training.get("step") if isinstance(training, dict) else None
-    return step if isinstance(step, int) and not isinstance(step, bool) else -1
+    return step if is_whole_number(step) else -1
 
 
 def load_adapter_state(path: Path) -> dict[str, torch.Tensor]:

@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 from metrics import COCO_METRICS
-from utils import BLEU_VARIANT, ROUGE_L_VARIANT, UserError, collapse_warning, json_value, read_jsonl
+from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, UserError, collapse_warning, is_whole_number, json_value,
+                   read_jsonl, write_text)
 
 REPORT_FILE = "report.html"
 LOSS_CURVE = "curve_loss.png"
@@ -143,7 +144,7 @@ def kept_step(run_dir: Path) -> int | None:
     where the log cannot say (a run resumed after its best was saved but before its next checkpoint
     has no record of that validation left). None where it records none."""
     step = json_value(run_dir / "adapter_config.json", "training", "best", "step")
-    return step if isinstance(step, int) and not isinstance(step, bool) else None
+    return step if is_whole_number(step) else None
 
 
 def best_validation(evals: list[dict]) -> int | None:
@@ -284,7 +285,5 @@ def write_report(out_dir: Path, metrics: dict, rows: list[dict], records, train_
     """report.html and the curve PNGs beside it; returns the paths written."""
     curves = training_curves(train_log, out_dir)
     path = out_dir / REPORT_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render_report(metrics, rows, records, curves, sweep, gallery_size), encoding="utf-8")
-    tmp.replace(path)
+    write_text(path, render_report(metrics, rows, records, curves, sweep, gallery_size))
     return [path, *curves]

@@ -40,9 +40,9 @@ from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, IGNORE_INDEX, AdapterConfig,
                    save_adapter_weights)
 from utils import (Terminated, UserError, append_jsonl, caption_diversity, caption_metrics, collapse_warning,
                    default_image_workers, ids_digest, interrupt_handled, interrupt_name, interrupted_exit_code,
-                   json_value, library_versions, load_state, lone_cpu_launch_warning, nearest_existing, read_json,
-                   read_jsonl, rng_states, run_cli, save_state, set_rng_states, sync_folder, sync_tree, write_json,
-                   write_jsonl)
+                   is_whole_number, json_value, library_versions, load_state, lone_cpu_launch_warning,
+                   nearest_existing, read_json, read_jsonl, rng_states, run_cli, save_state, set_rng_states,
+                   sync_folder, sync_tree, write_json, write_jsonl, write_text)
 
 RUN_CONFIG = "run_config.json"
 # --select-by: the validation record's key, and whether higher is better.
@@ -939,6 +939,11 @@ def start(config: TrainConfig):
     return config, accelerator
 
 
+def total_optimizer_steps(max_steps: int, epochs: int, steps_per_epoch: int) -> int:
+    """--max-steps where given (not 0), else --epochs of the training set."""
+    return max_steps or epochs * steps_per_epoch
+
+
 def set_up_run(config: TrainConfig, accelerator) -> Run:
     """Backbones, data, features, optimizer and schedule, prepared by Accelerate; on --resume the
     saved state loaded into them. Writes the run's config, prints the banner."""
@@ -972,7 +977,7 @@ def set_up_run(config: TrainConfig, accelerator) -> Run:
         adapter.set_feature_statistics(train_pairs.features)  # (a resumed run's saved ones replace them)
     optimizer = make_optimizer(captioner, config)
     steps_per_epoch = math.ceil(math.ceil(len(train_loader) / accelerator.num_processes) / config.grad_accum_steps)
-    total_steps = config.max_steps or config.epochs * steps_per_epoch
+    total_steps = total_optimizer_steps(config.max_steps, config.epochs, steps_per_epoch)
     scheduler = lr_schedule(optimizer, config, total_steps, accelerator.num_processes)
     adapter, optimizer, train_loader, scheduler = accelerator.prepare(adapter, optimizer, train_loader, scheduler)
     captioner.adapter = adapter
@@ -1042,9 +1047,7 @@ def wandb_run(tracking: Path) -> dict:
     stored = id_file.read_text().strip() if id_file.is_file() else ""
     if not stored:
         stored = os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4)  # 8 characters, as W&B draws its own
-        tmp = id_file.with_name(id_file.name + ".tmp")
-        tmp.write_text(stored + "\n")
-        tmp.replace(id_file)  # whole or not at all: an empty id would start another W&B run
+        write_text(id_file, stored + "\n")  # whole or not at all: an empty id would start another W&B run
     return {"id": os.environ.get("WANDB_RUN_ID") or stored, "resume": "allow", "dir": str(tracking)}
 
 
@@ -1142,11 +1145,11 @@ def saved_best(path: Path, key: str, steps_per_epoch: int) -> tuple[int, float, 
     try:
         step, score = training["best"]["step"], training["best"][key]
         settings = training["hyperparameters"]
-        schedule = (settings["max_steps"] or settings["epochs"] * steps_per_epoch, settings["learning_rate"])
+        schedule = (total_optimizer_steps(settings["max_steps"], settings["epochs"], steps_per_epoch),
+                    settings["learning_rate"])
     except (KeyError, TypeError):
         return None
-    numbers = isinstance(step, int) and isinstance(score, (int, float)) and not isinstance(step, bool) \
-        and not isinstance(score, bool)
+    numbers = is_whole_number(step) and isinstance(score, (int, float)) and not isinstance(score, bool)
     return (step, float(score), schedule) if numbers and math.isfinite(score) else None
 
 

@@ -211,13 +211,22 @@ def replace_durably(tmp: str | Path, path: str | Path) -> None:
     sync_folder(Path(path).parent)
 
 
-def write_json(path: str | Path, data) -> None:
-    """Write JSON atomically and durably: a crash or power cut mid-write leaves the old file, never
-    half a new one."""
+def write_text(path: str | Path, text: str) -> None:
+    """Replace a text file atomically and durably (written aside, then renamed: see replace_durably):
+    a crash or power cut mid-write leaves the old file, never half a new one."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    tmp.write_text(text, encoding="utf-8")
     replace_durably(tmp, path)
+
+
+def write_json(path: str | Path, data) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def is_whole_number(value) -> bool:
+    """An int read from JSON, not a bool (which Python counts as an int)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def json_value(path: str | Path, *keys: str):
@@ -249,11 +258,8 @@ def append_jsonl(path: str | Path, record: dict) -> None:
 
 
 def write_jsonl(path: str | Path, records) -> None:
-    """Replace a JSONL file in one pass, atomically (written aside, then renamed; see replace_durably)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(record) + "\n" for record in records))
-    replace_durably(tmp, path)
+    """Replace a JSONL file in one pass (see write_text)."""
+    write_text(path, "".join(json.dumps(record) + "\n" for record in records))
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
