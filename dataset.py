@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from model import IGNORE_INDEX
-from utils import UserError, cache_home, replace_durably, write_json
+from utils import UserError, cache_home, file_digest, replace_durably, write_json
 
 FLICKR30K_PARQUET = "hf://datasets/nlphuji/flickr30k@refs/convert/parquet/TEST/test/*.parquet"
 DATASETS = ("flickr30k", "karpathy", "folder")
@@ -785,7 +785,7 @@ class FeatureCache:
         whole once per cache, and only when its features are wanted."""
         damaged = []
         for array_file in sorted({self.rows[key][0] for key in keys} - self.verified):
-            if _file_digest(array_file) == self.digests[array_file]:
+            if file_digest(array_file) == self.digests[array_file]:
                 self.verified.add(array_file)
                 continue
             self._drop_part(array_file.with_suffix(".json"), array_file,
@@ -835,14 +835,6 @@ class FeatureCache:
 
 
 _DROPPED_PARTS: set[Path] = set()  # parts found damaged in this process, deleted or not
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def default_feature_cache_dir() -> Path:

@@ -39,10 +39,10 @@ import torch.nn.functional as F
 from dataset import (DATASETS, FLICKR30K_PARQUET, check_data_flags, drop_unreadable, extract_features, limit_records,
                      load_records)
 from metrics import COCO_METRICS, COCO_VARIANT, TOKENIZATION_DETAILS, coco_metrics, start_meteor
-from model import ADAPTER_CONFIG, LM_QUANTIZATIONS, DecodingConfig, load_captioner
+from model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LM_QUANTIZATIONS, AdapterConfig, DecodingConfig, load_captioner
 from report import EXTRA_METRICS, REPORT_FILE, baseline_verdict, collapse_line, percent, sweep_rows, write_report
 from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, UserError, caption_diversity, caption_metrics, default_image_workers,
-                   format_table, ids_digest, lone_cpu_launch_warning, nearest_existing, positive_number, read_json,
+                   file_digest, format_table, ids_digest, lone_cpu_launch_warning, nearest_existing, positive_number, read_json,
                    read_jsonl, run_cli, whole_number, write_json, write_jsonl)
 
 METRICS_FILE = "metrics.json"
@@ -321,6 +321,44 @@ def images_digest(records) -> str:
     return ids_digest(sorted(str(r.image_id) for r in records))
 
 
+def adapter_identity(checkpoint: Path) -> dict:
+    """Which adapter an evaluation scores: its training step and the digest of its weights. Training
+    that goes on (--resume, more epochs) replaces the adapter beside an older metrics.json; --compare
+    then says so rather than showing that file's figures as the folder's."""
+    training = AdapterConfig.from_json(checkpoint / ADAPTER_CONFIG).training
+    return {"step": training.get("step"), "checkpoint": training.get("checkpoint"),
+            "blake2b": file_digest(checkpoint / ADAPTER_WEIGHTS)}
+
+
+def what_was_scored(checkpoint: Path, dataset: str, split: str, records) -> dict:
+    """The metrics.json keys that say which adapter, data and images the figures are of."""
+    return {"split": split, "checkpoint": str(checkpoint), "dataset": dataset, "images_digest": images_digest(records),
+            "adapter": adapter_identity(checkpoint)}
+
+
+def stale_adapter_note(path: Path, metrics: dict) -> str:
+    """A note if the folder whose adapter `metrics` scored now holds another adapter, else ""."""
+    scored = metrics.get("adapter")
+    if not isinstance(scored, dict):  # a metrics.json from before eval.py recorded the adapter
+        return ""
+    candidates = [path.parent if path.suffix == ".json" else path, Path(str(metrics.get("checkpoint", "")))]
+    folder = next((c for c in candidates if (c / ADAPTER_WEIGHTS).is_file() and (c / ADAPTER_CONFIG).is_file()), None)
+    if folder is None:  # written with --out, and the run is not where it was: nothing to check against
+        return ""
+    if file_digest(folder / ADAPTER_WEIGHTS) == scored.get("blake2b"):
+        return ""
+    now = adapter_step(folder)
+    return (f"stale: {path} scored the adapter of step {scored.get('step')}, but {folder} now holds another "
+            f"(step {now}): re-evaluate it (python eval.py {folder})")
+
+
+def adapter_step(folder: Path):
+    try:
+        return AdapterConfig.from_json(folder / ADAPTER_CONFIG).training.get("step", "?")
+    except UserError:
+        return "?"
+
+
 def metric_keys() -> list[str]:
     return [key for key, _ in COCO_METRICS] + [key for key, *_ in EXTRA_METRICS]
 
@@ -504,7 +542,7 @@ def comparison(run_paths: list[str]) -> dict:
     """One table of runs side by side, from the metrics.json each evaluation wrote."""
     for twice in sorted({path for path in run_paths if run_paths.count(path) > 1}):
         print(f"note: {twice} is given {run_paths.count(twice)} times")
-    runs = []
+    runs, stale = [], []
     for path in map(Path, run_paths):
         metrics_path = path if path.suffix == ".json" else path / METRICS_FILE
         if not path.exists():
@@ -516,6 +554,8 @@ def comparison(run_paths: list[str]) -> dict:
             raise UserError(f"{metrics_path} is not a metrics.json of this version of eval.py: re-evaluate it "
                             f"(python eval.py {path})")
         runs.append((str(path), metrics))
+        if note := stale_adapter_note(path, metrics):
+            stale.append(note)
     names = [Path(p).name if [Path(q).name for q, _ in runs].count(Path(p).name) == 1 else p for p, _ in runs]
     table = [[name, *(percent(m.get(key)) for _, m in runs)] for key, name in COCO_METRICS]
     table += [[name, *(percent(m.get(key)) for _, m in runs)] for key, name, _ in EXTRA_METRICS]
@@ -524,7 +564,8 @@ def comparison(run_paths: list[str]) -> dict:
     for key, label in (("dataset", "dataset"), ("split", "split"), ("num_images", "images"),
                        ("decoding_name", "decoding"), ("coco_tokenization", "tokenization")):
         table.append([label, *(str(m.get(key, "?")) for _, m in runs)])
-    notes = []
+    table.append(["adapter step", *(str((m.get("adapter") or {}).get("step", "?")) for _, m in runs)])
+    notes = stale
     for key in ("dataset", "split", "num_images", "coco_tokenization"):
         values = {str(m.get(key)) for _, m in runs}
         if len(values) > 1:
@@ -698,8 +739,7 @@ def main(argv=None) -> int:
     if results is None:  # not the main process: it captioned its shard and is done
         return 0
     result = results[describe_decoding(decoding)]
-    result.metrics.update({"split": args.split, "checkpoint": str(checkpoint), "dataset": dataset,
-                           "images_digest": images_digest(records)})
+    result.metrics.update(what_was_scored(checkpoint, dataset, args.split, records))
     if args.split == "train":
         result.metrics["notes"].append("on the train split the baseline retrieves each image's own captions: "
                                        "it is an upper bound there, not a baseline")

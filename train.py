@@ -1363,7 +1363,7 @@ def final_evaluation(captioner, adapter, run_dir: Path, config: TrainConfig, tes
     """Score the best adapter on the test split, exactly as `python eval.py RUN` would (report included).
 
     The nearest-neighbour baseline reuses the training features extracted for training."""
-    from eval import (describe_decoding, evaluate_captioner, feature_cache_settings, images_digest, print_metrics,
+    from eval import (describe_decoding, evaluate_captioner, feature_cache_settings, print_metrics, what_was_scored,
                       write_eval_outputs)
 
     captioner.adapter = adapter
@@ -1381,8 +1381,7 @@ def final_evaluation(captioner, adapter, run_dir: Path, config: TrainConfig, tes
                                  train_features=train_features,
                                  feature_cache=feature_cache_settings(dataclasses.asdict(config)))
     result = results[describe_decoding(decoding)]
-    result.metrics.update({"split": "test", "checkpoint": str(run_dir), "dataset": config.dataset,
-                           "images_digest": images_digest(records)})
+    result.metrics.update(what_was_scored(run_dir, config.dataset, "test", records))
     write_eval_outputs(run_dir, result, records, run_dir)
     print_metrics(result.metrics, title=f"{run_dir} on the test split ({len(records)} images, greedy)")
     return {k: v for k, v in result.metrics.items() if not isinstance(v, (list, dict))}

@@ -163,6 +163,17 @@ def ids_digest(ids: Iterable[str]) -> str:
     return hashlib.sha256("\0".join(ids).encode()).hexdigest()[:16]
 
 
+def file_digest(path: Path) -> str:
+    """blake2b (16 bytes, hex) of a file's bytes, read in 1 MiB blocks: which bytes, whatever its name or time."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def cache_home() -> Path:
     """Where built demo assets live; CAPTIONER_HOME overrides it (tests point it at a temp dir)."""
     return Path(os.environ.get("CAPTIONER_HOME", Path.home() / ".cache" / "captioner"))

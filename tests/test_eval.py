@@ -235,6 +235,34 @@ def test_compare_says_when_runs_were_scored_on_different_images(evaluated, tmp_p
     assert "or --compare RUN RUN ..., not both" in capsys.readouterr().err
 
 
+def test_compare_says_when_a_folder_holds_another_adapter_than_its_metrics_scored(run, evaluated, tmp_path, capsys):
+    """Training on (--resume, more epochs) replaces the adapter beside an older metrics.json: --compare
+    must not show that file's figures as the folder's."""
+    metrics = json.loads((evaluated / "metrics.json").read_text())
+    best_step = json.loads((run / "adapter_config.json").read_text())["training"]["step"]
+    assert metrics["adapter"]["step"] == best_step and len(metrics["adapter"]["blake2b"]) == 32
+    folder = tmp_path / "run"
+    shutil.copytree(run, folder)
+    shutil.copy(evaluated / "metrics.json", folder)
+    capsys.readouterr()
+    assert eval_script.main(["--compare", str(folder), str(evaluated)]) == 0
+    printed = capsys.readouterr().out
+    assert "stale" not in printed
+    assert next(line for line in printed.splitlines() if line.startswith("adapter step")).split()[2:] == [
+        str(best_step)] * 2
+
+    # The folder's adapter is replaced by a later one, as training on would: the metrics are stale.
+    last_step = json.loads((run / "last" / "adapter_config.json").read_text())["training"]["step"]
+    assert last_step != best_step
+    for name in ("adapter.safetensors", "adapter_config.json"):
+        shutil.copy(run / "last" / name, folder / name)
+    assert eval_script.main(["--compare", str(folder), str(evaluated)]) == 0
+    printed = capsys.readouterr().out
+    assert (f"stale: {folder} scored the adapter of step {best_step}, but {folder} now holds another (step "
+            f"{last_step}): re-evaluate it (python eval.py {folder})") in printed, printed
+    assert printed.count("stale") == 1  # `evaluated` (written with --out) is checked against the run it names
+
+
 def test_without_java_the_report_names_the_python_tokenisation(run, tmp_path, monkeypatch, capsys):
     which = shutil.which
     monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if name == "java" else which(name, *a, **k))

@@ -43,6 +43,9 @@ def test_train_eval_inference_end_to_end(tiny, tmp_path, capsys):
     assert training["checkpoint"] == "best" and training["best"]["val_rougeL"] >= 0
     assert training["history"] and "torch" in training["library_versions"]
     assert training["hyperparameters"]["learning_rate"] == 3e-3
+    # The final evaluation's metrics.json names the adapter it scored, as eval.py's does.
+    assert json.loads((run / "metrics.json").read_text())["adapter"] == eval_script.adapter_identity(run)
+    assert eval_script.adapter_identity(run)["step"] == training["step"]
     # The adapter standardises features by the training set's statistics, saved with its weights.
     assert config["standardize_image_features"] is True
     weights = load_file(str(run / "adapter.safetensors"))
