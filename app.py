@@ -13,6 +13,11 @@ and no network.
 """
 from __future__ import annotations
 
+import signal
+
+if __name__ == "__main__":  # Ctrl-C while torch imports (seconds) ends quietly, not in a traceback;
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # run_cli turns it back into KeyboardInterrupt
+
 import argparse
 import base64
 import binascii

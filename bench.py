@@ -23,6 +23,11 @@ with the device, shapes and batch:
 """
 from __future__ import annotations
 
+import signal
+
+if __name__ == "__main__":  # Ctrl-C while torch imports (seconds) ends quietly, not in a traceback;
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # run_cli turns it back into KeyboardInterrupt
+
 import argparse
 import contextlib
 import gc

@@ -15,6 +15,11 @@ training plateaus); a briefly pre-trained, then frozen, one mirrors the real set
 """
 from __future__ import annotations
 
+import signal
+
+if __name__ == "__main__":  # Ctrl-C while torch imports (seconds) ends quietly, not in a traceback;
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # run_cli turns it back into KeyboardInterrupt
+
 import argparse
 import json
 import math

@@ -24,6 +24,11 @@ first; nothing is re-evaluated implicitly) and with --out writes comparison.md a
 """
 from __future__ import annotations
 
+import signal
+
+if __name__ == "__main__":  # Ctrl-C while torch imports (seconds) ends quietly, not in a traceback;
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # run_cli turns it back into KeyboardInterrupt
+
 import argparse
 import contextlib
 import dataclasses

@@ -10,6 +10,11 @@ the last one in last/, the resume state in resume/, run_config.json and train_lo
 """
 from __future__ import annotations
 
+import signal
+
+if __name__ == "__main__":  # Ctrl-C while torch imports (seconds) ends quietly, not in a traceback;
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # run_cli turns it back into KeyboardInterrupt
+
 import argparse
 import contextlib
 import dataclasses
@@ -20,7 +25,6 @@ import os
 import secrets
 import shlex
 import shutil
-import signal
 import sys
 import time
 import typing

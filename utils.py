@@ -55,6 +55,8 @@ def run_cli(main_fn, argv=None) -> int:
     a one-line message and exit code 130 or 143 (a script may catch them first to say more)."""
     try:
         previous = signal.signal(signal.SIGTERM, raise_terminated)
+        if signal.getsignal(signal.SIGINT) == signal.SIG_DFL:  # as the script set it for its imports
+            signal.signal(signal.SIGINT, signal.default_int_handler)
     except ValueError:  # not the main thread, where signals cannot be handled: leave them alone
         previous = None
     _TERMINATED.clear()

@@ -328,3 +328,33 @@ def test_bench_out_that_cannot_be_written_is_one_line(capsys):
     # A folder that exists and takes no new files (even for root): was open()'s FileNotFoundError traceback.
     line = cli_error(capsys, bench.main, ["--shapes", "tiny", "--out", "/proc/bench.jsonl"])
     assert "--out /proc/bench.jsonl cannot be written" in line, line
+
+
+def importing_torch(pid: int) -> bool:
+    """Whether the process has begun `import torch` (its C library is mapped): the seconds in which a
+    Ctrl-C used to print the import machinery's traceback."""
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc to see the import begin")
+@pytest.mark.parametrize("script", ["train.py", "eval.py", "inference.py", "app.py", "bench.py", "demo.py"])
+def test_ctrl_c_while_a_script_imports_ends_quietly(script):
+    """Ctrl-C in the first seconds, before run_cli's handler exists, ends the process as the shell
+    expects (killed by SIGINT) with no traceback."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    started = subprocess.Popen([sys.executable, script, "--help"], cwd=Path(__file__).resolve().parents[1],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not importing_torch(started.pid) and started.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    started.send_signal(signal.SIGINT)
+    out, err = started.communicate(timeout=60)
+    assert "Traceback" not in err, err[-2000:]
+    assert started.returncode == -signal.SIGINT, (started.returncode, out[-500:], err[-500:])

@@ -433,7 +433,8 @@ def test_sigterm_during_feature_extraction_is_one_line_and_keeps_the_finished_pa
 def test_ctrl_c_or_sigterm_in_any_script_is_one_line_with_the_shell_exit_code():
     for signum, code, line in ((signal.SIGTERM, 143, "interrupted (SIGTERM)"), (signal.SIGINT, 130,
                                                                                 "interrupted (Ctrl-C)")):
-        script = (f"import os, sys; from utils import run_cli; "
+        # As each script starts: SIGINT's default action (a quiet end) while it imports; run_cli restores Ctrl-C.
+        script = (f"import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); from utils import run_cli; "
                   f"sys.exit(run_cli(lambda argv: os.kill(os.getpid(), {int(signum)}) or __import__('time').sleep(30)))")
         done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert (done.returncode, done.stderr.strip()) == (code, line), done.stderr[-2000:]
