@@ -949,3 +949,9 @@ def _encode(captioner, records: list[ImageRecord], batch_size: int, num_workers:
                 embeddings[indices] = encoded
             bar.update(len(indices) + len(bad))
     return embeddings
+
+
+if __name__ == "__main__":
+    from utils import not_a_script
+
+    sys.exit(not_a_script(__file__))

@@ -299,3 +299,9 @@ def coco_metrics(prediction_sets: Mapping[str, Sequence[str]], references: Seque
     if notes is not None:
         notes.extend(new_notes)
     return results
+
+
+if __name__ == "__main__":
+    from utils import not_a_script
+
+    sys.exit(not_a_script(__file__))

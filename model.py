@@ -892,3 +892,9 @@ def load_captioner(checkpoint: str | Path, device="cpu", dtype=torch.float32, cl
                         "were trained with") from None
     captioner.adapter.to(captioner.device).eval()
     return captioner
+
+
+if __name__ == "__main__":
+    from utils import not_a_script
+
+    sys.exit(not_a_script(__file__))

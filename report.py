@@ -12,12 +12,13 @@ from __future__ import annotations
 import base64
 import html
 import io
+import sys
 import time
 from pathlib import Path
 
 from metrics import COCO_METRICS
 from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, UserError, collapse_warning, is_whole_number, json_value,
-                   read_jsonl, write_text)
+                   not_a_script, read_jsonl, write_text)
 
 REPORT_FILE = "report.html"
 LOSS_CURVE = "curve_loss.png"
@@ -287,3 +288,7 @@ def write_report(out_dir: Path, metrics: dict, rows: list[dict], records, train_
     path = out_dir / REPORT_FILE
     write_text(path, render_report(metrics, rows, records, curves, sweep, gallery_size))
     return [path, *curves]
+
+
+if __name__ == "__main__":  # eval.py writes the report
+    sys.exit(not_a_script(__file__))

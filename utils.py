@@ -79,6 +79,14 @@ def run_cli(main_fn, argv=None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+SCRIPTS = "train.py, eval.py, inference.py, app.py, bench.py or demo.py"
+
+
+def not_a_script(file: str) -> str:
+    """What `python model.py --help` (any library module run as a script) says instead of nothing."""
+    return f"{Path(file).name} is a library module, not a script: run {SCRIPTS} (each takes --help)"
+
+
 def whole_number(minimum: int, maximum: int | None = None, meaning: str = ""):
     """An argparse type: an integer from minimum to maximum, else argparse's one-line error naming the
     flag, before anything loads. `meaning` says what a special value means, e.g. " (0 = all)"."""
@@ -474,3 +482,7 @@ def set_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+if __name__ == "__main__":
+    sys.exit(not_a_script(__file__))

@@ -358,3 +358,24 @@ def test_ctrl_c_while_a_script_imports_ends_quietly(script):
     out, err = started.communicate(timeout=60)
     assert "Traceback" not in err, err[-2000:]
     assert started.returncode == -signal.SIGINT, (started.returncode, out[-500:], err[-500:])
+
+
+def test_a_library_module_run_as_a_script_names_the_scripts():
+    """`python model.py --help` used to print nothing and exit 0: it now says which files are scripts."""
+    import subprocess
+    import sys
+
+    modules = ["model.py", "dataset.py", "metrics.py", "utils.py", "report.py"]
+    runner = ("import runpy, sys\n"
+              "for module in sys.argv[1:]:\n"
+              "    try:\n"
+              "        runpy.run_path(module, run_name='__main__')\n"
+              "        print(module, 'ran to its end')\n"
+              "    except SystemExit as stop:\n"
+              "        print(stop.code)\n")
+    done = subprocess.run([sys.executable, "-c", runner, *modules], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=120)
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == len(modules), done.stdout + done.stderr[-2000:]
+    for module, line in zip(modules, lines):
+        assert line.startswith(f"{module} is a library module, not a script: run train.py, eval.py"), line
