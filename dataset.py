@@ -225,7 +225,9 @@ def load_flickr30k_hub(split: str, data_files: str = FLICKR30K_PARQUET) -> list[
     names = table["filename"] if "filename" in table.column_names else ids
     records = []
     for row, (row_split, row_captions, image_id, name) in enumerate(zip(splits, captions, ids, names)):
-        if row_split == split:
+        if _normal_split(row_split) is None:  # left out of every split, the row would shrink the data unnoticed
+            raise UserError(f"{data_files}: row {row} has split {row_split!r}; use one of {', '.join(SPLITS)}")
+        if _normal_split(row_split) == split:
             records.append(
                 ImageRecord(str(name or image_id), _clean_captions(row_captions), split, row=row, table=table)
             )
@@ -254,32 +256,48 @@ def load_karpathy(data_dir: Path, split: str) -> list[ImageRecord]:
         images = json.loads(path.read_text(encoding="utf-8-sig"))["images"]
         if not isinstance(images, list):
             raise TypeError(f"'images' is a {type(images).__name__}, not a list")
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, RecursionError) as error:
         raise UserError(f"{path} is not a Karpathy split file ({error})") from None
-    wanted = {"train": {"train", "restval"}}.get(split, {split})
     records: dict[str, ImageRecord] = {}  # by image file: an entry listed twice is one image
     first_seen: dict[str, tuple[str, int]] = {}
+    repeated: list[str] = []  # images whose repeated entry brought captions they already had
     for number, image in enumerate(images):
         if not isinstance(image, dict) or not isinstance(image.get("filename"), str) or not image["filename"]:
             raise UserError(f"{path}: images[{number}] has no 'filename'")
-        file = os.path.normpath(os.path.join(str(image.get("filepath") or ""), image["filename"]))
-        _check_one_split(path, file, _training_split(image.get("split")), number, first_seen)
-        if image.get("split") not in wanted:
+        folder = image.get("filepath") or ""
+        if not isinstance(folder, str):
+            raise UserError(f"{path}: images[{number}] has filepath {folder!r}, not a folder name")
+        file = os.path.normpath(os.path.join(folder, image["filename"]))
+        image_split = _karpathy_split(path, image, number)
+        _check_one_split(path, file, image_split, number, first_seen)
+        if image_split != split:
             continue
         sentences = image.get("sentences")
         captions = _clean_captions([_karpathy_text(s) for s in sentences] if isinstance(sentences, list) else [])
         if file in records:
-            records[file].captions.extend(captions)
+            # A repeated entry (a file merged into itself) would weigh its captions double in training and
+            # count them twice as references; captions it adds are kept.
+            known = set(records[file].captions)
+            records[file].captions.extend(c for c in captions if c not in known)
+            repeated.extend(file for c in captions if c in known)
             continue
         image_id = str(image.get("cocoid", image.get("imgid", image["filename"])))
-        path_ = _resolve_image(data_dir, image.get("filepath", ""), image["filename"])
+        path_ = _resolve_image(data_dir, folder, image["filename"])
         records[file] = ImageRecord(image_id, captions, split, path=path_)
+    if repeated:
+        print(f"note: {split}: {len(repeated):,} captions of images listed more than once in {path} count once "
+              f"(first: {repeated[0]})")
     return list(records.values())
 
 
-def _training_split(split):
-    """A split's name as the caption folders read it (COCO's `restval` is training data)."""
-    return SPLIT_ALIASES.get(split, split) if isinstance(split, str) else split
+def _karpathy_split(path: Path, image: dict, number: int) -> str:
+    """An entry's split, read as the caption folders read it (COCO's `restval` is training data). A missing
+    or unknown one is an error: that image would be left out of every split, shrinking the data unnoticed."""
+    split = _normal_split(image.get("split"))
+    if split is None:
+        raise UserError(f"{path}: images[{number}] has split {image.get('split')!r}; use one of train, restval, "
+                        "val, test")
+    return split
 
 
 def _check_one_split(path: Path, file: str, split, number: int, first_seen: dict) -> None:
@@ -313,7 +331,7 @@ def _read_caption_rows(data_dir: Path) -> list[dict]:
                 if line.strip():
                     try:
                         rows.append(json.loads(line))
-                    except json.JSONDecodeError as error:
+                    except (json.JSONDecodeError, RecursionError) as error:
                         raise UserError(f"{jsonl} line {number} is not JSON ({error}); the file holds one JSON "
                                         'object per line, e.g. {"image": "a.jpg", "caption": "..."}') from None
                     if not isinstance(rows[-1], dict):
@@ -389,6 +407,11 @@ def _whole_csv_row(path: Path, header: list[str], row: dict, line: int) -> dict:
     """A row with more fields than the header is a caption with unquoted commas. When the caption is
     the last column, its pieces are joined back; elsewhere the row is ambiguous, so it is an error."""
     extra = row.pop(None, None)  # csv.DictReader's place for fields beyond the header
+    caption = next(f for f in CAPTION_FIELDS if f in row)  # the column _group_by_image reads (the header has one)
+    if row[caption] is None:  # a row that ends before its caption column: not an empty caption, a broken row
+        given = sum(value is not None for value in row.values())
+        raise UserError(f"{path} line {line} ends before its {caption} column ({given} of the header's "
+                        f"{len(header)} fields); give each row every column up to the caption")
     if extra is None:
         return row
     if header and header[-1] in CAPTION_FIELDS:
@@ -402,14 +425,23 @@ SPLIT_ALIASES = {"validation": "val", "valid": "val", "dev": "val", "testing": "
                  "restval": "train"}
 
 
+def _normal_split(value) -> str | None:
+    """A split's name read leniently ("Train", " validation ", "restval" for train), or None where
+    it names none of SPLITS."""
+    if not isinstance(value, str):
+        return None
+    name = value.strip().lower()
+    name = SPLIT_ALIASES.get(name, name)
+    return name if name in SPLITS else None
+
+
 def _split_name(path: Path, value) -> str | None:
     """A row's split, read leniently ("Train", " validation ") but never guessed: an unknown value
     is an error, since silently dropping those images would shrink the data set unnoticed."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
-    name = str(value).strip().lower()
-    name = SPLIT_ALIASES.get(name, name)
-    if name not in SPLITS:
+    name = _normal_split(value)
+    if name is None:
         raise UserError(f"{path}: split {value!r} is unknown; use one of {', '.join(SPLITS)} (or leave it empty "
                         "to have one assigned)")
     return name
@@ -442,10 +474,11 @@ def _image_name(data_dir: Path, row: dict, number: int) -> str:
     if not isinstance(name, str):
         raise UserError(f"{data_dir}: caption row {number} has image {name!r}, not a file name")
     name = os.path.normpath(name)
-    if os.path.isabs(name):  # an absolute spelling of a file in the folder is that file's relative name
-        relative = os.path.relpath(name, os.path.abspath(data_dir))
-        if relative != os.pardir and not relative.startswith(os.pardir + os.sep):
-            return relative
+    # An absolute spelling of a file in the folder, or one that leaves and re-enters it ("../data/x.png"),
+    # is that file's relative name; a file outside the folder keeps the name the row gives.
+    relative = os.path.relpath(os.path.join(os.path.abspath(data_dir), name), os.path.abspath(data_dir))
+    if relative != os.pardir and not relative.startswith(os.pardir + os.sep):
+        return relative
     return name
 
 
@@ -526,8 +559,19 @@ def load_records(dataset: str, split: str, data_dir: str | None = None, hub_data
         if not root.is_dir():
             raise UserError(f"data folder not found: {root}")
         records = load_karpathy(root, split) if dataset == "karpathy" else load_caption_folder(root, split, seed)
-    records = [r for r in records if r.captions]
+    records = _drop_captionless(records, split)
     return _drop_missing_files(records, split, on_bad_sample, bad_samples)
+
+
+def _drop_captionless(records: list[ImageRecord], split: str) -> list[ImageRecord]:
+    """The records with a caption left after normalize_caption. The others are left out, and counted:
+    a column of captions that all came out empty would otherwise shrink the data set unnoticed."""
+    kept = [r for r in records if r.captions]
+    if len(kept) < len(records):
+        first = next(r.image_id for r in records if not r.captions)
+        print(f"note: {split}: {len(records) - len(kept):,} images have no usable caption (empty, or not text) and "
+              f"are left out (first: {first})")
+    return kept
 
 
 def _drop_missing_files(records: list[ImageRecord], split: str, on_bad_sample: str,

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dataset import (EpochShuffleSampler, encoder_fingerprint, extract_features, limit_records, load_flickr30k_hub,
-                     load_records)
+from dataset import (SPLITS, EpochShuffleSampler, encoder_fingerprint, extract_features, limit_records,
+                     load_flickr30k_hub, load_records)
 from utils import UserError
 
 
@@ -414,3 +414,90 @@ def test_training_skips_a_missing_image_and_lists_it_or_stops_on_it(tiny, tmp_pa
     assert run_cli(train.main, strict) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "train_0003.png" in err and "\n" not in err
+
+
+def test_karpathy_entries_with_an_unknown_or_missing_split_are_named_not_left_out(tmp_path):
+    """Such an entry used to be left out of every split in silence ("Train", "validation", none), or
+    to end in a TypeError from deep inside the loader (a split or filepath that is a list, a number)."""
+    for name in ("a.jpg", "b.jpg"):
+        write_image(tmp_path / "images" / name)
+    karpathy = tmp_path / "dataset_flickr8k.json"
+
+    def load(*entries, split="train"):
+        karpathy.write_text(json.dumps({"images": [{"sentences": [{"raw": "a dog"}], **e} for e in entries]}))
+        return [r.image_id for r in load_records("karpathy", split, str(tmp_path))]
+
+    assert load({"filename": "a.jpg", "split": " Train"}, {"filename": "b.jpg", "split": "train"}) == ["a.jpg", "b.jpg"]
+    assert load({"filename": "a.jpg", "split": "validation"}, split="val") == ["a.jpg"]
+    for bad in ({"split": "holdout"}, {}, {"split": ["train"]}, {"split": 1}):
+        with pytest.raises(UserError, match=r"images\[1\] has split .*; use one of train, restval, val, test"):
+            load({"filename": "b.jpg", "split": "train"}, {"filename": "a.jpg", **bad})
+    with pytest.raises(UserError, match=r"images\[0\] has filepath 5, not a folder name"):
+        load({"filename": "a.jpg", "filepath": 5, "split": "train"})
+    karpathy.write_text('{"images": ' + "[" * 100_000 + "]" * 100_000 + "}")  # nested past Python's recursion limit
+    with pytest.raises(UserError, match="is not a Karpathy split file"):
+        load_records("karpathy", "train", str(tmp_path))
+    (tmp_path / "captions.jsonl").write_text('{"image": "images/a.jpg", "caption": ' + "[" * 100_000 + "]" * 100_000
+                                             + "}\n")
+    with pytest.raises(UserError, match="captions.jsonl line 1 is not JSON"):
+        load_records("folder", "train", str(tmp_path))
+
+
+def test_karpathy_image_listed_twice_in_one_split_counts_each_caption_once(tmp_path, capsys):
+    write_image(tmp_path / "images" / "a.jpg")
+    entry = {"filename": "a.jpg", "imgid": 7, "split": "train", "sentences": [{"raw": "a dog"}, {"raw": "a pet"}]}
+    (tmp_path / "dataset_flickr8k.json").write_text(json.dumps({"images": [
+        entry, {**entry, "sentences": [{"raw": "a pet"}, {"raw": "a puppy"}]}]}))
+    [record] = load_records("karpathy", "train", str(tmp_path))
+    assert record.captions == ["a dog", "a pet", "a puppy"]  # not "a pet" twice: it would weigh double
+    assert "train: 1 captions of images listed more than once" in capsys.readouterr().out
+
+
+def test_hub_rows_with_an_unknown_split_are_an_error_not_left_out(tmp_path):
+    import datasets
+
+    rows = {"image": [Image.new("RGB", (16, 16))] * 3, "caption": [["a"], ["b"], ["c"]],
+            "split": ["train", "Validation", "test"], "filename": ["0.jpg", "1.jpg", "2.jpg"]}
+    path = tmp_path / "flickr.parquet"
+    datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image()).to_parquet(str(path))
+    assert [r.image_id for r in load_flickr30k_hub("val", str(path))] == ["1.jpg"]  # read as the folders read it
+    datasets.Dataset.from_dict({**rows, "split": ["train", None, "holdout"]}).cast_column(
+        "image", datasets.Image()).to_parquet(str(path))
+    with pytest.raises(UserError, match="row 1 has split None; use one of train, val, test"):
+        load_flickr30k_hub("train", str(path))
+
+
+def test_images_left_without_a_caption_are_counted_in_a_note(tmp_path, capsys):
+    for name in ("a.png", "b.png", "c.png"):
+        write_image(tmp_path / name)
+    write_jsonl_captions(tmp_path, [{"image": "a.png", "captions": ["a dog"], "split": "train"},
+                                    {"image": "b.png", "captions": [None, 3, "  "], "split": "train"},
+                                    {"image": "c.png", "captions": [], "split": "train"}])
+    assert [r.image_id for r in load_records("folder", "train", str(tmp_path))] == ["a.png"]
+    assert "train: 2 images have no usable caption (empty, or not text) and are left out (first: b.png)" in \
+        capsys.readouterr().out
+
+
+def test_a_csv_row_that_ends_before_its_caption_column_is_an_error_naming_its_line(tmp_path):
+    """It used to read as an empty caption, dropped in silence with its image (a comma left out)."""
+    write_image(tmp_path / "a.png")
+    (tmp_path / "captions.csv").write_text("image,split,caption\na.png,train,a dog\na.png train\n")
+    with pytest.raises(UserError, match=r"captions.csv line 3 ends before its caption column \(1 of the header's 3"):
+        load_records("folder", "train", str(tmp_path))
+    (tmp_path / "captions.csv").write_text("image,caption,split\na.png,a dog\n")  # only the split left out: fine
+    assert [r.captions for s in SPLITS for r in load_records("folder", s, str(tmp_path))] == [["a dog"]]
+
+
+def test_a_path_that_leaves_the_folder_and_comes_back_is_the_same_image(tmp_path):
+    """From inside data/, "../data/x.png" is data/x.png: it got past the one-image-one-split check (a leak)."""
+    data = tmp_path / "data"
+    write_image(data / "images" / "x.png")
+    write_image(tmp_path / "outside.png")
+    write_jsonl_captions(data, [{"image": "images/x.png", "caption": "one", "split": "train"},
+                                {"image": "../data/images/x.png", "caption": "two", "split": "test"}])
+    with pytest.raises(UserError, match="images/x.png .*split train.*split test"):
+        load_records("folder", "test", str(data))
+    write_jsonl_captions(data, [{"image": "../data/images/x.png", "caption": "one", "split": "train"},
+                                {"image": "../outside.png", "caption": "two", "split": "train"}])
+    # A file outside the folder is used as the row names it (README: Other data).
+    assert [r.image_id for r in load_records("folder", "train", str(data))] == ["images/x.png", "../outside.png"]
