@@ -331,6 +331,8 @@ def resumed_config(config: TrainConfig) -> TrainConfig:
                         f"{sorted(set(saved_fields) - known) if isinstance(saved_fields, dict) else saved_fields!r})")
     check_saved_types(saved_file, saved_fields)
     saved = TrainConfig(**{**FIELDS_ADDED_LATER, **saved_fields})
+    if config.mixed_precision == "auto":  # a run saves what auto meant (resolve_config): compare that
+        config.mixed_precision = auto_mixed_precision()
     given = getattr(config, "given_flags", set()) - {"resume", "demo", *RESUME_FROM_COMMAND_LINE}
     refused = sorted(name for name in given - RESUME_OVERRIDES if getattr(config, name) != getattr(saved, name))
     if refused:
@@ -438,6 +440,7 @@ class TrainerState:
     # What the state belongs to, checked on --resume ("" in states saved before these were kept):
     settings: str = ""  # settings_digest of the run's config
     train_data: str = ""  # training_set_label of the data it trained on
+    data_content: dict = field(default_factory=dict)  # {"train", "val": content_digest}; {} in older states
 
 
 class StopRequest:
@@ -675,7 +678,28 @@ def trainer_state_from(saved: dict) -> TrainerState:
     if isinstance(saved, dict) and "best_rougeL" in saved and "best_score" not in saved:
         saved = {**saved, "best_score": saved["best_rougeL"] if saved["best_rougeL"] >= 0 else None}
         del saved["best_rougeL"]
-    return TrainerState(**saved)
+    state = TrainerState(**saved)
+    check_state_types(state)
+    return state
+
+
+def check_state_types(state: TrainerState) -> None:
+    """Each field of the kind the trainer writes (a ValueError, which restore() names the file by): an
+    edited "26" for 26 would fail deep in the loop, and a negative step would silently train again
+    steps the run has taken, on a schedule at another place."""
+    defaults = TrainerState()
+    for name, value in dataclasses.asdict(state).items():
+        default = getattr(defaults, name)
+        if name == "best_score":
+            fits, kind = value is None or isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        elif isinstance(default, bool):
+            fits, kind = isinstance(value, bool), "true or false"
+        elif isinstance(default, int):
+            fits, kind = is_whole_number(value) and value >= 0, "a whole number >= 0"
+        else:
+            fits, kind = isinstance(value, type(default)), f"a {type(default).__name__}"
+        if not fits:
+            raise ValueError(f"{name} is {value!r}, expected {kind}")
 
 
 def restore(what: Path, load):
@@ -743,7 +767,19 @@ def training_set_label(train_records, train_pairs) -> str:
     return f"{len(train_records):,} images, {len(train_pairs):,} pairs, ids {digest}"
 
 
-def check_resume_belongs(state: "TrainerState", run_dir: Path, config: TrainConfig, train_data: str) -> None:
+def content_digest(records) -> str:
+    """A digest of a split's images as a run uses them: ids, captions and file sizes (not times, nor
+    where the folder is: a copy or move of the data keeps them). Captions edited in place, or an image
+    re-saved under its name, change it while the ids stay."""
+    digest = hashlib.sha256()
+    for record in records:
+        size = record.path.stat().st_size if record.path is not None else ""
+        digest.update(json.dumps([record.image_id, record.captions, size]).encode())
+    return digest.hexdigest()[:16]
+
+
+def check_resume_belongs(state: "TrainerState", run_dir: Path, config: TrainConfig, train_data: str,
+                         data_content: dict) -> None:
     if state.settings and state.settings != settings_digest(config):
         raise UserError(f"{run_dir / 'resume'} does not belong to this run: it was saved with other settings than "
                         f"{run_dir / RUN_CONFIG} (copied in from another run?); resume that run in its own folder or "
@@ -751,6 +787,13 @@ def check_resume_belongs(state: "TrainerState", run_dir: Path, config: TrainConf
     if state.train_data and state.train_data != train_data:
         raise UserError(f"--resume: the training data is not the run's (saved: {state.train_data}; now: {train_data}); "
                         "--data-dir may name the same data moved elsewhere, not other data: start a new run for that")
+    # The same ids with other captions or image files would train the rest of the run on other pairs, and
+    # other validation data would pick the best adapter by scores of two different sets.
+    for split, what in (("train", "training images' captions or files"),
+                        ("val", "validation images, their captions or files")):
+        if state.data_content.get(split, data_content[split]) != data_content[split]:
+            raise UserError(f"--resume: the {what} changed since {run_dir} was saved; put the data back as it was, "
+                            "or start a new run (another --run-name) to train on it as it is now")
 
 
 def resume_state_dir(run_dir: Path) -> Path | None:
@@ -990,9 +1033,11 @@ def set_up_run(config: TrainConfig, accelerator) -> Run:
               TrainerState())
 
     train_data = training_set_label(train_records, train_pairs)
+    data_content = {"train": content_digest(train_records), "val": content_digest(val_records)}
     if config.resume:
-        resume(run, train_data)
+        resume(run, train_data, data_content)
     run.state.settings, run.state.train_data = settings_digest(config), train_data
+    run.state.data_content = data_content
     run.last_validated = run.state.history[-1]["step"] if run.state.history else -1
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -1073,12 +1118,12 @@ def close_trackers(accelerator) -> None:
             tracker.finish()
 
 
-def resume(run: Run, train_data: str) -> None:
+def resume(run: Run, train_data: str, data_content: dict) -> None:
     """Load the run's resume state into the prepared pieces, after checking it is this run's, and
     apply the flags that changed (a longer run, another peak learning rate)."""
     config, accelerator = run.config, run.accelerator
     state = run.state = load_resume_state(run.run_dir, accelerator, run.adapter, run.optimizer, run.scheduler)
-    check_resume_belongs(state, run.run_dir, config, train_data)
+    check_resume_belongs(state, run.run_dir, config, train_data, data_content)
     changes = getattr(config, "resume_changes", {})
     if {"epochs", "max_steps"} & set(changes) and run.total_steps <= state.step:
         raise UserError(f"{run.run_dir} is at step {state.step}, and with the new --epochs/--max-steps the run has "

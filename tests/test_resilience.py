@@ -542,6 +542,62 @@ def test_resume_refuses_other_data_and_another_runs_state_but_takes_moved_data(t
     assert resume("mine", "--data-dir", str(moved)) == 0  # the same images in another place
 
 
+def test_resume_refuses_captions_or_images_changed_in_place_and_other_validation_data(tiny, tmp_path, capsys):
+    """The same image ids with edited captions, a re-saved image or changed validation data used to
+    resume in silence: the rest of the run trained on other pairs, or picked its best by another set."""
+    from PIL import Image
+
+    data = Path(shutil.copytree(tiny["data_dir"], tmp_path / "data"))
+    assert train.main(train_args(tiny, tmp_path, "run", "--data-dir", str(data), "--final-eval", "false",
+                                 "--max-steps", "2")) == 0
+    rows = [json.loads(line) for line in (data / "captions.jsonl").read_text().splitlines()]
+
+    def resume_with(edited_rows=rows):
+        (data / "captions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in edited_rows))
+        return run_cli(train.main, ["--output-dir", str(tmp_path), "--run-name", "run", "--resume", "--no-progress",
+                                    "--max-steps", "3"])
+
+    def first_caption_edited(split):
+        return [{**row, "captions": [row["captions"][0] + " edited", *row["captions"][1:]]}
+                if row["split"] == split else row for row in rows]
+
+    assert resume_with(first_caption_edited("train")) == 2
+    error = capsys.readouterr().err.strip()
+    assert "training images' captions or files changed" in error and "\n" not in error, error
+    assert resume_with(first_caption_edited("val")) == 2
+    assert "validation images, their captions or files changed" in capsys.readouterr().err
+    image = data / rows[0]["image"]
+    original = image.read_bytes()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(image)
+    assert len(image.read_bytes()) != len(original)
+    assert resume_with() == 2
+    assert "training images' captions or files changed" in capsys.readouterr().err
+    image.write_bytes(original)
+    assert resume_with() == 0  # the data as it was saved
+
+
+def test_a_trainer_state_edited_to_values_of_another_kind_is_one_line_naming_the_field(tiny, tmp_path, capsys):
+    """A step of "2" used to end in a TypeError from the loop, and a step of -1 to train again steps taken."""
+    assert train.main(train_args(tiny, tmp_path, "good", "--final-eval", "false", "--max-steps", "2")) == 0
+    for field, value in (("step", "2"), ("step", -1), ("best_score", "0.5"), ("finished", 0), ("history", {})):
+        run = Path(shutil.copytree(tmp_path / "good", tmp_path / f"bad-{field}-{value}"))
+        state = json.loads((run / "resume" / "trainer_state.json").read_text())
+        (run / "resume" / "trainer_state.json").write_text(json.dumps({**state, field: value}))
+        assert run_cli(train.main, ["--output-dir", str(tmp_path), "--run-name", run.name, "--resume",
+                                    "--no-progress", "--max-steps", "3"]) == 2, (field, value)
+        error = capsys.readouterr().err.strip()
+        assert "trainer_state.json does not fit this run" in error and f"{field} is {value!r}" in error, error
+        assert "\n" not in error, error
+
+
+def test_resume_takes_mixed_precision_auto_as_the_run_resolved_it(tiny, tmp_path, capsys):
+    """The run saves what auto meant here ("no" on a CPU); the same command with --resume was refused
+    as if it asked to change --mixed-precision."""
+    args = train_args(tiny, tmp_path, "auto", "--final-eval", "false", "--max-steps", "2", "--mixed-precision", "auto")
+    assert train.main(args) == 0
+    assert train.main([*args, "--resume", "--max-steps", "3"]) == 0, capsys.readouterr().err
+
+
 def test_missing_test_images_stop_the_run_before_training_not_after(tiny, tmp_path, capsys):
     data = Path(shutil.copytree(tiny["data_dir"], tmp_path / "data"))
     for image in (data / "images").glob("test_*"):
