@@ -18,6 +18,7 @@ if __name__ == "__main__":  # Ctrl-C while torch imports (seconds) ends quietly,
 import argparse
 import contextlib
 import dataclasses
+import glob
 import hashlib
 import json
 import math
@@ -284,7 +285,33 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         config.run_name = time.strftime("run-%Y%m%d-%H%M%S")
     if config.mixed_precision == "auto":
         config.mixed_precision = auto_mixed_precision()
+    absolute_local_paths(config)
     return check_config(config)
+
+
+def moved_backbone_hint(error: UserError, config: TrainConfig, run_dir: Path) -> UserError:
+    """On --resume, a backbone folder that is no longer where the run saved it: the run cannot take
+    another (it might be another model of the same shape), but the same one put back, or linked, resumes."""
+    gone = [name for name in (config.clip_model, config.lm_model)
+            if name.startswith(("/", ".", "~")) and not Path(name).expanduser().exists()]
+    if not config.resume or not gone or "folder not found" not in str(error):
+        return error
+    return UserError(f"{error}, where {run_dir / RUN_CONFIG} saved it; a resumed run keeps its backbones: if the "
+                     f"folder was moved, put it back, or a link to its new place (ln -s NEW_PLACE {gone[0]})")
+
+
+def absolute_local_paths(config: TrainConfig) -> None:
+    """Backbone and data folders given by relative paths, made absolute where they exist here (a name
+    that is no folder here is a Hub id): the run's config is read again from other folders (eval.py,
+    inference.py, --resume), where `tiny/clip` would name nothing, or a Hub repo. Links are kept, not
+    followed: a link is how a moved folder is put back in place."""
+    for name in ("clip_model", "lm_model", "data_dir"):
+        value = getattr(config, name)
+        if value and Path(value).expanduser().is_dir():
+            setattr(config, name, str(Path(value).expanduser().absolute()))
+    if config.hub_data_files and "://" not in config.hub_data_files and glob.glob(
+            os.path.expanduser(config.hub_data_files)):
+        config.hub_data_files = str(Path(config.hub_data_files).expanduser().absolute())
 
 
 def check_adapter_flags(config: TrainConfig) -> None:
@@ -333,8 +360,15 @@ def resumed_config(config: TrainConfig) -> TrainConfig:
     saved = TrainConfig(**{**FIELDS_ADDED_LATER, **saved_fields})
     if config.mixed_precision == "auto":  # a run saves what auto meant (resolve_config): compare that
         config.mixed_precision = auto_mixed_precision()
+    absolute_local_paths(config)  # as the run saved them
     given = getattr(config, "given_flags", set()) - {"resume", "demo", *RESUME_FROM_COMMAND_LINE}
     refused = sorted(name for name in given - RESUME_OVERRIDES if getattr(config, name) != getattr(saved, name))
+    moved = [getattr(saved, n) for n in refused if n in ("clip_model", "lm_model")
+             and getattr(saved, n).startswith(("/", ".", "~")) and not Path(getattr(saved, n)).expanduser().exists()]
+    if moved:  # the same backbone in a new place cannot be told from another of its shape: put it back
+        raise UserError(f"--resume continues {saved_file.parent} with the backbones it was saved with, and {moved[0]} "
+                        f"is gone: if the folder was moved, put it back, or a link to its new place (ln -s NEW_PLACE "
+                        f"{moved[0]}), and resume without --clip-model/--lm-model")
     if refused:
         listed = ", ".join(f"--{n.replace('_', '-')} (saved {getattr(saved, n)!r})" for n in refused)
         raise UserError(f"--resume continues {saved_file.parent} as it was saved, and {listed} cannot change; "
@@ -999,8 +1033,11 @@ def set_up_run(config: TrainConfig, accelerator) -> Run:
     run_dir = Path(config.output_dir) / config.run_name
     check_run_folder(run_dir, config)
     set_seed(config.seed)
-    captioner = build_captioner(adapter_config_for(config), dtype=frozen_dtype(config), device=accelerator.device,
-                                lm_quantization=config.lm_quantization, trust_remote_code=config.trust_remote_code)
+    try:
+        captioner = build_captioner(adapter_config_for(config), dtype=frozen_dtype(config), device=accelerator.device,
+                                    lm_quantization=config.lm_quantization, trust_remote_code=config.trust_remote_code)
+    except UserError as error:
+        raise moved_backbone_hint(error, config, run_dir) from None
     bad_samples: list[tuple[str, str]] = []
     train_records = load_split(config, "train", config.train_limit, bad_samples)
     val_records = load_split(config, "val", config.val_limit, bad_samples)

@@ -518,6 +518,42 @@ def test_an_output_folder_that_cannot_be_written_is_one_line_before_anything_loa
                                                "permission); choose another --output-dir")
 
 
+def test_relative_backbone_and_data_paths_are_saved_absolute_and_a_moved_backbone_is_named(tiny, tmp_path,
+                                                                                              monkeypatch, capsys):
+    """`--clip-model tiny/clip` was saved as given: eval.py, inference.py or --resume run from another
+    folder took it for a Hub id. A backbone moved after training stopped --resume with a bare 'folder
+    not found', and naming its new place was refused as a change: the error now says how to resume."""
+    from model import load_captioner
+
+    work = tmp_path / "work"
+    for name, source in (("clip", tiny["clip_model"]), ("lm", tiny["lm_model"])):
+        shutil.copytree(source, work / "backbones" / name)
+    shutil.copytree(tiny["data_dir"], work / "data")
+    monkeypatch.chdir(work)
+    args = [*train_args(tiny, "runs", "rel", "--final-eval", "false", "--max-steps", "2"), "--clip-model",
+            "backbones/clip", "--lm-model", "./backbones/lm", "--data-dir", "data"]
+    assert train.main(args) == 0
+    saved = json.loads((work / "runs" / "rel" / "run_config.json").read_text())
+    assert (saved["clip_model"], saved["lm_model"], saved["data_dir"]) == (
+        str(work / "backbones" / "clip"), str(work / "backbones" / "lm"), str(work / "data"))
+    monkeypatch.chdir(tmp_path)  # another folder: the run still names its backbones
+    assert load_captioner(work / "runs" / "rel").config.lm_model == str(work / "backbones" / "lm")
+    monkeypatch.chdir(work)
+    assert train.main([*args, "--resume", "--max-steps", "3"]) == 0  # the same relative flags: no change
+
+    (work / "backbones" / "lm").rename(work / "lm-moved")
+    resume = ["--output-dir", "runs", "--run-name", "rel", "--resume", "--no-progress", "--max-steps", "4"]
+    capsys.readouterr()
+    assert run_cli(train.main, resume) == 2
+    error = capsys.readouterr().err.strip()
+    assert f"ln -s NEW_PLACE {work / 'backbones' / 'lm'}" in error and "\n" not in error, error
+    assert run_cli(train.main, [*resume, "--lm-model", str(work / "lm-moved")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "is gone: if the folder was moved, put it back, or a link" in error and "\n" not in error, error
+    (work / "backbones" / "lm").symlink_to(work / "lm-moved")
+    assert run_cli(train.main, resume) == 0
+
+
 def test_resume_refuses_other_data_and_another_runs_state_but_takes_moved_data(tiny, tmp_path, capsys):
     def resume(name, *extra):
         return run_cli(train.main, ["--output-dir", str(tmp_path), "--run-name", name, "--resume", "--no-progress",
