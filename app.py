@@ -21,6 +21,7 @@ if __name__ == "__main__":  # Ctrl-C while torch imports (seconds) ends quietly,
 import argparse
 import base64
 import binascii
+import contextlib
 import os
 import re
 import sys
@@ -45,6 +46,15 @@ BASELINE_PREFIX = "nearest-neighbour baseline of "
 STRATEGIES = ("greedy", "beam", "sample")
 WARM_UP_SIZE = 64  # pixels of the blank image each model captions once at start-up
 MAX_UPLOAD_MB = 100_000
+# Gradio keeps every upload (any file, up to --max-upload-mb, with or without a caption request) in
+# its cache until the disk is full, unless told to sweep it. An hour lets a visitor caption the same
+# upload again with other settings; a sweep every tenth of that keeps a file at most 66 minutes.
+UPLOADS_KEPT_S = 3600
+UPLOAD_ROUTE = "/gradio_api/upload"  # Gradio counts its bytes itself, against max_file_size
+# Gradio keeps a copy of the page's configuration for each session (about 70 kB here), for its last
+# 10,000 by default, and each API call without a session is a new one: a loop of calls would grow
+# the server by some 700 MB. The page keeps no state of its own, so an evicted session loses nothing.
+SESSIONS_KEPT = 1000
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,21 +237,47 @@ def real_photos() -> list[tuple[str, str]]:
 # One request
 # ----------------------------------------------------------------------------------------------
 
+def check_upload_size(size: int | float, max_upload_mb: float) -> None:
+    megabytes = size / 2**20
+    if megabytes > max_upload_mb:
+        raise UserError(f"That file is {megabytes:.0f} MB; this page takes images up to {max_upload_mb:g} MB.")
+
+
+@contextlib.contextmanager
+def image_file(image: str | None, max_upload_mb: float):
+    """The path of the request's image while the request runs: an upload's own path (Gradio keeps
+    uploads), or an image pasted inline as a data: URL in a temporary file that is deleted afterwards.
+    A pasted image's size is read from the URL's length, so one over the limit is never decoded or
+    written: each one used to stay in Gradio's cache for good, the refused ones too."""
+    if not (image and image.startswith("data:")):
+        yield image
+        return
+    encoded = image.split(",", 1)[1] if "," in image else ""
+    check_upload_size(len(encoded) * 3 / 4, max_upload_mb)  # base64: 4 characters for 3 bytes
+    try:
+        data = base64.b64decode(encoded, validate=False)
+    except binascii.Error:
+        data = b""  # then open_upload says it is no image
+    with tempfile.TemporaryDirectory(prefix="captioner-app-pasted-") as folder:
+        path = Path(folder) / "pasted.img"
+        path.write_bytes(data)
+        yield str(path)
+
+
 def open_upload(path, max_megapixels: float, max_upload_mb: float):
     """The uploaded file as an RGB PIL image, or a UserError a person can act on. The pixel count is
     read from the header before anything is decoded, so an image bomb costs nothing."""
     from PIL import Image
 
-    from dataset import open_image
+    from dataset import MAX_ASPECT_RATIO, open_image
 
     if not path:
         raise UserError("Choose an image first: drop one on the box, upload or paste one, or click an example.")
     path = Path(path)
     if not path.is_file():
-        raise UserError("The upload did not arrive; please try again.")
-    megabytes = path.stat().st_size / 2**20
-    if megabytes > max_upload_mb:
-        raise UserError(f"That file is {megabytes:.0f} MB; this page takes images up to {max_upload_mb:g} MB.")
+        raise UserError(f"The upload did not arrive, or was deleted (uploads are kept {UPLOADS_KEPT_S // 60} minutes); "
+                        "please upload it again.")
+    check_upload_size(path.stat().st_size, max_upload_mb)
     unreadable = ("That file could not be read as an image: it may be damaged or cut short, or not be an image at "
                   "all. Try a JPEG, PNG, WebP, GIF, BMP or TIFF file.")
     try:
@@ -255,6 +291,9 @@ def open_upload(path, max_megapixels: float, max_upload_mb: float):
     if width * height > max_megapixels * 1e6:
         raise UserError(f"That image is {width:,} x {height:,} pixels ({width * height / 1e6:.0f} megapixels); "
                         f"this page takes images up to {max_megapixels:g} megapixels. Please make it smaller.")
+    if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):  # open_image refuses it too, unexplained
+        raise UserError(f"That image is {width:,} x {height:,} pixels, over {MAX_ASPECT_RATIO} times as long as it is "
+                        "wide; please crop it.")
     try:
         return open_image(path)  # the same opener as inference.py, so the page captions the same pixels
     except Exception:  # UserError from a truncated file, or anything PIL raises while decoding
@@ -341,7 +380,8 @@ class Page:
         try:
             if left not in self.by_name:
                 raise UserError(f"Pick a run to caption with ({', '.join(self.by_name)}).")
-            image = open_upload(image_path, self.max_megapixels, self.max_upload_mb)
+            with image_file(image_path, self.max_upload_mb) as path:
+                image = open_upload(path, self.max_megapixels, self.max_upload_mb)  # decoded whole: the file may go
             decoding = decoding_config(strategy, num_beams, temperature, top_p, max_new_tokens)
             from eval import SEED_RANGE
 
@@ -366,22 +406,15 @@ class Page:
 # The page
 # ----------------------------------------------------------------------------------------------
 
-def image_path_unopened(payload, cache_dir: str) -> str | None:
-    """What the image box hands the handler: the uploaded file's path, nothing decoded yet (an image
-    pasted inline as a data: URL is written to a file first)."""
+def image_path_unopened(payload) -> str | None:
+    """What the image box hands the handler, nothing decoded yet: the uploaded file's path, or an
+    image pasted inline as its data: URL (image_file writes it to a file for the request)."""
     if payload is None:
         return None
     if payload.path:
         return str(payload.path)
     if payload.url and payload.url.startswith("data:"):
-        try:
-            data = base64.b64decode(payload.url.split(",", 1)[1], validate=False)
-        except (IndexError, binascii.Error):
-            data = b""
-        os.makedirs(cache_dir, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".img", delete=False) as handle:
-            handle.write(data)
-        return handle.name
+        return payload.url
     return None
 
 
@@ -394,7 +427,7 @@ def image_box(**kwargs):
     import gradio as gr
 
     box = gr.Image(type="filepath", image_mode=None, **kwargs)
-    box.preprocess = lambda payload: image_path_unopened(payload, box.GRADIO_CACHE)
+    box.preprocess = image_path_unopened
     return box
 
 
@@ -413,10 +446,11 @@ def intro(page: Page, examples: list[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def build_app(page: Page, examples: list[tuple[str, str]]):
+def build_app(page: Page, examples: list[tuple[str, str]], keep_uploads_s: float = UPLOADS_KEPT_S):
     import gradio as gr
 
-    with gr.Blocks(title="Captioner") as app:
+    sweep = (max(1, int(keep_uploads_s / 10)), max(1, int(keep_uploads_s)))  # (every, older than) in seconds
+    with gr.Blocks(title="Captioner", delete_cache=sweep) as app:  # the examples are kept
         gr.Markdown(intro(page, examples), elem_id="intro")
         with gr.Row():
             with gr.Column(scale=1):
@@ -471,6 +505,55 @@ def build_app(page: Page, examples: list[tuple[str, str]]):
 # The script
 # ----------------------------------------------------------------------------------------------
 
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes is answered 413 instead of read. Gradio
+    limits only its upload route; the JSON of any other request (an image pasted inline as a data:
+    URL) was read into memory whole, at any size, before the page could check it."""
+
+    def __init__(self, app, limit: int, max_upload_mb: float):
+        self.app, self.limit, self.max_upload_mb = app, limit, max_upload_mb
+
+    async def refuse(self, scope, receive, send) -> None:
+        from starlette.responses import PlainTextResponse
+
+        message = f"That request is too large: this page takes images up to {self.max_upload_mb:g} MB."
+        await PlainTextResponse(message, status_code=413)(scope, receive, send)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"].endswith(UPLOAD_ROUTE):
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await self.refuse(scope, receive, send)
+        received, refused = 0, False
+
+        async def receive_counted():  # a body without a Content-Length (chunked) is counted as it comes
+            nonlocal received, refused
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit and not refused:
+                refused = True
+                await self.refuse(scope, receive, send)
+            return {"type": "http.disconnect"} if refused else message
+
+        async def send_unless_refused(message):
+            if not refused:
+                await send(message)
+
+        await self.app(scope, receive_counted, send_unless_refused)
+
+
+def launch_options(max_upload_mb: float, sessions_kept: int = SESSIONS_KEPT) -> dict:
+    """app.launch's limits: Gradio's on uploads and on the sessions it keeps, and BodyLimit's on every
+    other request, at what an image of max_upload_mb pasted inline needs (base64: 4 characters for 3
+    bytes) and 1 MB more."""
+    from starlette.middleware import Middleware
+
+    limit = int(max_upload_mb * 2**20 * 4 / 3) + 2**20
+    return {"max_file_size": int(max_upload_mb * 2**20), "show_error": False, "state_session_capacity": sessions_kept,
+            "app_kwargs": {"middleware": [Middleware(BodyLimit, limit=limit, max_upload_mb=max_upload_mb)]}}
+
+
 def upload_limit(text: str) -> float:
     """An argparse type for --max-upload-mb: a number > 0 and at most MAX_UPLOAD_MB (Gradio takes
     the limit as a 64-bit byte count: a larger one broke every request)."""
@@ -521,6 +604,11 @@ def check_can_serve(host: str, port: int) -> None:
         raise UserError(f"--host {host} is not an address this machine knows ({error.strerror}); use 127.0.0.1 "
                         "(this machine) or 0.0.0.0 (every interface)") from None
     with socket.socket(family, kind, proto) as probe:
+        # As Gradio's server binds: a port the last page left in TIME_WAIT (a minute after it stopped)
+        # is free to serve on again; one something listens on is still in use. Not on Windows, where
+        # the option would let the probe share a port that a server listens on.
+        if os.name == "posix":
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(address)
         except OSError as error:
@@ -560,8 +648,7 @@ def main(argv=None) -> int:
     names = ", ".join(run.name for run in runs)
     print(f"starting the page for {names} on http://{args.host}:{args.port} (Ctrl-C stops)", flush=True)
     try:
-        app.launch(server_name=args.host, server_port=args.port, max_file_size=int(args.max_upload_mb * 2**20),
-                   show_error=False)
+        app.launch(server_name=args.host, server_port=args.port, **launch_options(args.max_upload_mb))
     except OSError as error:
         raise UserError(f"cannot serve on {args.host}:{args.port} ({str(error).split(' (')[0]}); pick another "
                         "--port") from None

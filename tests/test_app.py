@@ -6,7 +6,10 @@ package; where either is missing they are skipped with the reason (.ci/run insta
 from __future__ import annotations
 
 import base64
+import contextlib
 import importlib.util
+import io
+import json
 import os
 import socket
 import subprocess
@@ -284,7 +287,7 @@ def test_uploads_are_checked_before_decoding(tiny, tmp_path):
 
 def test_the_image_box_hands_over_paths_unopened(tmp_path, tiny):
     """Uploads arrive as a path (nothing decoded before open_upload); an image pasted inline as a
-    data: URL is written to a file first."""
+    data: URL arrives as it came, and is in a file only while its request runs."""
     from gradio.data_classes import ImageData
 
     box = app.image_box(render=False)
@@ -294,8 +297,10 @@ def test_the_image_box_hands_over_paths_unopened(tmp_path, tiny):
     assert box.preprocess(None) is None
     good = Path(tiny["data_dir"]) / "images" / "test_0000.png"
     inline = "data:image/png;base64," + base64.b64encode(good.read_bytes()).decode()
-    pasted = box.preprocess(ImageData(url=inline))
-    assert Path(pasted).read_bytes() == good.read_bytes()
+    assert box.preprocess(ImageData(url=inline)) == inline
+    with app.image_file(inline, 50) as pasted:
+        assert Path(pasted).read_bytes() == good.read_bytes()
+    assert not Path(pasted).exists()
 
 
 def test_no_checkpoint_serves_the_newest_demo_run_or_trains_one(tmp_path, monkeypatch):
@@ -353,3 +358,163 @@ def test_every_flag_has_help(capsys):
         app.main(["--help"])
     assert exit_info.value.code == 0 and "--checkpoint" in capsys.readouterr().out
 
+
+
+# ----------------------------------------------------------------------------------------------
+# What a stranger's requests leave behind: a page served in this process, with a stand-in model
+# ----------------------------------------------------------------------------------------------
+
+class StubCaptioner:
+    """Captions every image alike, in no time: these tests are about files and requests, not models."""
+
+    config = type("Config", (), {"adapter_kind": "mlp", "prefix_length": 1, "clip_model": "clip", "lm_model": "lm"})
+
+    def caption_images(self, images, decoding):
+        return ["a stub caption" for _ in images]
+
+
+def stub_page(tmp_path, max_upload_mb: float = 1) -> app.Page:
+    return app.Page([app.LoadedRun("stub", tmp_path, StubCaptioner())], max_upload_mb=max_upload_mb)
+
+
+def files_under(folder: Path) -> list[Path]:
+    return [path for path in folder.rglob("*") if path.is_file()]
+
+
+@pytest.mark.filterwarnings("ignore:That file:UserWarning")  # gr.Warning outside a request
+def test_a_pasted_image_leaves_no_file_and_its_size_is_checked_before_it_is_decoded(tmp_path, monkeypatch):
+    """An image pasted inline as a data: URL is in a file only while its request runs, wherever that
+    file is made, and one over the upload limit is refused from the URL's length: never decoded or
+    written (it was written to Gradio's cache, then refused, and left there for good)."""
+    import tempfile
+
+    from gradio.data_classes import ImageData
+
+    page = stub_page(tmp_path, max_upload_mb=1)
+    box = app.image_box(render=False)
+    box.GRADIO_CACHE = str(tmp_path / "gradio-cache")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    good = tmp_path / "red.png"
+    Image.new("RGB", (32, 32), (200, 0, 0)).save(good)
+
+    def caption(data: bytes) -> tuple:
+        url = "data:image/png;base64," + base64.b64encode(data).decode()
+        return page.caption(box.preprocess(ImageData(url=url)), "stub", app.NOTHING, "greedy", 3, 0.7, 0.9, 20, 0)
+
+    for _ in range(3):
+        result = caption(good.read_bytes())
+        assert result[0].value == "a stub caption" and result[4] == "", result
+    assert caption(b"not an image")[4].startswith("⚠️ That file could not be read as an image")
+    assert files_under(tmp_path / "tmp") == [] and files_under(tmp_path / "gradio-cache") == []
+    decoded = []
+    monkeypatch.setattr(base64, "b64decode", lambda *args, **kwargs: decoded.append(args) or b"")
+    assert caption(os.urandom(2 * 2**20))[4] == "⚠️ That file is 2 MB; this page takes images up to 1 MB."
+    assert decoded == []
+    assert files_under(tmp_path / "tmp") == [] and files_under(tmp_path / "gradio-cache") == []
+
+
+@contextlib.contextmanager
+def served(page: app.Page, keep_uploads_s: float = app.UPLOADS_KEPT_S, sessions_kept: int = app.SESSIONS_KEPT):
+    """The page served in this process, with the launch options app.py's main uses. Yields (URL, app)."""
+    page_app = app.build_app(page, [], keep_uploads_s=keep_uploads_s)
+    port = free_port()
+    page_app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                    **app.launch_options(page.max_upload_mb, sessions_kept))
+    try:
+        yield f"http://127.0.0.1:{port}/", page_app
+    finally:
+        page_app.close()
+
+
+def png_bytes(colour=(200, 0, 0)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), colour).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def pasted(data: bytes) -> dict:
+    """The image box's payload for an image pasted inline, as a data: URL."""
+    return {"url": "data:image/png;base64," + base64.b64encode(data).decode(), "meta": {"_type": "gradio.FileData"}}
+
+
+def call_caption(url: str, image) -> list:
+    """One caption request through Gradio's HTTP API, as any client can send it: its outputs."""
+    import httpx
+
+    response = httpx.post(url + "gradio_api/call/caption", timeout=30,
+                          json={"data": [image, "stub", app.NOTHING, "greedy", 3, 0.7, 0.9, 20, 0]})
+    response.raise_for_status()
+    answer = httpx.get(url + f"gradio_api/call/caption/{response.json()['event_id']}", timeout=30).text
+    return json.loads(answer.split("data: ", 1)[1])
+
+
+def test_uploads_are_swept_from_the_server_after_a_while(tmp_path):
+    """Every upload (and Gradio takes any file, up to --max-upload-mb, without a caption request)
+    stayed in Gradio's cache until the disk was full: now each is deleted after keep_uploads_s."""
+    import httpx
+
+    with served(stub_page(tmp_path), keep_uploads_s=2) as (url, _):
+        (path,) = httpx.post(url + "gradio_api/upload", files={"files": ("red.png", png_bytes())}).json()
+        assert Path(path).is_file()
+        deadline = time.monotonic() + 15
+        while Path(path).exists() and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert not Path(path).exists(), "the upload is still on the server"
+
+
+def test_a_request_body_over_the_limit_is_refused_before_it_is_read(tmp_path):
+    """Gradio limits only its upload route: the JSON of any other request (an image pasted inline
+    as a data: URL, say) was read into memory whole, at any size (a 200 MB one cost the server
+    640 MB). Now a body over what the largest allowed pasted image needs is refused with 413."""
+    import httpx
+
+    with served(stub_page(tmp_path, max_upload_mb=1)) as (url, _):
+        # Within the limit: a pasted 0.99 MB file reaches the page's own checks (and is no image).
+        assert call_caption(url, pasted(os.urandom(int(0.99 * 2**20))))[4].startswith(
+            "⚠️ That file could not be read as an image")
+        body, headers = json.dumps({"data": ["A" * (3 * 2**20), "stub"]}).encode(), {"Content-Type": "application/json"}
+        declared = httpx.post(url + "gradio_api/call/caption", content=body, headers=headers)
+        chunked = httpx.post(url + "gradio_api/call/caption", content=iter([body[:2**20], body[2**20:]]),
+                             headers=headers)  # no Content-Length: counted as it comes
+        for response in (declared, chunked):
+            assert response.status_code == 413, response.text
+            assert response.text == "That request is too large: this page takes images up to 1 MB."
+        assert call_caption(url, pasted(png_bytes()))[0]["value"] == "a stub caption"
+
+
+def test_the_server_keeps_state_for_a_bounded_number_of_sessions(tmp_path):
+    """Gradio keeps a copy of the page's configuration per session (about 70 kB here) for its last
+    10,000 sessions, and every API call without a session is a new one: 1,500 calls grew the server
+    by 110 MB, so a stranger's loop could add 700 MB. app.py keeps SESSIONS_KEPT."""
+    with served(stub_page(tmp_path), sessions_kept=3) as (url, page_app):
+        for _ in range(6):
+            assert call_caption(url, pasted(png_bytes()))[0]["value"] == "a stub caption"
+        assert len(page_app.state_holder.session_data) == 3
+
+
+def test_a_port_just_freed_can_be_served_again():
+    """After the page stops, its port keeps connections in TIME_WAIT for a minute; the start-up check
+    bound without SO_REUSEADDR (which Gradio's server sets) and so refused a restart as 'port in use'.
+    A port that something listens on is still refused."""
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Gradio's server (uvicorn) listens
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            served_side, _ = listener.accept()
+            served_side.close()  # the server closes first, as a stopped page does: its side waits in TIME_WAIT
+            client.recv(1)
+        with pytest.raises(UserError, match="is in use"):
+            app.check_can_serve("127.0.0.1", port)
+    app.check_can_serve("127.0.0.1", port)
+
+
+def test_a_thin_strip_is_refused_for_its_shape_not_called_damaged(tmp_path):
+    """open_image refuses images over MAX_ASPECT_RATIO times as long as wide (CLIP would scale them up
+    to gigabytes); the page said such a valid file "may be damaged ... or not be an image at all"."""
+    strip = tmp_path / "strip.png"
+    Image.new("L", (5000, 1)).save(strip)
+    with pytest.raises(UserError, match=r"^That image is 5,000 x 1 pixels, over 100 times as long as it is wide;"):
+        app.open_upload(strip, 40, 50)
