@@ -277,8 +277,13 @@ def hub_reachable(timeout_s: float = 3.0) -> bool:
         return False
 
 
+def missing_local_folder(name: str) -> bool:
+    """Whether a backbone name is a local path (not a Hub id) that names nothing."""
+    return name.startswith(("/", ".", "~")) and not Path(name).expanduser().exists()
+
+
 def _from_pretrained(loader, what: str, name: str, **kwargs):
-    if name.startswith(("/", ".", "~")) and not Path(name).expanduser().exists():
+    if missing_local_folder(name):
         raise UserError(f"{what} folder not found: {name}")
     from safetensors import SafetensorError
 

@@ -41,8 +41,8 @@ from dataset import (DATASETS, FLICKR30K_PARQUET, CaptionPairs, EpochShuffleSamp
                      collate_captions, drop_unreadable, extract_features, limit_records, load_records)
 from metrics import validation_cider_d
 from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, IGNORE_INDEX, AdapterConfig, DecodingConfig, TrainingLoss,
-                   build_captioner, load_adapter_state, repair_torn_export, resolve_dtype, save_adapter,
-                   save_adapter_weights)
+                   build_captioner, load_adapter_state, missing_local_folder, repair_torn_export, resolve_dtype,
+                   save_adapter, save_adapter_weights)
 from utils import (Terminated, UserError, append_jsonl, caption_diversity, caption_metrics, collapse_warning,
                    default_image_workers, ids_digest, interrupt_handled, interrupt_name, interrupted_exit_code,
                    is_whole_number, json_value, library_versions, load_state, lone_cpu_launch_warning,
@@ -289,15 +289,16 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     return check_config(config)
 
 
-def moved_backbone_hint(error: UserError, config: TrainConfig, run_dir: Path) -> UserError:
-    """On --resume, a backbone folder that is no longer where the run saved it: the run cannot take
-    another (it might be another model of the same shape), but the same one put back, or linked, resumes."""
-    gone = [name for name in (config.clip_model, config.lm_model)
-            if name.startswith(("/", ".", "~")) and not Path(name).expanduser().exists()]
-    if not config.resume or not gone or "folder not found" not in str(error):
-        return error
-    return UserError(f"{error}, where {run_dir / RUN_CONFIG} saved it; a resumed run keeps its backbones: if the "
-                     f"folder was moved, put it back, or a link to its new place (ln -s NEW_PLACE {gone[0]})")
+def moved_backbone_error(run_config: Path, names) -> UserError | None:
+    """On --resume, a backbone folder no longer where the run saved it: the run cannot take another in
+    its place (another model of the same shape could not be told apart), but the same one put back, or
+    linked, resumes."""
+    gone = next((name for name in names if missing_local_folder(name)), None)
+    if gone is None:
+        return None
+    return UserError(f"--resume continues {run_config.parent} with the backbones {run_config} names, and {gone} "
+                     f"is gone: if the folder was moved, put it back, or a link to its new place (ln -s NEW_PLACE "
+                     f"{gone}), and resume without --clip-model/--lm-model")
 
 
 def absolute_local_paths(config: TrainConfig) -> None:
@@ -363,12 +364,9 @@ def resumed_config(config: TrainConfig) -> TrainConfig:
     absolute_local_paths(config)  # as the run saved them
     given = getattr(config, "given_flags", set()) - {"resume", "demo", *RESUME_FROM_COMMAND_LINE}
     refused = sorted(name for name in given - RESUME_OVERRIDES if getattr(config, name) != getattr(saved, name))
-    moved = [getattr(saved, n) for n in refused if n in ("clip_model", "lm_model")
-             and getattr(saved, n).startswith(("/", ".", "~")) and not Path(getattr(saved, n)).expanduser().exists()]
-    if moved:  # the same backbone in a new place cannot be told from another of its shape: put it back
-        raise UserError(f"--resume continues {saved_file.parent} with the backbones it was saved with, and {moved[0]} "
-                        f"is gone: if the folder was moved, put it back, or a link to its new place (ln -s NEW_PLACE "
-                        f"{moved[0]}), and resume without --clip-model/--lm-model")
+    backbones = [getattr(saved, name) for name in refused if name in ("clip_model", "lm_model")]
+    if moved := moved_backbone_error(saved_file, backbones):
+        raise moved
     if refused:
         listed = ", ".join(f"--{n.replace('_', '-')} (saved {getattr(saved, n)!r})" for n in refused)
         raise UserError(f"--resume continues {saved_file.parent} as it was saved, and {listed} cannot change; "
@@ -1036,8 +1034,10 @@ def set_up_run(config: TrainConfig, accelerator) -> Run:
     try:
         captioner = build_captioner(adapter_config_for(config), dtype=frozen_dtype(config), device=accelerator.device,
                                     lm_quantization=config.lm_quantization, trust_remote_code=config.trust_remote_code)
-    except UserError as error:
-        raise moved_backbone_hint(error, config, run_dir) from None
+    except UserError:
+        if config.resume and (moved := moved_backbone_error(run_dir / RUN_CONFIG, (config.clip_model, config.lm_model))):
+            raise moved from None
+        raise
     bad_samples: list[tuple[str, str]] = []
     train_records = load_split(config, "train", config.train_limit, bad_samples)
     val_records = load_split(config, "val", config.val_limit, bad_samples)
