@@ -22,6 +22,7 @@ import argparse
 import base64
 import binascii
 import contextlib
+import math
 import os
 import re
 import sys
@@ -305,12 +306,22 @@ def open_upload(path, max_megapixels: float, max_upload_mb: float):
 EMPTY_CAPTION_NOTE = " · the model wrote an empty caption: its first token ended it"
 
 
+def setting(value, label: str) -> float:
+    """A number from the page's controls. Gradio checks a slider's range but lets NaN through (only a
+    hand-written API call sends one), which int() turned into an error that blamed the image."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UserError(f"{label} must be a number, not {value!r}.")
+    return value
+
+
 def decoding_config(strategy: str = "greedy", num_beams: float = 3, temperature: float = 0.7, top_p: float = 0.9,
                     max_new_tokens: float = 30):
     from model import DecodingConfig
 
-    return DecodingConfig(strategy=strategy, num_beams=int(num_beams), temperature=float(temperature),
-                          top_p=float(top_p), max_new_tokens=int(max_new_tokens))
+    return DecodingConfig(strategy=strategy, num_beams=int(setting(num_beams, "The beam width")),
+                          temperature=float(setting(temperature, "The temperature")),
+                          top_p=float(setting(top_p, "Top-p")),
+                          max_new_tokens=int(setting(max_new_tokens, "Max new tokens")))
 
 
 def caption_with_run(run: LoadedRun, image, decoding, seed: int = 0) -> tuple[str, float]:
@@ -385,7 +396,7 @@ class Page:
             decoding = decoding_config(strategy, num_beams, temperature, top_p, max_new_tokens)
             from eval import SEED_RANGE
 
-            seed = int(seed or 0)
+            seed = int(setting(seed or 0, "The seed"))
             if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
                 raise UserError(f"The seed must be a whole number from {SEED_RANGE[0]} to {SEED_RANGE[1]}.")
             left_caption, left_time = self.caption_one(left, image, decoding, seed)

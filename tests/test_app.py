@@ -518,3 +518,20 @@ def test_a_thin_strip_is_refused_for_its_shape_not_called_damaged(tmp_path):
     Image.new("L", (5000, 1)).save(strip)
     with pytest.raises(UserError, match=r"^That image is 5,000 x 1 pixels, over 100 times as long as it is wide;"):
         app.open_upload(strip, 40, 50)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # gr.Warning outside a request
+def test_a_setting_that_is_not_a_number_is_named_not_blamed_on_the_image(tmp_path):
+    """Gradio checks a slider's range but lets NaN through (a hand-written API call): int() then
+    failed, and the page answered "Something went wrong ... please try another" image."""
+    page = stub_page(tmp_path)
+    image = tmp_path / "red.png"
+    image.write_bytes(png_bytes())
+    settings = {"num_beams": 3, "temperature": 0.7, "top_p": 0.9, "max_new_tokens": 20, "seed": 0}
+    labels = {"num_beams": "The beam width", "temperature": "The temperature", "top_p": "Top-p",
+              "max_new_tokens": "Max new tokens", "seed": "The seed"}
+    for name, label in labels.items():
+        values = {**settings, name: float("nan")}
+        result = page.caption(str(image), "stub", app.NOTHING, "greedy", *values.values())
+        assert result[4] == f"⚠️ {label} must be a number, not nan.", result
+    assert page.caption(str(image), "stub", app.NOTHING, "greedy", *settings.values())[0].value == "a stub caption"
