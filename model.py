@@ -226,6 +226,9 @@ class TransformerMapper(nn.Module):
         return mapped[:, self.prefix_length :].reshape(batch, -1)  # (B, k * D)
 
 
+MIN_TEMPERATURE = 1e-6  # logits / 1e-6 stays finite in fp32 for any logit under 3e32
+
+
 @dataclass
 class DecodingConfig:
     strategy: str = "greedy"  # greedy | beam | sample
@@ -243,6 +246,11 @@ class DecodingConfig:
             raise UserError(f"beam search needs --num-beams >= 2, got {self.num_beams}")
         if self.strategy == "sample" and not (0 < self.temperature < float("inf") and 0 < self.top_p <= 1):
             raise UserError(f"sampling needs temperature > 0 and 0 < top-p <= 1, got {self.temperature}, {self.top_p}")
+        if self.strategy == "sample" and self.temperature < MIN_TEMPERATURE:
+            # generate divides the logits by it: below this they can overflow to inf, and the softmax
+            # of inf - inf is NaN, which sampling meets as a RuntimeError traceback.
+            raise UserError(f"sampling temperature {self.temperature:g} is too small to compute; use at least "
+                            f"{MIN_TEMPERATURE:g}, or --strategy greedy (the limit of a falling temperature)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -654,7 +662,10 @@ class Captioner(nn.Module):
             num_beams=decoding.num_beams if decoding.strategy == "beam" else 1,
             temperature=decoding.temperature if decoding.strategy == "sample" else None,
             top_p=decoding.top_p if decoding.strategy == "sample" else None,
-            top_k=None,
+            # Pure nucleus sampling, as documented: None would mean "unset", which generate fills with
+            # the LM's generation_config or transformers' default top-k of 50 (0 turns top-k off;
+            # set only when sampling, as greedy and beam search warn about a top-k they ignore).
+            top_k=0 if decoding.strategy == "sample" else None,
             eos_token_id=self.config.eos_token_id,
             pad_token_id=self.config.pad_token_id,
             use_cache=True,

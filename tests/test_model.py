@@ -150,6 +150,30 @@ def test_generation_modes_return_clean_strings(tiny):
         captioner.greedy_tokens(prefix, 2))
 
 
+def test_sampling_is_pure_nucleus_with_no_hidden_top_k(tiny):
+    """top-p 1.0 samples from the whole vocabulary: generate's default top-k of 50 must not creep in."""
+    captioner = make_captioner(tiny)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        prefix = captioner.prefix_embeds(torch.randn(1, captioner.config.image_feature_dim)).repeat(2000, 1, 1)
+        # A high temperature makes the first token nearly uniform over the vocabulary.
+        tokens = captioner.hf_generate_tokens(prefix, DecodingConfig(strategy="sample", temperature=50.0, top_p=1.0,
+                                                                     max_new_tokens=1))
+    assert captioner.config.vocab_size > 100
+    assert tokens[:, 0].unique().numel() > 100
+
+
+def test_a_temperature_too_small_to_compute_is_one_line_and_the_smallest_allowed_samples_greedily(tiny):
+    """--temperature 1e-45 used to end in torch.multinomial's NaN traceback (logits / T overflowed)."""
+    with pytest.raises(UserError, match="temperature 1e-45 is too small"):
+        DecodingConfig(strategy="sample", temperature=1e-45)
+    captioner = make_captioner(tiny)
+    torch.manual_seed(0)
+    features = torch.randn(4, captioner.config.image_feature_dim)
+    coldest = DecodingConfig(strategy="sample", temperature=1e-6, top_p=1.0, max_new_tokens=8)
+    assert captioner.generate(features, coldest) == captioner.generate(features, DecodingConfig(max_new_tokens=8))
+
+
 def test_decoding_passes_the_kv_cache_under_the_name_the_installed_lm_takes(tiny):
     import warnings
 
