@@ -955,9 +955,18 @@ class LossWindow:
         self.samples = torch.zeros((), dtype=torch.long, device=accelerator.device)  # real rows, not padding
         self.steps, self.start = 0, time.perf_counter()
 
-    def add_step(self, step_losses: list, accumulation: int) -> None:
-        self.loss += torch.stack(step_losses).sum() / accumulation  # the accumulation window's mean
+    def add_step(self, step_loss: torch.Tensor) -> None:
+        self.loss += step_loss  # the accumulation window's mean over the caption tokens of every process
         self.steps += 1
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Validating and saving are not training: their time is kept out of samples/s."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - started
 
     def flush(self) -> dict:
         """Mean loss and samples/s over every process since the last flush; then start a new window."""
@@ -1246,7 +1255,14 @@ def train_steps(run: Run, stop: StopRequest, on_step=None) -> bool:
 
     config, accelerator, state = run.config, run.accelerator, run.state
     window = LossWindow(accelerator)
-    step_losses, step_pairs = [], []  # the micro-batches of the optimizer step being accumulated
+    step_losses, step_tokens, step_pairs = [], [], []  # the micro-batches of the optimizer step being accumulated
+    # Losses are back-propagated summed over tokens, in units of a full micro-batch's tokens: about the size
+    # of a mean, which fp16's loss scale is tuned to (a plain sum would overflow it for its first steps).
+    token_unit = config.batch_size * config.max_caption_tokens
+    # Where one micro-batch of one process makes each step, its mean already is the step's mean over
+    # caption tokens: it is back-propagated as it is (no rescaling, so no rounding: the same numbers as a
+    # plain loop, and as every demo figure in the README).
+    shared_step = accelerator.num_processes > 1 or config.grad_accum_steps > 1
     bar = tqdm(total=run.total_steps, initial=state.step, desc="training", unit="step",
                disable=not (config.progress and accelerator.is_local_main_process))
     loss_function = TrainingLoss(run.captioner, compile=config.compile)
@@ -1260,14 +1276,17 @@ def train_steps(run: Run, stop: StopRequest, on_step=None) -> bool:
             with accelerator.accumulate(run.adapter):
                 with accelerator.autocast():
                     loss = loss_function(**batch)
-                loss = weight_by_global_tokens(loss, batch["labels"], accelerator)
-                scale = short_window_scale(state.batches_in_epoch, len(run.train_loader), config.grad_accum_steps)
-                if scale != 1:
-                    loss = loss * scale
-                accelerator.backward(loss)
+                tokens = (batch["labels"] != IGNORE_INDEX).sum()
+                # A shared step divides by the window's tokens (average_over_tokens, below).
+                accelerator.backward(loss * tokens / token_unit if shared_step else loss)
                 window.samples += (batch["labels"] != IGNORE_INDEX).any(dim=1).sum()
                 step_losses.append(loss.detach())
+                step_tokens.append(tokens)
                 if accelerator.sync_gradients:
+                    step_loss = (average_over_tokens(accelerator, run.adapter, step_losses, step_tokens,
+                                                     config.grad_accum_steps * token_unit)
+                                 if shared_step else loss.detach())
+                    step_lr = run.optimizer.param_groups[0]["lr"]  # the rate this step uses; the schedule then moves on
                     outcome = optimizer_step(accelerator, run.adapter, run.optimizer, run.scheduler, step_losses,
                                              config.max_grad_norm)
             state.batches_in_epoch += 1
@@ -1275,18 +1294,19 @@ def train_steps(run: Run, stop: StopRequest, on_step=None) -> bool:
                 continue
             state.step += 1
             bar.update(1)
-            record_step(run, outcome, step_losses, step_pairs, window)
-            step_losses, step_pairs = [], []
+            record_step(run, outcome, step_loss, step_losses, step_pairs, window)
+            step_losses, step_tokens, step_pairs = [], [], []
             if (state.step % config.log_every == 0 or state.step == run.total_steps) and window.steps:
                 logged = window.flush()
                 bar.set_postfix(loss=f"{logged['loss']:.4f}", samples_per_s=f"{logged['samples_per_s']:,.0f}")
                 run.log({"type": "train", "step": state.step, "epoch": state.epoch, "loss": logged["loss"],
-                         "lr": run.scheduler.get_last_lr()[0], "samples": logged["samples"],
+                         "lr": step_lr, "samples": logged["samples"],
                          "samples_per_s": logged["samples_per_s"]})
-            if config.eval_every and state.step % config.eval_every == 0:
-                run.validate()
-            if config.save_every and state.step % config.save_every == 0:
-                run.save_checkpoint()
+            with window.paused():
+                if config.eval_every and state.step % config.eval_every == 0:
+                    run.validate()
+                if config.save_every and state.step % config.save_every == 0:
+                    run.save_checkpoint()
             if on_step is not None:
                 on_step(state.step)
             if stop_requested(stop, accelerator) or state.step >= run.total_steps:
@@ -1303,11 +1323,13 @@ def train_steps(run: Run, stop: StopRequest, on_step=None) -> bool:
     return True
 
 
-def record_step(run: Run, outcome: "StepOutcome", step_losses: list, step_pairs: list, window: LossWindow) -> None:
-    """Count an optimizer step that was applied, or log why it was not."""
+def record_step(run: Run, outcome: "StepOutcome", step_loss: torch.Tensor, step_losses: list, step_pairs: list,
+                window: LossWindow) -> None:
+    """Count an optimizer step that was applied (its loss: the window's mean over caption tokens), or log why
+    it was not (with each micro-batch's loss)."""
     if outcome.applied:
         run.state.nonfinite_in_a_row = 0
-        window.add_step(step_losses, run.config.grad_accum_steps)
+        window.add_step(step_loss)
     elif outcome.nonfinite:
         run.skip_nonfinite_step([float(x) for x in step_losses], outcome.grad_norm, torch.cat(step_pairs).tolist())
     else:  # fp16's loss scaler skipped an overflowing step and lowered its scale
@@ -1398,23 +1420,25 @@ def optimizer_step(accelerator, adapter, optimizer, scheduler, window_losses: li
     return outcome
 
 
-def short_window_scale(batch_index: int, batches_in_epoch: int, accumulation: int) -> float:
-    """The factor that makes an epoch's last, short accumulation window an average of its own
-    micro-batches. Accelerate divides every loss by the accumulation steps, so a window of 3 of 8
-    micro-batches would otherwise step with 3/8 of the gradient (and log 3/8 of the loss)."""
-    window_start = batch_index - batch_index % accumulation
-    return accumulation / min(accumulation, batches_in_epoch - window_start)
+def average_over_tokens(accelerator, adapter, step_losses: list, step_tokens: list, divided_by: float) -> torch.Tensor:
+    """Scale the gradient of an accumulation window's token-summed losses (every micro-batch of every
+    process, each back-propagated divided by `divided_by`) to that of their mean over all the window's
+    caption tokens, and return that mean loss.
 
-
-def weight_by_global_tokens(loss: torch.Tensor, labels: torch.Tensor, accelerator) -> torch.Tensor:
-    """Under several processes, rescale each process's mean so that DDP's gradient average equals
-    the token-weighted mean over the global batch: the same loss as one process with the same
-    global batch, however the caption lengths fall across processes."""
-    if accelerator.num_processes == 1:
-        return loss
-    tokens = (labels != IGNORE_INDEX).sum().float()
-    mean_tokens = accelerator.reduce(tokens.clone(), "mean")
-    return loss * (tokens / mean_tokens)
+    A mean of micro-batch means would weigh each token by how short its micro-batch's captions are
+    (and an epoch's short last window by how few micro-batches it has), so accumulating or adding
+    processes would change the gradient. Accelerate divides each backward by the accumulation steps
+    (counted in `divided_by`) and DDP averages over processes: the factor undoes both. One reduction
+    per optimizer step."""
+    totals = torch.stack([sum(loss.float() * tokens for loss, tokens in zip(step_losses, step_tokens)),
+                          sum(step_tokens).float()])
+    totals = accelerator.reduce(totals, "sum")
+    tokens = totals[1].clamp(min=1)
+    factor = accelerator.num_processes * divided_by / tokens
+    for parameter in adapter.parameters():
+        if parameter.grad is not None:
+            parameter.grad.mul_(factor.to(parameter.grad.dtype))
+    return totals[0] / tokens
 
 
 def stop_requested(stop: StopRequest, accelerator) -> bool:

@@ -343,9 +343,10 @@ def test_resume_continues_the_folder_it_is_given_and_applies_only_flags_that_may
     log = read_jsonl(tmp_path / "copy" / "train_log.jsonl")
     assert max(r["step"] for r in log if r["type"] == "train") == 6  # --max-steps was extended
     assert "--learning-rate 0.001 (was 0.003)" in capsys.readouterr().out
-    # The schedule keeps its shape (cosine over the 6 steps now asked for) at the new peak.
-    lr_after_step_5 = next(r["lr"] for r in log if r["type"] == "train" and r["step"] == 5)
-    assert lr_after_step_5 == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 5 / 6)))
+    # The schedule keeps its shape (cosine over the 6 steps now asked for) at the new peak: step 5 used
+    # (and logs) the rate after 4 steps.
+    lr_of_step_5 = next(r["lr"] for r in log if r["type"] == "train" and r["step"] == 5)
+    assert lr_of_step_5 == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 4 / 6)))
     # A flag that would contradict the saved state is refused, in one line, naming it.
     assert run_cli(train.main, [*resume, "--batch-size", "8"]) == 2
     error = capsys.readouterr().err.strip()
@@ -741,3 +742,57 @@ def test_a_relative_feature_cache_dir_is_saved_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = train.check_config(train.parse_config(["--feature-cache-dir", "cache", "--run-name", "x"]))
     assert config.feature_cache_dir == str(tmp_path / "cache")
+
+
+def spy_optimizer_steps(monkeypatch) -> list[dict]:
+    """The adapter's gradient and learning rate as each optimizer step receives them."""
+    steps, real = [], train.optimizer_step
+
+    def spy(accelerator, adapter, optimizer, *rest):
+        steps.append({"grad": torch.cat([p.grad.flatten() for p in adapter.parameters()]).clone(),
+                      "lr": optimizer.param_groups[0]["lr"]})
+        return real(accelerator, adapter, optimizer, *rest)
+
+    monkeypatch.setattr(train, "optimizer_step", spy)
+    return steps
+
+
+def test_gradient_accumulation_steps_with_the_loss_and_gradient_of_the_whole_batch(tiny, tmp_path, monkeypatch):
+    # Captions differ in length, so the mean of two micro-batch means is not the mean over their tokens.
+    steps = spy_optimizer_steps(monkeypatch)
+    logged = {}
+    for name, batch, accumulation in (("whole", "16", "1"), ("accumulated", "8", "2")):
+        train.main(train_args(tiny, tmp_path, name, "--batch-size", batch, "--grad-accum-steps", accumulation,
+                              "--max-steps", "1", "--log-every", "1", "--max-grad-norm", "0", "--eval-every", "0",
+                              "--final-eval", "false"))
+        [logged[name]] = [r for r in read_jsonl(tmp_path / name / "train_log.jsonl") if r["type"] == "train"]
+    whole, accumulated = (step["grad"] for step in steps)
+    assert (accumulated - whole).norm() / whole.norm() < 1e-5
+    assert logged["accumulated"]["loss"] == pytest.approx(logged["whole"]["loss"], rel=1e-6)
+
+
+def test_the_logged_learning_rate_is_the_one_its_step_used(tiny, tmp_path, monkeypatch):
+    steps = spy_optimizer_steps(monkeypatch)
+    train.main(train_args(tiny, tmp_path, "lr", "--max-steps", "6", "--warmup-ratio", "0.5", "--log-every", "1",
+                          "--eval-every", "0", "--final-eval", "false"))
+    logged = [r["lr"] for r in read_jsonl(tmp_path / "lr" / "train_log.jsonl") if r["type"] == "train"]
+    assert logged == [step["lr"] for step in steps]
+    assert logged[0] == 0.0 and logged[3] == pytest.approx(3e-3)  # warm-up from 0 over 3 steps, then the peak
+
+
+def test_samples_per_second_leaves_out_the_time_spent_validating_and_saving(tiny, tmp_path, monkeypatch):
+    clock = {"offset": 0.0}
+    real_clock, real_validate = train.time.perf_counter, train.Run.validate
+
+    def slow_validate(run):  # as if each validation took 1,000 s
+        real_validate(run)
+        clock["offset"] += 1000.0
+
+    monkeypatch.setattr(train.time, "perf_counter", lambda: real_clock() + clock["offset"])
+    monkeypatch.setattr(train.Run, "validate", slow_validate)
+    train.main(train_args(tiny, tmp_path, "speed", "--max-steps", "6", "--log-every", "2", "--eval-every", "3",
+                          "--final-eval", "false"))
+    logged = [r for r in read_jsonl(tmp_path / "speed" / "train_log.jsonl") if r["type"] == "train"]
+    assert clock["offset"] == 2000.0 and [r["step"] for r in logged] == [2, 4, 6]
+    # 32 pairs in a few seconds, not in 1,000: windows 3-4 and 5-6 hold a validation each.
+    assert all(r["samples_per_s"] > 1 for r in logged), [r["samples_per_s"] for r in logged]
