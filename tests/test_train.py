@@ -796,3 +796,27 @@ def test_samples_per_second_leaves_out_the_time_spent_validating_and_saving(tiny
     assert clock["offset"] == 2000.0 and [r["step"] for r in logged] == [2, 4, 6]
     # 32 pairs in a few seconds, not in 1,000: windows 3-4 and 5-6 hold a validation each.
     assert all(r["samples_per_s"] > 1 for r in logged), [r["samples_per_s"] for r in logged]
+
+
+def test_a_step_of_one_micro_batch_is_back_propagated_unscaled(tiny, tmp_path, monkeypatch):
+    """One process, no accumulation: the batch's mean already is the step's mean over tokens, so it is
+    back-propagated as the loss function returned it (rescaling would only add rounding, and move every
+    figure measured before); a shared step rescales."""
+    from accelerate import Accelerator
+
+    backward_losses, rescaled = [], []
+    real_backward, real_average = Accelerator.backward, train.average_over_tokens
+    monkeypatch.setattr(Accelerator, "backward", lambda self, loss, **kw: (
+        backward_losses.append(loss.detach().clone()), real_backward(self, loss, **kw))[1])
+    monkeypatch.setattr(train, "average_over_tokens", lambda *args: (rescaled.append(1), real_average(*args))[1])
+    computed = []
+    real_forward = train.TrainingLoss.__call__
+    monkeypatch.setattr(train.TrainingLoss, "__call__", lambda self, **batch: (
+        computed.append(real_forward(self, **batch)), computed[-1])[1])
+    assert train.main(train_args(tiny, tmp_path, "one", "--max-steps", "2", "--eval-every", "0",
+                                 "--final-eval", "false")) == 0
+    assert len(backward_losses) == len(computed) == 2 and not rescaled
+    assert all(torch.equal(sent, made.detach()) for sent, made in zip(backward_losses, computed))
+    assert train.main(train_args(tiny, tmp_path, "shared", "--max-steps", "1", "--grad-accum-steps", "2",
+                                 "--batch-size", "8", "--eval-every", "0", "--final-eval", "false")) == 0
+    assert rescaled == [1]
