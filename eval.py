@@ -90,7 +90,8 @@ def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-new-tokens", type=whole_number(1, MAX_NEW_TOKENS), default=30,
                        help="longest caption, in tokens (default 30)")
     group.add_argument("--seed", type=whole_number(*SEED_RANGE), default=0,
-                       help="random seed (matters for --strategy sample; default 0)")
+                       help="random seed (matters for --strategy sample, where a caption also depends on the other "
+                            "images in its batch; default 0)")
 
 
 def add_loading_flags(parser: argparse.ArgumentParser) -> None:
