@@ -47,8 +47,8 @@ from metrics import COCO_METRICS, COCO_VARIANT, TOKENIZATION_DETAILS, coco_metri
 from model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LM_QUANTIZATIONS, AdapterConfig, DecodingConfig, load_captioner
 from report import EXTRA_METRICS, REPORT_FILE, baseline_verdict, collapse_line, percent, sweep_rows, write_report
 from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, UserError, caption_diversity, caption_metrics, default_image_workers,
-                   file_digest, format_table, ids_digest, lone_cpu_launch_warning, nearest_existing, positive_number, read_json,
-                   read_jsonl, run_cli, whole_number, write_json, write_jsonl)
+                   file_digest, format_table, ids_digest, lone_cpu_launch_warning, nearest_existing, read_json, run_cli,
+                   whole_number, write_json, write_jsonl)
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"
