@@ -1276,10 +1276,11 @@ def train_steps(run: Run, stop: StopRequest, on_step=None) -> bool:
             with accelerator.accumulate(run.adapter):
                 with accelerator.autocast():
                     loss = loss_function(**batch)
-                tokens = (batch["labels"] != IGNORE_INDEX).sum()
+                caption_positions = batch["labels"] != IGNORE_INDEX
+                tokens = caption_positions.sum()
                 # A shared step divides by the window's tokens (average_over_tokens, below).
                 accelerator.backward(loss * tokens / token_unit if shared_step else loss)
-                window.samples += (batch["labels"] != IGNORE_INDEX).any(dim=1).sum()
+                window.samples += caption_positions.any(dim=1).sum()
                 step_losses.append(loss.detach())
                 step_tokens.append(tokens)
                 if accelerator.sync_gradients:
