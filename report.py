@@ -110,6 +110,7 @@ def training_curves(train_log: Path | None, out_dir: Path) -> list[Path]:
     except UserError as error:  # the curves are an extra: a damaged log must not cost the evaluation
         print(f"note: no training curves in the report: {error}")
         return []
+    # float(): the log spells a non-finite number as "NaN" or "Infinity" (utils.finite_json), which float reads.
     train = [r for r in log if r.get("type") == "train" and "loss" in r]
     evals = [r for r in log if r.get("type") == "eval"]
     if not train and not evals:
@@ -117,21 +118,21 @@ def training_curves(train_log: Path | None, out_dir: Path) -> list[Path]:
     paths = []
     figure, axes = plt.subplots(figsize=(6.4, 3.6), dpi=100)
     if train:
-        axes.plot([r["step"] for r in train], [r["loss"] for r in train], label="training loss", lw=1.2)
+        axes.plot([r["step"] for r in train], [float(r["loss"]) for r in train], label="training loss", lw=1.2)
     if evals:
-        axes.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation loss", ms=4)
+        axes.plot([r["step"] for r in evals], [float(r["val_loss"]) for r in evals], "o-", label="validation loss", ms=4)
     paths.append(_finish_curve(plt, figure, axes, out_dir / LOSS_CURVE, ylabel="cross-entropy per caption token",
                                title="Loss"))
     if evals:
         figure, axes = plt.subplots(figsize=(6.4, 3.6), dpi=100)
         for key, label in (("val_rougeL", "ROUGE-L (rouge-score)"), ("val_bleu4", "BLEU-4 (NLTK)")):
             if all(key in r for r in evals):
-                axes.plot([r["step"] for r in evals], [100 * r[key] for r in evals], "o-", label=label, ms=4)
+                axes.plot([r["step"] for r in evals], [100 * float(r[key]) for r in evals], "o-", label=label, ms=4)
         if (best := kept_step(train_log.parent)) is not None or (best := best_validation(evals)) is not None:
             axes.axvline(best, color="gray", ls="--", lw=1, label=f"best, saved (step {best})")
         if all("val_cider_d" in r for r in evals):  # CIDEr-D runs to 10 (x100: 1000): an axis of its own
             cider_axes = axes.twinx()
-            cider_axes.plot([r["step"] for r in evals], [100 * r["val_cider_d"] for r in evals], "s:", ms=4,
+            cider_axes.plot([r["step"] for r in evals], [100 * float(r["val_cider_d"]) for r in evals], "s:", ms=4,
                             color="tab:green")
             cider_axes.set_ylabel("CIDEr-D x100")
             axes.plot([], [], "s:", ms=4, color="tab:green", label="CIDEr-D (right axis)")  # in the one legend

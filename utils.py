@@ -241,8 +241,29 @@ def write_text(path: str | Path, text: str) -> None:
     replace_durably(tmp, path)
 
 
+NONFINITE_SPELLING = {math.inf: "Infinity", -math.inf: "-Infinity"}
+
+
+def finite_json(value):
+    """`value` with every NaN or infinite float written as a string ("NaN", "Infinity", "-Infinity"):
+    Python's json writes them as bare NaN/Infinity, which is not JSON, and jq, JavaScript and most
+    other readers then refuse the whole file (train_log.jsonl logs a NaN step's losses)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return NONFINITE_SPELLING.get(value, "NaN")
+    if isinstance(value, dict):
+        return {key: finite_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(item) for item in value]
+    return value
+
+
+def json_text(data, **options) -> str:
+    """Strict JSON (see finite_json): allow_nan=False makes any non-finite number that slipped past an error."""
+    return json.dumps(finite_json(data), allow_nan=False, **options)
+
+
 def write_json(path: str | Path, data) -> None:
-    write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    write_text(path, json_text(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def is_whole_number(value) -> bool:
@@ -275,12 +296,12 @@ def read_json(path: str | Path, what: str = "file"):
 
 def append_jsonl(path: str | Path, record: dict) -> None:
     with open(path, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
+        handle.write(json_text(record) + "\n")
 
 
 def write_jsonl(path: str | Path, records) -> None:
     """Replace a JSONL file in one pass (see write_text)."""
-    write_text(path, "".join(json.dumps(record) + "\n" for record in records))
+    write_text(path, "".join(json_text(record) + "\n" for record in records))
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

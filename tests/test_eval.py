@@ -104,6 +104,25 @@ def test_the_curves_mark_the_validation_whose_adapter_was_kept():
     assert best_validation([]) is None
 
 
+def test_the_curves_read_a_log_with_nonfinite_values(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    from report import training_curves
+    from utils import write_jsonl
+
+    plotted, plot = [], Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, *args, **kw: plotted.append(args[1]) or plot(self, *args, **kw))
+
+    # utils.finite_json spells NaN and infinity as strings, so train_log.jsonl stays JSON for jq and friends.
+    write_jsonl(tmp_path / "train_log.jsonl", [
+        {"type": "train", "step": 1, "loss": 2.0}, {"type": "train", "step": 2, "loss": float("inf")},
+        {"type": "eval", "step": 2, "val_loss": float("nan"), "val_rougeL": 0.5, "val_cider_d": 1.0, "best": True}])
+    paths = training_curves(tmp_path / "train_log.jsonl", tmp_path)
+    assert [p.name for p in paths] == ["curve_loss.png", "curve_val_metrics.png"] and all(p.is_file() for p in paths)
+    # As numbers: strings would make matplotlib draw a category axis ("2.0", "Infinity") without a word.
+    assert plotted[:2] == [[2.0, float("inf")], [pytest.approx(float("nan"), nan_ok=True)]], plotted
+
+
 def test_decoding_sweep_is_one_table_on_the_same_split(evaluated):
     sweep = json.loads((evaluated / "decoding_sweep.json").read_text())
     metrics = json.loads((evaluated / "metrics.json").read_text())

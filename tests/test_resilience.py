@@ -37,6 +37,22 @@ def poison_calls(monkeypatch, bad_calls: set[int]) -> None:
     monkeypatch.setattr(TrainingLoss, "__call__", poisoned)
 
 
+def refuse_bare_constant(name: str):
+    raise AssertionError(f"{name} is not JSON: strict readers refuse the file")
+
+
+def test_json_writers_spell_out_nonfinite_numbers(tmp_path):
+    from utils import append_jsonl, write_json, write_jsonl
+
+    record = {"loss": float("nan"), "norms": [float("inf"), -float("inf"), 1.5], "nested": {"x": (float("nan"),)}}
+    append_jsonl(tmp_path / "a.jsonl", record)
+    write_jsonl(tmp_path / "b.jsonl", [record])
+    write_json(tmp_path / "c.json", record)
+    for name in ("a.jsonl", "b.jsonl", "c.json"):
+        read = json.loads((tmp_path / name).read_text(), parse_constant=refuse_bare_constant)
+        assert read == {"loss": "NaN", "norms": ["Infinity", "-Infinity", 1.5], "nested": {"x": ["NaN"]}}
+
+
 def test_nonfinite_step_is_skipped_and_logged_with_its_batch(tiny, tmp_path, monkeypatch):
     poison_calls(monkeypatch, {4})
     summary = train.train(train.parse_config(train_args(tiny, tmp_path, "nan", "--final-eval", "false")))
@@ -44,6 +60,9 @@ def test_nonfinite_step_is_skipped_and_logged_with_its_batch(tiny, tmp_path, mon
     log = read_jsonl(tmp_path / "nan" / "train_log.jsonl")
     [bad] = [r for r in log if r["type"] == "nonfinite"]
     assert bad["step"] == 4 and bad["image_ids"] and all(i.startswith("images/train_") for i in bad["image_ids"])
+    assert bad["losses"] == ["NaN"] and bad["grad_norm"] == "NaN"  # spelled out: a bare NaN is not JSON
+    for line in (tmp_path / "nan" / "train_log.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=refuse_bare_constant)  # as jq or JavaScript would read it
     # Had the NaN gradient been applied, AdamW would have turned every weight into NaN.
     weights = load_file(tmp_path / "nan" / "last" / "adapter.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values())
