@@ -144,6 +144,8 @@ def main(argv=None) -> int:
                     print(json.dumps({"image": path, "error": str(image)}))
             else:
                 caption = next(captions)
+                if not caption:  # else a bare "path<TAB>" line, easy to take for a lost caption
+                    print(f"note: the model wrote no words for {path} (it ended the caption at once)", file=sys.stderr)
                 print(json.dumps({"image": path, "caption": caption}) if args.json else tab_line(path, caption))
     return 1 if failed else 0
 

@@ -392,6 +392,17 @@ def test_inference_reports_bad_images_and_captions_the_rest(tiny, checkpoint, tm
     assert [line["image"] for line in lines] == [good[0], *bad] and "not found" in lines[1]["error"]
 
 
+def test_inference_says_when_the_model_wrote_no_words(tiny, checkpoint, monkeypatch, capsys):
+    from model import Captioner
+
+    images = [str(Path(tiny["data_dir"]) / "images" / f"test_000{i}.png") for i in range(2)]
+    monkeypatch.setattr(Captioner, "caption_images", lambda self, batch, decoding=None: ["a red circle", ""][:len(batch)])
+    assert inference.main(["--checkpoint", str(checkpoint), "--batch-size", "2", *images]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [f"{images[0]}\ta red circle", f"{images[1]}\t"]
+    assert err.strip() == f"note: the model wrote no words for {images[1]} (it ended the caption at once)"
+
+
 def test_inference_with_only_bad_images_loads_no_model(checkpoint, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(inference, "load_captioner", lambda *a, **kw: pytest.fail("loaded a model for nothing"))
     (tmp_path / "notes.jpg").write_text("not a picture")
