@@ -26,6 +26,7 @@ import os
 import secrets
 import shlex
 import shutil
+import socket
 import sys
 import time
 import typing
@@ -60,6 +61,8 @@ TRACKING_DIR = "tracking"  # under the run folder: where trackers that write fil
 TRACKING_PROJECT = "captioner"  # the W&B project, MLflow experiment, ... (the run is named by --run-name)
 WANDB_RUN_ID = "wandb_run_id.txt"  # under TRACKING_DIR: the W&B run that every start of this run logs to
 TRAIN_LOG = "train_log.jsonl"
+DEMO_RUN_NAMES = ["demo", *(f"demo-{i}" for i in range(2, 1000))]  # --demo takes the first free one
+RUN_LOCK = ".train.lock"  # held by the process training in the folder (claim_run_folder)
 TRAINER_STATE = "trainer_state.json"
 
 
@@ -279,10 +282,11 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         config.clip_model = config.clip_model or assets["clip_model"]
         config.lm_model = config.lm_model or assets["lm_model"]
     if not config.run_name and config.demo:  # demo, demo-2, ...: a rerun never stops on an existing folder
-        names = ["demo", *(f"demo-{i}" for i in range(2, 1000))]
-        config.run_name = next(n for n in names if not (Path(config.output_dir) / n).exists())
+        config.run_name = next(n for n in DEMO_RUN_NAMES if not (Path(config.output_dir) / n).exists())
+        config.name_picked = True
     if not config.run_name:
         config.run_name = time.strftime("run-%Y%m%d-%H%M%S")
+        config.name_picked = True
     if config.mixed_precision == "auto":
         config.mixed_precision = auto_mixed_precision()
     absolute_local_paths(config)
@@ -777,10 +781,94 @@ def check_run_folder(run_dir: Path, config: TrainConfig) -> None:
     if (run_dir / ADAPTER_WEIGHTS).exists() or (run_dir / "last").exists():
         raise UserError(f"{run_dir} holds a run that stopped before its first resumable checkpoint, so it cannot be "
                         "continued; delete or rename that folder, or choose another --run-name")
-    if run_dir.is_dir() and any(run_dir.iterdir()):  # a new run would rewrite a config, cut a log, mix in files
+    if run_dir.is_dir() and any(p.name != RUN_LOCK for p in run_dir.iterdir()):  # a new run would rewrite a
+        # config, cut a log, mix in files
         held = "a run that stopped before its first save (its config and log)" if (run_dir / RUN_CONFIG).exists() \
             else "files that are not a run"
         raise UserError(f"{run_dir} holds {held}; delete or rename that folder, or choose another --run-name")
+
+
+class RunInUse(Exception):
+    """The run folder is locked by another training process (its pid and host are the message)."""
+
+
+def lock_run_folder(run_dir: Path):
+    """The open lock file of run_dir, holding an exclusive advisory lock (flock) for as long as this
+    process trains there; the system lets go of it however the process ends, kill -9 included. None
+    where there is no flock (Windows). Raises RunInUse, naming the holder, where another process has it."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / RUN_LOCK, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RunInUse(holder) from None
+    except OSError:  # a file system without locks (some network mounts): train unguarded, as on Windows
+        handle.close()
+        return None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
+
+
+def claim_run_folder(config: TrainConfig):
+    """Lock the run's folder for this training process (the main one), so that two starts cannot
+    train into one folder: a --resume while the run still trains in another terminal, or two runs
+    given (or picking) the same name at once, would cut each other's log and interleave checkpoints.
+    Where train.py picked the name (demo, demo-2, ...; run-DATE), a taken one moves on to the next."""
+    picked = getattr(config, "name_picked", False)
+    for name in later_names(config.run_name, config.demo) if picked else [config.run_name]:
+        config.run_name = name
+        run_dir = Path(config.output_dir) / name
+        try:
+            check_run_folder(run_dir, config)  # before creating the folder: a new run does not land on an old one
+            handle = lock_run_folder(run_dir)
+        except RunInUse as holder:
+            if picked:
+                continue
+            wait = ("wait for it to finish, or stop it (Ctrl-C saves a checkpoint) and then --resume"
+                    if config.resume else "choose another --run-name")
+            raise UserError(f"{run_dir} is being trained by another process ({holder}); {wait}") from None
+        except UserError:
+            if picked and run_dir.exists():  # another start wrote it since the name was picked
+                continue
+            raise
+        try:
+            check_run_folder(run_dir, config)  # again, under the lock: another start may have written it since
+        except UserError:
+            release_run_folder(handle, run_dir)
+            if picked:
+                continue
+            raise
+        return handle
+    raise UserError(f"every run name from {config.run_name} on is taken under {config.output_dir}; pass --run-name")
+
+
+def later_names(name: str, demo: bool) -> list[str]:
+    """The name train.py picked and the ones to try after it: demo, demo-2, ...; run-DATE, run-DATE-2, ..."""
+    if demo:
+        return DEMO_RUN_NAMES[DEMO_RUN_NAMES.index(name):] if name in DEMO_RUN_NAMES else [name]
+    return [name, *(f"{name}-{i}" for i in range(2, 1000))]
+
+
+def release_run_folder(handle, run_dir: Path) -> None:
+    """Let go of the run folder's lock. A start that stopped before writing anything leaves no folder,
+    as it did before the lock (else the next --demo would pass over an empty demo/)."""
+    if handle is None:
+        return
+    handle.close()  # closing the only descriptor releases the flock
+    with contextlib.suppress(OSError):
+        if [p.name for p in run_dir.iterdir()] == [RUN_LOCK]:
+            (run_dir / RUN_LOCK).unlink()
+            run_dir.rmdir()
 
 
 def settings_digest(config: TrainConfig) -> str:
@@ -981,7 +1069,7 @@ class LossWindow:
 
 def train(config: TrainConfig, on_step=None) -> dict:
     """Train (or continue) one run; returns a summary. `on_step(step)` is called after every step."""
-    config, accelerator = start(config)
+    config, accelerator, lock = start(config)
     try:
         run = set_up_run(config, accelerator)
         with StopRequest() as stop:
@@ -997,6 +1085,7 @@ def train(config: TrainConfig, on_step=None) -> dict:
         summary = finish(run, stopped, stop.signal_name)
     finally:
         close_trackers(accelerator)
+        release_run_folder(lock, Path(config.output_dir) / config.run_name)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
@@ -1018,13 +1107,18 @@ def start(config: TrainConfig):
                               project_config=ProjectConfiguration(logging_dir=config.output_dir))
     if accelerator.num_processes == 1 and (warning := lone_cpu_launch_warning("train.py")):
         print(warning, file=sys.stderr)
+    lock = None
     if not config.resume:
         # The main process builds demo assets and picks the run name first; the others then find
         # the assets cached and take the main process's name (a free "demo-N" could differ).
         with accelerator.main_process_first():
             config = resolve_config(config)
+            if accelerator.is_main_process:
+                lock = claim_run_folder(config)
         config.run_name = broadcast_object_list([config.run_name])[0]
-    return config, accelerator
+    elif accelerator.is_main_process:
+        lock = claim_run_folder(config)
+    return config, accelerator, lock
 
 
 def total_optimizer_steps(max_steps: int, epochs: int, steps_per_epoch: int) -> int:

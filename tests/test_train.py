@@ -660,6 +660,42 @@ def test_existing_run_is_never_overwritten(tiny, tmp_path, capsys):
     assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
 
 
+def test_a_run_being_trained_cannot_be_resumed_or_started_again_meanwhile(tiny, tmp_path, capsys):
+    # Say `train.py --resume` in a second terminal while the run still trains in the first: both
+    # would write one folder (the log cut, checkpoints interleaved). The first holds the folder's lock.
+    train.main(train_args(tiny, tmp_path, "busy", "--final-eval", "false", "--max-steps", "5"))
+    run = tmp_path / "busy"
+    before = {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != train.RUN_LOCK}
+    # And a new run named like one that has just started (and has written nothing yet).
+    held = [train.lock_run_folder(run), train.lock_run_folder(tmp_path / "starting")]  # as those processes hold them
+    try:
+        for name, extra, advice in (("busy", ["--resume", "--max-steps", "10"], "then --resume"),
+                                    ("starting", [], "choose another --run-name")):
+            assert run_cli(train.main, train_args(tiny, tmp_path, name, *extra)) == 2
+            error = capsys.readouterr().err.strip()
+            assert f"{tmp_path / name} is being trained by another process (pid {os.getpid()} on " in error, error
+            assert "\n" not in error and advice in error
+    finally:
+        for handle in held:
+            handle.close()
+    assert {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != train.RUN_LOCK} == before
+
+
+def test_a_picked_run_name_another_start_took_meanwhile_moves_on(tiny, tmp_path, monkeypatch):
+    import demo
+
+    monkeypatch.setattr(demo, "ensure_demo_assets", lambda progress=True: tiny)
+    config = train.resolve_config(train.parse_config(["--demo", "--output-dir", str(tmp_path)]))
+    assert config.run_name == "demo"
+    other = train.lock_run_folder(tmp_path / "demo")  # `make demo` in another terminal, a moment earlier
+    mine = train.claim_run_folder(config)
+    assert config.run_name == "demo-2" and (tmp_path / "demo-2" / train.RUN_LOCK).is_file()
+    # A start that ends before writing anything leaves no folder behind (the next demo may take the name).
+    train.release_run_folder(mine, tmp_path / "demo-2")
+    train.release_run_folder(other, tmp_path / "demo")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_adapter_too_large_to_allocate_is_one_line_naming_the_flags(tiny, tmp_path, capsys):
     assert run_cli(train.main, train_args(tiny, tmp_path, "huge", "--prefix-length", "100000")) == 2
     error = capsys.readouterr().err.strip()
@@ -674,6 +710,7 @@ def test_clear_errors(tiny, tmp_path, capsys):
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 3 and all(line.startswith("error: ") for line in errors)
     assert "nope" in errors[0] and "missing" in errors[2]
+    assert not (tmp_path / "bad").exists()  # a start that failed leaves no folder (nor its lock file)
 
 
 def test_resume_without_a_run_name_lists_the_runs_it_could_continue(tmp_path, capsys):
