@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from utils import UserError, cache_home, nearest_existing, run_cli, seed_everything, whole_number
+from utils import UserError, cache_home, nearest_existing, run_cli, seed_everything, waiting_lock, whole_number
 
 DEMO_VERSION = 2  # bump when the recipe below changes, so cached assets are rebuilt
 EOS_TOKEN = "<|endoftext|>"
@@ -247,13 +247,20 @@ def ensure_demo_assets(progress: bool = True) -> dict[str, str]:
     if not blocker.is_dir():
         raise UserError(f"the demo is built in {root}, but {blocker} is a file; point CAPTIONER_HOME at a folder")
     data_dir, backbones = root / "data", root / "backbones"
-    if not (data_dir / "captions.jsonl").is_file():
-        print(f"building the synthetic demo images in {data_dir} ...", flush=True)
-        build_demo_data(data_dir)
-    if not (backbones / "BUILT").is_file():
-        print(f"building the tiny demo backbones in {backbones} ...", flush=True)
-        build_tiny_backbones(data_dir, backbones, progress=progress)
-    return {"data_dir": str(data_dir), "clip_model": str(backbones / "clip"), "lm_model": str(backbones / "lm")}
+    built = {"data_dir": str(data_dir), "clip_model": str(backbones / "clip"), "lm_model": str(backbones / "lm")}
+    if (data_dir / "captions.jsonl").is_file() and (backbones / "BUILT").is_file():  # each written last: complete
+        return built
+    root.mkdir(parents=True, exist_ok=True)
+    # One builder at a time (`make demo` and `python app.py` started together on a fresh machine): a
+    # second would rewrite the model files the first has started to train on, and spend the minutes twice.
+    with waiting_lock(root / ".build.lock", f"waiting for another process building the demo in {root} ..."):
+        if not (data_dir / "captions.jsonl").is_file():
+            print(f"building the synthetic demo images in {data_dir} ...", flush=True)
+            build_demo_data(data_dir)
+        if not (backbones / "BUILT").is_file():
+            print(f"building the tiny demo backbones in {backbones} ...", flush=True)
+            build_tiny_backbones(data_dir, backbones, progress=progress)
+    return built
 
 
 def check_new_folder(out: Path) -> None:

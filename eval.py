@@ -30,7 +30,6 @@ if __name__ == "__main__":  # Ctrl-C while torch imports (seconds) ends quietly,
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # run_cli turns it back into KeyboardInterrupt
 
 import argparse
-import contextlib
 import dataclasses
 import math
 import os
@@ -48,7 +47,7 @@ from model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LM_QUANTIZATIONS, AdapterConf
 from report import EXTRA_METRICS, REPORT_FILE, baseline_verdict, collapse_line, percent, sweep_rows, write_report
 from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, UserError, caption_diversity, caption_metrics, default_image_workers,
                    file_digest, format_table, ids_digest, lone_cpu_launch_warning, nearest_existing, read_json, run_cli,
-                   whole_number, write_json, write_jsonl)
+                   waiting_lock, whole_number, write_json, write_jsonl)
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -494,26 +493,11 @@ def write_eval_outputs(out_dir: Path, result: SplitResult, records, run_dir: Pat
     return [out_dir / METRICS_FILE, *written]
 
 
-@contextlib.contextmanager
 def outputs_lock(out_dir: Path):
     """One evaluation at a time writes into a folder: two at once (say val and test of one run)
     would otherwise leave one's metrics beside the other's predictions. The second waits, then
-    replaces the first's files whole. An advisory lock, where the system has one (not Windows)."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    with open(out_dir / ".eval.lock", "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"waiting for another evaluation to finish writing into {out_dir} ...", file=sys.stderr, flush=True)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    replaces the first's files whole."""
+    return waiting_lock(out_dir / ".eval.lock", f"waiting for another evaluation to finish writing into {out_dir} ...")
 
 
 def print_metrics(metrics: dict, title: str) -> None:

@@ -266,6 +266,31 @@ def write_json(path: str | Path, data) -> None:
     write_text(path, json_text(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
+@contextlib.contextmanager
+def waiting_lock(path: Path, waiting: str):
+    """Hold an exclusive advisory lock (flock) on the file `path`, saying `waiting` (on stderr) if
+    another process holds it first and waiting for it. The system lets go of it however a process
+    ends. Where there are no such locks (Windows, some network mounts) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(waiting, file=sys.stderr, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:  # no locks on this file system
+            yield
+            return
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def is_whole_number(value) -> bool:
     """An int read from JSON, not a bool (which Python counts as an int)."""
     return isinstance(value, int) and not isinstance(value, bool)

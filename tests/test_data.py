@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -159,6 +160,38 @@ def test_demo_commands_never_overwrite_a_users_folder(tmp_path, capsys, monkeypa
     monkeypatch.setenv("CAPTIONER_HOME", str(mine / "captions.jsonl"))
     with pytest.raises(UserError, match="is a file; point CAPTIONER_HOME at a folder"):
         demo.ensure_demo_assets(progress=False)
+
+
+def test_two_processes_starting_the_demo_at_once_build_it_once(tmp_path, capsys, monkeypatch):
+    import threading
+    import time
+
+    import demo
+
+    built, first_started = [], threading.Event()
+
+    def slow_data(out_dir, *args, **kwargs):  # the real builders take minutes; these mark what they wrote
+        first_started.set()
+        time.sleep(1.0)
+        built.append("data")
+        Path(out_dir).mkdir(parents=True)
+        (Path(out_dir) / "captions.jsonl").write_text("")
+
+    def backbones(data_dir, out_dir, **kwargs):
+        built.append("backbones")
+        Path(out_dir).mkdir(parents=True)
+        (Path(out_dir) / "BUILT").write_text("{}")
+
+    monkeypatch.setattr(demo, "build_demo_data", slow_data)
+    monkeypatch.setattr(demo, "build_tiny_backbones", backbones)
+    results = []
+    first = threading.Thread(target=lambda: results.append(demo.ensure_demo_assets(progress=False)))
+    first.start()
+    first_started.wait(10)
+    results.append(demo.ensure_demo_assets(progress=False))  # a second start while the first builds
+    first.join()
+    assert built == ["data", "backbones"] and results[0] == results[1]
+    assert f"waiting for another process building the demo in {demo.demo_root()}" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
