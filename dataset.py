@@ -223,15 +223,27 @@ def load_flickr30k_hub(split: str, data_files: str = FLICKR30K_PARQUET) -> list[
     captions = table["caption"]
     ids = table["img_id"] if "img_id" in table.column_names else [str(i) for i in range(len(table))]
     names = table["filename"] if "filename" in table.column_names else ids
-    records = []
+    records: dict[str, ImageRecord] = {}  # by image name: rows of one image are one record
+    first_seen: dict[str, tuple[str, int]] = {}
     for row, (row_split, row_captions, image_id, name) in enumerate(zip(splits, captions, ids, names)):
-        if _normal_split(row_split) is None:  # left out of every split, the row would shrink the data unnoticed
+        normal = _normal_split(row_split)
+        if normal is None:  # left out of every split, the row would shrink the data unnoticed
             raise UserError(f"{data_files}: row {row} has split {row_split!r}; use one of {', '.join(SPLITS)}")
-        if _normal_split(row_split) == split:
-            records.append(
-                ImageRecord(str(name or image_id), _clean_captions(row_captions), split, row=row, table=table)
-            )
-    return records
+        key = str(name or image_id)
+        seen_split, seen_row = first_seen.setdefault(key, (normal, row))
+        if seen_split != normal:  # trained on and scored on: a leak
+            raise UserError(f"{data_files}: image {key} is in split {seen_split} (row {seen_row}) and in split "
+                            f"{normal} (row {row}); give each image one split")
+        if normal != split:
+            continue
+        if key in records:
+            # Exports with one row per caption: one image with all its captions (each counted once),
+            # else each row would be scored against its one caption as if it were another image.
+            merged = records[key].captions
+            merged.extend(c for c in _clean_captions(row_captions) if c not in merged)
+        else:
+            records[key] = ImageRecord(key, _clean_captions(row_captions), split, row=row, table=table)
+    return list(records.values())
 
 
 def find_karpathy_json(data_dir: Path) -> Path:

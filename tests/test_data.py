@@ -500,6 +500,25 @@ def test_hub_rows_with_an_unknown_split_are_an_error_not_left_out(tmp_path):
         load_flickr30k_hub("train", str(path))
 
 
+def test_hub_rows_of_one_image_are_one_record_and_one_image_in_two_splits_is_an_error(tmp_path):
+    import datasets
+
+    # One row per caption, as many parquet exports have: one image with its captions, each once.
+    rows = {"image": [Image.new("RGB", (16, 16), (i, 0, 0)) for i in range(4)],
+            "caption": ["a red dog", "a dog", "a red dog", "a cat"],
+            "split": ["test", "test", "test", "test"], "filename": ["1.jpg", "1.jpg", "1.jpg", "2.jpg"]}
+    path = tmp_path / "rows.parquet"
+    datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image()).to_parquet(str(path))
+    records = load_flickr30k_hub("test", str(path))
+    assert [(r.image_id, r.captions, r.row) for r in records] == [("1.jpg", ["a red dog", "a dog"], 0),
+                                                                 ("2.jpg", ["a cat"], 3)]
+    # The same image in train and test would be trained on and scored on.
+    leak = {**rows, "split": ["train", "train", "test", "test"]}
+    datasets.Dataset.from_dict(leak).cast_column("image", datasets.Image()).to_parquet(str(path))
+    with pytest.raises(UserError, match=r"image 1.jpg is in split train \(row 0\) and in split test \(row 2\)"):
+        load_flickr30k_hub("train", str(path))
+
+
 def test_images_left_without_a_caption_are_counted_in_a_note(tmp_path, capsys):
     for name in ("a.png", "b.png", "c.png"):
         write_image(tmp_path / name)
