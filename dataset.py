@@ -626,12 +626,16 @@ def tokenize_caption(tokenizer, caption: str, eos_token_id: int, max_tokens: int
     return ids[: max(max_tokens - 1, 0)] + [eos_token_id]
 
 
+PADDING_PAIR = -1  # a sampler index that stands for a row of padding, not a pair (see EpochShuffleSampler)
+
+
 class CaptionPairs(Dataset):
     """(image, caption) pairs over pre-computed image features; tokenised once up front."""
 
     def __init__(self, records: list[ImageRecord], features: torch.Tensor, tokenizer, eos_token_id: int,
                  max_tokens: int):
         self.features = features
+        self.tokenizer, self.eos_token_id, self.max_tokens = tokenizer, eos_token_id, max_tokens
         self.pairs: list[tuple[int, list[int]]] = []
         for index, record in enumerate(records):
             for caption in record.captions:
@@ -641,6 +645,9 @@ class CaptionPairs(Dataset):
         return len(self.pairs)
 
     def __getitem__(self, i: int) -> dict:
+        if i == PADDING_PAIR:  # no caption tokens: all labels ignored, so it adds nothing to the loss or gradient
+            return {"image_features": self.features.new_zeros(self.features.shape[1]), "token_ids": [],
+                    "pair_index": PADDING_PAIR}
         image_index, token_ids = self.pairs[i]
         return {"image_features": self.features[image_index], "token_ids": token_ids, "pair_index": i}
 
@@ -665,7 +672,8 @@ def collate_captions(batch: list[dict], pad_token_id: int, length_multiple: int 
     lengths = torch.tensor([len(item["token_ids"]) for item in batch])  # (B,)
     tokens = torch.from_numpy(np.fromiter(itertools.chain.from_iterable(item["token_ids"] for item in batch),
                                           dtype=np.int64))  # every caption's tokens, one after another
-    longest = -(-int(lengths.max()) // length_multiple) * length_multiple
+    # At least one position: a batch of padding rows only (see EpochShuffleSampler) still has a shape.
+    longest = max(1, -(-int(lengths.max()) // length_multiple) * length_multiple)
     height = max(rows or 0, len(batch))
     real = torch.arange(longest) < lengths[:, None]  # (B, longest): each row's tokens, then padding
     input_ids = torch.full((height, longest), pad_token_id, dtype=torch.long)
@@ -684,20 +692,28 @@ def collate_captions(batch: list[dict], pad_token_id: int, length_multiple: int 
 
 
 class EpochShuffleSampler(Sampler):
-    """A permutation that depends only on (seed, epoch): resuming at a batch replays the same order."""
+    """A permutation that depends only on (seed, epoch): resuming at a batch replays the same order.
 
-    def __init__(self, length: int, seed: int):
+    With `multiple` (the global batch of several processes), it is followed by PADDING_PAIR up to a
+    multiple of it. Accelerate deals each process whole batches in turn, and where their number does not
+    divide evenly it fills the last round with pairs from the epoch's start again: those would be trained
+    on twice, and N processes would no longer take the steps one process takes with the same global batch.
+    Padding rows carry no caption tokens, so they change neither the loss nor the gradient."""
+
+    def __init__(self, length: int, seed: int, multiple: int = 1):
         self.length, self.seed, self.epoch = length, seed, 0
+        self.padded_length = -(-length // multiple) * multiple
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.length, generator=generator).tolist())
+        order = torch.randperm(self.length, generator=generator).tolist()
+        return iter(order + [PADDING_PAIR] * (self.padded_length - self.length))
 
     def __len__(self) -> int:
-        return self.length
+        return self.padded_length
 
 
 # ----------------------------------------------------------------------------------------------

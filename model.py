@@ -558,6 +558,8 @@ class Captioner(nn.Module):
         hidden, labels, head = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1), self.lm.get_output_embeddings()
         if type(head) is not nn.Linear or head.bias is not None:  # a head the chunked loss can't take apart
             keep = labels != IGNORE_INDEX  # (a quantised or biased one): its own forward, labelled rows only
+            if not keep.any():  # padding rows only (train.make_train_loader): a loss of 0, not the NaN of an empty mean
+                return hidden[keep].float().sum()
             return F.cross_entropy(head(hidden[keep]).float(), labels[keep])
         return frozen_head_cross_entropy(hidden, head.weight, labels)
 

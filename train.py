@@ -38,7 +38,7 @@ from typing import Literal
 
 import torch
 
-from dataset import (DATASETS, FLICKR30K_PARQUET, CaptionPairs, EpochShuffleSampler, check_data_flags,
+from dataset import (DATASETS, FLICKR30K_PARQUET, PADDING_PAIR, CaptionPairs, EpochShuffleSampler, check_data_flags,
                      collate_captions, drop_unreadable, extract_features, limit_records, load_records)
 from metrics import validation_cider_d
 from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, IGNORE_INDEX, AdapterConfig, DecodingConfig, TrainingLoss,
@@ -539,6 +539,36 @@ def make_pairs(captioner, records, config: TrainConfig, desc: str, bad_samples: 
     return records, pairs
 
 
+def bad_samples_of_every_process(accelerator, bad_samples: list) -> list:
+    """The images that any process could not read (or found missing), the same list on each process.
+
+    Each process reads the images it has no cached features for itself (all of them under
+    --no-feature-cache, or with a cache of its own machine), so a flaky disk or a damaged copy on one
+    machine fails on one process only. Left to itself that process would train on other pairs under the
+    same indices (and on a different number of batches: a hang), and the report would list only the main
+    process's images. All processes leave out every image any of them skipped."""
+    first_reason = {}
+    for image, why in every_process([tuple(entry) for entry in bad_samples]):
+        first_reason.setdefault(image, why)  # an image every process failed on is listed once
+    return list(first_reason.items())
+
+
+def every_process(values: list) -> list:
+    """The lists of every process, one after another (rank 0's first). A collective: every process calls it."""
+    from accelerate.utils import gather_object
+
+    return gather_object(list(values))
+
+
+def without_images(records, pairs: CaptionPairs, image_ids: set):
+    """records and their pairs without the images named (see bad_samples_of_every_process)."""
+    keep = [i for i, record in enumerate(records) if record.image_id not in image_ids]
+    if len(keep) == len(records):
+        return records, pairs
+    records = [records[i] for i in keep]
+    return records, CaptionPairs(records, pairs.features[keep], pairs.tokenizer, pairs.eos_token_id, pairs.max_tokens)
+
+
 COMPILED_LENGTH_BUCKETS = 6  # at most this many caption lengths, so as many graphs, under --compile
 
 
@@ -566,10 +596,12 @@ def make_loader(pairs: CaptionPairs, batch_size: int, pad_token_id: int, sampler
                       pin_memory=torch.cuda.is_available())
 
 
-def make_train_loader(pairs: CaptionPairs, config: TrainConfig, pad_token_id: int):
+def make_train_loader(pairs: CaptionPairs, config: TrainConfig, pad_token_id: int, processes: int = 1):
     """Shuffled training batches. Under --compile they come in only a few shapes (bucketed lengths,
-    full batches: see compiled_length_multiple); eagerly, each is padded to its longest caption."""
-    return make_loader(pairs, config.batch_size, pad_token_id, EpochShuffleSampler(len(pairs), config.seed),
+    full batches: see compiled_length_multiple); eagerly, each is padded to its longest caption.
+    Several processes get an epoch padded to whole rounds of batches (see EpochShuffleSampler)."""
+    sampler = EpochShuffleSampler(len(pairs), config.seed, config.batch_size * processes if processes > 1 else 1)
+    return make_loader(pairs, config.batch_size, pad_token_id, sampler,
                        length_multiple=compiled_length_multiple(config.max_caption_tokens) if config.compile else 1,
                        full_batches=config.compile)
 
@@ -1012,7 +1044,10 @@ class Run:
         state, config = self.state, self.config
         state.nonfinite_in_a_row += 1
         state.nonfinite_steps += 1
-        images = sorted({self.train_records[self.train_pairs.image_index(i)].image_id for i in pair_indices})
+        if self.accelerator.num_processes > 1:  # the main process logs the step: the NaN may be another's batch
+            window_losses, pair_indices = every_process(window_losses), every_process(pair_indices)
+        images = sorted({self.train_records[self.train_pairs.image_index(i)].image_id for i in pair_indices
+                         if i != PADDING_PAIR})
         self.log({"type": "nonfinite", "step": state.step, "epoch": state.epoch, "losses": window_losses,
                   "grad_norm": grad_norm, "image_ids": images})
         self.accelerator.print(f"step {state.step}: non-finite loss or gradient (losses {window_losses}, grad norm "
@@ -1151,6 +1186,11 @@ def set_up_run(config: TrainConfig, accelerator) -> Run:
     with accelerator.main_process_first():
         train_records, train_pairs = make_pairs(captioner, train_records, config, "CLIP features (train)", bad_samples)
         val_records, val_pairs = make_pairs(captioner, val_records, config, "CLIP features (val)", bad_samples)
+    if accelerator.num_processes > 1:  # outside main_process_first: a collective inside it would deadlock
+        bad_samples[:] = bad_samples_of_every_process(accelerator, bad_samples)
+        unreadable = {image for image, _ in bad_samples}
+        train_records, train_pairs = without_images(train_records, train_pairs, unreadable)
+        val_records, val_pairs = without_images(val_records, val_pairs, unreadable)
     if not train_pairs:
         raise UserError(f"none of the training images could be read (first: {bad_samples[0][1]})")
     if config.select_by == "cider_d" and len(val_records) == 1:  # before anything is written
@@ -1158,7 +1198,7 @@ def set_up_run(config: TrainConfig, accelerator) -> Run:
                         "validation image every weight is 0: give --val-limit 0 (all) or more validation images, "
                         "or --select-by rougeL or loss")
 
-    train_loader = make_train_loader(train_pairs, config, captioner.config.pad_token_id)
+    train_loader = make_train_loader(train_pairs, config, captioner.config.pad_token_id, accelerator.num_processes)
     adapter = captioner.adapter
     if config.standardize_image_features:  # every process holds all training features: the same statistics
         adapter.set_feature_statistics(train_pairs.features)  # (a resumed run's saved ones replace them)

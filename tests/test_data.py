@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dataset import (SPLITS, EpochShuffleSampler, encoder_fingerprint, extract_features, limit_records,
+from dataset import (PADDING_PAIR, SPLITS, EpochShuffleSampler, encoder_fingerprint, extract_features, limit_records,
                      load_flickr30k_hub, load_records)
 from utils import UserError
 
@@ -114,6 +114,21 @@ def test_epoch_order_depends_only_on_seed_and_epoch():
     assert list(other) == first and sorted(first) == list(range(50))
     other.set_epoch(4)
     assert list(other) != first
+
+
+@pytest.mark.parametrize("pairs", [150, 5])  # 19 batches of 8 for 2 processes; fewer pairs than one batch
+def test_two_processes_take_the_pairs_of_one_process_steps_none_twice(pairs):
+    """Accelerate deals whole batches to the processes in turn and fills a short last round with
+    pairs from the epoch's start again; the padded epoch gives each step of 2 processes x 8 the
+    pairs of one process's step of 16, each once (the rest of the rows are padding)."""
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler
+
+    one = [sorted(batch) for batch in BatchSampler(EpochShuffleSampler(pairs, seed=3), 16, False)]
+    sampler = BatchSampler(EpochShuffleSampler(pairs, seed=3, multiple=16), 8, False)  # as make_train_loader
+    ranks = [list(BatchSamplerShard(sampler, 2, rank)) for rank in (0, 1)]  # as accelerator.prepare
+    two = [sorted(i for batch in step for i in batch if i != PADDING_PAIR) for step in zip(*ranks, strict=True)]
+    assert two == one
 
 
 def test_demo_commands_build_data_and_loadable_backbones(tmp_path, capsys):

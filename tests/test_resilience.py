@@ -304,7 +304,9 @@ def kill_process_tree(pid: int) -> None:
 def run_training_processes(tiny, out: Path, name: str, processes: int, batch: int, *extra: str,
                            script: Path = ROOT / "train.py", returncode: int = 0,
                            timeout: int = 600, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    args = train_args(tiny, out, name, "--final-eval", "false", "--train-limit", "32", "--batch-size", str(batch),
+    # 30 images, 150 pairs: 19 batches of 8, an odd number, so the 2-process runs' last round of each epoch
+    # is short (as the 1-process run's last step is): no pair may be trained on twice.
+    args = train_args(tiny, out, name, "--final-eval", "false", "--train-limit", "30", "--batch-size", str(batch),
                       "--epochs", "2", "--eval-every", "0", "--save-every", "0", "--log-every", "1", *extra)
     args.remove("--no-progress")
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -737,3 +739,40 @@ def test_a_process_stopped_before_training_leaves_the_others_one_line_not_a_trac
     assert "interrupted (SIGTERM)" in done.stderr  # rank 1
     assert "error: another process of this run ended (Connection closed by peer)" in done.stderr, done.stderr[-3000:]
     assert "[rank0]: Traceback" not in done.stderr, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_what_only_rank_1_sees_is_acted_on_by_all_and_reported(tiny, tmp_path):
+    """Each process decodes the images it finds no cached features for (all of them here, as with a
+    cache per machine): an image that fails on rank 1 alone (a flaky disk, a damaged copy on one
+    machine) must be left out by both ranks, or rank 1 trains on other pairs under the same indices
+    (and on another number of batches), and the report must name it though rank 0 read it.
+    A NaN loss on rank 1 alone: the skipped step's log line (written by rank 0) holds rank 1's loss."""
+    wrapper = tmp_path / "train_flaky_on_rank1.py"
+    wrapper.write_text(
+        "import os, sys\n"
+        "import dataset, train\n"
+        "from utils import UserError, run_cli\n"
+        "real, failed = dataset.ImageRecord.open, []\n"
+        "def open_flaky(self):\n"
+        "    if os.environ.get('RANK') == '1' and self.split == 'train' and failed in ([], [self.image_id]):\n"
+        "        failed[:] = [self.image_id]  # the first training image rank 1 decodes\n"
+        "        raise UserError(f'cannot read image {self.image_id}: flaky on rank 1')\n"
+        "    return real(self)\n"
+        "dataset.ImageRecord.open = open_flaky\n"
+        "real_loss, calls = train.TrainingLoss.__call__, []\n"
+        "def loss_nan_on_rank1_second_step(self, **batch):\n"
+        "    calls.append(1)\n"
+        "    loss = real_loss(self, **batch)\n"
+        "    return loss * float('nan') if os.environ.get('RANK') == '1' and len(calls) == 2 else loss\n"
+        "train.TrainingLoss.__call__ = loss_nan_on_rank1_second_step\n"
+        "sys.exit(run_cli(train.main))\n")
+    done = run_training_processes(tiny, tmp_path, "flaky", 2, 8, "--no-feature-cache", "--max-steps", "3",
+                                  script=wrapper, timeout=300)
+    assert "images = 29   (image, caption) pairs = 145" in done.stdout, done.stdout[-2000:]  # 30 images less one
+    assert "skipped 1 unreadable images" in done.stdout and "flaky on rank 1" in done.stdout, done.stdout[-2000:]
+    reported = read_jsonl(tmp_path / "flaky" / "bad_samples.jsonl")
+    assert len(reported) == 1 and "flaky on rank 1" in reported[0]["reason"], reported
+    skipped = [r for r in read_jsonl(tmp_path / "flaky" / "train_log.jsonl") if r["type"] == "nonfinite"]
+    assert [r["step"] for r in skipped] == [2], skipped
+    assert len(skipped[0]["losses"]) == 2 and skipped[0]["losses"][1] == "NaN", skipped  # rank 0's, rank 1's
