@@ -1063,7 +1063,7 @@ class Run:
             raise UserError(
                 f"{state.nonfinite_in_a_row} non-finite steps in a row (up to step {state.step}): the run stopped "
                 f"and its last good checkpoint in {self.run_dir / 'resume'} is intact; continue it with a lower "
-                f"learning rate ({resume_command(config, self.accelerator.num_processes, '--learning-rate', lower_rate)})"
+                f"learning rate ({resume_command(config, self.accelerator, '--learning-rate', lower_rate)})"
                 f" or check the batches named in {self.run_dir / TRAIN_LOG}"
             )
 
@@ -1452,7 +1452,7 @@ def train_steps(run: Run, stop: StopRequest, on_step=None) -> bool:
             bar.close()
             run.save_checkpoint()
             accelerator.print(f"{stop.signal_name or 'signal'}: saved a checkpoint at step {state.step}; "
-                              f"continue with {resume_command(config, accelerator.num_processes)}")
+                              f"continue with {resume_command(config, accelerator)}")
             return False
     bar.close()
     return True
@@ -1496,15 +1496,19 @@ def finish(run: Run, stopped: bool, signal_name: str | None) -> dict:
     return summary
 
 
-def resume_command(config: TrainConfig, processes: int, *extra: str) -> str:
+def resume_command(config: TrainConfig, accelerator, *extra: str) -> str:
     """The command that continues this run. A run saved by N processes resumes only with N (its state
-    holds each one's RNG), so with several the hint names the launcher and the count, not python."""
+    holds each one's RNG), so with several the hint names a launcher and the count, not python: on
+    CPUs torchrun, as `accelerate launch --cpu` starts several processes only through mpirun."""
     args = shlex.join(["train.py", "--run-name", config.run_name, "--output-dir", str(config.output_dir),
                        "--resume", *extra])
+    processes = accelerator.num_processes
     if processes == 1:
         return f"python {args}"
-    return (f"accelerate launch --num_processes {processes} {args} (or the launcher this run was started with, "
-            f"again with {processes} processes in all)")
+    launcher = (f"ACCELERATE_USE_CPU=true torchrun --nproc_per_node {processes}" if accelerator.device.type == "cpu"
+                else f"accelerate launch --num_processes {processes}")
+    return (f"{launcher} {args} (or the launcher this run was started with, again with {processes} processes "
+            "in all)")
 
 
 @dataclass

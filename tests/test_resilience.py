@@ -399,9 +399,10 @@ def test_a_signal_to_one_process_stops_all_at_the_same_step_and_resume_matches(t
     assert stopped.stdout.count("saved a checkpoint at step 6") == 1, stopped.stdout[-2000:]  # one rank prints
     state = json.loads((tmp_path / "stopped" / "resume" / "trainer_state.json").read_text())
     assert state["step"] == 6 and not state["finished"]  # the signalled step itself: the flag is read after it
-    # The hint relaunches with 2 processes: `python train.py --resume` would be refused (1 process).
+    # The hint relaunches with 2 processes: `python train.py --resume` would be refused (1 process), and
+    # on CPUs `accelerate launch --num_processes 2` would start one (lone_cpu_launch_warning).
     hint = stopped.stdout.split("continue with ")[-1].splitlines()[0]
-    assert hint.startswith("accelerate launch --num_processes 2 train.py --run-name stopped "), hint
+    assert hint.startswith("ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 train.py --run-name stopped "), hint
     assert "with 2 processes in all" in hint, hint
     resumed = run_training_processes(tiny, tmp_path, "stopped", 2, 8, "--resume")
     assert "resum" in resumed.stdout.lower()
