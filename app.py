@@ -158,19 +158,23 @@ def build_baseline(captioner, checkpoint: Path, batch_size: int, progress: bool)
 
 
 def load_run(checkpoint: str | Path, device, with_baseline: bool = True, batch_size: int = 64,
-             progress: bool = True) -> LoadedRun:
+             progress: bool = True, lm_quantization: str | None = None) -> LoadedRun:
     """The run's captioner and baseline, loaded once, and one warm-up caption so that the first
-    visitor's timing is not the first-call overhead."""
+    visitor's timing is not the first-call overhead. The LM is quantised as the run trained it
+    unless `lm_quantization` (--lm-quantization) says otherwise."""
     from PIL import Image
 
-    from eval import default_dtype
+    from eval import default_dtype, run_lm_quantization
     from model import ADAPTER_CONFIG, load_captioner
 
     checkpoint = Path(checkpoint)
     if not (checkpoint / ADAPTER_CONFIG).is_file():
         raise UserError(f"{checkpoint} is not a run folder: it has no {ADAPTER_CONFIG}")
     started = time.perf_counter()
-    captioner = load_captioner(checkpoint, device=device, dtype=default_dtype(device))
+    # The LM as the run trained it (as eval.py and inference.py load it): an unquantised copy of a
+    # run trained 8-bit on a small GPU may not fit there, and it captions differently.
+    captioner = load_captioner(checkpoint, device=device, dtype=default_dtype(device),
+                               lm_quantization=lm_quantization or run_lm_quantization(checkpoint))
     name = checkpoint.name if checkpoint.name != "last" else f"{checkpoint.parent.name}/last"
     run = LoadedRun(name, checkpoint, captioner)
     if with_baseline:
@@ -600,6 +604,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-upload-mb", type=upload_limit, default=50,
                         help="larger files are refused with a message")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars at start-up")
+    parser.add_argument("--lm-quantization", choices=("none", "8bit", "4bit"), default=None,
+                        help="load each run's frozen LM in 8-bit or 4-bit NF4 through bitsandbytes, or not at all "
+                             "(default: as the run trained it, from its run_config.json; else none)")
     return parser
 
 
@@ -651,7 +658,8 @@ def main(argv=None) -> int:
     for checkpoint in checkpoints:  # every folder checked before the first (slow) load
         if not (checkpoint / ADAPTER_CONFIG).is_file():
             raise UserError(f"{checkpoint} is not a run folder: it has no {ADAPTER_CONFIG}")
-    runs = [load_run(checkpoint, device, not args.no_baseline, progress=progress) for checkpoint in checkpoints]
+    runs = [load_run(checkpoint, device, not args.no_baseline, progress=progress, lm_quantization=args.lm_quantization)
+            for checkpoint in checkpoints]
     unique_names(runs)
     page = Page(runs, args.max_megapixels, args.max_upload_mb)
     examples = example_images(checkpoints[0], args.examples)

@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from dataset import (DATASETS, FLICKR30K_PARQUET, check_data_flags, drop_unreadable, extract_features, limit_records,
                      load_records)
 from metrics import COCO_METRICS, COCO_VARIANT, TOKENIZATION_DETAILS, coco_metrics, start_meteor
-from model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LM_QUANTIZATIONS, AdapterConfig, DecodingConfig, load_captioner
+from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LM_QUANTIZATIONS, AdapterConfig, DecodingConfig, load_captioner,
+                   lm_quantization_of)
 from report import EXTRA_METRICS, REPORT_FILE, baseline_verdict, collapse_line, percent, sweep_rows, write_report
 from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, UserError, caption_diversity, caption_metrics, default_image_workers,
                    file_digest, format_table, ids_digest, lone_cpu_launch_warning, nearest_existing, read_json, run_cli,
@@ -110,9 +111,15 @@ def add_loading_flags(parser: argparse.ArgumentParser) -> None:
 
 def loading_from_args(args, checkpoint: Path) -> dict:
     """load_captioner's options: quantisation from the flag, else the run's own; trust only from the flag."""
-    lm_quantization = args.lm_quantization or find_run_config(checkpoint).get("lm_quantization") or "none"
+    lm_quantization = args.lm_quantization or run_lm_quantization(checkpoint)
     return {"lm_quantization": lm_quantization, "trust_remote_code": args.trust_remote_code,
             "clip_model": args.clip_model, "lm_model": args.lm_model}
+
+
+def run_lm_quantization(checkpoint: Path) -> str:
+    """How the run trained its LM (run_config.json), "none" where it does not say: eval.py, inference.py
+    and app.py load it so, as the captions the adapter learned to steer came from that LM."""
+    return find_run_config(checkpoint).get("lm_quantization") or "none"
 
 
 def decoding_from_args(args) -> DecodingConfig:
@@ -435,6 +442,7 @@ def evaluate_captioner(captioner, records, decodings: dict[str, DecodingConfig],
             "bleu4": scores["bleu4"], "bleu4_variant": BLEU_VARIANT,
             "decoding_name": name,
             "decoding": vars(decodings[name]),
+            "lm_quantization": lm_quantization_of(captioner.lm),
             "baseline": {"method": BASELINE_METHOD, "train_images": len(train_records),
                          **{key: baseline_metrics[key] for key in metric_keys()},
                          "diversity": caption_diversity(baseline)},
@@ -552,7 +560,8 @@ def comparison(run_paths: list[str]) -> dict:
     table.append(["NN baseline CIDEr-D", *(percent(m["baseline"][DECIDING_METRIC]) for _, m in runs)])
     table.append(["beats baseline", *({True: "yes", False: "NO"}.get(m["beats_baseline"], "n/a") for _, m in runs)])
     for key, label in (("dataset", "dataset"), ("split", "split"), ("num_images", "images"),
-                       ("decoding_name", "decoding"), ("coco_tokenization", "tokenization")):
+                       ("decoding_name", "decoding"), ("coco_tokenization", "tokenization"),
+                       ("lm_quantization", "LM quantization")):
         table.append([label, *(str(m.get(key, "?")) for _, m in runs)])
     table.append(["adapter step", *(str((m.get("adapter") or {}).get("step", "?")) for _, m in runs)])
     notes = stale
@@ -560,6 +569,9 @@ def comparison(run_paths: list[str]) -> dict:
         values = {str(m.get(key)) for _, m in runs}
         if len(values) > 1:
             notes.append(f"not comparable: the runs differ in {key} ({', '.join(sorted(values))})")
+    if len({m["lm_quantization"] for _, m in runs if "lm_quantization" in m}) > 1:  # (older files have none)
+        notes.append("not comparable: the runs' LMs were loaded with different --lm-quantization ("
+                     + ", ".join(sorted({m["lm_quantization"] for _, m in runs if "lm_quantization" in m})) + ")")
     if len({m.get("images_digest") for _, m in runs if m.get("images_digest")}) > 1:  # (older files have none)
         notes.append("not comparable: the runs were scored on different images (another --limit subset, seed or "
                      "data folder)")

@@ -343,6 +343,16 @@ def lm_quantization_config(lm_quantization: str, device: torch.device):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
 
 
+def lm_quantization_of(lm) -> str:
+    """How a loaded LM is quantised, as --lm-quantization names it: what metrics.json records, since
+    the same adapter scores differently over an 8-bit, a 4-bit and an unquantised LM."""
+    if getattr(lm, "is_loaded_in_8bit", False):
+        return "8bit"
+    if getattr(lm, "is_loaded_in_4bit", False):
+        return "4bit"
+    return "none"
+
+
 def clip_image_processor(**settings):
     """CLIPImageProcessor(**settings). Without torchvision, importing that name falls back to the PIL
     backend (the same preprocessing) with a warning: noise for our users, so it is imported quietly."""

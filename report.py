@@ -18,7 +18,7 @@ from pathlib import Path
 
 from metrics import COCO_METRICS
 from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, UserError, collapse_warning, is_whole_number, json_value,
-                   not_a_script, read_jsonl, write_text)
+                   not_a_script, read_jsonl, replace_durably, write_text)
 
 REPORT_FILE = "report.html"
 LOSS_CURVE = "curve_loss.png"
@@ -168,8 +168,14 @@ def _finish_curve(plt, figure, axes, path, ylabel: str, title: str):
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    figure.savefig(path)
+    # Rendered in memory, then replaced atomically like the other outputs: savefig straight onto
+    # the file would leave half a PNG there if the evaluation stopped mid-write.
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
     plt.close(figure)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(buffer.getvalue())
+    replace_durably(tmp, path)
     return path
 
 
@@ -247,7 +253,8 @@ def render_report(metrics: dict, rows: list[dict], records, curves: list[Path], 
         ordered = ordered[:gallery_size]
     title = f"Evaluation: {metrics.get('checkpoint', '')}"
     meta = (f"{metrics.get('dataset', '?')} {metrics.get('split', '?')} split · {metrics['num_images']} images · "
-            f"decoding: {metrics.get('decoding_name', '?')} · tokenisation: {metrics['coco_tokenization']} "
+            f"decoding: {metrics.get('decoding_name', '?')} · "
+            f"LM quantization: {metrics.get('lm_quantization', '?')} · tokenisation: {metrics['coco_tokenization']} "
             f"({metrics.get('coco_tokenization_detail', '')}) · {metrics['processes']['num_processes']} process(es) · "
             f"written {time.strftime('%Y-%m-%d %H:%M')}")
     verdict_class = {True: "good", False: "bad"}.get(metrics["beats_baseline"], "note")  # None: no verdict

@@ -371,6 +371,21 @@ def test_quantisation_is_recorded_and_reused(tiny, tmp_path, monkeypatch, capsys
     assert used == ["4bit", "none"]
 
 
+def test_the_app_loads_the_lm_as_the_run_trained_it(tiny, checkpoint, tmp_path):
+    """app.py once loaded every run's LM unquantised: another LM than the one its adapter learned to
+    steer (other captions than inference.py's), and too big for the small GPU that made a 4-bit run."""
+    import app
+
+    run = tmp_path / "run"
+    shutil.copytree(checkpoint, run)
+    write_json(run / "run_config.json", {"lm_quantization": "4bit"})
+    loaded = app.load_run(run, torch.device("cpu"), with_baseline=False, progress=False)
+    assert any(type(module).__name__ == "Linear4bit" for module in loaded.captioner.lm.modules())
+    # --lm-quantization none: where bitsandbytes cannot be installed, the run still serves, unquantised.
+    loaded = app.load_run(run, torch.device("cpu"), with_baseline=False, progress=False, lm_quantization="none")
+    assert not any(type(module).__name__ == "Linear4bit" for module in loaded.captioner.lm.modules())
+
+
 # ----------------------------------------------------------------------------------------------
 # inference.py with bad images among good ones
 # ----------------------------------------------------------------------------------------------
