@@ -833,22 +833,34 @@ def lock_run_folder(run_dir: Path):
     except ImportError:
         return None
     run_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(run_dir / RUN_LOCK, "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise RunInUse(holder) from None
-    except OSError:  # a file system without locks (some network mounts): train unguarded, as on Windows
-        handle.close()
-        return None
+    while True:
+        handle = open(run_dir / RUN_LOCK, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise RunInUse(holder) from None
+        except OSError:  # a file system without locks (some network mounts): train unguarded, as on Windows
+            handle.close()
+            return None
+        if lock_file_is_current(handle, run_dir / RUN_LOCK):
+            break
+        handle.close()  # its holder deleted it as we opened it (release_run_folder): lock the new one
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     handle.flush()
     return handle
+
+
+def lock_file_is_current(handle, path: Path) -> bool:
+    """Whether the locked file is still the one at `path` (a file deleted meanwhile guards nothing)."""
+    try:
+        return os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def claim_run_folder(config: TrainConfig):
@@ -892,15 +904,16 @@ def later_names(name: str, demo: bool) -> list[str]:
 
 
 def release_run_folder(handle, run_dir: Path) -> None:
-    """Let go of the run folder's lock. A start that stopped before writing anything leaves no folder,
-    as it did before the lock (else the next --demo would pass over an empty demo/)."""
+    """Let go of the run folder's lock, deleting its file (a finished run's folder holds the run only);
+    a start that stopped before writing anything leaves no folder, as it did before the lock (else the
+    next --demo would pass over an empty demo/)."""
     if handle is None:
         return
+    with contextlib.suppress(OSError):
+        (run_dir / RUN_LOCK).unlink()  # while still held: a start that opened it meanwhile sees it gone
     handle.close()  # closing the only descriptor releases the flock
     with contextlib.suppress(OSError):
-        if [p.name for p in run_dir.iterdir()] == [RUN_LOCK]:
-            (run_dir / RUN_LOCK).unlink()
-            run_dir.rmdir()
+        run_dir.rmdir()  # only if empty
 
 
 def settings_digest(config: TrainConfig) -> str:

@@ -690,10 +690,14 @@ def test_a_picked_run_name_another_start_took_meanwhile_moves_on(tiny, tmp_path,
     other = train.lock_run_folder(tmp_path / "demo")  # `make demo` in another terminal, a moment earlier
     mine = train.claim_run_folder(config)
     assert config.run_name == "demo-2" and (tmp_path / "demo-2" / train.RUN_LOCK).is_file()
+    # The folder's lock file is the holder's: one deleted as another start opened it is not taken for it.
+    stale = open(tmp_path / "demo-2" / train.RUN_LOCK)
+    assert train.lock_file_is_current(stale, tmp_path / "demo-2" / train.RUN_LOCK)
     # A start that ends before writing anything leaves no folder behind (the next demo may take the name).
     train.release_run_folder(mine, tmp_path / "demo-2")
     train.release_run_folder(other, tmp_path / "demo")
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == [] and not train.lock_file_is_current(stale, tmp_path / "demo-2" / train.RUN_LOCK)
+    stale.close()
 
 
 def test_an_adapter_too_large_to_allocate_is_one_line_naming_the_flags(tiny, tmp_path, capsys):
