@@ -118,8 +118,17 @@ def loading_from_args(args, checkpoint: Path) -> dict:
 
 def run_lm_quantization(checkpoint: Path) -> str:
     """How the run trained its LM (run_config.json), "none" where it does not say: eval.py, inference.py
-    and app.py load it so, as the captions the adapter learned to steer came from that LM."""
-    return find_run_config(checkpoint).get("lm_quantization") or "none"
+    and app.py load it so, as the captions the adapter learned to steer came from that LM. Without
+    bitsandbytes here (a machine other than the one that trained it) the error says how to go on."""
+    lm_quantization = find_run_config(checkpoint).get("lm_quantization") or "none"
+    if lm_quantization != "none":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise UserError(f"{checkpoint} was trained over a {lm_quantization} LM, which needs bitsandbytes here "
+                            "(pip install bitsandbytes); or load the LM unquantised with --lm-quantization none "
+                            "(captions may differ a little)") from None
+    return lm_quantization
 
 
 def decoding_from_args(args) -> DecodingConfig:

@@ -369,6 +369,15 @@ def test_quantisation_is_recorded_and_reused(tiny, tmp_path, monkeypatch, capsys
     assert inference.main(["--checkpoint", str(run), image]) == 0
     assert inference.main(["--checkpoint", str(run / "last"), "--lm-quantization", "none", image]) == 0
     assert used == ["4bit", "none"]
+    # On a machine without bitsandbytes: one line saying where the setting came from and the way round it.
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes now raises ImportError
+    capsys.readouterr()
+    assert run_cli(inference.main, ["--checkpoint", str(run), image]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == (f"error: {run} was trained over a 4bit LM, which needs bitsandbytes here (pip install "
+                     "bitsandbytes); or load the LM unquantised with --lm-quantization none (captions may differ "
+                     "a little)"), error
+    assert inference.main(["--checkpoint", str(run), "--lm-quantization", "none", image]) == 0
 
 
 def test_the_app_loads_the_lm_as_the_run_trained_it(tiny, checkpoint, tmp_path):
