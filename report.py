@@ -208,7 +208,8 @@ def metrics_table(metrics: dict) -> str:
     rows += [(key, name, metrics.get(f"{key}_variant", variant)) for key, name, variant in EXTRA_METRICS]
     for key, name, variant in rows:
         ours, theirs = metrics.get(key), baseline.get(key)
-        difference = "n/a" if ours is None or theirs is None else f"{100 * (ours - theirs):+.2f}"
+        # Of the figures as shown, so that the row adds up (252.74 - 658.66 is -405.92, not -405.91).
+        difference = "n/a" if ours is None or theirs is None else f"{float(percent(ours)) - float(percent(theirs)):+.2f}"
         css = ' class="decides"' if key == metrics["baseline_decided_by"] else ""
         lines.append(f"<tr{css}><td>{esc(name)}</td><td class=num>{percent(ours)}</td>"
                      f"<td class=num>{percent(theirs)}</td><td class=num>{difference}</td>"

@@ -105,6 +105,15 @@ def test_the_curves_mark_the_validation_whose_adapter_was_kept():
     assert best_validation([]) is None
 
 
+def test_the_report_difference_is_that_of_the_figures_shown():
+    from report import metrics_table
+
+    metrics = {"coco_cider_d": 2.527449, "coco_tokenization": "ptb", "baseline_decided_by": "coco_cider_d",
+               "baseline": {"coco_cider_d": 6.586551}}
+    row = next(line for line in metrics_table(metrics).splitlines() if "CIDEr-D" in line)
+    assert re.findall(r"<td class=num>([^<]*)</td>", row) == ["252.74", "658.66", "-405.92"], row
+
+
 def test_the_curves_read_a_log_with_nonfinite_values(tmp_path, monkeypatch):
     from matplotlib.axes import Axes
 
