@@ -41,6 +41,8 @@ tr.decides td { font-weight: 600; } .variant { color: #777; font-size: 12px; }
 .gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(360px, 1fr)); gap: 12px; }
 .card { display: flex; gap: 10px; border: 1px solid #e2e2e2; border-radius: 6px; padding: 8px; }
 .card img { width: 128px; height: 128px; object-fit: contain; background: #f3f3f3; flex: none; }
+.card .noimage { width: 128px; height: 128px; background: #f3f3f3; flex: none; display: flex; align-items: center;
+  justify-content: center; color: #777; font-size: 12px; }
 .card .text { min-width: 0; } .pred { font-weight: 600; } .base { color: #555; }
 .refs { margin: 4px 0 0 16px; padding: 0; color: #333; font-size: 12.5px; }
 .scores { font-size: 12px; color: #555; } .rank { color: #999; font-size: 12px; }
@@ -230,7 +232,7 @@ def gallery_card(rank: int, row: dict, image) -> str:
     scores = " · ".join(f"{esc(name)} {percent(row.get(key))}" for key, name in PER_IMAGE_SCORES)
     refs = "".join(f"<li>{esc(ref)}</li>" for ref in row["references"])
     picture = f'<img src="{thumbnail_uri(image)}" alt="{esc(row["image_id"])}">' if image is not None else \
-        '<img alt="image not readable">'
+        '<div class="noimage">image not readable</div>'  # (an <img> without src is not HTML)
     return (f'<div class="card">{picture}<div class="text"><div class="rank">#{rank} · {esc(row["image_id"])}</div>'
             f'<div class="pred">{esc(row["prediction"]) or "<i>(empty)</i>"}</div>'
             f'<div class="base">baseline: {esc(row["baseline"])} '

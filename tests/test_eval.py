@@ -114,6 +114,14 @@ def test_the_report_difference_is_that_of_the_figures_shown():
     assert re.findall(r"<td class=num>([^<]*)</td>", row) == ["252.74", "658.66", "-405.92"], row
 
 
+def test_a_gallery_card_without_its_image_is_valid_html():
+    from report import gallery_card
+
+    row = {"image_id": "a.png", "references": ["a dog"], "prediction": "a cat", "baseline": "a dog"}
+    card = gallery_card(1, row, None)
+    assert "image not readable" in card and all("src=" in tag for tag in re.findall(r"<img[^>]*>", card)), card
+
+
 def test_the_curves_read_a_log_with_nonfinite_values(tmp_path, monkeypatch):
     from matplotlib.axes import Axes
 
