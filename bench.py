@@ -117,6 +117,13 @@ def timed_interleaved(functions: dict, device, repeats: int, warmup: int) -> dic
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def per_second(count: int, seconds: float) -> float:
+    """A rate with at least 3 significant digits: a slow one (a real-shaped step on a busy CPU, 0.039
+    samples/s) must not be written as 0.0."""
+    rate = count / seconds
+    return round(rate, 1) if rate >= 100 else float(f"{rate:.3g}")
+
+
 def reset_peak(device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -183,6 +190,9 @@ def target_table(records) -> str:
         met = row[key] >= value if comparison == ">=" else row[key] <= value
         lines.append(f"| {what} {comparison} {value:,} | {row[key]:,} ({path_label(row)}, batch "
                      f"{row.get('batch', '-')}) | {'yes' if met else '**no**'} |")
+    devices = sorted({str(r["device"]) for r in records if "device" in r})
+    if devices:  # the targets are an H100's: a figure from another device is read against them by name
+        lines.append(f"\nmeasured on: {'; '.join(devices)}")
     other_shapes = {r["shapes"] for r in records if "shapes" in r} - {"real"}
     if other_shapes:  # a tiny-shape figure met against an H100 target means nothing
         lines.append(f"\nnote: these figures are for {', '.join(sorted(other_shapes))} shapes; the targets are for "
@@ -308,17 +318,22 @@ def bench_train(args, path: str, batch: int, mode: str | None = None) -> None:
     except Exception as error:  # one failed measurement (out of memory, a compiler error) must not end the run
         emit(args, bench="train", path=path, compile_mode=mode, batch=batch, error=one_line(error))
     else:
-        compiled = getattr(step.loss_function, "compiled", True) is not None if "compile" in path else None
-        emit(args, bench="train", path=path, compile_mode=mode, compiled=compiled, batch=batch,
+        emit(args, bench="train", path=path, compile_mode=mode, compiled=compile_held(path, step), batch=batch,
              prefix_tokens=PREFIX_LENGTH, caption_tokens=CAPTION_TOKENS,
              weights_dtype=str(weights_dtype).replace("torch.", ""), autocast_bf16=gpu_bf16,
-             step_s=round(seconds, 4), samples_per_s=round(batch / seconds, 1), peak_mem_gib=peak_gib(device))
+             step_s=round(seconds, 4), samples_per_s=per_second(batch, seconds), peak_mem_gib=peak_gib(device))
         if args.profile and batch == max(args.batches_list) and "compile" in path and mode is None:
             profile_step(args, step, f"{path} batch {batch}")
     finally:
         del step, captioner
         gc.collect()
         reset_peak(device)
+
+
+def compile_held(path: str, step) -> bool | None:
+    """For a compiled path, whether torch.compile held (False: TrainingLoss fell back to eager, and the
+    line must say so); None for an eager path."""
+    return getattr(step.loss_function, "compiled", True) is not None if "compile" in path else None
 
 
 def one_line(error: Exception) -> str:
@@ -358,12 +373,18 @@ def bench_train_interleaved(args, batches: list[int], naive_batches: list[int]) 
         paths = (["naive"] if batch in naive_batches else []) + (["product"] if batch in batches else [])
         if args.compile and batch in batches:
             paths.append("product+compile")
-        steps = {path: training_step(captioner, path, batch, size, device, False) for path in paths}
-        seconds = timed_interleaved(steps, device, args.repeats, 3 if args.compile else 1)
+        try:
+            steps = {path: training_step(captioner, path, batch, size, device, False) for path in paths}
+            seconds = timed_interleaved(steps, device, args.repeats, 3 if args.compile else 1)
+        except Exception as error:  # as on a GPU: a failed batch size (out of memory) is a line, the run goes on
+            for path in paths:
+                emit(args, bench="train", path=path, compile_mode=None, batch=batch, error=one_line(error))
+            continue
         for path in paths:
-            emit(args, bench="train", path=path, batch=batch, prefix_tokens=PREFIX_LENGTH,
-                 caption_tokens=CAPTION_TOKENS, weights_dtype="float32", autocast_bf16=False,
-                 step_s=round(seconds[path], 4), samples_per_s=round(batch / seconds[path], 1),
+            # The same keys as a GPU line; `compiled` says where torch.compile fell back to eager.
+            emit(args, bench="train", path=path, compile_mode=None, compiled=compile_held(path, steps[path]),
+                 batch=batch, prefix_tokens=PREFIX_LENGTH, caption_tokens=CAPTION_TOKENS, weights_dtype="float32",
+                 autocast_bf16=False, step_s=round(seconds[path], 4), samples_per_s=per_second(batch, seconds[path]),
                  peak_mem_gib=None, timing="median, paths interleaved")
 
 
@@ -375,7 +396,7 @@ def bench_quantized(args) -> None:
 
     from model import freeze, lm_quantization_config
 
-    device, batch = args.device, args.batches_list[0]
+    device, batch = args.device, min(args.batches_list)
     gpu_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     dtype = compute_dtype(device)
     with tempfile.TemporaryDirectory() as folder:
@@ -392,7 +413,7 @@ def bench_quantized(args) -> None:
             step = training_step(captioner, "product", batch, SHAPES[args.shapes]["image_size"], device, gpu_bf16)
             seconds = timed(step, device, args.repeats, 1)
             emit(args, bench="quantized", lm_quantization=mode, batch=batch, caption_tokens=CAPTION_TOKENS,
-                 samples_per_s=round(batch / seconds, 1), peak_mem_gib=peak_gib(device))
+                 samples_per_s=per_second(batch, seconds), peak_mem_gib=peak_gib(device))
 
 
 def head_loss_run(path: str, rows: int, shapes: str, device_type: str, repeats: int, queue) -> None:
@@ -466,7 +487,7 @@ def bench_extract(args, captioner) -> None:
     batch = 256 if device.type == "cuda" else 32
     pixel_values = torch.randn(batch, 3, size, size, device=device)
     seconds = timed(lambda: captioner.clip_embeddings(pixel_values), device, args.repeats, 1)
-    emit(args, bench="extract", batch=batch, image_size=size, images_per_s=round(batch / seconds, 1))
+    emit(args, bench="extract", batch=batch, image_size=size, images_per_s=per_second(batch, seconds))
 
 
 def plain_generate(captioner, prefix, new_tokens: int):
@@ -488,11 +509,11 @@ def bench_generate(args, captioner) -> None:
         seconds = timed_interleaved(runs, device, repeats, 1)
     for path in runs:
         emit(args, bench="generate", path=path, batch=batch, new_tokens=CAPTION_TOKENS,
-             captions_per_s=round(batch / seconds[path], 2), batch_s=round(seconds[path], 3))
+             captions_per_s=per_second(batch, seconds[path]), batch_s=round(seconds[path], 3))
     compiled = compiled_decode_seconds(args, captioner, runs["product"], repeats)
     if compiled:
         emit(args, bench="generate", path="product+compiled-decode", compiled=compiled[1], batch=batch,
-             new_tokens=CAPTION_TOKENS, captions_per_s=round(batch / compiled[0], 2), batch_s=round(compiled[0], 3))
+             new_tokens=CAPTION_TOKENS, captions_per_s=per_second(batch, compiled[0]), batch_s=round(compiled[0], 3))
 
 
 def compiled_decode_seconds(args, captioner, run, repeats: int):
@@ -568,8 +589,9 @@ def bench_cold(args, captioner) -> None:
             start = time.perf_counter()
             done = subprocess.run(command, capture_output=True, text=True)
             times.append(time.perf_counter() - start)
-            if done.returncode != 0:
-                raise SystemExit(f"inference.py failed: {done.stderr.strip().splitlines()[-1:]}")
+            if done.returncode != 0:  # an exception, not SystemExit: the run records it and goes on
+                last_line = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+                raise RuntimeError(f"inference.py failed: {last_line}")
     emit(args, bench="cold", command="python inference.py --checkpoint RUN photo.jpg", new_tokens=CAPTION_TOKENS,
          median_s=round(statistics.median(times), 2))
 
@@ -660,7 +682,18 @@ def targets_from(paths: list[str]) -> str:
         records += [r for r in lines if isinstance(r, dict) and "bench" in r]
     if not records:
         raise UserError(f"--targets-from {' '.join(paths)}: no measurements in these files")
+    refuse_mixed_runs(paths, records)
     return target_table(records)
+
+
+def refuse_mixed_runs(paths: list[str], records: list[dict]) -> None:
+    """The table takes each target's best figure from any record, so files of several devices or shapes
+    would pair, say, one GPU's training with another's latency, or a tiny-shape figure with a real one."""
+    for key in ("device", "shapes"):
+        values = sorted({str(r[key]) for r in records if key in r})
+        if len(values) > 1:
+            raise UserError(f"--targets-from {' '.join(paths)}: measurements of more than one {key} "
+                            f"({'; '.join(values)}); give the files of one device's run at one --shapes")
 
 
 def check_args(args) -> None:
@@ -671,6 +704,19 @@ def check_args(args) -> None:
     if args.out and (Path(args.out).is_dir() or not Path(args.out).parent.is_dir()):
         raise UserError(f"--out {args.out}: give a file in an existing folder (each JSON line is written "
                         "there as it is measured)")
+
+
+def run_section(args, section: str, measure) -> None:
+    """One section's measurements. One that fails (out of memory, a compiler error, inference.py
+    exiting) is a line with "error", as a failed training step is, and the run goes on to the next
+    section. Ctrl-C and a time limit's SIGTERM are not Exceptions: they still end the run."""
+    try:
+        measure()
+    except Exception as error:
+        emit(args, bench=section, error=one_line(error))
+    finally:
+        gc.collect()
+        reset_peak(args.device)
 
 
 def main(argv=None) -> int:
@@ -691,13 +737,13 @@ def main(argv=None) -> int:
     sections = args.only
     batches = args.batches or [int(b) for b in DEFAULT_BATCHES[(args.shapes, args.device.type)].split(",")]
     args.batches_list = batches
-    naive_batches = args.naive_batches or batches[:1]
+    naive_batches = args.naive_batches or [min(batches)]  # as --help says: the smallest, whatever the order
     print(json.dumps({"torch": torch.__version__, "device": args.device_name, "shapes": args.shapes,
                       "threads": torch.get_num_threads(), "pid": os.getpid()}), flush=True)
     if "train" in sections and args.device.type == "cpu":
         if args.variants:
             print("note: --variants are measured on a GPU only; skipped on this CPU", flush=True)
-        bench_train_interleaved(args, batches, naive_batches)
+        run_section(args, "train", lambda: bench_train_interleaved(args, batches, naive_batches))
     elif "train" in sections:  # a GPU: one path at a time, so each gets its own peak memory
         for batch in naive_batches:
             bench_train(args, "naive", batch)
@@ -709,15 +755,18 @@ def main(argv=None) -> int:
             path, mode = (("full-logits+compile", None) if name == "full-logits" else ("product+compile", name))
             bench_train(args, path, batch or max(batches), mode)
     if "loss" in sections:
-        bench_loss(args)
+        run_section(args, "loss", lambda: bench_loss(args))
     if "quantized" in sections:
-        bench_quantized(args)
-    rest = [s for s in sections if s not in ("train", "loss", "quantized")]
-    if rest:
-        captioner = make_captioner(args.shapes, args.device, compute_dtype(args.device), args.adapter_kind)
-        for section in rest:
+        run_section(args, "quantized", lambda: bench_quantized(args))
+    captioner = None  # built once for the sections that share it
+    for section in (s for s in sections if s not in ("train", "loss", "quantized")):
+        def measure(section=section):
+            nonlocal captioner
+            if captioner is None:
+                captioner = make_captioner(args.shapes, args.device, compute_dtype(args.device), args.adapter_kind)
             {"extract": bench_extract, "generate": bench_generate, "latency": bench_latency,
              "cold": bench_cold}[section](args, captioner)
+        run_section(args, section, measure)
     if args.targets:
         print(target_table(args.records), flush=True)
     return 0

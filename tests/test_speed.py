@@ -717,3 +717,115 @@ def test_bench_measures_the_transformer_adapter_and_keeps_it_out_of_the_targets(
     table = bench.target_table(records + [{**product, "adapter": "mlp", "batch": 256, "samples_per_s": 1.0}])
     assert "| 1.0 (product, batch 256) |" in table
     assert bench.target_table(records).count("not measured") == len(bench.TARGETS)
+
+
+def test_bench_on_a_cpu_says_when_a_compiled_step_ran_eager_and_survives_a_failed_batch(monkeypatch, capsys):
+    # The CPU path times the training paths in turn; its lines must carry what a GPU line says.
+    import functools
+    import json
+
+    import bench
+    from model import TrainingLoss
+
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(bench, "TrainingLoss", functools.partial(TrainingLoss, backend=broken_backend))
+    real_step = bench.training_step
+
+    def step_out_of_memory_at_8(captioner, path, batch, *args, **kwargs):
+        if batch == 8:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+        return real_step(captioner, path, batch, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "training_step", step_out_of_memory_at_8)
+    assert bench.main(["--shapes", "tiny", "--only", "train", "--compile", "--repeats", "1", "--batches", "4,8",
+                       "--device", "cpu"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"bench"' in line]
+    measured = {(r["path"], r["batch"]): r for r in records}
+    assert measured["product+compile", 4]["compiled"] is False  # it ran eager: the line says so
+    assert measured["product", 4]["compiled"] is None and measured["naive", 4]["compiled"] is None
+    assert "compile failed: ran eager" in bench.target_table([{**measured["product+compile", 4], "batch": 256}])
+    for path in ("product", "product+compile"):  # the failed batch size is a line each; the run went on
+        assert measured[path, 8]["error"].startswith("RuntimeError: [enforce fail")
+
+
+def test_bench_naive_and_quantized_default_to_the_smallest_batch_in_any_order(monkeypatch):
+    import bench
+
+    seen = {}
+    monkeypatch.setattr(bench, "bench_train_interleaved",
+                        lambda args, batches, naive_batches: seen.update(naive=naive_batches))
+    assert bench.main(["--shapes", "tiny", "--only", "train", "--batches", "16,4", "--device", "cpu"]) == 0
+    assert seen["naive"] == [4]  # --naive-batches' help: "the smallest of --batches"
+
+    def no_step(captioner, path, batch, *args, **kwargs):
+        seen.setdefault("quantized", []).append(batch)
+        return lambda: None
+
+    monkeypatch.setattr(bench, "training_step", no_step)
+    args = bench_args()
+    args.batches_list = [16, 4]
+    bench.bench_quantized(args)
+    assert seen["quantized"] == [4, 4, 4]  # its docstring: "at the smallest --batches batch"
+
+
+def test_a_failed_section_is_a_line_and_the_run_goes_on(monkeypatch, capsys):
+    import json
+    import subprocess
+
+    import bench
+
+    def out_of_memory(args, captioner):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def inference_fails(command, **kwargs):
+        return subprocess.CompletedProcess(command, 1, "", "Traceback ...\nValueError: no such weights\n")
+
+    monkeypatch.setattr(bench, "bench_extract", out_of_memory)
+    monkeypatch.setattr(bench.subprocess, "run", inference_fails)
+    assert bench.main(["--shapes", "tiny", "--only", "extract,cold,generate", "--repeats", "1",
+                       "--generate-batch", "2"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"bench"' in line]
+    assert [(r["bench"], r.get("error")) for r in records if "error" in r] == [
+        ("extract", "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"),
+        ("cold", "RuntimeError: inference.py failed: ValueError: no such weights")]
+    assert {r.get("path") for r in records if r["bench"] == "generate"} == {"plain-generate", "product"}
+
+
+def test_targets_from_refuses_files_of_several_devices_or_shapes_and_names_the_device(tmp_path, capsys):
+    import json
+
+    import bench
+    from utils import run_cli
+
+    train = {"bench": "train", "path": "product+compile", "batch": 256, "samples_per_s": 4100, "peak_mem_gib": 12,
+             "device": "NVIDIA H100 80GB HBM3", "shapes": "real"}
+    latency = {"bench": "latency", "path": "product", "median_ms": 90, "device": "NVIDIA H100 80GB HBM3",
+               "shapes": "real"}
+    (tmp_path / "a.jsonl").write_text(json.dumps(train) + "\n")
+    mixed = [({**latency, "device": "NVIDIA A100-SXM4-80GB"}, "device"), ({**latency, "shapes": "tiny"}, "shapes")]
+    for other, word in mixed:
+        (tmp_path / "b.jsonl").write_text(json.dumps(other) + "\n")
+        assert run_cli(bench.main, ["--targets-from", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]) == 2
+        error = capsys.readouterr().err.strip()
+        assert len(error.splitlines()) == 1 and f"measurements of more than one {word}" in error
+    (tmp_path / "b.jsonl").write_text(json.dumps(latency) + "\n")
+    assert bench.main(["--targets-from", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]) == 0
+    assert "measured on: NVIDIA H100 80GB HBM3" in capsys.readouterr().out
+
+
+def test_bench_rates_keep_three_significant_digits_when_slow(monkeypatch, capsys):
+    # A real-shaped step on a busy 2-core CPU took 102.2 s for 4 samples: 0.0391 samples/s, not "0.0".
+    import json
+
+    import bench
+
+    monkeypatch.setattr(bench, "timed_interleaved",
+                        lambda functions, device, repeats, warmup: {name: 102.2211 for name in functions})
+    assert bench.main(["--shapes", "tiny", "--only", "train,generate", "--batches", "4", "--generate-batch", "2",
+                       "--device", "cpu"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"bench"' in line]
+    assert {r["samples_per_s"] for r in records if r["bench"] == "train"} == {0.0391}
+    assert {r["captions_per_s"] for r in records if r["bench"] == "generate"} == {0.0196}
+    assert bench.per_second(256, 0.0607) == 4217.5 and bench.per_second(8, 0.5) == 16.0
