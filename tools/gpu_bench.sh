@@ -37,10 +37,12 @@ part() {
         return
     fi
     echo "== $name: up to ${cap}s: bench.py $*" | tee -a "$out/bench.log"
-    timeout "$cap" python3 bench.py --shapes "${SHAPES:-real}" "$@" --out "/tmp/part.jsonl" >>"$out/bench.log" 2>&1
+    local part_file
+    part_file=$(mktemp)  # its own file: two dry runs on one machine must not mix their parts
+    timeout "$cap" python3 bench.py --shapes "${SHAPES:-real}" "$@" --out "$part_file" >>"$out/bench.log" 2>&1
     echo "== $name: exit $? after $((SECONDS - deadline + ${DEADLINE:-480}))s of the run" | tee -a "$out/bench.log"
-    cat /tmp/part.jsonl >>"$out/bench.jsonl" 2>/dev/null
-    rm -f /tmp/part.jsonl
+    cat "$part_file" >>"$out/bench.jsonl" 2>/dev/null
+    rm -f "$part_file"
 }
 
 # Issue 3's training target at batch 256, with its same-run naive baselines (H100: 29 at 4, 627 at 64).
