@@ -47,8 +47,8 @@ from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LM_QUANTIZATIONS, AdapterCon
                    lm_quantization_of)
 from report import EXTRA_METRICS, REPORT_FILE, baseline_verdict, collapse_line, percent, sweep_rows, write_report
 from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, UserError, caption_diversity, caption_metrics, default_image_workers,
-                   file_digest, format_table, ids_digest, lone_cpu_launch_warning, nearest_existing, read_json, run_cli,
-                   waiting_lock, whole_number, write_json, write_jsonl)
+                   file_digest, format_table, ids_digest, json_value, lone_cpu_launch_warning, nearest_existing, read_json,
+                   run_cli, waiting_lock, whole_number, write_json, write_jsonl)
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -120,7 +120,9 @@ def run_lm_quantization(checkpoint: Path) -> str:
     """How the run trained its LM (run_config.json), "none" where it does not say: eval.py, inference.py
     and app.py load it so, as the captions the adapter learned to steer came from that LM. Without
     bitsandbytes here (a machine other than the one that trained it) the error says how to go on."""
-    lm_quantization = find_run_config(checkpoint).get("lm_quantization") or "none"
+    lm_quantization = (find_run_config(checkpoint).get("lm_quantization")  # else an adapter folder copied alone:
+                       or json_value(checkpoint / ADAPTER_CONFIG, "training", "hyperparameters", "lm_quantization")
+                       or "none")
     if lm_quantization != "none":
         try:
             import bitsandbytes  # noqa: F401
