@@ -977,6 +977,7 @@ def banner(accelerator, config, train_pairs, train_records, steps_per_epoch, tot
         f"global batch = {config.batch_size * config.grad_accum_steps * accelerator.num_processes}\n"
         f"  trainable parameters = {trainable:,} (adapter only)   device = {accelerator.device}   "
         f"mixed precision = {config.mixed_precision}"
+        + (f"   frozen LM = {config.lm_quantization} (bitsandbytes)" if config.lm_quantization != "none" else "")
     )
 
 

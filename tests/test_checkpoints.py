@@ -358,6 +358,7 @@ def test_quantisation_choice_is_checked(monkeypatch):
 def test_quantisation_is_recorded_and_reused(tiny, tmp_path, monkeypatch, capsys):
     assert train.main(train_args(tiny, tmp_path, "small", "--lm-quantization", "4bit", "--max-steps", "3",
                                  "--final-eval", "false")) == 0
+    assert "frozen LM = 4bit (bitsandbytes)" in capsys.readouterr().out  # the banner says what it trains over
     run = tmp_path / "small"
     assert json.loads((run / "run_config.json").read_text())["lm_quantization"] == "4bit"
     assert json.loads((run / "adapter_config.json").read_text())["training"]["hyperparameters"][
