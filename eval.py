@@ -48,7 +48,8 @@ from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LM_QUANTIZATIONS, AdapterCon
 from report import EXTRA_METRICS, REPORT_FILE, baseline_verdict, collapse_line, percent, sweep_rows, write_report
 from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, UserError, caption_diversity, caption_metrics, default_image_workers,
                    file_digest, format_table, ids_digest, json_value, lone_cpu_launch_warning, nearest_existing, read_json,
-                   run_cli, waiting_lock, whole_number, write_json, write_jsonl)
+                   run_cli, waiting_lock, whole_number, write_json, write_jsonl,
+                   write_text)
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -605,7 +606,7 @@ def compare_main(args) -> int:
         out_dir = Path(args.out)
         out_dir.mkdir(parents=True, exist_ok=True)
         notes = "".join(f"\n{note}\n" for note in table["notes"])
-        (out_dir / COMPARISON_FILES[0]).write_text(markdown_table(table["header"], table["rows"]) + notes)
+        write_text(out_dir / COMPARISON_FILES[0], markdown_table(table["header"], table["rows"]) + notes)  # atomic
         write_json(out_dir / COMPARISON_FILES[1], table)
         print(f"wrote {out_dir / COMPARISON_FILES[0]} and {out_dir / COMPARISON_FILES[1]}")
     return 0
