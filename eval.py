@@ -40,8 +40,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dataset import (DATASETS, FLICKR30K_PARQUET, check_data_flags, drop_unreadable, extract_features, limit_records,
-                     load_records)
+from dataset import (DATASETS, FLICKR30K_PARQUET, SPLITS, check_data_flags, drop_unreadable, extract_features,
+                     limit_records, load_records)
 from metrics import COCO_METRICS, COCO_VARIANT, TOKENIZATION_DETAILS, coco_metrics, start_meteor
 from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LM_QUANTIZATIONS, AdapterConfig, DecodingConfig, load_captioner,
                    lm_quantization_of)
@@ -345,6 +345,14 @@ def images_digest(records) -> str:
     return ids_digest(sorted(str(r.image_id) for r in records))
 
 
+def references_digest(records) -> str:
+    """Which references a split's scores are against: two data folders whose files share names
+    ("images/0001.jpg", a Karpathy imgid) give one images_digest, but their captions differ, and
+    --compare must not put their figures side by side in silence. A moved copy of the same data
+    keeps its digest."""
+    return ids_digest(sorted(str(r.image_id) + "\0" + "\0".join(r.captions) for r in records))
+
+
 def adapter_identity(checkpoint: Path) -> dict:
     """Which adapter an evaluation scores: its training step and the digest of its weights. Training
     that goes on (--resume, more epochs) replaces the adapter beside an older metrics.json; --compare
@@ -357,7 +365,7 @@ def adapter_identity(checkpoint: Path) -> dict:
 def what_was_scored(checkpoint: Path, dataset: str, split: str, records) -> dict:
     """The metrics.json keys that say which adapter, data and images the figures are of."""
     return {"split": split, "checkpoint": str(checkpoint), "dataset": dataset, "images_digest": images_digest(records),
-            "adapter": adapter_identity(checkpoint)}
+            "references_digest": references_digest(records), "adapter": adapter_identity(checkpoint)}
 
 
 def stale_adapter_note(path: Path, metrics: dict) -> str:
@@ -587,6 +595,9 @@ def comparison(run_paths: list[str]) -> dict:
     if len({m.get("images_digest") for _, m in runs if m.get("images_digest")}) > 1:  # (older files have none)
         notes.append("not comparable: the runs were scored on different images (another --limit subset, seed or "
                      "data folder)")
+    elif len({m.get("references_digest") for _, m in runs if m.get("references_digest")}) > 1:  # (older: none)
+        notes.append("not comparable: the runs were scored on images of the same names with different captions "
+                     "(another data folder or caption file)")
     return {"header": ["metric (x100)", *names], "rows": table, "runs": [p for p, _ in runs], "notes": notes,
             "metrics": {p: {key: m.get(key) for key in metric_keys()} | {"baseline_" + DECIDING_METRIC:
                         m["baseline"][DECIDING_METRIC]} for p, m in runs}}
@@ -628,6 +639,46 @@ def baseline_training_records(run: dict, dataset: str, data_dir, hub_files: str)
     if not records:
         raise UserError("the run's training split has no images with captions: the baseline needs them")
     return records
+
+
+def image_identity(record) -> tuple:
+    """One image however it is reached: its file's real path, else (a Hub row) its id."""
+    return ("path", os.path.realpath(record.path)) if record.path is not None else ("id", str(record.image_id))
+
+
+def trained_on_note(records, train_records) -> str:
+    """A note when evaluated images are among those the baseline retrieves from: there it finds each
+    one's own captions, an upper bound rather than a baseline. (It was said of any --split train,
+    a folder of one's own too, whose "train" images the run never saw, and of no other split.)"""
+    trained = {image_identity(record) for record in train_records}
+    shared = sum(image_identity(record) in trained for record in records)
+    if not shared:
+        return ""
+    return (f"{shared:,} of the {len(records):,} images are among the run's training images: there the baseline "
+            "retrieves each image's own captions, so it is an upper bound, not a baseline")
+
+
+def empty_split_message(dataset: str, split: str, data_dir, hub_files: str, seed: int) -> str:
+    """The error for a split with no images, naming the splits that have some: a caption folder of
+    one's own often holds only some splits (all "val", say), and "no images" alone left the user to
+    guess that --split was the flag to change."""
+    import contextlib
+    import io
+
+    counts = {}
+    for other in SPLITS:
+        if other == split:
+            continue
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # that split's own notes are not this error's
+                counts[other] = len(load_records(dataset, other, data_dir, hub_files, seed))
+        except UserError:
+            counts[other] = 0
+    where = f"{dataset} {data_dir}" if data_dir else dataset
+    present = [f"--split {other} ({count:,} image{'s' if count != 1 else ''})"
+               for other, count in counts.items() if count]
+    advice = "pass " + " or ".join(present) if present else "no split has any: check --data-dir"
+    return f"the {split} split of {where} has no images with captions; {advice}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -741,7 +792,7 @@ def main(argv=None) -> int:
 
     records = limit_records(load_records(dataset, args.split, data_dir, hub_files, seed), args.limit, seed)
     if not records:
-        raise UserError(f"the {args.split} split of {dataset} {data_dir or ''} has no images with captions")
+        raise UserError(empty_split_message(dataset, args.split, data_dir, hub_files, seed))
     train_records = baseline_training_records(run, dataset, data_dir, hub_files)
     processes = Processes.from_environment(args.device)
     device = processes.device or pick_device(args.device)
@@ -754,9 +805,8 @@ def main(argv=None) -> int:
         return 0
     result = results[describe_decoding(decoding)]
     result.metrics.update(what_was_scored(checkpoint, dataset, args.split, records))
-    if args.split == "train":
-        result.metrics["notes"].append("on the train split the baseline retrieves each image's own captions: "
-                                       "it is an upper bound there, not a baseline")
+    if note := trained_on_note(records, train_records):
+        result.metrics["notes"].append(note)
     sweep = sweep_table(results) if args.decoding_sweep else None
     out_dir = Path(args.out) if args.out else checkpoint
     written = write_eval_outputs(out_dir, result, records, run_dir, sweep, args.gallery_size)

@@ -36,8 +36,27 @@ from model import ADAPTER_CONFIG, AdapterConfig, load_captioner
 from utils import UserError, run_cli, whole_number
 
 
+class ImagesParser(argparse.ArgumentParser):
+    """argparse reads every argument that starts with "-" as a flag, an image named "-x.png" too, and
+    its error ("unrecognized arguments: -x.png", or "the following arguments are required: IMAGE" when
+    it is the only one) does not say how to pass such a file. Where one of those arguments is a file
+    or folder here, the error says so."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        self.given = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message):
+        files = [arg for arg in getattr(self, "given", []) if arg.startswith("-") and arg != "-"
+                 and arg not in self._option_string_actions and os.path.lexists(arg)]
+        if files:
+            message += (f"; {files[0]} is a file: put -- before the images (inference.py --checkpoint RUN -- "
+                        f"{files[0]}) or write ./{files[0]}")
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ImagesParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", nargs="+", metavar="IMAGE",
                         help="image files to caption, or folders of them (searched with their sub-folders)")
     parser.add_argument("--checkpoint", required=True, help="run folder (best adapter) or its last/ sub-folder")

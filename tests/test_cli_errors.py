@@ -379,3 +379,27 @@ def test_a_library_module_run_as_a_script_names_the_scripts():
     assert len(lines) == len(modules), done.stdout + done.stderr[-2000:]
     for module, line in zip(modules, lines):
         assert line.startswith(f"{module} is a library module, not a script: run train.py, eval.py"), line
+
+
+
+def test_eval_of_a_split_the_data_lacks_names_the_splits_it_has(run, data_dir, tmp_path, no_model, capsys):
+    # A caption folder of one's own with only validation images: "no images" alone did not say what to change.
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    shutil.copy(next((Path(data_dir) / "images").glob("*.png")), folder / "a.png")
+    (folder / "captions.csv").write_text("image,caption,split\na.png,a red square,validation\n")
+    line = cli_error(capsys, eval_script.main, [str(run), "--data-dir", str(folder)])
+    assert line == f"error: the test split of folder {folder} has no images with captions; pass --split val (1 image)"
+
+
+def test_an_image_named_like_a_flag_gets_an_error_saying_how_to_pass_it(run, tmp_path, monkeypatch, no_model, capsys):
+    # argparse takes "-x.png" for a flag: alone, its error did not even name the file.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "-x.png").write_bytes(b"")
+    (tmp_path / "a.png").write_bytes(b"")
+    hint = "-x.png is a file: put -- before the images (inference.py --checkpoint RUN -- -x.png) or write ./-x.png"
+    for images in (["-x.png"], ["a.png", "-x.png"]):
+        assert cli_error(capsys, inference.main, ["--checkpoint", str(run), *images]).endswith(hint)
+    # A misspelt flag is no file: argparse's own error, unchanged.
+    assert cli_error(capsys, inference.main, ["--checkpoint", str(run), "--jsn", "a.png"]).endswith(
+        "error: unrecognized arguments: --jsn")

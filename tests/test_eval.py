@@ -272,6 +272,42 @@ def test_compare_says_when_runs_were_scored_on_different_images(evaluated, tmp_p
     assert "or --compare RUN RUN ..., not both" in capsys.readouterr().err
 
 
+def test_compare_says_when_runs_were_scored_on_other_data_under_the_same_file_names(tiny, run, evaluated, tmp_path,
+                                                                                  capsys):
+    # Another data folder whose test images have the same names (as "images/0001.jpg" or Karpathy
+    # imgids do) gave the same images_digest, and --compare put the two evaluations side by side in silence.
+    other = Path(shutil.copytree(tiny["data_dir"], tmp_path / "other"))
+    rows = [json.loads(line) for line in (other / "captions.jsonl").read_text().splitlines()]
+    for row in rows:
+        if row["split"] == "test":
+            row["captions"] = [f"another caption {i} of another image" for i in range(3)]
+    (other / "captions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "out"
+    assert eval_script.main([str(run), "--data-dir", str(other), "--out", str(out), "--no-progress",
+                             "--num-workers", "0"]) == 0
+    ours, theirs = (json.loads((folder / "metrics.json").read_text()) for folder in (evaluated, out))
+    assert ours["images_digest"] == theirs["images_digest"]  # the same names: only the captions tell them apart
+    capsys.readouterr()
+    assert eval_script.main(["--compare", str(evaluated), str(out)]) == 0
+    assert "not comparable: the runs were scored on images of the same names with different captions" in \
+        capsys.readouterr().out
+    # The same data evaluated again stays comparable.
+    assert eval_script.main(["--compare", str(evaluated), str(evaluated)]) == 0
+    assert "not comparable" not in capsys.readouterr().out
+
+
+def test_the_upper_bound_note_is_for_images_the_run_trained_on(tiny, run, tmp_path):
+    # It was written for any --split train, a folder of one's own too (whose images the run never saw).
+    note = "2 of the 2 images are among the run's training images: there the baseline retrieves each image's own"
+    other = shutil.copytree(tiny["data_dir"], tmp_path / "other")
+    for data_dir, expected in ((tiny["data_dir"], [note]), (str(other), [])):
+        out = tmp_path / Path(data_dir).name
+        assert eval_script.main([str(run), "--data-dir", data_dir, "--split", "train", "--limit", "2", "--out",
+                                 str(out), "--no-progress", "--num-workers", "0"]) == 0
+        notes = json.loads((out / "metrics.json").read_text())["notes"]
+        assert [n[: len(note)] for n in notes if "upper bound" in n] == expected, notes
+
+
 def test_metrics_report_and_compare_say_how_the_lm_was_quantised(run, evaluated, tmp_path, capsys):
     """The same adapter scores differently over a quantised LM (on the demo: CIDEr-D 185.90 with the
     8-bit LM it trained with, 181.41 with --lm-quantization none), so each evaluation must say which."""
