@@ -192,8 +192,8 @@ def _meteor_scores(gts: dict, res: dict) -> tuple[float, list[float]]:
     try:
         try:
             score, scores = _meteor().compute_score(gts, res)
-        except Exception:
-            _meteor.cache_clear()  # a dead JVM: start a fresh one once
+        except Exception:  # a dead JVM, or a reply out of step: start a fresh one once
+            _stop_meteor()  # ends it and frees its lock: the old Meteor's __del__ would wait on it for good
             score, scores = _meteor().compute_score(gts, res)
     except BaseException:  # Ctrl-C or SIGTERM while scoring
         _stop_meteor()

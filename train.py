@@ -477,6 +477,9 @@ class TrainerState:
     settings: str = ""  # settings_digest of the run's config
     train_data: str = ""  # training_set_label of the data it trained on
     data_content: dict = field(default_factory=dict)  # {"train", "val": content_digest}; {} in older states
+    # The training loss since the last log line (LossWindow.saved): without it, a run resumed between two
+    # log lines logs the mean of only its own steps there, and the steps before the checkpoint never.
+    log_window: dict = field(default_factory=dict)  # {} in older states
 
 
 class StopRequest:
@@ -1008,6 +1011,7 @@ class Run:
     total_steps: int
     state: TrainerState
     last_validated: int = -1  # the step of the latest validation
+    window: "LossWindow | None" = None  # the training loss since the last log line, while train_steps runs
 
     def log(self, record: dict) -> None:
         """A record for train_log.jsonl, and for the --report-to trackers."""
@@ -1021,6 +1025,8 @@ class Run:
         save_export(directory, self.accelerator, self.adapter, self.captioner, self.config, self.state, kind)
 
     def save_checkpoint(self) -> None:
+        if self.window is not None:  # every process: saved() reduces over them
+            self.state.log_window = self.window.saved()
         self.save_export("last")
         save_resume_state(self.run_dir, self.accelerator, self.adapter, self.optimizer, self.scheduler, self.state)
 
@@ -1104,6 +1110,20 @@ class LossWindow:
             yield
         finally:
             self.start += time.perf_counter() - started
+
+    def saved(self) -> dict:
+        """The window so far, for the resume state; the same on every process."""
+        return {"loss": self.loss.item(), "steps": self.steps,
+                "samples": int(self.accelerator.reduce(self.samples.clone(), "sum").item())}
+
+    def restore(self, saved: dict) -> None:
+        """Continue the window a checkpoint saved (exactly: the float32 loss round-trips through JSON). Every
+        process holds the same loss (each step's is the mean over all of them); the samples, summed over the
+        processes by flush(), are put back on the main process alone."""
+        if saved:
+            self.loss.fill_(saved["loss"])
+            self.steps = saved["steps"]
+            self.samples.fill_(saved["samples"] if self.accelerator.is_main_process else 0)
 
     def flush(self) -> dict:
         """Mean loss and samples/s over every process since the last flush; then start a new window."""
@@ -1402,7 +1422,8 @@ def train_steps(run: Run, stop: StopRequest, on_step=None) -> bool:
     from tqdm.auto import tqdm
 
     config, accelerator, state = run.config, run.accelerator, run.state
-    window = LossWindow(accelerator)
+    window = run.window = LossWindow(accelerator)
+    window.restore(state.log_window)
     step_losses, step_tokens, step_pairs = [], [], []  # the micro-batches of the optimizer step being accumulated
     # Losses are back-propagated summed over tokens, in units of a full micro-batch's tokens: about the size
     # of a mean, which fp16's loss scale is tuned to (a plain sum would overflow it for its first steps).

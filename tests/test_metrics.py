@@ -176,3 +176,53 @@ sys.exit(run_cli(main))
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stderr.strip()) == (130, "interrupted (Ctrl-C)"), done.stderr[-2000:]
+
+
+def test_a_meteor_that_failed_is_retried_without_hanging_on_its_lock(monkeypatch):
+    """pycocoevalcap's Meteor keeps its lock when compute_score raises (a dead JVM: float(b"")), and its
+    __del__ takes that lock again: dropped for a fresh one, the old instance hung the process for good
+    once the garbage collector reached it (seen as a test run asleep in Meteor.__del__ for 15 minutes)."""
+    import gc
+    import threading
+
+    import metrics
+
+    hung = []
+
+    class Process:
+        stdin = type("Pipe", (), {"close": lambda self: None})()
+
+        def kill(self):
+            pass
+
+        def wait(self, timeout=None):
+            return 0
+
+    class FlakyMeteor:  # pycocoevalcap's locking, with a JVM that dies on the first use
+        made = 0
+
+        def __init__(self):
+            self.lock, self.meteor_p, self.number = threading.Lock(), Process(), FlakyMeteor.made
+            FlakyMeteor.made += 1
+
+        def compute_score(self, gts, res):
+            self.lock.acquire()
+            if self.number == 0:
+                raise ValueError("could not convert string to float: ''")
+            self.lock.release()
+            return 0.5, [0.5]
+
+        def __del__(self):
+            if not self.lock.acquire(timeout=2):  # the real one waits forever
+                hung.append(self.number)
+                return
+            self.lock.release()
+
+    monkeypatch.setattr("pycocoevalcap.meteor.meteor.Meteor", FlakyMeteor)
+    metrics._meteor.cache_clear()
+    try:
+        assert metrics._meteor_scores({0: ["a dog"]}, {0: ["a dog"]}) == (0.5, [0.5])
+    finally:
+        metrics._meteor.cache_clear()
+    gc.collect()
+    assert FlakyMeteor.made == 2 and hung == []
