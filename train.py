@@ -1097,6 +1097,7 @@ class LossWindow:
         self.loss = torch.zeros((), device=accelerator.device)
         self.samples = torch.zeros((), dtype=torch.long, device=accelerator.device)  # real rows, not padding
         self.steps, self.start = 0, time.perf_counter()
+        self.samples_before = 0  # of a window a resumed checkpoint saved (restore), every process's summed
 
     def add_step(self, step_loss: torch.Tensor) -> None:
         self.loss += step_loss  # the accumulation window's mean over the caption tokens of every process
@@ -1113,27 +1114,28 @@ class LossWindow:
 
     def saved(self) -> dict:
         """The window so far, for the resume state; the same on every process."""
-        return {"loss": self.loss.item(), "steps": self.steps,
-                "samples": int(self.accelerator.reduce(self.samples.clone(), "sum").item())}
+        samples = int(self.accelerator.reduce(self.samples.clone(), "sum").item()) + self.samples_before
+        return {"loss": self.loss.item(), "steps": self.steps, "samples": samples}
 
     def restore(self, saved: dict) -> None:
         """Continue the window a checkpoint saved (exactly: the float32 loss round-trips through JSON). Every
-        process holds the same loss (each step's is the mean over all of them); the samples, summed over the
-        processes by flush(), are put back on the main process alone."""
+        process holds the same loss (each step's is the mean over all of them). The samples taken before
+        the checkpoint count in the next line's `samples` but not in its samples/s, which is timed from here."""
         if saved:
             self.loss.fill_(saved["loss"])
             self.steps = saved["steps"]
-            self.samples.fill_(saved["samples"] if self.accelerator.is_main_process else 0)
+            self.samples_before = saved["samples"]
 
     def flush(self) -> dict:
         """Mean loss and samples/s over every process since the last flush; then start a new window."""
         mean_loss = self.accelerator.reduce(self.loss, "mean").item() / self.steps
         samples = self.accelerator.reduce(self.samples, "sum").item()
         speed = samples / (time.perf_counter() - self.start)
+        total = samples + self.samples_before
         self.loss.zero_()
         self.samples.zero_()
-        self.steps, self.start = 0, time.perf_counter()
-        return {"loss": mean_loss, "samples": samples, "samples_per_s": speed}
+        self.steps, self.start, self.samples_before = 0, time.perf_counter(), 0
+        return {"loss": mean_loss, "samples": total, "samples_per_s": speed}
 
 
 def train(config: TrainConfig, on_step=None) -> dict:

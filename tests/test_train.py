@@ -198,6 +198,19 @@ def test_resume_after_crash_restarts_from_last_checkpoint(tiny, tmp_path):
     assert logged_losses(tmp_path / "crashed") == logged_losses(tmp_path / "straight")  # step 6's includes step 5's
 
 
+def test_a_restored_log_window_counts_its_samples_but_times_only_its_own(monkeypatch):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    clock = iter([100.0, 102.0, 102.0])  # the window starts, then flushes 2 s later (and starts anew)
+    monkeypatch.setattr(train.time, "perf_counter", lambda: next(clock))
+    window = train.LossWindow(accelerator)
+    window.restore({"loss": 3.0, "steps": 1, "samples": 1000})  # taken before the checkpoint, in unknown time
+    window.add_step(torch.tensor(1.0))
+    window.samples += 16
+    assert window.flush() == {"loss": 2.0, "samples": 1016, "samples_per_s": 8.0}  # not 1016 / 2
+
+
 def tensorboard_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
     """Every scalar TensorBoard shows for the run, as (step, value) by tag."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
