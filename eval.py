@@ -589,18 +589,24 @@ def comparison(run_paths: list[str]) -> dict:
         values = {str(m.get(key)) for _, m in runs}
         if len(values) > 1:
             notes.append(f"not comparable: the runs differ in {key} ({', '.join(sorted(values))})")
-    if len({m["lm_quantization"] for _, m in runs if "lm_quantization" in m}) > 1:  # (older files have none)
-        notes.append("not comparable: the runs' LMs were loaded with different --lm-quantization ("
-                     + ", ".join(sorted({m["lm_quantization"] for _, m in runs if "lm_quantization" in m})) + ")")
-    if len({m.get("images_digest") for _, m in runs if m.get("images_digest")}) > 1:  # (older files have none)
+    if len(quantizations := recorded_values(runs, "lm_quantization")) > 1:
+        notes.append(f"not comparable: the runs' LMs were loaded with different --lm-quantization "
+                     f"({', '.join(sorted(quantizations))})")
+    if len(recorded_values(runs, "images_digest")) > 1:
         notes.append("not comparable: the runs were scored on different images (another --limit subset, seed or "
                      "data folder)")
-    elif len({m.get("references_digest") for _, m in runs if m.get("references_digest")}) > 1:  # (older: none)
+    elif len(recorded_values(runs, "references_digest")) > 1:
         notes.append("not comparable: the runs were scored on images of the same names with different captions "
                      "(another data folder or caption file)")
     return {"header": ["metric (x100)", *names], "rows": table, "runs": [p for p, _ in runs], "notes": notes,
             "metrics": {p: {key: m.get(key) for key in metric_keys()} | {"baseline_" + DECIDING_METRIC:
                         m["baseline"][DECIDING_METRIC]} for p, m in runs}}
+
+
+def recorded_values(runs, key: str) -> set:
+    """The values of a metrics.json key among the runs whose file records it (older files lack newer keys:
+    they neither match nor differ)."""
+    return {m[key] for _, m in runs if m.get(key)}
 
 
 def markdown_table(header, rows) -> str:
