@@ -44,7 +44,7 @@ from dataset import (DATASETS, FLICKR30K_PARQUET, SPLITS, check_data_flags, drop
                      limit_records, load_records)
 from metrics import COCO_METRICS, COCO_VARIANT, TOKENIZATION_DETAILS, coco_metrics, start_meteor
 from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LM_QUANTIZATIONS, AdapterConfig, DecodingConfig, load_captioner,
-                   lm_quantization_of)
+                   MAX_NUM_BEAMS, lm_quantization_of)
 from report import EXTRA_METRICS, REPORT_FILE, baseline_verdict, collapse_line, percent, sweep_rows, write_report
 from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, UserError, caption_diversity, caption_metrics, default_image_workers,
                    file_digest, format_table, ids_digest, json_value, lone_cpu_launch_warning, nearest_existing, read_json,
@@ -82,7 +82,7 @@ def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--strategy", choices=("greedy", "beam", "sample"), default=None,
                        help="decoding strategy (default: greedy, or beam given --num-beams, sample given "
                             "--temperature or --top-p)")
-    group.add_argument("--num-beams", type=int, default=None,
+    group.add_argument("--num-beams", type=whole_number(2, MAX_NUM_BEAMS), default=None,
                        help=f"beam width for --strategy beam (default {DECODING_DEFAULTS['num_beams']})")
     group.add_argument("--temperature", type=float, default=None,
                        help=f"temperature for --strategy sample (default {DECODING_DEFAULTS['temperature']})")

@@ -227,6 +227,9 @@ class TransformerMapper(nn.Module):
 
 
 MIN_TEMPERATURE = 1e-6  # logits / 1e-6 stays finite in fp32 for any logit under 3e32
+# Wider beams do not caption better (scores fall past ~10) and cost beams x batch KV caches: a width
+# of 100,000 sat for minutes allocating before anything failed. 64 leaves room for experiments.
+MAX_NUM_BEAMS = 64
 
 
 @dataclass
@@ -242,10 +245,11 @@ class DecodingConfig:
             raise UserError(f"decoding strategy {self.strategy!r} is unknown; choose greedy, beam or sample")
         if self.max_new_tokens < 1:
             raise UserError(f"max new tokens (--max-new-tokens) must be >= 1, got {self.max_new_tokens}")
-        if self.strategy == "beam" and self.num_beams < 2:
-            raise UserError(f"beam search needs --num-beams >= 2, got {self.num_beams}")
+        if self.strategy == "beam" and not 2 <= self.num_beams <= MAX_NUM_BEAMS:
+            raise UserError(f"beam search needs --num-beams from 2 to {MAX_NUM_BEAMS}, got {self.num_beams}")
         if self.strategy == "sample" and not (0 < self.temperature < float("inf") and 0 < self.top_p <= 1):
-            raise UserError(f"sampling needs temperature > 0 and 0 < top-p <= 1, got {self.temperature}, {self.top_p}")
+            raise UserError(f"sampling needs a finite temperature > 0 and 0 < top-p <= 1, got {self.temperature}, "
+                            f"{self.top_p}")
         if self.strategy == "sample" and self.temperature < MIN_TEMPERATURE:
             # generate divides the logits by it: below this they can overflow to inf, and the softmax
             # of inf - inf is NaN, which sampling meets as a RuntimeError traceback.
