@@ -62,16 +62,39 @@ SESSIONS_KEPT = 1000
 # Which runs: the user's, or the newest offline demo run
 # ----------------------------------------------------------------------------------------------
 
+def being_trained(folder: Path) -> bool:
+    """Whether a train.py process holds the run folder's lock, i.e. trains there now. The probe takes a
+    shared lock for an instant; a training start in that instant picks the next demo name."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): train.py takes no lock either
+        return False
+    from train import RUN_LOCK
+
+    try:
+        with open(folder / RUN_LOCK) as handle:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)  # let go of as the file closes
+    except BlockingIOError:
+        return True
+    except OSError:  # no lock file (a finished run), or a file system without locks
+        return False
+    return False
+
+
+def demo_folders(output_dir: Path) -> list[Path]:
+    return [folder for folder in output_dir.iterdir() if DEMO_RUN_NAME.fullmatch(folder.name)] \
+        if output_dir.is_dir() else []
+
+
 def find_demo_run(output_dir: str | Path) -> Path | None:
-    """The newest demo run (demo, demo-2, ... as train.py --demo names them) that has an adapter."""
+    """The newest demo run (demo, demo-2, ... as train.py --demo names them) that has an adapter and is
+    not still training: a run in training rewrites its best adapter as it goes, so its adapter is the
+    newest, and the page served a few steps' worth of it as "the demo run"."""
     from model import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return None
-    runs = [folder for folder in output_dir.iterdir()
-            if DEMO_RUN_NAME.fullmatch(folder.name) and (folder / ADAPTER_CONFIG).is_file()
-            and (folder / ADAPTER_WEIGHTS).is_file()]
+    runs = [folder for folder in demo_folders(Path(output_dir))
+            if (folder / ADAPTER_CONFIG).is_file() and (folder / ADAPTER_WEIGHTS).is_file()
+            and not being_trained(folder)]
     if not runs:
         return None
     number = lambda folder: int(DEMO_RUN_NAME.fullmatch(folder.name).group(2) or 1)  # noqa: E731
@@ -90,6 +113,10 @@ def ensure_demo_run(output_dir: str | Path, progress: bool = True) -> Path:
     run = find_demo_run(output_dir)
     if run is not None:
         return run
+    training = [folder for folder in demo_folders(Path(output_dir)) if being_trained(folder)]
+    if training:  # rather than train a second one beside it, on the same cores
+        raise UserError(f"the demo run {training[0]} is still being trained by another process; run `python app.py` "
+                        "again when it has finished")
     print(f"no demo run under {output_dir}/ yet: training one with `python train.py --demo` "
           "(about 3 minutes on 2 CPU cores) ...", flush=True)
     argv = ["--demo", "--output-dir", str(output_dir)] + ([] if progress else ["--no-progress"])
@@ -185,6 +212,20 @@ def load_run(checkpoint: str | Path, device, with_baseline: bool = True, batch_s
     print(f"loaded {run.name} from {checkpoint} in {time.perf_counter() - started:.1f} s; {run.baseline_note}",
           flush=True)
     return run
+
+
+def distinct_checkpoints(checkpoints: list[Path]) -> list[Path]:
+    """Each run folder once, in the order given. One folder named twice (saved_models/a and its
+    absolute path, a symlink, a repeat) was loaded twice, a copy of both backbones each, and then
+    offered twice under one name: the page compared the run with itself by default."""
+    first: dict[Path, Path] = {}
+    for checkpoint in checkpoints:
+        folder = checkpoint.resolve()
+        if folder in first:
+            print(f"note: {checkpoint} is the run folder {first[folder]} again; serving it once", flush=True)
+        else:
+            first[folder] = checkpoint
+    return list(first.values())
 
 
 def unique_names(runs: list[LoadedRun]) -> None:
@@ -446,14 +487,27 @@ def image_box(**kwargs):
     return box
 
 
+def plain(text: str) -> str:
+    """Text shown as it is in the page's Markdown: a run's name is a folder's name, and one with `<`, `*`
+    or `_` in it was read as HTML (which the page sanitises away) or as emphasis, not shown as named."""
+    return re.sub(r"([!-/:-@\[-`{-~])", r"\\\1", text)  # CommonMark: any ASCII punctuation, backslashed
+
+
+def code(text: str) -> str:
+    """Text as a Markdown code span, fenced by more backticks than it holds in a row."""
+    fence = "`" * (max(map(len, re.findall("`+", text)), default=0) + 1)
+    return f"{fence} {text} {fence}"
+
+
 def intro(page: Page, examples: list[tuple[str, str]]) -> str:
     lines = ["# Captioner: try a trained run",
              "Drop, upload or paste an image (or click an example), choose what to compare, and press **Caption**. "
              "Times are measured on this server, from the decoded image to the text."]
     for run in page.runs:
         config = run.captioner.config
-        lines.append(f"- **{run.name}** (`{run.path}`): {config.adapter_kind} adapter, {config.prefix_length} prefix "
-                     f"tokens; CLIP `{config.clip_model}`, LM `{config.lm_model}`. Baseline: {run.baseline_note}.")
+        lines.append(f"- **{plain(run.name)}** ({code(str(run.path))}): {config.adapter_kind} adapter, "
+                     f"{config.prefix_length} prefix tokens; CLIP {code(str(config.clip_model))}, "
+                     f"LM {code(str(config.lm_model))}. Baseline: {plain(run.baseline_note)}.")
     if any(label.startswith("photo") for _, label in examples):
         lines.append("\nThe photos among the examples are real photographs. A run trained on the offline demo's "
                      "synthetic coloured shapes has never seen one and will describe them as shapes: that is "
@@ -658,6 +712,7 @@ def main(argv=None) -> int:
     for checkpoint in checkpoints:  # every folder checked before the first (slow) load
         if not (checkpoint / ADAPTER_CONFIG).is_file():
             raise UserError(f"{checkpoint} is not a run folder: it has no {ADAPTER_CONFIG}")
+    checkpoints = distinct_checkpoints(checkpoints)
     runs = [load_run(checkpoint, device, not args.no_baseline, progress=progress, lm_quantization=args.lm_quantization)
             for checkpoint in checkpoints]
     unique_names(runs)

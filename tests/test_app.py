@@ -535,3 +535,70 @@ def test_a_setting_that_is_not_a_number_is_named_not_blamed_on_the_image(tmp_pat
         result = page.caption(str(image), "stub", app.NOTHING, "greedy", *values.values())
         assert result[4] == f"⚠️ {label} must be a number, not nan.", result
     assert page.caption(str(image), "stub", app.NOTHING, "greedy", *settings.values())[0].value == "a stub caption"
+
+
+def served_by_main(argv: list[str], monkeypatch) -> tuple[app.Page, list[Path]]:
+    """app.main up to the launch, with stand-in models: (the page it would serve, the folders it loaded)."""
+    loaded, built = [], []
+    monkeypatch.setattr(app, "import_gradio", lambda: None)
+    monkeypatch.setattr(app, "check_can_serve", lambda host, port: None)
+    monkeypatch.setattr(app, "example_images", lambda checkpoint, count: [])
+    monkeypatch.setattr(app, "load_run", lambda checkpoint, *args, **kwargs: loaded.append(checkpoint) or
+                        app.LoadedRun(checkpoint.name, checkpoint, StubCaptioner()))
+    monkeypatch.setattr(app, "build_app", lambda page, examples: built.append(page) or
+                        type("Served", (), {"launch": lambda self, **kwargs: None})())
+    assert app.main([*argv, "--device", "cpu"]) == 0
+    return built[0], loaded
+
+
+def test_a_run_folder_named_twice_is_loaded_and_offered_once(tmp_path, monkeypatch, capsys):
+    """The same folder given twice (as typed and as an absolute path, or through a symlink) was
+    loaded twice, a copy of both backbones each, listed twice under one name, and compared with
+    itself by default."""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text("{}")
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    monkeypatch.chdir(tmp_path)
+    page, loaded = served_by_main(["--checkpoint", "a", str(tmp_path / "a"), "b", "link", "a/"], monkeypatch)
+    assert loaded == [Path("a"), Path("b")]
+    assert list(page.by_name) == ["a", "b"] and page.default_compare == "b"
+    assert capsys.readouterr().out.count("serving it once") == 3
+
+
+def test_a_demo_run_still_training_is_not_served_nor_trained_beside(tmp_path, monkeypatch):
+    """train.py rewrites a run's best adapter as it trains, so a demo run in training had the newest
+    adapter: `python app.py` served its first few steps as "the newest demo run". With no finished
+    demo run, the page now says to wait rather than train a second one on the same cores."""
+    import fcntl
+
+    import demo
+
+    monkeypatch.setattr(demo, "ensure_demo_assets", lambda progress=True: {})
+    monkeypatch.setattr(train, "main", lambda argv: pytest.fail("trained a second demo run"))
+    for name in ("demo", "demo-2"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text("{}")
+        (tmp_path / name / "adapter.safetensors").write_bytes(b"")
+    with open(tmp_path / "demo-2" / train.RUN_LOCK, "a+") as lock:  # as train.py holds it while it trains
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert app.ensure_demo_run(tmp_path, progress=False) == tmp_path / "demo"
+        (tmp_path / "demo" / "adapter.safetensors").unlink()
+        with pytest.raises(UserError, match=r"demo-2 is still being trained by another process; run `python app"):
+            app.ensure_demo_run(tmp_path, progress=False)
+    assert app.ensure_demo_run(tmp_path, progress=False) == tmp_path / "demo-2"  # finished: its lock let go
+
+
+def test_run_names_and_paths_are_shown_as_they_are_in_the_intro(tmp_path):
+    """A run's name is its folder's name: one with <, *, _ or ` in it was read as HTML (sanitised
+    away by the page) or as emphasis, or broke out of its code span, instead of being shown."""
+    markdown_it = pytest.importorskip("markdown_it")
+    import html
+
+    name = "b<img src=x onerror=alert(1)>*_$x$"
+    folder = tmp_path / "a`b" / name
+    run = app.LoadedRun(name, folder, StubCaptioner(), baseline_note="no baseline (<x> *y*)")
+    rendered = markdown_it.MarkdownIt().render(app.intro(app.Page([run]), []))
+    assert f"<strong>{html.escape(name, quote=False)}</strong>" in rendered, rendered
+    assert f"<code>{html.escape(str(folder), quote=False)}</code>" in rendered, rendered
+    assert "Baseline: no baseline (&lt;x&gt; *y*)." in rendered and "<img" not in rendered, rendered
