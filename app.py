@@ -214,6 +214,17 @@ def load_run(checkpoint: str | Path, device, with_baseline: bool = True, batch_s
     return run
 
 
+def check_run_files(checkpoint: Path) -> None:
+    """A run folder's own files (adapter config and weights) read, before any backbone loads: a damaged
+    third run was reported only after the first two had loaded, minutes of waiting for a one-line error."""
+    from model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterConfig, load_adapter_state
+
+    if not (checkpoint / ADAPTER_CONFIG).is_file():
+        raise UserError(f"{checkpoint} is not a run folder: it has no {ADAPTER_CONFIG}")
+    AdapterConfig.from_json(checkpoint / ADAPTER_CONFIG)
+    load_adapter_state(checkpoint / ADAPTER_WEIGHTS)
+
+
 def distinct_checkpoints(checkpoints: list[Path]) -> list[Path]:
     """Each run folder once, in the order given. One folder named twice (saved_models/a and its
     absolute path, a symlink, a repeat) was loaded twice, a copy of both backbones each, and then
@@ -707,11 +718,8 @@ def main(argv=None) -> int:
     device = pick_device(args.device)  # before the demo run, which may have to be trained first
     progress = not args.no_progress
     checkpoints = [Path(path) for path in args.checkpoint or [ensure_demo_run(args.output_dir, progress)]]
-    from model import ADAPTER_CONFIG
-
     for checkpoint in checkpoints:  # every folder checked before the first (slow) load
-        if not (checkpoint / ADAPTER_CONFIG).is_file():
-            raise UserError(f"{checkpoint} is not a run folder: it has no {ADAPTER_CONFIG}")
+        check_run_files(checkpoint)
     checkpoints = distinct_checkpoints(checkpoints)
     runs = [load_run(checkpoint, device, not args.no_baseline, progress=progress, lm_quantization=args.lm_quantization)
             for checkpoint in checkpoints]

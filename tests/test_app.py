@@ -551,19 +551,40 @@ def served_by_main(argv: list[str], monkeypatch) -> tuple[app.Page, list[Path]]:
     return built[0], loaded
 
 
-def test_a_run_folder_named_twice_is_loaded_and_offered_once(tmp_path, monkeypatch, capsys):
+def copy_run_files(run: Path, folder: Path) -> Path:
+    """A run folder with run's adapter config and weights, all that app.py reads before loading."""
+    folder.mkdir()
+    for name in ("adapter_config.json", "adapter.safetensors"):
+        (folder / name).write_bytes((run / name).read_bytes())
+    return folder
+
+
+def test_a_run_folder_named_twice_is_loaded_and_offered_once(run, tmp_path, monkeypatch, capsys):
     """The same folder given twice (as typed and as an absolute path, or through a symlink) was
     loaded twice, a copy of both backbones each, listed twice under one name, and compared with
     itself by default."""
     for name in ("a", "b"):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "adapter_config.json").write_text("{}")
+        copy_run_files(run, tmp_path / name)
     (tmp_path / "link").symlink_to(tmp_path / "a")
     monkeypatch.chdir(tmp_path)
     page, loaded = served_by_main(["--checkpoint", "a", str(tmp_path / "a"), "b", "link", "a/"], monkeypatch)
     assert loaded == [Path("a"), Path("b")]
     assert list(page.by_name) == ["a", "b"] and page.default_compare == "b"
     assert capsys.readouterr().out.count("serving it once") == 3
+
+
+def test_a_damaged_run_is_reported_before_any_run_loads(run, tmp_path, monkeypatch):
+    """Only adapter_config.json was looked for before loading: a third run with torn weights was
+    reported after the first two had loaded their backbones (minutes with real ones)."""
+    first, torn = copy_run_files(run, tmp_path / "a"), copy_run_files(run, tmp_path / "torn")
+    (torn / "adapter.safetensors").write_bytes((torn / "adapter.safetensors").read_bytes()[:100])
+    loaded = []
+    monkeypatch.setattr(app, "import_gradio", lambda: None)
+    monkeypatch.setattr(app, "check_can_serve", lambda host, port: None)
+    monkeypatch.setattr(app, "load_run", lambda checkpoint, *args, **kwargs: loaded.append(checkpoint))
+    with pytest.raises(UserError, match=r"torn/adapter.safetensors is not a readable safetensors file"):
+        app.main(["--checkpoint", str(first), str(torn), "--device", "cpu"])
+    assert loaded == []
 
 
 def test_a_demo_run_still_training_is_not_served_nor_trained_beside(tmp_path, monkeypatch):
