@@ -21,6 +21,7 @@ if __name__ == "__main__":  # Ctrl-C while torch imports (seconds) ends quietly,
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # run_cli turns it back into KeyboardInterrupt
 
 import argparse
+import contextlib
 import json
 import math
 import random
@@ -232,8 +233,34 @@ def build_tiny_backbones(captions_dir: str | Path, out_dir: str | Path, lm_steps
     tokenizer = build_tokenizer(captions)
     build_tiny_clip(out_dir / "clip", seed=seed)
     stats = pretrain_tiny_lm([r.captions for r in records], tokenizer, out_dir / "lm", lm_steps, seed, progress)
-    (out_dir / "BUILT").write_text(json.dumps({"version": DEMO_VERSION, "captions": len(captions), **stats}) + "\n")
+    (out_dir / "BUILT").write_text(json.dumps({"version": DEMO_VERSION, "captions": len(captions), **stats,
+                                               "files": file_sizes(out_dir)}) + "\n")
     return {"clip": str(out_dir / "clip"), "lm": str(out_dir / "lm"), **stats}
+
+
+def file_sizes(folder: Path) -> dict[str, int]:
+    """Every file under `folder` (as a relative path) and its size in bytes."""
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def damaged_backbone_file(backbones: Path) -> str | None:
+    """A file the backbone build wrote that is now missing or another size, or None. BUILT alone does
+    not say the files are whole: a deleted or truncated one was later loaded as if complete, and the
+    user was told to download a model that only this build can make. BUILT files written before it
+    listed the files cannot be checked, and are trusted."""
+    try:
+        listed = json.loads((backbones / "BUILT").read_text()).get("files", {})
+    except (OSError, ValueError, AttributeError):
+        return "BUILT"
+    for name, size in listed.items():
+        path = backbones / name
+        if not path.is_file() or path.stat().st_size != size:
+            return name
+    return None
+
+
+def backbones_built(backbones: Path) -> bool:
+    return (backbones / "BUILT").is_file() and damaged_backbone_file(backbones) is None
 
 
 def demo_root() -> Path:
@@ -248,19 +275,44 @@ def ensure_demo_assets(progress: bool = True) -> dict[str, str]:
         raise UserError(f"the demo is built in {root}, but {blocker} is a file; point CAPTIONER_HOME at a folder")
     data_dir, backbones = root / "data", root / "backbones"
     built = {"data_dir": str(data_dir), "clip_model": str(backbones / "clip"), "lm_model": str(backbones / "lm")}
-    if (data_dir / "captions.jsonl").is_file() and (backbones / "BUILT").is_file():  # each written last: complete
+    if (data_dir / "captions.jsonl").is_file() and backbones_built(backbones):  # each written last: complete
         return built
+    try:
+        build_missing_assets(root, progress)
+    except OSError as error:  # a CAPTIONER_HOME that is not writable here, or a full disk: not a traceback
+        where = f": {error.filename}" if error.filename else ""
+        raise UserError(f"could not build the demo in {root} ({error.strerror or error}{where}); "
+                        "point CAPTIONER_HOME at a folder you can write, with about 20 MB free") from None
+    return built
+
+
+def build_missing_assets(root: Path, progress: bool) -> None:
+    data_dir, backbones = root / "data", root / "backbones"
     root.mkdir(parents=True, exist_ok=True)
     # One builder at a time (`make demo` and `python app.py` started together on a fresh machine): a
     # second would rewrite the model files the first has started to train on, and spend the minutes twice.
     with waiting_lock(root / ".build.lock", f"waiting for another process building the demo in {root} ..."):
+        if (backbones / "BUILT").is_file() and not backbones_built(backbones):
+            print(f"the demo backbones in {backbones} are damaged ({damaged_backbone_file(backbones)} is missing "
+                  "or changed): building them again", flush=True)
+            (backbones / "BUILT").unlink()
         if not (data_dir / "captions.jsonl").is_file():
             print(f"building the synthetic demo images in {data_dir} ...", flush=True)
             build_demo_data(data_dir)
         if not (backbones / "BUILT").is_file():
             print(f"building the tiny demo backbones in {backbones} ...", flush=True)
             build_tiny_backbones(data_dir, backbones, progress=progress)
-    return built
+
+
+def rebuild_cleared_demo(*paths) -> None:
+    """A demo run names backbones and data in the demo cache, which can be cleared like any cache
+    (app.py rebuilds it too): where one of `paths` is in it and gone, build it again, the same
+    seeded assets, rather than tell the user to put back a folder they cannot get anywhere else."""
+    root = demo_root().absolute()
+    if any(path and Path(path).is_relative_to(root) and not Path(path).exists() for path in paths):
+        print(f"the demo assets in {root} are gone (a cleared cache): building them again", file=sys.stderr)
+        with contextlib.redirect_stdout(sys.stderr):  # the caller's stdout is its output (inference.py --json)
+            ensure_demo_assets()
 
 
 def check_new_folder(out: Path) -> None:

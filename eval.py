@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from dataset import (DATASETS, FLICKR30K_PARQUET, SPLITS, check_data_flags, drop_unreadable, extract_features,
                      limit_records, load_records)
+from demo import rebuild_cleared_demo
 from metrics import COCO_METRICS, COCO_VARIANT, TOKENIZATION_DETAILS, coco_metrics, start_meteor
 from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LM_QUANTIZATIONS, AdapterConfig, DecodingConfig, load_captioner,
                    MAX_NUM_BEAMS, lm_quantization_of)
@@ -796,6 +797,7 @@ def main(argv=None) -> int:
             sweep_decoding = dataclasses.replace(sweep_decoding, max_new_tokens=args.max_new_tokens)
             decodings.setdefault(describe_decoding(sweep_decoding), sweep_decoding)
 
+    rebuild_cleared_demo(data_dir)
     records = limit_records(load_records(dataset, args.split, data_dir, hub_files, seed), args.limit, seed)
     if not records:
         raise UserError(empty_split_message(dataset, args.split, data_dir, hub_files, seed))

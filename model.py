@@ -901,6 +901,9 @@ def load_captioner(checkpoint: str | Path, device="cpu", dtype=torch.float32, cl
     state = load_adapter_state(checkpoint / ADAPTER_WEIGHTS)
     named = {"CLIP": clip_model is None, "LM": lm_model is None}  # by the checkpoint, not by the caller
     clip_model, lm_model = clip_model or config.clip_model, lm_model or config.lm_model
+    from demo import rebuild_cleared_demo
+
+    rebuild_cleared_demo(clip_model, lm_model)
     try:
         clip, processor, lm, tokenizer = load_backbones(
             clip_model, lm_model, config.clip_revision, config.lm_revision, dtype, device, lm_quantization,

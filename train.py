@@ -265,6 +265,10 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
              if name in getattr(config, "given_flags", set())}
     if config.resume:
         resumed = resumed_config(config)
+        if resumed.demo:
+            from demo import rebuild_cleared_demo
+
+            rebuild_cleared_demo(resumed.clip_model, resumed.lm_model, resumed.data_dir)
         check_data_flags(resumed.dataset, given.get("data_dir"), given.get("hub_data_files"))
         return check_config(resumed)
     if config.demo and config.dataset != "folder":  # --demo's data is a caption folder: another would be a silent swap

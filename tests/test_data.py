@@ -209,6 +209,84 @@ def test_two_processes_starting_the_demo_at_once_build_it_once(tmp_path, capsys,
     assert f"waiting for another process building the demo in {demo.demo_root()}" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # two tiny demo builds: about 7 s on 2 idle cores, 20 s on busy ones
+def test_a_damaged_demo_cache_is_built_again_not_loaded(tmp_path, capsys, monkeypatch):
+    """Model files deleted or cut short after the build: the next start rebuilds the backbones (the
+    same ones: the build is seeded) instead of failing to load them with advice to download them."""
+    import functools
+
+    import demo
+    from model import load_backbones
+
+    monkeypatch.setattr(demo, "build_demo_data", functools.partial(demo.build_demo_data, split_sizes={"train": 8}))
+    monkeypatch.setattr(demo, "build_tiny_backbones", functools.partial(demo.build_tiny_backbones, lm_steps=2))
+    built = demo.ensure_demo_assets(progress=False)
+    processor = Path(built["clip_model"]) / "preprocessor_config.json"
+    weights = Path(built["lm_model"]) / "model.safetensors"
+    whole = processor.read_bytes(), weights.read_bytes()
+    processor.unlink()
+    weights.write_bytes(whole[1][: len(whole[1]) // 2])
+    capsys.readouterr()
+    assert demo.ensure_demo_assets(progress=False) == built
+    said = capsys.readouterr().out
+    assert "damaged (clip/preprocessor_config.json is missing or changed): building them again" in said
+    assert (processor.read_bytes(), weights.read_bytes()) == whole
+    load_backbones(built["clip_model"], built["lm_model"])
+
+
+@pytest.mark.slow  # two tiny demo builds: about 7 s on 2 idle cores, 20 s on busy ones
+def test_a_demo_run_rebuilds_a_cleared_demo_cache(tmp_path, capsys, monkeypatch):
+    """The demo cache cleared after training (rm -rf ~/.cache): inference.py on the demo run builds
+    the same assets again, as app.py does, instead of saying the backbone folder is gone; its build
+    notes go to stderr, as stdout is the captions."""
+    import functools
+    import shutil
+
+    import demo
+    import inference
+    from model import AdapterConfig, build_captioner, save_adapter
+
+    monkeypatch.setattr(demo, "build_demo_data", functools.partial(demo.build_demo_data,
+                                                                   split_sizes={"train": 6, "test": 1}))
+    monkeypatch.setattr(demo, "build_tiny_backbones", functools.partial(demo.build_tiny_backbones, lm_steps=2))
+    built = demo.ensure_demo_assets(progress=False)
+    captioner = build_captioner(AdapterConfig(clip_model=built["clip_model"], lm_model=built["lm_model"]))
+    save_adapter(tmp_path / "demo", captioner.adapter, captioner.config)
+    image = tmp_path / "test_0000.png"
+    shutil.copy(Path(built["data_dir"]) / "images" / "test_0000.png", image)
+    shutil.rmtree(demo.demo_root())
+    capsys.readouterr()
+    assert inference.main(["--checkpoint", str(tmp_path / "demo"), "--json", str(image)]) == 0
+    out, err = capsys.readouterr()
+    assert [json.loads(line)["image"] for line in out.splitlines()] == [str(image)]
+    assert "are gone (a cleared cache): building them again" in err
+    assert Path(built["lm_model"], "model.safetensors").is_file()
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no folder can be made")
+def test_an_unwritable_captioner_home_is_one_line(monkeypatch):
+    """A CAPTIONER_HOME this user cannot write (a shared or read-only folder): one line naming it, not
+    a PermissionError traceback from deep inside the build."""
+    import demo
+
+    monkeypatch.setenv("CAPTIONER_HOME", "/proc/captioner")  # as root too: nothing can be made in /proc
+    with pytest.raises(UserError, match=r"could not build the demo in /proc/captioner/demo-v\d+ .*"
+                                        "point CAPTIONER_HOME at a folder you can write"):
+        demo.ensure_demo_assets(progress=False)
+
+
+def test_captioner_home_expands_a_tilde_and_ignores_an_empty_value(tmp_path, monkeypatch):
+    """CAPTIONER_HOME="~/x" from a quoted value or a .env file (no shell expands it there) names the
+    home's x, not a folder literally named `~` under the current one; an empty value is unset."""
+    from utils import cache_home
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("CAPTIONER_HOME", "~/captioner")
+    assert cache_home() == tmp_path / "captioner"
+    monkeypatch.setenv("CAPTIONER_HOME", "")
+    assert cache_home() == tmp_path / ".cache" / "captioner"
+
+
 @pytest.fixture(scope="module")
 def captioner(tiny):
     from model import AdapterConfig, build_captioner
