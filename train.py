@@ -1158,8 +1158,11 @@ def train(config: TrainConfig, on_step=None) -> dict:
             report_bad_samples(run.run_dir, run.bad_samples, accelerator)
             stopped = stop_requested(stop, accelerator)
         summary = finish(run, stopped, stop.signal_name)
+    except Exception:
+        close_trackers(accelerator, failed=True)
+        raise
     finally:
-        close_trackers(accelerator)
+        close_trackers(accelerator)  # (none left after a failure)
         release_run_folder(lock, Path(config.output_dir) / config.run_name)
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -1329,13 +1332,18 @@ def tracker_values(record: dict) -> dict:
             and name not in ("step", "epoch", "time") and math.isfinite(value)}
 
 
-def close_trackers(accelerator) -> None:
+def close_trackers(accelerator, failed: bool = False) -> None:
     """Flush and close the trackers however the run ends (an interrupted or failed run included);
-    end_training() then finds none left to close again."""
+    end_training() then finds none left to close again. A run that `failed` (an error, not a signal's
+    orderly stop) is closed as failed where the tracker keeps a run's state: W&B's own exit hook would
+    mark it so, but finds it already closed, and a plain finish() shows a crashed run as finished."""
     trackers, accelerator.trackers = accelerator.trackers, []
     for tracker in trackers:
         with contextlib.suppress(Exception):  # one that never started has nothing to close
-            tracker.finish()
+            if failed and tracker.name == "wandb":
+                tracker.run.finish(exit_code=1)
+            else:
+                tracker.finish()
 
 
 def resume(run: Run, train_data: str, data_content: dict) -> None:

@@ -275,6 +275,35 @@ def test_report_to_wandb_goes_on_in_the_same_wandb_run_after_a_resume(tiny, tmp_
     assert not (tmp_path / "wandb").exists()
 
 
+@pytest.mark.slow
+def test_a_run_that_fails_shows_as_failed_in_wandb_not_finished(tiny, tmp_path, monkeypatch):
+    """The trackers are closed however training ends; W&B must hear that an error ended it (exit code 1,
+    shown as failed), not see a crashed run closed as finished. (A finished run is closed as before:
+    test_report_to_wandb_goes_on_in_the_same_wandb_run_after_a_resume.)"""
+    wandb = pytest.importorskip("wandb")
+    for name, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONFIG_DIR": tmp_path / "wandb-config",
+                        "WANDB_CACHE_DIR": tmp_path / "wandb-cache", "WANDB_DATA_DIR": tmp_path / "wandb-data"}.items():
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+    exit_codes, real_finish = [], wandb.Run.finish
+
+    def finish(self, exit_code=None, quiet=None):
+        exit_codes.append(exit_code)
+        return real_finish(self, exit_code=exit_code, quiet=quiet)
+
+    monkeypatch.setattr(wandb.Run, "finish", finish)
+    args = train_args(tiny, tmp_path, "tracked", "--report-to", "wandb", "--final-eval", "false", "--max-steps", "4",
+                      "--eval-every", "0")
+
+    def crash_at_3(step):
+        if step == 3:
+            raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError):
+        train.train(train.parse_config(args), on_step=crash_at_3)
+    assert exit_codes == [1]
+
+
 @pytest.mark.parametrize("report_to, message", [
     ("tensorbord", "--report-to 'tensorbord': unknown tensorbord; give none or some of tensorboard, wandb"),
     ("comet_ml", "--report-to comet_ml: not installed here; pip install comet-ml, or leave it out"),
