@@ -703,6 +703,13 @@ class TrainingLoss:
 
     def __init__(self, captioner: Captioner, compile: bool = False, backend: str = "inductor", mode: str | None = None):
         self.captioner = captioner
+        if compile and lm_quantization_of(captioner.lm) == "8bit":
+            # bitsandbytes' LLM.int8() matmul breaks the graph (its outlier split depends on the data) and
+            # guards on each layer's int8 weight shape: dynamo hit its recompile limit, printed 5 lines of
+            # warnings and trained at half the eager speed (demo, 6 steps, CPU: 133 s vs 71 s). 4-bit compiles.
+            print("note: --compile is left out with an 8-bit LM (bitsandbytes' int8 matmul recompiles at every "
+                  "layer shape, slower than eager); training eagerly", file=sys.stderr)
+            compile = False
         # Static shapes: the trainer feeds a few bucketed shapes (train.make_train_loader), each worth its
         # own specialised graph; a dynamic graph would be specialised anyway by the loss's loop over rows.
         self.compiled = torch.compile(captioner, backend=backend, mode=mode, dynamic=False) if compile else None
