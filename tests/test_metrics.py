@@ -157,8 +157,11 @@ def test_an_interrupt_while_meteor_scores_ends_the_process_instead_of_hanging_it
     import sys
     from pathlib import Path
 
+    # SIG_DFL first, as eval.py sets it at its start: a test run started in the background by a
+    # non-interactive shell inherits an ignored SIGINT, and the stand-in would then wait for good.
     script = """
 import os, signal, subprocess, sys, threading
+signal.signal(signal.SIGINT, signal.SIG_DFL)
 from pycocoevalcap.meteor.meteor import Meteor
 import metrics
 from utils import run_cli
