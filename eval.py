@@ -48,8 +48,8 @@ from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LM_QUANTIZATIONS, AdapterCon
                    MAX_NUM_BEAMS, lm_quantization_of)
 from report import EXTRA_METRICS, REPORT_FILE, baseline_verdict, collapse_line, percent, sweep_rows, write_report
 from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, UserError, caption_diversity, caption_metrics, default_image_workers,
-                   file_digest, format_table, ids_digest, json_value, lone_cpu_launch_warning, nearest_existing, read_json,
-                   run_cli, waiting_lock, whole_number, write_json, write_jsonl,
+                   file_digest, format_table, ids_digest, json_value, lone_cpu_launch_warning, lost_another_process,
+                   nearest_existing, read_json, run_cli, waiting_lock, whole_number, write_json, write_jsonl,
                    write_text)
 
 METRICS_FILE = "metrics.json"
@@ -229,6 +229,12 @@ class Processes:
         cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or device == "cpu" or not torch.cuda.is_available()
         state = PartialState(cpu=cpu)
         return cls(state.process_index, state.num_processes, state.device)
+
+    @staticmethod
+    def first() -> bool:
+        """Whether this is the first (or only) process, read from the launcher's RANK without joining the
+        process group: for work that needs no other process (--compare)."""
+        return int(os.environ.get("RANK", "0")) == 0
 
     @property
     def is_main(self) -> bool:
@@ -425,7 +431,10 @@ def evaluate_captioner(captioner, records, decodings: dict[str, DecodingConfig],
     bad_samples: list[tuple[str, str]] = []
     features = clip_features(captioner, mine, batch_size, num_workers, progress, "CLIP features", feature_cache,
                              on_bad_sample="skip", bad_samples=bad_samples)
-    check_readable(processes.gather(bad_samples))
+    unreadable = processes.gather(bad_samples)
+    if unreadable and not processes.is_main:  # the main process names them, once: not one error line per process
+        return None
+    check_readable(unreadable)
     predictions = {}
     for name, decoding in decodings.items():
         local = caption_features(captioner, features, decoding, batch_size, seed, shard.start // batch_size,
@@ -770,6 +779,8 @@ def main(argv=None) -> int:
             raise UserError(f"--compare reads the metrics.json each evaluation wrote and evaluates nothing, so "
                             f"{', '.join(ignored)} would do nothing: evaluate with them first (python eval.py RUN "
                             f"{' '.join(ignored)} ...)")
+        if not Processes.first():  # started by torchrun / accelerate launch: one table, written once
+            return 0
         return compare_main(args)
     if not args.checkpoint:
         raise UserError("give a run folder to evaluate (python eval.py RUN), or --compare RUN RUN ...")
@@ -806,10 +817,17 @@ def main(argv=None) -> int:
     device = processes.device or pick_device(args.device)
     captioner = load_captioner(checkpoint, device=device, dtype=default_dtype(device),
                                **loading_from_args(args, checkpoint))
-    results = evaluate_captioner(captioner, records, decodings, train_records, args.batch_size, args.num_workers,
-                                 not args.no_progress and processes.is_main, args.seed, processes,
-                                 feature_cache=feature_cache_settings(run))
-    if results is None:  # not the main process: it captioned its shard and is done
+    try:
+        results = evaluate_captioner(captioner, records, decodings, train_records, args.batch_size, args.num_workers,
+                                     not args.no_progress and processes.is_main, args.seed, processes,
+                                     feature_cache=feature_cache_settings(run))
+    except RuntimeError as error:  # another process stopped (a signal, a crash) and said why: not a gather traceback
+        if not (reason := lost_another_process(error)):
+            raise
+        print(f"error: another process of this evaluation ended ({reason}), so this one stops too; nothing was "
+              "written", file=sys.stderr)
+        return 1
+    if results is None:  # not the main process: it captioned its shard and is done (or the main one reports why not)
         return 0
     result = results[describe_decoding(decoding)]
     result.metrics.update(what_was_scored(checkpoint, dataset, args.split, records))

@@ -47,8 +47,8 @@ from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, IGNORE_INDEX, AdapterConfig,
 from utils import (Terminated, UserError, append_jsonl, caption_diversity, caption_metrics, collapse_warning,
                    default_image_workers, ids_digest, interrupt_handled, interrupt_name, interrupted_exit_code,
                    is_whole_number, json_value, library_versions, load_state, lone_cpu_launch_warning,
-                   nearest_existing, read_json, read_jsonl, rng_states, run_cli, save_state, set_rng_states,
-                   sync_folder, sync_tree, write_json, write_jsonl, write_text)
+                   lost_another_process, nearest_existing, read_json, read_jsonl, rng_states, run_cli, save_state,
+                   set_rng_states, sync_folder, sync_tree, write_json, write_jsonl, write_text)
 
 RUN_CONFIG = "run_config.json"
 # --select-by: the validation record's key, and whether higher is better.
@@ -1718,20 +1718,6 @@ def main(argv=None, on_step=None) -> int:
               "run folder keeps its last complete checkpoint (continue it with --resume)", file=sys.stderr)
         return 1
     return 1 if summary["interrupted"] else 0
-
-
-# What a collective raises on the processes left when one of them is gone (gloo; NCCL reports its own).
-PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
-
-
-def lost_another_process(error: RuntimeError) -> str:
-    """The reason, if `error` is a collective failing because another process of the run ended (stopped
-    by a signal before training, or crashed): that process said why; here a traceback would bury it."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return ""
-    return next((reason for reason in PEER_LOST if reason in str(error)), "")
 
 
 if __name__ == "__main__":

@@ -155,6 +155,20 @@ def lone_cpu_launch_warning(script: str) -> str:
             f"processes use ACCELERATE_USE_CPU=true torchrun --nproc_per_node N {script} ...")
 
 
+# What a collective raises on the processes left when one of them is gone (gloo; NCCL reports its own).
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def lost_another_process(error: RuntimeError) -> str:
+    """The reason, if `error` is a collective failing because another process of the run ended (stopped
+    by a signal before training, or crashed): that process said why; here a traceback would bury it."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return ""
+    return next((reason for reason in PEER_LOST if reason in str(error)), "")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

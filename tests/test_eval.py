@@ -463,6 +463,68 @@ def test_two_processes_caption_each_image_once_and_match_one_process(run, evalua
         assert metrics[key] == single[key], key
 
 
+def evaluate_in_two_processes(script: Path, run: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """`ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 SCRIPT RUN --out OUT ...`, batches of 2. The
+    launcher's 5 s monitor lets a process whose peer ended reach its next gather before the launcher
+    stops it too (as test_resilience's test of the same for train.py)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "--monitor-interval", "5", str(script), str(run), "--out", str(out), "--batch-size", "2",
+               "--num-workers", "0", "--no-progress", *extra]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_an_unreadable_image_in_another_process_shard_is_one_error_line(tiny, run, tmp_path):
+    """The processes pool their unreadable images and all stop; only the main one says so (each used to
+    print the same error line)."""
+    data_dir = tmp_path / "data"
+    shutil.copytree(tiny["data_dir"], data_dir)
+    last = load_records("folder", "test", str(data_dir), seed=42)[-1]  # in process 1's shard
+    Path(last.path).write_bytes(b"not an image")
+    result = evaluate_in_two_processes(ROOT / "eval.py", run, tmp_path / "out", "--data-dir", str(data_dir))
+    assert result.returncode != 0
+    assert result.stderr.count("evaluation scores every image of the split") == 1, result.stderr[-3000:]
+    assert Path(last.path).name in result.stderr
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_a_process_stopped_mid_evaluation_ends_the_other_with_one_line(run, tmp_path):
+    """SIGTERM reaches rank 1 alone (a scheduler stopping one worker) before it hands in its shard: rank 0,
+    waiting for it, ends with one line, not the process group's traceback, and writes nothing."""
+    wrapper = tmp_path / "eval_signalled.py"
+    wrapper.write_text(
+        "import os, signal, sys\n"
+        "import eval\n"
+        "from utils import run_cli\n"
+        "gather = eval.Processes.gather\n"
+        "def gather_or_stop(self, items):\n"
+        "    if self.rank == 1:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return gather(self, items)\n"
+        "eval.Processes.gather = gather_or_stop\n"
+        "sys.exit(run_cli(eval.main))\n")
+    result = evaluate_in_two_processes(wrapper, run, tmp_path / "out")
+    assert result.returncode != 0
+    assert "interrupted (SIGTERM)" in result.stderr, result.stderr[-3000:]
+    assert "error: another process of this evaluation ended" in result.stderr, result.stderr[-3000:]
+    assert "[rank0]: Traceback" not in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_compare_under_two_processes_prints_and_writes_once(evaluated, tmp_path):
+    """--compare evaluates nothing: under torchrun only the first process prints the table and writes its files."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(ROOT / "eval.py"), "--compare", str(evaluated), str(tmp_path / "again"), "--out", str(tmp_path)]
+    shutil.copytree(evaluated, tmp_path / "again")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("wrote ") == 1 and result.stdout.count("beats baseline") == 1, result.stdout
+
+
 def test_every_flag_has_help():
     parser = eval_script.build_parser()
     for action in parser._actions:
