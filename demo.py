@@ -25,6 +25,7 @@ import contextlib
 import json
 import math
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -309,10 +310,32 @@ def rebuild_cleared_demo(*paths) -> None:
     (app.py rebuilds it too): where one of `paths` is in it and gone, build it again, the same
     seeded assets, rather than tell the user to put back a folder they cannot get anywhere else."""
     root = demo_root().absolute()
+    if gone := gone_older_demo_path(*paths):
+        raise UserError(f"{gone} is gone: it is in the demo assets of an older version of this project "
+                        f"({gone_older_demo_folder(gone)}), which this version no longer builds (it builds "
+                        f"{root.name}); train a new demo run with python train.py --demo")
     if any(path and Path(path).is_relative_to(root) and not Path(path).exists() for path in paths):
         print(f"the demo assets in {root} are gone (a cleared cache): building them again", file=sys.stderr)
         with contextlib.redirect_stdout(sys.stderr):  # the caller's stdout is its output (inference.py --json)
             ensure_demo_assets()
+
+
+def gone_older_demo_folder(path) -> str | None:
+    """The demo-v<N> folder of the demo cache that `path` is in, where N is an older DEMO_VERSION; else None."""
+    try:
+        folder = Path(path).absolute().relative_to(cache_home().absolute()).parts[0]
+    except (ValueError, IndexError):
+        return None
+    match = re.fullmatch(r"demo-v(\d+)", folder)
+    return folder if match and int(match.group(1)) < DEMO_VERSION else None
+
+
+def gone_older_demo_path(*paths) -> str | None:
+    """The first of `paths` that a run trained by an older version named in its demo cache (demo-v1 where
+    this version builds demo-v2) and that is gone. Such a run was told to put the folder back or pass its
+    new place, which the user cannot do: only that older version builds those assets."""
+    return next((str(path) for path in paths if path and gone_older_demo_folder(path) and not Path(path).exists()),
+                None)
 
 
 def check_new_folder(out: Path) -> None:

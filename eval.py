@@ -608,6 +608,8 @@ def comparison(run_paths: list[str]) -> dict:
     elif len(recorded_values(runs, "references_digest")) > 1:
         notes.append("not comparable: the runs were scored on images of the same names with different captions "
                      "(another data folder or caption file)")
+    if note := unrecorded_data_note(runs):
+        notes.append(note)
     return {"header": ["metric (x100)", *names], "rows": table, "runs": [p for p, _ in runs], "notes": notes,
             "metrics": {p: {key: m.get(key) for key in metric_keys()} | {"baseline_" + DECIDING_METRIC:
                         m["baseline"][DECIDING_METRIC]} for p, m in runs}}
@@ -617,6 +619,21 @@ def recorded_values(runs, key: str) -> set:
     """The values of a metrics.json key among the runs whose file records it (older files lack newer keys:
     they neither match nor differ)."""
     return {m[key] for _, m in runs if m.get(key)}
+
+
+def unrecorded_data_note(runs) -> str:
+    """A note naming the runs whose metrics.json predates references_digest (and maybe images_digest), or "".
+    recorded_values() leaves such a file out of the checks, so an older run scored on another data folder
+    whose files share names (demo-v1 and demo-v2 both hold test_0000.png) was set beside a newer one with
+    no note at all."""
+    if len(runs) < 2:
+        return ""
+    older = [path for path, metrics in runs if not metrics.get("references_digest")]
+    if not older:
+        return ""
+    return (f"cannot tell whether {', '.join(older)} {'was' if len(older) == 1 else 'were'} scored on the same images "
+            "and captions as the others: an older eval.py wrote that metrics.json without recording them; "
+            f"re-evaluate {'it' if len(older) == 1 else 'them'} (python eval.py {older[0]})")
 
 
 def markdown_table(header, rows) -> str:

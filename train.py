@@ -725,6 +725,11 @@ def load_resume_state(run_dir: Path, accelerator, adapter, optimizer, scheduler)
         raise UserError(f"{run_dir} has no resume state (resume/{TRAINER_STATE}): it stopped before its first "
                         "checkpoint and cannot be continued; start it again under another --run-name (or delete "
                         "the folder)")
+    if pickled_resume_state(resume_dir):
+        raise UserError(f"{resume_dir} is in the resume format of an older version of this project (pickled "
+                        "optimizer.bin, random_states_*.pkl), which this version does not read (it never unpickles): "
+                        "start a new run (another --run-name) to train further; the run's adapter still works with "
+                        "eval.py and inference.py")
     rng_file = resume_dir / f"rng_{accelerator.process_index}.json"
     saved_by = len(list(resume_dir.glob("rng_*.json")))  # one per process that saved it
     if saved_by and saved_by != accelerator.num_processes:
@@ -745,6 +750,14 @@ def load_resume_state(run_dir: Path, accelerator, adapter, optimizer, scheduler)
     restore(rng_file, lambda: set_rng_states(load_state(resume_dir, f"rng_{accelerator.process_index}")))
     return restore(resume_dir / TRAINER_STATE,
                    lambda: trainer_state_from(read_json(resume_dir / TRAINER_STATE, "trainer state")))
+
+
+def pickled_resume_state(resume_dir: Path) -> bool:
+    """Whether resume_dir holds the first versions' resume state (accelerator.save_state: pickled
+    optimizer.bin, random_states_0.pkl), not ours (JSON + safetensors): it was reported as "damaged",
+    with advice to resume from a copy, which would be as old."""
+    return not any(resume_dir.glob("rng_*.json")) and (
+        (resume_dir / "optimizer.bin").is_file() or any(resume_dir.glob("random_states_*.pkl")))
 
 
 def trainer_state_from(saved: dict) -> TrainerState:

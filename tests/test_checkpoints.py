@@ -627,3 +627,20 @@ def test_hub_reachable_probes_the_endpoints_port_and_trusts_a_proxy(monkeypatch)
     model.hub_reachable.cache_clear()
     assert model.hub_reachable() and asked == [("hub.example", 443)]
     model.hub_reachable.cache_clear()
+
+
+def test_a_resume_state_in_the_first_versions_pickled_format_is_named_as_such(tmp_path):
+    """The first versions saved the resume state with accelerator.save_state (pickled optimizer.bin,
+    random_states_0.pkl). This version reads none of it (it never unpickles), and --resume said the
+    state was damaged, to resume from a copy, which would be just as old."""
+    from types import SimpleNamespace
+
+    resume = tmp_path / "run" / "resume"
+    resume.mkdir(parents=True)
+    write_json(resume / "trainer_state.json", {"step": 4, "epoch": 1, "best_rougeL": 0.5, "finished": True})
+    for name in ("model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"):
+        (resume / name).write_bytes(b"as accelerate wrote it")
+    accelerator = SimpleNamespace(process_index=0, num_processes=1)
+    with pytest.raises(UserError, match=r"resume is in the resume format of an older version of this project .* "
+                                        r"start a new run \(another --run-name\) to train further"):
+        train.load_resume_state(tmp_path / "run", accelerator, None, None, None)

@@ -405,3 +405,38 @@ def test_an_image_named_like_a_flag_gets_an_error_saying_how_to_pass_it(run, tmp
     # A misspelt flag is no file: argparse's own error, unchanged.
     assert cli_error(capsys, inference.main, ["--checkpoint", str(run), "--jsn", "a.png"]).endswith(
         "error: unrecognized arguments: --jsn")
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs trained by older versions of this project
+# ----------------------------------------------------------------------------------------------
+
+def test_a_run_on_an_older_versions_gone_demo_assets_says_to_train_a_new_demo(data_dir, tmp_path, capsys):
+    """A demo run trained before DEMO_VERSION was bumped names backbones and data in demo-v1 of the
+    cache; with that folder gone (a cleared cache, another machine) the scripts said to put the folder
+    back or pass its new place, which no one can: only that older version builds it."""
+    import dataclasses
+
+    from safetensors.torch import save_file
+
+    import demo
+    import train
+    from utils import cache_home
+
+    older = cache_home() / f"demo-v{demo.DEMO_VERSION - 1}"
+    clip, lm, data = (str(older / "backbones" / "clip"), str(older / "backbones" / "lm"), str(older / "data"))
+    run = tmp_path / "demo"
+    run.mkdir()
+    AdapterConfig(clip_model=clip, lm_model=lm).to_json(run / ADAPTER_CONFIG)
+    save_file({"weight": torch.zeros(1)}, str(run / "adapter.safetensors"))
+    config = train.TrainConfig(run_name="demo", output_dir=str(tmp_path), demo=True, dataset="folder",
+                               data_dir=data, clip_model=clip, lm_model=lm)
+    write_json(run / "run_config.json", dataclasses.asdict(config))
+    said = f"older version of this project (demo-v{demo.DEMO_VERSION - 1}), which this version no longer builds"
+    fix = "train a new demo run with python train.py --demo"
+    resume = ["--resume", "--run-name", "demo", "--output-dir", str(tmp_path), "--no-progress"]
+    for main, argv in ((inference.main, ["--checkpoint", str(run), image(data_dir)]),
+                       (eval_script.main, [str(run), "--limit", "2"]), (train.main, resume)):
+        line = cli_error(capsys, main, argv)
+        assert said in line and line.endswith(fix), line
+    assert not (older.parent / f"demo-v{demo.DEMO_VERSION}").exists()  # nothing was built on the way

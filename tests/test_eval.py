@@ -542,3 +542,21 @@ def test_a_cider_tie_at_zero_is_no_verdict_rather_than_a_loss():
     assert beats_baseline({"coco_cider_d": 0.2}, zero) is True and beats_baseline(zero, {"coco_cider_d": 0.2}) is False
     metrics = {**zero, "baseline_decided_by": "coco_cider_d", "baseline": zero, "beats_baseline": None}
     assert baseline_verdict(metrics).startswith("No verdict against the nearest-neighbour baseline: CIDEr-D is 0.00")
+
+
+def test_compare_names_an_older_metrics_file_that_cannot_say_which_data_it_scored(tmp_path):
+    """A metrics.json written before eval.py recorded references_digest (or images_digest) was left out
+    of the same-data checks: an old demo-v1 run and a new demo-v2 one (same file names, other images
+    and captions) were set side by side with no note. Now the older file is named, with what to do."""
+    scored = {"coco_cider_d": 1.0, "baseline": {"coco_cider_d": 0.5}, "beats_baseline": True, "dataset": "folder",
+              "split": "test", "num_images": 4, "coco_tokenization": "ptb-java", "images_digest": "a" * 16}
+    runs = {"old": scored, "older": {k: v for k, v in scored.items() if k != "images_digest"},
+            "new": {**scored, "references_digest": "b" * 16}, "new2": {**scored, "references_digest": "b" * 16}}
+    for name, metrics in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps(metrics))
+    notes = eval_script.comparison([str(tmp_path / "old"), str(tmp_path / "older"), str(tmp_path / "new")])["notes"]
+    assert notes == [f"cannot tell whether {tmp_path / 'old'}, {tmp_path / 'older'} were scored on the same images "
+                     "and captions as the others: an older eval.py wrote that metrics.json without recording them; "
+                     f"re-evaluate them (python eval.py {tmp_path / 'old'})"], notes
+    assert eval_script.comparison([str(tmp_path / "new"), str(tmp_path / "new2")])["notes"] == []
