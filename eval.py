@@ -514,6 +514,16 @@ def write_eval_outputs(out_dir: Path, result: SplitResult, records, run_dir: Pat
     Each file is replaced atomically; metrics.json, which --compare reads as "evaluated", goes first
     and comes back last, so a crash or Ctrl-C half-way leaves no metrics beside other predictions.
     """
+    try:
+        return write_outputs_in(out_dir, result, records, run_dir, sweep, gallery_size)
+    except OSError as error:  # a full disk, a read-only remount: one line, not json's or matplotlib's traceback
+        raise UserError(f"cannot write {error.filename or out_dir} ({error.strerror or error}): the evaluation's "
+                        f"outputs in {out_dir} are incomplete; free some space (or give another --out) and "
+                        "evaluate again") from None
+
+
+def write_outputs_in(out_dir: Path, result: SplitResult, records, run_dir: Path | None, sweep: dict | None,
+                     gallery_size: int) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     with outputs_lock(out_dir):
         # What an earlier evaluation wrote must not stay beside this one's predictions: its report

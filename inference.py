@@ -21,6 +21,7 @@ if __name__ == "__main__":  # Ctrl-C while torch imports (seconds) ends quietly,
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # run_cli turns it back into KeyboardInterrupt
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -140,10 +141,33 @@ def main(argv=None) -> int:
     device = pick_device(args.device)
     checkpoint = Path(args.checkpoint)
     AdapterConfig.from_json(checkpoint / ADAPTER_CONFIG)  # a bad checkpoint is reported before any image
-    captioner, failed = None, 0
     paths_to_caption, unreadable = image_paths(args.images)
     # Decoded a batch at a time (memory stays flat however many images); the backbones are loaded
     # at the first readable image, so a run where every image is bad loads no model at all.
+    with captions_to_stdout():
+        failed = caption_batches(args, checkpoint, device, decoding, paths_to_caption, unreadable)
+    return 1 if failed else 0
+
+
+@contextlib.contextmanager
+def captions_to_stdout():
+    """Standard output that cannot take the captions (redirected to a file on a full disk) ends the run in
+    one line, not print's traceback; flushed here, where an error can still be told (at exit it could not).
+    A closed pipe (`| head -1`) is run_cli's to end quietly."""
+    try:
+        yield
+        if sys.stdout is not None:  # None: started with stdout closed (`>&-`)
+            sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as error:
+        raise UserError(f"cannot write the captions to standard output ({error.strerror or error}); free some "
+                        "space where it is redirected and run again") from None
+
+
+def caption_batches(args, checkpoint: Path, device, decoding, paths_to_caption: list, unreadable: dict) -> int:
+    """Print each image's caption (or its error), a batch at a time; returns how many images failed."""
+    captioner, failed = None, 0
     for start in range(0, len(paths_to_caption), args.batch_size):
         paths = paths_to_caption[start : start + args.batch_size]
         opened = open_images(paths, unreadable)
@@ -166,7 +190,7 @@ def main(argv=None) -> int:
                 if not caption:  # else a bare "path<TAB>" line, easy to take for a lost caption
                     print(f"note: the model wrote no words for {path} (it ended the caption at once)", file=sys.stderr)
                 print(json.dumps({"image": path, "caption": caption}) if args.json else tab_line(path, caption))
-    return 1 if failed else 0
+    return failed
 
 
 def tab_line(path: str, caption: str) -> str:

@@ -1033,19 +1033,32 @@ class Run:
     def log(self, record: dict) -> None:
         """A record for train_log.jsonl, and for the --report-to trackers."""
         if self.accelerator.is_main_process:
-            append_jsonl(self.run_dir / TRAIN_LOG, {**record, "time": round(time.time(), 3)})
+            with self.writing():
+                append_jsonl(self.run_dir / TRAIN_LOG, {**record, "time": round(time.time(), 3)})
             if self.accelerator.trackers:
                 self.accelerator.log(tracker_values(record), step=record["step"])
 
     def save_export(self, kind: str) -> None:
         directory = self.run_dir if kind == "best" else self.run_dir / "last"
-        save_export(directory, self.accelerator, self.adapter, self.captioner, self.config, self.state, kind)
+        with self.writing():
+            save_export(directory, self.accelerator, self.adapter, self.captioner, self.config, self.state, kind)
 
     def save_checkpoint(self) -> None:
         if self.window is not None:  # every process: saved() reduces over them
             self.state.log_window = self.window.saved()
         self.save_export("last")
-        save_resume_state(self.run_dir, self.accelerator, self.adapter, self.optimizer, self.scheduler, self.state)
+        with self.writing():
+            save_resume_state(self.run_dir, self.accelerator, self.adapter, self.optimizer, self.scheduler, self.state)
+
+    @contextlib.contextmanager
+    def writing(self):
+        """A write into the run folder that fails (a full disk, a read-only remount, an I/O error) stops the
+        run in one line naming the file and the cause, not a traceback from inside safetensors or json:
+        every save is written aside and renamed, so the last complete checkpoint is still whole."""
+        try:
+            yield
+        except OSError as error:
+            raise UserError(unsaved_run_message(error, self.run_dir, self.config, self.accelerator)) from None
 
     def validate(self) -> None:
         """Score the adapter on the validation images, and keep it at the run's top if --select-by's score improved."""
@@ -1103,6 +1116,15 @@ class Run:
                 f"learning rate ({resume_command(config, self.accelerator, '--learning-rate', lower_rate)})"
                 f" or check the batches named in {self.run_dir / TRAIN_LOG}"
             )
+
+
+def unsaved_run_message(error: OSError, run_dir: Path, config: TrainConfig, accelerator) -> str:
+    what = f"cannot write {error.filename or run_dir} ({error.strerror or error})"
+    if (resume_dir := resume_state_dir(run_dir)) is None:
+        return (f"{what}: the run stopped before its first checkpoint; free some space (or make {run_dir.parent} "
+                f"writable) and start it again under another --run-name")
+    return (f"{what}: the run stopped and its last complete checkpoint in {resume_dir} is intact; free "
+            f"some space (or make the folder writable) and continue it with {resume_command(config, accelerator)}")
 
 
 class LossWindow:

@@ -644,3 +644,35 @@ def test_a_resume_state_in_the_first_versions_pickled_format_is_named_as_such(tm
     with pytest.raises(UserError, match=r"resume is in the resume format of an older version of this project .* "
                                         r"start a new run \(another --run-name\) to train further"):
         train.load_resume_state(tmp_path / "run", accelerator, None, None, None)
+
+
+def test_eval_outputs_on_a_full_disk_are_one_line_naming_the_file(tmp_path, monkeypatch):
+    """ENOSPC while the outputs are written, after the whole split was captioned: one line naming the
+    file and the cause (run_cli prints it), not the traceback of json's write."""
+    import errno
+    from types import SimpleNamespace
+
+    def disk_full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path) + ".tmp")
+
+    monkeypatch.setattr(eval_script, "write_jsonl", disk_full)
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=r"^cannot write .*predictions\.jsonl\.tmp \(No space left on device\): "
+                                        r"the evaluation's outputs in .*out are incomplete"):
+        eval_script.write_eval_outputs(out, SimpleNamespace(rows=[], metrics={}), [])
+
+
+def test_captions_to_a_full_disk_are_one_line(tiny, checkpoint, monkeypatch, capsys):
+    """`inference.py ... > captions.txt` on a full disk: one line saying so, not print's traceback."""
+    import errno
+    import io
+
+    class FullDisk(io.StringIO):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    image = next(r.path for r in load_records("folder", "test", tiny["data_dir"]))
+    monkeypatch.setattr(sys, "stdout", FullDisk())
+    assert run_cli(inference.main, ["--checkpoint", str(checkpoint), str(image)]) == 2
+    assert capsys.readouterr().err.strip() == ("error: cannot write the captions to standard output (No space left "
+                                               "on device); free some space where it is redirected and run again")

@@ -777,3 +777,27 @@ def test_what_only_rank_1_sees_is_acted_on_by_all_and_reported(tiny, tmp_path):
     skipped = [r for r in read_jsonl(tmp_path / "flaky" / "train_log.jsonl") if r["type"] == "nonfinite"]
     assert [r["step"] for r in skipped] == [2], skipped
     assert len(skipped[0]["losses"]) == 2 and skipped[0]["losses"][1] == "NaN", skipped  # rank 0's, rank 1's
+
+
+def test_a_full_disk_while_saving_stops_the_run_in_one_line_with_its_last_checkpoint_whole(tiny, tmp_path,
+                                                                                            monkeypatch, capsys):
+    """ENOSPC inside safetensors while the second checkpoint is written: one line naming the file, the
+    cause and the command that continues, not safetensors' traceback; the first checkpoint stays whole."""
+    import errno
+
+    import safetensors.torch
+
+    real_save_file = safetensors.torch.save_file
+
+    def disk_full_after_the_first_checkpoint(tensors, filename, *args, **kwargs):
+        if (tmp_path / "full" / "resume" / train.TRAINER_STATE).is_file() and ".tmp" in filename:
+            raise OSError(errno.ENOSPC, "No space left on device", filename)
+        return real_save_file(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full_after_the_first_checkpoint)
+    args = train_args(tiny, tmp_path, "full", "--max-steps", "6", "--final-eval", "false")
+    assert run_cli(train.main, args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: cannot write {tmp_path / 'full'}") and "(No space left on device)" in err, err
+    assert "--resume" in err and len(err.splitlines()) == 1, err
+    assert read_json(tmp_path / "full" / "resume" / train.TRAINER_STATE)["step"] == 5
