@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import math
 import os
@@ -74,9 +75,20 @@ def run_cli(main_fn, argv=None) -> int:
     except BrokenPipeError:  # `python inference.py ... | head -1`: the reader has all it wants
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
         return 128 + signal.SIGPIPE
+    except OSError as error:
+        if error.errno not in DISK_FULL_OR_READ_ONLY:
+            raise
+        # The saves that matter say more where they fail (train.py: which checkpoint is whole); any other
+        # write (a run's config at its start, a bad-samples list) gets this line, not a library's traceback.
+        print(f"error: cannot write {error.filename or 'a file'} ({error.strerror or error}); free some space "
+              "(or use a writable folder) and run the command again", file=sys.stderr)
+        return 2
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+DISK_FULL_OR_READ_ONLY = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 
 SCRIPTS = "train.py, eval.py, inference.py, app.py, bench.py or demo.py"

@@ -440,3 +440,34 @@ def test_a_run_on_an_older_versions_gone_demo_assets_says_to_train_a_new_demo(da
         line = cli_error(capsys, main, argv)
         assert said in line and line.endswith(fix), line
     assert not (older.parent / f"demo-v{demo.DEMO_VERSION}").exists()  # nothing was built on the way
+
+
+# ----------------------------------------------------------------------------------------------
+# A full disk or read-only folder where a script writes
+# ----------------------------------------------------------------------------------------------
+
+def test_a_full_disk_anywhere_a_script_writes_is_one_line(tiny, tmp_path, monkeypatch, capsys):
+    """The checkpoint saves say more themselves (test_resilience); any other write, here the run's
+    config at its start, used to end in json's traceback."""
+    import errno
+
+    import train
+    from conftest import train_args
+
+    real_write_json = train.write_json
+
+    def disk_full(path, data):
+        if Path(path).name == train.RUN_CONFIG:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path) + ".tmp")
+        return real_write_json(path, data)
+
+    monkeypatch.setattr(train, "write_json", disk_full)
+    line = cli_error(capsys, train.main, train_args(tiny, tmp_path, "full", "--max-steps", "2"))
+    assert line == (f"error: cannot write {tmp_path / 'full' / 'run_config.json.tmp'} (No space left on device); "
+                    "free some space (or use a writable folder) and run the command again"), line
+
+    def missing(argv):  # not the disk: a bug's traceback stays a traceback
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "x")
+
+    with pytest.raises(FileNotFoundError):
+        run_cli(missing, [])
