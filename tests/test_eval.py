@@ -448,7 +448,8 @@ def test_two_processes_caption_each_image_once_and_match_one_process(run, evalua
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(ROOT / "eval.py"), str(run), "--out", str(tmp_path), "--batch-size", "2", "--num-workers", "0",
                "--no-progress"]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
+    # One thread each: two processes on the test machine's cores, not each spinning up a thread per core.
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("wrote ") == 1, "only the main process writes and prints"

@@ -55,7 +55,9 @@ def test_json_writers_spell_out_nonfinite_numbers(tmp_path):
 
 def test_nonfinite_step_is_skipped_and_logged_with_its_batch(tiny, tmp_path, monkeypatch):
     poison_calls(monkeypatch, {4})
-    summary = train.train(train.parse_config(train_args(tiny, tmp_path, "nan", "--final-eval", "false")))
+    # 8 steps: the NaN step 4 and four trained steps after it (enough for NaN weights had it been applied).
+    summary = train.train(train.parse_config(train_args(tiny, tmp_path, "nan", "--final-eval", "false",
+                                                        "--max-steps", "8")))
     assert summary["nonfinite_steps"] == 1 and not summary["interrupted"]
     log = read_jsonl(tmp_path / "nan" / "train_log.jsonl")
     [bad] = [r for r in log if r["type"] == "nonfinite"]
@@ -71,7 +73,8 @@ def test_nonfinite_step_is_skipped_and_logged_with_its_batch(tiny, tmp_path, mon
 
 def test_nonfinite_steps_in_a_row_stop_the_run_with_the_last_good_checkpoint(tiny, tmp_path, monkeypatch, capsys):
     poison_calls(monkeypatch, {7, 8, 9})
-    args = train_args(tiny, tmp_path, "diverged", "--max-nonfinite-steps", "3", "--final-eval", "false")
+    args = train_args(tiny, tmp_path, "diverged", "--max-nonfinite-steps", "3", "--final-eval", "false",
+                      "--max-steps", "12")  # the resumed run goes on past the trouble (7-9) and ends
     assert run_cli(train.main, args) == 2
     error = capsys.readouterr().err
     assert "3 non-finite steps in a row" in error
@@ -205,12 +208,14 @@ def test_every_file_reaches_the_disk_before_its_name_does(tiny, tmp_path, monkey
 
 
 def test_kill_in_the_middle_of_a_save_keeps_the_last_good_checkpoint(tiny, tmp_path):
-    train.main(train_args(tiny, tmp_path, "straight", "--final-eval", "false"))
+    # 15 steps (of 26): checkpoints at 5 and 10, and the resumed run crosses the epoch boundary (13).
+    steps = ("--final-eval", "false", "--max-steps", "15")
+    train.main(train_args(tiny, tmp_path, "straight", *steps))
     expected = load_file(tmp_path / "straight" / "last" / "adapter.safetensors")
 
     # A real SIGKILL, no cleanup possible: each checkpoint writes rng_0, optimizer, scheduler;
     # the process dies after the second checkpoint's RNG and optimizer files are on disk.
-    args = train_args(tiny, tmp_path, "killed", "--final-eval", "false")
+    args = train_args(tiny, tmp_path, "killed", *steps)
     script = (
         "import os, signal, sys\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
@@ -229,7 +234,7 @@ def test_kill_in_the_middle_of_a_save_keeps_the_last_good_checkpoint(tiny, tmp_p
     run = tmp_path / "killed"
     assert (run / "resume.tmp").is_dir()  # the half-written state, ignored
     assert read_json(run / "resume" / "trainer_state.json")["step"] == 5
-    assert train.main(train_args(tiny, tmp_path, "killed", "--resume", "--final-eval", "false")) == 0
+    assert train.main(train_args(tiny, tmp_path, "killed", "--resume", *steps)) == 0
     resumed = load_file(run / "last" / "adapter.safetensors")
     assert all(torch.equal(resumed[k], expected[k]) for k in expected)
 

@@ -93,7 +93,8 @@ def test_a_transformer_adapter_trains_and_reloads(tiny, tmp_path):
 
 
 def test_no_frozen_weight_is_ever_saved(tiny, tmp_path):
-    train.main(train_args(tiny, tmp_path, "lean", "--final-eval", "false"))
+    # 6 steps write every kind of checkpoint file a longer run does: best (step 5), resume, last.
+    train.main(train_args(tiny, tmp_path, "lean", "--final-eval", "false", "--max-steps", "6"))
     run = tmp_path / "lean"
     adapter_keys = set(adapter_weights(run / "adapter.safetensors"))
     statistics = {"feature_mean", "feature_std"}  # the training features' (F,) mean and std: not trained
@@ -122,10 +123,19 @@ def logged_losses(run: Path) -> list[tuple[int, float, int]]:
     return [(r["step"], r["loss"], r["samples"]) for r in read_jsonl(run / "train_log.jsonl") if r["type"] == "train"]
 
 
+@pytest.fixture(scope="module")
+def straight_run(tiny, tmp_path_factory) -> Path:
+    """One uninterrupted run that both signals' interrupted-and-resumed runs must match (only read)."""
+    output = tmp_path_factory.mktemp("straight")
+    with pytest.MonkeyPatch.context() as patch:  # built before the per-test cache isolation: its own cache
+        patch.setenv("CAPTIONER_HOME", str(output / "captioner-home"))
+        assert train.main(train_args(tiny, output, "straight")) == 0
+    return output / "straight"
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_resume_after_signal_matches_uninterrupted_run(tiny, tmp_path, signum, capsys):
-    train.main(train_args(tiny, tmp_path, "straight"))
-    expected = adapter_weights(tmp_path / "straight" / "last" / "adapter.safetensors")
+def test_resume_after_signal_matches_uninterrupted_run(tiny, tmp_path, signum, capsys, straight_run):
+    expected = adapter_weights(straight_run / "last" / "adapter.safetensors")
 
     def interrupt_at_7(step):
         if step == 7:
@@ -144,7 +154,7 @@ def test_resume_after_signal_matches_uninterrupted_run(tiny, tmp_path, signum, c
     for key in expected:
         assert torch.equal(expected[key], resumed[key]), key
     # The same log lines: step 8's mean loss includes step 7's, taken before the signal.
-    assert logged_losses(tmp_path / "stopped") == logged_losses(tmp_path / "straight")
+    assert logged_losses(tmp_path / "stopped") == logged_losses(straight_run)
 
 
 def test_signal_during_the_final_validation_or_test_evaluation_keeps_the_finished_run(tiny, tmp_path, monkeypatch,
