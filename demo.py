@@ -293,9 +293,9 @@ def build_missing_assets(root: Path, progress: bool) -> None:
     # One builder at a time (`make demo` and `python app.py` started together on a fresh machine): a
     # second would rewrite the model files the first has started to train on, and spend the minutes twice.
     with waiting_lock(root / ".build.lock", f"waiting for another process building the demo in {root} ..."):
-        if (backbones / "BUILT").is_file() and not backbones_built(backbones):
-            print(f"the demo backbones in {backbones} are damaged ({damaged_backbone_file(backbones)} is missing "
-                  "or changed): building them again", flush=True)
+        if (backbones / "BUILT").is_file() and (damaged := damaged_backbone_file(backbones)):
+            print(f"the demo backbones in {backbones} are damaged ({damaged} is missing or changed): building "
+                  "them again", flush=True)
             (backbones / "BUILT").unlink()
         if not (data_dir / "captions.jsonl").is_file():
             print(f"building the synthetic demo images in {data_dir} ...", flush=True)
