@@ -18,8 +18,10 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(PY) train.py --demo
 
+# Tests run in worker processes, one per core up to 4 (pytest-xdist), each with one torch thread:
+# the tiny models gain nothing from a second thread, and many tests wait on subprocesses.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist worksteal
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

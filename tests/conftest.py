@@ -2,16 +2,27 @@
 through the same builders (and later the same from_pretrained loaders) as the offline demo."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs a worker per core: one torch thread each (set before torch is imported, and
+    # inherited by the scripts tests start), or the workers' thread pools fight over the cores.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from demo import build_demo_data, build_tiny_backbones  # noqa: E402
 
 SMALL_SPLITS = {"train": 40, "val": 6, "test": 6}
+
+
+def pytest_collection_modifyitems(items):
+    """Slow tests first, so that under `make test`'s workers the longest one is not the last to start."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session")
