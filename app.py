@@ -240,11 +240,19 @@ def distinct_checkpoints(checkpoints: list[Path]) -> list[Path]:
 
 
 def unique_names(runs: list[LoadedRun]) -> None:
-    """Runs named alike (two `last` folders, say) are told apart by their full path."""
+    """Runs named alike (two `last` folders, say) are told apart by their path, as is a run whose name
+    is one of the page's other choices ("nothing", a baseline's): the choice is made by name, and
+    such a run could not be picked, or would be picked in place of that choice."""
     names = [run.name for run in runs]
     for run in runs:
-        if names.count(run.name) > 1:
+        if names.count(run.name) > 1 or is_reserved_name(run.name):
             run.name = str(run.path)
+            if is_reserved_name(run.name):  # a run folder named so, given as a relative path
+                run.name = str(Path(run.path).absolute())
+
+
+def is_reserved_name(name: str) -> bool:
+    return name == NOTHING or name.startswith(BASELINE_PREFIX)
 
 
 def example_images(checkpoint: Path, count: int) -> list[tuple[str, str]]:

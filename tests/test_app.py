@@ -573,6 +573,23 @@ def test_a_run_folder_named_twice_is_loaded_and_offered_once(run, tmp_path, monk
     assert capsys.readouterr().out.count("serving it once") == 3
 
 
+def test_a_run_named_like_another_choice_on_the_page_can_still_be_picked(run, tmp_path, monkeypatch):
+    """Choices are made by name: a run folder named "nothing" made "Compare with: nothing" caption
+    with that run, and one named like a baseline took the baseline's place."""
+    reserved = ["nothing", app.BASELINE_PREFIX + "a"]
+    for name in ["a", *reserved]:
+        copy_run_files(run, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    page, _ = served_by_main(["--checkpoint", "a", *reserved], monkeypatch)
+    assert [choice for choice in page.compare_choices if choice in reserved] == ["nothing"]  # the page's own
+    image = tmp_path / "red.png"
+    image.write_bytes(png_bytes())
+    settings = ("greedy", 3, 0.7, 0.9, 20, 0)
+    assert page.caption(str(image), "a", app.NOTHING, *settings)[2].value == ""  # nothing to compare with
+    for name in reserved:
+        assert page.caption(str(image), str(tmp_path / name), app.NOTHING, *settings)[0].value == "a stub caption"
+
+
 def test_a_damaged_run_is_reported_before_any_run_loads(run, tmp_path, monkeypatch):
     """Only adapter_config.json was looked for before loading: a third run with torn weights was
     reported after the first two had loaded their backbones (minutes with real ones)."""
