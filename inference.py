@@ -3,15 +3,18 @@
     python inference.py --checkpoint saved_models/demo photo.jpg other.png
     python inference.py --checkpoint saved_models/demo --strategy beam --num-beams 5 --json *.jpg
     python inference.py --checkpoint saved_models/demo --json photos/ > captions.jsonl      # a whole folder
+    find photos -name '*.jpg' | python inference.py --checkpoint saved_models/demo -       # paths on stdin
     python inference.py --checkpoint saved_models/demo --lm-quantization 4bit photo.jpg   # a small GPU
 
 Needs only the run folder and the backbones its adapter_config.json names. Prints one caption
 per image ("path<TAB>caption"; a path with a tab, newline or other control character in its name, or
 one that starts with a quote, is written as a quoted JSON string), or one JSON object per line with --json. A folder stands for the
 image files under it (by name: .jpg .jpeg .png .bmp .gif .webp .tif .tiff, any case), sorted, its
-sub-folders included; other files there are left out with one note. An image that cannot be read
+sub-folders included; other files there are left out with one note. "-" reads more paths from
+standard input, one a line (a name with a newline in it must be given as an argument). An image that cannot be read
 gets one line on stderr ("error: ..." naming it; {"image", "error"} on stdout with --json), the
-others are still captioned, and the exit status is 1.
+others are still captioned, and the exit status is 1. A progress bar (stderr, only on a terminal)
+counts the images.
 """
 from __future__ import annotations
 
@@ -59,10 +62,12 @@ class ImagesParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = ImagesParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", nargs="+", metavar="IMAGE",
-                        help="image files to caption, or folders of them (searched with their sub-folders)")
+                        help="image files to caption, folders of them (searched with their sub-folders), or - to "
+                             "read paths from standard input, one a line")
     parser.add_argument("--checkpoint", required=True, help="run folder (best adapter) or its last/ sub-folder")
     parser.add_argument("--json", action="store_true", help="print one JSON object per image")
     parser.add_argument("--batch-size", type=whole_number(1), default=32, help="images captioned together")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar (shown only on a terminal)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--compile", action="store_true",
                         help="greedy decoding with a static KV cache and a compiled one-token step (CUDA only; "
@@ -70,6 +75,27 @@ def build_parser() -> argparse.ArgumentParser:
     add_loading_flags(parser)
     add_decoding_flags(parser)
     return parser
+
+
+def with_stdin_paths(arguments: list[str], stdin=None) -> list[str]:
+    """The arguments with "-" replaced by the paths read from standard input, one a line (`find ... |`,
+    `ls`'s output, a saved list); blank lines are skipped, other whitespace is part of a name. A file
+    named "-" is ./-."""
+    if "-" not in arguments:
+        return arguments
+    if arguments.count("-") > 1:
+        raise UserError('"-" (read the image paths from standard input) is given twice; give it once')
+    stdin = stdin if stdin is not None else sys.stdin
+    if stdin is None or stdin.isatty():
+        raise UserError('"-" reads image paths from standard input, but none is piped in: pipe a list into it '
+                        "(find photos -name '*.jpg' | inference.py --checkpoint RUN -) or name the images")
+    raw = getattr(stdin, "buffer", None)  # bytes where there are: a name need not be valid UTF-8
+    listed = [(os.fsdecode(line) if raw is not None else line).rstrip("\r\n") for line in (raw or stdin)]
+    listed = [line for line in listed if line.strip()]
+    if not listed:
+        raise UserError('"-" was given but standard input listed no image paths (one a line)')
+    at = arguments.index("-")
+    return arguments[:at] + listed + arguments[at + 1:]
 
 
 def image_paths(arguments: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -141,7 +167,7 @@ def main(argv=None) -> int:
     device = pick_device(args.device)
     checkpoint = Path(args.checkpoint)
     AdapterConfig.from_json(checkpoint / ADAPTER_CONFIG)  # a bad checkpoint is reported before any image
-    paths_to_caption, unreadable = image_paths(args.images)
+    paths_to_caption, unreadable = image_paths(with_stdin_paths(args.images))
     # Decoded a batch at a time (memory stays flat however many images); the backbones are loaded
     # at the first readable image, so a run where every image is bad loads no model at all.
     with captions_to_stdout():
@@ -167,7 +193,12 @@ def captions_to_stdout():
 
 def caption_batches(args, checkpoint: Path, device, decoding, paths_to_caption: list, unreadable: dict) -> int:
     """Print each image's caption (or its error), a batch at a time; returns how many images failed."""
+    from tqdm.auto import tqdm
+
     captioner, failed = None, 0
+    # On stderr, and only on a terminal (disable=None), so --json lines and redirected logs stay clean.
+    bar = tqdm(total=len(paths_to_caption), unit="image", desc="captioning", file=sys.stderr,
+               disable=True if args.no_progress or len(paths_to_caption) < 2 else None)
     for start in range(0, len(paths_to_caption), args.batch_size):
         paths = paths_to_caption[start : start + args.batch_size]
         opened = open_images(paths, unreadable)
@@ -182,14 +213,17 @@ def caption_batches(args, checkpoint: Path, device, decoding, paths_to_caption: 
         for path, image in zip(paths, opened):
             if isinstance(image, UserError):
                 failed += 1
-                print(f"error: {image}", file=sys.stderr)
+                tqdm.write(f"error: {image}", file=sys.stderr)  # above the bar, not through it
                 if args.json:
                     print(json.dumps({"image": path, "error": str(image)}))
             else:
                 caption = next(captions)
                 if not caption:  # else a bare "path<TAB>" line, easy to take for a lost caption
-                    print(f"note: the model wrote no words for {path} (it ended the caption at once)", file=sys.stderr)
+                    tqdm.write(f"note: the model wrote no words for {path} (it ended the caption at once)",
+                               file=sys.stderr)
                 print(json.dumps({"image": path, "caption": caption}) if args.json else tab_line(path, caption))
+        bar.update(len(paths))
+    bar.close()
     return failed
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import io
 import json
 import os
 import pickle
@@ -474,6 +475,47 @@ def test_inference_on_a_folder_captions_the_images_under_it_in_order(tiny, check
     # The same captions as naming the files one by one.
     assert inference.main(["--checkpoint", str(checkpoint), *listed]) == 0
     assert capsys.readouterr().out == out
+
+
+def test_inference_reads_image_paths_from_standard_input(tiny, checkpoint, tmp_path, monkeypatch, capsys):
+    """`find photos -name '*.jpg' | inference.py --checkpoint RUN -`: "-" used to be "image not found: -"."""
+    image = sorted((Path(tiny["data_dir"]) / "images").glob("test_*.png"))[0]
+    named = [tmp_path / "sub dir" / "ph oto \u00e9.png", tmp_path / " lead.png"]  # spaces are part of a name
+    named[0].parent.mkdir()
+    for path in named:
+        shutil.copy(image, path)
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{named[0]}\n\n{named[1]}\r\n"))
+    assert inference.main(["--checkpoint", str(checkpoint), str(image), "-"]) == 0
+    out = capsys.readouterr().out
+    assert [line.split("\t")[0] for line in out.splitlines()] == [str(image), *map(str, named)]
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stdin, argv, says in ((Terminal(), ["-"], "none is piped in"), (io.StringIO("\n"), ["-"], "listed no image"),
+                              (io.StringIO(str(image)), ["-", "-"], "is given twice")):
+        monkeypatch.setattr("sys.stdin", stdin)
+        assert run_cli(inference.main, ["--checkpoint", str(checkpoint), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and says in err, err
+
+
+def test_inference_counts_the_images_on_a_terminal_only_and_never_on_stdout(tiny, checkpoint, monkeypatch, capsys):
+    images = [str(path) for path in sorted((Path(tiny["data_dir"]) / "images").glob("test_*.png"))[:3]]
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    monkeypatch.setenv("COLUMNS", "100")
+    assert inference.main(["--checkpoint", str(checkpoint), "--json", "--batch-size", "2", *images]) == 0
+    assert "3/3" in terminal.getvalue() and "image" in terminal.getvalue()
+    assert [json.loads(line)["image"] for line in capsys.readouterr().out.splitlines()] == images
+    assert inference.main(["--checkpoint", str(checkpoint), "--no-progress", *images]) == 0
+    assert "3/3" not in terminal.getvalue().split("3/3", 1)[1]  # --no-progress: no second bar
 
 
 def test_inference_output_keeps_one_line_per_image_whatever_the_file_names(tiny, checkpoint, tmp_path, capsys,
