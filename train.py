@@ -60,6 +60,7 @@ TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", 
 TRACKING_DIR = "tracking"  # under the run folder: where trackers that write files (TensorBoard) write
 TRACKING_PROJECT = "captioner"  # the W&B project, MLflow experiment, ... (the run is named by --run-name)
 WANDB_RUN_ID = "wandb_run_id.txt"  # under TRACKING_DIR: the W&B run that every start of this run logs to
+MLFLOW_RUN_ID = "mlflow_run_id.txt"  # under TRACKING_DIR: the MLflow run that every start of this run logs to
 TRAIN_LOG = "train_log.jsonl"
 DEMO_RUN_NAMES = ["demo", *(f"demo-{i}" for i in range(2, 1000))]  # --demo takes the first free one
 RUN_LOCK = ".train.lock"  # held by the process training in the folder (claim_run_folder)
@@ -1317,10 +1318,11 @@ def set_up_run(config: TrainConfig, accelerator) -> Run:
 def start_trackers(run: Run) -> None:
     """--report-to: start Accelerate's trackers with the run's settings. A resumed run goes on in the
     same TensorBoard folder, where what was logged after its checkpoint is hidden (purge_step), as
-    train_log.jsonl is cut back to the checkpoint, and in the same W&B run."""
+    train_log.jsonl is cut back to the checkpoint, and in the same W&B and MLflow run."""
     if not run.accelerator.log_with:
         return
-    run.accelerator.project_configuration.logging_dir = str(run.run_dir / TRACKING_DIR)
+    tracking = run.run_dir / TRACKING_DIR
+    run.accelerator.project_configuration.logging_dir = str(tracking)
     settings = {name: value if isinstance(value, (bool, int, float, str)) else str(value)
                 for name, value in dataclasses.asdict(run.config).items()}
     init_kwargs = {"wandb": {"name": run.config.run_name}, "mlflow": {"run_name": run.config.run_name}}
@@ -1328,19 +1330,100 @@ def start_trackers(run: Run) -> None:
         init_kwargs["tensorboard"] = {"purge_step": run.state.step + 1}
     try:
         wanted = {str(tracker) for tracker in run.accelerator.log_with}  # already checked: see start()
+        has_hparams = tensorboard_has_hparams(tracking)  # before this start writes its events
         if "wandb" in wanted and run.accelerator.is_main_process:
-            init_kwargs["wandb"].update(wandb_run(run.run_dir / TRACKING_DIR))
-        run.accelerator.init_trackers(TRACKING_PROJECT, config=settings, init_kwargs=init_kwargs)
+            init_kwargs["wandb"].update(wandb_run(tracking))
+        if "mlflow" in wanted and run.accelerator.is_main_process:
+            init_kwargs["mlflow"].update(use_mlflow_store(run.accelerator, tracking))
+        # The settings go to each tracker below, not through init_trackers(config=...), which would
+        # add them again at every start: see store_settings.
+        run.accelerator.init_trackers(TRACKING_PROJECT, init_kwargs=init_kwargs)
+        for tracker in run.accelerator.trackers if run.accelerator.is_main_process else []:
+            store_settings(tracker, settings, has_hparams)
+            if tracker.name == "mlflow":
+                keep_run_id(tracking / MLFLOW_RUN_ID, tracker.active_run.info.run_id)
     except Exception as error:  # a tracker's own start: a folder, a server, a login
         close_trackers(run.accelerator)
         if not run.config.resume and run.accelerator.is_main_process:  # so the same command can run again
-            shutil.rmtree(run.run_dir / TRACKING_DIR, ignore_errors=True)
+            shutil.rmtree(tracking, ignore_errors=True)
             with contextlib.suppress(OSError):
                 run.run_dir.rmdir()  # only if nothing else is in it
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-        raise UserError(f"--report-to {run.config.report_to}: a tracker could not start ({type(error).__name__}: "
-                        f"{first}); fix that, or run without it (--report-to none; it may change on --resume)"
-                        ) from None
+        raise UserError(f"--report-to {run.config.report_to}: a tracker could not start ({tracker_error(error)}); "
+                        "fix that, or run without it (--report-to none; it may change on --resume)") from None
+
+
+def tracker_error(error: Exception) -> str:
+    """A tracker's start error in a few words: its first line, cut short, or what to do where that
+    would be cut before saying it (MLflow 3.7+ refusing its folder store, the only one mlflow-skinny
+    has without SQLAlchemy, names its opt-out after 400 characters)."""
+    if "MLFLOW_ALLOW_FILE_STORE" in str(error):
+        return ("MLflow refuses its folder store, mlruns/, the only one it has without SQLAlchemy: pip install "
+                "sqlalchemy alembic, or set MLFLOW_ALLOW_FILE_STORE=true, or MLFLOW_TRACKING_URI to a server")
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    return f"{type(error).__name__}: {first}"
+
+
+def tensorboard_has_hparams(tracking: Path) -> bool:
+    """Whether an earlier start of this run already gave TensorBoard its settings (Accelerate writes
+    them with an hparams.yml, in a sub-folder named by the time)."""
+    return any((tracking / TRACKING_PROJECT).glob("*/hparams.yml"))
+
+
+def store_settings(tracker, settings: dict, has_hparams: bool) -> None:
+    """The run's settings, once per run where a tracker would keep each start's: TensorBoard's HParams
+    tab shows one row per add_hparams call (a sub-run each), and MLflow refuses a setting logged again
+    with another value (a resume, a longer --max-steps), so both keep the first start's settings. W&B
+    updates its one config in place, so it takes each start's (a changed --max-steps shows there)."""
+    if tracker.name == "tensorboard" and has_hparams:
+        return
+    if tracker.name == "mlflow" and tracker.active_run.data.params:  # a run it goes on in
+        return
+    tracker.store_init_configuration(settings)
+
+
+def keep_run_id(id_file: Path, run_id: str) -> None:
+    """Keep the tracker's run id for the next start, unless one is kept (a run id the user set for one
+    start, MLFLOW_RUN_ID, is kept only where none was)."""
+    if not id_file.is_file() or not id_file.read_text().strip():
+        write_text(id_file, run_id + "\n")
+
+
+def mlflow_store_uri(tracking: Path) -> str | None:
+    """Where MLflow keeps this run: in the run's tracking/ folder, not in mlflow.db or mlruns/ wherever
+    the command was run (MLflow's default); None where the user chose a store (MLFLOW_TRACKING_URI).
+    The SQLite store where SQLAlchemy is installed (MLflow's own default; mlflow-skinny lacks it),
+    else the folder store (which MLflow 3.7+ refuses unless MLFLOW_ALLOW_FILE_STORE=true)."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec("sqlalchemy") is not None:
+        return f"sqlite:///{(tracking / 'mlflow.db').absolute()}"
+    return (tracking / "mlruns").absolute().as_uri()
+
+
+def mlflow_run(tracking: Path, store_uri: str | None) -> dict:
+    """MLflowTracker's arguments for the one MLflow run of this run folder: the run id kept in tracking/
+    at its first start, so that a resumed run goes on in it (MLFLOW_RUN_ID, where set, wins: Accelerate
+    reads it), and, in a store of the run's own (`store_uri`), its artifacts in tracking/ too."""
+    id_file = tracking / MLFLOW_RUN_ID
+    stored = id_file.read_text().strip() if id_file.is_file() else ""
+    kwargs = {"run_id": stored} if stored else {}
+    if store_uri:
+        kwargs["logging_dir"] = (tracking / "mlartifacts").absolute().as_uri()
+    return kwargs
+
+
+def use_mlflow_store(accelerator, tracking: Path) -> dict:
+    """Point MLflow at this run's store (see mlflow_store_uri) for as long as the run's trackers are
+    open; close_trackers puts back MLflow's default. The MLflowTracker arguments (mlflow_run)."""
+    tracking.mkdir(parents=True, exist_ok=True)
+    if uri := mlflow_store_uri(tracking):
+        import mlflow
+
+        mlflow.set_tracking_uri(uri)  # (it also sets MLFLOW_TRACKING_URI, for child processes)
+        accelerator.mlflow_store_set = True
+    return mlflow_run(tracking, uri)
 
 
 def wandb_run(tracking: Path) -> dict:
@@ -1377,8 +1460,17 @@ def close_trackers(accelerator, failed: bool = False) -> None:
         with contextlib.suppress(Exception):  # one that never started has nothing to close
             if failed and tracker.name == "wandb":
                 tracker.run.finish(exit_code=1)
+            elif failed and tracker.name == "mlflow":
+                import mlflow
+
+                mlflow.end_run(status="FAILED")
             else:
                 tracker.finish()
+    if getattr(accelerator, "mlflow_store_set", False):  # MLflow's default again, for a later run in this process
+        import mlflow
+
+        mlflow.set_tracking_uri(None)
+        accelerator.mlflow_store_set = False
 
 
 def resume(run: Run, train_data: str, data_content: dict) -> None:

@@ -255,6 +255,11 @@ def test_report_to_tensorboard_shows_the_log_and_a_resumed_run_once(tiny, tmp_pa
         assert [v for _, v in scalars[tag]] == pytest.approx([v for _, v in expected], rel=1e-6, abs=1e-7), tag
     metrics = json.loads((tmp_path / "tracked" / "metrics.json").read_text())
     assert scalars["test/coco_cider_d"] == [(26, pytest.approx(metrics["coco_cider_d"], rel=1e-6))]
+    # Two starts, one row in TensorBoard's HParams tab: the settings are written once per run folder
+    # (add_hparams makes a time-named sub-run each call, with Accelerate's hparams.yml beside it).
+    sub_runs = [p for p in (tmp_path / "tracked" / "tracking" / "captioner").iterdir() if p.is_dir()]
+    assert len([p for p in sub_runs if (p / "hparams.yml").is_file()]) == 1, sub_runs
+    assert len([p for p in sub_runs if any(p.glob("events.out.tfevents.*"))]) == 1, sub_runs
 
 
 def test_report_to_wandb_goes_on_in_the_same_wandb_run_after_a_resume(tiny, tmp_path, monkeypatch):
@@ -283,6 +288,62 @@ def test_report_to_wandb_goes_on_in_the_same_wandb_run_after_a_resume(tiny, tmp_
     assert wandb_runs("tracked") == [run_id, run_id]  # two starts, one W&B run (`wandb sync` joins them)
     assert wandb_runs("other") != [run_id] and len(wandb_runs("other")) == 1  # another run, another W&B run
     assert not (tmp_path / "wandb").exists()
+
+
+def test_mlflow_keeps_its_store_and_its_run_id_in_the_run_folder(tmp_path, monkeypatch):
+    """Without mlflow installed: the store MLflow is pointed at, and the run it is told to go on in.
+    (End to end, with mlflow: test_report_to_mlflow_goes_on_in_the_same_mlflow_run_after_a_resume.)"""
+    tracking = tmp_path / "run" / "tracking"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    store = train.mlflow_store_uri(tracking)
+    assert store in (f"sqlite:///{tracking / 'mlflow.db'}", (tracking / "mlruns").as_uri())  # not ./mlflow.db
+    assert train.mlflow_run(tracking, store) == {"logging_dir": (tracking / "mlartifacts").as_uri()}  # a new run
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    assert train.mlflow_store_uri(tracking) is None  # the user's store, and its artifact location
+    tracking.mkdir(parents=True)
+    train.keep_run_id(tracking / "mlflow_run_id.txt", "0123abcd")  # the first start's run
+    train.keep_run_id(tracking / "mlflow_run_id.txt", "ffff0000")  # MLFLOW_RUN_ID of a later start: not kept
+    assert train.mlflow_run(tracking, None) == {"run_id": "0123abcd"}
+
+
+def test_mlflow_refusing_its_folder_store_says_what_to_do_in_the_line():
+    """mlflow-skinny without SQLAlchemy: MLflow 3.7+'s refusal names its opt-out too late for one line."""
+    refusal = ("The filesystem tracking backend (e.g., './mlruns') is in maintenance mode and will not receive "
+               "further updates. " + "Please migrate. " * 30 + "set `MLFLOW_ALLOW_FILE_STORE=true` to opt out.")
+    line = train.tracker_error(RuntimeError(refusal))
+    assert "pip install sqlalchemy alembic" in line and "MLFLOW_ALLOW_FILE_STORE=true" in line
+    assert train.tracker_error(OSError("No space left on device\nmore")) == "OSError: No space left on device"
+
+
+def test_report_to_mlflow_goes_on_in_the_same_mlflow_run_after_a_resume(tiny, tmp_path, monkeypatch):
+    """Its store in the run's tracking/ folder, not where the command ran; one MLflow run for both
+    starts, marked failed after the crash and finished at the end; the settings logged once (MLflow
+    refuses a setting logged again with another value); MLflow's default store back afterwards."""
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # where SQLAlchemy (mlflow-skinny) is missing
+    monkeypatch.chdir(tmp_path)  # where MLflow's own default store would appear
+    args = train_args(tiny, tmp_path, "tracked", "--report-to", "mlflow", "--final-eval", "false", "--max-steps", "10")
+
+    def crash_at_8(step):
+        if step == 8:
+            raise RuntimeError("power cut")
+
+    with pytest.raises(RuntimeError):
+        train.train(train.parse_config(args), on_step=crash_at_8)
+    tracking = tmp_path / "tracked" / "tracking"
+    run_id = (tracking / "mlflow_run_id.txt").read_text().strip()
+    client = mlflow.MlflowClient(train.mlflow_store_uri(tracking))
+    assert client.get_run(run_id).info.status == "FAILED"
+    assert train.main(["--run-name", "tracked", "--output-dir", str(tmp_path), "--resume", "--no-progress"]) == 0
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.run_id for r in runs] == [run_id] and runs[0].info.status == "FINISHED"
+    assert runs[0].data.params["resume"] == "False"  # the first start's settings
+    # Steps 6 and 8 were sent before the crash and again after the resume: MLflow keeps both, in order.
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [2, 4, 6, 8, 6, 8, 10]
+    assert {p.name for p in tmp_path.iterdir()} - {"captioner-home"} == {"tracked"}  # no mlflow.db, mlruns/
+    assert "MLFLOW_TRACKING_URI" not in os.environ
 
 
 @pytest.mark.slow
