@@ -34,6 +34,7 @@ import torch
 from utils import UserError, cache_home, nearest_existing, run_cli, seed_everything, waiting_lock, whole_number
 
 DEMO_VERSION = 2  # bump when the recipe below changes, so cached assets are rebuilt
+BACKBONE_FILES = ("clip/config.json", "clip/model.safetensors", "lm/config.json", "lm/model.safetensors")
 EOS_TOKEN = "<|endoftext|>"
 
 SHAPE_COLOURS = {
@@ -225,6 +226,8 @@ def build_tiny_backbones(captions_dir: str | Path, out_dir: str | Path, lm_steps
 
     from transformers.utils import logging as hf_logging
 
+    if process_group_rank() > 0:
+        return build_in_a_process_of_its_own(captions_dir, out_dir, lm_steps, seed, progress)
     hf_logging.disable_progress_bar()  # "Writing model shards" bars for one tiny shard: noise
     out_dir = Path(out_dir)
     records = load_caption_folder(Path(captions_dir), "train", seed)
@@ -234,9 +237,42 @@ def build_tiny_backbones(captions_dir: str | Path, out_dir: str | Path, lm_steps
     tokenizer = build_tokenizer(captions)
     build_tiny_clip(out_dir / "clip", seed=seed)
     stats = pretrain_tiny_lm([r.captions for r in records], tokenizer, out_dir / "lm", lm_steps, seed, progress)
+    if missing := [name for name in BACKBONE_FILES if not (out_dir / name).is_file()]:
+        raise UserError(f"building the demo backbones in {out_dir} wrote no {missing[0]}; delete that folder and "
+                        "build them again")
     (out_dir / "BUILT").write_text(json.dumps({"version": DEMO_VERSION, "captions": len(captions), **stats,
                                                "files": file_sizes(out_dir)}) + "\n")
     return {"clip": str(out_dir / "clip"), "lm": str(out_dir / "lm"), **stats}
+
+
+def process_group_rank() -> int:
+    """This process's rank in an initialised torch.distributed process group (train.py under a launcher),
+    or -1 outside one."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else -1
+
+
+def build_in_a_process_of_its_own(captions_dir, out_dir, lm_steps: int, seed: int, progress: bool) -> dict:
+    """build_tiny_backbones in a fresh Python process. Inside a process group, transformers' save_pretrained
+    writes on its first process only: any other (the first process of another machine, whose
+    CAPTIONER_HOME is a disk of its own) saved the backbones without their weights or configs, and marked
+    the build complete, so that machine's demo could never load again. The same seeds, the same backbones."""
+    import subprocess
+
+    script = ("import json, sys\n"
+              f"sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
+              "from utils import run_cli\n"
+              "import demo\n"
+              f"built = {{}}\n"
+              f"code = run_cli(lambda argv: built.update(demo.build_tiny_backbones({str(captions_dir)!r}, "
+              f"{str(out_dir)!r}, {lm_steps}, {seed}, {progress})))\n"
+              "print(json.dumps(built))\n"
+              "sys.exit(code)\n")
+    done = subprocess.run([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:  # it said why on stderr
+        raise UserError(f"building the demo backbones in {out_dir} failed (exit status {done.returncode})")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def file_sizes(folder: Path) -> dict[str, int]:
@@ -257,7 +293,9 @@ def damaged_backbone_file(backbones: Path) -> str | None:
         path = backbones / name
         if not path.is_file() or path.stat().st_size != size:
             return name
-    return None
+    # A build marked complete without its weights (one made by a second process of a process group,
+    # before build_in_a_process_of_its_own) lists only the files it wrote: it is built again.
+    return next((name for name in BACKBONE_FILES if not (backbones / name).is_file()), None)
 
 
 def backbones_built(backbones: Path) -> bool:

@@ -40,17 +40,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dataset import (DATASETS, FLICKR30K_PARQUET, SPLITS, check_data_flags, drop_unreadable, extract_features,
-                     limit_records, load_records)
+from dataset import (DATASETS, FLICKR30K_PARQUET, SPLITS, check_data_flags, drop_unreadable, encoder_fingerprint,
+                     extract_features, limit_records, load_records)
 from demo import rebuild_cleared_demo
 from metrics import COCO_METRICS, COCO_VARIANT, TOKENIZATION_DETAILS, coco_metrics, start_meteor
 from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LM_QUANTIZATIONS, AdapterConfig, DecodingConfig, load_captioner,
                    MAX_NUM_BEAMS, lm_quantization_of)
 from report import EXTRA_METRICS, REPORT_FILE, baseline_verdict, collapse_line, percent, sweep_rows, write_report
-from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, UserError, caption_diversity, caption_metrics, default_image_workers,
-                   file_digest, format_table, ids_digest, json_value, lone_cpu_launch_warning, lost_another_process,
-                   nearest_existing, read_json, run_cli, waiting_lock, whole_number, write_json, write_jsonl,
-                   write_text)
+from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, UserError, caption_diversity, caption_metrics, check_processes_agree,
+                   default_image_workers, file_digest, format_table, ids_digest, json_value, lone_cpu_launch_warning,
+                   lost_another_process, nearest_existing, read_json, run_cli, waiting_lock, weights_digest,
+                   whole_number, write_json, write_jsonl, write_text)
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -246,6 +246,14 @@ class Processes:
         batches = math.ceil(length / batch_size)
         first, last = self.rank * batches // self.count, (self.rank + 1) * batches // self.count
         return range(first * batch_size, min(last * batch_size, length))
+
+    def agree(self, facts: dict[str, str], problem: str = "", advice: str = "") -> None:
+        """Stop every process with the same line where one has a `problem` or other `facts` than process 0."""
+        if self.count == 1:
+            if problem:
+                raise UserError(problem)
+            return
+        check_processes_agree(facts, problem, advice)
 
     def gather(self, items: list) -> list:
         """Every process's items, concatenated in rank order (which puts the shards back in split order)."""
@@ -771,6 +779,44 @@ def check_out_folder(out: Path) -> None:
                         "to") from None
 
 
+SAME_RUN_EVERYWHERE = ("every machine needs the run folder, the data and the backbones at the same paths, the same "
+                      "files (a shared disk, or copies made whole), and the same flags")
+# Flags that may differ from machine to machine: what each shows, how it reads, where its copies are
+# (compared by content instead), and where process 0 alone writes.
+PER_MACHINE_FLAGS = {"no_progress", "num_workers", "device", "data_dir", "hub_data_files", "clip_model", "lm_model",
+                     "trust_remote_code", "out", "checkpoint"}
+
+
+def checkpoint_problem(checkpoint: Path, out: str, writes: bool = True) -> str:
+    """Why `checkpoint` cannot be evaluated here ("" if it can): what each process checks on its machine
+    (the one that `writes` the outputs, whether it can)."""
+    if not checkpoint.exists():
+        return f"{checkpoint} does not exist: give a run folder (python eval.py saved_models/RUN)"
+    if checkpoint.is_file():
+        return f"{checkpoint} is a file: eval.py takes the run folder (here {checkpoint.parent})"
+    if not (checkpoint / ADAPTER_CONFIG).is_file():
+        return f"{checkpoint} is not a run folder: it has no {ADAPTER_CONFIG}"
+    try:
+        if writes:
+            check_outputs_can_be_written(checkpoint, out)
+    except UserError as error:
+        return str(error)
+    return ""
+
+
+def evaluated_facts(args, checkpoint: Path, captioner, records, train_records) -> dict[str, str]:
+    """What every process must have loaded alike (see utils.check_processes_agree)."""
+    from train import content_digest
+
+    flags = {f"--{name.replace('_', '-')}": repr(value) for name, value in sorted(vars(args).items())
+             if name not in PER_MACHINE_FLAGS}
+    return {**flags, "the adapter's weights (a digest)": file_digest(checkpoint / ADAPTER_WEIGHTS),
+            "the CLIP weights (a digest)": encoder_fingerprint(captioner),
+            "the language model's weights (a digest)": weights_digest(captioner.lm),
+            "the evaluated data (a digest of image ids, captions, file sizes)": content_digest(records),
+            "the baseline's training data (a digest)": content_digest(train_records)}
+
+
 def check_outputs_can_be_written(checkpoint: Path, out: str) -> None:
     """Before any work: the outputs' default folder (the checkpoint) can be written; it used to fail
     only after the whole split was captioned. (A damaged train_log.jsonl costs only the curves.)"""
@@ -811,15 +857,13 @@ def main(argv=None) -> int:
         return compare_main(args)
     if not args.checkpoint:
         raise UserError("give a run folder to evaluate (python eval.py RUN), or --compare RUN RUN ...")
+    # Under a launcher the processes join before any reads the run: one that finds no run folder on its
+    # machine (a disk of its own) then stops them all in one line, where the others waited for it forever.
+    processes = Processes.from_environment(args.device)
     checkpoint = Path(args.checkpoint)
-    if not checkpoint.exists():
-        raise UserError(f"{checkpoint} does not exist: give a run folder (python eval.py saved_models/RUN)")
-    if checkpoint.is_file():
-        raise UserError(f"{checkpoint} is a file: eval.py takes the run folder (here {checkpoint.parent})")
-    if not (checkpoint / ADAPTER_CONFIG).is_file():
-        raise UserError(f"{checkpoint} is not a run folder: it has no {ADAPTER_CONFIG}")
+    processes.agree({}, problem=checkpoint_problem(checkpoint, args.out, writes=processes.is_main),
+                    advice=SAME_RUN_EVERYWHERE)
     run_dir = find_run_dir(checkpoint)
-    check_outputs_can_be_written(checkpoint, args.out)
     run = find_run_config(checkpoint)
     dataset = args.dataset or run.get("dataset")
     if dataset is None:
@@ -840,10 +884,12 @@ def main(argv=None) -> int:
     if not records:
         raise UserError(empty_split_message(dataset, args.split, data_dir, hub_files, seed))
     train_records = baseline_training_records(run, dataset, data_dir, hub_files)
-    processes = Processes.from_environment(args.device)
     device = processes.device or pick_device(args.device)
     captioner = load_captioner(checkpoint, device=device, dtype=default_dtype(device),
                                **loading_from_args(args, checkpoint))
+    if processes.count > 1:  # each machine may read a copy of its own: copies that differ would caption apart
+        processes.agree(evaluated_facts(args, checkpoint, captioner, records, train_records),
+                        advice=SAME_RUN_EVERYWHERE)
     try:
         results = evaluate_captioner(captioner, records, decodings, train_records, args.batch_size, args.num_workers,
                                      not args.no_progress and processes.is_main, args.seed, processes,

@@ -39,16 +39,18 @@ from typing import Literal
 import torch
 
 from dataset import (DATASETS, FLICKR30K_PARQUET, PADDING_PAIR, CaptionPairs, EpochShuffleSampler, check_data_flags,
-                     collate_captions, drop_unreadable, extract_features, limit_records, load_records)
+                     collate_captions, drop_unreadable, encoder_fingerprint, extract_features, limit_records,
+                     load_records)
 from metrics import validation_cider_d
 from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, IGNORE_INDEX, AdapterConfig, DecodingConfig, TrainingLoss,
                    build_captioner, load_adapter_state, missing_local_folder, repair_torn_export, resolve_dtype,
                    save_adapter, save_adapter_weights)
-from utils import (Terminated, UserError, append_jsonl, caption_diversity, caption_metrics, collapse_warning,
-                   default_image_workers, ids_digest, interrupt_handled, interrupt_name, interrupted_exit_code,
-                   is_whole_number, json_value, library_versions, load_state, lone_cpu_launch_warning,
-                   lost_another_process, nearest_existing, read_json, read_jsonl, rng_states, run_cli, save_state,
-                   set_rng_states, sync_folder, sync_tree, write_json, write_jsonl, write_text)
+from utils import (Terminated, UserError, append_jsonl, caption_diversity, caption_metrics, check_folder_is_shared,
+                   check_processes_agree, collapse_warning, default_image_workers, ids_digest, interrupt_handled,
+                   interrupt_name, interrupted_exit_code, is_whole_number, join_processes, json_value,
+                   launched_processes, library_versions, load_state, lone_cpu_launch_warning, lost_another_process,
+                   machines, nearest_existing, read_json, read_jsonl, rng_states, run_cli, save_state, set_rng_states,
+                   sync_folder, sync_tree, weights_digest, write_json, write_jsonl, write_text)
 
 RUN_CONFIG = "run_config.json"
 # --select-by: the validation record's key, and whether higher is better.
@@ -535,10 +537,11 @@ def load_split(config: TrainConfig, split: str, limit: int, bad_samples: list | 
     return limit_records(records, limit, config.seed)
 
 
-def make_pairs(captioner, records, config: TrainConfig, desc: str, bad_samples: list):
+def make_pairs(captioner, records, config: TrainConfig, desc: str, bad_samples: list, progress: bool = True):
     """(records that could be read, their caption pairs); unreadable images go to bad_samples."""
     features = extract_features(captioner, records, config.feature_batch_size, config.num_workers,
-                                progress=config.progress, desc=desc, cache_dir=config.feature_cache_dir or None,
+                                progress=config.progress and progress, desc=desc,
+                                cache_dir=config.feature_cache_dir or None,
                                 use_cache=config.feature_cache, on_bad_sample=config.on_bad_sample,
                                 bad_samples=bad_samples)
     records, features = drop_unreadable(records, features)
@@ -559,6 +562,43 @@ def bad_samples_of_every_process(accelerator, bad_samples: list) -> list:
     for image, why in every_process([tuple(entry) for entry in bad_samples]):
         first_reason.setdefault(image, why)  # an image every process failed on is listed once
     return list(first_reason.items())
+
+
+# Flags that may differ from machine to machine: where each keeps its data, backbones and feature cache
+# (compared by content instead), how it reads them, and what it shows.
+PER_MACHINE_FLAGS = {"data_dir", "hub_data_files", "clip_model", "lm_model", "feature_cache", "feature_cache_dir",
+                     "feature_batch_size", "num_workers", "progress", "trust_remote_code", "report_to", "compile",
+                     "output_dir", "run_name"}
+SHARED_RUN_FOLDER = ("A run has one run folder: process 0 writes it, and every process saves its random state into "
+                     "each checkpoint and reads it back on --resume")
+SAME_FILES = ("give every machine the same data and backbones (copied whole, or on a shared disk) and the same flags")
+
+
+def loaded_facts(config: TrainConfig, captioner) -> dict[str, str]:
+    """What every process must have loaded alike (check_processes_agree): the flags, and the backbones
+    by their weights (where each machine loads its own copy: a demo built on each, another revision)."""
+    flags = {f"--{name.replace('_', '-')}": json.dumps(value, default=str)
+             for name, value in dataclasses.asdict(config).items() if name not in PER_MACHINE_FLAGS}
+    return {**flags, "the CLIP weights (a digest)": encoder_fingerprint(captioner),
+            "the language model's weights (a digest)": weights_digest(captioner.lm),
+            "the tokenizer's vocabulary (a digest)": str(captioner.config.vocabulary_digest)}
+
+
+@contextlib.contextmanager
+def first_on_each_machine(accelerator):
+    """Run the block on the main process first, then on the first process of each other machine, then on
+    the rest: what the first writes into a cache (demo assets, CLIP features) the others read, and a
+    machine whose cache is a disk of its own fills it once, not once per process. On one machine this is
+    accelerate's main_process_first. Every process passes the same two barriers."""
+    if accelerator.num_processes == 1:
+        yield
+        return
+    phase = 0 if accelerator.is_main_process else 1 if accelerator.is_local_main_process else 2
+    for _ in range(phase):
+        accelerator.wait_for_everyone()
+    yield
+    for _ in range(2 - phase):
+        accelerator.wait_for_everyone()
 
 
 def every_process(values: list) -> list:
@@ -988,8 +1028,16 @@ def resume_state_dir(run_dir: Path) -> Path | None:
                 None)
 
 
+def say(accelerator, text: str, every_machine: bool = False) -> None:
+    """A line of the run's own (the banner, validations, checkpoints), printed by the main process only:
+    accelerate's print prints on the first process of every machine, so each line came once per machine.
+    A line `every_machine` must see (a stop, and the command each runs to resume) is printed by each one's first."""
+    if accelerator.is_main_process or (every_machine and accelerator.is_local_main_process):
+        print(text)
+
+
 def banner(accelerator, config, train_pairs, train_records, steps_per_epoch, total_steps, trainable) -> None:
-    accelerator.print(
+    say(accelerator, (
         "***** Running training *****\n"
         f"  images = {len(train_records):,}   (image, caption) pairs = {len(train_pairs):,}\n"
         f"  epochs = {config.epochs}   steps per epoch = {steps_per_epoch:,}   total optimizer steps = {total_steps:,}\n"
@@ -999,7 +1047,12 @@ def banner(accelerator, config, train_pairs, train_records, steps_per_epoch, tot
         f"  trainable parameters = {trainable:,} (adapter only)   device = {accelerator.device}   "
         f"mixed precision = {config.mixed_precision}"
         + (f"   frozen LM = {config.lm_quantization} (bitsandbytes)" if config.lm_quantization != "none" else "")
-    )
+    ))
+    if accelerator.is_local_main_process and not accelerator.is_main_process:  # another machine's console
+        here = accelerator.num_processes // machines()
+        print(f"this machine trains processes {accelerator.process_index}-{accelerator.process_index + here - 1} "
+              f"of the run's {accelerator.num_processes}; the banner, progress bar and messages are printed by "
+              "process 0's machine, which writes the run folder")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1082,11 +1135,11 @@ class Run:
         state.history.append({"step": state.step,
                               **{k: v for k, v in result.items() if k not in ("example", "warning")}})
         self.log({"type": "eval", "step": state.step, "epoch": state.epoch, **result})
-        accelerator.print(f"step {state.step}: val loss {result['val_loss']:.4f}  val ROUGE-L "
-                          f"{result['val_rougeL']:.4f}  CIDEr-D {result['val_cider_d']:.4f}"
-                          f"{'  (best so far, saved)' if improved else ''}  e.g. {result['example']!r}")
+        say(accelerator, f"step {state.step}: val loss {result['val_loss']:.4f}  val ROUGE-L "
+                         f"{result['val_rougeL']:.4f}  CIDEr-D {result['val_cider_d']:.4f}"
+                         f"{'  (best so far, saved)' if improved else ''}  e.g. {result['example']!r}")
         if result["warning"]:
-            accelerator.print(f"step {state.step}: {result['warning']}")
+            say(accelerator, f"step {state.step}: {result['warning']}")
         if improved:
             self.save_export("best")
 
@@ -1101,8 +1154,8 @@ class Run:
                          if i != PADDING_PAIR})
         self.log({"type": "nonfinite", "step": state.step, "epoch": state.epoch, "losses": window_losses,
                   "grad_norm": grad_norm, "image_ids": images})
-        self.accelerator.print(f"step {state.step}: non-finite loss or gradient (losses {window_losses}, grad norm "
-                               f"{grad_norm}); the step was not applied ({state.nonfinite_in_a_row} in a row)")
+        say(self.accelerator, f"step {state.step}: non-finite loss or gradient (losses {window_losses}, grad norm "
+                              f"{grad_norm}); the step was not applied ({state.nonfinite_in_a_row} in a row)")
         if config.max_nonfinite_steps and state.nonfinite_in_a_row >= config.max_nonfinite_steps:
             lower_rate = f"{config.learning_rate / 10:g}"
             if resume_state_dir(self.run_dir) is None:
@@ -1210,6 +1263,11 @@ def start(config: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, broadcast_object_list
 
+    if launched_processes() > 1:
+        # Joined first, and the run folder checked, before any process reads from it: on machines with
+        # disks of their own, one that finds no run to resume would leave the others waiting forever.
+        join_processes()
+        check_folder_is_shared(config.output_dir, "--output-dir", SHARED_RUN_FOLDER)
     if config.resume:
         config = resolve_config(config)  # the saved config, precision and accumulation included
     elif config.mixed_precision == "auto":
@@ -1224,8 +1282,9 @@ def start(config: TrainConfig):
     lock = None
     if not config.resume:
         # The main process builds demo assets and picks the run name first; the others then find
-        # the assets cached and take the main process's name (a free "demo-N" could differ).
-        with accelerator.main_process_first():
+        # the assets cached (or build them once per machine, where its CAPTIONER_HOME is its own)
+        # and take the main process's name (a free "demo-N" could differ).
+        with first_on_each_machine(accelerator):
             config = resolve_config(config)
             if accelerator.is_main_process:
                 lock = claim_run_folder(config)
@@ -1261,15 +1320,24 @@ def set_up_run(config: TrainConfig, accelerator) -> Run:
     test_split = load_test_split(config) if config.final_eval else None  # missing files stop the run now
     if not train_records:
         raise UserError(f"no training images with captions found in {config.dataset} {config.data_dir or ''}")
-    # The main process fills the feature cache first; the others then read it instead of encoding.
-    with accelerator.main_process_first():
-        train_records, train_pairs = make_pairs(captioner, train_records, config, "CLIP features (train)", bad_samples)
-        val_records, val_pairs = make_pairs(captioner, val_records, config, "CLIP features (val)", bad_samples)
-    if accelerator.num_processes > 1:  # outside main_process_first: a collective inside it would deadlock
+    if accelerator.num_processes > 1:  # before the features: other backbones are found before an hour of work
+        check_processes_agree(loaded_facts(config, captioner), advice=SAME_FILES)
+    # The main process fills the feature cache first, then the first process of each other machine (whose
+    # cache may be a disk of its own); the rest then read it instead of encoding.
+    with first_on_each_machine(accelerator):
+        train_records, train_pairs = make_pairs(captioner, train_records, config, "CLIP features (train)", bad_samples,
+                                                progress=accelerator.is_local_main_process)
+        val_records, val_pairs = make_pairs(captioner, val_records, config, "CLIP features (val)", bad_samples,
+                                            progress=accelerator.is_local_main_process)
+    if accelerator.num_processes > 1:  # outside first_on_each_machine: a collective inside it would deadlock
         bad_samples[:] = bad_samples_of_every_process(accelerator, bad_samples)
         unreadable = {image for image, _ in bad_samples}
         train_records, train_pairs = without_images(train_records, train_pairs, unreadable)
         val_records, val_pairs = without_images(val_records, val_pairs, unreadable)
+    data_content = {"train": content_digest(train_records), "val": content_digest(val_records)}
+    if accelerator.num_processes > 1:  # each machine may read a copy of its own
+        check_processes_agree({"the training data (a digest of image ids, captions, file sizes)": data_content["train"],
+                               "the validation data (a digest)": data_content["val"]}, advice=SAME_FILES)
     if not train_pairs:
         raise UserError(f"none of the training images could be read (first: {bad_samples[0][1]})")
     if config.select_by == "cider_d" and len(val_records) == 1:  # before anything is written
@@ -1292,7 +1360,6 @@ def set_up_run(config: TrainConfig, accelerator) -> Run:
               TrainerState())
 
     train_data = training_set_label(train_records, train_pairs)
-    data_content = {"train": content_digest(train_records), "val": content_digest(val_records)}
     if config.resume:
         resume(run, train_data, data_content)
     run.state.settings, run.state.train_data = settings_digest(config), train_data
@@ -1307,11 +1374,11 @@ def set_up_run(config: TrainConfig, accelerator) -> Run:
     trainable = sum(p.numel() for p in adapter.parameters() if p.requires_grad)
     banner(accelerator, config, train_pairs, train_records, steps_per_epoch, total_steps, trainable)
     if not val_records:
-        accelerator.print("note: no validation images, so no validation scores; adapter.safetensors will be the "
-                          "last step's adapter")
+        say(accelerator, "note: no validation images, so no validation scores; adapter.safetensors will be the "
+                         "last step's adapter")
     elif config.select_by == "cider_d" and len(val_records) < CIDER_MIN_VAL_IMAGES:
-        accelerator.print(f"note: CIDEr-D weighs words by how few of the {len(val_records)} validation images use "
-                          "them, which says little with so few; --val-limit 0 (all) or --select-by rougeL is safer")
+        say(accelerator, f"note: CIDEr-D weighs words by how few of the {len(val_records)} validation images use "
+                         "them, which says little with so few; --val-limit 0 (all) or --select-by rougeL is safer")
     return run
 
 
@@ -1490,8 +1557,8 @@ def resume(run: Run, train_data: str, data_content: dict) -> None:
     state.finished = state.finished and state.step >= run.total_steps  # a finished run given more steps goes on
     adopt_newer_best(run)
     changed = "".join(f", --{name.replace('_', '-')} {new} (was {old})" for name, (old, new) in changes.items())
-    accelerator.print(f"resuming {run.run_dir} at step {state.step} (epoch {state.epoch}, "
-                      f"batch {state.batches_in_epoch}){changed}")
+    say(accelerator, f"resuming {run.run_dir} at step {state.step} (epoch {state.epoch}, "
+                     f"batch {state.batches_in_epoch}){changed}")
 
 
 def adopt_newer_best(run: Run) -> None:
@@ -1509,14 +1576,14 @@ def adopt_newer_best(run: Run) -> None:
     now = (run.total_steps, run.config.learning_rate)
     if schedule != now:
         run.state.best_score = None
-        run.accelerator.print(f"note: the best adapter in {run.run_dir} is from step {step}, after this checkpoint, "
-                              f"of another schedule ({describe_schedule(schedule)}; now {describe_schedule(now)}); "
-                              "the first validation from here on replaces it")
+        say(run.accelerator, f"note: the best adapter in {run.run_dir} is from step {step}, after this checkpoint, "
+                             f"of another schedule ({describe_schedule(schedule)}; now {describe_schedule(now)}); "
+                             "the first validation from here on replaces it")
         return
     run.state.best_step, run.state.best_score = step, score
-    run.accelerator.print(f"note: the best adapter in {run.run_dir} is from step {step} "
-                          f"({SELECT_BY[run.config.select_by][0]} {score:.4f}), after this checkpoint; it stays the "
-                          "best unless a later validation beats it")
+    say(run.accelerator, f"note: the best adapter in {run.run_dir} is from step {step} "
+                         f"({SELECT_BY[run.config.select_by][0]} {score:.4f}), after this checkpoint; it stays the "
+                         "best unless a later validation beats it")
 
 
 def describe_schedule(schedule: tuple) -> str:
@@ -1574,7 +1641,7 @@ def train_steps(run: Run, stop: StopRequest, on_step=None) -> bool:
     # plain loop, and as every demo figure in the README).
     shared_step = accelerator.num_processes > 1 or config.grad_accum_steps > 1
     bar = tqdm(total=run.total_steps, initial=state.step, desc="training", unit="step",
-               disable=not (config.progress and accelerator.is_local_main_process))
+               disable=not (config.progress and accelerator.is_main_process))
     loss_function = TrainingLoss(run.captioner, compile=config.compile)
     run.captioner.train()
     while state.step < run.total_steps and not state.finished:
@@ -1627,8 +1694,8 @@ def train_steps(run: Run, stop: StopRequest, on_step=None) -> bool:
         if stop.signal_name or stop.agreed:
             bar.close()
             run.save_checkpoint()
-            accelerator.print(f"{stop.signal_name or 'signal'}: saved a checkpoint at step {state.step}; "
-                              f"continue with {resume_command(config, accelerator)}")
+            say(accelerator, f"{stop.signal_name or 'signal'}: saved a checkpoint at step {state.step}; "
+                             f"continue with {resume_command(config, accelerator)}", every_machine=True)
             return False
     bar.close()
     return True
@@ -1656,8 +1723,8 @@ def finish(run: Run, stopped: bool, signal_name: str | None) -> dict:
                "best": {"by": SELECT_BY[config.select_by][0], "score": state.best_score, "step": state.best_step},
                "nonfinite_steps": state.nonfinite_steps, "bad_samples": len(run.bad_samples)}
     if stopped:
-        run.accelerator.print(f"{signal_name or 'signal'}: training finished and is saved in {run_dir}; the test "
-                              f"evaluation was skipped: python eval.py {run_dir}")
+        say(run.accelerator, f"{signal_name or 'signal'}: training finished and is saved in {run_dir}; the test "
+                             f"evaluation was skipped: python eval.py {run_dir}", every_machine=True)
     elif config.final_eval and run.accelerator.is_main_process:
         try:
             summary["test"] = final_evaluation(run.captioner, run.accelerator.unwrap_model(run.adapter), run_dir,
@@ -1678,13 +1745,22 @@ def resume_command(config: TrainConfig, accelerator, *extra: str) -> str:
     CPUs torchrun, as `accelerate launch --cpu` starts several processes only through mpirun."""
     args = shlex.join(["train.py", "--run-name", config.run_name, "--output-dir", str(config.output_dir),
                        "--resume", *extra])
-    processes = accelerator.num_processes
+    processes, count = accelerator.num_processes, machines()
     if processes == 1:
         return f"python {args}"
-    launcher = (f"ACCELERATE_USE_CPU=true torchrun --nproc_per_node {processes}" if accelerator.device.type == "cpu"
-                else f"accelerate launch --num_processes {processes}")
-    return (f"{launcher} {args} (or the launcher this run was started with, again with {processes} processes "
-            "in all)")
+    cpu = accelerator.device.type == "cpu"
+    if count == 1:
+        launcher = (f"ACCELERATE_USE_CPU=true torchrun --nproc_per_node {processes}" if cpu
+                    else f"accelerate launch --num_processes {processes}")
+        return (f"{launcher} {args} (or the launcher this run was started with, again with {processes} processes "
+                "in all)")
+    address, port = os.environ.get("MASTER_ADDR", "IP"), os.environ.get("MASTER_PORT", "PORT")
+    launcher = (f"ACCELERATE_USE_CPU=true torchrun --nnodes {count} --nproc_per_node {processes // count} "
+                f"--node_rank R --master_addr {address} --master_port {port}" if cpu
+                else f"accelerate launch --multi_gpu --num_machines {count} --num_processes {processes} "
+                     f"--machine_rank R --main_process_ip {address} --main_process_port {port}")
+    return (f"{launcher} {args} on each of the {count} machines, R being its rank (0 to {count - 1}) (or another "
+            f"launch of {processes} processes in all, on as many machines as you like)")
 
 
 @dataclass
@@ -1771,8 +1847,8 @@ def report_bad_samples(run_dir: Path, bad_samples: list, accelerator) -> None:
     write_jsonl(run_dir / "bad_samples.jsonl", [{"image_id": i, "reason": why} for i, why in bad_samples])
     listed = "; ".join(f"{i} ({why})" for i, why in bad_samples[:5])
     more = f" and {len(bad_samples) - 5} more" if len(bad_samples) > 5 else ""
-    accelerator.print(f"skipped {len(bad_samples)} unreadable images: {listed}{more} "
-                      f"(all in {run_dir / 'bad_samples.jsonl'})")
+    say(accelerator, f"skipped {len(bad_samples)} unreadable images: {listed}{more} "
+                     f"(all in {run_dir / 'bad_samples.jsonl'})")
 
 
 def load_test_split(config: TrainConfig) -> tuple[list, list]:

@@ -11,6 +11,7 @@ import platform
 import random
 import signal
 import sys
+import time
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -164,7 +165,9 @@ def lone_cpu_launch_warning(script: str) -> str:
     if not parse_flag_from_env("ACCELERATE_USE_CPU") or any(name in os.environ for name in MPI_WORLD_SIZE):
         return ""
     return (f"warning: this is 1 process: accelerate launch --cpu starts several only through mpirun; for N CPU "
-            f"processes use ACCELERATE_USE_CPU=true torchrun --nproc_per_node N {script} ...")
+            f"processes use ACCELERATE_USE_CPU=true torchrun --nproc_per_node N {script} ... (with --num_machines M "
+            f"it starts one lone process on each machine: there, run on each ACCELERATE_USE_CPU=true torchrun "
+            f"--nnodes M --node_rank R --master_addr IP --master_port PORT --nproc_per_node N {script} ...)")
 
 
 # What a collective raises on the processes left when one of them is gone (gloo; NCCL reports its own).
@@ -179,6 +182,133 @@ def lost_another_process(error: RuntimeError) -> str:
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return ""
     return next((reason for reason in PEER_LOST if reason in str(error)), "")
+
+
+def launched_processes() -> int:
+    """How many processes the launcher (torchrun, accelerate launch) started in all, read from its
+    WORLD_SIZE before joining them: 1 for a plain `python script.py`."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def machines() -> int:
+    """How many machines the run's processes are on: torchrun (which accelerate launch --multi_gpu runs)
+    starts LOCAL_WORLD_SIZE processes on each."""
+    per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
+    return max(1, launched_processes() // per_machine) if per_machine else 1
+
+
+def join_processes():
+    """Join the process group a launcher set up (accelerate's PartialState, which Accelerator then
+    reuses), before any file is read: a process that stops on a file missing on its machine (a disk of
+    its own) then ends the others' first collective with "another process ended", where before it
+    had joined they waited for it forever. Reads ACCELERATE_USE_CPU as Accelerator does."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def check_folder_is_shared(folder: str | Path, what: str, why: str) -> None:
+    """Under several processes: stop every one of them, in one line, where some process cannot see a
+    file the main process has just written into `folder` (machines with disks of their own; or the same
+    flag naming different folders). A collective: every process calls it. Creates `folder` (the run
+    would next); where that fails the check is left to the run's own, which says why in its words."""
+    import secrets
+    import socket
+
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    state = PartialState()
+    if state.num_processes == 1:
+        return
+    folder = Path(folder).expanduser()
+    probe = [None]
+    if state.is_main_process:
+        name = f".shared-check-{secrets.token_hex(8)}"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(f"written by process 0 on {socket.gethostname()}\n")
+            probe = [name]
+        except OSError:
+            pass
+    name = broadcast_object_list(probe)[0]
+    seen = name is None or state.is_main_process or _appears(folder / name)
+    everyone = gather_object([(state.process_index, socket.gethostname(), seen)])
+    if state.is_main_process and name is not None:
+        with contextlib.suppress(OSError):
+            (folder / name).unlink()
+    blind = [(rank, host) for rank, host, ok in everyone if not ok]
+    if blind:
+        listed = ", ".join(f"{rank} on {host}" for rank, host in blind[:4]) + (" ..." if len(blind) > 4 else "")
+        main_host = everyone[0][1]
+        raise UserError(f"{what} {folder} is not one folder shared by every machine of this run: process"
+                        f"{'es' if len(blind) > 1 else ''} {listed} cannot see the file process 0 (on {main_host}) "
+                        f"wrote there. {why}: put it on a file system every machine mounts (NFS, Lustre, ...), at "
+                        "the same path on each")
+
+
+def _appears(path: Path, wait_s: float = 3.0) -> bool:
+    """Whether `path` exists, looking again for a few seconds: a network file system may show another
+    machine's new file a moment late."""
+    deadline = time.monotonic() + wait_s
+    while not path.exists():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def check_processes_agree(facts: dict[str, str], problem: str = "", advice: str = "") -> None:
+    """Under several processes: stop every one of them with the same line where one found a `problem`
+    (a file missing on its machine) or holds another value of a fact than process 0 (a digest of the
+    data, the weights or the flags it loaded). Each machine reads its own copy of the data and the
+    backbones; copies that differ would train or caption on different things without a word, and
+    different flags would hang a collective. A collective: every process calls it, with the same keys."""
+    import socket
+
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    state = PartialState()
+    if state.num_processes == 1:
+        if problem:
+            raise UserError(problem)
+        return
+    everyone = gather_object([(state.process_index, socket.gethostname(), problem, facts)])
+    _, main_host, main_problem, main_facts = everyone[0]
+    if main_problem:
+        raise UserError(main_problem)
+    for rank, host, their_problem, _ in everyone:
+        if their_problem:
+            raise UserError(f"process {rank} (on {host}): {their_problem}{'; ' + advice if advice else ''}")
+    for label, value in main_facts.items():
+        differ = [(rank, host, theirs.get(label)) for rank, host, _, theirs in everyone if theirs.get(label) != value]
+        if differ:
+            listed = ", ".join(f"process {rank} on {host} {_short(theirs)}" for rank, host, theirs in differ[:3])
+            raise UserError(f"the processes of this run do not agree on {label}: process 0 on {main_host} has "
+                            f"{_short(value)}, {listed}{' ...' if len(differ) > 3 else ''}"
+                            f"{'; ' + advice if advice else ''}")
+
+
+def _short(value) -> str:
+    text = str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def weights_digest(module: torch.nn.Module, sample_bytes: int = 1 << 16) -> str:
+    """A digest of a module's weights, cheap at any size: each tensor's name, dtype, shape and first
+    `sample_bytes` bytes. Two copies of one checkpoint agree; another model, or the same one trained
+    again, differs in the first bytes of its tensors."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        data = tensor.detach().reshape(-1)
+        head = data[: max(1, sample_bytes // max(1, data.element_size()))].contiguous().cpu()
+        digest.update(head.view(torch.uint8).numpy().tobytes() if head.numel() else b"")
+    return digest.hexdigest()
 
 
 def seed_everything(seed: int) -> None:

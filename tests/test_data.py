@@ -194,7 +194,9 @@ def test_two_processes_starting_the_demo_at_once_build_it_once(tmp_path, capsys,
 
     def backbones(data_dir, out_dir, **kwargs):
         built.append("backbones")
-        Path(out_dir).mkdir(parents=True)
+        for name in demo.BACKBONE_FILES:
+            (Path(out_dir) / name).parent.mkdir(parents=True, exist_ok=True)
+            (Path(out_dir) / name).write_text("")
         (Path(out_dir) / "BUILT").write_text("{}")
 
     monkeypatch.setattr(demo, "build_demo_data", slow_data)
@@ -207,6 +209,46 @@ def test_two_processes_starting_the_demo_at_once_build_it_once(tmp_path, capsys,
     first.join()
     assert built == ["data", "backbones"] and results[0] == results[1]
     assert f"waiting for another process building the demo in {demo.demo_root()}" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # two tiny demo builds in two launched processes: about 15 s on 2 idle cores, 50 s on busy ones
+def test_demo_backbones_built_by_a_second_process_of_a_process_group_are_whole(tmp_path):
+    """Inside a process group transformers' save_pretrained writes on its first process only: the demo
+    built by the first process of machine 1 (its CAPTIONER_HOME a disk of its own) had neither weights
+    nor configs, was marked complete all the same, and never loaded there again. Two machines (torchrun
+    --nnodes 2 on this one) each build it into a folder of their own: the same, whole backbones."""
+    import demo
+    from safetensors.torch import load_file
+    from test_resilience import launch_two_machines
+
+    script = tmp_path / "build.py"
+    script.write_text("import os, sys\n"
+                      "import demo\n"
+                      "from utils import join_processes\n"
+                      "join_processes()\n"
+                      "out = os.path.join(sys.argv[1], 'machine-' + os.environ['RANK'])\n"
+                      "data = demo.build_demo_data(os.path.join(out, 'data'), split_sizes={'train': 8})\n"
+                      "demo.build_tiny_backbones(data, os.path.join(out, 'backbones'), lm_steps=2, progress=False)\n")
+    for machine in launch_two_machines(script, [[str(tmp_path)]] * 2, timeout=180):
+        assert machine.returncode == 0, machine.stderr[-3000:]
+    built = [tmp_path / f"machine-{rank}" / "backbones" for rank in (0, 1)]
+    assert [demo.damaged_backbone_file(folder) for folder in built] == [None, None]
+    for name in ("clip/model.safetensors", "lm/model.safetensors"):  # seeded: the same, whoever built them
+        first, second = load_file(built[0] / name), load_file(built[1] / name)
+        assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first), name
+
+
+def test_a_demo_build_marked_complete_without_its_weights_counts_as_damaged(tmp_path):
+    """What such a build left (BUILT listing only the tokenizer and preprocessor files it wrote) is built
+    again at the next start, instead of failing to load for good."""
+    import demo
+
+    for name in ("clip/preprocessor_config.json", "lm/tokenizer.json"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("{}")
+    (tmp_path / "BUILT").write_text(json.dumps({"version": 2, "files": demo.file_sizes(tmp_path)}))
+    assert demo.damaged_backbone_file(tmp_path) == "clip/config.json"
+    assert not demo.backbones_built(tmp_path)
 
 
 @pytest.mark.slow  # two tiny demo builds: about 7 s on 2 idle cores, 20 s on busy ones

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -511,6 +512,33 @@ def test_a_process_stopped_mid_evaluation_ends_the_other_with_one_line(run, tmp_
     assert "interrupted (SIGTERM)" in result.stderr, result.stderr[-3000:]
     assert "error: another process of this evaluation ended" in result.stderr, result.stderr[-3000:]
     assert "[rank0]: Traceback" not in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_two_machines_stop_in_one_line_where_one_has_no_copy_of_the_run_or_another(run, tmp_path):
+    """Two machines with disks of their own (simulated: machine 1 is given another folder): one without
+    the run stopped in one line while machine 0 waited for it forever; one with a copy whose adapter
+    differs would have captioned its shard with that adapter, without a word. A copy made whole works."""
+    from test_resilience import launch_two_machines
+
+    flags = ["--out", str(tmp_path / "out"), "--batch-size", "2", "--num-workers", "0", "--no-progress"]
+    missing = launch_two_machines(ROOT / "eval.py", [[str(run), *flags], [str(tmp_path / "nowhere"), *flags]],
+                                  timeout=120)
+    for machine in missing:
+        errors = [line for line in machine.stderr.splitlines() if line.startswith("error:")]
+        assert machine.returncode != 0 and errors == [
+            f"error: process 1 (on {socket.gethostname()}): {tmp_path / 'nowhere'} does not exist: give a run folder "
+            f"(python eval.py saved_models/RUN); {eval_script.SAME_RUN_EVERYWHERE}"], machine.stderr[-3000:]
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    weights = bytearray((copy / "adapter.safetensors").read_bytes())
+    weights[-1] ^= 1  # one bit of the last weight: a copy of another step, or one the copy damaged
+    (copy / "adapter.safetensors").write_bytes(bytes(weights))
+    for machine in launch_two_machines(ROOT / "eval.py", [[str(run), *flags], [str(copy), *flags]], timeout=120):
+        errors = [line for line in machine.stderr.splitlines() if line.startswith("error:")]
+        assert machine.returncode != 0 and len(errors) == 1, machine.stderr[-3000:]
+        assert errors[0].startswith("error: the processes of this run do not agree on the adapter's weights (a "
+                                    "digest): process 0 on "), errors[0]
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -20,7 +21,7 @@ from safetensors.torch import load_file
 import train
 from conftest import train_args
 from model import TrainingLoss
-from utils import UserError, read_json, read_jsonl, run_cli
+from utils import UserError, read_json, read_jsonl, run_cli, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -806,3 +807,210 @@ def test_a_full_disk_while_saving_stops_the_run_in_one_line_with_its_last_checkp
     assert err.startswith(f"error: cannot write {tmp_path / 'full'}") and "(No space left on device)" in err, err
     assert "--resume" in err and len(err.splitlines()) == 1, err
     assert read_json(tmp_path / "full" / "resume" / train.TRAINER_STATE)["step"] == 5
+
+
+# Several machines, simulated on this one: two torchrun launches with --nnodes 2 on 127.0.0.1, one process
+# each, as the README's two `accelerate launch --num_machines 2 --machine_rank 0|1` commands start them. A
+# machine with a disk of its own is one whose flag or environment names another folder.
+
+def launch_two_machines(script: Path, per_machine: list[list[str]], envs: list[dict] | None = None,
+                        timeout: int = 240) -> list[subprocess.CompletedProcess]:
+    """`torchrun --nnodes 2 --node_rank R --master_addr 127.0.0.1 SCRIPT ARGS_R` for R = 0, 1 at once. Their
+    output goes to files, not pipes: a machine whose pipe filled up unread would stop the other too."""
+    import tempfile
+
+    port, children = free_port(), []
+    for rank, args in enumerate(per_machine):
+        env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+               **((envs or [{}, {}])[rank])}
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                   "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
+                   "--monitor-interval", "1", str(script), *args]
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        children.append((command, subprocess.Popen(command, stdout=out, stderr=err, text=True, env=env, cwd=ROOT),
+                         out, err))
+    done = []
+    for command, child, out, err in children:
+        try:
+            child.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:  # a hang: neither machine's processes are left behind
+            for _, each, _, _ in children:
+                kill_process_tree(each.pid)
+            err.seek(0)
+            pytest.fail(f"machine {len(done)} still running after {timeout} s (a hang?)\n{err.read()[-3000:]}")
+        out.seek(0), err.seek(0)
+        done.append(subprocess.CompletedProcess(command, child.returncode, out.read(), err.read()))
+        out.close(), err.close()
+    return done
+
+
+def two_machine_args(tiny, out: Path, name: str, *extra: str) -> list[str]:
+    """run_training_processes' flags (2 epochs of 30 images, batch 8 per process), progress bar shown."""
+    args = train_args(tiny, out, name, "--final-eval", "false", "--train-limit", "30", "--batch-size", "8",
+                      "--epochs", "2", "--eval-every", "0", "--save-every", "0", "--log-every", "1", *extra)
+    args.remove("--no-progress")
+    return args
+
+
+@pytest.mark.slow
+def test_two_machines_train_and_resume_as_two_processes_on_one_each_with_its_own_feature_cache(tiny, tmp_path,
+                                                                                                two_processes):
+    """The output folder shared, each machine's CAPTIONER_HOME (the feature cache) its own: machine 1's
+    process extracts the features there itself (it found none). SIGTERM reaches machine 1's process
+    alone; both stop at the same step, each machine says how to resume on several machines, and the
+    resumed run ends with the 2-process run of one machine's adapter bit for bit, with one banner, one
+    progress bar and one log."""
+    wrapper = tmp_path / "train_signalled.py"
+    wrapper.write_text("import os, signal, sys\n"
+                       "import train\n"
+                       "def on_step(step):\n"
+                       "    if step == 6 and os.environ.get('RANK') == '1':\n"
+                       "        os.kill(os.getpid(), signal.SIGTERM)\n"
+                       "sys.exit(train.main(sys.argv[1:], on_step=on_step))\n")
+    homes = [tmp_path / "home-0", tmp_path / "home-1"]
+    envs = [{"CAPTIONER_HOME": str(home)} for home in homes]
+    stopped = launch_two_machines(wrapper, [two_machine_args(tiny, tmp_path, "two")] * 2, envs)
+    for machine in stopped:
+        assert machine.returncode != 0 and "]: Traceback" not in machine.stderr, machine.stderr[-3000:]
+        hint = machine.stdout.split("saved a checkpoint at step 6; continue with ")[1].splitlines()[0]
+        assert hint.startswith("ACCELERATE_USE_CPU=true torchrun --nnodes 2 --nproc_per_node 1 --node_rank R "
+                               "--master_addr 127.0.0.1 --master_port "), hint
+        assert " train.py --run-name two " in hint and "on each of the 2 machines, R being its rank (0 to 1)" in hint
+    assert stopped[1].stdout.count("SIGTERM: saved a checkpoint") == 1  # said where the signal came, too
+    for home in homes:  # each machine's first process filled its own cache: train and val, one part each
+        assert len(list(home.glob("features/*/part-*.npy"))) == 2, home
+    resumed = launch_two_machines(ROOT / "train.py", [two_machine_args(tiny, tmp_path, "two", "--resume")] * 2, envs)
+    for machine in resumed:
+        assert machine.returncode == 0, machine.stderr[-3000:]
+    for first, second in (stopped, resumed):
+        assert first.stdout.count("***** Running training *****") == 1 and "***** Running" not in second.stdout
+        assert first.stderr.count("training:") > 0 and "training:" not in second.stderr  # one progress bar
+        assert "this machine trains processes 1-1 of the run's 2; the banner, progress bar and messages are " \
+               "printed by process 0's machine" in second.stdout, second.stdout
+    assert [len(list(home.glob("features/*/part-*.npy"))) for home in homes] == [2, 2]  # read, not extracted again
+    steps = [r["step"] for r in read_jsonl(tmp_path / "two" / "train_log.jsonl") if r["type"] == "train"]
+    assert steps == list(range(1, 21))
+    expected = load_file(two_processes[0] / "two" / "last" / "adapter.safetensors")
+    got = load_file(tmp_path / "two" / "last" / "adapter.safetensors")
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+
+
+def test_machines_without_a_shared_output_folder_stop_at_once_in_one_line(tiny, tmp_path):
+    """Machine 1 with a disk of its own (here: --output-dir names another folder) resumes a run that is
+    only on machine 0's disk: it found nothing to resume and stopped, while machine 0 waited for it
+    forever. Now every process says in one line that the folder must be shared, before loading anything."""
+    own = [tmp_path / "machine-0", tmp_path / "machine-1"]
+    (own[0] / "run").mkdir(parents=True)
+    write_json(own[0] / "run" / "run_config.json", {"placeholder": True})  # never read: the check comes first
+    resume = [["--output-dir", str(folder), "--run-name", "run", "--resume", "--no-progress"] for folder in own]
+    for machine in launch_two_machines(ROOT / "train.py", resume, timeout=120):
+        assert machine.returncode != 0
+        errors = [line for line in machine.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, machine.stderr[-3000:]
+        assert re.fullmatch(r"error: --output-dir \S+ is not one folder shared by every machine of this run: process 1 "
+                            r"on \S+ cannot see the file process 0 \(on \S+\) wrote there\. A run has one run folder: "
+                            r".* on --resume: put it on a file system every machine mounts .*", errors[0]), errors[0]
+        assert "[rank0]: Traceback" not in machine.stderr and "[rank1]: Traceback" not in machine.stderr
+    assert not own[1].exists() and [p.name for p in own[0].iterdir()] == ["run"]  # the probe file is gone
+
+
+def test_machines_with_other_copies_of_the_data_stop_in_one_line(tiny, tmp_path):
+    """Each machine reads its own copy of the data (its own --data-dir): a copy with one caption edited
+    would have trained process 1 on other pairs under the same indices, without a word."""
+    copy = tmp_path / "data-copy"
+    shutil.copytree(tiny["data_dir"], copy)
+    captions = copy / "captions.jsonl"
+    captions.write_text(captions.read_text().replace(" on ", " upon ", 1))
+    args = [two_machine_args(tiny, tmp_path, "data", "--no-progress", "--max-steps", "2"),
+            two_machine_args(tiny, tmp_path, "data", "--no-progress", "--max-steps", "2", "--data-dir", str(copy))]
+    for machine in launch_two_machines(ROOT / "train.py", args):
+        assert machine.returncode != 0
+        errors = [line for line in machine.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and errors[0].startswith(
+            "error: the processes of this run do not agree on the training data (a digest of image ids, captions, "
+            "file sizes): process 0 on "), machine.stderr[-3000:]
+        assert "give every machine the same data and backbones" in errors[0]
+    assert not (tmp_path / "data").exists()  # stopped before writing anything
+
+
+class FakeProcesses:
+    """accelerate's PartialState and gather_object for check_processes_agree, as process `rank` of 2 sees them."""
+
+    def __init__(self, rank: int, everyone: list):
+        self.process_index, self.num_processes, self.is_main_process = rank, 2, rank == 0
+        self.everyone = everyone
+
+    def install(self, monkeypatch) -> None:
+        import accelerate
+        import accelerate.utils
+
+        monkeypatch.setattr(accelerate, "PartialState", lambda *a, **k: self)
+        monkeypatch.setattr(accelerate.utils, "gather_object", lambda mine: self.everyone)
+
+
+def test_processes_that_disagree_on_a_flag_or_miss_a_file_all_stop_with_the_same_line(monkeypatch):
+    from utils import check_processes_agree
+
+    flags = {"--max-steps": "20", "--seed": "0"}
+    FakeProcesses(1, [(0, "a", "", flags), (1, "b", "", {**flags, "--max-steps": "10"})]).install(monkeypatch)
+    with pytest.raises(UserError) as raised:
+        check_processes_agree({**flags, "--max-steps": "10"}, advice="the same flags")
+    assert str(raised.value) == ("the processes of this run do not agree on --max-steps: process 0 on a has 20, "
+                                 "process 1 on b 10; the same flags")
+    FakeProcesses(0, [(0, "a", "", flags), (1, "b", "/r does not exist", flags)]).install(monkeypatch)
+    with pytest.raises(UserError, match=r"^process 1 \(on b\): /r does not exist; copy it$"):
+        check_processes_agree(flags, advice="copy it")
+    FakeProcesses(0, [(0, "a", "", flags), (1, "b", "", dict(flags))]).install(monkeypatch)
+    check_processes_agree(flags)  # agreeing processes go on
+
+
+def test_the_resume_hint_of_a_run_on_several_machines_names_the_machines(monkeypatch):
+    """A 2-machine run stopped by a signal: `torchrun --nproc_per_node 4` would start all 4 processes on
+    one machine (and `accelerate launch --num_processes 4` alone, on one machine with 2 GPUs, fails)."""
+    from types import SimpleNamespace
+
+    config = train.parse_config(["--run-name", "big", "--output-dir", "runs"])
+    for name, value in {"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "10.0.0.1",
+                        "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(name, value)
+    cpu = SimpleNamespace(num_processes=4, device=torch.device("cpu"))
+    assert train.resume_command(config, cpu) == (
+        "ACCELERATE_USE_CPU=true torchrun --nnodes 2 --nproc_per_node 2 --node_rank R --master_addr 10.0.0.1 "
+        "--master_port 29500 train.py --run-name big --output-dir runs --resume on each of the 2 machines, R being "
+        "its rank (0 to 1) (or another launch of 4 processes in all, on as many machines as you like)")
+    gpu = SimpleNamespace(num_processes=4, device=torch.device("cuda", 0))
+    assert train.resume_command(config, gpu).startswith(
+        "accelerate launch --multi_gpu --num_machines 2 --num_processes 4 --machine_rank R --main_process_ip "
+        "10.0.0.1 --main_process_port 29500 train.py --run-name big --output-dir runs --resume on each of the 2 ")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # one machine: the hint as before
+    assert train.resume_command(config, cpu).startswith("ACCELERATE_USE_CPU=true torchrun --nproc_per_node 4 train.py")
+
+
+def test_first_on_each_machine_runs_the_main_process_then_each_machines_first_then_the_rest():
+    """The order a feature cache is filled in: 2 machines of 2 processes, each seen through its barriers."""
+    import threading
+
+    barrier, order, lock = threading.Barrier(4), [], threading.Lock()
+
+    class Accelerator:
+        num_processes = 4
+
+        def __init__(self, rank):
+            self.is_main_process, self.is_local_main_process, self.rank = rank == 0, rank % 2 == 0, rank
+
+        def wait_for_everyone(self):
+            barrier.wait(timeout=10)
+
+    def process(rank):
+        accelerator = Accelerator(rank)
+        with train.first_on_each_machine(accelerator):
+            with lock:
+                order.append(rank)
+
+    threads = [threading.Thread(target=process, args=(rank,)) for rank in (3, 2, 1, 0)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=20)
+    assert order[0] == 0 and order[1] == 2 and sorted(order[2:]) == [1, 3], order
