@@ -28,6 +28,17 @@ def adapter_weights(path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+def crash_at_step_8(args: list[str]) -> None:
+    """Train with `args` until a crash (an exception, as a power cut would end it) at step 8."""
+
+    def crash_at_8(step):
+        if step == 8:
+            raise RuntimeError("power cut")
+
+    with pytest.raises(RuntimeError):
+        train.train(train.parse_config(args), on_step=crash_at_8)
+
+
 def test_train_eval_inference_end_to_end(tiny, tmp_path, capsys):
     assert train.main(train_args(tiny, tmp_path, "e2e")) == 0
     run = tmp_path / "e2e"
@@ -193,12 +204,7 @@ def test_resume_after_crash_restarts_from_last_checkpoint(tiny, tmp_path):
     train.main(train_args(tiny, tmp_path, "straight"))
     expected = adapter_weights(tmp_path / "straight" / "last" / "adapter.safetensors")
 
-    def crash_at_8(step):
-        if step == 8:
-            raise RuntimeError("power cut")
-
-    with pytest.raises(RuntimeError):
-        train.train(train.parse_config(train_args(tiny, tmp_path, "crashed")), on_step=crash_at_8)
+    crash_at_step_8(train_args(tiny, tmp_path, "crashed"))
     state = json.loads((tmp_path / "crashed" / "resume" / "trainer_state.json").read_text())
     assert state["step"] == 5  # the last periodic checkpoint (--save-every 5)
     assert train.main(["--run-name", "crashed", "--output-dir", str(tmp_path), "--resume", "--no-progress"]) == 0
@@ -234,12 +240,7 @@ def test_report_to_tensorboard_shows_the_log_and_a_resumed_run_once(tiny, tmp_pa
     pytest.importorskip("tensorboard")
     args = train_args(tiny, tmp_path, "tracked", "--report-to", "tensorboard")
 
-    def crash_at_8(step):
-        if step == 8:
-            raise RuntimeError("power cut")
-
-    with pytest.raises(RuntimeError):  # after the checkpoint at step 5, steps 6 and 8 were logged
-        train.train(train.parse_config(args), on_step=crash_at_8)
+    crash_at_step_8(args)  # after the checkpoint at step 5, steps 6 and 8 were logged
     assert [s for s, _ in tensorboard_scalars(tmp_path / "tracked")["train/loss"]] == [2, 4, 6, 8]
     assert train.main(["--run-name", "tracked", "--output-dir", str(tmp_path), "--resume", "--no-progress"]) == 0
 
@@ -271,12 +272,7 @@ def test_report_to_wandb_goes_on_in_the_same_wandb_run_after_a_resume(tiny, tmp_
     monkeypatch.chdir(tmp_path)  # where a wandb/ folder would appear if W&B were not told the run's folder
     args = train_args(tiny, tmp_path, "tracked", "--report-to", "wandb", "--final-eval", "false", "--max-steps", "10")
 
-    def crash_at_8(step):
-        if step == 8:
-            raise RuntimeError("power cut")
-
-    with pytest.raises(RuntimeError):
-        train.train(train.parse_config(args), on_step=crash_at_8)
+    crash_at_step_8(args)
     assert train.main(["--run-name", "tracked", "--output-dir", str(tmp_path), "--resume", "--no-progress"]) == 0
     assert train.main([*train_args(tiny, tmp_path, "other", "--report-to", "wandb", "--final-eval", "false",
                                    "--max-steps", "2")]) == 0
@@ -326,12 +322,7 @@ def test_report_to_mlflow_goes_on_in_the_same_mlflow_run_after_a_resume(tiny, tm
     monkeypatch.chdir(tmp_path)  # where MLflow's own default store would appear
     args = train_args(tiny, tmp_path, "tracked", "--report-to", "mlflow", "--final-eval", "false", "--max-steps", "10")
 
-    def crash_at_8(step):
-        if step == 8:
-            raise RuntimeError("power cut")
-
-    with pytest.raises(RuntimeError):
-        train.train(train.parse_config(args), on_step=crash_at_8)
+    crash_at_step_8(args)
     tracking = tmp_path / "tracked" / "tracking"
     run_id = (tracking / "mlflow_run_id.txt").read_text().strip()
     client = mlflow.MlflowClient(train.mlflow_store_uri(tracking))
@@ -631,12 +622,7 @@ def crash_after_a_best_at_step_6(tiny, tmp_path, monkeypatch, resumed_scores: li
     args = train_args(tiny, tmp_path, "killed", "--final-eval", "false", "--max-steps", "12", "--eval-every", "2",
                       "--save-every", "5", "--select-by", "cider_d", "--val-limit", "0")
 
-    def crash_at_8(step):
-        if step == 8:
-            raise RuntimeError("power cut")
-
-    with pytest.raises(RuntimeError):
-        train.train(train.parse_config(args), on_step=crash_at_8)
+    crash_at_step_8(args)
     run = tmp_path / "killed"
     assert json.loads((run / "resume" / "trainer_state.json").read_text())["best_step"] == 4
     return run
