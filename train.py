@@ -1234,10 +1234,12 @@ class LossWindow:
 def train(config: TrainConfig, on_step=None) -> dict:
     """Train (or continue) one run; returns a summary. `on_step(step)` is called after every step."""
     config, accelerator, lock = start(config)
+    interrupted = False
     try:
         run = set_up_run(config, accelerator)
         with StopRequest() as stop:
             if not train_steps(run, stop, on_step):
+                interrupted = True
                 return {"run_dir": str(run.run_dir), "interrupted": True, "step": run.state.step}
             # Still under StopRequest: a signal now waits until the finished run is saved.
             if run.last_validated != run.state.step:
@@ -1247,11 +1249,12 @@ def train(config: TrainConfig, on_step=None) -> dict:
             report_bad_samples(run.run_dir, run.bad_samples, accelerator)
             stopped = stop_requested(stop, accelerator)
         summary = finish(run, stopped, stop.signal_name)
+        interrupted = summary["interrupted"]
     except Exception:
         close_trackers(accelerator, failed=True)
         raise
     finally:
-        close_trackers(accelerator)  # (none left after a failure)
+        close_trackers(accelerator, interrupted=interrupted)  # (none left after a failure)
         release_run_folder(lock, Path(config.output_dir) / config.run_name)
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -1517,20 +1520,22 @@ def tracker_values(record: dict) -> dict:
             and name not in ("step", "epoch", "time") and math.isfinite(value)}
 
 
-def close_trackers(accelerator, failed: bool = False) -> None:
+def close_trackers(accelerator, failed: bool = False, interrupted: bool = False) -> None:
     """Flush and close the trackers however the run ends (an interrupted or failed run included);
     end_training() then finds none left to close again. A run that `failed` (an error, not a signal's
     orderly stop) is closed as failed where the tracker keeps a run's state: W&B's own exit hook would
-    mark it so, but finds it already closed, and a plain finish() shows a crashed run as finished."""
+    mark it so, but finds it already closed, and a plain finish() shows a crashed run as finished.
+    MLflow shows a run a signal stopped (saved, to go on with --resume) as KILLED, its word for a run
+    stopped from outside; resuming sets it running again, and the end FINISHED."""
     trackers, accelerator.trackers = accelerator.trackers, []
     for tracker in trackers:
         with contextlib.suppress(Exception):  # one that never started has nothing to close
             if failed and tracker.name == "wandb":
                 tracker.run.finish(exit_code=1)
-            elif failed and tracker.name == "mlflow":
+            elif (failed or interrupted) and tracker.name == "mlflow":
                 import mlflow
 
-                mlflow.end_run(status="FAILED")
+                mlflow.end_run(status="FAILED" if failed else "KILLED")
             else:
                 tracker.finish()
     if getattr(accelerator, "mlflow_store_set", False):  # MLflow's default again, for a later run in this process

@@ -302,6 +302,35 @@ def test_mlflow_keeps_its_store_and_its_run_id_in_the_run_folder(tmp_path, monke
     assert train.mlflow_run(tracking, None) == {"run_id": "0123abcd"}
 
 
+def test_the_trackers_hear_whether_a_run_failed_was_stopped_or_finished(tiny, tmp_path, monkeypatch):
+    """Without mlflow installed: a run a signal stopped (saved, to resume) is closed as interrupted, and
+    MLflow is told KILLED (FAILED after an error), not FINISHED. (End to end, with mlflow:
+    test_report_to_mlflow_goes_on_in_the_same_mlflow_run_after_a_resume.)"""
+    import sys
+    from types import SimpleNamespace
+
+    closed, real_close = [], train.close_trackers
+
+    def spy(accelerator, failed=False, interrupted=False):
+        closed.append((failed, interrupted))
+        real_close(accelerator, failed, interrupted)
+
+    monkeypatch.setattr(train, "close_trackers", spy)
+    args = train_args(tiny, tmp_path, "stopped", "--final-eval", "false", "--max-steps", "6")
+    sigterm_at_3 = lambda step: step == 3 and os.kill(os.getpid(), signal.SIGTERM)  # noqa: E731
+    assert train.train(train.parse_config(args), on_step=sigterm_at_3)["interrupted"]
+    assert closed == [(False, True)]
+    assert not train.train(train.parse_config([*args, "--resume"]))["interrupted"]
+    assert closed[-1] == (False, False)
+
+    ended = []
+    monkeypatch.setitem(sys.modules, "mlflow", SimpleNamespace(end_run=lambda status: ended.append(status)))
+    for failed, interrupted in ((True, False), (False, True), (False, False)):
+        tracker = SimpleNamespace(name="mlflow", finish=lambda: ended.append("FINISHED"))
+        real_close(SimpleNamespace(trackers=[tracker]), failed, interrupted)
+    assert ended == ["FAILED", "KILLED", "FINISHED"]
+
+
 def test_mlflow_refusing_its_folder_store_says_what_to_do_in_the_line():
     """mlflow-skinny without SQLAlchemy: MLflow 3.7+'s refusal names its opt-out too late for one line."""
     refusal = ("The filesystem tracking backend (e.g., './mlruns') is in maintenance mode and will not receive "
@@ -312,8 +341,8 @@ def test_mlflow_refusing_its_folder_store_says_what_to_do_in_the_line():
 
 
 def test_report_to_mlflow_goes_on_in_the_same_mlflow_run_after_a_resume(tiny, tmp_path, monkeypatch):
-    """Its store in the run's tracking/ folder, not where the command ran; one MLflow run for both
-    starts, marked failed after the crash and finished at the end; the settings logged once (MLflow
+    """Its store in the run's tracking/ folder, not where the command ran; one MLflow run for every
+    start, marked failed after the crash, killed after a signal's stop and finished at the end; the settings logged once (MLflow
     refuses a setting logged again with another value); MLflow's default store back afterwards."""
     mlflow = pytest.importorskip("mlflow")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -327,7 +356,11 @@ def test_report_to_mlflow_goes_on_in_the_same_mlflow_run_after_a_resume(tiny, tm
     run_id = (tracking / "mlflow_run_id.txt").read_text().strip()
     client = mlflow.MlflowClient(train.mlflow_store_uri(tracking))
     assert client.get_run(run_id).info.status == "FAILED"
-    assert train.main(["--run-name", "tracked", "--output-dir", str(tmp_path), "--resume", "--no-progress"]) == 0
+    resume = ["--run-name", "tracked", "--output-dir", str(tmp_path), "--resume", "--no-progress"]
+    sigterm_at_9 = lambda step: step == 9 and os.kill(os.getpid(), signal.SIGTERM)  # noqa: E731
+    assert train.train(train.parse_config(resume), on_step=sigterm_at_9)["interrupted"]
+    assert client.get_run(run_id).info.status == "KILLED"  # stopped from outside, saved: not finished
+    assert train.main(resume) == 0
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert [r.info.run_id for r in runs] == [run_id] and runs[0].info.status == "FINISHED"
     assert runs[0].data.params["resume"] == "False"  # the first start's settings
