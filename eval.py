@@ -48,9 +48,9 @@ from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LM_QUANTIZATIONS, AdapterCon
                    MAX_NUM_BEAMS, lm_quantization_of)
 from report import EXTRA_METRICS, REPORT_FILE, baseline_verdict, collapse_line, percent, sweep_rows, write_report
 from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, UserError, caption_diversity, caption_metrics, check_processes_agree,
-                   default_image_workers, file_digest, format_table, ids_digest, json_value, lone_cpu_launch_warning,
-                   lost_another_process, nearest_existing, read_json, run_cli, waiting_lock, weights_digest,
-                   whole_number, write_json, write_jsonl, write_text)
+                   default_image_workers, file_digest, format_table, ids_digest, json_value, launched_processes,
+                   lone_cpu_launch_warning, lost_another_process, nearest_existing, read_json, run_cli, waiting_lock,
+                   weights_digest, whole_number, write_json, write_jsonl, write_text)
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -217,7 +217,7 @@ class Processes:
 
     @classmethod
     def from_environment(cls, device: str = "auto") -> Processes:
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        if launched_processes() <= 1:
             if warning := lone_cpu_launch_warning("eval.py"):
                 print(warning, file=sys.stderr)
             return cls()
@@ -239,6 +239,11 @@ class Processes:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def share_label(self, mine: int, total: int) -> str:
+        """What the main process's progress bars count where several share the work: its own shard, which
+        the others keep pace with, so the bar's total is not the split's."""
+        return f", process 0's {mine:,} of {total:,} images" if self.count > 1 else ""
 
     def shard(self, length: int, batch_size: int) -> range:
         """This process's contiguous run of whole batches. No padding, so each image is captioned exactly
@@ -436,9 +441,10 @@ def evaluate_captioner(captioner, records, decodings: dict[str, DecodingConfig],
     captioner.eval()
     shard = processes.shard(len(records), batch_size)
     mine = records[shard.start : shard.stop]
+    whose = processes.share_label(len(mine), len(records))
     bad_samples: list[tuple[str, str]] = []
-    features = clip_features(captioner, mine, batch_size, num_workers, progress, "CLIP features", feature_cache,
-                             on_bad_sample="skip", bad_samples=bad_samples)
+    features = clip_features(captioner, mine, batch_size, num_workers, progress, f"CLIP features{whose}",
+                             feature_cache, on_bad_sample="skip", bad_samples=bad_samples)
     unreadable = processes.gather(bad_samples)
     if unreadable and not processes.is_main:  # the main process names them, once: not one error line per process
         return None
@@ -446,7 +452,7 @@ def evaluate_captioner(captioner, records, decodings: dict[str, DecodingConfig],
     predictions = {}
     for name, decoding in decodings.items():
         local = caption_features(captioner, features, decoding, batch_size, seed, shard.start // batch_size,
-                                 progress, f"captioning ({name})")
+                                 progress, f"captioning ({name}){whose}")
         predictions[name] = processes.gather(local)
     captioned = processes.gather([record.image_id for record in mine])
     if captioned != [record.image_id for record in records]:  # each image exactly once, in split order

@@ -447,8 +447,7 @@ def test_one_caption_for_most_images_is_flagged_unless_the_data_is_as_repetitive
 def test_two_processes_caption_each_image_once_and_match_one_process(run, evaluated, tmp_path):
     """ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 eval.py RUN: shards of whole batches, gathered."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(ROOT / "eval.py"), str(run), "--out", str(tmp_path), "--batch-size", "2", "--num-workers", "0",
-               "--no-progress"]
+               str(ROOT / "eval.py"), str(run), "--out", str(tmp_path), "--batch-size", "2", "--num-workers", "0"]
     # One thread each: two processes on the test machine's cores, not each spinning up a thread per core.
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -458,6 +457,8 @@ def test_two_processes_caption_each_image_once_and_match_one_process(run, evalua
     single = json.loads((evaluated / "metrics.json").read_text())
     # 6 images in 3 batches of 2: one batch for process 0, two for process 1.
     assert metrics["processes"] == {"num_processes": 2, "images_per_process": [2, 4]}
+    # The main process's bars count its own shard, and say so: not "1/1 batch" for the whole split.
+    assert "captioning (greedy), process 0's 2 of 6 images" in result.stderr, result.stderr[-3000:]
     rows, single_rows = read_jsonl(tmp_path / "predictions.jsonl"), read_jsonl(evaluated / "predictions.jsonl")
     assert [r["image_id"] for r in rows] == [r["image_id"] for r in single_rows]  # each once, in split order
     assert [r["prediction"] for r in rows] == [r["prediction"] for r in single_rows]
