@@ -63,22 +63,10 @@ SESSIONS_KEPT = 1000
 # ----------------------------------------------------------------------------------------------
 
 def being_trained(folder: Path) -> bool:
-    """Whether a train.py process holds the run folder's lock, i.e. trains there now. The probe takes a
-    shared lock for an instant; a training start in that instant picks the next demo name."""
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): train.py takes no lock either
-        return False
-    from train import RUN_LOCK
+    """Whether a train.py process trains in the run folder now (see train.run_being_trained)."""
+    from train import run_being_trained
 
-    try:
-        with open(folder / RUN_LOCK) as handle:
-            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)  # let go of as the file closes
-    except BlockingIOError:
-        return True
-    except OSError:  # no lock file (a finished run), or a file system without locks
-        return False
-    return False
+    return run_being_trained(folder)
 
 
 def demo_folders(output_dir: Path) -> list[Path]:
@@ -192,11 +180,11 @@ def load_run(checkpoint: str | Path, device, with_baseline: bool = True, batch_s
     from PIL import Image
 
     from eval import default_dtype, run_lm_quantization
-    from model import ADAPTER_CONFIG, load_captioner
+    from model import ADAPTER_CONFIG, load_captioner, not_a_run_folder
 
     checkpoint = Path(checkpoint)
     if not (checkpoint / ADAPTER_CONFIG).is_file():
-        raise UserError(f"{checkpoint} is not a run folder: it has no {ADAPTER_CONFIG}")
+        raise UserError(not_a_run_folder(checkpoint))
     started = time.perf_counter()
     # The LM as the run trained it (as eval.py and inference.py load it): an unquantised copy of a
     # run trained 8-bit on a small GPU may not fit there, and it captions differently.
@@ -217,10 +205,10 @@ def load_run(checkpoint: str | Path, device, with_baseline: bool = True, batch_s
 def check_run_files(checkpoint: Path) -> None:
     """A run folder's own files (adapter config and weights) read, before any backbone loads: a damaged
     third run was reported only after the first two had loaded, minutes of waiting for a one-line error."""
-    from model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterConfig, load_adapter_state
+    from model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterConfig, load_adapter_state, not_a_run_folder
 
     if not (checkpoint / ADAPTER_CONFIG).is_file():
-        raise UserError(f"{checkpoint} is not a run folder: it has no {ADAPTER_CONFIG}")
+        raise UserError(not_a_run_folder(checkpoint))
     AdapterConfig.from_json(checkpoint / ADAPTER_CONFIG)
     load_adapter_state(checkpoint / ADAPTER_WEIGHTS)
 

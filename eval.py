@@ -30,7 +30,9 @@ if __name__ == "__main__":  # Ctrl-C while torch imports (seconds) ends quietly,
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # run_cli turns it back into KeyboardInterrupt
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import math
 import os
 import sys
@@ -45,7 +47,7 @@ from dataset import (DATASETS, FLICKR30K_PARQUET, SPLITS, check_data_flags, drop
 from demo import rebuild_cleared_demo
 from metrics import COCO_METRICS, COCO_VARIANT, TOKENIZATION_DETAILS, coco_metrics, start_meteor
 from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LM_QUANTIZATIONS, AdapterConfig, DecodingConfig, load_captioner,
-                   MAX_NUM_BEAMS, lm_quantization_of)
+                   MAX_NUM_BEAMS, lm_quantization_of, not_a_run_folder)
 from report import EXTRA_METRICS, REPORT_FILE, baseline_verdict, collapse_line, percent, sweep_rows, write_report
 from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, UserError, caption_diversity, caption_metrics, check_processes_agree,
                    default_image_workers, file_digest, format_table, ids_digest, json_value, launched_processes,
@@ -562,7 +564,9 @@ def outputs_lock(out_dir: Path):
     return waiting_lock(out_dir / ".eval.lock", f"waiting for another evaluation to finish writing into {out_dir} ...")
 
 
-def print_metrics(metrics: dict, title: str) -> None:
+def print_metrics(metrics: dict, title: str, notes: tuple[str, ...] = ()) -> None:
+    """The table, the verdict against the baseline and `notes` that qualify the figures (images the run
+    trained on or chose its adapter by, a run still training: before, only metrics.json said so, if anything)."""
     rows = [(name, percent(metrics[key]), percent(metrics["baseline"][key]), "COCO, " + metrics["coco_tokenization"])
             for key, name in COCO_METRICS]
     rows += [(name, percent(metrics[key]), percent(metrics["baseline"][key]), metrics[f"{key}_variant"])
@@ -571,6 +575,8 @@ def print_metrics(metrics: dict, title: str) -> None:
     print(baseline_verdict(metrics))
     if warning := collapse_line(metrics):
         print(warning)
+    for note in notes:
+        print(f"note: {note}")
     print()
 
 
@@ -685,14 +691,23 @@ def compare_main(args) -> int:
 # ----------------------------------------------------------------------------------------------
 
 def baseline_training_records(run: dict, dataset: str, data_dir, hub_files: str):
-    """The images the run trained on (its data, --train-limit and seed): the baseline retrieves their captions."""
+    """The images the run trained on (its data, --train-limit and seed): the baseline retrieves their captions.
+
+    Training files that are missing are left out, as train.py's default --on-bad-sample skip left them out
+    (before its --train-limit draw, as here): stopping on them refused to evaluate such a run at all. A
+    split whose files are all missing (a moved data folder) still stops, in load_records."""
+    bad_samples: list[tuple[str, str]] = []
     if run.get("dataset"):
         seed = run.get("seed", 0)
         records = load_records(run["dataset"], "train", run.get("data_dir"),
-                               run.get("hub_data_files") or FLICKR30K_PARQUET, seed)
+                               run.get("hub_data_files") or FLICKR30K_PARQUET, seed, "skip", bad_samples)
         records = limit_records(records, run.get("train_limit", 0), seed)
     else:
-        records = load_records(dataset, "train", data_dir, hub_files)
+        records = load_records(dataset, "train", data_dir, hub_files, on_bad_sample="skip", bad_samples=bad_samples)
+    if bad_samples:
+        count = f"{len(bad_samples):,} training image{'s' if len(bad_samples) != 1 else ''}"
+        print(f"note: the baseline leaves out {count} with a missing file, as training did (first: "
+              f"{bad_samples[0][1]})", file=sys.stderr)
     if not records:
         raise UserError("the run's training split has no images with captions: the baseline needs them")
     return records
@@ -713,6 +728,35 @@ def trained_on_note(records, train_records) -> str:
         return ""
     return (f"{shared:,} of the {len(records):,} images are among the run's training images: there the baseline "
             "retrieves each image's own captions, so it is an upper bound, not a baseline")
+
+
+def selected_on_note(records, run: dict, checkpoint: Path, run_dir: Path) -> str:
+    """A note when evaluated images are among those the run's validation chose this adapter by (its best
+    one, by --select-by), else "": its figures there are optimistic, which `--split val` did not say."""
+    if not run.get("dataset") or checkpoint.resolve() != run_dir.resolve():  # last/ was not chosen by validation
+        return ""
+    seed = run.get("seed", 0)
+    with contextlib.redirect_stdout(io.StringIO()):  # the split's own notes were printed as it loaded for scoring
+        validation = load_records(run["dataset"], "val", run.get("data_dir"),
+                                  run.get("hub_data_files") or FLICKR30K_PARQUET, seed, "skip", [])
+    chosen_by = {image_identity(record) for record in limit_records(validation, run.get("val_limit", 0), seed)}
+    shared = sum(image_identity(record) in chosen_by for record in records)
+    if not shared:
+        return ""
+    select_by = run.get("select_by", "rougeL")
+    return (f"{shared:,} of the {len(records):,} images are validation images by whose {select_by} the run chose "
+            "this adapter, so its figures on them are optimistic; the test split is held out")
+
+
+def still_training_note(run_dir: Path, step) -> str:
+    """A note when train.py still trains in the run folder, else "": the figures are then of an adapter that
+    training goes on replacing (and its final evaluation rewrites metrics.json), which nothing said."""
+    from train import run_being_trained  # here: train.py imports this module
+
+    if not run_being_trained(run_dir):
+        return ""
+    return (f"{run_dir} is still being trained: these figures are of its adapter of step {step}, which training "
+            "goes on replacing; evaluate again when it has finished")
 
 
 def empty_split_message(dataset: str, split: str, data_dir, hub_files: str, seed: int) -> str:
@@ -801,7 +845,7 @@ def checkpoint_problem(checkpoint: Path, out: str, writes: bool = True) -> str:
     if checkpoint.is_file():
         return f"{checkpoint} is a file: eval.py takes the run folder (here {checkpoint.parent})"
     if not (checkpoint / ADAPTER_CONFIG).is_file():
-        return f"{checkpoint} is not a run folder: it has no {ADAPTER_CONFIG}"
+        return not_a_run_folder(checkpoint)
     try:
         if writes:
             check_outputs_can_be_written(checkpoint, out)
@@ -890,6 +934,10 @@ def main(argv=None) -> int:
     if not records:
         raise UserError(empty_split_message(dataset, args.split, data_dir, hub_files, seed))
     train_records = baseline_training_records(run, dataset, data_dir, hub_files)
+    # Which adapter is scored, read before it loads: read after captioning, a run still training had put a
+    # newer adapter there by then, and metrics.json named that one for the older one's figures.
+    scored = what_was_scored(checkpoint, dataset, args.split, records)
+    live = still_training_note(run_dir, scored["adapter"]["step"])
     device = processes.device or pick_device(args.device)
     captioner = load_captioner(checkpoint, device=device, dtype=default_dtype(device),
                                **loading_from_args(args, checkpoint))
@@ -909,14 +957,16 @@ def main(argv=None) -> int:
     if results is None:  # not the main process: it captioned its shard and is done (or the main one reports why not)
         return 0
     result = results[describe_decoding(decoding)]
-    result.metrics.update(what_was_scored(checkpoint, dataset, args.split, records))
-    if note := trained_on_note(records, train_records):
-        result.metrics["notes"].append(note)
+    result.metrics.update(scored)
+    selected_on = selected_on_note(records, run, checkpoint, run_dir) if args.split == "val" else ""
+    printed_notes = [note for note in (trained_on_note(records, train_records), selected_on, live) if note]
+    result.metrics["notes"] += printed_notes
     sweep = sweep_table(results) if args.decoding_sweep else None
     out_dir = Path(args.out) if args.out else checkpoint
     written = write_eval_outputs(out_dir, result, records, run_dir, sweep, args.gallery_size)
     print_metrics(result.metrics, title=f"{checkpoint} on {dataset} {args.split} ({len(records)} images, "
-                                        f"{result.metrics['decoding_name']}, {result.metrics['coco_tokenization']})")
+                                        f"{result.metrics['decoding_name']}, {result.metrics['coco_tokenization']})",
+                  notes=tuple(printed_notes))
     if sweep is not None:
         header, rows = sweep_rows(sweep)
         print("Decoding comparison (x100), same split:\n" + format_table(rows, header) + "\n")

@@ -83,7 +83,8 @@ class AdapterConfig:
             raise UserError(f"{path} is a folder, not a JSON file: point --checkpoint at a run folder whose "
                             f"{ADAPTER_CONFIG} is a file")
         if not path.is_file():
-            raise UserError(f"{path} not found: point --checkpoint at a run folder holding {ADAPTER_CONFIG}")
+            advice = only_last_hint(path.parent) or f"point --checkpoint at a run folder holding {ADAPTER_CONFIG}"
+            raise UserError(f"{path} not found: {advice}")
         try:
             data = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -111,6 +112,23 @@ class AdapterConfig:
         config = cls(**data)
         check_adapter_size(config, config.prefix_length * config.lm_hidden_dim, source=path)
         return config
+
+
+def only_last_hint(folder: Path) -> str:
+    """Advice for a run folder with no best adapter but a last/ one (a run stopped before any validation
+    saved its best), else "": the bare "not a run folder" sent its owner looking for a lost checkpoint."""
+    if not (folder / "last" / ADAPTER_CONFIG).is_file():
+        return ""
+    return (f"no validation has saved a best adapter in {folder} yet, but its last/ holds the last step's: "
+            f"give {folder / 'last'}")
+
+
+def not_a_run_folder(folder: Path) -> str:
+    """The error for a --checkpoint folder without an adapter_config.json (eval.py, app.py)."""
+    hint = only_last_hint(folder)
+    if hint:
+        return f"{folder} has no {ADAPTER_CONFIG}: {hint}"
+    return f"{folder} is not a run folder: it has no {ADAPTER_CONFIG}"
 
 
 def _json_value_fits(value, annotation: str) -> bool:

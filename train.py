@@ -916,6 +916,23 @@ def lock_run_folder(run_dir: Path):
     return handle
 
 
+def run_being_trained(folder: Path) -> bool:
+    """Whether a train.py process holds the run folder's lock, i.e. trains there now. The probe takes a
+    shared lock for an instant; a training start in that instant picks the next demo name."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): train.py takes no lock either
+        return False
+    try:
+        with open(folder / RUN_LOCK) as handle:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)  # let go of as the file closes
+    except BlockingIOError:
+        return True
+    except OSError:  # no lock file (a finished run), or a file system without locks
+        return False
+    return False
+
+
 def lock_file_is_current(handle, path: Path) -> bool:
     """Whether the locked file is still the one at `path` (a file deleted meanwhile guards nothing)."""
     try:

@@ -297,8 +297,9 @@ def test_compare_says_when_runs_were_scored_on_other_data_under_the_same_file_na
     assert "not comparable" not in capsys.readouterr().out
 
 
-def test_the_upper_bound_note_is_for_images_the_run_trained_on(tiny, run, tmp_path):
-    # It was written for any --split train, a folder of one's own too (whose images the run never saw).
+def test_the_upper_bound_note_is_for_images_the_run_trained_on(tiny, run, tmp_path, capsys):
+    # It was written for any --split train, a folder of one's own too (whose images the run never saw);
+    # and it was only in metrics.json: the terminal showed the verdict against the baseline without it.
     note = "2 of the 2 images are among the run's training images: there the baseline retrieves each image's own"
     other = shutil.copytree(tiny["data_dir"], tmp_path / "other")
     for data_dir, expected in ((tiny["data_dir"], [note]), (str(other), [])):
@@ -307,6 +308,77 @@ def test_the_upper_bound_note_is_for_images_the_run_trained_on(tiny, run, tmp_pa
                                  str(out), "--no-progress", "--num-workers", "0"]) == 0
         notes = json.loads((out / "metrics.json").read_text())["notes"]
         assert [n[: len(note)] for n in notes if "upper bound" in n] == expected, notes
+        printed = [line for line in capsys.readouterr().out.splitlines() if "upper bound" in line]
+        assert [line[: len("note: " + note)] for line in printed] == ["note: " + n for n in expected], printed
+
+
+def test_a_run_that_skipped_a_missing_training_image_can_be_evaluated(tiny, tmp_path, capsys):
+    # train.py's default --on-bad-sample skip trains without a missing file; eval.py's baseline then
+    # stopped on that file ("1 of 40 train images are missing"), so such a run could not be evaluated.
+    data_dir = shutil.copytree(tiny["data_dir"], tmp_path / "data")
+    (data_dir / "images" / "train_0003.png").unlink()
+    flags = ["--data-dir", str(data_dir), "--epochs", "1", "--final-eval", "false"]
+    assert train.main(train_args(tiny, tmp_path, "run", *flags)) == 0
+    out = tmp_path / "eval"
+    assert eval_script.main([str(tmp_path / "run"), "--out", str(out), "--no-progress", "--num-workers", "0"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["baseline"]["train_images"] == 39 and metrics["num_images"] == 6
+    assert "the baseline leaves out 1 training image with a missing file" in capsys.readouterr().err
+
+
+def test_a_run_still_training_is_said_so_and_its_adapter_is_named_as_it_was_loaded(run, tmp_path, monkeypatch,
+                                                                                    capsys):
+    # Evaluating a run that train.py still trains: nothing said so, and metrics.json named the adapter
+    # the folder held after captioning (a newer best saved meanwhile), not the one whose figures it holds.
+    live = shutil.copytree(run, tmp_path / "live")
+    scored_digest = eval_script.file_digest(live / "adapter.safetensors")
+    evaluate = eval_script.evaluate_captioner
+
+    def training_saves_a_new_best_meanwhile(*args, **kwargs):
+        results = evaluate(*args, **kwargs)
+        (live / "adapter.safetensors").write_bytes((live / "last" / "adapter.safetensors").read_bytes() + b" ")
+        return results
+
+    monkeypatch.setattr(eval_script, "evaluate_captioner", training_saves_a_new_best_meanwhile)
+    lock = train.lock_run_folder(live)  # as the training process holds it
+    try:
+        assert eval_script.main([str(live), "--limit", "2", "--out", str(tmp_path / "out"), "--no-progress",
+                                 "--num-workers", "0"]) == 0
+    finally:
+        train.release_run_folder(lock, live)
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["adapter"]["blake2b"] == scored_digest
+    assert any("is still being trained" in note for note in metrics["notes"]), metrics["notes"]
+    assert "is still being trained: these figures are of its adapter of step" in capsys.readouterr().out
+
+
+def test_a_run_with_only_its_last_adapter_is_pointed_to_last(run, tmp_path):
+    # A run stopped before any validation saved a best adapter holds last/ alone: eval.py and inference.py
+    # said only "not a run folder" / "adapter_config.json not found", not where its adapter is.
+    import inference
+
+    folder = tmp_path / "stopped"
+    shutil.copytree(run / "last", folder / "last")
+    shutil.copy(run / "run_config.json", folder)
+    advice = f"its last/ holds the last step's: give {folder / 'last'}"
+    with pytest.raises(eval_script.UserError, match=re.escape(advice)):
+        eval_script.main([str(folder), "--no-progress"])
+    with pytest.raises(eval_script.UserError, match=re.escape(advice)):
+        inference.main(["--checkpoint", str(folder), str(tmp_path / "photo.png")])
+
+
+def test_validation_images_the_best_adapter_was_chosen_by_are_said_to_flatter_it(run, tmp_path, capsys):
+    # `--split val` scored the images the run picked its best adapter by, and said nothing of it;
+    # last/ was not picked by them.
+    note = "4 of the 4 images are validation images by whose rougeL the run chose this adapter"
+    for checkpoint, expected in ((run, [note]), (run / "last", [])):
+        out = tmp_path / checkpoint.name
+        assert eval_script.main([str(checkpoint), "--split", "val", "--limit", "4", "--out", str(out),
+                                 "--no-progress", "--num-workers", "0"]) == 0
+        notes = json.loads((out / "metrics.json").read_text())["notes"]
+        assert [n[: len(note)] for n in notes if "validation images" in n] == expected, notes
+        printed = [line for line in capsys.readouterr().out.splitlines() if "validation images" in line]
+        assert [line[: len("note: " + note)] for line in printed] == ["note: " + n for n in expected], printed
 
 
 def test_metrics_report_and_compare_say_how_the_lm_was_quantised(run, evaluated, tmp_path, capsys):
