@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from model import IGNORE_INDEX
-from utils import UserError, cache_home, file_digest, replace_durably, write_json
+from utils import UserError, cache_home, file_digest, ids_digest, replace_durably, write_json
 
 FLICKR30K_PARQUET = "hf://datasets/nlphuji/flickr30k@refs/convert/parquet/TEST/test/*.parquet"
 DATASETS = ("flickr30k", "karpathy", "folder")
@@ -219,6 +219,7 @@ def load_flickr30k_hub(split: str, data_files: str = FLICKR30K_PARQUET) -> list[
     missing = {"image", "caption", "split"} - set(table.column_names)
     if missing:
         raise UserError(f"{data_files} lacks columns {sorted(missing)}; expected the nlphuji/flickr30k parquet export")
+    table = _image_column(table, data_files)
     splits = table["split"]
     captions = table["caption"]
     ids = table["img_id"] if "img_id" in table.column_names else [str(i) for i in range(len(table))]
@@ -244,6 +245,21 @@ def load_flickr30k_hub(split: str, data_files: str = FLICKR30K_PARQUET) -> list[
         else:
             records[key] = ImageRecord(key, _clean_captions(row_captions), split, row=row, table=table)
     return list(records.values())
+
+
+def _image_column(table, data_files: str):
+    """The table with its `image` column decoded as images. Parquet written by pandas or pyarrow (not by
+    `datasets`) lacks the schema note that says so, and its {bytes, path} structs came back as dicts that
+    no image could be read from ("'dict' object has no attribute 'load'")."""
+    import datasets
+
+    if isinstance(table.features["image"], datasets.Image):
+        return table
+    try:
+        return table.cast_column("image", datasets.Image())
+    except Exception:  # pyarrow's cast errors: the column holds numbers or other structs
+        raise UserError(f"{data_files}: column 'image' holds {table.features['image']}, not images; give it the "
+                        "image file's bytes (or a struct of bytes and path, as the Hub's export does)") from None
 
 
 def find_karpathy_json(data_dir: Path) -> Path:
@@ -459,6 +475,23 @@ def _split_name(path: Path, value) -> str | None:
     return name
 
 
+def _without_split(by_image: dict[str, dict]) -> list[str]:
+    """The images no caption row gives a split: load_caption_folder deals them one by a seeded shuffle."""
+    return [name for name, entry in by_image.items() if entry["split"] is None]
+
+
+def split_deal(data_dir: str | Path, seed: int = 0) -> str:
+    """A digest of how a caption folder's images without a split are dealt to train, val and test: the
+    seed and which images are dealt ("" where every image names its split). An image added to or removed
+    from the caption file re-deals all of them, so a run's test split would then hold images it trained
+    on; eval.py compares this with the run's (a file missing on disk deals nothing: the caption file does)."""
+    data_dir = Path(data_dir)
+    unassigned = _without_split(_group_by_image(data_dir, _read_caption_rows(data_dir)))
+    if not unassigned:
+        return ""
+    return f"seed {seed}, {len(unassigned):,} images, ids {ids_digest(sorted(unassigned))}"
+
+
 def _group_by_image(data_dir: Path, rows: list[dict]) -> dict[str, dict]:
     """Caption rows gathered per image: {name: {"captions", "split", "split_row"}}. An image
     belongs to one split, and a row without a split takes the one another row gives its image."""
@@ -514,8 +547,7 @@ def load_caption_folder(data_dir: Path, split: str, seed: int = 0, held_out_frac
     val and test (at least one image each once there are three), the rest to train.
     """
     by_image = _group_by_image(data_dir, _read_caption_rows(data_dir))
-    names = list(by_image)
-    unassigned = [n for n in names if by_image[n]["split"] is None]
+    unassigned = _without_split(by_image)
     if unassigned:
         order = sorted(unassigned)
         random.Random(seed).shuffle(order)

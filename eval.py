@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from dataset import (DATASETS, FLICKR30K_PARQUET, SPLITS, check_data_flags, drop_unreadable, encoder_fingerprint,
-                     extract_features, limit_records, load_records)
+                     extract_features, limit_records, load_records, split_deal)
 from demo import rebuild_cleared_demo
 from metrics import COCO_METRICS, COCO_VARIANT, TOKENIZATION_DETAILS, coco_metrics, start_meteor
 from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LM_QUANTIZATIONS, AdapterConfig, DecodingConfig, load_captioner,
@@ -713,6 +713,23 @@ def baseline_training_records(run: dict, dataset: str, data_dir, hub_files: str)
     return records
 
 
+def check_split_deal_unchanged(run_dir: Path, run: dict) -> None:
+    """A caption folder's images without a split get one by a shuffle of all of them
+    (dataset.load_caption_folder), so an image added to or removed from its caption file since training
+    re-deals every split: the test split would then hold images the run trained on, scored as unseen."""
+    from train import TRAINER_STATE, resume_state_dir  # here: train.py imports this module
+
+    state_dir = resume_state_dir(run_dir)
+    saved = read_json(state_dir / TRAINER_STATE, "trainer state").get("split_deal", "") if state_dir else ""
+    if not saved:
+        return  # splits named by the data, or a run saved before the deal was kept: nothing to compare
+    if split_deal(run["data_dir"], run.get("seed", 0)) != saved:
+        raise UserError(f"{run['data_dir']}: its caption file lists other images than when {run_dir} trained "
+                        "(added, removed or renamed since), and its images without a split are dealt one by a "
+                        "shuffle of all of them, so every split has changed and may hold images the run trained "
+                        "on; evaluate with the caption file as it was, or give every image a split and train again")
+
+
 def image_identity(record) -> tuple:
     """One image however it is reached: its file's real path, else (a Hub row) its id."""
     return ("path", os.path.realpath(record.path)) if record.path is not None else ("id", str(record.image_id))
@@ -763,8 +780,6 @@ def empty_split_message(dataset: str, split: str, data_dir, hub_files: str, seed
     """The error for a split with no images, naming the splits that have some: a caption folder of
     one's own often holds only some splits (all "val", say), and "no images" alone left the user to
     guess that --split was the flag to change."""
-    import contextlib
-    import io
 
     counts = {}
     for other in SPLITS:
@@ -934,6 +949,8 @@ def main(argv=None) -> int:
     if not records:
         raise UserError(empty_split_message(dataset, args.split, data_dir, hub_files, seed))
     train_records = baseline_training_records(run, dataset, data_dir, hub_files)
+    if dataset == "folder" and (dataset, data_dir) == (run.get("dataset"), run.get("data_dir")):
+        check_split_deal_unchanged(run_dir, run)
     # Which adapter is scored, read before it loads: read after captioning, a run still training had put a
     # newer adapter there by then, and metrics.json named that one for the older one's figures.
     scored = what_was_scored(checkpoint, dataset, args.split, records)

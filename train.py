@@ -40,7 +40,7 @@ import torch
 
 from dataset import (DATASETS, FLICKR30K_PARQUET, PADDING_PAIR, CaptionPairs, EpochShuffleSampler, check_data_flags,
                      collate_captions, drop_unreadable, encoder_fingerprint, extract_features, limit_records,
-                     load_records)
+                     load_records, split_deal)
 from metrics import validation_cider_d
 from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, IGNORE_INDEX, AdapterConfig, DecodingConfig, TrainingLoss,
                    build_captioner, load_adapter_state, missing_local_folder, repair_torn_export, resolve_dtype,
@@ -484,6 +484,7 @@ class TrainerState:
     settings: str = ""  # settings_digest of the run's config
     train_data: str = ""  # training_set_label of the data it trained on
     data_content: dict = field(default_factory=dict)  # {"train", "val": content_digest}; {} in older states
+    split_deal: str = ""  # dataset.split_deal of a caption folder whose images get their split by a shuffle
     # The training loss since the last log line (LossWindow.saved): without it, a run resumed between two
     # log lines logs the mean of only its own steps there, and the steps before the checkpoint never.
     log_window: dict = field(default_factory=dict)  # {} in older states
@@ -1384,6 +1385,8 @@ def set_up_run(config: TrainConfig, accelerator) -> Run:
         resume(run, train_data, data_content)
     run.state.settings, run.state.train_data = settings_digest(config), train_data
     run.state.data_content = data_content
+    if config.dataset == "folder":  # for eval.py: a re-dealt folder's test split holds trained images
+        run.state.split_deal = split_deal(config.data_dir, config.seed)
     run.last_validated = run.state.history[-1]["step"] if run.state.history else -1
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -688,3 +688,29 @@ def test_a_path_that_leaves_the_folder_and_comes_back_is_the_same_image(tmp_path
                                 {"image": "../outside.png", "caption": "two", "split": "train"}])
     # A file outside the folder is used as the row names it (README: Other data).
     assert [r.image_id for r in load_records("folder", "train", str(data))] == ["images/x.png", "../outside.png"]
+
+
+def test_hub_parquet_written_by_pyarrow_has_its_image_bytes_read(tmp_path):
+    # Parquet written without `datasets` (pandas, pyarrow) lacks the schema note that the column holds
+    # images: its {bytes, path} structs came back as dicts ("'dict' object has no attribute 'load'").
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def image_bytes(colour):
+        buffer = io.BytesIO()
+        Image.new("RGB", (16, 8), colour).save(buffer, "PNG")
+        return buffer.getvalue()
+
+    path = tmp_path / "own.parquet"
+    pq.write_table(pa.Table.from_pylist([
+        {"image": {"bytes": image_bytes((200, 0, 0)), "path": "a.png"}, "caption": ["red"], "split": "train",
+         "filename": "a.png"},
+        {"image": {"bytes": image_bytes((0, 200, 0)), "path": "b.png"}, "caption": ["green"], "split": "test",
+         "filename": "b.png"}]), path)
+    [record] = load_records("flickr30k", "test", hub_data_files=str(path))
+    assert record.open().size == (16, 8) and record.open().getpixel((0, 0)) == (0, 200, 0)
+    pq.write_table(pa.Table.from_pylist([{"image": 7, "caption": ["seven"], "split": "train"}]), path)
+    with pytest.raises(UserError, match="column 'image' holds Value.*int64.*, not images; give it the image file's"):
+        load_records("flickr30k", "train", hub_data_files=str(path))

@@ -21,7 +21,7 @@ from dataset import extract_features, load_records
 from metrics import COCO_METRICS, coco_metrics
 from model import load_captioner
 from report import best_validation, collapse_line, render_report
-from utils import caption_diversity, collapse_warning, read_jsonl, run_cli
+from utils import UserError, caption_diversity, collapse_warning, read_jsonl, run_cli, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP_NAMES = ["greedy", "beam 3", "beam 5", "nucleus top-p 0.9 T 1", eval_script.BASELINE]
@@ -662,3 +662,23 @@ def test_compare_names_an_older_metrics_file_that_cannot_say_which_data_it_score
                      "and captions as the others: an older eval.py wrote that metrics.json without recording them; "
                      f"re-evaluate them (python eval.py {tmp_path / 'old'})"], notes
     assert eval_script.comparison([str(tmp_path / "new"), str(tmp_path / "new2")])["notes"] == []
+
+
+def test_a_folder_whose_shuffled_splits_were_dealt_again_since_training_is_refused(tiny, tmp_path):
+    # Images without a split are dealt one by a shuffle of all of them: one image added re-deals every split,
+    # and eval.py used to score the new test split, made of images the run trained on, as unseen.
+    data = shutil.copytree(tiny["data_dir"], tmp_path / "data")
+    rows = read_jsonl(data / "captions.jsonl")
+    write_jsonl(data / "captions.jsonl", [{k: v for k, v in row.items() if k != "split"} for row in rows])
+    args = train_args({**tiny, "data_dir": str(data)}, tmp_path, "run", "--max-steps", "2", "--final-eval", "false")
+    assert train.main(args) == 0
+    evaluate = [str(tmp_path / "run"), "--limit", "2", "--out", str(tmp_path / "eval"), "--no-progress",
+                "--num-workers", "0"]
+    assert eval_script.main(evaluate) == 0  # the data as it was
+    next(r for r in load_records("folder", "train", str(data), seed=42)).path.unlink()  # deals nothing again
+    assert eval_script.main(evaluate) == 0
+    shutil.copy(Path(tiny["data_dir"]) / rows[0]["image"], data / "added.png")
+    added = {"image": "added.png", "caption": "new"}
+    write_jsonl(data / "captions.jsonl", [*read_jsonl(data / "captions.jsonl"), added])
+    with pytest.raises(UserError, match="lists other images than when .* trained .* may hold images the run trained on"):
+        eval_script.main(evaluate)
