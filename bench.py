@@ -1,6 +1,6 @@
 """Measure the captioner's speed against the naive way of doing the same job, in one run.
 
-    python bench.py --shapes tiny                  # seconds on a CPU: checks the benchmark itself
+    python bench.py --shapes tiny                  # under a minute on a CPU: checks the benchmark itself
     python bench.py --shapes real                  # CLIP ViT-B/32 + Qwen3-0.6B-Base shapes, random weights
     python bench.py --shapes real --only train --batches 64,256,512 --compile
 

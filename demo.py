@@ -352,10 +352,21 @@ def rebuild_cleared_demo(*paths) -> None:
         raise UserError(f"{gone} is gone: it is in the demo assets of an older version of this project "
                         f"({gone_older_demo_folder(gone)}), which this version no longer builds (it builds "
                         f"{root.name}); train a new demo run with python train.py --demo")
-    if any(path and Path(path).is_relative_to(root) and not Path(path).exists() for path in paths):
+    ours = [Path(path) for path in paths if path and Path(path).is_relative_to(root)]
+    if any(not path.exists() for path in ours):
         print(f"the demo assets in {root} are gone (a cleared cache): building them again", file=sys.stderr)
-        with contextlib.redirect_stdout(sys.stderr):  # the caller's stdout is its output (inference.py --json)
-            ensure_demo_assets()
+    elif not any(damaged_demo_backbones(path, root) for path in ours):
+        return
+    # A damaged backbone file says so itself as it is built again (build_missing_assets).
+    with contextlib.redirect_stdout(sys.stderr):  # the caller's stdout is its output (inference.py --json)
+        ensure_demo_assets()
+
+
+def damaged_demo_backbones(path: Path, root: Path) -> bool:
+    """Whether `path` is one of the demo's backbones and a file of their build is missing or cut short:
+    only the build can make them again, so loading it would end in advice to download it."""
+    backbones = root / "backbones"
+    return path.is_relative_to(backbones) and (backbones / "BUILT").is_file() and not backbones_built(backbones)
 
 
 def gone_older_demo_folder(path) -> str | None:

@@ -305,6 +305,29 @@ def test_a_demo_run_rebuilds_a_cleared_demo_cache(tmp_path, capsys, monkeypatch)
     assert Path(built["lm_model"], "model.safetensors").is_file()
 
 
+def test_a_demo_run_rebuilds_a_demo_backbone_cut_short(monkeypatch):
+    """A demo backbone file cut short or deleted after training (its folder still there): eval.py,
+    inference.py and app.py on the demo run build the backbones again, as train.py --demo does,
+    instead of failing to load them with advice to download a model only the build can make."""
+    import demo
+
+    backbones = demo.demo_root() / "backbones"
+    for name in demo.BACKBONE_FILES:
+        (backbones / name).parent.mkdir(parents=True, exist_ok=True)
+        (backbones / name).write_text("{}")
+    (backbones / "BUILT").write_text(json.dumps({"version": demo.DEMO_VERSION, "files": demo.file_sizes(backbones)}))
+    builds = []
+    monkeypatch.setattr(demo, "ensure_demo_assets", lambda: builds.append("built"))
+    clip, lm = str(backbones / "clip"), str(backbones / "lm")
+    demo.rebuild_cleared_demo(clip, lm)
+    assert builds == []  # whole: loaded as it is
+    (backbones / "lm" / "model.safetensors").write_text("{")  # cut short
+    demo.rebuild_cleared_demo(clip, lm)
+    assert builds == ["built"]
+    demo.rebuild_cleared_demo("/elsewhere/clip", "/elsewhere/lm")  # not the demo's: never built here
+    assert builds == ["built"]
+
+
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no folder can be made")
 def test_an_unwritable_captioner_home_is_one_line(monkeypatch):
     """A CAPTIONER_HOME this user cannot write (a shared or read-only folder): one line naming it, not
