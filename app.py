@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from utils import UserError, nearest_existing, run_cli
+from utils import HelpFormatter, UserError, nearest_existing, run_cli
 
 # Gradio reports usage and checks for new versions over the network unless told not to.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -644,7 +644,7 @@ def upload_limit(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     from utils import positive_number, whole_number  # argparse types: a bad number is one line, before anything loads
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--checkpoint", nargs="+", action="extend", metavar="RUN",
                         help="run folder(s) to serve (a run folder, or its last/ sub-folder); the first captions "
                              "by default, the others can be compared with it (default: the newest offline demo run "

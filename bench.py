@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from eval import pick_device
 from model import IGNORE_INDEX, AdapterConfig, Captioner, TrainingLoss, save_adapter
-from utils import UserError, read_jsonl, run_cli, whole_number
+from utils import HelpFormatter, UserError, read_jsonl, run_cli, whole_number
 
 PREFIX_LENGTH, CAPTION_TOKENS = 10, 24  # Flickr30k captions: ~13 words ~ 17 Qwen tokens + EOS, padded
 SECTIONS = ("train", "loss", "extract", "generate", "latency", "cold", "quantized")
@@ -640,7 +640,7 @@ def variant_list(text: str) -> list[tuple[str, int | None]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--shapes", choices=tuple(SHAPES), default="tiny", help="backbone shapes (random weights)")
     parser.add_argument("--only", type=section_list, default=",".join(s for s in SECTIONS if s != "quantized"),
                         help=f"comma-separated sections of {SECTIONS} (default: all but quantized)")

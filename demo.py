@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from utils import UserError, cache_home, nearest_existing, run_cli, seed_everything, waiting_lock, whole_number
+from utils import (HelpFormatter, UserError, cache_home, nearest_existing, run_cli, seed_everything, waiting_lock,
+                   whole_number)
 
 DEMO_VERSION = 2  # bump when the recipe below changes, so cached assets are rebuilt
 BACKBONE_FILES = ("clip/config.json", "clip/model.safetensors", "lm/config.json", "lm/model.safetensors")
@@ -399,19 +400,25 @@ def check_new_folder(out: Path) -> None:
         raise UserError(f"--out {out} is inside {folder}, which is a file; give a new folder")
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    data = commands.add_parser("data", help="write the synthetic coloured-shapes data set")
+    data = commands.add_parser("data", help="write the synthetic coloured-shapes data set",
+                               formatter_class=HelpFormatter)
     data.add_argument("--out", required=True, help="folder to write images/ and captions.jsonl into")
     data.add_argument("--seed", type=whole_number(0, 2**32 - 1), default=0, help="random seed for the drawings")
-    backbones = commands.add_parser("backbones", help="build tiny CLIP + tokenizer + pre-trained tiny Qwen3")
+    backbones = commands.add_parser("backbones", help="build tiny CLIP + tokenizer + pre-trained tiny Qwen3",
+                                    formatter_class=HelpFormatter)
     backbones.add_argument("--captions", required=True, help="a caption folder (captions.jsonl or captions.csv)")
     backbones.add_argument("--out", required=True, help="output folder; writes clip/ and lm/ inside")
     backbones.add_argument("--lm-steps", type=whole_number(1), default=1400,
                            help="pre-training steps of the tiny LM (batch 64)")
     backbones.add_argument("--seed", type=whole_number(0, 2**32 - 1), default=0, help="random seed")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     check_new_folder(Path(args.out))
     if args.command == "data":
         print(f"wrote {build_demo_data(args.out, args.seed)}")

@@ -49,10 +49,10 @@ from metrics import COCO_METRICS, COCO_VARIANT, TOKENIZATION_DETAILS, coco_metri
 from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LM_QUANTIZATIONS, AdapterConfig, DecodingConfig, load_captioner,
                    MAX_NUM_BEAMS, lm_quantization_of, not_a_run_folder)
 from report import EXTRA_METRICS, REPORT_FILE, baseline_verdict, collapse_line, percent, sweep_rows, write_report
-from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, UserError, caption_diversity, caption_metrics, check_processes_agree,
-                   default_image_workers, file_digest, format_table, ids_digest, json_value, launched_processes,
-                   lone_cpu_launch_warning, lost_another_process, nearest_existing, read_json, run_cli, waiting_lock,
-                   weights_digest, whole_number, write_json, write_jsonl, write_text)
+from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, HelpFormatter, UserError, caption_diversity, caption_metrics,
+                   check_processes_agree, default_image_workers, file_digest, format_table, ids_digest, json_value,
+                   launched_processes, lone_cpu_launch_warning, lost_another_process, nearest_existing, read_json,
+                   run_cli, waiting_lock, weights_digest, whole_number, write_json, write_jsonl, write_text)
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -798,7 +798,7 @@ def empty_split_message(dataset: str, split: str, data_dir, hub_files: str, seed
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("checkpoint", nargs="?", help="run folder (best adapter) or its last/ sub-folder")
     parser.add_argument("--split", choices=("train", "val", "test"), default="test", help="split to caption (default: test)")
     parser.add_argument("--limit", type=whole_number(0, meaning=" (0 = all)"), default=0,

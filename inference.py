@@ -37,7 +37,7 @@ from dataset import IMAGE_SUFFIXES, open_image
 from eval import (add_decoding_flags, add_loading_flags, decoding_from_args, default_dtype, loading_from_args,
                   pick_device)
 from model import ADAPTER_CONFIG, AdapterConfig, load_captioner
-from utils import UserError, run_cli, whole_number
+from utils import HelpFormatter, UserError, run_cli, whole_number
 
 
 class ImagesParser(argparse.ArgumentParser):
@@ -60,7 +60,7 @@ class ImagesParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ImagesParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ImagesParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("images", nargs="+", metavar="IMAGE",
                         help="image files to caption, folders of them (searched with their sub-folders), or - to "
                              "read paths from standard input, one a line")

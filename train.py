@@ -45,12 +45,13 @@ from metrics import validation_cider_d
 from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, IGNORE_INDEX, AdapterConfig, DecodingConfig, TrainingLoss,
                    build_captioner, load_adapter_state, missing_local_folder, repair_torn_export, resolve_dtype,
                    save_adapter, save_adapter_weights)
-from utils import (Terminated, UserError, append_jsonl, caption_diversity, caption_metrics, check_folder_is_shared,
-                   check_processes_agree, collapse_warning, default_image_workers, ids_digest, interrupt_handled,
-                   interrupt_name, interrupted_exit_code, is_whole_number, join_processes, json_value,
-                   launched_processes, library_versions, load_state, lone_cpu_launch_warning, lost_another_process,
-                   machines, nearest_existing, read_json, read_jsonl, rng_states, run_cli, save_state, set_rng_states,
-                   sync_folder, sync_tree, weights_digest, write_json, write_jsonl, write_text)
+from utils import (HelpFormatter, Terminated, UserError, append_jsonl, caption_diversity, caption_metrics,
+                   check_folder_is_shared, check_processes_agree, collapse_warning, default_image_workers, ids_digest,
+                   interrupt_handled, interrupt_name, interrupted_exit_code, is_whole_number, join_processes,
+                   json_value, launched_processes, library_versions, load_state, lone_cpu_launch_warning,
+                   lost_another_process, machines, nearest_existing, read_json, read_jsonl, rng_states, run_cli,
+                   save_state, set_rng_states, sync_folder, sync_tree, weights_digest, write_json, write_jsonl,
+                   write_text)
 
 RUN_CONFIG = "run_config.json"
 # --select-by: the validation record's key, and whether higher is better.
@@ -193,15 +194,6 @@ def parse_config(argv=None) -> TrainConfig:
         config, _ = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     config.given_flags = flags_named(argv)
     return config
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults shown once: not where a flag's help already says its default, nor for a --no-X switch."""
-
-    def _get_help_string(self, action):
-        if "(default" in (action.help or "") or is_off_switch(action):
-            return action.help
-        return super()._get_help_string(action)
 
 
 def is_off_switch(action) -> bool:

@@ -100,6 +100,19 @@ def not_a_script(file: str) -> str:
     return f"{Path(file).name} is a library module, not a script: run {SCRIPTS} (each takes --help)"
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Every script's --help: its docstring as written, and each flag's default, once. Not where the help
+    names the default already, nor for a switch (store_true's False, a --no-X's True) or a flag whose
+    default is nothing (None, ""): "(default: None)" says less than no note."""
+
+    def _get_help_string(self, action):
+        help_text = action.help or ""
+        if ("(default" in help_text or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+                or action.default in (None, "")):
+            return help_text
+        return super()._get_help_string(action)
+
+
 def whole_number(minimum: int, maximum: int | None = None, meaning: str = ""):
     """An argparse type: an integer from minimum to maximum, else argparse's one-line error naming the
     flag, before anything loads. `meaning` says what a special value means, e.g. " (0 = all)"."""

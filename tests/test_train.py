@@ -1,6 +1,7 @@
 """train.py, eval.py and inference.py end to end on the tiny backbones, resume, and the demo bar."""
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import math
@@ -874,6 +875,31 @@ def test_help_reads_well(script, capsys):
         script.main(["--help"])
     assert exit_info.value.code == 0
     assert "usage" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["train", "eval", "inference", "app", "bench", "demo data", "demo backbones"])
+def test_every_scripts_help_shows_each_default_once(name):
+    """A flag's default in --help (inference.py's --batch-size 32 was only in the README), once, and
+    none for a switch or a flag with no default ("(default: None)")."""
+    import importlib
+
+    module, _, command = name.partition(" ")
+    parser = importlib.import_module(module).build_parser()
+    if command:
+        parser = next(action for action in parser._actions if action.choices and command in action.choices)
+        parser = parser.choices[command]
+    text = " ".join(parser.format_help().split())
+    shown = 0
+    for action in parser._actions:
+        if not action.option_strings or action.help == argparse.SUPPRESS:
+            continue
+        switch = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._HelpAction))
+        help_text = parser._get_formatter()._expand_help(action)
+        # A flag with no default value may say in words what happens without it (its own "(default: ...)").
+        expected = {0} if switch else {0, 1} if action.default in (None, "") else {1}
+        assert help_text.count("(default") in expected, (action.option_strings, help_text)
+        shown += "(default" in help_text
+    assert shown and text.count("(default") >= shown  # (a long default may be broken across lines)
 
 
 def test_train_help_names_flags_as_the_readme_does_and_each_default_once(capsys):
