@@ -888,6 +888,11 @@ def check_outputs_can_be_written(checkpoint: Path, out: str) -> None:
     if not out and not os.access(checkpoint, os.W_OK | os.X_OK):
         raise UserError(f"{checkpoint} cannot be written, and the outputs go there unless --out says otherwise: "
                         "pass --out FOLDER")
+    if out and (Path(out) / ADAPTER_CONFIG).is_file() and not Path(out).resolve().samefile(checkpoint.resolve()):
+        # Its metrics.json, report and predictions would then be another adapter's, under its own name
+        # (and --compare would call them stale instead of saying whose they are).
+        raise UserError(f"--out {out} is another run's folder: its {METRICS_FILE} would hold {checkpoint}'s figures; "
+                        f"give a folder of its own (or leave out --out to write into {checkpoint})")
 
 
 def check_args(args) -> None:

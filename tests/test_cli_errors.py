@@ -221,6 +221,17 @@ def test_eval_out_must_be_a_folder(run, no_model, tmp_path, capsys):
     assert f"--out {a_file} is a file" in line, line
 
 
+def test_eval_out_is_not_another_runs_folder(run, no_model, tmp_path, capsys):
+    """eval.py A --out B wrote A's figures into B's metrics.json, where B's own had been."""
+    import shutil
+
+    other = Path(shutil.copytree(run, tmp_path / "other"))
+    last = Path(shutil.copytree(run, other / "last"))  # the last step's adapter, whose figures are not the run's
+    for checkpoint, out in ((run, other), (last, other)):
+        line = cli_error(capsys, eval_script.main, [str(checkpoint), "--out", str(out), "--no-progress"])
+        assert f"--out {out} is another run's folder: its metrics.json would hold {checkpoint}'s figures" in line, line
+
+
 def test_eval_out_must_be_writable(run, no_model, tmp_path, monkeypatch, capsys):
     locked = tmp_path / "locked"
     locked.mkdir()
