@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import hashlib
 import itertools
 import json
@@ -124,8 +125,27 @@ def image_file_problem(path: Path) -> str:
     if path.is_dir():
         return f"{path} is a directory, not an image file"
     if not path.is_file():
+        if near := _names_alike(path.parent).get(_name_key(path.name)):
+            return (f"image not found: {path} (its folder holds {near!r}, the same name in another Unicode form or "
+                    "letter case: spell it in the caption file as the file is named)")
         return f"image not found: {path}"
     return ""
+
+
+def _name_key(name: str) -> str:
+    """A file name as a person reads it: macOS writes "é" as e + accent (NFD), most files say "é" (NFC);
+    a camera writes .JPG where a caption file says .jpg. Linux file systems tell these apart."""
+    return unicodedata.normalize("NFC", name).casefold()
+
+
+@functools.lru_cache(maxsize=16)
+def _names_alike(folder: Path) -> dict[str, str]:
+    """{_name_key: name} of the files in `folder` (listed once per folder: a split's missing files share
+    a few), for the hint above; {} for a folder that is not there or cannot be listed."""
+    try:
+        return {_name_key(entry.name): entry.name for entry in os.scandir(folder) if entry.is_file()}
+    except OSError:
+        return {}
 
 
 def _first_line(error: BaseException) -> str:

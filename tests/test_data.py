@@ -564,6 +564,26 @@ def test_an_image_without_read_permission_is_called_so_not_damaged(tmp_path, mon
         open_image(tmp_path / "a.png")
 
 
+def test_a_missing_image_named_on_disk_in_another_unicode_form_or_case_says_so(tmp_path):
+    """A caption file's "café.png" (NFC) and a file macOS named "café.png" (NFD), or ".jpg" and a camera's
+    ".JPG", are different names on Linux: the image was "not found" beside the file it meant."""
+    import unicodedata
+
+    nfc = unicodedata.normalize("NFC", "café.png")
+    for on_disk in (unicodedata.normalize("NFD", nfc), "Photo.PNG", "other.png"):
+        write_image(tmp_path / on_disk)
+    names = (nfc, "photo.png", "gone.png", "other.png")
+    write_jsonl_captions(tmp_path, [{"image": n, "caption": "x", "split": "train"} for n in names])
+    bad_samples = []
+    load_records("folder", "train", str(tmp_path), on_bad_sample="skip", bad_samples=bad_samples)
+    why = dict(bad_samples)
+    assert why[nfc].endswith(f"(its folder holds {unicodedata.normalize('NFD', nfc)!r}, the same name in another "
+                             "Unicode form or letter case: spell it in the caption file as the file is named)")
+    assert "its folder holds 'Photo.PNG'" in why["photo.png"]
+    assert why["gone.png"] == f"image not found: {tmp_path / 'gone.png'}"  # nothing alike: no hint
+    assert set(why) == {nfc, "photo.png", "gone.png"}
+
+
 def test_missing_image_files_are_skipped_and_listed_or_stop(tmp_path):
     for name in ("a.png", "b.png"):
         write_image(tmp_path / name)
