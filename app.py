@@ -293,7 +293,12 @@ def real_photos() -> list[tuple[str, str]]:
 def check_upload_size(size: int | float, max_upload_mb: float) -> None:
     megabytes = size / 2**20
     if megabytes > max_upload_mb:
-        raise UserError(f"That file is {megabytes:.0f} MB; this page takes images up to {max_upload_mb:g} MB.")
+        # To a tenth, and up where the nearest tenth is the limit itself: rounded to whole MB, a 1.1 MB
+        # file was "1 MB", refused by a limit of 1 MB.
+        shown = round(megabytes, 1)
+        if shown <= max_upload_mb:
+            shown = math.ceil(megabytes * 10) / 10
+        raise UserError(f"That file is {shown:,g} MB; this page takes images up to {max_upload_mb:g} MB.")
 
 
 @contextlib.contextmanager
@@ -398,7 +403,8 @@ def caption_with_baseline(run: LoadedRun, image) -> tuple[str, float]:
 def describe(decoding) -> str:
     from eval import describe_decoding
 
-    return f"{describe_decoding(decoding)}, at most {decoding.max_new_tokens} new tokens"
+    tokens = "token" if decoding.max_new_tokens == 1 else "tokens"  # not "at most 1 new tokens"
+    return f"{describe_decoding(decoding)}, at most {decoding.max_new_tokens} new {tokens}"
 
 
 @dataclass
@@ -697,6 +703,29 @@ def check_can_serve(host: str, port: int) -> None:
                             "this machine, and ports below 1024 need root") from None
 
 
+def reachable_from_elsewhere(host: str) -> bool:
+    """Whether serving on `host` lets other machines open the page: any address but a loopback one
+    (127.0.0.1, ::1, localhost). A name that does not resolve counts as reachable, to be safe."""
+    import ipaddress
+    import socket
+
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except socket.gaierror:
+        return True
+    return not all(ipaddress.ip_address(address.split("%")[0]).is_loopback for address in addresses)
+
+
+def exposure_warning(host: str, port: int, max_upload_mb: float) -> str | None:
+    """The line printed before a page that other machines can reach: it has no password, and it was
+    served on 0.0.0.0 without a word about who could then upload files to it and use its cores."""
+    if not reachable_from_elsewhere(host):
+        return None
+    return (f"warning: --host {host} serves the page to every machine that can reach this one, with no password: "
+            f"anyone there can upload files (up to {max_upload_mb:g} MB each) and caption with this machine. "
+            f"Open it here at http://127.0.0.1:{port}, elsewhere at http://<this machine's name>:{port}")
+
+
 def import_gradio():
     try:
         import gradio
@@ -725,6 +754,9 @@ def main(argv=None) -> int:
     app = build_app(page, examples)
     names = ", ".join(run.name for run in runs)
     print(f"starting the page for {names} on http://{args.host}:{args.port} (Ctrl-C stops)", flush=True)
+    warning = exposure_warning(args.host, args.port, args.max_upload_mb)
+    if warning:
+        print(warning, flush=True)
     try:
         app.launch(server_name=args.host, server_port=args.port, **launch_options(args.max_upload_mb))
     except OSError as error:

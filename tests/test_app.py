@@ -640,3 +640,27 @@ def test_run_names_and_paths_are_shown_as_they_are_in_the_intro(tmp_path):
     assert f"<strong>{html.escape(name, quote=False)}</strong>" in rendered, rendered
     assert f"<code>{html.escape(str(folder), quote=False)}</code>" in rendered, rendered
     assert "Baseline: no baseline (&lt;x&gt; *y*)." in rendered and "<img" not in rendered, rendered
+
+
+def test_serving_beyond_this_machine_is_warned_about():
+    """`--host 0.0.0.0` served a password-less page, which takes uploads, to the whole network without
+    a word; localhost stays quiet."""
+    warning = app.exposure_warning("0.0.0.0", 7861, 50)
+    assert warning and warning.startswith("warning: --host 0.0.0.0 serves the page to every machine"), warning
+    assert "no password" in warning and "http://127.0.0.1:7861" in warning and "50 MB" in warning
+    for host in ("127.0.0.1", "localhost", "::1"):
+        assert app.exposure_warning(host, 7861, 50) is None, host
+
+
+def test_one_new_token_is_singular():
+    """The timing line said "at most 1 new tokens" with the slider at 1."""
+    assert app.describe(app.decoding_config(max_new_tokens=1)).endswith("at most 1 new token")
+    assert app.describe(app.decoding_config(max_new_tokens=30)).endswith("at most 30 new tokens")
+
+
+def test_a_file_over_the_size_limit_is_not_said_to_be_at_it():
+    """A 1.14 MB image pasted under --max-upload-mb 1 was refused as "1 MB; ... up to 1 MB"."""
+    with pytest.raises(UserError, match=r"That file is 1\.1 MB; this page takes images up to 1 MB\."):
+        app.check_upload_size(1.14 * 2**20, 1)
+    with pytest.raises(UserError, match=r"That file is 50\.1 MB; .* up to 50 MB\."):
+        app.check_upload_size(50.01 * 2**20, 50)
