@@ -62,13 +62,6 @@ SESSIONS_KEPT = 1000
 # Which runs: the user's, or the newest offline demo run
 # ----------------------------------------------------------------------------------------------
 
-def being_trained(folder: Path) -> bool:
-    """Whether a train.py process trains in the run folder now (see train.run_being_trained)."""
-    from train import run_being_trained
-
-    return run_being_trained(folder)
-
-
 def demo_folders(output_dir: Path) -> list[Path]:
     return [folder for folder in output_dir.iterdir() if DEMO_RUN_NAME.fullmatch(folder.name)] \
         if output_dir.is_dir() else []
@@ -79,10 +72,11 @@ def find_demo_run(output_dir: str | Path) -> Path | None:
     not still training: a run in training rewrites its best adapter as it goes, so its adapter is the
     newest, and the page served a few steps' worth of it as "the demo run"."""
     from model import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+    from train import run_being_trained
 
     runs = [folder for folder in demo_folders(Path(output_dir))
             if (folder / ADAPTER_CONFIG).is_file() and (folder / ADAPTER_WEIGHTS).is_file()
-            and not being_trained(folder)]
+            and not run_being_trained(folder)]
     if not runs:
         return None
     number = lambda folder: int(DEMO_RUN_NAME.fullmatch(folder.name).group(2) or 1)  # noqa: E731
@@ -101,7 +95,7 @@ def ensure_demo_run(output_dir: str | Path, progress: bool = True) -> Path:
     run = find_demo_run(output_dir)
     if run is not None:
         return run
-    training = [folder for folder in demo_folders(Path(output_dir)) if being_trained(folder)]
+    training = [folder for folder in demo_folders(Path(output_dir)) if train.run_being_trained(folder)]
     if training:  # rather than train a second one beside it, on the same cores
         raise UserError(f"the demo run {training[0]} is still being trained by another process; run `python app.py` "
                         "again when it has finished")

@@ -883,12 +883,13 @@ def evaluated_facts(args, checkpoint: Path, captioner, records, train_records) -
 
 
 def check_outputs_can_be_written(checkpoint: Path, out: str) -> None:
-    """Before any work: the outputs' default folder (the checkpoint) can be written; it used to fail
-    only after the whole split was captioned. (A damaged train_log.jsonl costs only the curves.)"""
+    """Before any work: the outputs' default folder (the checkpoint) can be written, or it used to fail
+    only after the whole split was captioned (a damaged train_log.jsonl costs only the curves); and --out
+    is not another run's folder."""
     if not out and not os.access(checkpoint, os.W_OK | os.X_OK):
         raise UserError(f"{checkpoint} cannot be written, and the outputs go there unless --out says otherwise: "
                         "pass --out FOLDER")
-    if out and (Path(out) / ADAPTER_CONFIG).is_file() and not Path(out).resolve().samefile(checkpoint.resolve()):
+    if out and (Path(out) / ADAPTER_CONFIG).is_file() and not Path(out).samefile(checkpoint):
         # Its metrics.json, report and predictions would then be another adapter's, under its own name
         # (and --compare would call them stale instead of saying whose they are).
         raise UserError(f"--out {out} is another run's folder: its {METRICS_FILE} would hold {checkpoint}'s figures; "
