@@ -50,8 +50,8 @@ from utils import (HelpFormatter, Terminated, UserError, append_jsonl, caption_d
                    interrupt_handled, interrupt_name, interrupted_exit_code, is_whole_number, join_processes,
                    json_value, launched_processes, library_versions, load_state, lone_cpu_launch_warning,
                    lost_another_process, machines, nearest_existing, read_json, read_jsonl, rng_states, run_cli,
-                   save_state, set_rng_states, sync_folder, sync_tree, weights_digest, write_json, write_jsonl,
-                   write_text)
+                   said_alike_by, save_state, set_rng_states, sync_folder, sync_tree, user_message, weights_digest,
+                   write_json, write_jsonl, write_text)
 
 RUN_CONFIG = "run_config.json"
 # --select-by: the validation record's key, and whether higher is better.
@@ -1307,6 +1307,23 @@ def start(config: TrainConfig):
     return config, accelerator, lock
 
 
+def load_backbones_and_data(config: TrainConfig, run_dir: Path, device, bad_samples: list):
+    """The captioner and the train, val and (with --final-eval) test records; missing files stop the run now."""
+    try:
+        captioner = build_captioner(adapter_config_for(config), dtype=frozen_dtype(config), device=device,
+                                    lm_quantization=config.lm_quantization, trust_remote_code=config.trust_remote_code)
+    except UserError:
+        if config.resume and (moved := moved_backbone_error(run_dir / RUN_CONFIG, (config.clip_model, config.lm_model))):
+            raise moved from None
+        raise
+    train_records = load_split(config, "train", config.train_limit, bad_samples)
+    val_records = load_split(config, "val", config.val_limit, bad_samples)
+    test_split = load_test_split(config) if config.final_eval else None
+    if not train_records:
+        raise UserError(f"no training images with captions found in {config.dataset} {config.data_dir or ''}")
+    return captioner, train_records, val_records, test_split
+
+
 def total_optimizer_steps(max_steps: int, epochs: int, steps_per_epoch: int) -> int:
     """--max-steps where given (not 0), else --epochs of the training set."""
     return max_steps or epochs * steps_per_epoch
@@ -1320,19 +1337,15 @@ def set_up_run(config: TrainConfig, accelerator) -> Run:
     run_dir = Path(config.output_dir) / config.run_name
     check_run_folder(run_dir, config)
     set_seed(config.seed)
-    try:
-        captioner = build_captioner(adapter_config_for(config), dtype=frozen_dtype(config), device=accelerator.device,
-                                    lm_quantization=config.lm_quantization, trust_remote_code=config.trust_remote_code)
-    except UserError:
-        if config.resume and (moved := moved_backbone_error(run_dir / RUN_CONFIG, (config.clip_model, config.lm_model))):
-            raise moved from None
-        raise
     bad_samples: list[tuple[str, str]] = []
-    train_records = load_split(config, "train", config.train_limit, bad_samples)
-    val_records = load_split(config, "val", config.val_limit, bad_samples)
-    test_split = load_test_split(config) if config.final_eval else None  # missing files stop the run now
-    if not train_records:
-        raise UserError(f"no training images with captions found in {config.dataset} {config.data_dir or ''}")
+    try:
+        captioner, train_records, val_records, test_split = load_backbones_and_data(config, run_dir, accelerator.device,
+                                                                                   bad_samples)
+    except UserError as error:
+        if accelerator.num_processes == 1:
+            raise
+        # Said once, by process 0 (or naming the one process whose files differ), not once per process.
+        check_processes_agree({}, problem=user_message(error), advice=SAME_FILES)  # raises, with this problem
     if accelerator.num_processes > 1:  # before the features: other backbones are found before an hour of work
         check_processes_agree(loaded_facts(config, captioner), advice=SAME_FILES)
     # The main process fills the feature cache first, then the first process of each other machine (whose
@@ -1351,10 +1364,11 @@ def set_up_run(config: TrainConfig, accelerator) -> Run:
     if accelerator.num_processes > 1:  # each machine may read a copy of its own
         check_processes_agree({"the training data (a digest of image ids, captions, file sizes)": data_content["train"],
                                "the validation data (a digest)": data_content["val"]}, advice=SAME_FILES)
+    # Every process holds the same records and bad samples by now: one line, not one per process.
     if not train_pairs:
-        raise UserError(f"none of the training images could be read (first: {bad_samples[0][1]})")
+        raise said_alike_by()(f"none of the training images could be read (first: {bad_samples[0][1]})")
     if config.select_by == "cider_d" and len(val_records) == 1:  # before anything is written
-        raise UserError("--select-by cider_d weighs words by how few validation images use them, and with 1 "
+        raise said_alike_by()("--select-by cider_d weighs words by how few validation images use them, and with 1 "
                         "validation image every weight is 0: give --val-limit 0 (all) or more validation images, "
                         "or --select-by rougeL or loss")
 

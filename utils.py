@@ -25,6 +25,11 @@ class UserError(Exception):
     """A problem with the user's input: printed as one line by the scripts, never as a traceback."""
 
 
+class SaidByAnotherProcess(UserError):
+    """A UserError every process of a launch stops with alike, which another process on this machine
+    prints: N processes on one machine would otherwise print the same line N times."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler's or `kill`'s stop), raised where Ctrl-C raises KeyboardInterrupt, so that
     both unwind the same way: `finally` blocks run and the script ends with one line, not a traceback."""
@@ -68,7 +73,8 @@ def run_cli(main_fn, argv=None) -> int:
             raise Terminated
         return code
     except UserError as error:
-        print(f"error: {user_message(error)}", file=sys.stderr)
+        if not isinstance(error, SaidByAnotherProcess):
+            print(f"error: {user_message(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as interrupt:
         print(f"interrupted ({interrupt_name(interrupt)})", file=sys.stderr)
@@ -289,19 +295,31 @@ def check_processes_agree(facts: dict[str, str], problem: str = "", advice: str 
             raise UserError(problem)
         return
     everyone = gather_object([(state.process_index, socket.gethostname(), problem, facts)])
+    stop = said_alike_by(state)
     _, main_host, main_problem, main_facts = everyone[0]
     if main_problem:
-        raise UserError(main_problem)
+        raise stop(main_problem)
     for rank, host, their_problem, _ in everyone:
         if their_problem:
-            raise UserError(f"process {rank} (on {host}): {their_problem}{'; ' + advice if advice else ''}")
+            raise stop(f"process {rank} (on {host}): {their_problem}{'; ' + advice if advice else ''}")
     for label, value in main_facts.items():
         differ = [(rank, host, theirs.get(label)) for rank, host, _, theirs in everyone if theirs.get(label) != value]
         if differ:
             listed = ", ".join(f"process {rank} on {host} {_short(theirs)}" for rank, host, theirs in differ[:3])
-            raise UserError(f"the processes of this run do not agree on {label}: process 0 on {main_host} has "
-                            f"{_short(value)}, {listed}{' ...' if len(differ) > 3 else ''}"
-                            f"{'; ' + advice if advice else ''}")
+            raise stop(f"the processes of this run do not agree on {label}: process 0 on {main_host} has "
+                       f"{_short(value)}, {listed}{' ...' if len(differ) > 3 else ''}"
+                       f"{'; ' + advice if advice else ''}")
+
+
+def said_alike_by(state=None) -> type[UserError]:
+    """The error to raise for a line every process of a launch stops with alike (a check of data they
+    agreed on, or check_processes_agree's verdict): the first process of each machine prints it (each
+    machine has a terminal or log of its own), the others stop quietly. `state`: accelerate's PartialState."""
+    if state is None:
+        from accelerate import PartialState
+
+        state = PartialState()
+    return UserError if state.local_process_index == 0 else SaidByAnotherProcess
 
 
 def _short(value) -> str:

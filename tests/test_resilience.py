@@ -365,6 +365,22 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny, tmp_path, two_
     assert json.loads((two_out / "two" / "run_config.json").read_text())["batch_size"] == 8
 
 
+@pytest.mark.slow
+def test_a_data_error_every_process_finds_is_one_line(tiny, tmp_path):
+    """Both processes find the same training image missing and stop; one line says so, not one per process
+    (and not process 0's line while process 1 waits for a gather that never comes)."""
+    from dataset import load_records
+
+    data_dir = tmp_path / "data"
+    shutil.copytree(tiny["data_dir"], data_dir)
+    missing = Path(load_records("folder", "train", str(data_dir))[0].path)
+    missing.unlink()
+    failed = run_training_processes(tiny, tmp_path, "missing", 2, 8, "--data-dir", str(data_dir),
+                                    "--on-bad-sample", "error", returncode=1, timeout=240)
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "train images are missing" in errors[0] and missing.name in errors[0], failed.stderr[-3000:]
+
+
 def test_accelerate_launch_cpu_running_one_process_says_so(tmp_path):
     """`accelerate launch --cpu --num_processes 2` starts one process (several need mpirun): the
     scripts must say so, not run alone in silence. Checked against the installed Accelerate."""
@@ -935,10 +951,12 @@ def test_machines_with_other_copies_of_the_data_stop_in_one_line(tiny, tmp_path)
 
 
 class FakeProcesses:
-    """accelerate's PartialState and gather_object for check_processes_agree, as process `rank` of 2 sees them."""
+    """accelerate's PartialState and gather_object for check_processes_agree, as process `rank` of 2 sees them
+    (each on a machine of its own unless `local_rank` says it is the second process of its machine)."""
 
-    def __init__(self, rank: int, everyone: list):
+    def __init__(self, rank: int, everyone: list, local_rank: int = 0):
         self.process_index, self.num_processes, self.is_main_process = rank, 2, rank == 0
+        self.local_process_index = local_rank
         self.everyone = everyone
 
     def install(self, monkeypatch) -> None:
@@ -963,6 +981,32 @@ def test_processes_that_disagree_on_a_flag_or_miss_a_file_all_stop_with_the_same
         check_processes_agree(flags, advice="copy it")
     FakeProcesses(0, [(0, "a", "", flags), (1, "b", "", dict(flags))]).install(monkeypatch)
     check_processes_agree(flags)  # agreeing processes go on
+
+
+def raising(error: Exception):
+    """A script's main that stops with `error`."""
+    def main(argv=None):
+        raise error
+    return main
+
+
+def test_a_line_every_process_stops_with_is_printed_once_per_machine(monkeypatch, capsys):
+    """Two processes on one machine that disagree stop alike, but only the machine's first says why: the
+    other's line would be the same line again in the same terminal."""
+    from utils import SaidByAnotherProcess, check_processes_agree, run_cli
+
+    flags = {"--seed": "0"}
+    everyone = [(0, "a", "", flags), (1, "a", "", {"--seed": "1"})]
+    lines = {}
+    for rank in (0, 1):
+        FakeProcesses(rank, everyone, local_rank=rank).install(monkeypatch)
+        with pytest.raises(UserError) as raised:
+            check_processes_agree(everyone[rank][3])
+        assert isinstance(raised.value, SaidByAnotherProcess) == (rank == 1)
+        assert run_cli(raising(raised.value)) == 2
+        lines[rank] = capsys.readouterr().err
+    assert lines[0] == "error: the processes of this run do not agree on --seed: process 0 on a has 0, process 1 on a 1\n"
+    assert lines[1] == ""
 
 
 def test_the_resume_hint_of_a_run_on_several_machines_names_the_machines(monkeypatch):
