@@ -624,6 +624,8 @@ def load_records(dataset: str, split: str, data_dir: str | None = None, hub_data
             raise UserError(f"data folder not found: {root}")
         records = load_karpathy(root, split) if dataset == "karpathy" else load_caption_folder(root, split, seed)
     records = _drop_captionless(records, split)
+    if split == "train":
+        _note_dominant_image(records)
     return _drop_missing_files(records, split, on_bad_sample, bad_samples)
 
 
@@ -636,6 +638,25 @@ def _drop_captionless(records: list[ImageRecord], split: str) -> list[ImageRecor
         print(f"note: {split}: {len(records) - len(kept):,} images have no usable caption (empty, or not text) and "
               f"are left out (first: {first})")
     return kept
+
+
+# One image's captions flagged when they are this many times the median image's and this share of all:
+# a join gone wrong (one row per caption times another table's rows), not a data set's natural spread.
+DOMINANT_TIMES_MEDIAN, DOMINANT_SHARE = 10, 0.05
+
+
+def _note_dominant_image(records: list[ImageRecord]) -> None:
+    """Say so where one training image holds far more captions than the others: each caption is a
+    training pair, so that image would fill most batches, and nothing else would say it."""
+    counts = [len(r.captions) for r in records]
+    if len(counts) < 3:
+        return
+    top = max(range(len(counts)), key=counts.__getitem__)
+    median, total = float(np.median(counts)), sum(counts)
+    if counts[top] >= DOMINANT_TIMES_MEDIAN * median and counts[top] >= DOMINANT_SHARE * total:
+        print(f"note: train: {records[top].image_id} has {counts[top]:,} of the {total:,} captions "
+              f"({counts[top] / total:.0%}; the median image has {median:g}); each caption is a training pair, so "
+              "this image fills that share of every epoch: check the caption file if that is not meant")
 
 
 def _drop_missing_files(records: list[ImageRecord], split: str, on_bad_sample: str,

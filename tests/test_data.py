@@ -757,3 +757,23 @@ def test_hub_parquet_written_by_pyarrow_has_its_image_bytes_read(tmp_path):
     pq.write_table(pa.Table.from_pylist([{"image": 7, "caption": ["seven"], "split": "train"}]), path)
     with pytest.raises(UserError, match="column 'image' holds Value.*int64.*, not images; give it the image file's"):
         load_records("flickr30k", "train", hub_data_files=str(path))
+
+
+def test_one_training_image_holding_most_captions_is_noted(tmp_path, capsys):
+    """A caption file joined wrongly can give one image thousands of rows: 88% of the training pairs went
+    to one image in silence. Ordinary spreads (5 to 7 captions, a tiny set) say nothing."""
+    for name in ("a.png", "b.png", "c.png", "d.png"):
+        write_image(tmp_path / name)
+    spread = {"a.png": 7, "b.png": 5, "c.png": 5, "d.png": 6}
+    write_jsonl_captions(tmp_path, [{"image": name, "captions": [f"caption {i}" for i in range(count)], "split": "train"}
+                                    for name, count in spread.items()])
+    load_records("folder", "train", str(tmp_path))
+    assert "note: train:" not in capsys.readouterr().out
+    write_jsonl_captions(tmp_path, [{"image": name, "captions": [f"caption {i}" for i in range(count)],
+                                     "split": "train" if name != "c.png" else "test"}
+                                    for name, count in {**spread, "b.png": 300}.items()])
+    load_records("folder", "test", str(tmp_path))
+    assert "note:" not in capsys.readouterr().out  # a test image's references are not training pairs
+    load_records("folder", "train", str(tmp_path))
+    assert ("note: train: b.png has 300 of the 313 captions (96%; the median image has 7); each caption is a "
+            "training pair") in capsys.readouterr().out
