@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 
 import numpy as np
 import pytest
@@ -488,6 +489,23 @@ def test_bench_tiny_prints_one_json_line_per_measurement(capsys):
     assert all(r["rows"] == 8 * 24 and r["peak_mem_gib"] is not None for r in records if r["bench"] == "loss")
     train_rows = [r for r in records if r["bench"] == "train"]
     assert all(r["batch"] == 8 and r["samples_per_s"] > 0 and r["caption_tokens"] == 24 for r in train_rows)
+    assert all(r["median_cpu_ms"] > 0 for r in records if r["bench"] == "latency")  # on a CPU, beside wall time
+
+
+def test_interleaved_timing_reports_cpu_time_that_waiting_does_not_stretch():
+    """Time spent off the CPU (here a sleep; on a shared machine, other jobs' turns) counts in the wall-clock
+    median but not in the CPU one, which is why a CPU's latency lines carry both."""
+    import bench
+
+    def spin():
+        end = time.process_time() + 0.02
+        while time.process_time() < end:
+            pass
+
+    wall, cpu = bench.interleaved_medians({"sleep": lambda: time.sleep(0.05), "spin": spin},
+                                          torch.device("cpu"), repeats=3, warmup=0)
+    assert wall["sleep"] >= 0.05 and cpu["sleep"] < 0.01
+    assert cpu["spin"] >= 0.02 and wall["spin"] >= cpu["spin"] * 0.9
 
 
 def test_target_table_judges_the_best_product_figure_never_a_baseline():
