@@ -33,7 +33,6 @@ import argparse
 import contextlib
 import dataclasses
 import io
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -49,10 +48,10 @@ from metrics import COCO_METRICS, COCO_VARIANT, TOKENIZATION_DETAILS, coco_metri
 from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LM_QUANTIZATIONS, AdapterConfig, DecodingConfig, load_captioner,
                    MAX_NUM_BEAMS, lm_quantization_of, not_a_run_folder)
 from report import EXTRA_METRICS, REPORT_FILE, baseline_verdict, collapse_line, percent, sweep_rows, write_report
-from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, HelpFormatter, UserError, caption_diversity, caption_metrics,
-                   check_processes_agree, default_image_workers, file_digest, format_table, ids_digest, json_value,
-                   launched_processes, lone_cpu_launch_warning, lost_another_process, nearest_existing, read_json,
-                   run_cli, waiting_lock, weights_digest, whole_number, write_json, write_jsonl, write_text)
+from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, HelpFormatter, Processes, UserError, caption_diversity,
+                   caption_metrics, default_image_workers, file_digest, format_table, ids_digest, json_value,
+                   lost_another_process, nearest_existing, read_json, run_cli, waiting_lock, weights_digest,
+                   whole_number, write_json, write_jsonl, write_text)
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -203,72 +202,6 @@ def pick_device(name: str) -> torch.device:
 
 def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-
-
-# ----------------------------------------------------------------------------------------------
-# Several processes
-# ----------------------------------------------------------------------------------------------
-
-@dataclass
-class Processes:
-    """This process among the evaluation's processes: one, unless started by torchrun or accelerate launch."""
-
-    rank: int = 0
-    count: int = 1
-    device: torch.device | None = None
-
-    @classmethod
-    def from_environment(cls, device: str = "auto") -> Processes:
-        if launched_processes() <= 1:
-            if warning := lone_cpu_launch_warning("eval.py"):
-                print(warning, file=sys.stderr)
-            return cls()
-        from accelerate import PartialState
-        from accelerate.utils import parse_flag_from_env
-
-        # PartialState joins the process group torchrun / accelerate launch set up. Unlike Accelerator it
-        # does not read ACCELERATE_USE_CPU, and without cpu=True it runs every CPU process alone.
-        cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or device == "cpu" or not torch.cuda.is_available()
-        state = PartialState(cpu=cpu)
-        return cls(state.process_index, state.num_processes, state.device)
-
-    @staticmethod
-    def first() -> bool:
-        """Whether this is the first (or only) process, read from the launcher's RANK without joining the
-        process group: for work that needs no other process (--compare)."""
-        return int(os.environ.get("RANK", "0")) == 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def share_label(self, mine: int, total: int) -> str:
-        """What the main process's progress bars count where several share the work: its own shard, which
-        the others keep pace with, so the bar's total is not the split's."""
-        return f", process 0's {mine:,} of {total:,} images" if self.count > 1 else ""
-
-    def shard(self, length: int, batch_size: int) -> range:
-        """This process's contiguous run of whole batches. No padding, so each image is captioned exactly
-        once, and in the same batch as in a single-process run: the captions and metrics are identical."""
-        batches = math.ceil(length / batch_size)
-        first, last = self.rank * batches // self.count, (self.rank + 1) * batches // self.count
-        return range(first * batch_size, min(last * batch_size, length))
-
-    def agree(self, facts: dict[str, str], problem: str = "", advice: str = "") -> None:
-        """Stop every process with the same line where one has a `problem` or other `facts` than process 0."""
-        if self.count == 1:
-            if problem:
-                raise UserError(problem)
-            return
-        check_processes_agree(facts, problem, advice)
-
-    def gather(self, items: list) -> list:
-        """Every process's items, concatenated in rank order (which puts the shards back in split order)."""
-        if self.count == 1:
-            return list(items)
-        from accelerate.utils import gather_object
-
-        return gather_object(list(items))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -930,7 +863,7 @@ def main(argv=None) -> int:
         raise UserError("give a run folder to evaluate (python eval.py RUN), or --compare RUN RUN ...")
     # Under a launcher the processes join before any reads the run: one that finds no run folder on its
     # machine (a disk of its own) then stops them all in one line, where the others waited for it forever.
-    processes = Processes.from_environment(args.device)
+    processes = Processes.from_environment("eval.py", args.device)
     checkpoint = Path(args.checkpoint)
     processes.agree({}, problem=checkpoint_problem(checkpoint, args.out, writes=processes.is_main),
                     advice=SAME_RUN_EVERYWHERE)

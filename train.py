@@ -45,7 +45,7 @@ from metrics import validation_cider_d
 from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, IGNORE_INDEX, AdapterConfig, DecodingConfig, TrainingLoss,
                    build_captioner, load_adapter_state, missing_local_folder, repair_torn_export, resolve_dtype,
                    save_adapter, save_adapter_weights)
-from utils import (HelpFormatter, Terminated, UserError, append_jsonl, caption_diversity, caption_metrics,
+from utils import (HelpFormatter, Processes, Terminated, UserError, append_jsonl, caption_diversity, caption_metrics,
                    check_folder_is_shared, check_processes_agree, collapse_warning, default_image_workers, ids_digest,
                    interrupt_handled, interrupt_name, interrupted_exit_code, is_whole_number, join_processes,
                    json_value, launched_processes, library_versions, load_state, lone_cpu_launch_warning,
@@ -661,25 +661,67 @@ def lr_schedule(optimizer, config: TrainConfig, total_steps: int, num_processes:
     return get_cosine_schedule_with_warmup(optimizer, warmup * num_processes, total_steps * num_processes)
 
 
-@torch.no_grad()
 def validate(captioner, pairs: CaptionPairs, records, config: TrainConfig, accelerator) -> dict:
-    """Token-weighted validation loss and greedy-caption ROUGE-L / BLEU-4 / CIDEr-D on the validation images."""
+    """Token-weighted validation loss and greedy-caption ROUGE-L / BLEU-4 / CIDEr-D on the validation images.
+
+    Under several processes each scores its shard and every process gets the record of all of them: the
+    figures of one process, the same on each (each keeps the best score and decides by it), in about 1/N of
+    the time where there are N batches of --eval-batch-size or more to share (scoring the gathered captions
+    is not shared)."""
+    processes = Processes.of(accelerator)
+    shares = processes.gather([validation_share(captioner, pairs, config, accelerator, processes)])
+    return validation_record(shares, records)
+
+
+@torch.no_grad()
+def validation_share(captioner, pairs: CaptionPairs, config: TrainConfig, accelerator, processes: Processes) -> dict:
+    """This process's part of a validation: each of its loss batches' summed loss and caption tokens, and its
+    images' greedy captions. Shards of whole --eval-batch-size batches (eval.py's), so every batch is the one
+    a single process forms, and each figure the one it computes."""
     captioner.eval()
+    pair_shard = processes.shard(len(pairs), config.eval_batch_size)
+    image_shard = processes.shard(len(pairs.features), config.eval_batch_size)
+    batch_losses, captions = [], []
+    with plain_adapter(captioner, accelerator):
+        for batch in make_loader(pairs, config.eval_batch_size, captioner.config.pad_token_id, sampler=pair_shard):
+            batch = {k: v.to(accelerator.device) for k, v in batch.items() if k != "pair_index"}
+            with accelerator.autocast():
+                loss = captioner(**batch)
+            count = int((batch["labels"] != IGNORE_INDEX).sum())
+            batch_losses.append((loss.item() * count, count))
+        for start in range(image_shard.start, image_shard.stop, config.eval_batch_size):
+            features = pairs.features[start : min(start + config.eval_batch_size, image_shard.stop)]
+            captions += captioner.generate(features, DecodingConfig(max_new_tokens=config.max_caption_tokens))
+    captioner.train()
+    return {"batch_losses": batch_losses, "captions": captions}
+
+
+@contextlib.contextmanager
+def plain_adapter(captioner, accelerator):
+    """The captioner with its adapter out of DDP's wrapper. DDP's first forward after a training step
+    broadcasts the adapter's buffers (the feature statistics): a collective, and a process with no
+    validation batch to run would skip it and leave the others waiting in it."""
+    wrapped = captioner.adapter
+    captioner.adapter = accelerator.unwrap_model(wrapped)
+    try:
+        yield
+    finally:
+        captioner.adapter = wrapped
+
+
+def validation_record(shares: list[dict], records) -> dict:
+    """The validation figures of every process's share, given in rank order (the split's order)."""
+    batch_losses = [terms for share in shares for terms in share["batch_losses"]]
+    predictions = [caption for share in shares for caption in share["captions"]]
+    if len(predictions) != len(records):  # each image captioned exactly once
+        raise RuntimeError(f"the processes captioned {len(predictions)} validation images of {len(records)}")
+    # Summed batch by batch in the split's order, as one process sums them: the same float, not a sum of sums.
     loss_sum, tokens = 0.0, 0
-    for batch in make_loader(pairs, config.eval_batch_size, captioner.config.pad_token_id):
-        batch = {k: v.to(accelerator.device) for k, v in batch.items() if k != "pair_index"}
-        with accelerator.autocast():
-            loss = captioner(**batch)
-        count = int((batch["labels"] != IGNORE_INDEX).sum())
-        loss_sum, tokens = loss_sum + loss.item() * count, tokens + count
-    predictions = []
-    for start in range(0, len(records), config.eval_batch_size):
-        features = pairs.features[start : start + config.eval_batch_size]
-        predictions += captioner.generate(features, DecodingConfig(max_new_tokens=config.max_caption_tokens))
+    for batch_sum, count in batch_losses:
+        loss_sum, tokens = loss_sum + batch_sum, tokens + count
     references = [r.captions for r in records]
     metrics = caption_metrics(predictions, references)
     diversity = caption_diversity(predictions)
-    captioner.train()
     return {"val_loss": loss_sum / max(tokens, 1), "val_rougeL": metrics["rougeL"], "val_bleu4": metrics["bleu4"],
             "val_cider_d": validation_cider_d(predictions, references),
             "val_distinct_captions": diversity["distinct_captions"],

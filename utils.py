@@ -15,6 +15,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -325,6 +326,76 @@ def said_alike_by(state=None) -> type[UserError]:
 def _short(value) -> str:
     text = str(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+@dataclass
+class Processes:
+    """This process among a script's processes: one, unless started by torchrun or accelerate launch. eval.py
+    and train.py's validation shard their captioning with it, so both split and gather work the same way."""
+
+    rank: int = 0
+    count: int = 1
+    device: torch.device | None = None
+
+    @classmethod
+    def from_environment(cls, script: str, device: str = "auto") -> Processes:
+        """Join the launcher's processes (eval.py; train.py's Accelerator joins them itself)."""
+        if launched_processes() <= 1:
+            if warning := lone_cpu_launch_warning(script):
+                print(warning, file=sys.stderr)
+            return cls()
+        from accelerate import PartialState
+        from accelerate.utils import parse_flag_from_env
+
+        # PartialState joins the process group torchrun / accelerate launch set up. Unlike Accelerator it
+        # does not read ACCELERATE_USE_CPU, and without cpu=True it runs every CPU process alone.
+        cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or device == "cpu" or not torch.cuda.is_available()
+        state = PartialState(cpu=cpu)
+        return cls(state.process_index, state.num_processes, state.device)
+
+    @classmethod
+    def of(cls, accelerator) -> Processes:
+        """The processes an Accelerator (train.py's) joined."""
+        return cls(accelerator.process_index, accelerator.num_processes, accelerator.device)
+
+    @staticmethod
+    def first() -> bool:
+        """Whether this is the first (or only) process, read from the launcher's RANK without joining the
+        process group: for work that needs no other process (--compare)."""
+        return int(os.environ.get("RANK", "0")) == 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def share_label(self, mine: int, total: int) -> str:
+        """What the main process's progress bars count where several share the work: its own shard, which
+        the others keep pace with, so the bar's total is not the split's."""
+        return f", process 0's {mine:,} of {total:,} images" if self.count > 1 else ""
+
+    def shard(self, length: int, batch_size: int) -> range:
+        """This process's contiguous run of whole batches (empty where there are fewer batches than processes).
+        No padding, so each item is taken exactly once, and in the same batch as in a single-process run: the
+        captions, losses and metrics are identical."""
+        batches = math.ceil(length / batch_size)
+        first, last = self.rank * batches // self.count, (self.rank + 1) * batches // self.count
+        return range(first * batch_size, min(last * batch_size, length))
+
+    def agree(self, facts: dict[str, str], problem: str = "", advice: str = "") -> None:
+        """Stop every process with the same line where one has a `problem` or other `facts` than process 0."""
+        if self.count == 1:
+            if problem:
+                raise UserError(problem)
+            return
+        check_processes_agree(facts, problem, advice)
+
+    def gather(self, items: list) -> list:
+        """Every process's items, concatenated in rank order (which puts the shards back in split order)."""
+        if self.count == 1:
+            return list(items)
+        from accelerate.utils import gather_object
+
+        return gather_object(list(items))
 
 
 def weights_digest(module: torch.nn.Module, sample_bytes: int = 1 << 16) -> str:

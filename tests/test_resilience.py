@@ -307,13 +307,18 @@ def kill_process_tree(pid: int) -> None:
             os.kill(member, signal.SIGKILL)
 
 
+# Validation at steps 10 and 20 on all 6 validation images: 2 batches of 4 images (4 + 2) and 8 of 4 pairs
+# (30 pairs), so 2 processes share it unevenly.
+VALIDATION_FLAGS = ("--eval-every", "10", "--val-limit", "0", "--eval-batch-size", "4")
+
+
 def run_training_processes(tiny, out: Path, name: str, processes: int, batch: int, *extra: str,
                            script: Path = ROOT / "train.py", returncode: int = 0,
                            timeout: int = 600, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     # 30 images, 150 pairs: 19 batches of 8, an odd number, so the 2-process runs' last round of each epoch
     # is short (as the 1-process run's last step is): no pair may be trained on twice.
     args = train_args(tiny, out, name, "--final-eval", "false", "--train-limit", "30", "--batch-size", str(batch),
-                      "--epochs", "2", "--eval-every", "0", "--save-every", "0", "--log-every", "1", *extra)
+                      "--epochs", "2", *VALIDATION_FLAGS, "--save-every", "0", "--log-every", "1", *extra)
     args.remove("--no-progress")
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     if processes == 1:
@@ -336,9 +341,26 @@ def run_training_processes(tiny, out: Path, name: str, processes: int, batch: in
 
 @pytest.fixture(scope="module")
 def two_processes(tiny, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """A 2-process run (batch 8 each) that two tests compare with: (its output folder, the process)."""
+    """A 2-process run (batch 8 each) that two tests compare with: (its output folder, the process). Each
+    process prints how many images it captioned and pairs it scored, call by call (only validation does)."""
     out = tmp_path_factory.mktemp("two-processes")
-    return out, run_training_processes(tiny, out, "two", 2, 8)
+    wrapper = out / "train_counting.py"
+    wrapper.write_text(
+        "import os, sys, torch\n"
+        "import model, train\n"
+        "generate, forward, captioned, scored = model.Captioner.generate, model.Captioner.forward, [], []\n"
+        "def counted_generate(self, image_features, decoding=None):\n"
+        "    captioned.append(len(image_features))\n"
+        "    return generate(self, image_features, decoding)\n"
+        "def counted_forward(self, image_features, input_ids, labels):\n"
+        "    if not torch.is_grad_enabled():  # the validation loss, not a training step\n"
+        "        scored.append(len(input_ids))\n"
+        "    return forward(self, image_features, input_ids, labels)\n"
+        "model.Captioner.generate, model.Captioner.forward = counted_generate, counted_forward\n"
+        "code = train.main(sys.argv[1:])\n"
+        "print(f\"rank {os.environ['RANK']} captioned {captioned} scored {scored}\")\n"
+        "sys.exit(code)\n")
+    return out, run_training_processes(tiny, out, "two", 2, 8, script=wrapper)
 
 
 @pytest.mark.slow
@@ -363,6 +385,21 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny, tmp_path, two_
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5)
     assert not (two_out / "two" / "last.tmp").exists()
     assert json.loads((two_out / "two" / "run_config.json").read_text())["batch_size"] == 8
+    # Validation is shared in whole batches (eval.py's shards), at steps 10 and 20: the first batch of images
+    # is process 0's and the second process 1's; each scores 4 of the 8 loss batches. One process did it all.
+    assert "rank 0 captioned [4, 4] scored [4, 4, 4, 4, 4, 4, 4, 4]" in two.stdout, two.stdout[-2000:]
+    assert "rank 1 captioned [2, 2] scored [4, 4, 4, 2, 4, 4, 4, 2]" in two.stdout, two.stdout[-2000:]
+    # Both processes agreed on the record: it has one history. The adapters differ by float noise (within 1e-5,
+    # above), and so may the loss; the captions, and so every caption metric, are the same.
+    histories = {name: json.loads((out / name / "resume" / "trainer_state.json").read_text())["history"]
+                 for name, out in (("one", tmp_path), ("two", two_out))}
+    assert [h["step"] for h in histories["two"]] == [h["step"] for h in histories["one"]] == [10, 20]
+    for one_record, two_record in zip(histories["one"], histories["two"]):
+        assert two_record["val_loss"] == pytest.approx(one_record["val_loss"], rel=1e-5, abs=1e-5)
+        assert {**two_record, "val_loss": None} == {**one_record, "val_loss": None}
+    examples = {name: [(r["example"], r["warning"]) for r in read_jsonl(out / name / "train_log.jsonl")
+                       if r["type"] == "eval"] for name, out in (("one", tmp_path), ("two", two_out))}
+    assert examples["two"] == examples["one"]
 
 
 @pytest.mark.slow
@@ -863,7 +900,7 @@ def launch_two_machines(script: Path, per_machine: list[list[str]], envs: list[d
 def two_machine_args(tiny, out: Path, name: str, *extra: str) -> list[str]:
     """run_training_processes' flags (2 epochs of 30 images, batch 8 per process), progress bar shown."""
     args = train_args(tiny, out, name, "--final-eval", "false", "--train-limit", "30", "--batch-size", "8",
-                      "--epochs", "2", "--eval-every", "0", "--save-every", "0", "--log-every", "1", *extra)
+                      "--epochs", "2", *VALIDATION_FLAGS, "--save-every", "0", "--log-every", "1", *extra)
     args.remove("--no-progress")
     return args
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
@@ -1025,3 +1026,52 @@ def test_a_step_of_one_micro_batch_is_back_propagated_unscaled(tiny, tmp_path, m
     assert train.main(train_args(tiny, tmp_path, "shared", "--max-steps", "1", "--grad-accum-steps", "2",
                                  "--batch-size", "8", "--eval-every", "0", "--final-eval", "false")) == 0
     assert rescaled == [1]
+
+
+class DistributedStandIn(torch.nn.Module):
+    """DDP's place around the adapter: running it would be a collective (a buffer broadcast), which a process
+    with no validation batch would skip, leaving the others waiting in it."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        raise AssertionError("validation ran the adapter through DDP's wrapper")
+
+
+def fake_accelerator(rank: int, count: int):
+    """Process `rank` of `count` as validate sees an Accelerator, without a launch or a process group."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(process_index=rank, num_processes=count, device=torch.device("cpu"),
+                           autocast=contextlib.nullcontext, unwrap_model=lambda wrapped: wrapped.module)
+
+
+def test_validation_shared_by_processes_gives_the_record_of_one(tiny):
+    """Under N processes each validates its shard of whole --eval-batch-size batches (train.validation_share)
+    and the gather joins the shares in rank order (train.validation_record): exactly the record one process
+    computes, the loss summed in the same order, with shares of different sizes and empty ones, each image
+    captioned once. 6 images in batches of 4 (2 batches), 30 pairs (8 batches)."""
+    from model import build_captioner
+    from utils import Processes
+
+    config = train.parse_config(train_args(tiny, "unused", "shares", "--val-limit", "0", "--eval-batch-size", "4"))
+    torch.manual_seed(0)
+    captioner = build_captioner(train.adapter_config_for(config))
+    records, pairs = train.make_pairs(captioner, train.load_split(config, "val", 0, []), config, "val", [],
+                                      progress=False)
+    assert (len(records), len(pairs)) == (6, 30)
+    captioner.adapter = DistributedStandIn(captioner.adapter)
+    one = train.validate(captioner, pairs, records, config, fake_accelerator(0, 1))
+    assert one["val_loss"] > 0 and one["example"]
+    for count, images, loss_batches in ((2, [4, 2], [4, 4]), (3, [0, 4, 2], [2, 3, 3]), (4, [0, 4, 0, 2], [2] * 4)):
+        accelerators = [fake_accelerator(rank, count) for rank in range(count)]
+        shares = [train.validation_share(captioner, pairs, config, accelerator, Processes.of(accelerator))
+                  for accelerator in accelerators]
+        assert [len(share["captions"]) for share in shares] == images  # each process captions only its share
+        assert [len(share["batch_losses"]) for share in shares] == loss_batches
+        assert train.validation_record(shares, records) == one, count
+        with pytest.raises(RuntimeError, match="captioned 8 validation images of 6"):  # a share counted twice
+            train.validation_record(shares + shares[-1:], records)
+    assert isinstance(captioner.adapter, DistributedStandIn)  # put back for training
