@@ -524,6 +524,16 @@ def kv_cache_argument(lm) -> str:
     return "cache" if "cache" in parameters else "past_key_values"
 
 
+def neutral_generation_config():
+    """An empty GenerationConfig, to stand as the LM's own. `generate` fills every setting that
+    hf_generate_tokens leaves unset from the LM's generation_config.json, so an instruct LM's
+    repetition_penalty or min_p (or a min_new_tokens, a length_penalty) would silently bend beam
+    search and sampling, never the greedy loop; with this one, transformers' neutral defaults fill them."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig()
+
+
 class Captioner(nn.Module):
     """Frozen CLIP + trainable adapter + frozen LM. Only `self.adapter` has trainable parameters."""
 
@@ -532,6 +542,7 @@ class Captioner(nn.Module):
         self.config = config
         self.clip = freeze(clip)
         self.lm = freeze(lm)
+        self.lm.generation_config = neutral_generation_config()
         self.processor = processor
         self.tokenizer = tokenizer
         self.adapter = adapter if adapter is not None else Adapter(config)
@@ -697,8 +708,8 @@ class Captioner(nn.Module):
             temperature=decoding.temperature if decoding.strategy == "sample" else None,
             top_p=decoding.top_p if decoding.strategy == "sample" else None,
             # Pure nucleus sampling, as documented: None would mean "unset", which generate fills with
-            # the LM's generation_config or transformers' default top-k of 50 (0 turns top-k off;
-            # set only when sampling, as greedy and beam search warn about a top-k they ignore).
+            # transformers' default top-k of 50 (0 turns top-k off; set only when sampling, as greedy
+            # and beam search warn about a top-k they ignore).
             top_k=0 if decoding.strategy == "sample" else None,
             eos_token_id=self.config.eos_token_id,
             pad_token_id=self.config.pad_token_id,

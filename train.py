@@ -1877,11 +1877,23 @@ def optimizer_step(accelerator, adapter, optimizer, scheduler, window_losses: li
     if outcome.applied:
         scheduler.step()
     else:
-        with warnings.catch_warnings():  # torch takes a skip before the first applied step for a mistake
-            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
-            scheduler.step()
+        advance_schedule_past_skipped_step(accelerator, scheduler)
     optimizer.zero_grad(set_to_none=True)
     return outcome
+
+
+def advance_schedule_past_skipped_step(accelerator, scheduler) -> None:
+    """Move the schedule on by a step that was not applied, as an applied one does. Accelerate's wrapper
+    steps nothing after a step the fp16 scaler skipped, which left the schedule one step behind the run's
+    count per overflow (a longer warm-up, a run ending above its final rate); so the schedule inside it is
+    stepped, as many times as the wrapper would (once per process: see lr_schedule)."""
+    schedule, steps = scheduler, 1  # a plain schedule (bench.py)
+    if hasattr(scheduler, "scheduler"):  # Accelerate's wrapper
+        schedule, steps = scheduler.scheduler, 1 if scheduler.split_batches else accelerator.num_processes
+    with warnings.catch_warnings():  # torch takes a skip before the first applied step for a mistake
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+        for _ in range(steps):
+            schedule.step()
 
 
 def average_over_tokens(accelerator, adapter, step_losses: list, step_tokens: list, divided_by: float) -> torch.Tensor:

@@ -237,3 +237,27 @@ def test_a_caption_longer_than_the_lm_context_is_refused_in_one_line(tiny):
                                         f"{context - k}"):
         captioner.generate(features, DecodingConfig(strategy="beam", max_new_tokens=context - k + 1))
     assert len(captioner.generate(features, DecodingConfig(max_new_tokens=context - k))) == 1
+
+
+def test_beam_search_and_sampling_follow_the_flags_not_the_lms_own_generation_config(tiny, tmp_path):
+    """An LM's generation_config.json (an instruct model's repetition_penalty, ...) filled every setting the
+    decoding flags leave open: beam search and sampling silently obeyed it, while the greedy loop did not."""
+    import json
+    import shutil
+
+    opinionated = tmp_path / "lm"
+    shutil.copytree(tiny["lm_model"], opinionated)
+    settings = json.loads((opinionated / "generation_config.json").read_text())
+    settings.update(min_new_tokens=10, repetition_penalty=5.0, no_repeat_ngram_size=1, length_penalty=-5.0)
+    (opinionated / "generation_config.json").write_text(json.dumps(settings))
+    plain = make_captioner(tiny)
+    other = build_captioner(AdapterConfig(clip_model=tiny["clip_model"], lm_model=str(opinionated)))
+    other.adapter.load_state_dict(plain.adapter.state_dict())
+    features = torch.randn(4, plain.config.image_feature_dim)
+    for decoding in (DecodingConfig(strategy="beam", num_beams=3, max_new_tokens=12),
+                     DecodingConfig(strategy="sample", temperature=0.5, top_p=0.9, max_new_tokens=12)):
+        captions = []
+        for captioner in (plain, other):
+            torch.manual_seed(0)
+            captions.append(captioner.generate(features, decoding))
+        assert captions[1] == captions[0], decoding.strategy

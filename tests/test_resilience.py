@@ -131,6 +131,27 @@ def test_fp16_loss_scaler_overflow_is_skipped_without_counting_and_training_goes
     assert step(1.0).applied
 
 
+def test_a_step_the_fp16_loss_scaler_skipped_moves_the_schedule_on_like_any_other(fp16_accelerator):
+    """Accelerate's scheduler wrapper does not step after a step the scaler skipped: the schedule fell one
+    step behind the run's count for each overflow (a longer warm-up, a run ending above its final rate)."""
+    accelerator = fp16_accelerator
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (1 + step))
+    layer, optimizer, scheduler = accelerator.prepare(layer, optimizer, scheduler)
+    inputs = torch.randn(2, 4)
+    outcomes = []
+    for loss_factor in (1e36, 1.0, float("nan"), 1.0):  # an overflow, applied, non-finite, applied
+        accelerator.backward(layer(inputs).square().mean() * loss_factor)
+        outcomes.append(train.optimizer_step(accelerator, layer, optimizer, scheduler,
+                                             [torch.tensor(loss_factor)], 1.0))
+    assert [outcome.applied for outcome in outcomes] == [False, True, False, True]
+    assert not outcomes[0].nonfinite, "the first step should be the scaler's overflow"
+    assert scheduler.scheduler.last_epoch == 4
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 / 5)
+
+
 def test_a_damaged_resume_state_or_log_is_one_line_naming_the_file(tiny, tmp_path, capsys):
     train.main(train_args(tiny, tmp_path, "good", "--final-eval", "false", "--max-steps", "2"))
     damages = {
