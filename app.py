@@ -241,14 +241,15 @@ def example_images(checkpoint: Path, count: int) -> list[tuple[str, str]]:
     """(path, label): the first test images of the run's own data, then real photos that install
     with the dependencies (matplotlib's Grace Hopper; scikit-image's astronaut and cat if present)."""
     from dataset import FLICKR30K_PARQUET, load_records
-    from eval import find_run_config
+    from eval import find_run_config, folder_split_of
 
     examples = []
     run = find_run_config(checkpoint)
     if run.get("dataset") and count > 0:
         try:
             records = load_records(run["dataset"], "test", run.get("data_dir"),
-                                   run.get("hub_data_files") or FLICKR30K_PARQUET, run.get("seed", 0))[:count]
+                                   run.get("hub_data_files") or FLICKR30K_PARQUET, run.get("seed", 0),
+                                   folder_split=folder_split_of(run))[:count]
         except UserError:
             records = []
         folder = None

@@ -44,6 +44,13 @@ KARPATHY_FILES = ("dataset_flickr30k.json", "dataset_flickr8k.json", "dataset_co
 FEATURE_CACHE_VERSION = 2
 FEATURE_PART_SIZE = 4096  # images per cache part: what an interrupted extraction can lose at most
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+# How a caption folder deals its images without a split (train.py --folder-split): "hash" gives each its
+# split by a hash of the seed and its name, so adding or removing images moves no other; "shuffle" deals
+# a seeded shuffle of all of them, which one image more re-deals. Runs saved before the hash deal used
+# the shuffle and do not say so: their run config without the field reads as it.
+FOLDER_SPLITS = ("hash", "shuffle")
+FOLDER_SPLIT_OF_OLDER_RUNS = "shuffle"
+HELD_OUT_FRACTION = 0.05  # of the images without a split, to val and as many to test
 
 
 @dataclass
@@ -496,17 +503,82 @@ def _split_name(path: Path, value) -> str | None:
 
 
 def _without_split(by_image: dict[str, dict]) -> list[str]:
-    """The images no caption row gives a split: load_caption_folder deals them one by a seeded shuffle."""
+    """The images no caption row gives a split: load_caption_folder deals them one (deal_splits)."""
     return [name for name, entry in by_image.items() if entry["split"] is None]
+
+
+def _dealt_names(data_dir: Path) -> list[str]:
+    """The images of a caption folder that get their split dealt (see _without_split)."""
+    return _without_split(_group_by_image(data_dir, _read_caption_rows(data_dir)))
+
+
+def hash_position(seed: int, name: str) -> float:
+    """An image's place in [0, 1) for the hash deal, from sha256 (Python's hash() of a str changes from one
+    process to the next). The name is NFC-normalised: a caption file written on macOS spells "é" as e + accent."""
+    digest = hashlib.sha256(f"{seed}\0{unicodedata.normalize('NFC', name)}".encode()).digest()
+    return (int.from_bytes(digest[:8], "big") >> 11) / 2**53  # 53 bits: exact as a float, never 1.0
+
+
+def deal_splits(names: list[str], seed: int, folder_split: str = "hash",
+                held_out_fraction: float = HELD_OUT_FRACTION) -> dict[str, str]:
+    """{name: split} for images without a split: `held_out_fraction` to val and as many to test (at least
+    one each once there are three images, but for a hash deal that left no train image to stand in; fewer
+    are all trained on), the rest to train."""
+    if len(names) < 3:
+        return dict.fromkeys(names, "train")
+    if folder_split == "shuffle":
+        return _deal_by_shuffle(names, seed, held_out_fraction)
+    return _deal_by_hash(names, seed, held_out_fraction)
+
+
+def _deal_by_shuffle(names: list[str], seed: int, held_out_fraction: float) -> dict[str, str]:
+    order = sorted(names)
+    random.Random(seed).shuffle(order)
+    n_held = max(1, round(held_out_fraction * len(order)))
+    return {name: "val" if i < n_held else "test" if i < 2 * n_held else "train" for i, name in enumerate(order)}
+
+
+def _deal_by_hash(names: list[str], seed: int, held_out_fraction: float) -> dict[str, str]:
+    """Val below `held_out_fraction`, test below twice that, train above: each image by its own hash_position,
+    so adding or removing others never moves it. Where none falls in val (or test), the train image of lowest
+    position stands in for it (for val first). Adding images never makes a train image a stand-in: they can
+    only fill val and test (fewer stand-ins needed) and push train images up the order. Removing images can."""
+    position = {name: hash_position(seed, name) for name in names}
+    deal = {name: "val" if p < held_out_fraction else "test" if p < 2 * held_out_fraction else "train"
+            for name, p in position.items()}
+    missing = [split for split in ("val", "test") if split not in deal.values()]
+    train = sorted((name for name in names if deal[name] == "train"), key=lambda name: (position[name], name))
+    deal.update(zip(train, missing))
+    return deal
+
+
+def hash_deal_record(data_dir: str | Path, seed: int) -> dict:
+    """What eval.py needs to tell whether a caption folder dealt by hash that changed since training now holds
+    out an image the run trained on: how many images were dealt, and the lowest hash_position dealt to train
+    (each dealt image at or past it was in train; 1.0: none was). {} where every image names its split."""
+    unassigned = _dealt_names(Path(data_dir))
+    if not unassigned:
+        return {}
+    deal = deal_splits(unassigned, seed)
+    trained = [hash_position(seed, name) for name in unassigned if deal[name] == "train"]
+    return {"images": len(unassigned), "trained_from": min(trained, default=1.0)}
+
+
+def held_out_past(data_dir: str | Path, seed: int, trained_from: float) -> list[str]:
+    """The images of a caption folder that the hash deal now puts in val or test at or past `trained_from`
+    (hash_deal_record): where the folder lost images since, stand-ins the run may have trained on."""
+    unassigned = _dealt_names(Path(data_dir))
+    deal = deal_splits(unassigned, seed)
+    return sorted(name for name in unassigned if deal[name] != "train" and hash_position(seed, name) >= trained_from)
 
 
 def split_deal(data_dir: str | Path, seed: int = 0) -> str:
     """A digest of how a caption folder's images without a split are dealt to train, val and test: the
-    seed and which images are dealt ("" where every image names its split). An image added to or removed
-    from the caption file re-deals all of them, so a run's test split would then hold images it trained
-    on; eval.py compares this with the run's (a file missing on disk deals nothing: the caption file does)."""
-    data_dir = Path(data_dir)
-    unassigned = _without_split(_group_by_image(data_dir, _read_caption_rows(data_dir)))
+    seed and which images are dealt ("" where every image names its split). Under the shuffle deal an image
+    added to or removed from the caption file re-deals all of them, so a run's test split would then hold
+    images it trained on; eval.py compares this with the run's (a file missing on disk deals nothing: the
+    caption file does)."""
+    unassigned = _dealt_names(Path(data_dir))
     if not unassigned:
         return ""
     return f"seed {seed}, {len(unassigned):,} images, ids {ids_digest(sorted(unassigned))}"
@@ -559,21 +631,15 @@ def _set_split(data_dir: Path, name: str, entry: dict, split: str | None, number
     entry["split"], entry["split_row"] = split, number
 
 
-def load_caption_folder(data_dir: Path, split: str, seed: int = 0, held_out_fraction: float = 0.05) -> list[ImageRecord]:
+def load_caption_folder(data_dir: Path, split: str, seed: int = 0, folder_split: str = "hash") -> list[ImageRecord]:
     """A folder of images with captions.jsonl ({"image", "captions"|"caption"|"text", "split"?}) or
     captions.csv (columns image, caption, split?; one row per caption; file_name and text also do).
 
-    Rows without a split are assigned one by a seeded shuffle: `held_out_fraction` each to
-    val and test (at least one image each once there are three), the rest to train.
+    Rows without a split are assigned one by deal_splits, by `folder_split` (see FOLDER_SPLITS).
     """
     by_image = _group_by_image(data_dir, _read_caption_rows(data_dir))
-    unassigned = _without_split(by_image)
-    if unassigned:
-        order = sorted(unassigned)
-        random.Random(seed).shuffle(order)
-        n_held = max(1, round(held_out_fraction * len(order))) if len(order) >= 3 else 0
-        for i, name in enumerate(order):
-            by_image[name]["split"] = "val" if i < n_held else "test" if i < 2 * n_held else "train"
+    for name, dealt in deal_splits(_without_split(by_image), seed, folder_split).items():
+        by_image[name]["split"] = dealt
     records, repeats = [], []
     for name, entry in by_image.items():
         if entry["split"] == split:
@@ -602,8 +668,10 @@ def check_data_flags(dataset: str, data_dir: str | None, hub_data_files: str | N
 
 
 def load_records(dataset: str, split: str, data_dir: str | None = None, hub_data_files: str = FLICKR30K_PARQUET,
-                 seed: int = 0, on_bad_sample: str = "error", bad_samples: list | None = None) -> list[ImageRecord]:
+                 seed: int = 0, on_bad_sample: str = "error", bad_samples: list | None = None,
+                 folder_split: str = "hash") -> list[ImageRecord]:
     """The images of one split with their captions; images without a usable caption are left out.
+    `seed` and `folder_split` deal a caption folder's images without a split (load_caption_folder).
 
     An image whose file is missing stops with a UserError (on_bad_sample="error"), or is left out
     and listed in `bad_samples` as (image_id, why) (on_bad_sample="skip"), as an unreadable one is.
@@ -622,7 +690,8 @@ def load_records(dataset: str, split: str, data_dir: str | None = None, hub_data
             raise UserError(f"--data-dir {root} is a file: name the folder that holds it ({root.parent})")
         if not root.is_dir():
             raise UserError(f"data folder not found: {root}")
-        records = load_karpathy(root, split) if dataset == "karpathy" else load_caption_folder(root, split, seed)
+        records = (load_karpathy(root, split) if dataset == "karpathy"
+                   else load_caption_folder(root, split, seed, folder_split))
     records = _drop_captionless(records, split)
     if split == "train":
         _note_dominant_image(records)

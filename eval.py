@@ -41,8 +41,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dataset import (DATASETS, FLICKR30K_PARQUET, SPLITS, check_data_flags, drop_unreadable, encoder_fingerprint,
-                     extract_features, limit_records, load_records, split_deal)
+from dataset import (DATASETS, FLICKR30K_PARQUET, FOLDER_SPLIT_OF_OLDER_RUNS, SPLITS, check_data_flags, drop_unreadable,
+                     encoder_fingerprint, extract_features, hash_deal_record, held_out_past, limit_records,
+                     load_records, split_deal)
 from demo import rebuild_cleared_demo
 from metrics import COCO_METRICS, COCO_VARIANT, TOKENIZATION_DETAILS, coco_metrics, start_meteor
 from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LM_QUANTIZATIONS, AdapterConfig, DecodingConfig, load_captioner,
@@ -456,6 +457,12 @@ def find_run_config(checkpoint: Path) -> dict:
     return read_json(path, "run config") if path.is_file() else {}
 
 
+def folder_split_of(run: dict) -> str:
+    """How the run's caption folder dealt its images without a split (train.py --folder-split): a run config
+    saved before the flag existed is of the shuffle deal; an adapter without a run config deals as new runs do."""
+    return run.get("folder_split", FOLDER_SPLIT_OF_OLDER_RUNS) if run else "hash"
+
+
 def write_eval_outputs(out_dir: Path, result: SplitResult, records, run_dir: Path | None = None,
                        sweep: dict | None = None, gallery_size: int = 0) -> list[Path]:
     """metrics.json, predictions.jsonl, report.html and the curve PNGs (and decoding_sweep.json).
@@ -633,10 +640,12 @@ def baseline_training_records(run: dict, dataset: str, data_dir, hub_files: str)
     if run.get("dataset"):
         seed = run.get("seed", 0)
         records = load_records(run["dataset"], "train", run.get("data_dir"),
-                               run.get("hub_data_files") or FLICKR30K_PARQUET, seed, "skip", bad_samples)
+                               run.get("hub_data_files") or FLICKR30K_PARQUET, seed, "skip", bad_samples,
+                               folder_split_of(run))
         records = limit_records(records, run.get("train_limit", 0), seed)
     else:
-        records = load_records(dataset, "train", data_dir, hub_files, on_bad_sample="skip", bad_samples=bad_samples)
+        records = load_records(dataset, "train", data_dir, hub_files, on_bad_sample="skip", bad_samples=bad_samples,
+                               folder_split=folder_split_of(run))
     if bad_samples:
         count = f"{len(bad_samples):,} training image{'s' if len(bad_samples) != 1 else ''}"
         print(f"note: the baseline leaves out {count} with a missing file, as training did (first: "
@@ -647,20 +656,43 @@ def baseline_training_records(run: dict, dataset: str, data_dir, hub_files: str)
 
 
 def check_split_deal_unchanged(run_dir: Path, run: dict) -> None:
-    """A caption folder's images without a split get one by a shuffle of all of them
-    (dataset.load_caption_folder), so an image added to or removed from its caption file since training
-    re-deals every split: the test split would then hold images the run trained on, scored as unseen."""
+    """A caption folder's images without a split are dealt one (dataset.deal_splits). Under the shuffle deal
+    an image added to or removed from its caption file since training re-deals every split: the test split
+    would then hold images the run trained on, scored as unseen. Under the hash deal see check_hash_deal."""
     from train import TRAINER_STATE, resume_state_dir  # here: train.py imports this module
 
     state_dir = resume_state_dir(run_dir)
-    saved = read_json(state_dir / TRAINER_STATE, "trainer state").get("split_deal", "") if state_dir else ""
+    state = read_json(state_dir / TRAINER_STATE, "trainer state") if state_dir else {}
+    saved = state.get("split_deal", "")
     if not saved:
         return  # splits named by the data, or a run saved before the deal was kept: nothing to compare
-    if split_deal(run["data_dir"], run.get("seed", 0)) != saved:
-        raise UserError(f"{run['data_dir']}: its caption file lists other images than when {run_dir} trained "
-                        "(added, removed or renamed since), and its images without a split are dealt one by a "
-                        "shuffle of all of them, so every split has changed and may hold images the run trained "
-                        "on; evaluate with the caption file as it was, or give every image a split and train again")
+    if split_deal(run["data_dir"], run.get("seed", 0)) == saved:
+        return
+    if folder_split_of(run) == "hash":
+        check_hash_deal(run_dir, run, state.get("hash_deal", {}))
+        return
+    raise UserError(f"{run['data_dir']}: its caption file lists other images than when {run_dir} trained "
+                    "(added, removed or renamed since), and its images without a split are dealt one by a "
+                    "shuffle of all of them, so every split has changed and may hold images the run trained "
+                    "on; evaluate with the caption file as it was, or give every image a split and train again "
+                    "(a new run deals them by a hash of each name, which adding images does not change)")
+
+
+def check_hash_deal(run_dir: Path, run: dict, saved: dict) -> None:
+    """The hash deal moves no image when others are added or removed, so the run's val and test images are
+    still held out and no image it trained on has joined them; only a stand-in (where no image falls in val or
+    test by its hash) can be one it trained on, once images were removed. That is refused; else a note says
+    how the caption file changed. A state without the deal's record (edited) is taken to have trained on all."""
+    data_dir, seed = run["data_dir"], run.get("seed", 0)
+    suspect = held_out_past(data_dir, seed, saved.get("trained_from", 0.0))
+    if suspect:
+        raise UserError(f"{data_dir}: its caption file lists other images than when {run_dir} trained, and as no "
+                        f"image's hash now falls in val (or test), {suspect[0]} stands in for it, an image the run may "
+                        "have trained on (images were removed since?); evaluate with the caption file as it was, or "
+                        "give every image a split")
+    then, now = saved.get("images", 0), hash_deal_record(data_dir, seed).get("images", 0)
+    print(f"note: {data_dir} lists {now:,} images without a split, {then:,} when {run_dir} trained; each is dealt "
+          "by a hash of its name, so none the run trained on is in val or test", file=sys.stderr)
 
 
 def image_identity(record) -> tuple:
@@ -688,7 +720,8 @@ def selected_on_note(records, run: dict, checkpoint: Path, run_dir: Path) -> str
     seed = run.get("seed", 0)
     with contextlib.redirect_stdout(io.StringIO()):  # the split's own notes were printed as it loaded for scoring
         validation = load_records(run["dataset"], "val", run.get("data_dir"),
-                                  run.get("hub_data_files") or FLICKR30K_PARQUET, seed, "skip", [])
+                                  run.get("hub_data_files") or FLICKR30K_PARQUET, seed, "skip", [],
+                                  folder_split_of(run))
     chosen_by = {image_identity(record) for record in limit_records(validation, run.get("val_limit", 0), seed)}
     shared = sum(image_identity(record) in chosen_by for record in records)
     if not shared:
@@ -709,7 +742,7 @@ def still_training_note(run_dir: Path, step) -> str:
             "goes on replacing; evaluate again when it has finished")
 
 
-def empty_split_message(dataset: str, split: str, data_dir, hub_files: str, seed: int) -> str:
+def empty_split_message(dataset: str, split: str, data_dir, hub_files: str, seed: int, folder_split: str) -> str:
     """The error for a split with no images, naming the splits that have some: a caption folder of
     one's own often holds only some splits (all "val", say), and "no images" alone left the user to
     guess that --split was the flag to change."""
@@ -720,7 +753,7 @@ def empty_split_message(dataset: str, split: str, data_dir, hub_files: str, seed
             continue
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # that split's own notes are not this error's
-                counts[other] = len(load_records(dataset, other, data_dir, hub_files, seed))
+                counts[other] = len(load_records(dataset, other, data_dir, hub_files, seed, folder_split=folder_split))
         except UserError:
             counts[other] = 0
     where = f"{dataset} {data_dir}" if data_dir else dataset
@@ -884,9 +917,11 @@ def main(argv=None) -> int:
             decodings.setdefault(describe_decoding(sweep_decoding), sweep_decoding)
 
     rebuild_cleared_demo(data_dir)
-    records = limit_records(load_records(dataset, args.split, data_dir, hub_files, seed), args.limit, seed)
+    folder_split = folder_split_of(run)
+    records = limit_records(load_records(dataset, args.split, data_dir, hub_files, seed, folder_split=folder_split),
+                            args.limit, seed)
     if not records:
-        raise UserError(empty_split_message(dataset, args.split, data_dir, hub_files, seed))
+        raise UserError(empty_split_message(dataset, args.split, data_dir, hub_files, seed, folder_split))
     train_records = baseline_training_records(run, dataset, data_dir, hub_files)
     if dataset == "folder" and (dataset, data_dir) == (run.get("dataset"), run.get("data_dir")):
         check_split_deal_unchanged(run_dir, run)

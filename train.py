@@ -38,9 +38,9 @@ from typing import Literal
 
 import torch
 
-from dataset import (DATASETS, FLICKR30K_PARQUET, PADDING_PAIR, CaptionPairs, EpochShuffleSampler, check_data_flags,
-                     collate_captions, drop_unreadable, encoder_fingerprint, extract_features, limit_records,
-                     load_records, split_deal)
+from dataset import (DATASETS, FLICKR30K_PARQUET, FOLDER_SPLIT_OF_OLDER_RUNS, FOLDER_SPLITS, PADDING_PAIR, CaptionPairs,
+                     EpochShuffleSampler, check_data_flags, collate_captions, drop_unreadable, encoder_fingerprint,
+                     extract_features, hash_deal_record, limit_records, load_records, split_deal)
 from metrics import validation_cider_d
 from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, IGNORE_INDEX, AdapterConfig, DecodingConfig, TrainingLoss,
                    build_captioner, load_adapter_state, missing_local_folder, repair_torn_export, resolve_dtype,
@@ -91,6 +91,11 @@ class TrainConfig:
                                        "(local images + captions.jsonl/.csv)", default="flickr30k")
     data_dir: str | None = _help("data folder for --dataset karpathy or folder", default=None)
     hub_data_files: str = _help("parquet files for --dataset flickr30k", default=FLICKR30K_PARQUET)
+    folder_split: Literal[FOLDER_SPLITS] = _help(
+        "--dataset folder: how images whose caption rows name no split are dealt to train, val and test: hash (by "
+        "a hash of --seed and each image's name, so adding or removing images moves no other image) or shuffle (a "
+        "seeded shuffle of all of them, as runs before hash had; one image added deals every split again)",
+        default="hash")
     train_limit: int = _help("train on at most this many images (all their captions); 0 = all", default=0)
     val_limit: int = _help("validate on at most this many images; 0 = all", default=200)
     test_limit: int = _help("final test evaluation on at most this many images; 0 = all", default=0)
@@ -243,7 +248,8 @@ RESUME_FROM_COMMAND_LINE = ("run_name", "output_dir", "progress", "trust_remote_
 # Fields added after runs had been saved, with the value those runs trained with: a run_config.json
 # without one reads as that value, and at that value it stays out of the settings digest, so their
 # resume states still match.
-FIELDS_ADDED_LATER = {"standardize_image_features": False, "adapter_layers": 8, "select_by": "rougeL"}
+FIELDS_ADDED_LATER = {"standardize_image_features": False, "adapter_layers": 8, "select_by": "rougeL",
+                      "folder_split": FOLDER_SPLIT_OF_OLDER_RUNS}
 
 
 def check_run_name(name: str) -> None:
@@ -270,6 +276,9 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         raise UserError(f"--demo trains on its own synthetic caption folder, not --dataset {config.dataset}: "
                         "drop one of the two")
     check_data_flags(config.dataset, given.get("data_dir"), given.get("hub_data_files"))
+    if "folder_split" in getattr(config, "given_flags", set()) and config.dataset != "folder":  # else silently ignored
+        raise UserError(f"--folder-split deals the images of a --dataset folder that name no split, and --dataset "
+                        f"{config.dataset} gives every image its split; drop --folder-split")
     check_adapter_flags(config)
     if config.demo:
         from demo import ensure_demo_assets
@@ -476,7 +485,8 @@ class TrainerState:
     settings: str = ""  # settings_digest of the run's config
     train_data: str = ""  # training_set_label of the data it trained on
     data_content: dict = field(default_factory=dict)  # {"train", "val": content_digest}; {} in older states
-    split_deal: str = ""  # dataset.split_deal of a caption folder whose images get their split by a shuffle
+    split_deal: str = ""  # dataset.split_deal of a caption folder some of whose images get their split dealt
+    hash_deal: dict = field(default_factory=dict)  # dataset.hash_deal_record under --folder-split hash; else {}
     # The training loss since the last log line (LossWindow.saved): without it, a run resumed between two
     # log lines logs the mean of only its own steps there, and the steps before the checkpoint never.
     log_window: dict = field(default_factory=dict)  # {} in older states
@@ -526,7 +536,7 @@ def load_split(config: TrainConfig, split: str, limit: int, bad_samples: list | 
     --on-bad-sample as unreadable ones do; without it (the final test, as eval.py) they stop the run."""
     on_bad_sample = config.on_bad_sample if bad_samples is not None else "error"
     records = load_records(config.dataset, split, config.data_dir, config.hub_data_files, config.seed,
-                           on_bad_sample, bad_samples)
+                           on_bad_sample, bad_samples, config.folder_split)
     return limit_records(records, limit, config.seed)
 
 
@@ -1435,6 +1445,8 @@ def set_up_run(config: TrainConfig, accelerator) -> Run:
     run.state.data_content = data_content
     if config.dataset == "folder":  # for eval.py: a re-dealt folder's test split holds trained images
         run.state.split_deal = split_deal(config.data_dir, config.seed)
+        if config.folder_split == "hash":
+            run.state.hash_deal = hash_deal_record(config.data_dir, config.seed)
     run.last_validated = run.state.history[-1]["step"] if run.state.history else -1
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -9,8 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from dataset import (PADDING_PAIR, SPLITS, EpochShuffleSampler, encoder_fingerprint, extract_features, limit_records,
-                     load_flickr30k_hub, load_records)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dataset import (PADDING_PAIR, SPLITS, EpochShuffleSampler, deal_splits, encoder_fingerprint, extract_features,
+                     hash_position, limit_records, load_flickr30k_hub, load_records)
 from utils import UserError
 
 
@@ -82,13 +85,80 @@ def test_caption_folder_csv_groups_captions_and_assigns_splits(tmp_path):
         lines += [f"img{i}.png,first caption {i}", f'img{i}.png,"second, with comma {i}"', f"img{i}.png,   "]
     (tmp_path / "captions.csv").write_text("\n".join(lines) + "\n")
     splits = {s: load_records("folder", s, str(tmp_path), seed=3) for s in ("train", "val", "test")}
-    assert [len(splits[s]) for s in ("train", "val", "test")] == [18, 1, 1]
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [17, 2, 1]  # these names' hashes under seed 3
     every = [r.image_id for s in splits.values() for r in s]
     assert sorted(every) == sorted(f"img{i}.png" for i in range(20))  # each image in exactly one split
     assert splits["train"][0].captions[1].startswith("second, with comma")
     assert all(len(r.captions) == 2 for r in splits["train"])  # the blank caption is dropped
     again = load_records("folder", "val", str(tmp_path), seed=3)
     assert [r.image_id for r in again] == [r.image_id for r in splits["val"]]
+
+
+image_names = st.sets(st.text(min_size=1, max_size=6), min_size=3, max_size=40)
+fractions = st.sampled_from([0.05, 0.2])  # 0.05 as load_caption_folder deals; 0.2 fills val and test by hash more often
+
+
+def stood_in(deal: dict, seed: int, fraction: float) -> set:
+    """The images held out though their hash says train: stand-ins for an empty val or test."""
+    return {name for name, split in deal.items() if split != "train" and hash_position(seed, name) >= 2 * fraction}
+
+
+@settings(max_examples=300, deadline=None)
+@given(first=image_names, added=image_names, seed=st.integers(0, 2**32 - 1), fraction=fractions)
+def test_the_hash_deal_never_moves_a_train_image_to_val_or_test_when_images_are_added(first, added, seed, fraction):
+    """What `eval.py` relies on to score an older run on a grown caption folder: its test split holds no image
+    the run trained on. Images keep their split, but for the stand-ins a folder with no image hashed into val
+    (or test) holds out, which may go back to train or to the other held-out split."""
+    before = deal_splits(sorted(first), seed, held_out_fraction=fraction)
+    after = deal_splits(sorted(first | added), seed, held_out_fraction=fraction)
+    assert not {name for name in first if before[name] == "train" and after[name] != "train"}
+    moved = {name for name in first if before[name] != after[name]}
+    assert moved <= stood_in(before, seed, fraction)
+    assert stood_in(after, seed, fraction) <= stood_in(before, seed, fraction) | (added - first)
+    # At least one of each from three images on, but stand-ins come from train: 3 images all hashed into test
+    # leave val empty.
+    assert {"val", "test"} <= set(after.values()) or "train" not in after.values()
+    trained_from = min((hash_position(seed, n) for n in first if before[n] == "train"), default=1.0)
+    assert all(hash_position(seed, name) < trained_from for name, split in after.items() if split != "train")
+
+
+@settings(max_examples=300, deadline=None)
+@given(first=image_names, added=st.sets(st.text(min_size=1, max_size=6), max_size=10), data=st.data(),
+       seed=st.integers(0, 2**32 - 1), fraction=fractions)
+def test_the_hash_deal_moves_only_stand_ins_when_images_are_removed(first, added, data, seed, fraction):
+    """Removing images moves no image hashed into a split; a train image is held out afterwards only as a
+    stand-in for a val or test split the removal emptied, past where the first deal trained (eval.py refuses
+    that)."""
+    removed = data.draw(st.sets(st.sampled_from(sorted(first)), max_size=len(first) - 3))
+    now = (first - removed) | added
+    before = deal_splits(sorted(first), seed, held_out_fraction=fraction)
+    after = deal_splits(sorted(now), seed, held_out_fraction=fraction)
+    moved = {name for name in first & now if before[name] != after[name]}
+    assert moved <= stood_in(before, seed, fraction) | stood_in(after, seed, fraction)
+    trained_from = min((hash_position(seed, n) for n in first if before[n] == "train"), default=1.0)
+    newly_held = {name for name in first & now if before[name] == "train" and after[name] != "train"}
+    assert all(hash_position(seed, name) >= trained_from for name in newly_held)
+    assert newly_held <= stood_in(after, seed, fraction)
+
+
+def test_a_caption_folder_that_grows_keeps_each_images_split(tmp_path):
+    """Through the files: 60 images without a split, then 60 more. Under the shuffle deal, which runs saved
+    before the hash deal keep, the second deal moved training images into val and test."""
+    def write_folder(count):
+        for i in range(count):
+            write_image(tmp_path / f"img{i}.png")
+        write_jsonl_captions(tmp_path, [{"image": f"img{i}.png", "caption": f"picture {i}"} for i in range(count)])
+
+    def splits(folder_split="hash"):
+        return {r.image_id: s for s in SPLITS for r in load_records("folder", s, str(tmp_path), 42,
+                                                                     folder_split=folder_split)}
+    write_folder(60)
+    before, shuffled_before = splits(), splits("shuffle")
+    write_folder(120)
+    after, shuffled_after = splits(), splits("shuffle")
+    assert {name: after[name] for name in before} == before
+    assert sum(after[name] != "train" for name in after) > sum(before[name] != "train" for name in before)
+    assert any(shuffled_before[name] == "train" != shuffled_after[name] for name in shuffled_before)
 
 
 def test_missing_images_are_reported_up_front(tmp_path):

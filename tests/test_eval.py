@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+import app
 import eval as eval_script
 import train
 from conftest import train_args
@@ -21,7 +22,8 @@ from dataset import extract_features, load_records
 from metrics import COCO_METRICS, coco_metrics
 from model import load_captioner
 from report import best_validation, collapse_line, render_report
-from utils import UserError, caption_diversity, collapse_warning, read_jsonl, run_cli, write_jsonl
+from utils import (UserError, caption_diversity, collapse_warning, read_json, read_jsonl, run_cli, write_json,
+                   write_jsonl)
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP_NAMES = ["greedy", "beam 3", "beam 5", "nucleus top-p 0.9 T 1", eval_script.BASELINE]
@@ -664,21 +666,71 @@ def test_compare_names_an_older_metrics_file_that_cannot_say_which_data_it_score
     assert eval_script.comparison([str(tmp_path / "new"), str(tmp_path / "new2")])["notes"] == []
 
 
-def test_a_folder_whose_shuffled_splits_were_dealt_again_since_training_is_refused(tiny, tmp_path):
-    # Images without a split are dealt one by a shuffle of all of them: one image added re-deals every split,
-    # and eval.py used to score the new test split, made of images the run trained on, as unseen.
+def folder_without_splits(tiny: dict, tmp_path: Path) -> Path:
+    """A copy of the tiny data whose caption rows name no split: each image is dealt one."""
     data = shutil.copytree(tiny["data_dir"], tmp_path / "data")
     rows = read_jsonl(data / "captions.jsonl")
     write_jsonl(data / "captions.jsonl", [{k: v for k, v in row.items() if k != "split"} for row in rows])
-    args = train_args({**tiny, "data_dir": str(data)}, tmp_path, "run", "--max-steps", "2", "--final-eval", "false")
+    return data
+
+
+def add_image(data: Path, name: str) -> None:
+    shutil.copy(next((data / "images").iterdir()), data / name)
+    write_jsonl(data / "captions.jsonl", [*read_jsonl(data / "captions.jsonl"), {"image": name, "caption": "new"}])
+
+
+def test_a_run_saved_before_the_hash_deal_keeps_the_shuffle_deal_and_its_refusal(tiny, tmp_path):
+    # Images without a split were dealt one by a shuffle of all of them: one image added re-deals every split,
+    # and eval.py used to score the new test split, made of images the run trained on, as unseen. A run saved
+    # then (its run config names no --folder-split) keeps that deal when evaluated or resumed, and the refusal.
+    data = folder_without_splits(tiny, tmp_path)
+    args = train_args({**tiny, "data_dir": str(data)}, tmp_path, "run", "--max-steps", "2", "--final-eval", "false",
+                      "--folder-split", "shuffle")
     assert train.main(args) == 0
+    saved = read_json(tmp_path / "run" / "run_config.json", "")
+    write_json(tmp_path / "run" / "run_config.json", {k: v for k, v in saved.items() if k != "folder_split"})
+    state = read_json(tmp_path / "run" / "resume" / "trainer_state.json", "")
+    write_json(tmp_path / "run" / "resume" / "trainer_state.json", {k: v for k, v in state.items() if k != "hash_deal"})
     evaluate = [str(tmp_path / "run"), "--limit", "2", "--out", str(tmp_path / "eval"), "--no-progress",
                 "--num-workers", "0"]
     assert eval_script.main(evaluate) == 0  # the data as it was
-    next(r for r in load_records("folder", "train", str(data), seed=42)).path.unlink()  # deals nothing again
+    scored = {row["image_id"] for row in read_jsonl(tmp_path / "eval" / "predictions.jsonl")}
+    test_by = {deal: {r.image_id for r in load_records("folder", "test", str(data), seed=42, folder_split=deal)}
+               for deal in ("shuffle", "hash")}
+    assert scored <= test_by["shuffle"] and not scored <= test_by["hash"], (scored, test_by)
+    shown = {Path(path).name for path, label in app.example_images(tmp_path / "run", 3) if label.startswith("test")}
+    assert shown == {Path(name).name for name in test_by["shuffle"]}  # the app's example test images too
+    assert train.main(args[:-2] + ["--resume", "--max-steps", "3"]) == 0  # its training data, as it was dealt
+    trained = load_records("folder", "train", str(data), seed=42, folder_split="shuffle")
+    next(iter(trained)).path.unlink()  # a file missing on disk deals nothing again: the caption file does
     assert eval_script.main(evaluate) == 0
-    shutil.copy(Path(tiny["data_dir"]) / rows[0]["image"], data / "added.png")
-    added = {"image": "added.png", "caption": "new"}
-    write_jsonl(data / "captions.jsonl", [*read_jsonl(data / "captions.jsonl"), added])
+    add_image(data, "added.png")
     with pytest.raises(UserError, match="lists other images than when .* trained .* may hold images the run trained on"):
+        eval_script.main(evaluate)
+
+
+def test_a_hash_dealt_folder_evaluates_after_images_are_added_not_when_its_test_images_were_removed(tiny, tmp_path,
+                                                                                                   capsys):
+    """A new run deals each image by a hash of its name: images added since training move none, so the
+    grown folder evaluates, with a note. Removing the images hashed into test makes the lowest-placed
+    training image stand in for them, and that is refused."""
+    data = folder_without_splits(tiny, tmp_path)
+    args = train_args({**tiny, "data_dir": str(data)}, tmp_path, "run", "--max-steps", "2", "--final-eval", "false")
+    assert train.main(args) == 0
+    assert read_json(tmp_path / "run" / "run_config.json", "")["folder_split"] == "hash"
+    evaluate = [str(tmp_path / "run"), "--out", str(tmp_path / "eval"), "--no-progress", "--num-workers", "0"]
+    test_images = {r.image_id for r in load_records("folder", "test", str(data), seed=42)}
+    rows = read_jsonl(data / "captions.jsonl")
+    for i in range(30):
+        add_image(data, f"added{i}.png")
+    capsys.readouterr()
+    assert eval_script.main(evaluate) == 0
+    note = capsys.readouterr().err
+    assert f"lists 82 images without a split, 52 when {tmp_path / 'run'} trained" in note, note
+    scored = {row["image_id"] for row in read_jsonl(tmp_path / "eval" / "predictions.jsonl")}
+    assert test_images <= scored and all(name.startswith("added") for name in scored - test_images), scored
+    # the caption file as the run trained on it, less its test images: a training image stands in for them
+    write_jsonl(data / "captions.jsonl", [row for row in rows if row["image"] not in test_images])
+    with pytest.raises(UserError, match=r"no image's hash now falls in val \(or test\), .* stands in .* may have "
+                                        "trained on"):
         eval_script.main(evaluate)

@@ -572,6 +572,8 @@ def test_a_finished_run_given_more_steps_trains_from_its_first_new_step(tiny, tm
                                              "reads --dataset folder"),
     (["--dataset", "flickr30k"], "is read by --dataset karpathy or folder, but --dataset flickr30k"),
     (["--data-dir", ""], "--data-dir is empty"),
+    (["--dataset", "karpathy", "--folder-split", "shuffle"], "--folder-split deals the images of a --dataset folder "
+                                                             "that name no split, and --dataset karpathy gives"),
 ])
 def test_bad_flag_values_are_one_line_errors_before_any_work(tiny, tmp_path, capsys, flags, message):
     a_file = tmp_path / "a_file"
