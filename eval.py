@@ -51,8 +51,8 @@ from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LM_QUANTIZATIONS, AdapterCon
 from report import EXTRA_METRICS, REPORT_FILE, baseline_verdict, collapse_line, percent, sweep_rows, write_report
 from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, HelpFormatter, Processes, UserError, caption_diversity,
                    caption_metrics, default_image_workers, file_digest, format_table, ids_digest, json_value,
-                   lost_another_process, nearest_existing, read_json, run_cli, waiting_lock, weights_digest,
-                   whole_number, write_json, write_jsonl, write_text)
+                   lost_another_process, nearest_existing, read_json, run_cli, stopping_together, waiting_lock,
+                   weights_digest, whole_number, write_json, write_jsonl, write_text)
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -900,38 +900,41 @@ def main(argv=None) -> int:
     checkpoint = Path(args.checkpoint)
     processes.agree({}, problem=checkpoint_problem(checkpoint, args.out, writes=processes.is_main),
                     advice=SAME_RUN_EVERYWHERE)
-    run_dir = find_run_dir(checkpoint)
-    run = find_run_config(checkpoint)
-    dataset = args.dataset or run.get("dataset")
-    if dataset is None:
-        raise UserError(f"{checkpoint} does not say which data it was trained on; pass --dataset and --data-dir")
-    check_data_flags(dataset, args.data_dir, args.hub_data_files)
-    data_dir = args.data_dir or (run.get("data_dir") if dataset == run.get("dataset") else None)
-    hub_files = args.hub_data_files or run.get("hub_data_files") or FLICKR30K_PARQUET
-    seed = run.get("seed", 0)
-    decoding = decoding_from_args(args)
-    decodings = {describe_decoding(decoding): decoding}
-    if args.decoding_sweep:
-        for sweep_decoding in SWEEP_DECODINGS:
-            sweep_decoding = dataclasses.replace(sweep_decoding, max_new_tokens=args.max_new_tokens)
-            decodings.setdefault(describe_decoding(sweep_decoding), sweep_decoding)
+    # What every process reads alike: a line it stops on (a split with no images, a changed caption file)
+    # is printed once, not once per process, or names the one process whose files differ.
+    with stopping_together(processes, SAME_RUN_EVERYWHERE):
+        run_dir = find_run_dir(checkpoint)
+        run = find_run_config(checkpoint)
+        dataset = args.dataset or run.get("dataset")
+        if dataset is None:
+            raise UserError(f"{checkpoint} does not say which data it was trained on; pass --dataset and --data-dir")
+        check_data_flags(dataset, args.data_dir, args.hub_data_files)
+        data_dir = args.data_dir or (run.get("data_dir") if dataset == run.get("dataset") else None)
+        hub_files = args.hub_data_files or run.get("hub_data_files") or FLICKR30K_PARQUET
+        seed = run.get("seed", 0)
+        decoding = decoding_from_args(args)
+        decodings = {describe_decoding(decoding): decoding}
+        if args.decoding_sweep:
+            for sweep_decoding in SWEEP_DECODINGS:
+                sweep_decoding = dataclasses.replace(sweep_decoding, max_new_tokens=args.max_new_tokens)
+                decodings.setdefault(describe_decoding(sweep_decoding), sweep_decoding)
 
-    rebuild_cleared_demo(data_dir)
-    folder_split = folder_split_of(run)
-    records = limit_records(load_records(dataset, args.split, data_dir, hub_files, seed, folder_split=folder_split),
-                            args.limit, seed)
-    if not records:
-        raise UserError(empty_split_message(dataset, args.split, data_dir, hub_files, seed, folder_split))
-    train_records = baseline_training_records(run, dataset, data_dir, hub_files)
-    if dataset == "folder" and (dataset, data_dir) == (run.get("dataset"), run.get("data_dir")):
-        check_split_deal_unchanged(run_dir, run)
-    # Which adapter is scored, read before it loads: read after captioning, a run still training had put a
-    # newer adapter there by then, and metrics.json named that one for the older one's figures.
-    scored = what_was_scored(checkpoint, dataset, args.split, records)
-    live = still_training_note(run_dir, scored["adapter"]["step"])
-    device = processes.device or pick_device(args.device)
-    captioner = load_captioner(checkpoint, device=device, dtype=default_dtype(device),
-                               **loading_from_args(args, checkpoint))
+        rebuild_cleared_demo(data_dir)
+        folder_split = folder_split_of(run)
+        records = load_records(dataset, args.split, data_dir, hub_files, seed, folder_split=folder_split)
+        records = limit_records(records, args.limit, seed)
+        if not records:
+            raise UserError(empty_split_message(dataset, args.split, data_dir, hub_files, seed, folder_split))
+        train_records = baseline_training_records(run, dataset, data_dir, hub_files)
+        if dataset == "folder" and (dataset, data_dir) == (run.get("dataset"), run.get("data_dir")):
+            check_split_deal_unchanged(run_dir, run)
+        # Which adapter is scored, read before it loads: read after captioning, a run still training had put a
+        # newer adapter there by then, and metrics.json named that one for the older one's figures.
+        scored = what_was_scored(checkpoint, dataset, args.split, records)
+        live = still_training_note(run_dir, scored["adapter"]["step"])
+        device = processes.device or pick_device(args.device)
+        captioner = load_captioner(checkpoint, device=device, dtype=default_dtype(device),
+                                   **loading_from_args(args, checkpoint))
     if processes.count > 1:  # each machine may read a copy of its own: copies that differ would caption apart
         processes.agree(evaluated_facts(args, checkpoint, captioner, records, train_records),
                         advice=SAME_RUN_EVERYWHERE)

@@ -50,7 +50,7 @@ from utils import (HelpFormatter, Processes, Terminated, UserError, append_jsonl
                    interrupt_handled, interrupt_name, interrupted_exit_code, is_whole_number, join_processes,
                    json_value, launched_processes, library_versions, load_state, lone_cpu_launch_warning,
                    lost_another_process, machines, nearest_existing, read_json, read_jsonl, rng_states, run_cli,
-                   said_alike_by, save_state, set_rng_states, sync_folder, sync_tree, user_message, weights_digest,
+                   said_alike_by, save_state, set_rng_states, stopping_together, sync_folder, sync_tree, weights_digest,
                    write_json, write_jsonl, write_text)
 
 RUN_CONFIG = "run_config.json"
@@ -1390,14 +1390,9 @@ def set_up_run(config: TrainConfig, accelerator) -> Run:
     check_run_folder(run_dir, config)
     set_seed(config.seed)
     bad_samples: list[tuple[str, str]] = []
-    try:
+    with stopping_together(Processes.of(accelerator), SAME_FILES):  # one line, not one per process
         captioner, train_records, val_records, test_split = load_backbones_and_data(config, run_dir, accelerator.device,
                                                                                    bad_samples)
-    except UserError as error:
-        if accelerator.num_processes == 1:
-            raise
-        # Said once, by process 0 (or naming the one process whose files differ), not once per process.
-        check_processes_agree({}, problem=user_message(error), advice=SAME_FILES)  # raises, with this problem
     if accelerator.num_processes > 1:  # before the features: other backbones are found before an hour of work
         check_processes_agree(loaded_facts(config, captioner), advice=SAME_FILES)
     # The main process fills the feature cache first, then the first process of each other machine (whose

@@ -398,6 +398,23 @@ class Processes:
         return gather_object(list(items))
 
 
+@contextlib.contextmanager
+def stopping_together(processes: Processes, advice: str = ""):
+    """A block every process runs alike (loading the data, a run, the backbones): a UserError in it stops
+    every process with one line, process 0's, or naming the one process whose files differ (with `advice`),
+    printed once per machine; left alone, each process printed the same line, or stopped alone while the
+    others waited. A collective under several processes: every process leaves the block through it."""
+    if processes.count == 1:
+        yield
+        return
+    problem = ""
+    try:
+        yield
+    except UserError as error:
+        problem = user_message(error)
+    processes.agree({}, problem=problem, advice=advice)
+
+
 def weights_digest(module: torch.nn.Module, sample_bytes: int = 1 << 16) -> str:
     """A digest of a module's weights, cheap at any size: each tensor's name, dtype, shape and first
     `sample_bytes` bytes. Two copies of one checkpoint agree; another model, or the same one trained

@@ -567,6 +567,19 @@ def test_an_unreadable_image_in_another_process_shard_is_one_error_line(tiny, ru
 
 
 @pytest.mark.slow
+def test_a_data_error_every_process_meets_is_one_error_line(tiny, run, tmp_path):
+    """A split with no images stops both processes alike; one line says so (each used to print it)."""
+    data_dir = tmp_path / "data"
+    shutil.copytree(tiny["data_dir"], data_dir)
+    captions = data_dir / "captions.jsonl"
+    captions.write_text("".join(line + "\n" for line in captions.read_text().splitlines() if '"test"' not in line))
+    result = evaluate_in_two_processes(ROOT / "eval.py", run, tmp_path / "out", "--data-dir", str(data_dir))
+    # Counted in the text, not by lines: two processes' lines written at once can share one.
+    assert result.returncode != 0 and result.stderr.count("error: ") == 1, result.stderr[-3000:]
+    assert f"error: the test split of folder {data_dir} has no images with captions" in result.stderr
+
+
+@pytest.mark.slow
 def test_a_process_stopped_mid_evaluation_ends_the_other_with_one_line(run, tmp_path):
     """SIGTERM reaches rank 1 alone (a scheduler stopping one worker) before it hands in its shard: rank 0,
     waiting for it, ends with one line, not the process group's traceback, and writes nothing."""
