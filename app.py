@@ -378,7 +378,8 @@ def decoding_config(strategy: str = "greedy", num_beams: float = 3, temperature:
 
 def caption_with_run(run: LoadedRun, image, decoding, seed: int = 0) -> tuple[str, float]:
     """(caption, milliseconds from the PIL image to the text). Seeded like inference.py --seed, so
-    sampling gives the same caption here as there."""
+    sampling gives the caption inference.py gives this image captioned on its own (in a batch, the images
+    sampled beside it change it)."""
     with run.lock:
         started = time.perf_counter()
         torch.manual_seed(seed)
