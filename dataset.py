@@ -45,9 +45,10 @@ FEATURE_CACHE_VERSION = 2
 FEATURE_PART_SIZE = 4096  # images per cache part: what an interrupted extraction can lose at most
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 # How a caption folder deals its images without a split (train.py --folder-split): "hash" gives each its
-# split by a hash of the seed and its name, so adding or removing images moves no other; "shuffle" deals
-# a seeded shuffle of all of them, which one image more re-deals. Runs saved before the hash deal used
-# the shuffle and do not say so: their run config without the field reads as it.
+# split by a hash of the seed and its name, so adding or removing images moves no other (but for a stand-in
+# for an empty val or test split: _deal_by_hash); "shuffle" deals a seeded shuffle of all of them, which one
+# image more re-deals. Runs saved before the hash deal used the shuffle and do not say so: their run config
+# without the field reads as it.
 FOLDER_SPLITS = ("hash", "shuffle")
 FOLDER_SPLIT_OF_OLDER_RUNS = "shuffle"
 HELD_OUT_FRACTION = 0.05  # of the images without a split, to val and as many to test
@@ -692,10 +693,10 @@ def load_records(dataset: str, split: str, data_dir: str | None = None, hub_data
             raise UserError(f"data folder not found: {root}")
         records = (load_karpathy(root, split) if dataset == "karpathy"
                    else load_caption_folder(root, split, seed, folder_split))
-    records = _drop_captionless(records, split)
-    if split == "train":
+    records = _drop_missing_files(_drop_captionless(records, split), split, on_bad_sample, bad_samples)
+    if split == "train":  # of the images trained on: a skipped one's captions are no training pairs
         _note_dominant_image(records)
-    return _drop_missing_files(records, split, on_bad_sample, bad_samples)
+    return records
 
 
 def _drop_captionless(records: list[ImageRecord], split: str) -> list[ImageRecord]:

@@ -51,8 +51,9 @@ from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LM_QUANTIZATIONS, AdapterCon
 from report import EXTRA_METRICS, REPORT_FILE, baseline_verdict, collapse_line, percent, sweep_rows, write_report
 from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, HelpFormatter, Processes, UserError, caption_diversity,
                    caption_metrics, default_image_workers, file_digest, format_table, ids_digest, json_value,
-                   lost_another_process, nearest_existing, read_json, run_cli, stopping_together, waiting_lock,
-                   weights_digest, whole_number, write_json, write_jsonl, write_text)
+                   lost_another_process, nearest_existing, read_json, run_cli, stopping_together,
+                   usage_errors_once_per_machine, waiting_lock, weights_digest, whole_number, write_json, write_jsonl,
+                   write_text)
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -791,7 +792,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print one table of these runs side by side, from their metrics.json; no evaluation")
     add_loading_flags(parser)
     add_decoding_flags(parser)
-    return parser
+    return usage_errors_once_per_machine(parser)
 
 
 def check_out_folder(out: Path) -> None:

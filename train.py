@@ -50,8 +50,9 @@ from utils import (HelpFormatter, Processes, Terminated, UserError, append_jsonl
                    interrupt_handled, interrupt_name, interrupted_exit_code, is_whole_number, join_processes,
                    json_value, launched_processes, library_versions, load_state, lone_cpu_launch_warning,
                    lost_another_process, machines, nearest_existing, read_json, read_jsonl, rng_states, run_cli,
-                   said_alike_by, save_state, set_rng_states, stopping_together, sync_folder, sync_tree, weights_digest,
-                   write_json, write_jsonl, write_text)
+                   said_alike_before_joining, said_alike_by, save_state, set_rng_states, stopping_together,
+                   sync_folder, sync_tree, usage_errors_once_per_machine, weights_digest, write_json, write_jsonl,
+                   write_text)
 
 RUN_CONFIG = "run_config.json"
 # --select-by: the validation record's key, and whether higher is better.
@@ -93,7 +94,8 @@ class TrainConfig:
     hub_data_files: str = _help("parquet files for --dataset flickr30k", default=FLICKR30K_PARQUET)
     folder_split: Literal[FOLDER_SPLITS] = _help(
         "--dataset folder: how images whose caption rows name no split are dealt to train, val and test: hash (by "
-        "a hash of --seed and each image's name, so adding or removing images moves no other image) or shuffle (a "
+        "a hash of --seed and each image's name, so adding or removing images moves no other image, but for a "
+        "stand-in for a val or test split no image hashes into: see the README) or shuffle (a "
         "seeded shuffle of all of them, as runs before hash had; one image added deals every split again)",
         default="hash")
     train_limit: int = _help("train on at most this many images (all their captions); 0 = all", default=0)
@@ -193,7 +195,7 @@ def parse_config(argv=None) -> TrainConfig:
     parser = build_parser()
     config, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
-        raise UserError(f"unknown arguments {' '.join(unknown)}; see python train.py --help")
+        raise said_alike_before_joining()(f"unknown arguments {' '.join(unknown)}; see python train.py --help")
     if config.demo:  # the demo changes defaults; flags given explicitly still win
         parser.set_defaults(**DEMO_DEFAULTS)
         config, _ = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
@@ -219,7 +221,7 @@ def build_parser():
         action.option_strings.sort(key=lambda option: "_" in option)  # --run-name before --run_name
         if is_off_switch(action):
             action.help = f"turn off --{action.dest.replace('_', '-')}"
-    return parser
+    return usage_errors_once_per_machine(parser)
 
 
 def flags_named(argv: list[str]) -> set[str]:

@@ -210,6 +210,20 @@ def launched_processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
+def said_alike_before_joining() -> type[UserError]:
+    """said_alike_by for a line every process says before the launcher's processes join (a bad flag: each
+    parses the same command line): the first process of each machine, by the launcher's LOCAL_RANK, says it."""
+    return UserError if int(os.environ.get("LOCAL_RANK", "0") or 0) == 0 else SaidByAnotherProcess
+
+
+def usage_errors_once_per_machine(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`parser`, whose usage and error lines (a flag argparse refuses) only the first process of each machine
+    prints under a launcher; the others exit with the same code in silence (see said_alike_before_joining)."""
+    if said_alike_before_joining() is SaidByAnotherProcess:
+        parser.error = lambda message: parser.exit(2)
+    return parser
+
+
 def machines() -> int:
     """How many machines the run's processes are on: torchrun (which accelerate launch --multi_gpu runs)
     starts LOCAL_WORLD_SIZE processes on each."""

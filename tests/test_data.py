@@ -94,6 +94,20 @@ def test_caption_folder_csv_groups_captions_and_assigns_splits(tmp_path):
     assert [r.image_id for r in again] == [r.image_id for r in splits["val"]]
 
 
+def test_a_training_image_left_out_for_its_missing_file_is_not_noted_as_holding_most_captions(tmp_path, capsys):
+    """The note counts the pairs training will have: it named an image whose file was missing (skipped, so
+    none of its captions was trained on), and counted its captions among the total."""
+    for name in ("a.png", "c.png", "d.png"):
+        write_image(tmp_path / name)
+    spread = {"a.png": 7, "b.png": 300, "c.png": 5, "d.png": 6}
+    write_jsonl_captions(tmp_path, [{"image": name, "captions": [f"caption {i}" for i in range(count)], "split": "train"}
+                                    for name, count in spread.items()])
+    bad_samples = []
+    assert len(load_records("folder", "train", str(tmp_path), on_bad_sample="skip", bad_samples=bad_samples)) == 3
+    assert [image for image, _ in bad_samples] == ["b.png"]
+    assert "b.png has 300" not in capsys.readouterr().out
+
+
 image_names = st.sets(st.text(min_size=1, max_size=6), min_size=3, max_size=40)
 fractions = st.sampled_from([0.05, 0.2])  # 0.05 as load_caption_folder deals; 0.2 fills val and test by hash more often
 

@@ -1068,6 +1068,36 @@ def test_a_line_every_process_stops_with_is_printed_once_per_machine(monkeypatch
     assert lines[1] == ""
 
 
+def exit_code(main, argv: list[str]) -> int:
+    """What `python script.py ARGV` exits with: run_cli's code, or argparse's SystemExit."""
+    try:
+        return run_cli(main, argv)
+    except SystemExit as exit:
+        return exit.code
+
+
+@pytest.mark.parametrize("script, argv, line", [
+    ("eval", ["run", "--split", "nope"], "eval.py: error: argument --split: invalid choice: 'nope'"),
+    ("train", ["--folder-split", "random"], "train.py: error: argument --folder-split/--folder_split: invalid choice"),
+    ("train", ["--bogus"], "error: unknown arguments --bogus; see python train.py --help"),
+])
+def test_a_bad_flag_under_a_launcher_is_said_by_the_first_process_of_each_machine(monkeypatch, capsys, script, argv,
+                                                                                    line):
+    """Every process parses the same command line, so each stops on a bad flag alike: `torchrun
+    --nproc_per_node 2 eval.py RUN --split nope` printed argparse's usage and error twice."""
+    import eval as eval_script
+
+    main = {"eval": eval_script.main, "train": train.main}[script]
+    monkeypatch.setattr(sys, "argv", [f"{script}.py"])  # argparse names the script by it
+    said = {}
+    for local_rank in ("0", "1"):
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        assert exit_code(main, argv) == 2
+        said[local_rank] = capsys.readouterr().err
+    assert line in said["0"]
+    assert said["1"] == ""
+
+
 def test_the_resume_hint_of_a_run_on_several_machines_names_the_machines(monkeypatch):
     """A 2-machine run stopped by a signal: `torchrun --nproc_per_node 4` would start all 4 processes on
     one machine (and `accelerate launch --num_processes 4` alone, on one machine with 2 GPUs, fails)."""
