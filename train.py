@@ -51,7 +51,7 @@ from utils import (HelpFormatter, Processes, Terminated, UserError, append_jsonl
                    json_value, launched_processes, library_versions, load_state, lone_cpu_launch_warning,
                    lost_another_process, machines, nearest_existing, read_json, read_jsonl, rng_states, run_cli,
                    said_alike_before_joining, said_alike_by, save_state, set_rng_states, stopping_together,
-                   sync_folder, sync_tree, usage_errors_once_per_machine, weights_digest, write_json, write_jsonl,
+                   sync_folder, sync_tree, usage_errors_once_per_machine, user_message, weights_digest, write_json, write_jsonl,
                    write_text)
 
 RUN_CONFIG = "run_config.json"
@@ -589,21 +589,35 @@ def loaded_facts(config: TrainConfig, captioner) -> dict[str, str]:
             "the tokenizer's vocabulary (a digest)": str(captioner.config.vocabulary_digest)}
 
 
-@contextlib.contextmanager
-def first_on_each_machine(accelerator):
-    """Run the block on the main process first, then on the first process of each other machine, then on
-    the rest: what the first writes into a cache (demo assets, CLIP features) the others read, and a
-    machine whose cache is a disk of its own fills it once, not once per process. On one machine this is
-    accelerate's main_process_first. Every process passes the same two barriers."""
+def first_on_each_machine(accelerator, work):
+    """`work()` on the main process first, then on the first process of each other machine, then on the
+    rest: what the first writes into a cache (demo assets, CLIP features) the others read, and a machine
+    whose cache is a disk of its own fills it once, not once per process. On one machine this is
+    accelerate's main_process_first. Returns what `work` returned.
+
+    A UserError in `work` on any process (a run folder that exists, demo assets that cannot be written)
+    stops every process with one line, and the processes whose turn had not come skip `work`: before,
+    they waited at a barrier the failed process never reached, and then each said another process had
+    ended and to continue the run with --resume, a run that never began."""
     if accelerator.num_processes == 1:
-        yield
-        return
-    phase = 0 if accelerator.is_main_process else 1 if accelerator.is_local_main_process else 2
-    for _ in range(phase):
-        accelerator.wait_for_everyone()
-    yield
-    for _ in range(2 - phase):
-        accelerator.wait_for_everyone()
+        return work()
+    turn = 0 if accelerator.is_main_process else 1 if accelerator.is_local_main_process else 2
+    result, problem, failed = None, "", False
+    for phase in range(3):  # every process passes the same three exchanges, in place of barriers
+        if phase == turn and not failed:
+            try:
+                result = work()
+            except UserError as error:
+                problem = user_message(error)
+        failed = anyone(accelerator, bool(problem))
+    if failed:
+        check_processes_agree({}, problem=problem, advice=SAME_FILES)  # raises, on every process
+    return result
+
+
+def anyone(accelerator, flag: bool) -> bool:
+    """Whether `flag` holds on any process. A collective: every process calls it."""
+    return accelerator.reduce(torch.tensor(int(flag), device=accelerator.device), "max").item() > 0
 
 
 def every_process(values: list) -> list:
@@ -1346,18 +1360,16 @@ def start(config: TrainConfig):
                               project_config=ProjectConfiguration(logging_dir=config.output_dir))
     if accelerator.num_processes == 1 and (warning := lone_cpu_launch_warning("train.py")):
         print(warning, file=sys.stderr)
-    lock = None
+    # The main process builds demo assets, picks the run name and claims the run folder first; the others
+    # then find the assets cached (or build them once per machine, where its CAPTIONER_HOME is its own) and
+    # take the main process's name (a free "demo-N" could differ). A refusal stops all of them in one line.
+    def resolve_and_claim():
+        resolved = config if config.resume else resolve_config(config)  # a resumed one is resolved above
+        return resolved, (claim_run_folder(resolved) if accelerator.is_main_process else None)
+
+    config, lock = first_on_each_machine(accelerator, resolve_and_claim)
     if not config.resume:
-        # The main process builds demo assets and picks the run name first; the others then find
-        # the assets cached (or build them once per machine, where its CAPTIONER_HOME is its own)
-        # and take the main process's name (a free "demo-N" could differ).
-        with first_on_each_machine(accelerator):
-            config = resolve_config(config)
-            if accelerator.is_main_process:
-                lock = claim_run_folder(config)
         config.run_name = broadcast_object_list([config.run_name])[0]
-    elif accelerator.is_main_process:
-        lock = claim_run_folder(config)
     return config, accelerator, lock
 
 
@@ -1399,11 +1411,13 @@ def set_up_run(config: TrainConfig, accelerator) -> Run:
         check_processes_agree(loaded_facts(config, captioner), advice=SAME_FILES)
     # The main process fills the feature cache first, then the first process of each other machine (whose
     # cache may be a disk of its own); the rest then read it instead of encoding.
-    with first_on_each_machine(accelerator):
-        train_records, train_pairs = make_pairs(captioner, train_records, config, "CLIP features (train)", bad_samples,
-                                                progress=accelerator.is_local_main_process)
-        val_records, val_pairs = make_pairs(captioner, val_records, config, "CLIP features (val)", bad_samples,
-                                            progress=accelerator.is_local_main_process)
+    def extract():
+        return (make_pairs(captioner, train_records, config, "CLIP features (train)", bad_samples,
+                           progress=accelerator.is_local_main_process),
+                make_pairs(captioner, val_records, config, "CLIP features (val)", bad_samples,
+                           progress=accelerator.is_local_main_process))
+
+    (train_records, train_pairs), (val_records, val_pairs) = first_on_each_machine(accelerator, extract)
     if accelerator.num_processes > 1:  # outside first_on_each_machine: a collective inside it would deadlock
         bad_samples[:] = bad_samples_of_every_process(accelerator, bad_samples)
         unreadable = {image for image, _ in bad_samples}

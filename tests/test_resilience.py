@@ -440,6 +440,17 @@ def test_a_data_error_every_process_finds_is_one_line(tiny, tmp_path):
     assert "train images are missing" in failed.stderr and missing.name in failed.stderr
 
 
+@pytest.mark.slow
+def test_a_run_folder_the_main_process_refuses_is_one_line_under_two_processes(tiny, tmp_path):
+    """Process 0 refuses the run folder (it holds other files); the other process said "another process of
+    this run ended ... continue it with --resume", for a run that never began."""
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    failed = run_training_processes(tiny, tmp_path, "taken", 2, 8, returncode=1, timeout=240)
+    assert failed.stderr.count("error: ") == 1, failed.stderr[-3000:]
+    assert "holds files that are not a run" in failed.stderr and "another process" not in failed.stderr
+
+
 def test_accelerate_launch_cpu_running_one_process_says_so(tmp_path):
     """`accelerate launch --cpu --num_processes 2` starts one process (several need mpirun): the
     scripts must say so, not run alone in silence. Checked against the installed Accelerate."""
@@ -1120,30 +1131,79 @@ def test_the_resume_hint_of_a_run_on_several_machines_names_the_machines(monkeyp
     assert train.resume_command(config, cpu).startswith("ACCELERATE_USE_CPU=true torchrun --nproc_per_node 4 train.py")
 
 
+class ThreadedMachines:
+    """4 processes on 2 machines of 2, as threads: Accelerators whose reduce("max") is a real exchange."""
+
+    def __init__(self):
+        import threading
+
+        self.barrier, self.lock, self.flags = threading.Barrier(4), threading.Lock(), {}
+
+    def accelerator(self, rank: int):
+        machines = self
+
+        class Accelerator:
+            num_processes, device = 4, torch.device("cpu")
+            is_main_process, is_local_main_process = rank == 0, rank % 2 == 0
+
+            def reduce(self, tensor, reduction):
+                assert reduction == "max"
+                with machines.lock:
+                    machines.flags[rank] = int(tensor)
+                machines.barrier.wait(timeout=10)
+                result = max(machines.flags.values())
+                machines.barrier.wait(timeout=10)  # all have read it before the next exchange writes
+                return torch.tensor(result)
+
+        return Accelerator()
+
+    def run(self, process) -> None:
+        import threading
+
+        threads = [threading.Thread(target=process, args=(rank,)) for rank in (3, 2, 1, 0)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=20)
+
+
 def test_first_on_each_machine_runs_the_main_process_then_each_machines_first_then_the_rest():
-    """The order a feature cache is filled in: 2 machines of 2 processes, each seen through its barriers."""
-    import threading
-
-    barrier, order, lock = threading.Barrier(4), [], threading.Lock()
-
-    class Accelerator:
-        num_processes = 4
-
-        def __init__(self, rank):
-            self.is_main_process, self.is_local_main_process, self.rank = rank == 0, rank % 2 == 0, rank
-
-        def wait_for_everyone(self):
-            barrier.wait(timeout=10)
+    """The order a feature cache is filled in: 2 machines of 2 processes, each seen through its exchanges."""
+    machines, order, results = ThreadedMachines(), [], {}
 
     def process(rank):
-        accelerator = Accelerator(rank)
-        with train.first_on_each_machine(accelerator):
-            with lock:
+        def work():
+            with machines.lock:
                 order.append(rank)
+            return rank * 10
 
-    threads = [threading.Thread(target=process, args=(rank,)) for rank in (3, 2, 1, 0)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=20)
+        results[rank] = train.first_on_each_machine(machines.accelerator(rank), work)
+
+    machines.run(process)
     assert order[0] == 0 and order[1] == 2 and sorted(order[2:]) == [1, 3], order
+    assert results == {0: 0, 1: 10, 2: 20, 3: 30}
+
+
+def test_a_refusal_in_the_main_process_turn_stops_every_process_with_its_line(monkeypatch):
+    """The main process refuses (a run folder that exists): the others skip their turn and all stop with its
+    line; before, they waited for it at a barrier, then each said another process had ended."""
+    machines, ran, stopped = ThreadedMachines(), [], {}
+
+    def agree(facts, problem="", advice=""):  # check_processes_agree's verdict: process 0's problem, for all
+        raise UserError("saved_models/big exists")
+
+    monkeypatch.setattr(train, "check_processes_agree", agree)
+
+    def process(rank):
+        def work():
+            ran.append(rank)
+            if rank == 0:
+                raise UserError("saved_models/big exists")
+
+        with pytest.raises(UserError) as raised:
+            train.first_on_each_machine(machines.accelerator(rank), work)
+        stopped[rank] = str(raised.value)
+
+    machines.run(process)
+    assert ran == [0]
+    assert stopped == dict.fromkeys(range(4), "saved_models/big exists")
