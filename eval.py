@@ -458,6 +458,15 @@ def find_run_config(checkpoint: Path) -> dict:
     return read_json(path, "run config") if path.is_file() else {}
 
 
+def same_data(run: dict, dataset: str, data_dir: str | None) -> bool:
+    """Whether `dataset` and `data_dir` are the data the run trained on (a folder however it is spelled)."""
+    if dataset != run.get("dataset"):
+        return False
+    if data_dir is None or run.get("data_dir") is None:
+        return data_dir == run.get("data_dir")
+    return Path(data_dir).expanduser().resolve() == Path(run["data_dir"]).expanduser().resolve()
+
+
 def folder_split_of(run: dict) -> str:
     """How the run's caption folder dealt its images without a split (train.py --folder-split): a run config
     saved before the flag existed is of the shuffle deal; an adapter without a run config deals as new runs do."""
@@ -921,13 +930,16 @@ def main(argv=None) -> int:
                 decodings.setdefault(describe_decoding(sweep_decoding), sweep_decoding)
 
         rebuild_cleared_demo(data_dir)
-        folder_split = folder_split_of(run)
+        own_data = same_data(run, dataset, data_dir)
+        # The run's own folder is dealt as it was for training; another as new runs deal it, so that runs
+        # old and new are scored on the same images of it.
+        folder_split = folder_split_of(run) if own_data else "hash"
         records = load_records(dataset, args.split, data_dir, hub_files, seed, folder_split=folder_split)
         records = limit_records(records, args.limit, seed)
         if not records:
             raise UserError(empty_split_message(dataset, args.split, data_dir, hub_files, seed, folder_split))
         train_records = baseline_training_records(run, dataset, data_dir, hub_files)
-        if dataset == "folder" and (dataset, data_dir) == (run.get("dataset"), run.get("data_dir")):
+        if dataset == "folder" and own_data:
             check_split_deal_unchanged(run_dir, run)
         # Which adapter is scored, read before it loads: read after captioning, a run still training had put a
         # newer adapter there by then, and metrics.json named that one for the older one's figures.

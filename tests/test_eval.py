@@ -713,6 +713,11 @@ def test_a_run_saved_before_the_hash_deal_keeps_the_shuffle_deal_and_its_refusal
     assert scored <= test_by["shuffle"] and not scored <= test_by["hash"], (scored, test_by)
     shown = {Path(path).name for path, label in app.example_images(tmp_path / "run", 3) if label.startswith("test")}
     assert shown == {Path(name).name for name in test_by["shuffle"]}  # the app's example test images too
+    # Another folder deals as new runs do, so that runs old and new are scored on its same test images.
+    other = shutil.copytree(data, tmp_path / "other")
+    assert eval_script.main([*evaluate[:4], str(tmp_path / "other-eval"), *evaluate[5:], "--data-dir", str(other)]) == 0
+    scored = {row["image_id"] for row in read_jsonl(tmp_path / "other-eval" / "predictions.jsonl")}
+    assert scored <= test_by["hash"] and not scored <= test_by["shuffle"], (scored, test_by)
     assert train.main(args[:-2] + ["--resume", "--max-steps", "3"]) == 0  # its training data, as it was dealt
     trained = load_records("folder", "train", str(data), seed=42, folder_split="shuffle")
     next(iter(trained)).path.unlink()  # a file missing on disk deals nothing again: the caption file does
