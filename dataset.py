@@ -52,6 +52,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 FOLDER_SPLITS = ("hash", "shuffle")
 FOLDER_SPLIT_OF_OLDER_RUNS = "shuffle"
 HELD_OUT_FRACTION = 0.05  # of the images without a split, to val and as many to test
+DEFAULT_SEED = 42  # train.py --seed unless given: what a caption folder's images without a split are dealt by
 
 
 @dataclass

@@ -38,9 +38,10 @@ from typing import Literal
 
 import torch
 
-from dataset import (DATASETS, FLICKR30K_PARQUET, FOLDER_SPLIT_OF_OLDER_RUNS, FOLDER_SPLITS, PADDING_PAIR, CaptionPairs,
-                     EpochShuffleSampler, check_data_flags, collate_captions, drop_unreadable, encoder_fingerprint,
-                     extract_features, hash_deal_record, limit_records, load_records, split_deal)
+from dataset import (DATASETS, DEFAULT_SEED, FLICKR30K_PARQUET, FOLDER_SPLIT_OF_OLDER_RUNS, FOLDER_SPLITS,
+                     PADDING_PAIR, CaptionPairs, EpochShuffleSampler, check_data_flags, collate_captions,
+                     drop_unreadable, encoder_fingerprint, extract_features, hash_deal_record, limit_records,
+                     load_records, split_deal)
 from metrics import validation_cider_d
 from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, IGNORE_INDEX, AdapterConfig, DecodingConfig, TrainingLoss,
                    build_captioner, load_adapter_state, missing_local_folder, repair_torn_export, resolve_dtype,
@@ -51,8 +52,8 @@ from utils import (HelpFormatter, Processes, Terminated, UserError, append_jsonl
                    json_value, launched_processes, library_versions, load_state, lone_cpu_launch_warning,
                    lost_another_process, machines, nearest_existing, read_json, read_jsonl, rng_states, run_cli,
                    said_alike_before_joining, said_alike_by, save_state, set_rng_states, stopping_together,
-                   sync_folder, sync_tree, usage_errors_once_per_machine, user_message, weights_digest, write_json, write_jsonl,
-                   write_text)
+                   sync_folder, sync_tree, usage_errors_once_per_machine, user_message, weights_digest, write_json,
+                   write_jsonl, write_text)
 
 RUN_CONFIG = "run_config.json"
 # --select-by: the validation record's key, and whether higher is better.
@@ -141,7 +142,7 @@ class TrainConfig:
                           "which batches are then padded", default=False)
     frozen_dtype: Literal["auto", "bf16", "fp16", "fp32"] = _help(
         "dtype of the frozen backbones' weights; auto = that of --mixed-precision", default="auto")
-    seed: int = _help("seed for initialisation, data order and subsets", default=42)
+    seed: int = _help("seed for initialisation, data order and subsets", default=DEFAULT_SEED)
     max_nonfinite_steps: int = _help("a step whose loss or gradient is NaN/inf is not applied; after this many in a "
                                      "row the run stops, its last good checkpoint intact", default=5)
     on_bad_sample: Literal["skip", "error"] = _help("an unreadable or missing image (training, validation or the "

@@ -861,3 +861,26 @@ def test_one_training_image_holding_most_captions_is_noted(tmp_path, capsys):
     load_records("folder", "train", str(tmp_path))
     assert ("note: train: b.png has 300 of the 313 captions (96%; the median image has 7); each caption is a "
             "training pair") in capsys.readouterr().out
+
+
+def test_tiny_backbones_pre_train_on_the_training_split_train_py_deals_by_default(tmp_path, monkeypatch):
+    """On a caption folder without splits the builder dealt with its own seed (0), so its LM pre-trained on
+    captions of images train.py (seed 42) then validates and tests on: smoke-test scores that flatter."""
+    import demo
+    from dataset import DEFAULT_SEED
+
+    for i in range(40):
+        write_image(tmp_path / "data" / f"{i}.png")
+    write_jsonl_captions(tmp_path / "data", [{"image": f"{i}.png", "caption": f"picture {i}"} for i in range(40)])
+    seen = []
+
+    def pretrain(caption_groups, *rest, **kwargs):
+        seen.extend(caption for group in caption_groups for caption in group)
+        raise KeyboardInterrupt  # the captions are all this test needs
+
+    monkeypatch.setattr(demo, "pretrain_tiny_lm", pretrain)
+    monkeypatch.setattr(demo, "process_group_rank", lambda: 0)
+    with pytest.raises(KeyboardInterrupt):
+        demo.build_tiny_backbones(tmp_path / "data", tmp_path / "tiny", seed=0, progress=False)
+    trained = load_records("folder", "train", str(tmp_path / "data"), seed=DEFAULT_SEED)
+    assert sorted(seen) == sorted(c for r in trained for c in r.captions) and len(seen) < 40
