@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from model import IGNORE_INDEX
-from utils import UserError, cache_home, file_digest, ids_digest, replace_durably, write_json
+from utils import UserError, cache_home, file_digest, ids_digest, note, replace_durably, write_json
 
 FLICKR30K_PARQUET = "hf://datasets/nlphuji/flickr30k@refs/convert/parquet/TEST/test/*.parquet"
 DATASETS = ("flickr30k", "karpathy", "folder")
@@ -342,8 +342,8 @@ def load_karpathy(data_dir: Path, split: str) -> list[ImageRecord]:
         path_ = _resolve_image(data_dir, folder, image["filename"])
         records[file] = ImageRecord(image_id, captions, split, path=path_)
     if repeated:
-        print(f"note: {split}: {len(repeated):,} captions of images listed more than once in {path} count once "
-              f"(first: {repeated[0]})")
+        note(f"note: {split}: {len(repeated):,} captions of images listed more than once in {path} count once "
+             f"(first: {repeated[0]})")
     return list(records.values())
 
 
@@ -652,8 +652,8 @@ def load_caption_folder(data_dir: Path, split: str, seed: int = 0, folder_split:
         # A caption twice for one image is a copied row, not two annotators: it would weigh double in
         # training and count as two references in the scores.
         name, caption = repeats[0]
-        print(f"note: {split}: a caption written more than once for the same image counts once; "
-              f"{len(repeats):,} such in {data_dir} (first: {name} {caption!r})")
+        note(f"note: {split}: a caption written more than once for the same image counts once; "
+             f"{len(repeats):,} such in {data_dir} (first: {name} {caption!r})")
     return records
 
 
@@ -706,8 +706,8 @@ def _drop_captionless(records: list[ImageRecord], split: str) -> list[ImageRecor
     kept = [r for r in records if r.captions]
     if len(kept) < len(records):
         first = next(r.image_id for r in records if not r.captions)
-        print(f"note: {split}: {len(records) - len(kept):,} images have no usable caption (empty, or not text) and "
-              f"are left out (first: {first})")
+        note(f"note: {split}: {len(records) - len(kept):,} images have no usable caption (empty, or not text) and "
+             f"are left out (first: {first})")
     return kept
 
 
@@ -725,9 +725,9 @@ def _note_dominant_image(records: list[ImageRecord]) -> None:
     top = max(range(len(counts)), key=counts.__getitem__)
     median, total = float(np.median(counts)), sum(counts)
     if counts[top] >= DOMINANT_TIMES_MEDIAN * median and counts[top] >= DOMINANT_SHARE * total:
-        print(f"note: train: {records[top].image_id} has {counts[top]:,} of the {total:,} captions "
-              f"({counts[top] / total:.0%}; the median image has {median:g}); each caption is a training pair, so "
-              "this image fills that share of every epoch: check the caption file if that is not meant")
+        note(f"note: train: {records[top].image_id} has {counts[top]:,} of the {total:,} captions "
+             f"({counts[top] / total:.0%}; the median image has {median:g}); each caption is a training pair, so "
+             "this image fills that share of every epoch: check the caption file if that is not meant")
 
 
 def _drop_missing_files(records: list[ImageRecord], split: str, on_bad_sample: str,

@@ -51,7 +51,7 @@ from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LM_QUANTIZATIONS, AdapterCon
 from report import EXTRA_METRICS, REPORT_FILE, baseline_verdict, collapse_line, percent, sweep_rows, write_report
 from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, HelpFormatter, Processes, UserError, caption_diversity,
                    caption_metrics, default_image_workers, file_digest, format_table, ids_digest, json_value,
-                   lost_another_process, nearest_existing, read_json, run_cli, stopping_together,
+                   lost_another_process, nearest_existing, note, read_json, run_cli, stopping_together,
                    usage_errors_once_per_machine, waiting_lock, weights_digest, whole_number, write_json, write_jsonl,
                    write_text)
 
@@ -525,8 +525,8 @@ def print_metrics(metrics: dict, title: str, notes: tuple[str, ...] = ()) -> Non
     print(baseline_verdict(metrics))
     if warning := collapse_line(metrics):
         print(warning)
-    for note in notes:
-        print(f"note: {note}")
+    for said in notes:
+        print(f"note: {said}")
     print()
 
 
@@ -624,8 +624,8 @@ def markdown_table(header, rows) -> str:
 def compare_main(args) -> int:
     table = comparison(args.compare)
     print(format_table(table["rows"], table["header"]))
-    for note in table["notes"]:
-        print(f"note: {note}")
+    for said in table["notes"]:
+        print(f"note: {said}")
     if args.out:
         out_dir = Path(args.out)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -658,8 +658,8 @@ def baseline_training_records(run: dict, dataset: str, data_dir, hub_files: str)
                                folder_split=folder_split_of(run))
     if bad_samples:
         count = f"{len(bad_samples):,} training image{'s' if len(bad_samples) != 1 else ''}"
-        print(f"note: the baseline leaves out {count} with a missing file, as training did (first: "
-              f"{bad_samples[0][1]})", file=sys.stderr)
+        note(f"note: the baseline leaves out {count} with a missing file, as training did (first: "
+             f"{bad_samples[0][1]})", file=sys.stderr)
     if not records:
         raise UserError("the run's training split has no images with captions: the baseline needs them")
     return records
@@ -701,8 +701,8 @@ def check_hash_deal(run_dir: Path, run: dict, saved: dict) -> None:
                         "have trained on (images were removed since?); evaluate with the caption file as it was, or "
                         "give every image a split")
     then, now = saved.get("images", 0), hash_deal_record(data_dir, seed).get("images", 0)
-    print(f"note: {data_dir} lists {now:,} images without a split, {then:,} when {run_dir} trained; each is dealt "
-          "by a hash of its name, so none the run trained on is in val or test", file=sys.stderr)
+    note(f"note: {data_dir} lists {now:,} images without a split, {then:,} when {run_dir} trained; each is dealt "
+         "by a hash of its name, so none the run trained on is in val or test", file=sys.stderr)
 
 
 def image_identity(record) -> tuple:

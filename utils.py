@@ -210,16 +210,30 @@ def launched_processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
+def first_process_here() -> bool:
+    """Whether this is the first process of its machine under a launcher (its LOCAL_RANK, readable before
+    the processes join), or a lone process."""
+    return int(os.environ.get("LOCAL_RANK", "0") or 0) == 0
+
+
 def said_alike_before_joining() -> type[UserError]:
     """said_alike_by for a line every process says before the launcher's processes join (a bad flag: each
-    parses the same command line): the first process of each machine, by the launcher's LOCAL_RANK, says it."""
-    return UserError if int(os.environ.get("LOCAL_RANK", "0") or 0) == 0 else SaidByAnotherProcess
+    parses the same command line): the first process of each machine says it."""
+    return UserError if first_process_here() else SaidByAnotherProcess
+
+
+def note(text: str, file=None) -> None:
+    """Print a note every process of a launch finds alike, reading the same files (a caption counted once, an
+    image left out): the first process of each machine prints it, as a lone process does; each used to
+    print the same line."""
+    if first_process_here():
+        print(text, file=file)
 
 
 def usage_errors_once_per_machine(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """`parser`, whose usage and error lines (a flag argparse refuses) only the first process of each machine
-    prints under a launcher; the others exit with the same code in silence (see said_alike_before_joining)."""
-    if said_alike_before_joining() is SaidByAnotherProcess:
+    prints under a launcher; the others exit with the same code in silence."""
+    if not first_process_here():
         parser.error = lambda message: parser.exit(2)
     return parser
 

@@ -884,3 +884,17 @@ def test_tiny_backbones_pre_train_on_the_training_split_train_py_deals_by_defaul
         demo.build_tiny_backbones(tmp_path / "data", tmp_path / "tiny", seed=0, progress=False)
     trained = load_records("folder", "train", str(tmp_path / "data"), seed=DEFAULT_SEED)
     assert sorted(seen) == sorted(c for r in trained for c in r.captions) and len(seen) < 40
+
+
+def test_a_data_note_is_printed_by_the_first_process_of_each_machine_only(tmp_path, capsys, monkeypatch):
+    """Every process of a launch loads the same caption file and finds the same things to say: the second
+    process of a machine (LOCAL_RANK 1) says nothing, the first says it once, as a lone process does."""
+    for name in ("a.png", "b.png"):
+        write_image(tmp_path / name)
+    write_jsonl_captions(tmp_path, [{"image": "a.png", "captions": ["a dog", "a  dog"], "split": "train"},
+                                    {"image": "b.png", "captions": [" "], "split": "train"}])
+    for local_rank, says in (("1", False), ("0", True)):
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        assert [r.image_id for r in load_records("folder", "train", str(tmp_path))] == ["a.png"]
+        printed = capsys.readouterr().out
+        assert ("a caption written more than once" in printed and "have no usable caption" in printed) == says, printed
