@@ -373,8 +373,6 @@ def evaluate_captioner(captioner, records, decodings: dict[str, DecodingConfig],
     extraction when the caller has them (train.py).
     """
     processes = processes or Processes()
-    if processes.is_main:
-        start_meteor()  # its JVM loads for seconds: let it do so while we caption
     captioner.eval()
     shard = processes.shard(len(records), batch_size)
     mine = records[shard.start : shard.stop]
@@ -386,6 +384,10 @@ def evaluate_captioner(captioner, records, decodings: dict[str, DecodingConfig],
     if unreadable and not processes.is_main:  # the main process names them, once: not one error line per process
         return None
     check_readable(unreadable)
+    if processes.is_main:
+        # Its JVM loads for seconds (~8 s of CPU): let it do so while we caption, not for a split that
+        # turned out unreadable or a process group that ended before its first gather.
+        start_meteor()
     predictions = {}
     for name, decoding in decodings.items():
         local = caption_features(captioner, features, decoding, batch_size, seed, shard.start // batch_size,

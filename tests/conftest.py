@@ -1,8 +1,10 @@
-"""Shared fixtures: a small synthetic data set and tiny backbones, built once per test session
-through the same builders (and later the same from_pretrained loaders) as the offline demo."""
+"""Shared fixtures: a small synthetic data set and tiny backbones, built once per test run (not once per
+xdist worker) through the same builders (and later the same from_pretrained loaders) as the offline demo."""
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -16,6 +18,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from demo import build_demo_data, build_tiny_backbones  # noqa: E402
+from utils import waiting_lock  # noqa: E402
 
 SMALL_SPLITS = {"train": 40, "val": 6, "test": 6}
 
@@ -25,12 +28,55 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
+BUILT = ".built"  # written last: a folder without it was left half-built by a worker that died
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """The folder `build(folder)` fills, built once per test run. Under `make test`'s workers the first
+    worker to ask builds it in the run's temp folder, which all workers share, and the others wait for it
+    (a lock): work stealing hands a module's tests to both workers, and each used to build the module's
+    fixtures again. A fixture that shares its folder so must only read it: see `unchanged`."""
+    # A worker's base temp is <the run's>/popen-gwN; without workers the session's own is private to it.
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    folder = shared / name
+    with waiting_lock(shared / f"{name}.lock", f"waiting for another worker to build {name} ..."):
+        if not (folder / BUILT).is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (folder / BUILT).touch()
+    return folder
+
+
+def file_stamps(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(path.relative_to(folder)): (path.stat().st_size, path.stat().st_mtime_ns)
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@contextlib.contextmanager
+def unchanged(folder: Path):
+    """Fail the fixture's teardown if its tests added, removed or rewrote a file of `folder`: the other
+    workers read it too. (Tests run as root here, so making it read-only would not stop a write.)"""
+    before = file_stamps(folder)
+    yield
+    after = file_stamps(folder)
+    changed = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
+    assert not changed, f"tests wrote into {folder}, which every worker shares: {changed}"
+
+
+def build_tiny(root: Path) -> None:
+    data_dir = build_demo_data(root / "data", seed=1, split_sizes=SMALL_SPLITS)
+    build_tiny_backbones(data_dir, root / "backbones", lm_steps=40, progress=False)
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("tiny")
-    data_dir = build_demo_data(root / "data", seed=1, split_sizes=SMALL_SPLITS)
-    built = build_tiny_backbones(data_dir, root / "backbones", lm_steps=40, progress=False)
-    return {"data_dir": str(data_dir), "clip_model": built["clip"], "lm_model": built["lm"]}
+    root = built_once(tmp_path_factory, "tiny", build_tiny)
+    with unchanged(root):
+        yield {"data_dir": str(root / "data"), "clip_model": str(root / "backbones" / "clip"),
+               "lm_model": str(root / "backbones" / "lm")}
 
 
 @pytest.fixture(scope="module")

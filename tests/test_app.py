@@ -40,7 +40,10 @@ START_TIMEOUT_S = 120
 CAPTION_TIMEOUT_MS = 30_000
 MAX_UPLOAD_MB = 2  # the served page's limit: small, so the test can exceed it with a 3 MB image
 
-gradio = pytest.importorskip("gradio", reason='the app extra is not installed (pip install -e ".[app]")')
+# Found, not imported: importing Gradio costs ~3 s of CPU, which every test worker paid at collection
+# whether or not it ran a test of this file (the tests that need it import it).
+if importlib.util.find_spec("gradio") is None:
+    pytest.skip('the app extra is not installed (pip install -e ".[app]")', allow_module_level=True)
 
 
 def why_no_browser() -> str:

@@ -17,7 +17,7 @@ from PIL import Image
 import app
 import eval as eval_script
 import train
-from conftest import train_args
+from conftest import built_once, train_args, unchanged
 from dataset import extract_features, load_records
 from metrics import COCO_METRICS, coco_metrics
 from model import load_captioner
@@ -31,18 +31,25 @@ SWEEP_NAMES = ["greedy", "beam 3", "beam 5", "nucleus top-p 0.9 T 1", eval_scrip
 
 @pytest.fixture(scope="module")
 def run(tiny, tmp_path_factory) -> Path:
-    """A briefly trained run on the tiny fixture (no final evaluation: the tests evaluate it)."""
-    output = tmp_path_factory.mktemp("runs")
-    assert train.main(train_args(tiny, output, "run", "--final-eval", "false")) == 0
-    return output / "run"
+    """A briefly trained run on the tiny fixture (no final evaluation: the tests evaluate it), once per test run."""
+    def train_run(output: Path) -> None:
+        assert train.main(train_args(tiny, output, "run", "--final-eval", "false")) == 0
+
+    output = built_once(tmp_path_factory, "eval-runs", train_run)
+    with unchanged(output):
+        yield output / "run"
 
 
 @pytest.fixture(scope="module")
 def evaluated(run, tmp_path_factory) -> Path:
-    """`python eval.py RUN --decoding-sweep --out OUT`, once for the tests that read its files."""
-    out = tmp_path_factory.mktemp("eval")
-    assert eval_script.main([str(run), "--decoding-sweep", "--out", str(out), "--no-progress", "--num-workers", "0"]) == 0
-    return out
+    """`python eval.py RUN --decoding-sweep --out OUT`, once per test run for the tests that read its files."""
+    def evaluate(folder: Path) -> None:
+        assert eval_script.main([str(run), "--decoding-sweep", "--out", str(folder / "eval"), "--no-progress",
+                                 "--num-workers", "0"]) == 0
+
+    folder = built_once(tmp_path_factory, "eval-sweep", evaluate)
+    with unchanged(folder):
+        yield folder / "eval"
 
 
 def test_metrics_baseline_and_report_hold_the_numbers_of_the_run(tiny, run, evaluated):
@@ -326,6 +333,21 @@ def test_a_run_that_skipped_a_missing_training_image_can_be_evaluated(tiny, tmp_
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["baseline"]["train_images"] == 39 and metrics["num_images"] == 6
     assert "the baseline leaves out 1 training image with a missing file" in capsys.readouterr().err
+
+
+def test_meteor_starts_once_the_split_was_read_not_for_a_split_that_stops_on_an_unreadable_image(tiny, run, tmp_path,
+                                                                                                   monkeypatch):
+    """METEOR's JVM loads for seconds (~8 s of CPU) while the images are captioned; an evaluation that stops on
+    an unreadable image never scores, and started it for nothing."""
+    started = []
+    monkeypatch.setattr(eval_script, "start_meteor", lambda: started.append("meteor"))
+    data_dir = shutil.copytree(tiny["data_dir"], tmp_path / "data")
+    Path(load_records("folder", "test", str(data_dir), seed=42)[-1].path).write_bytes(b"not an image")
+    flags = ["--data-dir", str(data_dir), "--no-progress", "--num-workers", "0"]
+    assert run_cli(eval_script.main, [str(run), *flags, "--out", str(tmp_path / "bad")]) != 0
+    assert started == [] and not (tmp_path / "bad" / "metrics.json").exists()
+    assert eval_script.main([str(run), *flags, "--limit", "2", "--out", str(tmp_path / "good")]) == 0
+    assert started == ["meteor"]
 
 
 def test_a_run_still_training_is_said_so_and_its_adapter_is_named_as_it_was_loaded(run, tmp_path, monkeypatch,

@@ -59,8 +59,12 @@ def test_cached_features_equal_fresh_ones_and_skip_clip(tiny, captioner, tmp_pat
 
 
 def test_changed_encoder_or_image_is_never_served_stale(tiny, tmp_path, monkeypatch):
+    import shutil
+
     captioner = build_captioner(AdapterConfig(clip_model=tiny["clip_model"], lm_model=tiny["lm_model"]))
-    records = load_records("folder", "train", tiny["data_dir"])[:4]
+    # A copy: the image rewritten below would otherwise be one that other tests (and workers) read.
+    data_dir = shutil.copytree(tiny["data_dir"], tmp_path / "data")
+    records = load_records("folder", "train", str(data_dir))[:4]
     extract_features(captioner, records, progress=False, cache_dir=tmp_path)
     base = encoder_fingerprint(captioner)
 
