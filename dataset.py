@@ -509,8 +509,9 @@ def _without_split(by_image: dict[str, dict]) -> list[str]:
     return [name for name, entry in by_image.items() if entry["split"] is None]
 
 
-def _dealt_names(data_dir: Path) -> list[str]:
+def dealt_names(data_dir: str | Path) -> list[str]:
     """The images of a caption folder that get their split dealt (see _without_split)."""
+    data_dir = Path(data_dir)
     return _without_split(_group_by_image(data_dir, _read_caption_rows(data_dir)))
 
 
@@ -558,7 +559,7 @@ def hash_deal_record(data_dir: str | Path, seed: int) -> dict:
     """What eval.py needs to tell whether a caption folder dealt by hash that changed since training now holds
     out an image the run trained on: how many images were dealt, and the lowest hash_position dealt to train
     (each dealt image at or past it was in train; 1.0: none was). {} where every image names its split."""
-    unassigned = _dealt_names(Path(data_dir))
+    unassigned = dealt_names(data_dir)
     if not unassigned:
         return {}
     deal = deal_splits(unassigned, seed)
@@ -566,10 +567,9 @@ def hash_deal_record(data_dir: str | Path, seed: int) -> dict:
     return {"images": len(unassigned), "trained_from": min(trained, default=1.0)}
 
 
-def held_out_past(data_dir: str | Path, seed: int, trained_from: float) -> list[str]:
-    """The images of a caption folder that the hash deal now puts in val or test at or past `trained_from`
-    (hash_deal_record): where the folder lost images since, stand-ins the run may have trained on."""
-    unassigned = _dealt_names(Path(data_dir))
+def held_out_past(unassigned: list[str], seed: int, trained_from: float) -> list[str]:
+    """The images of a caption folder (its dealt_names) that the hash deal now puts in val or test at or past
+    `trained_from` (hash_deal_record): where the folder lost images since, stand-ins the run may have trained on."""
     deal = deal_splits(unassigned, seed)
     return sorted(name for name in unassigned if deal[name] != "train" and hash_position(seed, name) >= trained_from)
 
@@ -580,7 +580,7 @@ def split_deal(data_dir: str | Path, seed: int = 0) -> str:
     added to or removed from the caption file re-deals all of them, so a run's test split would then hold
     images it trained on; eval.py compares this with the run's (a file missing on disk deals nothing: the
     caption file does)."""
-    unassigned = _dealt_names(Path(data_dir))
+    unassigned = dealt_names(data_dir)
     if not unassigned:
         return ""
     return f"seed {seed}, {len(unassigned):,} images, ids {ids_digest(sorted(unassigned))}"

@@ -41,8 +41,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dataset import (DATASETS, FLICKR30K_PARQUET, FOLDER_SPLIT_OF_OLDER_RUNS, SPLITS, check_data_flags, drop_unreadable,
-                     encoder_fingerprint, extract_features, hash_deal_record, held_out_past, limit_records,
+from dataset import (DATASETS, FLICKR30K_PARQUET, FOLDER_SPLIT_OF_OLDER_RUNS, SPLITS, check_data_flags, dealt_names,
+                     drop_unreadable, encoder_fingerprint, extract_features, held_out_past, limit_records,
                      load_records, split_deal)
 from demo import rebuild_cleared_demo
 from metrics import COCO_METRICS, COCO_VARIANT, TOKENIZATION_DETAILS, coco_metrics, start_meteor
@@ -696,13 +696,14 @@ def check_hash_deal(run_dir: Path, run: dict, saved: dict) -> None:
     test by its hash) can be one it trained on, once images were removed. That is refused; else a note says
     how the caption file changed. A state without the deal's record (edited) is taken to have trained on all."""
     data_dir, seed = run["data_dir"], run.get("seed", 0)
-    suspect = held_out_past(data_dir, seed, saved.get("trained_from", 0.0))
+    unassigned = dealt_names(data_dir)  # read once: the caption file of a large folder takes a while to parse
+    suspect = held_out_past(unassigned, seed, saved.get("trained_from", 0.0))
     if suspect:
         raise UserError(f"{data_dir}: its caption file lists other images than when {run_dir} trained, and as no "
                         f"image's hash now falls in val (or test), {suspect[0]} stands in for it, an image the run may "
                         "have trained on (images were removed since?); evaluate with the caption file as it was, or "
                         "give every image a split")
-    then, now = saved.get("images", 0), hash_deal_record(data_dir, seed).get("images", 0)
+    then, now = saved.get("images", 0), len(unassigned)
     note(f"note: {data_dir} lists {now:,} images without a split, {then:,} when {run_dir} trained; each is dealt "
          "by a hash of its name, so none the run trained on is in val or test", file=sys.stderr)
 
