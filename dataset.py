@@ -988,8 +988,8 @@ class FeatureCache:
 
     @staticmethod
     def _drop_part(keys_file: Path, array_file: Path, problem: str) -> None:
-        print(f"note: feature cache part {array_file} cannot be read ({problem}); deleting it, its images "
-              "will be extracted again", file=sys.stderr)
+        note(f"note: feature cache part {array_file} cannot be read ({problem}); deleting it, its images "
+             "will be extracted again", file=sys.stderr)
         _DROPPED_PARTS.add(array_file)  # where it cannot be deleted, it is still never read again
         for path in (keys_file, array_file):  # keys first: an .npy without its keys is ignored anyway
             with contextlib.suppress(OSError):  # a read-only cache: the part is still left unused
@@ -1121,8 +1121,9 @@ def _store_part(cache: FeatureCache, keys: list[str], embeddings: torch.Tensor) 
     except OSError as error:
         if cache.folder not in _UNWRITABLE_CACHES:  # once per run, not once per split
             _UNWRITABLE_CACHES.add(cache.folder)
-            print(f"note: the feature cache {cache.folder} cannot be written ({_first_line(error)}); features are "
-                  "kept in memory for this run only", file=sys.stderr)
+            # Every process of a launch meets a read-only cache alike: one line per machine (utils.note).
+            note(f"note: the feature cache {cache.folder} cannot be written ({_first_line(error)}); features are "
+                 "kept in memory for this run only", file=sys.stderr)
         return False
 
 

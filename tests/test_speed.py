@@ -265,6 +265,11 @@ def test_a_feature_cache_that_cannot_be_written_is_a_note_not_a_stop(tiny, capti
     val = extract_features(captioner, load_records("folder", "val", tiny["data_dir"])[:2], progress=False,
                            cache_dir=blocker / "cache")
     assert torch.isfinite(val).all() and "cannot be written" not in capsys.readouterr().err
+    # Under a launcher every process meets the same read-only cache: only each machine's first says so.
+    monkeypatch.setattr(dataset, "_UNWRITABLE_CACHES", set())
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    features = extract_features(captioner, records, progress=False, cache_dir=blocker / "cache")
+    assert torch.allclose(features, expected, atol=1e-5) and "cannot be written" not in capsys.readouterr().err
 
 
 def test_greedy_loop_gives_the_tokens_of_generate(captioner):
