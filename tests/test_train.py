@@ -10,6 +10,7 @@ import os
 import shlex
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -275,6 +276,9 @@ def test_report_to_wandb_goes_on_in_the_same_wandb_run_after_a_resume(tiny, tmp_
     args = train_args(tiny, tmp_path, "tracked", "--report-to", "wandb", "--final-eval", "false", "--max-steps", "10")
 
     crash_at_step_8(args)
+    # W&B names an offline folder by its start's second and the run id: a resume within the same second would
+    # share the first start's folder (only a test is that quick), so this waits for the next second.
+    time.sleep(1 - time.time() % 1)
     assert train.main(["--run-name", "tracked", "--output-dir", str(tmp_path), "--resume", "--no-progress"]) == 0
     assert train.main([*train_args(tiny, tmp_path, "other", "--report-to", "wandb", "--final-eval", "false",
                                    "--max-steps", "2")]) == 0
