@@ -1298,6 +1298,15 @@ class LossWindow:
             self.steps = saved["steps"]
             self.samples_before = saved["samples"]
 
+    def leave_out_warm_up(self) -> None:
+        """Time the window from here: the first step of a start (or of a resume) compiles with --compile, and
+        on a GPU also sets up kernels and memory pools, so it took many times a step's time; counted in, the
+        first line's samples/s would understate the run's pace (by 10x and more with --compile). Its samples
+        still count in the line's `samples`. One host sync, once per start."""
+        self.samples_before += int(self.accelerator.reduce(self.samples.clone(), "sum").item())
+        self.samples.zero_()
+        self.start = time.perf_counter()
+
     def flush(self) -> dict:
         """Mean loss and samples/s over every process since the last flush; then start a new window."""
         mean_loss = self.accelerator.reduce(self.loss, "mean").item() / self.steps
@@ -1741,6 +1750,7 @@ def train_steps(run: Run, stop: StopRequest, on_step=None) -> bool:
                disable=not (config.progress and accelerator.is_main_process))
     loss_function = TrainingLoss(run.captioner, compile=config.compile)
     run.captioner.train()
+    first_step = state.step + 1  # of this start: it compiles and warms up (LossWindow.leave_out_warm_up)
     while state.step < run.total_steps and not state.finished:
         run.train_loader.set_epoch(state.epoch)
         batches = (accelerator.skip_first_batches(run.train_loader, state.batches_in_epoch)
@@ -1771,7 +1781,10 @@ def train_steps(run: Run, stop: StopRequest, on_step=None) -> bool:
             bar.update(1)
             record_step(run, outcome, step_loss, step_losses, step_pairs, window)
             step_losses, step_tokens, step_pairs = [], [], []
-            if (state.step % config.log_every == 0 or state.step == run.total_steps) and window.steps:
+            log_now = state.step % config.log_every == 0 or state.step == run.total_steps
+            if state.step == first_step and not log_now:  # this start's first step: a line with more steps times it
+                window.leave_out_warm_up()
+            if log_now and window.steps:
                 logged = window.flush()
                 bar.set_postfix(loss=f"{logged['loss']:.4f}", samples_per_s=f"{logged['samples_per_s']:,.0f}")
                 run.log({"type": "train", "step": state.step, "epoch": state.epoch, "loss": logged["loss"],

@@ -230,6 +230,26 @@ def test_a_restored_log_window_counts_its_samples_but_times_only_its_own(monkeyp
     assert window.flush() == {"loss": 2.0, "samples": 1016, "samples_per_s": 8.0}  # not 1016 / 2
 
 
+def test_samples_per_s_leaves_out_the_first_step_which_compiles(tiny, tmp_path, monkeypatch):
+    """With --compile the first step of a start compiles (tens of seconds on a GPU); counted in, the first
+    log line's samples/s understated the pace many times over. Here that first step takes 2 s longer."""
+    first_call = []
+
+    class SlowFirstStep(train.TrainingLoss):
+        def __call__(self, **batch):
+            if not first_call:
+                first_call.append(True)
+                time.sleep(2.0)
+            return super().__call__(**batch)
+
+    monkeypatch.setattr(train, "TrainingLoss", SlowFirstStep)
+    args = train_args(tiny, tmp_path, "warm", "--final-eval", "false", "--max-steps", "4", "--log-every", "4")
+    assert train.main(args) == 0
+    (line,) = [entry for entry in read_jsonl(tmp_path / "warm" / "train_log.jsonl") if entry["type"] == "train"]
+    assert line["samples"] == 4 * 16  # every step's samples count...
+    assert 3 * 16 / line["samples_per_s"] < 1.0  # ...but the 3 timed steps took well under the first one's 2 s
+
+
 def tensorboard_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
     """Every scalar TensorBoard shows for the run, as (step, value) by tag."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
