@@ -28,6 +28,13 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
+def run_temp(tmp_path_factory) -> Path:
+    """The test run's temp folder, which every worker shares: a worker's base temp is <the run's>/popen-gwN;
+    without workers the session's own is private to it."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 BUILT = ".built"  # written last: a folder without it was left half-built by a worker that died
 
 
@@ -36,10 +43,7 @@ def built_once(tmp_path_factory, name: str, build) -> Path:
     worker to ask builds it in the run's temp folder, which all workers share, and the others wait for it
     (a lock): work stealing hands a module's tests to both workers, and each used to build the module's
     fixtures again. A fixture that shares its folder so must only read it: see `unchanged`."""
-    # A worker's base temp is <the run's>/popen-gwN; without workers the session's own is private to it.
-    shared = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        shared = shared.parent
+    shared = run_temp(tmp_path_factory)
     folder = shared / name
     with waiting_lock(shared / f"{name}.lock", f"waiting for another worker to build {name} ..."):
         if not (folder / BUILT).is_file():
@@ -93,6 +97,16 @@ def checkpoint(tiny, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("ckpt") / "run"
     save_adapter(folder, captioner.adapter, captioner.config)
     return folder
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_cache_in_home(tmp_path_factory):
+    """Fixtures of a module or the session (test_eval's trained run) start before a test's _isolated_cache:
+    without this their CLIP features went to the user's ~/.cache/captioner. Under the run's temp folder, the
+    workers share the features they extract."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CAPTIONER_HOME", str(run_temp(tmp_path_factory) / "captioner-home"))
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import BUILT, built_once, unchanged
+from conftest import BUILT, built_once, run_temp, unchanged
 
 
 def test_a_shared_folder_is_built_once_and_again_only_after_a_build_that_did_not_finish(tmp_path_factory):
@@ -29,3 +29,18 @@ def test_a_test_that_writes_into_a_shared_folder_fails_its_fixture(tmp_path):
         with pytest.raises(AssertionError, match="tests wrote into"):
             with unchanged(tmp_path):
                 write()
+
+
+@pytest.fixture(scope="module")
+def home_of_a_module_fixture():
+    import os
+
+    return os.environ.get("CAPTIONER_HOME", "")
+
+
+def test_fixtures_of_a_module_keep_their_cache_out_of_the_users_home(home_of_a_module_fixture, tmp_path_factory):
+    """A module fixture that trains a run (test_eval's) extracts CLIP features into CAPTIONER_HOME before any
+    test's own temp home is set: it must already point into the test run's temp folder."""
+    from pathlib import Path
+
+    assert Path(home_of_a_module_fixture).is_relative_to(run_temp(tmp_path_factory)), home_of_a_module_fixture
