@@ -536,6 +536,20 @@ def test_inference_output_keeps_one_line_per_image_whatever_the_file_names(tiny,
     assert [path.startswith('"') for path, _ in fields] == [False, True, True, True, False]  # plain names stay plain
 
 
+def test_inference_prints_a_file_name_that_is_not_utf8_on_a_strict_utf8_terminal(tiny, checkpoint, tmp_path,
+                                                                                 monkeypatch):
+    # Python holds the name's stray byte as a lone surrogate; a UTF-8 locale's stdout (not C.UTF-8's) refuses
+    # one, and inference.py ended in a UnicodeEncodeError traceback at the first such image.
+    image = sorted((Path(tiny["data_dir"]) / "images").glob("test_*.png"))[0]
+    name = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes, as an old archive names them
+    shutil.copy(image, tmp_path / name)
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert inference.main(["--checkpoint", str(checkpoint), str(tmp_path / name)]) == 0
+    printed, caption = stdout.buffer.getvalue().decode("utf-8").rstrip("\n").split("\t")
+    assert os.fsencode(json.loads(printed)) == os.fsencode(tmp_path / name) and caption
+
+
 def test_inference_on_a_folder_follows_links_once_and_reports_what_it_cannot_read(tiny, checkpoint, tmp_path,
                                                                                   monkeypatch, capsys):
     image = sorted((Path(tiny["data_dir"]) / "images").glob("test_*.png"))[0]

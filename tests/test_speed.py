@@ -602,6 +602,44 @@ def bench_args(**extra):
     return args
 
 
+def test_bench_train_peak_memory_is_the_step_not_the_random_init(monkeypatch):
+    """On a GPU the product's backbones are built in fp32 and cast to bf16: that transient must not be the
+    figure the line gives as the step's peak memory (GPU memory simulated here: weights, then the step)."""
+    import bench
+
+    memory = {"now": 0.0, "peak": 0.0}
+
+    def allocate(gib: float) -> None:
+        memory["now"] += gib
+        memory["peak"] = max(memory["peak"], memory["now"])
+
+    real_make, real_step = bench.make_captioner, bench.training_step
+
+    def make_captioner(*args, **kwargs):
+        allocate(2.5)  # the fp32 random init ...
+        allocate(-1.25)  # ... cast to bf16: 1.25 GiB of weights stay
+        return real_make(*args, **kwargs)
+
+    def training_step(*args, **kwargs):
+        step = real_step(*args, **kwargs)
+
+        def measured_step():
+            allocate(0.5)  # the step's activations, freed when it ends
+            step()
+            allocate(-0.5)
+
+        measured_step.loss_function = step.loss_function
+        return measured_step
+
+    monkeypatch.setattr(bench, "make_captioner", make_captioner)
+    monkeypatch.setattr(bench, "training_step", training_step)
+    monkeypatch.setattr(bench, "reset_peak", lambda device: memory.update(peak=memory["now"]))
+    monkeypatch.setattr(bench, "peak_gib", lambda device: memory["peak"])
+    args = bench_args()
+    bench.bench_train(args, "product", 4)
+    assert args.records[0]["peak_mem_gib"] == 1.75  # weights + the step's activations
+
+
 def test_bench_says_when_a_compiled_path_ran_eager_and_survives_a_failed_measurement(monkeypatch):
     import functools
 
