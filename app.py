@@ -143,14 +143,15 @@ def build_baseline(captioner, checkpoint: Path, batch_size: int, progress: bool)
     """Features of the run's training images (through the on-disk feature cache, so a second start-up
     reads them back), or None and the reason when its training data is not at hand."""
     from dataset import FLICKR30K_PARQUET, drop_unreadable, extract_features
-    from eval import baseline_training_records, feature_cache_settings, find_run_config
+    from eval import baseline_training_records, feature_cache_settings, find_run_config, find_run_dir, trained_image_ids
 
     run = find_run_config(checkpoint)
     if not run.get("dataset"):
         return None, "no baseline: the run folder does not say which data it was trained on"
     try:
         records = baseline_training_records(run, run["dataset"], run.get("data_dir"),
-                                            run.get("hub_data_files") or FLICKR30K_PARQUET)
+                                            run.get("hub_data_files") or FLICKR30K_PARQUET,
+                                            trained_image_ids(find_run_dir(checkpoint), run))
         bad_samples: list = []
         features = extract_features(captioner, records, batch_size, 0, progress,
                                     "CLIP features (training images, for the baseline)",

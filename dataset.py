@@ -567,11 +567,13 @@ def hash_deal_record(data_dir: str | Path, seed: int) -> dict:
     return {"images": len(unassigned), "trained_from": min(trained, default=1.0)}
 
 
-def held_out_past(unassigned: list[str], seed: int, trained_from: float) -> list[str]:
-    """The images of a caption folder (its dealt_names) that the hash deal now puts in val or test at or past
-    `trained_from` (hash_deal_record): where the folder lost images since, stand-ins the run may have trained on."""
+def held_out_past(unassigned: list[str], seed: int, trained_from: float) -> dict[str, str]:
+    """{name: split} for the images of a caption folder (its dealt_names) that the hash deal now puts in val or
+    test at or past `trained_from` (hash_deal_record): where the folder lost images since, stand-ins the run may
+    have trained on, each with the split it stands in for. Sorted by name."""
     deal = deal_splits(unassigned, seed)
-    return sorted(name for name in unassigned if deal[name] != "train" and hash_position(seed, name) >= trained_from)
+    return {name: deal[name] for name in sorted(unassigned)
+            if deal[name] != "train" and hash_position(seed, name) >= trained_from}
 
 
 def split_deal(data_dir: str | Path, seed: int = 0) -> str:
@@ -640,7 +642,10 @@ def load_caption_folder(data_dir: Path, split: str, seed: int = 0, folder_split:
     Rows without a split are assigned one by deal_splits, by `folder_split` (see FOLDER_SPLITS).
     """
     by_image = _group_by_image(data_dir, _read_caption_rows(data_dir))
-    for name, dealt in deal_splits(_without_split(by_image), seed, folder_split).items():
+    deal = deal_splits(_without_split(by_image), seed, folder_split)
+    if split == "train":
+        check_deal_leaves_train(data_dir, by_image, deal)
+    for name, dealt in deal.items():
         by_image[name]["split"] = dealt
     records, repeats = [], []
     for name, entry in by_image.items():
@@ -655,6 +660,20 @@ def load_caption_folder(data_dir: Path, split: str, seed: int = 0, folder_split:
         note(f"note: {split}: a caption written more than once for the same image counts once; "
              f"{len(repeats):,} such in {data_dir} (first: {name} {caption!r})")
     return records
+
+
+def check_deal_leaves_train(data_dir: Path, by_image: dict[str, dict], deal: dict[str, str]) -> None:
+    """Refuse a folder whose deal left no image to train on: 3 or 4 images without a split can all land in
+    val and test (by their hashes, or as stand-ins for an empty one). It ended in "no training images with
+    captions found" once the backbones had loaded, which did not say why nor what to do."""
+    named_train = any(entry["split"] == "train" for entry in by_image.values())
+    if not deal or named_train or "train" in deal.values():
+        return
+    raise UserError(f"{data_dir}: no image is left to train on: its {len(deal)} images without a split were all "
+                    f"dealt to val and test (by a hash of --seed and each name, {HELD_OUT_FRACTION:.0%} to each, and "
+                    "from 3 such images on at least one each); add images (about 9 in 10 go to train), or "
+                    'name each image\'s split in the caption file ("split": "train" in captions.jsonl, a split '
+                    "column in captions.csv)")
 
 
 def check_data_flags(dataset: str, data_dir: str | None, hub_data_files: str | None) -> None:

@@ -642,8 +642,25 @@ def compare_main(args) -> int:
 # The script
 # ----------------------------------------------------------------------------------------------
 
-def baseline_training_records(run: dict, dataset: str, data_dir, hub_files: str):
+def saved_trainer_state(run_dir: Path) -> dict:
+    """The run's trainer_state.json as last saved; {} before its first save."""
+    from train import TRAINER_STATE, resume_state_dir  # here: train.py imports this module
+
+    state_dir = resume_state_dir(run_dir)
+    return read_json(state_dir / TRAINER_STATE, "trainer state") if state_dir else {}
+
+
+def trained_image_ids(run_dir: Path, run: dict) -> set[str] | None:
+    """The ids of the images a run on a caption folder trained on, as train.py keeps them (TrainerState.
+    train_images); None for other data and for runs saved before they were kept."""
+    if run.get("dataset") != "folder":
+        return None
+    return set(saved_trainer_state(run_dir).get("train_images") or ()) or None
+
+
+def baseline_training_records(run: dict, dataset: str, data_dir, hub_files: str, trained_ids: set[str] | None = None):
     """The images the run trained on (its data, --train-limit and seed): the baseline retrieves their captions.
+    Given `trained_ids` (trained_image_ids), exactly those images of its folder as it is now.
 
     Training files that are missing are left out, as train.py's default --on-bad-sample skip left them out
     (before its --train-limit draw, as here): stopping on them refused to evaluate such a run at all. A
@@ -654,7 +671,8 @@ def baseline_training_records(run: dict, dataset: str, data_dir, hub_files: str)
         records = load_records(run["dataset"], "train", run.get("data_dir"),
                                run.get("hub_data_files") or FLICKR30K_PARQUET, seed, "skip", bad_samples,
                                folder_split_of(run))
-        records = limit_records(records, run.get("train_limit", 0), seed)
+        drawn = limit_records(records, run.get("train_limit", 0), seed)
+        records = only_trained(records, drawn, trained_ids) if trained_ids else drawn
     else:
         records = load_records(dataset, "train", data_dir, hub_files, on_bad_sample="skip", bad_samples=bad_samples,
                                folder_split=folder_split_of(run))
@@ -667,22 +685,46 @@ def baseline_training_records(run: dict, dataset: str, data_dir, hub_files: str)
     return records
 
 
-def check_split_deal_unchanged(run_dir: Path, run: dict) -> None:
+def only_trained(records, drawn, trained_ids: set[str]):
+    """The records among `trained_ids`. A caption folder grown since training holds training images the run
+    never saw (and a grown folder draws another --train-limit sample): a baseline retrieving from them knew
+    more than the run. `drawn`: what the baseline took before the ids were kept, for the note."""
+    kept = [record for record in records if record.image_id in trained_ids]
+    if {record.image_id for record in kept} != {record.image_id for record in drawn}:
+        note(f"note: the baseline retrieves from the {len(kept):,} images the run trained on, of the "
+             f"{len(records):,} in the train split now (images added, or splits changed, since)", file=sys.stderr)
+    return kept
+
+
+def check_no_trained_image_held_out(records, trained_ids: set[str] | None, split: str, data_dir,
+                                    run_dir: Path) -> None:
+    """Refuse to score an image the run trained on as unseen. A caption folder whose rows name every image's
+    split records no deal to compare, so a split edited in its caption file since training (train to test)
+    went unnoticed; the deal's own checks miss such an edit too. --split train scores training images
+    knowingly (trained_on_note)."""
+    if split == "train" or not trained_ids:
+        return
+    trained = [record.image_id for record in records if record.image_id in trained_ids]
+    if trained:
+        raise UserError(f"{data_dir}: {len(trained):,} of the {len(records):,} {split} images are ones {run_dir} "
+                        f"trained on (first: {trained[0]}): its caption file changed since (a split edited?), and "
+                        "scored as unseen they would flatter the run; evaluate with the caption file as it was, "
+                        "or train again")
+
+
+def check_split_deal_unchanged(run_dir: Path, run: dict) -> str:
     """A caption folder's images without a split are dealt one (dataset.deal_splits). Under the shuffle deal
     an image added to or removed from its caption file since training re-deals every split: the test split
-    would then hold images the run trained on, scored as unseen. Under the hash deal see check_hash_deal."""
-    from train import TRAINER_STATE, resume_state_dir  # here: train.py imports this module
-
-    state_dir = resume_state_dir(run_dir)
-    state = read_json(state_dir / TRAINER_STATE, "trainer state") if state_dir else {}
+    would then hold images the run trained on, scored as unseen. Under the hash deal see check_hash_deal, whose
+    note on how the folder changed this returns ("" where it did not)."""
+    state = saved_trainer_state(run_dir)
     saved = state.get("split_deal", "")
     if not saved:
-        return  # splits named by the data, or a run saved before the deal was kept: nothing to compare
+        return ""  # splits named by the data, or a run saved before the deal was kept: nothing to compare
     if split_deal(run["data_dir"], run.get("seed", 0)) == saved:
-        return
+        return ""
     if folder_split_of(run) == "hash":
-        check_hash_deal(run_dir, run, state.get("hash_deal", {}))
-        return
+        return check_hash_deal(run_dir, run, state.get("hash_deal", {}))
     raise UserError(f"{run['data_dir']}: its caption file lists other images than when {run_dir} trained "
                     "(added, removed or renamed since), and its images without a split are dealt one by a "
                     "shuffle of all of them, so every split has changed and may hold images the run trained "
@@ -690,22 +732,24 @@ def check_split_deal_unchanged(run_dir: Path, run: dict) -> None:
                     "(a new run deals them by a hash of each name, which adding images does not change)")
 
 
-def check_hash_deal(run_dir: Path, run: dict, saved: dict) -> None:
+def check_hash_deal(run_dir: Path, run: dict, saved: dict) -> str:
     """The hash deal moves no image when others are added or removed, so the run's val and test images are
     still held out and no image it trained on has joined them; only a stand-in (where no image falls in val or
-    test by its hash) can be one it trained on, once images were removed. That is refused; else a note says
-    how the caption file changed. A state without the deal's record (edited) is taken to have trained on all."""
+    test by its hash) can be one it trained on, once images were removed. That is refused; else the note to
+    print on how the caption file changed (after check_no_trained_image_held_out, which a split edited since can
+    fail). A state without the deal's record (edited) is taken to have trained on all."""
     data_dir, seed = run["data_dir"], run.get("seed", 0)
     unassigned = dealt_names(data_dir)  # read once: the caption file of a large folder takes a while to parse
     suspect = held_out_past(unassigned, seed, saved.get("trained_from", 0.0))
     if suspect:
+        name, split = next(iter(suspect.items()))
         raise UserError(f"{data_dir}: its caption file lists other images than when {run_dir} trained, and as no "
-                        f"image's hash now falls in val (or test), {suspect[0]} stands in for it, an image the run may "
+                        f"image's hash now falls in {split}, {name} stands in for it, an image the run may "
                         "have trained on (images were removed since?); evaluate with the caption file as it was, or "
                         "give every image a split")
     then, now = saved.get("images", 0), len(unassigned)
-    note(f"note: {data_dir} lists {now:,} images without a split, {then:,} when {run_dir} trained; each is dealt "
-         "by a hash of its name, so none the run trained on is in val or test", file=sys.stderr)
+    return (f"note: {data_dir} lists {now:,} images without a split, {then:,} when {run_dir} trained; each is dealt "
+            "by a hash of its name, so none the run trained on is in val or test")
 
 
 def image_identity(record) -> tuple:
@@ -941,9 +985,13 @@ def main(argv=None) -> int:
         records = limit_records(records, args.limit, seed)
         if not records:
             raise UserError(empty_split_message(dataset, args.split, data_dir, hub_files, seed, folder_split))
-        train_records = baseline_training_records(run, dataset, data_dir, hub_files)
+        trained_ids = trained_image_ids(run_dir, run)
+        train_records = baseline_training_records(run, dataset, data_dir, hub_files, trained_ids)
         if dataset == "folder" and own_data:
-            check_split_deal_unchanged(run_dir, run)
+            deal_note = check_split_deal_unchanged(run_dir, run)
+            check_no_trained_image_held_out(records, trained_ids, args.split, data_dir, run_dir)
+            if deal_note:
+                note(deal_note, file=sys.stderr)
         # Which adapter is scored, read before it loads: read after captioning, a run still training had put a
         # newer adapter there by then, and metrics.json named that one for the older one's figures.
         scored = what_was_scored(checkpoint, dataset, args.split, records)

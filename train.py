@@ -490,6 +490,9 @@ class TrainerState:
     data_content: dict = field(default_factory=dict)  # {"train", "val": content_digest}; {} in older states
     split_deal: str = ""  # dataset.split_deal of a caption folder some of whose images get their split dealt
     hash_deal: dict = field(default_factory=dict)  # dataset.hash_deal_record under --folder-split hash; else {}
+    # The ids of the images trained on, for a caption folder (which grows or is edited in place): eval.py's
+    # baseline retrieves from these only, and refuses a val or test image among them. [] for other data.
+    train_images: list = field(default_factory=list)
     # The training loss since the last log line (LossWindow.saved): without it, a run resumed between two
     # log lines logs the mean of only its own steps there, and the steps before the checkpoint never.
     log_window: dict = field(default_factory=dict)  # {} in older states
@@ -1384,7 +1387,13 @@ def start(config: TrainConfig):
 
 
 def load_backbones_and_data(config: TrainConfig, run_dir: Path, device, bad_samples: list):
-    """The captioner and the train, val and (with --final-eval) test records; missing files stop the run now."""
+    """The captioner and the train, val and (with --final-eval) test records; missing files stop the run now.
+    The data first: a data set that cannot train stops in seconds, not after the backbones' minute of loading."""
+    train_records = load_split(config, "train", config.train_limit, bad_samples)
+    val_records = load_split(config, "val", config.val_limit, bad_samples)
+    test_split = load_test_split(config) if config.final_eval else None
+    if not train_records:
+        raise UserError(f"no training images with captions found in {config.dataset} {config.data_dir or ''}")
     try:
         captioner = build_captioner(adapter_config_for(config), dtype=frozen_dtype(config), device=device,
                                     lm_quantization=config.lm_quantization, trust_remote_code=config.trust_remote_code)
@@ -1392,11 +1401,6 @@ def load_backbones_and_data(config: TrainConfig, run_dir: Path, device, bad_samp
         if config.resume and (moved := moved_backbone_error(run_dir / RUN_CONFIG, (config.clip_model, config.lm_model))):
             raise moved from None
         raise
-    train_records = load_split(config, "train", config.train_limit, bad_samples)
-    val_records = load_split(config, "val", config.val_limit, bad_samples)
-    test_split = load_test_split(config) if config.final_eval else None
-    if not train_records:
-        raise UserError(f"no training images with captions found in {config.dataset} {config.data_dir or ''}")
     return captioner, train_records, val_records, test_split
 
 
@@ -1468,6 +1472,7 @@ def set_up_run(config: TrainConfig, accelerator) -> Run:
         run.state.split_deal = split_deal(config.data_dir, config.seed)
         if config.folder_split == "hash":
             run.state.hash_deal = hash_deal_record(config.data_dir, config.seed)
+        run.state.train_images = sorted(record.image_id for record in train_records)
     run.last_validated = run.state.history[-1]["step"] if run.state.history else -1
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)

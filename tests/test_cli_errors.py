@@ -8,14 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import app
 import bench
 import eval as eval_script
 import inference
+import train
 from demo import build_demo_data
 from model import ADAPTER_CONFIG, AdapterConfig
-from utils import run_cli, write_json
+from utils import run_cli, write_json, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -482,3 +484,28 @@ def test_a_full_disk_anywhere_a_script_writes_is_one_line(tiny, tmp_path, monkey
 
     with pytest.raises(FileNotFoundError):
         run_cli(missing, [])
+
+
+def test_a_small_folder_dealt_no_training_image_stops_train_py_in_one_line_before_a_model_loads(tmp_path, capsys,
+                                                                                               monkeypatch):
+    """3 images without a split can all be dealt to val and test (these names' hashes under the default seed):
+    that ended in "no training images with captions found" once the backbones had loaded, which said neither
+    why nor what to do."""
+    data = tmp_path / "data"
+    data.mkdir()
+    names = ["img20.png", "img23.png", "img31.png"]  # val, test, val
+    for name in names:
+        Image.new("RGB", (32, 32), (200, 30, 30)).save(data / name)
+    write_jsonl(data / "captions.jsonl", [{"image": name, "caption": f"picture {name}"} for name in names])
+
+    def fail(*args, **kwargs):
+        pytest.fail("a model was loaded before the data was checked")
+
+    monkeypatch.setattr(train, "build_captioner", fail)
+    line = cli_error(capsys, train.main, ["--dataset", "folder", "--data-dir", str(data), "--clip-model",
+                                          str(tmp_path / "clip"), "--lm-model", str(tmp_path / "lm"),
+                                          "--output-dir", str(tmp_path / "runs"), "--run-name", "small"])
+    assert line.startswith(f"error: {data}: no image is left to train on: its 3 images without a split were all "
+                           "dealt to val and test"), line
+    assert "add images" in line and "name each image's split in the caption file" in line, line
+    assert not (tmp_path / "runs" / "small").exists()

@@ -175,6 +175,28 @@ def test_a_caption_folder_that_grows_keeps_each_images_split(tmp_path):
     assert any(shuffled_before[name] == "train" != shuffled_after[name] for name in shuffled_before)
 
 
+@pytest.mark.parametrize("names", [["img20.png", "img23.png", "img31.png"],  # val, test, val by their hashes
+                                   ["img20.png", "img31.png", "img136.png", "img0.png"]])  # val x3, img0 stands in
+def test_a_small_folder_dealt_no_training_image_says_why_and_what_to_do(tmp_path, names):
+    """The hash deal can leave 3 or 4 images without a split no training image; the train split used to load
+    empty, which train.py reported as "no training images with captions found"."""
+    for name in names:
+        write_image(tmp_path / name)
+    write_jsonl_captions(tmp_path, [{"image": name, "caption": f"picture {name}"} for name in names])
+    assert "train" not in deal_splits(names, 42).values()
+    with pytest.raises(UserError, match=rf"no image is left to train on: its {len(names)} images without a split "
+                                        r"were all dealt to val and test .* add images .* name each image's split"):
+        load_records("folder", "train", str(tmp_path), seed=42)
+    assert load_records("folder", "val", str(tmp_path), seed=42)  # the held-out splits load as before
+    # An image whose row names train is data to train on; so is a folder of 1 or 2 images (all trained on).
+    write_image(tmp_path / "named.png")
+    write_jsonl_captions(tmp_path, [{"image": name, "caption": f"picture {name}"} for name in names]
+                         + [{"image": "named.png", "caption": "named", "split": "train"}])
+    assert [r.image_id for r in load_records("folder", "train", str(tmp_path), seed=42)] == ["named.png"]
+    write_jsonl_captions(tmp_path, [{"image": name, "caption": f"picture {name}"} for name in names[:2]])
+    assert len(load_records("folder", "train", str(tmp_path), seed=42)) == 2
+
+
 def test_missing_images_are_reported_up_front(tmp_path):
     (tmp_path / "captions.jsonl").write_text(json.dumps({"image": "gone.png", "captions": ["x"], "split": "train"}))
     with pytest.raises(UserError, match="missing"):

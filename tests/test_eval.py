@@ -771,6 +771,54 @@ def test_a_hash_dealt_folder_evaluates_after_images_are_added_not_when_its_test_
     assert test_images <= scored and all(name.startswith("added") for name in scored - test_images), scored
     # the caption file as the run trained on it, less its test images: a training image stands in for them
     write_jsonl(data / "captions.jsonl", [row for row in rows if row["image"] not in test_images])
-    with pytest.raises(UserError, match=r"no image's hash now falls in val \(or test\), .* stands in .* may have "
-                                        "trained on"):
+    # It names the split the stand-in is for: val still has its images, test has none.
+    with pytest.raises(UserError, match=r"no image's hash now falls in test, .* stands in .* may have trained on"):
         eval_script.main(evaluate)
+
+
+def baseline_images(out: Path) -> int:
+    return read_json(out / "metrics.json", "")["baseline"]["train_images"]
+
+
+def test_the_baseline_on_a_grown_folder_retrieves_only_from_the_images_the_run_trained_on(tiny, tmp_path, capsys):
+    """Images added to a caption folder since training are dealt to train (most of them): the baseline took
+    them in and retrieved from more data than the run saw. Rows naming their split ("train") likewise."""
+    data = folder_without_splits(tiny, tmp_path)
+    args = train_args({**tiny, "data_dir": str(data)}, tmp_path, "run", "--max-steps", "2", "--final-eval", "false")
+    assert train.main(args) == 0
+    trained = {r.image_id for r in load_records("folder", "train", str(data), seed=42)}
+    for i in range(10):
+        add_image(data, f"added{i}.png")
+    write_jsonl(data / "captions.jsonl", [*read_jsonl(data / "captions.jsonl"),
+                                          {"image": "added0.png", "caption": "named", "split": "train"}])
+    grown = {r.image_id for r in load_records("folder", "train", str(data), seed=42)}
+    assert len(grown) > len(trained)
+    evaluate = [str(tmp_path / "run"), "--out", str(tmp_path / "eval"), "--no-progress", "--num-workers", "0"]
+    capsys.readouterr()
+    assert eval_script.main(evaluate) == 0
+    assert baseline_images(tmp_path / "eval") == len(trained)
+    assert (f"the baseline retrieves from the {len(trained)} images the run trained on, of the {len(grown)} in "
+            "the train split now") in capsys.readouterr().err
+    assert app.build_baseline(load_captioner(tmp_path / "run"), tmp_path / "run", 8, False)[1].startswith(
+        f"the first caption of the most CLIP-similar of the run's {len(trained)} training images")
+
+
+def test_a_split_edited_since_training_cannot_put_a_training_image_in_the_test_split(tiny, tmp_path):
+    """A folder whose rows name every image's split records no deal, so nothing compared it later: a training
+    image whose row was edited to "test" was scored as unseen. That is refused; the folder as it was, or
+    grown, evaluates; --split train scores training images knowingly (with its note)."""
+    data = shutil.copytree(tiny["data_dir"], tmp_path / "data")
+    args = train_args({**tiny, "data_dir": str(data)}, tmp_path, "run", "--max-steps", "2", "--final-eval", "false")
+    assert train.main(args) == 0
+    evaluate = [str(tmp_path / "run"), "--limit", "2", "--out", str(tmp_path / "eval"), "--no-progress",
+                "--num-workers", "0"]
+    rows = read_jsonl(data / "captions.jsonl")
+    moved = next(row["image"] for row in rows if row["split"] == "train")
+    write_jsonl(data / "captions.jsonl", [{**row, "split": "test"} if row["image"] == moved else row for row in rows])
+    # --limit 2 draws from the test split as it is now: score all of it, the moved image among them
+    with pytest.raises(UserError, match=rf"1 of the 7 test images are ones {re.escape(str(tmp_path / 'run'))} "
+                                        rf"trained on \(first: {re.escape(moved)}\)"):
+        eval_script.main([arg for arg in evaluate if arg not in ("--limit", "2")])
+    assert eval_script.main([*evaluate, "--split", "train"]) == 0
+    write_jsonl(data / "captions.jsonl", rows)
+    assert eval_script.main(evaluate) == 0
