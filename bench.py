@@ -276,7 +276,7 @@ def full_logits_loss(captioner, image_features, input_ids, labels) -> torch.Tens
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
 
-def training_step(captioner, path: str, batch: int, image_size: int, device, gpu_bf16: bool, mode=None):
+def training_step(captioner, path: str, batch: int, image_size: int, device, autocast_bf16: bool, mode=None):
     """One full optimizer step of the given path, as a closure over its own batch and optimizer.
     Paths: naive, product, product+compile, full-logits+compile; `mode` is torch.compile's mode.
     All but naive end in the trainer's own optimizer step (train.optimizer_step: clipping, the
@@ -292,7 +292,7 @@ def training_step(captioner, path: str, batch: int, image_size: int, device, gpu
     loss_function = TrainingLoss(captioner, compile=path == "product+compile", mode=mode)
     if path == "full-logits+compile":
         loss_function = torch.compile(lambda **b: full_logits_loss(captioner, **b), mode=mode)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu_bf16)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16)
 
     def step():
         with autocast:
@@ -376,16 +376,26 @@ def profile_step(args, step, label: str) -> None:
 
 
 def bench_train_interleaved(args, batches: list[int], naive_batches: list[int]) -> None:
-    """On a CPU (shared, noisy): both paths on the same batch sizes, timed in turn."""
+    """On a CPU (shared, noisy): both paths on the same batch sizes, timed in turn. fp32, as train.py's
+    --mixed-precision auto trains on a CPU; with --cpu-bf16 also the product step as `--mixed-precision bf16`
+    trains it (frozen weights in bf16, bf16 autocast), which CPUs with bf16 matrix units (AMX) run faster."""
     device, size = args.device, SHAPES[args.shapes]["image_size"]
-    # CPU: fp32 for both paths (no bf16 units)
     captioner = make_captioner(args.shapes, device, torch.float32, args.adapter_kind)
+    bf16_captioner = make_captioner(args.shapes, device, torch.bfloat16, args.adapter_kind) if args.cpu_bf16 else None
     for batch in sorted(set(batches) | set(naive_batches)):
         paths = (["naive"] if batch in naive_batches else []) + (["product"] if batch in batches else [])
         if args.compile and batch in batches:
             paths.append("product+compile")
+        if bf16_captioner is not None and batch in batches:
+            paths.append("product+bf16")
+
+        def step_of(path):
+            if path == "product+bf16":
+                return training_step(bf16_captioner, "product", batch, size, device, autocast_bf16=True)
+            return training_step(captioner, path, batch, size, device, False)
+
         try:
-            steps = {path: training_step(captioner, path, batch, size, device, False) for path in paths}
+            steps = {path: step_of(path) for path in paths}
             seconds = timed_interleaved(steps, device, args.repeats, 3 if args.compile else 1)
         except Exception as error:  # as on a GPU: a failed batch size (out of memory) is a line, the run goes on
             for path in paths:
@@ -393,9 +403,10 @@ def bench_train_interleaved(args, batches: list[int], naive_batches: list[int]) 
             continue
         for path in paths:
             # The same keys as a GPU line; `compiled` says where torch.compile fell back to eager.
+            bf16 = path == "product+bf16"
             emit(args, bench="train", path=path, compile_mode=None, compiled=compile_held(path, steps[path]),
-                 batch=batch, prefix_tokens=PREFIX_LENGTH, caption_tokens=CAPTION_TOKENS, weights_dtype="float32",
-                 autocast_bf16=False, step_s=round(seconds[path], 4), samples_per_s=per_second(batch, seconds[path]),
+                 batch=batch, prefix_tokens=PREFIX_LENGTH, caption_tokens=CAPTION_TOKENS,
+                 weights_dtype="bfloat16" if bf16 else "float32", autocast_bf16=bf16, step_s=round(seconds[path], 4), samples_per_s=per_second(batch, seconds[path]),
                  peak_mem_gib=None, timing="median, paths interleaved")
 
 
@@ -668,6 +679,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=whole_number(1), default=5, help="timed repeats per measurement")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile paths")
     parser.add_argument("--device", default="auto", help="cpu, cuda ... (default: cuda if available)")
+    parser.add_argument("--cpu-bf16", action="store_true", help="on a CPU, also time the product training step in "
+                        "bf16, as train.py --mixed-precision bf16 trains (frozen weights in bf16, bf16 autocast): "
+                        "CPUs with AMX (Xeon Sapphire Rapids and later) run it several times faster")
     parser.add_argument("--variants", type=variant_list, default="", help="GPU only: more compiled training steps to time, as "
                         "NAME@BATCH with NAME a torch.compile mode (reduce-overhead, max-autotune, ...) or "
                         "full-logits (plain fp32 logits + F.cross_entropy instead of the chunked loss)")

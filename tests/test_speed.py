@@ -693,7 +693,7 @@ def test_bench_product_step_is_the_trainers_step_with_its_nonfinite_check(monkey
     monkeypatch.setattr(TrainingLoss, "__call__", lambda self, **batch: real(self, **batch) * float("nan"))
     before = {name: value.clone() for name, value in captioner.adapter.state_dict().items()}
     step = bench.training_step(captioner, "product", 4, bench.SHAPES["tiny"]["image_size"], torch.device("cpu"),
-                               gpu_bf16=False)
+                               autocast_bf16=False)
     step()
     for name, value in captioner.adapter.state_dict().items():
         assert torch.equal(value, before[name]), name
@@ -765,6 +765,34 @@ def test_building_image_processors_prints_no_library_warning(tiny, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "torchvision" not in done.stderr and "warn" not in done.stderr.lower(), done.stderr
+
+
+def test_bench_cpu_bf16_times_the_step_train_py_runs_in_bf16_and_it_gives_the_same_loss(capsys):
+    """--cpu-bf16 adds the product step as `train.py --mixed-precision bf16` runs it on a CPU (frozen weights
+    in bf16, bf16 autocast, the adapter in fp32), whose loss is the fp32 step's to bf16's precision."""
+    import json
+
+    import bench
+    from model import TrainingLoss
+
+    assert bench.main(["--shapes", "tiny", "--only", "train", "--repeats", "1", "--batches", "4", "--cpu-bf16"]) == 0
+    lines = {r["path"]: r for r in map(json.loads, capsys.readouterr().out.splitlines()[1:])}
+    assert set(lines) == {"naive", "product", "product+bf16"}
+    assert (lines["product+bf16"]["weights_dtype"], lines["product+bf16"]["autocast_bf16"]) == ("bfloat16", True)
+    assert (lines["product"]["weights_dtype"], lines["product"]["autocast_bf16"]) == ("float32", False)
+
+    losses = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)  # the same random backbones and adapter, in either dtype
+        captioner = bench.make_captioner("tiny", torch.device("cpu"), dtype)
+        assert next(captioner.lm.parameters()).dtype == dtype
+        assert next(captioner.adapter.parameters()).dtype == torch.float32  # trained in fp32 under autocast
+        torch.manual_seed(1)
+        batch = bench.random_batch(captioner, 4, bench.SHAPES["tiny"]["image_size"], torch.device("cpu"))
+        del batch["pixel_values"]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            losses[dtype] = TrainingLoss(captioner)(**batch).item()
+    assert losses[torch.bfloat16] == pytest.approx(losses[torch.float32], rel=2e-2)
 
 
 def test_bench_measures_the_transformer_adapter_and_keeps_it_out_of_the_targets(capsys):
