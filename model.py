@@ -534,6 +534,35 @@ def neutral_generation_config():
     return GenerationConfig()
 
 
+def default_strides(shape) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+
+def dense_head_input(head: nn.Module, args: tuple):
+    """Forward pre-hook on the LM head: its input as a dense tensor. Asked for the last position's logits
+    (`logits_to_keep=1`: the greedy loop's first step, and `generate`'s), transformers hands the head a slice
+    of the prefix's hidden states, (B, 1, H) with the strides of (B, k, H). F.linear cannot fold that into one
+    matrix product, and multiplies by the (V, H) weight expanded to every row, which on a CPU is copied first
+    (B x 151,936 x 1,024 numbers). Measured on this workplace's CPU for 16 rows: 38 s instead of 43 ms in bf16,
+    314 ms instead of 81 ms in fp32. (`.contiguous()` is not enough: with B = 1 the slice counts as contiguous.)"""
+    hidden = args[0]
+    if hidden.dim() > 2 and hidden.stride() != default_strides(hidden.shape):
+        return (hidden.clone(memory_format=torch.contiguous_format), *args[1:])
+    return None
+
+
+def densify_head_input(lm) -> None:
+    """Put dense_head_input on the LM's head, once however many captioners share the LM."""
+    head = lm.get_output_embeddings()
+    if head is not None and not getattr(head, "_dense_input", False):
+        head.register_forward_pre_hook(dense_head_input)
+        head._dense_input = True
+
+
 class Captioner(nn.Module):
     """Frozen CLIP + trainable adapter + frozen LM. Only `self.adapter` has trainable parameters."""
 
@@ -543,6 +572,7 @@ class Captioner(nn.Module):
         self.clip = freeze(clip)
         self.lm = freeze(lm)
         self.lm.generation_config = neutral_generation_config()
+        densify_head_input(self.lm)
         self.processor = processor
         self.tokenizer = tokenizer
         self.adapter = adapter if adapter is not None else Adapter(config)
