@@ -526,6 +526,10 @@ def bench_generate(args, captioner) -> None:
         prefix = captioner.prefix_embeds(features)
     runs = {"plain-generate": lambda: plain_generate(captioner, prefix, CAPTION_TOKENS),
             "product": lambda: captioner.greedy_tokens(prefix, CAPTION_TOKENS, stop_at_eos=False)}
+    if (twin := cpu_bf16_twin(args, captioner)) is not None:
+        with torch.no_grad():
+            twin_prefix = twin.prefix_embeds(features)
+        runs["product+bf16"] = lambda: twin.greedy_tokens(twin_prefix, CAPTION_TOKENS, stop_at_eos=False)
     repeats = max(1, args.repeats // 2)
     with torch.no_grad():
         seconds = timed_interleaved(runs, device, repeats, 1)
@@ -536,6 +540,17 @@ def bench_generate(args, captioner) -> None:
     if compiled:
         emit(args, bench="generate", path="product+compiled-decode", compiled=compiled[1], batch=batch,
              new_tokens=CAPTION_TOKENS, captions_per_s=per_second(batch, compiled[0]), batch_s=round(compiled[0], 3))
+
+
+def cpu_bf16_twin(args, captioner):
+    """With --cpu-bf16 on a CPU: a captioner of the same shapes and adapter with its frozen weights in bf16,
+    as a run trained under --mixed-precision bf16 captions its validation images; built once. None otherwise."""
+    if not (args.cpu_bf16 and args.device.type == "cpu"):
+        return None
+    if getattr(args, "bf16_twin", None) is None:
+        args.bf16_twin = make_captioner(args.shapes, args.device, torch.bfloat16, args.adapter_kind)
+        args.bf16_twin.adapter.load_state_dict(captioner.adapter.state_dict())
+    return args.bf16_twin
 
 
 def compiled_decode_seconds(args, captioner, run, repeats: int):
@@ -558,15 +573,17 @@ def bench_latency(args, captioner) -> None:
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (375, 500, 3), dtype=np.uint8))
 
-    def caption(use_plain: bool):
+    def caption(use_plain: bool, captioner=captioner):
         with torch.no_grad():
             prefix = captioner.prefix_embeds(captioner.image_features(captioner.preprocess([image])))
             if use_plain:
                 return plain_generate(captioner, prefix, CAPTION_TOKENS)
             return captioner.greedy_tokens(prefix, CAPTION_TOKENS, stop_at_eos=False)
 
-    seconds, cpu_seconds = interleaved_medians({"plain-generate": lambda: caption(True),
-                                                "product": lambda: caption(False)}, args.device, args.repeats, 2)
+    runs = {"plain-generate": lambda: caption(True), "product": lambda: caption(False)}
+    if (twin := cpu_bf16_twin(args, captioner)) is not None:
+        runs["product+bf16"] = lambda: caption(False, twin)
+    seconds, cpu_seconds = interleaved_medians(runs, args.device, args.repeats, 2)
     for path, value in seconds.items():
         # On a CPU the process's CPU time is the steadier figure on a shared machine; on a GPU it measures
         # only the host's share of the work, so it is left out there.
@@ -680,8 +697,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile paths")
     parser.add_argument("--device", default="auto", help="cpu, cuda ... (default: cuda if available)")
     parser.add_argument("--cpu-bf16", action="store_true", help="on a CPU, also time the product training step in "
-                        "bf16, as train.py --mixed-precision bf16 trains (frozen weights in bf16, bf16 autocast): "
-                        "CPUs with AMX (Xeon Sapphire Rapids and later) run it several times faster")
+                        "bf16, as train.py --mixed-precision bf16 trains (frozen weights in bf16, bf16 autocast), "
+                        "and greedy captions with bf16 frozen weights (generate, latency): CPUs with AMX (Xeon "
+                        "Sapphire Rapids and later) run them faster")
     parser.add_argument("--variants", type=variant_list, default="", help="GPU only: more compiled training steps to time, as "
                         "NAME@BATCH with NAME a torch.compile mode (reduce-overhead, max-autotune, ...) or "
                         "full-logits (plain fp32 logits + F.cross_entropy instead of the chunked loss)")

@@ -792,14 +792,21 @@ def test_building_image_processors_prints_no_library_warning(tiny, tmp_path):
 
 def test_bench_cpu_bf16_times_the_step_train_py_runs_in_bf16_and_it_gives_the_same_loss(capsys):
     """--cpu-bf16 adds the product step as `train.py --mixed-precision bf16` runs it on a CPU (frozen weights
-    in bf16, bf16 autocast, the adapter in fp32), whose loss is the fp32 step's to bf16's precision."""
+    in bf16, bf16 autocast, the adapter in fp32), whose loss is the fp32 step's to bf16's precision, and greedy
+    captions with bf16 frozen weights."""
     import json
 
     import bench
     from model import TrainingLoss
 
-    assert bench.main(["--shapes", "tiny", "--only", "train", "--repeats", "1", "--batches", "4", "--cpu-bf16"]) == 0
-    lines = {r["path"]: r for r in map(json.loads, capsys.readouterr().out.splitlines()[1:])}
+    assert bench.main(["--shapes", "tiny", "--only", "train,generate,latency", "--repeats", "1", "--batches", "4",
+                       "--generate-batch", "2", "--cpu-bf16"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()[1:]]
+    # Captions with bf16 frozen weights too: a bf16 run captions its validation images so.
+    for section in ("generate", "latency"):
+        paths = {r["path"]: r for r in records if r["bench"] == section}
+        assert set(paths) == {"plain-generate", "product", "product+bf16"} and paths["product+bf16"]["batch"] > 0
+    lines = {r["path"]: r for r in records if r["bench"] == "train"}
     assert set(lines) == {"naive", "product", "product+bf16"}
     assert (lines["product+bf16"]["weights_dtype"], lines["product+bf16"]["autocast_bf16"]) == ("bfloat16", True)
     assert (lines["product"]["weights_dtype"], lines["product"]["autocast_bf16"]) == ("float32", False)
