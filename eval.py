@@ -690,10 +690,22 @@ def only_trained(records, drawn, trained_ids: set[str]):
     never saw (and a grown folder draws another --train-limit sample): a baseline retrieving from them knew
     more than the run. `drawn`: what the baseline took before the ids were kept, for the note."""
     kept = [record for record in records if record.image_id in trained_ids]
-    if {record.image_id for record in kept} != {record.image_id for record in drawn}:
+    untrained = [record for record in drawn if record.image_id not in trained_ids]
+    # A drawn image that cannot be read is one train.py skipped (listed in bad_samples.jsonl), not a change to
+    # the folder. any() stops at the first readable one: a grown folder opens few images here.
+    if ({record.image_id for record in kept} - {record.image_id for record in drawn}
+            or any(is_readable(record) for record in untrained)):
         note(f"note: the baseline retrieves from the {len(kept):,} images the run trained on, of the "
              f"{len(records):,} in the train split now (images added, or splits changed, since)", file=sys.stderr)
     return kept
+
+
+def is_readable(record) -> bool:
+    try:
+        record.open()
+    except UserError:
+        return False
+    return True
 
 
 def check_no_trained_image_held_out(records, trained_ids: set[str] | None, split: str, data_dir,

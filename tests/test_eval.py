@@ -335,6 +335,20 @@ def test_a_run_that_skipped_a_missing_training_image_can_be_evaluated(tiny, tmp_
     assert "the baseline leaves out 1 training image with a missing file" in capsys.readouterr().err
 
 
+def test_a_run_that_skipped_a_damaged_training_image_is_not_said_to_have_changed_data(tiny, tmp_path, capsys):
+    # train.py skips an image it cannot read; its baseline leaves it out too, but the note said the unchanged
+    # folder had "images added, or splits changed, since", sending the user to look for a change there was not.
+    data_dir = shutil.copytree(tiny["data_dir"], tmp_path / "data")
+    (data_dir / "images" / "train_0003.png").write_text("not an image")
+    flags = ["--data-dir", str(data_dir), "--epochs", "1", "--final-eval", "false"]
+    assert train.main(train_args(tiny, tmp_path, "run", *flags)) == 0
+    out = tmp_path / "eval"
+    capsys.readouterr()
+    assert eval_script.main([str(tmp_path / "run"), "--out", str(out), "--no-progress", "--num-workers", "0"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["baseline"]["train_images"] == 39
+    assert "images added, or splits changed" not in capsys.readouterr().err
+
+
 def test_meteor_starts_once_the_split_was_read_not_for_a_split_that_stops_on_an_unreadable_image(tiny, run, tmp_path,
                                                                                                    monkeypatch):
     """METEOR's JVM loads for seconds (~8 s of CPU) while the images are captioned; an evaluation that stops on
