@@ -952,6 +952,34 @@ class RunInUse(Exception):
     """The run folder is locked by another training process (its pid and host are the message)."""
 
 
+def check_new_run_folder(run_dir: Path, config: TrainConfig) -> None:
+    """check_run_folder for a process that does not hold the folder's lock yet: a folder refused because
+    it holds a run that another process is training now raises RunInUse naming that process, not advice
+    (delete the folder, --resume it) that fits only a run that has stopped."""
+    try:
+        check_run_folder(run_dir, config)
+    except UserError:
+        if holder := lock_holder(run_dir):
+            raise RunInUse(holder) from None
+        raise
+
+
+def lock_holder(run_dir: Path) -> str | None:
+    """The pid and host of the process holding run_dir's lock, or None where none does (or there is no flock).
+    Never creates the lock file; its shared lock is held only for the look, and only where starting is refused."""
+    try:
+        import fcntl
+
+        with open(run_dir / RUN_LOCK) as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return handle.read().strip() or "another process"
+    except (ImportError, OSError):  # no lock file, or no flock here: nobody is known to hold it
+        pass
+    return None
+
+
 def lock_run_folder(run_dir: Path):
     """The open lock file of run_dir, holding an exclusive advisory lock (flock) for as long as this
     process trains there; the system lets go of it however the process ends, kill -9 included. None
@@ -1018,7 +1046,7 @@ def claim_run_folder(config: TrainConfig):
         config.run_name = name
         run_dir = Path(config.output_dir) / name
         try:
-            check_run_folder(run_dir, config)  # before creating the folder: a new run does not land on an old one
+            check_new_run_folder(run_dir, config)  # before creating the folder: a new run does not land on an old one
             handle = lock_run_folder(run_dir)
         except RunInUse as holder:
             if picked:

@@ -847,6 +847,29 @@ def test_a_run_being_trained_cannot_be_resumed_or_started_again_meanwhile(tiny, 
     assert {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != train.RUN_LOCK} == before
 
 
+def test_a_new_run_named_like_one_training_now_names_its_process(tiny, tmp_path, capsys):
+    # A run trains for a while before its first save, its config and log already written: a new run given
+    # its name must not call it stopped and advise deleting its folder. Nor, after a save, advise --resume.
+    train.main(train_args(tiny, tmp_path, "saved", "--final-eval", "false", "--max-steps", "2"))
+    unsaved = tmp_path / "unsaved"
+    unsaved.mkdir()
+    (unsaved / "run_config.json").write_text("{}")
+    (unsaved / "train_log.jsonl").write_text("")
+    held = [train.lock_run_folder(tmp_path / name) for name in ("saved", "unsaved")]  # as their processes hold them
+    try:
+        for name in ("saved", "unsaved"):
+            assert run_cli(train.main, train_args(tiny, tmp_path, name)) == 2
+            error = capsys.readouterr().err.strip()
+            assert f"{tmp_path / name} is being trained by another process (pid {os.getpid()} on " in error, error
+            assert "\n" not in error and "choose another --run-name" in error
+    finally:
+        for handle in held:
+            handle.close()
+    # Once that process has ended, the refusal says what the folder holds, as before.
+    assert run_cli(train.main, train_args(tiny, tmp_path, "unsaved")) == 2
+    assert "holds a run that stopped before its first save" in capsys.readouterr().err
+
+
 def test_a_picked_run_name_another_start_took_meanwhile_moves_on(tiny, tmp_path, monkeypatch):
     import demo
 
