@@ -167,11 +167,12 @@ def build_baseline(captioner, checkpoint: Path, batch_size: int, progress: bool)
     return Baseline(features, [record.captions for record in records]), note
 
 
-def load_run(checkpoint: str | Path, device, with_baseline: bool = True, batch_size: int = 64,
-             progress: bool = True, lm_quantization: str | None = None) -> LoadedRun:
+def load_run(checkpoint: str | Path, device, with_baseline: bool = True, batch_size: int = 64, progress: bool = True,
+             lm_quantization: str | None = None, dtype: torch.dtype | None = None) -> LoadedRun:
     """The run's captioner and baseline, loaded once, and one warm-up caption so that the first
     visitor's timing is not the first-call overhead. The LM is quantised as the run trained it
-    unless `lm_quantization` (--lm-quantization) says otherwise."""
+    unless `lm_quantization` (--lm-quantization) says otherwise; its weights in `dtype` (--dtype), else the
+    device's default."""
     from PIL import Image
 
     from eval import default_dtype, run_lm_quantization
@@ -183,7 +184,7 @@ def load_run(checkpoint: str | Path, device, with_baseline: bool = True, batch_s
     started = time.perf_counter()
     # The LM as the run trained it (as eval.py and inference.py load it): an unquantised copy of a
     # run trained 8-bit on a small GPU may not fit there, and it captions differently.
-    captioner = load_captioner(checkpoint, device=device, dtype=default_dtype(device),
+    captioner = load_captioner(checkpoint, device=device, dtype=dtype or default_dtype(device),
                                lm_quantization=lm_quantization or run_lm_quantization(checkpoint))
     name = checkpoint.name if checkpoint.name != "last" else f"{checkpoint.parent.name}/last"
     run = LoadedRun(name, checkpoint, captioner)
@@ -671,6 +672,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lm-quantization", choices=("none", "8bit", "4bit"), default=None,
                         help="load each run's frozen LM in 8-bit or 4-bit NF4 through bitsandbytes, or not at all "
                              "(default: as the run trained it, from its run_config.json; else none)")
+    parser.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="the frozen backbones' weights: auto = bf16 on a GPU that has it, else fp32; on a CPU "
+                             "with AMX (Xeon Sapphire Rapids and later) bf16 captions faster (README, Speed)")
     return parser
 
 
@@ -733,18 +737,19 @@ def import_gradio():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from eval import pick_device
+    from eval import chosen_dtype, pick_device
 
     import_gradio()
     check_can_serve(args.host, args.port)
     device = pick_device(args.device)  # before the demo run, which may have to be trained first
+    dtype = chosen_dtype(args.dtype, device)
     progress = not args.no_progress
     checkpoints = [Path(path) for path in args.checkpoint or [ensure_demo_run(args.output_dir, progress)]]
     for checkpoint in checkpoints:  # every folder checked before the first (slow) load
         check_run_files(checkpoint)
     checkpoints = distinct_checkpoints(checkpoints)
-    runs = [load_run(checkpoint, device, not args.no_baseline, progress=progress, lm_quantization=args.lm_quantization)
-            for checkpoint in checkpoints]
+    runs = [load_run(checkpoint, device, not args.no_baseline, progress=progress, lm_quantization=args.lm_quantization,
+                     dtype=dtype) for checkpoint in checkpoints]
     unique_names(runs)
     page = Page(runs, args.max_megapixels, args.max_upload_mb)
     examples = example_images(checkpoints[0], args.examples)

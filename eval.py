@@ -107,6 +107,9 @@ def add_loading_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--trust-remote-code", action="store_true",
                        help="allow backbones whose checkpoints ship their own Python code to run it; off unless "
                             "given here (a checkpoint can never turn it on)")
+    group.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                       help="the frozen backbones' weights: auto = bf16 on a GPU that has it, else fp32; on a CPU "
+                            "with AMX (Xeon Sapphire Rapids and later) bf16 captions faster (README, Speed)")
     group.add_argument("--clip-model", default=None,
                        help="the CLIP backbone (Hub id or folder) in place of the one the checkpoint names, e.g. "
                             "after moving it; it must have the same sizes")
@@ -204,6 +207,16 @@ def pick_device(name: str) -> torch.device:
 
 def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def chosen_dtype(name: str, device: torch.device) -> torch.dtype:
+    """--dtype on `device`: auto is default_dtype. bf16 on a GPU without it would be emulated at a crawl."""
+    if name == "auto":
+        return default_dtype(device)
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"--dtype bf16: the GPU {torch.cuda.get_device_name(device)} has no bf16; use --dtype fp32 "
+                        "(or auto)")
+    return torch.bfloat16 if name == "bf16" else torch.float32
 
 
 # ----------------------------------------------------------------------------------------------
@@ -426,6 +439,7 @@ def evaluate_captioner(captioner, records, decodings: dict[str, DecodingConfig],
             "decoding_name": name,
             "decoding": vars(decodings[name]),
             "lm_quantization": lm_quantization_of(captioner.lm),
+            "lm_dtype": str(captioner.lm.get_input_embeddings().weight.dtype).removeprefix("torch."),
             "baseline": {"method": BASELINE_METHOD, "train_images": len(train_records),
                          **{key: baseline_metrics[key] for key in metric_keys()},
                          "diversity": caption_diversity(baseline)},
@@ -573,7 +587,7 @@ def comparison(run_paths: list[str]) -> dict:
     table.append(["beats baseline", *({True: "yes", False: "NO"}.get(m["beats_baseline"], "n/a") for _, m in runs)])
     for key, label in (("dataset", "dataset"), ("split", "split"), ("num_images", "images"),
                        ("decoding_name", "decoding"), ("coco_tokenization", "tokenization"),
-                       ("lm_quantization", "LM quantization")):
+                       ("lm_quantization", "LM quantization"), ("lm_dtype", "LM weights")):
         table.append([label, *(str(m.get(key, "?")) for _, m in runs)])
     table.append(["adapter step", *(str((m.get("adapter") or {}).get("step", "?")) for _, m in runs)])
     notes = stale
@@ -1009,7 +1023,7 @@ def main(argv=None) -> int:
         scored = what_was_scored(checkpoint, dataset, args.split, records)
         live = still_training_note(run_dir, scored["adapter"]["step"])
         device = processes.device or pick_device(args.device)
-        captioner = load_captioner(checkpoint, device=device, dtype=default_dtype(device),
+        captioner = load_captioner(checkpoint, device=device, dtype=chosen_dtype(args.dtype, device),
                                    **loading_from_args(args, checkpoint))
     if processes.count > 1:  # each machine may read a copy of its own: copies that differ would caption apart
         processes.agree(evaluated_facts(args, checkpoint, captioner, records, train_records),

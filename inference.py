@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from dataset import IMAGE_SUFFIXES, open_image
-from eval import (add_decoding_flags, add_loading_flags, decoding_from_args, default_dtype, loading_from_args,
+from eval import (add_decoding_flags, add_loading_flags, chosen_dtype, decoding_from_args, loading_from_args,
                   pick_device)
 from model import ADAPTER_CONFIG, AdapterConfig, load_captioner
 from utils import HelpFormatter, UserError, run_cli, whole_number
@@ -204,7 +204,7 @@ def caption_batches(args, checkpoint: Path, device, decoding, paths_to_caption: 
         opened = open_images(paths, unreadable)
         images = [image for image in opened if not isinstance(image, UserError)]
         if images and captioner is None:
-            captioner = load_captioner(checkpoint, device=device, dtype=default_dtype(device),
+            captioner = load_captioner(checkpoint, device=device, dtype=chosen_dtype(args.dtype, device),
                                        **loading_from_args(args, checkpoint))
             if args.compile and not captioner.enable_compiled_decoding():
                 print("note: --compile needs a CUDA device; decoding eagerly", file=sys.stderr)

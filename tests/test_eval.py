@@ -12,10 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 import app
 import eval as eval_script
+import inference
 import train
 from conftest import built_once, train_args, unchanged
 from dataset import extract_features, load_records
@@ -225,6 +227,36 @@ def test_an_evaluation_stopped_while_writing_leaves_no_metrics_beside_other_pred
     assert run_cli(eval_script.main, args) == 0
     assert json.loads((out / "metrics.json").read_text())["num_images"] == 2
     assert (out / "report.html").is_file() and not (out / "decoding_sweep.json").exists()
+
+
+def test_dtype_bf16_evaluates_and_captions_with_bf16_weights_on_a_cpu(tiny, run, evaluated, tmp_path, monkeypatch,
+                                                                      capsys):
+    """--dtype bf16 (faster on a CPU with AMX): eval.py loads the backbones so and says so in metrics.json and
+    --compare; inference.py and app.py load them so too. The default on a CPU stays fp32."""
+    assert json.loads((evaluated / "metrics.json").read_text())["lm_dtype"] == "float32"
+    out = tmp_path / "bf16"
+    assert eval_script.main([str(run), "--dtype", "bf16", "--limit", "2", "--out", str(out), "--no-progress",
+                             "--num-workers", "0"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["lm_dtype"] == "bfloat16" and metrics["num_images"] == 2
+    assert eval_script.main(["--compare", str(evaluated), str(out)]) == 0
+    assert re.search(r"LM weights\s+\|?\s*float32\s+\|?\s*bfloat16", capsys.readouterr().out)
+
+    loaded = []
+    real = eval_script.load_captioner
+
+    def spy(*args, **kwargs):
+        loaded.append(kwargs["dtype"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "load_captioner", spy)
+    image = sorted((Path(tiny["data_dir"]) / "images").glob("test_*.png"))[0]
+    assert inference.main(["--checkpoint", str(run), "--dtype", "bf16", str(image)]) == 0
+    assert capsys.readouterr().out.startswith(f"{image}\t")
+    monkeypatch.setattr("model.load_captioner", spy)
+    app.load_run(run, torch.device("cpu"), with_baseline=False, progress=False,
+                 dtype=eval_script.chosen_dtype("bf16", torch.device("cpu")))
+    assert loaded == [torch.bfloat16, torch.bfloat16]
 
 
 def test_two_evaluations_writing_into_one_folder_take_turns(tmp_path, capsys):
