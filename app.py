@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -134,9 +134,13 @@ class LoadedRun:
     captioner: object
     baseline: Baseline | None = None
     baseline_note: str = ""  # what the baseline is, or why there is none
-    # Gradio's queue already runs one caption at a time; the lock keeps a run safe from any other
-    # caller too (a torch model's generate is not meant to run in two threads at once).
-    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+# Gradio's queue already runs one caption at a time; the lock keeps the runs safe from any other caller
+# too (a torch model's generate is not meant to run in two threads at once). One lock for all runs, not
+# one each: torch's random generator is one per process, and a run sampling with a seed beside another
+# run's caption drew from the other's seed, not giving inference.py's caption.
+CAPTIONING = threading.Lock()
 
 
 def build_baseline(captioner, checkpoint: Path, batch_size: int, progress: bool) -> tuple[Baseline | None, str]:
@@ -257,9 +261,13 @@ def example_images(checkpoint: Path, count: int) -> list[tuple[str, str]]:
         folder = None
         for record in records:
             if record.path is None:  # a Hub row: give the page a file of it
+                try:
+                    image = record.open()
+                except UserError:  # examples are an extra: one damaged row must not keep the page from starting
+                    continue
                 folder = folder or Path(tempfile.mkdtemp(prefix="captioner-app-examples-"))
                 path = folder / f"{re.sub(r'[^A-Za-z0-9._-]', '_', record.image_id)}.png"
-                record.open().save(path)
+                image.save(path)
             else:
                 path = record.path
             examples.append((str(path), f"test image {Path(record.image_id).stem}"))
@@ -382,7 +390,7 @@ def caption_with_run(run: LoadedRun, image, decoding, seed: int = 0) -> tuple[st
     """(caption, milliseconds from the PIL image to the text). Seeded like inference.py --seed, so
     sampling gives the caption inference.py gives this image captioned on its own (in a batch, the images
     sampled beside it change it)."""
-    with run.lock:
+    with CAPTIONING:
         started = time.perf_counter()
         torch.manual_seed(seed)
         caption = run.captioner.caption_images([image], decoding)[0]
@@ -390,7 +398,7 @@ def caption_with_run(run: LoadedRun, image, decoding, seed: int = 0) -> tuple[st
 
 
 def caption_with_baseline(run: LoadedRun, image) -> tuple[str, float]:
-    with run.lock:
+    with CAPTIONING:
         started = time.perf_counter()
         with torch.no_grad():
             features = run.captioner.image_features(run.captioner.preprocess([image]))  # (1, F)
@@ -645,8 +653,24 @@ def upload_limit(text: str) -> float:
     return value
 
 
+def megapixel_limit(text: str) -> float:
+    """An argparse type for --max-megapixels: a number > 0 and at most what the image reader opens
+    (Pillow's MAX_IMAGE_PIXELS, 89.48 megapixels: open_image refuses more as a possible decompression bomb).
+    Above it, an image between the two limits was called damaged, and a larger one "over" a limit it was under."""
+    from PIL import Image
+
+    from utils import positive_number
+
+    value = positive_number(text)
+    if value > Image.MAX_IMAGE_PIXELS / 1e6:
+        most = math.floor(Image.MAX_IMAGE_PIXELS / 1e5) / 10  # rounded down: 89.5 would be refused
+        raise argparse.ArgumentTypeError(f"expected at most {most:g} (megapixels: larger images are refused as "
+                                         f"possible decompression bombs), got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from utils import positive_number, whole_number  # argparse types: a bad number is one line, before anything loads
+    from utils import whole_number  # argparse types: a bad number is one line, before anything loads
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--checkpoint", nargs="+", action="extend", metavar="RUN",
@@ -664,8 +688,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "then keeps their CLIP features in the on-disk feature cache)")
     parser.add_argument("--examples", type=whole_number(0), default=4,
                         help="test images of the first run offered as examples")
-    parser.add_argument("--max-megapixels", type=positive_number, default=40,
-                        help="larger images are refused with a message")
+    parser.add_argument("--max-megapixels", type=megapixel_limit, default=40,
+                        help="larger images are refused with a message (at most 89.4)")
     parser.add_argument("--max-upload-mb", type=upload_limit, default=50,
                         help="larger files are refused with a message")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars at start-up")

@@ -48,7 +48,8 @@ from demo import rebuild_cleared_demo
 from metrics import COCO_METRICS, COCO_VARIANT, TOKENIZATION_DETAILS, coco_metrics, start_meteor
 from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LM_QUANTIZATIONS, AdapterConfig, DecodingConfig, load_captioner,
                    MAX_NUM_BEAMS, lm_quantization_of, not_a_run_folder)
-from report import EXTRA_METRICS, REPORT_FILE, baseline_verdict, collapse_line, percent, sweep_rows, write_report
+from report import (EXTRA_METRICS, LOSS_CURVE, METRIC_CURVE, REPORT_FILE, baseline_verdict, collapse_line, percent,
+                    sweep_rows, write_report)
 from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, HelpFormatter, Processes, UserError, caption_diversity,
                    caption_metrics, default_image_workers, file_digest, format_table, ids_digest, json_value,
                    lost_another_process, nearest_existing, note, read_json, run_cli, stopping_together,
@@ -509,8 +510,8 @@ def write_outputs_in(out_dir: Path, result: SplitResult, records, run_dir: Path 
     out_dir.mkdir(parents=True, exist_ok=True)
     with outputs_lock(out_dir):
         # What an earlier evaluation wrote must not stay beside this one's predictions: its report
-        # (if this write stops half-way) and its decoding sweep (if this one has none).
-        for name in (METRICS_FILE, REPORT_FILE, SWEEP_FILE):
+        # (if this write stops half-way), its decoding sweep and its curves (if this one has none).
+        for name in (METRICS_FILE, REPORT_FILE, SWEEP_FILE, LOSS_CURVE, METRIC_CURVE):
             (out_dir / name).unlink(missing_ok=True)
         write_jsonl(out_dir / PREDICTIONS_FILE, result.rows)
         written = [out_dir / PREDICTIONS_FILE]

@@ -91,7 +91,11 @@ def sweep_rows(sweep: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def esc(value) -> str:
-    return html.escape(str(value), quote=True)
+    """`value` as HTML text. A name whose bytes are not UTF-8 (a file or run folder from an old archive)
+    holds lone surrogates, which report.html's UTF-8 cannot: writing it failed after the whole evaluation,
+    and metrics.json was never written. They are shown as \\udcXX escapes, as inference.py prints them."""
+    text = str(value).encode("utf-8", "backslashreplace").decode("utf-8")
+    return html.escape(text, quote=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 import app
@@ -667,3 +668,71 @@ def test_a_file_over_the_size_limit_is_not_said_to_be_at_it():
         app.check_upload_size(1.14 * 2**20, 1)
     with pytest.raises(UserError, match=r"That file is 50\.1 MB; .* up to 50 MB\."):
         app.check_upload_size(50.01 * 2**20, 50)
+
+
+def test_a_megapixel_limit_over_what_the_image_reader_opens_is_refused_at_start(capsys):
+    """With --max-megapixels 100, a good 90-megapixel photo passed the page's check and was then refused by
+    the image reader as a possible decompression bomb: the visitor read that it may be damaged, or not an
+    image at all (and one of 200 megapixels that it was over the page's limit of 100)."""
+    assert app.build_parser().parse_args(["--max-megapixels", "89.4"]).max_megapixels == 89.4
+    with pytest.raises(SystemExit) as exit_info:
+        app.build_parser().parse_args(["--max-megapixels", "100"])
+    assert exit_info.value.code == 2
+    assert "--max-megapixels: expected at most 89.4 (megapixels: larger images are refused as possible " \
+           "decompression bombs), got '100'" in capsys.readouterr().err
+
+
+def test_two_runs_captioning_at_once_keep_their_own_seeds():
+    """Each run had a lock of its own, but torch's random generator is one per process: a run sampling
+    with seed 1 while another run captioned with seed 2 drew from seed 2's stream."""
+    import threading
+
+    first_seeded, second_done = threading.Event(), threading.Event()
+
+    class Sampler:
+        def __init__(self, first: bool):
+            self.first = first
+
+        def caption_images(self, images, decoding):
+            if self.first:  # seeded: let the other run caption now, if it can
+                first_seeded.set()
+                second_done.wait(timeout=0.5)
+            else:
+                first_seeded.wait(timeout=5)
+            draw = f"{torch.rand(1).item():.6f}"
+            if not self.first:
+                second_done.set()
+            return [draw]
+
+    first, second = (app.LoadedRun(name, Path(name), Sampler(name == "a")) for name in ("a", "b"))
+    decoding = app.decoding_config("sample")
+    with ThreadPoolExecutor(2) as pool:
+        captioned = pool.submit(app.caption_with_run, first, None, decoding, 1)
+        pool.submit(app.caption_with_run, second, None, decoding, 2).result()
+    torch.manual_seed(1)
+    assert captioned.result()[0] == f"{torch.rand(1).item():.6f}"
+
+
+def test_a_damaged_hub_test_image_leaves_it_out_of_the_examples_not_the_page_down(tmp_path, monkeypatch):
+    """The examples are the run's first test images; a Hub row among them that does not decode ended
+    app.py, after its models had loaded, in the row's error: no page at all."""
+    import dataset
+
+    class Row:
+        path = None
+
+        def __init__(self, image_id: str, readable: bool):
+            self.image_id, self.readable = image_id, readable
+
+        def open(self):
+            if not self.readable:
+                raise UserError(f"cannot read image {self.image_id} (row 0): broken data stream")
+            return Image.new("RGB", (8, 8), (200, 30, 30))
+
+    (tmp_path / "run_config.json").write_text(json.dumps({"dataset": "flickr30k"}))
+    monkeypatch.setattr(dataset, "load_records", lambda *args, **kwargs: [Row("1.jpg", False), Row("2.jpg", True)])
+    monkeypatch.setattr(app, "real_photos", lambda: [])
+    examples = app.example_images(tmp_path, 2)
+    assert [label for _, label in examples] == ["test image 2"]
+    with Image.open(examples[0][0]) as image:
+        assert image.size == (8, 8)

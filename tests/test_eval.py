@@ -229,6 +229,26 @@ def test_an_evaluation_stopped_while_writing_leaves_no_metrics_beside_other_pred
     assert (out / "report.html").is_file() and not (out / "decoding_sweep.json").exists()
 
 
+def test_an_evaluation_without_curves_leaves_none_of_an_earlier_ones_in_its_folder(tmp_path):
+    """Two runs evaluated into one --out, the second without a train_log.jsonl (or without validations):
+    the first run's curve PNGs stayed beside the second's report, which said it had no curves."""
+    scores = {key: 0.1 for key, _ in COCO_METRICS} | {"rougeL": 0.1, "bleu4": 0.1}
+    metrics = {**scores, "num_images": 1, "coco_tokenization": "ptb-java", "beats_baseline": True,
+               "baseline_decided_by": "coco_cider_d", "processes": {"num_processes": 1},
+               "baseline": {**scores, "coco_cider_d": 0.05, "method": "nearest", "train_images": 3}}
+    row = {"image_id": "a.png", "prediction": "a red circle", "references": ["a red circle"], "baseline": "a circle",
+           "coco_cider_d": 0.1, "coco_rougeL": 0.1}
+    result, first_run, out = eval_script.SplitResult(metrics, [row]), tmp_path / "first", tmp_path / "out"
+    first_run.mkdir()
+    write_jsonl(first_run / "train_log.jsonl", [{"type": "train", "step": 1, "loss": 2.0},
+                                                {"type": "eval", "step": 1, "val_loss": 1.5, "val_rougeL": 0.5}])
+    written = eval_script.write_eval_outputs(out, result, [], first_run)
+    assert {"curve_loss.png", "curve_val_metrics.png"} <= {path.name for path in written}
+    written = eval_script.write_eval_outputs(out, result, [], None)
+    assert sorted(path.name for path in out.iterdir() if not path.name.startswith(".")) == sorted(
+        path.name for path in written) == ["metrics.json", "predictions.jsonl", "report.html"]
+
+
 def test_dtype_bf16_evaluates_and_captions_with_bf16_weights_on_a_cpu(tiny, run, evaluated, tmp_path, monkeypatch,
                                                                       capsys):
     """--dtype bf16 (faster on a CPU with AMX): eval.py loads the backbones so and says so in metrics.json and
@@ -553,6 +573,24 @@ def test_report_flags_a_run_that_does_not_beat_the_baseline(tmp_path):
     assert 'class="verdict bad"' in html and "does NOT beat the nearest-neighbour baseline on CIDEr-D" in html
     assert "10.00 vs 50.00" in html
     assert "<script>" not in html and "&lt;script&gt;" in html and "a&lt;b&gt;.png" in html
+
+
+def test_a_name_that_is_not_utf8_is_escaped_in_the_report_not_its_end(tmp_path):
+    """An image and a run folder named in Latin-1 bytes (Python holds them as lone surrogates): report.html,
+    written as UTF-8, failed on them in a UnicodeEncodeError after the whole split was scored, before
+    metrics.json was written."""
+    from report import write_report
+
+    name, run = os.fsdecode(b"caf\xe9.png"), os.fsdecode(b"saved_models/r\xe9sum\xe9")
+    scores = {key: 0.1 for key, _ in COCO_METRICS} | {"rougeL": 0.1, "bleu4": 0.1}
+    metrics = {**scores, "num_images": 1, "coco_tokenization": "ptb-java", "beats_baseline": True, "checkpoint": run,
+               "baseline_decided_by": "coco_cider_d", "processes": {"num_processes": 1}, "notes": [f"about {name}"],
+               "baseline": {**scores, "coco_cider_d": 0.05, "method": "nearest", "train_images": 3}}
+    row = {"image_id": name, "prediction": "a red circle", "references": ["a red circle"], "baseline": "a circle",
+           "coco_cider_d": 0.1, "coco_rougeL": 0.1}
+    (report,) = write_report(tmp_path, metrics, [row], [], None)
+    text = report.read_text(encoding="utf-8")
+    assert "caf\\udce9.png" in text and "r\\udce9sum\\udce9" in text and "note: about caf\\udce9.png" in text
 
 
 def test_one_caption_for_most_images_is_flagged_unless_the_data_is_as_repetitive(tmp_path):
