@@ -448,7 +448,7 @@ def evaluate_captioner(captioner, records, decodings: dict[str, DecodingConfig],
             "baseline_decided_by": DECIDING_METRIC,
             "diversity": caption_diversity(predictions[name]),
             "processes": {"num_processes": processes.count, "images_per_process": images_per_process},
-            "notes": notes,
+            "notes": list(notes),  # a list of its own: main adds the printed notes to one decoding's
         }
         rows = [{"image_id": record.image_id, "prediction": predictions[name][i], "references": record.captions,
                  "baseline": baseline[i], **{key: values[i] for key, values in per_image.items()},
