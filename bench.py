@@ -748,6 +748,8 @@ def check_args(args) -> None:
     args.device = pick_device(args.device)
     if args.device.type not in ("cpu", "cuda"):
         raise UserError(f"--device {args.device}: bench.py measures on cpu or cuda")
+    if args.cpu_bf16 and args.device.type != "cpu":  # a GPU's lines are bf16 already where it has bf16
+        print("note: --cpu-bf16 adds bf16 lines on a CPU only; on this GPU it changes nothing", file=sys.stderr)
     if args.out and (Path(args.out).is_dir() or not Path(args.out).parent.is_dir()):
         raise UserError(f"--out {args.out}: give a file in an existing folder (each JSON line is written "
                         "there as it is measured)")

@@ -11,6 +11,7 @@ import platform
 import random
 import signal
 import sys
+import threading
 import time
 import warnings
 from collections import Counter
@@ -97,6 +98,9 @@ def run_cli(main_fn, argv=None) -> int:
         leave_process_group()
 
 
+LEAVE_GROUP_TIMEOUT_S = 10.0  # a group with nothing pending is torn down in well under a second
+
+
 def leave_process_group() -> None:
     """Tear down the launcher's process group before the interpreter exits. Left to the exit (a run that
     stopped on an error, which never reaches accelerate's end_training), gloo's threads were destroyed while
@@ -106,9 +110,19 @@ def leave_process_group() -> None:
         return
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+
+    def destroy() -> None:
         with contextlib.suppress(Exception):  # a peer already gone: there is nothing left to tear down
             dist.destroy_process_group()
+
+    # Waited for a while, not for ever: with a collective of this process still pending (an error in the middle
+    # of a backward pass), gloo's teardown waits for every peer to join it, which one busy elsewhere never does
+    # (measured: until it exited). Hanging there kept the error from the launcher, which stops the others.
+    leaving = threading.Thread(target=destroy, name="leave_process_group", daemon=True)
+    leaving.start()
+    leaving.join(LEAVE_GROUP_TIMEOUT_S)
 
 
 DISK_FULL_OR_READ_ONLY = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}

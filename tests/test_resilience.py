@@ -1083,6 +1083,44 @@ def test_a_script_that_stops_on_an_error_leaves_its_process_group_first():
     assert done.stderr.strip() == "error: --batch-size must be >= 1, got 0"
 
 
+def test_leaving_the_process_group_waits_a_while_not_for_a_collective_no_peer_joins():
+    """Process 1 stops on an error with an all-reduce of its own still pending, which process 0, busy
+    elsewhere, never joins: gloo's teardown waited for it until process 0 exited (here 60 s), and the
+    launcher, which stops the others when one exits, never heard of the error."""
+    script = (
+        "import os, sys, time, torch, torch.distributed as dist\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
+        "import utils\n"
+        "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=sys.argv[1])\n"
+        "rank = int(sys.argv[2])\n"
+        "dist.init_process_group('gloo', rank=rank, world_size=2)\n"
+        "if rank == 0:\n"
+        "    time.sleep(60)\n"
+        "    sys.exit(0)\n"
+        "utils.LEAVE_GROUP_TIMEOUT_S = 2.0\n"
+        "def fail(argv):\n"
+        "    dist.all_reduce(torch.ones(4), async_op=True)\n"
+        "    raise utils.UserError('stopped mid-step')\n"
+        "started = time.perf_counter()\n"
+        "code = utils.run_cli(fail)\n"
+        "print(code, round(time.perf_counter() - started))\n"
+    )
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    busy = subprocess.Popen([sys.executable, "-c", script, str(port), "0"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        done = subprocess.run([sys.executable, "-c", script, str(port), "1"], capture_output=True, text=True,
+                              timeout=120)
+    finally:
+        busy.kill()
+        busy.wait()
+    code, seconds = done.stdout.split()
+    assert code == "2" and int(seconds) < 20, done.stdout + done.stderr
+    assert done.stderr.strip() == "error: stopped mid-step"
+
+
 def test_a_line_every_process_stops_with_is_printed_once_per_machine(monkeypatch, capsys):
     """Two processes on one machine that disagree stop alike, but only the machine's first says why: the
     other's line would be the same line again in the same terminal."""

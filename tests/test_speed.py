@@ -825,6 +825,16 @@ def test_bench_cpu_bf16_times_the_step_train_py_runs_in_bf16_and_it_gives_the_sa
     assert losses[torch.bfloat16] == pytest.approx(losses[torch.float32], rel=2e-2)
 
 
+def test_bench_says_cpu_bf16_changes_nothing_on_a_gpu(monkeypatch, capsys):
+    """--cpu-bf16 adds lines on a CPU only: on a GPU it was silently ignored."""
+    import bench
+
+    monkeypatch.setattr(bench, "pick_device", lambda name: torch.device(name))
+    for device, said in (("cuda", True), ("cpu", False)):
+        bench.check_args(bench.build_parser().parse_args(["--device", device, "--cpu-bf16"]))
+        assert ("--cpu-bf16" in capsys.readouterr().err) == said
+
+
 def test_bench_measures_the_transformer_adapter_and_keeps_it_out_of_the_targets(capsys):
     import json
 
