@@ -966,7 +966,7 @@ def check_new_run_folder(run_dir: Path, config: TrainConfig) -> None:
 
 def lock_holder(run_dir: Path) -> str | None:
     """The pid and host of the process holding run_dir's lock, or None where none does (or there is no flock).
-    Never creates the lock file; its shared lock is held only for the look, and only where starting is refused."""
+    Never creates the lock file; its shared lock is held only for the look."""
     try:
         import fcntl
 
@@ -1014,18 +1014,7 @@ def lock_run_folder(run_dir: Path):
 def run_being_trained(folder: Path) -> bool:
     """Whether a train.py process holds the run folder's lock, i.e. trains there now. The probe takes a
     shared lock for an instant; a training start in that instant picks the next demo name."""
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): train.py takes no lock either
-        return False
-    try:
-        with open(folder / RUN_LOCK) as handle:
-            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)  # let go of as the file closes
-    except BlockingIOError:
-        return True
-    except OSError:  # no lock file (a finished run), or a file system without locks
-        return False
-    return False
+    return lock_holder(folder) is not None
 
 
 def lock_file_is_current(handle, path: Path) -> bool:
