@@ -406,8 +406,8 @@ def bench_train_interleaved(args, batches: list[int], naive_batches: list[int]) 
             bf16 = path == "product+bf16"
             emit(args, bench="train", path=path, compile_mode=None, compiled=compile_held(path, steps[path]),
                  batch=batch, prefix_tokens=PREFIX_LENGTH, caption_tokens=CAPTION_TOKENS,
-                 weights_dtype="bfloat16" if bf16 else "float32", autocast_bf16=bf16, step_s=round(seconds[path], 4), samples_per_s=per_second(batch, seconds[path]),
-                 peak_mem_gib=None, timing="median, paths interleaved")
+                 weights_dtype="bfloat16" if bf16 else "float32", autocast_bf16=bf16, step_s=round(seconds[path], 4),
+                 samples_per_s=per_second(batch, seconds[path]), peak_mem_gib=None, timing="median, paths interleaved")
 
 
 def bench_quantized(args) -> None:
