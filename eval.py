@@ -634,8 +634,10 @@ def unrecorded_data_note(runs) -> str:
 
 
 def markdown_table(header, rows) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
+    def line(cells) -> str:  # a "|" in a cell (a run folder's name) would split it: markdown's escape keeps it
+        return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
+
+    return "\n".join([line(header), "|" + "---|" * len(header), *map(line, rows)]) + "\n"
 
 
 def compare_main(args) -> int:

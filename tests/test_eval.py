@@ -167,7 +167,7 @@ def test_decoding_sweep_is_one_table_on_the_same_split(evaluated):
 
 
 def test_compare_puts_runs_side_by_side(evaluated, tmp_path, capsys):
-    other = tmp_path / "other"
+    other = tmp_path / "other|b"  # a "|" in a folder's name must not split comparison.md's table
     other.mkdir()
     metrics = json.loads((evaluated / "metrics.json").read_text())
     (other / "metrics.json").write_text(json.dumps({**metrics, "coco_cider_d": 1.2345, "coco_bleu4": 0.5678}))
@@ -177,11 +177,12 @@ def test_compare_puts_runs_side_by_side(evaluated, tmp_path, capsys):
     cider_row = next(line for line in printed.splitlines() if line.startswith("CIDEr-D"))
     assert cider_row.split()[1:] == [f"{100 * metrics['coco_cider_d']:.2f}", "123.45"]
     table = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
-    assert table["header"] == ["metric (x100)", evaluated.name, "other"]
+    assert table["header"] == ["metric (x100)", evaluated.name, "other|b"]
     assert table["metrics"][str(other)]["coco_bleu4"] == 0.5678
     assert table["metrics"][str(evaluated)]["coco_cider_d"] == metrics["coco_cider_d"]
     markdown = (tmp_path / "cmp" / "comparison.md").read_text()
     assert "| CIDEr-D |" in markdown and "123.45" in markdown and "56.78" in markdown
+    assert {line.replace("\\|", "").count("|") for line in markdown.split("\n\n")[0].splitlines()} == {4}
 
     (tmp_path / "never-evaluated").mkdir()
     assert run_cli(eval_script.main, ["--compare", str(evaluated), str(tmp_path / "never-evaluated")]) == 2
