@@ -1075,9 +1075,7 @@ def test_a_script_that_stops_on_an_error_leaves_its_process_group_first():
         "code = run_cli(fail)\n"
         "print('still joined' if dist.is_initialized() else 'left', code)\n"
     )
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     done = subprocess.run([sys.executable, "-c", script, str(port)], capture_output=True, text=True, timeout=120)
     assert done.stdout.split() == ["left", "2"], done.stdout + done.stderr
     assert done.stderr.strip() == "error: --batch-size must be >= 1, got 0"
@@ -1105,9 +1103,7 @@ def test_leaving_the_process_group_waits_a_while_not_for_a_collective_no_peer_jo
         "code = utils.run_cli(fail)\n"
         "print(code, round(time.perf_counter() - started))\n"
     )
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     busy = subprocess.Popen([sys.executable, "-c", script, str(port), "0"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
