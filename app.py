@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from utils import HelpFormatter, UserError, nearest_existing, run_cli
+from utils import HelpFormatter, UserError, add_dtype_flag, nearest_existing, run_cli
 
 # Gradio reports usage and checks for new versions over the network unless told not to.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -147,7 +147,8 @@ def build_baseline(captioner, checkpoint: Path, batch_size: int, progress: bool)
     """Features of the run's training images (through the on-disk feature cache, so a second start-up
     reads them back), or None and the reason when its training data is not at hand."""
     from dataset import FLICKR30K_PARQUET, drop_unreadable, extract_features
-    from eval import baseline_training_records, feature_cache_settings, find_run_config, find_run_dir, trained_image_ids
+    from eval import (baseline_training_records, feature_cache_settings, find_run_config, find_run_dir,
+                      saved_trainer_state, trained_image_ids)
 
     run = find_run_config(checkpoint)
     if not run.get("dataset"):
@@ -155,7 +156,7 @@ def build_baseline(captioner, checkpoint: Path, batch_size: int, progress: bool)
     try:
         records = baseline_training_records(run, run["dataset"], run.get("data_dir"),
                                             run.get("hub_data_files") or FLICKR30K_PARQUET,
-                                            trained_image_ids(find_run_dir(checkpoint), run))
+                                            trained_image_ids(saved_trainer_state(find_run_dir(checkpoint)), run))
         bad_samples: list = []
         features = extract_features(captioner, records, batch_size, 0, progress,
                                     "CLIP features (training images, for the baseline)",
@@ -696,9 +697,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lm-quantization", choices=("none", "8bit", "4bit"), default=None,
                         help="load each run's frozen LM in 8-bit or 4-bit NF4 through bitsandbytes, or not at all "
                              "(default: as the run trained it, from its run_config.json; else none)")
-    parser.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
-                        help="the frozen backbones' weights: auto = bf16 on a GPU that has it, else fp32; on a CPU "
-                             "with AMX (Xeon Sapphire Rapids and later) bf16 captions faster (README, Speed)")
+    add_dtype_flag(parser)
     return parser
 
 

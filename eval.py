@@ -50,9 +50,9 @@ from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LM_QUANTIZATIONS, AdapterCon
                    MAX_NUM_BEAMS, lm_quantization_of, not_a_run_folder)
 from report import (EXTRA_METRICS, LOSS_CURVE, METRIC_CURVE, REPORT_FILE, baseline_verdict, collapse_line, percent,
                     sweep_rows, write_report)
-from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, HelpFormatter, Processes, UserError, caption_diversity,
-                   caption_metrics, default_image_workers, file_digest, format_table, ids_digest, json_value,
-                   lost_another_process, nearest_existing, note, read_json, run_cli, stopping_together,
+from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, HelpFormatter, Processes, UserError, add_dtype_flag,
+                   caption_diversity, caption_metrics, default_image_workers, file_digest, format_table, ids_digest,
+                   json_value, lost_another_process, nearest_existing, note, read_json, run_cli, stopping_together,
                    usage_errors_once_per_machine, waiting_lock, weights_digest, whole_number, write_json, write_jsonl,
                    write_text)
 
@@ -108,9 +108,7 @@ def add_loading_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--trust-remote-code", action="store_true",
                        help="allow backbones whose checkpoints ship their own Python code to run it; off unless "
                             "given here (a checkpoint can never turn it on)")
-    group.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
-                       help="the frozen backbones' weights: auto = bf16 on a GPU that has it, else fp32; on a CPU "
-                            "with AMX (Xeon Sapphire Rapids and later) bf16 captions faster (README, Speed)")
+    add_dtype_flag(group)
     group.add_argument("--clip-model", default=None,
                        help="the CLIP backbone (Hub id or folder) in place of the one the checkpoint names, e.g. "
                             "after moving it; it must have the same sizes")
@@ -667,12 +665,12 @@ def saved_trainer_state(run_dir: Path) -> dict:
     return read_json(state_dir / TRAINER_STATE, "trainer state") if state_dir else {}
 
 
-def trained_image_ids(run_dir: Path, run: dict) -> set[str] | None:
-    """The ids of the images a run on a caption folder trained on, as train.py keeps them (TrainerState.
-    train_images); None for other data and for runs saved before they were kept."""
+def trained_image_ids(state: dict, run: dict) -> set[str] | None:
+    """The ids of the images a run on a caption folder trained on, as train.py keeps them in its state
+    (saved_trainer_state; TrainerState.train_images); None for other data and for runs saved before they were kept."""
     if run.get("dataset") != "folder":
         return None
-    return set(saved_trainer_state(run_dir).get("train_images") or ()) or None
+    return set(state.get("train_images") or ()) or None
 
 
 def baseline_training_records(run: dict, dataset: str, data_dir, hub_files: str, trained_ids: set[str] | None = None):
@@ -741,12 +739,11 @@ def check_no_trained_image_held_out(records, trained_ids: set[str] | None, split
                         "or train again")
 
 
-def check_split_deal_unchanged(run_dir: Path, run: dict) -> str:
+def check_split_deal_unchanged(state: dict, run_dir: Path, run: dict) -> str:
     """A caption folder's images without a split are dealt one (dataset.deal_splits). Under the shuffle deal
     an image added to or removed from its caption file since training re-deals every split: the test split
     would then hold images the run trained on, scored as unseen. Under the hash deal see check_hash_deal, whose
-    note on how the folder changed this returns ("" where it did not)."""
-    state = saved_trainer_state(run_dir)
+    note on how the folder changed this returns ("" where it did not). `state`: saved_trainer_state."""
     saved = state.get("split_deal", "")
     if not saved:
         return ""  # splits named by the data, or a run saved before the deal was kept: nothing to compare
@@ -1014,10 +1011,11 @@ def main(argv=None) -> int:
         records = limit_records(records, args.limit, seed)
         if not records:
             raise UserError(empty_split_message(dataset, args.split, data_dir, hub_files, seed, folder_split))
-        trained_ids = trained_image_ids(run_dir, run)
+        state = saved_trainer_state(run_dir)  # read once: it lists every training image of a caption folder
+        trained_ids = trained_image_ids(state, run)
         train_records = baseline_training_records(run, dataset, data_dir, hub_files, trained_ids)
         if dataset == "folder" and own_data:
-            deal_note = check_split_deal_unchanged(run_dir, run)
+            deal_note = check_split_deal_unchanged(state, run_dir, run)
             check_no_trained_image_held_out(records, trained_ids, args.split, data_dir, run_dir)
             if deal_note:
                 note(deal_note, file=sys.stderr)

@@ -37,7 +37,7 @@ from dataset import IMAGE_SUFFIXES, open_image
 from eval import (add_decoding_flags, add_loading_flags, chosen_dtype, decoding_from_args, loading_from_args,
                   pick_device)
 from model import ADAPTER_CONFIG, AdapterConfig, load_captioner
-from utils import HelpFormatter, UserError, run_cli, whole_number
+from utils import HelpFormatter, UserError, escape_surrogates, run_cli, whole_number
 
 
 class ImagesParser(argparse.ArgumentParser):
@@ -235,8 +235,7 @@ def tab_line(path: str, caption: str) -> str:
     they are written as JSON's \\udcXX escapes, which json.loads and os.fsencode turn back into the name.
     Captions are single-spaced already."""
     if path.startswith('"') or any(unicodedata.category(char) in ("Cc", "Cs") for char in path):
-        path = "".join(f"\\u{ord(char):04x}" if unicodedata.category(char) == "Cs" else char
-                       for char in json.dumps(path, ensure_ascii=False))
+        path = escape_surrogates(json.dumps(path, ensure_ascii=False))
     return f"{path}\t{caption}"
 
 

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 from metrics import COCO_METRICS
-from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, UserError, collapse_warning, is_whole_number, json_value,
-                   not_a_script, read_jsonl, replace_durably, write_text)
+from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, UserError, collapse_warning, escape_surrogates, is_whole_number,
+                   json_value, not_a_script, read_jsonl, replace_durably, write_text)
 
 REPORT_FILE = "report.html"
 LOSS_CURVE = "curve_loss.png"
@@ -94,8 +94,7 @@ def esc(value) -> str:
     """`value` as HTML text. A name whose bytes are not UTF-8 (a file or run folder from an old archive)
     holds lone surrogates, which report.html's UTF-8 cannot: writing it failed after the whole evaluation,
     and metrics.json was never written. They are shown as \\udcXX escapes, as inference.py prints them."""
-    text = str(value).encode("utf-8", "backslashreplace").decode("utf-8")
-    return html.escape(text, quote=True)
+    return html.escape(escape_surrogates(str(value)), quote=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -125,6 +125,20 @@ def leave_process_group() -> None:
     leaving.join(LEAVE_GROUP_TIMEOUT_S)
 
 
+def escape_surrogates(text: str) -> str:
+    """`text` with the lone surrogates Python holds a file name's non-UTF-8 bytes as written as `\\udcXX`
+    escapes: a UTF-8 stream (stdout, report.html) refuses them, and json.loads plus os.fsencode turn the
+    escapes back into the name's bytes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def add_dtype_flag(parser) -> None:
+    """--dtype, for eval.py and inference.py (eval.add_loading_flags) and app.py (eval.chosen_dtype reads it)."""
+    parser.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="the frozen backbones' weights: auto = bf16 on a GPU that has it, else fp32; on a CPU "
+                             "with AMX (Xeon Sapphire Rapids and later) bf16 captions faster (README, Speed)")
+
+
 DISK_FULL_OR_READ_ONLY = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 
