@@ -19,12 +19,14 @@ if __name__ == "__main__":  # Ctrl-C while torch imports (seconds) ends quietly,
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # run_cli turns it back into KeyboardInterrupt
 
 import argparse
+import atexit
 import base64
 import binascii
 import contextlib
 import math
 import os
 import re
+import shutil
 import sys
 import tempfile
 import threading
@@ -266,7 +268,7 @@ def example_images(checkpoint: Path, count: int) -> list[tuple[str, str]]:
                     image = record.open()
                 except UserError:  # examples are an extra: one damaged row must not keep the page from starting
                     continue
-                folder = folder or Path(tempfile.mkdtemp(prefix="captioner-app-examples-"))
+                folder = folder or hub_examples_folder()
                 path = folder / f"{re.sub(r'[^A-Za-z0-9._-]', '_', record.image_id)}.png"
                 image.save(path)
             else:
@@ -275,6 +277,14 @@ def example_images(checkpoint: Path, count: int) -> list[tuple[str, str]]:
     for path, label in real_photos():
         examples.append((path, label))
     return examples
+
+
+def hub_examples_folder() -> Path:
+    """A temp folder for the page's Hub example files, removed when the server exits: every start
+    otherwise left one behind in /tmp."""
+    folder = Path(tempfile.mkdtemp(prefix="captioner-app-examples-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def real_photos() -> list[tuple[str, str]]:

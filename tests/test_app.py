@@ -736,3 +736,35 @@ def test_a_damaged_hub_test_image_leaves_it_out_of_the_examples_not_the_page_dow
     assert [label for _, label in examples] == ["test image 2"]
     with Image.open(examples[0][0]) as image:
         assert image.size == (8, 8)
+
+
+def test_the_hub_examples_folder_is_removed_when_the_server_exits(tmp_path):
+    """A Hub run's example images are written to a temp folder for the page; every start of app.py
+    left one behind in /tmp."""
+    script = f"""
+import json, sys, tempfile
+from pathlib import Path
+from PIL import Image
+import app, dataset
+tempfile.tempdir = {str(tmp_path)!r}
+
+class Row:
+    path = None
+    image_id = "1.jpg"
+    def open(self):
+        return Image.new("RGB", (8, 8))
+
+run = Path({str(tmp_path / "run")!r}); run.mkdir()
+(run / "run_config.json").write_text(json.dumps({{"dataset": "flickr30k"}}))
+dataset.load_records = lambda *args, **kwargs: [Row()]
+app.real_photos = lambda: []
+[(path, label)] = app.example_images(run, 1)
+assert Path(path).is_file()
+print(Path(path).parent)
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    folder = Path(done.stdout.strip().splitlines()[-1])
+    assert folder.parent == tmp_path and folder.name.startswith("captioner-app-examples-")
+    assert not folder.exists()
