@@ -1002,6 +1002,9 @@ def main(argv=None) -> int:
                 sweep_decoding = dataclasses.replace(sweep_decoding, max_new_tokens=args.max_new_tokens)
                 decodings.setdefault(describe_decoding(sweep_decoding), sweep_decoding)
 
+        # Chosen before any data is read: a --device or --dtype the machine lacks is refused at once.
+        device = processes.device or pick_device(args.device)
+        dtype = chosen_dtype(args.dtype, device)
         rebuild_cleared_demo(data_dir)
         own_data = same_data(run, dataset, data_dir)
         # The run's own folder is dealt as it was for training; another as new runs deal it, so that runs
@@ -1023,8 +1026,7 @@ def main(argv=None) -> int:
         # newer adapter there by then, and metrics.json named that one for the older one's figures.
         scored = what_was_scored(checkpoint, dataset, args.split, records)
         live = still_training_note(run_dir, scored["adapter"]["step"])
-        device = processes.device or pick_device(args.device)
-        captioner = load_captioner(checkpoint, device=device, dtype=chosen_dtype(args.dtype, device),
+        captioner = load_captioner(checkpoint, device=device, dtype=dtype,
                                    **loading_from_args(args, checkpoint))
     if processes.count > 1:  # each machine may read a copy of its own: copies that differ would caption apart
         processes.agree(evaluated_facts(args, checkpoint, captioner, records, train_records),

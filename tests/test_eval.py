@@ -280,6 +280,23 @@ def test_dtype_bf16_evaluates_and_captions_with_bf16_weights_on_a_cpu(tiny, run,
     assert loaded == [torch.bfloat16, torch.bfloat16]
 
 
+def test_dtype_bf16_on_a_gpu_without_it_is_refused_before_any_data_is_read(run, tmp_path, monkeypatch):
+    """On a GPU without bf16 (a T4, a V100), --dtype bf16 was refused only when the backbones loaded: after
+    the split and the baseline's training images had been read (minutes for a Hub data set)."""
+    import dataset
+
+    def read_data(*args, **kwargs):
+        raise AssertionError("data was read before --dtype was checked")
+
+    monkeypatch.setattr(eval_script, "pick_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "Tesla T4")
+    monkeypatch.setattr(eval_script, "load_records", read_data)
+    monkeypatch.setattr(dataset, "load_records", read_data)
+    with pytest.raises(UserError, match=r"^--dtype bf16: the GPU Tesla T4 has no bf16; use --dtype fp32"):
+        eval_script.main([str(run), "--dtype", "bf16", "--out", str(tmp_path / "out"), "--no-progress"])
+
+
 def test_two_evaluations_writing_into_one_folder_take_turns(tmp_path, capsys):
     import threading
 
