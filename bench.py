@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from eval import pick_device
 from model import IGNORE_INDEX, AdapterConfig, Captioner, TrainingLoss, save_adapter
-from utils import HelpFormatter, UserError, read_jsonl, run_cli, whole_number
+from utils import HelpFormatter, UserError, gpu_computes_in_bf16, read_jsonl, run_cli, whole_number
 
 PREFIX_LENGTH, CAPTION_TOKENS = 10, 24  # Flickr30k captions: ~13 words ~ 17 Qwen tokens + EOS, padded
 SECTIONS = ("train", "loss", "extract", "generate", "latency", "cold", "quantized")
@@ -315,7 +315,7 @@ def training_step(captioner, path: str, batch: int, image_size: int, device, aut
 
 def bench_train(args, path: str, batch: int, mode: str | None = None) -> None:
     device = args.device
-    gpu_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    gpu_bf16 = device.type == "cuda" and gpu_computes_in_bf16()
     # naive keeps fp32 weights; the product stores frozen weights in the compute dtype (bf16 on GPU).
     weights_dtype = torch.bfloat16 if (path != "naive" and gpu_bf16) else torch.float32
     captioner = step = None
@@ -419,7 +419,7 @@ def bench_quantized(args) -> None:
     from model import freeze, lm_quantization_config
 
     device, batch = args.device, min(args.batches_list)
-    gpu_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    gpu_bf16 = device.type == "cuda" and gpu_computes_in_bf16()
     dtype = compute_dtype(device)
     with tempfile.TemporaryDirectory() as folder:
         captioner = make_captioner(args.shapes, device, dtype, args.adapter_kind)
@@ -501,7 +501,7 @@ def bench_loss(args) -> None:
 # ----------------------------------------------------------------------------------------------
 
 def compute_dtype(device):
-    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if device.type == "cuda" and gpu_computes_in_bf16() else torch.float32
 
 
 def bench_extract(args, captioner) -> None:

@@ -51,7 +51,8 @@ from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LM_QUANTIZATIONS, AdapterCon
 from report import (EXTRA_METRICS, LOSS_CURVE, METRIC_CURVE, REPORT_FILE, baseline_verdict, collapse_line, percent,
                     sweep_rows, write_report)
 from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, HelpFormatter, Processes, UserError, add_dtype_flag,
-                   caption_diversity, caption_metrics, default_image_workers, file_digest, format_table, ids_digest,
+                   caption_diversity, caption_metrics, default_image_workers, file_digest, format_table,
+                   gpu_computes_in_bf16, ids_digest,
                    json_value, lost_another_process, nearest_existing, note, read_json, run_cli, stopping_together,
                    usage_errors_once_per_machine, waiting_lock, weights_digest, whole_number, write_json, write_jsonl,
                    write_text)
@@ -205,14 +206,14 @@ def pick_device(name: str) -> torch.device:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if device.type == "cuda" and gpu_computes_in_bf16() else torch.float32
 
 
 def chosen_dtype(name: str, device: torch.device) -> torch.dtype:
     """--dtype on `device`: auto is default_dtype. bf16 on a GPU without it would be emulated at a crawl."""
     if name == "auto":
         return default_dtype(device)
-    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if name == "bf16" and device.type == "cuda" and not gpu_computes_in_bf16():
         raise UserError(f"--dtype bf16: the GPU {torch.cuda.get_device_name(device)} has no bf16; use --dtype fp32 "
                         "(or auto)")
     return torch.bfloat16 if name == "bf16" else torch.float32

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import UserError, is_whole_number, replace_durably, with_usual_mode, write_json
+from utils import UserError, gpu_computes_in_bf16, is_whole_number, replace_durably, with_usual_mode, write_json
 
 FORMAT_VERSION = 1
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -359,7 +359,7 @@ def lm_quantization_config(lm_quantization: str, device: torch.device):
         logging.getLogger("bitsandbytes.autograd._functions").addFilter(_drop_int8_cast_notice)
         return BitsAndBytesConfig(load_in_8bit=True)
     if device.type == "cuda":
-        compute_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        compute_dtype = torch.bfloat16 if gpu_computes_in_bf16() else torch.float16
     else:
         compute_dtype = torch.float32
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)

@@ -47,7 +47,8 @@ from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, IGNORE_INDEX, AdapterConfig,
                    build_captioner, load_adapter_state, missing_local_folder, repair_torn_export, resolve_dtype,
                    save_adapter, save_adapter_weights)
 from utils import (HelpFormatter, Processes, Terminated, UserError, append_jsonl, caption_diversity, caption_metrics,
-                   check_folder_is_shared, check_processes_agree, collapse_warning, default_image_workers, ids_digest,
+                   check_folder_is_shared, check_processes_agree, collapse_warning, default_image_workers,
+                   gpu_computes_in_bf16, ids_digest,
                    interrupt_handled, interrupt_name, interrupted_exit_code, is_whole_number, join_processes,
                    json_value, launched_processes, library_versions, load_state, lone_cpu_launch_warning,
                    lost_another_process, machines, nearest_existing, read_json, read_jsonl, rng_states, run_cli,
@@ -464,7 +465,7 @@ def tracker_names(report_to: str) -> list[str]:
 
 
 def auto_mixed_precision() -> str:
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if gpu_computes_in_bf16() else "no"
 
 
 def frozen_dtype(config: TrainConfig) -> torch.dtype:

@@ -501,6 +501,13 @@ def weights_digest(module: torch.nn.Module, sample_bytes: int = 1 << 16) -> str:
     return digest.hexdigest()
 
 
+def gpu_computes_in_bf16() -> bool:
+    """Whether the GPU does bf16 arithmetic in hardware (compute capability 8.0 and later, or ROCm).
+    torch.cuda.is_bf16_supported() alone also says yes on a T4 or V100, which only emulate bf16,
+    several times slower than fp32 there: bf16 by default on those would slow every run down."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

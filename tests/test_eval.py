@@ -289,7 +289,7 @@ def test_dtype_bf16_on_a_gpu_without_it_is_refused_before_any_data_is_read(run, 
         raise AssertionError("data was read before --dtype was checked")
 
     monkeypatch.setattr(eval_script, "pick_device", lambda name: torch.device("cuda"))
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    monkeypatch.setattr(eval_script, "gpu_computes_in_bf16", lambda: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "Tesla T4")
     monkeypatch.setattr(eval_script, "load_records", read_data)
     monkeypatch.setattr(dataset, "load_records", read_data)

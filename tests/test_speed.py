@@ -962,3 +962,30 @@ def test_bench_rates_keep_three_significant_digits_when_slow(monkeypatch, capsys
     assert {r["samples_per_s"] for r in records if r["bench"] == "train"} == {0.0391}
     assert {r["captions_per_s"] for r in records if r["bench"] == "generate"} == {0.0196}
     assert bench.per_second(256, 0.0607) == 4217.5 and bench.per_second(8, 0.5) == 16.0
+
+
+@pytest.mark.parametrize("capability, bf16", [(7, False), (8, True)])
+def test_bf16_is_chosen_only_on_gpus_that_compute_in_it(monkeypatch, capability, bf16):
+    # A T4 or V100 (compute capability 7) only emulates bf16, and torch.cuda.is_bf16_supported() says yes
+    # there: the automatic choices must look at the hardware, or every run on such a GPU crawls in bf16.
+    from types import SimpleNamespace
+
+    import bench
+    import eval as eval_script
+    import model
+    import train
+
+    pytest.importorskip("bitsandbytes")  # imported before CUDA is faked: it sets itself up by what it finds
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(major=capability))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)  # emulation works
+    gpu = torch.device("cuda")
+    assert train.auto_mixed_precision() == ("bf16" if bf16 else "no")
+    assert eval_script.default_dtype(gpu) == bench.compute_dtype(gpu) == (torch.bfloat16 if bf16 else torch.float32)
+    assert model.lm_quantization_config("4bit", gpu).bnb_4bit_compute_dtype == (torch.bfloat16 if bf16 else torch.float16)
+    if not bf16:
+        with pytest.raises(model.UserError, match="^--dtype bf16: the GPU .* has no bf16"):
+            monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+            eval_script.chosen_dtype("bf16", gpu)
