@@ -39,7 +39,9 @@ part() {
     echo "== $name: up to ${cap}s: bench.py $*" | tee -a "$out/bench.log"
     local part_file
     part_file=$(mktemp)  # its own file: two dry runs on one machine must not mix their parts
-    timeout "$cap" python3 bench.py --shapes "${SHAPES:-real}" "$@" --out "$part_file" >>"$out/bench.log" 2>&1
+    # -k: a part stuck where SIGTERM never reaches Python (inside a CUDA call or a compiler) is killed
+    # 10 s later, or it would eat the parts after it and the call's whole budget.
+    timeout -k 10 "$cap" python3 bench.py --shapes "${SHAPES:-real}" "$@" --out "$part_file" >>"$out/bench.log" 2>&1
     echo "== $name: exit $? after $((SECONDS - deadline + ${DEADLINE:-480}))s of the run" | tee -a "$out/bench.log"
     cat "$part_file" >>"$out/bench.jsonl" 2>/dev/null
     rm -f "$part_file"
