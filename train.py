@@ -465,6 +465,12 @@ def tracker_names(report_to: str) -> list[str]:
 
 
 def auto_mixed_precision() -> str:
+    from accelerate.utils import parse_flag_from_env
+
+    # A GPU machine's run sent to its CPU (`accelerate launch --cpu`, ACCELERATE_USE_CPU=true torchrun)
+    # trains on a CPU, where bf16 autocast is slower than fp32 but on the newest Xeons.
+    if parse_flag_from_env("ACCELERATE_USE_CPU"):
+        return "no"
     return "bf16" if gpu_computes_in_bf16() else "no"
 
 

@@ -1124,3 +1124,11 @@ def test_validation_shared_by_processes_gives_the_record_of_one(tiny):
         with pytest.raises(RuntimeError, match="captioned 8 validation images of 6"):  # a share counted twice
             train.validation_record(shares + shares[-1:], records)
     assert isinstance(captioner.adapter, DistributedStandIn)  # put back for training
+
+
+def test_auto_precision_is_fp32_when_a_gpu_machine_trains_on_its_cpu(monkeypatch):
+    # `accelerate launch --cpu` on a GPU machine sets ACCELERATE_USE_CPU: the run trains on the CPU.
+    monkeypatch.setattr(train, "gpu_computes_in_bf16", lambda: True)
+    assert train.auto_mixed_precision() == "bf16"
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    assert train.auto_mixed_precision() == "no"
