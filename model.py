@@ -343,7 +343,7 @@ def _drop_int8_cast_notice(record: logging.LogRecord) -> bool:
 
 def lm_quantization_config(lm_quantization: str, device: torch.device):
     """bitsandbytes settings for the frozen LM, or None: 8-bit (LLM.int8) or 4-bit NF4, whose matmuls
-    run in bf16 on a GPU that has it (fp16 on older ones) and fp32 on a CPU."""
+    run in bf16 on a GPU that computes in it (fp16 on older ones) and fp32 on a CPU."""
     if lm_quantization not in LM_QUANTIZATIONS:
         raise UserError(f"LM quantization {lm_quantization!r} is unknown; choose one of {', '.join(LM_QUANTIZATIONS)}")
     if lm_quantization == "none":

@@ -136,9 +136,9 @@ class TrainConfig:
     warmup_ratio: float = _help("fraction of steps spent warming up before cosine decay", default=0.05)
     max_grad_norm: float = _help("gradient clipping norm; 0 = off", default=1.0)
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = _help(
-        "Accelerate mixed precision; auto = bf16 on a GPU that has it, else no. On a CPU with AMX (Xeon Sapphire "
-        "Rapids and later) bf16 trains the real backbones 1.5-2.4x faster (batch 4-64, measured), but the demo's "
-        "tiny backbones 7x slower: hence not the default there",
+        "Accelerate mixed precision; auto = bf16 on a GPU that computes in it (Ampere and later), else no. On a "
+        "CPU with AMX (Xeon Sapphire Rapids and later) bf16 trains the real backbones 1.5-2.4x faster (batch "
+        "4-64, measured), but the demo's tiny backbones 7x slower: hence not the default there",
         default="auto")
     compile: bool = _help("torch.compile the training loss (falls back to eager with a note where it cannot "
                           "run); pays off on GPUs; compiles once per caption-length bucket, at most 6, to "

@@ -135,8 +135,9 @@ def escape_surrogates(text: str) -> str:
 def add_dtype_flag(parser) -> None:
     """--dtype, for eval.py and inference.py (eval.add_loading_flags) and app.py (eval.chosen_dtype reads it)."""
     parser.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
-                        help="the frozen backbones' weights: auto = bf16 on a GPU that has it, else fp32; on a CPU "
-                             "with AMX (Xeon Sapphire Rapids and later) bf16 captions faster (README, Speed)")
+                        help="the frozen backbones' weights: auto = bf16 on a GPU that computes in it (Ampere and "
+                             "later), else fp32; on a CPU with AMX (Xeon Sapphire Rapids and later) bf16 captions "
+                             "faster (README, Speed)")
 
 
 DISK_FULL_OR_READ_ONLY = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
