@@ -800,7 +800,8 @@ def swap_in(folder: Path, tmp: Path) -> None:
     disk too (a power cut soon after the renames must not leave empty files where the old ones were;
     see utils.replace_durably)."""
     old = folder.with_name(folder.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():  # else a crash between the renames left `old` as the only good copy: keep it until tmp is in
+        shutil.rmtree(old, ignore_errors=True)
     sync_tree(tmp)
     if folder.exists():
         folder.rename(old)

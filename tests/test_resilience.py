@@ -261,6 +261,44 @@ def test_kill_in_the_middle_of_a_save_keeps_the_last_good_checkpoint(tiny, tmp_p
     assert all(torch.equal(resumed[k], expected[k]) for k in expected)
 
 
+def test_a_crash_in_the_save_after_a_crash_between_its_renames_leaves_a_resume_state(tiny, tmp_path):
+    """A crash between a save's two renames leaves resume.old as the only state; the resumed run's next
+    save must not delete it before its own state is in place, or a second crash leaves nothing to resume."""
+    steps = ("--final-eval", "false", "--max-steps", "15")
+    train.main(train_args(tiny, tmp_path, "straight", *steps))
+    expected = load_file(tmp_path / "straight" / "last" / "adapter.safetensors")
+
+    args = train_args(tiny, tmp_path, "twice", *steps)
+    run = tmp_path / "twice"
+
+    def killed_in_the_second_save(argv: list[str]) -> None:
+        # SIGKILL once the step-10 state is written, before it is swapped in (the first swap is step 5's).
+        script = (
+            "import os, signal, sys\n"
+            f"sys.path.insert(0, {str(ROOT)!r})\n"
+            "import train\n"
+            "real, calls = train.sync_tree, [0]\n"
+            "def dying(folder):\n"
+            "    calls[0] += folder.name == 'resume.tmp'\n"
+            f"    if folder.name == 'resume.tmp' and calls[0] == {1 if '--resume' in argv else 2}:\n"
+            "        os.kill(os.getpid(), signal.SIGKILL)\n"
+            "    return real(folder)\n"
+            "train.sync_tree = dying\n"
+            f"train.main({argv!r})\n"
+        )
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+
+    killed_in_the_second_save(args)
+    (run / "resume").rename(run / "resume.old")  # as a crash between the renames of a save leaves it
+    killed_in_the_second_save([*args, "--resume"])  # the resumed run's first save, from step 5 to 10
+    assert read_json(run / "resume.old" / "trainer_state.json")["step"] == 5
+    assert train.main([*args, "--resume"]) == 0
+    resumed = load_file(run / "last" / "adapter.safetensors")
+    assert all(torch.equal(resumed[k], expected[k]) for k in expected)
+    assert not (run / "resume.old").exists()
+
+
 def copy_data_with_bad_images(tiny, tmp_path) -> Path:
     data = tmp_path / "data"
     shutil.copytree(tiny["data_dir"], data)
