@@ -1,7 +1,7 @@
 """A web page to try a trained captioner: drop, upload or paste an image, read its caption beside a
 second run's or the nearest-neighbour baseline's, with decoding controls and the time each took.
 
-    python app.py                                             # the newest offline demo run (trains one if none)
+    python app.py                                             # the newest finished demo run (trains one if none)
     python app.py --checkpoint saved_models/quick             # your run, beside the nearest-neighbour baseline
     python app.py --checkpoint saved_models/a saved_models/b  # two runs side by side
     python app.py --host 0.0.0.0 --port 7861                  # reachable from other machines
@@ -78,11 +78,29 @@ def find_demo_run(output_dir: str | Path) -> Path | None:
 
     runs = [folder for folder in demo_folders(Path(output_dir))
             if (folder / ADAPTER_CONFIG).is_file() and (folder / ADAPTER_WEIGHTS).is_file()
-            and not run_being_trained(folder)]
+            and not run_being_trained(folder) and step_stopped_at(folder) is None]
     if not runs:
         return None
     number = lambda folder: int(DEMO_RUN_NAME.fullmatch(folder.name).group(2) or 1)  # noqa: E731
     return max(runs, key=lambda folder: ((folder / ADAPTER_WEIGHTS).stat().st_mtime_ns, number(folder)))
+
+
+def step_stopped_at(folder: Path) -> int | None:
+    """The step a run stopped at before its last (Ctrl-C, a crash), as its resume state says; None for a
+    finished run or one without a readable state. Its adapter is the best of the steps it got through:
+    served as "the demo run", a page showed a half-trained model's captions as the demo's."""
+    import json
+
+    from train import TRAINER_STATE, resume_state_dir
+
+    state_dir = resume_state_dir(folder)
+    try:
+        state = json.loads((state_dir / TRAINER_STATE).read_text()) if state_dir else None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(state, dict) or state.get("finished") is not False or not isinstance(state.get("step"), int):
+        return None
+    return state["step"]
 
 
 def ensure_demo_run(output_dir: str | Path, progress: bool = True) -> Path:
@@ -101,11 +119,18 @@ def ensure_demo_run(output_dir: str | Path, progress: bool = True) -> Path:
     if training:  # rather than train a second one beside it, on the same cores
         raise UserError(f"the demo run {training[0]} is still being trained by another process; run `python app.py` "
                         "again when it has finished")
-    print(f"no demo run under {output_dir}/ yet: training one with `python train.py --demo` "
-          "(about 3 minutes on 2 CPU cores) ...", flush=True)
-    argv = ["--demo", "--output-dir", str(output_dir)] + ([] if progress else ["--no-progress"])
-    if train.main(argv) != 0:
-        raise UserError("demo training was interrupted; run `python app.py` again to train it afresh")
+    stopped = [folder for folder in demo_folders(Path(output_dir)) if step_stopped_at(folder) is not None]
+    if stopped:  # go on with the newest rather than start another from step 0
+        folder = max(stopped, key=lambda folder: (train.resume_state_dir(folder) / train.TRAINER_STATE).stat().st_mtime)
+        print(f"the demo run {folder} stopped at step {step_stopped_at(folder)}: finishing it with "
+              f"`python train.py --run-name {folder.name} --output-dir {output_dir} --resume` ...", flush=True)
+        argv = ["--run-name", folder.name, "--output-dir", str(output_dir), "--resume"]
+    else:
+        print(f"no demo run under {output_dir}/ yet: training one with `python train.py --demo` "
+              "(about 3 minutes on 2 CPU cores) ...", flush=True)
+        argv = ["--demo", "--output-dir", str(output_dir)]
+    if train.main(argv + ([] if progress else ["--no-progress"])) != 0:
+        raise UserError("demo training was interrupted; run `python app.py` again to go on with it")
     run = find_demo_run(output_dir)
     if run is None:
         raise UserError(f"demo training finished but left no run with an adapter under {output_dir}")
@@ -687,7 +712,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", nargs="+", action="extend", metavar="RUN",
                         help="run folder(s) to serve (a run folder, or its last/ sub-folder); the first captions "
                              "by default, the others can be compared with it (default: the newest offline demo run "
-                             "under --output-dir, trained first if there is none)")
+                             "under --output-dir, finished or trained first if there is none)")
     parser.add_argument("--output-dir", default="saved_models",
                         help="where to look for, and if need be train, the demo run when no --checkpoint is given")
     parser.add_argument("--host", default="127.0.0.1",

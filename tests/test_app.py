@@ -29,7 +29,7 @@ import inference
 import train
 from conftest import train_args
 from dataset import extract_features, load_records, open_image
-from utils import UserError, run_cli
+from utils import UserError, run_cli, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
@@ -629,6 +629,41 @@ def test_a_demo_run_still_training_is_not_served_nor_trained_beside(tmp_path, mo
         with pytest.raises(UserError, match=r"demo-2 is still being trained by another process; run `python app"):
             app.ensure_demo_run(tmp_path, progress=False)
     assert app.ensure_demo_run(tmp_path, progress=False) == tmp_path / "demo-2"  # finished: its lock let go
+
+
+def test_a_demo_run_stopped_part_way_is_not_served_but_finished(tmp_path, monkeypatch, capsys):
+    """A demo run stopped by Ctrl-C keeps its best adapter so far, the newest of all: `python app.py`
+    served a few hundred steps' worth as "the newest demo run". It now serves a finished run, or
+    resumes the stopped one rather than train another from step 0."""
+    import demo
+
+    monkeypatch.setattr(demo, "ensure_demo_assets", lambda progress=True: {})
+
+    def demo_run(name: str, finished: bool) -> Path:
+        folder = tmp_path / name
+        (folder / "resume").mkdir(parents=True)
+        (folder / "adapter_config.json").write_text("{}")
+        (folder / "adapter.safetensors").write_bytes(b"")
+        write_json(folder / "resume" / train.TRAINER_STATE, {"step": 40, "finished": finished})
+        return folder
+
+    done, stopped = demo_run("demo", True), demo_run("demo-2", False)
+    os.utime(done / "adapter.safetensors", (1, 1))  # the stopped run's adapter is the newer
+    monkeypatch.setattr(train, "main", lambda argv: pytest.fail("trained while a finished demo run was there"))
+    assert app.ensure_demo_run(tmp_path, progress=False) == done
+
+    (done / "adapter.safetensors").unlink()
+    resumed = []
+
+    def fake_resume(argv):
+        resumed.append(argv)
+        write_json(stopped / "resume" / train.TRAINER_STATE, {"step": 2256, "finished": True})
+        return 0
+
+    monkeypatch.setattr(train, "main", fake_resume)
+    assert app.ensure_demo_run(tmp_path, progress=False) == stopped
+    assert resumed == [["--run-name", "demo-2", "--output-dir", str(tmp_path), "--resume", "--no-progress"]]
+    assert "demo-2 stopped at step 40: finishing it" in capsys.readouterr().out
 
 
 def test_run_names_and_paths_are_shown_as_they_are_in_the_intro(tmp_path):
