@@ -47,7 +47,7 @@ from dataset import (DATASETS, FLICKR30K_PARQUET, FOLDER_SPLIT_OF_OLDER_RUNS, SP
 from demo import rebuild_cleared_demo
 from metrics import COCO_METRICS, COCO_VARIANT, TOKENIZATION_DETAILS, coco_metrics, start_meteor
 from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LM_QUANTIZATIONS, AdapterConfig, DecodingConfig, load_captioner,
-                   MAX_NUM_BEAMS, lm_quantization_of, not_a_run_folder)
+                   MAX_NUM_BEAMS, json_kind, lm_quantization_of, not_a_run_folder)
 from report import (EXTRA_METRICS, LOSS_CURVE, METRIC_CURVE, REPORT_FILE, baseline_verdict, collapse_line, percent,
                     sweep_rows, write_report)
 from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, HelpFormatter, Processes, UserError, add_dtype_flag,
@@ -470,8 +470,21 @@ def find_run_dir(checkpoint: Path) -> Path:
 
 
 def find_run_config(checkpoint: Path) -> dict:
+    """The run's saved settings (train.py's run_config.json); {} for an adapter folder copied alone. Each field
+    train.py knows is checked to be of its flag's kind, as --resume checks it: an edited "seed": "ten" or
+    "train_limit": [5] failed deep in the data split in a traceback. Fields it does not know are left alone."""
     path = find_run_dir(checkpoint) / "run_config.json"
-    return read_json(path, "run config") if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    run = read_json(path, "run config")
+    if not isinstance(run, dict):
+        raise UserError(f"{path} holds {json_kind(run)}, not a run config object; restore the run's own "
+                        "run_config.json")
+    from train import TrainConfig, check_saved_types  # train.py imports this module too
+
+    known = {field.name for field in dataclasses.fields(TrainConfig)}
+    check_saved_types(path, {name: value for name, value in run.items() if name in known})
+    return run
 
 
 def same_data(run: dict, dataset: str, data_dir: str | None) -> bool:
@@ -1029,6 +1042,8 @@ def main(argv=None) -> int:
         live = still_training_note(run_dir, scored["adapter"]["step"])
         captioner = load_captioner(checkpoint, device=device, dtype=dtype,
                                    **loading_from_args(args, checkpoint))
+        # Now, not at the first batch: by then the split's and the baseline's features were extracted.
+        captioner.check_fits_context(args.max_new_tokens, "--max-new-tokens")
     if processes.count > 1:  # each machine may read a copy of its own: copies that differ would caption apart
         processes.agree(evaluated_facts(args, checkpoint, captioner, records, train_records),
                         advice=SAME_RUN_EVERYWHERE)

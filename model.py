@@ -563,6 +563,14 @@ def densify_head_input(lm) -> None:
         head._dense_input = True
 
 
+def lm_context(lm) -> int | None:
+    """How many positions the LM was built for (prefix and caption together), or None where its config does not say."""
+    for name in ("max_position_embeddings", "n_positions"):  # Llama/Qwen-style configs, GPT-2's
+        if isinstance(context := getattr(lm.config, name, None), int):
+            return context
+    return None
+
+
 class Captioner(nn.Module):
     """Frozen CLIP + trainable adapter + frozen LM. Only `self.adapter` has trainable parameters."""
 
@@ -637,14 +645,24 @@ class Captioner(nn.Module):
         return frozen_head_cross_entropy(hidden, head.weight, labels)
 
     # -- generation ---------------------------------------------------------------------------
+    def check_fits_context(self, caption_tokens: int, flag: str) -> None:
+        """Refuse a caption budget (`flag`: train.py's --max-caption-tokens, the decoders' --max-new-tokens) that,
+        after the prefix, runs past the LM's context. Past it a rotary LM (Qwen3) computes on at positions it never
+        learned, garbage without an error, and one with learned positions (GPT-2) fails deep in an index."""
+        context = lm_context(self.lm)
+        k = self.config.prefix_length
+        if context is None or k + caption_tokens <= context:
+            return
+        if k >= context:  # nothing a caption flag could fix: the prefix alone fills the context
+            raise UserError(f"the {k} prefix tokens fill the language model's {context}-token context, leaving no "
+                            f"room for {flag} {caption_tokens}; lower --prefix-length (train.py) or use a longer LM")
+        raise UserError(f"{flag} {caption_tokens} and the {k} prefix tokens exceed the language model's "
+                        f"{context}-token context; use at most {context - k}")
+
     @torch.no_grad()
     def generate(self, image_features: torch.Tensor, decoding: DecodingConfig | None = None) -> list[str]:
         decoding = decoding or DecodingConfig()
-        context = getattr(self.lm.config, "max_position_embeddings", None)
-        if context and self.config.prefix_length + decoding.max_new_tokens > context:
-            raise UserError(f"--max-new-tokens {decoding.max_new_tokens} and the {self.config.prefix_length} prefix "
-                            f"tokens exceed the language model's {context}-token context; use at most "
-                            f"{context - self.config.prefix_length}")
+        self.check_fits_context(decoding.max_new_tokens, "--max-new-tokens")
         prefix = self.prefix_embeds(image_features.to(self.device))  # (B, k, D)
         if decoding.strategy == "greedy":
             new_tokens = self.greedy_tokens(prefix, decoding.max_new_tokens)

@@ -436,6 +436,11 @@ def check_config(config: TrainConfig) -> TrainConfig:
         path = Path(getattr(config, name)).expanduser() if getattr(config, name) else None
         if path is not None and path.exists() and not path.is_dir():
             raise UserError(f"{flag(name)} {path} is a file, not a folder; name a folder")
+        # A path through a file (a_file/runs) "does not exist" above; the run folder's mkdir then failed with
+        # a traceback, and a feature cache there quietly cached nothing.
+        blocker = nearest_existing(path) if path is not None else None
+        if blocker is not None and not blocker.is_dir():
+            raise UserError(f"{flag(name)} {path} cannot be a folder: {blocker} is a file; name a folder elsewhere")
     if config.feature_cache_dir:  # saved absolute: eval.py run from another folder reads the same cache
         config.feature_cache_dir = str(Path(config.feature_cache_dir).expanduser().absolute())
     tracker_names(config.report_to)
@@ -1428,6 +1433,9 @@ def load_backbones_and_data(config: TrainConfig, run_dir: Path, device, bad_samp
         if config.resume and (moved := moved_backbone_error(run_dir / RUN_CONFIG, (config.clip_model, config.lm_model))):
             raise moved from None
         raise
+    # Training reads prefix + caption and validation decodes as many tokens: both must fit the LM, checked
+    # before the features and the first step rather than at the first validation, under the wrong flag's name.
+    captioner.check_fits_context(config.max_caption_tokens, "--max-caption-tokens")
     return captioner, train_records, val_records, test_split
 
 

@@ -509,3 +509,77 @@ def test_a_small_folder_dealt_no_training_image_stops_train_py_in_one_line_befor
                            "dealt to val and test"), line
     assert "add images" in line and "name each image's split in the caption file" in line, line
     assert not (tmp_path / "runs" / "small").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# A caption budget past the language model's context
+# ----------------------------------------------------------------------------------------------
+
+def over_the_context(tiny) -> tuple[int, int]:
+    """(a caption budget that with the default 10 prefix tokens runs past the tiny LM's context, that context)."""
+    from transformers import AutoConfig
+
+    context = AutoConfig.from_pretrained(tiny["lm_model"]).max_position_embeddings
+    return context - 10 + 1, context
+
+
+def test_train_refuses_max_caption_tokens_past_the_lm_context_before_any_features(tiny, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """It was refused only at the first validation, steps into the run, and as "--max-new-tokens", a flag
+    train.py does not have."""
+    from conftest import train_args
+
+    def fail(*args, **kwargs):
+        pytest.fail("features were extracted before the caption budget was checked")
+
+    monkeypatch.setattr(train, "make_pairs", fail)
+    tokens, context = over_the_context(tiny)
+    line = cli_error(capsys, train.main, train_args(tiny, tmp_path, "long", "--max-caption-tokens", str(tokens)))
+    assert line == (f"error: --max-caption-tokens {tokens} and the 10 prefix tokens exceed the language model's "
+                    f"{context}-token context; use at most {context - 10}"), line
+    assert not (tmp_path / "long").exists()  # no run folder left behind to refuse the corrected command
+
+
+def test_eval_refuses_max_new_tokens_past_the_lm_context_before_captioning(tiny, checkpoint, tmp_path, monkeypatch,
+                                                                           capsys):
+    """It was refused at the first batch, after the split's and the baseline's features were extracted."""
+    def fail(*args, **kwargs):
+        pytest.fail("eval.py started captioning before the caption budget was checked")
+
+    monkeypatch.setattr(eval_script, "evaluate_captioner", fail)
+    run = shutil.copytree(checkpoint, tmp_path / "run")
+    tokens, context = over_the_context(tiny)
+    line = cli_error(capsys, eval_script.main, [str(run), "--dataset", "folder", "--data-dir", tiny["data_dir"],
+                                                "--max-new-tokens", str(tokens), "--no-progress"])
+    assert line == (f"error: --max-new-tokens {tokens} and the 10 prefix tokens exceed the language model's "
+                    f"{context}-token context; use at most {context - 10}"), line
+
+
+# ----------------------------------------------------------------------------------------------
+# A run's run_config.json edited by hand
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("prefix_length", "ten", "expected int"),  # was read by nothing here, and evaluation went on
+    ("train_limit", [5], "expected int"),  # was a TypeError traceback drawing the baseline's training images
+    ("seed", 0.5, "expected int"),
+    ("dataset", "photos", "expected one of flickr30k, karpathy, folder"),
+])
+def test_a_run_config_edited_to_values_of_another_kind_is_one_line_naming_the_field(field, value, expected, run,
+                                                                                    tmp_path, no_model, capsys):
+    edited = shutil.copytree(run, tmp_path / "run")
+    write_json(edited / "run_config.json", {**eval_script.read_json(run / "run_config.json"), field: value})
+    line = cli_error(capsys, eval_script.main, [str(edited), "--no-progress"])
+    assert line.startswith(f"error: {edited / 'run_config.json'}: {field} is {value!r}, {expected}"), line
+
+
+def test_a_run_config_that_is_no_object_is_one_line_and_unknown_fields_are_left_alone(run, tmp_path, no_model,
+                                                                                      capsys):
+    edited = shutil.copytree(run, tmp_path / "run")
+    (edited / "run_config.json").write_text("[]")  # was AttributeError: 'list' object has no attribute 'get'
+    line = cli_error(capsys, eval_script.main, [str(edited), "--no-progress"])
+    assert line == (f"error: {edited / 'run_config.json'} holds a list, not a run config object; restore the run's "
+                    "own run_config.json"), line
+    # A field this train.py does not know (a newer version's, or one since removed) is not checked.
+    write_json(edited / "run_config.json", {**eval_script.read_json(run / "run_config.json"), "not_a_flag": [1]})
+    assert eval_script.find_run_config(edited)["not_a_flag"] == [1]

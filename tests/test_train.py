@@ -592,6 +592,10 @@ def test_a_finished_run_given_more_steps_trains_from_its_first_new_step(tiny, tm
     (["--num-workers", "-1"], "--num-workers must be >= 0"),
     (["--warmup-ratio", "1.5"], "--warmup-ratio must be"),
     (["--output-dir", "A_FILE"], "is a file, not a folder"),
+    # A path through a file: the run folder's mkdir was a NotADirectoryError traceback after the data had loaded,
+    (["--output-dir", "A_FILE/runs"], "--output-dir A_FILE/runs cannot be a folder: A_FILE is a file"),
+    # and a feature cache there cached nothing, said in a note among the run's output.
+    (["--feature-cache-dir", "A_FILE/cache"], "--feature-cache-dir A_FILE/cache cannot be a folder: A_FILE is a file"),
     (["--hub-data-files", "mine/*.parquet"], "--hub-data-files is read by --dataset flickr30k only, and this run "
                                              "reads --dataset folder"),
     (["--dataset", "flickr30k"], "is read by --dataset karpathy or folder, but --dataset flickr30k"),
@@ -602,10 +606,10 @@ def test_a_finished_run_given_more_steps_trains_from_its_first_new_step(tiny, tm
 def test_bad_flag_values_are_one_line_errors_before_any_work(tiny, tmp_path, capsys, flags, message):
     a_file = tmp_path / "a_file"
     a_file.write_text("not a folder")
-    args = train_args(tiny, tmp_path, "bad") + [str(a_file) if flag == "A_FILE" else flag for flag in flags]
+    args = train_args(tiny, tmp_path, "bad") + [flag.replace("A_FILE", str(a_file)) for flag in flags]
     assert run_cli(train.main, args) == 2
     error = capsys.readouterr().err.strip()
-    assert error.startswith("error: ") and "\n" not in error and message in error, error
+    assert error.startswith("error: ") and "\n" not in error and message.replace("A_FILE", str(a_file)) in error, error
 
 
 def test_validation_says_when_the_lm_writes_one_caption_for_every_image(tiny, tmp_path, monkeypatch, capsys):
