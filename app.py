@@ -218,7 +218,8 @@ def load_run(checkpoint: str | Path, device, with_baseline: bool = True, batch_s
     # run trained 8-bit on a small GPU may not fit there, and it captions differently.
     captioner = load_captioner(checkpoint, device=device, dtype=dtype or default_dtype(device),
                                lm_quantization=lm_quantization or run_lm_quantization(checkpoint))
-    name = checkpoint.name if checkpoint.name != "last" else f"{checkpoint.parent.name}/last"
+    # A run's last/ (or last.old/ where a crash left only that: model.checkpoint_folder) by its run's name too.
+    name = f"{checkpoint.parent.name}/{checkpoint.name}" if checkpoint.name in ("last", "last.old") else checkpoint.name
     run = LoadedRun(name, checkpoint, captioner)
     if with_baseline:
         run.baseline, run.baseline_note = build_baseline(captioner, checkpoint, batch_size, progress)
@@ -796,13 +797,14 @@ def import_gradio():
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from eval import chosen_dtype, pick_device
+    from model import checkpoint_folder
 
     import_gradio()
     check_can_serve(args.host, args.port)
     device = pick_device(args.device)  # before the demo run, which may have to be trained first
     dtype = chosen_dtype(args.dtype, device)
     progress = not args.no_progress
-    checkpoints = [Path(path) for path in args.checkpoint or [ensure_demo_run(args.output_dir, progress)]]
+    checkpoints = [checkpoint_folder(path) for path in args.checkpoint or [ensure_demo_run(args.output_dir, progress)]]
     for checkpoint in checkpoints:  # every folder checked before the first (slow) load
         check_run_files(checkpoint)
     checkpoints = distinct_checkpoints(checkpoints)

@@ -47,7 +47,8 @@ from dataset import (DATASETS, FLICKR30K_PARQUET, FOLDER_SPLIT_OF_OLDER_RUNS, SP
 from demo import rebuild_cleared_demo
 from metrics import COCO_METRICS, COCO_VARIANT, TOKENIZATION_DETAILS, coco_metrics, start_meteor
 from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LM_QUANTIZATIONS, AdapterConfig, DecodingConfig, load_captioner,
-                   MAX_NUM_BEAMS, json_kind, lm_quantization_of, not_a_run_folder)
+                   MAX_NUM_BEAMS, adapter_training, checkpoint_folder, json_kind, lm_quantization_of,
+                   not_a_run_folder)
 from report import (EXTRA_METRICS, LOSS_CURVE, METRIC_CURVE, REPORT_FILE, baseline_verdict, collapse_line, percent,
                     sweep_rows, write_report)
 from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, HelpFormatter, Processes, UserError, add_dtype_flag,
@@ -327,7 +328,7 @@ def adapter_identity(checkpoint: Path) -> dict:
     """Which adapter an evaluation scores: its training step and the digest of its weights. Training
     that goes on (--resume, more epochs) replaces the adapter beside an older metrics.json; --compare
     then says so rather than showing that file's figures as the folder's."""
-    training = AdapterConfig.from_json(checkpoint / ADAPTER_CONFIG).training
+    training = adapter_training(checkpoint, AdapterConfig.from_json(checkpoint / ADAPTER_CONFIG).training)
     return {"step": training.get("step"), "checkpoint": training.get("checkpoint"),
             "blake2b": file_digest(checkpoint / ADAPTER_WEIGHTS)}
 
@@ -356,7 +357,7 @@ def stale_adapter_note(path: Path, metrics: dict) -> str:
 
 def adapter_step(folder: Path):
     try:
-        return AdapterConfig.from_json(folder / ADAPTER_CONFIG).training.get("step", "?")
+        return adapter_training(folder, AdapterConfig.from_json(folder / ADAPTER_CONFIG).training).get("step", "?")
     except UserError:
         return "?"
 
@@ -580,7 +581,7 @@ def comparison(run_paths: list[str]) -> dict:
     for twice in sorted({path for path in run_paths if run_paths.count(path) > 1}):
         print(f"note: {twice} is given {run_paths.count(twice)} times")
     runs, stale = [], []
-    for path in map(Path, run_paths):
+    for path in map(checkpoint_folder, run_paths):
         metrics_path = path if path.suffix == ".json" else path / METRICS_FILE
         if not path.exists():
             raise UserError(f"--compare: {path} does not exist")
@@ -994,7 +995,7 @@ def main(argv=None) -> int:
     # Under a launcher the processes join before any reads the run: one that finds no run folder on its
     # machine (a disk of its own) then stops them all in one line, where the others waited for it forever.
     processes = Processes.from_environment("eval.py", args.device)
-    checkpoint = Path(args.checkpoint)
+    checkpoint = checkpoint_folder(args.checkpoint)
     processes.agree({}, problem=checkpoint_problem(checkpoint, args.out, writes=processes.is_main),
                     advice=SAME_RUN_EVERYWHERE)
     # What every process reads alike: a line it stops on (a split with no images, a changed caption file)

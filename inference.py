@@ -36,7 +36,7 @@ import torch
 from dataset import IMAGE_SUFFIXES, open_image
 from eval import (add_decoding_flags, add_loading_flags, chosen_dtype, decoding_from_args, loading_from_args,
                   pick_device)
-from model import ADAPTER_CONFIG, AdapterConfig, load_captioner
+from model import ADAPTER_CONFIG, AdapterConfig, checkpoint_folder, load_captioner
 from utils import HelpFormatter, UserError, escape_surrogates, run_cli, whole_number
 
 
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     decoding = decoding_from_args(args)
     device = pick_device(args.device)
-    checkpoint = Path(args.checkpoint)
+    checkpoint = checkpoint_folder(args.checkpoint)
     AdapterConfig.from_json(checkpoint / ADAPTER_CONFIG)  # a bad checkpoint is reported before any image
     paths_to_caption, unreadable = image_paths(with_stdin_paths(args.images))
     # Decoded a batch at a time (memory stays flat however many images); the backbones are loaded

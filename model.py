@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import UserError, gpu_computes_in_bf16, is_whole_number, replace_durably, with_usual_mode, write_json
+from utils import (UserError, gpu_computes_in_bf16, is_whole_number, note, replace_durably, with_usual_mode,
+                   write_json)
 
 FORMAT_VERSION = 1
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -114,10 +115,25 @@ class AdapterConfig:
         return config
 
 
+def checkpoint_folder(path: str | Path, quiet: bool = False) -> Path:
+    """The folder to load for a checkpoint given as `path`: `path`, or RUN/last.old where `path` is a run's
+    last/ and a crash between the two renames of a save (train.swap_in) left last.old/ its only whole copy
+    until the next save (as train.resume_state_dir falls back to resume.old/); a note names the one used.
+    Every reader of a run's last/ resolves it here: "last/ not found" was all they said."""
+    path = Path(path)
+    old = path.with_name(path.name + ".old")
+    if path.name != "last" or path.exists() or not (old / ADAPTER_CONFIG).is_file():
+        return path
+    if not quiet:
+        note(f"note: {path} is missing (a save stopped between its two renames); using {old}, its last whole copy",
+             file=sys.stderr)
+    return old
+
+
 def only_last_hint(folder: Path) -> str:
     """Advice for a run folder with no best adapter but a last/ one (a run stopped before any validation
     saved its best), else "": the bare "not a run folder" sent its owner looking for a lost checkpoint."""
-    if not (folder / "last" / ADAPTER_CONFIG).is_file():
+    if not (checkpoint_folder(folder / "last", quiet=True) / ADAPTER_CONFIG).is_file():
         return ""
     return (f"no validation has saved a best adapter in {folder} yet, but its last/ holds the last step's: "
             f"give {folder / 'last'}")
@@ -891,11 +907,10 @@ def save_adapter_weights(path: Path, adapter: nn.Module, described_by: AdapterCo
     replace_durably(tmp, path)
 
 
-def repair_torn_export(directory: Path) -> bool:
-    """Where adapter_config.json is older than the weights beside it (a crash between the two renames
-    of save_adapter: the copy in the weights' metadata was saved at a later training step), rewrite
-    it from that copy. A config edited by hand (a backbone moved) is the same step's: left alone.
-    True if it rewrote the file."""
+def torn_export_config(directory: Path) -> dict | None:
+    """The config inside the weights of `directory` where adapter_config.json beside them is older (a crash
+    between the two renames of save_adapter: the copy in the weights' metadata was saved at a later training
+    step), else None. A config edited by hand (a backbone moved) is the same step's: not torn."""
     from safetensors import SafetensorError, safe_open
 
     weights, config_path = Path(directory) / ADAPTER_WEIGHTS, Path(directory) / ADAPTER_CONFIG
@@ -904,11 +919,26 @@ def repair_torn_export(directory: Path) -> bool:
             carried = json.loads((opened.metadata() or {})[ADAPTER_CONFIG])
         described = json.loads(config_path.read_text()) if config_path.is_file() else None
     except (SafetensorError, OSError, ValueError, KeyError, RecursionError):
-        return False  # none to compare (before the copy existed, no weights) or a damaged file: loading says so
-    if _training_step(carried) <= _training_step(described):
+        return None  # none to compare (before the copy existed, no weights) or a damaged file: loading says so
+    return carried if _training_step(carried) > _training_step(described) else None
+
+
+def repair_torn_export(directory: Path) -> bool:
+    """Rewrite a torn adapter_config.json (torn_export_config) from the copy inside the weights; True if it did."""
+    carried = torn_export_config(directory)
+    if carried is None:
         return False
-    write_json(config_path, carried)
+    write_json(Path(directory) / ADAPTER_CONFIG, carried)
     return True
+
+
+def adapter_training(directory: Path, described: dict | None) -> dict | None:
+    """The training record (step, best score, settings) of the weights in `directory`: `described`, their
+    adapter_config.json's, or the copy inside the weights where that file is torn from them (torn_export_config).
+    Readers (eval.py, the report) take it so and leave the file as it is: the weights' step and best
+    are the truth, and train.py --resume rewrites the file (repair_torn_export)."""
+    carried = torn_export_config(directory)
+    return carried["training"] if carried is not None else described
 
 
 def _training_step(config) -> int:
@@ -978,7 +1008,7 @@ def load_captioner(checkpoint: str | Path, device="cpu", dtype=torch.float32, cl
     code shipped with a backbone, and how to quantise the LM, are the caller's choices, not the
     checkpoint's.
     """
-    checkpoint = Path(checkpoint)
+    checkpoint = checkpoint_folder(checkpoint)
     if not checkpoint.is_dir():
         raise UserError(f"checkpoint folder not found: {checkpoint}")
     config = AdapterConfig.from_json(checkpoint / ADAPTER_CONFIG)

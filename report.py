@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from metrics import COCO_METRICS
+from model import ADAPTER_CONFIG, adapter_training
 from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, UserError, collapse_warning, escape_surrogates, is_whole_number,
                    json_value, not_a_script, read_jsonl, replace_durably, write_text)
 
@@ -149,8 +150,11 @@ def training_curves(train_log: Path | None, out_dir: Path) -> list[Path]:
 def kept_step(run_dir: Path) -> int | None:
     """The step of the adapter at the run's top, as its adapter_config.json records it: the truth
     where the log cannot say (a run resumed after its best was saved but before its next checkpoint
-    has no record of that validation left). None where it records none."""
-    step = json_value(run_dir / "adapter_config.json", "training", "best", "step")
+    has no record of that validation left), or as the copy inside its weights does where a crash left the file
+    an older step's (model.adapter_training). None where it records none."""
+    training = adapter_training(run_dir, json_value(run_dir / ADAPTER_CONFIG, "training"))
+    best = training.get("best") if isinstance(training, dict) else None
+    step = best.get("step") if isinstance(best, dict) else None
     return step if is_whole_number(step) else None
 
 

@@ -299,6 +299,80 @@ def test_a_crash_in_the_save_after_a_crash_between_its_renames_leaves_a_resume_s
     assert not (run / "resume.old").exists()
 
 
+def trained_run(tiny, tmp_path) -> Path:
+    """A run of two steps, its best adapter (validated at step 2) at the top and last/ beside it."""
+    assert train.main(train_args(tiny, tmp_path, "run", "--max-steps", "2", "--save-every", "2", "--eval-every", "2",
+                                 "--final-eval", "false")) == 0
+    return tmp_path / "run"
+
+
+class Loading(Exception):
+    """Raised by a stand-in for app.load_run: the page got as far as loading a run."""
+
+
+def test_readers_of_last_load_last_old_after_a_crash_between_the_renames_of_its_save(tiny, tmp_path, monkeypatch,
+                                                                                       capsys):
+    """A save swaps last/ in with two renames (train.swap_in): killed between them, the run holds last.old/ and
+    no last/ until its next save. train.py --resume fell back to resume.old/; inference.py, eval.py and app.py
+    given RUN/last stopped at "not found", and eval.py RUN pointed to a last/ that was not there."""
+    import app
+    import eval as eval_script
+    import inference
+
+    run = trained_run(tiny, tmp_path)
+    (run / "last").rename(run / "last.old")  # as the crash leaves it (the new last.tmp/ is not yet trusted)
+    old = run / "last.old"
+    said = f"note: {run / 'last'} is missing (a save stopped between its two renames); using {old}, its last whole copy"
+    image = str(Path(tiny["data_dir"]) / "images" / "test_0000.png")
+    capsys.readouterr()
+    assert inference.main(["--checkpoint", str(run / "last"), image]) == 0
+    assert said in capsys.readouterr().err
+    assert eval_script.main([str(run / "last"), "--limit", "2", "--no-progress", "--num-workers", "0"]) == 0
+    assert read_json(old / "metrics.json")["checkpoint"] == str(old)
+    assert eval_script.main(["--compare", str(run / "last")]) == 0
+    loaded = []
+
+    def load_run(checkpoint, *args, **kwargs):
+        loaded.append(checkpoint)
+        raise Loading
+
+    monkeypatch.setattr(app, "import_gradio", lambda: None)
+    monkeypatch.setattr(app, "check_can_serve", lambda host, port: None)
+    monkeypatch.setattr(app, "load_run", load_run)
+    with pytest.raises(Loading):
+        app.main(["--checkpoint", str(run / "last"), "--device", "cpu"])
+    assert loaded == [old]
+    # A run stopped before any validation saved a best adapter is pointed to RUN/last, which finds last.old/.
+    for name in ("adapter.safetensors", "adapter_config.json"):
+        (run / name).unlink()
+    with pytest.raises(UserError, match=re.escape(f"its last/ holds the last step's: give {run / 'last'}")):
+        eval_script.main([str(run), "--no-progress"])
+
+
+def test_readers_take_the_best_weights_step_from_the_weights_after_a_crash_between_their_two_files(tiny, tmp_path):
+    """The best adapter is replaced file by file (model.save_adapter): killed between the two renames, step 4's
+    weights lie beside step 2's adapter_config.json. train.py --resume repairs it from the copy inside the
+    weights; before that eval.py recorded step 2 for step 4's figures, and the report marked step 2 as kept."""
+    import eval as eval_script
+    from model import FORMAT_VERSION
+    from report import kept_step
+    from safetensors.torch import save_file
+
+    run = trained_run(tiny, tmp_path)
+    config = read_json(run / "adapter_config.json")
+    training = config["training"]
+    assert training["step"] == training["best"]["step"] == 2
+    newer = {**config, "training": {**training, "step": 4, "best": {**training["best"], "step": 4}}}
+    weights = {name: tensor + 0.01 for name, tensor in load_file(run / "adapter.safetensors").items()}
+    save_file(weights, str(run / "adapter.safetensors"),
+              metadata={"format_version": str(FORMAT_VERSION), "adapter_config.json": json.dumps(newer)})
+    assert eval_script.main([str(run), "--limit", "2", "--out", str(tmp_path / "eval"), "--no-progress",
+                             "--num-workers", "0"]) == 0
+    assert read_json(tmp_path / "eval" / "metrics.json")["adapter"]["step"] == 4
+    assert kept_step(run) == 4
+    assert read_json(run / "adapter_config.json") == config  # a reader leaves the run's files as they are
+
+
 def copy_data_with_bad_images(tiny, tmp_path) -> Path:
     data = tmp_path / "data"
     shutil.copytree(tiny["data_dir"], data)
