@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import functools
 import hashlib
 import itertools
@@ -26,6 +27,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISDIR, S_ISREG
 
 import numpy as np
 import torch
@@ -129,16 +131,30 @@ def check_aspect_ratio(path: Path, width: int, height: int) -> None:
 
 
 def image_file_problem(path: Path) -> str:
-    """Why `path` is no image file to open, or "" if it is one. A directory is called one: "not
-    found" would send the user looking for a path that is there."""
-    if path.is_dir():
-        return f"{path} is a directory, not an image file"
-    if not path.is_file():
+    """Why `path` is no image file to open, or "" if it is one. A directory, a pipe or a device is
+    called one: "not found" would send the user looking for a path that is there."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        if error.errno not in (errno.ENOENT, errno.ENOTDIR):  # EACCES, ENAMETOOLONG: is_dir() raised (a traceback)
+            return f"cannot read image {path}: {stat_error_reason(error)}"
         if near := _names_alike(path.parent).get(_name_key(path.name)):
             return (f"image not found: {path} (its folder holds {near!r}, the same name in another Unicode form or "
                     "letter case: spell it in the caption file as the file is named)")
         return f"image not found: {path}"
+    if S_ISDIR(mode):
+        return f"{path} is a directory, not an image file"
+    if not S_ISREG(mode):  # /dev/stdin on a pipe, <(...), a FIFO: read once, with no size to check
+        return f"{path} is not a regular file (a pipe or device): save the image to a file and name that file"
     return ""
+
+
+def stat_error_reason(error: OSError) -> str:
+    """Why a path that may well exist cannot be looked at. Permission is denied on a folder above the file
+    (a file's own mode does not stop stat), which "permission denied" alone would not say."""
+    if error.errno == errno.EACCES:
+        return "permission denied on a folder in its path"
+    return (error.strerror or str(error)).lower()
 
 
 def _name_key(name: str) -> str:

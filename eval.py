@@ -53,8 +53,8 @@ from report import (EXTRA_METRICS, LOSS_CURVE, METRIC_CURVE, REPORT_FILE, baseli
                     sweep_rows, write_report)
 from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, HelpFormatter, Processes, UserError, add_dtype_flag,
                    caption_diversity, caption_metrics, default_image_workers, file_digest, format_table,
-                   gpu_computes_in_bf16, ids_digest,
-                   json_value, lost_another_process, nearest_existing, note, read_json, run_cli, stopping_together,
+                   gpu_computes_in_bf16, ids_digest, stopping_together,
+                   json_value, lost_another_process, nearest_existing, not_empty, note, read_json, run_cli,
                    usage_errors_once_per_machine, waiting_lock, weights_digest, whole_number, write_json, write_jsonl,
                    write_text)
 
@@ -111,10 +111,10 @@ def add_loading_flags(parser: argparse.ArgumentParser) -> None:
                        help="allow backbones whose checkpoints ship their own Python code to run it; off unless "
                             "given here (a checkpoint can never turn it on)")
     add_dtype_flag(group)
-    group.add_argument("--clip-model", default=None,
+    group.add_argument("--clip-model", default=None, type=not_empty,
                        help="the CLIP backbone (Hub id or folder) in place of the one the checkpoint names, e.g. "
                             "after moving it; it must have the same sizes")
-    group.add_argument("--lm-model", default=None,
+    group.add_argument("--lm-model", default=None, type=not_empty,
                        help="the LM and tokenizer in place of those the checkpoint names (same sizes and vocabulary)")
 
 
@@ -870,8 +870,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", choices=DATASETS, default=None, help="data source (default: the run's own)")
     parser.add_argument("--data-dir", default=None, help="data folder (default: the run's own)")
     parser.add_argument("--hub-data-files", default=None, help="parquet files for --dataset flickr30k")
-    parser.add_argument("--out", default=None, help="folder for the outputs (default: the checkpoint folder; "
-                                                    "with --compare: none, the table is only printed)")
+    parser.add_argument("--out", default=None, type=not_empty,
+                        help="folder for the outputs (default: the checkpoint folder; with --compare: none, the "
+                             "table is only printed)")
     parser.add_argument("--batch-size", type=whole_number(1), default=128 if torch.cuda.is_available() else 64,
                         help="images per CLIP and generation batch (default 128 on a GPU, 64 on a CPU)")
     parser.add_argument("--num-workers", type=whole_number(0, meaning=" (0 = decode in this process)"),

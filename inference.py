@@ -77,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_no_empty_argument(arguments: list[str]) -> None:
+    """An empty argument (an unset "$PHOTO") is the path "" that Path reads as ".": the current folder, whose
+    every image, sub-folders and linked folders included, was captioned instead of an error."""
+    if "" in arguments:
+        raise UserError('an image argument is empty (an unset shell variable?): name an image, a folder ("." for '
+                        'this one) or - for paths on standard input')
+
+
 def with_stdin_paths(arguments: list[str], stdin=None) -> list[str]:
     """The arguments with "-" replaced by the paths read from standard input, one a line (`find ... |`,
     `ls`'s output, a saved list); blank lines are skipped, other whitespace is part of a name. A file
@@ -106,7 +114,7 @@ def image_paths(arguments: list[str]) -> tuple[list[str], dict[str, str]]:
     hidden folders (.git, .thumbnails) are not searched."""
     paths, unreadable = [], {}
     for argument in arguments:
-        if not Path(argument).is_dir():
+        if not os.path.isdir(argument):  # False where stat fails (a folder above it locked): open_image says why
             paths.append(argument)
             continue
         images, left_out = walk_images(Path(argument), unreadable)
@@ -154,7 +162,7 @@ def open_images(paths: list[str], unreadable: dict[str, str]) -> list:
         try:
             opened.append(open_image(path))
         except UserError as error:
-            if Path(path).is_dir():  # only a folder without image files gets here (see image_paths)
+            if os.path.isdir(path):  # only a folder without image files gets here (see image_paths)
                 error = UserError(f"{path} is a folder with no image files in it (looked for "
                                   f"{' '.join(sorted(IMAGE_SUFFIXES))}, sub-folders included)")
             opened.append(error)
@@ -167,12 +175,22 @@ def main(argv=None) -> int:
     device = pick_device(args.device)
     checkpoint = checkpoint_folder(args.checkpoint)
     AdapterConfig.from_json(checkpoint / ADAPTER_CONFIG)  # a bad checkpoint is reported before any image
+    check_no_empty_argument(args.images)
+    check_stdout_open()
     paths_to_caption, unreadable = image_paths(with_stdin_paths(args.images))
     # Decoded a batch at a time (memory stays flat however many images); the backbones are loaded
     # at the first readable image, so a run where every image is bad loads no model at all.
     with captions_to_stdout():
         failed = caption_batches(args, checkpoint, device, decoding, paths_to_caption, unreadable)
     return 1 if failed else 0
+
+
+def check_stdout_open() -> None:
+    """Started with stdout closed (`>&-`), Python's sys.stdout is None and print() drops every caption in
+    silence: the whole run's captions were lost, and the exit status was 0."""
+    if sys.stdout is None:
+        raise UserError("standard output is closed, so the captions would be lost: redirect it to a file "
+                        "(> captions.txt) or leave it open")
 
 
 @contextlib.contextmanager
@@ -182,8 +200,7 @@ def captions_to_stdout():
     A closed pipe (`| head -1`) is run_cli's to end quietly."""
     try:
         yield
-        if sys.stdout is not None:  # None: started with stdout closed (`>&-`)
-            sys.stdout.flush()
+        sys.stdout.flush()  # never None here: main refuses a closed stdout
     except BrokenPipeError:
         raise
     except OSError as error:

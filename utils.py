@@ -181,6 +181,15 @@ def whole_number(minimum: int, maximum: int | None = None, meaning: str = ""):
     return parse
 
 
+def not_empty(text: str) -> str:
+    """An argparse type for a path or name: refuses "" (an unset "$OUT"), which the scripts read as the flag
+    left out: eval.py --out "" wrote into the run folder, over its metrics.json, without a word."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a folder or name, got {text!r} (an unset shell variable?); "
+                                         "leave the flag out for its default")
+    return text
+
+
 def positive_number(text: str) -> float:
     """An argparse type: a finite number > 0 (a limit of nan or inf would silently be no limit)."""
     try:

@@ -576,6 +576,34 @@ def test_inference_on_a_folder_follows_links_once_and_reports_what_it_cannot_rea
                                 f"error: cannot read folder {library / 'locked'}: Permission denied"]
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_inference_says_why_it_cannot_look_at_a_path_and_captions_the_rest(tiny, checkpoint, tmp_path, monkeypatch,
+                                                                           capsys):
+    """A file in a folder this user may not enter, or a name too long for the file system, made Path.is_dir()
+    raise: a traceback before any caption. A pipe (/dev/stdin, <(...)) was "image not found"."""
+    image = str(sorted((Path(tiny["data_dir"]) / "images").glob("test_*.png"))[0])
+    locked, too_long, pipe = tmp_path / "locked" / "a.png", tmp_path / ("a" * 300 + ".png"), tmp_path / "pipe.png"
+    locked.parent.mkdir()
+    shutil.copy(image, locked)
+    os.mkfifo(pipe)
+    real_stat = os.stat
+
+    def stat(path, *args, **kwargs):  # what a folder without search permission does (tests run as root)
+        if isinstance(path, (str, os.PathLike)) and Path(path).parent == locked.parent:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    argv = ["--checkpoint", str(checkpoint), str(locked), str(too_long), str(pipe), image]
+    assert run_cli(inference.main, argv) == 1
+    out, err = capsys.readouterr()
+    assert [line.split("\t")[0] for line in out.splitlines()] == [image]
+    assert err.splitlines() == [
+        f"error: cannot read image {locked}: permission denied on a folder in its path",
+        f"error: cannot read image {too_long}: file name too long",
+        f"error: {pipe} is not a regular file (a pipe or device): save the image to a file and name that file"]
+
+
 def test_eval_with_a_bad_image_is_one_line(tiny, checkpoint, tmp_path, capsys):
     data = Path(shutil.copytree(tiny["data_dir"], tmp_path / "data"))
     test_image = next(r.path for r in load_records("folder", "test", str(data)))

@@ -198,6 +198,36 @@ def test_app_numeric_flags(flag, value, run, no_model, capsys):
     line = cli_error(capsys, app.main, ["--checkpoint", str(run), flag, value])
     assert flag in line, line
 
+
+# ----------------------------------------------------------------------------------------------
+# Empty values (an unset "$VAR"): refused, not read as "." or as the flag left out
+# ----------------------------------------------------------------------------------------------
+
+def test_an_empty_image_argument_is_refused_not_read_as_the_current_folder(run, data_dir, no_model, monkeypatch,
+                                                                          capsys):
+    """inference.py --checkpoint RUN "$PHOTO" with PHOTO unset captioned every image under the current folder."""
+    monkeypatch.chdir(data_dir)  # a folder of images, which "" stood for
+    line = cli_error(capsys, inference.main, ["--checkpoint", str(run), image(data_dir), ""])
+    assert line == ('error: an image argument is empty (an unset shell variable?): name an image, a folder ("." for '
+                    'this one) or - for paths on standard input'), line
+
+
+def test_inference_with_stdout_closed_stops_before_captioning(run, data_dir, no_model, monkeypatch, capsys):
+    """Started with `>&-`, print() dropped every caption in silence and the exit status was 0."""
+    monkeypatch.setattr("sys.stdout", None)
+    line = cli_error(capsys, inference.main, ["--checkpoint", str(run), image(data_dir)])
+    assert line == ("error: standard output is closed, so the captions would be lost: redirect it to a file "
+                    "(> captions.txt) or leave it open"), line
+
+
+@pytest.mark.parametrize("script, flag", [(eval_script, "--out"), (eval_script, "--clip-model"),
+                                          (inference, "--lm-model")])
+def test_an_empty_folder_flag_is_refused_not_read_as_left_out(script, flag, run, data_dir, no_model, capsys):
+    """eval.py RUN --out "$OUT" with OUT unset wrote into the run folder, over the metrics.json there."""
+    line = cli_error(capsys, script.main, script_argv(script, run, data_dir, flag, ""))
+    assert line.endswith(f"argument {flag}: expected a folder or name, got '' (an unset shell variable?); leave the "
+                         "flag out for its default"), line
+
 # ----------------------------------------------------------------------------------------------
 # eval.py --out
 # ----------------------------------------------------------------------------------------------
