@@ -256,6 +256,29 @@ def test_demo_commands_build_data_and_loadable_backbones(tmp_path, capsys):
 
 
 
+def test_the_demo_lm_is_the_same_whatever_threads_torch_has(tmp_path):
+    """Threads split a CPU's sums differently: the tiny LM pre-trained on 2 threads drifted from the one on 1
+    until the same `python train.py --demo` scored CIDEr-D 692 on one machine and 732 on another."""
+    import demo
+    from safetensors.torch import load_file
+
+    groups = [[f"a {colour} {shape} on a {back} background" for back in ("white", "black", "gray")]
+              for colour in ("red", "blue", "green", "yellow") for shape in ("circle", "square", "cross")]
+    tokenizer = demo.build_tokenizer([caption for group in groups for caption in group])
+    threads = torch.get_num_threads()
+    weights = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            demo.pretrain_tiny_lm(groups, tokenizer, tmp_path / str(count), steps=20, progress=False)
+            assert torch.get_num_threads() == count  # the caller's threads, given back
+            weights.append(load_file(tmp_path / str(count) / "model.safetensors"))
+    finally:
+        torch.set_num_threads(threads)
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
 def test_building_the_demo_tokenizer_writes_nothing_to_stdout(capfd):
     # bench.py builds one for its cold-start run folder, and its stdout must stay pure JSON lines.
     from demo import build_tokenizer
