@@ -931,6 +931,8 @@ def checkpoint_problem(checkpoint: Path, out: str, writes: bool = True) -> str:
             check_outputs_can_be_written(checkpoint, out)
     except UserError as error:
         return str(error)
+    if not (checkpoint / ADAPTER_WEIGHTS).is_file():  # else a traceback from the digest of what was scored
+        return f"{checkpoint / ADAPTER_WEIGHTS} not found: the run folder has no trained adapter (did training save one?)"
     return ""
 
 

@@ -16,7 +16,7 @@ import eval as eval_script
 import inference
 import train
 from demo import build_demo_data
-from model import ADAPTER_CONFIG, AdapterConfig
+from model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterConfig
 from utils import run_cli, write_json, write_jsonl
 
 
@@ -32,6 +32,7 @@ def run(data_dir, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("runs") / "run"
     folder.mkdir()
     AdapterConfig(clip_model="unused/clip", lm_model="unused/lm").to_json(folder / ADAPTER_CONFIG)
+    (folder / ADAPTER_WEIGHTS).write_bytes(b"")  # there, unread
     write_json(folder / "run_config.json", {"dataset": "folder", "data_dir": str(data_dir)})
     return folder
 
@@ -251,6 +252,15 @@ def test_eval_out_must_be_a_folder(run, no_model, tmp_path, capsys):
     # --compare writes there too
     line = cli_error(capsys, eval_script.main, ["--compare", str(run), str(run), "--out", str(a_file)])
     assert f"--out {a_file} is a file" in line, line
+
+
+def test_eval_of_a_run_folder_without_its_weights_is_one_line(run, no_model, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in (ADAPTER_CONFIG, "run_config.json"):  # its weights deleted, or never copied beside them
+        shutil.copy(run / name, bare / name)
+    line = cli_error(capsys, eval_script.main, [str(bare), "--no-progress"])
+    assert f"{bare / ADAPTER_WEIGHTS} not found" in line, line  # was FileNotFoundError, a traceback
 
 
 def test_eval_out_is_not_another_runs_folder(run, no_model, tmp_path, capsys):
