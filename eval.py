@@ -98,8 +98,8 @@ def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-new-tokens", type=whole_number(1, MAX_NEW_TOKENS), default=30,
                        help="longest caption, in tokens (default 30)")
     group.add_argument("--seed", type=whole_number(*SEED_RANGE), default=0,
-                       help="random seed (matters for --strategy sample, where a caption also depends on the other "
-                            "images in its batch; default 0)")
+                       help="random seed (default 0; it matters for --strategy sample, where a caption also depends "
+                            "on the other images in its batch)")
 
 
 def add_loading_flags(parser: argparse.ArgumentParser) -> None:
@@ -932,7 +932,8 @@ def checkpoint_problem(checkpoint: Path, out: str, writes: bool = True) -> str:
     except UserError as error:
         return str(error)
     if not (checkpoint / ADAPTER_WEIGHTS).is_file():  # else a traceback from the digest of what was scored
-        return f"{checkpoint / ADAPTER_WEIGHTS} not found: the run folder has no trained adapter (did training save one?)"
+        return (f"{checkpoint / ADAPTER_WEIGHTS} not found: the run folder has no trained adapter "
+                "(did training save one?)")
     return ""
 
 
