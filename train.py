@@ -50,6 +50,7 @@ from utils import (HelpFormatter, Processes, Terminated, UserError, append_jsonl
                    check_folder_is_shared, check_processes_agree, collapse_warning, default_image_workers,
                    gpu_computes_in_bf16, ids_digest,
                    interrupt_handled, interrupt_name, interrupted_exit_code, is_whole_number, join_processes,
+                   keep_going_if_the_reader_leaves,
                    json_value, launched_processes, library_versions, load_state, lone_cpu_launch_warning,
                    lost_another_process, machines, nearest_existing, read_json, read_jsonl, rng_states, run_cli,
                    said_alike_before_joining, said_alike_by, save_state, set_rng_states, stopping_together,
@@ -2067,6 +2068,11 @@ def readable_records(captioner, records, config: TrainConfig, split: str, bad: l
 
 
 def main(argv=None, on_step=None) -> int:
+    with keep_going_if_the_reader_leaves("training goes on; its log is the run folder's train_log.jsonl"):
+        return train_from_args(argv, on_step)
+
+
+def train_from_args(argv, on_step) -> int:
     try:
         summary = train(parse_config(argv), on_step=on_step)
     except KeyboardInterrupt as interrupt:  # before training began, or a second signal: saves stay whole

@@ -98,6 +98,59 @@ def run_cli(main_fn, argv=None) -> int:
         leave_process_group()
 
 
+class ReaderMayLeave:
+    """sys.stdout or sys.stderr for a script whose work is its files (train.py): when the reader of its pipe
+    goes (`| head`, a killed `| tee`), the next print raised BrokenPipeError, which ended a training run at
+    once with no checkpoint. The stream then goes to /dev/null, a note says so on the other stream, and the
+    work goes on."""
+
+    def __init__(self, stream, name: str, note_to: str, goes_on: str):
+        self._stream, self._name, self._note_to, self._goes_on = stream, name, note_to, goes_on
+        self.reader_left = False
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._reader_has_left()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._reader_has_left()
+
+    def _reader_has_left(self) -> None:
+        if self.reader_left:
+            return
+        self.reader_left = True
+        with contextlib.suppress(OSError, ValueError):  # the buffered text, and the rest, go nowhere
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
+        with contextlib.suppress(OSError, ValueError):  # that reader may have gone too
+            print(f"note: the reader of {self._name} has gone (a closed pipe); {self._goes_on}",
+                  file=getattr(sys, self._note_to), flush=True)
+
+    def __getattr__(self, name: str):  # isatty, encoding, fileno...: the stream's own
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def keep_going_if_the_reader_leaves(goes_on: str):
+    """Inside, stdout and stderr are ReaderMayLeave streams (`goes_on` says what carries on); after, the
+    originals (pointed at /dev/null if their reader left, so the exit's flush cannot fail again)."""
+    originals = sys.stdout, sys.stderr
+    if None in originals:  # started with one closed (`>&-`): print() already drops its text
+        yield
+        return
+    sys.stdout = ReaderMayLeave(sys.stdout, "standard output", "stderr", goes_on)
+    sys.stderr = ReaderMayLeave(sys.stderr, "standard error", "stdout", goes_on)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = originals
+
+
 LEAVE_GROUP_TIMEOUT_S = 10.0  # a group with nothing pending is torn down in well under a second
 
 

@@ -373,6 +373,30 @@ def test_readers_take_the_best_weights_step_from_the_weights_after_a_crash_betwe
     assert read_json(run / "adapter_config.json") == config  # a reader leaves the run's files as they are
 
 
+def run_with_a_reader_that_leaves(script: str, argv: list[str]) -> subprocess.CompletedProcess:
+    """`python -u SCRIPT ARGV | head -1`: the reader of stdout takes one line and goes. Unbuffered, as a
+    pipe's 8 KiB buffer would hold a short run's every later line until the exit's flush."""
+    command = [sys.executable, "-u", "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
+               f"from utils import run_cli; import {script}; sys.exit(run_cli({script}.main, {argv!r}))"]
+    with subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        assert process.stdout.readline()
+        process.stdout.close()
+        err = process.stderr.read()
+        return subprocess.CompletedProcess(command, process.wait(timeout=300), "", err)
+
+
+def test_training_goes_on_when_the_reader_of_its_output_leaves(tiny, tmp_path):
+    """`python train.py | head`, or a `| tee` killed: the next line printed raised BrokenPipeError, which
+    ended training at once, with no checkpoint."""
+    done = run_with_a_reader_that_leaves("train", train_args(tiny, tmp_path, "run", "--max-steps", "6",
+                                                             "--final-eval", "false"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "the reader of standard output has gone" in done.stderr, done.stderr
+    run = tmp_path / "run"
+    assert read_json(run / "resume" / "trainer_state.json")["finished"] is True
+    assert (run / "last" / "adapter.safetensors").is_file()
+
+
 def copy_data_with_bad_images(tiny, tmp_path) -> Path:
     data = tmp_path / "data"
     shutil.copytree(tiny["data_dir"], data)
