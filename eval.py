@@ -829,6 +829,17 @@ def selected_on_note(records, run: dict, checkpoint: Path, run_dir: Path) -> str
             "this adapter, so its figures on them are optimistic; the test split is held out")
 
 
+def check_outputs_outlive_the_next_save(checkpoint: Path, run_dir: Path, out: str | None) -> None:
+    """Refuse to write the outputs into a run's last/ while train.py trains there: its next save swaps a new
+    last/ in and deletes the old one, and the outputs with it (minutes of evaluation, gone without a word)."""
+    from train import run_being_trained  # here: train.py imports this module
+
+    if out or run_dir == checkpoint or checkpoint.name not in ("last", "last.old") or not run_being_trained(run_dir):
+        return
+    raise UserError(f"{run_dir} is still being trained, and its next save replaces {checkpoint} and whatever is "
+                    "written into it: give --out FOLDER for the outputs, or evaluate when training has finished")
+
+
 def still_training_note(run_dir: Path, step) -> str:
     """A note when train.py still trains in the run folder, else "": the figures are then of an adapter that
     training goes on replacing (and its final evaluation rewrites metrics.json), which nothing said."""
@@ -1006,6 +1017,7 @@ def main(argv=None) -> int:
     # is printed once, not once per process, or names the one process whose files differ.
     with stopping_together(processes, SAME_RUN_EVERYWHERE):
         run_dir = find_run_dir(checkpoint)
+        check_outputs_outlive_the_next_save(checkpoint, run_dir, args.out)
         run = find_run_config(checkpoint)
         dataset = args.dataset or run.get("dataset")
         if dataset is None:

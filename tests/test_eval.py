@@ -460,6 +460,22 @@ def test_a_run_still_training_is_said_so_and_its_adapter_is_named_as_it_was_load
     assert "is still being trained: these figures are of its adapter of step" in capsys.readouterr().out
 
 
+def test_outputs_are_not_written_into_the_last_checkpoint_of_a_run_still_training(run, tmp_path, capsys):
+    # eval.py RUN/last wrote its outputs into last/, which the run's next save swapped out and deleted.
+    live = shutil.copytree(run, tmp_path / "live")
+    flags = ["--limit", "2", "--no-progress", "--num-workers", "0"]
+    lock = train.lock_run_folder(live)  # as the training process holds it
+    try:
+        assert run_cli(eval_script.main, [str(live / "last"), *flags]) == 2
+        assert "give --out FOLDER for the outputs" in capsys.readouterr().err
+        assert not (live / "last" / "metrics.json").exists()
+        assert eval_script.main([str(live / "last"), *flags, "--out", str(tmp_path / "out")]) == 0
+    finally:
+        train.release_run_folder(lock, live)
+    assert eval_script.main([str(live / "last"), *flags]) == 0  # finished: last/ stays as it is
+    assert (live / "last" / "metrics.json").is_file()
+
+
 def test_a_run_with_only_its_last_adapter_is_pointed_to_last(run, tmp_path):
     # A run stopped before any validation saved a best adapter holds last/ alone: eval.py and inference.py
     # said only "not a run folder" / "adapter_config.json not found", not where its adapter is.
