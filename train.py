@@ -671,25 +671,27 @@ def compiled_length_multiple(max_caption_tokens: int) -> int:
 
 
 def make_loader(pairs: CaptionPairs, batch_size: int, pad_token_id: int, sampler=None, length_multiple: int = 1,
-                full_batches: bool = False):
+                full_batches: bool = False, pin_memory: bool = False):
     """Batches padded to their longest caption, rounded up to `length_multiple`; with `full_batches`
-    a short last batch is filled with padding rows (see collate_captions)."""
+    a short last batch is filled with padding rows (see collate_captions). `pin_memory` for batches bound
+    for a GPU: pinned by whether the machine had one, a GPU machine's run on its CPU (accelerate launch
+    --cpu) pinned every batch for a copy that never came."""
     from torch.utils.data import DataLoader
 
     collate = partial(collate_captions, pad_token_id=pad_token_id, length_multiple=length_multiple,
                       rows=batch_size if full_batches else None)
-    return DataLoader(pairs, batch_size=batch_size, sampler=sampler, collate_fn=collate,
-                      pin_memory=torch.cuda.is_available())
+    return DataLoader(pairs, batch_size=batch_size, sampler=sampler, collate_fn=collate, pin_memory=pin_memory)
 
 
-def make_train_loader(pairs: CaptionPairs, config: TrainConfig, pad_token_id: int, processes: int = 1):
+def make_train_loader(pairs: CaptionPairs, config: TrainConfig, pad_token_id: int, processes: int = 1,
+                      pin_memory: bool = False):
     """Shuffled training batches. Under --compile they come in only a few shapes (bucketed lengths,
     full batches: see compiled_length_multiple); eagerly, each is padded to its longest caption.
     Several processes get an epoch padded to whole rounds of batches (see EpochShuffleSampler)."""
     sampler = EpochShuffleSampler(len(pairs), config.seed, config.batch_size * processes if processes > 1 else 1)
     return make_loader(pairs, config.batch_size, pad_token_id, sampler,
                        length_multiple=compiled_length_multiple(config.max_caption_tokens) if config.compile else 1,
-                       full_batches=config.compile)
+                       full_batches=config.compile, pin_memory=pin_memory)
 
 
 def make_optimizer(captioner, config: TrainConfig) -> torch.optim.Optimizer:
@@ -728,7 +730,8 @@ def validation_share(captioner, pairs: CaptionPairs, config: TrainConfig, accele
     image_shard = processes.shard(len(pairs.features), config.eval_batch_size)
     batch_losses, captions = [], []
     with plain_adapter(captioner, accelerator):
-        for batch in make_loader(pairs, config.eval_batch_size, captioner.config.pad_token_id, sampler=pair_shard):
+        for batch in make_loader(pairs, config.eval_batch_size, captioner.config.pad_token_id, sampler=pair_shard,
+                                 pin_memory=accelerator.device.type == "cuda"):
             batch = {k: v.to(accelerator.device) for k, v in batch.items() if k != "pair_index"}
             with accelerator.autocast():
                 loss = captioner(**batch)
@@ -1485,7 +1488,8 @@ def set_up_run(config: TrainConfig, accelerator) -> Run:
                         "validation image every weight is 0: give --val-limit 0 (all) or more validation images, "
                         "or --select-by rougeL or loss")
 
-    train_loader = make_train_loader(train_pairs, config, captioner.config.pad_token_id, accelerator.num_processes)
+    train_loader = make_train_loader(train_pairs, config, captioner.config.pad_token_id, accelerator.num_processes,
+                                     pin_memory=accelerator.device.type == "cuda")
     adapter = captioner.adapter
     if config.standardize_image_features:  # every process holds all training features: the same statistics
         adapter.set_feature_statistics(train_pairs.features)  # (a resumed run's saved ones replace them)

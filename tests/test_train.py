@@ -1136,3 +1136,21 @@ def test_auto_precision_is_fp32_when_a_gpu_machine_trains_on_its_cpu(monkeypatch
     assert train.auto_mixed_precision() == "bf16"
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     assert train.auto_mixed_precision() == "no"
+
+
+def test_batches_are_pinned_only_for_a_run_on_a_gpu(tiny, tmp_path, monkeypatch):
+    # Pinned by whether the machine had a GPU: a GPU machine's run on its CPU (accelerate launch --cpu)
+    # pinned every batch for a host-to-GPU copy that never came.
+    import torch.utils.data
+
+    pinned, real_init = [], torch.utils.data.DataLoader.__init__
+
+    def recording_init(self, *args, **kwargs):
+        pinned.append(kwargs.get("pin_memory", False))
+        real_init(self, *args, **{**kwargs, "pin_memory": False})  # this machine has no GPU to pin for
+
+    monkeypatch.setattr(torch.utils.data.DataLoader, "__init__", recording_init)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine...
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # ...training on its CPU
+    assert train.main(train_args(tiny, tmp_path, "run", "--max-steps", "2", "--final-eval", "false")) == 0
+    assert pinned and not any(pinned), pinned
