@@ -1710,6 +1710,10 @@ def resume(run: Run, train_data: str, data_content: dict) -> None:
     changed = "".join(f", --{name.replace('_', '-')} {new} (was {old})" for name, (old, new) in changes.items())
     say(accelerator, f"resuming {run.run_dir} at step {state.step} (epoch {state.epoch}, "
                      f"batch {state.batches_in_epoch}){changed}")
+    if state.finished:  # it said "resuming at step N", printed the banner, and ended: what had it done?
+        left = "only its test evaluation runs again" if config.final_eval else "nothing is left to do"
+        say(accelerator, f"it had finished training at step {state.step}: {left}; to train on, give --resume a "
+                         "larger --max-steps or --epochs")
 
 
 def adopt_newer_best(run: Run) -> None:

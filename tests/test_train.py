@@ -1154,3 +1154,14 @@ def test_batches_are_pinned_only_for_a_run_on_a_gpu(tiny, tmp_path, monkeypatch)
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # ...training on its CPU
     assert train.main(train_args(tiny, tmp_path, "run", "--max-steps", "2", "--final-eval", "false")) == 0
     assert pinned and not any(pinned), pinned
+
+
+def test_resuming_a_finished_run_says_what_is_left_to_do(tiny, tmp_path, capsys):
+    # It said "resuming at step 4", printed the banner and ended, with no word that the run had finished.
+    args = train_args(tiny, tmp_path, "run", "--max-steps", "4", "--final-eval", "false")
+    assert train.main(args) == 0
+    capsys.readouterr()
+    assert train.main([*args, "--resume"]) == 0
+    assert "it had finished training at step 4: nothing is left to do" in capsys.readouterr().out
+    assert train.main([*args, "--resume", "--max-steps", "6"]) == 0
+    assert "it had finished" not in capsys.readouterr().out
