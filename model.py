@@ -80,6 +80,8 @@ class AdapterConfig:
         path = Path(path)
         if path.parent.is_file():  # --checkpoint named a file, such as the run's adapter.safetensors
             raise UserError(f"{path.parent} is a file: --checkpoint names the run folder (here {path.parent.parent})")
+        if not path.parent.exists():
+            raise UserError(not_a_run_folder(path.parent))
         if path.is_dir():
             raise UserError(f"{path} is a folder, not a JSON file: point --checkpoint at a run folder whose "
                             f"{ADAPTER_CONFIG} is a file")
@@ -140,7 +142,9 @@ def only_last_hint(folder: Path) -> str:
 
 
 def not_a_run_folder(folder: Path) -> str:
-    """The error for a --checkpoint folder without an adapter_config.json (eval.py, app.py)."""
+    """The error for a --checkpoint folder without an adapter_config.json (eval.py, app.py, inference.py)."""
+    if not folder.exists():  # "not a run folder" or "adapter_config.json not found" sent people looking inside it
+        return f"{folder} does not exist: give a run folder (saved_models/RUN)"
     hint = only_last_hint(folder)
     if hint:
         return f"{folder} has no {ADAPTER_CONFIG}: {hint}"

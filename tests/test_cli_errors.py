@@ -100,6 +100,19 @@ def test_a_checkpoint_named_by_one_of_its_files_points_to_the_folder(run, data_d
     assert line.endswith(f"{run / 'adapter_config.json'} is a file: --checkpoint names the run folder (here {run})")
 
 
+@pytest.mark.parametrize("script", ["inference", "app", "eval"])
+def test_a_checkpoint_that_does_not_exist_is_said_so(script, tmp_path, data_dir, no_model, monkeypatch, capsys):
+    # inference.py said "adapter_config.json not found", app.py "not a run folder": both sent people looking
+    # inside a folder that was never there (a typo in its name).
+    monkeypatch.setattr(app, "import_gradio", lambda: None)
+    monkeypatch.setattr(app, "check_can_serve", lambda host, port: None)
+    missing = tmp_path / "saved_models" / "typo"
+    argv = {"inference": ["--checkpoint", str(missing), image(data_dir)], "app": ["--checkpoint", str(missing)],
+            "eval": [str(missing)]}[script]
+    line = cli_error(capsys, {"inference": inference.main, "app": app.main, "eval": eval_script.main}[script], argv)
+    assert f"{missing} does not exist" in line, line
+
+
 def test_app_names_a_bad_host_or_a_taken_port_before_loading(run, no_model, capsys):
     import socket
 
