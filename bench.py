@@ -743,6 +743,11 @@ def targets_from(paths: list[str]) -> str:
     """The targets table over the measurements of several --out files."""
     records = []
     for path in paths:
+        if Path(path).is_dir():  # "no such file" sent people looking for a folder that is there
+            inside = sorted(str(found) for found in Path(path).glob("*.jsonl"))
+            raise UserError(f"--targets-from {path} is a folder; give the --out files of earlier bench.py runs "
+                            + (f"in it ({' '.join(inside[:3])}{' ...' if len(inside) > 3 else ''})" if inside else
+                               "(it holds no .jsonl file)"))
         if not Path(path).is_file():
             raise UserError(f"--targets-from {path}: no such file; give the --out files of earlier bench.py runs")
         try:

@@ -591,6 +591,9 @@ def test_targets_table_from_the_out_files_of_split_runs(tmp_path, capsys):
     assert bench.target_table(tiny).endswith("the targets are for the real shapes (--shapes real) on an H100")
     assert run_cli(bench.main, ["--targets-from", str(tmp_path / "absent.jsonl")]) == 2
     assert "absent.jsonl: no such file" in capsys.readouterr().err
+    assert run_cli(bench.main, ["--targets-from", str(tmp_path)]) == 2  # gpu_bench.sh's output folder, say
+    assert f"is a folder; give the --out files of earlier bench.py runs in it ({tmp_path / 'a.jsonl'} " \
+        in capsys.readouterr().err
     readme = tmp_path / "README.md"  # a likely slip: the file the table goes into
     for text in ("# Speed\n\n| device | figure |\n", "\n".join(map(json.dumps, train)) + "\n# note\n"):
         readme.write_text(text)
