@@ -229,6 +229,26 @@ def test_every_file_reaches_the_disk_before_its_name_does(tiny, tmp_path, monkey
     assert parts and all(str(part) + ".tmp" in synced for part in parts), (parts, synced)
 
 
+def train_killed_in(argv: list[str], function: str, parameters: str, counted: str, at: int) -> None:
+    """train.main(argv) in a process of its own, SIGKILLed (no cleanup possible) at the `at`-th call of
+    train.`function` (taking `parameters`) for which the expression `counted` holds."""
+    script = (
+        "import os, signal, sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import train\n"
+        f"real, calls = train.{function}, [0]\n"
+        f"def dying({parameters}):\n"
+        f"    calls[0] += bool({counted})\n"
+        f"    if ({counted}) and calls[0] == {at}:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"    return real({parameters})\n"
+        f"train.{function} = dying\n"
+        f"train.main({argv!r})\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+
+
 def test_kill_in_the_middle_of_a_save_keeps_the_last_good_checkpoint(tiny, tmp_path):
     # 15 steps (of 26): checkpoints at 5 and 10, and the resumed run crosses the epoch boundary (13).
     steps = ("--final-eval", "false", "--max-steps", "15")
@@ -238,21 +258,7 @@ def test_kill_in_the_middle_of_a_save_keeps_the_last_good_checkpoint(tiny, tmp_p
     # A real SIGKILL, no cleanup possible: each checkpoint writes rng_0, optimizer, scheduler;
     # the process dies after the second checkpoint's RNG and optimizer files are on disk.
     args = train_args(tiny, tmp_path, "killed", *steps)
-    script = (
-        "import os, signal, sys\n"
-        f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "import train\n"
-        "real, calls = train.save_state, [0]\n"
-        "def dying(folder, name, state):\n"
-        "    calls[0] += 1\n"
-        "    if calls[0] == 6:\n"
-        "        os.kill(os.getpid(), signal.SIGKILL)\n"
-        "    return real(folder, name, state)\n"
-        "train.save_state = dying\n"
-        f"train.main({args!r})\n"
-    )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    train_killed_in(args, "save_state", "folder, name, state", "True", 6)
     run = tmp_path / "killed"
     assert (run / "resume.tmp").is_dir()  # the half-written state, ignored
     assert read_json(run / "resume" / "trainer_state.json")["step"] == 5
@@ -271,27 +277,11 @@ def test_a_crash_in_the_save_after_a_crash_between_its_renames_leaves_a_resume_s
     args = train_args(tiny, tmp_path, "twice", *steps)
     run = tmp_path / "twice"
 
-    def killed_in_the_second_save(argv: list[str]) -> None:
-        # SIGKILL once the step-10 state is written, before it is swapped in (the first swap is step 5's).
-        script = (
-            "import os, signal, sys\n"
-            f"sys.path.insert(0, {str(ROOT)!r})\n"
-            "import train\n"
-            "real, calls = train.sync_tree, [0]\n"
-            "def dying(folder):\n"
-            "    calls[0] += folder.name == 'resume.tmp'\n"
-            f"    if folder.name == 'resume.tmp' and calls[0] == {1 if '--resume' in argv else 2}:\n"
-            "        os.kill(os.getpid(), signal.SIGKILL)\n"
-            "    return real(folder)\n"
-            "train.sync_tree = dying\n"
-            f"train.main({argv!r})\n"
-        )
-        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300)
-        assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
-
-    killed_in_the_second_save(args)
+    # SIGKILL once the step-10 state is written, before it is swapped in (the first swap is step 5's).
+    train_killed_in(args, "sync_tree", "folder", "folder.name == 'resume.tmp'", 2)
     (run / "resume").rename(run / "resume.old")  # as a crash between the renames of a save leaves it
-    killed_in_the_second_save([*args, "--resume"])  # the resumed run's first save, from step 5 to 10
+    # The resumed run's first save, from step 5 to 10.
+    train_killed_in([*args, "--resume"], "sync_tree", "folder", "folder.name == 'resume.tmp'", 1)
     assert read_json(run / "resume.old" / "trainer_state.json")["step"] == 5
     assert train.main([*args, "--resume"]) == 0
     resumed = load_file(run / "last" / "adapter.safetensors")
