@@ -11,6 +11,7 @@ scores each image against all of its references.
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import csv
 import errno
@@ -67,13 +68,22 @@ class ImageRecord:
     path: Path | None = None  # local sources
     row: int | None = None  # row in a Hub dataset (flickr30k)
     table: object = field(default=None, repr=False)  # that Hub dataset
+    unusable_captions: int = field(default=0, repr=False, compare=False)  # dropped as empty or not text: a note says so
 
     def open(self):
         if self.table is not None:
             try:
                 with refuse_decompression_bombs():
-                    return to_rgb(self.table[self.row]["image"])
+                    image = self.table[self.row]["image"]
             except Exception as error:  # the Hub loader decodes the stored bytes with Pillow
+                raise UserError(f"cannot read image {self.image_id} (row {self.row}): {_first_line(error)}") from None
+            if image is None:  # a null cell: Pillow's own words were "'NoneType' object has no attribute 'load'"
+                raise UserError(f"cannot read image {self.image_id} (row {self.row}): the row holds no image")
+            # As for a file (open_image): a thin strip would be scaled up to gigabytes by CLIP's preprocessing.
+            check_aspect_ratio(f"{self.image_id} (row {self.row})", *image.size)
+            try:
+                return to_rgb(image)
+            except Exception as error:
                 raise UserError(f"cannot read image {self.image_id} (row {self.row}): {_first_line(error)}") from None
         return open_image(self.path)
 
@@ -124,7 +134,7 @@ def open_image(path):
 MAX_ASPECT_RATIO = 100
 
 
-def check_aspect_ratio(path: Path, width: int, height: int) -> None:
+def check_aspect_ratio(path: Path | str, width: int, height: int) -> None:
     if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):
         raise UserError(f"refusing image {path}: {width}x{height} is over {MAX_ASPECT_RATIO} times as long as it is "
                         "wide (CLIP would see only a centre square of it, after scaling it up to gigabytes)")
@@ -238,11 +248,30 @@ def normalize_caption(text) -> str:
     return " ".join(text.split())
 
 
-def _clean_captions(captions) -> list[str]:
-    """A row's captions (a list, one string, or junk) without the empty ones."""
+def _clean_captions(captions) -> tuple[list[str], int]:
+    """A row's captions (a list, one string, or junk) without the empty ones, and how many were left out."""
     if isinstance(captions, str) or not isinstance(captions, (list, tuple)):
         captions = [captions]
-    return [c for c in (normalize_caption(t) for t in captions) if c]
+    captions = [caption for text in captions for caption in _listed_captions(text)]
+    kept = [c for c in (normalize_caption(t) for t in captions) if c]
+    return kept, len(captions) - len(kept)
+
+
+def _listed_captions(text) -> list:
+    """The captions a value holds: a list saved as its text is that list's captions. nlphuji/flickr30k's CSV
+    keeps each image's five captions as one JSON list ('["Two men ...", ...]'), and pandas writes a list column
+    to CSV as its Python repr ("['Two men ...', ...]"); each was trained on and scored as one caption, brackets,
+    quotes and all. Anything else is one caption as it is."""
+    if not isinstance(text, str) or not (text.lstrip().startswith("[") and text.rstrip().endswith("]")):
+        return [text]
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            listed = parse(text.strip())
+        except Exception:  # not a list literal after all (SyntaxError, ValueError, RecursionError, ...)
+            continue
+        if isinstance(listed, list) and all(isinstance(item, str) for item in listed):
+            return listed
+    return [text]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,6 +298,7 @@ def load_flickr30k_hub(split: str, data_files: str = FLICKR30K_PARQUET) -> list[
     captions = table["caption"]
     ids = table["img_id"] if "img_id" in table.column_names else [str(i) for i in range(len(table))]
     names = table["filename"] if "filename" in table.column_names else ids
+    images = _image_identities(table)
     records: dict[str, ImageRecord] = {}  # by image name: rows of one image are one record
     first_seen: dict[str, tuple[str, int]] = {}
     for row, (row_split, row_captions, image_id, name) in enumerate(zip(splits, captions, ids, names)):
@@ -285,11 +315,35 @@ def load_flickr30k_hub(split: str, data_files: str = FLICKR30K_PARQUET) -> list[
         if key in records:
             # Exports with one row per caption: one image with all its captions (each counted once),
             # else each row would be scored against its one caption as if it were another image.
+            _check_same_image(data_files, key, records[key].row, row, images)
             merged = records[key].captions
-            merged.extend(c for c in _clean_captions(row_captions) if c not in merged)
+            kept, unusable = _clean_captions(row_captions)
+            merged.extend(c for c in kept if c not in merged)
+            records[key].unusable_captions += unusable
         else:
-            records[key] = ImageRecord(key, _clean_captions(row_captions), split, row=row, table=table)
+            kept, unusable = _clean_captions(row_captions)
+            records[key] = ImageRecord(key, kept, split, row=row, table=table, unusable_captions=unusable)
     return list(records.values())
+
+
+def _image_identities(table) -> list[tuple]:
+    """Per row, what tells two rows' images apart without decoding them: the stored file's byte count, or its
+    path where the row holds no bytes (the column is already a struct of bytes and path: _image_column)."""
+    import pyarrow.compute as pc
+
+    column = table.data.column("image")
+    sizes = pc.binary_length(pc.struct_field(column, "bytes")).to_pylist()
+    paths = pc.struct_field(column, "path").to_pylist()
+    return [(size, path if size is None else None) for size, path in zip(sizes, paths)]
+
+
+def _check_same_image(data_files: str, key: str, first_row: int, row: int, images: list[tuple]) -> None:
+    """Rows of one filename are merged as one image's captions. Where they hold different images (photos of
+    two folders with the same name, a filename column filled with one value) merging kept the first image
+    only and gave it the others' captions, without a word."""
+    if images[first_row] != images[row]:
+        raise UserError(f"{data_files}: rows {first_row} and {row} both name image {key} but hold different images; "
+                        "give each image its own filename (rows of one filename are taken as one image's captions)")
 
 
 def _image_column(table, data_files: str):
@@ -340,23 +394,28 @@ def load_karpathy(data_dir: Path, split: str) -> list[ImageRecord]:
         folder = image.get("filepath") or ""
         if not isinstance(folder, str):
             raise UserError(f"{path}: images[{number}] has filepath {folder!r}, not a folder name")
+        if problem := file_name_problem(folder) or file_name_problem(image["filename"]):
+            raise UserError(f"{path}: images[{number}] has filepath {folder!r} and filename {image['filename']!r}; "
+                            f"one {problem}")
         file = os.path.normpath(os.path.join(folder, image["filename"]))
         image_split = _karpathy_split(path, image, number)
         _check_one_split(path, file, image_split, number, first_seen)
         if image_split != split:
             continue
         sentences = image.get("sentences")
-        captions = _clean_captions([_karpathy_text(s) for s in sentences] if isinstance(sentences, list) else [])
+        captions, unusable = _clean_captions([_karpathy_text(s) for s in sentences] if isinstance(sentences, list)
+                                             else [])
         if file in records:
             # A repeated entry (a file merged into itself) would weigh its captions double in training and
             # count them twice as references; captions it adds are kept.
+            records[file].unusable_captions += unusable
             known = set(records[file].captions)
             records[file].captions.extend(c for c in captions if c not in known)
             repeated.extend(file for c in captions if c in known)
             continue
         image_id = str(image.get("cocoid", image.get("imgid", image["filename"])))
         path_ = _resolve_image(data_dir, folder, image["filename"])
-        records[file] = ImageRecord(image_id, captions, split, path=path_)
+        records[file] = ImageRecord(image_id, captions, split, path=path_, unusable_captions=unusable)
     if repeated:
         note(f"note: {split}: {len(repeated):,} captions of images listed more than once in {path} count once "
              f"(first: {repeated[0]})")
@@ -621,6 +680,18 @@ def _group_by_image(data_dir: Path, rows: list[dict]) -> dict[str, dict]:
     return by_image
 
 
+def file_name_problem(name: str) -> str:
+    """Why a caption file's image name can name no file, or "" if it can. A NUL character or a lone surrogate
+    ("\\ud800" in JSON) ended in a traceback from the first look at the disk (ValueError, UnicodeEncodeError)."""
+    if "\0" in name:
+        return "holds a NUL character, which no file name can; name the file as it is called on disk"
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid Unicode (a lone surrogate); name the file as it is called on disk"
+    return ""
+
+
 def _image_name(data_dir: Path, row: dict, number: int) -> str:
     """A row's image path, normalised so that one file is one image however it is spelled
     ("./images/x.png", "images//x.png", "images/x.png"), else it could land in two splits.
@@ -630,6 +701,8 @@ def _image_name(data_dir: Path, row: dict, number: int) -> str:
         raise UserError(f"{data_dir}: caption row {number} names no image (expected an 'image' field)")
     if not isinstance(name, str):
         raise UserError(f"{data_dir}: caption row {number} has image {name!r}, not a file name")
+    if problem := file_name_problem(name):
+        raise UserError(f"{data_dir}: caption row {number} has image {name!r}, which {problem}")
     name = os.path.normpath(name)
     # An absolute spelling of a file in the folder, or one that leaves and re-enters it ("../data/x.png"),
     # is that file's relative name; a file outside the folder keeps the name the row gives.
@@ -666,9 +739,10 @@ def load_caption_folder(data_dir: Path, split: str, seed: int = 0, folder_split:
     records, repeats = [], []
     for name, entry in by_image.items():
         if entry["split"] == split:
-            counts = Counter(_clean_captions(entry["captions"]))  # keeps first-seen order
+            kept, unusable = _clean_captions(entry["captions"])
+            counts = Counter(kept)  # keeps first-seen order
             repeats.extend((name, caption) for caption, count in counts.items() if count > 1)
-            records.append(ImageRecord(name, list(counts), split, path=data_dir / name))
+            records.append(ImageRecord(name, list(counts), split, path=data_dir / name, unusable_captions=unusable))
     if repeats:
         # A caption twice for one image is a copied row, not two annotators: it would weigh double in
         # training and count as two references in the scores.
@@ -743,6 +817,11 @@ def _drop_captionless(records: list[ImageRecord], split: str) -> list[ImageRecor
         first = next(r.image_id for r in records if not r.captions)
         note(f"note: {split}: {len(records) - len(kept):,} images have no usable caption (empty, or not text) and "
              f"are left out (first: {first})")
+    # Captions dropped from images that keep others were left out without a word: a column of numbers or
+    # nulls in half the rows shrank the data set unnoticed.
+    if dropped := [r for r in kept if r.unusable_captions]:
+        note(f"note: {split}: {sum(r.unusable_captions for r in dropped):,} captions of {len(dropped):,} images are "
+             f"empty or not text and are left out; the images keep their other captions (first: {dropped[0].image_id})")
     return kept
 
 

@@ -811,7 +811,7 @@ def test_hub_rows_of_one_image_are_one_record_and_one_image_in_two_splits_is_an_
     import datasets
 
     # One row per caption, as many parquet exports have: one image with its captions, each once.
-    rows = {"image": [Image.new("RGB", (16, 16), (i, 0, 0)) for i in range(4)],
+    rows = {"image": [Image.new("RGB", (16, 16), (0, 0, 0))] * 3 + [Image.new("RGB", (16, 16), (3, 0, 0))],
             "caption": ["a red dog", "a dog", "a red dog", "a cat"],
             "split": ["test", "test", "test", "test"], "filename": ["1.jpg", "1.jpg", "1.jpg", "2.jpg"]}
     path = tmp_path / "rows.parquet"
@@ -943,3 +943,54 @@ def test_a_data_note_is_printed_by_the_first_process_of_each_machine_only(tmp_pa
         assert [r.image_id for r in load_records("folder", "train", str(tmp_path))] == ["a.png"]
         printed = capsys.readouterr().out
         assert ("a caption written more than once" in printed and "have no usable caption" in printed) == says, printed
+
+
+def test_hub_rows_of_one_filename_holding_different_images_are_an_error_not_merged(tmp_path):
+    # Photos of two folders with one name, or a filename column of one value: merged, the first image was
+    # kept with every row's captions and the others were lost without a word.
+    import datasets
+
+    rows = {"image": [Image.new("RGB", (16, 16)), Image.new("RGB", (16, 16)), noise_image((24, 24)),
+                      Image.new("RGB", (8, 8))],
+            "caption": [["a dog"], ["a black dog"], ["a cat"], ["a bird"]], "split": ["train"] * 3 + ["test"],
+            "filename": ["1.jpg", "1.jpg", "1.jpg", "2.jpg"]}
+    path = tmp_path / "rows.parquet"
+    datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image()).to_parquet(str(path))
+    with pytest.raises(UserError, match=r"rows 0 and 2 both name image 1.jpg but hold different images; give each"):
+        load_flickr30k_hub("train", str(path))
+    one_image = {**rows, "image": rows["image"][:2] * 2}  # rows 0-2 the same image: its captions, merged
+    datasets.Dataset.from_dict(one_image).cast_column("image", datasets.Image()).to_parquet(str(path))
+    assert [r.captions for r in load_flickr30k_hub("train", str(path))] == [["a dog", "a black dog", "a cat"]]
+
+
+def noise_image(size):
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def test_captions_saved_as_the_text_of_a_list_are_that_lists_captions(tmp_path):
+    # nlphuji/flickr30k's CSV holds an image's captions as one JSON list, pandas writes a list column to CSV
+    # as its repr: each was one caption, brackets and quotes included.
+    import datasets
+
+    write_image(tmp_path / "a.png")
+    (tmp_path / "captions.csv").write_text('image,captions,split\na.png,"[""a dog"", ""a brown dog""]",train\n'
+                                           "a.png,\"['a dog runs', \"\"it's brown\"\"]\",train\n"
+                                           "a.png,[sic] a dog,train\n")
+    [record] = load_records("folder", "train", str(tmp_path))
+    assert record.captions == ["a dog", "a brown dog", "a dog runs", "it's brown", "[sic] a dog"]
+    rows = {"image": [Image.new("RGB", (8, 8))], "caption": [json.dumps(["a cat", "a grey cat"])], "split": ["test"]}
+    path = tmp_path / "own.parquet"
+    datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image()).to_parquet(str(path))
+    assert load_flickr30k_hub("test", str(path))[0].captions == ["a cat", "a grey cat"]
+
+
+def test_captions_dropped_from_images_that_keep_others_are_counted_in_a_note(tmp_path, capsys):
+    for name in ("a.png", "b.png", "c.png"):
+        write_image(tmp_path / name)
+    write_jsonl_captions(tmp_path, [{"image": "a.png", "captions": ["a dog", None, 7], "split": "train"},
+                                    {"image": "b.png", "captions": ["a cat"], "split": "train"},
+                                    {"image": "b.png", "caption": "  ", "split": "train"},
+                                    {"image": "c.png", "captions": ["a bird"], "split": "train"}])
+    assert [r.captions for r in load_records("folder", "train", str(tmp_path))] == [["a dog"], ["a cat"], ["a bird"]]
+    assert ("train: 3 captions of 2 images are empty or not text and are left out; the images keep their other "
+            "captions (first: a.png)") in capsys.readouterr().out

@@ -380,3 +380,29 @@ def test_split_names_are_read_leniently_and_unknown_ones_refused(tmp_path):
     (tmp_path / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(UserError, match="split 'holdout' is unknown"):
         load_records("folder", "train", str(tmp_path))
+
+
+def test_hub_images_are_refused_as_files_are_a_thin_strip_or_no_image_at_all():
+    strip = ImageRecord("s.jpg", ["a strip"], "train", row=3, table={3: {"image": Image.new("RGB", (20000, 5))}})
+    with pytest.raises(UserError, match=r"refusing image s.jpg \(row 3\): 20000x5 is over 100 times as long"):
+        strip.open()
+    empty = ImageRecord("e.jpg", ["nothing"], "train", row=0, table=[{"image": None}])
+    with pytest.raises(UserError, match=r"cannot read image e.jpg \(row 0\): the row holds no image"):
+        empty.open()
+    assert ImageRecord("p.jpg", ["a dot"], "train", row=0, table=[{"image": Image.new("RGB", (1, 1))}]).open().size \
+        == (1, 1)
+
+
+@pytest.mark.parametrize("name", ["a\u0000.png", "a\ud800.png"])
+def test_an_image_name_no_file_can_have_is_one_line_naming_the_row(tmp_path, name):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "captions.jsonl").write_text(json.dumps({"image": "a.png", "caption": "x"}) + "\n"
+                                             + json.dumps({"image": name, "caption": "y"}) + "\n")
+    with pytest.raises(UserError, match="caption row 2 has image .*name the file as it is called on disk"):
+        load_records("folder", "train", str(tmp_path))
+    karpathy = tmp_path / "k"
+    karpathy.mkdir()
+    (karpathy / "dataset_coco.json").write_text(json.dumps(
+        {"images": [{"filename": name, "split": "train", "sentences": [{"raw": "y"}]}]}))
+    with pytest.raises(UserError, match=r"images\[0\] has filepath '' and filename .*called on disk"):
+        load_records("karpathy", "train", str(karpathy))
