@@ -379,11 +379,14 @@ def _resolve_image(data_dir: Path, *parts: str) -> Path:
 def load_karpathy(data_dir: Path, split: str) -> list[ImageRecord]:
     """A Karpathy-format JSON; COCO's `restval` images are trained on, as in the papers."""
     path = find_karpathy_json(data_dir)
+    check_not_utf16(path)
     try:
         images = json.loads(path.read_text(encoding="utf-8-sig"))["images"]
         if not isinstance(images, list):
             raise TypeError(f"'images' is a {type(images).__name__}, not a list")
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, RecursionError) as error:
+    except UnicodeDecodeError:
+        raise UserError(not_utf8_message(path)) from None
+    except (json.JSONDecodeError, KeyError, TypeError, RecursionError) as error:
         raise UserError(f"{path} is not a Karpathy split file ({error})") from None
     records: dict[str, ImageRecord] = {}  # by image file: an entry listed twice is one image
     first_seen: dict[str, tuple[str, int]] = {}
@@ -456,6 +459,9 @@ def _read_caption_rows(data_dir: Path) -> list[dict]:
     jsonl, csv_path = data_dir / "captions.jsonl", data_dir / "captions.csv"
     if jsonl.is_file() and csv_path.is_file():  # which one holds the captions meant is not ours to guess
         raise UserError(f"{data_dir} holds both captions.jsonl and captions.csv; keep the one that is meant")
+    for path in (jsonl, csv_path):
+        if path.is_file():
+            check_not_utf16(path)
     try:
         if jsonl.is_file():
             rows = []
@@ -471,9 +477,31 @@ def _read_caption_rows(data_dir: Path) -> list[dict]:
             return rows
         if csv_path.is_file():
             return _read_caption_csv(csv_path)
-    except UnicodeDecodeError as error:
-        raise UserError(f"{jsonl if jsonl.is_file() else csv_path} is not UTF-8 text ({error})") from None
+    except UnicodeDecodeError:
+        raise UserError(not_utf8_message(jsonl if jsonl.is_file() else csv_path)) from None
     raise UserError(f"{data_dir} has neither captions.jsonl nor captions.csv")
+
+
+def check_not_utf16(path: Path) -> None:
+    """Refuse a caption file saved as UTF-16 (Excel's "Unicode Text", Windows PowerShell's `>`): without a
+    byte-order mark it decodes as UTF-8 with a NUL after every letter, and the error named a header of
+    'i\x00m\x00a\x00g\x00e' rather than the file's encoding."""
+    with open(path, "rb") as handle:
+        head = handle.read(4096)
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in head:
+        raise UserError(f"{path} is UTF-16 text, not UTF-8; save it again as UTF-8")
+
+
+def not_utf8_message(path: Path) -> str:
+    """Where a caption file stops being UTF-8 (line and byte), for one saved as Latin-1 or Windows-1252."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        return (f"{path} is not UTF-8 text: line {line} holds byte 0x{data[error.start]:02x} (Latin-1 or "
+                "Windows-1252 text?); save it again as UTF-8")
+    return f"{path} is not UTF-8 text; save it again as UTF-8"
 
 
 # csv's default field limit (131,072 characters) is a guard against runaway quotes, which strict

@@ -347,8 +347,18 @@ def test_caption_files_with_bad_encoding_or_rows_are_clear_errors(tmp_path):
     assert [r.captions for r in every] == [["un caf\u00e9"]]  # a BOM is not part of the "image" column
 
     (tmp_path / "captions.csv").write_bytes(b"image,caption\na.png,caf\xe9\n")  # Latin-1, not UTF-8
-    with pytest.raises(UserError, match="not UTF-8"):
+    with pytest.raises(UserError, match=r"not UTF-8 text: line 2 holds byte 0xe9 .*save it again as UTF-8"):
         load_records("folder", "train", str(tmp_path))
+    # UTF-16, with or without its byte-order mark (without, it read as a header of 'i\x00m\x00...')
+    for encoding in ("utf-16", "utf-16-le"):
+        (tmp_path / "captions.csv").write_bytes("image,caption\na.png,un caf\u00e9\n".encode(encoding))
+        with pytest.raises(UserError, match=r"captions.csv is UTF-16 text, not UTF-8; save it again as UTF-8"):
+            load_records("folder", "train", str(tmp_path))
+    karpathy = tmp_path / "karpathy"
+    karpathy.mkdir()
+    (karpathy / "dataset_flickr8k.json").write_bytes('{"images": []}'.encode("utf-16"))
+    with pytest.raises(UserError, match=r"dataset_flickr8k.json is UTF-16 text"):
+        load_records("karpathy", "train", str(karpathy))
     (tmp_path / "captions.csv").unlink()  # both files at once is an error of its own
     (tmp_path / "captions.jsonl").write_text('["a.png", "a list, not an object"]\n')
     with pytest.raises(UserError, match="line 1"):
