@@ -354,6 +354,9 @@ def test_caption_files_with_bad_encoding_or_rows_are_clear_errors(tmp_path):
         (tmp_path / "captions.csv").write_bytes("image,caption\na.png,un caf\u00e9\n".encode(encoding))
         with pytest.raises(UserError, match=r"captions.csv is UTF-16 text, not UTF-8; save it again as UTF-8"):
             load_records("folder", "train", str(tmp_path))
+    (tmp_path / "captions.csv").write_bytes(b"image,caption\na.png,a\x00dog\n")  # a stray NUL is whitespace
+    assert [r.captions for s in ("train", "val", "test") for r in load_records("folder", s, str(tmp_path))] == \
+        [["a dog"]]
     karpathy = tmp_path / "karpathy"
     karpathy.mkdir()
     (karpathy / "dataset_flickr8k.json").write_bytes('{"images": []}'.encode("utf-16"))
