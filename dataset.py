@@ -479,6 +479,10 @@ def _read_caption_rows(data_dir: Path) -> list[dict]:
             return _read_caption_csv(csv_path)
     except UnicodeDecodeError:
         raise UserError(not_utf8_message(jsonl if jsonl.is_file() else csv_path)) from None
+    for path in (jsonl, csv_path):  # a folder of that name, or a link to nowhere (or to itself)
+        if path.is_symlink() or path.exists():
+            raise UserError(f"{path} is not a readable file (a folder, or a link to nowhere); the captions go in a "
+                            "file of that name")
     raise UserError(f"{data_dir} has neither captions.jsonl nor captions.csv")
 
 

@@ -357,12 +357,18 @@ def test_caption_files_with_bad_encoding_or_rows_are_clear_errors(tmp_path):
     (tmp_path / "captions.csv").write_bytes(b"image,caption\na.png,a\x00dog\n")  # a stray NUL is whitespace
     assert [r.captions for s in ("train", "val", "test") for r in load_records("folder", s, str(tmp_path))] == \
         [["a dog"]]
+    (tmp_path / "captions.csv").unlink()  # both files at once is an error of its own
+    jsonl = tmp_path / "captions.jsonl"
+    for make, remove in ((jsonl.mkdir, jsonl.rmdir), (lambda: jsonl.symlink_to(jsonl), jsonl.unlink)):
+        make()  # a folder, then a link to itself
+        with pytest.raises(UserError, match=r"captions.jsonl is not a readable file"):
+            load_records("folder", "train", str(tmp_path))
+        remove()
     karpathy = tmp_path / "karpathy"
     karpathy.mkdir()
     (karpathy / "dataset_flickr8k.json").write_bytes('{"images": []}'.encode("utf-16"))
     with pytest.raises(UserError, match=r"dataset_flickr8k.json is UTF-16 text"):
         load_records("karpathy", "train", str(karpathy))
-    (tmp_path / "captions.csv").unlink()  # both files at once is an error of its own
     (tmp_path / "captions.jsonl").write_text('["a.png", "a list, not an object"]\n')
     with pytest.raises(UserError, match="line 1"):
         load_records("folder", "train", str(tmp_path))
