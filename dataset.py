@@ -76,7 +76,8 @@ class ImageRecord:
                 with refuse_decompression_bombs():
                     image = self.table[self.row]["image"]
             except Exception as error:  # the Hub loader decodes the stored bytes with Pillow
-                raise UserError(f"cannot read image {self.image_id} (row {self.row}): {_first_line(error)}") from None
+                raise UserError(f"cannot read image {self.image_id} (row {self.row}): {_hub_image_problem(error)}") \
+                    from None
             if image is None:  # a null cell: Pillow's own words were "'NoneType' object has no attribute 'load'"
                 raise UserError(f"cannot read image {self.image_id} (row {self.row}): the row holds no image")
             # As for a file (open_image): a thin strip would be scaled up to gigabytes by CLIP's preprocessing.
@@ -181,6 +182,16 @@ def _names_alike(folder: Path) -> dict[str, str]:
         return {_name_key(entry.name): entry.name for entry in os.scandir(folder) if entry.is_file()}
     except OSError:
         return {}
+
+
+def _hub_image_problem(error: BaseException) -> str:
+    """Why a Hub row's stored bytes gave no image. Pillow names the buffer it read them from, which says nothing:
+    "cannot identify image file <_io.BytesIO object at 0x7f...>"."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(error, UnidentifiedImageError):
+        return "its bytes are no image Pillow recognises (damaged, or another kind of file)"
+    return _first_line(error)
 
 
 def _first_line(error: BaseException) -> str:

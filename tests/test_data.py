@@ -883,6 +883,11 @@ def test_hub_parquet_written_by_pyarrow_has_its_image_bytes_read(tmp_path):
          "filename": "b.png"}]), path)
     [record] = load_records("flickr30k", "test", hub_data_files=str(path))
     assert record.open().size == (16, 8) and record.open().getpixel((0, 0)) == (0, 200, 0)
+    pq.write_table(pa.Table.from_pylist([{"image": {"bytes": b"not an image", "path": "c.png"}, "caption": ["grey"],
+                                          "split": "test", "filename": "c.png"}]), path)
+    [record] = load_records("flickr30k", "test", hub_data_files=str(path))
+    with pytest.raises(UserError, match=r"^cannot read image c.png \(row 0\): its bytes are no image Pillow recogn"):
+        record.open()  # Pillow said "cannot identify image file <_io.BytesIO object at 0x7f...>"
     pq.write_table(pa.Table.from_pylist([{"image": 7, "caption": ["seven"], "split": "train"}]), path)
     with pytest.raises(UserError, match="column 'image' holds Value.*int64.*, not images; give it the image file's"):
         load_records("flickr30k", "train", hub_data_files=str(path))
