@@ -496,13 +496,17 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
             probs = logits.sub_(log_norm).exp_()  # softmax, in place of the logits: one (n, V) buffer
             probs.scatter_add_(1, targets[rows], -torch.ones_like(mask))  # d loss / d logits = softmax - onehot
             grad[rows] = probs.mul_(mask).to(weight.dtype) @ weight
-        ctx.save_for_backward(grad / count.to(grad.dtype))
+        ctx.save_for_backward(grad, count)
         return loss_sum / count
 
     @staticmethod
     def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_output.to(grad.dtype), None, None, None
+        grad, count = ctx.saved_tensors
+        # Divided and scaled in fp32 at least, then cast once: under --mixed-precision fp16, grad_output is the
+        # loss scale (65,536 at first), inf in fp16, and a per-token gradient divided by the count underflows it.
+        # (In fp32 these are the same operations as before, in the same order: the same bits.)
+        wide = grad.to(torch.promote_types(grad.dtype, torch.float32))
+        return ((wide / count.to(wide.dtype)) * grad_output.to(wide.dtype)).to(grad.dtype), None, None, None
 
 
 def frozen_head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,

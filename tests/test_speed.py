@@ -421,6 +421,26 @@ def test_chunked_head_loss_equals_cross_entropy_without_the_full_logits(compiled
         assert plain.numel == rows * vocab
 
 
+def test_chunked_head_loss_gradient_survives_the_fp16_loss_scale():
+    # Under --mixed-precision fp16 the loss is back-propagated times the scaler's scale, 65,536 at first. The
+    # chunked loss's backward cast that scale to fp16 (inf there: every gradient inf or NaN, the step skipped)
+    # and had divided each row's gradient by the token count in fp16 (where it underflows).
+    from model import frozen_head_cross_entropy
+
+    torch.manual_seed(8)
+    rows, vocab, width = 16384, 64, 16
+    weight = torch.randn(vocab, width) * 0.05
+    hidden = torch.randn(rows, width, requires_grad=True)
+    labels = torch.randint(0, vocab, (rows,))
+    (reference,) = torch.autograd.grad(frozen_head_cross_entropy(hidden, weight, labels), hidden)
+    for scale in (2.0**16, 2.0**10):
+        half = hidden.detach().half().requires_grad_()
+        (grad,) = torch.autograd.grad(frozen_head_cross_entropy(half, weight.half(), labels) * scale, half)
+        assert torch.isfinite(grad).all(), scale
+        error = (grad.float() / scale - reference).abs().max() / reference.abs().max()
+        assert error < 2e-3, (scale, float(error))  # fp16's own rounding of the logits and rows: ~9e-4
+
+
 def test_compiled_loss_equals_eager_and_falls_back(captioner, capsys):
     from model import TrainingLoss
 
@@ -688,6 +708,27 @@ def test_bench_says_when_a_compiled_path_ran_eager_and_survives_a_failed_measure
     assert args.records[-1]["error"].startswith("OutOfMemoryError: CUDA out of memory")
 
 
+def test_a_failed_profile_keeps_the_step_figure_and_lets_the_run_go_on(monkeypatch, capsys):
+    # On a GPU the compiled step is profiled (--profile) before the --variants are timed, and outside
+    # bench_train's own try: a profiler failing there ended bench.py and lost every variant after it.
+    import functools
+
+    import bench
+    from model import TrainingLoss
+
+    def broken_profile(*args, **kwargs):
+        raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED")
+
+    monkeypatch.setattr(bench, "TrainingLoss", functools.partial(TrainingLoss, backend="eager"))  # fast
+    monkeypatch.setattr(bench, "profile_step", broken_profile)
+    args = bench_args()
+    args.profile = True
+    bench.bench_train(args, "product+compile", 8)  # must not raise
+    assert args.records[-1]["path"] == "product+compile" and args.records[-1]["samples_per_s"] > 0
+    printed = capsys.readouterr().out
+    assert "profile of product+compile batch 8 failed: RuntimeError: CUPTI_ERROR_NOT_INITIALIZED" in printed
+
+
 @pytest.mark.parametrize("backend", ["aot_eager", "broken"])
 def test_bench_times_compiled_decoding_and_says_whether_it_held(monkeypatch, capsys, backend):
     import json
@@ -745,6 +786,28 @@ def test_quantized_bench_frees_each_lm_before_measuring_the_next(monkeypatch):
     monkeypatch.setattr(bench, "reset_peak", counting_reset)
     bench.bench_quantized(bench_args())
     assert live_at_reset == [0, 0, 0], "a previous mode's LM would count in the next mode's peak memory"
+
+
+def test_a_quantization_that_fails_is_a_line_and_the_next_one_is_still_measured(monkeypatch):
+    # The GPU's one call measures 8-bit then 4-bit: an 8-bit failure (bitsandbytes' CUDA library, its int8
+    # kernels) ended the section, and the 4-bit figure, which needs none of that, was never measured.
+    import bench
+    import model
+
+    real = model.lm_quantization_config
+
+    def no_int8(mode, device):
+        if mode == "8bit":
+            raise RuntimeError("CUDA Setup failed despite GPU being available")
+        return real(mode, device)
+
+    monkeypatch.setattr(model, "lm_quantization_config", no_int8)
+    args = bench_args()
+    bench.bench_quantized(args)
+    modes = {r["lm_quantization"]: r for r in args.records}
+    assert list(modes) == ["none", "8bit", "4bit"]
+    assert modes["8bit"]["error"].startswith("RuntimeError: CUDA Setup failed")
+    assert modes["none"]["samples_per_s"] > 0 and modes["4bit"]["samples_per_s"] > 0
 
 
 def test_a_head_with_a_bias_keeps_its_bias_in_the_loss(captioner):
