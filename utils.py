@@ -946,7 +946,11 @@ def set_rng_states(states: dict) -> None:
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        # Saved for every GPU the process saw; a machine with fewer (a run resumed elsewhere) has no generator for
+        # the rest, and set_rng_state_all failed on them at CUDA's first use, in a traceback. A process trains on
+        # its own device, whose index the machine resuming it has.
+        for index, state in enumerate(states["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, index)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,24 @@ def refuse_bare_constant(name: str):
     raise AssertionError(f"{name} is not JSON: strict readers refuse the file")
 
 
+def test_resume_on_a_machine_with_fewer_gpus_sets_the_generators_it_has(monkeypatch):
+    # A state saved by a process that saw 4 GPUs, resumed where 1 is: set_rng_state_all set all 4, and CUDA's
+    # first use failed on the missing ones in a traceback. The process's own device is among those present.
+    import torch.cuda.random as cuda_random
+
+    from utils import rng_states, set_rng_states
+
+    states, restored = rng_states(), []
+    states["cuda"] = [torch.full((8,), index, dtype=torch.uint8) for index in range(4)]
+    record = lambda state, device="cuda": restored.append((device, int(state[0])))  # noqa: E731
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", record)
+    monkeypatch.setattr(cuda_random, "set_rng_state", record)  # what set_rng_state_all calls
+    set_rng_states(states)
+    assert restored == [(0, 0)]
+
+
 def test_json_writers_spell_out_nonfinite_numbers(tmp_path):
     from utils import append_jsonl, write_json, write_jsonl
 
