@@ -372,6 +372,10 @@ def lm_quantization_config(lm_quantization: str, device: torch.device):
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise UserError(f"--lm-quantization {lm_quantization} needs bitsandbytes: pip install bitsandbytes") from None
+    except Exception as error:  # installed but broken: its native library does not load (RuntimeError, OSError)
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"--lm-quantization {lm_quantization}: bitsandbytes is installed but does not load ({first}); "
+                        "install a bitsandbytes built for this machine's CUDA, or use --lm-quantization none") from None
     from transformers import BitsAndBytesConfig
 
     if lm_quantization == "8bit":

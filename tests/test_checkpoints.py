@@ -369,6 +369,20 @@ def test_quantisation_choice_is_checked(monkeypatch):
     assert model.lm_quantization_config("none", torch.device("cpu")) is None
 
 
+def test_a_bitsandbytes_that_is_installed_but_does_not_load_is_one_line(monkeypatch):
+    # Its native library built for another CUDA raises at import (RuntimeError, OSError): that was a traceback.
+    class BrokenNativeLibrary:
+        def find_spec(self, name, path=None, target=None):
+            if name == "bitsandbytes":
+                raise RuntimeError("CUDA Setup failed despite GPU being available\nmore lines")
+
+    monkeypatch.delitem(sys.modules, "bitsandbytes", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [BrokenNativeLibrary(), *sys.meta_path])
+    with pytest.raises(UserError, match=r"^--lm-quantization 8bit: bitsandbytes is installed but does not load "
+                                        r"\(CUDA Setup failed despite GPU being available\); install a bitsandbytes"):
+        model.lm_quantization_config("8bit", torch.device("cpu"))
+
+
 def test_quantisation_is_recorded_and_reused(tiny, tmp_path, monkeypatch, capsys):
     assert train.main(train_args(tiny, tmp_path, "small", "--lm-quantization", "4bit", "--max-steps", "3",
                                  "--final-eval", "false")) == 0
