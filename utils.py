@@ -99,56 +99,71 @@ def run_cli(main_fn, argv=None) -> int:
 
 
 class ReaderMayLeave:
-    """sys.stdout or sys.stderr for a script whose work is its files (train.py): when the reader of its pipe
-    goes (`| head`, a killed `| tee`), the next print raised BrokenPipeError, which ended a training run at
-    once with no checkpoint. The stream then goes to /dev/null, a note says so on the other stream, and the
-    work goes on."""
+    """sys.stdout for a script whose work is its files (train.py): when the reader of its pipe goes (`| head`, a
+    killed `| tee`), the next print raised BrokenPipeError, which ended a training run at once with no checkpoint.
+    Standard output then goes to /dev/null (standard error too where it is the same pipe, `2>&1 |`, whose
+    progress bars would fail next), a note says so on stderr otherwise, and the work goes on. Modules first
+    imported meanwhile may keep this object: once `detached`, it writes wherever sys.stdout then points.
+    (sys.stderr is left as it is: replaced the same way, something torch or its imports keep broke pytest's
+    capture of it.)"""
 
-    def __init__(self, stream, name: str, note_to: str, goes_on: str):
-        self._stream, self._name, self._note_to, self._goes_on = stream, name, note_to, goes_on
-        self.reader_left = False
+    def __init__(self, stream, goes_on: str):
+        self._stream, self._goes_on = stream, goes_on
+        self.reader_left = self.detached = False
+
+    def _target(self):
+        current = sys.stdout
+        return current if self.detached and current is not None and current is not self else self._stream
 
     def write(self, text: str) -> int:
         try:
-            return self._stream.write(text)
+            return self._target().write(text)
         except BrokenPipeError:
             self._reader_has_left()
             return len(text)
 
     def flush(self) -> None:
         try:
-            self._stream.flush()
+            self._target().flush()
         except BrokenPipeError:
             self._reader_has_left()
 
     def _reader_has_left(self) -> None:
-        if self.reader_left:
+        if self.reader_left or self.detached:
             return
         self.reader_left = True
         with contextlib.suppress(OSError, ValueError):  # the buffered text, and the rest, go nowhere
-            os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
-        with contextlib.suppress(OSError, ValueError):  # that reader may have gone too
-            print(f"note: the reader of {self._name} has gone (a closed pipe); {self._goes_on}",
-                  file=getattr(sys, self._note_to), flush=True)
+            out = self._stream.fileno()
+            shared = os.path.samestat(os.fstat(out), os.fstat(sys.stderr.fileno()))
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            for fd in (out, sys.stderr.fileno()) if shared else (out,):
+                os.dup2(devnull, fd)
+            os.close(devnull)
+            if shared:
+                return
+        with contextlib.suppress(OSError, ValueError):
+            print(f"note: the reader of standard output has gone (a closed pipe); {self._goes_on}", file=sys.stderr,
+                  flush=True)
 
     def __getattr__(self, name: str):  # isatty, encoding, fileno...: the stream's own
-        return getattr(self._stream, name)
+        return getattr(self._target(), name)
 
 
 @contextlib.contextmanager
 def keep_going_if_the_reader_leaves(goes_on: str):
-    """Inside, stdout and stderr are ReaderMayLeave streams (`goes_on` says what carries on); after, the
-    originals (pointed at /dev/null if their reader left, so the exit's flush cannot fail again)."""
-    originals = sys.stdout, sys.stderr
-    if None in originals:  # started with one closed (`>&-`): print() already drops its text
+    """Inside, sys.stdout is a ReaderMayLeave (`goes_on` says what carries on); after, the original (pointed at
+    /dev/null if its reader left, so the exit's flush cannot fail again)."""
+    original = sys.stdout
+    if original is None:  # started with it closed (`>&-`): print() already drops its text
         yield
         return
-    sys.stdout = ReaderMayLeave(sys.stdout, "standard output", "stderr", goes_on)
-    sys.stderr = ReaderMayLeave(sys.stderr, "standard error", "stdout", goes_on)
+    stream = sys.stdout = ReaderMayLeave(original, goes_on)
     try:
         yield
     finally:
-        sys.stdout, sys.stderr = originals
+        if sys.stdout is stream:  # else something else replaced it meanwhile: theirs to restore
+            sys.stdout = original
+        stream.detached = True
 
 
 LEAVE_GROUP_TIMEOUT_S = 10.0  # a group with nothing pending is torn down in well under a second

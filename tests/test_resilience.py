@@ -381,15 +381,17 @@ def test_readers_take_the_best_weights_step_from_the_weights_after_a_crash_betwe
     assert read_json(run / "adapter_config.json") == config  # a reader leaves the run's files as they are
 
 
-def run_with_a_reader_that_leaves(script: str, argv: list[str]) -> subprocess.CompletedProcess:
-    """`python -u SCRIPT ARGV | head -1`: the reader of stdout takes one line and goes. Unbuffered, as a
-    pipe's 8 KiB buffer would hold a short run's every later line until the exit's flush."""
+def run_with_a_reader_that_leaves(script: str, argv: list[str], together: bool = False) -> subprocess.CompletedProcess:
+    """`python -u SCRIPT ARGV | head -1` (`2>&1 | head -1` if `together`): the reader of stdout takes one line
+    and goes. Unbuffered, as a pipe's 8 KiB buffer would hold a short run's every later line until the exit's
+    flush."""
     command = [sys.executable, "-u", "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
                f"from utils import run_cli; import {script}; sys.exit(run_cli({script}.main, {argv!r}))"]
-    with subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+    stderr = subprocess.STDOUT if together else subprocess.PIPE
+    with subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True) as process:
         assert process.stdout.readline()
         process.stdout.close()
-        err = process.stderr.read()
+        err = "" if together else process.stderr.read()
         return subprocess.CompletedProcess(command, process.wait(timeout=300), "", err)
 
 
@@ -403,6 +405,11 @@ def test_training_goes_on_when_the_reader_of_its_output_leaves(tiny, tmp_path):
     run = tmp_path / "run"
     assert read_json(run / "resume" / "trainer_state.json")["finished"] is True
     assert (run / "last" / "adapter.safetensors").is_file()
+    # stderr into the same pipe, as `2>&1 | head` sends it: its next line (a progress bar) failed the same way
+    done = run_with_a_reader_that_leaves("train", train_args(tiny, tmp_path, "both", "--max-steps", "6",
+                                                             "--final-eval", "false", "--progress"), together=True)
+    assert done.returncode == 0
+    assert read_json(tmp_path / "both" / "resume" / "trainer_state.json")["finished"] is True
 
 
 def copy_data_with_bad_images(tiny, tmp_path) -> Path:
