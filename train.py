@@ -220,7 +220,7 @@ def build_parser():
     from transformers import HfArgumentParser
 
     # No abbreviated flags: --resume compares the flags given by their full names.
-    parser = HfArgumentParser(TrainConfig, description=__doc__.split("\n\n")[0], allow_abbrev=False,
+    parser = HfArgumentParser(TrainConfig, description=__doc__, allow_abbrev=False,
                               formatter_class=HelpFormatter)
     for action in parser._actions:
         action.option_strings.sort(key=lambda option: "_" in option)  # --run-name before --run_name

@@ -928,7 +928,9 @@ def test_help_reads_well(script, capsys):
     with pytest.raises(SystemExit) as exit_info:
         script.main(["--help"])
     assert exit_info.value.code == 0
-    assert "usage" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "usage" in out
+    assert f"    python {Path(script.__file__).name} " in out  # its docstring's examples (train.py showed none)
 
 
 @pytest.mark.parametrize("name", ["train", "eval", "inference", "app", "bench", "demo data", "demo backbones"])
