@@ -409,7 +409,7 @@ def setting(value, label: str) -> float:
     """A number from the page's controls. Gradio checks a slider's range but lets NaN through (only a
     hand-written API call sends one), which int() turned into an error that blamed the image."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise UserError(f"{label} must be a number, not {value!r}.")
+        raise UserError(f"{label} must be a number, not {value!r:.40}.")  # cut: a request may send megabytes
     return value
 
 
@@ -477,7 +477,7 @@ class Page:
         if choice in self.baselines:
             run = self.baselines[choice]
             caption, ms = caption_with_baseline(run, image)
-            return caption, f"**{ms:,.0f} ms** · {run.baseline_note}"
+            return caption, f"**{ms:,.0f} ms** · {plain(run.baseline_note)}"  # it may name folders, as in intro
         if choice in self.by_name:
             caption, ms = caption_with_run(self.by_name[choice], image, decoding, seed)
             return caption, f"**{ms:,.0f} ms** · {describe(decoding)}" + ("" if caption else EMPTY_CAPTION_NOTE)
@@ -528,6 +528,27 @@ def image_path_unopened(payload) -> str | None:
     if payload.url and payload.url.startswith("data:"):
         return payload.url
     return None
+
+
+def numbers_only(control, label: str):
+    """`control` (a slider or number box) with a message for a value that is not a finite number. Only a
+    hand-written API call sends one ("3", null, a list): Gradio's own check failed on it in a TypeError,
+    which the visitor saw as a bare "Error". Replaced on the instance, as image_box does."""
+    import gradio as gr
+
+    gradio_preprocess = control.preprocess
+
+    def preprocess(payload):
+        if payload is None and isinstance(control, gr.Number):
+            return None  # an emptied number box: the handler reads it as 0
+        try:
+            setting(payload, label)
+        except UserError as error:
+            raise gr.Error(str(error)) from None
+        return gradio_preprocess(payload)
+
+    control.preprocess = preprocess
+    return control
 
 
 def image_box(**kwargs):
@@ -593,11 +614,15 @@ def build_app(page: Page, examples: list[tuple[str, str]], keep_uploads_s: float
                 with gr.Accordion("Decoding", open=True):
                     strategy = gr.Radio(list(STRATEGIES), value="greedy", label="Strategy", elem_id="strategy",
                                         info="the nearest-neighbour baseline does not decode: it retrieves")
-                    num_beams = gr.Slider(2, 10, value=3, step=1, label="Beam width", visible=False)
-                    temperature = gr.Slider(0.05, 2.0, value=0.7, step=0.05, label="Temperature", visible=False)
-                    top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p", visible=False)
-                    seed = gr.Number(0, precision=0, label="Seed (sampling)", visible=False)
-                    max_new_tokens = gr.Slider(1, 100, value=30, step=1, label="Max new tokens")
+                    num_beams = numbers_only(gr.Slider(2, 10, value=3, step=1, label="Beam width", visible=False),
+                                             "The beam width")
+                    temperature = numbers_only(gr.Slider(0.05, 2.0, value=0.7, step=0.05, label="Temperature",
+                                                         visible=False), "The temperature")
+                    top_p = numbers_only(gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p", visible=False),
+                                         "Top-p")
+                    seed = numbers_only(gr.Number(0, precision=0, label="Seed (sampling)", visible=False), "The seed")
+                    max_new_tokens = numbers_only(gr.Slider(1, 100, value=30, step=1, label="Max new tokens"),
+                                                  "Max new tokens")
                 button = gr.Button("Caption", variant="primary", elem_id="caption-button")
                 message = gr.Markdown("", elem_id="message")
                 left_caption = gr.Textbox(label=f"caption: {page.runs[0].name}", interactive=False,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import re
 import sys
 import time
 from pathlib import Path
@@ -91,11 +92,19 @@ def sweep_rows(sweep: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+# Explicit bidi embeddings, overrides and isolates. One in a caption or file name reordered the report's
+# own text after it, to the end of its block: "baseline: <RLO>a dog (CIDEr-D 12.00)" showed the score
+# backwards, as "(00.21 D-rEDIC) god a".
+BIDI_CONTROLS = re.compile("[\u202a-\u202e\u2066-\u2069]")
+
+
 def esc(value) -> str:
     """`value` as HTML text. A name whose bytes are not UTF-8 (a file or run folder from an old archive)
     holds lone surrogates, which report.html's UTF-8 cannot: writing it failed after the whole evaluation,
-    and metrics.json was never written. They are shown as \\udcXX escapes, as inference.py prints them."""
-    return html.escape(escape_surrogates(str(value)), quote=True)
+    and metrics.json was never written. They are shown as \\udcXX escapes, as inference.py prints them,
+    and bidi controls as \\u202e and the like (right-to-left text itself needs none of them)."""
+    text = BIDI_CONTROLS.sub(lambda control: f"\\u{ord(control.group()):04x}", escape_surrogates(str(value)))
+    return html.escape(text, quote=True)
 
 
 # ----------------------------------------------------------------------------------------------

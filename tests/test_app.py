@@ -541,6 +541,28 @@ def test_a_setting_that_is_not_a_number_is_named_not_blamed_on_the_image(tmp_pat
     assert page.caption(str(image), "stub", app.NOTHING, "greedy", *settings.values())[0].value == "a stub caption"
 
 
+def test_a_setting_of_the_wrong_type_in_an_api_call_gets_a_message(tmp_path):
+    """A hand-written API call can send a setting as a string, null, a list or NaN: Gradio's own range
+    check failed on it in a TypeError (ValueError for NaN in the seed), and the caller got a bare
+    "Error" with no message. Each is named now, its value cut short, and the server carries on."""
+    import httpx
+
+    labels = {4: "The beam width", 5: "The temperature", 6: "Top-p", 7: "Max new tokens", 8: "The seed"}
+    with served(stub_page(tmp_path)) as (url, _):
+        for index, label in labels.items():
+            for value, shown in (("3", "'3'"), ([1], "[1]"), (float("nan"), "nan"), ("<b>" * 100, "'" + "<b>" * 13)):
+                data = [pasted(png_bytes()), "stub", app.NOTHING, "greedy", 3, 0.7, 0.9, 20, 0]
+                data[index] = value
+                body = json.dumps({"data": data})  # NaN as Python's json writes it (httpx's json= refuses it)
+                event = httpx.post(url + "gradio_api/call/caption", content=body, timeout=30,
+                                   headers={"Content-Type": "application/json"}).json()["event_id"]
+                answer = httpx.get(url + f"gradio_api/call/caption/{event}", timeout=30).text
+                assert answer.startswith("event: error"), answer
+                assert json.loads(answer.split("data: ", 1)[1])["error"] == f"{label} must be a number, not {shown}.", \
+                    (label, value, answer)
+        assert call_caption(url, pasted(png_bytes()))[0]["value"] == "a stub caption"
+
+
 def served_by_main(argv: list[str], monkeypatch) -> tuple[app.Page, list[Path]]:
     """app.main up to the launch, with stand-in models: (the page it would serve, the folders it loaded)."""
     loaded, built = [], []
@@ -679,6 +701,26 @@ def test_run_names_and_paths_are_shown_as_they_are_in_the_intro(tmp_path):
     assert f"<strong>{html.escape(name, quote=False)}</strong>" in rendered, rendered
     assert f"<code>{html.escape(str(folder), quote=False)}</code>" in rendered, rendered
     assert "Baseline: no baseline (&lt;x&gt; *y*)." in rendered and "<img" not in rendered, rendered
+
+
+def test_the_baseline_note_is_shown_as_it_is_in_the_timing_line(tmp_path):
+    """The baseline's note names the run's data (a folder, an error reading it): escaped in the intro,
+    it went into the timing line's Markdown as it was, where `<...>` vanished and `*...*` became emphasis."""
+    markdown_it = pytest.importorskip("markdown_it")
+
+    class Captioner(StubCaptioner):
+        def preprocess(self, images):
+            return torch.zeros(len(images), 3)
+
+        def image_features(self, pixels):
+            return pixels
+
+    note = "no baseline: its training images could not be read (data/<raw> *best* shots: unreadable)"
+    baseline = app.Baseline(torch.zeros(1, 3), [["a caption"]])
+    page = app.Page([app.LoadedRun("stub", tmp_path, Captioner(), baseline, note)])
+    caption, timing = page.caption_one(app.BASELINE_PREFIX + "stub", None, app.decoding_config(), 0)
+    rendered = markdown_it.MarkdownIt().render(timing)
+    assert caption == "a caption" and "(data/&lt;raw&gt; *best* shots: unreadable)</p>" in rendered, rendered
 
 
 def test_serving_beyond_this_machine_is_warned_about():

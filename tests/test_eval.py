@@ -627,6 +627,22 @@ def test_a_name_that_is_not_utf8_is_escaped_in_the_report_not_its_end(tmp_path):
     assert "caf\\udce9.png" in text and "r\\udce9sum\\udce9" in text and "note: about caf\\udce9.png" in text
 
 
+def test_bidi_controls_in_captions_and_names_cannot_reorder_the_report(tmp_path):
+    """A right-to-left override in a caption (a reference, or the model's own) or an image's name turned
+    the rest of its line around: the baseline's CIDEr-D after it read backwards. They are shown as escapes;
+    right-to-left text itself is kept."""
+    scores = {key: 0.1 for key, _ in COCO_METRICS} | {"rougeL": 0.1, "bleu4": 0.1}
+    metrics = {**scores, "num_images": 1, "coco_tokenization": "ptb-java", "beats_baseline": True,
+               "baseline_decided_by": "coco_cider_d", "processes": {"num_processes": 1},
+               "baseline": {**scores, "coco_cider_d": 0.05, "method": "nearest", "train_images": 3}}
+    row = {"image_id": "\u2067evil.png", "prediction": "\u202ba dog", "references": ["\u05db\u05dc\u05d1 dog"],
+           "baseline": "\u202ea dog", "baseline_coco_cider_d": 0.12, "coco_cider_d": 0.1, "coco_rougeL": 0.1}
+    html = render_report(metrics, [row], [], [], None)
+    assert not any(chr(code) in html for code in [*range(0x202A, 0x202F), *range(0x2066, 0x206A)])
+    assert "baseline: \\u202ea dog (CIDEr-D 12.00)" in html and "\\u2067evil.png" in html
+    assert "\\u202ba dog" in html and "\u05db\u05dc\u05d1 dog" in html
+
+
 def test_one_caption_for_most_images_is_flagged_unless_the_data_is_as_repetitive(tmp_path):
     """A collapsed adapter (the LM ignores its prefix) can score a fair ROUGE-L on similar images:
     the report and the printed table must say so, measured against the baseline's own repetition."""
