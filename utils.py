@@ -132,15 +132,18 @@ class ReaderMayLeave:
         if self.reader_left or self.detached:
             return
         self.reader_left = True
+        shared = False
         with contextlib.suppress(OSError, ValueError):  # the buffered text, and the rest, go nowhere
-            out = self._stream.fileno()
-            shared = os.path.samestat(os.fstat(out), os.fstat(sys.stderr.fileno()))
+            descriptors = [self._stream.fileno()]
+            with contextlib.suppress(OSError, ValueError):  # a stderr with no descriptor is no pipe of ours
+                shared = os.path.samestat(os.fstat(descriptors[0]), os.fstat(sys.stderr.fileno()))
+                descriptors += [sys.stderr.fileno()] if shared else []
             devnull = os.open(os.devnull, os.O_WRONLY)
-            for fd in (out, sys.stderr.fileno()) if shared else (out,):
-                os.dup2(devnull, fd)
+            for descriptor in descriptors:
+                os.dup2(devnull, descriptor)
             os.close(devnull)
-            if shared:
-                return
+        if shared:
+            return
         with contextlib.suppress(OSError, ValueError):
             print(f"note: the reader of standard output has gone (a closed pipe); {self._goes_on}", file=sys.stderr,
                   flush=True)
