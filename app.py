@@ -103,6 +103,27 @@ def step_stopped_at(folder: Path) -> int | None:
     return state["step"]
 
 
+def finish_stopped_demo_run(output_dir: str | Path, quiet: list[str]) -> bool:
+    """Resume the newest demo run stopped part way, rather than start another from step 0; False where there
+    is none, or where it cannot be resumed (its backbones rebuilt since, its data changed): a fresh one then."""
+    import train
+
+    stopped = [folder for folder in demo_folders(Path(output_dir)) if step_stopped_at(folder) is not None]
+    if not stopped:
+        return False
+    folder = max(stopped, key=lambda folder: (train.resume_state_dir(folder) / train.TRAINER_STATE).stat().st_mtime)
+    print(f"the demo run {folder} stopped at step {step_stopped_at(folder)}: finishing it with "
+          f"`python train.py --run-name {folder.name} --output-dir {output_dir} --resume` ...", flush=True)
+    try:
+        code = train.main(["--run-name", folder.name, "--output-dir", str(output_dir), "--resume", *quiet])
+    except UserError as error:
+        print(f"it cannot be finished ({error}); training a new one instead", flush=True)
+        return False
+    if code != 0:
+        raise UserError("demo training was interrupted; run `python app.py` again to go on with it")
+    return True
+
+
 def ensure_demo_run(output_dir: str | Path, progress: bool = True) -> Path:
     """The newest demo run, after training one exactly as `python train.py --demo` does if there is none."""
     import train
@@ -119,18 +140,12 @@ def ensure_demo_run(output_dir: str | Path, progress: bool = True) -> Path:
     if training:  # rather than train a second one beside it, on the same cores
         raise UserError(f"the demo run {training[0]} is still being trained by another process; run `python app.py` "
                         "again when it has finished")
-    stopped = [folder for folder in demo_folders(Path(output_dir)) if step_stopped_at(folder) is not None]
-    if stopped:  # go on with the newest rather than start another from step 0
-        folder = max(stopped, key=lambda folder: (train.resume_state_dir(folder) / train.TRAINER_STATE).stat().st_mtime)
-        print(f"the demo run {folder} stopped at step {step_stopped_at(folder)}: finishing it with "
-              f"`python train.py --run-name {folder.name} --output-dir {output_dir} --resume` ...", flush=True)
-        argv = ["--run-name", folder.name, "--output-dir", str(output_dir), "--resume"]
-    else:
-        print(f"no demo run under {output_dir}/ yet: training one with `python train.py --demo` "
+    quiet = [] if progress else ["--no-progress"]
+    if not finish_stopped_demo_run(output_dir, quiet):
+        print(f"no finished demo run under {output_dir}/: training one with `python train.py --demo` "
               "(about 3 minutes on 2 CPU cores) ...", flush=True)
-        argv = ["--demo", "--output-dir", str(output_dir)]
-    if train.main(argv + ([] if progress else ["--no-progress"])) != 0:
-        raise UserError("demo training was interrupted; run `python app.py` again to go on with it")
+        if train.main(["--demo", "--output-dir", str(output_dir), *quiet]) != 0:
+            raise UserError("demo training was interrupted; run `python app.py` again to go on with it")
     run = find_demo_run(output_dir)
     if run is None:
         raise UserError(f"demo training finished but left no run with an adapter under {output_dir}")

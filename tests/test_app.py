@@ -687,6 +687,23 @@ def test_a_demo_run_stopped_part_way_is_not_served_but_finished(tmp_path, monkey
     assert resumed == [["--run-name", "demo-2", "--output-dir", str(tmp_path), "--resume", "--no-progress"]]
     assert "demo-2 stopped at step 40: finishing it" in capsys.readouterr().out
 
+    # One that cannot be resumed (its backbones rebuilt since, say) gives way to a new run, not an error
+    # at every start of the page.
+    write_json(stopped / "resume" / train.TRAINER_STATE, {"step": 40, "finished": False})
+    calls = []
+
+    def refuse_resume_train_afresh(argv):
+        calls.append(argv[:2])
+        if "--resume" in argv:
+            raise UserError("--resume: the backbones changed")
+        demo_run("demo-3", True)  # what `python train.py --demo` leaves beside the stopped one
+        return 0
+
+    monkeypatch.setattr(train, "main", refuse_resume_train_afresh)
+    assert app.ensure_demo_run(tmp_path, progress=False) == tmp_path / "demo-3"
+    assert calls == [["--run-name", "demo-2"], ["--demo", "--output-dir"]]
+    assert "it cannot be finished (--resume: the backbones changed); training a new one" in capsys.readouterr().out
+
 
 def test_run_names_and_paths_are_shown_as_they_are_in_the_intro(tmp_path):
     """A run's name is its folder's name: one with <, *, _ or ` in it was read as HTML (sanitised
