@@ -34,6 +34,7 @@ import contextlib
 import dataclasses
 import io
 import os
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -352,7 +353,19 @@ def stale_adapter_note(path: Path, metrics: dict) -> str:
         return ""
     now = adapter_step(folder)
     return (f"stale: {path} scored the adapter of step {scored.get('step')}, but {folder} now holds another "
-            f"(step {now}): re-evaluate it (python eval.py {folder})")
+            f"(step {now}): re-evaluate it ({reevaluation_command(path, metrics, folder)})")
+
+
+def reevaluation_command(path: Path, metrics: dict, folder: Path) -> str:
+    """The eval.py command that writes `path`'s figures again, of the adapter `folder` holds now: the same split
+    into the same folder (the bare command scored the test split into the run folder, beside other figures)."""
+    command = f"python eval.py {shlex.quote(str(folder))}"
+    if metrics.get("split") not in (None, "test"):
+        command += f" --split {metrics['split']}"
+    written_to = path.parent if path.suffix == ".json" else path
+    if written_to.resolve() != folder.resolve():
+        command += f" --out {shlex.quote(str(written_to))}"
+    return command
 
 
 def adapter_step(folder: Path):

@@ -574,6 +574,13 @@ def test_compare_says_when_a_folder_holds_another_adapter_than_its_metrics_score
             f"{last_step}): re-evaluate it (python eval.py {folder})") in printed, printed
     assert printed.count("stale") == 1  # `evaluated` (written with --out) is checked against the run it names
 
+    # Figures of another split, written with --out: the command to write them again says both.
+    other = tmp_path / "val-eval"
+    other.mkdir()
+    write_json(other / "metrics.json", {**metrics, "split": "val", "checkpoint": str(folder)})
+    assert eval_script.main(["--compare", str(folder), str(other)]) == 0
+    assert f"re-evaluate it (python eval.py {folder} --split val --out {other})" in capsys.readouterr().out
+
 
 def test_without_java_the_report_names_the_python_tokenisation(run, tmp_path, monkeypatch, capsys):
     which = shutil.which
