@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from utils import HelpFormatter, UserError, add_dtype_flag, nearest_existing, run_cli
+from utils import HelpFormatter, UserError, add_dtype_flag, nearest_existing, run_cli, run_folder_argument
 
 # Gradio reports usage and checks for new versions over the network unless told not to.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -750,7 +750,7 @@ def build_parser() -> argparse.ArgumentParser:
     from utils import whole_number  # argparse types: a bad number is one line, before anything loads
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--checkpoint", nargs="+", action="extend", metavar="RUN",
+    parser.add_argument("--checkpoint", nargs="+", action="extend", metavar="RUN", type=run_folder_argument,
                         help="run folder(s) to serve (a run folder, or its last/ sub-folder); the first captions "
                              "by default, the others can be compared with it (default: the newest offline demo run "
                              "under --output-dir, finished or trained first if there is none)")

@@ -56,6 +56,7 @@ from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, HelpFormatter, Processes, User
                    caption_diversity, caption_metrics, default_image_workers, file_digest, format_table,
                    gpu_computes_in_bf16, ids_digest, stopping_together,
                    json_value, lost_another_process, nearest_existing, not_empty, note, read_json, run_cli,
+                   run_folder_argument,
                    usage_errors_once_per_machine, waiting_lock, weights_digest, whole_number, write_json, write_jsonl,
                    write_text)
 
@@ -887,7 +888,8 @@ def empty_split_message(dataset: str, split: str, data_dir, hub_files: str, seed
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("checkpoint", nargs="?", help="run folder (best adapter) or its last/ sub-folder")
+    parser.add_argument("checkpoint", nargs="?", type=run_folder_argument,
+                        help="run folder (best adapter) or its last/ sub-folder")
     parser.add_argument("--split", choices=("train", "val", "test"), default="test", help="split to caption (default: test)")
     parser.add_argument("--limit", type=whole_number(0, meaning=" (0 = all)"), default=0,
                         help="caption at most this many images (seeded); 0 = all")

@@ -37,7 +37,7 @@ from dataset import IMAGE_SUFFIXES, open_image
 from eval import (add_decoding_flags, add_loading_flags, chosen_dtype, decoding_from_args, loading_from_args,
                   pick_device)
 from model import ADAPTER_CONFIG, AdapterConfig, checkpoint_folder, load_captioner
-from utils import HelpFormatter, UserError, escape_surrogates, run_cli, whole_number
+from utils import HelpFormatter, UserError, escape_surrogates, run_cli, run_folder_argument, whole_number
 
 
 class ImagesParser(argparse.ArgumentParser):
@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("images", nargs="+", metavar="IMAGE",
                         help="image files to caption, folders of them (searched with their sub-folders), or - to "
                              "read paths from standard input, one a line")
-    parser.add_argument("--checkpoint", required=True, help="run folder (best adapter) or its last/ sub-folder")
+    parser.add_argument("--checkpoint", required=True, type=run_folder_argument,
+                        help="run folder (best adapter) or its last/ sub-folder")
     parser.add_argument("--json", action="store_true", help="print one JSON object per image")
     parser.add_argument("--batch-size", type=whole_number(1), default=32, help="images captioned together")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar (shown only on a terminal)")

@@ -261,6 +261,14 @@ def not_empty(text: str) -> str:
     return text
 
 
+def run_folder_argument(text: str) -> str:
+    """An argparse type for a run folder to load: refuses "" (an unset "$RUN"), which became the current folder
+    and a vague "adapter_config.json not found" there."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a run folder, got {text!r} (an unset shell variable?)")
+    return text
+
+
 def positive_number(text: str) -> float:
     """An argparse type: a finite number > 0 (a limit of nan or inf would silently be no limit)."""
     try:

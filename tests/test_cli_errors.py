@@ -242,6 +242,14 @@ def test_an_empty_folder_flag_is_refused_not_read_as_left_out(script, flag, run,
     assert line.endswith(f"argument {flag}: expected a folder or name, got '' (an unset shell variable?); leave the "
                          "flag out for its default"), line
 
+@pytest.mark.parametrize("script", ["inference", "eval", "app"])
+def test_an_empty_checkpoint_is_refused_not_read_as_the_current_folder(script, data_dir, no_model, capsys):
+    # "$RUN" unset: the current folder, and a vague "adapter_config.json not found" in it.
+    argv = {"inference": ["--checkpoint", "", image(data_dir)], "eval": [""], "app": ["--checkpoint", ""]}[script]
+    line = cli_error(capsys, {"inference": inference.main, "eval": eval_script.main, "app": app.main}[script], argv)
+    assert line.endswith("expected a run folder, got '' (an unset shell variable?)"), line
+
+
 # ----------------------------------------------------------------------------------------------
 # eval.py --out
 # ----------------------------------------------------------------------------------------------
