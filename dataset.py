@@ -533,7 +533,7 @@ def _read_caption_csv(path: Path) -> list[dict]:
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.reader(handle, strict=True)
-            header = next(reader, [])
+            header = _known_column_names(next(reader, []))
             check_csv_header(path, header)
             row_start = reader.line_num + 1
             for fields in reader:
@@ -561,6 +561,13 @@ def check_csv_header(path: Path, header: list[str]) -> None:
         raise UserError(f"{path}: the first line must be a header naming the image column ({', '.join(IMAGE_FIELDS)}) "
                         f"and the caption column ({', '.join(CAPTION_FIELDS[1:])}), e.g. image,caption,split; "
                         f"it is {','.join(header)!r}")
+
+
+def _known_column_names(header: list[str]) -> list[str]:
+    """The header with the column names this reader knows spelled as it knows them: a spreadsheet's
+    "Image, Caption" (capitals, a space after the comma) was refused as naming no image column."""
+    known = {*IMAGE_FIELDS, *CAPTION_FIELDS, "split"}
+    return [name.strip().lower() if name.strip().lower() in known else name for name in header]
 
 
 def _csv_dict(header: list[str], fields: list[str]) -> dict:

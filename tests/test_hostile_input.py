@@ -377,6 +377,13 @@ def test_caption_files_with_bad_encoding_or_rows_are_clear_errors(tmp_path):
         load_records("folder", "train", str(tmp_path))
 
 
+def test_csv_column_names_in_capitals_or_with_spaces_are_read(tmp_path):
+    # A spreadsheet's export: "Image, Caption, Split" was refused as naming no image column.
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "captions.csv").write_text("Image, Caption, Split\na.png,a red square,train\n")
+    assert [r.captions for r in load_records("folder", "train", str(tmp_path))] == [["a red square"]]
+
+
 def test_csv_captions_with_unquoted_commas_are_kept_whole_or_refused(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     (tmp_path / "captions.csv").write_text("image,caption\na.png,a dog, a ball, and grass\n")
