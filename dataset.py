@@ -402,6 +402,8 @@ def load_karpathy(data_dir: Path, split: str) -> list[ImageRecord]:
     records: dict[str, ImageRecord] = {}  # by image file: an entry listed twice is one image
     first_seen: dict[str, tuple[str, int]] = {}
     repeated: list[str] = []  # images whose repeated entry brought captions they already had
+    files_by_id: dict[str, str] = {}
+    shared_ids: list[str] = []  # "id (first file, this file)" for ids given to two image files
     for number, image in enumerate(images):
         if not isinstance(image, dict) or not isinstance(image.get("filename"), str) or not image["filename"]:
             raise UserError(f"{path}: images[{number}] has no 'filename'")
@@ -428,11 +430,18 @@ def load_karpathy(data_dir: Path, split: str) -> list[ImageRecord]:
             repeated.extend(file for c in captions if c in known)
             continue
         image_id = str(image.get("cocoid", image.get("imgid", image["filename"])))
+        if image_id in files_by_id:  # two files under one id: predictions and bad-sample lists could not tell them
+            shared_ids.append(f"{image_id} ({files_by_id[image_id]}, {file})")
+            image_id = file
+        files_by_id[image_id] = file
         path_ = _resolve_image(data_dir, folder, image["filename"])
         records[file] = ImageRecord(image_id, captions, split, path=path_, unusable_captions=unusable)
     if repeated:
         note(f"note: {split}: {len(repeated):,} captions of images listed more than once in {path} count once "
              f"(first: {repeated[0]})")
+    if shared_ids:
+        note(f"note: {split}: {len(shared_ids):,} images of {path} share their id with another image file and are "
+             f"named by their file instead (first: {shared_ids[0]})")
     return list(records.values())
 
 

@@ -793,6 +793,17 @@ def test_karpathy_image_listed_twice_in_one_split_counts_each_caption_once(tmp_p
     assert "train: 1 captions of images listed more than once" in capsys.readouterr().out
 
 
+def test_karpathy_images_sharing_an_id_are_told_apart_by_their_files(tmp_path, capsys):
+    # A file merged from two sets reuses ids: predictions.jsonl and bad_samples.jsonl named two images alike.
+    for name in ("a.jpg", "b.jpg"):
+        write_image(tmp_path / "images" / name)
+    (tmp_path / "dataset_flickr8k.json").write_text(json.dumps({"images": [
+        {"filename": name, "imgid": 7, "split": "train", "sentences": [{"raw": f"caption of {name}"}]}
+        for name in ("a.jpg", "b.jpg")]}))
+    assert [r.image_id for r in load_records("karpathy", "train", str(tmp_path))] == ["7", "b.jpg"]
+    assert "1 images of" in capsys.readouterr().out
+
+
 def test_hub_rows_with_an_unknown_split_are_an_error_not_left_out(tmp_path):
     import datasets
 
