@@ -297,6 +297,9 @@ def load_flickr30k_hub(split: str, data_files: str = FLICKR30K_PARQUET) -> list[
         table = datasets.load_dataset("parquet", data_files={"flickr30k": data_files}, split="flickr30k")
     except Exception as error:  # datasets raises many kinds (network, missing files, schema)
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if data_files != FLICKR30K_PARQUET:  # the user's own files: the network advice would not help
+            raise UserError(f"could not load --hub-data-files {data_files} ({first}); give parquet files with the "
+                            "nlphuji/flickr30k export's columns (image, caption, split)") from None
         raise UserError(
             f"could not load Flickr30k from {data_files} ({first}); without network use --dataset karpathy "
             "or --dataset folder with --data-dir (train.py: or --demo)"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import warnings
 
 import numpy as np
@@ -375,6 +376,16 @@ def test_caption_files_with_bad_encoding_or_rows_are_clear_errors(tmp_path):
     (tmp_path / "captions.jsonl").write_text('{"image": 5, "caption": "x"}\n')
     with pytest.raises(UserError, match="not a file name"):
         load_records("folder", "train", str(tmp_path))
+
+
+def test_own_parquet_files_that_do_not_load_are_named_without_network_advice(tmp_path):
+    # An empty or damaged file of one's own was answered "without network use --dataset karpathy ...".
+    (tmp_path / "empty.parquet").write_bytes(b"")
+    (tmp_path / "text.parquet").write_text("not parquet")
+    for name in ("empty.parquet", "text.parquet", "absent/*.parquet"):
+        with pytest.raises(UserError, match=rf"^could not load --hub-data-files .*{re.escape(name)} \(.*\); give "
+                                            r"parquet files with the nlphuji/flickr30k export's columns"):
+            load_records("flickr30k", "train", hub_data_files=str(tmp_path / name))
 
 
 def test_csv_column_names_in_capitals_or_with_spaces_are_read(tmp_path):
