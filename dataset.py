@@ -734,7 +734,10 @@ def _group_by_image(data_dir: Path, rows: list[dict]) -> dict[str, dict]:
         name = _image_name(data_dir, row, number)
         entry = by_image.setdefault(name, {"captions": [], "split": None, "split_row": None})
         _set_split(data_dir, name, entry, _split_name(data_dir, row.get("split")), number)
-        field = next((f for f in CAPTION_FIELDS if f in row), None)
+        # The first caption field that holds something: {"captions": null, "caption": "a dog"} had its caption
+        # dropped as null; one with none present is an error below, one with all null a dropped caption.
+        field = next((f for f in CAPTION_FIELDS if row.get(f) is not None),
+                     next((f for f in CAPTION_FIELDS if f in row), None))
         if field is None:
             raise UserError(f"{data_dir}: caption row {number} has no caption (expected a field named "
                             f"{', '.join(CAPTION_FIELDS)}; it has {', '.join(map(str, row))})")

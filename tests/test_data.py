@@ -44,9 +44,13 @@ def test_flickr30k_parquet_export_schema(tmp_path):
     assert [r.image_id for r in load_records("flickr30k", "test", hub_data_files=str(path))] == ["1002.jpg"]
 
 
-def test_flickr30k_unreachable_is_a_clear_error(tmp_path):
-    with pytest.raises(UserError, match="--demo"):
-        load_flickr30k_hub("train", str(tmp_path / "absent" / "*.parquet"))
+def test_flickr30k_unreachable_is_a_clear_error(tmp_path, monkeypatch):
+    import dataset
+
+    unreachable = str(tmp_path / "absent" / "*.parquet")  # as the Hub's export looks with no network
+    monkeypatch.setattr(dataset, "FLICKR30K_PARQUET", unreachable)
+    with pytest.raises(UserError, match="without network use --dataset karpathy .*--demo"):
+        load_flickr30k_hub("train", unreachable)
 
 
 def test_karpathy_json_with_restval(tmp_path):

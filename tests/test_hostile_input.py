@@ -388,6 +388,13 @@ def test_own_parquet_files_that_do_not_load_are_named_without_network_advice(tmp
             load_records("flickr30k", "train", hub_data_files=str(tmp_path / name))
 
 
+def test_a_null_caption_field_beside_a_filled_one_is_not_what_is_read(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "captions.jsonl").write_text('{"image": "a.png", "captions": null, "caption": "a dog", '
+                                              '"split": "train"}\n')
+    assert [r.captions for r in load_records("folder", "train", str(tmp_path))] == [["a dog"]]
+
+
 def test_csv_column_names_in_capitals_or_with_spaces_are_read(tmp_path):
     # A spreadsheet's export: "Image, Caption, Split" was refused as naming no image column.
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
