@@ -433,7 +433,14 @@ def evaluate_captioner(captioner, records, decodings: dict[str, DecodingConfig],
             "CLIP features (training images, for the baseline)", feature_cache, on_bad_sample="skip")]))
     if not processes.is_main:
         return None
-    train_records, train_features = drop_unreadable(train_records, train_features)  # no unreadable candidates
+    readable, train_features = drop_unreadable(train_records, train_features)  # no unreadable candidates
+    if len(readable) < len(train_records):  # as training skipped them; the missing ones have a note of their own
+        kept = {id(record) for record in readable}
+        first = next(record.image_id for record in train_records if id(record) not in kept)
+        count = len(train_records) - len(readable)
+        print(f"note: the baseline leaves out {count:,} training image{'s' if count != 1 else ''} it could not "
+              f"read, as training did (first: {first})", file=sys.stderr)
+    train_records = readable
 
     baseline = nearest_neighbour_captions(train_features, [r.captions for r in train_records], query_features)
     references = [record.captions for record in records]

@@ -418,6 +418,15 @@ def test_a_run_that_skipped_a_damaged_training_image_is_not_said_to_have_changed
     assert json.loads((out / "metrics.json").read_text())["baseline"]["train_images"] == 39
     assert "images added, or splits changed" not in capsys.readouterr().err
 
+    # Where the run does not list the images it trained on (other data than a folder, an older run), the
+    # baseline finds the damaged image unreadable itself: said, as a missing one is (it was left out in silence).
+    state_file = tmp_path / "run" / "resume" / "trainer_state.json"
+    write_json(state_file, {**json.loads(state_file.read_text()), "train_images": []})
+    assert eval_script.main([str(tmp_path / "run"), "--out", str(out), "--no-progress", "--num-workers", "0"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["baseline"]["train_images"] == 39
+    assert "the baseline leaves out 1 training image it could not read, as training did (first: " \
+           "images/train_0003.png)" in capsys.readouterr().err
+
 
 def test_meteor_starts_once_the_split_was_read_not_for_a_split_that_stops_on_an_unreadable_image(tiny, run, tmp_path,
                                                                                                    monkeypatch):
