@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from utils import (HelpFormatter, UserError, cache_home, nearest_existing, run_cli, seed_everything, waiting_lock,
-                   whole_number)
+                   whole_number, with_usual_mode)
 
 DEMO_VERSION = 2  # bump when the recipe below changes, so cached assets are rebuilt
 BACKBONE_FILES = ("clip/config.json", "clip/model.safetensors", "lm/config.json", "lm/model.safetensors")
@@ -161,6 +161,7 @@ def build_tiny_clip(out_dir: Path, image_size: int = IMAGE_SIZE, seed: int = 0) 
         projection_dim=projection_dim,
     )
     CLIPModel(config).save_pretrained(out_dir)
+    with_usual_mode(Path(out_dir) / "model.safetensors")  # safetensors writes 0600: other users of a shared cache
     clip_image_processor(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
         image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
@@ -195,6 +196,7 @@ def pretrain_tiny_lm(caption_groups: list[list[str]], tokenizer, out_dir: Path, 
     lm.generation_config.eos_token_id = eos
     lm.generation_config.pad_token_id = eos
     lm.save_pretrained(out_dir)
+    with_usual_mode(Path(out_dir) / "model.safetensors")
     tokenizer.save_pretrained(out_dir)
     return {"steps": steps, "final_loss": loss_value}
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -252,6 +253,10 @@ def test_demo_commands_build_data_and_loadable_backbones(tmp_path, capsys):
     assert demo.main(["backbones", "--captions", str(tmp_path / "shapes"), "--out", str(tmp_path / "tiny"),
                       "--lm-steps", "3"]) == 0
     assert "--clip-model" in capsys.readouterr().out
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for weights in ("clip/model.safetensors", "lm/model.safetensors"):  # safetensors' 0600 hid them from others
+        assert (tmp_path / "tiny" / weights).stat().st_mode & 0o777 == 0o666 & ~umask, weights
     captioner = build_captioner(AdapterConfig(clip_model=str(tmp_path / "tiny" / "clip"),
                                               lm_model=str(tmp_path / "tiny" / "lm")))
     tokens = captioner.tokenizer("a red circle on a white background", add_special_tokens=False)["input_ids"]
