@@ -357,6 +357,10 @@ def _from_pretrained(loader, what: str, name: str, **kwargs):
         raise UserError(f"could not load {what} {name!r} ({first_line}){hint}") from None
 
 
+def _drop_optional_kernel_notice(record: logging.LogRecord) -> bool:
+    return "Failed to load CPU gemm_4bit_forward" not in record.getMessage()
+
+
 def _drop_int8_cast_notice(record: logging.LogRecord) -> bool:
     return "inputs will be cast from" not in record.getMessage()
 
@@ -368,6 +372,9 @@ def lm_quantization_config(lm_quantization: str, device: torch.device):
         raise UserError(f"LM quantization {lm_quantization!r} is unknown; choose one of {', '.join(LM_QUANTIZATIONS)}")
     if lm_quantization == "none":
         return None
+    # On CPUs with AVX-512 BF16, importing bitsandbytes warns that an optional kernel (the `kernels` package,
+    # fetched from the Hub) is absent; its own fallback then runs. Noise our users cannot act on offline.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_optional_kernel_notice)
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:

@@ -369,6 +369,19 @@ def test_quantisation_choice_is_checked(monkeypatch):
     assert model.lm_quantization_config("none", torch.device("cpu")) is None
 
 
+def test_bitsandbytes_notice_of_an_optional_cpu_kernel_is_not_shown(caplog):
+    # On CPUs with AVX-512 BF16 its import warned "Failed to load CPU gemm_4bit_forward ... pip install kernels"
+    # (a package fetched from the Hub); its own fallback runs, so every 4-bit command printed noise.
+    import logging
+
+    model.lm_quantization_config("4bit", torch.device("cpu"))
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING):
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s.", "No module named 'kernels'")
+        logger.warning("another bitsandbytes warning")
+    assert [record.getMessage() for record in caplog.records] == ["another bitsandbytes warning"]
+
+
 def test_a_bitsandbytes_that_is_installed_but_does_not_load_is_one_line(monkeypatch):
     # Its native library built for another CUDA raises at import (RuntimeError, OSError): that was a traceback.
     class BrokenNativeLibrary:
