@@ -89,14 +89,11 @@ def step_stopped_at(folder: Path) -> int | None:
     """The step a run stopped at before its last (Ctrl-C, a crash), as its resume state says; None for a
     finished run or one without a readable state. Its adapter is the best of the steps it got through:
     served as "the demo run", a page showed a half-trained model's captions as the demo's."""
-    import json
+    from eval import saved_trainer_state
 
-    from train import TRAINER_STATE, resume_state_dir
-
-    state_dir = resume_state_dir(folder)
     try:
-        state = json.loads((state_dir / TRAINER_STATE).read_text()) if state_dir else None
-    except (OSError, ValueError):
+        state = saved_trainer_state(folder)
+    except (UserError, OSError):  # damaged or unreadable: not a run to resume, nor this check's to report
         return None
     if not isinstance(state, dict) or state.get("finished") is not False or not isinstance(state.get("step"), int):
         return None

@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from model import IGNORE_INDEX
-from utils import UserError, cache_home, file_digest, ids_digest, note, replace_durably, write_json
+from utils import UserError, cache_home, file_digest, first_line, ids_digest, note, replace_durably, write_json
 
 FLICKR30K_PARQUET = "hf://datasets/nlphuji/flickr30k@refs/convert/parquet/TEST/test/*.parquet"
 DATASETS = ("flickr30k", "karpathy", "folder")
@@ -85,7 +85,7 @@ class ImageRecord:
             try:
                 return to_rgb(image)
             except Exception as error:
-                raise UserError(f"cannot read image {self.image_id} (row {self.row}): {_first_line(error)}") from None
+                raise UserError(f"cannot read image {self.image_id} (row {self.row}): {first_line(error)}") from None
         return open_image(self.path)
 
 
@@ -120,14 +120,14 @@ def open_image(path):
     except UserError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        size = _first_line(error).split(", could be")[0]
+        size = first_line(error).split(", could be")[0]
         raise UserError(f"refusing image {path} as a possible decompression bomb: {size}") from None
     except UnidentifiedImageError:
         raise UserError(f"cannot read image {path}: not a {', '.join(IMAGE_FORMATS)} image") from None
     except PermissionError:
         raise UserError(f"cannot read image {path}: permission denied") from None
     except Exception as error:  # Pillow's decoders raise many kinds on hostile bytes (OSError, ValueError, ...)
-        raise UserError(f"cannot read image {path} (damaged or truncated?): {_first_line(error)}") from None
+        raise UserError(f"cannot read image {path} (damaged or truncated?): {first_line(error)}") from None
 
 
 # CLIP's preprocessing scales the shorter side up to 224 before it crops the centre square, so a thin
@@ -191,12 +191,7 @@ def _hub_image_problem(error: BaseException) -> str:
 
     if isinstance(error, UnidentifiedImageError):
         return "its bytes are no image Pillow recognises (damaged, or another kind of file)"
-    return _first_line(error)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    return first_line(error)
 
 
 @contextlib.contextmanager
@@ -296,7 +291,7 @@ def load_flickr30k_hub(split: str, data_files: str = FLICKR30K_PARQUET) -> list[
     try:
         table = datasets.load_dataset("parquet", data_files={"flickr30k": data_files}, split="flickr30k")
     except Exception as error:  # datasets raises many kinds (network, missing files, schema)
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = first_line(error)
         if data_files != FLICKR30K_PARQUET:  # the user's own files: the network advice would not help
             raise UserError(f"could not load --hub-data-files {data_files} ({first}); give parquet files with the "
                             "nlphuji/flickr30k export's columns (image, caption, split)") from None
@@ -1158,7 +1153,7 @@ class FeatureCache:
         try:
             array = np.load(array_file, mmap_mode="r", allow_pickle=False)
         except Exception as error:  # numpy raises many kinds on damaged bytes (ValueError, EOFError, OSError)
-            return _first_line(error)
+            return first_line(error)
         if not isinstance(array, np.ndarray):  # np.load opens a zip archive as an .npz
             return "not a .npy array"
         width = self.feature_dim or (array.shape[1] if array.ndim == 2 else None)
@@ -1302,7 +1297,7 @@ def _store_part(cache: FeatureCache, keys: list[str], embeddings: torch.Tensor) 
         if cache.folder not in _UNWRITABLE_CACHES:  # once per run, not once per split
             _UNWRITABLE_CACHES.add(cache.folder)
             # Every process of a launch meets a read-only cache alike: one line per machine (utils.note).
-            note(f"note: the feature cache {cache.folder} cannot be written ({_first_line(error)}); features are "
+            note(f"note: the feature cache {cache.folder} cannot be written ({first_line(error)}); features are "
                  "kept in memory for this run only", file=sys.stderr)
         return False
 

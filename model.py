@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import (UserError, gpu_computes_in_bf16, is_whole_number, note, replace_durably, with_usual_mode,
-                   write_json)
+from utils import (UserError, first_line, gpu_computes_in_bf16, is_whole_number, note, replace_durably,
+                   with_usual_mode, write_json)
 
 FORMAT_VERSION = 1
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -341,12 +341,12 @@ def _from_pretrained(loader, what: str, name: str, **kwargs):
     try:
         return loader.from_pretrained(name, **kwargs, **({"local_files_only": True} if offline else {}))
     except (OSError, ValueError, RuntimeError, SafetensorError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = first_line(error)
         if "trust_remote_code" in str(error):
             hint = "; pass --trust-remote-code only if you trust that code"
         elif isinstance(error, SafetensorError):  # a truncated or overwritten weights file
             hint = "; its weights file is damaged: download or copy that model again"
-        elif "safetensors" in first_line:
+        elif "safetensors" in first:
             hint = "; weights are read from safetensors files only, pickled ones (.bin, .pt) are never loaded"
         elif offline:
             raise UserError(f"could not load {what} {name!r}: the Hub cannot be reached from this machine, and the "
@@ -354,7 +354,7 @@ def _from_pretrained(loader, what: str, name: str, **kwargs):
                             "is reachable") from None
         else:
             hint = "; give a local folder or a Hub id this machine can reach"
-        raise UserError(f"could not load {what} {name!r} ({first_line}){hint}") from None
+        raise UserError(f"could not load {what} {name!r} ({first}){hint}") from None
 
 
 def _drop_optional_kernel_notice(record: logging.LogRecord) -> bool:
@@ -380,7 +380,7 @@ def lm_quantization_config(lm_quantization: str, device: torch.device):
     except ImportError:
         raise UserError(f"--lm-quantization {lm_quantization} needs bitsandbytes: pip install bitsandbytes") from None
     except Exception as error:  # installed but broken: its native library does not load (RuntimeError, OSError)
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = first_line(error)
         raise UserError(f"--lm-quantization {lm_quantization}: bitsandbytes is installed but does not load ({first}); "
                         "install a bitsandbytes built for this machine's CUDA, or use --lm-quantization none") from None
     from transformers import BitsAndBytesConfig
@@ -840,7 +840,7 @@ class TrainingLoss:
 
 
 def warn_compile_failed(error: Exception, what: str) -> None:
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    first = first_line(error)
     print(f"warning: torch.compile could not run ({type(error).__name__}: {first[:200]}); continuing {what} "
           "without --compile", file=sys.stderr)
 

@@ -809,10 +809,11 @@ def swap_in(folder: Path, tmp: Path) -> None:
     disk too (a power cut soon after the renames must not leave empty files where the old ones were;
     see utils.replace_durably)."""
     old = folder.with_name(folder.name + ".old")
-    if folder.exists():  # else a crash between the renames left `old` as the only good copy: keep it until tmp is in
+    had_folder = folder.exists()  # if not, a crash between the renames left `old` the only good copy: keep it
+    if had_folder:
         shutil.rmtree(old, ignore_errors=True)
     sync_tree(tmp)
-    if folder.exists():
+    if had_folder:
         folder.rename(old)
     tmp.rename(folder)
     sync_folder(folder.parent)

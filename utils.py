@@ -252,21 +252,22 @@ def whole_number(minimum: int, maximum: int | None = None, meaning: str = ""):
     return parse
 
 
+def _not_blank(text: str, expected: str, advice: str = "") -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r} (an unset shell variable?){advice}")
+    return text
+
+
 def not_empty(text: str) -> str:
     """An argparse type for a path or name: refuses "" (an unset "$OUT"), which the scripts read as the flag
     left out: eval.py --out "" wrote into the run folder, over its metrics.json, without a word."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError(f"expected a folder or name, got {text!r} (an unset shell variable?); "
-                                         "leave the flag out for its default")
-    return text
+    return _not_blank(text, "a folder or name", "; leave the flag out for its default")
 
 
 def run_folder_argument(text: str) -> str:
     """An argparse type for a run folder to load: refuses "" (an unset "$RUN"), which became the current folder
     and a vague "adapter_config.json not found" there."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError(f"expected a run folder, got {text!r} (an unset shell variable?)")
-    return text
+    return _not_blank(text, "a run folder")
 
 
 def positive_number(text: str) -> float:
@@ -278,6 +279,12 @@ def positive_number(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
     return value
+
+
+def first_line(error: BaseException) -> str:
+    """An error's first line, or its kind where it says nothing: library messages run on for lines."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def user_message(error: UserError) -> str:
