@@ -37,6 +37,7 @@ import os
 import shlex
 import sys
 from dataclasses import dataclass
+from itertools import zip_longest
 from pathlib import Path
 
 import torch
@@ -49,7 +50,7 @@ from demo import rebuild_cleared_demo
 from metrics import COCO_METRICS, COCO_VARIANT, TOKENIZATION_DETAILS, coco_metrics, start_meteor
 from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LM_QUANTIZATIONS, AdapterConfig, DecodingConfig, load_captioner,
                    MAX_NUM_BEAMS, adapter_training, checkpoint_folder, json_kind, lm_quantization_of,
-                   not_a_run_folder)
+                   no_adapter_weights, not_a_run_folder)
 from report import (EXTRA_METRICS, LOSS_CURVE, METRIC_CURVE, REPORT_FILE, baseline_verdict, collapse_line, percent,
                     sweep_rows, write_report)
 from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, HelpFormatter, Processes, UserError, add_dtype_flag,
@@ -435,8 +436,7 @@ def evaluate_captioner(captioner, records, decodings: dict[str, DecodingConfig],
         return None
     readable, train_features = drop_unreadable(train_records, train_features)  # no unreadable candidates
     if len(readable) < len(train_records):  # as training skipped them; the missing ones have a note of their own
-        kept = {id(record) for record in readable}
-        first = next(record.image_id for record in train_records if id(record) not in kept)
+        first = next(record.image_id for record, kept in zip_longest(train_records, readable) if record is not kept)
         count = len(train_records) - len(readable)
         print(f"note: the baseline leaves out {count:,} training image{'s' if count != 1 else ''} it could not "
               f"read, as training did (first: {first})", file=sys.stderr)
@@ -965,8 +965,7 @@ def checkpoint_problem(checkpoint: Path, out: str, writes: bool = True) -> str:
     except UserError as error:
         return str(error)
     if not (checkpoint / ADAPTER_WEIGHTS).is_file():  # else a traceback from the digest of what was scored
-        return (f"{checkpoint / ADAPTER_WEIGHTS} not found: the run folder has no trained adapter "
-                "(did training save one?)")
+        return no_adapter_weights(checkpoint / ADAPTER_WEIGHTS)
     return ""
 
 

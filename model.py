@@ -942,6 +942,11 @@ def torn_export_config(directory: Path) -> dict | None:
     return carried if _training_step(carried) > _training_step(described) else None
 
 
+def no_adapter_weights(path: Path) -> str:
+    """The error for a run folder whose adapter.safetensors (`path`) is not there."""
+    return f"{path} not found: the run folder has no trained adapter (did training save one?)"
+
+
 def repair_torn_export(directory: Path) -> bool:
     """Rewrite a torn adapter_config.json (torn_export_config) from the copy inside the weights; True if it did."""
     carried = torn_export_config(directory)
@@ -972,7 +977,7 @@ def load_adapter_state(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     if not path.is_file():
-        raise UserError(f"{path} not found: the run folder has no trained adapter (did training save one?)")
+        raise UserError(no_adapter_weights(path))
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
