@@ -417,11 +417,15 @@ def open_upload(path, max_megapixels: float, max_upload_mb: float):
 EMPTY_CAPTION_NOTE = " · the model wrote an empty caption: its first token ended it"
 
 
-def setting(value, label: str) -> float:
+def setting(value, label: str, whole: bool = False) -> float:
     """A number from the page's controls. Gradio checks a slider's range but lets NaN through (only a
-    hand-written API call sends one), which int() turned into an error that blamed the image."""
+    hand-written API call sends one), which int() turned into an error that blamed the image. A `whole`
+    one (beam width, max new tokens, seed) must be a whole number: Gradio checks no slider's step, and
+    int() made a beam width of 2.5 two beams, a seed of 2.5 seed 2, without a word."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise UserError(f"{label} must be a number, not {value!r:.40}.")  # cut: a request may send megabytes
+    if whole and value != int(value):
+        raise UserError(f"{label} must be a whole number, not {value:g}.")
     return value
 
 
@@ -429,10 +433,12 @@ def decoding_config(strategy: str = "greedy", num_beams: float = 3, temperature:
                     max_new_tokens: float = 30):
     from model import DecodingConfig
 
-    return DecodingConfig(strategy=strategy, num_beams=int(setting(num_beams, "The beam width")),
+    if strategy not in STRATEGIES:  # Gradio's radio lets null through; DecodingConfig's words are for the CLI
+        raise UserError(f"Pick a decoding strategy ({', '.join(STRATEGIES)}).")
+    return DecodingConfig(strategy=strategy, num_beams=int(setting(num_beams, "The beam width", whole=True)),
                           temperature=float(setting(temperature, "The temperature")),
                           top_p=float(setting(top_p, "Top-p")),
-                          max_new_tokens=int(setting(max_new_tokens, "Max new tokens")))
+                          max_new_tokens=int(setting(max_new_tokens, "Max new tokens", whole=True)))
 
 
 def caption_with_run(run: LoadedRun, image, decoding, seed: int = 0) -> tuple[str, float]:
@@ -509,7 +515,7 @@ class Page:
             decoding = decoding_config(strategy, num_beams, temperature, top_p, max_new_tokens)
             from eval import SEED_RANGE
 
-            seed = int(setting(seed or 0, "The seed"))
+            seed = int(setting(seed or 0, "The seed", whole=True))
             if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
                 raise UserError(f"The seed must be a whole number from {SEED_RANGE[0]} to {SEED_RANGE[1]}.")
             left_caption, left_time = self.caption_one(left, image, decoding, seed)
@@ -530,33 +536,130 @@ class Page:
 # The page
 # ----------------------------------------------------------------------------------------------
 
-def image_path_unopened(payload) -> str | None:
+# What an API call may send as the image: what the page's own image box sends.
+IMAGE_FORMS = ('a file uploaded to this page ({"path": ...} as POST /gradio_api/upload returns it) or an image '
+               'pasted inline ({"url": "data:image/png;base64,..."})')
+NOT_UPLOADED = f"The image must be {IMAGE_FORMS}: files already on the server are not read."
+NO_URLS = f"This page does not fetch images from URLs; send {IMAGE_FORMS}."
+UNREADABLE_REQUEST = "That request's values could not be read; the page's \"Use via API\" link shows what it takes."
+REFUSAL_SHOWN = 300  # characters of a refusal kept: Gradio's own messages quote the value sent, at any size
+
+
+def image_path_unopened(payload, uploads: str | Path) -> str | None:
     """What the image box hands the handler, nothing decoded yet: the uploaded file's path, or an
-    image pasted inline as its data: URL (image_file writes it to a file for the request)."""
+    image pasted inline as its data: URL (image_file writes it to a file for the request). A path
+    must be in Gradio's upload folder `uploads`: Gradio checks that only for a payload that says it
+    is a file ("meta"), and without one any file on the server was opened, its size and whether it
+    exists told to the caller (and an image there captioned)."""
+    import gradio as gr
+
     if payload is None:
         return None
     if payload.path:
+        try:
+            uploaded = Path(payload.path).resolve().is_relative_to(Path(uploads).resolve())
+        except (OSError, ValueError):  # a NUL byte, a loop of links
+            uploaded = False
+        if not uploaded:
+            raise gr.Error(NOT_UPLOADED)
         return str(payload.path)
     if payload.url and payload.url.startswith("data:"):
         return payload.url
+    if payload.url:  # an http(s) or file: URL was taken for no image at all: "Choose an image first"
+        raise gr.Error(NO_URLS)
     return None
 
 
-def numbers_only(control, label: str):
-    """`control` (a slider or number box) with a message for a value that is not a finite number. Only a
-    hand-written API call sends one ("3", null, a list): Gradio's own check failed on it in a TypeError,
-    which the visitor saw as a bare "Error". Replaced on the instance, as image_box does."""
+def check_image_payload(payload) -> None:
+    """The image's JSON, before Gradio reads it: Gradio fetched an http(s) URL given as the path (at any
+    size, for anyone who asks), and answered a path, a number or a list with an empty error."""
+    if payload is None:
+        return
+    if not isinstance(payload, dict) or not isinstance(payload.get("meta", {}), dict) \
+            or not all(isinstance(payload.get(key), (str, type(None))) for key in ("path", "url")):
+        raise UserError(f"The image must be {IMAGE_FORMS}, not {payload!r:.40}.")
+    if re.match(r"https?://", payload.get("path") or "", re.IGNORECASE):
+        raise UserError(NO_URLS)
+
+
+def check_request(block_fn, inputs: list) -> None:
+    """What Gradio lets through or answers with an empty error: too few values (a traceback in the log),
+    too many (the extra ones ignored: a request that sent its values in another order was half read),
+    and an image in a form the page does not take."""
+    import gradio as gr
+
+    if len(inputs) != len(block_fn.inputs):
+        labels = ", ".join(str(getattr(block, "label", None) or type(block).__name__) for block in block_fn.inputs)
+        raise UserError(f"This takes {len(block_fn.inputs)} values, in this order: {labels}; the request sent "
+                        f"{len(inputs)}.")
+    for block, value in zip(block_fn.inputs, inputs):
+        if isinstance(block, gr.Image):
+            check_image_payload(value)
+
+
+def one_line(text: str) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= REFUSAL_SHOWN else text[:REFUSAL_SHOWN - 3] + "..."
+
+
+def refusal(error: Exception) -> str | None:
+    """The one line a request that the page cannot take is answered with; None for an error it does not
+    expect, whose words are not for the caller (Gradio's may name the server's files)."""
+    from gradio.exceptions import Error, InvalidPathError
+
+    if isinstance(error, Error):
+        return one_line(error.message)
+    if isinstance(error, UserError):
+        return one_line(str(error))
+    if isinstance(error, InvalidPathError):  # a payload that says it is a file, not in the upload folder
+        return NOT_UPLOADED
+    return None
+
+
+def answer_bad_requests_in_one_line(app) -> None:
+    """Every request whose values the page cannot take is answered with one line saying why, and logged
+    in one line. Gradio answered most with {"error": null} and a traceback in the server log (a value
+    missing, an image given as a server path or a number), and even its clear answers (a slider out of
+    range) came with a traceback. Replaced on this one instance, as image_box does."""
+    import gradio as gr
+
+    from utils import first_line
+
+    gradio_preprocess_data = app.preprocess_data
+
+    async def preprocess_data(block_fn, inputs, *args, **kwargs):
+        try:
+            check_request(block_fn, inputs)
+            return await gradio_preprocess_data(block_fn, inputs, *args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - whatever it is, it is this request's, not the server's
+            message = refusal(error)
+            logged = message or one_line(f"{type(error).__name__}: {first_line(error)}")
+            print(f"refused a request to {block_fn.api_name or block_fn.name}: {logged}", flush=True)
+            raise gr.Error(message or UNREADABLE_REQUEST, print_exception=False) from None
+
+    app.preprocess_data = preprocess_data
+
+
+def numbers_only(control, label: str, whole: bool = False):
+    """`control` (a slider or number box) with a message for a value that is not a finite number, not
+    a whole one where `whole`, or out of the slider's range. Only a hand-written API call sends one ("3",
+    null, a list, 2.5, 1000): Gradio's own check failed on it in a TypeError, which the visitor saw as a bare
+    "Error", the seed box rounded 2.5 to 2, and a value out of range was "Value 0 is less than minimum value
+    0.05", naming no setting. Replaced on the instance, as image_box does."""
     import gradio as gr
 
     gradio_preprocess = control.preprocess
+    low, high = getattr(control, "minimum", None), getattr(control, "maximum", None)
 
     def preprocess(payload):
         if payload is None and isinstance(control, gr.Number):
             return None  # an emptied number box: the handler reads it as 0
         try:
-            setting(payload, label)
+            setting(payload, label, whole)
         except UserError as error:
             raise gr.Error(str(error)) from None
+        if low is not None and high is not None and not low <= payload <= high:
+            raise gr.Error(f"{label} must be from {low:g} to {high:g}, not {payload:g}.")
         return gradio_preprocess(payload)
 
     control.preprocess = preprocess
@@ -572,7 +675,7 @@ def image_box(**kwargs):
     import gradio as gr
 
     box = gr.Image(type="filepath", image_mode=None, **kwargs)
-    box.preprocess = image_path_unopened
+    box.preprocess = lambda payload: image_path_unopened(payload, box.GRADIO_CACHE)
     return box
 
 
@@ -627,14 +730,15 @@ def build_app(page: Page, examples: list[tuple[str, str]], keep_uploads_s: float
                     strategy = gr.Radio(list(STRATEGIES), value="greedy", label="Strategy", elem_id="strategy",
                                         info="the nearest-neighbour baseline does not decode: it retrieves")
                     num_beams = numbers_only(gr.Slider(2, 10, value=3, step=1, label="Beam width", visible=False),
-                                             "The beam width")
+                                             "The beam width", whole=True)
                     temperature = numbers_only(gr.Slider(0.05, 2.0, value=0.7, step=0.05, label="Temperature",
                                                          visible=False), "The temperature")
                     top_p = numbers_only(gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p", visible=False),
                                          "Top-p")
-                    seed = numbers_only(gr.Number(0, precision=0, label="Seed (sampling)", visible=False), "The seed")
+                    seed = numbers_only(gr.Number(0, precision=0, label="Seed (sampling)", visible=False), "The seed",
+                                        whole=True)
                     max_new_tokens = numbers_only(gr.Slider(1, 100, value=30, step=1, label="Max new tokens"),
-                                                  "Max new tokens")
+                                                  "Max new tokens", whole=True)
                 button = gr.Button("Caption", variant="primary", elem_id="caption-button")
                 message = gr.Markdown("", elem_id="message")
                 left_caption = gr.Textbox(label=f"caption: {page.runs[0].name}", interactive=False,
@@ -660,6 +764,7 @@ def build_app(page: Page, examples: list[tuple[str, str]], keep_uploads_s: float
                      [left_caption, left_time, right_caption, right_time, message],
                      api_name="caption", concurrency_limit=1)
     app.queue(max_size=64)
+    answer_bad_requests_in_one_line(app)
     return app
 
 

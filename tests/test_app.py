@@ -295,7 +295,9 @@ def test_the_image_box_hands_over_paths_unopened(tmp_path, tiny):
     from gradio.data_classes import ImageData
 
     box = app.image_box(render=False)
-    not_an_image = tmp_path / "notes.png"
+    box.GRADIO_CACHE = str(tmp_path / "uploads")  # where Gradio keeps uploads: the only paths handed over
+    not_an_image = tmp_path / "uploads" / "notes.png"
+    not_an_image.parent.mkdir()
     not_an_image.write_text("not an image")
     assert box.preprocess(ImageData(path=str(not_an_image))) == str(not_an_image)
     assert box.preprocess(None) is None
@@ -561,6 +563,100 @@ def test_a_setting_of_the_wrong_type_in_an_api_call_gets_a_message(tmp_path):
                 assert json.loads(answer.split("data: ", 1)[1])["error"] == f"{label} must be a number, not {shown}.", \
                     (label, value, answer)
         assert call_caption(url, pasted(png_bytes()))[0]["value"] == "a stub caption"
+
+
+def api_answer(url: str, data) -> str:
+    """The raw answer (event and data lines) to one caption request whose values are `data`."""
+    import httpx
+
+    event = httpx.post(url + "gradio_api/call/caption", json={"data": data}, timeout=30).json()["event_id"]
+    return httpx.get(url + f"gradio_api/call/caption/{event}", timeout=30).text
+
+
+def refused_with(answer: str) -> str:
+    assert answer.startswith("event: error"), answer
+    return json.loads(answer.split("data: ", 1)[1])["error"]
+
+
+def test_a_request_of_the_wrong_shape_is_answered_and_logged_in_one_line(tmp_path, capfd):
+    """A hand-written API call with too few values, the image as a string, a number or a list, was
+    answered {"error": null}, with a Gradio traceback in the server log; too many values were read as if
+    the extra ones were not there; a setting out of range got a traceback too, and named no setting; a
+    beam width or seed of 2.5 was taken as 2, a null strategy answered in the command line's words.
+    Each now gets one line saying what is wrong, the log one line, and the server carries on."""
+    good = [pasted(png_bytes()), "stub", app.NOTHING, "greedy", 3, 0.7, 0.9, 20, 0]
+    takes = ("This takes 9 values, in this order: Image, Caption with, Compare with, Strategy, Beam width, "
+             "Temperature, Top-p, Max new tokens, Seed (sampling); the request sent ")
+    image_forms = f"The image must be {app.IMAGE_FORMS}, not "
+    cases = [([], takes + "0."), (good[:3], takes + "3."), ([*good, 1, 2], takes + "11."),
+             (["/etc/passwd", *good[1:]], image_forms + "'/etc/passwd'."), ([5, *good[1:]], image_forms + "5."),
+             ([[1, 2], *good[1:]], image_forms + "[1, 2]."),
+             ([{"path": "x", "meta": None}, *good[1:]], image_forms + "{'path': 'x', 'meta': None}."),
+             ([*good[:4], 1000, *good[5:]], "The beam width must be from 2 to 10, not 1000."),
+             ([*good[:5], 0, *good[6:]], "The temperature must be from 0.05 to 2, not 0."),
+             ([*good[:4], 2.5, *good[5:]], "The beam width must be a whole number, not 2.5."),
+             ([*good[:8], 2.5], "The seed must be a whole number, not 2.5.")]
+    with served(stub_page(tmp_path)) as (url, _):
+        capfd.readouterr()
+        for data, message in cases:
+            assert refused_with(api_answer(url, data)) == message, data
+        long_name = refused_with(api_answer(url, [good[0], "x" * 2**20, *good[2:]]))  # Gradio quotes it whole
+        assert long_name.startswith("Value: xxx") and len(long_name) == app.REFUSAL_SHOWN, long_name[:80]
+        answer = api_answer(url, [*good[:3], None, *good[4:]])
+        assert json.loads(answer.split("data: ", 1)[1])[4] == "⚠️ Pick a decoding strategy (greedy, beam, sample)."
+        assert call_caption(url, pasted(png_bytes()))[0]["value"] == "a stub caption"
+        log = capfd.readouterr()
+    lines = (log.out + log.err).strip().splitlines()
+    assert len(lines) == len(cases) + 1 and "Traceback" not in log.err, log
+    assert all(line.startswith("refused a request to caption: ") and len(line) < 400 for line in lines), lines
+
+
+def test_a_path_on_the_server_is_never_opened(tmp_path, monkeypatch):
+    """A request could name any file on the server as its image: without a "meta" key Gradio did not
+    check it was an upload, and app.py opened it: an image anywhere was captioned, /etc/shadow was "not
+    an image", a missing file "did not arrive" and a large one "is 143 MB" (with a "meta", Gradio refused
+    it in an empty error and a traceback). Only files in Gradio's upload folder are read now."""
+    import httpx
+
+    opened = []
+    real_open_upload = app.open_upload
+    monkeypatch.setattr(app, "open_upload", lambda path, *args: opened.append(path) or real_open_upload(path, *args))
+    elsewhere = tmp_path / "private" / "photo.png"
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(png_bytes())
+    rest = ["stub", app.NOTHING, "greedy", 3, 0.7, 0.9, 20, 0]
+    with served(stub_page(tmp_path)) as (url, _):
+        around = f"{tmp_path}/../{tmp_path.name}/private/photo.png"
+        for path in (elsewhere, tmp_path / "gone.png", "/etc/passwd", around):
+            for payload in ({"path": str(path)}, {"path": str(path), "meta": {"_type": "gradio.FileData"}},
+                            {"path": str(path), "meta": {"_type": "other"}}):
+                assert refused_with(api_answer(url, [payload, *rest])) == app.NOT_UPLOADED, payload
+        assert opened == []
+        (uploaded,) = httpx.post(url + "gradio_api/upload", files={"files": ("red.png", png_bytes())}).json()
+        for payload in ({"path": uploaded}, {"path": uploaded, "meta": {"_type": "gradio.FileData"}}):
+            assert json.loads(api_answer(url, [payload, *rest]).split("data: ", 1)[1])[0]["value"] == "a stub caption"
+    assert len(opened) == 2
+
+
+def test_an_image_url_is_refused_not_fetched(tmp_path, monkeypatch):
+    """Given an http(s) URL as the image's path, Gradio downloaded it (any size, for anyone who asked);
+    given one as its url, the page said to choose an image first. Both are refused, saying why."""
+    import gradio.processing_utils
+
+    fetched = []
+
+    async def fetch(url, cache_dir):
+        fetched.append(url)
+        raise OSError("offline")
+
+    monkeypatch.setattr(gradio.processing_utils, "async_ssrf_protected_download", fetch)
+    rest = ["stub", app.NOTHING, "greedy", 3, 0.7, 0.9, 20, 0]
+    with served(stub_page(tmp_path)) as (url, _):
+        for payload in ({"path": "https://example.com/cat.png", "meta": {"_type": "gradio.FileData"}},
+                        {"path": "HTTP://example.com/cat.png"}, {"url": "http://example.com/cat.png"},
+                        {"url": "file:///etc/passwd", "meta": {"_type": "gradio.FileData"}}):
+            assert refused_with(api_answer(url, [payload, *rest])) == app.NO_URLS, payload
+    assert fetched == []
 
 
 def served_by_main(argv: list[str], monkeypatch) -> tuple[app.Page, list[Path]]:
