@@ -21,6 +21,7 @@ import itertools
 import json
 import os
 import random
+import re
 import sys
 import unicodedata
 import uuid
@@ -44,7 +45,8 @@ KARPATHY_FILES = ("dataset_flickr30k.json", "dataset_flickr8k.json", "dataset_co
 # Bump when what a cached feature means changes, the image decoding (open_image, to_rgb) included:
 # a cached feature is never decoded again, so a decoding fix would otherwise never reach it.
 # 2: EXIF rotation, transparency on white and 16-bit grey in to_rgb; parts carry a checksum.
-FEATURE_CACHE_VERSION = 2
+# 3: float grey with NaN or infinite pixels is no longer all black (_grey_to_8bit).
+FEATURE_CACHE_VERSION = 3
 FEATURE_PART_SIZE = 4096  # images per cache part: what an interrupted extraction can lose at most
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 # How a caption folder deals its images without a split (train.py --folder-split): "hash" gives each its
@@ -120,14 +122,53 @@ def open_image(path):
     except UserError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        size = first_line(error).split(", could be")[0]
-        raise UserError(f"refusing image {path} as a possible decompression bomb: {size}") from None
+        raise UserError(f"refusing image {path} as a possible decompression bomb: {_bomb_size(error)}") from None
     except UnidentifiedImageError:
+        if kind := _format_by_content(path):
+            raise UserError(f"cannot read image {path}: it is {kind}; convert it to JPEG or PNG") from None
         raise UserError(f"cannot read image {path}: not a {', '.join(IMAGE_FORMATS)} image") from None
     except PermissionError:
         raise UserError(f"cannot read image {path}: permission denied") from None
     except Exception as error:  # Pillow's decoders raise many kinds on hostile bytes (OSError, ValueError, ...)
         raise UserError(f"cannot read image {path} (damaged or truncated?): {first_line(error)}") from None
+
+
+def _bomb_size(error: Exception) -> str:
+    """Pillow's words on an image over MAX_IMAGE_PIXELS, naming that limit. Pillow raises its error only at twice
+    the limit, and names that: a 100M-pixel image was refused over "89478485 pixels", a 10,000M-pixel one over
+    "178956970 pixels", which is no limit anything here applies."""
+    from PIL import Image
+
+    pixels = re.search(r"\((\d+) pixels\)", str(error))
+    if pixels is None:  # other wording in another Pillow version: its own first line
+        return first_line(error).split(", could be")[0]
+    return f"Image size ({pixels[1]} pixels) exceeds limit of {Image.MAX_IMAGE_PIXELS} pixels"
+
+
+# Kinds of image file people have that are none of the IMAGE_FORMATS, by their first bytes (ISO media brands for
+# HEIF and AVIF). Pillow cannot read HEIC at all (it needs a plug-in); AVIF, SVG and PDF are not read here either.
+HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"}
+AVIF_BRANDS = {b"avif", b"avis"}
+
+
+def _format_by_content(path: Path) -> str:
+    """What a file Pillow did not take as an image is, where its first bytes tell, else "". An iPhone's HEIC photo
+    was only "not a JPEG, PNG, ... image", which did not say what it is nor what to do with it."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(512)
+    except OSError:
+        return ""
+    not_read = f"which is not read here (only {', '.join(IMAGE_FORMATS)} are)"
+    if head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS:
+        return "a HEIC (HEIF) photo, as iPhones save them, which Pillow cannot read"
+    if head[4:8] == b"ftyp" and head[8:12] in AVIF_BRANDS:
+        return f"an AVIF image, {not_read}"
+    if b"<svg" in head.lower() and head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"<"):
+        return f"an SVG drawing, {not_read}"
+    if head.startswith(b"%PDF"):
+        return f"a PDF document, {not_read}"
+    return ""
 
 
 # CLIP's preprocessing scales the shorter side up to 224 before it crops the centre square, so a thin
@@ -225,15 +266,19 @@ def to_rgb(image):
 
 def _grey_to_8bit(image):
     """16-bit grey (I;16*) and 16-bit data held in I mode scale by 255/65535; other I or F data
-    (negative, wider, float) is stretched from its minimum to its maximum."""
+    (negative, wider, float) is stretched from its finite minimum to its finite maximum."""
     from PIL import Image
 
     values = np.asarray(image).astype(np.float64)
-    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    finite = values[np.isfinite(values)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
     if image.mode.startswith("I;16") or (image.mode == "I" and low >= 0 and high <= 65535):
         low, high = 0.0, 65535.0
     elif image.mode == "F" and low >= 0 and high <= 1:
         low, high = 0.0, 1.0
+    # A float TIFF may hold NaN (no data) and infinities (saturated): one made the range infinite and
+    # every pixel black (with numpy's warnings on stderr); they are drawn at the range's ends instead.
+    values = np.nan_to_num(values, nan=low, posinf=high, neginf=low)
     scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
     return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))  # 2-D uint8: mode L
 
@@ -915,8 +960,10 @@ def _drop_missing_files(records: list[ImageRecord], split: str, on_bad_sample: s
         return records
     if on_bad_sample != "skip" or len(problems) == len(records):
         first = next(iter(problems.values()))
-        raise UserError(f"{len(problems)} of {len(records)} {split} images are missing (first: {first}); "
-                        "check --data-dir")
+        # A folder or a pipe named as an image is there: "missing" sent the user looking for a file that exists.
+        missing = all(why.startswith("image not found") for why in problems.values())
+        raise UserError(f"{len(problems)} of {len(records)} {split} images are "
+                        f"{'missing' if missing else 'missing or unreadable'} (first: {first}); check --data-dir")
     if bad_samples is not None:
         bad_samples.extend((records[i].image_id, why) for i, why in problems.items())
     return [r for i, r in enumerate(records) if i not in problems]

@@ -7,14 +7,14 @@
     python inference.py --checkpoint saved_models/demo --lm-quantization 4bit photo.jpg   # a small GPU
 
 Needs only the run folder and the backbones its adapter_config.json names. Prints one caption per image
-("path<TAB>caption"; a path with a tab, newline or other control character in its name, or one that
-starts with a quote or is not UTF-8, is written as a quoted JSON string), or one JSON object per line
-with --json. A folder stands for the image files under it (by name: .jpg .jpeg .png .bmp .gif .webp .tif
-.tiff, any case), sorted, its sub-folders included; other files there are left out with one note. "-"
-reads more paths from standard input, one a line (a name with a newline in it must be given as an
-argument). An image that cannot be read gets one line on stderr ("error: ..." naming it; {"image",
-"error"} on stdout with --json), the others are still captioned, and the exit status is 1. A progress
-bar (stderr, only on a terminal) counts the images.
+("path<TAB>caption"; a path with a tab, newline, line separator or other control character in its name, or
+one that starts with a quote or is not UTF-8, is written as a quoted JSON string), or one JSON object per line
+with --json. A file named twice (or by a link too) is captioned each time, under the name given. A folder
+stands for the image files under it (by name: .jpg .jpeg .png .bmp .gif .webp .tif .tiff, any case), sorted,
+its sub-folders included; other files there are left out with one note. "-" reads more paths from standard
+input, one a line (a name with a newline in it must be given as an argument). An image that cannot be read
+gets one line on stderr ("error: ..." naming it; {"image", "error"} on stdout with --json), the others are
+still captioned, and the exit status is 1. A progress bar (stderr, only on a terminal) counts the images.
 """
 from __future__ import annotations
 
@@ -245,15 +245,20 @@ def caption_batches(args, checkpoint: Path, device, decoding, paths_to_caption: 
     return failed
 
 
+# JSON leaves U+2028 and U+2029 as they are inside a string; \uXXXX escapes are the same string to json.loads.
+ESCAPED_LINE_SEPARATORS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def tab_line(path: str, caption: str) -> str:
     """The line "path<TAB>caption". A path that holds a tab, a newline or another control character
     (legal in file names) would split or break the line, so it is written as a JSON string instead, in
     quotes; so is one that starts with a quote. So is a name whose bytes are not UTF-8: Python holds them
     as lone surrogates, which a UTF-8 terminal's stdout refuses (a traceback after the captions so far);
     they are written as JSON's \\udcXX escapes, which json.loads and os.fsencode turn back into the name.
-    Captions are single-spaced already."""
-    if path.startswith('"') or any(unicodedata.category(char) in ("Cc", "Cs") for char in path):
-        path = escape_surrogates(json.dumps(path, ensure_ascii=False))
+    Unicode's line and paragraph separators (U+2028, U+2029) end a line for str.splitlines() and many editors,
+    so they are quoted too, and escaped inside the quotes. Captions are single-spaced already."""
+    if path.startswith('"') or any(unicodedata.category(char) in ("Cc", "Cs", "Zl", "Zp") for char in path):
+        path = escape_surrogates(json.dumps(path, ensure_ascii=False)).translate(ESCAPED_LINE_SEPARATORS)
     return f"{path}\t{caption}"
 
 

@@ -549,18 +549,46 @@ def test_inference_counts_the_images_on_a_terminal_only_and_never_on_stdout(tiny
 def test_inference_output_keeps_one_line_per_image_whatever_the_file_names(tiny, checkpoint, tmp_path, capsys,
                                                                           monkeypatch):
     image = sorted((Path(tiny["data_dir"]) / "images").glob("test_*.png"))[0]
-    names = ["plain.png", "tab\there.png", "new\nline.png", '"quoted".png', "caf\u00e9.png"]
+    # Unicode's line and paragraph separators (U+2028, U+2029) split a line for str.splitlines() and editors.
+    names = ["plain.png", "tab\there.png", "new\nline.png", '"quoted".png', "caf\u00e9.png", "line\u2028sep.png",
+             "para\u2029sep.png"]
     for name in names:
         shutil.copy(image, tmp_path / name)
     monkeypatch.chdir(tmp_path)  # paths as given: relative, so one can start with a quote
     assert inference.main(["--checkpoint", str(checkpoint), *names]) == 0
-    lines = capsys.readouterr().out.split("\n")[:-1]
+    lines = capsys.readouterr().out.splitlines()
     assert len(lines) == len(names)
     fields = [line.split("\t") for line in lines]
     assert all(len(parts) == 2 and parts[1] for parts in fields)  # path, then the caption
     printed = [json.loads(path) if path.startswith('"') else path for path, _ in fields]
     assert printed == names
-    assert [path.startswith('"') for path, _ in fields] == [False, True, True, True, False]  # plain names stay plain
+    quoted = [path.startswith('"') for path, _ in fields]
+    assert quoted == [False, True, True, True, False, True, True]  # plain names stay plain
+
+
+def test_inference_captions_a_file_named_twice_each_time_under_the_name_given(tiny, checkpoint, tmp_path, capsys,
+                                                                             monkeypatch):
+    """The rule for one file named more than once (the same path twice, a link and its target, ./a.png and
+    a.png, a folder and a file in it): each is captioned where it stands, under the name as given, so the
+    output has one line per image named, in order (as `paste` pairs it with the list), errors included."""
+    image = sorted((Path(tiny["data_dir"]) / "images").glob("test_*.png"))[0]
+    (tmp_path / "photos").mkdir()
+    shutil.copy(image, tmp_path / "photos" / "a.png")
+    (tmp_path / "link.png").symlink_to(tmp_path / "photos" / "a.png")
+    monkeypatch.chdir(tmp_path)
+    named = ["photos/a.png", "./photos/a.png", "link.png", "gone.png", "photos/a.png", "photos", "gone.png"]
+    expected = ["photos/a.png", "./photos/a.png", "link.png", "gone.png", "photos/a.png", "photos/a.png", "gone.png"]
+    argv = ["--checkpoint", str(checkpoint), "--batch-size", "2", *named]
+    assert inference.main(argv) == 1
+    out, err = capsys.readouterr()
+    fields = [line.split("\t") for line in out.splitlines()]
+    assert [path for path, _ in fields] == [path for path in expected if path != "gone.png"]
+    assert len({caption for _, caption in fields}) == 1  # one picture, one greedy caption, whatever its batch
+    assert err.splitlines() == ["error: image not found: gone.png"] * 2
+    assert inference.main(["--json", *argv]) == 1
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["image"] for line in lines] == expected
+    assert ["error" in line for line in lines] == [path == "gone.png" for path in expected]
 
 
 def test_inference_prints_a_file_name_that_is_not_utf8_on_a_strict_utf8_terminal(tiny, checkpoint, tmp_path,

@@ -740,6 +740,21 @@ def test_missing_image_files_are_skipped_and_listed_or_stop(tmp_path):
         load_records("folder", "train", str(tmp_path), on_bad_sample="skip", bad_samples=[])
 
 
+def test_a_folder_named_as_an_image_is_skipped_or_stops_but_is_not_called_missing(tmp_path):
+    """--on-bad-sample error said "1 of 2 train images are missing (first: .../b.png is a directory, ...)":
+    the folder is there, so "missing" sent the user looking for a file that exists."""
+    write_image(tmp_path / "a.png")
+    (tmp_path / "b.png").mkdir()
+    write_jsonl_captions(tmp_path, [{"image": n, "caption": "x", "split": "train"} for n in ("a.png", "b.png")])
+    bad_samples = []
+    kept = load_records("folder", "train", str(tmp_path), on_bad_sample="skip", bad_samples=bad_samples)
+    assert [r.image_id for r in kept] == ["a.png"] and [image for image, _ in bad_samples] == ["b.png"]
+    with pytest.raises(UserError) as info:
+        load_records("folder", "train", str(tmp_path))
+    assert str(info.value) == (f"1 of 2 train images are missing or unreadable (first: {tmp_path / 'b.png'} is a "
+                               "directory, not an image file); check --data-dir")
+
+
 def test_training_skips_a_missing_image_and_lists_it_or_stops_on_it(tiny, tmp_path, capsys):
     import shutil
 

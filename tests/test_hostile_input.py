@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from PIL import Image
 
 from dataset import (ImageRecord, load_records, normalize_caption, open_image, to_rgb,
@@ -99,6 +100,35 @@ def test_decompression_bomb_is_refused(tmp_path):
     assert_one_line_error(bomb, "decompression bomb", "100000000 pixels")
 
 
+def test_a_header_claiming_a_giant_image_is_refused_under_the_limit_that_applies(tmp_path):
+    """A 68-byte PNG whose header claims 100,000 x 100,000 pixels is over twice the limit, where Pillow raises
+    instead of warning and names twice the limit (178956970): the same refusal under two limits."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+    giant = tmp_path / "giant.png"
+    giant.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+    message = assert_one_line_error(giant, "decompression bomb", "10000000000 pixels")
+    assert f"limit of {Image.MAX_IMAGE_PIXELS} pixels" in message and "178956970" not in message, message
+
+
+@pytest.mark.parametrize("head, says", [
+    (b"\0\0\0\x18ftypheic\0\0\0\0mif1heic", "a heic (heif) photo, as iphones save them, which pillow cannot read"),
+    (b"\0\0\0\x1cftypavif\0\0\0\0avifmif1miaf", "an avif image, which is not read here"),
+    (b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="8" height="8"/>', "an svg drawing"),
+    (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n", "a pdf document")], ids=["heic", "avif", "svg", "pdf"])
+def test_a_photo_format_that_is_not_read_is_named_with_what_to_do(tmp_path, head, says):
+    """An iPhone's HEIC photo was only "not a JPEG, PNG, GIF, BMP, WEBP, TIFF image": not what it is, nor
+    what to do. Named by content, so a renamed one is named too."""
+    path = tmp_path / "IMG_0001.jpg"
+    path.write_bytes(head + bytes(200))
+    assert_one_line_error(path, f"it is {says}", "convert it to jpeg or png")
+
+
 
 def test_a_thin_strip_that_preprocessing_would_blow_up_is_refused(tmp_path):
     # 1 x 100,000 pixels in 471 bytes: under the pixel limit, but scaled to a shorter side of 224 it
@@ -158,6 +188,34 @@ def test_sixteen_bit_grey_is_scaled_not_clipped(tmp_path):
     assert near(pixel(to_rgb(Image.fromarray(np.full((2, 2), 0.5, np.float32)))), (128, 128, 128), 1)
 
 
+def test_float_grey_with_nan_or_infinite_pixels_keeps_its_picture(tmp_path):
+    """One infinite pixel in a float TIFF (a saturated sensor) made the range infinite: every pixel came out
+    black, with numpy's RuntimeWarnings on stderr. NaN (no data) is drawn black, infinities at the ends."""
+    values = np.full((4, 4), 0.5, np.float32)
+    values[0, 0], values[0, 1], values[0, 2] = np.inf, -np.inf, np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        image = open_image(saved(Image.fromarray(values), tmp_path / "float.tif"))
+        assert near(pixel(image, (2, 2)), (128, 128, 128), 1)
+        assert pixel(image, (0, 0)) == WHITE and pixel(image, (1, 0)) == pixel(image, (2, 0)) == (0, 0, 0)
+        no_data = open_image(saved(Image.fromarray(np.full((4, 4), np.nan, np.float32)), tmp_path / "nan.tif"))
+        assert pixel(no_data) == (0, 0, 0)
+
+
+@settings(max_examples=150, deadline=None)
+@given(values=hnp.arrays(st.sampled_from([np.float32, np.int32]), hnp.array_shapes(min_dims=2, max_dims=2, max_side=5)))
+def test_grey_of_any_depth_and_values_gives_an_image_in_the_same_order_without_warnings(values):
+    """The random-bytes test below never makes a float or 32-bit grey image, whose values can be anything."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        image = to_rgb(Image.fromarray(values))
+    assert image.mode == "RGB" and image.size == values.shape[::-1]
+    grey = np.asarray(image)[..., 0].astype(int)
+    finite = np.isfinite(values)
+    order = np.argsort(values[finite], kind="stable")
+    assert (np.diff(grey[finite][order]) >= 0).all()  # a brighter value is never drawn darker
+
+
 def test_cmyk_jpeg(tmp_path):
     image = open_image(saved(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), tmp_path / "cmyk.jpg"))
     assert near(pixel(image, (4, 4)), (255, 0, 0), 12)
@@ -173,9 +231,11 @@ def test_exif_orientation_is_applied(tmp_path):
     assert near(pixel(image, (10, 5)), (220, 0, 0), 30) and near(pixel(image, (10, 35)), (0, 0, 220), 30)
 
 
-def test_animated_gif_gives_its_first_frame(tmp_path):
+@pytest.mark.parametrize("name", ["anim.gif", "anim.webp", "anim.png", "pages.tif"])
+def test_animated_images_and_multi_page_tiffs_give_their_first_frame(tmp_path, name):
     frames = [Image.new("RGB", (8, 8), colour) for colour in ((255, 0, 0), (0, 0, 255))]
-    path = saved(frames[0], tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    path = saved(frames[0], tmp_path / name, save_all=True, append_images=frames[1:], duration=50, loop=0,
+                 lossless=True)
     assert Image.open(path).n_frames == 2
     assert pixel(open_image(path)) == (255, 0, 0)
 
