@@ -426,20 +426,41 @@ def check_new_folder(out: Path) -> None:
         raise UserError(f"--out {out} is inside {folder}, which is a file; give a new folder")
 
 
+# Each sub-command's own --help (its usage line alone said nothing of what it writes, or what comes next).
+DATA_HELP = f"""Write the synthetic coloured-shapes set: images/ and captions.jsonl ({len(TEMPLATES)} captions each,
+{SPLIT_SIZES['train']} train / {SPLIT_SIZES['val']} val / {SPLIT_SIZES['test']} test images), a caption folder that
+train.py reads with --dataset folder.
+
+    python demo.py data --out shapes
+"""
+BACKBONES_HELP = """Build a tiny CLIP, a byte-level BPE tokenizer and a briefly pre-trained tiny Qwen3 from the
+training captions of a caption folder (captions.jsonl or captions.csv), to smoke-test your own data offline:
+
+    python demo.py backbones --captions my_data --out tiny
+    python train.py --dataset folder --data-dir my_data --clip-model tiny/clip --lm-model tiny/lm --run-name smoke
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from dataset import DEFAULT_SEED
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     data = commands.add_parser("data", help="write the synthetic coloured-shapes data set",
-                               formatter_class=HelpFormatter)
+                               description=DATA_HELP, formatter_class=HelpFormatter)
     data.add_argument("--out", required=True, help="folder to write images/ and captions.jsonl into")
     data.add_argument("--seed", type=whole_number(0, 2**32 - 1), default=0, help="random seed for the drawings")
     backbones = commands.add_parser("backbones", help="build tiny CLIP + tokenizer + pre-trained tiny Qwen3",
-                                    formatter_class=HelpFormatter)
+                                    description=BACKBONES_HELP, formatter_class=HelpFormatter)
     backbones.add_argument("--captions", required=True, help="a caption folder (captions.jsonl or captions.csv)")
     backbones.add_argument("--out", required=True, help="output folder; writes clip/ and lm/ inside")
     backbones.add_argument("--lm-steps", type=whole_number(1), default=1400,
                            help="pre-training steps of the tiny LM (batch 64)")
-    backbones.add_argument("--seed", type=whole_number(0, 2**32 - 1), default=0, help="random seed")
+    # Not the deal's seed: a user who read "dealt with train.py's default --seed (42)" saw "(default: 0)" here.
+    backbones.add_argument("--seed", type=whole_number(0, 2**32 - 1), default=0,
+                           help="seeds the tiny CLIP's weights and the LM's pre-training; the captions it pre-trains "
+                                "on are always the training split as train.py deals the folder with its default "
+                                f"--seed {DEFAULT_SEED}")
     return parser
 
 

@@ -539,6 +539,11 @@ def write_eval_outputs(out_dir: Path, result: SplitResult, records, run_dir: Pat
                         "evaluate again") from None
 
 
+def say_written(paths: list[Path]) -> None:
+    """The line that ends an evaluation, eval.py's or train.py's final one: where its outputs went."""
+    print("wrote " + ", ".join(str(path) for path in paths))
+
+
 def write_outputs_in(out_dir: Path, result: SplitResult, records, run_dir: Path | None, sweep: dict | None,
                      gallery_size: int) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -1111,7 +1116,7 @@ def main(argv=None) -> int:
     if sweep is not None:
         header, rows = sweep_rows(sweep)
         print("Decoding comparison (x100), same split:\n" + format_table(rows, header) + "\n")
-    print("wrote " + ", ".join(str(path) for path in written))
+    say_written(written)
     return 0
 
 

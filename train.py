@@ -139,7 +139,8 @@ class TrainConfig:
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = _help(
         "Accelerate mixed precision; auto = bf16 on a GPU that computes in it (Ampere and later), else no. On a "
         "CPU with AMX (Xeon Sapphire Rapids and later) bf16 trains the real backbones 1.5-2.4x faster (batch "
-        "4-64, measured), but the demo's tiny backbones 7x slower: hence not the default there",
+        "4-64, measured), but the demo's tiny backbones 1.4x slower (7x on a CPU without AMX): hence not the "
+        "default there",
         default="auto")
     compile: bool = _help("torch.compile the training loss (falls back to eager with a note where it cannot "
                           "run); pays off on GPUs; compiles once per caption-length bucket, at most 6, to "
@@ -1158,6 +1159,7 @@ def say(accelerator, text: str, every_machine: bool = False) -> None:
 def banner(accelerator, config, train_pairs, train_records, steps_per_epoch, total_steps, trainable) -> None:
     say(accelerator, (
         "***** Running training *****\n"
+        f"  run folder = {Path(config.output_dir) / config.run_name}\n"
         f"  images = {len(train_records):,}   (image, caption) pairs = {len(train_pairs):,}\n"
         f"  epochs = {config.epochs}   steps per epoch = {steps_per_epoch:,}   total optimizer steps = {total_steps:,}\n"
         f"  batch per process = {config.batch_size}   processes = {accelerator.num_processes}   "
@@ -1885,7 +1887,9 @@ def finish(run: Run, stopped: bool, signal_name: str | None) -> dict:
     if stopped:
         say(run.accelerator, f"{signal_name or 'signal'}: training finished and is saved in {run_dir}; the test "
                              f"evaluation was skipped: python eval.py {run_dir}", every_machine=True)
-    elif config.final_eval and run.accelerator.is_main_process:
+        return summary
+    say(run.accelerator, finished_line(run_dir, config, state))
+    if config.final_eval and run.accelerator.is_main_process:
         try:
             summary["test"] = final_evaluation(run.captioner, run.accelerator.unwrap_model(run.adapter), run_dir,
                                                config, run.test_split, run.train_records, run.train_pairs.features)
@@ -1897,6 +1901,18 @@ def finish(run: Run, stopped: bool, signal_name: str | None) -> dict:
                   f"completed: python eval.py {run_dir}", file=sys.stderr)
             summary["interrupted"] = True
     return summary
+
+
+def finished_line(run_dir: Path, config: TrainConfig, state: TrainerState) -> str:
+    """Where a finished run's adapters are and what comes next. A run named for the user (run-<date>-<time>,
+    demo-2) ended with its last validation line, and with --no-final-eval nothing named its folder."""
+    key = SELECT_BY[config.select_by][0]
+    score = f", {key} {state.best_score:.4f}" if state.best_score is not None else ""
+    best = (f"training finished: the best adapter (step {state.best_step}{score}) is in {run_dir}, the last in "
+            f"{run_dir / 'last'}")
+    if config.final_eval:
+        return f"{best}; scoring it on the test split"
+    return f"{best}; score it on the test split: python eval.py {run_dir}"
 
 
 def resume_command(config: TrainConfig, accelerator, *extra: str) -> str:
@@ -2036,8 +2052,8 @@ def final_evaluation(captioner, adapter, run_dir: Path, config: TrainConfig, tes
     """Score the best adapter on the test split, exactly as `python eval.py RUN` would (report included).
 
     The nearest-neighbour baseline reuses the training features extracted for training."""
-    from eval import (describe_decoding, evaluate_captioner, feature_cache_settings, print_metrics, what_was_scored,
-                      write_eval_outputs)
+    from eval import (describe_decoding, evaluate_captioner, feature_cache_settings, print_metrics, say_written,
+                      what_was_scored, write_eval_outputs)
 
     captioner.adapter = adapter
     adapter.load_state_dict(load_adapter_state(run_dir / ADAPTER_WEIGHTS))
@@ -2055,8 +2071,9 @@ def final_evaluation(captioner, adapter, run_dir: Path, config: TrainConfig, tes
                                  feature_cache=feature_cache_settings(dataclasses.asdict(config)))
     result = results[describe_decoding(decoding)]
     result.metrics.update(what_was_scored(run_dir, config.dataset, "test", records))
-    write_eval_outputs(run_dir, result, records, run_dir)
+    written = write_eval_outputs(run_dir, result, records, run_dir)
     print_metrics(result.metrics, title=f"{run_dir} on the test split ({len(records)} images, greedy)")
+    say_written(written)  # report.html's path: the demo's output ended at the table, the report unmentioned
     return {k: v for k, v in result.metrics.items() if not isinstance(v, (list, dict))}
 
 

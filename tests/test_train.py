@@ -74,7 +74,15 @@ def test_train_eval_inference_end_to_end(tiny, tmp_path, capsys):
     assert losses[-1] < losses[0], "the training loss should fall"
     assert any(r["type"] == "eval" and "val_rougeL" in r for r in log)
 
-    capsys.readouterr()
+    # The output says where the run went: the banner, the closing line, and the report's path (the demo's
+    # output ended at the test table, and a --no-final-eval run's at its last validation line).
+    trained = capsys.readouterr().out
+    assert f"  run folder = {run}\n" in trained
+    best = training["best"]
+    assert (f"training finished: the best adapter (step {best['step']}, val_rougeL {best['val_rougeL']:.4f}) is in "
+            f"{run}, the last in {run / 'last'}; scoring it on the test split\n") in trained
+    assert trained.rstrip().splitlines()[-1].startswith(f"wrote {run / 'metrics.json'}, ")
+    assert f"{run / 'report.html'}" in trained.rstrip().splitlines()[-1]
     assert eval_script.main([str(run), "--split", "test", "--no-progress", "--num-workers", "0"]) == 0
     printed = capsys.readouterr().out
     assert "ROUGE-L" in printed and "BLEU-4" in printed
@@ -803,7 +811,12 @@ def test_without_validation_images_the_best_adapter_is_the_last(tiny, tmp_path, 
     args = train_args(tiny, tmp_path, "noval", "--final-eval", "false", "--max-steps", "6", "--eval-every", "2")
     args[args.index("--data-dir") + 1] = str(data)
     assert train.main(args) == 0
-    assert "no validation images" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "no validation images" in printed
+    # No score to name, and no test evaluation: the line names the folder and the command that scores it.
+    assert printed.rstrip().splitlines()[-1] == (
+        f"training finished: the best adapter (step 6) is in {tmp_path / 'noval'}, the last in "
+        f"{tmp_path / 'noval' / 'last'}; score it on the test split: python eval.py {tmp_path / 'noval'}")
     best = adapter_weights(tmp_path / "noval" / "adapter.safetensors")
     last = adapter_weights(tmp_path / "noval" / "last" / "adapter.safetensors")
     assert all(torch.equal(best[key], last[key]) for key in last)
@@ -958,6 +971,21 @@ def test_every_scripts_help_shows_each_default_once(name):
     assert shown and text.count("(default") >= shown  # (a long default may be broken across lines)
 
 
+@pytest.mark.parametrize("command", ["data", "backbones"])
+def test_demo_sub_commands_help_says_what_they_write_with_an_example(command, capsys):
+    import demo
+    from dataset import DEFAULT_SEED
+
+    with pytest.raises(SystemExit):
+        demo.main([command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"python demo.py {command} --out" in out or f"python demo.py {command} --captions" in out
+    if command == "backbones":
+        # Its --seed (default 0) is not the seed the pre-training captions are dealt by (the README's 42).
+        assert f"train.py deals the folder with its default --seed {DEFAULT_SEED} (default: 0)" in out
+        assert "--clip-model tiny/clip --lm-model tiny/lm" in out
+
+
 def test_train_help_names_flags_as_the_readme_does_and_each_default_once(capsys):
     with pytest.raises(SystemExit):
         train.main(["--help"])
@@ -968,6 +996,62 @@ def test_train_help_names_flags_as_the_readme_does_and_each_default_once(capsys)
     assert "--no-final-eval, --no_final_eval turn off --final-eval --" in out  # not --final-eval's help again
     for action in train.build_parser()._actions:
         assert action.help and (action.help.count("(default") <= 1), action.dest
+
+
+SCRIPTS = ("train", "eval", "inference", "app", "bench", "demo")
+# Flags the README gives to other programs: launchers, trackers' viewers, pytest.
+OTHER_PROGRAMS_FLAGS = {"--cpu", "--multi_gpu", "--num_processes", "--num_machines", "--machine_rank",
+                        "--main_process_ip", "--main_process_port", "--nproc_per_node", "--nnodes", "--node_rank",
+                        "--master_addr", "--master_port", "--logdir", "--backend-store-uri", "--durations"}
+
+
+def script_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """Every option string of a parser and its sub-commands' parsers (demo.py data|backbones)."""
+    actions = {}
+    for action in parser._actions:
+        actions.update(dict.fromkeys(action.option_strings, action))
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                actions.update(script_actions(sub))
+    return actions
+
+
+def readme_commands() -> list[tuple[str, list[str]]]:
+    """(script, the words after `script.py`) for each command the README shows, in its bash blocks and inline."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    lines = [line for block in re.findall(r"```bash\n(.*?)```", text, re.S) for line in block.splitlines()]
+    lines += re.findall(r"`([^`\n]*\b(?:%s)\.py\b[^`\n]*)`" % "|".join(SCRIPTS), text)
+    commands = []
+    for line in lines:
+        line = line.split(" #")[0]  # a comment after the command
+        for match in re.finditer(r"\b(%s)\.py\b([^|;&>]*)" % "|".join(SCRIPTS), line):
+            commands.append((match.group(1), match.group(2).split()))
+    return commands
+
+
+def test_every_flag_the_readme_gives_a_script_is_one_it_takes():
+    """The README's commands, and every --flag its prose names, against the scripts' own parsers: a renamed
+    or dropped flag, or a choice a flag no longer has, fails here rather than on a user's first command."""
+    import importlib
+    import re
+
+    actions = {name: script_actions(importlib.import_module(name).build_parser()) for name in SCRIPTS}
+    commands = readme_commands()
+    assert len(commands) > 40 and {script for script, _ in commands} == set(SCRIPTS)
+    for script, words in commands:
+        for word, following in zip(words, [*words[1:], ""]):
+            flag = word.split("=")[0]
+            if not flag.startswith("--"):
+                continue
+            assert flag in actions[script], f"README: {script}.py {' '.join(words)}: {script}.py has no {flag}"
+            choices = actions[script][flag].choices
+            if choices and following and not following.startswith("-") and not following.isupper():  # not RUN, N
+                assert following in choices, f"README: {script}.py {flag} {following}: not one of {list(choices)}"
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    every_flag = set().union(*actions.values()) | OTHER_PROGRAMS_FLAGS
+    assert sorted(set(re.findall(r"(?<![\w-])--[a-z][\w-]*", text)) - every_flag) == []
 
 
 @pytest.mark.slow
