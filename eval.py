@@ -98,8 +98,9 @@ def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
                        help=f"temperature for --strategy sample (default {DECODING_DEFAULTS['temperature']})")
     group.add_argument("--top-p", type=float, default=None,
                        help=f"nucleus mass for --strategy sample (default {DECODING_DEFAULTS['top_p']})")
-    group.add_argument("--max-new-tokens", type=whole_number(1, MAX_NEW_TOKENS), default=30,
-                       help="longest caption, in tokens (default 30)")
+    group.add_argument("--max-new-tokens", type=whole_number(1, MAX_NEW_TOKENS), default=None,
+                       help="longest caption, in tokens (default: the run's --max-caption-tokens, EOS included, "
+                            "as long as its training captions and its validation's: 40 unless it trained with another)")
     group.add_argument("--seed", type=whole_number(*SEED_RANGE), default=0,
                        help="random seed (default 0; it matters for --strategy sample, where a caption also depends "
                             "on the other images in its batch)")
@@ -145,9 +146,11 @@ def run_lm_quantization(checkpoint: Path) -> str:
     return lm_quantization
 
 
-def decoding_from_args(args) -> DecodingConfig:
+def decoding_from_args(args, trained_caption_tokens: int = AdapterConfig.max_caption_tokens) -> DecodingConfig:
     """The decoding the flags ask for. A strategy's own flag implies it (`--num-beams 5` alone means beam
-    search); one that another strategy would ignore is an error, not a silent greedy decode."""
+    search); one that another strategy would ignore is an error, not a silent greedy decode. Without
+    --max-new-tokens, captions may be as long as the run's training captions (`trained_caption_tokens`, its
+    AdapterConfig.max_caption_tokens), as its validation decoded them."""
     given = [name for name in DECODING_DEFAULTS if getattr(args, name) is not None]
     strategy = args.strategy
     if strategy is None:
@@ -162,7 +165,7 @@ def decoding_from_args(args) -> DecodingConfig:
                         f"not {strategy}")
     values = {name: DECODING_DEFAULTS[name] if getattr(args, name) is None else getattr(args, name)
               for name in DECODING_DEFAULTS}
-    return DecodingConfig(strategy=strategy, max_new_tokens=args.max_new_tokens, **values)
+    return DecodingConfig(strategy=strategy, max_new_tokens=args.max_new_tokens or trained_caption_tokens, **values)
 
 
 def describe_decoding(decoding: DecodingConfig) -> str:
@@ -1052,11 +1055,11 @@ def main(argv=None) -> int:
         data_dir = args.data_dir or (run.get("data_dir") if dataset == run.get("dataset") else None)
         hub_files = args.hub_data_files or run.get("hub_data_files") or FLICKR30K_PARQUET
         seed = run.get("seed", 0)
-        decoding = decoding_from_args(args)
+        decoding = decoding_from_args(args, AdapterConfig.from_json(checkpoint / ADAPTER_CONFIG).max_caption_tokens)
         decodings = {describe_decoding(decoding): decoding}
         if args.decoding_sweep:
             for sweep_decoding in SWEEP_DECODINGS:
-                sweep_decoding = dataclasses.replace(sweep_decoding, max_new_tokens=args.max_new_tokens)
+                sweep_decoding = dataclasses.replace(sweep_decoding, max_new_tokens=decoding.max_new_tokens)
                 decodings.setdefault(describe_decoding(sweep_decoding), sweep_decoding)
 
         # Chosen before any data is read: a --device or --dtype the machine lacks is refused at once.
@@ -1086,7 +1089,7 @@ def main(argv=None) -> int:
         captioner = load_captioner(checkpoint, device=device, dtype=dtype,
                                    **loading_from_args(args, checkpoint))
         # Now, not at the first batch: by then the split's and the baseline's features were extracted.
-        captioner.check_fits_context(args.max_new_tokens, "--max-new-tokens")
+        captioner.check_fits_context(decoding.max_new_tokens, "--max-new-tokens")
     if processes.count > 1:  # each machine may read a copy of its own: copies that differ would caption apart
         processes.agree(evaluated_facts(args, checkpoint, captioner, records, train_records),
                         advice=SAME_RUN_EVERYWHERE)

@@ -172,10 +172,10 @@ def open_images(paths: list[str], unreadable: dict[str, str]) -> list:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    decoding = decoding_from_args(args)
-    device = pick_device(args.device)
     checkpoint = checkpoint_folder(args.checkpoint)
-    AdapterConfig.from_json(checkpoint / ADAPTER_CONFIG)  # a bad checkpoint is reported before any image
+    trained = AdapterConfig.from_json(checkpoint / ADAPTER_CONFIG)  # a bad checkpoint is reported before any image
+    decoding = decoding_from_args(args, trained.max_caption_tokens)
+    device = pick_device(args.device)
     check_no_empty_argument(args.images)
     check_stdout_open()
     paths_to_caption, unreadable = image_paths(with_stdin_paths(args.images))

@@ -696,7 +696,9 @@ class Captioner(nn.Module):
 
     @torch.no_grad()
     def generate(self, image_features: torch.Tensor, decoding: DecodingConfig | None = None) -> list[str]:
-        decoding = decoding or DecodingConfig()
+        """Captions (B,) for image features (B, F). By default greedy, as long as the captions the adapter was
+        trained on (max_caption_tokens, EOS included), as validation decoded them."""
+        decoding = decoding or DecodingConfig(max_new_tokens=self.config.max_caption_tokens)
         self.check_fits_context(decoding.max_new_tokens, "--max-new-tokens")
         prefix = self.prefix_embeds(image_features.to(self.device))  # (B, k, D)
         if decoding.strategy == "greedy":

@@ -740,9 +740,16 @@ def validation_share(captioner, pairs: CaptionPairs, config: TrainConfig, accele
             batch_losses.append((loss.item() * count, count))
         for start in range(image_shard.start, image_shard.stop, config.eval_batch_size):
             features = pairs.features[start : min(start + config.eval_batch_size, image_shard.stop)]
-            captions += captioner.generate(features, DecodingConfig(max_new_tokens=config.max_caption_tokens))
+            captions += captioner.generate(features, greedy_decoding(config))
     captioner.train()
     return {"batch_losses": batch_losses, "captions": captions}
+
+
+def greedy_decoding(config: TrainConfig) -> DecodingConfig:
+    """How validation and the final test evaluation caption, as eval.py does by default: greedy, at most as many
+    tokens as the training captions were cut to (EOS included). The test evaluation's 30 tokens, whatever the run
+    trained on, cut captions of 31-40 tokens that validation had scored whole."""
+    return DecodingConfig(max_new_tokens=config.max_caption_tokens)
 
 
 @contextlib.contextmanager
@@ -2064,7 +2071,7 @@ def final_evaluation(captioner, adapter, run_dir: Path, config: TrainConfig, tes
     if not records:
         print("no test images: skipping the final evaluation")
         return {}
-    decoding = DecodingConfig()
+    decoding = greedy_decoding(config)
     results = evaluate_captioner(captioner, records, {describe_decoding(decoding): decoding}, train_records,
                                  config.eval_batch_size, config.num_workers, config.progress,
                                  train_features=train_features,

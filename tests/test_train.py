@@ -1125,6 +1125,35 @@ def test_the_logged_learning_rate_is_the_one_its_step_used(tiny, tmp_path, monke
     assert logged[0] == 0.0 and logged[3] == pytest.approx(3e-3)  # warm-up from 0 over 3 steps, then the peak
 
 
+def test_captions_are_decoded_as_long_as_training_cut_them_by_validation_test_eval_and_inference(tiny, tmp_path,
+                                                                                                monkeypatch):
+    """A run trained on captions of up to N tokens (--max-caption-tokens, EOS included) is validated on greedy
+    captions of up to N new tokens. Its final test evaluation, eval.py, inference.py and caption_images decoded at
+    most 30 whatever N: captions of 31 to 40 tokens, whole in validation, were cut in the test scores."""
+    import model
+
+    budgets = []
+    real_greedy = model.Captioner.greedy_tokens
+    monkeypatch.setattr(model.Captioner, "greedy_tokens", lambda self, prefix, max_new_tokens, *rest: (
+        budgets.append(max_new_tokens), real_greedy(self, prefix, max_new_tokens, *rest))[1])
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)  # no Java: no METEOR to wait for
+    assert train.main(train_args(tiny, tmp_path, "long", "--max-caption-tokens", "12", "--max-steps", "2",
+                                 "--eval-every", "2", "--val-limit", "2", "--test-limit", "2")) == 0
+    run = tmp_path / "long"
+    assert budgets == [12, 12]  # the validation at step 2, then the final test evaluation
+    assert eval_script.main([str(run), "--limit", "2", "--no-progress", "--num-workers", "0"]) == 0
+    assert json.loads((run / "metrics.json").read_text())["decoding"]["max_new_tokens"] == 12
+    image = str(Path(tiny["data_dir"]) / "images" / "test_0000.png")
+    assert inference.main(["--checkpoint", str(run), image]) == 0
+    load_captioner(run).caption_images([load_records("folder", "test", tiny["data_dir"])[0].open()])
+    assert budgets[2:] == [12, 12, 12]
+    assert eval_script.main([str(run), "--limit", "2", "--max-new-tokens", "5", "--decoding-sweep", "--no-progress",
+                             "--num-workers", "0"]) == 0  # the flag still decides, for the sweep too
+    assert budgets[5:] == [5] and json.loads((run / "metrics.json").read_text())["decoding"]["max_new_tokens"] == 5
+    sweep = json.loads((run / "decoding_sweep.json").read_text())
+    assert {row["settings"]["max_new_tokens"] for row in sweep["rows"] if "max_new_tokens" in row["settings"]} == {5}
+
+
 def test_samples_per_second_leaves_out_the_time_spent_validating_and_saving(tiny, tmp_path, monkeypatch):
     clock = {"offset": 0.0}
     real_clock, real_validate = train.time.perf_counter, train.Run.validate
