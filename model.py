@@ -598,6 +598,21 @@ def densify_head_input(lm) -> None:
         head._dense_input = True
 
 
+def head_logit_changes(lm) -> list[str]:
+    """What the LM does to its head's output before the softmax, beyond the matrix product, as the config
+    settings that say so ([] for Qwen3, Llama, GPT-2): Granite divides the logits by `logits_scaling`, Cohere
+    multiplies them by `logit_scale`, Gemma 2 and later cap them (`final_logit_softcapping`). The chunked loss
+    takes the head's weight alone and would train against other logits than the ones the LM captions with."""
+    config = lm.config
+    changes = []
+    for name, neutral in (("logits_scaling", 1), ("logit_scale", 1), ("output_multiplier", 1),
+                          ("final_logit_softcapping", None)):
+        value = getattr(config, name, None)
+        if value is not None and value != neutral:
+            changes.append(f"{name} {value:g}" if isinstance(value, (int, float)) else name)
+    return changes
+
+
 def lm_context(lm) -> int | None:
     """How many positions the LM was built for (prefix and caption together), or None where its config does not say."""
     for name in ("max_position_embeddings", "n_positions"):  # Llama/Qwen-style configs, GPT-2's
@@ -616,6 +631,8 @@ class Captioner(nn.Module):
         self.lm = freeze(lm)
         self.lm.generation_config = neutral_generation_config()
         densify_head_input(self.lm)
+        self.head_logit_changes = head_logit_changes(self.lm)
+        self.told_of_own_logits = False
         self.processor = processor
         self.tokenizer = tokenizer
         self.adapter = adapter if adapter is not None else Adapter(config)
@@ -667,6 +684,8 @@ class Captioner(nn.Module):
         prefix = self.prefix_embeds(image_features)  # (B, k, D)
         tokens = self.lm.get_input_embeddings()(input_ids[:, :-1])  # (B, T-1, D)
         embeds = torch.cat([prefix, tokens], dim=1)  # (B, k+T-1, D)
+        if self.head_logit_changes:
+            return self.own_logits_loss(embeds, labels)
         # Right padding + causal attention: real positions never see padding, so no mask is needed
         # and the attention kernel can take its causal fast path.
         hidden = self.lm.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
@@ -678,6 +697,18 @@ class Captioner(nn.Module):
                 return hidden[keep].float().sum()
             return F.cross_entropy(head(hidden[keep]).float(), labels[keep])
         return frozen_head_cross_entropy(hidden, head.weight, labels)
+
+    def own_logits_loss(self, embeds: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The loss on the logits of the LM's own forward, B x L x vocab of them at once: for an LM that changes its
+        head's output (head_logit_changes), which the chunked loss cannot follow. Slower, and heavier in memory."""
+        if not self.told_of_own_logits:  # told at the first loss: captioning alone never computes one
+            note(f"the LM changes its head's logits ({', '.join(self.head_logit_changes)}): the loss computes them "
+                 "through its own forward, at every position at once (slower, more memory)", file=sys.stderr)
+            self.told_of_own_logits = True
+        logits = self.lm(inputs_embeds=embeds, use_cache=False).logits[:, self.config.prefix_length - 1 :]  # (B, T, V)
+        loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                   ignore_index=IGNORE_INDEX, reduction="sum")
+        return loss_sum / (labels != IGNORE_INDEX).sum().clamp(min=1)  # padding rows only: 0, not an empty mean's NaN
 
     # -- generation ---------------------------------------------------------------------------
     def check_fits_context(self, caption_tokens: int, flag: str) -> None:

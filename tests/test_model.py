@@ -261,3 +261,45 @@ def test_beam_search_and_sampling_follow_the_flags_not_the_lms_own_generation_co
             torch.manual_seed(0)
             captions.append(captioner.generate(features, decoding))
         assert captions[1] == captions[0], decoding.strategy
+
+
+@pytest.mark.parametrize("kind", ["granite", "cohere", "gemma2"])
+def test_the_loss_follows_an_lm_that_changes_its_heads_logits(tiny, kind, capsys):
+    """Granite divides its head's output by logits_scaling, Cohere multiplies it by logit_scale, Gemma 2 caps it
+    (final_logit_softcapping). The chunked loss took the head's weight alone: it trained the adapter against
+    logits the LM never captions with (a tiny Granite: 5.680 against the LM's own 5.699)."""
+    import transformers
+
+    from model import Captioner, head_logit_changes
+
+    base = make_captioner(tiny)
+    assert head_logit_changes(base.lm) == []  # Qwen3 keeps the fast chunked loss
+    sizes = dict(vocab_size=base.lm.config.vocab_size, hidden_size=base.lm.config.hidden_size, intermediate_size=64,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    config_class, lm_class, change = {
+        "granite": ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 8.0}),
+        "cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.25}),
+        "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"final_logit_softcapping": 2.0,
+                                                         "head_dim": sizes["hidden_size"] // 4}),
+    }[kind]
+    torch.manual_seed(0)
+    lm = getattr(transformers, lm_class)(getattr(transformers, config_class)(**sizes, **change)).eval()
+    captioner = Captioner(base.config, base.clip, base.processor, lm, base.tokenizer, base.adapter)
+    assert head_logit_changes(lm) and captioner.head_logit_changes
+    tok, eos, pad = captioner.tokenizer, captioner.config.eos_token_id, captioner.config.pad_token_id
+    batch = collate_captions([{"image_features": torch.randn(captioner.config.image_feature_dim),
+                               "token_ids": tokenize_caption(tok, caption, eos, 40)}
+                              for caption in ("a red circle on white", "a picture of a blue square on a gray background")],
+                             pad_token_id=pad)
+    loss = captioner(**batch)
+    loss.backward()  # gradients reach the adapter through the LM's own logits
+    assert all(p.grad is not None for p in captioner.adapter.parameters())
+    k = captioner.config.prefix_length
+    embeds = torch.cat([captioner.prefix_embeds(batch["image_features"]),
+                        lm.get_input_embeddings()(batch["input_ids"])], dim=1)
+    logits = lm(inputs_embeds=embeds).logits
+    expected = F.cross_entropy(logits[:, k - 1 : -1].reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1),
+                               ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    captioner(**batch)
+    assert capsys.readouterr().err.count("the LM changes its head's logits") == 1  # told once, on stderr
