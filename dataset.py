@@ -23,6 +23,7 @@ import os
 import random
 import re
 import sys
+import time
 import unicodedata
 import uuid
 import warnings
@@ -48,6 +49,9 @@ KARPATHY_FILES = ("dataset_flickr30k.json", "dataset_flickr8k.json", "dataset_co
 # 3: float grey with NaN or infinite pixels is no longer all black (_grey_to_8bit).
 FEATURE_CACHE_VERSION = 3
 FEATURE_PART_SIZE = 4096  # images per cache part: what an interrupted extraction can lose at most
+# A cache part's two files are written a second or so apart; loose pieces older than this were left by a
+# write that was killed, and are deleted (FeatureCache._remove_loose_pieces).
+LOOSE_PIECE_AGE_S = 3600
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 # How a caption folder deals its images without a split (train.py --folder-split): "hash" gives each its
 # split by a hash of the seed and its name, so adding or removing images moves no other (but for a stand-in
@@ -1161,7 +1165,9 @@ class FeatureCache:
                                           written after the .npy (a part without its keys file is
                                           an interrupted write and is ignored)
     Extraction appends new parts; nothing is ever rewritten, so concurrent runs cannot corrupt it.
-    Both files reach the disk before their names do (utils.replace_durably). A part that cannot be
+    Both files reach the disk before their names do (utils.replace_durably). A write that fails or is
+    interrupted removes what it wrote; pieces a killed one left (a .npy without its keys, a .tmp) are
+    deleted once LOOSE_PIECE_AGE_S old. A part that cannot be
     read back (truncated, overwritten, zeroed, not the float32 (n, F) its keys promise, bytes
     other than those its digest was taken of) is deleted with a note on stderr and its images are
     extracted again: a cache must never stop a run, nor feed it wrong features.
@@ -1173,6 +1179,7 @@ class FeatureCache:
         self.rows: dict[str, tuple[Path, int]] = {}
         self.digests: dict[Path, str] = {}
         self.verified: set[Path] = set()
+        self._remove_loose_pieces()
         for keys_file in sorted(self.folder.glob("part-*.json")):
             array_file = keys_file.with_suffix(".npy")
             if array_file in _DROPPED_PARTS or not array_file.is_file():
@@ -1189,6 +1196,20 @@ class FeatureCache:
                 continue
             self.digests[array_file] = entry["blake2b"]
             self.rows.update((key, (array_file, row)) for row, key in enumerate(entry["keys"]))
+
+    def _remove_loose_pieces(self) -> None:
+        """Delete what a write killed part way (SIGKILL, a power cut) left: a .npy whose keys file was never
+        written, a .tmp (and a keys file whose .npy was deleted by hand). Never read, they only filled the disk,
+        a real part's 8 MiB at a time. Only old ones: another run sharing the cache may be between the two
+        files of a part now, a second or so."""
+        cutoff = time.time() - LOOSE_PIECE_AGE_S
+        partner = {".npy": ".json", ".json": ".npy"}
+        for path in self.folder.glob("part-*"):
+            loose = path.suffix == ".tmp" or (path.suffix in partner
+                                              and not path.with_suffix(partner[path.suffix]).exists())
+            with contextlib.suppress(OSError):  # gone already (another run's sweep), or a read-only cache
+                if loose and path.stat().st_mtime < cutoff:
+                    path.unlink()
 
     def _part_problem(self, array_file: Path, entry) -> str:
         """Why a part cannot be used, or "" if it can. Only the .npy header is read (a memory map),
@@ -1242,19 +1263,22 @@ class FeatureCache:
         part = self.folder / f"part-{uuid.uuid4().hex}"
         buffer = io.BytesIO()
         np.save(buffer, embeddings.float().numpy())
+        digest = hashlib.blake2b(buffer.getvalue(), digest_size=16).hexdigest()
+        array_file, keys_file = part.with_suffix(".npy"), part.with_suffix(".json")
         tmp = part.with_suffix(".npy.tmp")
         try:
             tmp.write_bytes(buffer.getvalue())
-            replace_durably(tmp, part.with_suffix(".npy"))
-        except BaseException:  # a full disk, an interrupt: no partial file is left behind for good
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+            replace_durably(tmp, array_file)
+            write_json(keys_file, {"keys": keys, "blake2b": digest})
+        except BaseException:  # a full disk, an interrupt: nothing of the part is left behind, not even a
+            # whole .npy whose keys never came (never read, each run that hit this left one more on the disk)
+            for path in (keys_file, keys_file.with_name(keys_file.name + ".tmp"), array_file, tmp):
+                with contextlib.suppress(OSError):
+                    path.unlink()
             raise
-        digest = hashlib.blake2b(buffer.getvalue(), digest_size=16).hexdigest()
-        write_json(part.with_suffix(".json"), {"keys": keys, "blake2b": digest})
-        self.rows.update((key, (part.with_suffix(".npy"), row)) for row, key in enumerate(keys))
-        self.digests[part.with_suffix(".npy")] = digest
-        self.verified.add(part.with_suffix(".npy"))
+        self.rows.update((key, (array_file, row)) for row, key in enumerate(keys))
+        self.digests[array_file] = digest
+        self.verified.add(array_file)
 
     def read(self, keys: list[str]) -> torch.Tensor:
         """(len(keys), F) float32, gathered from the memory-mapped parts (call verify first)."""

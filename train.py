@@ -199,12 +199,16 @@ def parse_config(argv=None) -> TrainConfig:
     flags written on the command line: on --resume only those may change the saved config."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    config, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    # The flags are the command line's only: HfArgumentParser would also read, unasked, a train.args file beside
+    # the script, whose flags no line printed names and --resume could not tell from the saved run's.
+    parse = partial(parser.parse_args_into_dataclasses, args=argv, return_remaining_strings=True,
+                    look_for_args_file=False)
+    config, unknown = parse()
     if unknown:
         raise said_alike_before_joining()(f"unknown arguments {' '.join(unknown)}; see python train.py --help")
     if config.demo:  # the demo changes defaults; flags given explicitly still win
         parser.set_defaults(**DEMO_DEFAULTS)
-        config, _ = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+        config, _ = parse()
     config.given_flags = flags_named(argv)
     return config
 
@@ -1403,13 +1407,16 @@ def start(config: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, broadcast_object_list
 
+    processes = Processes()
     if launched_processes() > 1:
         # Joined first, and the run folder checked, before any process reads from it: on machines with
         # disks of their own, one that finds no run to resume would leave the others waiting forever.
-        join_processes()
+        joined = join_processes()
+        processes = Processes(joined.process_index, joined.num_processes, joined.device)
         check_folder_is_shared(config.output_dir, "--output-dir", SHARED_RUN_FOLDER)
-    if config.resume:
-        config = resolve_config(config)  # the saved config, precision and accumulation included
+    if config.resume:  # every process reads the same saved config: a refusal is one line, not one per process
+        with stopping_together(processes):
+            config = resolve_config(config)  # the saved config, precision and accumulation included
     elif config.mixed_precision == "auto":
         config.mixed_precision = auto_mixed_precision()
     # Trackers that write files need a folder now; it becomes the run's own once the run is named.
@@ -1524,12 +1531,7 @@ def set_up_run(config: TrainConfig, accelerator) -> Run:
             run.state.hash_deal = hash_deal_record(config.data_dir, config.seed)
         run.state.train_images = sorted(record.image_id for record in train_records)
     run.last_validated = run.state.history[-1]["step"] if run.state.history else -1
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        truncate_log(run_dir / TRAIN_LOG, run.state.step)  # first: a damaged log stops a resume before the config changes
-    start_trackers(run)  # before the config is written: a tracker that cannot start leaves it as it was
-    if accelerator.is_main_process:
-        write_json(run_dir / RUN_CONFIG, dataclasses.asdict(config))
+    open_run_folder(run)
     trainable = sum(p.numel() for p in adapter.parameters() if p.requires_grad)
     banner(accelerator, config, train_pairs, train_records, steps_per_epoch, total_steps, trainable)
     if not val_records:
@@ -1539,6 +1541,21 @@ def set_up_run(config: TrainConfig, accelerator) -> Run:
         say(accelerator, f"note: CIDEr-D weighs words by how few of the {len(val_records)} validation images use "
                          "them, which says little with so few; --val-limit 0 (all) or --select-by rougeL is safer")
     return run
+
+
+def open_run_folder(run: Run) -> None:
+    """The main process cuts the log back to the checkpoint, the trackers start and the main process writes the
+    run's config. A refusal on the way (a damaged log, a tracker that cannot start) stops every process with its
+    line: the others had gone on to their first step, and there said another process had ended and to --resume."""
+    run_dir, accelerator = run.run_dir, run.accelerator
+    with stopping_together(Processes.of(accelerator)):
+        if accelerator.is_main_process:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            # First: a damaged log stops a resume before the config changes.
+            truncate_log(run_dir / TRAIN_LOG, run.state.step)
+        start_trackers(run)  # before the config is written: a tracker that cannot start leaves it as it was
+        if accelerator.is_main_process:
+            write_json(run_dir / RUN_CONFIG, dataclasses.asdict(run.config))
 
 
 def start_trackers(run: Run) -> None:
@@ -1896,17 +1913,12 @@ def finish(run: Run, stopped: bool, signal_name: str | None) -> dict:
                              f"evaluation was skipped: python eval.py {run_dir}", every_machine=True)
         return summary
     say(run.accelerator, finished_line(run_dir, config, state))
-    if config.final_eval and run.accelerator.is_main_process:
-        try:
-            summary["test"] = final_evaluation(run.captioner, run.accelerator.unwrap_model(run.adapter), run_dir,
-                                               config, run.test_split, run.train_records, run.train_pairs.features)
-            if run.accelerator.trackers:
-                run.accelerator.log(tracker_values({"type": "test", **summary["test"]}), step=state.step)
-        except KeyboardInterrupt:
-            interrupt_handled()
-            print(f"interrupted: training finished and is saved in {run_dir}; the test evaluation was not "
-                  f"completed: python eval.py {run_dir}", file=sys.stderr)
-            summary["interrupted"] = True
+    if config.final_eval:
+        # The others wait for the main process's verdict: a refusal stops them with its line, where they had
+        # said another process had ended and to --resume a run that had finished.
+        with stopping_together(Processes.of(run.accelerator)):
+            if run.accelerator.is_main_process:
+                evaluate_on_test_split(run, summary)
     return summary
 
 
@@ -1920,6 +1932,25 @@ def finished_line(run_dir: Path, config: TrainConfig, state: TrainerState) -> st
     if config.final_eval:
         return f"{best}; scoring it on the test split"
     return f"{best}; score it on the test split: python eval.py {run_dir}"
+
+
+def evaluate_on_test_split(run: Run, summary: dict) -> None:
+    """--final-eval: the test scores into `summary`. However it stops, the finished run is saved, and the line
+    says so: the test split's own error (an unreadable image) read as if the run had been lost."""
+    run_dir = run.run_dir
+    try:
+        summary["test"] = final_evaluation(run.captioner, run.accelerator.unwrap_model(run.adapter), run_dir,
+                                           run.config, run.test_split, run.train_records, run.train_pairs.features)
+        if run.accelerator.trackers:
+            run.accelerator.log(tracker_values({"type": "test", **summary["test"]}), step=run.state.step)
+    except KeyboardInterrupt:
+        interrupt_handled()
+        print(f"interrupted: training finished and is saved in {run_dir}; the test evaluation was not "
+              f"completed: python eval.py {run_dir}", file=sys.stderr)
+        summary["interrupted"] = True
+    except UserError as error:
+        raise UserError(f"training finished and is saved in {run_dir}, but the test evaluation stopped (python "
+                        f"eval.py {run_dir} runs it again): {user_message(error)}") from None
 
 
 def resume_command(config: TrainConfig, accelerator, *extra: str) -> str:

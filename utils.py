@@ -75,8 +75,10 @@ def run_cli(main_fn, argv=None) -> int:
             raise Terminated
         return code
     except UserError as error:
+        line = f"error: {user_message(error)}"
         if not isinstance(error, SaidByAnotherProcess):
-            print(f"error: {user_message(error)}", file=sys.stderr)
+            print(line, file=sys.stderr)
+        tell_the_launcher(line)
         return 2
     except KeyboardInterrupt as interrupt:
         print(f"interrupted ({interrupt_name(interrupt)})", file=sys.stderr)
@@ -89,8 +91,10 @@ def run_cli(main_fn, argv=None) -> int:
             raise
         # The saves that matter say more where they fail (train.py: which checkpoint is whole); any other
         # write (a run's config at its start, a bad-samples list) gets this line, not a library's traceback.
-        print(f"error: cannot write {error.filename or 'a file'} ({error.strerror or error}); free some space "
-              "(or use a writable folder) and run the command again", file=sys.stderr)
+        line = (f"error: cannot write {error.filename or 'a file'} ({error.strerror or error}); free some space "
+                "(or use a writable folder) and run the command again")
+        print(line, file=sys.stderr)
+        tell_the_launcher(line)
         return 2
     finally:
         if previous is not None:
@@ -371,10 +375,29 @@ def note(text: str, file=None) -> None:
 
 def usage_errors_once_per_machine(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """`parser`, whose usage and error lines (a flag argparse refuses) only the first process of each machine
-    prints under a launcher; the others exit with the same code in silence."""
-    if not first_process_here():
-        parser.error = lambda message: parser.exit(2)
+    prints under a launcher; the others exit with the same code in silence. Every one tells the launcher why."""
+    says_it = parser.error if first_process_here() else lambda message: parser.exit(2)
+
+    def error(message: str):
+        tell_the_launcher(f"{parser.prog}: error: {message}")
+        says_it(message)
+
+    parser.error = error
     return parser
+
+
+def tell_the_launcher(line: str) -> None:
+    """Leave the line a process stops with where torchrun (which `accelerate launch --multi_gpu` runs) reads why a
+    worker failed, the file in TORCHELASTIC_ERROR_FILE. Its summary of the failed processes, printed after
+    everything else, then shows that line under "traceback :", not a link on how to record a traceback there is
+    none of, which buried the one line the run stopped with. Outside a launcher: nothing."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    # The shape torch's own ErrorHandler.record_exception writes, the line in place of a Python traceback.
+    failure = {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}
+    with contextlib.suppress(OSError):  # the launcher's summary then says less; the script's line stands
+        Path(path).write_text(json.dumps({"message": failure}), encoding="utf-8")
 
 
 def machines() -> int:

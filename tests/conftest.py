@@ -124,3 +124,12 @@ def train_args(tiny: dict, output_dir, run_name: str, *extra: str) -> list[str]:
         "--save-every", "5", "--log-every", "2", "--val-limit", "4", "--num-workers", "0",
         "--learning-rate", "3e-3", "--no-progress", *extra,
     ]
+
+
+LAUNCHER_SUMMARY = "torch.distributed.elastic.multiprocessing.errors.ChildFailedError"
+
+
+def said_by_the_processes(stderr: str) -> str:
+    """A torchrun launch's stderr less the launcher's summary of the processes that failed, printed after them
+    all, which repeats the line each one stopped with (utils.tell_the_launcher): what the processes said."""
+    return stderr.split(LAUNCHER_SUMMARY)[0]

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import warnings
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from conftest import train_args
+from conftest import said_by_the_processes, train_args
 from model import TrainingLoss
 from utils import UserError, read_json, read_jsonl, run_cli, write_json
 
@@ -587,7 +588,7 @@ def test_a_data_error_every_process_finds_is_one_line(tiny, tmp_path):
     failed = run_training_processes(tiny, tmp_path, "missing", 2, 8, "--data-dir", str(data_dir),
                                     "--on-bad-sample", "error", returncode=1, timeout=240)
     # Counted in the text, not by lines: two processes' lines written at once can share one.
-    assert failed.stderr.count("error: ") == 1, failed.stderr[-3000:]
+    assert said_by_the_processes(failed.stderr).count("error: ") == 1, failed.stderr[-3000:]
     assert "train images are missing" in failed.stderr and missing.name in failed.stderr
 
 
@@ -598,8 +599,39 @@ def test_a_run_folder_the_main_process_refuses_is_one_line_under_two_processes(t
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")
     failed = run_training_processes(tiny, tmp_path, "taken", 2, 8, returncode=1, timeout=240)
-    assert failed.stderr.count("error: ") == 1, failed.stderr[-3000:]
+    assert said_by_the_processes(failed.stderr).count("error: ") == 1, failed.stderr[-3000:]
     assert "holds files that are not a run" in failed.stderr and "another process" not in failed.stderr
+
+
+@pytest.mark.slow
+def test_refusals_on_resume_and_at_the_test_evaluation_are_one_line_under_two_processes(tiny, tmp_path):
+    """Three refusals that were a line per process, or process 0's line and then process 1's "another process
+    of this run ended ... continue it with --resume": a resume's refused flag (every process read the saved
+    config and said so), a damaged log and the finished run's test evaluation (the main process's alone). Each
+    is one line, and the launcher's summary, printed last, shows it in place of a link."""
+    from dataset import load_records
+
+    data_dir = tmp_path / "data"
+    shutil.copytree(tiny["data_dir"], data_dir)
+    for record in load_records("folder", "test", str(data_dir)):
+        Path(record.path).write_bytes(b"not an image")
+    flags = ("--data-dir", str(data_dir), "--on-bad-sample", "error", "--final-eval", "true", "--max-steps")
+    # A 5 s monitor lets process 1 reach its next collective before the launcher stops it (see the test above).
+    launch = partial(run_training_processes, tiny, tmp_path, "done", 2, returncode=1, timeout=240,
+                     launcher=("--monitor-interval", "5"))
+    for batch, extra, line in (
+            (8, (*flags, "2"), f"error: training finished and is saved in {tmp_path / 'done'}, but the test evaluation "
+                               f"stopped (python eval.py {tmp_path / 'done'} runs it again): cannot read image"),
+            (8, (*flags, "4", "--resume"), f"error: {tmp_path / 'done' / 'train_log.jsonl'} line 3 is not JSON"),
+            (4, (*flags, "4", "--resume"), "error: --resume continues"),
+    ):
+        failed = launch(batch, *extra)
+        said = said_by_the_processes(failed.stderr)
+        assert said.count("error: ") == 1 and line in said and "another process" not in said, failed.stderr[-3000:]
+        assert f"traceback : {line}" in failed.stderr, failed.stderr[-3000:]  # the launcher's summary
+        if "--resume" not in extra:  # the next start finds a damaged log
+            log = tmp_path / "done" / "train_log.jsonl"
+            log.write_text("".join(log.read_text().splitlines(keepends=True)[:2]) + "{not json\n")
 
 
 def test_accelerate_launch_cpu_running_one_process_says_so(tmp_path):
@@ -1315,6 +1347,35 @@ def test_a_bad_flag_under_a_launcher_is_said_by_the_first_process_of_each_machin
         said[local_rank] = capsys.readouterr().err
     assert line in said["0"]
     assert said["1"] == ""
+
+
+def test_the_launchers_summary_shows_the_line_each_process_stopped_with(monkeypatch, tmp_path, capsys):
+    """torchrun (which accelerate launch --multi_gpu runs) ends a failed launch with its summary of the failed
+    processes, after everything else, read by torch's own code here; its "traceback :" field said "To enable
+    traceback see: https://..." for a process that had stopped with one line, and buried that line. Each
+    process now leaves it where torchrun reads it: the quiet ones too, and a flag argparse refuses."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from utils import SaidByAnotherProcess
+
+    def failure(rank: int, error_file: Path) -> ProcessFailure:
+        return ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=2, error_file=str(error_file))
+
+    failures = {}
+    for rank, error in enumerate((UserError("nothing to resume"), SaidByAnotherProcess("nothing to resume"))):
+        monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / f"error-{rank}.json"))
+        assert run_cli(raising(error)) == 2
+        failures[rank] = failure(rank, tmp_path / f"error-{rank}.json")
+    assert capsys.readouterr().err == "error: nothing to resume\n"  # said once, by the first process
+    summary = str(ChildFailedError("train.py", failures))
+    assert summary.count("traceback : error: nothing to resume") == 2 and "To enable traceback" not in summary
+
+    monkeypatch.setattr(sys, "argv", ["train.py"])  # argparse names the script by it
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error-flag.json"))
+    assert exit_code(train.main, ["--folder-split", "random"]) == 2
+    summary = str(ChildFailedError("train.py", {1: failure(1, tmp_path / "error-flag.json")}))
+    assert "traceback : train.py: error: argument --folder-split/--folder_split: invalid choice" in summary
 
 
 def test_the_resume_hint_of_a_run_on_several_machines_names_the_machines(monkeypatch):

@@ -225,6 +225,46 @@ def test_a_cache_write_that_fails_leaves_no_file_behind(tiny, captioner, tmp_pat
     assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == []
 
 
+@pytest.mark.parametrize("stop", [KeyboardInterrupt(), OSError(28, "No space left on device")])
+def test_a_cache_write_stopped_between_a_parts_two_files_leaves_neither(tiny, captioner, tmp_path, monkeypatch,
+                                                                         stop):
+    """Ctrl-C or a full disk after the part's .npy and before its keys file: the whole .npy stayed, never read
+    (it has no keys) and never deleted, one more on the disk for each run this happened to."""
+    import dataset
+
+    def keys_file_not_written(path, data):
+        raise stop
+
+    monkeypatch.setattr(dataset, "write_json", keys_file_not_written)
+    monkeypatch.setattr(dataset, "_UNWRITABLE_CACHES", set())
+    records = load_records("folder", "train", tiny["data_dir"])[:3]
+    with pytest.raises(KeyboardInterrupt) if isinstance(stop, KeyboardInterrupt) else contextlib.nullcontext():
+        extract_features(captioner, records, progress=False, cache_dir=tmp_path)  # a full disk: kept in memory
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_pieces_a_killed_cache_write_left_are_deleted_once_old(tiny, captioner, tmp_path):
+    """SIGKILL or a power cut part way through a part leaves pieces that are never read: they are deleted once
+    an hour old, not while another run sharing the cache may be writing them now."""
+    import dataset
+
+    records = load_records("folder", "train", tiny["data_dir"])[:3]
+    expected = extract_features(captioner, records, progress=False, cache_dir=tmp_path)
+    folder = tmp_path / encoder_fingerprint(captioner)
+    whole = sorted(folder.iterdir())
+    loose = ["part-a.npy", "part-b.npy.tmp", "part-c.json.tmp", "part-d.json"]  # (d: its .npy deleted by hand)
+    fresh = [name.replace("part-", "part-new-") for name in loose]
+    for name in loose + fresh:
+        (folder / name).write_bytes(b"left over")
+    hour_ago = time.time() - dataset.LOOSE_PIECE_AGE_S - 60
+    for path in [*whole, *(folder / name for name in loose)]:
+        os.utime(path, (hour_ago, hour_ago))
+    cache = FeatureCache(tmp_path, encoder_fingerprint(captioner))
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*(p.name for p in whole), *fresh])
+    assert cache.missing([dataset.image_key(record) for record in records]) == []  # the whole part stays in use
+    assert torch.equal(extract_features(captioner, records, progress=False, cache_dir=tmp_path), expected)
+
+
 def test_an_image_whose_clip_features_are_not_finite_is_a_bad_sample_never_cached(tiny, captioner, tmp_path,
                                                                                   monkeypatch):
     from utils import UserError

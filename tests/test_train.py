@@ -1081,6 +1081,17 @@ def test_demo_reruns_pick_a_fresh_run_folder(tiny, tmp_path, monkeypatch):
     assert train.resolve_config(train.parse_config([*demo_with, "--learning-rate", "5e-3"])).learning_rate == 5e-3
 
 
+def test_flags_come_from_the_command_line_not_a_train_args_file_beside_the_script(tmp_path, monkeypatch):
+    """HfArgumentParser reads, unasked, SCRIPT.args beside the script it runs as: its --resume made every
+    `python train.py --demo` a resume, its --batch-size changed runs that no command line or printed line named."""
+    monkeypatch.setattr("sys.argv", [str(tmp_path / "train.py"), "--demo"])
+    (tmp_path / "train.args").write_text("--resume --batch-size 7\n")
+    for argv in (None, ["--demo"]):
+        config = train.parse_config(argv)
+        assert not config.resume and config.batch_size == train.DEMO_DEFAULTS["batch_size"]
+        assert config.given_flags == {"demo"}
+
+
 def test_a_relative_feature_cache_dir_is_saved_absolute(tmp_path, monkeypatch):
     """eval.py reads the run's cache from run_config.json, maybe from another folder: a relative path
     would there name a new, empty cache, and every image would be encoded again."""
