@@ -414,6 +414,7 @@ def open_upload(path, max_megapixels: float, max_upload_mb: float):
 
 # What the timing line adds when a run's first token ended the caption (an adapter trained a few
 # steps does this): an empty box alone looks as if the page never answered.
+MAX_NEW_TOKENS_SLIDER = 100  # the page's longest caption: a visitor's request costs at most this many LM steps
 EMPTY_CAPTION_NOTE = " · the model wrote an empty caption: its first token ended it"
 
 
@@ -479,6 +480,14 @@ class Page:
     def __post_init__(self):
         self.by_name = {run.name: run for run in self.runs}
         self.baselines = {BASELINE_PREFIX + run.name: run for run in self.runs if run.baseline is not None}
+
+    @property
+    def caption_tokens(self) -> int:
+        """Where the page's "Max new tokens" starts: as long as the longest captions its runs trained on, as eval.py
+        and inference.py decode a run by default (at 30, a run trained on 40-token captions had its longer ones cut
+        on the page only), within the slider's range."""
+        trained = max(run.captioner.config.max_caption_tokens for run in self.runs)
+        return max(1, min(MAX_NEW_TOKENS_SLIDER, trained))
 
     @property
     def compare_choices(self) -> list[str]:
@@ -737,8 +746,8 @@ def build_app(page: Page, examples: list[tuple[str, str]], keep_uploads_s: float
                                          "Top-p")
                     seed = numbers_only(gr.Number(0, precision=0, label="Seed (sampling)", visible=False), "The seed",
                                         whole=True)
-                    max_new_tokens = numbers_only(gr.Slider(1, 100, value=30, step=1, label="Max new tokens"),
-                                                  "Max new tokens", whole=True)
+                    max_new_tokens = numbers_only(gr.Slider(1, MAX_NEW_TOKENS_SLIDER, value=page.caption_tokens, step=1,
+                                                            label="Max new tokens"), "Max new tokens", whole=True)
                 button = gr.Button("Caption", variant="primary", elem_id="caption-button")
                 message = gr.Markdown("", elem_id="message")
                 left_caption = gr.Textbox(label=f"caption: {page.runs[0].name}", interactive=False,

@@ -373,7 +373,8 @@ def test_every_flag_has_help(capsys):
 class StubCaptioner:
     """Captions every image alike, in no time: these tests are about files and requests, not models."""
 
-    config = type("Config", (), {"adapter_kind": "mlp", "prefix_length": 1, "clip_model": "clip", "lm_model": "lm"})
+    config = type("Config", (), {"adapter_kind": "mlp", "prefix_length": 1, "clip_model": "clip", "lm_model": "lm",
+                                 "max_caption_tokens": 40})
 
     def caption_images(self, images, decoding):
         return ["a stub caption" for _ in images]
@@ -958,3 +959,17 @@ print(Path(path).parent)
     folder = Path(done.stdout.strip().splitlines()[-1])
     assert folder.parent == tmp_path and folder.name.startswith("captioner-app-examples-")
     assert not folder.exists()
+
+
+def test_max_new_tokens_starts_as_long_as_the_runs_trained_captions(tmp_path):
+    """eval.py and inference.py decode a run's captions as long as it trained on (--max-caption-tokens); the page
+    started at 30 whatever the runs, so a run trained on 40-token captions had its longer ones cut there alone."""
+    long_run = StubCaptioner()
+    long_run.config = type("Config", (StubCaptioner.config,), {"max_caption_tokens": 64})
+    page = app.Page([app.LoadedRun("stub", tmp_path, StubCaptioner()), app.LoadedRun("long", tmp_path, long_run)])
+    assert page.caption_tokens == 64 and stub_page(tmp_path).caption_tokens == 40
+    page_app = app.build_app(page, [], keep_uploads_s=60)
+    (slider,) = [block for block in page_app.blocks.values() if getattr(block, "label", None) == "Max new tokens"]
+    assert slider.value == 64
+    long_run.config.max_caption_tokens = 500  # more than a visitor may ask for: the slider's end
+    assert page.caption_tokens == app.MAX_NEW_TOKENS_SLIDER
