@@ -43,8 +43,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dataset import (DATASETS, FLICKR30K_PARQUET, FOLDER_SPLIT_OF_OLDER_RUNS, SPLITS, check_data_flags, dealt_names,
-                     drop_unreadable, encoder_fingerprint, extract_features, held_out_past, limit_records,
+from dataset import (DATASETS, FLICKR30K_PARQUET, FOLDER_SPLIT_OF_OLDER_RUNS, IMAGE_SUFFIXES, SPLITS, check_data_flags,
+                     dealt_names, drop_unreadable, encoder_fingerprint, extract_features, held_out_past, limit_records,
                      load_records, split_deal)
 from demo import rebuild_cleared_demo
 from metrics import COCO_METRICS, COCO_VARIANT, TOKENIZATION_DETAILS, coco_metrics, start_meteor
@@ -55,7 +55,7 @@ from report import (EXTRA_METRICS, LOSS_CURVE, METRIC_CURVE, REPORT_FILE, baseli
                     sweep_rows, write_report)
 from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, HelpFormatter, Processes, UserError, add_dtype_flag,
                    caption_diversity, caption_metrics, default_image_workers, file_digest, format_table,
-                   gpu_computes_in_bf16, ids_digest, stopping_together,
+                   gpu_computes_in_bf16, ids_digest, keep_going_if_the_reader_leaves, stopping_together,
                    json_value, lost_another_process, nearest_existing, not_empty, note, read_json, run_cli,
                    run_folder_argument,
                    usage_errors_once_per_machine, waiting_lock, weights_digest, whole_number, write_json, write_jsonl,
@@ -65,6 +65,11 @@ METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"
 SWEEP_FILE = "decoding_sweep.json"
 COMPARISON_FILES = ("comparison.md", "comparison.json")
+# What an evaluation writes into its folder, and deletes there when it does not write it (write_outputs_in).
+EVAL_OUTPUTS = (METRICS_FILE, PREDICTIONS_FILE, REPORT_FILE, SWEEP_FILE, LOSS_CURVE, METRIC_CURVE)
+OUTPUTS_LOCK = ".eval.lock"
+# Names of a file, not of the folder --out takes: the outputs' own kinds, and tables'.
+FILE_SUFFIXES = {".json", ".jsonl", ".html", ".htm", ".md", ".csv", ".tsv", ".txt", ".png"}
 TRAIN_LOG = "train_log.jsonl"
 BASELINE = "nearest-neighbour baseline"
 BASELINE_METHOD = ("for each image, the first caption of the training image whose CLIP feature is most cosine-similar "
@@ -304,9 +309,10 @@ class SplitResult:
     rows: list[dict]
 
 
-def score_predictions(prediction_sets: dict[str, list[str]], references: list[list[str]], notes: list[str]):
+def score_predictions(prediction_sets: dict[str, list[str]], references: list[list[str]], notes: list[str],
+                      progress: bool = False):
     """{name: (metrics, per-image scores)}: the COCO metrics plus rouge-score ROUGE-L and NLTK BLEU-4."""
-    coco = coco_metrics(prediction_sets, references, notes=notes)
+    coco = coco_metrics(prediction_sets, references, notes=notes, progress=progress)
     scored = {}
     for name, predictions in prediction_sets.items():
         extra = caption_metrics(predictions, references)
@@ -339,10 +345,30 @@ def adapter_identity(checkpoint: Path) -> dict:
             "blake2b": file_digest(checkpoint / ADAPTER_WEIGHTS)}
 
 
-def what_was_scored(checkpoint: Path, dataset: str, split: str, records) -> dict:
-    """The metrics.json keys that say which adapter, data and images the figures are of."""
+def what_was_scored(checkpoint: Path, dataset: str, split: str, records, options: dict | None = None) -> dict:
+    """The metrics.json keys that say which adapter, data and images the figures are of, and with which other
+    options (result_options: {"limit": ...} from train.py) the evaluation was made."""
     return {"split": split, "checkpoint": str(checkpoint), "dataset": dataset, "images_digest": images_digest(records),
-            "references_digest": references_digest(records), "adapter": adapter_identity(checkpoint)}
+            "references_digest": references_digest(records), "adapter": adapter_identity(checkpoint),
+            "options": options or {}}
+
+
+# The flags besides --split and the decoding's (which metrics.json records on their own) that change what an
+# evaluation writes, in the order the command to repeat it gives them. Not --trust-remote-code: only the user's own
+# command line grants it, never a file (a metrics.json can be anyone's); nor where it runs (--device, workers).
+RESULT_FLAGS = ("limit", "dataset", "data_dir", "hub_data_files", "lm_quantization", "dtype", "clip_model", "lm_model",
+                "seed", "batch_size", "decoding_sweep", "gallery_size")
+SAMPLING_FLAGS = ("seed", "batch_size")  # a sampled caption depends on the seed and on the images in its batch
+
+
+def result_options(args) -> dict:
+    """metrics.json's "options": RESULT_FLAGS as given, local paths made absolute (as the command that repeats the
+    evaluation may run elsewhere)."""
+    options = {name: getattr(args, name) for name in RESULT_FLAGS}
+    for name in ("data_dir", "clip_model", "lm_model"):
+        if options[name] and Path(options[name]).expanduser().exists():  # else a Hub id, kept as it is
+            options[name] = str(Path(options[name]).expanduser().resolve())
+    return options
 
 
 def stale_adapter_note(path: Path, metrics: dict) -> str:
@@ -362,15 +388,52 @@ def stale_adapter_note(path: Path, metrics: dict) -> str:
 
 
 def reevaluation_command(path: Path, metrics: dict, folder: Path) -> str:
-    """The eval.py command that writes `path`'s figures again, of the adapter `folder` holds now: the same split
-    into the same folder (the bare command scored the test split into the run folder, beside other figures)."""
-    command = f"python eval.py {shlex.quote(str(folder))}"
+    """The eval.py command that writes `path`'s figures again, of the adapter `folder` holds now: the same split,
+    decoding and other options (--limit, data, ...) into the same folder. The bare command scored the greedy captions
+    of the whole test split into the run folder: other figures, under the old ones' name."""
+    command = ["python", "eval.py", str(folder)]
     if metrics.get("split") not in (None, "test"):
-        command += f" --split {metrics['split']}"
+        command += ["--split", str(metrics["split"])]
+    decoding = metrics.get("decoding") if isinstance(metrics.get("decoding"), dict) else {}
+    options = metrics.get("options") if isinstance(metrics.get("options"), dict) else {}  # none before they were kept
+    sampled = decoding.get("strategy") == "sample" or bool(options.get("decoding_sweep"))  # the sweep samples too
+    command += decoding_flags(decoding) + option_flags(options, sampled)
     written_to = path.parent if path.suffix == ".json" else path
     if written_to.resolve() != folder.resolve():
-        command += f" --out {shlex.quote(str(written_to))}"
-    return command
+        command += ["--out", str(written_to)]
+    return shlex.join(command)
+
+
+def decoding_flags(decoding: dict) -> list[str]:
+    """The flags that ask for a decoding recorded as metrics.json's "decoding" (vars of a DecodingConfig).
+    --max-new-tokens always: its default is the run's caption length, and was 30 before, so left out it could
+    decode longer captions than the figures'."""
+    flags = []
+    if decoding.get("strategy") == "beam":
+        flags += ["--strategy", "beam", "--num-beams", str(decoding.get("num_beams"))]
+    elif decoding.get("strategy") == "sample":
+        flags += ["--strategy", "sample", "--temperature", str(decoding.get("temperature")),
+                  "--top-p", str(decoding.get("top_p"))]
+    if decoding.get("max_new_tokens") is not None:
+        flags += ["--max-new-tokens", str(decoding["max_new_tokens"])]
+    return flags
+
+
+def option_flags(options: dict, sampled: bool) -> list[str]:
+    """The flags that give result_options' values again, those left at their defaults left out. --batch-size and
+    --seed only where captions were sampled (elsewhere they change nothing), and --batch-size then always: its
+    default depends on the machine (64 on a CPU, 128 on a GPU)."""
+    defaults = build_parser()
+    flags = []
+    for name in RESULT_FLAGS:
+        value = options.get(name)
+        if name in SAMPLING_FLAGS and not sampled:
+            continue
+        if value is None or value is False or (value == defaults.get_default(name) and name != "batch_size"):
+            continue
+        flag = "--" + name.replace("_", "-")
+        flags += [flag] if value is True else [flag, str(value)]
+    return flags
 
 
 def adapter_step(folder: Path):
@@ -448,7 +511,7 @@ def evaluate_captioner(captioner, records, decodings: dict[str, DecodingConfig],
     baseline = nearest_neighbour_captions(train_features, [r.captions for r in train_records], query_features)
     references = [record.captions for record in records]
     notes: list[str] = []
-    scored = score_predictions({**predictions, BASELINE: baseline}, references, notes)
+    scored = score_predictions({**predictions, BASELINE: baseline}, references, notes, progress)
     baseline_metrics, baseline_per_image = scored.pop(BASELINE)
     results = {}
     for name, (scores, per_image) in scored.items():
@@ -570,7 +633,7 @@ def outputs_lock(out_dir: Path):
     """One evaluation at a time writes into a folder: two at once (say val and test of one run)
     would otherwise leave one's metrics beside the other's predictions. The second waits, then
     replaces the first's files whole."""
-    return waiting_lock(out_dir / ".eval.lock", f"waiting for another evaluation to finish writing into {out_dir} ...")
+    return waiting_lock(out_dir / OUTPUTS_LOCK, f"waiting for another evaluation to finish writing into {out_dir} ...")
 
 
 def print_metrics(metrics: dict, title: str, notes: tuple[str, ...] = ()) -> None:
@@ -907,7 +970,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run folder (best adapter) or its last/ sub-folder")
     parser.add_argument("--split", choices=("train", "val", "test"), default="test", help="split to caption (default: test)")
     parser.add_argument("--limit", type=whole_number(0, meaning=" (0 = all)"), default=0,
-                        help="caption at most this many images (seeded); 0 = all")
+                        help="caption at most this many images, drawn by the run's own seed (not --seed), so every "
+                             "evaluation of a run with one --limit scores the same images; 0 = all")
     parser.add_argument("--dataset", choices=DATASETS, default=None, help="data source (default: the run's own)")
     parser.add_argument("--data-dir", default=None, help="data folder (default: the run's own)")
     parser.add_argument("--hub-data-files", default=None, help="parquet files for --dataset flickr30k")
@@ -934,20 +998,70 @@ def build_parser() -> argparse.ArgumentParser:
     return usage_errors_once_per_machine(parser)
 
 
-def check_out_folder(out: Path) -> None:
+def check_out_folder(out: Path, outputs: tuple[str, ...] = EVAL_OUTPUTS) -> None:
     """--out must be a folder that exists or can be made: a file in its place (or in its path) would
-    only fail at the end, after the whole split was captioned, with FileExistsError."""
+    only fail at the end, after the whole split was captioned, with FileExistsError. An existing one must hold
+    no file the `outputs` would replace but one an evaluation wrote, and no images."""
     folder = nearest_existing(out)
     if not folder.is_dir():
         where = "is a file" if folder == out else f"is inside {folder}, which is a file"
         raise UserError(f"--out {out} {where}: give a folder for the outputs (it is made if need be)")
+    if folder != out and out.suffix.lower() in FILE_SUFFIXES:  # `--out results.json` made a folder of that name
+        raise UserError(f"--out {out} names a file, but the outputs are several files ({', '.join(outputs)}), "
+                        "written into a folder: give a folder for them (it is made if need be)")
+    if folder == out:
+        check_out_holds_nothing_of_the_users(out, outputs)
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UserError(f"--out {out}: cannot write in {folder}; give a folder you can write to")
+    missing = [place for place in (out, *out.parents) if not place.exists()]  # deepest first
     try:  # made now: a place that cannot hold a folder (/proc, a full disk) fails before the work, not after
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise UserError(f"--out {out} cannot be made ({error.strerror or error}); give a folder you can write "
                         "to") from None
+    # And taken away again: a command refused later (a split with no images, --out inside the data folder) left
+    # empty folders behind. The outputs make it again.
+    for place in missing:
+        with contextlib.suppress(OSError):  # another process of a launch took it away first
+            place.rmdir()
+
+
+def check_out_holds_nothing_of_the_users(out: Path, outputs: tuple[str, ...]) -> None:
+    """An existing --out folder that no evaluation or comparison wrote into must hold no file of an output's name
+    (an evaluation replaces them all, and deletes those it does not write): the user's own report.html or
+    metrics.json was overwritten without a word. Nor images: among them the curve PNGs would be taken for some
+    (inference.py captions a folder's every image), and a caption folder's own files be mixed with outputs."""
+    if not written_by_eval(out, outputs):
+        if clash := next((name for name in outputs if os.path.lexists(out / name)), None):
+            raise UserError(f"--out {out} holds a {clash} that is no output of eval.py, and would be replaced: give "
+                            "a folder of its own for the outputs (it is made if need be)")
+    with os.scandir(out) as entries:
+        image = next((entry.name for entry in entries if Path(entry.name).suffix.lower() in IMAGE_SUFFIXES
+                      and entry.name not in (LOSS_CURVE, METRIC_CURVE)), None)
+    if image is not None:
+        raise UserError(f"--out {out} holds images (first: {image}), which the outputs' curve PNGs would be mixed "
+                        "in with: give a folder of its own for the outputs (it is made if need be)")
+
+
+def written_by_eval(folder: Path, outputs: tuple[str, ...]) -> bool:
+    """Whether what wrote `outputs` into `folder` before was eval.py: for a comparison its comparison.json, for an
+    evaluation its lock file or metrics.json. (Each its own: a comparison written beside a user's report.html
+    must not make that file an evaluation's to replace.)"""
+    if outputs == COMPARISON_FILES:
+        return json_value(folder / COMPARISON_FILES[1], "runs") is not None
+    return (folder / OUTPUTS_LOCK).exists() or json_value(folder / METRICS_FILE, "baseline_decided_by") is not None
+
+
+def check_out_outside_the_data(out: str | None, data_dirs) -> None:
+    """--out inside the data folder evaluated (or trained on) put the outputs among its images: the demo's
+    `--out .../data/images` too, whose curve PNGs a caption folder's readers then take for images."""
+    if not out:
+        return
+    for data_dir in filter(None, data_dirs):
+        data, place = Path(data_dir).expanduser().resolve(), Path(out).expanduser().resolve()
+        if place.is_relative_to(data):
+            where = "the data folder" if place == data else f"inside the data folder {data_dir}"
+            raise UserError(f"--out {out} is {where}: give a folder outside it for the outputs")
 
 
 SAME_RUN_EVERYWHERE = ("every machine needs the run folder, the data and the backbones at the same paths, the same "
@@ -1008,7 +1122,7 @@ def check_args(args) -> None:
     """What the flags' types cannot check alone (the --out path, this machine's devices), before any
     data or model loads."""
     if args.out:
-        check_out_folder(Path(args.out))
+        check_out_folder(Path(args.out), COMPARISON_FILES if args.compare else EVAL_OUTPUTS)
     if not args.compare:
         pick_device(args.device)
 
@@ -1023,6 +1137,20 @@ def flags_compare_ignores(parser: argparse.ArgumentParser, args) -> list[str]:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # `eval.py RUN | head -1`: the reader's leaving raised BrokenPipeError at the next print, which ended the
+    # evaluation before it wrote anything (minutes of captioning lost); now the work goes on, its output unread.
+    with keep_going_if_the_reader_leaves(what_goes_on(args)):
+        return evaluate_or_compare(parser, args)
+
+
+def what_goes_on(args) -> str:
+    """What still happens once the reader of standard output has gone, for ReaderMayLeave's note."""
+    if args.compare:
+        return f"the comparison is still written into {args.out}" if args.out else "the rest of the table is dropped"
+    return f"the evaluation goes on and writes its files into {args.out or args.checkpoint}"
+
+
+def evaluate_or_compare(parser: argparse.ArgumentParser, args) -> int:
     check_args(args)
     if args.compare:
         if args.checkpoint:
@@ -1053,6 +1181,7 @@ def main(argv=None) -> int:
             raise UserError(f"{checkpoint} does not say which data it was trained on; pass --dataset and --data-dir")
         check_data_flags(dataset, args.data_dir, args.hub_data_files)
         data_dir = args.data_dir or (run.get("data_dir") if dataset == run.get("dataset") else None)
+        check_out_outside_the_data(args.out, (data_dir, run.get("data_dir")))
         hub_files = args.hub_data_files or run.get("hub_data_files") or FLICKR30K_PARQUET
         seed = run.get("seed", 0)
         decoding = decoding_from_args(args, AdapterConfig.from_json(checkpoint / ADAPTER_CONFIG).max_caption_tokens)
@@ -1084,7 +1213,7 @@ def main(argv=None) -> int:
                 note(deal_note, file=sys.stderr)
         # Which adapter is scored, read before it loads: read after captioning, a run still training had put a
         # newer adapter there by then, and metrics.json named that one for the older one's figures.
-        scored = what_was_scored(checkpoint, dataset, args.split, records)
+        scored = what_was_scored(checkpoint, dataset, args.split, records, result_options(args))
         live = still_training_note(run_dir, scored["adapter"]["step"])
         captioner = load_captioner(checkpoint, device=device, dtype=dtype,
                                    **loading_from_args(args, checkpoint))

@@ -2108,7 +2108,7 @@ def final_evaluation(captioner, adapter, run_dir: Path, config: TrainConfig, tes
                                  train_features=train_features,
                                  feature_cache=feature_cache_settings(dataclasses.asdict(config)))
     result = results[describe_decoding(decoding)]
-    result.metrics.update(what_was_scored(run_dir, config.dataset, "test", records))
+    result.metrics.update(what_was_scored(run_dir, config.dataset, "test", records, {"limit": config.test_limit}))
     written = write_eval_outputs(run_dir, result, records, run_dir)
     print_metrics(result.metrics, title=f"{run_dir} on the test split ({len(records)} images, greedy)")
     say_written(written)  # report.html's path: the demo's output ended at the table, the report unmentioned

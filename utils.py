@@ -10,6 +10,7 @@ import os
 import platform
 import random
 import signal
+import stat
 import sys
 import threading
 import time
@@ -103,20 +104,21 @@ def run_cli(main_fn, argv=None) -> int:
 
 
 class ReaderMayLeave:
-    """sys.stdout for a script whose work is its files (train.py): when the reader of its pipe goes (`| head`, a
-    killed `| tee`), the next print raised BrokenPipeError, which ended a training run at once with no checkpoint.
+    """sys.stdout for a script whose work is its files (train.py, eval.py): when the reader of its pipe goes (`| head`,
+    a killed `| tee`), the next print raised BrokenPipeError, which ended a training run at once with no checkpoint.
     Standard output then goes to /dev/null (standard error too where it is the same pipe, `2>&1 |`, whose
     progress bars would fail next), a note says so on stderr otherwise, and the work goes on. Modules first
-    imported meanwhile may keep this object: once `detached`, it writes wherever sys.stdout then points.
-    (sys.stderr is left as it is: replaced the same way, something torch or its imports keep broke pytest's
-    capture of it.)"""
+    imported meanwhile may keep this object: once `detached`, it writes wherever sys.<name> then points.
+    The same for a standard error that is a pipe (`name` "stderr", `goes_on` None: no note, as its reader is the one
+    gone): under `2>&1 | head -1` a progress bar met the closed pipe before any print did. (A stderr that is no pipe
+    is left as it is: replaced the same way, something torch or its imports keep broke pytest's capture of it.)"""
 
-    def __init__(self, stream, goes_on: str):
-        self._stream, self._goes_on = stream, goes_on
+    def __init__(self, stream, goes_on: str | None, name: str = "stdout"):
+        self._stream, self._goes_on, self._name = stream, goes_on, name
         self.reader_left = self.detached = False
 
     def _target(self):
-        current = sys.stdout
+        current = getattr(sys, self._name)
         return current if self.detached and current is not None and current is not self else self._stream
 
     def write(self, text: str) -> int:
@@ -138,15 +140,18 @@ class ReaderMayLeave:
         self.reader_left = True
         shared = False
         with contextlib.suppress(OSError, ValueError):  # the buffered text, and the rest, go nowhere
-            descriptors = [self._stream.fileno()]
-            with contextlib.suppress(OSError, ValueError):  # a stderr with no descriptor is no pipe of ours
-                shared = os.path.samestat(os.fstat(descriptors[0]), os.fstat(sys.stderr.fileno()))
-                descriptors += [sys.stderr.fileno()] if shared else []
+            own = self._stream.fileno()
+            descriptors = {own}
+            for other in (sys.stdout, sys.stderr):
+                with contextlib.suppress(AttributeError, OSError, ValueError):  # one with no descriptor is no pipe
+                    if os.path.samestat(os.fstat(own), os.fstat(other.fileno())):
+                        descriptors.add(other.fileno())
+            shared = len(descriptors) > 1
             devnull = os.open(os.devnull, os.O_WRONLY)
             for descriptor in descriptors:
                 os.dup2(devnull, descriptor)
             os.close(devnull)
-        if shared:
+        if shared or self._goes_on is None:
             return
         with contextlib.suppress(OSError, ValueError):
             print(f"note: the reader of standard output has gone (a closed pipe); {self._goes_on}", file=sys.stderr,
@@ -156,21 +161,36 @@ class ReaderMayLeave:
         return getattr(self._target(), name)
 
 
+def is_pipe(stream) -> bool:
+    try:
+        return stat.S_ISFIFO(os.fstat(stream.fileno()).st_mode)
+    except (AttributeError, OSError, ValueError):  # None (closed with `2>&-`), or pytest's capture: no descriptor
+        return False
+
+
 @contextlib.contextmanager
 def keep_going_if_the_reader_leaves(goes_on: str):
-    """Inside, sys.stdout is a ReaderMayLeave (`goes_on` says what carries on); after, the original (pointed at
-    /dev/null if its reader left, so the exit's flush cannot fail again)."""
-    original = sys.stdout
-    if original is None:  # started with it closed (`>&-`): print() already drops its text
-        yield
-        return
-    stream = sys.stdout = ReaderMayLeave(original, goes_on)
+    """Inside, sys.stdout (and sys.stderr where it is a pipe) is a ReaderMayLeave (`goes_on` says what carries on);
+    after, the original (pointed at /dev/null if its reader left, so the exit's flush cannot fail again)."""
+    wrapped = {}
+    if sys.stdout is not None:  # else started with it closed (`>&-`): print() already drops its text
+        wrapped["stdout"] = ReaderMayLeave(sys.stdout, goes_on)
+    if is_pipe(sys.stderr):
+        wrapped["stderr"] = ReaderMayLeave(sys.stderr, None, "stderr")
+    originals = {name: getattr(sys, name) for name in wrapped}
+    for name, stream in wrapped.items():
+        setattr(sys, name, stream)
     try:
         yield
+        # Now, not at the exit: a short output (eval.py --compare) was all still buffered, and with its reader gone
+        # by then the exit's flush printed "Exception ignored ... BrokenPipeError" after the work was done.
+        for stream in wrapped.values():
+            stream.flush()
     finally:
-        if sys.stdout is stream:  # else something else replaced it meanwhile: theirs to restore
-            sys.stdout = original
-        stream.detached = True
+        for name, stream in wrapped.items():
+            if getattr(sys, name) is stream:  # else something else replaced it meanwhile: theirs to restore
+                setattr(sys, name, originals[name])
+            stream.detached = True
 
 
 LEAVE_GROUP_TIMEOUT_S = 10.0  # a group with nothing pending is torn down in well under a second

@@ -275,6 +275,50 @@ def test_eval_out_must_be_a_folder(run, no_model, tmp_path, capsys):
     assert f"--out {a_file} is a file" in line, line
 
 
+def test_eval_out_never_replaces_a_file_of_the_users(run, no_model, tmp_path, capsys):
+    """eval.py RUN --out FOLDER replaced the report.html or metrics.json FOLDER held (and deleted a curve_loss.png
+    or decoding_sweep.json of that name), whoever had written it."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for name, content in (("report.html", "<p>my page</p>"), ("metrics.json", '{"mine": 1}'),
+                          ("curve_loss.png", "my plot")):
+        (mine / name).write_text(content)
+        line = cli_error(capsys, eval_script.main, [str(run), "--out", str(mine), "--no-progress"])
+        assert line == (f"error: --out {mine} holds a {name} that is no output of eval.py, and would be replaced: "
+                        "give a folder of its own for the outputs (it is made if need be)"), line
+        assert (mine / name).read_text() == content
+        (mine / name).unlink()
+    # --compare's own files likewise; and a comparison written beside the user's page makes it no evaluation's
+    (mine / "report.html").write_text("<p>my page</p>")
+    (mine / "comparison.md").write_text("my notes")
+    line = cli_error(capsys, eval_script.main, ["--compare", str(run), "--out", str(mine)])
+    assert f"--out {mine} holds a comparison.md that is no output of eval.py" in line, line
+    (mine / "comparison.md").unlink()
+    write_json(mine / "comparison.json", {"header": [], "rows": [], "runs": [], "notes": []})  # as --compare wrote
+    line = cli_error(capsys, eval_script.main, [str(run), "--out", str(mine), "--no-progress"])
+    assert f"--out {mine} holds a report.html that is no output of eval.py" in line, line
+
+
+def test_eval_out_is_no_image_folder_nor_a_file_name(run, data_dir, no_model, tmp_path, capsys):
+    """--out among the data's images (the curve PNGs then taken for images of the set), or named like a file
+    (`--out results.json` made a folder of that name): refused before any work, and nothing made there."""
+    line = cli_error(capsys, eval_script.main, [str(run), "--out", str(data_dir / "images"), "--no-progress"])
+    assert line.startswith(f"error: --out {data_dir / 'images'} holds images (first: "), line
+    photos = tmp_path / "photos"  # a folder of one's own photos alike
+    photos.mkdir()
+    Image.new("RGB", (4, 4)).save(photos / "cat.JPG")
+    line = cli_error(capsys, eval_script.main, [str(run), "--out", str(photos), "--no-progress"])
+    assert f"--out {photos} holds images (first: cat.JPG)" in line, line
+    before = sorted(data_dir.rglob("*"))
+    for out, said in ((data_dir / "eval", f"is inside the data folder {data_dir}"), (data_dir, "is the data folder")):
+        line = cli_error(capsys, eval_script.main, [str(run), "--out", str(out), "--no-progress"])
+        assert line == f"error: --out {out} {said}: give a folder outside it for the outputs", line
+    assert sorted(data_dir.rglob("*")) == before  # its --out folder was made at the first check, and left there
+    line = cli_error(capsys, eval_script.main, [str(run), "--out", str(tmp_path / "results.json"), "--no-progress"])
+    assert f"--out {tmp_path / 'results.json'} names a file, but the outputs are several files" in line, line
+    assert not (tmp_path / "results.json").exists()
+
+
 def test_eval_of_a_run_folder_without_its_weights_is_one_line(run, no_model, tmp_path, capsys):
     bare = tmp_path / "bare"
     bare.mkdir()

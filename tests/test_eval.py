@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -201,6 +202,63 @@ def test_compare_puts_runs_side_by_side(evaluated, tmp_path, capsys):
 
 
 
+@contextlib.contextmanager
+def a_pipe_whose_reader_has_left(buffering: int = -1):
+    """A text stream into a pipe whose reading end is already closed, as `| head -1` leaves it once it has its
+    line: each write that reaches the pipe raises BrokenPipeError (Python ignores SIGPIPE)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    stream = open(write_end, "w", buffering=buffering)
+    try:
+        yield stream
+    finally:
+        with contextlib.suppress(BrokenPipeError):
+            stream.close()
+
+
+def test_an_evaluation_goes_on_when_the_reader_of_its_output_leaves(run, evaluated, tmp_path, monkeypatch, capsys):
+    """`python eval.py RUN | head -1`: the next line printed raised BrokenPipeError, which ended the evaluation
+    before it wrote anything; under `2>&1 | head -1` a progress bar met the closed pipe first."""
+    flags = ["--limit", "2", "--num-workers", "0"]
+    # `2>&1 |`, progress bars on. First, with this test's feature cache still empty: the first line is the feature
+    # extraction's bar, on stderr, before anything is printed on stdout.
+    with a_pipe_whose_reader_has_left(buffering=1) as both, monkeypatch.context() as patch:
+        patch.setattr(sys, "stdout", both)
+        patch.setattr(sys, "stderr", both)
+        assert eval_script.main([str(run), "--out", str(tmp_path / "together"), *flags]) == 0
+    assert read_json(tmp_path / "together" / "metrics.json")["num_images"] == 2
+
+    # Now the features are cached, which is said on stdout before any file is written.
+    with a_pipe_whose_reader_has_left(buffering=1) as stdout, monkeypatch.context() as patch:
+        patch.setattr(sys, "stdout", stdout)  # line-buffered: each line meets the closed pipe
+        assert eval_script.main([str(run), "--out", str(tmp_path / "alone"), *flags]) == 0
+    assert read_json(tmp_path / "alone" / "metrics.json")["num_images"] == 2
+    err = capsys.readouterr().err
+    assert (f"note: the reader of standard output has gone (a closed pipe); the evaluation goes on and writes its "
+            f"files into {tmp_path / 'alone'}") in err and "Traceback" not in err, err
+
+    # `eval.py --compare A B --out C | true`: the table, buffered whole, met the closed pipe only at the exit's flush
+    with a_pipe_whose_reader_has_left() as stdout:
+        with monkeypatch.context() as patch:
+            patch.setattr(sys, "stdout", stdout)
+            assert eval_script.main(["--compare", str(evaluated), str(tmp_path / "alone"), "--out",
+                                     str(tmp_path / "cmp")]) == 0
+        stdout.flush()  # as the interpreter's exit does: "Exception ignored ... BrokenPipeError" where it raised
+    assert read_json(tmp_path / "cmp" / "comparison.json")["runs"] == [str(evaluated), str(tmp_path / "alone")]
+
+
+def test_scoring_has_a_progress_bar_as_captioning_has(run, tmp_path, capsys):
+    """After the last captioning bar, scoring every caption set (METEOR starting up, then each set in turn) took
+    20-40 s on the demo's 900 training images, with nothing on the screen."""
+    assert eval_script.main([str(run), "--limit", "2", "--out", str(tmp_path), "--num-workers", "0"]) == 0
+    err = capsys.readouterr().err
+    # A step for the adapter's captions, one for the baseline's
+    assert re.search(r"scoring \(BLEU, METEOR, ROUGE-L, CIDEr-D\): 100%.* 2/2 ", err), err
+    assert eval_script.main([str(run), "--limit", "2", "--out", str(tmp_path), "--num-workers", "0",
+                             "--no-progress"]) == 0
+    assert "scoring" not in capsys.readouterr().err
+
+
 def test_an_evaluation_stopped_while_writing_leaves_no_metrics_beside_other_predictions(run, evaluated, tmp_path,
                                                                                         monkeypatch):
     """metrics.json marks a folder evaluated (--compare reads it): a stop after the new predictions
@@ -382,7 +440,7 @@ def test_the_upper_bound_note_is_for_images_the_run_trained_on(tiny, run, tmp_pa
     note = "2 of the 2 images are among the run's training images: there the baseline retrieves each image's own"
     other = shutil.copytree(tiny["data_dir"], tmp_path / "other")
     for data_dir, expected in ((tiny["data_dir"], [note]), (str(other), [])):
-        out = tmp_path / Path(data_dir).name
+        out = tmp_path / f"eval-{Path(data_dir).name}"  # not inside the data folder (refused)
         assert eval_script.main([str(run), "--data-dir", data_dir, "--split", "train", "--limit", "2", "--out",
                                  str(out), "--no-progress", "--num-workers", "0"]) == 0
         notes = json.loads((out / "metrics.json").read_text())["notes"]
@@ -579,8 +637,11 @@ def test_compare_says_when_a_folder_holds_another_adapter_than_its_metrics_score
         shutil.copy(run / "last" / name, folder / name)
     assert eval_script.main(["--compare", str(folder), str(evaluated)]) == 0
     printed = capsys.readouterr().out
+    # They are the figures of a --decoding-sweep, whose nucleus captions depend on the batches they were drawn in.
+    sweep = (f"--max-new-tokens {metrics['decoding']['max_new_tokens']} "
+             f"--batch-size {metrics['options']['batch_size']} --decoding-sweep")
     assert (f"stale: {folder} scored the adapter of step {best_step}, but {folder} now holds another (step "
-            f"{last_step}): re-evaluate it (python eval.py {folder})") in printed, printed
+            f"{last_step}): re-evaluate it (python eval.py {folder} {sweep})") in printed, printed
     assert printed.count("stale") == 1  # `evaluated` (written with --out) is checked against the run it names
 
     # Figures of another split, written with --out: the command to write them again says both.
@@ -588,7 +649,32 @@ def test_compare_says_when_a_folder_holds_another_adapter_than_its_metrics_score
     other.mkdir()
     write_json(other / "metrics.json", {**metrics, "split": "val", "checkpoint": str(folder)})
     assert eval_script.main(["--compare", str(folder), str(other)]) == 0
-    assert f"re-evaluate it (python eval.py {folder} --split val --out {other})" in capsys.readouterr().out
+    assert f"re-evaluate it (python eval.py {folder} --split val {sweep} --out {other})" in capsys.readouterr().out
+
+
+def test_the_command_to_evaluate_stale_figures_again_repeats_that_evaluation(tiny, run, tmp_path, capsys):
+    """--compare's "stale" note gives the command that writes the figures again: it left out --limit, the decoding
+    and the other flags, so that pasting it made another evaluation (greedy, of every image) under the old name."""
+    folder = Path(shutil.copytree(run, tmp_path / "run"))
+    out = tmp_path / "eval"
+    flags = ["--limit", "4", "--strategy", "sample", "--temperature", "0.8", "--seed", "5", "--batch-size", "2",
+             "--max-new-tokens", "8", "--data-dir", tiny["data_dir"], "--gallery-size", "3"]
+    assert eval_script.main([str(folder), *flags, "--out", str(out), "--no-progress", "--num-workers", "0"]) == 0
+    scored = read_jsonl(out / "predictions.jsonl")
+    best = {name: (folder / name).read_bytes() for name in ("adapter.safetensors", "adapter_config.json")}
+    for name in best:  # training went on: the folder holds another adapter now
+        shutil.copy(run / "last" / name, folder / name)
+    capsys.readouterr()
+    assert eval_script.main(["--compare", str(out)]) == 0
+    printed = capsys.readouterr().out
+    command = shlex.split(re.search(r"re-evaluate it \((python eval\.py .*)\)$", printed, re.MULTILINE).group(1))
+    assert command[:3] == ["python", "eval.py", str(folder)] and command[-2:] == ["--out", str(out)], command
+    for name, content in best.items():  # the adapter those figures were of, to see that the command repeats them
+        (folder / name).write_bytes(content)
+    assert eval_script.main([*command[2:], "--no-progress", "--num-workers", "0"]) == 0
+    assert read_jsonl(out / "predictions.jsonl") == scored
+    options = read_json(out / "metrics.json")["options"]
+    assert [options[name] for name in ("limit", "seed", "batch_size", "gallery_size")] == [4, 5, 2, 3]
 
 
 def test_without_java_the_report_names_the_python_tokenisation(run, tmp_path, monkeypatch, capsys):
