@@ -37,7 +37,8 @@ from pathlib import Path
 
 import torch
 
-from utils import HelpFormatter, UserError, add_dtype_flag, nearest_existing, run_cli, run_folder_argument
+from utils import (HelpFormatter, UserError, add_dtype_flag, for_terminal, nearest_existing, run_cli,
+                   run_folder_argument)
 
 # Gradio reports usage and checks for new versions over the network unless told not to.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -238,20 +239,21 @@ def load_run(checkpoint: str | Path, device, with_baseline: bool = True, batch_s
     else:
         run.baseline_note = "no baseline (--no-baseline)"
     caption_with_run(run, Image.new("RGB", (WARM_UP_SIZE, WARM_UP_SIZE), (128, 128, 128)), decoding_config())
-    print(f"loaded {run.name} from {checkpoint} in {time.perf_counter() - started:.1f} s; {run.baseline_note}",
-          flush=True)
+    print(for_terminal(f"loaded {run.name} from {checkpoint} in {time.perf_counter() - started:.1f} s; "
+                       f"{run.baseline_note}"), flush=True)
     return run
 
 
 def check_run_files(checkpoint: Path) -> None:
     """A run folder's own files (adapter config and weights) read, before any backbone loads: a damaged
     third run was reported only after the first two had loaded, minutes of waiting for a one-line error."""
-    from model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterConfig, load_adapter_state, not_a_run_folder
+    from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterConfig, adapter_value_count, load_adapter_state,
+                       not_a_run_folder)
 
     if not (checkpoint / ADAPTER_CONFIG).is_file():
         raise UserError(not_a_run_folder(checkpoint))
-    AdapterConfig.from_json(checkpoint / ADAPTER_CONFIG)
-    load_adapter_state(checkpoint / ADAPTER_WEIGHTS)
+    config = AdapterConfig.from_json(checkpoint / ADAPTER_CONFIG)
+    load_adapter_state(checkpoint / ADAPTER_WEIGHTS, adapter_value_count(config), checkpoint / ADAPTER_CONFIG)
 
 
 def distinct_checkpoints(checkpoints: list[Path]) -> list[Path]:
@@ -966,7 +968,7 @@ def main(argv=None) -> int:
     examples = example_images(checkpoints[0], args.examples)
     app = build_app(page, examples)
     names = ", ".join(run.name for run in runs)
-    print(f"starting the page for {names} on http://{args.host}:{args.port} (Ctrl-C stops)", flush=True)
+    print(for_terminal(f"starting the page for {names} on http://{args.host}:{args.port} (Ctrl-C stops)"), flush=True)
     warning = exposure_warning(args.host, args.port, args.max_upload_mb)
     if warning:
         print(warning, flush=True)

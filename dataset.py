@@ -1303,6 +1303,18 @@ def default_feature_cache_dir() -> Path:
     return cache_home() / "features"
 
 
+def run_feature_cache(cache_dir: str | None, use_cache: bool = True) -> str | None:
+    """The feature cache a run's saved settings name (eval.py, app.py, train.py --resume read it there), where it
+    holds features on this machine; else None, the default cache, with a note saying so. The path was made where
+    the run trained, maybe by someone else: extraction would create its folders and write there, a place the
+    user never named (~/.ssh, said a run folder from elsewhere)."""
+    if not cache_dir or not use_cache or any(Path(cache_dir).expanduser().glob("*/part-*.json")):
+        return cache_dir or None
+    note(f"note: the feature cache the run trained with, {cache_dir}, holds no features on this machine: using "
+         f"{default_feature_cache_dir()}", file=sys.stderr)
+    return None
+
+
 def extract_features(captioner, records: list[ImageRecord], batch_size: int = 64, num_workers: int = 0,
                      progress: bool = True, desc: str = "CLIP features", cache_dir: str | Path | None = None,
                      use_cache: bool = True, on_bad_sample: str = "error",

@@ -32,6 +32,7 @@ if __name__ == "__main__":  # Ctrl-C while torch imports (seconds) ends quietly,
 import argparse
 import contextlib
 import dataclasses
+import html
 import io
 import os
 import shlex
@@ -45,7 +46,7 @@ import torch.nn.functional as F
 
 from dataset import (DATASETS, FLICKR30K_PARQUET, FOLDER_SPLIT_OF_OLDER_RUNS, IMAGE_SUFFIXES, SPLITS, check_data_flags,
                      dealt_names, drop_unreadable, encoder_fingerprint, extract_features, held_out_past, limit_records,
-                     load_records, split_deal)
+                     load_records, run_feature_cache, split_deal)
 from demo import rebuild_cleared_demo
 from metrics import COCO_METRICS, COCO_VARIANT, TOKENIZATION_DETAILS, coco_metrics, start_meteor
 from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LM_QUANTIZATIONS, AdapterConfig, DecodingConfig, load_captioner,
@@ -53,9 +54,9 @@ from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LM_QUANTIZATIONS, AdapterCon
                    no_adapter_weights, not_a_run_folder)
 from report import (EXTRA_METRICS, LOSS_CURVE, METRIC_CURVE, REPORT_FILE, baseline_verdict, collapse_line, percent,
                     sweep_rows, write_report)
-from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, HelpFormatter, Processes, UserError, add_dtype_flag,
-                   caption_diversity, caption_metrics, default_image_workers, file_digest, format_table,
-                   gpu_computes_in_bf16, ids_digest, keep_going_if_the_reader_leaves, stopping_together,
+from utils import (BLEU_VARIANT, MAX_RECORDS_JSON_BYTES, ROUGE_L_VARIANT, HelpFormatter, Processes, UserError,
+                   add_dtype_flag, caption_diversity, caption_metrics, default_image_workers, file_digest, for_terminal,
+                   format_table, gpu_computes_in_bf16, ids_digest, keep_going_if_the_reader_leaves, stopping_together,
                    json_value, lost_another_process, nearest_existing, not_empty, note, read_json, run_cli,
                    run_folder_argument,
                    usage_errors_once_per_machine, waiting_lock, weights_digest, whole_number, write_json, write_jsonl,
@@ -246,7 +247,8 @@ def clip_features(captioner, records, batch_size: int, num_workers: int, progres
 
 def feature_cache_settings(run: dict) -> dict:
     """The feature cache a run trained with (run_config.json), so evaluation reads the same one."""
-    return {"cache_dir": run.get("feature_cache_dir") or None, "use_cache": run.get("feature_cache", True)}
+    use_cache = run.get("feature_cache", True)
+    return {"cache_dir": run_feature_cache(run.get("feature_cache_dir"), use_cache), "use_cache": use_cache}
 
 
 @torch.no_grad()
@@ -607,7 +609,7 @@ def write_eval_outputs(out_dir: Path, result: SplitResult, records, run_dir: Pat
 
 def say_written(paths: list[Path]) -> None:
     """The line that ends an evaluation, eval.py's or train.py's final one: where its outputs went."""
-    print("wrote " + ", ".join(str(path) for path in paths))
+    print(for_terminal("wrote " + ", ".join(str(path) for path in paths)))
 
 
 def write_outputs_in(out_dir: Path, result: SplitResult, records, run_dir: Path | None, sweep: dict | None,
@@ -643,12 +645,12 @@ def print_metrics(metrics: dict, title: str, notes: tuple[str, ...] = ()) -> Non
             for key, name in COCO_METRICS]
     rows += [(name, percent(metrics[key]), percent(metrics["baseline"][key]), metrics[f"{key}_variant"])
              for key, name, _ in EXTRA_METRICS]
-    print(f"\n{title}\n" + format_table(rows, ("metric (x100)", "adapter", "NN baseline", "variant")))
+    print(f"\n{for_terminal(title)}\n" + format_table(rows, ("metric (x100)", "adapter", "NN baseline", "variant")))
     print(baseline_verdict(metrics))
     if warning := collapse_line(metrics):
         print(warning)
     for said in notes:
-        print(f"note: {said}")
+        print(f"note: {for_terminal(said)}")
     print()
 
 
@@ -671,7 +673,7 @@ def sweep_table(results: dict[str, SplitResult]) -> dict:
 def comparison(run_paths: list[str]) -> dict:
     """One table of runs side by side, from the metrics.json each evaluation wrote."""
     for twice in sorted({path for path in run_paths if run_paths.count(path) > 1}):
-        print(f"note: {twice} is given {run_paths.count(twice)} times")
+        print(f"note: {for_terminal(twice)} is given {run_paths.count(twice)} times")
     runs, stale = [], []
     for path in map(checkpoint_folder, run_paths):
         metrics_path = path if path.suffix == ".json" else path / METRICS_FILE
@@ -682,6 +684,9 @@ def comparison(run_paths: list[str]) -> dict:
         metrics = read_json(metrics_path, "metrics")
         if not isinstance(metrics, dict) or not {"coco_cider_d", "baseline", "beats_baseline"} <= set(metrics):
             raise UserError(f"{metrics_path} is not a metrics.json of this version of eval.py: re-evaluate it "
+                            f"(python eval.py {path})")
+        if problem := metrics_problem(metrics):
+            raise UserError(f"{metrics_path} is not a metrics.json eval.py wrote ({problem}): re-evaluate it "
                             f"(python eval.py {path})")
         runs.append((str(path), metrics))
         if note := stale_adapter_note(path, metrics):
@@ -717,6 +722,30 @@ def comparison(run_paths: list[str]) -> dict:
                         m["baseline"][DECIDING_METRIC]} for p, m in runs}}
 
 
+# The strings of a metrics.json that --compare prints or sets side by side.
+METRICS_TEXTS = ("checkpoint", "dataset", "split", "decoding_name", "coco_tokenization", "lm_quantization", "lm_dtype",
+                 "images_digest", "references_digest")
+
+
+def metrics_problem(metrics: dict) -> str:
+    """What in a metrics.json --compare cannot read, or "": a score that is not a number, a text that is not a
+    string (an edited file, or one from elsewhere, was a traceback from deep inside the table)."""
+    if not isinstance(metrics["baseline"], dict):
+        return f"baseline is {json_kind(metrics['baseline'])}, not an object"
+    scores = [(key, metrics.get(key)) for key in metric_keys()]
+    for key, value in [*scores, ("baseline " + DECIDING_METRIC, metrics["baseline"].get(DECIDING_METRIC))]:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return f"{key} is {json_kind(value)}, not a number"
+    if not isinstance(metrics["beats_baseline"], (bool, type(None))):
+        return f"beats_baseline is {json_kind(metrics['beats_baseline'])}, not true, false or null"
+    for key in METRICS_TEXTS:
+        if not isinstance(metrics.get(key, ""), str):
+            return f"{key} is {json_kind(metrics[key])}, not a string"
+    if not isinstance(metrics.get("adapter", {}), (dict, type(None))):
+        return f"adapter is {json_kind(metrics['adapter'])}, not an object"
+    return ""
+
+
 def recorded_values(runs, key: str) -> set:
     """The values of a metrics.json key among the runs whose file records it (older files lack newer keys:
     they neither match nor differ)."""
@@ -740,23 +769,29 @@ def unrecorded_data_note(runs) -> str:
 
 def markdown_table(header, rows) -> str:
     def line(cells) -> str:  # a "|" in a cell (a run folder's name) would split it: markdown's escape keeps it
-        return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
+        return "| " + " | ".join(markdown_text(cell).replace("|", "\\|") for cell in cells) + " |"
 
     return "\n".join([line(header), "|" + "---|" * len(header), *map(line, rows)]) + "\n"
+
+
+def markdown_text(value) -> str:
+    """`value` as text in comparison.md: Markdown passes HTML through, so a run folder's name or a metrics.json string
+    such as <img src=x onerror=...> ran in the viewers that render it; a newline would end the table's row."""
+    return html.escape(for_terminal(value), quote=False)
 
 
 def compare_main(args) -> int:
     table = comparison(args.compare)
     print(format_table(table["rows"], table["header"]))
     for said in table["notes"]:
-        print(f"note: {said}")
+        print(f"note: {for_terminal(said)}")
     if args.out:
         out_dir = Path(args.out)
         out_dir.mkdir(parents=True, exist_ok=True)
-        notes = "".join(f"\n{note}\n" for note in table["notes"])
+        notes = "".join(f"\n{markdown_text(note)}\n" for note in table["notes"])
         write_text(out_dir / COMPARISON_FILES[0], markdown_table(table["header"], table["rows"]) + notes)  # atomic
         write_json(out_dir / COMPARISON_FILES[1], table)
-        print(f"wrote {out_dir / COMPARISON_FILES[0]} and {out_dir / COMPARISON_FILES[1]}")
+        print(for_terminal(f"wrote {out_dir / COMPARISON_FILES[0]} and {out_dir / COMPARISON_FILES[1]}"))
     return 0
 
 
@@ -769,7 +804,7 @@ def saved_trainer_state(run_dir: Path) -> dict:
     from train import TRAINER_STATE, resume_state_dir  # here: train.py imports this module
 
     state_dir = resume_state_dir(run_dir)
-    return read_json(state_dir / TRAINER_STATE, "trainer state") if state_dir else {}
+    return read_json(state_dir / TRAINER_STATE, "trainer state", MAX_RECORDS_JSON_BYTES) if state_dir else {}
 
 
 def trained_image_ids(state: dict, run: dict) -> set[str] | None:

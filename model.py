@@ -15,7 +15,9 @@ import functools
 import inspect
 import json
 import logging
+import math
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,8 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import (UserError, first_line, gpu_computes_in_bf16, is_whole_number, note, replace_durably,
-                   with_usual_mode, write_json)
+from utils import (UserError, first_line, gpu_computes_in_bf16, is_whole_number, json_error, json_file_text,
+                   not_a_link, note, replace_durably, with_usual_mode, write_json)
 
 FORMAT_VERSION = 1
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -89,9 +91,9 @@ class AdapterConfig:
             advice = only_last_hint(path.parent) or f"point --checkpoint at a run folder holding {ADAPTER_CONFIG}"
             raise UserError(f"{path} not found: {advice}")
         try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise UserError(f"{path} is not valid JSON ({error})") from None
+            data = json.loads(json_file_text(path, str(path)))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+            raise UserError(f"{path} is not valid JSON ({json_error(error)})") from None
         if not isinstance(data, dict):
             raise UserError(f"{path} holds {json_kind(data)}, not an adapter config object")
         version = data.get("format_version")
@@ -702,8 +704,8 @@ class Captioner(nn.Module):
         """The loss on the logits of the LM's own forward, B x L x vocab of them at once: for an LM that changes its
         head's output (head_logit_changes), which the chunked loss cannot follow. Slower, and heavier in memory."""
         if not self.told_of_own_logits:  # told at the first loss: captioning alone never computes one
-            note(f"the LM changes its head's logits ({', '.join(self.head_logit_changes)}): the loss computes them "
-                 "through its own forward, at every position at once (slower, more memory)", file=sys.stderr)
+            note(f"note: the LM changes its head's logits ({', '.join(self.head_logit_changes)}): the loss computes "
+                 "them through its own forward, at every position at once (slower, more memory)", file=sys.stderr)
             self.told_of_own_logits = True
         logits = self.lm(inputs_embeds=embeds, use_cache=False).logits[:, self.config.prefix_length - 1 :]  # (B, T, V)
         loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
@@ -739,8 +741,13 @@ class Captioner(nn.Module):
         return self.decode(new_tokens)
 
     def decode(self, new_tokens: torch.Tensor) -> list[str]:
+        """Captions by the rule the references follow (dataset.normalize_caption): single-spaced, and a control
+        character a tokenizer holds (an LM a run folder names, made by anyone) is a space, not an ESC[2J that
+        inference.py's output passed to the terminal."""
+        from dataset import normalize_caption  # here: dataset.py imports this module
+
         texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        return [" ".join(text.split()) for text in texts]
+        return [normalize_caption(text) for text in texts]
 
     @torch.no_grad()
     def greedy_tokens(self, prefix: torch.Tensor, max_new_tokens: int, stop_at_eos: bool = True) -> torch.Tensor:
@@ -953,7 +960,7 @@ def save_adapter_weights(path: Path, adapter: nn.Module, described_by: AdapterCo
     metadata = {"format_version": str(FORMAT_VERSION)}
     if described_by is not None:
         metadata[ADAPTER_CONFIG] = json.dumps(dataclasses.asdict(described_by), default=str)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = not_a_link(path.with_name(path.name + ".tmp"))
     save_file(state, str(tmp), metadata=metadata)
     with_usual_mode(tmp)
     replace_durably(tmp, path)
@@ -969,8 +976,8 @@ def torn_export_config(directory: Path) -> dict | None:
     try:
         with safe_open(str(weights), framework="pt") as opened:
             carried = json.loads((opened.metadata() or {})[ADAPTER_CONFIG])
-        described = json.loads(config_path.read_text()) if config_path.is_file() else None
-    except (SafetensorError, OSError, ValueError, KeyError, RecursionError):
+        described = json.loads(json_file_text(config_path, str(config_path))) if config_path.is_file() else None
+    except (SafetensorError, OSError, ValueError, KeyError, RecursionError, UserError):
         return None  # none to compare (before the copy existed, no weights) or a damaged file: loading says so
     return carried if _training_step(carried) > _training_step(described) else None
 
@@ -1005,16 +1012,60 @@ def _training_step(config) -> int:
     return step if is_whole_number(step) else -1
 
 
-def load_adapter_state(path: Path) -> dict[str, torch.Tensor]:
+# Values an adapter.safetensors may hold past those of its adapter before it is refused unread (64 MB of float32):
+# room for weights of other sizes than the config's, which load_captioner reports tensor by tensor once loaded.
+EXTRA_VALUES_READ = 2**24
+
+
+def load_adapter_state(path: Path, adapter_values: int | None = None,
+                       sized_by: str | Path = "") -> dict[str, torch.Tensor]:
+    """The tensors of an adapter.safetensors file. Given how many values the adapter it is for holds (as the config
+    `sized_by` sizes it), a file whose header promises far more is refused before any is read: a 3 GB sparse file
+    (4 kB on the disk of a run folder from elsewhere) took 10 GB of memory and 40 s to be found not to fit."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     if not path.is_file():
         raise UserError(no_adapter_weights(path))
     try:
-        return load_file(str(path))
+        if adapter_values is not None and (stored := stored_values(path)) > adapter_values + EXTRA_VALUES_READ:
+            raise UserError(f"{path} holds {stored:,} values, far more than the {adapter_values:,} of the adapter "
+                            f"{sized_by} sizes: not its weights (a file edited, or from elsewhere); re-train it or use "
+                            "another copy")
+        state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
         raise UserError(f"{path} is not a readable safetensors file ({error}); re-save or re-train it") from None
+    if problem := unusable_weights(state):
+        raise UserError(f"{path} cannot be used: {problem}; train.py never saves such weights (a file edited, or "
+                        "from elsewhere): re-train it or use another copy")
+    return state
+
+
+def stored_values(path: Path) -> int:
+    """How many values a safetensors file holds, by its header alone (read, never its tensors)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as opened:
+        return sum(math.prod(opened.get_slice(name).get_shape()) for name in opened.keys())
+
+
+def adapter_value_count(config: AdapterConfig) -> int:
+    """How many values (weights and buffers) the adapter `config` describes holds: built on torch's meta device,
+    which allocates nothing (nor initialises: its note on a config of zero sizes is not for our users)."""
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Initializing zero-element tensors is a no-op")
+        return sum(tensor.numel() for tensor in Adapter(config).state_dict().values())
+
+
+def unusable_weights(state: dict[str, torch.Tensor]) -> str:
+    """What makes adapter weights unusable, or "": a NaN or infinite value (every caption came out empty, with a
+    note blaming the model), or a tensor of integers or booleans (cast silently into the weights)."""
+    for name, tensor in state.items():
+        if not tensor.is_floating_point():
+            return f"{name} holds {str(tensor.dtype).removeprefix('torch.')} values, not floating-point weights"
+        if bad := int((~torch.isfinite(tensor)).sum()):
+            return f"{name} holds {bad:,} NaN or infinite values (of {tensor.numel():,})"
+    return ""
 
 
 def check_backbones_match(config: AdapterConfig, captioner: Captioner, source: Path, clip_model: str,
@@ -1069,7 +1120,7 @@ def load_captioner(checkpoint: str | Path, device="cpu", dtype=torch.float32, cl
     if not checkpoint.is_dir():
         raise UserError(f"checkpoint folder not found: {checkpoint}")
     config = AdapterConfig.from_json(checkpoint / ADAPTER_CONFIG)
-    state = load_adapter_state(checkpoint / ADAPTER_WEIGHTS)
+    state = load_adapter_state(checkpoint / ADAPTER_WEIGHTS, adapter_value_count(config), checkpoint / ADAPTER_CONFIG)
     named = {"CLIP": clip_model is None, "LM": lm_model is None}  # by the checkpoint, not by the caller
     clip_model, lm_model = clip_model or config.clip_model, lm_model or config.lm_model
     from demo import rebuild_cleared_demo

@@ -20,7 +20,7 @@ from pathlib import Path
 from metrics import COCO_METRICS
 from model import ADAPTER_CONFIG, adapter_training
 from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, UserError, collapse_warning, escape_surrogates, is_whole_number,
-                   json_value, not_a_script, read_jsonl, replace_durably, write_text)
+                   json_text, json_value, not_a_link, not_a_script, read_jsonl, replace_durably, write_text)
 
 REPORT_FILE = "report.html"
 LOSS_CURVE = "curve_loss.png"
@@ -122,38 +122,68 @@ def training_curves(train_log: Path | None, out_dir: Path) -> list[Path]:
 
     try:
         log = read_jsonl(train_log)
+        train, evals = logged_curves(log)
     except UserError as error:  # the curves are an extra: a damaged log must not cost the evaluation
         print(f"note: no training curves in the report: {error}")
         return []
-    # float(): the log spells a non-finite number as "NaN" or "Infinity" (utils.finite_json), which float reads.
-    train = [r for r in log if r.get("type") == "train" and "loss" in r]
-    evals = [r for r in log if r.get("type") == "eval"]
+    except (KeyError, TypeError, ValueError) as error:  # a record train.py does not write: an edited log
+        print(f"note: no training curves in the report: {train_log} holds a record train.py does not write "
+              f"({type(error).__name__}: {error})")
+        return []
     if not train and not evals:
         return []
     paths = []
     figure, axes = plt.subplots(figsize=(6.4, 3.6), dpi=100)
     if train:
-        axes.plot([r["step"] for r in train], [float(r["loss"]) for r in train], label="training loss", lw=1.2)
+        axes.plot([r["step"] for r in train], [r["loss"] for r in train], label="training loss", lw=1.2)
     if evals:
-        axes.plot([r["step"] for r in evals], [float(r["val_loss"]) for r in evals], "o-", label="validation loss", ms=4)
+        axes.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation loss", ms=4)
     paths.append(_finish_curve(plt, figure, axes, out_dir / LOSS_CURVE, ylabel="cross-entropy per caption token",
                                title="Loss"))
     if evals:
         figure, axes = plt.subplots(figsize=(6.4, 3.6), dpi=100)
         for key, label in (("val_rougeL", "ROUGE-L (rouge-score)"), ("val_bleu4", "BLEU-4 (NLTK)")):
             if all(key in r for r in evals):
-                axes.plot([r["step"] for r in evals], [100 * float(r[key]) for r in evals], "o-", label=label, ms=4)
+                axes.plot([r["step"] for r in evals], [100 * r[key] for r in evals], "o-", label=label, ms=4)
         if (best := kept_step(train_log.parent)) is not None or (best := best_validation(evals)) is not None:
             axes.axvline(best, color="gray", ls="--", lw=1, label=f"best, saved (step {best})")
         if all("val_cider_d" in r for r in evals):  # CIDEr-D runs to 10 (x100: 1000): an axis of its own
             cider_axes = axes.twinx()
-            cider_axes.plot([r["step"] for r in evals], [100 * float(r["val_cider_d"]) for r in evals], "s:", ms=4,
+            cider_axes.plot([r["step"] for r in evals], [100 * r["val_cider_d"] for r in evals], "s:", ms=4,
                             color="tab:green")
             cider_axes.set_ylabel("CIDEr-D x100")
             axes.plot([], [], "s:", ms=4, color="tab:green", label="CIDEr-D (right axis)")  # in the one legend
         paths.append(_finish_curve(plt, figure, axes, out_dir / METRIC_CURVE, ylabel="score x100",
                                    title="Validation captions (greedy)"))
     return paths
+
+
+CURVE_VALUES = ("loss", "val_loss", "val_rougeL", "val_bleu4", "val_cider_d")
+
+
+def logged_curves(log: list) -> tuple[list[dict], list[dict]]:
+    """The log's training and validation records, their plotted values made floats: the log spells a non-finite
+    number "NaN" or "Infinity" (utils.finite_json), which float() reads. A record train.py does not write (not an
+    object, a step that is not a whole number, a value that is not a number, no loss) raises KeyError, TypeError or
+    ValueError: an edited log's "abc" or [1] was a traceback after the whole evaluation, with no metrics.json."""
+    def number(value) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise TypeError(f"{json_text(value)[:40]} is not a number")
+        return float(value)
+
+    if odd := next((record for record in log if not isinstance(record, dict)), None):
+        raise TypeError(f"{json_text(odd)[:40]} is not a record")
+    def plotted(record: dict, loss: str) -> dict:
+        for key in ("step", loss):
+            if key not in record:
+                raise KeyError(key)
+        if not is_whole_number(record["step"]):
+            raise TypeError(f"step {json_text(record['step'])[:40]} is not a whole number")
+        return {key: number(value) if key in CURVE_VALUES else value for key, value in record.items()}
+
+    train = [record for record in log if record.get("type") == "train" and "loss" in record]
+    evals = [record for record in log if record.get("type") == "eval"]
+    return [plotted(record, "loss") for record in train], [plotted(record, "val_loss") for record in evals]
 
 
 def kept_step(run_dir: Path) -> int | None:
@@ -191,7 +221,7 @@ def _finish_curve(plt, figure, axes, path, ylabel: str, title: str):
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     plt.close(figure)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = not_a_link(path.with_name(path.name + ".tmp"))
     tmp.write_bytes(buffer.getvalue())
     replace_durably(tmp, path)
     return path

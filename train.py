@@ -41,18 +41,20 @@ import torch
 from dataset import (DATASETS, DEFAULT_SEED, FLICKR30K_PARQUET, FOLDER_SPLIT_OF_OLDER_RUNS, FOLDER_SPLITS,
                      PADDING_PAIR, CaptionPairs, EpochShuffleSampler, check_data_flags, collate_captions,
                      drop_unreadable, encoder_fingerprint, extract_features, hash_deal_record, limit_records,
-                     load_records, split_deal)
+                     load_records, run_feature_cache, split_deal)
 from metrics import validation_cider_d
 from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, IGNORE_INDEX, AdapterConfig, DecodingConfig, TrainingLoss,
                    build_captioner, load_adapter_state, missing_local_folder, repair_torn_export, resolve_dtype,
                    save_adapter, save_adapter_weights)
-from utils import (HelpFormatter, Processes, Terminated, UserError, append_jsonl, caption_diversity, caption_metrics,
+from utils import (MAX_RECORDS_JSON_BYTES, HelpFormatter, Processes, Terminated, UserError, append_jsonl,
+                   caption_diversity, caption_metrics,
                    check_folder_is_shared, check_processes_agree, collapse_warning, default_image_workers,
                    gpu_computes_in_bf16, ids_digest,
                    interrupt_handled, interrupt_name, interrupted_exit_code, is_whole_number, join_processes,
                    keep_going_if_the_reader_leaves,
-                   json_value, launched_processes, library_versions, load_state, lone_cpu_launch_warning,
-                   lost_another_process, machines, nearest_existing, read_json, read_jsonl, rng_states, run_cli,
+                   json_text, json_value, launched_processes, library_versions, load_state, lone_cpu_launch_warning,
+                   lost_another_process, machines, nearest_existing, not_a_link, read_json, read_jsonl, rng_states,
+                   run_cli,
                    said_alike_before_joining, said_alike_by, save_state, set_rng_states, stopping_together,
                    sync_folder, sync_tree, usage_errors_once_per_machine, user_message, weights_digest, write_json,
                    write_jsonl, write_text)
@@ -400,6 +402,8 @@ def resumed_config(config: TrainConfig) -> TrainConfig:
     resumed = dataclasses.replace(saved, resume=True, **changes,
                                   **{name: getattr(config, name) for name in RESUME_FROM_COMMAND_LINE})
     resumed.resume_changes = {name: (getattr(saved, name), value) for name, value in changes.items()}
+    if "feature_cache_dir" not in given:
+        resumed.feature_cache_dir = run_feature_cache(resumed.feature_cache_dir, resumed.feature_cache) or ""
     return resumed
 
 
@@ -811,7 +815,7 @@ def save_export(directory: Path, accelerator, adapter, captioner, config, state,
             save_adapter(directory, accelerator.unwrap_model(adapter), adapter_config)
         else:
             tmp = directory.with_name(directory.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(not_a_link(tmp), ignore_errors=True)  # rmtree leaves a link, to be written through
             save_adapter(tmp, accelerator.unwrap_model(adapter), adapter_config)
             swap_in(directory, tmp)
 
@@ -820,8 +824,9 @@ def swap_in(folder: Path, tmp: Path) -> None:
     """Replace `folder` by the finished `tmp`: the old one stays whole until the new one is, on the
     disk too (a power cut soon after the renames must not leave empty files where the old ones were;
     see utils.replace_durably)."""
-    old = folder.with_name(folder.name + ".old")
-    had_folder = folder.exists()  # if not, a crash between the renames left `old` the only good copy: keep it
+    # A link at either name is none of the run's (utils.not_a_link): rmtree refuses a link, which stayed behind.
+    old = not_a_link(folder.with_name(folder.name + ".old"))
+    had_folder = not_a_link(folder).exists()  # if not, a crash between the renames left `old` the only good copy
     if had_folder:
         shutil.rmtree(old, ignore_errors=True)
     sync_tree(tmp)
@@ -840,7 +845,7 @@ def save_resume_state(run_dir: Path, accelerator, adapter, optimizer, scheduler,
     """
     final, tmp = run_dir / "resume", run_dir / "resume.tmp"
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(not_a_link(tmp), ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     save_state(tmp, f"rng_{accelerator.process_index}", rng_states())
@@ -877,8 +882,9 @@ def load_resume_state(run_dir: Path, accelerator, adapter, optimizer, scheduler)
     if not rng_file.is_file():
         raise UserError(f"{rng_file} is missing: the resume state is damaged; resume from a copy or start again")
 
+    values = sum(tensor.numel() for tensor in accelerator.unwrap_model(adapter).state_dict().values())
     restore(resume_dir / ADAPTER_WEIGHTS, lambda: accelerator.unwrap_model(adapter).load_state_dict(
-        load_adapter_state(resume_dir / ADAPTER_WEIGHTS)))
+        load_adapter_state(resume_dir / ADAPTER_WEIGHTS, values, run_dir / RUN_CONFIG)))
     restore(resume_dir / "optimizer.json", lambda: optimizer.load_state_dict(load_state(resume_dir, "optimizer")))
     restore(resume_dir / "scheduler.json",
             lambda: scheduler.scheduler.load_state_dict(load_state(resume_dir, "scheduler")))
@@ -887,7 +893,8 @@ def load_resume_state(run_dir: Path, accelerator, adapter, optimizer, scheduler)
                 lambda: accelerator.scaler.load_state_dict(load_state(resume_dir, "grad_scaler")))
     restore(rng_file, lambda: set_rng_states(load_state(resume_dir, f"rng_{accelerator.process_index}")))
     return restore(resume_dir / TRAINER_STATE,
-                   lambda: trainer_state_from(read_json(resume_dir / TRAINER_STATE, "trainer state")))
+                   lambda: trainer_state_from(read_json(resume_dir / TRAINER_STATE, "trainer state",
+                                                        MAX_RECORDS_JSON_BYTES)))
 
 
 def pickled_resume_state(resume_dir: Path) -> bool:
@@ -953,7 +960,11 @@ def set_peak_learning_rate(optimizer, scheduler, learning_rate: float) -> None:
 def truncate_log(path: Path, step: int) -> None:
     """Drop log lines written after the checkpoint a resumed run restarts from."""
     if path.is_file():
-        write_jsonl(path, [r for r in read_jsonl(path) if r.get("step", 0) <= step])
+        records = read_jsonl(path)
+        if odd := next((r for r in records if not isinstance(r, dict) or not is_whole_number(r.get("step", 0))), None):
+            raise UserError(f"{path} holds a line train.py does not write ({json_text(odd)[:80]}); fix or delete "
+                            "that line")
+        write_jsonl(path, [r for r in records if r.get("step", 0) <= step])
 
 
 def check_run_folder(run_dir: Path, config: TrainConfig) -> None:
@@ -1020,7 +1031,7 @@ def lock_run_folder(run_dir: Path):
         return None
     run_dir.mkdir(parents=True, exist_ok=True)
     while True:
-        handle = open(run_dir / RUN_LOCK, "a+")
+        handle = open(not_a_link(run_dir / RUN_LOCK), "a+")  # it is truncated: never through a link
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -1565,6 +1576,8 @@ def start_trackers(run: Run) -> None:
     if not run.accelerator.log_with:
         return
     tracking = run.run_dir / TRACKING_DIR
+    if run.accelerator.is_main_process:
+        not_a_link(tracking)  # the trackers' files go into the run folder, not where a link there points
     run.accelerator.project_configuration.logging_dir = str(tracking)
     settings = {name: value if isinstance(value, (bool, int, float, str)) else str(value)
                 for name, value in dataclasses.asdict(run.config).items()}

@@ -9,6 +9,7 @@ import math
 import os
 import platform
 import random
+import re
 import signal
 import stat
 import sys
@@ -76,7 +77,7 @@ def run_cli(main_fn, argv=None) -> int:
             raise Terminated
         return code
     except UserError as error:
-        line = f"error: {user_message(error)}"
+        line = f"error: {for_terminal(user_message(error))}"
         if not isinstance(error, SaidByAnotherProcess):
             print(line, file=sys.stderr)
         tell_the_launcher(line)
@@ -225,6 +226,16 @@ def escape_surrogates(text: str) -> str:
     escapes: a UTF-8 stream (stdout, report.html) refuses them, and json.loads plus os.fsencode turn the
     escapes back into the name's bytes."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def for_terminal(text) -> str:
+    """`text` with its control characters written as escapes (\\x1b, \\n): a run folder's name, a string in its
+    JSON files or a caption from its LM's tokenizer, made elsewhere, printed raw could clear the user's screen
+    (ESC[2J), retitle the terminal or break a one-line message into several."""
+    return CONTROL_CHARACTERS.sub(lambda control: repr(control.group())[1:-1], str(text))
 
 
 def add_dtype_flag(parser) -> None:
@@ -390,7 +401,7 @@ def note(text: str, file=None) -> None:
     image left out): the first process of each machine prints it, as a lone process does; each used to
     print the same line."""
     if first_process_here():
-        print(text, file=file)
+        print(for_terminal(text), file=file)
 
 
 def usage_errors_once_per_machine(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -731,9 +742,20 @@ def write_text(path: str | Path, text: str) -> None:
     """Replace a text file atomically and durably (written aside, then renamed: see replace_durably):
     a crash or power cut mid-write leaves the old file, never half a new one."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = not_a_link(path.with_name(path.name + ".tmp"))
     tmp.write_text(text, encoding="utf-8")
     replace_durably(tmp, path)
+
+
+def not_a_link(path: str | Path) -> Path:
+    """`path`, a symbolic link there removed first. For the files written in place (the .tmp a file is written as
+    before its rename, a lock, a log appended to): open() writes through a link, and a run folder from elsewhere
+    holding metrics.json.tmp -> ~/.bashrc (or .train.lock, last.tmp -> a folder) had eval.py or train.py --resume
+    overwrite the file the link names. This project writes no links into a run folder, so none there is its own."""
+    path = Path(path)
+    if path.is_symlink():
+        path.unlink(missing_ok=True)  # another process of the run may have removed it first
+    return path
 
 
 NONFINITE_SPELLING = {math.inf: "Infinity", -math.inf: "-Infinity"}
@@ -771,7 +793,7 @@ def waiting_lock(path: Path, waiting: str):
     except ImportError:
         yield
         return
-    with open(path, "a") as handle:
+    with open(not_a_link(path), "a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -791,31 +813,56 @@ def is_whole_number(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+# The most of a JSON file read whole. A run's configs, metrics and resume states hold kilobytes; its log and
+# trainer_state.json (which lists the images of a caption folder trained on) grow with the run, a line or a
+# name at a time. json.loads takes many times a file's size in memory (a 200 MB adapter_config.json, 1.3 GB),
+# so a run folder from elsewhere with a 1 GB one ended in the system's out-of-memory kill, not in a message.
+MAX_JSON_BYTES = 64 * 2**20
+MAX_RECORDS_JSON_BYTES = 512 * 2**20  # train_log.jsonl, trainer_state.json: millions of lines or image names
+
+
+def json_file_text(path: Path, label: str, limit: int = MAX_JSON_BYTES) -> str:
+    """The text of the JSON file `path` (named `label` in the error), refused unread where it is larger than
+    `limit`: far larger than any this project writes."""
+    size = path.stat().st_size
+    if size > limit:
+        raise UserError(f"{label} is {size / 2**20:,.0f} MB, far more than this project writes there (it reads at "
+                        f"most {limit / 2**20:,.0f} MB): restore the run's own file")
+    return path.read_text()
+
+
+def json_error(error: Exception) -> str:
+    """Why a JSON text did not parse, in a few words: json.loads meets a deeply nested one (100,000 "[" of a
+    run folder from elsewhere) with a RecursionError, which was a traceback."""
+    return "nested too deeply" if isinstance(error, RecursionError) else str(error)
+
+
 def json_value(path: str | Path, *keys: str):
     """The value under `keys` in a JSON file, or None where the file cannot be read or parsed, or
     does not hold it: for metadata that is only consulted (a missing or damaged file is reported,
     if at all, by whatever loads it)."""
     try:
-        value = json.loads(Path(path).read_text())
+        value = json.loads(json_file_text(Path(path), str(path)))
         for key in keys:
             value = value[key]
-    except (OSError, ValueError, KeyError, TypeError, IndexError, RecursionError):
+    except (OSError, ValueError, KeyError, TypeError, IndexError, RecursionError, UserError):
         return None
     return value
 
 
-def read_json(path: str | Path, what: str = "file"):
+def read_json(path: str | Path, what: str = "file", limit: int = MAX_JSON_BYTES):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} not found: {path}")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"{what} {path} is not valid JSON ({error}); re-create it or point to another") from None
+        return json.loads(json_file_text(path, f"{what} {path}", limit))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        raise UserError(f"{what} {path} is not valid JSON ({json_error(error)}); re-create it or point to "
+                        "another") from None
 
 
 def append_jsonl(path: str | Path, record: dict) -> None:
-    with open(path, "a") as handle:
+    with open(not_a_link(path), "a") as handle:
         handle.write(json_text(record) + "\n")
 
 
@@ -828,7 +875,10 @@ def read_jsonl(path: str | Path) -> list[dict]:
     """The records of a JSON-lines file. A last line without its newline that does not parse was cut
     short by a crash in append_jsonl: it is left out (the rest of the log is good). Any other line
     that is not JSON is an error naming the file and line."""
-    text = Path(path).read_text()
+    try:
+        text = json_file_text(Path(path), str(path), MAX_RECORDS_JSON_BYTES)
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path} is not JSON lines: not UTF-8 text ({error})") from None
     lines = text.split("\n")
     records = []
     for number, line in enumerate(lines, 1):
@@ -836,10 +886,11 @@ def read_jsonl(path: str | Path) -> list[dict]:
             continue
         try:
             records.append(json.loads(line))
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, RecursionError) as error:
             if number == len(lines):  # the file does not end with a newline: a torn last write
                 break
-            raise UserError(f"{path} line {number} is not JSON ({error}); fix or delete that line") from None
+            raise UserError(f"{path} line {number} is not JSON ({json_error(error)}); fix or delete that "
+                            "line") from None
     return records
 
 
@@ -928,7 +979,8 @@ def collapse_warning(diversity: dict, images: int, usual_share: float | None = N
 
 
 def format_table(rows: Iterable[Sequence], header: Sequence[str]) -> str:
-    rows = [[str(cell) for cell in row] for row in rows]
+    rows = [[for_terminal(cell) for cell in row] for row in rows]
+    header = [for_terminal(name) for name in header]
     widths = [max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(str(h)) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])

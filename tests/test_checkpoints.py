@@ -138,6 +138,77 @@ def test_config_of_another_format_or_shape(copy):
     assert "lacks the fields ['lm_model']" in load_error(copy)
 
 
+def test_a_config_nested_too_deeply_or_too_large_to_read_is_one_line_unread(copy):
+    """A run folder from elsewhere: 100,000 nested lists were a RecursionError traceback, and a 1 GB config was
+    read whole (json.loads took 1.3 GB of memory for a 200 MB one) before anything said a word."""
+    config = copy / "adapter_config.json"
+    original = json.loads(config.read_text())
+    config.write_text(json.dumps({**original, "training": {}})[:-1] + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    message = load_error(copy)
+    assert message == f"{config} is not valid JSON (nested too deeply)", message
+    with open(config, "r+b") as handle:  # sparse: 65 MB on no disk space
+        handle.truncate(65 * 2**20)
+    message = load_error(copy)
+    assert message.startswith(f"{config} is 65 MB, far more than this project writes there"), message
+    (copy / "run_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(UserError, match=r"run config .* is not valid JSON \(nested too deeply\)"):
+        eval_script.find_run_config(copy)
+
+
+@pytest.mark.parametrize("value, said", [(float("nan"), "net.0.bias holds 3 NaN or infinite values (of "),
+                                         (float("-inf"), "net.0.bias holds 3 NaN or infinite values (of "),
+                                         (7, "net.0.bias holds int64 values, not floating-point weights")])
+def test_weights_with_nonfinite_or_integer_values_are_refused(copy, value, said):
+    """NaN weights loaded and every caption came out empty, with a note blaming the model; integers were cast into
+    the weights without a word."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(copy / "adapter.safetensors"))
+    bias = state["net.0.bias"]
+    if isinstance(value, int):
+        state["net.0.bias"] = torch.full_like(bias, value, dtype=torch.int64)
+    else:
+        state["net.0.bias"] = torch.cat([torch.full((3,), value), bias[3:]])
+    save_file(state, str(copy / "adapter.safetensors"))
+    message = load_error(copy)
+    assert message.startswith(f"{copy / 'adapter.safetensors'} cannot be used: {said}"), message
+
+
+def test_weights_promising_more_values_than_the_adapter_holds_are_refused_unread(copy, monkeypatch):
+    """A header may promise a tensor of gigabytes over a sparse file (4 kB on the disk of a run folder from
+    elsewhere): a 3 GB one took 10 GB of memory before it was found not to fit. Its size is read from the header
+    and refused before a byte of the tensors is (here 128 MB, so that the test is harmless without the check)."""
+    import struct
+
+    values = 32 * 2**20
+    header = json.dumps({"net.0.weight": {"dtype": "F32", "shape": [values], "data_offsets": [0, 4 * values]}})
+    header += " " * (-len(header) % 8)
+    weights = copy / "adapter.safetensors"
+    with open(weights, "wb") as handle:
+        handle.write(struct.pack("<Q", len(header)) + header.encode())
+        handle.truncate(8 + len(header) + 4 * values)
+    import safetensors.torch
+
+    loaded, load_file = [], safetensors.torch.load_file
+    monkeypatch.setattr(safetensors.torch, "load_file", lambda *args, **kw: loaded.append(1) or load_file(*args, **kw))
+    message = load_error(copy)
+    adapter = model.Adapter(AdapterConfig.from_json(copy / "adapter_config.json"))
+    expected = sum(tensor.numel() for tensor in adapter.state_dict().values())
+    assert message == (f"{weights} holds 33,554,432 values, far more than the {expected:,} of the adapter "
+                       f"{copy / 'adapter_config.json'} sizes: not its weights (a file edited, or from elsewhere); "
+                       "re-train it or use another copy"), message
+    assert not loaded
+
+
+def test_captions_hold_no_control_characters_whatever_the_tokenizer_decodes(checkpoint):
+    """An LM a run folder names may come with a tokenizer whose tokens hold escape sequences: inference.py printed
+    them raw (ESC[2J cleared the user's screen). Captions follow the references' rule: control characters are
+    spaces."""
+    captioner = load_captioner(checkpoint)
+    captioner.tokenizer.batch_decode = lambda tokens, **kwargs: ["a \x1b[2Jred\x07 dog\r", "\x9b31m"]
+    assert captioner.decode(torch.zeros(2, 3, dtype=torch.long)) == ["a [2Jred dog", "31m"]
+
+
 # ----------------------------------------------------------------------------------------------
 # Backbones that do not match the adapter
 # ----------------------------------------------------------------------------------------------
@@ -304,6 +375,36 @@ def test_code_shipped_with_a_backbone_never_runs(tiny, checkpoint, tmp_path):
     (lm / "config.json").write_text(json.dumps(config))
     load_captioner(checkpoint, lm_model=str(lm))
     assert not marker.exists()
+
+
+def test_a_feature_cache_a_run_folder_names_is_used_only_where_it_holds_features_here(tmp_path, capsys):
+    """A run folder names the feature cache it trained with, a path on the machine it came from (or any path its
+    maker chose): eval.py, app.py and train.py --resume created it and wrote features there. Here they use it only
+    where it is a feature cache already, else the default one, and say so."""
+    from dataset import default_feature_cache_dir
+
+    elsewhere = str(tmp_path / "home" / ".ssh")
+    settings = eval_script.feature_cache_settings({"feature_cache_dir": elsewhere})
+    assert settings == {"cache_dir": None, "use_cache": True}
+    assert capsys.readouterr().err.strip() == (f"note: the feature cache the run trained with, {elsewhere}, holds no "
+                                               f"features on this machine: using {default_feature_cache_dir()}")
+    assert not Path(elsewhere).exists()
+    cache = tmp_path / "my-cache"
+    (cache / "0123abcd").mkdir(parents=True)
+    (cache / "0123abcd" / "part-1.json").write_text("{}")
+    assert eval_script.feature_cache_settings({"feature_cache_dir": str(cache)})["cache_dir"] == str(cache)
+    assert eval_script.feature_cache_settings({"feature_cache_dir": elsewhere, "feature_cache": False}) == \
+        {"cache_dir": elsewhere, "use_cache": False}  # no cache at all: nothing is written anywhere
+
+    for named, kept in ((elsewhere, ""), (str(cache), str(cache))):
+        saved = dataclasses.asdict(train.TrainConfig(run_name="r", output_dir=str(tmp_path), feature_cache_dir=named))
+        (tmp_path / "r").mkdir(exist_ok=True)
+        (tmp_path / "r" / "run_config.json").write_text(json.dumps(saved))
+        resumed = train.resolve_config(train.TrainConfig(run_name="r", output_dir=str(tmp_path), resume=True))
+        assert resumed.feature_cache_dir == kept
+    config = train.parse_config(["--run-name", "r", "--output-dir", str(tmp_path), "--resume", "--feature-cache-dir",
+                                 elsewhere])
+    assert train.resolve_config(config).feature_cache_dir == elsewhere  # named on this command line: the user's
 
 
 # ----------------------------------------------------------------------------------------------

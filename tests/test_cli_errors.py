@@ -688,3 +688,15 @@ def test_a_run_config_that_is_no_object_is_one_line_and_unknown_fields_are_left_
     # A field this train.py does not know (a newer version's, or one since removed) is not checked.
     write_json(edited / "run_config.json", {**eval_script.read_json(run / "run_config.json"), "not_a_flag": [1]})
     assert eval_script.find_run_config(edited)["not_a_flag"] == [1]
+
+
+def test_escape_sequences_in_a_run_folder_or_its_files_never_reach_the_terminal_raw(run, tmp_path, no_model, capsys):
+    """A run folder's name (from an archive) or a path in its run_config.json, made elsewhere, printed raw in an
+    error could clear the user's screen (ESC[2J) or retitle the terminal; the error stays one line too."""
+    edited = shutil.copytree(run, tmp_path / "run\x1b[2J")
+    write_json(edited / "run_config.json", {"dataset": "folder", "data_dir": str(tmp_path / "gone\x1b]0;owned\x07\n")})
+    line = cli_error(capsys, eval_script.main, [str(edited), "--no-progress"])
+    assert line == f"error: data folder not found: {tmp_path}/gone\\x1b]0;owned\\x07\\n", line
+    (tmp_path / "empty\x1b[2J").mkdir()
+    line = cli_error(capsys, inference.main, ["--checkpoint", str(tmp_path / "empty\x1b[2J"), "a.png"])
+    assert line.startswith(f"error: {tmp_path}/empty\\x1b[2J/adapter_config.json not found"), line

@@ -938,6 +938,81 @@ def test_compare_names_an_older_metrics_file_that_cannot_say_which_data_it_score
     assert eval_script.comparison([str(tmp_path / "new"), str(tmp_path / "new2")])["notes"] == []
 
 
+# ----------------------------------------------------------------------------------------------
+# A run folder from elsewhere
+# ----------------------------------------------------------------------------------------------
+
+def test_links_planted_in_a_run_folder_are_replaced_not_written_through(run, tmp_path, capsys):
+    """Each output is written as NAME.tmp and renamed: a run folder from elsewhere holding metrics.json.tmp ->
+    ~/.bashrc had eval.py overwrite the user's file with the metrics (and .eval.lock -> a path created it)."""
+    copied = Path(shutil.copytree(run, tmp_path / "copied"))
+    victims = {name: tmp_path / f"victim-{name}" for name in ("metrics.json.tmp", "predictions.jsonl.tmp",
+                                                               "report.html.tmp", "curve_loss.png.tmp")}
+    for name, victim in victims.items():
+        victim.write_text("the user's own file\n")
+        (copied / name).symlink_to(victim)
+    (copied / ".eval.lock").unlink(missing_ok=True)
+    (copied / ".eval.lock").symlink_to(tmp_path / "created-by-the-lock")
+    assert eval_script.main([str(copied), "--no-progress", "--num-workers", "0", "--limit", "2"]) == 0
+    assert all(victim.read_text() == "the user's own file\n" for victim in victims.values())
+    assert not (tmp_path / "created-by-the-lock").exists()
+    assert not [path for path in copied.iterdir() if path.is_symlink()]
+    assert json.loads((copied / "metrics.json").read_text())["num_images"] == 2
+
+
+def test_compare_refuses_values_it_cannot_read_and_prints_none_raw(evaluated, tmp_path, capsys):
+    """--compare reads metrics.json files it did not write: a score that is not a number (or a baseline that is
+    not an object) was a traceback from deep inside the table; a string with an escape sequence reached the
+    terminal raw, and one with HTML reached comparison.md raw, which Markdown viewers render."""
+    metrics = json.loads((evaluated / "metrics.json").read_text())
+    for name, edit, said in (("text", {"coco_cider_d": "x"}, "coco_cider_d is a string, not a number"),
+                             ("flag", {"coco_bleu1": True}, "coco_bleu1 is true/false, not a number"),
+                             ("list", {"baseline": []}, "baseline is a list, not an object"),
+                             ("verdict", {"beats_baseline": [1]}, "beats_baseline is a list, not true, false or null"),
+                             ("split", {"split": ["test"]}, "split is a list, not a string")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps({**metrics, **edit}))
+        assert run_cli(eval_script.main, ["--compare", str(evaluated), str(tmp_path / name)]) == 2, name
+        error = capsys.readouterr().err.strip()
+        assert error == (f"error: {tmp_path / name / 'metrics.json'} is not a metrics.json eval.py wrote ({said}): "
+                         f"re-evaluate it (python eval.py {tmp_path / name})"), error
+
+    hostile = "\x1b[2J\x1b]0;owned\x07<img src=x onerror=alert(1)>"
+    (tmp_path / "hostile\x1b[2J").mkdir()
+    (tmp_path / "hostile\x1b[2J" / "metrics.json").write_text(json.dumps({**metrics, "dataset": hostile}))
+    assert eval_script.main(["--compare", str(evaluated), str(tmp_path / "hostile\x1b[2J"), "--out",
+                             str(tmp_path / "cmp")]) == 0
+    printed = capsys.readouterr().out
+    assert "\x1b" not in printed and "\x07" not in printed
+    assert "hostile\\x1b[2J" in printed and "\\x1b[2J\\x1b]0;owned\\x07<img" in printed
+    markdown = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "<img" not in markdown and "&lt;img src=x onerror=alert(1)&gt;" in markdown and "\x1b" not in markdown
+
+
+def test_the_command_compare_suggests_quotes_what_a_metrics_file_says():
+    """The stale note's command is one to paste: a split "test; rm -rf ~" in a metrics.json from elsewhere ran."""
+    command = eval_script.reevaluation_command(Path("runs/a/metrics.json"), {"split": "test; rm -rf ~"},
+                                               Path("runs/a"))
+    assert command == "python eval.py runs/a --split 'test; rm -rf ~'"
+
+
+def test_a_training_log_with_records_train_py_does_not_write_costs_the_report_its_curves_only(tmp_path, capsys):
+    """An edited log's "abc" for a loss, [1] for a record or a missing val_loss was a traceback after the whole
+    evaluation, which then wrote no metrics.json."""
+    from report import training_curves
+
+    good = [{"type": "train", "step": 1, "loss": 2.0}, {"type": "eval", "step": 2, "val_loss": 1.5, "val_rougeL": 0.3}]
+    for odd, said in (({"type": "train", "step": 2, "loss": "abc"}, "ValueError: could not convert string to float"),
+                      ({"type": "train", "step": 2, "loss": [1]}, "TypeError: [1] is not a number"),
+                      ({"type": "train", "step": "2", "loss": 1.0}, 'TypeError: step "2" is not a whole number'),
+                      ({"type": "eval", "step": 3}, "KeyError: 'val_loss'"), ([1], "TypeError: [1] is not a record")):
+        write_jsonl(tmp_path / "train_log.jsonl", [*good, odd])
+        assert training_curves(tmp_path / "train_log.jsonl", tmp_path) == []
+        printed = capsys.readouterr().out.strip()
+        assert printed.startswith(f"note: no training curves in the report: {tmp_path / 'train_log.jsonl'} holds a "
+                                  f"record train.py does not write ({said}"), printed
+
+
 def folder_without_splits(tiny: dict, tmp_path: Path) -> Path:
     """A copy of the tiny data whose caption rows name no split: each image is dealt one."""
     data = shutil.copytree(tiny["data_dir"], tmp_path / "data")

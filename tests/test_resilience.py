@@ -315,6 +315,41 @@ def trained_run(tiny, tmp_path) -> Path:
     return tmp_path / "run"
 
 
+def test_links_planted_in_a_run_folder_are_replaced_on_resume_not_written_through(tiny, tmp_path):
+    """A run folder from elsewhere may hold links where train.py --resume writes: .train.lock -> ~/.bashrc was
+    truncated to the lock's "pid ..." line, last.tmp -> a folder got the run's adapter written into it, a .tmp
+    file was written through, and a dangling train_log.jsonl link created the file it named."""
+    run = trained_run(tiny, tmp_path)
+    victim, outside = tmp_path / "victim.txt", tmp_path / "outside"
+    victim.write_text("the user's own file\n")
+    outside.mkdir()
+    for name in (".train.lock", "run_config.json.tmp", "adapter_config.json.tmp", "adapter.safetensors.tmp"):
+        (run / name).symlink_to(victim)
+    for name in ("last.tmp", "last.old", "resume.tmp"):
+        (run / name).symlink_to(outside, target_is_directory=True)
+    (run / "train_log.jsonl").unlink()
+    (run / "train_log.jsonl").symlink_to(tmp_path / "created-by-the-log")
+    assert train.main(["--output-dir", str(tmp_path), "--run-name", "run", "--resume", "--no-progress",
+                       "--max-steps", "4"]) == 0
+    assert victim.read_text() == "the user's own file\n" and not list(outside.iterdir())
+    assert not (tmp_path / "created-by-the-log").exists()
+    assert not any((run / name).is_symlink() for name in (".train.lock", "run_config.json.tmp", "last.tmp",
+                                                          "last.old", "resume.tmp", "train_log.jsonl"))
+    assert read_json(run / "last" / "adapter_config.json")["training"]["step"] == 4
+
+
+def test_a_log_line_train_py_does_not_write_stops_a_resume_in_one_line(tmp_path):
+    """Cutting the log back to the checkpoint compared each line's step: [1] or a step of "x" (an edited log, or
+    one from elsewhere) was an AttributeError or TypeError traceback."""
+    log = tmp_path / "train_log.jsonl"
+    for odd in ([1], {"type": "train", "step": "x"}, {"step": True}):
+        log.write_text(json.dumps({"type": "train", "step": 1, "loss": 2.0}) + "\n" + json.dumps(odd) + "\n")
+        with pytest.raises(UserError) as info:
+            train.truncate_log(log, 1)
+        assert str(info.value) == (f"{log} holds a line train.py does not write ({json.dumps(odd)}); fix or delete "
+                                   "that line"), info.value
+
+
 class Loading(Exception):
     """Raised by a stand-in for app.load_run: the page got as far as loading a run."""
 
