@@ -2145,13 +2145,15 @@ def readable_records(captioner, records, config: TrainConfig, split: str, bad: l
 
 
 def main(argv=None, on_step=None) -> int:
+    # Parsed first: `--help | head` (or a refused flag) is no training, and its note said that training went on.
+    config = parse_config(argv)
     with keep_going_if_the_reader_leaves("training goes on; its log is the run folder's train_log.jsonl"):
-        return train_from_args(argv, on_step)
+        return train_from_config(config, on_step)
 
 
-def train_from_args(argv, on_step) -> int:
+def train_from_config(config: TrainConfig, on_step) -> int:
     try:
-        summary = train(parse_config(argv), on_step=on_step)
+        summary = train(config, on_step=on_step)
     except KeyboardInterrupt as interrupt:  # before training began, or a second signal: saves stay whole
         interrupt_handled()
         print(f"interrupted ({interrupt_name(interrupt)}); nothing saved is "

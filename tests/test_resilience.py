@@ -1511,3 +1511,15 @@ def test_a_refusal_in_the_main_process_turn_stops_every_process_with_its_line(mo
     machines.run(process)
     assert ran == [0]
     assert stopped == dict.fromkeys(range(4), "saved_models/big exists")
+
+
+def test_help_unread_says_nothing_of_training():
+    """`train.py --help | true`: help is no training, but the reader's leaving got the note that training went on
+    (the flags were parsed inside the guard kept for a training run's output)."""
+    command = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
+               "from utils import run_cli; import train; sys.exit(run_cli(train.main, ['--help']))"]
+    with subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        process.stdout.close()  # gone before the help is written: the imports take a second or two
+        stderr = process.stderr.read()
+        assert process.wait(timeout=120) == 0, stderr
+    assert stderr == "", stderr  # not a word: neither the note nor a BrokenPipeError
