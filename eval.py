@@ -350,8 +350,9 @@ def adapter_identity(checkpoint: Path) -> dict:
 def what_was_scored(checkpoint: Path, dataset: str, split: str, records, options: dict | None = None) -> dict:
     """The metrics.json keys that say which adapter, data and images the figures are of, and with which other
     options (result_options: {"limit": ...} from train.py) the evaluation was made."""
-    return {"split": split, "checkpoint": str(checkpoint), "dataset": dataset, "images_digest": images_digest(records),
-            "references_digest": references_digest(records), "adapter": adapter_identity(checkpoint),
+    # Absolute: --compare, run from another folder, looks for the scored adapter there to tell stale figures.
+    return {"split": split, "checkpoint": str(Path(checkpoint).absolute()), "dataset": dataset,
+            "images_digest": images_digest(records), "references_digest": references_digest(records), "adapter": adapter_identity(checkpoint),
             "options": options or {}}
 
 

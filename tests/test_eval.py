@@ -1134,3 +1134,11 @@ def test_a_split_edited_since_training_cannot_put_a_training_image_in_the_test_s
     assert eval_script.main([*evaluate, "--split", "train"]) == 0
     write_jsonl(data / "captions.jsonl", rows)
     assert eval_script.main(evaluate) == 0
+
+
+def test_metrics_name_the_scored_run_by_a_path_that_holds_from_any_folder(run, monkeypatch):
+    """A run evaluated as `eval.py saved_models/x` was recorded as that relative path, and --compare run from another
+    folder found no adapter there to tell whether the figures were stale."""
+    monkeypatch.chdir(run.parent)
+    scored = eval_script.what_was_scored(Path(run.name), "folder", "test", [])
+    assert scored["checkpoint"] == str(run) and Path(scored["checkpoint"]).is_absolute()
