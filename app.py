@@ -110,12 +110,13 @@ def finish_stopped_demo_run(output_dir: str | Path, quiet: list[str]) -> bool:
     if not stopped:
         return False
     folder = max(stopped, key=lambda folder: (train.resume_state_dir(folder) / train.TRAINER_STATE).stat().st_mtime)
-    print(f"the demo run {folder} stopped at step {step_stopped_at(folder)}: finishing it with "
-          f"`python train.py --run-name {folder.name} --output-dir {output_dir} --resume` ...", flush=True)
+    print(for_terminal(f"the demo run {folder} stopped at step {step_stopped_at(folder)}: finishing it with "
+                       f"`python train.py --run-name {folder.name} --output-dir {output_dir} --resume` ..."),
+          flush=True)
     try:
         code = train.main(["--run-name", folder.name, "--output-dir", str(output_dir), "--resume", *quiet])
     except UserError as error:
-        print(f"it cannot be finished ({error}); training a new one instead", flush=True)
+        print(for_terminal(f"it cannot be finished ({error}); training a new one instead"), flush=True)
         return False
     if code != 0:
         raise UserError("demo training was interrupted; run `python app.py` again to go on with it")
@@ -264,7 +265,8 @@ def distinct_checkpoints(checkpoints: list[Path]) -> list[Path]:
     for checkpoint in checkpoints:
         folder = checkpoint.resolve()
         if folder in first:
-            print(f"note: {checkpoint} is the run folder {first[folder]} again; serving it once", flush=True)
+            print(for_terminal(f"note: {checkpoint} is the run folder {first[folder]} again; serving it once"),
+                  flush=True)
         else:
             first[folder] = checkpoint
     return list(first.values())
@@ -645,7 +647,8 @@ def answer_bad_requests_in_one_line(app) -> None:
         except Exception as error:  # noqa: BLE001 - whatever it is, it is this request's, not the server's
             message = refusal(error)
             logged = message or one_line(f"{type(error).__name__}: {first_line(error)}")
-            print(f"refused a request to {block_fn.api_name or block_fn.name}: {logged}", flush=True)
+            # Escaped: Gradio's words quote what a stranger sent, an ESC[2J for the operator's terminal among it.
+            print(for_terminal(f"refused a request to {block_fn.api_name or block_fn.name}: {logged}"), flush=True)
             raise gr.Error(message or UNREADABLE_REQUEST, print_exception=False) from None
 
     app.preprocess_data = preprocess_data

@@ -973,3 +973,14 @@ def test_max_new_tokens_starts_as_long_as_the_runs_trained_captions(tmp_path):
     assert slider.value == 64
     long_run.config.max_caption_tokens = 500  # more than a visitor may ask for: the slider's end
     assert page.caption_tokens == app.MAX_NEW_TOKENS_SLIDER
+
+
+def test_a_refused_request_reaches_the_servers_log_with_its_control_characters_escaped(tmp_path, capfd):
+    """Gradio's refusals quote the value a stranger sent: an ESC[2J in a run name cleared the operator's terminal
+    (or retitled it, or faked log lines) through the one log line a bad request gets."""
+    good = [pasted(png_bytes()), "stub", app.NOTHING, "greedy", 3, 0.7, 0.9, 20, 0]
+    with served(stub_page(tmp_path)) as (url, _):
+        capfd.readouterr()
+        refused_with(api_answer(url, [good[0], "\x1b[2J\x1b]0;owned\x07stub", *good[2:]]))
+        log = capfd.readouterr()
+    assert "\x1b" not in log.out + log.err and "\\x1b[2J" in log.out, log
