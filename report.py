@@ -171,8 +171,6 @@ def logged_curves(log: list) -> tuple[list[dict], list[dict]]:
             raise TypeError(f"{json_text(value)[:40]} is not a number")
         return float(value)
 
-    if odd := next((record for record in log if not isinstance(record, dict)), None):
-        raise TypeError(f"{json_text(odd)[:40]} is not a record")
     def plotted(record: dict, loss: str) -> dict:
         for key in ("step", loss):
             if key not in record:
@@ -181,6 +179,8 @@ def logged_curves(log: list) -> tuple[list[dict], list[dict]]:
             raise TypeError(f"step {json_text(record['step'])[:40]} is not a whole number")
         return {key: number(value) if key in CURVE_VALUES else value for key, value in record.items()}
 
+    if odd := next((record for record in log if not isinstance(record, dict)), None):
+        raise TypeError(f"{json_text(odd)[:40]} is not a record")
     train = [record for record in log if record.get("type") == "train" and "loss" in record]
     evals = [record for record in log if record.get("type") == "eval"]
     return [plotted(record, "loss") for record in train], [plotted(record, "val_loss") for record in evals]
