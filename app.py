@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from utils import (HelpFormatter, UserError, add_dtype_flag, for_terminal, nearest_existing, run_cli,
+from utils import (HelpFormatter, UserError, add_dtype_flag, for_terminal, nearest_existing, note, run_cli,
                    run_folder_argument)
 
 # Gradio reports usage and checks for new versions over the network unless told not to.
@@ -221,12 +221,14 @@ def load_run(checkpoint: str | Path, device, with_baseline: bool = True, batch_s
     device's default."""
     from PIL import Image
 
-    from eval import default_dtype, run_lm_quantization
+    from eval import default_dtype, loaded_as_the_run_names_note, run_lm_quantization
     from model import ADAPTER_CONFIG, load_captioner, not_a_run_folder
 
     checkpoint = Path(checkpoint)
     if not (checkpoint / ADAPTER_CONFIG).is_file():
         raise UserError(not_a_run_folder(checkpoint))
+    if announce := loaded_as_the_run_names_note(checkpoint):  # the page has no flags to name them
+        note(announce, file=sys.stderr)
     started = time.perf_counter()
     # The LM as the run trained it (as eval.py and inference.py load it): an unquantised copy of a
     # run trained 8-bit on a small GPU may not fit there, and it captions differently.

@@ -333,6 +333,12 @@ def demo_root() -> Path:
     return cache_home() / f"demo-v{DEMO_VERSION}"
 
 
+def in_demo_cache(path: str) -> bool:
+    """Whether `path` (a backbone or data folder a run names) is in this version's demo cache: built here from
+    seeds, it downloads nothing and reads nothing of anyone else's."""
+    return Path(path).expanduser().absolute().is_relative_to(demo_root().absolute())
+
+
 def ensure_demo_assets(progress: bool = True) -> dict[str, str]:
     """Build the demo data and backbones once; later calls reuse the cache."""
     root = demo_root()

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from dataset import (DATASETS, FLICKR30K_PARQUET, FOLDER_SPLIT_OF_OLDER_RUNS, IMAGE_SUFFIXES, SPLITS, check_data_flags,
                      dealt_names, drop_unreadable, encoder_fingerprint, extract_features, held_out_past, limit_records,
                      load_records, run_feature_cache, split_deal)
-from demo import rebuild_cleared_demo
+from demo import in_demo_cache, rebuild_cleared_demo
 from metrics import COCO_METRICS, COCO_VARIANT, TOKENIZATION_DETAILS, coco_metrics, start_meteor
 from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LM_QUANTIZATIONS, AdapterConfig, DecodingConfig, load_captioner,
                    MAX_NUM_BEAMS, adapter_training, checkpoint_folder, json_kind, lm_quantization_of,
@@ -133,6 +133,34 @@ def loading_from_args(args, checkpoint: Path) -> dict:
     lm_quantization = args.lm_quantization or run_lm_quantization(checkpoint)
     return {"lm_quantization": lm_quantization, "trust_remote_code": args.trust_remote_code,
             "clip_model": args.clip_model, "lm_model": args.lm_model}
+
+
+def loaded_as_the_run_names_note(checkpoint: Path, clip_model: str | None = None, lm_model: str | None = None,
+                                 data: str | None = None) -> str:
+    """The line saying which backbones (and data) the run folder's config makes this script load, those the user
+    did not name (`clip_model`, `lm_model`: the flags, None where left out): a run folder from someone else can
+    name a Hub id, gigabytes downloaded without a word, or a folder elsewhere on this disk. The demo's own
+    assets go unnamed: every demo command would print them, and they are built here, downloading nothing."""
+    config = AdapterConfig.from_json(checkpoint / ADAPTER_CONFIG)
+    named = [f"{what} {name}" for what, given, name in (("CLIP", clip_model, config.clip_model),
+                                                         ("LM", lm_model, config.lm_model))
+             if given is None and not in_demo_cache(name)]
+    parts = [f"{' and '.join(named)}, as {checkpoint / ADAPTER_CONFIG} names them"] if named else []
+    if data and not in_demo_cache(data):
+        parts.append(f"data {data}, as {find_run_dir(checkpoint) / 'run_config.json'} names it")
+    return f"note: loading {'; '.join(parts)}" if parts else ""
+
+
+def data_the_run_names(run: dict, data_dir: str | None, hub_data_files: str | None) -> str | None:
+    """Where the run's own data is read from (its data folder, or the parquet files of --dataset flickr30k),
+    unless --data-dir or --hub-data-files (`data_dir`, `hub_data_files`) named that very data: the split comes from
+    it by default, and the baseline's training images always do."""
+    if run.get("dataset") == "flickr30k":
+        where = run.get("hub_data_files") or FLICKR30K_PARQUET
+        return None if hub_data_files == where else where
+    if data_dir is not None and same_data(run, run.get("dataset"), data_dir):
+        return None
+    return run.get("data_dir")
 
 
 def run_lm_quantization(checkpoint: Path) -> str:
@@ -1230,6 +1258,9 @@ def evaluate_or_compare(parser: argparse.ArgumentParser, args) -> int:
         # Chosen before any data is read: a --device or --dtype the machine lacks is refused at once.
         device = processes.device or pick_device(args.device)
         dtype = chosen_dtype(args.dtype, device)
+        if announce := loaded_as_the_run_names_note(checkpoint, args.clip_model, args.lm_model,
+                                                    data_the_run_names(run, args.data_dir, args.hub_data_files)):
+            note(announce, file=sys.stderr)
         rebuild_cleared_demo(data_dir)
         own_data = same_data(run, dataset, data_dir)
         # The run's own folder is dealt as it was for training; another as new runs deal it, so that runs

@@ -6,7 +6,8 @@
     find photos -name '*.jpg' | python inference.py --checkpoint saved_models/demo -       # paths on stdin
     python inference.py --checkpoint saved_models/demo --lm-quantization 4bit photo.jpg   # a small GPU
 
-Needs only the run folder and the backbones its adapter_config.json names. Prints one caption per image
+Needs only the run folder and the backbones its adapter_config.json names (said on stderr before they load,
+unless --clip-model/--lm-model name them or they are the demo's own). Prints one caption per image
 ("path<TAB>caption"; a path with a tab, newline, line separator or other control character in its name, or
 one that starts with a quote or is not UTF-8, is written as a quoted JSON string), or one JSON object per line
 with --json. A file named twice (or by a link too) is captioned each time, under the name given. A folder
@@ -34,10 +35,10 @@ from pathlib import Path
 import torch
 
 from dataset import IMAGE_SUFFIXES, open_image
-from eval import (add_decoding_flags, add_loading_flags, chosen_dtype, decoding_from_args, loading_from_args,
-                  pick_device)
+from eval import (add_decoding_flags, add_loading_flags, chosen_dtype, decoding_from_args,
+                  loaded_as_the_run_names_note, loading_from_args, pick_device)
 from model import ADAPTER_CONFIG, AdapterConfig, checkpoint_folder, load_captioner
-from utils import HelpFormatter, UserError, escape_surrogates, run_cli, run_folder_argument, whole_number
+from utils import HelpFormatter, UserError, escape_surrogates, note, run_cli, run_folder_argument, whole_number
 
 
 class ImagesParser(argparse.ArgumentParser):
@@ -222,8 +223,11 @@ def caption_batches(args, checkpoint: Path, device, decoding, paths_to_caption: 
         opened = open_images(paths, unreadable)
         images = [image for image in opened if not isinstance(image, UserError)]
         if images and captioner is None:
-            captioner = load_captioner(checkpoint, device=device, dtype=chosen_dtype(args.dtype, device),
-                                       **loading_from_args(args, checkpoint))
+            loading = loading_from_args(args, checkpoint)  # a setting it refuses stops the run before the note
+            if announce := loaded_as_the_run_names_note(checkpoint, args.clip_model, args.lm_model):
+                with tqdm.external_write_mode(file=sys.stderr):  # above the bar, not through it
+                    note(announce, file=sys.stderr)
+            captioner = load_captioner(checkpoint, device=device, dtype=chosen_dtype(args.dtype, device), **loading)
             if args.compile and not captioner.enable_compiled_decoding():
                 print("note: --compile needs a CUDA device; decoding eagerly", file=sys.stderr)
             torch.manual_seed(args.seed)

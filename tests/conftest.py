@@ -133,3 +133,10 @@ def said_by_the_processes(stderr: str) -> str:
     """A torchrun launch's stderr less the launcher's summary of the processes that failed, printed after them
     all, which repeats the line each one stopped with (utils.tell_the_launcher): what the processes said."""
     return stderr.split(LAUNCHER_SUMMARY)[0]
+
+
+def without_loading_note(stderr: str) -> str:
+    """stderr less the note naming the backbones (and data) a run folder makes eval.py, inference.py and app.py
+    load (eval.loaded_as_the_run_names_note): the fixtures' tiny backbones are not the demo's, so every load names
+    them. For tests of the other lines; the note itself is tested in test_checkpoints.py."""
+    return "".join(line for line in stderr.splitlines(keepends=True) if not line.startswith("note: loading CLIP "))

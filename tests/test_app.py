@@ -260,6 +260,15 @@ def test_concurrent_requests_are_queued_and_models_load_once(server, run, tiny):
     assert "Traceback" not in log, log
 
 
+def test_the_page_names_the_backbones_each_run_folder_makes_it_load(server, run, tiny):
+    """The page has no flags to name backbones: each run folder's are said, once, before they load (a run folder
+    from someone else can name a Hub id, gigabytes downloaded without a word)."""
+    _, log_path = server
+    said = [line for line in log_path.read_text().splitlines() if line.startswith("note: loading ")]
+    assert said == [f"note: loading CLIP {tiny['clip_model']} and LM {tiny['lm_model']}, as "
+                    f"{folder / 'adapter_config.json'} names them" for folder in (run, run / "last")], said
+
+
 def test_a_seed_out_of_range_is_a_message_on_the_page(server, tiny):
     from gradio_client import Client, handle_file
 

@@ -20,7 +20,7 @@ import eval as eval_script
 import inference
 import model
 import train
-from conftest import train_args
+from conftest import train_args, without_loading_note
 from dataset import collate_captions, load_records, tokenize_caption
 from model import AdapterConfig, build_captioner, load_captioner
 from utils import UserError, library_versions, run_cli, write_json
@@ -548,6 +548,7 @@ def test_inference_reports_bad_images_and_captions_the_rest(tiny, checkpoint, tm
     bad = [str(tmp_path / "missing.jpg"), str(tmp_path / "broken.png")]
     assert inference.main(["--checkpoint", str(checkpoint), "--batch-size", "2", good[0], *bad, good[1]]) == 1
     out, err = capsys.readouterr()
+    err = without_loading_note(err)
     assert [line.split("\t")[0] for line in out.splitlines()] == [good[0], good[1]]
     errors = err.strip().splitlines()
     assert len(errors) == 2 and all(line.startswith("error: ") for line in errors)
@@ -567,7 +568,8 @@ def test_inference_says_when_the_model_wrote_no_words(tiny, checkpoint, monkeypa
     assert inference.main(["--checkpoint", str(checkpoint), "--batch-size", "2", *images]) == 0
     out, err = capsys.readouterr()
     assert out.splitlines() == [f"{images[0]}\ta red circle", f"{images[1]}\t"]
-    assert err.strip() == f"note: the model wrote no words for {images[1]} (it ended the caption at once)"
+    assert without_loading_note(err).strip() == (f"note: the model wrote no words for {images[1]} (it ended the "
+                                                 "caption at once)")
 
 
 def test_inference_with_only_bad_images_loads_no_model(checkpoint, tmp_path, monkeypatch, capsys):
@@ -598,8 +600,8 @@ def test_inference_on_a_folder_captions_the_images_under_it_in_order(tiny, check
     out, err = capsys.readouterr()
     listed = [line.split("\t")[0] for line in out.splitlines()]
     assert listed == [str(folder / "a.png"), str(folder / "b.PNG"), str(folder / "trip" / "c.png"), str(single)]
-    assert err.strip() == f"note: {folder}: left out 3 files not named as images (.bmp .gif .jpeg .jpg .png .tif " \
-                          ".tiff .webp) or hidden"  # and the hidden folder, unsearched
+    assert without_loading_note(err).strip() == (f"note: {folder}: left out 3 files not named as images (.bmp .gif "
+                                                 ".jpeg .jpg .png .tif .tiff .webp) or hidden")  # hidden folder unsearched
     # The same captions as naming the files one by one.
     assert inference.main(["--checkpoint", str(checkpoint), *listed]) == 0
     assert capsys.readouterr().out == out
@@ -685,7 +687,7 @@ def test_inference_captions_a_file_named_twice_each_time_under_the_name_given(ti
     fields = [line.split("\t") for line in out.splitlines()]
     assert [path for path, _ in fields] == [path for path in expected if path != "gone.png"]
     assert len({caption for _, caption in fields}) == 1  # one picture, one greedy caption, whatever its batch
-    assert err.splitlines() == ["error: image not found: gone.png"] * 2
+    assert without_loading_note(err).splitlines() == ["error: image not found: gone.png"] * 2
     assert inference.main(["--json", *argv]) == 1
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["image"] for line in lines] == expected
@@ -728,7 +730,7 @@ def test_inference_on_a_folder_follows_links_once_and_reports_what_it_cannot_rea
     assert inference.main(["--checkpoint", str(checkpoint), str(library)]) == 1
     out, err = capsys.readouterr()
     assert [line.split("\t")[0] for line in out.splitlines()] == [str(library / "2023" / "far.png")]
-    assert err.splitlines() == [f"error: image not found: {library / 'gone.png'}",
+    assert without_loading_note(err).splitlines() == [f"error: image not found: {library / 'gone.png'}",
                                 f"error: cannot read folder {library / 'locked'}: Permission denied"]
 
 
@@ -754,7 +756,7 @@ def test_inference_says_why_it_cannot_look_at_a_path_and_captions_the_rest(tiny,
     assert run_cli(inference.main, argv) == 1
     out, err = capsys.readouterr()
     assert [line.split("\t")[0] for line in out.splitlines()] == [image]
-    assert err.splitlines() == [
+    assert without_loading_note(err).splitlines() == [
         f"error: cannot read image {locked}: permission denied on a folder in its path",
         f"error: cannot read image {too_long}: file name too long",
         f"error: {pipe} is not a regular file (a pipe or device): save the image to a file and name that file"]
@@ -768,7 +770,7 @@ def test_eval_with_a_bad_image_is_one_line(tiny, checkpoint, tmp_path, capsys):
     for workers in ("0", "2"):
         args = [str(run), "--dataset", "folder", "--data-dir", str(data), "--no-progress", "--num-workers", workers]
         assert run_cli(eval_script.main, args) == 2
-        err = capsys.readouterr().err.strip()
+        err = without_loading_note(capsys.readouterr().err).strip()
         assert "\n" not in err and err.startswith("error: ") and str(test_image) in err, err
 
 
@@ -915,5 +917,41 @@ def test_captions_to_a_full_disk_are_one_line(tiny, checkpoint, monkeypatch, cap
     image = next(r.path for r in load_records("folder", "test", tiny["data_dir"]))
     monkeypatch.setattr(sys, "stdout", FullDisk())
     assert run_cli(inference.main, ["--checkpoint", str(checkpoint), str(image)]) == 2
-    assert capsys.readouterr().err.strip() == ("error: cannot write the captions to standard output (No space left "
-                                               "on device); free some space where it is redirected and run again")
+    assert without_loading_note(capsys.readouterr().err).strip() == (
+        "error: cannot write the captions to standard output (No space left on device); free some space where it is "
+        "redirected and run again")
+
+
+def test_inference_names_the_backbones_the_run_folder_makes_it_load(tiny, checkpoint, capsys):
+    """A run folder from someone else can name a Hub id (gigabytes downloaded) or a folder elsewhere on this disk:
+    which ones it names is said once, before they load, unless the flags name them; stdout stays the captions."""
+    image = str(Path(tiny["data_dir"]) / "images" / "test_0000.png")
+    named_by = checkpoint / "adapter_config.json"
+    assert inference.main(["--checkpoint", str(checkpoint), "--batch-size", "1", image, image]) == 0
+    out, err = capsys.readouterr()
+    assert err == f"note: loading CLIP {tiny['clip_model']} and LM {tiny['lm_model']}, as {named_by} names them\n"
+    assert inference.main(["--checkpoint", str(checkpoint), "--batch-size", "1", "--clip-model", tiny["clip_model"],
+                           image, image]) == 0
+    assert capsys.readouterr() == (out, f"note: loading LM {tiny['lm_model']}, as {named_by} names them\n")
+    assert inference.main(["--checkpoint", str(checkpoint), "--batch-size", "1", "--clip-model", tiny["clip_model"],
+                           "--lm-model", tiny["lm_model"], image, image]) == 0
+    assert capsys.readouterr() == (out, "")
+
+
+def test_eval_names_the_data_the_run_folder_makes_it_read(tiny, checkpoint, monkeypatch):
+    from dataset import FLICKR30K_PARQUET
+
+    run = {"dataset": "folder", "data_dir": tiny["data_dir"]}
+    assert eval_script.data_the_run_names(run, None, None) == tiny["data_dir"]
+    assert eval_script.data_the_run_names(run, tiny["data_dir"] + "/.", None) is None  # --data-dir names it
+    assert eval_script.data_the_run_names({"dataset": "flickr30k"}, None, None) == FLICKR30K_PARQUET
+    assert eval_script.data_the_run_names({"dataset": "flickr30k"}, None, FLICKR30K_PARQUET) is None
+    assert eval_script.data_the_run_names({}, None, None) is None  # an adapter folder alone: the flags name it
+    said = eval_script.loaded_as_the_run_names_note(checkpoint, None, tiny["lm_model"], tiny["data_dir"])
+    assert said == (f"note: loading CLIP {tiny['clip_model']}, as {checkpoint / 'adapter_config.json'} names them; "
+                    f"data {tiny['data_dir']}, as {checkpoint / 'run_config.json'} names it")
+    # The demo's own assets, built here from seeds, go unnamed: every demo command would print them.
+    import demo
+
+    monkeypatch.setattr(demo, "demo_root", lambda: Path(tiny["data_dir"]).parent)
+    assert eval_script.loaded_as_the_run_names_note(checkpoint, data=tiny["data_dir"]) == ""

@@ -15,6 +15,7 @@ import bench
 import eval as eval_script
 import inference
 import train
+from conftest import without_loading_note
 from demo import build_demo_data
 from model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterConfig
 from utils import run_cli, write_json, write_jsonl
@@ -50,12 +51,13 @@ def no_model(monkeypatch):
 
 def cli_error(capsys, main, argv) -> str:
     """Run a script's main as its command line does; assert exit status 2 and exactly one error line
-    (argparse may print its usage above it); return that line."""
+    (argparse may print its usage above it, eval.py and inference.py the note naming what the run folder makes
+    them load, said before it loads); return that line."""
     try:
         code = run_cli(main, argv)
     except SystemExit as exit:  # argparse's parser.error
         code = exit.code
-    err = capsys.readouterr().err
+    err = without_loading_note(capsys.readouterr().err)
     assert code == 2, err
     assert "Traceback" not in err, err
     lines = err.strip().splitlines()

@@ -20,7 +20,7 @@ import app
 import eval as eval_script
 import inference
 import train
-from conftest import built_once, said_by_the_processes, train_args, unchanged
+from conftest import built_once, said_by_the_processes, train_args, unchanged, without_loading_note
 from dataset import extract_features, load_records
 from metrics import COCO_METRICS, coco_metrics
 from model import load_captioner
@@ -682,7 +682,7 @@ def test_without_java_the_report_names_the_python_tokenisation(run, tmp_path, mo
     monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if name == "java" else which(name, *a, **k))
     assert eval_script.main([str(run), "--out", str(tmp_path), "--no-progress", "--num-workers", "0"]) == 0
     captured = capsys.readouterr()
-    notes = [line for line in captured.err.splitlines() if line.startswith("note:")]
+    notes = [line for line in without_loading_note(captured.err).splitlines() if line.startswith("note:")]
     assert len(notes) == 1 and "java not found" in notes[0]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["coco_tokenization"] == "ptb-python" and metrics["coco_meteor"] is None
@@ -1142,3 +1142,12 @@ def test_metrics_name_the_scored_run_by_a_path_that_holds_from_any_folder(run, m
     monkeypatch.chdir(run.parent)
     scored = eval_script.what_was_scored(Path(run.name), "folder", "test", [])
     assert scored["checkpoint"] == str(run) and Path(scored["checkpoint"]).is_absolute()
+
+
+def test_eval_names_the_backbones_and_data_the_run_folder_makes_it_load(run, tiny, tmp_path, capsys):
+    """Said once, before any of them loads, in one line on stderr; what a flag names is left out of it."""
+    argv = [str(run), "--limit", "2", "--out", str(tmp_path), "--no-progress", "--num-workers", "0"]
+    assert eval_script.main([*argv, "--lm-model", tiny["lm_model"]]) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: loading ")]
+    assert said == [f"note: loading CLIP {tiny['clip_model']}, as {run / 'adapter_config.json'} names them; data "
+                    f"{tiny['data_dir']}, as {run / 'run_config.json'} names it"]
