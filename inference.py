@@ -19,10 +19,12 @@ still captioned, and the exit status is 1. A progress bar (stderr, only on a ter
 """
 from __future__ import annotations
 
+import gc
 import signal
 
 if __name__ == "__main__":  # Ctrl-C while torch imports (seconds) ends quietly, not in a traceback;
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # run_cli turns it back into KeyboardInterrupt
+    gc.disable()  # until the first batch is captioned: see resume_gc
 
 import argparse
 import contextlib
@@ -220,33 +222,62 @@ def caption_batches(args, checkpoint: Path, device, decoding, paths_to_caption: 
                disable=True if args.no_progress or len(paths_to_caption) < 2 else None)
     for start in range(0, len(paths_to_caption), args.batch_size):
         paths = paths_to_caption[start : start + args.batch_size]
-        opened = open_images(paths, unreadable)
-        images = [image for image in opened if not isinstance(image, UserError)]
-        if images and captioner is None:
-            loading = loading_from_args(args, checkpoint)  # a setting it refuses stops the run before the note
-            if announce := loaded_as_the_run_names_note(checkpoint, args.clip_model, args.lm_model):
-                with tqdm.external_write_mode(file=sys.stderr):  # above the bar, not through it
-                    note(announce, file=sys.stderr)
-            captioner = load_captioner(checkpoint, device=device, dtype=chosen_dtype(args.dtype, device), **loading)
-            if args.compile and not captioner.enable_compiled_decoding():
-                print("note: --compile needs a CUDA device; decoding eagerly", file=sys.stderr)
-            torch.manual_seed(args.seed)
-        captions = iter(captioner.caption_images(images, decoding) if images else [])
-        for path, image in zip(paths, opened):
-            if isinstance(image, UserError):
-                failed += 1
-                tqdm.write(f"error: {image}", file=sys.stderr)  # above the bar, not through it
-                if args.json:
-                    print(json.dumps({"image": path, "error": str(image)}))
-            else:
-                caption = next(captions)
-                if not caption:  # else a bare "path<TAB>" line, easy to take for a lost caption
-                    tqdm.write(f"note: the model wrote no words for {path} (it ended the caption at once)",
-                               file=sys.stderr)
-                print(json.dumps({"image": path, "caption": caption}) if args.json else tab_line(path, caption))
+        captioner, failed_here = caption_batch(args, captioner, checkpoint, device, decoding, paths, unreadable)
+        failed += failed_here
         bar.update(len(paths))
+        resume_gc()  # here, where nothing is left of the batch's images but garbage
     bar.close()
     return failed
+
+
+def caption_batch(args, captioner, checkpoint: Path, device, decoding, paths: list, unreadable: dict):
+    """Print the caption (or the error) of each of `paths`; returns the captioner, loaded here for the first
+    readable image, and how many of the images failed."""
+    from tqdm.auto import tqdm
+
+    failed = 0
+    opened = open_images(paths, unreadable)
+    images = [image for image in opened if not isinstance(image, UserError)]
+    if images and captioner is None:
+        loading = loading_from_args(args, checkpoint)  # a setting it refuses stops the run before the note
+        if announce := loaded_as_the_run_names_note(checkpoint, args.clip_model, args.lm_model):
+            with tqdm.external_write_mode(file=sys.stderr):  # above the bar, not through it
+                note(announce, file=sys.stderr)
+        captioner = load_captioner(checkpoint, device=device, dtype=chosen_dtype(args.dtype, device), **loading)
+        if args.compile and not captioner.enable_compiled_decoding():
+            print("note: --compile needs a CUDA device; decoding eagerly", file=sys.stderr)
+        torch.manual_seed(args.seed)
+    captions = iter(captioner.caption_images(images, decoding) if images else [])
+    for path, image in zip(paths, opened):
+        if isinstance(image, UserError):
+            failed += 1
+            tqdm.write(f"error: {image}", file=sys.stderr)  # above the bar, not through it
+            if args.json:
+                print(json.dumps({"image": path, "error": str(image)}))
+        else:
+            caption = next(captions)
+            if not caption:  # else a bare "path<TAB>" line, easy to take for a lost caption
+                tqdm.write(f"note: the model wrote no words for {path} (it ended the caption at once)",
+                           file=sys.stderr)
+            print(json.dumps({"image": path, "caption": caption}) if args.json else tab_line(path, caption))
+    return captioner, failed
+
+
+def resume_gc() -> None:
+    """Run as a script, inference.py starts with Python's cyclic garbage collector off (at the top of this file).
+    Torch, transformers and the backbones bring some 380,000 objects that live as long as the process, and the
+    collector went through all of them six times while they loaded and again at the exit: nearly a third of the
+    CPU time of captioning one demo image. After the first batch (the backbones loaded for it, unless its images
+    all failed), one collection frees what was left in reference cycles (a bad image's error holds its batch
+    through its traceback's frames), the survivors are set aside for good (gc.freeze: later collections and the
+    exit pass them over), and the collector goes on as usual. Here, not right after loading: what is frozen is
+    never collected, and the batch's images would have been. A no-op when main() is called from Python, and
+    once done."""
+    if __name__ != "__main__" or gc.isenabled():
+        return
+    gc.collect()
+    gc.freeze()
+    gc.enable()
 
 
 # JSON leaves U+2028 and U+2029 as they are inside a string; \uXXXX escapes are the same string to json.loads.
