@@ -1049,12 +1049,17 @@ def stored_values(path: Path) -> int:
         return sum(math.prod(opened.get_slice(name).get_shape()) for name in opened.keys())
 
 
+def value_count(module: nn.Module) -> int:
+    """How many values (weights and buffers) a module's state dict holds: what its safetensors file should."""
+    return sum(tensor.numel() for tensor in module.state_dict().values())
+
+
 def adapter_value_count(config: AdapterConfig) -> int:
-    """How many values (weights and buffers) the adapter `config` describes holds: built on torch's meta device,
-    which allocates nothing (nor initialises: its note on a config of zero sizes is not for our users)."""
+    """value_count of the adapter `config` describes, built on torch's meta device, which allocates nothing (nor
+    initialises: its note on a config of zero sizes is not for our users)."""
     with torch.device("meta"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Initializing zero-element tensors is a no-op")
-        return sum(tensor.numel() for tensor in Adapter(config).state_dict().values())
+        return value_count(Adapter(config))
 
 
 def unusable_weights(state: dict[str, torch.Tensor]) -> str:

@@ -45,7 +45,7 @@ from dataset import (DATASETS, DEFAULT_SEED, FLICKR30K_PARQUET, FOLDER_SPLIT_OF_
 from metrics import validation_cider_d
 from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, IGNORE_INDEX, AdapterConfig, DecodingConfig, TrainingLoss,
                    build_captioner, load_adapter_state, missing_local_folder, repair_torn_export, resolve_dtype,
-                   save_adapter, save_adapter_weights)
+                   save_adapter, save_adapter_weights, value_count)
 from utils import (MAX_RECORDS_JSON_BYTES, HelpFormatter, Processes, Terminated, UserError, append_jsonl,
                    caption_diversity, caption_metrics,
                    check_folder_is_shared, check_processes_agree, collapse_warning, default_image_workers,
@@ -882,7 +882,7 @@ def load_resume_state(run_dir: Path, accelerator, adapter, optimizer, scheduler)
     if not rng_file.is_file():
         raise UserError(f"{rng_file} is missing: the resume state is damaged; resume from a copy or start again")
 
-    values = sum(tensor.numel() for tensor in accelerator.unwrap_model(adapter).state_dict().values())
+    values = value_count(accelerator.unwrap_model(adapter))
     restore(resume_dir / ADAPTER_WEIGHTS, lambda: accelerator.unwrap_model(adapter).load_state_dict(
         load_adapter_state(resume_dir / ADAPTER_WEIGHTS, values, run_dir / RUN_CONFIG)))
     restore(resume_dir / "optimizer.json", lambda: optimizer.load_state_dict(load_state(resume_dir, "optimizer")))
