@@ -615,6 +615,20 @@ def head_logit_changes(lm) -> list[str]:
     return changes
 
 
+@torch.no_grad()
+def logits_differ_from_head(lm) -> bool:
+    """Whether the LM's own logits differ from its head's output on a few tokens: what head_logit_changes cannot
+    name (a setting of another name, a scale in a subclass's forward, remote code) still shows in the numbers.
+    Both sides run the same base model and head, so they match to the last bit unless something comes between."""
+    head = lm.get_output_embeddings()
+    if head is None:
+        return False
+    ids = torch.arange(1, 5, device=lm.get_input_embeddings().weight.device).clamp(max=lm.config.vocab_size - 1)[None]
+    own = lm(input_ids=ids, use_cache=False).logits.float()  # (1, 4, V)
+    ours = head(lm.base_model(input_ids=ids, use_cache=False).last_hidden_state).float()  # (1, 4, V)
+    return not torch.allclose(own, ours, rtol=1e-3, atol=1e-3 * ours.abs().max().item())
+
+
 def lm_context(lm) -> int | None:
     """How many positions the LM was built for (prefix and caption together), or None where its config does not say."""
     for name in ("max_position_embeddings", "n_positions"):  # Llama/Qwen-style configs, GPT-2's
@@ -634,6 +648,7 @@ class Captioner(nn.Module):
         self.lm.generation_config = neutral_generation_config()
         densify_head_input(self.lm)
         self.head_logit_changes = head_logit_changes(self.lm)
+        self.head_probed = False  # see follow_the_lms_logits: probed before the first loss, not for captioning
         self.told_of_own_logits = False
         self.processor = processor
         self.tokenizer = tokenizer
@@ -686,6 +701,8 @@ class Captioner(nn.Module):
         prefix = self.prefix_embeds(image_features)  # (B, k, D)
         tokens = self.lm.get_input_embeddings()(input_ids[:, :-1])  # (B, T-1, D)
         embeds = torch.cat([prefix, tokens], dim=1)  # (B, k+T-1, D)
+        if not self.head_probed and not torch.compiler.is_compiling():  # TrainingLoss probes before compiling
+            self.follow_the_lms_logits()
         if self.head_logit_changes:
             return self.own_logits_loss(embeds, labels)
         # Right padding + causal attention: real positions never see padding, so no mask is needed
@@ -699,6 +716,14 @@ class Captioner(nn.Module):
                 return hidden[keep].float().sum()
             return F.cross_entropy(head(hidden[keep]).float(), labels[keep])
         return frozen_head_cross_entropy(hidden, head.weight, labels)
+
+    def follow_the_lms_logits(self) -> None:
+        """Once, before the first loss: an LM whose logits are not its head's output alone takes the loss through
+        its own forward, whether or not head_logit_changes knows the setting that says so. A probe of two short
+        forwards, left out of captioning (which never computes a loss) so that inference starts no slower."""
+        self.head_probed = True
+        if not self.head_logit_changes and logits_differ_from_head(self.lm):
+            self.head_logit_changes = ["its forward's logits differ from its head's output"]
 
     def own_logits_loss(self, embeds: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The loss on the logits of the LM's own forward, B x L x vocab of them at once: for an LM that changes its
@@ -855,6 +880,7 @@ class TrainingLoss:
 
     def __init__(self, captioner: Captioner, compile: bool = False, backend: str = "inductor", mode: str | None = None):
         self.captioner = captioner
+        captioner.follow_the_lms_logits()  # here, not in the compiled forward: the probe is a plain eager check
         if compile and lm_quantization_of(captioner.lm) == "8bit":
             # bitsandbytes' LLM.int8() matmul breaks the graph (its outlier split depends on the data) and
             # guards on each layer's int8 weight shape: dynamo hit its recompile limit, printed 5 lines of

@@ -303,3 +303,42 @@ def test_the_loss_follows_an_lm_that_changes_its_heads_logits(tiny, kind, capsys
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
     captioner(**batch)
     assert capsys.readouterr().err.count("the LM changes its head's logits") == 1  # told once, on stderr
+
+
+def test_the_loss_follows_logits_changed_where_no_setting_names_it(tiny, capsys):
+    """head_logit_changes knows the settings of a few LMs; one that scales its logits in its forward (a subclass,
+    remote code) named nothing, and the chunked loss trained against logits three times smaller than captioning's.
+    The probe before the first loss finds it; the plain tiny Qwen3 keeps the chunked loss."""
+    from model import Captioner, TrainingLoss, head_logit_changes
+
+    base = make_captioner(tiny)
+
+    class ScaledLM(type(base.lm)):
+        def forward(self, *args, **kwargs):
+            output = super().forward(*args, **kwargs)
+            output.logits = output.logits * 3
+            return output
+
+    lm = ScaledLM(base.lm.config)
+    lm.load_state_dict(base.lm.state_dict())
+    lm.eval()
+    captioner = Captioner(base.config, base.clip, base.processor, lm, base.tokenizer, base.adapter)
+    assert head_logit_changes(lm) == []  # no setting says so
+    tok, eos, pad = captioner.tokenizer, captioner.config.eos_token_id, captioner.config.pad_token_id
+    batch = collate_captions([{"image_features": torch.randn(captioner.config.image_feature_dim),
+                               "token_ids": tokenize_caption(tok, caption, eos, 40)}
+                              for caption in ("a red circle on white", "a blue square on a gray background")],
+                             pad_token_id=pad)
+    loss = TrainingLoss(captioner)(**batch)
+    k = captioner.config.prefix_length
+    with torch.no_grad():
+        embeds = torch.cat([captioner.prefix_embeds(batch["image_features"]),
+                            lm.get_input_embeddings()(batch["input_ids"])], dim=1)
+        logits = lm(inputs_embeds=embeds).logits
+    expected = F.cross_entropy(logits[:, k - 1 : -1].reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1),
+                               ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-5)
+    assert "its forward's logits differ from its head's output" in capsys.readouterr().err
+    plain = make_captioner(tiny)
+    plain(**batch)
+    assert plain.head_probed and plain.head_logit_changes == []  # probed, and the fast chunked loss kept
