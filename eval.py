@@ -6,7 +6,7 @@
     python eval.py saved_models/demo --decoding-sweep         # greedy, beam 3, beam 5, nucleus: one table
     python eval.py --compare saved_models/a saved_models/b    # runs side by side, from their metrics.json
     ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 eval.py saved_models/demo   # N processes (CPU)
-    accelerate launch eval.py saved_models/demo                                     # N GPUs
+    accelerate launch -q eval.py saved_models/demo                                  # N GPUs
 
 Scores: the COCO caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D) exactly as pycocoevalcap
 computes them on PTB-tokenised, lower-cased text, over the whole split (see metrics.py); plus

@@ -3,7 +3,7 @@
     python train.py --demo                                  # offline demo: builds tiny backbones, trains, evaluates
     python train.py --train-limit 2000 --run-name quick     # Flickr30k from the Hub, 2,000 training images (seeded)
     python train.py --run-name quick --resume               # continue an interrupted run where it stopped
-    accelerate launch train.py --run-name big ...           # several GPUs (DDP)
+    accelerate launch -q train.py --run-name big ...        # several GPUs (DDP); -q: see README
 
 A run folder saved_models/<run-name>/ holds the best adapter (by validation ROUGE-L, or --select-by) at its top,
 the last one in last/, the resume state in resume/, run_config.json and train_log.jsonl.
@@ -1978,13 +1978,13 @@ def resume_command(config: TrainConfig, accelerator, *extra: str) -> str:
     cpu = accelerator.device.type == "cpu"
     if count == 1:
         launcher = (f"ACCELERATE_USE_CPU=true torchrun --nproc_per_node {processes}" if cpu
-                    else f"accelerate launch --num_processes {processes}")
+                    else f"accelerate launch -q --num_processes {processes}")
         return (f"{launcher} {args} (or the launcher this run was started with, again with {processes} processes "
                 "in all)")
     address, port = os.environ.get("MASTER_ADDR", "IP"), os.environ.get("MASTER_PORT", "PORT")
     launcher = (f"ACCELERATE_USE_CPU=true torchrun --nnodes {count} --nproc_per_node {processes // count} "
                 f"--node_rank R --master_addr {address} --master_port {port}" if cpu
-                else f"accelerate launch --multi_gpu --num_machines {count} --num_processes {processes} "
+                else f"accelerate launch -q --multi_gpu --num_machines {count} --num_processes {processes} "
                      f"--machine_rank R --main_process_ip {address} --main_process_port {port}")
     return (f"{launcher} {args} on each of the {count} machines, R being its rank (0 to {count - 1}) (or another "
             f"launch of {processes} processes in all, on as many machines as you like)")

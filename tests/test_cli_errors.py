@@ -702,3 +702,25 @@ def test_escape_sequences_in_a_run_folder_or_its_files_never_reach_the_terminal_
     (tmp_path / "empty\x1b[2J").mkdir()
     line = cli_error(capsys, inference.main, ["--checkpoint", str(tmp_path / "empty\x1b[2J"), "a.png"])
     assert line.startswith(f"error: {tmp_path}/empty\\x1b[2J/adapter_config.json not found"), line
+
+
+def test_a_quiet_launch_ends_with_the_runs_own_line():
+    """The README launches with `accelerate launch -q`: a run that stops with one line (a bad flag) is then
+    followed by no launcher traceback (without -q, a CalledProcessError's for one process). Every
+    `accelerate launch` the README and the scripts' resume hints show carries it."""
+    import re
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    launcher = Path(sys.executable).with_name("accelerate")
+    done = subprocess.run([str(launcher), "launch", "-q", "--cpu", "--num_processes", "1", "--num_machines", "1",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", str(repo / "train.py"),
+                           "--batch-size", "0"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0
+    assert "error: --batch-size must be >= 1, got 0" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    text = "\n".join((repo / name).read_text() for name in ("README.md", "train.py", "eval.py"))
+    launches = re.findall(r"accelerate launch[^`\n]*", text)
+    assert len(launches) > 5 and all(re.match(r"accelerate launch -q ", launch) for launch in launches
+                                     if re.search(r"\.py\b|\{processes\}", launch)), launches  # commands

@@ -1429,7 +1429,7 @@ def test_the_resume_hint_of_a_run_on_several_machines_names_the_machines(monkeyp
         "its rank (0 to 1) (or another launch of 4 processes in all, on as many machines as you like)")
     gpu = SimpleNamespace(num_processes=4, device=torch.device("cuda", 0))
     assert train.resume_command(config, gpu).startswith(
-        "accelerate launch --multi_gpu --num_machines 2 --num_processes 4 --machine_rank R --main_process_ip "
+        "accelerate launch -q --multi_gpu --num_machines 2 --num_processes 4 --machine_rank R --main_process_ip "
         "10.0.0.1 --main_process_port 29500 train.py --run-name big --output-dir runs --resume on each of the 2 ")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # one machine: the hint as before
     assert train.resume_command(config, cpu).startswith("ACCELERATE_USE_CPU=true torchrun --nproc_per_node 4 train.py")
