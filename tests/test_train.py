@@ -1002,7 +1002,7 @@ SCRIPTS = ("train", "eval", "inference", "app", "bench", "demo")
 # Flags the README gives to other programs: launchers, trackers' viewers, pytest.
 OTHER_PROGRAMS_FLAGS = {"--cpu", "--multi_gpu", "--num_processes", "--num_machines", "--machine_rank",
                         "--main_process_ip", "--main_process_port", "--nproc_per_node", "--nnodes", "--node_rank",
-                        "--master_addr", "--master_port", "--logdir", "--backend-store-uri", "--durations"}
+                        "--master_addr", "--master_port", "--logdir", "--backend-store-uri", "--durations", "--quiet"}
 
 
 def script_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
