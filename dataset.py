@@ -701,15 +701,17 @@ def _split_name(path: Path, value) -> str | None:
     return name
 
 
-def _without_split(by_image: dict[str, dict]) -> list[str]:
-    """The images no caption row gives a split: load_caption_folder deals them one (deal_splits)."""
-    return [name for name, entry in by_image.items() if entry["split"] is None]
+def _without_split(by_image: dict[str, dict], followers: dict[str, str]) -> list[str]:
+    """The images no caption row gives a split: load_caption_folder deals them one (deal_splits). Other names
+    of one file (`followers`, from _join_same_files) are not dealt: they take the split of the name they follow."""
+    return [name for name, entry in by_image.items() if entry["split"] is None and name not in followers]
 
 
-def dealt_names(data_dir: str | Path) -> list[str]:
-    """The images of a caption folder that get their split dealt (see _without_split)."""
+def dealt_names(data_dir: str | Path, seed: int) -> list[str]:
+    """The images of a caption folder that get their split dealt with `seed` (see _without_split)."""
     data_dir = Path(data_dir)
-    return _without_split(_group_by_image(data_dir, _read_caption_rows(data_dir)))
+    by_image = _group_by_image(data_dir, _read_caption_rows(data_dir))
+    return _without_split(by_image, _join_same_files(data_dir, by_image, seed)[0])
 
 
 def hash_position(seed: int, name: str) -> float:
@@ -756,7 +758,7 @@ def hash_deal_record(data_dir: str | Path, seed: int) -> dict:
     """What eval.py needs to tell whether a caption folder dealt by hash that changed since training now holds
     out an image the run trained on: how many images were dealt, and the lowest hash_position dealt to train
     (each dealt image at or past it was in train; 1.0: none was). {} where every image names its split."""
-    unassigned = dealt_names(data_dir)
+    unassigned = dealt_names(data_dir, seed)
     if not unassigned:
         return {}
     deal = deal_splits(unassigned, seed)
@@ -779,7 +781,7 @@ def split_deal(data_dir: str | Path, seed: int = 0) -> str:
     added to or removed from the caption file re-deals all of them, so a run's test split would then hold
     images it trained on; eval.py compares this with the run's (a file missing on disk deals nothing: the
     caption file does)."""
-    unassigned = dealt_names(data_dir)
+    unassigned = dealt_names(data_dir, seed)
     if not unassigned:
         return ""
     return f"seed {seed}, {len(unassigned):,} images, ids {ids_digest(sorted(unassigned))}"
@@ -837,6 +839,64 @@ def _image_name(data_dir: Path, row: dict, number: int) -> str:
     return name
 
 
+def file_identity(path: Path | str) -> tuple:
+    """What tells one file from another however it is reached: its device and inode, which a symlink, a hard
+    link and a path through a linked folder share; for a file that is not there (or cannot be looked at), its
+    real path."""
+    try:
+        stat = os.stat(path)
+    except (OSError, ValueError):
+        return ("path", os.path.realpath(path))
+    if not stat.st_ino:  # a file system that reports no inode numbers gives 0 for every file: all alike
+        return ("path", os.path.realpath(path))
+    return ("inode", stat.st_dev, stat.st_ino)
+
+
+def _join_same_files(data_dir: Path, by_image: dict[str, dict], seed: int) -> tuple[dict[str, str], list[list[str]]]:
+    """Keep in one split the names a caption file gives one file (a symlink and its target, hard links, a path
+    through a linked folder): dealt apart, the test split held images trained on, and its scores flattered the
+    run without a word. A name without a split takes the one a row gives another name of its file (as a row
+    without a split takes its image's); names none of whose rows gives one are dealt as one, by the one of highest
+    hash_position: a file is held out only where all its names hash there, so listing a file under one more name
+    never deals it from train to val or test (what eval.py relies on; a held-out split left empty takes a stand-in,
+    as when images are removed: _deal_by_hash). Returns ({name: the name whose deal it follows}, [the names of
+    each file listed under more than one]). Byte-identical copies are separate files here (telling them apart
+    means reading every file at every load; README: Other data)."""
+    names_of: dict[tuple, list[str]] = {}
+    for name in by_image:
+        names_of.setdefault(file_identity(data_dir / name), []).append(name)
+    shared = [names for names in names_of.values() if len(names) > 1]
+    followers: dict[str, str] = {}
+    for names in shared:
+        named = sorted((by_image[name]["split_row"], by_image[name]["split"]) for name in names
+                       if by_image[name]["split"] is not None)
+        if not named:
+            leader = max(names, key=lambda name: (hash_position(seed, name), name))
+            followers.update((name, leader) for name in names if name != leader)
+        for name in names:
+            if named and by_image[name]["split"] is None:  # the split of the first row that names one
+                by_image[name]["split_row"], by_image[name]["split"] = named[0]
+    return followers, shared
+
+
+def _note_files_shared_with_train(data_dir: Path, split: str, by_image: dict[str, dict],
+                                  names_of_one_file: list[list[str]]) -> None:
+    """Say, in one line, which of a held-out split's images are files the train split holds under another name:
+    only where rows name those splits (else _join_same_files keeps them together), and they are the user's."""
+    pairs = []
+    for names in names_of_one_file:
+        trained = [name for name in names if by_image[name]["split"] == "train"]
+        pairs += [(name, trained[0]) for name in names if trained and by_image[name]["split"] == split]
+    if not pairs:
+        return
+    held_out = sum(entry["split"] == split for entry in by_image.values())
+    shown = ", ".join(f"{name} = train's {trained}" for name, trained in pairs[:3])
+    more = f" and {len(pairs) - 3:,} more" if len(pairs) > 3 else ""
+    note(f"note: {split}: {len(pairs):,} of its {held_out:,} images are files the train split lists under another "
+         "name (a symlink, a hard link, or a path through a linked folder), so its scores on them are optimistic "
+         f"({shown}{more}); give each file one split in {data_dir}")
+
+
 def _set_split(data_dir: Path, name: str, entry: dict, split: str | None, number: int) -> None:
     """Give an image the split a row names. Two different splits are an error: merging them
     silently would put one image in both training and test (or drop it from one)."""
@@ -856,11 +916,15 @@ def load_caption_folder(data_dir: Path, split: str, seed: int = 0, folder_split:
     Rows without a split are assigned one by deal_splits, by `folder_split` (see FOLDER_SPLITS).
     """
     by_image = _group_by_image(data_dir, _read_caption_rows(data_dir))
-    deal = deal_splits(_without_split(by_image), seed, folder_split)
+    followers, names_of_one_file = _join_same_files(data_dir, by_image, seed)
+    deal = deal_splits(_without_split(by_image, followers), seed, folder_split)
     if split == "train":
         check_deal_leaves_train(data_dir, by_image, deal)
+    deal.update({name: deal[leader] for name, leader in followers.items()})
     for name, dealt in deal.items():
         by_image[name]["split"] = dealt
+    if split != "train":
+        _note_files_shared_with_train(data_dir, split, by_image, names_of_one_file)
     records, repeats = [], []
     for name, entry in by_image.items():
         if entry["split"] == split:

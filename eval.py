@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 
 from dataset import (DATASETS, FLICKR30K_PARQUET, FOLDER_SPLIT_OF_OLDER_RUNS, IMAGE_SUFFIXES, SPLITS, check_data_flags,
-                     dealt_names, drop_unreadable, encoder_fingerprint, extract_features, held_out_past, limit_records,
-                     load_records, run_feature_cache, split_deal)
+                     dealt_names, drop_unreadable, encoder_fingerprint, extract_features, file_identity, held_out_past,
+                     limit_records, load_records, run_feature_cache, split_deal)
 from demo import in_demo_cache, rebuild_cleared_demo
 from metrics import COCO_METRICS, COCO_VARIANT, TOKENIZATION_DETAILS, coco_metrics, start_meteor
 from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LM_QUANTIZATIONS, AdapterConfig, DecodingConfig, load_captioner,
@@ -936,7 +936,7 @@ def check_hash_deal(run_dir: Path, run: dict, saved: dict) -> str:
     print on how the caption file changed (after check_no_trained_image_held_out, which a split edited since can
     fail). A state without the deal's record (edited) is taken to have trained on all."""
     data_dir, seed = run["data_dir"], run.get("seed", 0)
-    unassigned = dealt_names(data_dir)  # read once: the caption file of a large folder takes a while to parse
+    unassigned = dealt_names(data_dir, seed)  # read once: the caption file of a large folder takes a while to parse
     suspect = held_out_past(unassigned, seed, saved.get("trained_from", 0.0))
     if suspect:
         name, split = next(iter(suspect.items()))
@@ -950,8 +950,8 @@ def check_hash_deal(run_dir: Path, run: dict, saved: dict) -> str:
 
 
 def image_identity(record) -> tuple:
-    """One image however it is reached: its file's real path, else (a Hub row) its id."""
-    return ("path", os.path.realpath(record.path)) if record.path is not None else ("id", str(record.image_id))
+    """One image however it is reached: its file (a hard link too, dataset.file_identity), else (a Hub row) its id."""
+    return file_identity(record.path) if record.path is not None else ("id", str(record.image_id))
 
 
 def trained_on_note(records, train_records) -> str:

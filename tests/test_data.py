@@ -1034,3 +1034,69 @@ def test_captions_dropped_from_images_that_keep_others_are_counted_in_a_note(tmp
     assert [r.captions for r in load_records("folder", "train", str(tmp_path))] == [["a dog"], ["a cat"], ["a bird"]]
     assert ("train: 3 captions of 2 images are empty or not text and are left out; the images keep their other "
             "captions (first: a.png)") in capsys.readouterr().out
+
+
+def test_names_of_one_file_are_dealt_one_split_and_a_new_name_moves_no_train_image(tmp_path):
+    """A symlink and its target, hard links, a path through a linked folder: one file, dealt two splits by their
+    names' hashes, put training images into the test split. Now each file is dealt as one, by its name of highest
+    hash, so naming a file once more never deals it out of train (what eval.py relies on for a grown folder; a
+    val or test split left empty takes a stand-in from train, as when images are removed)."""
+    rows = []
+    for i in range(60):
+        write_image(tmp_path / "images" / f"img{i}.png", (i * 4, 0, 0))
+        rows.append({"image": f"images/img{i}.png", "caption": f"picture {i}"})
+    write_jsonl_captions(tmp_path, rows)
+    before = {r.image_id: s for s in SPLITS for r in load_records("folder", s, str(tmp_path), seed=42)}
+    (tmp_path / "linked").symlink_to(tmp_path / "images")
+    other_name = {}
+    for i in range(0, 60, 2):
+        target = tmp_path / "images" / f"img{i}.png"
+        kind = ("symlink", "hardlink", "linked")[i % 3]
+        other_name[f"images/img{i}.png"] = name = f"linked/img{i}.png" if kind == "linked" else f"images/{kind}{i}.png"
+        if kind == "symlink":
+            (tmp_path / name).symlink_to(target)
+        elif kind == "hardlink":
+            os.link(target, tmp_path / name)
+    write_jsonl_captions(tmp_path, rows + [{"image": name, "caption": "again"} for name in other_name.values()])
+    after = {r.image_id: s for s in SPLITS for r in load_records("folder", s, str(tmp_path), seed=42)}
+    assert {name: after[other] for name, other in other_name.items()} == {name: after[name] for name in other_name}
+    assert not [name for name, split in before.items() if split == "train" != after[name]]
+    assert {"val", "test"} <= set(after.values())
+
+
+def test_a_file_named_in_train_and_in_test_under_two_names_is_said_in_one_line(tmp_path, capsys):
+    """Where rows name the splits, the user's split stands; a held-out split holding training files under other
+    names says how many and which. A name without a split takes the one its file is given."""
+    for name in ("a", "b", "c", "d"):
+        write_image(tmp_path / f"{name}.png", (ord(name), 0, 0))
+    (tmp_path / "b-link.png").symlink_to(tmp_path / "b.png")
+    os.link(tmp_path / "c.png", tmp_path / "c-hard.png")
+    os.link(tmp_path / "d.png", tmp_path / "d-hard.png")
+    write_jsonl_captions(tmp_path, [{"image": "a.png", "caption": "a", "split": "train"},
+                                    {"image": "b.png", "caption": "b", "split": "train"},
+                                    {"image": "c.png", "caption": "c", "split": "train"},
+                                    {"image": "b-link.png", "caption": "b again", "split": "test"},
+                                    {"image": "c-hard.png", "caption": "c again", "split": "test"},
+                                    {"image": "d.png", "caption": "d", "split": "test"},
+                                    {"image": "d-hard.png", "caption": "d again"}])
+    assert [r.image_id for r in load_records("folder", "test", str(tmp_path))] == [
+        "b-link.png", "c-hard.png", "d.png", "d-hard.png"]
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and out.startswith("note: test: 2 of its 4 images are files the train split lists "
+                                                   "under another name"), out
+    assert "b-link.png = train's b.png, c-hard.png = train's c.png" in out and "optimistic" in out
+    load_records("folder", "train", str(tmp_path))
+    assert "another name" not in capsys.readouterr().out
+
+
+def test_files_on_a_file_system_without_inode_numbers_are_told_apart_by_their_paths(tmp_path, monkeypatch):
+    """A file system that reports no inode numbers gives 0 for every file: taken as one, all would share a split."""
+    from dataset import file_identity
+
+    for name in ("a.png", "b.png"):
+        write_image(tmp_path / name)
+    real_stat = os.stat
+    monkeypatch.setattr(os, "stat", lambda path, *args, **kwargs: os.stat_result(
+        (real_stat(path)[0], 0, *real_stat(path)[2:10])))
+    assert file_identity(tmp_path / "a.png") != file_identity(tmp_path / "b.png")
+    assert file_identity(tmp_path / "a.png") == file_identity(tmp_path / "." / "a.png")

@@ -1151,3 +1151,16 @@ def test_eval_names_the_backbones_and_data_the_run_folder_makes_it_load(run, tin
     said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: loading ")]
     assert said == [f"note: loading CLIP {tiny['clip_model']}, as {run / 'adapter_config.json'} names them; data "
                     f"{tiny['data_dir']}, as {run / 'run_config.json'} names it"]
+
+
+def test_a_hard_link_to_a_training_image_counts_as_that_image(tmp_path):
+    """The overlap notes told images apart by real path: a hard link to a training image (the same file, under
+    another name) was not counted among the training images."""
+    from dataset import ImageRecord
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    os.link(tmp_path / "a.png", tmp_path / "a-copy.png")
+    (tmp_path / "a-link.png").symlink_to(tmp_path / "a.png")
+    train_records = [ImageRecord("a.png", ["x"], "train", path=tmp_path / "a.png")]
+    held_out = [ImageRecord(name, ["x"], "test", path=tmp_path / name) for name in ("a-copy.png", "a-link.png")]
+    assert eval_script.trained_on_note(held_out, train_records).startswith("2 of the 2 images are among the run's")
