@@ -987,13 +987,14 @@ def selected_on_note(records, run: dict, checkpoint: Path, run_dir: Path) -> str
 
 def check_outputs_outlive_the_next_save(checkpoint: Path, run_dir: Path, out: str | None) -> None:
     """Refuse to write the outputs into a run's last/ while train.py trains there: its next save swaps a new
-    last/ in and deletes the old one, and the outputs with it (minutes of evaluation, gone without a word)."""
+    last/ in while the evaluation runs, and outputs written after it would lie beside an adapter they do not
+    describe (a finished run's last/ is safe: a later save keeps it, outputs and all, as last-step-N/)."""
     from train import run_being_trained  # here: train.py imports this module
 
     if out or run_dir == checkpoint or checkpoint.name not in ("last", "last.old") or not run_being_trained(run_dir):
         return
-    raise UserError(f"{run_dir} is still being trained, and its next save replaces {checkpoint} and whatever is "
-                    "written into it: give --out FOLDER for the outputs, or evaluate when training has finished")
+    raise UserError(f"{run_dir} is still being trained, and its next save replaces {checkpoint} while this evaluation "
+                    "runs: give --out FOLDER for the outputs, or evaluate when training has finished")
 
 
 def still_training_note(run_dir: Path, step) -> str:

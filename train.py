@@ -817,24 +817,65 @@ def save_export(directory: Path, accelerator, adapter, captioner, config, state,
             tmp = directory.with_name(directory.name + ".tmp")
             shutil.rmtree(not_a_link(tmp), ignore_errors=True)  # rmtree leaves a link, to be written through
             save_adapter(tmp, accelerator.unwrap_model(adapter), adapter_config)
-            swap_in(directory, tmp)
+            if kept := swap_in(directory, tmp, keep_others=True):
+                say(accelerator, kept_aside_note(directory, kept, state.step))
 
 
-def swap_in(folder: Path, tmp: Path) -> None:
+def swap_in(folder: Path, tmp: Path, keep_others: bool = False) -> Path | None:
     """Replace `folder` by the finished `tmp`: the old one stays whole until the new one is, on the
     disk too (a power cut soon after the renames must not leave empty files where the old ones were;
-    see utils.replace_durably)."""
+    see utils.replace_durably). With `keep_others`, an old one holding files this save does not write is
+    kept (kept_aside), not deleted: where it went, else None."""
     # A link at either name is none of the run's (utils.not_a_link): rmtree refuses a link, which stayed behind.
     old = not_a_link(folder.with_name(folder.name + ".old"))
     had_folder = not_a_link(folder).exists()  # if not, a crash between the renames left `old` the only good copy
+    written = {path.name for path in tmp.iterdir()}
+    kept = None
     if had_folder:
-        shutil.rmtree(old, ignore_errors=True)
+        kept = discard_replaced(old, written, keep_others)
     sync_tree(tmp)
     if had_folder:
         folder.rename(old)
     tmp.rename(folder)
     sync_folder(folder.parent)
+    return discard_replaced(old, written, keep_others) or kept
+
+
+def discard_replaced(old: Path, written: set[str], keep_others: bool) -> Path | None:
+    """Delete the replaced `old` checkpoint, unless (`keep_others`) it holds files the save did not write:
+    eval.py RUN/last writes its outputs into last/ (as the README says), and the next save (a --resume with
+    more epochs) deleted them without a word. Then the whole folder is renamed to last-step-N/ (kept_aside)
+    instead: the outputs stay beside the adapter they describe, which moved out alone they would not."""
+    if keep_others and old.is_dir() and others_in(old, written):
+        return kept_aside(old)
     shutil.rmtree(old, ignore_errors=True)
+    return None
+
+
+def kept_aside(old: Path) -> Path:
+    """Rename the replaced last/ (last.old/) to the first free of last-step-N, last-step-N-2, ... (N: its
+    adapter's step) and return that."""
+    step = json_value(old / ADAPTER_CONFIG, "training", "step")
+    name = f"last-step-{step}" if is_whole_number(step) else "last-kept"
+    kept = next(old.with_name(candidate) for candidate in later_names(name, demo=False)
+                if not os.path.lexists(old.with_name(candidate)))
+    old.rename(kept)
+    sync_folder(kept.parent)
+    return kept
+
+
+def others_in(folder: Path, written: set[str]) -> list[str]:
+    """The names in `folder` besides `written` (a save's own) and eval.py's lock, which it leaves there empty."""
+    from eval import OUTPUTS_LOCK  # here, as train() imports eval.py: a save keeps its imports few
+
+    return sorted(path.name for path in folder.iterdir() if path.name not in written | {OUTPUTS_LOCK})
+
+
+def kept_aside_note(directory: Path, kept: Path, step: int) -> str:
+    others = others_in(kept, {ADAPTER_WEIGHTS, ADAPTER_CONFIG})
+    named = ", ".join(others[:5]) + (f" and {len(others) - 5:,} more" if len(others) > 5 else "")
+    return (f"note: {directory} held files train.py does not write ({named}): kept with the adapter "
+            f"they describe in {kept}; {directory} now holds step {step}'s")
 
 
 def save_resume_state(run_dir: Path, accelerator, adapter, optimizer, scheduler, state: TrainerState) -> None:

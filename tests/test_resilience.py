@@ -393,6 +393,64 @@ def test_readers_of_last_load_last_old_after_a_crash_between_the_renames_of_its_
         eval_script.main([str(run), "--no-progress"])
 
 
+def test_outputs_written_into_last_are_kept_with_their_adapter_when_a_resume_replaces_it(tiny, tmp_path, capsys):
+    """eval.py RUN/last writes its outputs into last/ (of a finished run, as the README says); a --resume with more
+    steps swapped a new last/ in and deleted the old one, and the outputs with it, without a word."""
+    import eval as eval_script
+
+    run = trained_run(tiny, tmp_path)
+    scored = eval_script.adapter_identity(run / "last")
+    write_json(run / "last" / "metrics.json", {"adapter": scored})  # as eval.py RUN/last writes it, and more files
+    for name in ("predictions.jsonl", "report.html", ".eval.lock", "notes.txt"):
+        (run / "last" / name).write_text(f"the {name} of step 2\n")
+    held = sorted(path.name for path in (run / "last").iterdir())
+    capsys.readouterr()
+    assert train.main(["--output-dir", str(tmp_path), "--run-name", "run", "--resume", "--no-progress",
+                       "--max-steps", "4", "--final-eval", "false"]) == 0
+    kept = run / "last-step-2"
+    assert sorted(path.name for path in kept.iterdir()) == held
+    assert eval_script.file_digest(kept / "adapter.safetensors") == scored["blake2b"]  # the adapter they describe
+    assert sorted(path.name for path in (run / "last").iterdir()) == ["adapter.safetensors", "adapter_config.json"]
+    assert read_json(run / "last" / "adapter_config.json")["training"]["step"] == 4
+    others = ", ".join(name for name in held
+                       if name not in ("adapter.safetensors", "adapter_config.json", ".eval.lock"))
+    assert (f"note: {run / 'last'} held files train.py does not write ({others}): kept with the adapter they describe "
+            f"in {kept}; {run / 'last'} now holds step 4's") in capsys.readouterr().out
+    assert eval_script.stale_adapter_note(kept / "metrics.json", read_json(kept / "metrics.json")) == ""
+
+
+def fake_checkpoint(folder: Path, step: int, *others: str) -> Path:
+    folder.mkdir()
+    write_json(folder / "adapter_config.json", {"training": {"step": step}})
+    (folder / "adapter.safetensors").write_bytes(b"weights of step %d" % step)
+    for name in others:
+        (folder / name).write_text(name)
+    return folder
+
+
+def test_a_save_keeps_a_replaced_last_only_where_it_holds_files_not_its_own(tmp_path):
+    """A crash between a save's renames leaves last.old/, which eval.py RUN/last writes into: the next save deleted
+    it, outputs and all. A last/ with only its adapter (and eval.py's empty lock) is deleted as before, resume/ too."""
+    def save(step: int) -> Path | None:
+        return train.swap_in(tmp_path / "last", fake_checkpoint(tmp_path / "last.tmp", step), keep_others=True)
+
+    fake_checkpoint(tmp_path / "last.old", 2, "metrics.json")
+    assert save(4) == tmp_path / "last-step-2"
+    assert (tmp_path / "last-step-2" / "metrics.json").read_text() == "metrics.json"
+    assert (tmp_path / "last-step-2" / "adapter.safetensors").read_bytes() == b"weights of step 2"
+    (tmp_path / "last" / ".eval.lock").touch()
+    assert save(6) is None
+    (tmp_path / "last" / "report.html").write_text("step 6's report")
+    assert save(6) == tmp_path / "last-step-6"  # step 6 saved again: a resume from an older state
+    (tmp_path / "last" / "report.html").write_text("step 6's other report")
+    assert save(8) == tmp_path / "last-step-6-2"
+    fake_checkpoint(tmp_path / "resume", 2, "rng_1.json")  # a resume with fewer processes writes no rng_1.json
+    assert train.swap_in(tmp_path / "resume", fake_checkpoint(tmp_path / "resume.tmp", 4)) is None
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["last", "last-step-2", "last-step-6", "last-step-6-2",
+                                                                "resume"]
+    assert read_json(tmp_path / "last" / "adapter_config.json")["training"]["step"] == 8
+
+
 def test_readers_take_the_best_weights_step_from_the_weights_after_a_crash_between_their_two_files(tiny, tmp_path):
     """The best adapter is replaced file by file (model.save_adapter): killed between the two renames, step 4's
     weights lie beside step 2's adapter_config.json. train.py --resume repairs it from the copy inside the
