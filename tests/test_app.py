@@ -988,6 +988,7 @@ def test_a_refused_request_reaches_the_servers_log_with_its_control_characters_e
     """Gradio's refusals quote the value a stranger sent: an ESC[2J in a run name cleared the operator's terminal
     (or retitled it, or faked log lines) through the one log line a bad request gets."""
     import asyncio
+    import concurrent.futures
     import types
 
     import gradio as gr
@@ -998,7 +999,8 @@ def test_a_refused_request_reaches_the_servers_log_with_its_control_characters_e
     page_app = types.SimpleNamespace(preprocess_data=gradio_refuses)
     app.answer_bad_requests_in_one_line(page_app)
     block_fn = types.SimpleNamespace(inputs=[gr.Dropdown(["stub"], render=False)], api_name="caption", name="caption")
-    with pytest.raises(gr.Error):
-        asyncio.run(page_app.preprocess_data(block_fn, ["\x1b[2J\x1b]0;owned\x07stub"]))
+    request = page_app.preprocess_data(block_fn, ["\x1b[2J\x1b]0;owned\x07stub"])
+    with pytest.raises(gr.Error), concurrent.futures.ThreadPoolExecutor(1) as thread:
+        thread.submit(asyncio.run, request).result()  # its own thread: a browser test's loop may run in this one
     log = capsys.readouterr()
     assert "\x1b" not in log.out + log.err and "\\x1b[2J" in log.out, log
