@@ -526,7 +526,7 @@ class Page:
             if left not in self.by_name:
                 raise UserError(f"Pick a run to caption with ({', '.join(self.by_name)}).")
             with image_file(image_path, self.max_upload_mb) as path:
-                image = open_upload(path, self.max_megapixels, self.max_upload_mb)  # decoded whole: the file may go
+                image = open_upload(path, self.max_megapixels, self.max_upload_mb)  # decoded here: the file may go
             decoding = decoding_config(strategy, num_beams, temperature, top_p, max_new_tokens)
             from eval import SEED_RANGE
 

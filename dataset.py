@@ -47,7 +47,8 @@ KARPATHY_FILES = ("dataset_flickr30k.json", "dataset_flickr8k.json", "dataset_co
 # a cached feature is never decoded again, so a decoding fix would otherwise never reach it.
 # 2: EXIF rotation, transparency on white and 16-bit grey in to_rgb; parts carry a checksum.
 # 3: float grey with NaN or infinite pixels is no longer all black (_grey_to_8bit).
-FEATURE_CACHE_VERSION = 3
+# 4: large JPEGs are decoded scaled down in the DCT (decode_scaled), Hub rows included.
+FEATURE_CACHE_VERSION = 4
 FEATURE_PART_SIZE = 4096  # images per cache part: what an interrupted extraction can lose at most
 # A cache part's two files are written a second or so apart; loose pieces older than this were left by a
 # write that was killed, and are deleted (FeatureCache._remove_loose_pieces).
@@ -80,8 +81,8 @@ class ImageRecord:
         if self.table is not None:
             try:
                 with refuse_decompression_bombs():
-                    image = self.table[self.row]["image"]
-            except Exception as error:  # the Hub loader decodes the stored bytes with Pillow
+                    image = _hub_image(self.table[self.row]["image"])
+            except Exception as error:  # Pillow (or the Hub loader, for a row holding only a path) decodes it
                 raise UserError(f"cannot read image {self.image_id} (row {self.row}): {_hub_image_problem(error)}") \
                     from None
             if image is None:  # a null cell: Pillow's own words were "'NoneType' object has no attribute 'load'"
@@ -136,8 +137,7 @@ def open_image(path):
     try:
         with refuse_decompression_bombs(), Image.open(path, formats=IMAGE_FORMATS) as image:
             check_aspect_ratio(path, *image.size)  # from the header, before anything is decoded
-            image.load()  # decode now, inside the try: truncated data fails here, not later
-            return to_rgb(image)
+            return to_rgb(decode_scaled(image))  # decoded now, inside the try: truncated data fails here, not later
     except UserError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
@@ -150,6 +150,46 @@ def open_image(path):
         raise UserError(f"cannot read image {path}: permission denied") from None
     except Exception as error:  # Pillow's decoders raise many kinds on hostile bytes (OSError, ValueError, ...)
         raise UserError(f"cannot read image {path} (damaged or truncated?): {first_line(error)}") from None
+
+
+# A JPEG is decoded scaled down by 1/2, 1/4 or 1/8 in the DCT (Pillow's draft mode, as Image.thumbnail does) as long as
+# its shorter side stays at least this long: twice CLIP ViT-B/32's 224 (4/3 of ViT-L/14-336's 336), so CLIP's own
+# bicubic resize still does the last step. Kept at 1x (224) instead, a 640x480 photo's 224x224 tensor moved by 1.6 (at
+# most 34) in 0-255 units on average, a 720x477 photo of a circuit board's by 11. At 448, a 16x16 JPEG whose header
+# claimed 9000x9000 took 16 MB and 44 ms to decode and preprocess instead of 1,078 MB and 2.6 s, a 4000x3000 photo 7 MB
+# and 41 ms instead of 156 MB and 431 ms, and the tensor moved by 0.1-0.6 (at most 12) on average over photos of
+# 900-6000 pixels a side, under what saving one again as a quality-90 JPEG does (2.6). JPEGs under 896 pixels on the
+# shorter side (Flickr30k's, COCO's) are decoded whole, to the same pixels as before.
+DECODE_MIN_SIDE = 448
+
+
+def decode_scaled(image):
+    """`image` (just opened) decoded: a JPEG scaled down in the DCT while its shorter side stays at least
+    DECODE_MIN_SIDE, else whole. Every path decodes with this (files, Hub rows, the app's uploads), so training's
+    cached features and a caption at inference see the same pixels."""
+    image.draft(None, (DECODE_MIN_SIDE, DECODE_MIN_SIDE))  # a no-op for other formats and smaller JPEGs
+    image.load()
+    return image
+
+
+def _hub_image(cell):
+    """A Hub row's image cell decoded as a file is (the column is left undecoded: _image_column), or None for a
+    null cell. A cell of only a remote path (no stored bytes) is decoded by the Hub loader, which can fetch it."""
+    import io
+
+    from PIL import Image
+
+    if cell is None or isinstance(cell, Image.Image):
+        return cell
+    bytes_, path = cell.get("bytes"), cell.get("path")
+    if bytes_ is None and path is None:
+        return None
+    if bytes_ is None and not os.path.isfile(path):
+        import datasets
+
+        return datasets.Image().decode_example(cell)
+    source = path if bytes_ is None else io.BytesIO(bytes_)
+    return decode_scaled(Image.open(source))  # any format Pillow reads, as the Hub loader did
 
 
 def _bomb_size(error: Exception) -> str:
@@ -420,15 +460,15 @@ def _check_same_image(data_files: str, key: str, first_row: int, row: int, image
 
 
 def _image_column(table, data_files: str):
-    """The table with its `image` column decoded as images. Parquet written by pandas or pyarrow (not by
-    `datasets`) lacks the schema note that says so, and its {bytes, path} structs came back as dicts that
-    no image could be read from ("'dict' object has no attribute 'load'")."""
+    """The table with its `image` column as images left undecoded: {bytes, path} cells that ImageRecord.open
+    decodes as a file is (decode_scaled), not the Hub loader's whole decode. Parquet written by pandas or pyarrow
+    (not by `datasets`) lacks the schema note that says its structs are images: checked by the cast."""
     import datasets
 
-    if isinstance(table.features["image"], datasets.Image):
+    if table.features["image"] == datasets.Image(decode=False):
         return table
     try:
-        return table.cast_column("image", datasets.Image())
+        return table.cast_column("image", datasets.Image(decode=False))
     except Exception:  # pyarrow's cast errors: the column holds numbers or other structs
         raise UserError(f"{data_files}: column 'image' holds {table.features['image']}, not images; give it the "
                         "image file's bytes (or a struct of bytes and path, as the Hub's export does)") from None

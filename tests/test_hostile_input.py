@@ -145,6 +145,54 @@ def test_formats_outside_the_image_suffixes_are_refused(tmp_path):
     assert_one_line_error(ppm, "not a jpeg, png")
 
 
+def test_a_jpeg_header_claiming_a_huge_image_is_decoded_scaled_down_not_whole(tmp_path):
+    """A 16x16 JPEG whose header claims 4000x4000 pixels (16M, under the bomb limit) was decoded to the whole
+    claimed canvas; at 9000x9000 that was 1,078 MB and 2.6 s for one upload. The DCT scales it by 1/8."""
+    import struct
+
+    data = bytearray(saved(noise_image((16, 16)), tmp_path / "small.jpg", quality=90).read_bytes())
+    frame = data.index(b"\xff\xc0")  # SOF0: length (2 bytes), precision (1), height (2), width (2)
+    data[frame + 5 : frame + 9] = struct.pack(">HH", 4000, 4000)
+    (tmp_path / "claims_4000.jpg").write_bytes(bytes(data))
+    assert open_image(tmp_path / "claims_4000.jpg").size == (500, 500)
+
+
+def test_a_large_jpeg_is_the_same_tensor_from_every_path(tmp_path):
+    """Training's feature extraction (files and Hub rows), inference.py and the page decode alike (decode_scaled),
+    so cached features and a caption at inference see the same pixels: the JPEG scaled by 1/2 in the DCT, its
+    shorter side kept at least DECODE_MIN_SIDE for CLIP's own resize. A small JPEG is decoded whole."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import app
+    import inference
+    from dataset import DECODE_MIN_SIDE, ImageTensors
+    from model import clip_image_processor
+
+    path = saved(noise_image((1000, 900)), tmp_path / "large.jpg", quality=90)
+    cells = {"bytes.jpg": {"bytes": path.read_bytes(), "path": None}, "path.jpg": {"bytes": None, "path": str(path)}}
+    pq.write_table(pa.Table.from_pylist([{"image": cell, "caption": ["noise"], "split": "train", "filename": name}
+                                         for name, cell in cells.items()]), tmp_path / "rows.parquet")
+    hub_bytes, hub_path = load_records("flickr30k", "train", hub_data_files=str(tmp_path / "rows.parquet"))
+    file_record = ImageRecord("large.jpg", ["noise"], "train", path=path)
+    processor = clip_image_processor()  # CLIP ViT-B/32's: shorter side to 224, bicubic
+
+    def tensor(image):
+        return processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    image = open_image(path)
+    assert image.size == (500, 450) and min(image.size) >= DECODE_MIN_SIDE
+    expected = tensor(image)
+    tensors = {"training, a file": ImageTensors([file_record], processor)[0][1],
+               "training, a Hub row of bytes": ImageTensors([hub_bytes], processor)[0][1],
+               "training, a Hub row of a path": ImageTensors([hub_path], processor)[0][1],
+               "inference.py": tensor(inference.open_images([str(path)], {})[0]),
+               "the page": tensor(app.open_upload(path, 40, 50))}
+    assert [name for name, got in tensors.items() if not got.equal(expected)] == []
+    small = saved(noise_image((890, 890)), tmp_path / "small.jpg", quality=90)  # 1/2 would leave 445 < 448
+    assert open_image(small).size == (890, 890)
+
+
 # ----------------------------------------------------------------------------------------------
 # Valid images of every kind: the right RGB picture
 # ----------------------------------------------------------------------------------------------
