@@ -193,6 +193,38 @@ def test_a_large_jpeg_is_the_same_tensor_from_every_path(tmp_path):
     assert open_image(small).size == (890, 890)
 
 
+def test_a_large_image_of_any_format_is_reduced_to_what_clip_needs(tmp_path):
+    """A PNG (no DCT to scale in) at least twice DECODE_MIN_SIDE on its shorter side is reduced by a whole factor
+    to keep it at least DECODE_MIN_SIDE, each pixel its box's mean; a smaller one is left whole."""
+    from dataset import DECODE_MIN_SIDE
+
+    picture = noise_image((2000, 1350))
+    reduced = open_image(saved(picture, tmp_path / "large.png"))
+    assert reduced.size == (667, 450) and min(reduced.size) >= DECODE_MIN_SIDE  # by 3: 1350 // 448
+    assert np.array_equal(np.asarray(reduced), np.asarray(picture.reduce(3)))
+    assert open_image(saved(noise_image((900, 895)), tmp_path / "small.png")).size == (900, 895)
+
+
+@pytest.mark.slow
+def test_a_40_megapixel_png_is_decoded_and_preprocessed_holding_its_pixels_once(tmp_path):
+    """An upright RGB picture was copied by EXIF transpose and by the RGB conversion (changing nothing), then
+    CLIP's processor held it three times more: 536 MB for a 40-megapixel PNG of 130 kB. Now its pixels once."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = tmp_path / "flat.png"
+    Image.new("RGB", (7300, 5480), (120, 30, 200)).save(path)
+    probe = ("import resource, sys\nfrom dataset import open_image\nfrom model import clip_image_processor\n"
+             "processor = clip_image_processor()\nbefore = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+             "processor(images=open_image(sys.argv[1]), return_tensors='pt')\n"
+             "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)")
+    done = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=120)
+    once = 7300 * 5480 * 4 / 2**20  # Pillow holds RGB as 4 bytes a pixel: 153 MB
+    assert int(done.stdout.split()[-1]) < 1.5 * once, done.stdout
+
+
 # ----------------------------------------------------------------------------------------------
 # Valid images of every kind: the right RGB picture
 # ----------------------------------------------------------------------------------------------
