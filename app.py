@@ -44,6 +44,7 @@ from utils import (HelpFormatter, UserError, add_dtype_flag, for_terminal, neare
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 DEFAULT_PORT = 7860
+DEFAULT_OUTPUT_DIR = "saved_models"  # --output-dir unless given: where train.py writes its runs
 DEMO_RUN_NAME = re.compile(r"demo(-(\d+))?")
 NOTHING = "nothing"
 BASELINE_PREFIX = "nearest-neighbour baseline of "
@@ -872,8 +873,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run folder(s) to serve (a run folder, or its last/ sub-folder); the first captions "
                              "by default, the others can be compared with it (default: the newest offline demo run "
                              "under --output-dir, finished or trained first if there is none)")
-    parser.add_argument("--output-dir", default="saved_models",
-                        help="where to look for, and if need be train, the demo run when no --checkpoint is given")
+    # None: left out (DEFAULT_OUTPUT_DIR), told from a folder given with --checkpoint (output_dir_from_args).
+    parser.add_argument("--output-dir", default=None,
+                        help="where to look for, and if need be train, the demo run when no --checkpoint is given "
+                             f"(default: {DEFAULT_OUTPUT_DIR})")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to serve on (default: this machine only; 0.0.0.0 for every interface)")
     parser.add_argument("--port", type=whole_number(1, 65535), default=DEFAULT_PORT, help="port to serve on")
@@ -893,6 +896,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: as the run trained it, from its run_config.json; else none)")
     add_dtype_flag(parser)
     return parser
+
+
+def output_dir_from_args(args) -> str:
+    """--output-dir, DEFAULT_OUTPUT_DIR unless given. It is only where the demo run is looked for: with
+    --checkpoint it changes nothing, which a note says (it was taken without a word; the page writes no outputs)."""
+    if args.output_dir is not None and args.checkpoint:
+        print(f"note: --output-dir {args.output_dir} changes nothing: it is where the demo run is looked for, and "
+              "--checkpoint names the runs to serve", file=sys.stderr)
+    return args.output_dir if args.output_dir is not None else DEFAULT_OUTPUT_DIR
 
 
 def check_can_serve(host: str, port: int) -> None:
@@ -954,6 +966,7 @@ def import_gradio():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.output_dir = output_dir_from_args(args)
     from eval import chosen_dtype, pick_device
     from model import checkpoint_folder
 

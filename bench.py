@@ -783,6 +783,41 @@ def refuse_mixed_runs(paths: list[str], records: list[dict]) -> None:
                             f"({'; '.join(values)}); give the files of one device's run at one --shapes")
 
 
+# The sections each flag steers: given where --only names none of them, it changes no measurement.
+FLAG_SECTIONS = {"batches": ("train", "loss", "quantized"), "naive_batches": ("train",),
+                 "generate_batch": ("generate",), "compile": ("train", "latency", "generate"),
+                 "variants": ("train",), "profile": ("train",), "cpu_bf16": ("train", "generate", "latency")}
+
+
+def given_flags(args) -> list[str]:
+    """The flags whose values differ from their defaults (as parsed), as --names."""
+    parser = build_parser()
+    defaults = vars(parser.parse_args([]))
+    return [action.option_strings[0] for action in parser._actions
+            if action.option_strings and action.dest != "help" and getattr(args, action.dest) != defaults[action.dest]]
+
+
+def check_targets_from_alone(args) -> None:
+    """--targets-from measures nothing: a measuring flag beside it was taken without a word."""
+    ignored = [flag for flag in given_flags(args) if flag != "--targets-from"]
+    if ignored:
+        raise UserError(f"--targets-from measures nothing, so {', '.join(ignored)} would do nothing: give them to "
+                        "the runs that measure, or leave them out")
+
+
+def flags_that_change_nothing(args) -> list[str]:
+    """Notes on flags given where they change no measurement: sections --only leaves out, and --profile, which
+    profiles the compiled training step on a GPU only (each was taken without a word)."""
+    notes = []
+    for name, sections in FLAG_SECTIONS.items():
+        if getattr(args, name) and not set(sections) & set(args.only):
+            notes.append(f"note: --{name.replace('_', '-')} changes nothing: it is for the {', '.join(sections)} "
+                         f"section{'s' if len(sections) > 1 else ''}, and --only names {','.join(args.only)}")
+    if args.profile and "train" in args.only and not (args.compile and args.device.type == "cuda"):
+        notes.append("note: --profile changes nothing: it profiles the compiled training step (--compile) on a GPU")
+    return notes
+
+
 def check_args(args) -> None:
     """What the flags' types cannot check alone, before anything is built."""
     args.device = pick_device(args.device)
@@ -793,6 +828,8 @@ def check_args(args) -> None:
     if args.out and (Path(args.out).is_dir() or not Path(args.out).parent.is_dir()):
         raise UserError(f"--out {args.out}: give a file in an existing folder (each JSON line is written "
                         "there as it is measured)")
+    for line in flags_that_change_nothing(args):
+        print(line, file=sys.stderr)
 
 
 def run_section(args, section: str, measure) -> None:
@@ -811,6 +848,7 @@ def run_section(args, section: str, measure) -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.targets_from:
+        check_targets_from_alone(args)
         print(targets_from(args.targets_from), flush=True)
         return 0
     check_args(args)

@@ -85,6 +85,7 @@ SWEEP_DECODINGS = (DecodingConfig(), DecodingConfig(strategy="beam", num_beams=3
 
 # What torch.manual_seed takes, with room for eval's per-batch offsets (seed + batch index).
 SEED_RANGE = (-(2**63), 2**63 - 1)
+SEED_DEFAULT = 0  # --seed unless given
 MAX_NEW_TOKENS = 1024  # a caption; the LM's own context bounds it further (Captioner.generate)
 
 
@@ -107,9 +108,10 @@ def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-new-tokens", type=whole_number(1, MAX_NEW_TOKENS), default=None,
                        help="longest caption, in tokens (default: the run's --max-caption-tokens, EOS included, "
                             "as long as its training captions and its validation's: 40 unless it trained with another)")
-    group.add_argument("--seed", type=whole_number(*SEED_RANGE), default=0,
-                       help="random seed (default 0; it matters for --strategy sample, where a caption also depends "
-                            "on the other images in its batch)")
+    # None: left out (SEED_DEFAULT), told from a seed given where nothing samples (seed_from_args).
+    group.add_argument("--seed", type=whole_number(*SEED_RANGE), default=None,
+                       help=f"random seed (default {SEED_DEFAULT}; it matters for --strategy sample, where a caption "
+                            "also depends on the other images in its batch)")
 
 
 def add_loading_flags(parser: argparse.ArgumentParser) -> None:
@@ -200,6 +202,18 @@ def decoding_from_args(args, trained_caption_tokens: int = AdapterConfig.max_cap
     values = {name: DECODING_DEFAULTS[name] if getattr(args, name) is None else getattr(args, name)
               for name in DECODING_DEFAULTS}
     return DecodingConfig(strategy=strategy, max_new_tokens=args.max_new_tokens or trained_caption_tokens, **values)
+
+
+def seed_from_args(args, decodings) -> int:
+    """--seed, SEED_DEFAULT unless given. Only sampling draws random numbers: a seed given where each of
+    `decodings` is greedy or beam search changes no caption, which a note says (it was taken without a word)."""
+    if args.seed is None:
+        return SEED_DEFAULT
+    strategies = {decoding.strategy for decoding in decodings}
+    if "sample" not in strategies:
+        note(f"note: --seed {args.seed} changes nothing: only --strategy sample draws random numbers, not "
+             f"{' or '.join(sorted(strategies))}", file=sys.stderr)
+    return args.seed
 
 
 def describe_decoding(decoding: DecodingConfig) -> str:
@@ -460,7 +474,8 @@ def option_flags(options: dict, sampled: bool) -> list[str]:
         value = options.get(name)
         if name in SAMPLING_FLAGS and not sampled:
             continue
-        if value is None or value is False or (value == defaults.get_default(name) and name != "batch_size"):
+        default = SEED_DEFAULT if name == "seed" else defaults.get_default(name)  # --seed's None: left out
+        if value is None or value is False or (value == default and name != "batch_size"):
             continue
         flag = "--" + name.replace("_", "-")
         flags += [flag] if value is True else [flag, str(value)]
@@ -1255,6 +1270,7 @@ def evaluate_or_compare(parser: argparse.ArgumentParser, args) -> int:
             for sweep_decoding in SWEEP_DECODINGS:
                 sweep_decoding = dataclasses.replace(sweep_decoding, max_new_tokens=decoding.max_new_tokens)
                 decodings.setdefault(describe_decoding(sweep_decoding), sweep_decoding)
+        args.seed = seed_from_args(args, decodings.values())  # resolved before metrics.json's options record it
 
         # Chosen before any data is read: a --device or --dtype the machine lacks is refused at once.
         device = processes.device or pick_device(args.device)

@@ -38,7 +38,7 @@ import torch
 
 from dataset import IMAGE_SUFFIXES, open_image
 from eval import (add_decoding_flags, add_loading_flags, chosen_dtype, decoding_from_args,
-                  loaded_as_the_run_names_note, loading_from_args, pick_device)
+                  loaded_as_the_run_names_note, loading_from_args, pick_device, seed_from_args)
 from model import ADAPTER_CONFIG, AdapterConfig, checkpoint_folder, load_captioner
 from utils import HelpFormatter, UserError, escape_surrogates, note, run_cli, run_folder_argument, whole_number
 
@@ -79,6 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_loading_flags(parser)
     add_decoding_flags(parser)
     return parser
+
+
+def compile_applies(compile: bool, strategy: str) -> bool:
+    """Whether --compile (`compile`) changes anything: it compiles the greedy loop's one-token step, and beam search
+    and sampling run through transformers' generate, eagerly. Said in a note where it does not (it was silent)."""
+    if compile and strategy != "greedy":
+        print(f"note: --compile speeds up greedy decoding only; --strategy {strategy} decodes eagerly",
+              file=sys.stderr)
+        return False
+    return compile
 
 
 def check_no_empty_argument(arguments: list[str]) -> None:
@@ -178,6 +188,8 @@ def main(argv=None) -> int:
     checkpoint = checkpoint_folder(args.checkpoint)
     trained = AdapterConfig.from_json(checkpoint / ADAPTER_CONFIG)  # a bad checkpoint is reported before any image
     decoding = decoding_from_args(args, trained.max_caption_tokens)
+    args.seed = seed_from_args(args, [decoding])
+    args.compile = compile_applies(args.compile, decoding.strategy)
     device = pick_device(args.device)
     check_no_empty_argument(args.images)
     check_stdout_open()

@@ -49,12 +49,10 @@ from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, IGNORE_INDEX, AdapterConfig,
 from utils import (MAX_RECORDS_JSON_BYTES, HelpFormatter, Processes, Terminated, UserError, append_jsonl,
                    caption_diversity, caption_metrics,
                    check_folder_is_shared, check_processes_agree, collapse_warning, default_image_workers,
-                   gpu_computes_in_bf16, ids_digest,
-                   interrupt_handled, interrupt_name, interrupted_exit_code, is_whole_number, join_processes,
-                   keep_going_if_the_reader_leaves,
-                   json_text, json_value, launched_processes, library_versions, load_state, lone_cpu_launch_warning,
-                   lost_another_process, machines, nearest_existing, not_a_link, read_json, read_jsonl, rng_states,
-                   run_cli,
+                   gpu_computes_in_bf16, ids_digest, interrupt_handled, interrupt_name, interrupted_exit_code,
+                   is_whole_number, join_processes, keep_going_if_the_reader_leaves, json_text, json_value,
+                   launched_processes, library_versions, load_state, lone_cpu_launch_warning, lost_another_process,
+                   machines, nearest_existing, not_a_link, note, read_json, read_jsonl, rng_states, run_cli,
                    said_alike_before_joining, said_alike_by, save_state, set_rng_states, stopping_together,
                    sync_folder, sync_tree, usage_errors_once_per_machine, user_message, weights_digest, write_json,
                    write_jsonl, write_text)
@@ -285,6 +283,7 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
 
             rebuild_cleared_demo(resumed.clip_model, resumed.lm_model, resumed.data_dir)
         check_data_flags(resumed.dataset, given.get("data_dir"), given.get("hub_data_files"))
+        check_flags_that_do_nothing(resumed, getattr(config, "given_flags", set()))
         return check_config(resumed)
     if config.demo and config.dataset != "folder":  # --demo's data is a caption folder: another would be a silent swap
         raise UserError(f"--demo trains on its own synthetic caption folder, not --dataset {config.dataset}: "
@@ -294,6 +293,7 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         raise UserError(f"--folder-split deals the images of a --dataset folder that name no split, and --dataset "
                         f"{config.dataset} gives every image its split; drop --folder-split")
     check_adapter_flags(config)
+    check_flags_that_do_nothing(config, getattr(config, "given_flags", set()))
     if config.demo:
         from demo import ensure_demo_assets
 
@@ -347,6 +347,28 @@ def check_adapter_flags(config: TrainConfig) -> None:
         if name in getattr(config, "given_flags", set()) and config.adapter_kind != kind:
             raise UserError(f"--{name.replace('_', '-')} sizes the {kind} adapter, but --adapter-kind is "
                             f"{config.adapter_kind}; drop it, or pass --adapter-kind {kind}")
+    # The linear adapter makes one prefix token whatever --prefix-length says (AdapterConfig sets it to 1).
+    if "prefix_length" in getattr(config, "given_flags", set()) and config.adapter_kind == "linear":
+        raise UserError(f"--prefix-length {config.prefix_length}: the linear adapter always makes one prefix token; "
+                        "drop it, or pass --adapter-kind mlp or transformer")
+
+
+def check_flags_that_do_nothing(config: TrainConfig, given: set[str]) -> None:
+    """Flags on this command line (`given`) that `config` (the new run's, or the resumed run's with this command's
+    changes) makes do nothing: each was taken without a word. A note where nothing is lost by it; an error where a
+    resume would not do what it was asked (its "resuming ..." line said it would)."""
+    # --max-steps sets the length where it is not 0 (as its help says, and as a new run given both is meant to
+    # read), but a resume that changes --epochs said "--epochs 5 (was 2)" and trained the steps it had before.
+    if "epochs" in getattr(config, "resume_changes", {}) and config.max_steps > 0:
+        where = "given here" if "max_steps" in given else "saved with the run"
+        raise UserError(f"--epochs {config.epochs} changes nothing: --max-steps {config.max_steps} ({where}) sets the "
+                        "run's length; change --max-steps instead, or give --max-steps 0 to run the epochs")
+    if "test_limit" in given and not config.final_eval:
+        note(f"note: --test-limit {config.test_limit} changes nothing: the final test evaluation is off "
+             "(--no-final-eval)", file=sys.stderr)
+    if "feature_cache_dir" in given and not config.feature_cache:
+        note(f"note: --feature-cache-dir {config.feature_cache_dir} changes nothing: the feature cache is off "
+             "(--no-feature-cache)", file=sys.stderr)
 
 
 def check_saved_types(path: Path, saved: dict) -> None:

@@ -182,6 +182,51 @@ def test_a_strategys_own_flag_implies_it_and_a_stray_one_is_an_error(run, data_d
     assert "give one kind, or --strategy" in line, line
 
 
+@pytest.mark.parametrize("flags, said", [
+    (["--seed", "5"], "note: --seed 5 changes nothing: only --strategy sample draws random numbers, not greedy"),
+    (["--strategy", "beam", "--seed", "5"], "note: --seed 5 changes nothing: only --strategy sample draws random "
+                                            "numbers, not beam"),
+    (["--strategy", "sample", "--seed", "5"], ""),
+    (["--seed", "0"], "note: --seed 0 changes nothing"),  # the default's value, given: told from the default
+    ([], ""),
+    (["--compile", "--strategy", "beam"], "note: --compile speeds up greedy decoding only; --strategy beam decodes "
+                                          "eagerly"),
+])
+def test_inference_notes_a_decoding_flag_that_changes_nothing(flags, said, run, tmp_path, no_model, capsys):
+    """Each was taken without a word. Before any model loads: here no image can be read, so none loads."""
+    assert run_cli(inference.main, ["--checkpoint", str(run), *flags, str(tmp_path / "missing.png")]) == 1
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
+    assert notes == ([] if not said else [notes[0]]) and (not said or notes[0].startswith(said)), notes
+
+
+def test_eval_notes_a_seed_only_where_no_decoding_samples(capsys):
+    def seed(*flags):
+        args = eval_script.build_parser().parse_args(["RUN", *flags])
+        decodings = [eval_script.decoding_from_args(args)]
+        if args.decoding_sweep:
+            decodings += eval_script.SWEEP_DECODINGS
+        return eval_script.seed_from_args(args, decodings), capsys.readouterr().err
+
+    assert seed() == (0, "")  # left out: the default, without a word
+    assert seed("--seed", "7", "--num-beams", "5") == (7, "note: --seed 7 changes nothing: only --strategy sample "
+                                                          "draws random numbers, not beam\n")
+    assert seed("--seed", "7", "--decoding-sweep") == (7, "")  # the sweep's nucleus row samples
+    assert seed("--seed", "7", "--top-p", "0.5") == (7, "")
+
+
+def test_app_notes_an_output_dir_given_with_checkpoints(capsys):
+    """--output-dir is where the demo run is looked for; with --checkpoint it was taken without a word."""
+    def output_dir(*flags):
+        return app.output_dir_from_args(app.build_parser().parse_args(list(flags))), capsys.readouterr().err
+
+    assert output_dir() == ("saved_models", "")
+    assert output_dir("--output-dir", "runs") == ("runs", "")
+    assert output_dir("--checkpoint", "a", "--output-dir", "runs") == (
+        "runs", "note: --output-dir runs changes nothing: it is where the demo run is looked for, and --checkpoint "
+                "names the runs to serve\n")
+    assert "(default: saved_models)" in " ".join(app.build_parser().format_help().split())
+
+
 @pytest.mark.parametrize("flag, value, meaning", [
     ("--limit", "-1", "0 = all"),  # was silently "all"
     ("--gallery-size", "-2", "0 = every image"),  # was silently "every image"
@@ -409,6 +454,32 @@ def test_bench_flags(flag, value, no_model, capsys):
 def test_bench_flags_that_would_measure_nothing(flag, value, message, no_model, capsys):
     line = cli_error(capsys, bench.main, ["--shapes", "tiny", flag, value])
     assert message in line, line
+
+
+def test_bench_targets_from_refuses_flags_that_would_measure_nothing(tmp_path, capsys):
+    """--targets-from measures nothing: --shapes real or --compile beside it were taken without a word."""
+    line = cli_error(capsys, bench.main, ["--targets-from", str(tmp_path / "a.jsonl"), "--shapes", "real", "--compile"])
+    assert line == ("error: --targets-from measures nothing, so --shapes, --compile would do nothing: give them to "
+                    "the runs that measure, or leave them out"), line
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--only", "extract", "--generate-batch", "4"], ["note: --generate-batch changes nothing: it is for the generate "
+                                                      "section, and --only names extract"]),
+    (["--only", "extract,latency", "--batches", "4", "--naive-batches", "2"], [
+        "note: --batches changes nothing: it is for the train, loss, quantized sections, and --only names "
+        "extract,latency",
+        "note: --naive-batches changes nothing: it is for the train section, and --only names extract,latency"]),
+    (["--only", "train", "--profile"], ["note: --profile changes nothing: it profiles the compiled training step "
+                                        "(--compile) on a GPU"]),
+    (["--only", "loss", "--batches", "4"], []),  # the loss section's rows come from the largest batch
+    (["--only", "latency", "--compile"], []),
+])
+def test_bench_notes_flags_the_chosen_sections_do_not_use(flags, said, no_model, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = bench.build_parser().parse_args(["--shapes", "tiny", *flags])
+    bench.check_args(args)
+    assert capsys.readouterr().err.splitlines() == said
 
 
 def test_app_serves_every_checkpoint_given(no_model):

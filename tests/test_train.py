@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import math
@@ -24,7 +25,7 @@ import train
 from conftest import train_args
 from dataset import extract_features, load_records
 from model import load_captioner
-from utils import load_state, read_jsonl, run_cli
+from utils import UserError, load_state, read_jsonl, run_cli, write_json
 
 
 def adapter_weights(path) -> dict[str, torch.Tensor]:
@@ -591,6 +592,9 @@ def test_a_finished_run_given_more_steps_trains_from_its_first_new_step(tiny, tm
     (["--adapter-layers", "0", "--adapter-kind", "transformer"], "--adapter-layers must be >= 1"),
     (["--adapter-layers", "4"], "--adapter-layers sizes the transformer adapter, but --adapter-kind is mlp"),
     (["--adapter-kind", "transformer", "--adapter-hidden-dim", "64"], "--adapter-hidden-dim sizes the mlp adapter"),
+    # The linear adapter makes one prefix token: --prefix-length was taken and dropped without a word.
+    (["--adapter-kind", "linear", "--prefix-length", "5"], "--prefix-length 5: the linear adapter always makes one "
+                                                           "prefix token; drop it, or pass --adapter-kind mlp"),
     (["--seed", "-1"], "--seed must be from 0 to 4294967295"),
     (["--seed", "4294967296"], "--seed must be from 0 to 4294967295"),
     (["--run-name", ".."], "must be a plain folder name"),
@@ -618,6 +622,41 @@ def test_bad_flag_values_are_one_line_errors_before_any_work(tiny, tmp_path, cap
     assert run_cli(train.main, args) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: ") and "\n" not in error and message.replace("A_FILE", str(a_file)) in error, error
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--test-limit", "5", "--final-eval", "false"], "note: --test-limit 5 changes nothing: the final test evaluation "
+                                                     "is off"),
+    (["--no-feature-cache", "--feature-cache-dir", "CACHE"], "note: --feature-cache-dir CACHE changes nothing: the "
+                                                             "feature cache is off"),
+    ([], ""),
+    (["--max-steps", "4"], ""),  # over train_args' own --epochs 2, as --max-steps's help says: not noted
+])
+def test_a_flag_the_run_would_not_use_is_noted(tiny, tmp_path, capsys, flags, said):
+    """Each was taken without a word; nothing is lost by it, so a note, not an error."""
+    flags = [flag.replace("CACHE", str(tmp_path / "cache")) for flag in flags]
+    train.resolve_config(train.parse_config(train_args(tiny, tmp_path, "noted", *flags)))
+    err = capsys.readouterr().err
+    assert err.strip().startswith(said.replace("CACHE", str(tmp_path / "cache"))) and "\n" not in err.strip(), err
+    assert bool(err) == bool(said), err
+
+
+def test_resume_refuses_epochs_that_max_steps_overrules(tiny, tmp_path, capsys):
+    """`--resume --epochs 5` on a run saved with --max-steps said "--epochs 5 (was 2)" and trained the same steps."""
+    saved = train.resolve_config(train.parse_config(train_args(tiny, tmp_path, "capped", "--max-steps", "4")))
+    (tmp_path / "capped").mkdir()
+    write_json(tmp_path / "capped" / train.RUN_CONFIG, dataclasses.asdict(saved))
+    resume = ["--output-dir", str(tmp_path), "--run-name", "capped", "--resume", "--no-progress"]
+    for steps, where in (([], "4 (saved with the run)"), (["--max-steps", "6"], "6 (given here)")):
+        with pytest.raises(UserError) as refused:
+            train.resolve_config(train.parse_config([*resume, "--epochs", "5", *steps]))
+        assert str(refused.value) == (f"--epochs 5 changes nothing: --max-steps {where} sets the run's length; change "
+                                      "--max-steps instead, or give --max-steps 0 to run the epochs")
+    # The saved value again (the first command line, --resume added) asks for no change; --max-steps 0 lets the
+    # epochs set the length.
+    assert train.resolve_config(train.parse_config([*resume, "--epochs", "2"])).max_steps == 4
+    assert train.resolve_config(train.parse_config([*resume, "--epochs", "5", "--max-steps", "0"])).epochs == 5
+    assert capsys.readouterr().err == ""
 
 
 def test_validation_says_when_the_lm_writes_one_caption_for_every_image(tiny, tmp_path, monkeypatch, capsys):
