@@ -1241,12 +1241,20 @@ def say(accelerator, text: str, every_machine: bool = False) -> None:
         print(text)
 
 
+def length_line(config, steps_per_epoch: int, total_steps: int) -> str:
+    """The banner's line on the run's length: by --epochs, or by --max-steps where it is given (then the epochs
+    that makes; the line said "epochs = 16" of a run --max-steps ended within the first)."""
+    epochs = (f"epochs = {config.epochs}" if not config.max_steps
+              else f"epochs = {total_steps / max(steps_per_epoch, 1):.3g} (--max-steps {config.max_steps:,})")
+    return f"{epochs}   steps per epoch = {steps_per_epoch:,}   total optimizer steps = {total_steps:,}"
+
+
 def banner(accelerator, config, train_pairs, train_records, steps_per_epoch, total_steps, trainable) -> None:
     say(accelerator, (
         "***** Running training *****\n"
         f"  run folder = {Path(config.output_dir) / config.run_name}\n"
         f"  images = {len(train_records):,}   (image, caption) pairs = {len(train_pairs):,}\n"
-        f"  epochs = {config.epochs}   steps per epoch = {steps_per_epoch:,}   total optimizer steps = {total_steps:,}\n"
+        f"  {length_line(config, steps_per_epoch, total_steps)}\n"
         f"  batch per process = {config.batch_size}   processes = {accelerator.num_processes}   "
         f"accumulation = {config.grad_accum_steps}   "
         f"global batch = {config.batch_size * config.grad_accum_steps * accelerator.num_processes}\n"

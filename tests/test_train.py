@@ -79,6 +79,7 @@ def test_train_eval_inference_end_to_end(tiny, tmp_path, capsys):
     # output ended at the test table, and a --no-final-eval run's at its last validation line).
     trained = capsys.readouterr().out
     assert f"  run folder = {run}\n" in trained
+    assert "  epochs = 2   steps per epoch = " in trained  # train_args gives --epochs 2
     best = training["best"]
     assert (f"training finished: the best adapter (step {best['step']}, val_rougeL {best['val_rougeL']:.4f}) is in "
             f"{run}, the last in {run / 'last'}; scoring it on the test split\n") in trained
@@ -101,6 +102,14 @@ def test_train_eval_inference_end_to_end(tiny, tmp_path, capsys):
     # The same greedy captions eval.py wrote for those images.
     by_id = {p["image_id"]: p["prediction"] for p in predictions}
     assert [line["caption"] for line in lines] == [by_id[f"images/test_000{i}.png"] for i in range(3)]
+
+
+def test_the_banner_gives_the_length_max_steps_sets():
+    """With --max-steps the banner said "epochs = 16" of a run that ended within the first."""
+    config = train.parse_config(["--epochs", "16", "--max-steps", "6"])
+    assert train.length_line(config, 141, 6) == "epochs = 0.0426 (--max-steps 6)   steps per epoch = 141   total " \
+                                                "optimizer steps = 6"
+    assert train.length_line(train.parse_config(["--epochs", "16"]), 141, 2256).startswith("epochs = 16   ")
 
 
 def test_a_transformer_adapter_trains_and_reloads(tiny, tmp_path):
