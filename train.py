@@ -410,6 +410,9 @@ def resumed_config(config: TrainConfig) -> TrainConfig:
     if config.mixed_precision == "auto":  # a run saves what auto meant (resolve_config): compare that
         config.mixed_precision = auto_mixed_precision()
     absolute_local_paths(config)  # as the run saved them
+    if config.demo and not saved.demo:  # --demo was dropped without a word: the run trains its own data
+        raise UserError(f"--demo: {saved_file.parent} is not a demo run (it trains on {saved.dataset} data); drop "
+                        "--demo to continue it, or give a demo run's --run-name")
     given = getattr(config, "given_flags", set()) - {"resume", "demo", *RESUME_FROM_COMMAND_LINE}
     refused = sorted(name for name in given - RESUME_OVERRIDES if getattr(config, name) != getattr(saved, name))
     backbones = [getattr(saved, name) for name in refused if name in ("clip_model", "lm_model")]

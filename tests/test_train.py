@@ -668,6 +668,19 @@ def test_resume_refuses_epochs_that_max_steps_overrules(tiny, tmp_path, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_resume_refuses_demo_on_a_run_that_is_not_one(tiny, tmp_path):
+    """`--resume --demo` on a run of the user's own data dropped --demo without a word."""
+    saved = train.resolve_config(train.parse_config(train_args(tiny, tmp_path, "own")))
+    (tmp_path / "own").mkdir()
+    write_json(tmp_path / "own" / train.RUN_CONFIG, dataclasses.asdict(saved))
+    resume = ["--output-dir", str(tmp_path), "--run-name", "own", "--resume", "--no-progress"]
+    with pytest.raises(UserError) as refused:
+        train.resolve_config(train.parse_config([*resume, "--demo"]))
+    assert str(refused.value) == (f"--demo: {tmp_path / 'own'} is not a demo run (it trains on folder data); drop "
+                                  "--demo to continue it, or give a demo run's --run-name")
+    assert not train.resolve_config(train.parse_config(resume)).demo
+
+
 def test_validation_says_when_the_lm_writes_one_caption_for_every_image(tiny, tmp_path, monkeypatch, capsys):
     """Collapse (the LM ignores its prefix) shows in validation's log and output, not only at the end."""
     import utils
