@@ -366,6 +366,10 @@ def check_flags_that_do_nothing(config: TrainConfig, given: set[str]) -> None:
     if "test_limit" in given and not config.final_eval:
         note(f"note: --test-limit {config.test_limit} changes nothing: the final test evaluation is off "
              "(--no-final-eval)", file=sys.stderr)
+    for name, model in (("clip_revision", config.clip_model), ("lm_revision", config.lm_model)):
+        if name in given and getattr(config, name) and Path(model).is_dir():  # from_pretrained reads the folder as is
+            note(f"note: --{name.replace('_', '-')} {getattr(config, name)} changes nothing: {model} is a local "
+                 "folder, read as it is; a revision picks a commit of a Hub model", file=sys.stderr)
     if "feature_cache_dir" in given and not config.feature_cache:
         note(f"note: --feature-cache-dir {config.feature_cache_dir} changes nothing: the feature cache is off "
              "(--no-feature-cache)", file=sys.stderr)

@@ -638,6 +638,7 @@ def test_bad_flag_values_are_one_line_errors_before_any_work(tiny, tmp_path, cap
                                                      "is off"),
     (["--no-feature-cache", "--feature-cache-dir", "CACHE"], "note: --feature-cache-dir CACHE changes nothing: the "
                                                              "feature cache is off"),
+    (["--clip-revision", "v1"], "note: --clip-revision v1 changes nothing: CLIP is a local folder, read as it is"),
     ([], ""),
     (["--max-steps", "4"], ""),  # over train_args' own --epochs 2, as --max-steps's help says: not noted
 ])
@@ -646,7 +647,8 @@ def test_a_flag_the_run_would_not_use_is_noted(tiny, tmp_path, capsys, flags, sa
     flags = [flag.replace("CACHE", str(tmp_path / "cache")) for flag in flags]
     train.resolve_config(train.parse_config(train_args(tiny, tmp_path, "noted", *flags)))
     err = capsys.readouterr().err
-    assert err.strip().startswith(said.replace("CACHE", str(tmp_path / "cache"))) and "\n" not in err.strip(), err
+    said = said.replace("CACHE", str(tmp_path / "cache")).replace("CLIP", tiny["clip_model"])
+    assert err.strip().startswith(said) and "\n" not in err.strip(), err
     assert bool(err) == bool(said), err
 
 
