@@ -214,6 +214,14 @@ def build_baseline(captioner, checkpoint: Path, batch_size: int, progress: bool)
     return Baseline(features, [record.captions for record in records]), note
 
 
+def run_label(checkpoint: Path) -> str:
+    """A checkpoint's name on the page: a run folder's own, one inside a run folder (last/, last.old/ where a crash
+    left only that: model.checkpoint_folder, last-step-N/ that a later save kept: train.discard_replaced) with its
+    run's too, as "last" alone names none."""
+    inside_a_run = checkpoint.name in ("last", "last.old") or (checkpoint.parent / "run_config.json").is_file()
+    return f"{checkpoint.parent.name}/{checkpoint.name}" if inside_a_run else checkpoint.name
+
+
 def load_run(checkpoint: str | Path, device, with_baseline: bool = True, batch_size: int = 64, progress: bool = True,
              lm_quantization: str | None = None, dtype: torch.dtype | None = None) -> LoadedRun:
     """The run's captioner and baseline, loaded once, and one warm-up caption so that the first
@@ -235,9 +243,7 @@ def load_run(checkpoint: str | Path, device, with_baseline: bool = True, batch_s
     # run trained 8-bit on a small GPU may not fit there, and it captions differently.
     captioner = load_captioner(checkpoint, device=device, dtype=dtype or default_dtype(device),
                                lm_quantization=lm_quantization or run_lm_quantization(checkpoint))
-    # A run's last/ (or last.old/ where a crash left only that: model.checkpoint_folder) by its run's name too.
-    name = f"{checkpoint.parent.name}/{checkpoint.name}" if checkpoint.name in ("last", "last.old") else checkpoint.name
-    run = LoadedRun(name, checkpoint, captioner)
+    run = LoadedRun(run_label(checkpoint), checkpoint, captioner)
     if with_baseline:
         run.baseline, run.baseline_note = build_baseline(captioner, checkpoint, batch_size, progress)
     else:

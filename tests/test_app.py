@@ -705,6 +705,17 @@ def test_a_run_folder_named_twice_is_loaded_and_offered_once(run, tmp_path, monk
     assert capsys.readouterr().out.count("serving it once") == 3
 
 
+def test_a_checkpoint_inside_a_run_is_named_with_its_run(run, tmp_path):
+    """last/ and last.old/ were named with their run's name; last-step-N/ (kept by a later save) was "last-step-2"
+    alone, one of several runs' on a page serving them."""
+    copy_run_files(run, tmp_path / "mine")
+    (tmp_path / "mine" / "run_config.json").write_bytes((run / "run_config.json").read_bytes())
+    for inside in ("last", "last.old", "last-step-2"):
+        (tmp_path / "mine" / inside).mkdir()
+        assert app.run_label(tmp_path / "mine" / inside) == f"mine/{inside}"
+    assert app.run_label(tmp_path / "mine") == "mine"
+
+
 def test_a_run_named_like_another_choice_on_the_page_can_still_be_picked(run, tmp_path, monkeypatch):
     """Choices are made by name: a run folder named "nothing" made "Compare with: nothing" caption
     with that run, and one named like a baseline took the baseline's place."""
