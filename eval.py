@@ -76,6 +76,12 @@ BASELINE = "nearest-neighbour baseline"
 BASELINE_METHOD = ("for each image, the first caption of the training image whose CLIP feature is most cosine-similar "
                    "(ties: the earliest training image)")
 DECIDING_METRIC = "coco_cider_d"  # the adapter must beat the baseline on this one
+# A scored image whose CLIP feature is a training image's to this cosine is taken for a copy of it (same_picture_note).
+# An identical file decodes to identical pixels: its feature came out the same to within 1.2e-7 of cosine 1 (CPU,
+# fp32 and bf16, in other batches; the real ViT-B/32's shape too; not measured on a GPU). Distinct demo images came
+# within 4.8e-5 of 1 (a val image and a training one of the same shape, colours and place), nearer than a copy
+# re-saved as JPEG (7e-5 to 4e-3, quality 95 to 20): only exact copies can be told apart, so only they are named.
+SAME_FEATURE_COSINE = 1 - 1e-5
 SCALE_NOTE = "raw pycocoevalcap values: CIDEr-D in 0-10, the others in 0-1; tables print x100"
 # The decoding comparison: the same split, the same seed for sampling.
 SWEEP_DECODINGS = (DecodingConfig(), DecodingConfig(strategy="beam", num_beams=3),
@@ -308,25 +314,49 @@ def caption_features(captioner, features: torch.Tensor, decoding: DecodingConfig
     return captions
 
 
+@dataclass
+class Neighbours:
+    """Each query's nearest training image: its index, and the cosine similarity of their CLIP features."""
+
+    index: list[int]
+    similarity: list[float]
+
+
+def nearest_training_images(train_features: torch.Tensor, query_features: torch.Tensor,
+                            chunk_size: int = 1024) -> Neighbours:
+    """For each query feature, the training feature most cosine-similar (normalised here, so scale does not
+    matter) and that similarity, in one pass: the baseline's caption and the copies' note (same_picture_note)
+    both come from it. Deterministic: ties go to the earliest training image."""
+    if len(train_features) == 0:
+        raise ValueError("no training images to retrieve captions from")
+    train = F.normalize(train_features.float(), dim=-1)
+    index, similarity = [], []
+    for start in range(0, len(query_features), chunk_size):  # never a Q x N matrix for the whole split at once
+        query = F.normalize(query_features[start : start + chunk_size].float().to(train.device), dim=-1)
+        scores = query @ train.T  # (chunk, N)
+        nearest = scores.argmax(dim=1)  # the first index of the maximum
+        index += nearest.tolist()
+        similarity += scores.gather(1, nearest[:, None]).squeeze(1).tolist()
+    return Neighbours(index, similarity)
+
+
+def first_caption(captions) -> str:
+    """A training image's caption, or the first of its list of captions."""
+    return captions if isinstance(captions, str) else captions[0]
+
+
 def nearest_neighbour_captions(train_features: torch.Tensor, train_captions, query_features: torch.Tensor,
                                chunk_size: int = 1024) -> list[str]:
     """For each query feature, a caption of the training image whose feature is most cosine-similar.
 
-    train_features (N, F) and query_features (Q, F) are CLIP features (normalised here, so scale
-    does not matter); train_captions holds, per training image, its caption or list of captions,
-    of which the first is returned. Deterministic: ties go to the earliest training image.
+    train_features (N, F) and query_features (Q, F) are CLIP features; train_captions holds, per
+    training image, its caption or list of captions, of which the first is returned. Ties go to the
+    earliest training image (nearest_training_images).
     """
     if len(train_features) != len(train_captions):
         raise ValueError(f"{len(train_features)} training features but {len(train_captions)} caption entries")
-    if len(train_features) == 0:
-        raise ValueError("no training images to retrieve captions from")
-    train = F.normalize(train_features.float(), dim=-1)
-    nearest = []
-    for start in range(0, len(query_features), chunk_size):  # never a Q x N matrix for the whole split at once
-        query = F.normalize(query_features[start : start + chunk_size].float().to(train.device), dim=-1)
-        nearest += (query @ train.T).argmax(dim=1).tolist()  # (chunk, N) -> first index of the maximum
-    first = lambda captions: captions if isinstance(captions, str) else captions[0]  # noqa: E731
-    return [first(train_captions[index]) for index in nearest]
+    nearest = nearest_training_images(train_features, query_features, chunk_size).index
+    return [first_caption(train_captions[index]) for index in nearest]
 
 
 def check_readable(bad_samples: list[tuple[str, str]]) -> None:
@@ -351,6 +381,8 @@ class SplitResult:
 
     metrics: dict
     rows: list[dict]
+    # (scored record, training record) pairs whose CLIP features are the same: copies (same_picture_note)
+    copies: list[tuple] = dataclasses.field(default_factory=list)
 
 
 def score_predictions(prediction_sets: dict[str, list[str]], references: list[list[str]], notes: list[str],
@@ -554,7 +586,11 @@ def evaluate_captioner(captioner, records, decodings: dict[str, DecodingConfig],
               f"read, as training did (first: {first})", file=sys.stderr)
     train_records = readable
 
-    baseline = nearest_neighbour_captions(train_features, [r.captions for r in train_records], query_features)
+    neighbours = nearest_training_images(train_features, query_features)
+    baseline = [first_caption(train_records[index].captions) for index in neighbours.index]
+    copies = [(record, train_records[index])
+              for record, index, similarity in zip(records, neighbours.index, neighbours.similarity)
+              if similarity >= SAME_FEATURE_COSINE]
     references = [record.captions for record in records]
     notes: list[str] = []
     scored = score_predictions({**predictions, BASELINE: baseline}, references, notes, progress)
@@ -587,7 +623,7 @@ def evaluate_captioner(captioner, records, decodings: dict[str, DecodingConfig],
                  "baseline": baseline[i], **{key: values[i] for key, values in per_image.items()},
                  "baseline_coco_cider_d": baseline_per_image["coco_cider_d"][i]}
                 for i, record in enumerate(records)]
-        results[name] = SplitResult(metrics, rows)
+        results[name] = SplitResult(metrics, rows, copies)
     return results
 
 
@@ -981,6 +1017,20 @@ def trained_on_note(records, train_records) -> str:
             "retrieves each image's own captions, so it is an upper bound, not a baseline")
 
 
+def same_picture_note(copies: list[tuple], scored: int) -> str:
+    """A note when scored images have a training image's very CLIP feature (SAME_FEATURE_COSINE): byte copies
+    under other names, which dataset.py does not find (it would hash every file at every load); else "". The
+    same file under two names is trained_on_note's. The pairs come from the baseline's own search."""
+    copies = [(record, trained) for record, trained in copies if image_identity(record) != image_identity(trained)]
+    if not copies:
+        return ""
+    shown = ", ".join(f"{record.image_id} = {trained.image_id}" for record, trained in copies[:3])
+    more = ", ..." if len(copies) > 3 else ""
+    return (f"{len(copies):,} of the {scored:,} images have the very CLIP feature of a training image: copies of it, "
+            f"or pictures CLIP cannot tell from it ({shown}{more}); the figures on them are optimistic, the run trained "
+            "on those pictures and the baseline retrieves their training captions")
+
+
 def selected_on_note(records, run: dict, checkpoint: Path, run_dir: Path) -> str:
     """A note when evaluated images are among those the run's validation chose this adapter by (its best
     one, by --select-by), else "": its figures there are optimistic, which `--split val` did not say."""
@@ -1321,7 +1371,8 @@ def evaluate_or_compare(parser: argparse.ArgumentParser, args) -> int:
     result = results[describe_decoding(decoding)]
     result.metrics.update(scored)
     selected_on = selected_on_note(records, run, checkpoint, run_dir) if args.split == "val" else ""
-    printed_notes = [note for note in (trained_on_note(records, train_records), selected_on, live) if note]
+    copied = same_picture_note(result.copies, len(records)) if args.split != "train" else ""
+    printed_notes = [note for note in (trained_on_note(records, train_records), copied, selected_on, live) if note]
     result.metrics["notes"] += printed_notes
     sweep = sweep_table(results) if args.decoding_sweep else None
     out_dir = Path(args.out) if args.out else checkpoint

@@ -449,6 +449,28 @@ def test_the_upper_bound_note_is_for_images_the_run_trained_on(tiny, run, tmp_pa
         assert [line[: len("note: " + note)] for line in printed] == ["note: " + n for n in expected], printed
 
 
+def test_a_held_out_byte_copy_of_a_training_image_is_said_to_flatter_the_figures(tiny, run, tmp_path, capsys):
+    # dataset.py finds one file under several names, not a byte copy under another name: the test split
+    # held a training picture, scored as unseen, and nothing said so. Its CLIP feature is the training one's.
+    # A link to a file the run trained on is the upper-bound note's (the same file), not counted again here.
+    note = "1 of the 6 images have the very CLIP feature of a training image: copies of it, or pictures CLIP " \
+           "cannot tell from it (images/test_0002.png = images/train_0007.png)"
+    distinct = shutil.copytree(tiny["data_dir"], tmp_path / "distinct")
+    copied = shutil.copytree(tiny["data_dir"], tmp_path / "copied")
+    shutil.copyfile(copied / "images" / "train_0007.png", copied / "images" / "test_0002.png")  # a file of its own
+    (copied / "images" / "test_0003.png").unlink()
+    (copied / "images" / "test_0003.png").symlink_to(Path(tiny["data_dir"]) / "images" / "train_0008.png")
+    for data_dir, expected in ((copied, [note]), (distinct, [])):
+        out = tmp_path / f"eval-{data_dir.name}"
+        assert eval_script.main([str(run), "--data-dir", str(data_dir), "--out", str(out), "--no-progress",
+                                 "--num-workers", "0"]) == 0
+        notes = json.loads((out / "metrics.json").read_text())["notes"]
+        assert [n[: len(note)] for n in notes if "very CLIP feature" in n] == expected, notes
+        printed = [line for line in capsys.readouterr().out.splitlines() if "very CLIP feature" in line]
+        assert [line[: len("note: " + note)] for line in printed] == ["note: " + n for n in expected], printed
+        assert any("1 of the 6 images are among the run's training images" in n for n in notes) == bool(expected)
+
+
 def test_a_run_that_skipped_a_missing_training_image_can_be_evaluated(tiny, tmp_path, capsys):
     # train.py's default --on-bad-sample skip trains without a missing file; eval.py's baseline then
     # stopped on that file ("1 of 40 train images are missing"), so such a run could not be evaluated.

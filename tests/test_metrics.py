@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import metrics
-from eval import nearest_neighbour_captions
+from eval import nearest_neighbour_captions, nearest_training_images
 from metrics import COCO_METRICS, coco_metrics, ptb_tokenize_python
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="the reference PTB tokenizer and METEOR need Java")
@@ -147,6 +147,10 @@ def test_nearest_neighbour_captions_rule():
     assert nearest_neighbour_captions(train_features, train_captions, queries, chunk_size=1) == ["a first", "b", "c"]
     with pytest.raises(ValueError):
         nearest_neighbour_captions(train_features, train_captions[:2], queries)
+    # The same search gives each nearest image's cosine too (eval.py's note on copies of training images).
+    nearest = nearest_training_images(train_features, queries, chunk_size=2)
+    assert nearest.index == [0, 1, 2]
+    assert nearest.similarity == pytest.approx([2 / 4.01**0.5, 1.0, 1.0])
 
 
 def test_an_interrupt_while_meteor_scores_ends_the_process_instead_of_hanging_it():
