@@ -2181,8 +2181,8 @@ def final_evaluation(captioner, adapter, run_dir: Path, config: TrainConfig, tes
     """Score the best adapter on the test split, exactly as `python eval.py RUN` would (report included).
 
     The nearest-neighbour baseline reuses the training features extracted for training."""
-    from eval import (describe_decoding, evaluate_captioner, feature_cache_settings, print_metrics, say_written,
-                      what_was_scored, write_eval_outputs)
+    from eval import (describe_decoding, evaluate_captioner, feature_cache_settings, print_metrics, same_picture_note,
+                      say_written, what_was_scored, write_eval_outputs)
 
     captioner.adapter = adapter
     adapter.load_state_dict(load_adapter_state(run_dir / ADAPTER_WEIGHTS))
@@ -2200,8 +2200,10 @@ def final_evaluation(captioner, adapter, run_dir: Path, config: TrainConfig, tes
                                  feature_cache=feature_cache_settings(dataclasses.asdict(config)))
     result = results[describe_decoding(decoding)]
     result.metrics.update(what_was_scored(run_dir, config.dataset, "test", records, {"limit": config.test_limit}))
+    notes = tuple(note for note in [same_picture_note(result.copies, len(records))] if note)  # as eval.py says it
+    result.metrics["notes"] += notes
     written = write_eval_outputs(run_dir, result, records, run_dir)
-    print_metrics(result.metrics, title=f"{run_dir} on the test split ({len(records)} images, greedy)")
+    print_metrics(result.metrics, title=f"{run_dir} on the test split ({len(records)} images, greedy)", notes=notes)
     say_written(written)  # report.html's path: the demo's output ended at the table, the report unmentioned
     return {k: v for k, v in result.metrics.items() if not isinstance(v, (list, dict))}
 

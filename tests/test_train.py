@@ -1354,3 +1354,17 @@ def test_resuming_a_finished_run_says_what_is_left_to_do(tiny, tmp_path, capsys)
     assert "it had finished training at step 4: nothing is left to do" in capsys.readouterr().out
     assert train.main([*args, "--resume", "--max-steps", "6"]) == 0
     assert "it had finished" not in capsys.readouterr().out
+
+
+def test_the_final_evaluation_says_when_test_images_are_copies_of_training_ones(tiny, tmp_path, capsys):
+    """eval.py notes a held-out image with a training image's very CLIP feature; the run's own final test
+    evaluation (what `make demo` prints) scored the same copies without a word."""
+    data = shutil.copytree(tiny["data_dir"], tmp_path / "copied")
+    shutil.copyfile(data / "images" / "train_0007.png", data / "images" / "test_0002.png")
+    args = train_args(tiny, tmp_path, "copies", "--max-steps", "2")
+    args[args.index("--data-dir") + 1] = str(data)
+    assert train.main(args) == 0
+    note = ("1 of the 6 images have the very CLIP feature of a training image: copies of it, or pictures CLIP "
+            "cannot tell from it (images/test_0002.png = images/train_0007.png)")
+    assert [n for n in json.loads((tmp_path / "copies" / "metrics.json").read_text())["notes"] if n.startswith(note)]
+    assert f"note: {note}" in capsys.readouterr().out
