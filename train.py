@@ -293,7 +293,6 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         raise UserError(f"--folder-split deals the images of a --dataset folder that name no split, and --dataset "
                         f"{config.dataset} gives every image its split; drop --folder-split")
     check_adapter_flags(config)
-    check_flags_that_do_nothing(config, getattr(config, "given_flags", set()))
     if config.demo:
         from demo import ensure_demo_assets
 
@@ -303,6 +302,8 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         config.data_dir = config.data_dir or assets["data_dir"]
         config.clip_model = config.clip_model or assets["clip_model"]
         config.lm_model = config.lm_model or assets["lm_model"]
+    # After the demo's backbones are filled in: before, its "" (Path("") is the current folder) was named as one.
+    check_flags_that_do_nothing(config, getattr(config, "given_flags", set()))
     if not config.run_name and config.demo:  # demo, demo-2, ...: a rerun never stops on an existing folder
         config.run_name = next(n for n in DEMO_RUN_NAMES if not (Path(config.output_dir) / n).exists())
         config.name_picked = True
@@ -2182,7 +2183,7 @@ def final_evaluation(captioner, adapter, run_dir: Path, config: TrainConfig, tes
 
     The nearest-neighbour baseline reuses the training features extracted for training."""
     from eval import (describe_decoding, evaluate_captioner, feature_cache_settings, print_metrics, same_picture_note,
-                      say_written, what_was_scored, write_eval_outputs)
+                      say_written, trained_on_note, what_was_scored, write_eval_outputs)
 
     captioner.adapter = adapter
     adapter.load_state_dict(load_adapter_state(run_dir / ADAPTER_WEIGHTS))
@@ -2200,7 +2201,9 @@ def final_evaluation(captioner, adapter, run_dir: Path, config: TrainConfig, tes
                                  feature_cache=feature_cache_settings(dataclasses.asdict(config)))
     result = results[describe_decoding(decoding)]
     result.metrics.update(what_was_scored(run_dir, config.dataset, "test", records, {"limit": config.test_limit}))
-    notes = tuple(note for note in [same_picture_note(result.copies, len(records))] if note)  # as eval.py says it
+    # As eval.py says them: a test image that is a training file under another name (a link), then byte copies.
+    said = [trained_on_note(records, train_records), same_picture_note(result.copies, len(records))]
+    notes = tuple(note for note in said if note)
     result.metrics["notes"] += notes
     written = write_eval_outputs(run_dir, result, records, run_dir)
     print_metrics(result.metrics, title=f"{run_dir} on the test split ({len(records)} images, greedy)", notes=notes)

@@ -1368,3 +1368,29 @@ def test_the_final_evaluation_says_when_test_images_are_copies_of_training_ones(
             "cannot tell from it (images/test_0002.png = images/train_0007.png)")
     assert [n for n in json.loads((tmp_path / "copies" / "metrics.json").read_text())["notes"] if n.startswith(note)]
     assert f"note: {note}" in capsys.readouterr().out
+
+
+def test_the_final_evaluation_says_when_test_images_are_training_files_under_other_names(tiny, tmp_path, capsys):
+    """eval.py notes a test image that is a training file under another name (here a hard link), whose baseline is
+    an upper bound; the run's own final test evaluation, in its table and metrics.json, did not."""
+    data = shutil.copytree(tiny["data_dir"], tmp_path / "linked_data")
+    (data / "images" / "test_0002.png").unlink()
+    os.link(data / "images" / "train_0007.png", data / "images" / "test_0002.png")
+    args = train_args(tiny, tmp_path, "linked", "--max-steps", "2")
+    args[args.index("--data-dir") + 1] = str(data)
+    assert train.main(args) == 0
+    note = "1 of the 6 images are among the run's training images: there the baseline retrieves each image's own"
+    assert [n for n in json.loads((tmp_path / "linked" / "metrics.json").read_text())["notes"] if n.startswith(note)]
+    assert f"note: {note}" in capsys.readouterr().out
+
+
+def test_a_revision_given_with_the_demo_names_its_backbone_folder(tiny, tmp_path, capsys, monkeypatch):
+    """The demo's backbones are local folders, filled in after the flags are read: the note named "" (the current
+    folder) as the one read as it is."""
+    import demo
+
+    monkeypatch.setattr(demo, "ensure_demo_assets", lambda progress=True: tiny)
+    train.resolve_config(train.parse_config(["--demo", "--output-dir", str(tmp_path), "--lm-revision", "v1"]))
+    err = capsys.readouterr().err.strip()
+    assert err == (f"note: --lm-revision v1 changes nothing: {tiny['lm_model']} is a local folder, read as it is; a "
+                   "revision picks a commit of a Hub model"), err
