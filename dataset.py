@@ -953,7 +953,8 @@ def _note_files_shared_with_train(data_dir: Path, split: str, by_image: dict[str
     held_out = sum(entry["split"] == split for entry in by_image.values())
     shown = ", ".join(f"{name} = train's {trained}" for name, trained in pairs[:3])
     more = f" and {len(pairs) - 3:,} more" if len(pairs) > 3 else ""
-    note(f"note: {split}: {len(pairs):,} of its {held_out:,} images are files the train split lists under another "
+    files = "is a file" if len(pairs) == 1 else "are files"
+    note(f"note: {split}: {len(pairs):,} of its {held_out:,} images {files} the train split lists under another "
          "name (a symlink, a hard link, or a path through a linked folder), so its scores on them are optimistic "
          f"({shown}{more}); give each file one split in {data_dir}")
 

@@ -1013,8 +1013,8 @@ def trained_on_note(records, train_records) -> str:
     shared = sum(image_identity(record) in trained for record in records)
     if not shared:
         return ""
-    return (f"{shared:,} of the {len(records):,} images are among the run's training images: there the baseline "
-            "retrieves each image's own captions, so it is an upper bound, not a baseline")
+    return (f"{shared:,} of the {len(records):,} images {'is' if shared == 1 else 'are'} among the run's training "
+            "images: there the baseline retrieves each image's own captions, so it is an upper bound, not a baseline")
 
 
 def same_picture_note(copies: list[tuple], scored: int) -> str:
@@ -1026,9 +1026,9 @@ def same_picture_note(copies: list[tuple], scored: int) -> str:
         return ""
     shown = ", ".join(f"{record.image_id} = {trained.image_id}" for record, trained in copies[:3])
     more = ", ..." if len(copies) > 3 else ""
-    return (f"{len(copies):,} of the {scored:,} images have the very CLIP feature of a training image: copies of it, "
-            f"or pictures CLIP cannot tell from it ({shown}{more}); the figures on them are optimistic, the run trained "
-            "on those pictures and the baseline retrieves their training captions")
+    return (f"{len(copies):,} of the {scored:,} images {'has' if len(copies) == 1 else 'have'} the very CLIP feature "
+            f"of a training image: copies of it, or pictures CLIP cannot tell from it ({shown}{more}); the figures on "
+            "them are optimistic, the run trained on those pictures and the baseline retrieves their training captions")
 
 
 def selected_on_note(records, run: dict, checkpoint: Path, run_dir: Path) -> str:
@@ -1046,8 +1046,9 @@ def selected_on_note(records, run: dict, checkpoint: Path, run_dir: Path) -> str
     if not shared:
         return ""
     select_by = run.get("select_by", "rougeL")
-    return (f"{shared:,} of the {len(records):,} images are validation images by whose {select_by} the run chose "
-            "this adapter, so its figures on them are optimistic; the test split is held out")
+    images = "is a validation image" if shared == 1 else "are validation images"
+    return (f"{shared:,} of the {len(records):,} images {images} by whose {select_by} the run chose this adapter, so "
+            "its figures on them are optimistic; the test split is held out")
 
 
 def check_outputs_outlive_the_next_save(checkpoint: Path, run_dir: Path, out: str | None) -> None:

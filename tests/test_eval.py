@@ -453,7 +453,7 @@ def test_a_held_out_byte_copy_of_a_training_image_is_said_to_flatter_the_figures
     # dataset.py finds one file under several names, not a byte copy under another name: the test split
     # held a training picture, scored as unseen, and nothing said so. Its CLIP feature is the training one's.
     # A link to a file the run trained on is the upper-bound note's (the same file), not counted again here.
-    note = "1 of the 6 images have the very CLIP feature of a training image: copies of it, or pictures CLIP " \
+    note = "1 of the 6 images has the very CLIP feature of a training image: copies of it, or pictures CLIP " \
            "cannot tell from it (images/test_0002.png = images/train_0007.png)"
     distinct = shutil.copytree(tiny["data_dir"], tmp_path / "distinct")
     copied = shutil.copytree(tiny["data_dir"], tmp_path / "copied")
@@ -468,7 +468,7 @@ def test_a_held_out_byte_copy_of_a_training_image_is_said_to_flatter_the_figures
         assert [n[: len(note)] for n in notes if "very CLIP feature" in n] == expected, notes
         printed = [line for line in capsys.readouterr().out.splitlines() if "very CLIP feature" in line]
         assert [line[: len("note: " + note)] for line in printed] == ["note: " + n for n in expected], printed
-        assert any("1 of the 6 images are among the run's training images" in n for n in notes) == bool(expected)
+        assert any("1 of the 6 images is among the run's training images" in n for n in notes) == bool(expected)
 
 
 def test_a_run_that_skipped_a_missing_training_image_can_be_evaluated(tiny, tmp_path, capsys):

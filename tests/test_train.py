@@ -1364,7 +1364,7 @@ def test_the_final_evaluation_says_when_test_images_are_copies_of_training_ones(
     args = train_args(tiny, tmp_path, "copies", "--max-steps", "2")
     args[args.index("--data-dir") + 1] = str(data)
     assert train.main(args) == 0
-    note = ("1 of the 6 images have the very CLIP feature of a training image: copies of it, or pictures CLIP "
+    note = ("1 of the 6 images has the very CLIP feature of a training image: copies of it, or pictures CLIP "
             "cannot tell from it (images/test_0002.png = images/train_0007.png)")
     assert [n for n in json.loads((tmp_path / "copies" / "metrics.json").read_text())["notes"] if n.startswith(note)]
     assert f"note: {note}" in capsys.readouterr().out
@@ -1379,7 +1379,7 @@ def test_the_final_evaluation_says_when_test_images_are_training_files_under_oth
     args = train_args(tiny, tmp_path, "linked", "--max-steps", "2")
     args[args.index("--data-dir") + 1] = str(data)
     assert train.main(args) == 0
-    note = "1 of the 6 images are among the run's training images: there the baseline retrieves each image's own"
+    note = "1 of the 6 images is among the run's training images: there the baseline retrieves each image's own"
     assert [n for n in json.loads((tmp_path / "linked" / "metrics.json").read_text())["notes"] if n.startswith(note)]
     assert f"note: {note}" in capsys.readouterr().out
 
