@@ -47,7 +47,7 @@ KARPATHY_FILES = ("dataset_flickr30k.json", "dataset_flickr8k.json", "dataset_co
 # a cached feature is never decoded again, so a decoding fix would otherwise never reach it.
 # 2: EXIF rotation, transparency on white and 16-bit grey in to_rgb; parts carry a checksum.
 # 3: float grey with NaN or infinite pixels is no longer all black (_grey_to_8bit).
-# 4: large JPEGs are decoded scaled down in the DCT (decode_scaled), Hub rows included.
+# 4: large images are decoded smaller: JPEGs scaled in the DCT (decode_scaled), others reduced (reduced_for_clip).
 FEATURE_CACHE_VERSION = 4
 FEATURE_PART_SIZE = 4096  # images per cache part: what an interrupted extraction can lose at most
 # A cache part's two files are written a second or so apart; loose pieces older than this were left by a
