@@ -13,10 +13,12 @@ and no network.
 """
 from __future__ import annotations
 
+import gc
 import signal
 
 if __name__ == "__main__":  # Ctrl-C while torch imports (seconds) ends quietly, not in a traceback;
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # run_cli turns it back into KeyboardInterrupt
+    gc.disable()  # until the runs have loaded: see utils.resume_gc_after_loading
 
 import argparse
 import atexit
@@ -37,8 +39,8 @@ from pathlib import Path
 
 import torch
 
-from utils import (HelpFormatter, UserError, add_dtype_flag, for_terminal, nearest_existing, note, run_cli,
-                   run_folder_argument)
+from utils import (HelpFormatter, UserError, add_dtype_flag, for_terminal, nearest_existing, note,
+                   resume_gc_after_loading, run_cli, run_folder_argument)
 
 # Gradio reports usage and checks for new versions over the network unless told not to.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -988,6 +990,7 @@ def main(argv=None) -> int:
     runs = [load_run(checkpoint, device, not args.no_baseline, progress=progress, lm_quantization=args.lm_quantization,
                      dtype=dtype) for checkpoint in checkpoints]
     unique_names(runs)
+    resume_gc_after_loading()  # the loaded runs' objects set aside: a full collection during a request passes them over
     page = Page(runs, args.max_megapixels, args.max_upload_mb)
     examples = example_images(checkpoints[0], args.examples)
     app = build_app(page, examples)

@@ -40,7 +40,8 @@ from dataset import IMAGE_SUFFIXES, open_image
 from eval import (add_decoding_flags, add_loading_flags, chosen_dtype, decoding_from_args,
                   loaded_as_the_run_names_note, loading_from_args, pick_device, seed_from_args)
 from model import ADAPTER_CONFIG, AdapterConfig, checkpoint_folder, load_captioner
-from utils import HelpFormatter, UserError, escape_surrogates, note, run_cli, run_folder_argument, whole_number
+from utils import (HelpFormatter, UserError, escape_surrogates, note, resume_gc_after_loading, run_cli,
+                   run_folder_argument, whole_number)
 
 
 class ImagesParser(argparse.ArgumentParser):
@@ -285,11 +286,8 @@ def resume_gc() -> None:
     exit pass them over), and the collector goes on as usual. Here, not right after loading: what is frozen is
     never collected, and the batch's images would have been. A no-op when main() is called from Python, and
     once done."""
-    if __name__ != "__main__" or gc.isenabled():
-        return
-    gc.collect()
-    gc.freeze()
-    gc.enable()
+    if __name__ == "__main__":
+        resume_gc_after_loading()
 
 
 # JSON leaves U+2028 and U+2029 as they are inside a string; \uXXXX escapes are the same string to json.loads.

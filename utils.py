@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import gc
 import json
 import math
 import os
@@ -102,6 +103,20 @@ def run_cli(main_fn, argv=None) -> int:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         leave_process_group()
+
+
+def resume_gc_after_loading() -> None:
+    """Turn Python's cyclic garbage collector back on where a script turned it off at its top while torch,
+    transformers and the backbones loaded (inference.py, eval.py, app.py, run as scripts): their some 380,000
+    objects live as long as the process, and the collector went through all of them six times while they loaded,
+    at every full collection after, and at the exit. One collection frees what loading left in reference cycles,
+    the survivors are set aside for good (gc.freeze: later collections and the exit pass them over), and the
+    collector goes on as usual. A no-op where the collector is on (a script's main() called from Python)."""
+    if gc.isenabled():
+        return
+    gc.collect()
+    gc.freeze()
+    gc.enable()
 
 
 class ReaderMayLeave:
