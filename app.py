@@ -910,8 +910,8 @@ def output_dir_from_args(args) -> str:
     """--output-dir, DEFAULT_OUTPUT_DIR unless given. It is only where the demo run is looked for: with
     --checkpoint it changes nothing, which a note says (it was taken without a word; the page writes no outputs)."""
     if args.output_dir is not None and args.checkpoint:
-        print(f"note: --output-dir {args.output_dir} changes nothing: it is where the demo run is looked for, and "
-              "--checkpoint names the runs to serve", file=sys.stderr)
+        note(f"note: --output-dir {args.output_dir} changes nothing: it is where the demo run is looked for, and "
+             "--checkpoint names the runs to serve", file=sys.stderr)
     return args.output_dir if args.output_dir is not None else DEFAULT_OUTPUT_DIR
 
 

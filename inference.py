@@ -86,8 +86,7 @@ def compile_applies(compile: bool, strategy: str) -> bool:
     """Whether --compile (`compile`) changes anything: it compiles the greedy loop's one-token step, and beam search
     and sampling run through transformers' generate, eagerly. Said in a note where it does not (it was silent)."""
     if compile and strategy != "greedy":
-        print(f"note: --compile speeds up greedy decoding only; --strategy {strategy} decodes eagerly",
-              file=sys.stderr)
+        note(f"note: --compile speeds up greedy decoding only; --strategy {strategy} decodes eagerly", file=sys.stderr)
         return False
     return compile
 
