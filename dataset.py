@@ -3,7 +3,7 @@
 Sources (`--dataset`):
   flickr30k  Flickr30k from the Hub's parquet export, Karpathy train/val/test (the default)
   karpathy   a local folder with dataset_{flickr30k,flickr8k,coco}.json plus its images
-  folder     a local folder of images with captions.jsonl or captions.csv
+  folder     a local folder of images with captions.jsonl or captions.csv (or imagefolder's metadata files)
 The offline demo writes a `folder` data set (see demo.py).
 
 Every caption of an image is used: training iterates over (image, caption) pairs; evaluation
@@ -499,14 +499,25 @@ def find_karpathy_json(data_dir: Path) -> Path:
     for name in KARPATHY_FILES:
         if (data_dir / name).is_file():
             return data_dir / name
-    raise UserError(f"no Karpathy split file ({', '.join(KARPATHY_FILES)}) in {data_dir}")
+    folder_files = [name for name in ("captions.jsonl", "captions.csv", *IMAGEFOLDER_METADATA)
+                    if (data_dir / name).is_file()]
+    hint = f"; it holds {folder_files[0]}, which --dataset folder reads" if folder_files else ""
+    raise UserError(f"no Karpathy split file ({', '.join(KARPATHY_FILES)}) in {data_dir}"
+                    f"{hint or other_caption_file_hint(data_dir)}")
 
 
-def _resolve_image(data_dir: Path, *parts: str) -> Path:
+def _resolve_image(data_dir: Path, *parts: str, listings: dict | None = None) -> Path:
+    """An image's file under the data folder or one of the image folders data sets ship, by its name as written,
+    else by that name in another Unicode form (in_unicode_form, `listings` shared across one load)."""
     relative = Path(*[p for p in parts if p])
-    for root in (data_dir, data_dir / "images", data_dir / "Images", data_dir / "flickr30k-images"):
+    roots = (data_dir, data_dir / "images", data_dir / "Images", data_dir / "flickr30k-images")
+    for root in roots:
         if (root / relative).is_file():
             return root / relative
+    listings = {} if listings is None else listings
+    for root in roots:
+        if (found := in_unicode_form(root / relative, listings)) and found.is_file():
+            return found
     return data_dir / relative
 
 
@@ -527,6 +538,7 @@ def load_karpathy(data_dir: Path, split: str) -> list[ImageRecord]:
     repeated: list[str] = []  # images whose repeated entry brought captions they already had
     files_by_id: dict[str, str] = {}
     shared_ids: list[str] = []  # "id (first file, this file)" for ids given to two image files
+    listings: dict[Path, dict[str, list[str]]] = {}  # folders listed for names in another Unicode form
     for number, image in enumerate(images):
         if not isinstance(image, dict) or not isinstance(image.get("filename"), str) or not image["filename"]:
             raise UserError(f"{path}: images[{number}] has no 'filename'")
@@ -536,7 +548,8 @@ def load_karpathy(data_dir: Path, split: str) -> list[ImageRecord]:
         if problem := file_name_problem(folder) or file_name_problem(image["filename"]):
             raise UserError(f"{path}: images[{number}] has filepath {folder!r} and filename {image['filename']!r}; "
                             f"one {problem}")
-        file = os.path.normpath(os.path.join(folder, image["filename"]))
+        folder, filename = with_slashes(data_dir, folder), with_slashes(data_dir, image["filename"])
+        file = os.path.normpath(os.path.join(folder, filename))
         image_split = _karpathy_split(path, image, number)
         _check_one_split(path, file, image_split, number, first_seen)
         if image_split != split:
@@ -557,7 +570,7 @@ def load_karpathy(data_dir: Path, split: str) -> list[ImageRecord]:
             shared_ids.append(f"{image_id} ({files_by_id[image_id]}, {file})")
             image_id = file
         files_by_id[image_id] = file
-        path_ = _resolve_image(data_dir, folder, image["filename"])
+        path_ = _resolve_image(data_dir, folder, filename, listings=listings)
         records[file] = ImageRecord(image_id, captions, split, path=path_, unusable_captions=unusable)
     if repeated:
         note(f"note: {split}: {len(repeated):,} captions of images listed more than once in {path} count once "
@@ -598,35 +611,94 @@ def _karpathy_text(sentence):
 
 
 def _read_caption_rows(data_dir: Path) -> list[dict]:
-    # utf-8-sig: a byte-order mark (as spreadsheet programs write) is not part of the first column's name.
+    """The caption rows of a folder: its captions.jsonl or captions.csv, else Hugging Face imagefolder's
+    metadata files (_read_imagefolder_metadata)."""
     jsonl, csv_path = data_dir / "captions.jsonl", data_dir / "captions.csv"
     if jsonl.is_file() and csv_path.is_file():  # which one holds the captions meant is not ours to guess
         raise UserError(f"{data_dir} holds both captions.jsonl and captions.csv; keep the one that is meant")
     for path in (jsonl, csv_path):
         if path.is_file():
-            check_not_utf16(path)
-    try:
-        if jsonl.is_file():
-            rows = []
-            for number, line in enumerate(jsonl.read_text(encoding="utf-8-sig").splitlines(), 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except (json.JSONDecodeError, RecursionError) as error:
-                        raise UserError(f"{jsonl} line {number} is not JSON ({error}); the file holds one JSON "
-                                        'object per line, e.g. {"image": "a.jpg", "caption": "..."}') from None
-                    if not isinstance(rows[-1], dict):
-                        raise UserError(f"{jsonl} line {number} is not a JSON object with an 'image' field")
-            return rows
-        if csv_path.is_file():
-            return _read_caption_csv(csv_path)
-    except UnicodeDecodeError:
-        raise UserError(not_utf8_message(jsonl if jsonl.is_file() else csv_path)) from None
+            return _read_caption_file(path)
     for path in (jsonl, csv_path):  # a folder of that name, or a link to nowhere (or to itself)
         if path.is_symlink() or path.exists():
             raise UserError(f"{path} is not a readable file (a folder, or a link to nowhere); the captions go in a "
                             "file of that name")
-    raise UserError(f"{data_dir} has neither captions.jsonl nor captions.csv")
+    if metadata := imagefolder_metadata_files(data_dir):
+        return _read_imagefolder_metadata(data_dir, metadata)
+    raise UserError(f"{data_dir} has neither captions.jsonl nor captions.csv (nor an imagefolder's metadata.jsonl or "
+                    f"metadata.csv){other_caption_file_hint(data_dir)}")
+
+
+def _read_caption_file(path: Path) -> list[dict]:
+    """The rows of one caption file, .jsonl or .csv (read as utf-8-sig: a byte-order mark, as spreadsheet
+    programs write, is not part of the first column's name)."""
+    check_not_utf16(path)
+    try:
+        if path.suffix == ".csv":
+            return _read_caption_csv(path)
+        rows = []
+        for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except (json.JSONDecodeError, RecursionError) as error:
+                    raise UserError(f"{path} line {number} is not JSON ({error}); the file holds one JSON "
+                                    'object per line, e.g. {"image": "a.jpg", "caption": "..."}') from None
+                if not isinstance(rows[-1], dict):
+                    raise UserError(f"{path} line {number} is not a JSON object with an 'image' field")
+        return rows
+    except UnicodeDecodeError:
+        raise UserError(not_utf8_message(path)) from None
+
+
+# Hugging Face's imagefolder layout: a metadata file naming each image by `file_name` (relative to the metadata
+# file's folder), in the data folder or in each split's folder (train/, validation/, test/), whose name is the split.
+IMAGEFOLDER_METADATA = ("metadata.jsonl", "metadata.csv")
+
+
+def imagefolder_metadata_files(data_dir: Path) -> list[Path]:
+    """The imagefolder metadata files of `data_dir` and of its split folders, each folder's one file."""
+    try:
+        split_folders = sorted(p for p in data_dir.iterdir() if _normal_split(p.name) and p.is_dir())
+    except OSError:
+        split_folders = []
+    found = []
+    for folder in (data_dir, *split_folders):
+        files = [folder / name for name in IMAGEFOLDER_METADATA if (folder / name).is_file()]
+        if len(files) > 1:
+            raise UserError(f"{folder} holds both metadata.jsonl and metadata.csv; keep the one that is meant")
+        found += files
+    return found
+
+
+def _read_imagefolder_metadata(data_dir: Path, files: list[Path]) -> list[dict]:
+    """The rows of imagefolder metadata files as caption rows: an image named from the data folder, and in a split
+    folder that folder's split (where the row names none)."""
+    rows = []
+    for path in files:
+        folder = path.parent.relative_to(data_dir)
+        for row in _read_caption_file(path):
+            field = next((f for f in IMAGE_FIELDS if row.get(f)), None)
+            if folder.parts and isinstance(row.get(field), str):
+                row[field] = str(folder / row[field])
+                if row.get("split") is None or (isinstance(row["split"], str) and not row["split"].strip()):
+                    row["split"] = folder.name
+            rows.append(row)
+    return rows
+
+
+def other_caption_file_hint(data_dir: Path) -> str:
+    """What to do with the caption files of other layouts a folder holds ("" where it holds none): a COCO captions
+    file (images and annotations lists), a Karpathy split file, or one JSON list saved as captions.json."""
+    if any((data_dir / name).is_file() for name in KARPATHY_FILES):
+        return "; it holds a Karpathy split file, which --dataset karpathy reads"
+    coco = sorted([*data_dir.glob("captions_*.json"), *data_dir.glob("annotations/captions_*.json")])
+    if coco:
+        return (f"; its {coco[0].relative_to(data_dir)} (COCO's format) is not read: convert it to captions.jsonl as "
+                "README (Other data) shows")
+    if (data_dir / "captions.json").is_file():
+        return "; its captions.json is not read: write its objects one per line as captions.jsonl (jq -c '.[]')"
+    return ""
 
 
 def check_not_utf16(path: Path) -> None:
@@ -664,17 +736,20 @@ def _read_caption_csv(path: Path) -> list[dict]:
     previous_limit = csv.field_size_limit(CSV_FIELD_LIMIT)
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.reader(handle, strict=True)
+            delimiter = csv_delimiter(handle.readline())
+            handle.seek(0)
+            reader = csv.reader(handle, strict=True, delimiter=delimiter)
             header = _known_column_names(next(reader, []))
             check_csv_header(path, header)
             row_start = reader.line_num + 1
             for fields in reader:
                 if fields:  # a blank line is no row, as for csv.DictReader
-                    rows.append(_whole_csv_row(path, header, _csv_dict(header, fields), row_start))
+                    rows.append(_whole_csv_row(path, header, _csv_dict(header, fields), row_start, delimiter))
                 row_start = reader.line_num + 1
     except csv.Error as error:
         raise UserError(f"{path} line {row_start}: {_csv_quote_problem(error)}; put a caption that contains "
-                        'commas or quotes in double quotes, with each quote inside it doubled ("")') from None
+                        f"{DELIMITER_NAMES[delimiter]} or quotes in double quotes, with each quote inside it doubled "
+                        '("")') from None
     finally:
         csv.field_size_limit(previous_limit)  # the limit is global to the process: leave it as found
     return rows
@@ -684,6 +759,23 @@ def _read_caption_csv(path: Path) -> list[dict]:
 # Hugging Face's imagefolder metadata uses).
 IMAGE_FIELDS = ("image", "file_name", "filename")
 CAPTION_FIELDS = ("captions", "caption", "text")
+
+
+# What separates a caption CSV's fields, tried in this order on its header line: Excel saves "CSV" with ";" where the
+# decimal mark is a comma (German, French, ... settings), and "Text (Tab delimited)" with tabs.
+CSV_DELIMITERS = (",", ";", "\t")
+DELIMITER_NAMES = {",": "commas", ";": "semicolons", "\t": "tabs"}  # for the errors that ask for quotes
+
+
+def csv_delimiter(header_line: str) -> str:
+    """The first of CSV_DELIMITERS that splits the header line into an image column and a caption column (","
+    where none does: check_csv_header then says what the header is). Read from the header's known names, never
+    guessed from the captions, whose own commas and semicolons a sniffer would take for separators."""
+    for delimiter in CSV_DELIMITERS:
+        header = set(_known_column_names(next(csv.reader([header_line], delimiter=delimiter), [])))
+        if header & set(IMAGE_FIELDS) and header & set(CAPTION_FIELDS):
+            return delimiter
+    return ","
 
 
 def check_csv_header(path: Path, header: list[str]) -> None:
@@ -718,7 +810,7 @@ def _csv_quote_problem(error: csv.Error) -> str:
     return f"this row is not valid CSV ({error})"
 
 
-def _whole_csv_row(path: Path, header: list[str], row: dict, line: int) -> dict:
+def _whole_csv_row(path: Path, header: list[str], row: dict, line: int, delimiter: str = ",") -> dict:
     """A row with more fields than the header is a caption with unquoted commas. When the caption is
     the last column, its pieces are joined back; elsewhere the row is ambiguous, so it is an error."""
     extra = row.pop(None, None)  # csv.DictReader's place for fields beyond the header
@@ -730,10 +822,10 @@ def _whole_csv_row(path: Path, header: list[str], row: dict, line: int) -> dict:
     if extra is None:
         return row
     if header and header[-1] in CAPTION_FIELDS:
-        row[header[-1]] = ",".join([row[header[-1]], *extra])
+        row[header[-1]] = delimiter.join([row[header[-1]], *extra])
         return row
     raise UserError(f"{path} line {line} has {len(header) + len(extra)} fields but the header has {len(header)}: "
-                    "put a caption that contains commas in double quotes")
+                    f"put a caption that contains {DELIMITER_NAMES[delimiter]} in double quotes")
 
 
 SPLIT_ALIASES = {"validation": "val", "valid": "val", "dev": "val", "testing": "test", "training": "train",
@@ -891,13 +983,46 @@ def _image_name(data_dir: Path, row: dict, number: int) -> str:
         raise UserError(f"{data_dir}: caption row {number} has image {name!r}, not a file name")
     if problem := file_name_problem(name):
         raise UserError(f"{data_dir}: caption row {number} has image {name!r}, which {problem}")
-    name = os.path.normpath(name)
+    name = os.path.normpath(with_slashes(data_dir, name))
     # An absolute spelling of a file in the folder, or one that leaves and re-enters it ("../data/x.png"),
     # is that file's relative name; a file outside the folder keeps the name the row gives.
     relative = os.path.relpath(os.path.join(os.path.abspath(data_dir), name), os.path.abspath(data_dir))
     if relative != os.pardir and not relative.startswith(os.pardir + os.sep):
         return relative
     return name
+
+
+def with_slashes(data_dir: Path, name: str) -> str:
+    """A Windows path ("photos\\a.jpg", ".\\photos\\a.jpg") with this system's separators, where no file has
+    the name as written: on Linux a backslash is a letter of a file name, so every such image was "not found".
+    A name some file does have (a backslash in a Linux file name) is kept as it is."""
+    if "\\" not in name or os.sep == "\\" or os.path.lexists(os.path.join(data_dir, name)):
+        return name
+    return name.replace("\\", os.sep)
+
+
+def respell_unicode_forms(records: list[ImageRecord]) -> None:
+    """Point each record whose file is not found at its name's file in another Unicode form (in_unicode_form)."""
+    listings: dict[Path, dict[str, list[str]]] = {}
+    for record in records:
+        if record.path is not None and not os.path.lexists(record.path):
+            record.path = in_unicode_form(record.path, listings) or record.path
+
+
+def in_unicode_form(path: Path, listings: dict[Path, dict[str, list[str]]]) -> Path | None:
+    """The file of `path`'s folder whose name is `path`'s in another Unicode form, else None: macOS writes "é" as
+    e + accent (NFD) where a caption file typed elsewhere says "é" (NFC), one name to a reader and to macOS, two to
+    Linux. A name in another letter case is left to image_file_problem's hint (on Linux two files may differ only
+    so). `listings` keeps each folder's names by their NFC form: a folder is listed once per load, and only where
+    a file is missing."""
+    folder = path.parent
+    if folder not in listings:
+        listings[folder] = {}
+        with contextlib.suppress(OSError):  # not there, or not listable: the file stays "not found"
+            for entry in os.scandir(folder):
+                listings[folder].setdefault(unicodedata.normalize("NFC", entry.name), []).append(entry.name)
+    named = listings[folder].get(unicodedata.normalize("NFC", path.name), [])
+    return folder / named[0] if len(named) == 1 else None  # two of one text: which is meant is not ours to guess
 
 
 def file_identity(path: Path | str) -> tuple:
@@ -973,7 +1098,8 @@ def _set_split(data_dir: Path, name: str, entry: dict, split: str | None, number
 
 def load_caption_folder(data_dir: Path, split: str, seed: int = 0, folder_split: str = "hash") -> list[ImageRecord]:
     """A folder of images with captions.jsonl ({"image", "captions"|"caption"|"text", "split"?}) or
-    captions.csv (columns image, caption, split?; one row per caption; file_name and text also do).
+    captions.csv (columns image, caption, split?; one row per caption; file_name and text also do), else
+    Hugging Face imagefolder's metadata.jsonl or metadata.csv (imagefolder_metadata_files).
 
     Rows without a split are assigned one by deal_splits, by `folder_split` (see FOLDER_SPLITS).
     """
@@ -994,6 +1120,7 @@ def load_caption_folder(data_dir: Path, split: str, seed: int = 0, folder_split:
             counts = Counter(kept)  # keeps first-seen order
             repeats.extend((name, caption) for caption, count in counts.items() if count > 1)
             records.append(ImageRecord(name, list(counts), split, path=data_dir / name, unusable_captions=unusable))
+    respell_unicode_forms(records)
     if repeats:
         # A caption twice for one image is a copied row, not two annotators: it would weigh double in
         # training and count as two references in the scores.

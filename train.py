@@ -92,7 +92,8 @@ class TrainConfig:
                          default=False)
     # data
     dataset: Literal[DATASETS] = _help("flickr30k (Hub parquet export) | karpathy (local JSON + images) | folder "
-                                       "(local images + captions.jsonl/.csv)", default="flickr30k")
+                                       "(local images + captions.jsonl/.csv, or imagefolder's metadata.jsonl/.csv)",
+                                       default="flickr30k")
     data_dir: str | None = _help("data folder for --dataset karpathy or folder", default=None)
     hub_data_files: str = _help("parquet files for --dataset flickr30k", default=FLICKR30K_PARQUET)
     folder_split: Literal[FOLDER_SPLITS] = _help(

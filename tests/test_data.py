@@ -703,23 +703,131 @@ def test_an_image_without_read_permission_is_called_so_not_damaged(tmp_path, mon
 
 
 def test_a_missing_image_named_on_disk_in_another_unicode_form_or_case_says_so(tmp_path):
-    """A caption file's "café.png" (NFC) and a file macOS named "café.png" (NFD), or ".jpg" and a camera's
-    ".JPG", are different names on Linux: the image was "not found" beside the file it meant."""
+    """A caption file's "photo.jpg" and a camera's "Photo.JPG" are different names on Linux: the image was "not
+    found" beside the file it meant. (The same name in another Unicode form is read: the test below.)"""
     import unicodedata
 
-    nfc = unicodedata.normalize("NFC", "café.png")
-    for on_disk in (unicodedata.normalize("NFD", nfc), "Photo.PNG", "other.png"):
+    nfc = unicodedata.normalize("NFC", "Café.png")
+    for on_disk in (unicodedata.normalize("NFD", "café.png"), "Photo.PNG", "other.png"):
         write_image(tmp_path / on_disk)
     names = (nfc, "photo.png", "gone.png", "other.png")
     write_jsonl_captions(tmp_path, [{"image": n, "caption": "x", "split": "train"} for n in names])
     bad_samples = []
     load_records("folder", "train", str(tmp_path), on_bad_sample="skip", bad_samples=bad_samples)
     why = dict(bad_samples)
-    assert why[nfc].endswith(f"(its folder holds {unicodedata.normalize('NFD', nfc)!r}, the same name in another "
-                             "Unicode form or letter case: spell it in the caption file as the file is named)")
+    assert why[nfc].endswith(f"(its folder holds {unicodedata.normalize('NFD', 'café.png')!r}, the same name in "
+                             "another Unicode form or letter case: spell it in the caption file as the file is named)")
     assert "its folder holds 'Photo.PNG'" in why["photo.png"]
     assert why["gone.png"] == f"image not found: {tmp_path / 'gone.png'}"  # nothing alike: no hint
     assert set(why) == {nfc, "photo.png", "gone.png"}
+
+
+@pytest.mark.parametrize("dataset", ["folder", "karpathy"])
+def test_an_image_named_in_another_unicode_form_than_its_file_is_read_from_that_file(tmp_path, dataset):
+    """Files copied from a Mac are named in NFD ("e" + accent), caption files typed elsewhere in NFC ("é"): one
+    name to a reader and to macOS, but every such image was "not found" on Linux. The id stays the caption file's."""
+    import unicodedata
+
+    nfc, nfd = (unicodedata.normalize(form, "Café été 1.jpg") for form in ("NFC", "NFD"))
+    write_image(tmp_path / "images" / nfd)
+    if dataset == "folder":
+        write_jsonl_captions(tmp_path, [{"image": f"images/{nfc}", "caption": "a red square", "split": "train"}])
+    else:
+        (tmp_path / "dataset_flickr8k.json").write_text(json.dumps({"images": [
+            {"filename": nfc, "imgid": 7, "split": "train", "sentences": [{"raw": "a red square"}]}]}))
+    [record] = load_records(dataset, "train", str(tmp_path))
+    assert record.image_id == (f"images/{nfc}" if dataset == "folder" else "7")
+    assert record.path == tmp_path / "images" / nfd
+    assert record.open().size == (32, 32)
+
+
+def test_windows_separators_in_image_paths_name_the_files(tmp_path):
+    """A caption file written on Windows names "photos\\day 1\\a.png": on Linux a backslash is a letter of a
+    file name, so every such image was "not found". Each spelling of one file is one image; a file whose Linux name
+    holds a backslash is still read by that name."""
+    write_image(tmp_path / "photos" / "day 1" / "a.png")
+    write_image(tmp_path / "back\\slash.png")
+    write_jsonl_captions(tmp_path, [
+        {"image": "photos\\day 1\\a.png", "caption": "one", "split": "train"},
+        {"image": ".\\photos\\day 1\\a.png", "caption": "two"},
+        {"image": "photos/day 1/a.png", "caption": "three"},
+        {"image": "back\\slash.png", "caption": "four", "split": "train"},
+    ])
+    records = {r.image_id: r for r in load_records("folder", "train", str(tmp_path))}
+    assert set(records) == {os.path.join("photos", "day 1", "a.png"), "back\\slash.png"}
+    assert records[os.path.join("photos", "day 1", "a.png")].captions == ["one", "two", "three"]
+    (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": [
+        {"filepath": "photos\\day 1", "filename": "a.png", "cocoid": 1, "split": "train",
+         "sentences": [{"raw": "x"}]}]}))
+    [record] = load_records("karpathy", "train", str(tmp_path))
+    assert record.path == tmp_path / "photos" / "day 1" / "a.png"
+
+
+@pytest.mark.parametrize("delimiter", [";", "\t"])
+def test_a_csv_saved_by_excel_with_semicolons_or_tabs_reads_its_columns(tmp_path, delimiter):
+    """Excel saves "CSV" with semicolons where the decimal mark is a comma (German, French settings) and "Text (Tab
+    delimited)" with tabs, both with a byte-order mark and CRLF: the header was refused as naming no image column."""
+    write_image(tmp_path / "a.png")
+    lines = [["Image", "Caption", "Notes"], ["a.png", "a red square, small", "x"], ["a.png", '"quoted; twice"', ""]]
+    text = "\r\n".join(delimiter.join(fields) for fields in lines) + "\r\n"
+    (tmp_path / "captions.csv").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    [record] = load_records("folder", "train", str(tmp_path))
+    assert record.captions == ["a red square, small", "quoted; twice"]
+    # The errors that ask for quotes name the file's own separator.
+    (tmp_path / "captions.csv").write_text(delimiter.join(["caption", "image"]) + "\n" +
+                                           delimiter.join(["red", "square", "a.png"]) + "\n")
+    name = {";": "semicolons", "\t": "tabs"}[delimiter]
+    with pytest.raises(UserError, match=f"put a caption that contains {name} in double quotes"):
+        load_records("folder", "train", str(tmp_path))
+    # A comma-separated file is read as before, semicolons and tabs in its captions and all.
+    (tmp_path / "captions.csv").write_text("image,caption\na.png,a red; square\ta\n")
+    assert [r.captions for r in load_records("folder", "train", str(tmp_path))] == [["a red; square a"]]
+
+
+def test_hugging_face_imagefolder_metadata_files_are_read_as_caption_files(tmp_path):
+    """An imagefolder data set (metadata.jsonl or metadata.csv naming each image by file_name, in the folder or in
+    each split's folder, whose name is the split) had "neither captions.jsonl nor captions.csv"."""
+    for name in ("train/a.png", "train/b.png", "validation/c.png", "test/d.png", "e.png"):
+        write_image(tmp_path / name)
+    (tmp_path / "train" / "metadata.jsonl").write_text(
+        '{"file_name": "a.png", "text": "one"}\n{"file_name": "b.png", "text": "two"}\n')
+    (tmp_path / "validation" / "metadata.csv").write_text("file_name,text\nc.png,three\n")
+    (tmp_path / "test" / "metadata.jsonl").write_text('{"file_name": "d.png", "text": "four"}\n')
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "e.png", "text": "five", "split": "train"}\n')
+    by_split = {split: {r.image_id: r.captions for r in load_records("folder", split, str(tmp_path))}
+                for split in SPLITS}
+    assert by_split == {"train": {"e.png": ["five"], os.path.join("train", "a.png"): ["one"],
+                                  os.path.join("train", "b.png"): ["two"]},
+                        "val": {os.path.join("validation", "c.png"): ["three"]},
+                        "test": {os.path.join("test", "d.png"): ["four"]}}
+    write_jsonl_captions(tmp_path, [{"image": "e.png", "caption": "six", "split": "train"}])
+    assert [r.captions for r in load_records("folder", "train", str(tmp_path))] == [["six"]]  # captions.jsonl first
+    (tmp_path / "train" / "metadata.csv").write_text("file_name,text\na.png,one\n")
+    (tmp_path / "captions.jsonl").unlink()
+    with pytest.raises(UserError, match="train holds both metadata.jsonl and metadata.csv"):
+        load_records("folder", "train", str(tmp_path))
+
+
+def test_a_folder_of_another_caption_layout_says_what_to_do(tmp_path):
+    """A COCO captions file, a JSON list saved as captions.json, or a folder given to the other --dataset: "has
+    neither captions.jsonl nor captions.csv" did not say what to do with the file the folder does hold."""
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "captions_train2017.json").write_text('{"images": [], "annotations": []}')
+    with pytest.raises(UserError, match=r"annotations/captions_train2017.json \(COCO's format\) is not read: convert "
+                                        "it to captions.jsonl"):
+        load_records("folder", "train", str(tmp_path))
+    (tmp_path / "annotations" / "captions_train2017.json").unlink()
+    (tmp_path / "captions.json").write_text('[{"image": "a.png", "caption": "x"}]')
+    with pytest.raises(UserError, match=r"captions.json is not read: write its objects one per line as captions.jsonl"):
+        load_records("folder", "train", str(tmp_path))
+    (tmp_path / "dataset_coco.json").write_text('{"images": []}')
+    with pytest.raises(UserError, match="holds a Karpathy split file, which --dataset karpathy reads"):
+        load_records("folder", "train", str(tmp_path))
+    (tmp_path / "dataset_coco.json").unlink()
+    write_jsonl_captions(tmp_path, [])
+    with pytest.raises(UserError, match="no Karpathy split file .* it holds captions.jsonl, which --dataset folder "
+                                        "reads"):
+        load_records("karpathy", "train", str(tmp_path))
 
 
 def test_missing_image_files_are_skipped_and_listed_or_stop(tmp_path):
