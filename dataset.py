@@ -1156,6 +1156,34 @@ def check_data_flags(dataset: str, data_dir: str | None, hub_data_files: str | N
                         "(--data-dir); drop --hub-data-files")
 
 
+def dataset_of_folder(data_dir: str) -> tuple[str, str] | None:
+    """The --dataset that reads `data_dir` and the file that says so: karpathy for a Karpathy split file, folder for
+    captions.jsonl/.csv or imagefolder metadata; None where it holds files of both layouts, or neither."""
+    folder = Path(data_dir).expanduser()
+    karpathy = [name for name in KARPATHY_FILES if (folder / name).is_file()]
+    captions = [name for name in ("captions.jsonl", "captions.csv") if (folder / name).is_file()]
+    with contextlib.suppress(UserError):  # two metadata files in one folder: loading says so, in its words
+        captions = captions or [str(path.relative_to(folder)) for path in imagefolder_metadata_files(folder)]
+    if bool(karpathy) == bool(captions):
+        return None
+    return ("karpathy", karpathy[0]) if karpathy else ("folder", captions[0])
+
+
+def dataset_from_data_dir(data_dir: str) -> str:
+    """The --dataset a --data-dir given without one asks for, read from the files it holds: the default, flickr30k,
+    reads no folder, so "--data-dir D" alone used to be refused although its layout is plain to see."""
+    if not Path(data_dir).expanduser().is_dir():
+        raise UserError(f"--data-dir {data_dir} is not a folder; name the folder that holds the images and their "
+                        "caption file")
+    if (found := dataset_of_folder(data_dir)) is None:
+        raise UserError(f"--data-dir {data_dir}: which --dataset reads it is not plain from its files (a Karpathy "
+                        f"split file, {', '.join(KARPATHY_FILES)}, for karpathy; captions.jsonl, captions.csv or "
+                        "imagefolder's metadata.jsonl/.csv for folder); name it with --dataset karpathy or folder")
+    dataset, file = found
+    note(f"note: --data-dir {data_dir} holds {file}: read as --dataset {dataset}", file=sys.stderr)
+    return dataset
+
+
 def load_records(dataset: str, split: str, data_dir: str | None = None, hub_data_files: str = FLICKR30K_PARQUET,
                  seed: int = 0, on_bad_sample: str = "error", bad_samples: list | None = None,
                  folder_split: str = "hash") -> list[ImageRecord]:

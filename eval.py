@@ -47,8 +47,9 @@ import torch
 import torch.nn.functional as F
 
 from dataset import (DATASETS, FLICKR30K_PARQUET, FOLDER_SPLIT_OF_OLDER_RUNS, IMAGE_SUFFIXES, SPLITS, check_data_flags,
-                     dealt_names, drop_unreadable, encoder_fingerprint, extract_features, file_identity, held_out_past,
-                     limit_records, load_records, run_feature_cache, split_deal)
+                     dataset_from_data_dir, dataset_of_folder, dealt_names, drop_unreadable, encoder_fingerprint,
+                     extract_features, file_identity, held_out_past, limit_records, load_records, run_feature_cache,
+                     split_deal)
 from demo import in_demo_cache, rebuild_cleared_demo
 from metrics import COCO_METRICS, COCO_VARIANT, TOKENIZATION_DETAILS, coco_metrics, start_meteor
 from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LM_QUANTIZATIONS, AdapterConfig, DecodingConfig, load_captioner,
@@ -659,6 +660,18 @@ def find_run_config(checkpoint: Path) -> dict:
     return run
 
 
+def data_dir_dataset(data_dir: str | None, run_dataset: str | None) -> str | None:
+    """The --dataset for a --data-dir given without one: the run's, where it reads that folder (its loader says
+    what is wrong with a folder that holds no caption file); else the one the folder's files ask for
+    (dataset_from_data_dir), as for a caption folder given to a run trained on Flickr30k or a Karpathy folder."""
+    if data_dir is None:
+        return run_dataset
+    found = dataset_of_folder(data_dir) if Path(data_dir).expanduser().is_dir() else None
+    if run_dataset in ("karpathy", "folder") and (found is None or found[0] == run_dataset):
+        return run_dataset
+    return dataset_from_data_dir(data_dir)
+
+
 def same_data(run: dict, dataset: str, data_dir: str | None) -> bool:
     """Whether `dataset` and `data_dir` are the data the run trained on (a folder however it is spelled)."""
     if dataset != run.get("dataset"):
@@ -1106,7 +1119,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="caption at most this many images, drawn by the run's own seed (not --seed), so every "
                              "evaluation of a run with one --limit scores the same images; 0 = all")
     parser.add_argument("--dataset", choices=DATASETS, default=None, help="data source (default: the run's own)")
-    parser.add_argument("--data-dir", default=None, help="data folder (default: the run's own)")
+    parser.add_argument("--data-dir", default=None, help="data folder (default: the run's own); without --dataset, read "
+                        "as the run's data set where it can be, else as its files show")
     parser.add_argument("--hub-data-files", default=None, help="parquet files for --dataset flickr30k")
     parser.add_argument("--out", default=None, type=not_empty,
                         help="folder for the outputs (default: the checkpoint folder; with --compare: none, the "
@@ -1309,7 +1323,7 @@ def evaluate_or_compare(parser: argparse.ArgumentParser, args) -> int:
         run_dir = find_run_dir(checkpoint)
         check_outputs_outlive_the_next_save(checkpoint, run_dir, args.out)
         run = find_run_config(checkpoint)
-        dataset = args.dataset or run.get("dataset")
+        dataset = args.dataset or data_dir_dataset(args.data_dir, run.get("dataset"))
         if dataset is None:
             raise UserError(f"{checkpoint} does not say which data it was trained on; pass --dataset and --data-dir")
         check_data_flags(dataset, args.data_dir, args.hub_data_files)

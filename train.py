@@ -40,8 +40,8 @@ import torch
 
 from dataset import (DATASETS, DEFAULT_SEED, FLICKR30K_PARQUET, FOLDER_SPLIT_OF_OLDER_RUNS, FOLDER_SPLITS,
                      PADDING_PAIR, CaptionPairs, EpochShuffleSampler, check_data_flags, collate_captions,
-                     drop_unreadable, encoder_fingerprint, extract_features, hash_deal_record, limit_records,
-                     load_records, run_feature_cache, split_deal)
+                     dataset_from_data_dir, drop_unreadable, encoder_fingerprint, extract_features, hash_deal_record,
+                     limit_records, load_records, run_feature_cache, split_deal)
 from metrics import validation_cider_d
 from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, IGNORE_INDEX, AdapterConfig, DecodingConfig, TrainingLoss,
                    build_captioner, load_adapter_state, missing_local_folder, repair_torn_export, resolve_dtype,
@@ -94,7 +94,8 @@ class TrainConfig:
     dataset: Literal[DATASETS] = _help("flickr30k (Hub parquet export) | karpathy (local JSON + images) | folder "
                                        "(local images + captions.jsonl/.csv, or imagefolder's metadata.jsonl/.csv)",
                                        default="flickr30k")
-    data_dir: str | None = _help("data folder for --dataset karpathy or folder", default=None)
+    data_dir: str | None = _help("data folder for --dataset karpathy or folder (without --dataset, the one its files "
+                                 "ask for)", default=None)
     hub_data_files: str = _help("parquet files for --dataset flickr30k", default=FLICKR30K_PARQUET)
     folder_split: Literal[FOLDER_SPLITS] = _help(
         "--dataset folder: how images whose caption rows name no split are dealt to train, val and test: hash (by "
@@ -289,6 +290,8 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     if config.demo and config.dataset != "folder":  # --demo's data is a caption folder: another would be a silent swap
         raise UserError(f"--demo trains on its own synthetic caption folder, not --dataset {config.dataset}: "
                         "drop one of the two")
+    if "data_dir" in given and "dataset" not in getattr(config, "given_flags", set()) and not config.demo:
+        config.dataset = dataset_from_data_dir(given["data_dir"])
     check_data_flags(config.dataset, given.get("data_dir"), given.get("hub_data_files"))
     if "folder_split" in getattr(config, "given_flags", set()) and config.dataset != "folder":  # else silently ignored
         raise UserError(f"--folder-split deals the images of a --dataset folder that name no split, and --dataset "

@@ -434,6 +434,25 @@ def test_compare_says_when_runs_were_scored_on_other_data_under_the_same_file_na
     assert "not comparable" not in capsys.readouterr().out
 
 
+def test_a_data_dir_of_another_layout_is_read_as_its_files_show(tiny, run, tmp_path, capsys):
+    """A run trained on a caption folder, scored on a Karpathy folder given by --data-dir alone: it was read as a
+    caption folder ("has neither captions.jsonl nor captions.csv"), --dataset karpathy had to be guessed."""
+    karpathy = tmp_path / "karpathy"
+    images = sorted((Path(tiny["data_dir"]) / "images").glob("test_*.png"))[:3]
+    (karpathy / "images").mkdir(parents=True)
+    for image in images:
+        shutil.copy(image, karpathy / "images" / image.name)
+    (karpathy / "dataset_flickr8k.json").write_text(json.dumps({"images": [
+        {"filename": image.name, "imgid": i, "split": "test", "sentences": [{"raw": f"caption {i}"}]}
+        for i, image in enumerate(images)]}))
+    out = tmp_path / "out"
+    assert eval_script.main([str(run), "--data-dir", str(karpathy), "--out", str(out), "--no-progress",
+                             "--num-workers", "0"]) == 0
+    assert f"note: --data-dir {karpathy} holds dataset_flickr8k.json: read as --dataset karpathy" in \
+        capsys.readouterr().err
+    assert json.loads((out / "metrics.json").read_text())["num_images"] == 3
+
+
 def test_the_upper_bound_note_is_for_images_the_run_trained_on(tiny, run, tmp_path, capsys):
     # It was written for any --split train, a folder of one's own too (whose images the run never saw);
     # and it was only in metrics.json: the terminal showed the verdict against the baseline without it.

@@ -652,6 +652,27 @@ def test_a_flag_the_run_would_not_use_is_noted(tiny, tmp_path, capsys, flags, sa
     assert bool(err) == bool(said), err
 
 
+def test_data_dir_without_dataset_reads_the_layout_its_files_show(tiny, tmp_path, capsys):
+    """--dataset defaults to flickr30k, which reads no folder: "--data-dir D" alone was refused although D's
+    caption file says which loader reads it. A folder whose files say nothing, or both, still needs --dataset."""
+    args = train_args(tiny, tmp_path, "laid-out")[2:]  # without "--dataset folder"
+    assert train.resolve_config(train.parse_config(args)).dataset == "folder"
+    assert capsys.readouterr().err.strip() == f"note: --data-dir {tiny['data_dir']} holds captions.jsonl: read as " \
+                                              "--dataset folder"
+    karpathy = tmp_path / "karpathy"
+    karpathy.mkdir()
+    (karpathy / "dataset_flickr8k.json").write_text('{"images": []}')
+    assert train.dataset_from_data_dir(str(karpathy)) == "karpathy"
+    (karpathy / "captions.jsonl").write_text("")
+    for folder, said in ((karpathy, "which --dataset reads it is not plain from its files"),
+                         (tmp_path / "missing", "is not a folder")):
+        args[args.index("--data-dir") + 1] = str(folder)
+        assert run_cli(train.main, args) == 2
+        assert said in capsys.readouterr().err
+    assert run_cli(train.main, args + ["--dataset", "folder"]) == 2  # given, --dataset is taken at its word
+    assert "is not a folder" not in capsys.readouterr().err
+
+
 def test_resume_refuses_epochs_that_max_steps_overrules(tiny, tmp_path, capsys):
     """`--resume --epochs 5` on a run saved with --max-steps said "--epochs 5 (was 2)" and trained the same steps."""
     saved = train.resolve_config(train.parse_config(train_args(tiny, tmp_path, "capped", "--max-steps", "4")))
