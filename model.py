@@ -359,6 +359,78 @@ def _from_pretrained(loader, what: str, name: str, **kwargs):
         raise UserError(f"could not load {what} {name!r} ({first}){hint}") from None
 
 
+# What CLIPVisionModelWithProjection loads: a whole CLIP (openai/clip-vit-*) or its vision tower alone.
+CLIP_MODEL_TYPES = ("clip", "clip_vision_model")
+
+
+class _ConfigFile:
+    """A checkpoint's config.json as a dict, read as from_pretrained reads it (a Hub id or a folder): what kind of
+    model it is, known before a loader meant for another kind fails on it in transformers' words."""
+
+    @staticmethod
+    def from_pretrained(name: str, **kwargs) -> dict:
+        from transformers import PretrainedConfig
+
+        return PretrainedConfig.get_config_dict(name, **kwargs)[0]
+
+
+def check_backbone_kinds(clip_model: str, lm_model: str, clip_revision=None, lm_revision=None) -> None:
+    """Refuse a vision model that is not CLIP and an encoder-decoder LM, by their config.json, in one line each: a
+    SigLIP failed in "ignore_mismatched_sizes ... look at the above report" (a report nobody sees), a T5 in
+    "Unrecognized configuration class", each then advising to give a Hub id this machine can reach."""
+    clip_kind = _from_pretrained(_ConfigFile, "CLIP model", clip_model, revision=clip_revision).get("model_type")
+    if clip_kind not in CLIP_MODEL_TYPES:
+        kind = f"a {clip_kind} model" if clip_kind else "a model whose config.json names no model_type"
+        raise UserError(f"CLIP model {clip_model!r} is {kind}, not CLIP: give a CLIP checkpoint (a whole CLIPModel "
+                        "such as openai/clip-vit-base-patch32, or a CLIPVisionModelWithProjection)")
+    lm_config = _from_pretrained(_ConfigFile, "language model", lm_model, revision=lm_revision)
+    if lm_config.get("is_encoder_decoder"):
+        raise UserError(f"language model {lm_model!r} is a {lm_config.get('model_type')} model, an encoder-decoder: "
+                        "the captioner feeds its prefix to a decoder-only (causal) LM; give one, such as GPT-2, OPT, "
+                        "Llama, Qwen or Gemma")
+
+
+def without_missing_weights(loaded, what: str, name: str):
+    """The model of from_pretrained(..., output_loading_info=True), refused where the checkpoint lacked weights the
+    class needs: transformers starts those at random with a warning our quiet loading hides, and a CLIP vision
+    tower saved as CLIPVisionModel (no visual_projection) trained an adapter on a random projection unsaid."""
+    model, info = loaded
+    if missing := sorted(info.get("missing_keys") or ()):
+        few = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        like = ("a CLIPVisionModel saves no visual_projection" if what == "CLIP model"
+                else "a base model saves no LM head")
+        raise UserError(f"{what} {name!r} lacks weights that {type(model).__name__} needs ({few}), which would start "
+                        f"at random: it was saved without them ({like}); give the whole checkpoint")
+    return model
+
+
+def check_tokenizer_fits(tokenizer, lm, lm_model: str) -> None:
+    """Refuse a tokenizer that cannot serve the LM. A folder holding the LM's weights but no tokenizer files loads,
+    in transformers 5, a tokenizer of one token that turns every caption into nothing: training then taught the
+    adapter EOS alone. One of another, larger vocabulary fails deep in the embedding lookup."""
+    if not tokenizer("a photo of a dog", add_special_tokens=False)["input_ids"]:
+        raise UserError(f"the tokenizer loaded for language model {lm_model!r} turns text into no tokens (it holds "
+                        f"{len(tokenizer)}): that checkpoint has no tokenizer files of its own (tokenizer.json, "
+                        "tokenizer_config.json, ...); save its tokenizer there with tokenizer.save_pretrained")
+    # The ids a caption can hold: special tokens are split as text (tokenize_caption), save EOS and PAD. Some
+    # tokenizers carry a special token past the LM's embeddings that no caption ever uses.
+    special = set(tokenizer.all_special_ids) - {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    rows = lm.get_input_embeddings().weight.shape[0]
+    if (largest := max(i for i in tokenizer.get_vocab().values() if i not in special)) >= rows:
+        raise UserError(f"the tokenizer of language model {lm_model!r} has token ids up to {largest}, but the LM "
+                        f"embeds only {rows} tokens: the tokenizer belongs to another model; give the LM's own")
+
+
+def check_processor_file(error: UserError, clip_model: str) -> UserError:
+    """`error`, or where a CLIP folder has no preprocessor_config.json, one saying so (the loader's own advice was to
+    give a Hub id this machine can reach)."""
+    folder = Path(clip_model).expanduser()
+    if not folder.is_dir() or (folder / "preprocessor_config.json").is_file():
+        return error
+    return UserError(f"CLIP folder {clip_model} has no preprocessor_config.json (how images are resized, cropped and "
+                     "normalised); copy it from the CLIP checkpoint these weights were saved from")
+
+
 def _drop_optional_kernel_notice(record: logging.LogRecord) -> bool:
     return "Failed to load CPU gemm_4bit_forward" not in record.getMessage()
 
@@ -446,22 +518,30 @@ def load_backbones(clip_model: str, lm_model: str, clip_revision=None, lm_revisi
     quantization_config = lm_quantization_config(lm_quantization, device)
     hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars: noise in every log
     trust = {"trust_remote_code": trust_remote_code}
+    check_backbone_kinds(clip_model, lm_model, clip_revision, lm_revision)
     # A full CLIP checkpoint (like openai/clip-vit-base-patch32) also holds the text tower, which
     # the vision-only class leaves out by design: silence the report that lists those keys.
     with transformers_errors_only():
-        clip = _from_pretrained(CLIPVisionModelWithProjection, "CLIP model", clip_model, revision=clip_revision,
-                                dtype=dtype, use_safetensors=True, **trust)
-        processor = _from_pretrained(AutoImageProcessor, "CLIP image processor", clip_model, revision=clip_revision,
-                                     **trust)
+        clip = without_missing_weights(_from_pretrained(
+            CLIPVisionModelWithProjection, "CLIP model", clip_model, revision=clip_revision, dtype=dtype,
+            use_safetensors=True, output_loading_info=True, **trust), "CLIP model", clip_model)
+        try:
+            processor = _from_pretrained(AutoImageProcessor, "CLIP image processor", clip_model,
+                                         revision=clip_revision, **trust)
+        except UserError as error:
+            raise check_processor_file(error, clip_model) from None
     if quantization_config is None:
-        lm = _from_pretrained(AutoModelForCausalLM, "language model", lm_model, revision=lm_revision, dtype=dtype,
-                              use_safetensors=True, **trust).to(device)
-    else:
+        placement = {}
+    else:  # a quantised LM is placed while loading: bitsandbytes weights cannot be moved later
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        lm = _from_pretrained(AutoModelForCausalLM, "language model", lm_model, revision=lm_revision, dtype=dtype,
-                              use_safetensors=True, quantization_config=quantization_config,
-                              device_map={"": device}, **trust)
+        placement = {"quantization_config": quantization_config, "device_map": {"": device}}
+    with transformers_errors_only():  # its load report of missing weights: said in one line instead
+        lm = without_missing_weights(_from_pretrained(
+            AutoModelForCausalLM, "language model", lm_model, revision=lm_revision, dtype=dtype, use_safetensors=True,
+            output_loading_info=True, **placement, **trust), "language model", lm_model)
+    if quantization_config is None:
+        lm = lm.to(device)
     tokenizer = _from_pretrained(AutoTokenizer, "tokenizer", lm_model, revision=lm_revision, **trust)
     return clip.to(device), processor, lm, tokenizer
 
@@ -935,6 +1015,7 @@ def build_captioner(config: AdapterConfig, dtype=torch.float32, device="cpu", lm
         config.clip_model, config.lm_model, config.clip_revision, config.lm_revision, dtype, device, lm_quantization,
         trust_remote_code,
     )
+    check_tokenizer_fits(tokenizer, lm, config.lm_model)
     config.image_feature_dim = clip.visual_projection.out_features
     config.lm_hidden_dim = lm.get_input_embeddings().weight.shape[1]
     config.clip_revision = config.clip_revision or backbone_revision(clip)
@@ -961,7 +1042,9 @@ def special_token_ids(tokenizer, lm) -> tuple[int, int]:
     if isinstance(eos, list):
         eos = eos[0]
     if eos is None:
-        raise UserError("the language model's tokenizer has no EOS token; captions could never end")
+        raise UserError(f"the tokenizer of language model {lm.name_or_path!r} names no EOS token, nor does its "
+                        "config.json (eos_token_id): captions could never end; set eos_token in its "
+                        "tokenizer_config.json")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     return int(eos), int(pad)
 
@@ -1181,6 +1264,7 @@ def load_captioner(checkpoint: str | Path, device="cpu", dtype=torch.float32, cl
                         f"with {flag}") from None
     captioner = Captioner(config, clip, processor, lm, tokenizer, adapter=adapter_to_load(config))
     check_backbones_match(config, captioner, checkpoint / ADAPTER_CONFIG, clip_model, lm_model)
+    check_tokenizer_fits(tokenizer, lm, lm_model)  # after: "not the tokenizer it was trained with" says more
     try:
         captioner.adapter.load_state_dict(state, strict=True)
     except RuntimeError as error:  # "Error(s) in loading state_dict ...", then one line per mismatch
