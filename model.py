@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from utils import (UserError, first_line, gpu_computes_in_bf16, is_whole_number, json_error, json_file_text,
-                   not_a_link, note, replace_durably, with_usual_mode, write_json)
+                   not_a_link, note, removed_unless_renamed, replace_durably, with_usual_mode, write_json)
 
 FORMAT_VERSION = 1
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -1069,10 +1069,10 @@ def save_adapter_weights(path: Path, adapter: nn.Module, described_by: AdapterCo
     metadata = {"format_version": str(FORMAT_VERSION)}
     if described_by is not None:
         metadata[ADAPTER_CONFIG] = json.dumps(dataclasses.asdict(described_by), default=str)
-    tmp = not_a_link(path.with_name(path.name + ".tmp"))
-    save_file(state, str(tmp), metadata=metadata)
-    with_usual_mode(tmp)
-    replace_durably(tmp, path)
+    with removed_unless_renamed(not_a_link(path.with_name(path.name + ".tmp"))) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
+        with_usual_mode(tmp)
+        replace_durably(tmp, path)
 
 
 def torn_export_config(directory: Path) -> dict | None:

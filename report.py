@@ -20,7 +20,8 @@ from pathlib import Path
 from metrics import COCO_METRICS
 from model import ADAPTER_CONFIG, adapter_training
 from utils import (BLEU_VARIANT, ROUGE_L_VARIANT, UserError, collapse_warning, escape_surrogates, is_whole_number,
-                   json_text, json_value, not_a_link, not_a_script, read_jsonl, replace_durably, write_text)
+                   json_text, json_value, not_a_link, not_a_script, read_jsonl, removed_unless_renamed,
+                   replace_durably, write_text)
 
 REPORT_FILE = "report.html"
 LOSS_CURVE = "curve_loss.png"
@@ -221,9 +222,9 @@ def _finish_curve(plt, figure, axes, path, ylabel: str, title: str):
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     plt.close(figure)
-    tmp = not_a_link(path.with_name(path.name + ".tmp"))
-    tmp.write_bytes(buffer.getvalue())
-    replace_durably(tmp, path)
+    with removed_unless_renamed(not_a_link(path.with_name(path.name + ".tmp"))) as tmp:
+        tmp.write_bytes(buffer.getvalue())
+        replace_durably(tmp, path)
     return path
 
 

@@ -2238,14 +2238,27 @@ def main(argv=None, on_step=None) -> int:
         return train_from_config(config, on_step)
 
 
+def what_an_early_stop_left(config: TrainConfig) -> str:
+    """What a run stopped before training began (or by a second signal) left, and the command to type next.
+    --resume only where there is a checkpoint to continue from: a stop during start-up or feature extraction
+    said to --resume, which then answered "nothing to resume"."""
+    cache = "the feature cache keeps every part it finished"
+    run_dir = Path(config.output_dir) / config.run_name if config.run_name else None
+    if run_dir is None or not run_dir.is_dir() or all(path.name == RUN_LOCK for path in run_dir.iterdir()):
+        return f"the run had saved nothing yet: run the same command again ({cache})"
+    if resume_state_dir(run_dir) is None:
+        return (f"{run_dir} stopped before its first checkpoint, so it cannot be resumed: delete that folder and run "
+                f"the same command again, or choose another --run-name ({cache})")
+    return (f"nothing saved is damaged: {run_dir} keeps its last complete checkpoint (continue it with "
+            f"--run-name {shlex.quote(run_dir.name)} --resume) and {cache}")
+
+
 def train_from_config(config: TrainConfig, on_step) -> int:
     try:
         summary = train(config, on_step=on_step)
     except KeyboardInterrupt as interrupt:  # before training began, or a second signal: saves stay whole
         interrupt_handled()
-        print(f"interrupted ({interrupt_name(interrupt)}); nothing saved is "
-              "damaged: a run folder keeps its last complete checkpoint (continue it with --resume) and the feature "
-              "cache every part it finished", file=sys.stderr)
+        print(f"interrupted ({interrupt_name(interrupt)}); {what_an_early_stop_left(config)}", file=sys.stderr)
         return interrupted_exit_code(interrupt)
     except RuntimeError as error:
         reason = lost_another_process(error)

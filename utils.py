@@ -753,13 +753,27 @@ def replace_durably(tmp: str | Path, path: str | Path) -> None:
     sync_folder(Path(path).parent)
 
 
+@contextlib.contextmanager
+def removed_unless_renamed(tmp: Path):
+    """Around writing `tmp` and renaming it into place: where that fails or is interrupted (a full disk, Ctrl-C),
+    `tmp` is deleted. Left there, a half-written copy stayed in the run folder until the next write of its file
+    (predictions.jsonl.tmp, curve_loss.png.tmp after a Ctrl-C as eval.py wrote its outputs), and on a full disk
+    it held on to space the error asked to free. (A SIGKILL leaves it: the next write replaces it.)"""
+    try:
+        yield tmp
+    except BaseException:
+        with contextlib.suppress(OSError):  # renamed already (a failed sync after it), or never made
+            tmp.unlink()
+        raise
+
+
 def write_text(path: str | Path, text: str) -> None:
     """Replace a text file atomically and durably (written aside, then renamed: see replace_durably):
     a crash or power cut mid-write leaves the old file, never half a new one."""
     path = Path(path)
-    tmp = not_a_link(path.with_name(path.name + ".tmp"))
-    tmp.write_text(text, encoding="utf-8")
-    replace_durably(tmp, path)
+    with removed_unless_renamed(not_a_link(path.with_name(path.name + ".tmp"))) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+        replace_durably(tmp, path)
 
 
 def not_a_link(path: str | Path) -> Path:

@@ -315,6 +315,34 @@ def trained_run(tiny, tmp_path) -> Path:
     return tmp_path / "run"
 
 
+@pytest.mark.parametrize("stop", [KeyboardInterrupt(), OSError(28, "No space left on device")])
+def test_a_write_stopped_before_its_rename_leaves_the_old_file_and_no_tmp(tmp_path, monkeypatch, stop):
+    """Ctrl-C (or a full disk) between writing a file aside and renaming it into place left the .tmp in the run
+    folder until the next write of that file (predictions.jsonl.tmp, curve_loss.png.tmp: eval.py stopped as it
+    wrote its outputs). The old file stays, the half-written copy goes: JSON, the curve PNGs, adapter weights."""
+    import model
+    import report
+    import utils
+
+    def stopped(tmp, path):
+        raise stop
+
+    for module in (utils, report, model):
+        monkeypatch.setattr(module, "replace_durably", stopped)
+    log = tmp_path / "train_log.jsonl"
+    log.write_text(json.dumps({"type": "train", "step": 1, "loss": 2.0}) + "\n")
+    writes = {"metrics.json": lambda: utils.write_json(tmp_path / "metrics.json", {"new": 1}),
+              "curve_loss.png": lambda: report.training_curves(log, tmp_path),
+              "adapter.safetensors": lambda: model.save_adapter_weights(tmp_path / "adapter.safetensors",
+                                                                        torch.nn.Linear(2, 2))}
+    for name, write in writes.items():
+        (tmp_path / name).write_text("the old file\n")
+        with pytest.raises(type(stop)):
+            write()
+        assert (tmp_path / name).read_text() == "the old file\n", name
+        assert not list(tmp_path.glob("*.tmp")), (name, sorted(path.name for path in tmp_path.iterdir()))
+
+
 def test_links_planted_in_a_run_folder_are_replaced_on_resume_not_written_through(tiny, tmp_path):
     """A run folder from elsewhere may hold links where train.py --resume writes: .train.lock -> ~/.bashrc was
     truncated to the lock's "pid ..." line, last.tmp -> a folder got the run's adapter written into it, a .tmp
@@ -808,7 +836,8 @@ def test_sigterm_during_feature_extraction_is_one_line_and_keeps_the_finished_pa
     finally:
         signal.signal(signal.SIGTERM, previous)
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.startswith("interrupted (SIGTERM); nothing saved is damaged: a run folder keeps its last"), error
+    # Nothing of the run to resume yet: the advice is the same command, which then goes on (below), not --resume.
+    assert error.startswith("interrupted (SIGTERM); the run had saved nothing yet: run the same command again"), error
     assert [len(keys) for keys in added] == [8, 8]
 
     first_run = {key for keys in added for key in keys}
@@ -818,6 +847,33 @@ def test_sigterm_during_feature_extraction_is_one_line_and_keeps_the_finished_pa
     assert run_cli(train.main, args) == 0
     second_run = {key for keys in added for key in keys}
     assert second_run and not second_run & first_run  # the 16 finished images were not encoded again
+
+
+def test_a_stop_during_start_up_says_resume_only_where_there_is_a_checkpoint(tiny, tmp_path, monkeypatch, capsys):
+    """Ctrl-C before training began always said "continue it with --resume", which then answered "nothing to resume"
+    (found by killing train.py at random moments). Now the advice is what the run folder allows."""
+    real_open = train.open_run_folder
+
+    def open_then_ctrl_c(run):
+        real_open(run)  # the run's config and log are written: a folder without a checkpoint
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "open_run_folder", open_then_ctrl_c)
+    args = train_args(tiny, tmp_path, "early", "--max-steps", "2", "--final-eval", "false")
+    assert run_cli(train.main, args) == 130
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{tmp_path / 'early'} stopped before its first checkpoint, so it cannot be resumed: delete" in error, error
+    assert run_cli(train.main, [*args, "--resume"]) == 2  # as said: there is nothing to resume
+    assert "has no resume state" in capsys.readouterr().err
+
+    monkeypatch.setattr(train, "open_run_folder", real_open)
+    args = train_args(tiny, tmp_path, "saved", "--max-steps", "2", "--save-every", "1", "--final-eval", "false")
+    assert run_cli(train.main, args) == 0
+    monkeypatch.setattr(train, "open_run_folder", open_then_ctrl_c)
+    assert run_cli(train.main, [*args, "--resume"]) == 130  # a resume stopped as it starts
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.endswith(f"{tmp_path / 'saved'} keeps its last complete checkpoint (continue it with --run-name "
+                          "saved --resume) and the feature cache keeps every part it finished"), error
 
 
 def test_ctrl_c_or_sigterm_in_any_script_is_one_line_with_the_shell_exit_code():
