@@ -1138,6 +1138,16 @@ def test_every_flag_the_readme_gives_a_script_is_one_it_takes():
     assert sorted(set(re.findall(r"(?<![\w-])--[a-z][\w-]*", text)) - every_flag) == []
 
 
+def test_every_readme_table_row_is_one_line():
+    """A Markdown table row ends at its line's end: a long row wrapped onto a second line renders that line as a
+    row of its own, its text in the first column (the Other data table's folder row did)."""
+    lines = (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines()
+    for number, (line, after) in enumerate(zip(lines, [*lines[1:], ""]), start=1):
+        if line.startswith("|"):
+            assert line.rstrip().endswith("|"), f"README.md:{number}: a table row that does not end with |"
+            assert after.startswith("|") or not after.strip(), f"README.md:{number + 1}: a table row's text wraps"
+
+
 @pytest.mark.slow
 def test_demo_reaches_the_learning_bar(tmp_path):
     """python train.py --demo: builds the demo assets, trains, and scores the held-out test images."""
