@@ -506,11 +506,16 @@ def find_karpathy_json(data_dir: Path) -> Path:
                     f"{hint or other_caption_file_hint(data_dir)}")
 
 
+def _image_roots(data_dir: Path) -> tuple[Path, ...]:
+    """The folders a Karpathy split file's image names are looked up in: the data folder or the one data sets ship."""
+    return data_dir, data_dir / "images", data_dir / "Images", data_dir / "flickr30k-images"
+
+
 def _resolve_image(data_dir: Path, *parts: str, listings: dict | None = None) -> Path:
     """An image's file under the data folder or one of the image folders data sets ship, by its name as written,
     else by that name in another Unicode form (in_unicode_form, `listings` shared across one load)."""
     relative = Path(*[p for p in parts if p])
-    roots = (data_dir, data_dir / "images", data_dir / "Images", data_dir / "flickr30k-images")
+    roots = _image_roots(data_dir)
     for root in roots:
         if (root / relative).is_file():
             return root / relative
@@ -548,7 +553,7 @@ def load_karpathy(data_dir: Path, split: str) -> list[ImageRecord]:
         if problem := file_name_problem(folder) or file_name_problem(image["filename"]):
             raise UserError(f"{path}: images[{number}] has filepath {folder!r} and filename {image['filename']!r}; "
                             f"one {problem}")
-        folder, filename = with_slashes(data_dir, folder), with_slashes(data_dir, image["filename"])
+        folder, filename = _karpathy_slashes(data_dir, folder, image["filename"])
         file = os.path.normpath(os.path.join(folder, filename))
         image_split = _karpathy_split(path, image, number)
         _check_one_split(path, file, image_split, number, first_seen)
@@ -673,18 +678,33 @@ def imagefolder_metadata_files(data_dir: Path) -> list[Path]:
 
 def _read_imagefolder_metadata(data_dir: Path, files: list[Path]) -> list[dict]:
     """The rows of imagefolder metadata files as caption rows: an image named from the data folder, and in a split
-    folder that folder's split (where the row names none)."""
-    rows = []
+    folder that folder's split (where the row names none), whichever folder's metadata file names it."""
+    rows, split_folders = [], {}
     for path in files:
         folder = path.parent.relative_to(data_dir)
         for row in _read_caption_file(path):
             field = next((f for f in IMAGE_FIELDS if row.get(f)), None)
-            if folder.parts and isinstance(row.get(field), str):
+            if isinstance(row.get(field), str):
                 row[field] = str(folder / row[field])
-                if row.get("split") is None or (isinstance(row["split"], str) and not row["split"].strip()):
-                    row["split"] = folder.name
+                no_split = row.get("split") is None or (isinstance(row["split"], str) and not row["split"].strip())
+                # The metadata file's own split folder, or for one at the top the split folder its name goes into.
+                split_folder = folder.name if folder.parts else _split_folder_of(data_dir, row[field], split_folders)
+                if no_split and split_folder:
+                    row["split"] = split_folder
             rows.append(row)
     return rows
+
+
+def _split_folder_of(data_dir: Path, name: str, split_folders: dict[str, bool]) -> str | None:
+    """The split folder of `data_dir` (train/, validation/, test/, ...) an image name lies in, else None: a root
+    metadata.jsonl naming "test/a.png" left the image to the hash deal, which trained on most of test/.
+    `split_folders` keeps whether each name is a folder: one look per name, not per row."""
+    first = re.split(r"[\\/]", name, maxsplit=1)
+    if len(first) < 2 or not _normal_split(first[0]):
+        return None
+    if first[0] not in split_folders:
+        split_folders[first[0]] = (data_dir / first[0]).is_dir()
+    return first[0] if split_folders[first[0]] else None
 
 
 def other_caption_file_hint(data_dir: Path) -> str:
@@ -999,6 +1019,15 @@ def with_slashes(data_dir: Path, name: str) -> str:
     if "\\" not in name or os.sep == "\\" or os.path.lexists(os.path.join(data_dir, name)):
         return name
     return name.replace("\\", os.sep)
+
+
+def _karpathy_slashes(data_dir: Path, folder: str, filename: str) -> tuple[str, str]:
+    """with_slashes for a Karpathy entry's filepath and filename, looked up under every image root (_image_roots):
+    checked in the data folder alone, images/x\\y.jpg, a Linux file that had loaded, became "not found"."""
+    if "\\" not in folder + filename or any(os.path.lexists(root / folder / filename)
+                                           for root in _image_roots(data_dir)):
+        return folder, filename
+    return with_slashes(data_dir, folder), with_slashes(data_dir, filename)
 
 
 def respell_unicode_forms(records: list[ImageRecord]) -> None:

@@ -368,22 +368,35 @@ class _ConfigFile:
     model it is, known before a loader meant for another kind fails on it in transformers' words."""
 
     @staticmethod
-    def from_pretrained(name: str, **kwargs) -> dict:
+    def from_pretrained(name: str, **kwargs) -> dict | None:
         from transformers import PretrainedConfig
 
-        return PretrainedConfig.get_config_dict(name, **kwargs)[0]
+        try:
+            return PretrainedConfig.get_config_dict(name, **kwargs)[0]
+        except TypeError:  # transformers' own look into a config.json of null ("argument of type 'NoneType' ...")
+            return None
+
+
+def backbone_config(what: str, name: str, revision=None) -> dict:
+    """A backbone's config.json (_ConfigFile). One of null, a list or a string (a file overwritten, or saved by
+    hand) ended in a traceback, here or in transformers (AttributeError, TypeError)."""
+    config = _from_pretrained(_ConfigFile, what, name, revision=revision)
+    if not isinstance(config, dict):
+        raise UserError(f"{what} {name!r}: its config.json holds no JSON object of settings; copy that file again "
+                        "from the checkpoint it came with")
+    return config
 
 
 def check_backbone_kinds(clip_model: str, lm_model: str, clip_revision=None, lm_revision=None) -> None:
     """Refuse a vision model that is not CLIP and an encoder-decoder LM, by their config.json, in one line each: a
     SigLIP failed in "ignore_mismatched_sizes ... look at the above report" (a report nobody sees), a T5 in
     "Unrecognized configuration class", each then advising to give a Hub id this machine can reach."""
-    clip_kind = _from_pretrained(_ConfigFile, "CLIP model", clip_model, revision=clip_revision).get("model_type")
+    clip_kind = backbone_config("CLIP model", clip_model, clip_revision).get("model_type")
     if clip_kind not in CLIP_MODEL_TYPES:
         kind = f"a {clip_kind} model" if clip_kind else "a model whose config.json names no model_type"
         raise UserError(f"CLIP model {clip_model!r} is {kind}, not CLIP: give a CLIP checkpoint (a whole CLIPModel "
                         "such as openai/clip-vit-base-patch32, or a CLIPVisionModelWithProjection)")
-    lm_config = _from_pretrained(_ConfigFile, "language model", lm_model, revision=lm_revision)
+    lm_config = backbone_config("language model", lm_model, lm_revision)
     if lm_config.get("is_encoder_decoder"):
         raise UserError(f"language model {lm_model!r} is a {lm_config.get('model_type')} model, an encoder-decoder: "
                         "the captioner feeds its prefix to a decoder-only (causal) LM; give one, such as GPT-2, OPT, "
@@ -397,11 +410,19 @@ def without_missing_weights(loaded, what: str, name: str):
     model, info = loaded
     if missing := sorted(info.get("missing_keys") or ()):
         few = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        like = ("a CLIPVisionModel saves no visual_projection" if what == "CLIP model"
-                else "a base model saves no LM head")
         raise UserError(f"{what} {name!r} lacks weights that {type(model).__name__} needs ({few}), which would start "
-                        f"at random: it was saved without them ({like}); give the whole checkpoint")
+                        f"at random: {why_weights_are_missing(what, missing)}; give the whole checkpoint")
     return model
+
+
+def why_weights_are_missing(what: str, missing: list[str]) -> str:
+    """The likely reason for a load report's missing weights: a CLIP tower or a base LM saved without its
+    projection or head, else a partial copy (its layers' weights missing too were said to be "no LM head")."""
+    head, like = (("visual_projection.", "a CLIPVisionModel saves no visual_projection") if what == "CLIP model"
+                  else ("lm_head.", "a base model saves no LM head"))
+    if all(key.startswith(head) for key in missing):
+        return f"it was saved without them ({like})"
+    return "its weights files hold only part of the model (a copy cut short, or a file of another model)"
 
 
 def check_tokenizer_fits(tokenizer, lm, lm_model: str) -> None:

@@ -2247,6 +2247,12 @@ def what_an_early_stop_left(config: TrainConfig) -> str:
     if run_dir is None or not run_dir.is_dir() or all(path.name == RUN_LOCK for path in run_dir.iterdir()):
         return f"the run had saved nothing yet: run the same command again ({cache})"
     if resume_state_dir(run_dir) is None:
+        if (run_dir / ADAPTER_WEIGHTS).is_file():
+            # A second signal during the first save, after a validation had saved the best adapter: "delete that
+            # folder" threw that adapter away.
+            return (f"{run_dir} stopped before its first resumable checkpoint, so it cannot be resumed, but it keeps "
+                    f"the best adapter its validation saved (score it: python eval.py {shlex.quote(str(run_dir))}); "
+                    f"to train again, choose another --run-name ({cache})")
         return (f"{run_dir} stopped before its first checkpoint, so it cannot be resumed: delete that folder and run "
                 f"the same command again, or choose another --run-name ({cache})")
     return (f"nothing saved is damaged: {run_dir} keeps its last complete checkpoint (continue it with "

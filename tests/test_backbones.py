@@ -152,3 +152,37 @@ def test_train_py_refuses_an_encoder_decoder_lm_in_one_line(tiny, families, tmp_
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: language model '{families['t5']}' is a t5 model, an encoder-decoder"), err
     assert "\n" not in err and "Traceback" not in err, err
+
+
+def test_an_lm_copy_missing_layer_weights_is_not_said_to_lack_only_its_head(tiny, tmp_path):
+    """Every missing-weights refusal of an LM said "a base model saves no LM head", a copy cut short too, whose
+    missing weights were its layers'."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    lm = tmp_path / "lm"
+    shutil.copytree(tiny["lm_model"], lm)
+    weights = load_file(lm / "model.safetensors")
+    save_file({name: tensor for name, tensor in weights.items() if ".layers.0." not in name},
+              lm / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"needs \(model\.layers\.0\..*which would start at random: its weights files "
+                                        r"hold only part of the model") as raised:
+        build_captioner(AdapterConfig(clip_model=tiny["clip_model"], lm_model=str(lm)))
+    assert "LM head" not in str(raised.value)
+
+
+@pytest.mark.parametrize("backbone", ["clip_model", "lm_model"])
+@pytest.mark.parametrize("content", ["null", "[]", '"x"'])
+def test_a_config_json_that_holds_no_object_is_refused_in_one_line(tiny, tmp_path, backbone, content):
+    """A config.json of null, a list or a string (overwritten, or saved by hand) ended in a traceback: TypeError in
+    transformers, AttributeError in the check of what kind of model it is."""
+    import shutil
+
+    folder = tmp_path / backbone
+    shutil.copytree(tiny[backbone], folder)
+    (folder / "config.json").write_text(content + "\n")
+    what = "CLIP model" if backbone == "clip_model" else "language model"
+    with pytest.raises(UserError, match=f"^{what} '{folder}': its config.json holds no JSON object of settings; "):
+        build_captioner(AdapterConfig(**{**{name: tiny[name] for name in ("clip_model", "lm_model")},
+                                         backbone: str(folder)}))

@@ -763,6 +763,18 @@ def test_windows_separators_in_image_paths_name_the_files(tmp_path):
     assert record.path == tmp_path / "photos" / "day 1" / "a.png"
 
 
+def test_a_karpathy_image_whose_linux_name_holds_a_backslash_is_still_read_by_that_name(tmp_path):
+    """Windows separators were looked for in the data folder only, not in images/ where Karpathy images lie:
+    images/x\\y.png, read before, became "image not found: x/y.png"."""
+    for name in ("x\\y.png", "b.png", "c.png"):
+        write_image(tmp_path / "images" / name)
+    (tmp_path / "dataset_flickr8k.json").write_text(json.dumps({"images": [
+        {"filename": name, "imgid": i, "split": "train", "sentences": [{"raw": f"caption {i}"}]}
+        for i, name in enumerate(("x\\y.png", "b.png", "c.png"))]}))
+    paths = {r.path for r in load_records("karpathy", "train", str(tmp_path))}
+    assert paths == {tmp_path / "images" / name for name in ("x\\y.png", "b.png", "c.png")}
+
+
 @pytest.mark.parametrize("delimiter", [";", "\t"])
 def test_a_csv_saved_by_excel_with_semicolons_or_tabs_reads_its_columns(tmp_path, delimiter):
     """Excel saves "CSV" with semicolons where the decimal mark is a comma (German, French settings) and "Text (Tab
@@ -806,6 +818,22 @@ def test_hugging_face_imagefolder_metadata_files_are_read_as_caption_files(tmp_p
     (tmp_path / "captions.jsonl").unlink()
     with pytest.raises(UserError, match="train holds both metadata.jsonl and metadata.csv"):
         load_records("folder", "train", str(tmp_path))
+
+
+def test_a_root_imagefolder_metadata_file_gives_images_in_split_folders_their_split(tmp_path):
+    """One metadata.jsonl at the top naming "train/a.png" and "test/b.png": the split folders were ignored and the
+    hash deal trained on most of test/ (16 of 20), scoring the run on a test split of training images."""
+    rows = []
+    for split in ("train", "test"):
+        for i in range(20):
+            write_image(tmp_path / split / f"{i}.png")
+            rows.append({"file_name": f"{split}/{i}.png", "text": f"{split} {i}"})
+    rows[0]["split"] = "val"  # a split the row names is kept
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    by_split = {split: {r.image_id for r in load_records("folder", split, str(tmp_path))} for split in SPLITS}
+    assert by_split["val"] == {os.path.join("train", "0.png")}
+    assert by_split["train"] == {os.path.join("train", f"{i}.png") for i in range(1, 20)}
+    assert by_split["test"] == {os.path.join("test", f"{i}.png") for i in range(20)}
 
 
 def test_a_folder_of_another_caption_layout_says_what_to_do(tmp_path):

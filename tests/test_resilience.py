@@ -876,6 +876,22 @@ def test_a_stop_during_start_up_says_resume_only_where_there_is_a_checkpoint(tin
                           "saved --resume) and the feature cache keeps every part it finished"), error
 
 
+def test_a_second_signal_before_the_first_save_keeps_the_validated_adapter_and_says_so(tiny, tmp_path, capsys):
+    """A second Ctrl-C during the first save, after a validation had saved the best adapter: the line said to
+    delete the run folder, adapter and all."""
+    def second_ctrl_c(step):
+        if step == 3:
+            raise KeyboardInterrupt  # as StopRequest raises on a second signal
+
+    args = train_args(tiny, tmp_path, "validated", "--max-steps", "6", "--eval-every", "2", "--save-every", "100",
+                      "--final-eval", "false")
+    assert run_cli(lambda argv: train.main(argv, on_step=second_ctrl_c), args) == 130
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "cannot be resumed, but it keeps the best adapter its validation saved (score it: python eval.py " \
+           f"{tmp_path / 'validated'})" in error, error
+    assert "delete" not in error and (tmp_path / "validated" / "adapter.safetensors").is_file()
+
+
 def test_ctrl_c_or_sigterm_in_any_script_is_one_line_with_the_shell_exit_code():
     for signum, code, line in ((signal.SIGTERM, 143, "interrupted (SIGTERM)"), (signal.SIGINT, 130,
                                                                                 "interrupted (Ctrl-C)")):
