@@ -370,8 +370,33 @@ def check_readable(bad_samples: list[tuple[str, str]]) -> None:
         more = f" (and {len(bad_samples) - 1} more unreadable images)" if len(bad_samples) > 1 else ""
         them = "them" if more else "it"
         raise UserError(f"{first_reason}{more}: evaluation scores every image of the split, so fix {them} or "
-                        f"remove {them} from the split (train.py --on-bad-sample skip only leaves such images out "
-                        "of training)")
+                        f"remove {them} from the split, or leave {them} out of the scores with --on-bad-sample skip "
+                        "(the scores then say so)")
+
+
+def readable_split(captioner, records, batch_size: int, num_workers: int, progress: bool, feature_cache: dict | None,
+                   bad_samples: list) -> list:
+    """The records whose images can be read (--on-bad-sample skip), the others added to `bad_samples`. Their
+    features are cached on the way, so captioning reads them again from the cache, as train.py's final evaluation
+    does (train.readable_records)."""
+    features = clip_features(captioner, records, batch_size, num_workers, progress, "CLIP features (reading the split)",
+                             feature_cache, on_bad_sample="skip", bad_samples=bad_samples)
+    readable = drop_unreadable(records, features)[0]
+    if not readable:
+        raise UserError(f"none of the {len(records)} images of the split could be read (first: {bad_samples[0][1]}): "
+                        "check --data-dir")
+    return readable
+
+
+def skipped_images_note(bad_samples: list, scored: int, split: str) -> str:
+    """The note for metrics.json, the report and the printed table on held-out images --on-bad-sample skip left out
+    of the scores (missing or unreadable files), or "": the figures are of fewer images than the split holds."""
+    if not bad_samples:
+        return ""
+    named = ", ".join(str(image) for image, _ in bad_samples[:3]) + (" ..." if len(bad_samples) > 3 else "")
+    return (f"{len(bad_samples)} of the {len(bad_samples) + scored} {split} images could not be read (missing or "
+            f"unreadable) and were left out (--on-bad-sample skip): {named}; the scores cover the other {scored}, "
+            "and compare only with scores of the same images")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -429,15 +454,19 @@ def what_was_scored(checkpoint: Path, dataset: str, split: str, records, options
     options (result_options: {"limit": ...} from train.py) the evaluation was made."""
     # Absolute: --compare, run from another folder, looks for the scored adapter there to tell stale figures.
     return {"split": split, "checkpoint": str(Path(checkpoint).absolute()), "dataset": dataset,
-            "images_digest": images_digest(records), "references_digest": references_digest(records), "adapter": adapter_identity(checkpoint),
-            "options": options or {}}
+            **scored_images(records), "adapter": adapter_identity(checkpoint), "options": options or {}}
+
+
+def scored_images(records) -> dict:
+    """metrics.json's digests of the images scored and their references, which --compare checks agree."""
+    return {"images_digest": images_digest(records), "references_digest": references_digest(records)}
 
 
 # The flags besides --split and the decoding's (which metrics.json records on their own) that change what an
 # evaluation writes, in the order the command to repeat it gives them. Not --trust-remote-code: only the user's own
 # command line grants it, never a file (a metrics.json can be anyone's); nor where it runs (--device, workers).
 RESULT_FLAGS = ("limit", "dataset", "data_dir", "hub_data_files", "lm_quantization", "dtype", "clip_model", "lm_model",
-                "seed", "batch_size", "decoding_sweep", "gallery_size")
+                "seed", "batch_size", "decoding_sweep", "gallery_size", "on_bad_sample")
 SAMPLING_FLAGS = ("seed", "batch_size")  # a sampled caption depends on the seed and on the images in its batch
 
 
@@ -1138,6 +1167,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "--seed) and write one table of all of them (decoding_sweep.json, report.html)")
     parser.add_argument("--gallery-size", type=whole_number(0, meaning=" (0 = every image)"), default=0,
                         help="images in the report's gallery, worst first; 0 = every image")
+    parser.add_argument("--on-bad-sample", choices=("skip", "error"), default=None,
+                        help="a missing or unreadable image of the split: stop (error), or leave it out of the scores, "
+                             "which then say so and name it (skip) (default: the run's own --on-bad-sample, as its "
+                             "final evaluation did; error for a run that does not record one)")
     parser.add_argument("--compare", nargs="+", metavar="RUN",
                         help="print one table of these runs side by side, from their metrics.json; no evaluation")
     add_loading_flags(parser)
@@ -1350,7 +1383,12 @@ def evaluate_or_compare(parser: argparse.ArgumentParser, args) -> int:
         # The run's own folder is dealt as it was for training; another as new runs deal it, so that runs
         # old and new are scored on the same images of it.
         folder_split = folder_split_of(run) if own_data else "hash"
-        records = load_records(dataset, args.split, data_dir, hub_files, seed, folder_split=folder_split)
+        # As the run's final evaluation did: `eval.py RUN` scores the images that evaluation scored. (Resolved here,
+        # not in args: metrics.json's options keep the flag as given, None for the run's own, as --dataset's.)
+        on_bad_sample = args.on_bad_sample or run.get("on_bad_sample", "error")
+        bad_samples: list[tuple[str, str]] = []  # under skip: the split's missing, then unreadable, images
+        records = load_records(dataset, args.split, data_dir, hub_files, seed, on_bad_sample, bad_samples,
+                               folder_split)
         records = limit_records(records, args.limit, seed)
         if not records:
             raise UserError(empty_split_message(dataset, args.split, data_dir, hub_files, seed, folder_split))
@@ -1371,6 +1409,11 @@ def evaluate_or_compare(parser: argparse.ArgumentParser, args) -> int:
         resume_gc_after_loading()  # a demo evaluation of 150 images: 14.7 s with it on all along, 13.1 s so
         # Now, not at the first batch: by then the split's and the baseline's features were extracted.
         captioner.check_fits_context(decoding.max_new_tokens, "--max-new-tokens")
+        if on_bad_sample == "skip":
+            records = readable_split(captioner, records, args.batch_size, args.num_workers,
+                                     not args.no_progress and processes.is_main, feature_cache_settings(run),
+                                     bad_samples)
+            scored.update(scored_images(records))
     if processes.count > 1:  # each machine may read a copy of its own: copies that differ would caption apart
         processes.agree(evaluated_facts(args, checkpoint, captioner, records, train_records),
                         advice=SAME_RUN_EVERYWHERE)
@@ -1390,7 +1433,9 @@ def evaluate_or_compare(parser: argparse.ArgumentParser, args) -> int:
     result.metrics.update(scored)
     selected_on = selected_on_note(records, run, checkpoint, run_dir) if args.split == "val" else ""
     copied = same_picture_note(result.copies, len(records)) if args.split != "train" else ""
-    printed_notes = [note for note in (trained_on_note(records, train_records), copied, selected_on, live) if note]
+    skipped = skipped_images_note(bad_samples, len(records), args.split)
+    printed_notes = [note for note in (skipped, trained_on_note(records, train_records), copied, selected_on, live)
+                     if note]
     result.metrics["notes"] += printed_notes
     sweep = sweep_table(results) if args.decoding_sweep else None
     out_dir = Path(args.out) if args.out else checkpoint

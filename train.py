@@ -2187,7 +2187,7 @@ def final_evaluation(captioner, adapter, run_dir: Path, config: TrainConfig, tes
 
     The nearest-neighbour baseline reuses the training features extracted for training."""
     from eval import (describe_decoding, evaluate_captioner, feature_cache_settings, print_metrics, same_picture_note,
-                      say_written, trained_on_note, what_was_scored, write_eval_outputs)
+                      say_written, skipped_images_note, trained_on_note, what_was_scored, write_eval_outputs)
 
     captioner.adapter = adapter
     adapter.load_state_dict(load_adapter_state(run_dir / ADAPTER_WEIGHTS))
@@ -2205,8 +2205,10 @@ def final_evaluation(captioner, adapter, run_dir: Path, config: TrainConfig, tes
                                  feature_cache=feature_cache_settings(dataclasses.asdict(config)))
     result = results[describe_decoding(decoding)]
     result.metrics.update(what_was_scored(run_dir, config.dataset, "test", records, {"limit": config.test_limit}))
-    # As eval.py says them: a test image that is a training file under another name (a link), then byte copies.
-    said = [trained_on_note(records, train_records), same_picture_note(result.copies, len(records))]
+    # As eval.py says them: the test images left out, a test image that is a training file under another name (a
+    # link), then byte copies.
+    said = [skipped_images_note(bad, len(records), "test"), trained_on_note(records, train_records),
+            same_picture_note(result.copies, len(records))]
     notes = tuple(note for note in said if note)
     result.metrics["notes"] += notes
     written = write_eval_outputs(run_dir, result, records, run_dir)
@@ -2217,8 +2219,8 @@ def final_evaluation(captioner, adapter, run_dir: Path, config: TrainConfig, tes
 
 def readable_records(captioner, records, config: TrainConfig, split: str, bad: list):
     """The records whose images can be read (their features are then cached), saying which were not
-    (with those already in `bad`, e.g. missing files). eval.py stops at an unreadable image; a
-    training run that skips them skips them here too."""
+    (with those already in `bad`, e.g. missing files). A training run that skips them skips them here too, as
+    `eval.py RUN` then does (eval.readable_split: its --on-bad-sample defaults to the run's)."""
     features = extract_features(captioner, records, config.feature_batch_size, config.num_workers,
                                 progress=config.progress, desc=f"CLIP features ({split})",
                                 cache_dir=config.feature_cache_dir or None, use_cache=config.feature_cache,

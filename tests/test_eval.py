@@ -527,6 +527,62 @@ def test_a_run_that_skipped_a_damaged_training_image_is_not_said_to_have_changed
            "images/train_0003.png)" in capsys.readouterr().err
 
 
+def test_eval_rescores_a_run_on_the_test_images_its_final_evaluation_skipped(tiny, tmp_path, capsys):
+    """train.py's final evaluation (--on-bad-sample skip, the default) leaves out test images it cannot read, but
+    `eval.py RUN` stopped at the first of them: the run's own figures could not be scored again. It now follows the
+    run's setting, scores the same images to the same figures and says which it left out; --compare does not set
+    them beside a score of the whole split."""
+    data = Path(shutil.copytree(tiny["data_dir"], tmp_path / "data"))
+    damaged, missing = data / "images" / "test_0001.png", data / "images" / "test_0002.png"
+    damaged_bytes, missing_bytes = damaged.read_bytes(), missing.read_bytes()
+    damaged.write_bytes(damaged_bytes[:100])
+    missing.unlink()
+    args = train_args(tiny, tmp_path, "run", "--max-steps", "2", "--num-workers", "0")
+    args[args.index("--data-dir") + 1] = str(data)
+    assert train.main(args) == 0
+    trained = read_json(tmp_path / "run" / "metrics.json")
+    note = ("2 of the 6 test images could not be read (missing or unreadable) and were left out (--on-bad-sample "
+            "skip): images/test_0002.png, images/test_0001.png; the scores cover the other 4")
+    flags = ["--no-progress", "--num-workers", "0"]
+    skipped = tmp_path / "skipped"
+    capsys.readouterr()
+    assert eval_script.main([str(tmp_path / "run"), "--out", str(skipped), *flags]) == 0
+    again = read_json(skipped / "metrics.json")
+    assert trained["num_images"] == again["num_images"] == 4
+    for key in ("images_digest", "references_digest", *eval_script.metric_keys()):
+        assert again[key] == trained[key], key
+    assert [n for n in again["notes"] if n.startswith(note)], again["notes"]
+    assert f"note: {note}" in capsys.readouterr().out
+
+    # Asked to, or for a run that records no setting (saved before eval.py had one), it stops on them as before.
+    assert run_cli(eval_script.main, [str(tmp_path / "run"), "--on-bad-sample", "error", *flags]) == 2
+    assert "1 of 6 test images are missing" in capsys.readouterr().err
+    run_config = tmp_path / "run" / "run_config.json"
+    write_json(run_config, {k: v for k, v in read_json(run_config).items() if k != "on_bad_sample"})
+    assert run_cli(eval_script.main, [str(tmp_path / "run"), *flags]) == 2
+    assert "1 of 6 test images are missing" in capsys.readouterr().err
+
+    # Repaired, the whole split scores; side by side with the skip-scored figures, the table says they differ.
+    damaged.write_bytes(damaged_bytes)
+    missing.write_bytes(missing_bytes)
+    assert eval_script.main([str(tmp_path / "run"), "--out", str(tmp_path / "whole"), *flags]) == 0
+    capsys.readouterr()
+    assert eval_script.main(["--compare", str(skipped), str(tmp_path / "whole")]) == 0
+    printed = capsys.readouterr().out
+    assert "not comparable: the runs differ in num_images (4, 6)" in printed
+    assert "not comparable: the runs were scored on different images" in printed
+
+
+def test_a_split_with_no_readable_image_is_one_line_under_skip_too(tiny, run, tmp_path, capsys):
+    data = Path(shutil.copytree(tiny["data_dir"], tmp_path / "data"))
+    for image in (data / "images").glob("test_*"):
+        image.write_bytes(b"not an image")
+    flags = ["--data-dir", str(data), "--out", str(tmp_path / "out"), "--no-progress", "--num-workers", "0"]
+    assert run_cli(eval_script.main, [str(run), *flags, "--on-bad-sample", "skip"]) == 2
+    err = capsys.readouterr().err
+    assert "none of the 6 images of the split could be read (first: " in err and "Traceback" not in err, err
+
+
 def test_meteor_starts_once_the_split_was_read_not_for_a_split_that_stops_on_an_unreadable_image(tiny, run, tmp_path,
                                                                                                    monkeypatch):
     """METEOR's JVM loads for seconds (~8 s of CPU) while the images are captioned; an evaluation that stops on
@@ -535,7 +591,7 @@ def test_meteor_starts_once_the_split_was_read_not_for_a_split_that_stops_on_an_
     monkeypatch.setattr(eval_script, "start_meteor", lambda: started.append("meteor"))
     data_dir = shutil.copytree(tiny["data_dir"], tmp_path / "data")
     Path(load_records("folder", "test", str(data_dir), seed=42)[-1].path).write_bytes(b"not an image")
-    flags = ["--data-dir", str(data_dir), "--no-progress", "--num-workers", "0"]
+    flags = ["--data-dir", str(data_dir), "--no-progress", "--num-workers", "0", "--on-bad-sample", "error"]
     assert run_cli(eval_script.main, [str(run), *flags, "--out", str(tmp_path / "bad")]) != 0
     assert started == [] and not (tmp_path / "bad" / "metrics.json").exists()
     assert eval_script.main([str(run), *flags, "--limit", "2", "--out", str(tmp_path / "good")]) == 0
@@ -858,7 +914,8 @@ def test_an_unreadable_image_in_another_process_shard_is_one_error_line(tiny, ru
     shutil.copytree(tiny["data_dir"], data_dir)
     last = load_records("folder", "test", str(data_dir), seed=42)[-1]  # in process 1's shard
     Path(last.path).write_bytes(b"not an image")
-    result = evaluate_in_two_processes(ROOT / "eval.py", run, tmp_path / "out", "--data-dir", str(data_dir))
+    result = evaluate_in_two_processes(ROOT / "eval.py", run, tmp_path / "out", "--data-dir", str(data_dir),
+                                       "--on-bad-sample", "error")
     assert result.returncode != 0
     assert said_by_the_processes(result.stderr).count("evaluation scores every image of the split") == 1, \
         result.stderr[-3000:]
@@ -873,7 +930,8 @@ def test_a_data_error_every_process_meets_is_one_error_line(tiny, run, tmp_path)
     shutil.copytree(tiny["data_dir"], data_dir)
     captions = data_dir / "captions.jsonl"
     captions.write_text("".join(line + "\n" for line in captions.read_text().splitlines() if '"test"' not in line))
-    result = evaluate_in_two_processes(ROOT / "eval.py", run, tmp_path / "out", "--data-dir", str(data_dir))
+    result = evaluate_in_two_processes(ROOT / "eval.py", run, tmp_path / "out", "--data-dir", str(data_dir),
+                                       "--on-bad-sample", "error")
     # Counted in the text, not by lines: two processes' lines written at once can share one.
     assert result.returncode != 0 and said_by_the_processes(result.stderr).count("error: ") == 1, result.stderr[-3000:]
     assert f"error: the test split of folder {data_dir} has no images with captions" in result.stderr

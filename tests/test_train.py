@@ -1415,6 +1415,22 @@ def test_the_final_evaluation_says_when_test_images_are_training_files_under_oth
     assert f"note: {note}" in capsys.readouterr().out
 
 
+def test_the_final_evaluation_records_the_test_images_it_skipped(tiny, tmp_path, capsys):
+    """Under --on-bad-sample skip (the default) the final evaluation leaves out test images it cannot read and said
+    so only as it went: metrics.json, the report and the table gave figures of 4 images as the test split's."""
+    data = shutil.copytree(tiny["data_dir"], tmp_path / "damaged")
+    (data / "images" / "test_0003.png").write_bytes(b"not an image")
+    args = train_args(tiny, tmp_path, "skipped", "--max-steps", "2", "--num-workers", "0")
+    args[args.index("--data-dir") + 1] = str(data)
+    assert train.main(args) == 0
+    note = ("1 of the 6 test images could not be read (missing or unreadable) and were left out (--on-bad-sample "
+            "skip): images/test_0003.png; the scores cover the other 5")
+    metrics = json.loads((tmp_path / "skipped" / "metrics.json").read_text())
+    assert metrics["num_images"] == 5 and [n for n in metrics["notes"] if n.startswith(note)], metrics["notes"]
+    assert note in (tmp_path / "skipped" / "report.html").read_text()
+    assert f"note: {note}" in capsys.readouterr().out
+
+
 def test_a_revision_given_with_the_demo_names_its_backbone_folder(tiny, tmp_path, capsys, monkeypatch):
     """The demo's backbones are local folders, filled in after the flags are read: the note named "" (the current
     folder) as the one read as it is."""
