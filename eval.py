@@ -388,15 +388,22 @@ def readable_split(captioner, records, batch_size: int, num_workers: int, progre
     return readable
 
 
-def skipped_images_note(bad_samples: list, scored: int, split: str) -> str:
+def skipped_images_note(bad_samples: list, scored: int, split: str, sampled: bool = False) -> str:
     """The note for metrics.json, the report and the printed table on held-out images --on-bad-sample skip left out
-    of the scores (missing or unreadable files), or "": the figures are of fewer images than the split holds."""
+    of the scores (missing or unreadable files), or "": the figures are of fewer images than the split holds.
+    `sampled`: a limit drew the scored images from more. The missing ones were then counted in the whole split, before
+    the draw, and the unreadable ones in the sample: "1 of the 3 test images" was said of a split of 6 scored on 2."""
     if not bad_samples:
         return ""
     named = ", ".join(str(image) for image, _ in bad_samples[:3]) + (" ..." if len(bad_samples) > 3 else "")
-    return (f"{len(bad_samples)} of the {len(bad_samples) + scored} {split} images could not be read (missing or "
-            f"unreadable) and were left out (--on-bad-sample skip): {named}; the scores cover the other {scored}, "
-            "and compare only with scores of the same images")
+    if sampled:
+        counted = f"{len(bad_samples)} of the {split} images"
+        covered = f"a limit's sample of {scored} of the others"
+    else:
+        counted = f"{len(bad_samples)} of the {len(bad_samples) + scored} {split} images"
+        covered = f"the other {scored}"
+    return (f"{counted} could not be read (missing or unreadable) and were left out (--on-bad-sample skip): {named}; "
+            f"the scores cover {covered}, and compare only with scores of the same images")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1387,9 +1394,9 @@ def evaluate_or_compare(parser: argparse.ArgumentParser, args) -> int:
         # not in args: metrics.json's options keep the flag as given, None for the run's own, as --dataset's.)
         on_bad_sample = args.on_bad_sample or run.get("on_bad_sample", "error")
         bad_samples: list[tuple[str, str]] = []  # under skip: the split's missing, then unreadable, images
-        records = load_records(dataset, args.split, data_dir, hub_files, seed, on_bad_sample, bad_samples,
-                               folder_split)
-        records = limit_records(records, args.limit, seed)
+        loaded = load_records(dataset, args.split, data_dir, hub_files, seed, on_bad_sample, bad_samples, folder_split)
+        records = limit_records(loaded, args.limit, seed)
+        sampled = len(records) < len(loaded)  # for the note on images left out (skipped_images_note)
         if not records:
             raise UserError(empty_split_message(dataset, args.split, data_dir, hub_files, seed, folder_split))
         state = saved_trainer_state(run_dir)  # read once: it lists every training image of a caption folder
@@ -1433,7 +1440,7 @@ def evaluate_or_compare(parser: argparse.ArgumentParser, args) -> int:
     result.metrics.update(scored)
     selected_on = selected_on_note(records, run, checkpoint, run_dir) if args.split == "val" else ""
     copied = same_picture_note(result.copies, len(records)) if args.split != "train" else ""
-    skipped = skipped_images_note(bad_samples, len(records), args.split)
+    skipped = skipped_images_note(bad_samples, len(records), args.split, sampled)
     printed_notes = [note for note in (skipped, trained_on_note(records, train_records), copied, selected_on, live)
                      if note]
     result.metrics["notes"] += printed_notes

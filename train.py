@@ -2173,15 +2173,17 @@ def report_bad_samples(run_dir: Path, bad_samples: list, accelerator) -> None:
                      f"(all in {run_dir / 'bad_samples.jsonl'})")
 
 
-def load_test_split(config: TrainConfig) -> tuple[list, list]:
-    """The final evaluation's test records and the missing files among them (left out under skip),
-    loaded with the other splits so that missing test files stop a run before training, not after."""
+def load_test_split(config: TrainConfig) -> tuple[list, list, bool]:
+    """The final evaluation's test records, the missing files among them (left out under skip), and whether
+    --test-limit drew the records from more (for skipped_images_note), loaded with the other splits so that missing
+    test files stop a run before training, not after."""
     missing: list[tuple[str, str]] = []
-    records = load_split(config, "test", config.test_limit, missing if config.on_bad_sample == "skip" else None)
-    return records, missing
+    loaded = load_split(config, "test", 0, missing if config.on_bad_sample == "skip" else None)
+    records = limit_records(loaded, config.test_limit, config.seed)
+    return records, missing, len(records) < len(loaded)
 
 
-def final_evaluation(captioner, adapter, run_dir: Path, config: TrainConfig, test_split: tuple[list, list],
+def final_evaluation(captioner, adapter, run_dir: Path, config: TrainConfig, test_split: tuple[list, list, bool],
                      train_records, train_features) -> dict:
     """Score the best adapter on the test split, exactly as `python eval.py RUN` would (report included).
 
@@ -2191,7 +2193,7 @@ def final_evaluation(captioner, adapter, run_dir: Path, config: TrainConfig, tes
 
     captioner.adapter = adapter
     adapter.load_state_dict(load_adapter_state(run_dir / ADAPTER_WEIGHTS))
-    records, missing = test_split
+    records, missing, sampled = test_split
     bad = list(missing)
     if config.on_bad_sample == "skip":
         records = readable_records(captioner, records, config, "test", bad)
@@ -2207,7 +2209,7 @@ def final_evaluation(captioner, adapter, run_dir: Path, config: TrainConfig, tes
     result.metrics.update(what_was_scored(run_dir, config.dataset, "test", records, {"limit": config.test_limit}))
     # As eval.py says them: the test images left out, a test image that is a training file under another name (a
     # link), then byte copies.
-    said = [skipped_images_note(bad, len(records), "test"), trained_on_note(records, train_records),
+    said = [skipped_images_note(bad, len(records), "test", sampled), trained_on_note(records, train_records),
             same_picture_note(result.copies, len(records))]
     notes = tuple(note for note in said if note)
     result.metrics["notes"] += notes

@@ -583,6 +583,31 @@ def test_a_split_with_no_readable_image_is_one_line_under_skip_too(tiny, run, tm
     assert "none of the 6 images of the split could be read (first: " in err and "Traceback" not in err, err
 
 
+def test_the_note_on_skipped_images_says_a_limit_drew_the_scored_ones(tiny, run, tmp_path):
+    """Under --limit (train.py's --test-limit) the missing images are counted in the whole split, before the draw: the
+    note said "1 of the 3 test images could not be read" of a split of 6 scored on 2. train.py's final evaluation
+    (load_test_split) scores the same 2 images and says the same."""
+    data = Path(shutil.copytree(tiny["data_dir"], tmp_path / "data"))
+    (data / "images" / "test_0000.png").unlink()
+    assert eval_script.main([str(run), "--data-dir", str(data), "--limit", "2", "--out", str(tmp_path / "out"),
+                             "--no-progress", "--num-workers", "0"]) == 0
+    metrics = read_json(tmp_path / "out" / "metrics.json")
+    note = ("1 of the test images could not be read (missing or unreadable) and were left out (--on-bad-sample skip): "
+            "images/test_0000.png; the scores cover a limit's sample of 2 of the others")
+    assert metrics["num_images"] == 2 and [n for n in metrics["notes"] if n.startswith(note)], metrics["notes"]
+
+    args = train_args(tiny, tmp_path, "final", "--test-limit", "2")
+    args[args.index("--data-dir") + 1] = str(data)
+    records, missing, sampled = train.load_test_split(train.parse_config(args))
+    assert eval_script.images_digest(records) == metrics["images_digest"]
+    assert eval_script.skipped_images_note(missing, len(records), "test", sampled).startswith(note)
+    # A limit that draws nothing out (5 images are there): the note counts the split's images, as without one.
+    args[args.index("--test-limit") + 1] = "5"
+    records, missing, sampled = train.load_test_split(train.parse_config(args))
+    assert eval_script.skipped_images_note(missing, len(records), "test", sampled).startswith(
+        "1 of the 6 test images could not be read")
+
+
 def test_meteor_starts_once_the_split_was_read_not_for_a_split_that_stops_on_an_unreadable_image(tiny, run, tmp_path,
                                                                                                    monkeypatch):
     """METEOR's JVM loads for seconds (~8 s of CPU) while the images are captioned; an evaluation that stops on
