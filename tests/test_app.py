@@ -11,6 +11,7 @@ import importlib.util
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -949,6 +950,19 @@ def test_a_damaged_hub_test_image_leaves_it_out_of_the_examples_not_the_page_dow
     assert [label for _, label in examples] == ["test image 2"]
     with Image.open(examples[0][0]) as image:
         assert image.size == (8, 8)
+
+
+def test_a_missing_test_image_leaves_the_other_examples_on_the_page(tiny, tmp_path, monkeypatch):
+    """The examples were loaded as eval.py loads a split, stopping at a missing file: one deleted test image took
+    every test image off the page, leaving only the bundled photos."""
+    data = Path(shutil.copytree(tiny["data_dir"], tmp_path / "data"))
+    tests = sorted((data / "images").glob("test_*.png"))
+    tests[0].unlink()
+    (tmp_path / "run_config.json").write_text(json.dumps({"dataset": "folder", "data_dir": str(data),
+                                                          "folder_split": "hash"}))
+    monkeypatch.setattr(app, "real_photos", lambda: [])
+    labels = [label for _, label in app.example_images(tmp_path, 2)]
+    assert labels == [f"test image {path.stem}" for path in tests[1:3]]
 
 
 def test_the_hub_examples_folder_is_removed_when_the_server_exits(tmp_path):
