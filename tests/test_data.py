@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -158,6 +159,15 @@ def test_the_hash_deal_moves_only_stand_ins_when_images_are_removed(first, added
     newly_held = {name for name in first & now if before[name] == "train" and after[name] != "train"}
     assert all(hash_position(seed, name) >= trained_from for name in newly_held)
     assert newly_held <= stood_in(after, seed, fraction)
+
+
+def test_the_hash_deal_gives_an_image_its_split_whatever_unicode_form_names_it():
+    """A caption file saved on macOS spells "é" as e + accent (NFD), one name to a reader and to the file system:
+    re-saved so, the images must keep their splits, or the test split would hold images the run trained on."""
+    names = [f"caf\u00e9 {i}.png" for i in range(100)]
+    respelled = [unicodedata.normalize("NFD", name) for name in names]
+    assert respelled != names
+    assert list(deal_splits(respelled, seed=0).values()) == list(deal_splits(names, seed=0).values())
 
 
 def test_a_caption_folder_that_grows_keeps_each_images_split(tmp_path):

@@ -1040,6 +1040,7 @@ def test_a_cider_tie_at_zero_is_no_verdict_rather_than_a_loss():
     zero = {"coco_cider_d": 0.0}
     assert beats_baseline(zero, zero) is None
     assert beats_baseline({"coco_cider_d": 0.2}, zero) is True and beats_baseline(zero, {"coco_cider_d": 0.2}) is False
+    assert beats_baseline({"coco_cider_d": 0.2}, {"coco_cider_d": 0.2}) is False  # matching it is not beating it
     metrics = {**zero, "baseline_decided_by": "coco_cider_d", "baseline": zero, "beats_baseline": None}
     assert baseline_verdict(metrics).startswith("No verdict against the nearest-neighbour baseline: CIDEr-D is 0.00")
 

@@ -125,6 +125,17 @@ def test_without_java_the_metrics_degrade_with_one_note(monkeypatch, capsys):
     assert ours.metrics["coco_bleu1"] > 0 and ours.metrics["coco_rougeL"] > 0
 
 
+def test_each_set_of_predictions_in_one_call_gets_the_scores_of_its_own_captions():
+    """eval.py scores the adapter and the baseline (and each decoding of a sweep) in one call, their captions
+    tokenised together: each set must score as it does alone, not with another set's captions."""
+    others = PREDICTIONS[::-1]
+    together = coco_metrics({"run": PREDICTIONS, "baseline": others}, REFERENCES, use_java=False)
+    for name, predictions in (("run", PREDICTIONS), ("baseline", others)):
+        alone = coco_metrics({name: predictions}, REFERENCES, use_java=False)[name]
+        assert together[name].metrics == alone.metrics and together[name].per_image == alone.per_image, name
+    assert together["run"].metrics != together["baseline"].metrics
+
+
 def test_validation_cider_d_is_the_splits_cider_d_with_python_tokens():
     scores = coco_metrics({"run": PREDICTIONS}, REFERENCES, use_java=False)["run"]
     assert metrics.validation_cider_d(PREDICTIONS, REFERENCES) == pytest.approx(scores.metrics["coco_cider_d"],
@@ -233,3 +244,24 @@ def test_a_meteor_that_failed_is_retried_without_hanging_on_its_lock(monkeypatch
         metrics._meteor.cache_clear()
     gc.collect()
     assert FlakyMeteor.made == 2 and hung == []
+
+
+def test_a_meteor_that_fails_after_scoring_some_sets_is_left_out_of_every_set(monkeypatch):
+    """METEOR dying for the baseline after it scored the adapter (no Java needed: a stand-in) must leave METEOR out of
+    both, or the report compares a METEOR with a missing one."""
+    monkeypatch.setattr(metrics, "java_available", lambda: True)
+    monkeypatch.setattr(metrics, "_ptb_tokenize_java", lambda captions: [ptb_tokenize_python(c) for c in captions])
+    answers = iter([(0.5, [0.5] * len(PREDICTIONS))])
+
+    def meteor_once(gts, res):
+        try:
+            return next(answers)
+        except StopIteration:
+            raise OSError("METEOR's JVM ended") from None
+
+    monkeypatch.setattr(metrics, "_meteor_scores", meteor_once)
+    notes = []
+    scored = coco_metrics({"run": PREDICTIONS, "baseline": PREDICTIONS[::-1]}, REFERENCES, notes=notes)
+    for result in scored.values():
+        assert result.metrics["coco_meteor"] is None and result.per_image["coco_meteor"] == [None] * len(PREDICTIONS)
+    assert any("METEOR failed" in note for note in notes)

@@ -1,13 +1,16 @@
 """The model's contract: batches, loss positions, freezing, saving and reloading."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from dataset import collate_captions, tokenize_caption
-from model import IGNORE_INDEX, AdapterConfig, DecodingConfig, build_captioner, load_captioner, save_adapter
+from model import (IGNORE_INDEX, AdapterConfig, DecodingConfig, build_captioner, load_captioner, save_adapter,
+                   special_token_ids)
 from train import TrainConfig, make_optimizer
 from utils import UserError
 
@@ -56,6 +59,14 @@ def test_caption_truncation_keeps_eos(tiny):
     assert len(ids) == 6 and ids[-1] == 0
 
 
+def test_an_lm_whose_tokenizer_names_no_pad_token_pads_with_its_eos():
+    """GPT-2 names no pad token, and its id 0 is "!": padded with a real token, a caption that ended before the others
+    of its batch would read "... a beach!!!!" (ended rows are filled with PAD; decoding drops only special tokens)."""
+    tokenizer = SimpleNamespace(eos_token_id=50256, pad_token_id=None)
+    lm = SimpleNamespace(config=SimpleNamespace(eos_token_id=50256), name_or_path="gpt2")
+    assert special_token_ids(tokenizer, lm) == (50256, 50256)
+
+
 def test_only_the_adapter_trains(tiny):
     captioner = make_captioner(tiny)
     adapter_params = {id(p) for p in captioner.adapter.parameters()}
@@ -66,6 +77,16 @@ def test_only_the_adapter_trains(tiny):
     optimizer = make_optimizer(captioner, TrainConfig())
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert in_optimizer == adapter_params
+
+
+def test_image_features_are_l2_normalised_exactly_where_the_config_says(tiny):
+    """The adapter sees features as it was trained on them: a run trained on normalised CLIP features (the default)
+    given raw ones would caption from inputs of a scale it never saw."""
+    captioner = make_captioner(tiny)
+    embeddings = 7 * torch.randn(3, captioner.config.image_feature_dim)
+    torch.testing.assert_close(captioner.finish_features(embeddings).norm(dim=-1), torch.ones(3))
+    captioner.config.normalize_image_features = False
+    assert torch.equal(captioner.finish_features(embeddings), embeddings)
 
 
 def test_adapter_kinds_take_sizes_from_backbones(tiny):
@@ -148,6 +169,23 @@ def test_generation_modes_return_clean_strings(tiny):
             assert captioner.hf_generate_tokens(prefix, DecodingConfig(strategy=strategy, max_new_tokens=2)).shape[1] <= 2
     assert captioner.generate(features, DecodingConfig(max_new_tokens=2)) == captioner.decode(
         captioner.greedy_tokens(prefix, 2))
+
+
+def test_a_caption_that_ends_before_others_of_its_batch_is_the_caption_it_gets_alone(tiny):
+    """The LM writes on after its EOS ("in front of a white" went on "a blue cross on a white"): greedy decoding fills
+    the rows that ended with PAD, so a caption does not depend on which images share its batch."""
+    captioner = make_captioner(tiny)
+    torch.manual_seed(0)
+    for param in captioner.adapter.parameters():  # a distinctive adapter: some captions end early, some run on
+        param.data.normal_(0, 0.5)
+    with torch.no_grad():
+        prefix = captioner.prefix_embeds(F.normalize(torch.randn(6, captioner.config.image_feature_dim), dim=-1))
+        tokens = captioner.greedy_tokens(prefix, 16)
+        alone = [captioner.decode(captioner.greedy_tokens(prefix[i : i + 1], 16))[0] for i in range(6)]
+    eos = captioner.config.eos_token_id
+    assert tokens.shape[1] == 16 and any(eos in row[:-1] for row in tokens.tolist()), \
+        "the fixture should end some captions early and run others to the end"
+    assert captioner.decode(tokens) == alone
 
 
 def test_sampling_is_pure_nucleus_with_no_hidden_top_k(tiny):
@@ -303,6 +341,10 @@ def test_the_loss_follows_an_lm_that_changes_its_heads_logits(tiny, kind, capsys
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
     captioner(**batch)
     assert capsys.readouterr().err.count("the LM changes its head's logits") == 1  # told once, on stderr
+    # A batch of padding rows only (a process's last one, see EpochShuffleSampler) adds nothing: 0, not NaN.
+    padding = collate_captions([{"image_features": torch.zeros(captioner.config.image_feature_dim), "token_ids": []}],
+                               pad_token_id=pad)
+    assert captioner(**padding).item() == 0
 
 
 def test_the_loss_follows_logits_changed_where_no_setting_names_it(tiny, capsys):

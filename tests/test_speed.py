@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dataset import FeatureCache, encoder_fingerprint, extract_features, load_records
-from model import AdapterConfig, Captioner, DecodingConfig, build_captioner
+from model import IGNORE_INDEX, AdapterConfig, Captioner, DecodingConfig, build_captioner
 
 
 @pytest.fixture(scope="module")
@@ -869,6 +869,8 @@ def test_a_head_with_a_bias_keeps_its_bias_in_the_loss(captioner):
                             captioner.lm.get_input_embeddings()(ids[:, :-1])], dim=1)
         hidden = captioner.lm.base_model(inputs_embeds=embeds).last_hidden_state[:, k - 1 :]
         torch.testing.assert_close(loss, F.cross_entropy(biased(hidden).reshape(-1, biased.out_features), ids.reshape(-1)))
+        # A batch of padding rows only (a process's last one, see EpochShuffleSampler) adds nothing: 0, not NaN.
+        assert captioner(**{**batch, "labels": torch.full_like(ids, IGNORE_INDEX)}).item() == 0
     finally:
         captioner.lm.set_output_embeddings(head)
 
