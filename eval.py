@@ -375,13 +375,21 @@ def check_readable(bad_samples: list[tuple[str, str]]) -> None:
 
 
 def readable_split(captioner, records, batch_size: int, num_workers: int, progress: bool, feature_cache: dict | None,
-                   bad_samples: list) -> list:
+                   bad_samples: list, processes: Processes) -> list:
     """The records whose images can be read (--on-bad-sample skip), the others added to `bad_samples`. Their
     features are cached on the way, so captioning reads them again from the cache, as train.py's final evaluation
-    does (train.readable_records)."""
-    features = clip_features(captioner, records, batch_size, num_workers, progress, "CLIP features (reading the split)",
-                             feature_cache, on_bad_sample="skip", bad_samples=bad_samples)
-    readable = drop_unreadable(records, features)[0]
+    does (train.readable_records). Each process reads its shard and they pool what they found, as in
+    evaluate_captioner: each read the whole split, and stored its features in the cache once per process."""
+    shard = processes.shard(len(records), batch_size)
+    mine = records[shard.start : shard.stop]
+    found: list[tuple[str, str]] = []
+    features = clip_features(captioner, mine, batch_size, num_workers, progress,
+                             f"CLIP features (reading the split{processes.share_label(len(mine), len(records))})",
+                             feature_cache, on_bad_sample="skip", bad_samples=found)
+    bad_samples += processes.gather(found)  # in rank order, which is the split's
+    # Flags, not records, through the gather: a Hub record holds its table. (An unreadable image's row is NaN.)
+    readable_flags = processes.gather((~torch.isnan(features).any(dim=1)).tolist())
+    readable = [record for record, ok in zip(records, readable_flags, strict=True) if ok]
     if not readable:
         raise UserError(f"none of the {len(records)} images of the split could be read (first: {bad_samples[0][1]}): "
                         "check --data-dir")
@@ -1416,15 +1424,18 @@ def evaluate_or_compare(parser: argparse.ArgumentParser, args) -> int:
         resume_gc_after_loading()  # a demo evaluation of 150 images: 14.7 s with it on all along, 13.1 s so
         # Now, not at the first batch: by then the split's and the baseline's features were extracted.
         captioner.check_fits_context(decoding.max_new_tokens, "--max-new-tokens")
+    try:  # from the first gather on (readable_split's, else evaluate_captioner's)
         if on_bad_sample == "skip":
-            records = readable_split(captioner, records, args.batch_size, args.num_workers,
-                                     not args.no_progress and processes.is_main, feature_cache_settings(run),
-                                     bad_samples)
+            # Not in the block above: its processes gather here, and one that stopped in it would meet these
+            # gathers with its own (stopping_together's).
+            with stopping_together(processes, SAME_RUN_EVERYWHERE):
+                records = readable_split(captioner, records, args.batch_size, args.num_workers,
+                                         not args.no_progress and processes.is_main, feature_cache_settings(run),
+                                         bad_samples, processes)
             scored.update(scored_images(records))
-    if processes.count > 1:  # each machine may read a copy of its own: copies that differ would caption apart
-        processes.agree(evaluated_facts(args, checkpoint, captioner, records, train_records),
-                        advice=SAME_RUN_EVERYWHERE)
-    try:
+        if processes.count > 1:  # each machine may read a copy of its own: copies that differ would caption apart
+            processes.agree(evaluated_facts(args, checkpoint, captioner, records, train_records),
+                            advice=SAME_RUN_EVERYWHERE)
         results = evaluate_captioner(captioner, records, decodings, train_records, args.batch_size, args.num_workers,
                                      not args.no_progress and processes.is_main, args.seed, processes,
                                      feature_cache=feature_cache_settings(run))

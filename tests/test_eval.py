@@ -586,7 +586,8 @@ def test_a_split_with_no_readable_image_is_one_line_under_skip_too(tiny, run, tm
 def test_the_note_on_skipped_images_says_a_limit_drew_the_scored_ones(tiny, run, tmp_path):
     """Under --limit (train.py's --test-limit) the missing images are counted in the whole split, before the draw: the
     note said "1 of the 3 test images could not be read" of a split of 6 scored on 2. train.py's final evaluation
-    (load_test_split) scores the same 2 images and says the same."""
+    (load_test_split) scores the same 2 images and says the same (this test had asked skipped_images_note itself,
+    so a final evaluation that said "1 of the 3" again passed it)."""
     data = Path(shutil.copytree(tiny["data_dir"], tmp_path / "data"))
     (data / "images" / "test_0000.png").unlink()
     assert eval_script.main([str(run), "--data-dir", str(data), "--limit", "2", "--out", str(tmp_path / "out"),
@@ -596,11 +597,12 @@ def test_the_note_on_skipped_images_says_a_limit_drew_the_scored_ones(tiny, run,
             "images/test_0000.png; the scores cover a limit's sample of 2 of the others")
     assert metrics["num_images"] == 2 and [n for n in metrics["notes"] if n.startswith(note)], metrics["notes"]
 
-    args = train_args(tiny, tmp_path, "final", "--test-limit", "2")
+    args = train_args(tiny, tmp_path, "final", "--test-limit", "2", "--max-steps", "2")
     args[args.index("--data-dir") + 1] = str(data)
-    records, missing, sampled = train.load_test_split(train.parse_config(args))
-    assert eval_script.images_digest(records) == metrics["images_digest"]
-    assert eval_script.skipped_images_note(missing, len(records), "test", sampled).startswith(note)
+    assert train.main(args) == 0
+    final = read_json(tmp_path / "final" / "metrics.json")
+    assert final["images_digest"] == metrics["images_digest"]
+    assert final["num_images"] == 2 and [n for n in final["notes"] if n.startswith(note)], final["notes"]
     # A limit that draws nothing out (5 images are there): the note counts the split's images, as without one.
     args[args.index("--test-limit") + 1] = "5"
     records, missing, sampled = train.load_test_split(train.parse_config(args))
@@ -949,6 +951,40 @@ def test_an_unreadable_image_in_another_process_shard_is_one_error_line(tiny, ru
 
 
 @pytest.mark.slow
+def test_two_processes_skipping_unreadable_images_each_read_their_shard_of_the_split(tiny, run, tmp_path):
+    """Under --on-bad-sample skip (a run's own default) every process read every image of the split to find the
+    unreadable ones, and stored the split's features in the cache once per process. Each now reads its shard and
+    they pool what they found: the note names the image process 1 could not read."""
+    data_dir = tmp_path / "data"
+    shutil.copytree(tiny["data_dir"], data_dir)
+    last = load_records("folder", "test", str(data_dir), seed=42)[-1]  # in process 1's shard
+    Path(last.path).write_bytes(b"not an image")
+    logged = tmp_path / "eval_logging_reads.py"  # eval.py, each process listing the images it decodes
+    logged.write_text(
+        "import os, sys\n"
+        "import dataset, eval\n"
+        "from utils import run_cli\n"
+        "encode = dataset._encode\n"
+        "def logged(captioner, records, *args):\n"
+        f"    with open({str(tmp_path)!r} + '/read.' + os.environ['RANK'], 'a') as log:\n"
+        "        log.writelines(f'{record.image_id}\\n' for record in records)\n"
+        "    return encode(captioner, records, *args)\n"
+        "dataset._encode = logged\n"
+        "sys.exit(run_cli(eval.main))\n")
+    result = evaluate_in_two_processes(logged, run, tmp_path / "out", "--data-dir", str(data_dir),
+                                       "--on-bad-sample", "skip")
+    assert result.returncode == 0, result.stderr[-3000:]
+    read = [{line for line in (tmp_path / f"read.{rank}").read_text().splitlines() if "test_" in line}
+            for rank in (0, 1)]
+    assert not read[0] & read[1] and len(read[0] | read[1]) == 6, read
+    metrics = read_json(tmp_path / "out" / "metrics.json")
+    assert metrics["num_images"] == 5
+    assert [n for n in metrics["notes"] if n.startswith(f"1 of the 6 test images could not be read (missing or "
+                                                        f"unreadable) and were left out (--on-bad-sample skip): "
+                                                        f"{last.image_id}; the scores cover the other 5")], metrics
+
+
+@pytest.mark.slow
 def test_a_data_error_every_process_meets_is_one_error_line(tiny, run, tmp_path):
     """A split with no images stops both processes alike; one line says so (each used to print it)."""
     data_dir = tmp_path / "data"
@@ -963,7 +999,8 @@ def test_a_data_error_every_process_meets_is_one_error_line(tiny, run, tmp_path)
 
 
 @pytest.mark.slow
-def test_a_process_stopped_mid_evaluation_ends_the_other_with_one_line(run, tmp_path):
+@pytest.mark.parametrize("on_bad_sample", ["skip", "error"])  # its first gather: readable_split's, evaluate_captioner's
+def test_a_process_stopped_mid_evaluation_ends_the_other_with_one_line(run, tmp_path, on_bad_sample):
     """SIGTERM reaches rank 1 alone (a scheduler stopping one worker) before it hands in its shard: rank 0,
     waiting for it, ends with one line, not the process group's traceback, and writes nothing."""
     wrapper = tmp_path / "eval_signalled.py"
@@ -978,7 +1015,7 @@ def test_a_process_stopped_mid_evaluation_ends_the_other_with_one_line(run, tmp_
         "    return gather(self, items)\n"
         "eval.Processes.gather = gather_or_stop\n"
         "sys.exit(run_cli(eval.main))\n")
-    result = evaluate_in_two_processes(wrapper, run, tmp_path / "out")
+    result = evaluate_in_two_processes(wrapper, run, tmp_path / "out", "--on-bad-sample", on_bad_sample)
     assert result.returncode != 0
     assert "interrupted (SIGTERM)" in result.stderr, result.stderr[-3000:]
     assert "error: another process of this evaluation ended" in result.stderr, result.stderr[-3000:]
