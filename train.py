@@ -2230,8 +2230,9 @@ def readable_records(captioner, records, config: TrainConfig, split: str, bad: l
     records = drop_unreadable(records, features)[0]
     if bad:
         listed = "; ".join(f"{image} ({why})" for image, why in bad[:3]) + (" ..." if len(bad) > 3 else "")
-        print(f"skipped {len(bad)} unreadable {split} images: {listed}; the {split} scores cover the other "
-              f"{len(records)}")
+        # Not "the scores cover the other N": under --test-limit the missing ones were counted in the whole split and
+        # the unreadable in the sample (the scores' note, eval.skipped_images_note, says which images they cover).
+        print(f"skipping {len(bad)} {split} images that could not be read (missing or unreadable): {listed}")
     return records
 
 
@@ -2259,8 +2260,11 @@ def what_an_early_stop_left(config: TrainConfig) -> str:
                     f"to train again, choose another --run-name ({cache})")
         return (f"{run_dir} stopped before its first checkpoint, so it cannot be resumed: delete that folder and run "
                 f"the same command again, or choose another --run-name ({cache})")
-    return (f"nothing saved is damaged: {run_dir} keeps its last complete checkpoint (continue it with "
-            f"--run-name {shlex.quote(run_dir.name)} --resume) and {cache}")
+    # --output-dir too, as resume_command gives it: without it a run under another folder resumed (or found
+    # nothing) in the default one.
+    flags = shlex.join(["--run-name", run_dir.name, "--output-dir", str(config.output_dir), "--resume"])
+    return (f"nothing saved is damaged: {run_dir} keeps its last complete checkpoint (continue it with {flags}) "
+            f"and {cache}")
 
 
 def train_from_config(config: TrainConfig, on_step) -> int:
