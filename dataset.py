@@ -30,14 +30,15 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from stat import S_ISDIR, S_ISREG
+from stat import S_ISDIR, S_ISLNK, S_ISREG
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
 from model import IGNORE_INDEX
-from utils import UserError, cache_home, file_digest, first_line, ids_digest, note, replace_durably, write_json
+from utils import (UserError, cache_home, file_digest, first_line, gc_paused, ids_digest, note, replace_durably,
+                   write_json)
 
 FLICKR30K_PARQUET = "hf://datasets/nlphuji/flickr30k@refs/convert/parquet/TEST/test/*.parquet"
 DATASETS = ("flickr30k", "karpathy", "folder")
@@ -363,6 +364,12 @@ def _grey_to_8bit(image):
     return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))  # 2-D uint8: mode L
 
 
+# Unicode's categories Cc (control characters) and Cs (surrogates), which its stability policy keeps as they are, for
+# one pass of the regex engine: asking unicodedata.category of each character was half the time of loading COCO's
+# training split (566,767 captions; profiled).
+CONTROL_OR_SURROGATE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
 def normalize_caption(text) -> str:
     """A caption by rule (an empty result means the caption is dropped):
 
@@ -374,8 +381,7 @@ def normalize_caption(text) -> str:
     """
     if not isinstance(text, str):
         return ""
-    text = unicodedata.normalize("NFC", text)
-    text = "".join(" " if unicodedata.category(c) in ("Cc", "Cs") else c for c in text)
+    text = CONTROL_OR_SURROGATE.sub(" ", unicodedata.normalize("NFC", text))
     return " ".join(text.split())
 
 
@@ -506,6 +512,7 @@ def find_karpathy_json(data_dir: Path) -> Path:
                     f"{hint or other_caption_file_hint(data_dir)}")
 
 
+@functools.lru_cache(maxsize=8)  # asked once per image: building the paths was a sixth of loading COCO (profiled)
 def _image_roots(data_dir: Path) -> tuple[Path, ...]:
     """The folders a Karpathy split file's image names are looked up in: the data folder or the one data sets ship."""
     return data_dir, data_dir / "images", data_dir / "Images", data_dir / "flickr30k-images"
@@ -517,8 +524,8 @@ def _resolve_image(data_dir: Path, *parts: str, listings: dict | None = None) ->
     relative = Path(*[p for p in parts if p])
     roots = _image_roots(data_dir)
     for root in roots:
-        if (root / relative).is_file():
-            return root / relative
+        if (candidate := root / relative).is_file():
+            return candidate
     listings = {} if listings is None else listings
     for root in roots:
         if (found := in_unicode_form(root / relative, listings)) and found.is_file():
@@ -1236,8 +1243,9 @@ def load_records(dataset: str, split: str, data_dir: str | None = None, hub_data
             raise UserError(f"--data-dir {root} is a file: name the folder that holds it ({root.parent})")
         if not root.is_dir():
             raise UserError(f"data folder not found: {root}")
-        records = (load_karpathy(root, split) if dataset == "karpathy"
-                   else load_caption_folder(root, split, seed, folder_split))
+        with gc_paused():  # a caption file's millions of objects, each scanned again at every full collection
+            records = (load_karpathy(root, split) if dataset == "karpathy"
+                       else load_caption_folder(root, split, seed, folder_split))
     records = _drop_missing_files(_drop_captionless(records, split), split, on_bad_sample, bad_samples)
     if split == "train":  # of the images trained on: a skipped one's captions are no training pairs
         _note_dominant_image(records)
@@ -1439,17 +1447,43 @@ def _collate_images(items):
     return indices, (torch.stack([pixels for _, pixels in good]) if good else None), bad
 
 
-def image_key(record: ImageRecord) -> str:
+def image_key(record: ImageRecord, folders: dict[Path, str] | None = None) -> str:
     """What identifies an image's content cheaply: a file's path, size, mtime and ctime (what git's
     index compares too), or a Hub row of a dataset fingerprint (which changes when its files do).
 
     A rewritten file gets a new key, even one whose size and mtime were put back (`cp -p`, `rsync -a`,
     `touch -d`, an EXIF edit that keeps the date): no tool can set the ctime, the kernel moves it on
-    every change. A chmod moves it too, and costs one more encoding of that image."""
+    every change. A chmod moves it too, and costs one more encoding of that image.
+
+    `folders` ({folder: its resolved path}, shared by the keys of one split: image_keys) resolves each folder once."""
     if record.table is not None:
         return f"hub|{getattr(record.table, '_fingerprint', 'unknown')}|{record.row}"
-    stat = record.path.stat()
-    return f"file|{record.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}"
+    resolved, stat = _resolved_file(record.path, {} if folders is None else folders)
+    return f"file|{resolved}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}"
+
+
+def image_keys(records: list[ImageRecord]) -> list[str]:
+    """image_key of each record. Path.resolve looks at every folder on the way to each file: per image, the keys of
+    COCO's 113,287 training images took 1.5 s (a run, and eval.py's baseline, take them); each folder once, 0.5 s."""
+    folders: dict[Path, str] = {}
+    return [image_key(record, folders) for record in records]
+
+
+def _resolved_file(path: Path, folders: dict[Path, str]) -> tuple[str, os.stat_result]:
+    """str(path.resolve()) and path.stat(), the folder's resolved path taken from `folders` (or put there). A file
+    that is itself a link, or that cannot be looked at, is resolved whole, as Path.resolve does (and fails alike)."""
+    folder = folders.get(path.parent)
+    if folder is None:
+        folder = folders[path.parent] = os.path.realpath(path.parent)
+    where = os.path.join(folder, path.name)
+    try:
+        stat = os.lstat(where)  # not a link: the file's own stat
+    except OSError:
+        stat = None
+    if stat is None or S_ISLNK(stat.st_mode) or path.name in ("", ".", ".."):
+        stat = path.stat()
+        return str(path.resolve()), stat
+    return where, stat
 
 
 def _without_location(settings):
@@ -1660,7 +1694,7 @@ def extract_features(captioner, records: list[ImageRecord], batch_size: int = 64
     else:
         cache = FeatureCache(cache_dir or default_feature_cache_dir(), encoder_fingerprint(captioner),
                              captioner.config.image_feature_dim)
-        keys = [image_key(record) for record in records]
+        keys = image_keys(records)
         todo = cache.missing(keys)
         unstored: dict[str, torch.Tensor] = {}  # features the cache could not take (a read-only disk)
         # Parts of a few thousand images: an interrupted extraction keeps what it finished.

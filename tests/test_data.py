@@ -69,6 +69,55 @@ def test_karpathy_json_with_restval(tmp_path):
     assert [r.image_id for r in load_records("karpathy", "test", str(tmp_path))] == ["103"]
 
 
+@pytest.mark.parametrize("source", ["karpathy", "folder"])
+def test_a_caption_file_is_read_with_the_garbage_collector_paused(tmp_path, monkeypatch, source):
+    """COCO's Karpathy file read with the collector on took three times as long (utils.gc_paused): it is off while
+    a local caption file is read, and on again after, a failed read included."""
+    import gc
+
+    import dataset
+
+    seen = []
+
+    def loader(*args):
+        seen.append(gc.isenabled())
+        raise UserError("the file says no")
+
+    monkeypatch.setattr(dataset, {"karpathy": "load_karpathy", "folder": "load_caption_folder"}[source], loader)
+    assert gc.isenabled()
+    with pytest.raises(UserError, match="the file says no"):
+        load_records(source, "train", str(tmp_path))
+    assert seen == [False] and gc.isenabled()
+
+
+def test_image_keys_resolve_links_as_path_resolve_does(tmp_path, monkeypatch):
+    """image_keys resolves each folder once, not each image's whole path: a key still names the file a link leads
+    to, through a linked folder, a linked file, a link to a link, a relative path and a hard link alike."""
+    import dataset
+    from dataset import ImageRecord, image_keys
+
+    write_image(tmp_path / "real" / "a.png")
+    write_image(tmp_path / "real" / "b.png", (0, 90, 0))
+    write_image(tmp_path / "other" / "c.png", (0, 0, 90))
+    (tmp_path / "linked").symlink_to(tmp_path / "real")
+    (tmp_path / "real" / "to_c.png").symlink_to(tmp_path / "other" / "c.png")
+    (tmp_path / "real" / "to_to_c.png").symlink_to("to_c.png")
+    os.link(tmp_path / "real" / "b.png", tmp_path / "other" / "hard_b.png")
+    monkeypatch.chdir(tmp_path / "other")
+    paths = [tmp_path / "real" / "a.png", tmp_path / "linked" / "a.png", tmp_path / "linked" / "b.png",
+             tmp_path / "linked" / "to_c.png", tmp_path / "real" / "to_to_c.png", Path("c.png"),
+             Path("hard_b.png"), tmp_path / "linked" / ".." / "other" / "c.png"]
+    records = [ImageRecord(str(i), ["a caption"], "train", path=path) for i, path in enumerate(paths)]
+    stats = [path.stat() for path in paths]
+    keys = image_keys(records)
+    assert keys == [f"file|{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}"
+                    for path, stat in zip(paths, stats)]
+    assert keys[0] == keys[1] and keys[3] == keys[4] == keys[5] == keys[7] == f"file|{tmp_path}/other/c.png|" \
+        f"{stats[5].st_size}|{stats[5].st_mtime_ns}|{stats[5].st_ctime_ns}"
+    (tmp_path / "real" / "a.png").unlink()
+    with pytest.raises(FileNotFoundError):  # as Path.stat said it
+        dataset.image_key(records[0])
+
 
 def test_karpathy_image_listed_in_two_splits_is_an_error_and_a_repeat_is_one_image(tmp_path):
     write_image(tmp_path / "images" / "a.jpg")

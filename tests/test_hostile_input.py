@@ -452,6 +452,21 @@ def test_caption_rules():
     assert normalize_caption(long) == long.strip()  # cut only at tokenisation
 
 
+def test_caption_rules_blank_exactly_the_control_characters_and_surrogates():
+    """normalize_caption finds them by one regex (CONTROL_OR_SURROGATE) instead of asking unicodedata of each
+    character: the regex must blank every character of categories Cc and Cs and no other."""
+    import sys
+    import unicodedata
+
+    from dataset import CONTROL_OR_SURROGATE
+
+    blanked = [chr(c) for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) in ("Cc", "Cs")]
+    assert len(blanked) == 65 + 2048
+    assert normalize_caption("a".join(["b", *blanked, "b"])) == " ".join(["ba", *["a"] * (len(blanked) - 1), "ab"])
+    matched = {c for c in range(sys.maxunicode + 1) if CONTROL_OR_SURROGATE.match(chr(c))}
+    assert matched == {ord(c) for c in blanked}
+
+
 def test_caption_text_cannot_end_a_caption_early(byte_level_tokenizer):
     tokenizer, eos = byte_level_tokenizer
     ids = tokenize_caption(tokenizer, "a red <|endoftext|> circle", eos, 40)
