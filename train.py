@@ -226,6 +226,7 @@ def build_parser():
     what each switch does."""
     from transformers import HfArgumentParser
 
+    resolve_field_types(TrainConfig)
     # No abbreviated flags: --resume compares the flags given by their full names.
     parser = HfArgumentParser(TrainConfig, description=__doc__, allow_abbrev=False,
                               formatter_class=HelpFormatter)
@@ -234,6 +235,14 @@ def build_parser():
         if is_off_switch(action):
             action.help = f"turn off --{action.dest.replace('_', '-')}"
     return usage_errors_once_per_machine(parser)
+
+
+def resolve_field_types(cls) -> None:
+    """`cls`'s annotations as the types they name (they are strings here: `from __future__ import annotations`).
+    HfArgumentParser looks them up in sys.modules[cls.__module__], which under `python -m cProfile train.py` (or
+    -m trace) is the profiler's module, not this script: profiling a run failed with "Type resolution failed for
+    <class '__main__.TrainConfig'>". This module's own globals name them wherever it runs."""
+    cls.__annotations__ = typing.get_type_hints(cls, globalns=globals())
 
 
 def flags_named(argv: list[str]) -> set[str]:

@@ -573,6 +573,16 @@ def test_a_library_module_run_as_a_script_names_the_scripts():
         assert line.startswith(f"{module} is a library module, not a script: run train.py, eval.py"), line
 
 
+def test_train_py_runs_under_a_profiler():
+    """`python -m cProfile train.py ...` (issue 3 asks for profiles) runs the script under a module that is not
+    sys.modules["__main__"]: HfArgumentParser, looking TrainConfig's field types up there, failed before parsing."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "cProfile", "-o", os.devnull, "train.py", "--help"],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "--run-name" in done.stdout, done.stderr[-2000:]
+
 
 def test_eval_of_a_split_the_data_lacks_names_the_splits_it_has(run, data_dir, tmp_path, no_model, capsys):
     # A caption folder of one's own with only validation images: "no images" alone did not say what to change.
