@@ -10,6 +10,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import math
 import os
 import shutil
 import socket
@@ -882,6 +883,16 @@ def test_a_file_over_the_size_limit_is_not_said_to_be_at_it():
         app.check_upload_size(1.14 * 2**20, 1)
     with pytest.raises(UserError, match=r"That file is 50\.1 MB; .* up to 50 MB\."):
         app.check_upload_size(50.01 * 2**20, 50)
+
+
+def test_the_request_limit_lets_through_an_image_of_the_upload_limit_pasted_inline():
+    """A pasted image travels inside the request's JSON as base64, 4 characters for each 3 bytes: a body limit of
+    the upload limit and 1 MB answered a pasted 3 MB image 413, "this page takes images up to 3 MB"."""
+    [body_limit] = app.launch_options(3)["app_kwargs"]["middleware"]
+    base64_chars = 4 * math.ceil(3 * 2**20 / 3)
+    request = json.dumps({"data": [{"url": "data:image/png;base64," + "A" * base64_chars}, "stub", app.NOTHING,
+                                   "greedy", 3, 0.7, 0.9, 20, 0]})
+    assert body_limit.cls is app.BodyLimit and body_limit.kwargs["limit"] >= len(request)
 
 
 def test_a_megapixel_limit_over_what_the_image_reader_opens_is_refused_at_start(capsys):

@@ -698,6 +698,26 @@ def test_a_small_folder_dealt_no_training_image_stops_train_py_in_one_line_befor
     assert not (tmp_path / "runs" / "small").exists()
 
 
+def test_a_caption_folder_whose_file_names_no_training_image_stops_train_py_in_one_line_before_a_model_loads(
+        tmp_path, capsys, monkeypatch):
+    """Every image the caption file names is in val or test: nothing to train on, said before the backbones load."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (32, 32), (200, 30, 30)).save(data / name)
+    write_jsonl(data / "captions.jsonl", [{"image": "a.png", "caption": "a red square", "split": "val"},
+                                          {"image": "b.png", "caption": "a red square", "split": "test"}])
+
+    def fail(*args, **kwargs):
+        pytest.fail("a model was loaded before the data was checked")
+
+    monkeypatch.setattr(train, "build_captioner", fail)
+    line = cli_error(capsys, train.main, ["--dataset", "folder", "--data-dir", str(data), "--clip-model",
+                                          str(tmp_path / "clip"), "--lm-model", str(tmp_path / "lm"),
+                                          "--output-dir", str(tmp_path / "runs"), "--run-name", "none"])
+    assert line == f"error: no training images with captions found in folder {data}", line
+
+
 # ----------------------------------------------------------------------------------------------
 # A caption budget past the language model's context
 # ----------------------------------------------------------------------------------------------
@@ -750,6 +770,7 @@ def test_eval_refuses_max_new_tokens_past_the_lm_context_before_captioning(tiny,
     ("prefix_length", "ten", "expected int"),  # was read by nothing here, and evaluation went on
     ("train_limit", [5], "expected int"),  # was a TypeError traceback drawing the baseline's training images
     ("seed", 0.5, "expected int"),
+    ("train_limit", True, "expected int"),  # JSON's true is no count: it was read as 1 training image
     ("dataset", "photos", "expected one of flickr30k, karpathy, folder"),
 ])
 def test_a_run_config_edited_to_values_of_another_kind_is_one_line_naming_the_field(field, value, expected, run,

@@ -135,6 +135,16 @@ def test_a_gallery_card_without_its_image_is_valid_html():
     assert "image not readable" in card and all("src=" in tag for tag in re.findall(r"<img[^>]*>", card)), card
 
 
+def test_a_quote_in_an_image_name_stays_inside_its_attribute_in_the_report():
+    """The image's name is written into its thumbnail's alt="...": a '"' in a file's name ended the attribute
+    there, and the rest of the name became markup of the report (an onerror="..." that runs when it is opened)."""
+    from report import gallery_card
+
+    row = {"image_id": 'x" onerror="alert(1).png', "references": ["a dog"], "prediction": "a cat", "baseline": "a dog"}
+    card = gallery_card(1, row, Image.new("RGB", (8, 8)))
+    assert 'alt="x&quot; onerror=&quot;alert(1).png"' in card and 'onerror="' not in card, card
+
+
 def test_the_curves_read_a_log_with_nonfinite_values(tmp_path, monkeypatch):
     from matplotlib.axes import Axes
 
@@ -736,6 +746,37 @@ def test_an_evaluation_stopped_while_drawing_a_curve_leaves_the_old_curve_whole(
     with pytest.raises(KeyboardInterrupt):
         training_curves(log, tmp_path)
     assert (tmp_path / LOSS_CURVE).read_bytes() == whole
+
+
+def test_a_full_disk_while_writing_a_curve_leaves_the_old_curve_whole(tmp_path, monkeypatch):
+    """A curve is written under a temporary name and renamed: written straight onto the old PNG, a write the disk
+    could not finish left half of one in its place."""
+    from report import LOSS_CURVE, training_curves
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_text(json.dumps({"type": "train", "step": 1, "loss": 2.0}) + "\n")
+    assert training_curves(log, tmp_path) == [tmp_path / LOSS_CURVE]
+    whole = (tmp_path / LOSS_CURVE).read_bytes()
+
+    def disk_full(self, data):
+        with open(self, "wb") as out:
+            out.write(data[: len(data) // 2])
+        raise OSError(28, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        training_curves(log, tmp_path)
+    assert (tmp_path / LOSS_CURVE).read_bytes() == whole and not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_log_without_a_loss_or_a_validation_draws_no_empty_curve(tmp_path):
+    """A run stopped before its first log line (its log holds a skipped non-finite step, say) has no curve to
+    draw: the report says so, rather than showing an empty "Loss" chart."""
+    from report import training_curves
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_text(json.dumps({"type": "nonfinite", "step": 1, "losses": ["NaN"], "grad_norm": "NaN"}) + "\n")
+    assert training_curves(log, tmp_path) == [] and not list(tmp_path.glob("*.png"))
 
 
 def test_compare_says_when_a_folder_holds_another_adapter_than_its_metrics_scored(run, evaluated, tmp_path, capsys):

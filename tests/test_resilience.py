@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 import train
 from conftest import said_by_the_processes, train_args
 from model import TrainingLoss
-from utils import UserError, read_json, read_jsonl, run_cli, write_json
+from utils import UserError, read_json, read_jsonl, run_cli, write_json, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -376,6 +376,47 @@ def test_a_log_line_train_py_does_not_write_stops_a_resume_in_one_line(tmp_path)
             train.truncate_log(log, 1)
         assert str(info.value) == (f"{log} holds a line train.py does not write ({json.dumps(odd)}); fix or delete "
                                    "that line"), info.value
+
+
+def test_cutting_the_log_back_keeps_the_lines_of_the_checkpoints_own_step(tmp_path):
+    """A resumed run goes on from the step after its checkpoint, so the lines of the checkpoint's step (its
+    validation, its loss) are written once, before the stop: cut with them, the log lost that validation."""
+    log = tmp_path / "train_log.jsonl"
+    write_jsonl(log, [{"type": "train", "step": 4, "loss": 2.0}, {"type": "eval", "step": 5, "val_loss": 1.5},
+                      {"type": "train", "step": 6, "loss": 1.0}])
+    train.truncate_log(log, 5)
+    assert [(r["type"], r["step"]) for r in read_jsonl(log)] == [("train", 4), ("eval", 5)]
+
+
+@pytest.mark.parametrize("signum, raised", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, train.Terminated)])
+def test_a_second_signal_stops_at_once_where_the_first_asks_for_a_checkpoint(signum, raised):
+    """The first Ctrl-C (or SIGTERM) lets the loop save and leave at its next step; a second one, when that is
+    taking too long, must end the script now."""
+    with train.StopRequest() as stop:
+        signal.raise_signal(signum)
+        assert stop.signal_name == signal.Signals(signum).name
+        with pytest.raises(KeyboardInterrupt) as info:
+            signal.raise_signal(signum)
+    assert info.type is raised
+
+
+def test_a_nonfinite_gradient_of_a_finite_loss_is_not_applied():
+    """A loss can be finite while its gradient is not (an overflow in the backward pass): applied, AdamW would
+    turn every weight into NaN. Without a loss scaler (fp32, bf16) the gradient's norm decides too."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision="no")
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    layer, optimizer, scheduler = accelerator.prepare(layer, optimizer, scheduler)
+    loss = layer(torch.randn(2, 4)).square().mean()
+    accelerator.backward(loss)
+    layer.weight.grad[0, 0] = float("inf")
+    before = layer.weight.detach().clone()
+    outcome = train.optimizer_step(accelerator, layer, optimizer, scheduler, [loss.detach()], 1.0)
+    assert not outcome.applied and outcome.nonfinite and torch.equal(layer.weight, before)
 
 
 class Loading(Exception):

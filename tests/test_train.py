@@ -612,6 +612,8 @@ def test_a_finished_run_given_more_steps_trains_from_its_first_new_step(tiny, tm
     (["--demo", "--dataset", "flickr30k"], "--demo trains on its own synthetic caption folder"),
     (["--num-workers", "-1"], "--num-workers must be >= 0"),
     (["--warmup-ratio", "1.5"], "--warmup-ratio must be"),
+    (["--warmup-ratio", "1"], "--warmup-ratio must be >= 0 and < 1"),  # all warm-up: the rate never came down
+    (["--max-caption-tokens", "1"], "--max-caption-tokens must be >= 2 (one word and EOS)"),  # EOS alone
     (["--output-dir", "A_FILE"], "is a file, not a folder"),
     # A path through a file: the run folder's mkdir was a NotADirectoryError traceback after the data had loaded,
     (["--output-dir", "A_FILE/runs"], "--output-dir A_FILE/runs cannot be a folder: A_FILE is a file"),
@@ -1228,6 +1230,14 @@ def test_the_logged_learning_rate_is_the_one_its_step_used(tiny, tmp_path, monke
     logged = [r["lr"] for r in read_jsonl(tmp_path / "lr" / "train_log.jsonl") if r["type"] == "train"]
     assert logged == [step["lr"] for step in steps]
     assert logged[0] == 0.0 and logged[3] == pytest.approx(3e-3)  # warm-up from 0 over 3 steps, then the peak
+
+
+def test_the_last_step_is_logged_where_log_every_does_not_divide_the_run(tiny, tmp_path):
+    """The loss of the steps after the last multiple of --log-every is the run's final training loss: a run of
+    3 steps logged every 2 logs steps 2 and 3, not 2 alone."""
+    assert train.main(train_args(tiny, tmp_path, "odd", "--max-steps", "3", "--eval-every", "0",
+                                 "--final-eval", "false")) == 0
+    assert [r["step"] for r in read_jsonl(tmp_path / "odd" / "train_log.jsonl") if r["type"] == "train"] == [2, 3]
 
 
 def test_captions_are_decoded_as_long_as_training_cut_them_by_validation_test_eval_and_inference(tiny, tmp_path,
