@@ -1471,7 +1471,9 @@ def image_keys(records: list[ImageRecord]) -> list[str]:
 
 def _resolved_file(path: Path, folders: dict[Path, str]) -> tuple[str, os.stat_result]:
     """str(path.resolve()) and path.stat(), the folder's resolved path taken from `folders` (or put there). A file
-    that is itself a link, or that cannot be looked at, is resolved whole, as Path.resolve does (and fails alike)."""
+    that is itself a link, or that cannot be looked at, is resolved whole, as Path.resolve does (and fails alike).
+    So is a path with '..' in it: os.path.realpath takes gone/.. and a_file/.. as their letters say, where the kernel
+    stops (not found, not a folder), and the key named the file the letters led to."""
     folder = folders.get(path.parent)
     if folder is None:
         folder = folders[path.parent] = os.path.realpath(path.parent)
@@ -1480,7 +1482,7 @@ def _resolved_file(path: Path, folders: dict[Path, str]) -> tuple[str, os.stat_r
         stat = os.lstat(where)  # not a link: the file's own stat
     except OSError:
         stat = None
-    if stat is None or S_ISLNK(stat.st_mode) or path.name in ("", ".", ".."):
+    if stat is None or S_ISLNK(stat.st_mode) or path.name in ("", ".") or ".." in path.parts:
         stat = path.stat()
         return str(path.resolve()), stat
     return where, stat

@@ -383,9 +383,12 @@ def readable_split(captioner, records, batch_size: int, num_workers: int, progre
     shard = processes.shard(len(records), batch_size)
     mine = records[shard.start : shard.stop]
     found: list[tuple[str, str]] = []
-    features = clip_features(captioner, mine, batch_size, num_workers, progress,
-                             f"CLIP features (reading the split{processes.share_label(len(mine), len(records))})",
-                             feature_cache, on_bad_sample="skip", bad_samples=found)
+    # A line one process stops on while reading (a feature cache damaged under it) stops them all here, not in the
+    # gathers below: there it met the others' gather with its own, and was lost ("another process ended").
+    with stopping_together(processes):
+        features = clip_features(captioner, mine, batch_size, num_workers, progress,
+                                 f"CLIP features (reading the split{processes.share_label(len(mine), len(records))})",
+                                 feature_cache, on_bad_sample="skip", bad_samples=found)
     bad_samples += processes.gather(found)  # in rank order, which is the split's
     # Flags, not records, through the gather: a Hub record holds its table. (An unreadable image's row is NaN.)
     readable_flags = processes.gather((~torch.isnan(features).any(dim=1)).tolist())
@@ -410,8 +413,9 @@ def skipped_images_note(bad_samples: list, scored: int, split: str, sampled: boo
     else:
         counted = f"{len(bad_samples)} of the {len(bad_samples) + scored} {split} images"
         covered = f"the other {scored}"
-    return (f"{counted} could not be read (missing or unreadable) and were left out (--on-bad-sample skip): {named}; "
-            f"the scores cover {covered}, and compare only with scores of the same images")
+    left = "was" if len(bad_samples) == 1 else "were"  # "1 of the 6 test images ... was left out"
+    return (f"{counted} could not be read (missing or unreadable) and {left} left out (--on-bad-sample skip): "
+            f"{named}; the scores cover {covered}, and compare only with scores of the same images")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2241,7 +2241,8 @@ def readable_records(captioner, records, config: TrainConfig, split: str, bad: l
         listed = "; ".join(f"{image} ({why})" for image, why in bad[:3]) + (" ..." if len(bad) > 3 else "")
         # Not "the scores cover the other N": under --test-limit the missing ones were counted in the whole split and
         # the unreadable in the sample (the scores' note, eval.skipped_images_note, says which images they cover).
-        print(f"skipping {len(bad)} {split} images that could not be read (missing or unreadable): {listed}")
+        images = f"{len(bad)} {split} image{'s' if len(bad) > 1 else ''}"  # "1 test image", not "1 test images"
+        print(f"skipping {images} that could not be read (missing or unreadable): {listed}")
     return records
 
 

@@ -119,6 +119,22 @@ def test_image_keys_resolve_links_as_path_resolve_does(tmp_path, monkeypatch):
         dataset.image_key(records[0])
 
 
+@pytest.mark.parametrize("through", ["gone", "a.png"])
+def test_an_image_key_through_a_missing_folder_or_a_file_fails_as_path_stat_does(tmp_path, through):
+    """os.path.realpath, which image_keys resolves each folder with, takes gone/.. (or a.png/..) as its letters say;
+    the kernel finds no file at real/gone/../a.png. The key named real/a.png, so the cache could answer for a path no
+    one can open; Path.stat, which the keys stood on, says it is not there."""
+    from dataset import ImageRecord, image_keys
+
+    write_image(tmp_path / "real" / "a.png")
+    path = tmp_path / "real" / through / ".." / "a.png"
+    error = FileNotFoundError if through == "gone" else NotADirectoryError
+    with pytest.raises(error):
+        path.stat()
+    with pytest.raises(error):
+        image_keys([ImageRecord("a", ["a caption"], "test", path=path)])
+
+
 def test_karpathy_image_listed_in_two_splits_is_an_error_and_a_repeat_is_one_image(tmp_path):
     write_image(tmp_path / "images" / "a.jpg")
     entry = {"filename": "a.jpg", "imgid": 7, "sentences": [{"raw": "a dog"}]}

@@ -593,7 +593,7 @@ def test_a_split_with_no_readable_image_is_one_line_under_skip_too(tiny, run, tm
     assert "none of the 6 images of the split could be read (first: " in err and "Traceback" not in err, err
 
 
-def test_the_note_on_skipped_images_says_a_limit_drew_the_scored_ones(tiny, run, tmp_path):
+def test_the_note_on_skipped_images_says_a_limit_drew_the_scored_ones(tiny, run, tmp_path, capsys):
     """Under --limit (train.py's --test-limit) the missing images are counted in the whole split, before the draw: the
     note said "1 of the 3 test images could not be read" of a split of 6 scored on 2. train.py's final evaluation
     (load_test_split) scores the same 2 images and says the same (this test had asked skipped_images_note itself,
@@ -603,13 +603,14 @@ def test_the_note_on_skipped_images_says_a_limit_drew_the_scored_ones(tiny, run,
     assert eval_script.main([str(run), "--data-dir", str(data), "--limit", "2", "--out", str(tmp_path / "out"),
                              "--no-progress", "--num-workers", "0"]) == 0
     metrics = read_json(tmp_path / "out" / "metrics.json")
-    note = ("1 of the test images could not be read (missing or unreadable) and were left out (--on-bad-sample skip): "
+    note = ("1 of the test images could not be read (missing or unreadable) and was left out (--on-bad-sample skip): "
             "images/test_0000.png; the scores cover a limit's sample of 2 of the others")
     assert metrics["num_images"] == 2 and [n for n in metrics["notes"] if n.startswith(note)], metrics["notes"]
 
     args = train_args(tiny, tmp_path, "final", "--test-limit", "2", "--max-steps", "2")
     args[args.index("--data-dir") + 1] = str(data)
     assert train.main(args) == 0
+    assert "skipping 1 test image that could not be read (missing or unreadable)" in capsys.readouterr().out
     final = read_json(tmp_path / "final" / "metrics.json")
     assert final["images_digest"] == metrics["images_digest"]
     assert final["num_images"] == 2 and [n for n in final["notes"] if n.startswith(note)], final["notes"]
@@ -1021,8 +1022,33 @@ def test_two_processes_skipping_unreadable_images_each_read_their_shard_of_the_s
     metrics = read_json(tmp_path / "out" / "metrics.json")
     assert metrics["num_images"] == 5
     assert [n for n in metrics["notes"] if n.startswith(f"1 of the 6 test images could not be read (missing or "
-                                                        f"unreadable) and were left out (--on-bad-sample skip): "
+                                                        f"unreadable) and was left out (--on-bad-sample skip): "
                                                         f"{last.image_id}; the scores cover the other 5")], metrics
+
+
+@pytest.mark.slow
+def test_a_process_stopped_reading_its_shard_stops_the_other_in_one_line(run, tmp_path):
+    """Under --on-bad-sample skip each process reads its shard, then they gather what they found. A line one of them
+    stopped on while reading (the feature cache damaged under it) met the others' gather with its own, and was lost:
+    process 1 left quietly, as if process 0 had said it, and process 0 ended with "another process ended"."""
+    wrapper = tmp_path / "eval_stopped_reading.py"
+    wrapper.write_text(
+        "import os, sys\n"
+        "import eval\n"
+        "from utils import UserError, run_cli\n"
+        "clip_features = eval.clip_features\n"
+        "def stopped_reading(captioner, records, batch_size, num_workers, progress, desc, *args, **kwargs):\n"
+        "    if os.environ['RANK'] == '1' and 'reading the split' in desc:\n"
+        "        raise UserError('the feature cache X is being damaged while this run reads it')\n"
+        "    return clip_features(captioner, records, batch_size, num_workers, progress, desc, *args, **kwargs)\n"
+        "eval.clip_features = stopped_reading\n"
+        "sys.exit(run_cli(eval.main))\n")
+    result = evaluate_in_two_processes(wrapper, run, tmp_path / "out", "--on-bad-sample", "skip")
+    assert result.returncode != 0
+    said = said_by_the_processes(result.stderr)
+    assert said.count("error: process 1 (on ") == 1 and said.count("the feature cache X is being damaged") == 1, said
+    assert "]: Traceback" not in said and "another process" not in said, said  # a process's, not the launcher's own
+    assert not (tmp_path / "out" / "metrics.json").exists()
 
 
 @pytest.mark.slow

@@ -1433,7 +1433,7 @@ def test_the_final_evaluation_records_the_test_images_it_skipped(tiny, tmp_path,
     args = train_args(tiny, tmp_path, "skipped", "--max-steps", "2", "--num-workers", "0")
     args[args.index("--data-dir") + 1] = str(data)
     assert train.main(args) == 0
-    note = ("1 of the 6 test images could not be read (missing or unreadable) and were left out (--on-bad-sample "
+    note = ("1 of the 6 test images could not be read (missing or unreadable) and was left out (--on-bad-sample "
             "skip): images/test_0003.png; the scores cover the other 5")
     metrics = json.loads((tmp_path / "skipped" / "metrics.json").read_text())
     assert metrics["num_images"] == 5 and [n for n in metrics["notes"] if n.startswith(note)], metrics["notes"]
