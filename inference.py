@@ -236,6 +236,9 @@ def caption_batches(args, checkpoint: Path, device, decoding, paths_to_caption: 
         paths = paths_to_caption[start : start + args.batch_size]
         captioner, failed_here = caption_batch(args, captioner, checkpoint, device, decoding, paths, unreadable)
         failed += failed_here
+        # Piped (`inference.py *.jpg > out.tsv`, or into another program) stdout is block-buffered: without
+        # this, nothing of a long job shows until 8 KiB of captions pile up or the process ends.
+        sys.stdout.flush()
         bar.update(len(paths))
         resume_gc()  # here, where nothing is left of the batch's images but garbage
     bar.close()

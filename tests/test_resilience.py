@@ -1696,3 +1696,26 @@ def test_help_unread_says_nothing_of_training():
         stderr = process.stderr.read()
         assert process.wait(timeout=120) == 0, stderr
     assert stderr == "", stderr  # not a word: neither the note nor a BrokenPipeError
+
+
+def test_inference_flushes_each_batch_of_captions_as_it_is_done(tiny, tmp_path, monkeypatch):
+    """Into a pipe, stdout is block-buffered: a long `inference.py *.jpg | consumer` showed nothing until 8 KiB of
+    captions piled up or the process ended. Each batch's lines now reach the pipe before the next batch starts
+    (this test's shell setting PYTHONUNBUFFERED=1 would hide the bug, so stdout is a buffered stand-in)."""
+    import io
+
+    import inference
+
+    run = trained_run(tiny, tmp_path)
+    images = [str(Path(tiny["data_dir"]) / "images" / f"test_{i:04d}.png") for i in range(3)]
+    written = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(written, encoding="utf-8", write_through=False))
+    seen_at_start = []
+    real = inference.caption_batch
+
+    def caption_batch(args, captioner, checkpoint, device, decoding, paths, unreadable):
+        seen_at_start.append(written.getvalue().decode().count("\n"))
+        return real(args, captioner, checkpoint, device, decoding, paths, unreadable)
+    monkeypatch.setattr(inference, "caption_batch", caption_batch)
+    assert inference.main(["--checkpoint", str(run), "--batch-size", "1", "--no-progress", *images]) == 0
+    assert seen_at_start == [0, 1, 2]
