@@ -2178,7 +2178,8 @@ def report_bad_samples(run_dir: Path, bad_samples: list, accelerator) -> None:
     write_jsonl(run_dir / "bad_samples.jsonl", [{"image_id": i, "reason": why} for i, why in bad_samples])
     listed = "; ".join(f"{i} ({why})" for i, why in bad_samples[:5])
     more = f" and {len(bad_samples) - 5} more" if len(bad_samples) > 5 else ""
-    say(accelerator, f"skipped {len(bad_samples)} unreadable images: {listed}{more} "
+    count = f"{len(bad_samples)} image{'s' if len(bad_samples) != 1 else ''}"  # missing ones too, not only unreadable
+    say(accelerator, f"skipped {count} that could not be read (missing or unreadable): {listed}{more} "
                      f"(all in {run_dir / 'bad_samples.jsonl'})")
 
 
@@ -2288,8 +2289,10 @@ def train_from_config(config: TrainConfig, on_step) -> int:
         reason = lost_another_process(error)
         if not reason:
             raise
-        print(f"error: another process of this run ended ({reason}), so this one stops too; a "
-              "run folder keeps its last complete checkpoint (continue it with --resume)", file=sys.stderr)
+        # What it left, as after a signal: a bare "--resume" resumed in the default folder, or answered "nothing to
+        # resume" where the other process had stopped before the first checkpoint.
+        print(f"error: another process of this run ended ({reason}), so this one stops too; "
+              f"{what_an_early_stop_left(config)}", file=sys.stderr)
         return 1
     return 1 if summary["interrupted"] else 0
 

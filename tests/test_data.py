@@ -982,7 +982,8 @@ def test_training_skips_a_missing_image_and_lists_it_or_stops_on_it(tiny, tmp_pa
     assert summary["step"] == 3 and not summary["interrupted"] and summary["bad_samples"] == 1
     [bad] = read_jsonl(tmp_path / "skip" / "bad_samples.jsonl")
     assert bad["image_id"] == "images/train_0003.png" and "not found" in bad["reason"]
-    assert "skipped 1 unreadable images: images/train_0003.png" in capsys.readouterr().out
+    said = "skipped 1 image that could not be read (missing or unreadable): images/train_0003.png"
+    assert said in capsys.readouterr().out
 
     strict = train_args(tiny, tmp_path, "strict", "--on-bad-sample", "error", "--final-eval", "false")
     strict[strict.index("--data-dir") + 1] = str(data)

@@ -592,7 +592,7 @@ def test_unreadable_images_are_skipped_and_reported(tiny, tmp_path, capsys):
     assert summary["bad_samples"] == 2
     bad = read_jsonl(tmp_path / "skip" / "bad_samples.jsonl")
     assert [b["image_id"] for b in bad] == ["images/train_0001.png", "images/train_0002.png"]
-    assert "skipped 2 unreadable images" in capsys.readouterr().out
+    assert "skipped 2 images that could not be read (missing or unreadable)" in capsys.readouterr().out
 
     # An unreadable test image: the run that skips bad images also skips it in its final evaluation.
     test_image = data / "images" / "test_0001.png"
@@ -1254,7 +1254,8 @@ def test_what_only_rank_1_sees_is_acted_on_by_all_and_reported(tiny, tmp_path):
     done = run_training_processes(tiny, tmp_path, "flaky", 2, 8, "--no-feature-cache", "--max-steps", "3",
                                   script=wrapper, timeout=300)
     assert "images = 29   (image, caption) pairs = 145" in done.stdout, done.stdout[-2000:]  # 30 images less one
-    assert "skipped 1 unreadable images" in done.stdout and "flaky on rank 1" in done.stdout, done.stdout[-2000:]
+    skipped = "skipped 1 image that could not be read (missing or unreadable)"
+    assert skipped in done.stdout and "flaky on rank 1" in done.stdout, done.stdout[-2000:]
     reported = read_jsonl(tmp_path / "flaky" / "bad_samples.jsonl")
     assert len(reported) == 1 and "flaky on rank 1" in reported[0]["reason"], reported
     skipped = [r for r in read_jsonl(tmp_path / "flaky" / "train_log.jsonl") if r["type"] == "nonfinite"]
@@ -1719,3 +1720,24 @@ def test_inference_flushes_each_batch_of_captions_as_it_is_done(tiny, tmp_path, 
     monkeypatch.setattr(inference, "caption_batch", caption_batch)
     assert inference.main(["--checkpoint", str(run), "--batch-size", "1", "--no-progress", *images]) == 0
     assert seen_at_start == [0, 1, 2]
+
+
+def test_a_lost_process_says_what_the_run_left_and_how_to_go_on(tiny, tmp_path, monkeypatch, capsys):
+    """A collective failing because another process ended said "continue it with --resume" whatever the run
+    held: without --run-name/--output-dir that resumed in the default folder, and before the first checkpoint it
+    answered "nothing to resume". It now says what a signal's stop says (what_an_early_stop_left)."""
+    trained_run(tiny, tmp_path)
+    capsys.readouterr()
+
+    def lost(config, on_step=None):
+        raise RuntimeError("[gloo] Connection closed by peer")
+    monkeypatch.setattr(train, "train", lost)
+    monkeypatch.setattr(train, "lost_another_process", lambda error: "Connection closed by peer")
+    said = "error: another process of this run ended (Connection closed by peer), so this one stops too; "
+    assert train.train_from_config(train.TrainConfig(run_name="fresh", output_dir=str(tmp_path)), None) == 1
+    assert capsys.readouterr().err == said + "the run had saved nothing yet: run the same command again (the " \
+        "feature cache keeps every part it finished)\n"
+    assert train.train_from_config(train.TrainConfig(run_name="run", output_dir=str(tmp_path)), None) == 1
+    error = capsys.readouterr().err
+    flags = shlex.join(["--run-name", "run", "--output-dir", str(tmp_path), "--resume"])
+    assert error.startswith(said) and f"keeps its last complete checkpoint (continue it with {flags})" in error, error
