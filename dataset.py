@@ -366,7 +366,7 @@ def _grey_to_8bit(image):
 
 # Unicode's categories Cc (control characters) and Cs (surrogates), which its stability policy keeps as they are, for
 # one pass of the regex engine: asking unicodedata.category of each character was half the time of loading COCO's
-# training split (566,767 captions; profiled).
+# training split (566,747 captions; profiled).
 CONTROL_OR_SURROGATE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
