@@ -55,8 +55,8 @@ from metrics import COCO_METRICS, COCO_VARIANT, TOKENIZATION_DETAILS, coco_metri
 from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LM_QUANTIZATIONS, AdapterConfig, DecodingConfig, load_captioner,
                    MAX_NUM_BEAMS, adapter_training, checkpoint_folder, json_kind, lm_quantization_of,
                    no_adapter_weights, not_a_run_folder)
-from report import (EXTRA_METRICS, LOSS_CURVE, METRIC_CURVE, REPORT_FILE, baseline_verdict, collapse_line, percent,
-                    sweep_rows, write_report)
+from report import (EXTRA_METRICS, GALLERY_SIZE, LOSS_CURVE, METRIC_CURVE, REPORT_FILE, baseline_verdict,
+                    collapse_line, percent, sweep_rows, write_report)
 from utils import (BLEU_VARIANT, MAX_RECORDS_JSON_BYTES, ROUGE_L_VARIANT, HelpFormatter, Processes, UserError,
                    add_dtype_flag, caption_diversity, caption_metrics, default_image_workers, file_digest, for_terminal,
                    format_table, gpu_computes_in_bf16, ids_digest, keep_going_if_the_reader_leaves, stopping_together,
@@ -736,7 +736,7 @@ def folder_split_of(run: dict) -> str:
 
 
 def write_eval_outputs(out_dir: Path, result: SplitResult, records, run_dir: Path | None = None,
-                       sweep: dict | None = None, gallery_size: int = 0) -> list[Path]:
+                       sweep: dict | None = None, gallery_size: int = GALLERY_SIZE) -> list[Path]:
     """metrics.json, predictions.jsonl, report.html and the curve PNGs (and decoding_sweep.json).
 
     Each file is replaced atomically; metrics.json, which --compare reads as "evaluated", goes first
@@ -1184,8 +1184,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--decoding-sweep", action="store_true",
                         help="also caption with greedy, beam 3, beam 5 and nucleus sampling (top-p 0.9, T 1.0, "
                              "--seed) and write one table of all of them (decoding_sweep.json, report.html)")
-    parser.add_argument("--gallery-size", type=whole_number(0, meaning=" (0 = every image)"), default=0,
-                        help="images in the report's gallery, worst first; 0 = every image")
+    parser.add_argument("--gallery-size", type=whole_number(0, meaning=" (0 = every image)"), default=GALLERY_SIZE,
+                        help="images in the report's gallery, worst first (each is a thumbnail in the page; the "
+                             "metrics are of every image however many are shown); 0 = every image")
     parser.add_argument("--on-bad-sample", choices=("skip", "error"), default=None,
                         help="a missing or unreadable image of the split: stop (error), or leave it out of the scores, "
                              "which then say so and name it (skip) (default: the run's own --on-bad-sample, as its "

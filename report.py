@@ -3,9 +3,10 @@
 report.html holds everything inline (CSS, 128-px JPEG thumbnails and the PNG curves as base64
 data URIs), so it can be mailed or archived alone. It shows the metrics beside the
 nearest-neighbour baseline (and the decoding comparison, when there is one), the loss and
-validation curves from the run's train_log.jsonl, and a gallery of every image with its
-prediction, the baseline's caption, its references and its scores, worst first by per-image
-CIDEr-D (ties: lower COCO ROUGE-L first).
+validation curves from the run's train_log.jsonl, and a gallery of the images with their
+predictions, the baseline's captions, their references and scores, worst first by per-image
+CIDEr-D (ties: lower COCO ROUGE-L first): every image of a split up to GALLERY_SIZE, the worst
+GALLERY_SIZE of a larger one (eval.py --gallery-size), the metrics always of all of them.
 """
 from __future__ import annotations
 
@@ -27,6 +28,11 @@ REPORT_FILE = "report.html"
 LOSS_CURVE = "curve_loss.png"
 METRIC_CURVE = "curve_val_metrics.png"
 THUMBNAIL_SIZE = 128
+# The gallery's cards by default (eval.py --gallery-size; train.py's final evaluation). Each thumbnail costs about
+# 7 KiB of HTML and the decoding of its image: every card of COCO's 5,000 test images made a 32 MiB page that took
+# 27-41 s to write and Chromium 5-7 s to open. 1,000 keeps the whole test split of Flickr30k (the default data) and of
+# the demo; a larger split shows its worst 1,000, and says so.
+GALLERY_SIZE = 1000
 GALLERY_ORDER = "per-image CIDEr-D (whole-split IDF), worst first; ties: lower COCO ROUGE-L first"
 PER_IMAGE_SCORES = (("coco_cider_d", "CIDEr-D"), ("coco_bleu4", "BLEU-4"), ("coco_meteor", "METEOR"),
                     ("coco_rougeL", "ROUGE-L"), ("rougeL", "ROUGE-L (rouge-score)"))
@@ -296,7 +302,8 @@ def open_quietly(record):
 
 
 def render_report(metrics: dict, rows: list[dict], records, curves: list[Path], sweep: dict | None,
-                  gallery_size: int = 0) -> str:
+                  gallery_size: int = GALLERY_SIZE) -> str:
+    """The page. `gallery_size`: the worst so many images get a card, 0 every image."""
     by_id = {record.image_id: record for record in records}
     ordered = worst_first(rows)
     if gallery_size > 0:
@@ -329,8 +336,9 @@ def render_report(metrics: dict, rows: list[dict], records, curves: list[Path], 
             + "</div>")
     else:
         parts.append("<p>No training curves: no readable train_log.jsonl next to this checkpoint.</p>")
-    shown = f"all {len(rows)}" if len(ordered) == len(rows) else f"the worst {len(ordered)} of {len(rows)}"
-    parts += [f"<h2>Gallery: {shown} images</h2>", f'<p class="variant">Order: {esc(GALLERY_ORDER)}. '
+    shown = f"all {len(rows):,}" if len(ordered) == len(rows) else f"the worst {len(ordered):,} of {len(rows):,}"
+    parts += [f"<h2>Gallery: {shown} images</h2>", *gallery_cut_note(len(ordered), len(rows)),
+              f'<p class="variant">Order: {esc(GALLERY_ORDER)}. '
               "Bold: this run's caption; then the baseline's; then the references.</p>", '<div class="gallery">']
     for rank, row in enumerate(ordered, 1):
         record = by_id.get(row["image_id"])
@@ -339,8 +347,18 @@ def render_report(metrics: dict, rows: list[dict], records, curves: list[Path], 
     return "\n".join(parts) + "\n"
 
 
+def gallery_cut_note(shown: int, scored: int) -> list[str]:
+    """The line under the gallery's title where it shows fewer images than were scored (none where it shows all):
+    which ones it leaves out, and where they are."""
+    if shown == scored:
+        return []
+    return [f'<div class="note">The metrics above are of all {scored:,} images; the gallery shows the worst '
+            f"{shown:,}, and predictions.jsonl holds every image's caption and scores. To show every image here, "
+            "evaluate with eval.py --gallery-size 0.</div>"]
+
+
 def write_report(out_dir: Path, metrics: dict, rows: list[dict], records, train_log: Path | None,
-                 sweep: dict | None = None, gallery_size: int = 0) -> list[Path]:
+                 sweep: dict | None = None, gallery_size: int = GALLERY_SIZE) -> list[Path]:
     """report.html and the curve PNGs beside it; returns the paths written."""
     curves = training_curves(train_log, out_dir)
     path = out_dir / REPORT_FILE
