@@ -385,7 +385,9 @@ def rebuild_cleared_demo(*paths) -> None:
         raise UserError(f"{gone} is gone: it is in the demo assets of an older version of this project "
                         f"({gone_older_demo_folder(gone)}), which this version no longer builds (it builds "
                         f"{root.name}); train a new demo run with python train.py --demo")
-    ours = [Path(path) for path in paths if path and Path(path).is_relative_to(root)]
+    # Absolute, as in_demo_cache takes them: a run trained under a relative CAPTIONER_HOME names them relative.
+    named = [Path(path).expanduser().absolute() for path in paths if path]
+    ours = [path for path in named if path.is_relative_to(root)]
     if any(not path.exists() for path in ours):
         print(f"the demo assets in {root} are gone (a cleared cache): building them again", file=sys.stderr)
     elif not any(damaged_demo_backbones(path, root) for path in ours):

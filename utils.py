@@ -721,8 +721,9 @@ def cache_home() -> Path:
     """Where built demo assets live; CAPTIONER_HOME overrides it (tests point it at a temp dir).
     `~` is expanded here, as no shell does it in a quoted value, a .env file or a Dockerfile's ENV:
     unexpanded, the demo was built in a folder literally named `~` under the current one. An empty
-    value counts as unset, not as the current folder."""
-    return Path(os.environ.get("CAPTIONER_HOME") or Path.home() / ".cache" / "captioner").expanduser()
+    value counts as unset, not as the current folder. Absolute: a run's config names its demo backbones and data
+    by this path, and a relative one (CAPTIONER_HOME=cache make demo) broke the run from any other folder."""
+    return Path(os.environ.get("CAPTIONER_HOME") or Path.home() / ".cache" / "captioner").expanduser().absolute()
 
 
 # ----------------------------------------------------------------------------------------------

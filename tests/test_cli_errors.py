@@ -244,6 +244,10 @@ def test_in_range_values_still_parse():
                                                   "--seed", "-1", "--batch-size", "1"])
     assert (args.limit, args.num_workers, args.gallery_size, args.seed, args.batch_size) == (0, 0, 3, -1, 1)
     assert inference.build_parser().parse_args(["--checkpoint", "RUN", "--batch-size", "1", "x.png"]).batch_size == 1
+    # A bound is a value the flag takes: the largest seed numpy's generators accept.
+    import demo
+
+    assert demo.build_parser().parse_args(["data", "--out", "x", "--seed", str(2**32 - 1)]).seed == 2**32 - 1
 
 
 
@@ -803,6 +807,13 @@ def test_escape_sequences_in_a_run_folder_or_its_files_never_reach_the_terminal_
     (tmp_path / "empty\x1b[2J").mkdir()
     line = cli_error(capsys, inference.main, ["--checkpoint", str(tmp_path / "empty\x1b[2J"), "a.png"])
     assert line.startswith(f"error: {tmp_path}/empty\\x1b[2J/adapter_config.json not found"), line
+
+
+def test_the_c1_controls_are_escaped_for_the_terminal_too():
+    """U+009B is CSI on a terminal that reads C1 controls (ESC [ in one character): "\x9b2J" clears its screen."""
+    from utils import for_terminal
+
+    assert for_terminal("run\x9b2J\x85\x7f.") == "run\\x9b2J\\x85\\x7f."
 
 
 def test_a_quiet_launch_ends_with_the_runs_own_line():

@@ -90,6 +90,22 @@ def test_a_caption_file_is_read_with_the_garbage_collector_paused(tmp_path, monk
     assert seen == [False] and gc.isenabled()
 
 
+def test_a_caption_file_read_with_the_collector_already_off_leaves_it_off():
+    """The scripts turn the collector off at their top while loading, and resume_gc_after_loading turns it back on
+    once (freezing what loading left): a read in between that turned it on undid that."""
+    import gc
+
+    from utils import gc_paused
+
+    gc.disable()
+    try:
+        with gc_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
 def test_image_keys_resolve_links_as_path_resolve_does(tmp_path, monkeypatch):
     """image_keys resolves each folder once, not each image's whole path: a key still names the file a link leads
     to, through a linked folder, a linked file, a link to a link, a relative path and a hard link alike."""
@@ -338,6 +354,11 @@ def test_demo_commands_build_data_and_loadable_backbones(tmp_path, capsys):
     tokens = captioner.tokenizer("a red circle on a white background", add_special_tokens=False)["input_ids"]
     assert captioner.tokenizer.decode(tokens) == "a red circle on a white background"
     assert captioner.config.eos_token_id == captioner.tokenizer.convert_tokens_to_ids(demo.EOS_TOKEN)
+    # BUILT lists what the build wrote with its sizes: a weights file cut short afterwards is found, not loaded.
+    assert demo.backbones_built(tmp_path / "tiny")
+    weights = tmp_path / "tiny" / "lm" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1])
+    assert demo.damaged_backbone_file(tmp_path / "tiny") == "lm/model.safetensors"
 
 
 
@@ -362,6 +383,48 @@ def test_the_demo_lm_is_the_same_whatever_threads_torch_has(tmp_path):
         torch.set_num_threads(threads)
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
+def template_order(captions: list[str]) -> tuple[int, ...]:
+    """Which of the demo's caption templates each caption of an image follows, in the image's order."""
+    import re
+
+    import demo
+
+    patterns = [re.compile(re.escape(template).replace(r"\{colour\}", r"\w+").replace(r"\{shape\}", r"\w+")
+                           .replace(r"\{background\}", r"\w+")) for template in demo.TEMPLATES]
+    return tuple(next(i for i, pattern in enumerate(patterns) if pattern.fullmatch(caption)) for caption in captions)
+
+
+def test_the_demo_data_is_the_same_for_a_seed_and_its_captions_come_in_an_image_s_own_order(tmp_path):
+    """The demo cache is rebuilt whenever it is cleared, and must come back the same (README: the build is
+    seeded), or a demo run's figures change with every rebuild. Each image's paraphrases are shuffled: in template
+    order the first caption, which the nearest-neighbour baseline returns, was always the consensus form."""
+    import demo
+
+    sizes = {"train": 12, "test": 2}
+    first, again = (demo.build_demo_data(tmp_path / name, seed=3, split_sizes=sizes) for name in ("a", "b"))
+    other = demo.build_demo_data(tmp_path / "c", seed=4, split_sizes=sizes)
+    assert (first / "captions.jsonl").read_text() == (again / "captions.jsonl").read_text()
+    images = sorted(path.name for path in (first / "images").iterdir())
+    assert len(images) == 14 and images == sorted(path.name for path in (again / "images").iterdir())
+    assert all((first / "images" / name).read_bytes() == (again / "images" / name).read_bytes() for name in images)
+    assert (other / "captions.jsonl").read_text() != (first / "captions.jsonl").read_text()
+    orders = [template_order(json.loads(line)["captions"]) for line in (first / "captions.jsonl").open()]
+    assert all(sorted(order) == list(range(len(demo.TEMPLATES))) for order in orders)
+    assert len({order[0] for order in orders}) > 1, orders  # the first caption is not always one template's
+
+
+def test_the_tiny_clip_is_the_same_for_a_seed(tmp_path):
+    """Rebuilt after a cleared cache, or on each machine of a run, the demo's CLIP must be the one its runs'
+    adapters were trained on."""
+    import demo
+    from safetensors.torch import load_file
+
+    for name in ("a", "b"):
+        demo.build_tiny_clip(tmp_path / name, seed=0)
+    first, again = (load_file(tmp_path / name / "model.safetensors") for name in ("a", "b"))
+    assert first.keys() == again.keys() and all(torch.equal(first[key], again[key]) for key in first)
 
 
 def test_building_the_demo_tokenizer_writes_nothing_to_stdout(capfd):
@@ -425,6 +488,52 @@ def test_two_processes_starting_the_demo_at_once_build_it_once(tmp_path, capsys,
     assert f"waiting for another process building the demo in {demo.demo_root()}" in capsys.readouterr().err
 
 
+def fake_demo_builders(monkeypatch, built: list) -> None:
+    """demo's two builders, replaced by ones that write the files the real ones mark their work done with
+    (captions.jsonl; the backbone files and a BUILT listing them) and record each build in `built`."""
+    import demo
+
+    def data(out_dir, *args, **kwargs):
+        built.append("data")
+        (Path(out_dir) / "images").mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "captions.jsonl").write_text("")
+
+    def backbones(data_dir, out_dir, **kwargs):
+        built.append("backbones")
+        for name in demo.BACKBONE_FILES:
+            (Path(out_dir) / name).parent.mkdir(parents=True, exist_ok=True)
+            (Path(out_dir) / name).write_text("{}")
+        (Path(out_dir) / "BUILT").write_text(json.dumps({"version": demo.DEMO_VERSION,
+                                                         "files": demo.file_sizes(Path(out_dir))}))
+
+    monkeypatch.setattr(demo, "build_demo_data", data)
+    monkeypatch.setattr(demo, "build_tiny_backbones", backbones)
+
+
+def test_each_demo_asset_cleared_damaged_or_left_half_built_is_built_again_alone(monkeypatch, capsys):
+    """The demo cache is only a cache: data cleared (or a build of it stopped before its captions.jsonl, the
+    images half there) or a backbone file cut short is built again at the next start, and only that part."""
+    import shutil
+
+    import demo
+
+    built = []
+    fake_demo_builders(monkeypatch, built)
+    assets = demo.ensure_demo_assets(progress=False)
+    assert built == ["data", "backbones"] and demo.ensure_demo_assets(progress=False) == assets
+    data_dir, backbones = Path(assets["data_dir"]), demo.demo_root() / "backbones"
+    shutil.rmtree(data_dir)
+    demo.ensure_demo_assets(progress=False)
+    (data_dir / "captions.jsonl").unlink()  # a build stopped part way: images/, no captions.jsonl
+    demo.ensure_demo_assets(progress=False)
+    assert built == ["data", "backbones", "data", "data"]
+    (backbones / "lm" / "model.safetensors").write_text("{")
+    capsys.readouterr()
+    demo.ensure_demo_assets(progress=False)
+    assert built[4:] == ["backbones"] and demo.backbones_built(backbones)
+    assert "(lm/model.safetensors is missing or changed): building them again" in capsys.readouterr().out
+
+
 @pytest.mark.slow  # two tiny demo builds in two launched processes: about 15 s on 2 idle cores, 50 s on busy ones
 def test_demo_backbones_built_by_a_second_process_of_a_process_group_are_whole(tmp_path):
     """Inside a process group transformers' save_pretrained writes on its first process only: the demo
@@ -463,6 +572,25 @@ def test_a_demo_build_marked_complete_without_its_weights_counts_as_damaged(tmp_
     (tmp_path / "BUILT").write_text(json.dumps({"version": 2, "files": demo.file_sizes(tmp_path)}))
     assert demo.damaged_backbone_file(tmp_path) == "clip/config.json"
     assert not demo.backbones_built(tmp_path)
+
+
+def test_a_demo_build_record_that_does_not_parse_or_a_file_of_another_size_counts_as_damaged(tmp_path):
+    """BUILT is written last, but not atomically: a torn one says nothing about the files, and the build is
+    made again. A file whose size is not the one built (cut short, or written over) is damaged too."""
+    import demo
+
+    for name in demo.BACKBONE_FILES:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("{}")
+    record = json.dumps({"version": demo.DEMO_VERSION, "files": demo.file_sizes(tmp_path)})
+    (tmp_path / "BUILT").write_text(record)
+    assert demo.backbones_built(tmp_path)
+    for torn in (record[: len(record) // 2], "[]"):
+        (tmp_path / "BUILT").write_text(torn)
+        assert demo.damaged_backbone_file(tmp_path) == "BUILT", torn
+    (tmp_path / "BUILT").write_text(record)
+    (tmp_path / "lm" / "config.json").write_text('{"hidden_size": 64}')  # longer than built
+    assert demo.damaged_backbone_file(tmp_path) == "lm/config.json"
 
 
 @pytest.mark.slow  # two tiny demo builds: about 7 s on 2 idle cores, 20 s on busy ones
@@ -523,6 +651,8 @@ def test_a_demo_run_rebuilds_a_demo_backbone_cut_short(monkeypatch):
     """A demo backbone file cut short or deleted after training (its folder still there): eval.py,
     inference.py and app.py on the demo run build the backbones again, as train.py --demo does,
     instead of failing to load them with advice to download a model only the build can make."""
+    import shutil
+
     import demo
 
     backbones = demo.demo_root() / "backbones"
@@ -540,6 +670,34 @@ def test_a_demo_run_rebuilds_a_demo_backbone_cut_short(monkeypatch):
     assert builds == ["built"]
     demo.rebuild_cleared_demo("/elsewhere/clip", "/elsewhere/lm")  # not the demo's: never built here
     assert builds == ["built"]
+    shutil.rmtree(backbones)  # cleared: this version's assets, built again (an older version's are refused)
+    demo.rebuild_cleared_demo(clip, lm)
+    assert builds == ["built", "built"]
+
+
+def test_a_demo_run_under_a_relative_captioner_home_rebuilds_its_cleared_assets_too(tmp_path, monkeypatch):
+    """CAPTIONER_HOME=cache make demo: the run named its backbones relative to the current folder, as cache_home
+    gave them. They were never taken for the demo cache's (held as an absolute path), so a cleared or cut-short
+    cache ended in advice to download a model only the build can make. cache_home is absolute now (a relative
+    name broke the run from any other folder); runs saved before still name them relative."""
+    import shutil
+
+    import demo
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CAPTIONER_HOME", "cache")
+    built = []
+    fake_demo_builders(monkeypatch, built)
+    assets = demo.ensure_demo_assets(progress=False)
+    assert Path(assets["lm_model"]) == tmp_path / "cache" / Path(assets["lm_model"]).relative_to(tmp_path / "cache")
+    saved = [os.path.relpath(assets[name]) for name in ("clip_model", "lm_model", "data_dir")]  # as an older run
+    assert not Path(saved[1]).is_absolute()
+    (Path(saved[1]) / "model.safetensors").write_text("{")  # cut short
+    demo.rebuild_cleared_demo(*saved)
+    shutil.rmtree("cache")  # cleared
+    demo.rebuild_cleared_demo(*saved)
+    assert built == ["data", "backbones", "backbones", "data", "backbones"]
+    assert demo.backbones_built(Path(assets["lm_model"]).parent)
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no folder can be made")

@@ -73,6 +73,103 @@ def test_json_writers_spell_out_nonfinite_numbers(tmp_path):
         assert read == {"loss": "NaN", "norms": ["Infinity", "-Infinity", 1.5], "nested": {"x": ["NaN"]}}
 
 
+def test_a_json_file_is_synced_before_its_rename_and_its_folder_after(tmp_path, monkeypatch):
+    """write_text's promise (replace_durably): after a power cut the name holds the whole new file or the old one,
+    and once it returns, the new one (the folder's entry synced too)."""
+    from utils import write_json
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("sync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda source, target: events.append(("rename", str(source), str(target)))
+                        or real_replace(source, target))
+    write_json(tmp_path / "metrics.json", {"x": 1})
+    tmp, path = str(tmp_path / "metrics.json.tmp"), str(tmp_path / "metrics.json")
+    assert events == [("sync", tmp), ("rename", tmp, path), ("sync", str(tmp_path))], events
+
+
+def test_a_whole_line_that_is_not_json_is_an_error_even_last(tmp_path):
+    """Only a last line without its newline is a torn append (left out); a bad line that ends in one is not."""
+    from utils import read_jsonl
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_text('{"step": 1}\n{"step": 2, "lo')
+    assert read_jsonl(log) == [{"step": 1}]
+    log.write_text('{"step": 1}\nnot json\n')
+    with pytest.raises(UserError, match="train_log.jsonl line 2 is not JSON"):
+        read_jsonl(log)
+
+
+def test_metadata_that_is_only_consulted_is_none_where_it_cannot_be_read(tmp_path):
+    """json_value never stops a script: a missing, damaged or absurdly large file (a run folder from elsewhere)
+    reads as no value, and whatever loads the file says what is wrong with it."""
+    from utils import MAX_JSON_BYTES, json_value
+
+    path = tmp_path / "adapter_config.json"
+    assert json_value(path, "lm_model") is None
+    path.write_text('{"lm_model": "x"')
+    assert json_value(path, "lm_model") is None
+    path.write_text('{"lm_model": "x"}')
+    assert json_value(path, "lm_model") == "x" and json_value(path, "lm_model", "y") is None
+    with open(path, "r+b") as handle:  # sparse: no disk space spent
+        handle.truncate(MAX_JSON_BYTES + 1)
+    assert json_value(path, "lm_model") is None
+
+
+def test_run_cli_gives_back_the_sigterm_handler_it_found(capsys):
+    """A script's main called through run_cli from Python (a test, a notebook, app.py's caller): after it, SIGTERM
+    does what it did before, not raise Terminated in whatever code runs next."""
+    from utils import run_cli
+
+    def refuse(argv):
+        raise UserError("no")
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        assert run_cli(lambda argv: 0, []) == 0 and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        assert run_cli(refuse, []) == 2 and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert capsys.readouterr().err == "error: no\n"
+
+
+def test_a_user_error_in_a_dataloader_worker_is_its_own_one_line():
+    """torch re-raises a worker's exception wrapped in the worker's traceback: the script's line is the
+    UserError's own message, not the traceback's first line nor "utils.UserError: ..." ."""
+    from torch.utils.data import DataLoader
+
+    from utils import user_message
+
+    class Unreadable(torch.utils.data.Dataset):
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, index):
+            raise UserError("cannot read image a.png (truncated); delete it or pass --on-bad-sample skip")
+
+    with pytest.raises(UserError) as raised:
+        next(iter(DataLoader(Unreadable(), num_workers=1)))
+    assert "DataLoader worker" in str(raised.value)  # the wrapping this unwraps
+    assert user_message(raised.value) == "cannot read image a.png (truncated); delete it or pass --on-bad-sample skip"
+
+
+def test_files_written_as_the_umask_says_not_as_safetensors_writes_them(tmp_path):
+    """A group-shared run folder (umask 002) keeps its weights writable by the group."""
+    from utils import with_usual_mode
+
+    weights = tmp_path / "adapter.safetensors"
+    weights.write_bytes(b"")
+    weights.chmod(0o600)
+    umask = os.umask(0o002)
+    try:
+        with_usual_mode(weights)
+    finally:
+        os.umask(umask)
+    assert weights.stat().st_mode & 0o777 == 0o664
+
+
 def test_nonfinite_step_is_skipped_and_logged_with_its_batch(tiny, tmp_path, monkeypatch):
     poison_calls(monkeypatch, {4})
     # 8 steps: the NaN step 4 and four trained steps after it (enough for NaN weights had it been applied).
