@@ -88,11 +88,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device, repeats: int, warmup: int) -> float:
-    """Mean seconds per call after warm-up calls (which also trigger compilation)."""
+def timed(fn, device, repeats: int, warmup: int, after_warmup=None) -> float:
+    """Mean seconds per call after warm-up calls (which also trigger compilation); `after_warmup` runs
+    between the two, off the clock."""
     for _ in range(warmup):
         fn()
     sync(device)
+    if after_warmup is not None:
+        after_warmup()
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
@@ -320,17 +323,21 @@ def bench_train(args, path: str, batch: int, mode: str | None = None) -> None:
     weights_dtype = torch.bfloat16 if (path != "naive" and gpu_bf16) else torch.float32
     captioner = step = None
     try:
+        graphs_before = fresh_compile_cache() if "compile" in path else None
         captioner = make_captioner(args.shapes, device, weights_dtype, args.adapter_kind)
         step = training_step(captioner, path, batch, SHAPES[args.shapes]["image_size"], device, gpu_bf16, mode)
-        # The peak counts from here: the weights and the batch stay in it, the random init does not (built
-        # in fp32, then cast to bf16: a transient 2.5 GiB on the real shapes, above a small batch's whole step).
-        reset_peak(device)
-        seconds = timed(step, device, args.repeats, 3 if "compile" in path else 1)
+        # The peak counts from after the warm-up: the weights, the batch and the optimizer's state stay in it;
+        # the random init does not (built in fp32, then cast to bf16: a transient 2.5 GiB on the real shapes,
+        # above a small batch's whole step), nor what compiling holds for a while (autotuning's trial buffers,
+        # the eager run before CUDA graphs are recorded). Compiled paths warm up 3 times: with reduce-overhead
+        # the first call runs eagerly, the second records the CUDA graph, the third replays it.
+        seconds = timed(step, device, args.repeats, 3 if "compile" in path else 1,
+                        after_warmup=lambda: reset_peak(device))
     except Exception as error:  # one failed measurement (out of memory, a compiler error) must not end the run
         emit(args, bench="train", path=path, compile_mode=mode, batch=batch, error=one_line(error))
     else:
-        emit(args, bench="train", path=path, compile_mode=mode, compiled=compile_held(path, step), batch=batch,
-             prefix_tokens=PREFIX_LENGTH, caption_tokens=CAPTION_TOKENS,
+        emit(args, bench="train", path=path, compile_mode=mode, compiled=compile_held(path, step, graphs_before),
+             batch=batch, prefix_tokens=PREFIX_LENGTH, caption_tokens=CAPTION_TOKENS,
              weights_dtype=str(weights_dtype).replace("torch.", ""), autocast_bf16=gpu_bf16,
              step_s=round(seconds, 4), samples_per_s=per_second(batch, seconds), peak_mem_gib=peak_gib(device))
         if args.profile and batch == max(args.batches_list) and "compile" in path and mode is None:
@@ -345,10 +352,34 @@ def bench_train(args, path: str, batch: int, mode: str | None = None) -> None:
         reset_peak(device)
 
 
-def compile_held(path: str, step) -> bool | None:
-    """For a compiled path, whether torch.compile held (False: TrainingLoss fell back to eager, and the
-    line must say so); None for an eager path."""
-    return getattr(step.loss_function, "compiled", True) is not None if "compile" in path else None
+def fresh_compile_cache() -> int | None:
+    """Empty torch.compile's in-process cache before a compiled measurement; returns graphs_built(). One cache
+    served a run's every compiled path, and past dynamo's recompile limit (8 graphs of one function: 8 batch
+    sizes) it ran the next step eagerly without a word, while the line said "compiled": true."""
+    torch.compiler.reset()
+    return graphs_built()
+
+
+def graphs_built() -> int | None:
+    """How many graphs torch.compile has built in this process: dynamo's own count, private to torch (None
+    where it is missing)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return None
+    return counters["stats"]["unique_graphs"]
+
+
+def compile_held(path: str, step, graphs_before: int | None) -> bool | None:
+    """For a compiled path, whether torch.compile held, and the line must say so where it did not: False where
+    TrainingLoss fell back to eager after an error, or where no graph was built since `graphs_before` (from
+    an empty cache, so the step's own): dynamo skips a function it will not compile without raising. None for
+    an eager path."""
+    if "compile" not in path:
+        return None
+    built = graphs_built()
+    no_graph = None not in (built, graphs_before) and built == graphs_before
+    return getattr(step.loss_function, "compiled", True) is not None and not no_graph
 
 
 def one_line(error: Exception) -> str:
@@ -399,6 +430,7 @@ def bench_train_interleaved(args, batches: list[int], naive_batches: list[int]) 
             return training_step(captioner, path, batch, size, device, False)
 
         try:
+            graphs_before = fresh_compile_cache() if "product+compile" in paths else None
             steps = {path: step_of(path) for path in paths}
             seconds = timed_interleaved(steps, device, args.repeats, 3 if args.compile else 1)
         except Exception as error:  # as on a GPU: a failed batch size (out of memory) is a line, the run goes on
@@ -408,8 +440,9 @@ def bench_train_interleaved(args, batches: list[int], naive_batches: list[int]) 
         for path in paths:
             # The same keys as a GPU line; `compiled` says where torch.compile fell back to eager.
             bf16 = path == "product+bf16"
-            emit(args, bench="train", path=path, compile_mode=None, compiled=compile_held(path, steps[path]),
-                 batch=batch, prefix_tokens=PREFIX_LENGTH, caption_tokens=CAPTION_TOKENS,
+            emit(args, bench="train", path=path, compile_mode=None,
+                 compiled=compile_held(path, steps[path], graphs_before), batch=batch, prefix_tokens=PREFIX_LENGTH,
+                 caption_tokens=CAPTION_TOKENS,
                  weights_dtype="bfloat16" if bf16 else "float32", autocast_bf16=bf16, step_s=round(seconds[path], 4),
                  samples_per_s=per_second(batch, seconds[path]), peak_mem_gib=None, timing="median, paths interleaved")
 
