@@ -453,7 +453,7 @@ def bench_quantized(args) -> None:
     bitsandbytes quantises while from_pretrained loads."""
     from transformers import AutoModelForCausalLM
 
-    from model import freeze, lm_quantization_config
+    from model import freeze, keep_4bit_weights_differentiable, lm_quantization_config
 
     device, batch = args.device, min(args.batches_list)
     gpu_bf16 = device.type == "cuda" and gpu_computes_in_bf16()
@@ -471,6 +471,7 @@ def bench_quantized(args) -> None:
                 quantization = lm_quantization_config(mode, device)
                 extra = {"quantization_config": quantization, "device_map": {"": device}} if quantization else {}
                 lm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **extra)
+                keep_4bit_weights_differentiable(lm)  # as load_backbones does: the step train.py runs
                 captioner.lm = freeze(lm if quantization else lm.to(device))
                 step = training_step(captioner, "product", batch, SHAPES[args.shapes]["image_size"], device, gpu_bf16)
                 seconds = timed(step, device, args.repeats, 1)

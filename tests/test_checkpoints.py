@@ -449,6 +449,55 @@ def test_adapter_learns_through_a_quantised_lm(tiny, quantization, layer):
     assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
 
 
+def dequantized_weight(module) -> torch.Tensor:
+    """The float weight a bitsandbytes layer computes with: NF4 blocks dequantised, or int8 rows times their scale."""
+    import bitsandbytes.functional as bnb_functional
+
+    if type(module).__name__ == "Linear4bit":
+        return bnb_functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+    return module.weight.data.float() * module.weight.SCB.float()[:, None] / 127
+
+
+@pytest.mark.parametrize("quantization, agreement", [("8bit", 0.99), ("4bit", 0.9999)])
+def test_a_quantised_lm_gives_the_adapter_the_gradient_of_its_own_weights(tiny, quantization, agreement):
+    """The adapter's gradient through a quantised LM is the one an unquantised LM holding the same (dequantised)
+    weights gives, after a pass without gradients (a validation; the head probe). On a CPU with AVX-512 BF16 that
+    pass made bitsandbytes repack the 4-bit weights for a kernel with no backward: every later gradient was
+    silently wrong (cosine 0.001), while the loss matched. (On a CPU without AVX-512 BF16 the repacking never
+    happens, and this test passes either way.) 8-bit also quantises activations, hence its looser bound."""
+    config = AdapterConfig(clip_model=tiny["clip_model"], lm_model=tiny["lm_model"])
+    torch.manual_seed(0)
+    quantised = build_captioner(config, lm_quantization=quantization)
+    plain = build_captioner(config)
+    plain.adapter.load_state_dict(quantised.adapter.state_dict())
+    layers = dict(quantised.lm.named_modules())
+    for name, module in plain.lm.named_modules():
+        if type(layers.get(name)).__name__ in ("Linear4bit", "Linear8bitLt"):
+            module.weight.data.copy_(dequantized_weight(layers[name]))
+    batch = fixed_batch(quantised, tiny["data_dir"])
+    gradients = []
+    for captioner in (quantised, plain):
+        with torch.no_grad():
+            captioner.eval()(**batch)  # as a validation does, before training goes on
+        captioner.train()(**batch).backward()
+        gradients.append(torch.cat([p.grad.flatten() for p in captioner.adapter.parameters()]))
+    assert torch.cosine_similarity(*gradients, dim=0) > agreement
+
+
+def test_a_captioner_loaded_for_captioning_keeps_4bit_gradients_once_set_to_train(tiny):
+    """load_captioner leaves bitsandbytes free to repack 4-bit weights for its faster CPU kernel (captioning
+    needs no gradients); a captioner then set to train turns that off before any pass can repack them."""
+    captioner = build_captioner(AdapterConfig(clip_model=tiny["clip_model"], lm_model=tiny["lm_model"]),
+                                lm_quantization="4bit")
+    layers = [m for m in captioner.lm.modules() if type(m).__name__ == "Linear4bit"]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = True  # as load_captioner leaves them
+    captioner.eval()
+    assert all(layer.support_avx512bf16_for_cpu for layer in layers)
+    captioner.train()
+    assert layers and not any(layer.support_avx512bf16_for_cpu for layer in layers)
+
+
 @pytest.mark.parametrize("quantization", ["8bit", "4bit"])
 def test_compile_is_left_out_over_an_8bit_lm_only(tiny, quantization, capsys):
     """--compile over an 8-bit LM hit dynamo's recompile limit inside bitsandbytes' int8 matmul (5 lines
