@@ -1212,9 +1212,14 @@ def dataset_from_data_dir(data_dir: str) -> str:
         raise UserError(f"--data-dir {data_dir} is not a folder; name the folder that holds the images and their "
                         "caption file")
     if (found := dataset_of_folder(data_dir)) is None:
+        # Where it holds neither layout, what to do with the file it does hold (a COCO captions file, say): naming
+        # --dataset only led to that advice one command later.
+        folder = Path(data_dir).expanduser()
+        neither = not any((folder / name).is_file() for name in KARPATHY_FILES)
         raise UserError(f"--data-dir {data_dir}: which --dataset reads it is not plain from its files (a Karpathy "
                         f"split file, {', '.join(KARPATHY_FILES)}, for karpathy; captions.jsonl, captions.csv or "
-                        "imagefolder's metadata.jsonl/.csv for folder); name it with --dataset karpathy or folder")
+                        "imagefolder's metadata.jsonl/.csv for folder); name it with --dataset karpathy or folder"
+                        f"{other_caption_file_hint(folder) if neither else ''}")
     dataset, file = found
     note(f"note: --data-dir {data_dir} holds {file}: read as --dataset {dataset}", file=sys.stderr)
     return dataset

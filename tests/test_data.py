@@ -14,8 +14,8 @@ from PIL import Image
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dataset import (PADDING_PAIR, SPLITS, EpochShuffleSampler, deal_splits, encoder_fingerprint, extract_features,
-                     hash_position, limit_records, load_flickr30k_hub, load_records)
+from dataset import (PADDING_PAIR, SPLITS, EpochShuffleSampler, dataset_from_data_dir, deal_splits, encoder_fingerprint,
+                     extract_features, hash_position, limit_records, load_flickr30k_hub, load_records)
 from utils import UserError
 
 
@@ -1090,6 +1090,21 @@ def test_a_folder_of_another_caption_layout_says_what_to_do(tmp_path):
     with pytest.raises(UserError, match="no Karpathy split file .* it holds captions.jsonl, which --dataset folder "
                                         "reads"):
         load_records("karpathy", "train", str(tmp_path))
+
+
+def test_data_dir_alone_on_a_coco_folder_says_to_convert_it(tmp_path):
+    """`--data-dir D` without --dataset on the folder holding COCO's annotations/ only asked for --dataset; the advice
+    to convert its captions file came a command later. A folder of both layouts gets no such hint."""
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "captions_train2017.json").write_text('{"images": [], "annotations": []}')
+    with pytest.raises(UserError, match=r"name it with --dataset karpathy or folder; its annotations/"
+                                        r"captions_train2017.json \(COCO's format\) is not read: convert it"):
+        dataset_from_data_dir(str(tmp_path))
+    (tmp_path / "dataset_coco.json").write_text('{"images": []}')
+    write_jsonl_captions(tmp_path, [])
+    with pytest.raises(UserError) as both:
+        dataset_from_data_dir(str(tmp_path))
+    assert str(both.value).endswith("name it with --dataset karpathy or folder")
 
 
 def test_missing_image_files_are_skipped_and_listed_or_stop(tmp_path):
