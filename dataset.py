@@ -734,8 +734,10 @@ def check_not_utf16(path: Path) -> None:
     'i\x00m\x00a\x00g\x00e' rather than the file's encoding."""
     with open(path, "rb") as handle:
         head = handle.read(4096)
-    # Every other byte NUL for ASCII text; a stray NUL in a caption (read as whitespace) is no sign of it.
-    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or head.count(b"\x00") * 4 >= len(head) > 0:
+    # Every other byte NUL for ASCII text; a stray NUL in a caption (read as whitespace) is no sign of it. Greek or
+    # Chinese captions hold few NULs, but the file begins in ASCII (a header's names, "{"): one NUL in two bytes.
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or head[:2].count(b"\x00") == 1 \
+            or head.count(b"\x00") * 4 >= len(head) > 0:
         raise UserError(f"{path} is UTF-16 text, not UTF-8; save it again as UTF-8")
 
 

@@ -1028,6 +1028,11 @@ def test_a_csv_saved_by_excel_with_semicolons_or_tabs_reads_its_columns(tmp_path
     # A comma-separated file is read as before, semicolons and tabs in its captions and all.
     (tmp_path / "captions.csv").write_text("image,caption\na.png,a red; square\ta\n")
     assert [r.captions for r in load_records("folder", "train", str(tmp_path))] == [["a red; square a"]]
+    # Unquoted separators in a last caption column are joined back with the file's own separator, not a comma.
+    (tmp_path / "captions.csv").write_text(delimiter.join(["image", "caption"]) + "\n" +
+                                           delimiter.join(["a.png", "a red", " small square"]) + "\n")
+    assert [r.captions for r in load_records("folder", "train", str(tmp_path))] == \
+        [[{";": "a red; small square", "\t": "a red small square"}[delimiter]]]  # a tab is whitespace in a caption
 
 
 def test_hugging_face_imagefolder_metadata_files_are_read_as_caption_files(tmp_path):
@@ -1401,9 +1406,10 @@ def test_captions_saved_as_the_text_of_a_list_are_that_lists_captions(tmp_path):
     write_image(tmp_path / "a.png")
     (tmp_path / "captions.csv").write_text('image,captions,split\na.png,"[""a dog"", ""a brown dog""]",train\n'
                                            "a.png,\"['a dog runs', \"\"it's brown\"\"]\",train\n"
-                                           "a.png,[sic] a dog,train\n")
+                                           "a.png,[sic] a dog,train\n"
+                                           "a.png,[2],train\n")  # a list, but not of captions: one caption
     [record] = load_records("folder", "train", str(tmp_path))
-    assert record.captions == ["a dog", "a brown dog", "a dog runs", "it's brown", "[sic] a dog"]
+    assert record.captions == ["a dog", "a brown dog", "a dog runs", "it's brown", "[sic] a dog", "[2]"]
     rows = {"image": [Image.new("RGB", (8, 8))], "caption": [json.dumps(["a cat", "a grey cat"])], "split": ["test"]}
     path = tmp_path / "own.parquet"
     datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image()).to_parquet(str(path))
@@ -1486,3 +1492,27 @@ def test_files_on_a_file_system_without_inode_numbers_are_told_apart_by_their_pa
         (real_stat(path)[0], 0, *real_stat(path)[2:10])))
     assert file_identity(tmp_path / "a.png") != file_identity(tmp_path / "b.png")
     assert file_identity(tmp_path / "a.png") == file_identity(tmp_path / "." / "a.png")
+
+
+def test_hub_rows_rewritten_in_place_are_encoded_again_not_read_from_the_feature_cache(captioner, tmp_path):
+    """A Hub row's cache key is the data set's fingerprint and the row: parquet files rewritten with other images
+    in the same rows are another data set, whose features must not be those of the images the rows held before."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "own.parquet"
+
+    def hub_records(colour):
+        buffer = io.BytesIO()
+        Image.new("RGB", (16, 16), colour).save(buffer, "PNG")
+        pq.write_table(pa.Table.from_pylist([{"image": {"bytes": buffer.getvalue(), "path": "a.png"},
+                                              "caption": ["a square"], "split": "train", "filename": "a.png"}]), path)
+        return load_records("flickr30k", "train", hub_data_files=str(path))
+
+    red = extract_features(captioner, hub_records((200, 0, 0)), progress=False, cache_dir=tmp_path / "cache")
+    blue_records = hub_records((0, 0, 200))
+    blue = extract_features(captioner, blue_records, progress=False, cache_dir=tmp_path / "cache")
+    assert torch.equal(blue, extract_features(captioner, blue_records, progress=False, use_cache=False))
+    assert not torch.equal(blue, red)

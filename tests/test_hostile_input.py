@@ -134,7 +134,8 @@ def test_a_thin_strip_that_preprocessing_would_blow_up_is_refused(tmp_path):
     # 1 x 100,000 pixels in 471 bytes: under the pixel limit, but scaled to a shorter side of 224 it
     # is 22 billion pixels (measured: 4.4 GB peak for the tiny 64-pixel CLIP before this check).
     strip = saved(Image.new("RGB", (1, 100_000)), tmp_path / "strip.png")
-    assert_one_line_error(strip, "refusing image", "1x100000 is over 100 times as long as it is wide")
+    message = assert_one_line_error(strip, "refusing image", "1x100000 is over 100 times as long as it is wide")
+    assert message.startswith(f"refusing image {strip}: "), message  # not "damaged or truncated?"
     # A wide panorama is a photo: it is read.
     assert open_image(saved(Image.new("RGB", (1200, 150)), tmp_path / "panorama.png")).size == (1200, 150)
 
@@ -309,6 +310,28 @@ def test_exif_orientation_is_applied(tmp_path):
     image = open_image(saved(stored, tmp_path / "rotated.jpg", exif=exif, quality=95))
     assert image.size == (20, 40)
     assert near(pixel(image, (10, 5)), (220, 0, 0), 30) and near(pixel(image, (10, 35)), (0, 0, 220), 30)
+
+
+def test_a_mirrored_exif_orientation_is_applied_too(tmp_path):
+    """Orientation 2 (mirrored, as some phones save selfies) is no rotation, and the smallest turn there is."""
+    stored = Image.new("RGB", (40, 20), (220, 0, 0))
+    stored.paste((0, 0, 220), (20, 0, 40, 20))  # left half red, right half blue
+    exif = Image.Exif()
+    exif[0x0112] = 2  # Orientation: the viewer mirrors it left to right
+    image = open_image(saved(stored, tmp_path / "mirrored.jpg", exif=exif, quality=95))
+    assert image.size == (40, 20)
+    assert near(pixel(image, (5, 10)), (0, 0, 220), 30) and near(pixel(image, (35, 10)), (220, 0, 0), 30)
+
+
+def test_big_endian_sixteen_bit_grey_is_scaled_as_little_endian_is(tmp_path):
+    """A 16-bit grey TIFF saved big-endian opens as I;16B: scaled by 255/65535 as an I;16 one is, not
+    stretched from its darkest to its brightest pixel (which would turn a dim scan bright)."""
+    values = np.full((4, 4), 30000, np.uint16)
+    values[0, 0] = 20000
+    path = saved(Image.frombytes("I;16B", (4, 4), values.astype(">u2").tobytes()), tmp_path / "grey16be.tif")
+    assert Image.open(path).mode == "I;16B"
+    image = open_image(path)
+    assert pixel(image, (2, 2)) == (117, 117, 117) and pixel(image, (0, 0)) == (78, 78, 78)  # 30000, 20000 of 65535
 
 
 @pytest.mark.parametrize("name", ["anim.gif", "anim.webp", "anim.png", "pages.tif"])
@@ -510,6 +533,17 @@ def test_caption_files_with_bad_encoding_or_rows_are_clear_errors(tmp_path):
         (tmp_path / "captions.csv").write_bytes("image,caption\na.png,un caf\u00e9\n".encode(encoding))
         with pytest.raises(UserError, match=r"captions.csv is UTF-16 text, not UTF-8; save it again as UTF-8"):
             load_records("folder", "train", str(tmp_path))
+    # Without a mark and with captions partly in a script whose letters hold no NUL byte: fewer NULs, still UTF-16.
+    greek = "\u03ad\u03bd\u03b1\u03c2 \u03ba\u03b1\u03c6\u03ad \u03c3\u03ba\u03cd\u03bb\u03bf\u03c2"  # a brown dog
+    (tmp_path / "captions.csv").write_bytes(f"image,caption\na.png,a brown dog runs on the grass: {greek}\n"
+                                            .encode("utf-16-le"))
+    with pytest.raises(UserError, match=r"captions.csv is UTF-16 text, not UTF-8; save it again as UTF-8"):
+        load_records("folder", "train", str(tmp_path))
+    # Captions all in such a script (few NULs in all): it was "line 2 holds byte 0xad (Latin-1 ...?)".
+    for encoding in ("utf-16-le", "utf-16-be"):
+        (tmp_path / "captions.csv").write_bytes(f"image,caption\na.png,{greek} {greek} {greek}\n".encode(encoding))
+        with pytest.raises(UserError, match=r"captions.csv is UTF-16 text, not UTF-8; save it again as UTF-8"):
+            load_records("folder", "train", str(tmp_path))
     (tmp_path / "captions.csv").write_bytes(b"image,caption\na.png,a\x00dog\n")  # a stray NUL is whitespace
     assert [r.captions for s in ("train", "val", "test") for r in load_records("folder", s, str(tmp_path))] == \
         [["a dog"]]
@@ -575,6 +609,9 @@ def test_split_names_are_read_leniently_and_unknown_ones_refused(tmp_path):
     (tmp_path / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert [[r.image_id for r in load_records("folder", s, str(tmp_path))] for s in ("train", "val", "test")] == [
         ["a.png"], ["b.png"], ["c.png"]]
+    rows[2]["split"] = "  "  # a spreadsheet cell holding spaces names no split: one is dealt (train, of so few)
+    (tmp_path / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [r.image_id for r in load_records("folder", "train", str(tmp_path))] == ["a.png", "c.png"]
     rows[2]["split"] = "holdout"
     (tmp_path / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(UserError, match="split 'holdout' is unknown"):

@@ -1209,3 +1209,46 @@ print(len(tensors), sum(tensor() is not None for tensor in tensors))
     assert done.returncode == 0, done.stderr[-2000:]
     read, alive = map(int, done.stdout.split())
     assert read > 0 and alive == 0
+
+
+def test_a_new_decoding_version_or_a_vision_config_that_computes_otherwise_is_a_new_cache(tiny, tmp_path,
+                                                                                          monkeypatch):
+    """Two things beside the weights decide a CLIP feature: our decoding (FEATURE_CACHE_VERSION, bumped when it
+    changes, since a cached feature is never decoded again) and the vision config (the same weights with another
+    activation give other features). Either changed, the cached features are stale."""
+    import json
+    import shutil
+
+    import dataset
+
+    base = encoder_fingerprint(build_captioner(AdapterConfig(clip_model=tiny["clip_model"], lm_model=tiny["lm_model"])))
+    with monkeypatch.context() as patch:
+        patch.setattr(dataset, "FEATURE_CACHE_VERSION", dataset.FEATURE_CACHE_VERSION + 1)
+        assert encoder_fingerprint(build_captioner(AdapterConfig(clip_model=tiny["clip_model"],
+                                                                 lm_model=tiny["lm_model"]))) != base
+    other = shutil.copytree(tiny["clip_model"], tmp_path / "other-activation")
+    config = json.loads((other / "config.json").read_text())
+    vision = config["vision_config"]
+    vision["hidden_act"] = "gelu" if vision["hidden_act"] != "gelu" else "quick_gelu"
+    (other / "config.json").write_text(json.dumps(config))
+    same_weights = build_captioner(AdapterConfig(clip_model=str(other), lm_model=tiny["lm_model"]))
+    original = build_captioner(AdapterConfig(clip_model=tiny["clip_model"], lm_model=tiny["lm_model"]))
+    pixels = torch.rand(1, 3, vision["image_size"], vision["image_size"])
+    assert not torch.equal(same_weights.clip_embeddings(pixels), original.clip_embeddings(pixels))  # it matters
+    assert encoder_fingerprint(same_weights) != base
+
+
+def test_a_cache_damaged_again_while_it_is_read_stops_with_one_line(tiny, captioner, tmp_path, monkeypatch):
+    """A part found damaged is dropped and its images extracted again, once: damaged again at the second read
+    (another writer in the cache folder, a failing disk), the run stops saying so, where it would otherwise
+    extract again and again until Python's recursion limit."""
+    import dataset
+    from utils import UserError
+
+    records = load_records("folder", "train", tiny["data_dir"])[:2]
+    extract_features(captioner, records, progress=False, cache_dir=tmp_path)
+    checks = []
+    monkeypatch.setattr(dataset.FeatureCache, "verify", lambda self, keys: checks.append(keys) or list(keys))
+    with pytest.raises(UserError, match=r"^the feature cache .* is being damaged while this run reads it; check"):
+        extract_features(captioner, records, progress=False, cache_dir=tmp_path)
+    assert len(checks) == 2
