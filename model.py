@@ -114,7 +114,10 @@ class AdapterConfig:
                             ("adapter_hidden_dim", 0), ("adapter_layers", 1)):
             if data.get(name, least) < least:
                 raise UserError(f"{path}: {name} is {data[name]}, expected a whole number >= {least}")
-        config = cls(**data)
+        try:
+            config = cls(**data)
+        except UserError as error:  # a value __post_init__ refuses (prefix_length 0): say which file holds it
+            raise UserError(f"{path}: {error}") from None
         check_adapter_size(config, config.prefix_length * config.lm_hidden_dim, source=path)
         return config
 

@@ -186,3 +186,21 @@ def test_a_config_json_that_holds_no_object_is_refused_in_one_line(tiny, tmp_pat
     with pytest.raises(UserError, match=f"^{what} '{folder}': its config.json holds no JSON object of settings; "):
         build_captioner(AdapterConfig(**{**{name: tiny[name] for name in ("clip_model", "lm_model")},
                                          backbone: str(folder)}))
+
+
+def test_a_tokenizer_whose_largest_id_is_one_past_the_embeddings_is_refused(tiny):
+    """The boundary: ids 0..rows-1 fit an LM that embeds `rows` tokens; one id more failed deep in the lookup."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from model import check_tokenizer_fits
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny["lm_model"])
+
+    def lm_embedding(rows):
+        return SimpleNamespace(get_input_embeddings=lambda: SimpleNamespace(weight=torch.empty(rows, 1)))
+
+    check_tokenizer_fits(tokenizer, lm_embedding(len(tokenizer)), "fits")
+    with pytest.raises(UserError, match=f"token ids up to {len(tokenizer) - 1}, but the LM embeds only"):
+        check_tokenizer_fits(tokenizer, lm_embedding(len(tokenizer) - 1), "one short")

@@ -75,6 +75,11 @@ def test_moved_backbones_are_named_with_the_flag_that_finds_them(tiny, copy, tmp
     image = str(Path(tiny["data_dir"]) / "images" / "test_0000.png")
     assert run_cli(inference.main, ["--checkpoint", str(copy), "--lm-model", str(moved), image]) == 0
     assert "test_0000.png" in capsys.readouterr().out
+    # A moved CLIP is named with its own flag; a place the caller gave is theirs, with no "as named by" the config.
+    edit_config(copy, lm_model=tiny["lm_model"], clip_model=str(tmp_path / "gone-clip"))
+    assert load_error(copy).endswith("if it was moved, pass its new place with --clip-model")
+    elsewhere = tmp_path / "elsewhere"
+    assert load_error(copy, clip_model=str(elsewhere)) == f"CLIP model folder not found: {elsewhere}"
 
 
 def test_corrupt_and_truncated_weights(copy):
@@ -93,10 +98,15 @@ def test_weights_that_do_not_fit_the_config(copy, tmp_path):
     from safetensors.torch import load_file, save_file
 
     state = load_file(str(copy / "adapter.safetensors"))
+    original = dict(state)
     state["net.0.weight"] = state["net.0.weight"][:, :-1].contiguous()
     save_file(state, str(copy / "adapter.safetensors"))
     message = load_error(copy)
     assert "does not fit" in message and "net.0.weight" in message and "size mismatch" in message
+    # A few values more than the adapter holds: still read, and named tensor by tensor (not "far more").
+    save_file({**original, "extra": torch.zeros(10)}, str(copy / "adapter.safetensors"))
+    message = load_error(copy)
+    assert "does not fit" in message and "unexpected tensors (extra)" in message, message
 
 
 def test_a_transformer_adapter_with_other_layers_is_named_briefly(tiny, tmp_path):
@@ -127,6 +137,10 @@ def test_config_of_another_format_or_shape(copy):
                              (json.dumps({**json.loads(original), "max_caption_tokens": -1}),
                               "max_caption_tokens is -1, expected a whole number >= 2"),
                              (json.dumps({**json.loads(original), "prefix_length": "ten"}), "prefix_length is 'ten'"),
+                             (json.dumps({**json.loads(original), "prefix_length": 0}), "prefix length must be >= 1"),
+                             (json.dumps({**json.loads(original), "adapter_kind": "conv"}), "adapter kind 'conv'"),
+                             (json.dumps({name: value for name, value in json.loads(original).items()
+                                          if name != "format_version"}), "format version None"),
                              (json.dumps({**json.loads(original), "vocab_size": True}), "vocab_size is True"),
                              (json.dumps({**json.loads(original), "extra": 1}), "unknown fields ['extra']")):
         config.write_text(broken)
@@ -271,7 +285,7 @@ def clip_width(clip_model: str) -> int:
     return CLIPVisionConfig.from_pretrained(clip_model).projection_dim
 
 
-def test_tokenizer_of_another_vocabulary(checkpoint, other_backbones):
+def test_tokenizer_of_another_vocabulary(checkpoint, other_backbones, tmp_path):
     message = load_error(checkpoint, lm_model=other_backbones["vocab"])
     assert "tokenizer" in message and "differs" in message and str(checkpoint) in message
     config = json.loads((checkpoint / "adapter_config.json").read_text())
@@ -282,6 +296,13 @@ def test_tokenizer_of_another_vocabulary(checkpoint, other_backbones):
     old = Path(shutil.copytree(checkpoint, checkpoint.parent / "before-digest"))
     edit_config(old, vocabulary_digest=None)
     load_captioner(old, lm_model=other_backbones["swapped"])
+    # The same vocabulary (and digest) with another EOS, its tokenizer_config.json edited: captions would end elsewhere.
+    other_eos = Path(shutil.copytree(config["lm_model"], tmp_path / "other-eos"))
+    settings = json.loads((other_eos / "tokenizer_config.json").read_text())
+    (other_eos / "tokenizer_config.json").write_text(json.dumps({**settings, "eos_token": "a"}))
+    message = load_error(checkpoint, lm_model=str(other_eos))
+    trained = f"trained with vocab {config['vocab_size']}, EOS {config['eos_token_id']}"
+    assert "differs" in message and trained in message and "EOS 0;" not in message, message
 
 
 # ----------------------------------------------------------------------------------------------

@@ -65,6 +65,11 @@ def test_an_lm_whose_tokenizer_names_no_pad_token_pads_with_its_eos():
     tokenizer = SimpleNamespace(eos_token_id=50256, pad_token_id=None)
     lm = SimpleNamespace(config=SimpleNamespace(eos_token_id=50256), name_or_path="gpt2")
     assert special_token_ids(tokenizer, lm) == (50256, 50256)
+    # Gemma's pad token has id 0, a real one: not "no pad token".
+    assert special_token_ids(SimpleNamespace(eos_token_id=1, pad_token_id=0), lm) == (1, 0)
+    # An LM config may list several EOS ids: the first, always (a checkpoint records it, and loading compares).
+    listing = SimpleNamespace(config=SimpleNamespace(eos_token_id=[7, 8]), name_or_path="listing")
+    assert special_token_ids(SimpleNamespace(eos_token_id=None, pad_token_id=None), listing) == (7, 7)
 
 
 def test_only_the_adapter_trains(tiny):
@@ -384,3 +389,36 @@ def test_the_loss_follows_logits_changed_where_no_setting_names_it(tiny, capsys)
     plain = make_captioner(tiny)
     plain(**batch)
     assert plain.head_probed and plain.head_logit_changes == []  # probed, and the fast chunked loss kept
+
+
+def test_decoding_settings_out_of_range_are_refused_by_the_library_too():
+    """The scripts check their flags, but caption_images takes a DecodingConfig from any caller: a beam of 1 is greedy
+    under another name, and no token to generate gives empty captions."""
+    with pytest.raises(UserError, match="--num-beams from 2 to 64, got 1"):
+        DecodingConfig(strategy="beam", num_beams=1)
+    with pytest.raises(UserError, match="must be >= 1, got 0"):
+        DecodingConfig(max_new_tokens=0)
+
+
+def test_the_transformer_adapter_is_clipcaps_mapper_with_8_heads(tiny):
+    """Neither the number of heads (attention's weights have the same shapes for any) nor which half of the 2k outputs
+    is the prefix is in a checkpoint: either changed, a saved transformer adapter reloads to another function."""
+    captioner = make_captioner(tiny, adapter_kind="transformer", prefix_length=3, adapter_layers=1)
+    mapper, k = captioner.adapter.net, 3
+    assert captioner.config.lm_hidden_dim % 8 == 0 and mapper.layers.layers[0].self_attn.num_heads == 8
+    features = torch.randn(2, captioner.config.image_feature_dim)
+    with torch.no_grad():
+        tokens = mapper.project(features).view(2, k, -1)  # (B, k, D)
+        mapped = mapper.layers(torch.cat([tokens, mapper.prefix_const.expand(2, -1, -1)], dim=1))  # (B, 2k, D)
+        assert torch.equal(captioner.adapter(features), mapped[:, k:])  # the learned constants' outputs
+
+
+def test_generate_decodes_as_long_as_the_training_captions_by_default(tiny, monkeypatch):
+    """Validation and the app caption with no DecodingConfig: as many tokens as training captions held (EOS
+    included), not DecodingConfig's own default."""
+    captioner = make_captioner(tiny, max_caption_tokens=7)
+    budgets, greedy_tokens = [], captioner.greedy_tokens
+    monkeypatch.setattr(captioner, "greedy_tokens", lambda prefix, budget, **kwargs: budgets.append(budget)
+                        or greedy_tokens(prefix, budget, **kwargs))
+    captioner.generate(torch.randn(2, captioner.config.image_feature_dim))
+    assert budgets == [7]

@@ -1838,3 +1838,16 @@ def test_a_lost_process_says_what_the_run_left_and_how_to_go_on(tiny, tmp_path, 
     error = capsys.readouterr().err
     flags = shlex.join(["--run-name", "run", "--output-dir", str(tmp_path), "--resume"])
     assert error.startswith(said) and f"keeps its last complete checkpoint (continue it with {flags})" in error, error
+
+
+def test_only_a_missing_last_falls_back_to_its_old_copy(tmp_path):
+    """last/ alone is swapped in by two renames (train.swap_in); another folder missing beside a NAME.old/ is not a
+    crashed save, and loading it must say it is missing, not load something else."""
+    from model import ADAPTER_CONFIG, checkpoint_folder
+
+    for name in ("last", "best", "run"):
+        (tmp_path / f"{name}.old").mkdir()
+        (tmp_path / f"{name}.old" / ADAPTER_CONFIG).write_text("{}")
+    assert checkpoint_folder(tmp_path / "last", quiet=True) == tmp_path / "last.old"
+    assert checkpoint_folder(tmp_path / "best", quiet=True) == tmp_path / "best"
+    assert checkpoint_folder(tmp_path / "run", quiet=True) == tmp_path / "run"

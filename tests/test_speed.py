@@ -374,14 +374,18 @@ def test_static_cache_decoding_gives_the_tokens_of_the_eager_loop(captioner):
     batches = [prefix[:n] for n in (6, 1, 2, 3, 5, 7, 8, 4)]
     eager = [captioner.greedy_tokens(p, 12) for p in batches]
     assert not captioner.enable_compiled_decoding()  # on a CPU the default keeps the eager loop
-    graphs = []
+    graphs, reused = [], {}
     try:
         assert captioner.enable_compiled_decoding(backend=counting_aot_eager(graphs), mode=None, cuda_only=False)
         for _ in range(2):  # the second round reuses (and resets) the static caches of the first
             static = [captioner.greedy_tokens(p, 12) for p in batches]
             for ours, reference in zip(static, eager, strict=True):
                 assert torch.equal(ours, reference)
+            if not reused:
+                reused = dict(captioner._static_caches)
         assert sorted(batch for batch, _ in captioner._static_caches) == [1, 2, 4, 8]
+        # The second round's caches are the first's: a captured CUDA graph reads the buffers it was captured with.
+        assert all(captioner._static_caches[shape] is cache for shape, cache in reused.items())
         assert len(graphs) == 4
     finally:
         captioner.decode_step, captioner._static_caches = None, {}
@@ -459,6 +463,66 @@ def test_chunked_head_loss_equals_cross_entropy_without_the_full_logits(compiled
         with LargestTensor() as plain:  # the detector itself sees a full-logits loss
             F.cross_entropy(hidden @ weight.t(), labels).backward()
         assert plain.numel == rows * vocab
+
+
+def test_the_default_chunk_holds_about_logits_chunk_bytes_of_logits(monkeypatch):
+    """Rows per chunk come from the vocabulary (the logits' width), not the hidden size: Qwen3's head is 148 times
+    wider than its hidden states, and chunks of that many more rows would not fit in memory."""
+    import model
+
+    torch.manual_seed(5)
+    rows, vocab, width = 40, 300, 4
+    monkeypatch.setattr(model, "LOGITS_CHUNK_BYTES", 4 * vocab * 8)  # fp32 logits of 8 rows
+    weight, labels = torch.randn(vocab, width), torch.randint(0, vocab, (rows,))
+    hidden = torch.randn(rows, width, requires_grad=True)
+    with LargestTensor() as seen:
+        model.frozen_head_cross_entropy(hidden, weight, labels).backward()
+    assert seen.numel <= 8 * vocab
+
+
+def test_a_batch_of_padding_rows_only_has_a_loss_of_0_and_no_nan_gradient(captioner):
+    """A process's last batch may hold padding rows only (EpochShuffleSampler): the chunked loss, in training and in
+    evaluation, is 0 there, not the NaN of an empty mean, which the trainer would take for a diverged step."""
+    ids = torch.randint(1, 300, (2, 5))
+    batch = {"image_features": torch.randn(2, captioner.config.image_feature_dim), "input_ids": ids,
+             "labels": torch.full_like(ids, IGNORE_INDEX)}
+    captioner.adapter.zero_grad(set_to_none=True)
+    try:
+        loss = captioner(**batch)
+        loss.backward()
+        assert loss.item() == 0
+        assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in captioner.adapter.parameters())
+    finally:
+        captioner.adapter.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        assert captioner(**batch).item() == 0
+
+
+def test_out_of_memory_in_a_compiled_step_is_raised_not_taken_for_a_failed_compilation(captioner, capsys):
+    """Running out of memory is the batch's size, not the compiler's failing: turning it into "torch.compile could not
+    run" would drop --compile for the rest of the run, and retry eagerly at the same size."""
+    from model import TrainingLoss
+
+    class OutOfMemory(torch.nn.Module):  # a module: the compiled step it stands for is one
+        def forward(self, *args, **kwargs):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    out_of_memory = OutOfMemory()
+    loss = TrainingLoss(captioner)
+    loss.compiled = out_of_memory
+    ids = torch.randint(1, 300, (2, 5))
+    with pytest.raises(torch.OutOfMemoryError):
+        loss(image_features=torch.randn(2, captioner.config.image_feature_dim), input_ids=ids, labels=ids)
+    assert loss.compiled is out_of_memory
+    prefix = captioner.prefix_embeds(torch.randn(2, captioner.config.image_feature_dim)).detach()
+    captioner.decode_step = out_of_memory
+    try:
+        with pytest.raises(torch.OutOfMemoryError):
+            captioner.greedy_tokens(prefix, 4, stop_at_eos=False)
+        assert captioner.decode_step is out_of_memory
+    finally:
+        captioner.decode_step, captioner._static_caches = None, {}
+    assert "could not run" not in capsys.readouterr().err
 
 
 def test_chunked_head_loss_gradient_survives_the_fp16_loss_scale():
