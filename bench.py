@@ -474,7 +474,9 @@ def bench_quantized(args) -> None:
                 keep_4bit_weights_differentiable(lm)  # as load_backbones does: the step train.py runs
                 captioner.lm = freeze(lm if quantization else lm.to(device))
                 step = training_step(captioner, "product", batch, SHAPES[args.shapes]["image_size"], device, gpu_bf16)
-                seconds = timed(step, device, args.repeats, 1)
+                # Reset again after the warm-up, as bench_train does: the peak is the step's (the LM, the batch, the
+                # optimizer's state), not loading's (a tensor at a time read in bf16, then quantised).
+                seconds = timed(step, device, args.repeats, 1, after_warmup=lambda: reset_peak(device))
             except Exception as error:  # one mode failing (bitsandbytes' CUDA library, its int8 kernels) is a line:
                 # the next mode's figure is still measured
                 emit(args, bench="quantized", lm_quantization=mode, batch=batch, error=one_line(error))
