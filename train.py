@@ -2059,15 +2059,28 @@ def evaluate_on_test_split(run: Run, summary: dict) -> None:
 
 
 def resume_command(config: TrainConfig, accelerator, *extra: str) -> str:
+    """The command that continues this run, as its processes were launched."""
+    return resume_command_for(config, accelerator.num_processes, accelerator.device.type == "cpu", *extra)
+
+
+def launched_resume_command(config: TrainConfig) -> str:
+    """resume_command where no Accelerator was made (a stop during start-up): the launcher's process count,
+    and the device Accelerator would have chosen (a CPU where told to, or where there is no GPU)."""
+    from accelerate.utils import parse_flag_from_env
+
+    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+    return resume_command_for(config, launched_processes(), cpu)
+
+
+def resume_command_for(config: TrainConfig, processes: int, cpu: bool, *extra: str) -> str:
     """The command that continues this run. A run saved by N processes resumes only with N (its state
     holds each one's RNG), so with several the hint names a launcher and the count, not python: on
     CPUs torchrun, as `accelerate launch --cpu` starts several processes only through mpirun."""
     args = shlex.join(["train.py", "--run-name", config.run_name, "--output-dir", str(config.output_dir),
                        "--resume", *extra])
-    processes, count = accelerator.num_processes, machines()
+    count = machines()
     if processes == 1:
         return f"python {args}"
-    cpu = accelerator.device.type == "cpu"
     if count == 1:
         launcher = (f"ACCELERATE_USE_CPU=true torchrun --nproc_per_node {processes}" if cpu
                     else f"accelerate launch -q --num_processes {processes}")
@@ -2271,11 +2284,10 @@ def what_an_early_stop_left(config: TrainConfig) -> str:
                     f"to train again, choose another --run-name ({cache})")
         return (f"{run_dir} stopped before its first checkpoint, so it cannot be resumed: delete that folder and run "
                 f"the same command again, or choose another --run-name ({cache})")
-    # --output-dir too, as resume_command gives it: without it a run under another folder resumed (or found
-    # nothing) in the default one.
-    flags = shlex.join(["--run-name", run_dir.name, "--output-dir", str(config.output_dir), "--resume"])
-    return (f"nothing saved is damaged: {run_dir} keeps its last complete checkpoint (continue it with {flags}) "
-            f"and {cache}")
+    # The whole command, as a stop during training gives it: flags alone resumed a run of several processes
+    # with one (which its saved state refuses), and without --output-dir in the default folder.
+    return (f"nothing saved is damaged: {run_dir} keeps its last complete checkpoint (continue it with "
+            f"{launched_resume_command(config)}) and {cache}")
 
 
 def train_from_config(config: TrainConfig, on_step) -> int:

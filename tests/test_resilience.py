@@ -1011,9 +1011,9 @@ def test_a_stop_during_start_up_says_resume_only_where_there_is_a_checkpoint(tin
     monkeypatch.setattr(train, "open_run_folder", open_then_ctrl_c)
     assert run_cli(train.main, [*args, "--resume"]) == 130  # a resume stopped as it starts
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.endswith(f"{tmp_path / 'saved'} keeps its last complete checkpoint (continue it with --run-name "
-                          f"saved --output-dir {tmp_path} --resume) and the feature cache keeps every part it "
-                          "finished"), error
+    assert error.endswith(f"{tmp_path / 'saved'} keeps its last complete checkpoint (continue it with python train.py "
+                          f"--run-name saved --output-dir {tmp_path} --resume) and the feature cache keeps every part "
+                          "it finished"), error
 
 
 def test_a_second_signal_before_the_first_save_keeps_the_validated_adapter_and_says_so(tiny, tmp_path, capsys):
@@ -1837,7 +1837,16 @@ def test_a_lost_process_says_what_the_run_left_and_how_to_go_on(tiny, tmp_path, 
     assert train.train_from_config(train.TrainConfig(run_name="run", output_dir=str(tmp_path)), None) == 1
     error = capsys.readouterr().err
     flags = shlex.join(["--run-name", "run", "--output-dir", str(tmp_path), "--resume"])
-    assert error.startswith(said) and f"keeps its last complete checkpoint (continue it with {flags})" in error, error
+    assert error.startswith(said) and f"keeps its last complete checkpoint (continue it with python train.py {flags})" \
+        in error, error
+    # Under a launcher: its command, with the run's process count (a run resumes only with as many).
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    assert train.train_from_config(train.TrainConfig(run_name="run", output_dir=str(tmp_path)), None) == 1
+    error = capsys.readouterr().err
+    assert f"(continue it with ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 train.py {flags} (or the launcher" \
+        in error, error
 
 
 def test_only_a_missing_last_falls_back_to_its_old_copy(tmp_path):
