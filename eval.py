@@ -1367,6 +1367,19 @@ def evaluate_or_compare(parser: argparse.ArgumentParser, args) -> int:
     # Under a launcher the processes join before any reads the run: one that finds no run folder on its
     # machine (a disk of its own) then stops them all in one line, where the others waited for it forever.
     processes = Processes.from_environment("eval.py", args.device)
+    try:  # from the first collective on: the run's check, the loading's end, the gathers
+        return evaluate_run(args, processes)
+    except RuntimeError as error:  # another process stopped (a signal, a crash) and said why: not a gather traceback
+        if not (reason := lost_another_process(error)):
+            raise
+        print(f"error: another process of this evaluation ended ({reason}), so this one stops too; nothing was "
+              "written", file=sys.stderr)
+        return 1
+
+
+def evaluate_run(args, processes: Processes) -> int:
+    """Evaluate the run args.checkpoint names, this process's shard of it under a launcher: the main process
+    writes and prints the results."""
     checkpoint = checkpoint_folder(args.checkpoint)
     processes.agree({}, problem=checkpoint_problem(checkpoint, args.out, writes=processes.is_main),
                     advice=SAME_RUN_EVERYWHERE)
@@ -1429,27 +1442,20 @@ def evaluate_or_compare(parser: argparse.ArgumentParser, args) -> int:
         resume_gc_after_loading()  # a demo evaluation of 150 images: 14.7 s with it on all along, 13.1 s so
         # Now, not at the first batch: by then the split's and the baseline's features were extracted.
         captioner.check_fits_context(decoding.max_new_tokens, "--max-new-tokens")
-    try:  # from the first gather on (readable_split's, else evaluate_captioner's)
-        if on_bad_sample == "skip":
-            # Not in the block above: its processes gather here, and one that stopped in it would meet these
-            # gathers with its own (stopping_together's).
-            with stopping_together(processes, SAME_RUN_EVERYWHERE):
-                records = readable_split(captioner, records, args.batch_size, args.num_workers,
-                                         not args.no_progress and processes.is_main, feature_cache_settings(run),
-                                         bad_samples, processes)
-            scored.update(scored_images(records))
-        if processes.count > 1:  # each machine may read a copy of its own: copies that differ would caption apart
-            processes.agree(evaluated_facts(args, checkpoint, captioner, records, train_records),
-                            advice=SAME_RUN_EVERYWHERE)
-        results = evaluate_captioner(captioner, records, decodings, train_records, args.batch_size, args.num_workers,
-                                     not args.no_progress and processes.is_main, args.seed, processes,
-                                     feature_cache=feature_cache_settings(run))
-    except RuntimeError as error:  # another process stopped (a signal, a crash) and said why: not a gather traceback
-        if not (reason := lost_another_process(error)):
-            raise
-        print(f"error: another process of this evaluation ended ({reason}), so this one stops too; nothing was "
-              "written", file=sys.stderr)
-        return 1
+    if on_bad_sample == "skip":
+        # Not in the block above: its processes gather here, and one that stopped in it would meet these
+        # gathers with its own (stopping_together's).
+        with stopping_together(processes, SAME_RUN_EVERYWHERE):
+            records = readable_split(captioner, records, args.batch_size, args.num_workers,
+                                     not args.no_progress and processes.is_main, feature_cache_settings(run),
+                                     bad_samples, processes)
+        scored.update(scored_images(records))
+    if processes.count > 1:  # each machine may read a copy of its own: copies that differ would caption apart
+        processes.agree(evaluated_facts(args, checkpoint, captioner, records, train_records),
+                        advice=SAME_RUN_EVERYWHERE)
+    results = evaluate_captioner(captioner, records, decodings, train_records, args.batch_size, args.num_workers,
+                                 not args.no_progress and processes.is_main, args.seed, processes,
+                                 feature_cache=feature_cache_settings(run))
     if results is None:  # not the main process: it captioned its shard and is done (or the main one reports why not)
         return 0
     result = results[describe_decoding(decoding)]

@@ -1123,6 +1123,44 @@ def test_a_process_stopped_mid_evaluation_ends_the_other_with_one_line(run, tmp_
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 
+@pytest.mark.slow
+def test_a_process_stopped_while_loading_ends_the_other_with_one_line(run, tmp_path):
+    """SIGTERM reaches rank 1 once it has loaded the backbones, while rank 0 waits for it where the processes
+    agree that the loading went well: rank 0 ends with one line, not the process group's traceback."""
+    agreeing = tmp_path / "rank0_agreements"  # how often rank 0 has begun to agree: its second ends the loading
+    wrapper = tmp_path / "eval_signalled_loading.py"
+    wrapper.write_text(
+        "import os, signal, sys, time\n"
+        "from pathlib import Path\n"
+        "import eval, utils\n"
+        "from utils import run_cli\n"
+        f"agreeing = Path({str(agreeing)!r})\n"
+        "check_processes_agree = utils.check_processes_agree\n"
+        "def counted(*args, **kwargs):\n"
+        "    if os.environ['RANK'] == '0':\n"
+        "        agreeing.write_text(str(int(agreeing.read_text()) + 1 if agreeing.exists() else 1))\n"
+        "    return check_processes_agree(*args, **kwargs)\n"
+        "utils.check_processes_agree = counted\n"
+        "load_captioner = eval.load_captioner\n"
+        "def load_then_stop(*args, **kwargs):\n"
+        "    captioner = load_captioner(*args, **kwargs)\n"
+        "    if os.environ['RANK'] == '1':\n"
+        "        deadline = time.monotonic() + 120\n"
+        "        while not (agreeing.exists() and agreeing.read_text() == '2') and time.monotonic() < deadline:\n"
+        "            time.sleep(0.1)\n"
+        "        time.sleep(1)\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return captioner\n"
+        "eval.load_captioner = load_then_stop\n"
+        "sys.exit(run_cli(eval.main))\n")
+    result = evaluate_in_two_processes(wrapper, run, tmp_path / "out")
+    assert result.returncode != 0
+    assert "interrupted (SIGTERM)" in result.stderr, result.stderr[-3000:]
+    assert "error: another process of this evaluation ended" in result.stderr, result.stderr[-3000:]
+    assert "[rank0]: Traceback" not in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
 def test_two_machines_stop_in_one_line_where_one_has_no_copy_of_the_run_or_another(run, tmp_path):
     """Two machines with disks of their own (simulated: machine 1 is given another folder): one without
     the run stopped in one line while machine 0 waited for it forever; one with a copy whose adapter
