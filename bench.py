@@ -471,7 +471,7 @@ def bench_quantized(args) -> None:
                 quantization = lm_quantization_config(mode, device)
                 extra = {"quantization_config": quantization, "device_map": {"": device}} if quantization else {}
                 lm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **extra)
-                keep_4bit_weights_differentiable(lm)  # as load_backbones does: the step train.py runs
+                keep_4bit_weights_differentiable(lm)  # as build_captioner does: the step train.py runs
                 captioner.lm = freeze(lm if quantization else lm.to(device))
                 step = training_step(captioner, "product", batch, SHAPES[args.shapes]["image_size"], device, gpu_bf16)
                 # Reset again after the warm-up, as bench_train does: the peak is the step's (the LM, the batch, the

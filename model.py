@@ -593,8 +593,19 @@ def keep_4bit_weights_differentiable(lm) -> None:
             continue
         if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
             raise RuntimeError("this 4-bit LM was already repacked for captioning on the CPU, and gradients cannot "
-                               "pass through it: load the captioner again (build_captioner) to train it")
+                               "pass through it: to train it, load it again and set it to train before it captions")
         module.support_avx512bf16_for_cpu = False
+
+
+def let_4bit_weights_repack(lm) -> None:
+    """Undo keep_4bit_weights_differentiable where the LM will not be trained again (train.py's final evaluation):
+    bitsandbytes repacks the weights, as in a captioner load_captioner loaded, so that the test split is captioned
+    as fast as eval.py captions it, and to its captions (the kernels round apart: the demo LM's logits by 0.04)."""
+    for module in lm.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # a bitsandbytes.nn.Linear4bit
+            from bitsandbytes.functional import has_avx512bf16
+
+            module.support_avx512bf16_for_cpu = has_avx512bf16()
 
 
 def freeze(module: nn.Module) -> nn.Module:

@@ -44,8 +44,8 @@ from dataset import (DATASETS, DEFAULT_SEED, FLICKR30K_PARQUET, FOLDER_SPLIT_OF_
                      limit_records, load_records, run_feature_cache, split_deal)
 from metrics import validation_cider_d
 from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, IGNORE_INDEX, AdapterConfig, DecodingConfig, TrainingLoss,
-                   build_captioner, load_adapter_state, missing_local_folder, repair_torn_export, resolve_dtype,
-                   save_adapter, save_adapter_weights, value_count)
+                   build_captioner, let_4bit_weights_repack, load_adapter_state, missing_local_folder,
+                   repair_torn_export, resolve_dtype, save_adapter, save_adapter_weights, value_count)
 from utils import (MAX_RECORDS_JSON_BYTES, HelpFormatter, Processes, Terminated, UserError, append_jsonl,
                    caption_diversity, caption_metrics,
                    check_folder_is_shared, check_processes_agree, collapse_warning, default_image_workers,
@@ -2216,6 +2216,7 @@ def final_evaluation(captioner, adapter, run_dir: Path, config: TrainConfig, tes
 
     captioner.adapter = adapter
     adapter.load_state_dict(load_adapter_state(run_dir / ADAPTER_WEIGHTS))
+    let_4bit_weights_repack(captioner.lm)  # trained for the last time: captioned as eval.py captions it
     records, missing, sampled = test_split
     bad = list(missing)
     if config.on_bad_sample == "skip":

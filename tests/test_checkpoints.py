@@ -519,6 +519,25 @@ def test_a_captioner_loaded_for_captioning_keeps_4bit_gradients_once_set_to_trai
     assert layers and not any(layer.support_avx512bf16_for_cpu for layer in layers)
 
 
+def test_a_4bit_runs_final_evaluation_captions_with_the_lm_as_eval_py_loads_it(tiny, tmp_path, monkeypatch):
+    """Training over a 4-bit LM keeps bitsandbytes from repacking its weights (keep_4bit_weights_differentiable);
+    once trained, the final evaluation lets it repack them again, as eval.py's load_captioner does: the test split
+    captioned as fast, and to the same captions, as `python eval.py RUN` (the repacked kernel rounds otherwise). On
+    a CPU without AVX-512 BF16 nothing repacks, and this passes either way."""
+    def repacking(captioner) -> list[bool]:
+        return [module.support_avx512bf16_for_cpu for module in captioner.lm.modules()
+                if hasattr(module, "support_avx512bf16_for_cpu")]
+
+    seen, evaluate = [], eval_script.evaluate_captioner
+    monkeypatch.setattr(eval_script, "evaluate_captioner",
+                        lambda captioner, *args, **kwargs: seen.append(repacking(captioner)) or
+                        evaluate(captioner, *args, **kwargs))
+    assert train.main(train_args(tiny, tmp_path, "final", "--lm-quantization", "4bit", "--max-steps", "2",
+                                 "--eval-every", "0", "--test-limit", "2")) == 0
+    loaded = repacking(load_captioner(tmp_path / "final", lm_quantization="4bit"))
+    assert loaded and seen == [loaded]
+
+
 @pytest.mark.parametrize("quantization", ["8bit", "4bit"])
 def test_compile_is_left_out_over_an_8bit_lm_only(tiny, quantization, capsys):
     """--compile over an 8-bit LM hit dynamo's recompile limit inside bitsandbytes' int8 matmul (5 lines
