@@ -722,8 +722,10 @@ def cache_home() -> Path:
     `~` is expanded here, as no shell does it in a quoted value, a .env file or a Dockerfile's ENV:
     unexpanded, the demo was built in a folder literally named `~` under the current one. An empty
     value counts as unset, not as the current folder. Absolute: a run's config names its demo backbones and data
-    by this path, and a relative one (CAPTIONER_HOME=cache make demo) broke the run from any other folder."""
-    return Path(os.environ.get("CAPTIONER_HOME") or Path.home() / ".cache" / "captioner").expanduser().absolute()
+    by this path, and a relative one (CAPTIONER_HOME=cache make demo) broke the run from any other folder. Without
+    `..` (os.path.abspath): CAPTIONER_HOME=../cache names one folder from any sibling folder (demo.demo_path)."""
+    return Path(os.path.abspath(Path(os.environ.get("CAPTIONER_HOME") or Path.home() / ".cache" / "captioner")
+                                .expanduser()))
 
 
 # ----------------------------------------------------------------------------------------------

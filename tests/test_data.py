@@ -700,6 +700,33 @@ def test_a_demo_run_under_a_relative_captioner_home_rebuilds_its_cleared_assets_
     assert demo.backbones_built(Path(assets["lm_model"]).parent)
 
 
+
+def test_a_demo_run_under_captioner_home_dot_dot_is_the_demo_cache_from_a_sibling_folder(tmp_path, monkeypatch):
+    """CAPTIONER_HOME=../cache from work/a: the run named its assets work/a/../cache/... (absolute, not normal).
+    From work/b, with the same setting, they were not taken for the demo cache's (work/b/../cache): a cleared
+    cache was never rebuilt, and the run ended in advice to download a model only the build can make."""
+    import shutil
+
+    import demo
+
+    for folder in ("a", "b"):
+        (tmp_path / "work" / folder).mkdir(parents=True)
+    monkeypatch.setenv("CAPTIONER_HOME", "../cache")
+    built = []
+    fake_demo_builders(monkeypatch, built)
+    monkeypatch.chdir(tmp_path / "work" / "a")
+    assets = demo.ensure_demo_assets(progress=False)
+    assert all(Path(assets[name]).is_relative_to(tmp_path / "work" / "cache") for name in assets)  # no `..`: new runs
+    # ... and a run saved before cache_home dropped the `..`:
+    saved = [str(assets[name]).replace(str(tmp_path / "work"), str(tmp_path / "work" / "a" / ".."), 1)
+             for name in ("clip_model", "lm_model", "data_dir")]
+    monkeypatch.chdir(tmp_path / "work" / "b")
+    assert all(demo.in_demo_cache(path) for path in saved)
+    shutil.rmtree(tmp_path / "work" / "cache")  # cleared
+    demo.rebuild_cleared_demo(*saved)
+    assert built == ["data", "backbones", "data", "backbones"]
+    assert all(Path(path).exists() for path in saved)
+
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no folder can be made")
 def test_an_unwritable_captioner_home_is_one_line(monkeypatch):
     """A CAPTIONER_HOME this user cannot write (a shared or read-only folder): one line naming it, not
