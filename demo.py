@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import random
 import re
 import sys
@@ -32,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from utils import (HelpFormatter, UserError, cache_home, nearest_existing, run_cli, seed_everything, waiting_lock,
-                   whole_number, with_usual_mode)
+from utils import (HelpFormatter, UserError, cache_home, nearest_existing, normal_path, run_cli, seed_everything,
+                   waiting_lock, whole_number, with_usual_mode)
 
 DEMO_VERSION = 2  # bump when the recipe below changes, so cached assets are rebuilt
 BACKBONE_FILES = ("clip/config.json", "clip/model.safetensors", "lm/config.json", "lm/model.safetensors")
@@ -337,14 +336,7 @@ def demo_root() -> Path:
 def in_demo_cache(path: str) -> bool:
     """Whether `path` (a backbone or data folder a run names) is in this version's demo cache: built here from
     seeds, it downloads nothing and reads nothing of anyone else's."""
-    return demo_path(path).is_relative_to(demo_path(demo_root()))
-
-
-def demo_path(path) -> Path:
-    """`path` as the demo cache's paths are compared: absolute and without `..`, as cache_home gives them. A run
-    under CAPTIONER_HOME=../cache names its assets with a `..` (train.py makes its paths absolute, not normal),
-    and from a sibling folder they were not the cache's: a cleared cache ended in advice to download a model."""
-    return Path(os.path.abspath(Path(path).expanduser()))
+    return normal_path(path).is_relative_to(demo_root())
 
 
 def ensure_demo_assets(progress: bool = True) -> dict[str, str]:
@@ -388,13 +380,13 @@ def rebuild_cleared_demo(*paths) -> None:
     """A demo run names backbones and data in the demo cache, which can be cleared like any cache
     (app.py rebuilds it too): where one of `paths` is in it and gone, build it again, the same
     seeded assets, rather than tell the user to put back a folder they cannot get anywhere else."""
-    root = demo_path(demo_root())
+    root = demo_root()
     if gone := gone_older_demo_path(*paths):
         raise UserError(f"{gone} is gone: it is in the demo assets of an older version of this project "
                         f"({gone_older_demo_folder(gone)}), which this version no longer builds (it builds "
                         f"{root.name}); train a new demo run with python train.py --demo")
     # Absolute, as in_demo_cache takes them: a run trained under a relative CAPTIONER_HOME names them relative.
-    named = [demo_path(path) for path in paths if path]
+    named = [normal_path(path) for path in paths if path]
     ours = [path for path in named if path.is_relative_to(root)]
     if any(not path.exists() for path in ours):
         print(f"the demo assets in {root} are gone (a cleared cache): building them again", file=sys.stderr)
@@ -415,7 +407,7 @@ def damaged_demo_backbones(path: Path, root: Path) -> bool:
 def gone_older_demo_folder(path) -> str | None:
     """The demo-v<N> folder of the demo cache that `path` is in, where N is an older DEMO_VERSION; else None."""
     try:
-        folder = demo_path(path).relative_to(demo_path(cache_home())).parts[0]
+        folder = normal_path(path).relative_to(cache_home()).parts[0]
     except (ValueError, IndexError):
         return None
     match = re.fullmatch(r"demo-v(\d+)", folder)

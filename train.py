@@ -51,11 +51,11 @@ from utils import (MAX_RECORDS_JSON_BYTES, HelpFormatter, Processes, Terminated,
                    check_folder_is_shared, check_processes_agree, collapse_warning, default_image_workers,
                    gpu_computes_in_bf16, ids_digest, interrupt_handled, interrupt_name, interrupted_exit_code,
                    is_whole_number, join_processes, keep_going_if_the_reader_leaves, json_text, json_value,
-                   launched_processes, library_versions, load_state, lone_cpu_launch_warning, lost_another_process,
-                   machines, nearest_existing, not_a_link, note, read_json, read_jsonl, rng_states, run_cli,
-                   said_alike_before_joining, said_alike_by, save_state, set_rng_states, stopping_together,
-                   sync_folder, sync_tree, usage_errors_once_per_machine, user_message, weights_digest, write_json,
-                   write_jsonl, write_text)
+                   launched_on_cpu, launched_processes, library_versions, load_state, lone_cpu_launch_warning,
+                   lost_another_process, machines, nearest_existing, not_a_link, note, read_json, read_jsonl,
+                   rng_states, run_cli, said_alike_before_joining, said_alike_by, save_state, set_rng_states,
+                   stopping_together, sync_folder, sync_tree, usage_errors_once_per_machine, user_message,
+                   weights_digest, write_json, write_jsonl, write_text)
 
 RUN_CONFIG = "run_config.json"
 # --select-by: the validation record's key, and whether higher is better.
@@ -2065,11 +2065,8 @@ def resume_command(config: TrainConfig, accelerator, *extra: str) -> str:
 
 def launched_resume_command(config: TrainConfig) -> str:
     """resume_command where no Accelerator was made (a stop during start-up): the launcher's process count,
-    and the device Accelerator would have chosen (a CPU where told to, or where there is no GPU)."""
-    from accelerate.utils import parse_flag_from_env
-
-    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
-    return resume_command_for(config, launched_processes(), cpu)
+    and the device Accelerator would have chosen."""
+    return resume_command_for(config, launched_processes(), launched_on_cpu())
 
 
 def resume_command_for(config: TrainConfig, processes: int, cpu: bool, *extra: str) -> str:

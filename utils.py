@@ -408,6 +408,14 @@ def lost_another_process(error: RuntimeError) -> str:
     return next((reason for reason in PEER_LOST if reason in str(error)), "")
 
 
+def launched_on_cpu(device: str = "auto") -> bool:
+    """Whether the launcher's processes run on CPUs, as Accelerator chooses: where told to
+    (ACCELERATE_USE_CPU, `accelerate launch --cpu`, --device cpu), or where there is no GPU."""
+    from accelerate.utils import parse_flag_from_env
+
+    return parse_flag_from_env("ACCELERATE_USE_CPU") or device == "cpu" or not torch.cuda.is_available()
+
+
 def launched_processes() -> int:
     """How many processes the launcher (torchrun, accelerate launch) started in all, read from its
     WORLD_SIZE before joining them: 1 for a plain `python script.py`."""
@@ -596,12 +604,10 @@ class Processes:
                 print(warning, file=sys.stderr)
             return cls()
         from accelerate import PartialState
-        from accelerate.utils import parse_flag_from_env
 
         # PartialState joins the process group torchrun / accelerate launch set up. Unlike Accelerator it
         # does not read ACCELERATE_USE_CPU, and without cpu=True it runs every CPU process alone.
-        cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or device == "cpu" or not torch.cuda.is_available()
-        state = PartialState(cpu=cpu)
+        state = PartialState(cpu=launched_on_cpu(device))
         return cls(state.process_index, state.num_processes, state.device)
 
     @classmethod
@@ -723,9 +729,15 @@ def cache_home() -> Path:
     unexpanded, the demo was built in a folder literally named `~` under the current one. An empty
     value counts as unset, not as the current folder. Absolute: a run's config names its demo backbones and data
     by this path, and a relative one (CAPTIONER_HOME=cache make demo) broke the run from any other folder. Without
-    `..` (os.path.abspath): CAPTIONER_HOME=../cache names one folder from any sibling folder (demo.demo_path)."""
-    return Path(os.path.abspath(Path(os.environ.get("CAPTIONER_HOME") or Path.home() / ".cache" / "captioner")
-                                .expanduser()))
+    `..`: CAPTIONER_HOME=../cache names one folder from any sibling folder."""
+    return normal_path(os.environ.get("CAPTIONER_HOME") or Path.home() / ".cache" / "captioner")
+
+
+def normal_path(path) -> Path:
+    """`path` absolute, `~` expanded and without `..` (os.path.abspath; Path.absolute keeps it): the demo cache's
+    paths are compared as such, for a run under CAPTIONER_HOME=../cache names its assets work/a/../cache/... and
+    from work/b they were not the cache's, so a cleared cache ended in advice to download a model."""
+    return Path(os.path.abspath(Path(path).expanduser()))
 
 
 # ----------------------------------------------------------------------------------------------
