@@ -388,6 +388,10 @@ def test_eval_out_is_not_another_runs_folder(run, no_model, tmp_path, capsys):
     for checkpoint, out in ((run, other), (last, other)):
         line = cli_error(capsys, eval_script.main, [str(checkpoint), "--out", str(out), "--no-progress"])
         assert f"--out {out} is another run's folder: its metrics.json would hold {checkpoint}'s figures" in line, line
+    # The run's own folder, however it is spelled, is no other run's.
+    (tmp_path / "link").symlink_to(other)
+    for out in (other, tmp_path / "link", last / ".."):
+        eval_script.check_outputs_can_be_written(other, str(out))
 
 
 def test_eval_out_must_be_writable(run, no_model, tmp_path, monkeypatch, capsys):

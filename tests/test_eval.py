@@ -81,6 +81,8 @@ def test_metrics_baseline_and_report_hold_the_numbers_of_the_run(tiny, run, eval
         assert metrics[key] == pytest.approx(rescored["run"].metrics[key], rel=1e-12)
         assert metrics["baseline"][key] == pytest.approx(rescored["baseline"].metrics[key], rel=1e-12)
     assert [row["coco_cider_d"] for row in rows] == pytest.approx(rescored["run"].per_image["coco_cider_d"])
+    assert [row["baseline_coco_cider_d"] for row in rows] == pytest.approx(
+        rescored["baseline"].per_image["coco_cider_d"])
 
     # The report: self-contained, with the run's and the baseline's numbers, curves, the whole gallery worst first.
     report = (evaluated / "report.html").read_text()
@@ -207,6 +209,8 @@ def test_decoding_sweep_is_one_table_on_the_same_split(evaluated):
         "strategy": "sample", "num_beams": 3, "temperature": 1.0, "top_p": 0.9, "max_new_tokens": 0}
     for key, _ in COCO_METRICS:
         assert greedy[key] == metrics[key] and baseline[key] == metrics["baseline"][key]
+    # The baseline's row is no verdict on itself (the table would print "NO" beside it).
+    assert baseline["beats_baseline"] is None and greedy["beats_baseline"] == metrics["beats_baseline"]
     assert "Decoding comparison" in (evaluated / "report.html").read_text()
 
 
@@ -976,9 +980,11 @@ def test_one_caption_for_most_images_is_flagged_unless_the_data_is_as_repetitive
 
 
 def test_two_processes_caption_each_image_once_and_match_one_process(run, evaluated, tmp_path):
-    """ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 eval.py RUN: shards of whole batches, gathered."""
+    """ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 eval.py RUN: shards of whole batches, gathered. The sweep's
+    sampled captions too: each batch is seeded by its index in the split, whichever process captions it."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(ROOT / "eval.py"), str(run), "--out", str(tmp_path), "--batch-size", "2", "--num-workers", "0"]
+               str(ROOT / "eval.py"), str(run), "--out", str(tmp_path), "--batch-size", "2", "--num-workers", "0",
+               "--decoding-sweep"]
     # One thread each: two processes on the test machine's cores, not each spinning up a thread per core.
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -995,6 +1001,11 @@ def test_two_processes_caption_each_image_once_and_match_one_process(run, evalua
     assert [r["prediction"] for r in rows] == [r["prediction"] for r in single_rows]
     for key in [k for k, _ in COCO_METRICS] + ["rougeL", "bleu4", "baseline", "beats_baseline"]:
         assert metrics[key] == single[key], key
+    # One process in the same batches of 2 samples the same captions as process 1 did for the split's batches 1 and 2.
+    assert eval_script.main([str(run), "--decoding-sweep", "--batch-size", "2", "--out", str(tmp_path / "one"),
+                             "--no-progress", "--num-workers", "0"]) == 0
+    sweeps = [read_json(folder / "decoding_sweep.json", "sweep") for folder in (tmp_path, tmp_path / "one")]
+    assert sweeps[0]["rows"] == sweeps[1]["rows"]
 
 
 def evaluate_in_two_processes(script: Path, run: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:

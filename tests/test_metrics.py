@@ -265,3 +265,68 @@ def test_a_meteor_that_fails_after_scoring_some_sets_is_left_out_of_every_set(mo
     for result in scored.values():
         assert result.metrics["coco_meteor"] is None and result.per_image["coco_meteor"] == [None] * len(PREDICTIONS)
     assert any("METEOR failed" in note for note in notes)
+
+
+def test_each_image_keeps_its_own_scores_under_every_name():
+    """predictions.jsonl and the report's gallery (worst first) show each image's own BLEU-4, ROUGE-L and CIDEr-D:
+    pycocoevalcap's per-image lists, called directly here on the same (Python) tokens, each under its own key."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    ours = coco_metrics({"run": PREDICTIONS}, REFERENCES, use_java=False)["run"]
+    gts = {i: [ptb_tokenize_python(r) for r in refs] for i, refs in enumerate(REFERENCES)}
+    res = {i: [ptb_tokenize_python(p)] for i, p in enumerate(PREDICTIONS)}
+    bleu, bleu_per_image = Bleu(4).compute_score(gts, res, verbose=0)
+    assert [ours.metrics[f"coco_bleu{n}"] for n in range(1, 5)] == pytest.approx(bleu, rel=1e-12)
+    assert ours.per_image["coco_bleu4"] == pytest.approx(bleu_per_image[3], rel=1e-12)
+    assert ours.per_image["coco_bleu4"] != pytest.approx(bleu_per_image[0])  # the fixture tells BLEU-4 from BLEU-1
+    assert ours.per_image["coco_rougeL"] == pytest.approx(Rouge().compute_score(gts, res)[1], rel=1e-12)
+    assert ours.per_image["coco_cider_d"] == pytest.approx(Cider().compute_score(gts, res)[1], rel=1e-12)
+
+
+def test_predictions_that_do_not_match_the_images_are_refused_in_one_line():
+    """Not pycocoevalcap's bare AssertionError from deep inside BLEU."""
+    with pytest.raises(ValueError, match="^baseline: 3 predictions for 4 images$"):
+        coco_metrics({"run": PREDICTIONS[:4], "baseline": PREDICTIONS[:3]}, REFERENCES[:4], use_java=False)
+    with pytest.raises(ValueError, match="^run: 5 predictions for 4 images$"):
+        coco_metrics({"run": PREDICTIONS[:5]}, REFERENCES[:4], use_java=False)
+    with pytest.raises(ValueError, match="every image needs at least one reference caption"):
+        coco_metrics({"run": PREDICTIONS[:2]}, [REFERENCES[0], []], use_java=False)
+    with pytest.raises(ValueError, match="no images to score"):
+        coco_metrics({"run": []}, [], use_java=False)
+
+
+def test_a_java_tokenizer_that_fails_or_loses_captions_gives_way_to_the_python_one_and_says_so(monkeypatch):
+    """The scores must then name ptb-python, not ptb-java: they are not the published tokenisation's. (No Java
+    needed: stand-ins for pycocoevalcap's PTBTokenizer.)"""
+    captions = ["A dog.", "Two cats!"]
+
+    class LosingTokenizer:  # a caption lost on the way (one line short)
+        def tokenize(self, captions_for_image):
+            return {0: ["a dog"]}
+
+    class BrokenTokenizer:  # a read-only site-packages: it writes a temp file there
+        def tokenize(self, captions_for_image):
+            raise OSError("Read-only file system")
+
+    for tokenizer, said in ((LosingTokenizer, "returned 1 of 2 captions"), (BrokenTokenizer, "OSError: Read-only")):
+        monkeypatch.setattr("pycocoevalcap.tokenizer.ptbtokenizer.PTBTokenizer", tokenizer)
+        with pytest.raises(RuntimeError, match=said):
+            metrics._ptb_tokenize_java(captions)
+        tokens, tokenization, notes = metrics.tokenize_captions(captions, use_java=True)
+        assert (tokens, tokenization) == ([ptb_tokenize_python(c) for c in captions], "ptb-python")
+        assert len(notes) == 1 and said in notes[0] and "used the Python imitation (ptb-python)" in notes[0], notes
+
+
+def test_a_meteor_that_cannot_start_early_leaves_the_evaluation_going(monkeypatch):
+    """eval.py starts METEOR's JVM before captioning; a JVM that will not start (OSError) must not end the evaluation
+    there: the scoring meets it again, and leaves METEOR out with a note. (No Java needed: a stand-in.)"""
+    def no_jvm():
+        raise OSError("java: cannot allocate the heap")
+
+    monkeypatch.setattr(metrics, "java_available", lambda: True)
+    monkeypatch.setattr("pycocoevalcap.meteor.meteor.Meteor", no_jvm)
+    metrics._meteor.cache_clear()
+    metrics.start_meteor()
+    assert metrics._meteor.cache_info().currsize == 0
