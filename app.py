@@ -360,15 +360,18 @@ def real_photos() -> list[tuple[str, str]]:
 # One request
 # ----------------------------------------------------------------------------------------------
 
+def shown_over(amount: float, limit: float) -> float:
+    """`amount`, which is over `limit`, as a refusal shows it: to a tenth, and up where the nearest tenth is not
+    over the limit. Rounded to whole units, a 1.1 MB file was "1 MB", refused by a limit of 1 MB."""
+    shown = round(amount, 1)
+    return shown if shown > limit else math.ceil(amount * 10) / 10
+
+
 def check_upload_size(size: int | float, max_upload_mb: float) -> None:
     megabytes = size / 2**20
     if megabytes > max_upload_mb:
-        # To a tenth, and up where the nearest tenth is the limit itself: rounded to whole MB, a 1.1 MB
-        # file was "1 MB", refused by a limit of 1 MB.
-        shown = round(megabytes, 1)
-        if shown <= max_upload_mb:
-            shown = math.ceil(megabytes * 10) / 10
-        raise UserError(f"That file is {shown:,g} MB; this page takes images up to {max_upload_mb:g} MB.")
+        raise UserError(f"That file is {shown_over(megabytes, max_upload_mb):,g} MB; this page takes images up to "
+                        f"{max_upload_mb:g} MB.")
 
 
 @contextlib.contextmanager
@@ -416,9 +419,10 @@ def open_upload(path, max_megapixels: float, max_upload_mb: float):
             from None
     except Exception:  # PIL raises many kinds for files that are not images (UnidentifiedImageError, ...)
         raise UserError(unreadable) from None
-    if width * height > max_megapixels * 1e6:
-        raise UserError(f"That image is {width:,} x {height:,} pixels ({width * height / 1e6:.0f} megapixels); "
-                        f"this page takes images up to {max_megapixels:g} megapixels. Please make it smaller.")
+    if width * height > max_megapixels * 1e6:  # shown as check_upload_size does: 40.4 was "40", over a limit of 40
+        megapixels = shown_over(width * height / 1e6, max_megapixels)
+        raise UserError(f"That image is {width:,} x {height:,} pixels ({megapixels:,g} megapixels); this page takes "
+                        f"images up to {max_megapixels:g} megapixels. Please make it smaller.")
     if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):  # open_image refuses it too, unexplained
         raise UserError(f"That image is {width:,} x {height:,} pixels, over {MAX_ASPECT_RATIO} times as long as it is "
                         "wide; please crop it.")

@@ -536,6 +536,9 @@ def test_a_thin_strip_is_refused_for_its_shape_not_called_damaged(tmp_path):
     Image.new("L", (5000, 1)).save(strip)
     with pytest.raises(UserError, match=r"^That image is 5,000 x 1 pixels, over 100 times as long as it is wide;"):
         app.open_upload(strip, 40, 50)
+    Image.new("L", (101, 1)).save(strip)  # just over the ratio
+    with pytest.raises(UserError, match=r"^That image is 101 x 1 pixels, over 100 times as long as it is wide;"):
+        app.open_upload(strip, 40, 50)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # gr.Warning outside a request
@@ -553,6 +556,40 @@ def test_a_setting_that_is_not_a_number_is_named_not_blamed_on_the_image(tmp_pat
         result = page.caption(str(image), "stub", app.NOTHING, "greedy", *values.values())
         assert result[4] == f"⚠️ {label} must be a number, not nan.", result
     assert page.caption(str(image), "stub", app.NOTHING, "greedy", *settings.values())[0].value == "a stub caption"
+
+
+def test_the_timing_line_says_an_empty_caption_is_one_and_only_then(tmp_path, monkeypatch):
+    page = stub_page(tmp_path)
+    image = tmp_path / "red.png"
+    image.write_bytes(png_bytes())
+    for caption in ("a stub caption", ""):
+        monkeypatch.setattr(StubCaptioner, "caption_images", lambda self, images, decoding: [caption for _ in images])
+        result = page.caption(str(image), "stub", app.NOTHING, "greedy", 3, 0.7, 0.9, 20, 0)
+        assert result[0].value == caption and result[1].endswith("new tokens" if caption else app.EMPTY_CAPTION_NOTE)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # gr.Warning outside a request
+def test_caption_with_a_choice_that_is_not_a_run_is_a_message(tmp_path):
+    """"Caption with" takes a run only (an API call may send anything): "nothing" or a baseline there answered
+    with no caption and no message, or with the baseline's caption as if a run had written it."""
+    page = stub_page(tmp_path)
+    image = tmp_path / "red.png"
+    image.write_bytes(png_bytes())
+    for left in (app.NOTHING, app.BASELINE_PREFIX + "stub", "gone"):
+        result = page.caption(str(image), left, app.NOTHING, "greedy", 3, 0.7, 0.9, 20, 0)
+        assert result[4] == "⚠️ Pick a run to caption with (stub).", (left, result)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # gr.Warning outside a request
+def test_a_seed_out_of_range_either_way_is_a_message(tmp_path):
+    """torch.manual_seed takes -2**63 to 2**64 - 1 (and inference.py's --seed less): a seed past either end was
+    "Something went wrong" (a RuntimeError) or a caption inference.py cannot give."""
+    page = stub_page(tmp_path)
+    image = tmp_path / "red.png"
+    image.write_bytes(png_bytes())
+    for seed in (-(2**63) - 2**12, 2**63 + 2**12):  # past the ends by more than a float's rounding there
+        result = page.caption(str(image), "stub", app.NOTHING, "sample", 3, 0.7, 0.9, 20, float(seed))
+        assert result[4].startswith("⚠️ The seed must be a whole number from"), (seed, result)
 
 
 def test_a_setting_of_the_wrong_type_in_an_api_call_gets_a_message(tmp_path):
@@ -718,6 +755,19 @@ def test_a_checkpoint_inside_a_run_is_named_with_its_run(run, tmp_path):
         (tmp_path / "mine" / inside).mkdir()
         assert app.run_label(tmp_path / "mine" / inside) == f"mine/{inside}"
     assert app.run_label(tmp_path / "mine") == "mine"
+    (tmp_path / "old" / "last.old").mkdir(parents=True)  # a run without run_config.json (an older version's)
+    assert app.run_label(tmp_path / "old" / "last.old") == "old/last.old"
+
+
+def test_runs_named_alike_are_told_apart_by_their_paths(run, tmp_path, monkeypatch):
+    """Two run folders of one name (a/run, b/run); the page picks a run by its name, so one of them could not be
+    picked."""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        copy_run_files(run, tmp_path / name / "run")
+    monkeypatch.chdir(tmp_path)
+    page, _ = served_by_main(["--checkpoint", "a/run", "b/run"], monkeypatch)
+    assert list(page.by_name) == ["a/run", "b/run"]
 
 
 def test_a_run_named_like_another_choice_on_the_page_can_still_be_picked(run, tmp_path, monkeypatch):
@@ -871,10 +921,37 @@ def test_serving_beyond_this_machine_is_warned_about():
         assert app.exposure_warning(host, 7861, 50) is None, host
 
 
+def test_a_host_name_with_any_address_beyond_this_machine_is_warned_about(monkeypatch):
+    """A name that resolves to a loopback address and a network one (/etc/hosts, a machine's own name) serves the
+    page on the network one too."""
+    import socket
+
+    addresses = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, 0)) for address in ("127.0.1.1", "192.168.1.5")]
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, port, *args, **kwargs: addresses)
+    assert app.exposure_warning("myhost", 7861, 50).startswith("warning: --host myhost serves the page")
+
+
 def test_one_new_token_is_singular():
     """The timing line said "at most 1 new tokens" with the slider at 1."""
     assert app.describe(app.decoding_config(max_new_tokens=1)).endswith("at most 1 new token")
     assert app.describe(app.decoding_config(max_new_tokens=30)).endswith("at most 30 new tokens")
+
+
+def test_an_image_over_the_megapixel_limit_is_not_said_to_be_at_it(tmp_path):
+    """Whole megapixels: an image of 40.4 megapixels was "(40 megapixels); ... up to 40 megapixels"."""
+    image = tmp_path / "wide.png"
+    Image.new("1", (2020, 200)).save(image)  # 0.404 megapixels
+    with pytest.raises(UserError, match=r"^That image is 2,020 x 200 pixels \(0\.5 megapixels\); this page takes "
+                                        r"images up to 0\.4 megapixels\."):
+        app.open_upload(image, 0.4, 50)
+    assert app.open_upload(image, 0.41, 50).size == (2020, 200)
+
+
+def test_a_setting_sent_as_true_or_false_is_not_taken_for_a_number():
+    """JSON's true and false are Python bools, which are ints to isinstance: true was a temperature of 1."""
+    for value in (True, False):
+        with pytest.raises(UserError, match=rf"^The temperature must be a number, not {value}\.$"):
+            app.setting(value, "The temperature")
 
 
 def test_a_file_over_the_size_limit_is_not_said_to_be_at_it():
@@ -883,6 +960,7 @@ def test_a_file_over_the_size_limit_is_not_said_to_be_at_it():
         app.check_upload_size(1.14 * 2**20, 1)
     with pytest.raises(UserError, match=r"That file is 50\.1 MB; .* up to 50 MB\."):
         app.check_upload_size(50.01 * 2**20, 50)
+    app.check_upload_size(50 * 2**20, 50)  # a file of exactly the limit is taken
 
 
 def test_the_request_limit_lets_through_an_image_of_the_upload_limit_pasted_inline():
