@@ -697,17 +697,32 @@ def test_inference_on_a_folder_captions_the_images_under_it_in_order(tiny, check
     assert capsys.readouterr().out == out
 
 
+def test_a_folder_lists_each_sub_folders_images_together_and_notes_even_one_file_left_out(tmp_path, capsys):
+    """Sorted by path parts: trip/'s images, then trip-2.png (as text "trip-2.png" < "trip/a.png", which put a
+    file between a folder's name and its images); one file left out gets its note too (not only several)."""
+    folder = tmp_path / "photos"
+    (folder / "trip").mkdir(parents=True)
+    for name in ("trip/a.png", "trip-2.png", "a.png", "notes.txt"):
+        (folder / name).write_bytes(b"")
+    paths, unreadable = inference.image_paths([str(folder)])
+    assert paths == [str(folder / name) for name in ("a.png", "trip/a.png", "trip-2.png")] and unreadable == {}
+    assert capsys.readouterr().err.startswith(f"note: {folder}: left out 1 file not named as images (")
+
+
 def test_inference_reads_image_paths_from_standard_input(tiny, checkpoint, tmp_path, monkeypatch, capsys):
     """`find photos -name '*.jpg' | inference.py --checkpoint RUN -`: "-" used to be "image not found: -"."""
     image = sorted((Path(tiny["data_dir"]) / "images").glob("test_*.png"))[0]
-    named = [tmp_path / "sub dir" / "ph oto \u00e9.png", tmp_path / " lead.png"]  # spaces are part of a name
+    # Spaces are part of a name, leading or trailing; a line of only spaces is blank.
+    named = [tmp_path / "sub dir" / "ph oto \u00e9.png", tmp_path / " lead.png", tmp_path / "trail.png "]
     named[0].parent.mkdir()
     for path in named:
         shutil.copy(image, path)
-    monkeypatch.setattr("sys.stdin", io.StringIO(f"{named[0]}\n\n{named[1]}\r\n"))
-    assert inference.main(["--checkpoint", str(checkpoint), str(image), "-"]) == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{named[0]}\n\n{named[1]}\r\n  \t\n{named[2]}\n"))
+    after = tmp_path / "after.png"  # an image named after "-" comes after the listed ones
+    shutil.copy(image, after)
+    assert inference.main(["--checkpoint", str(checkpoint), str(image), "-", str(after)]) == 0
     out = capsys.readouterr().out
-    assert [line.split("\t")[0] for line in out.splitlines()] == [str(image), *map(str, named)]
+    assert [line.split("\t")[0] for line in out.splitlines()] == [str(image), *map(str, named), str(after)]
 
     class Terminal(io.StringIO):
         def isatty(self):
@@ -719,6 +734,36 @@ def test_inference_reads_image_paths_from_standard_input(tiny, checkpoint, tmp_p
         assert run_cli(inference.main, ["--checkpoint", str(checkpoint), *argv]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("error: ") and says in err, err
+
+
+def test_inference_samples_with_the_seed_given(tiny, checkpoint, capsys):
+    """--strategy sample --seed S: the caption the captioner samples for the image after torch.manual_seed(S),
+    whatever the random state before (the README's promise that the page's seeded caption is this one)."""
+    from dataset import open_image
+    from model import DecodingConfig
+
+    image = sorted((Path(tiny["data_dir"]) / "images").glob("test_*.png"))[0]
+    decoding = DecodingConfig(strategy="sample", temperature=2.0, top_p=1.0, max_new_tokens=12)
+    captioner = load_captioner(checkpoint, device="cpu")
+    expected = {}
+    for seed in (3, 4):
+        torch.manual_seed(seed)
+        expected[seed] = captioner.caption_images([open_image(image)], decoding)[0]
+    assert expected[3] != expected[4]  # else the seed could not be told apart here
+    for seed in (3, 4):
+        torch.manual_seed(1000 + seed)  # a random state of its own: the seed must be set
+        assert inference.main(["--checkpoint", str(checkpoint), "--strategy", "sample", "--temperature", "2",
+                               "--top-p", "1", "--max-new-tokens", "12", "--seed", str(seed), str(image)]) == 0
+        assert capsys.readouterr().out == f"{image}\t{expected[seed]}\n"
+
+
+def test_inference_says_compile_needs_a_cuda_device_and_captions_eagerly(tiny, checkpoint, capsys):
+    image = sorted((Path(tiny["data_dir"]) / "images").glob("test_*.png"))[0]
+    assert inference.main(["--checkpoint", str(checkpoint), str(image)]) == 0
+    eager = capsys.readouterr().out
+    assert inference.main(["--checkpoint", str(checkpoint), "--compile", "--device", "cpu", str(image)]) == 0
+    out, err = capsys.readouterr()
+    assert out == eager and without_loading_note(err) == "note: --compile needs a CUDA device; decoding eagerly\n"
 
 
 def test_inference_counts_the_images_on_a_terminal_only_and_never_on_stdout(tiny, checkpoint, monkeypatch, capsys):
@@ -993,6 +1038,14 @@ def test_eval_outputs_on_a_full_disk_are_one_line_naming_the_file(tmp_path, monk
     with pytest.raises(UserError, match=r"^cannot write .*predictions\.jsonl\.tmp \(No space left on device\): "
                                         r"the evaluation's outputs in .*out are incomplete"):
         eval_script.write_eval_outputs(out, SimpleNamespace(rows=[], metrics={}), [])
+
+
+def test_a_reader_that_stops_reading_the_captions_is_not_called_a_full_disk():
+    """`inference.py ... | head -1`: BrokenPipeError is an OSError, which would be told as a write that failed
+    ("free some space"); it goes on to run_cli, which ends the script quietly."""
+    with pytest.raises(BrokenPipeError):
+        with inference.captions_to_stdout():
+            raise BrokenPipeError(32, "Broken pipe")
 
 
 def test_captions_to_a_full_disk_are_one_line(tiny, checkpoint, monkeypatch, capsys):

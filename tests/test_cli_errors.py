@@ -191,6 +191,8 @@ def test_a_strategys_own_flag_implies_it_and_a_stray_one_is_an_error(run, data_d
     ([], ""),
     (["--compile", "--strategy", "beam"], "note: --compile speeds up greedy decoding only; --strategy beam decodes "
                                           "eagerly"),
+    (["--compile", "--strategy", "sample"], "note: --compile speeds up greedy decoding only; --strategy sample "
+                                            "decodes eagerly"),
 ])
 def test_inference_notes_a_decoding_flag_that_changes_nothing(flags, said, run, tmp_path, no_model, capsys):
     """Each was taken without a word. Before any model loads: here no image can be read, so none loads."""
@@ -272,9 +274,10 @@ def test_an_empty_image_argument_is_refused_not_read_as_the_current_folder(run, 
                                                                           capsys):
     """inference.py --checkpoint RUN "$PHOTO" with PHOTO unset captioned every image under the current folder."""
     monkeypatch.chdir(data_dir)  # a folder of images, which "" stood for
-    line = cli_error(capsys, inference.main, ["--checkpoint", str(run), image(data_dir), ""])
-    assert line == ('error: an image argument is empty (an unset shell variable?): name an image, a folder ("." for '
-                    'this one) or - for paths on standard input'), line
+    for images in ([image(data_dir), ""], ["", image(data_dir)]):  # wherever it stands among them
+        line = cli_error(capsys, inference.main, ["--checkpoint", str(run), *images])
+        assert line == ('error: an image argument is empty (an unset shell variable?): name an image, a folder ("." '
+                        'for this one) or - for paths on standard input'), line
 
 
 def test_inference_with_stdout_closed_stops_before_captioning(run, data_dir, no_model, monkeypatch, capsys):
