@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shlex
@@ -21,6 +22,7 @@ from safetensors.torch import load_file
 
 import train
 from conftest import said_by_the_processes, train_args
+from dataset import CaptionPairs
 from model import TrainingLoss
 from utils import UserError, read_json, read_jsonl, run_cli, write_json, write_jsonl
 
@@ -172,6 +174,10 @@ def test_files_written_as_the_umask_says_not_as_safetensors_writes_them(tmp_path
 
 def test_nonfinite_step_is_skipped_and_logged_with_its_batch(tiny, tmp_path, monkeypatch):
     poison_calls(monkeypatch, {4})
+    made, fetched, real_make_pairs, real_getitem = [], [], train.make_pairs, CaptionPairs.__getitem__
+    monkeypatch.setattr(train, "make_pairs", lambda *args, **kwargs: made.append(real_make_pairs(*args, **kwargs))
+                        or made[-1])
+    monkeypatch.setattr(CaptionPairs, "__getitem__", lambda self, i: fetched.append((self, i)) or real_getitem(self, i))
     # 8 steps: the NaN step 4 and four trained steps after it (enough for NaN weights had it been applied).
     summary = train.train(train.parse_config(train_args(tiny, tmp_path, "nan", "--final-eval", "false",
                                                         "--max-steps", "8")))
@@ -179,6 +185,9 @@ def test_nonfinite_step_is_skipped_and_logged_with_its_batch(tiny, tmp_path, mon
     log = read_jsonl(tmp_path / "nan" / "train_log.jsonl")
     [bad] = [r for r in log if r["type"] == "nonfinite"]
     assert bad["step"] == 4 and bad["image_ids"] and all(i.startswith("images/train_") for i in bad["image_ids"])
+    records, pairs = made[0]  # the training split's; the 4th batch of 16 is the one poisoned
+    batch = [i for fetched_from, i in fetched if fetched_from is pairs][48:64]
+    assert bad["image_ids"] == sorted({records[pairs.image_index(i)].image_id for i in batch})
     assert bad["losses"] == ["NaN"] and bad["grad_norm"] == "NaN"  # spelled out: a bare NaN is not JSON
     for line in (tmp_path / "nan" / "train_log.jsonl").read_text().splitlines():
         json.loads(line, parse_constant=refuse_bare_constant)  # as jq or JavaScript would read it
@@ -203,6 +212,9 @@ def test_nonfinite_steps_in_a_row_stop_the_run_with_the_last_good_checkpoint(tin
     assert (program, script) == ("python", "train.py") and args[-2:] == ["--learning-rate", "0.0003"], args
     assert train.main([*args, "--no-progress"]) == 0
     assert read_json(run / "run_config.json")["learning_rate"] == 0.0003  # conftest's 3e-3, a tenth
+    # And the steps take it: step 6 the cosine's rate after 5 of 12 steps (no warm-up), at the new peak.
+    lr_of_step_6 = next(r["lr"] for r in read_jsonl(run / "train_log.jsonl") if r["type"] == "train" and r["step"] == 6)
+    assert lr_of_step_6 == pytest.approx(0.0003 * 0.5 * (1 + math.cos(math.pi * 5 / 12)))
 
 
 @pytest.fixture
@@ -713,6 +725,14 @@ def test_unreadable_images_are_skipped_and_reported(tiny, tmp_path, capsys):
     assert run_cli(train.main, strict) == 2
     err = capsys.readouterr().err
     assert "train_0001.png" in err and "Traceback" not in err
+    # Training images readable, one test image not: it stops the final evaluation, named, not left out of it.
+    for name in ("train_0001.png", "train_0002.png", "test_0002.png"):
+        shutil.copy(Path(tiny["data_dir"]) / "images" / name, data / "images" / name)
+    strict = train_args(tiny, tmp_path, "strict-test", "--on-bad-sample", "error", "--max-steps", "2")
+    strict[strict.index("--data-dir") + 1] = str(data)
+    assert run_cli(train.main, strict) == 2
+    err = capsys.readouterr().err
+    assert "test evaluation stopped" in err and "test_0001.png" in err and "Traceback" not in err
 
 
 def free_port() -> int:
@@ -1265,6 +1285,15 @@ def test_an_epochs_short_accumulation_window_is_the_mean_of_its_micro_batches(ti
     assert batches < 100  # so the second window is short, and unscaled it would log batches/100 of the mean
     # The logged loss is the sum of the losses that were back-propagated: the gradient is scaled alike.
     assert logged[100]["samples"] == logged[batches]["samples"] == pairs  # what the speed is counted from
+
+
+def test_an_epoch_ends_with_its_short_accumulation_window_as_a_step(tiny, tmp_path):
+    """13 micro-batches an epoch (train_args' batch of 16, 200 pairs) in windows of 2 are 7 steps, the last of one
+    micro-batch: one epoch trains on every pair."""
+    args = train_args(tiny, tmp_path, "accum2", "--grad-accum-steps", "2", "--epochs", "1", "--log-every", "1",
+                      "--final-eval", "false", "--eval-every", "0")
+    assert train.train(train.parse_config(args))["step"] == 7
+    assert sum(r["samples"] for r in read_jsonl(tmp_path / "accum2" / "train_log.jsonl") if r["type"] == "train") == 200
 
 
 def test_sigterm_during_the_final_test_evaluation_is_one_line_and_keeps_the_run(tiny, tmp_path, monkeypatch,
@@ -1847,6 +1876,48 @@ def test_a_lost_process_says_what_the_run_left_and_how_to_go_on(tiny, tmp_path, 
     error = capsys.readouterr().err
     assert f"(continue it with ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 train.py {flags} (or the launcher" \
         in error, error
+
+
+@pytest.mark.parametrize("poisoned, max_in_a_row", [({2, 4}, "2"), ({2}, "0")])
+def test_nonfinite_steps_stop_the_run_only_in_a_row_and_never_under_0(tiny, tmp_path, monkeypatch, poisoned,
+                                                                      max_in_a_row):
+    """--max-nonfinite-steps counts NaN steps in a row: a good step between two starts the count again; 0 is off."""
+    poison_calls(monkeypatch, poisoned)
+    summary = train.train(train.parse_config(train_args(tiny, tmp_path, "apart", "--max-nonfinite-steps", max_in_a_row,
+                                                        "--final-eval", "false", "--max-steps", "5",
+                                                        "--eval-every", "0")))
+    assert summary["nonfinite_steps"] == len(poisoned) and summary["step"] == 5 and not summary["interrupted"]
+
+
+def test_a_resume_state_beside_the_old_copy_its_save_had_not_yet_deleted_is_the_one_resumed(tmp_path):
+    """A save renames the new state in (resume/) before it deletes the one it replaced (resume.old/): a crash
+    between leaves both, the old one perhaps half deleted. resume/ is whole, and the newer."""
+    for name in ("resume", "resume.old"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / train.TRAINER_STATE).write_text("{}")
+    assert train.resume_state_dir(tmp_path) == tmp_path / "resume"
+    shutil.rmtree(tmp_path / "resume")
+    assert train.resume_state_dir(tmp_path) == tmp_path / "resume.old"
+
+
+def test_a_crash_between_the_renames_of_a_swap_leaves_the_replaced_state_whole(tmp_path, monkeypatch):
+    """swap_in renames the old folder aside before the new one takes its name: a crash between the two
+    renames leaves resume.old/, which --resume reads, never no state at all."""
+    folder, tmp = tmp_path / "resume", tmp_path / "resume.tmp"
+    for path, step in ((folder, 5), (tmp, 10)):
+        path.mkdir()
+        write_json(path / train.TRAINER_STATE, {"step": step})
+    real_rename = Path.rename
+
+    def killed_at_the_second_rename(self, target):
+        if self == tmp:
+            raise KeyboardInterrupt  # as a SIGKILL there would leave the folder
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", killed_at_the_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        train.swap_in(folder, tmp)
+    assert read_json(train.resume_state_dir(tmp_path) / train.TRAINER_STATE) == {"step": 5}
 
 
 def test_only_a_missing_last_falls_back_to_its_old_copy(tmp_path):

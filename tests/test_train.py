@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import os
+import random
 import shlex
 import shutil
 import signal
@@ -24,7 +25,7 @@ import inference
 import train
 from conftest import train_args
 from dataset import extract_features, load_records
-from model import load_captioner
+from model import TrainingLoss, load_captioner
 from utils import UserError, load_state, read_jsonl, run_cli, write_json
 
 
@@ -166,11 +167,13 @@ def straight_run(tiny, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_resume_after_signal_matches_uninterrupted_run(tiny, tmp_path, signum, capsys, straight_run):
+def test_resume_after_signal_matches_uninterrupted_run(tiny, tmp_path, signum, capsys, monkeypatch, straight_run):
     expected = adapter_weights(straight_run / "last" / "adapter.safetensors")
+    saved_rng, restored_rng, real_resume = [], [], train.resume
 
     def interrupt_at_7(step):
         if step == 7:
+            saved_rng.append((torch.get_rng_state(), random.getstate()))  # as the checkpoint saves them, next
             signal.raise_signal(signum)  # Ctrl-C, or a scheduler's SIGTERM: the loop saves and leaves
 
     summary = train.train(train.parse_config(train_args(tiny, tmp_path, "stopped")), on_step=interrupt_at_7)
@@ -181,7 +184,15 @@ def test_resume_after_signal_matches_uninterrupted_run(tiny, tmp_path, signum, c
     hint = capsys.readouterr().out.split("continue with ")[-1].strip()
     program, script, *args = shlex.split(hint)
     assert (program, script, args[-1]) == ("python", "train.py", "--resume"), hint
+
+    def resume_and_look(run, *rest):
+        real_resume(run, *rest)
+        restored_rng.append((torch.get_rng_state(), random.getstate()))
+
+    monkeypatch.setattr(train, "resume", resume_and_look)
     assert train.main([*args, "--no-progress"]) == 0
+    # The random generators go on from where they were stopped (nothing trained draws from them yet; dropout would).
+    assert torch.equal(restored_rng[0][0], saved_rng[0][0]) and restored_rng[0][1] == saved_rng[0][1]
     resumed = adapter_weights(tmp_path / "stopped" / "last" / "adapter.safetensors")
     for key in expected:
         assert torch.equal(expected[key], resumed[key]), key
@@ -578,7 +589,10 @@ def test_a_finished_run_given_more_steps_trains_from_its_first_new_step(tiny, tm
     assert train.main(args) == 0
     finished = adapter_weights(tmp_path / "done" / "last" / "adapter.safetensors")
     resume = ["--output-dir", str(tmp_path), "--run-name", "done", "--resume", "--no-progress"]
+    capsys.readouterr()
     assert train.main([*resume, "--max-steps", "5"]) == 0
+    # Its best adapter is from step 4, the checkpoint's own: no newer best to adopt or to give up.
+    assert "after this checkpoint" not in capsys.readouterr().out
     extended = adapter_weights(tmp_path / "done" / "last" / "adapter.safetensors")
     assert any(not torch.equal(finished[key], extended[key]) for key in finished), "step 5 changed nothing"
     # Fewer steps than the run has taken: nothing to continue, said in one line, the config untouched.
@@ -594,9 +608,12 @@ def test_a_finished_run_given_more_steps_trains_from_its_first_new_step(tiny, tm
     (["--bogus-flag"], "unknown arguments --bogus-flag"),
     (["--log-every", "0"], "--log-every must be >= 1"),
     (["--max-steps", "-5"], "--max-steps must be >= 0"),
+    (["--grad-accum-steps", "0"], "--grad-accum-steps must be >= 1"),
+    (["--max-nonfinite-steps", "-1"], "--max-nonfinite-steps must be >= 0"),
     (["--train-limit", "-1"], "--train-limit must be >= 0"),
     (["--learning-rate", "nan"], "--learning-rate must be > 0"),
     (["--learning-rate", "-1"], "--learning-rate must be > 0"),
+    (["--learning-rate", "0"], "--learning-rate must be > 0"),  # a run that trains nothing
     (["--adapter-hidden-dim", "-5"], "--adapter-hidden-dim must be >= 0"),
     (["--adapter-layers", "0", "--adapter-kind", "transformer"], "--adapter-layers must be >= 1"),
     (["--adapter-layers", "4"], "--adapter-layers sizes the transformer adapter, but --adapter-kind is mlp"),
@@ -611,6 +628,7 @@ def test_a_finished_run_given_more_steps_trains_from_its_first_new_step(tiny, tm
     (["--run-name", "/abs/x"], "must be a plain folder name"),
     (["--demo", "--dataset", "flickr30k"], "--demo trains on its own synthetic caption folder"),
     (["--num-workers", "-1"], "--num-workers must be >= 0"),
+    (["--max-grad-norm", "inf"], "--max-grad-norm must be a finite number >= 0"),
     (["--warmup-ratio", "1.5"], "--warmup-ratio must be"),
     (["--warmup-ratio", "1"], "--warmup-ratio must be >= 0 and < 1"),  # all warm-up: the rate never came down
     (["--max-caption-tokens", "1"], "--max-caption-tokens must be >= 2 (one word and EOS)"),  # EOS alone
@@ -768,6 +786,18 @@ def test_select_by_cider_d_keeps_the_adapter_of_the_highest_validation_cider_d(t
     printed = capsys.readouterr().out
     assert "step 4: val loss" in printed and "CIDEr-D 0.9000  (best so far, saved)" in printed
     assert "CIDEr-D weighs words" in printed  # 6 validation images: too few for its IDF, and it says so
+
+
+def test_a_nan_validation_score_is_replaced_by_the_next_one(tiny, tmp_path, monkeypatch):
+    """No score compares better than NaN (a validation loss overflowing half precision): the adapter that scored
+    it must not stay the best for the rest of the run."""
+    scores = iter([float("nan"), 0.5])
+    monkeypatch.setattr(train, "validation_cider_d", lambda predictions, references: next(scores))
+    args = train_args(tiny, tmp_path, "nan-score", "--final-eval", "false", "--max-steps", "4", "--eval-every", "2",
+                      "--select-by", "cider_d", "--val-limit", "0")
+    assert train.main(args) == 0
+    step, evals = kept_validation(tmp_path / "nan-score")
+    assert step == 4 and [evals[s]["best"] for s in (2, 4)] == [True, True]
 
 
 def crash_after_a_best_at_step_6(tiny, tmp_path, monkeypatch, resumed_scores: list[float],
@@ -1223,6 +1253,24 @@ def test_gradient_accumulation_steps_with_the_loss_and_gradient_of_the_whole_bat
     assert logged["accumulated"]["loss"] == pytest.approx(logged["whole"]["loss"], rel=1e-6)
 
 
+def test_each_epoch_trains_on_a_new_order_and_its_steps_log_it(tiny, tmp_path, monkeypatch):
+    """40 images of 5 captions in batches of 16: 13 steps an epoch. Epoch 1 is another shuffle than epoch 0 (the
+    same order each epoch would repeat the same batches), and its steps log epoch 1."""
+    batches, real = [], TrainingLoss.__call__
+
+    def kept(self, **batch):
+        batches.append(batch["input_ids"])
+        return real(self, **batch)
+
+    monkeypatch.setattr(TrainingLoss, "__call__", kept)
+    assert train.main(train_args(tiny, tmp_path, "epochs", "--max-steps", "14", "--eval-every", "0",
+                                 "--final-eval", "false")) == 0
+    assert len(batches) == 14 and not torch.equal(batches[0], batches[13])
+    log = read_jsonl(tmp_path / "epochs" / "train_log.jsonl")
+    epochs = {r["step"]: r["epoch"] for r in log if r["type"] == "train"}
+    assert (epochs[12], epochs[14]) == (0, 1)
+
+
 def test_the_logged_learning_rate_is_the_one_its_step_used(tiny, tmp_path, monkeypatch):
     steps = spy_optimizer_steps(monkeypatch)
     train.main(train_args(tiny, tmp_path, "lr", "--max-steps", "6", "--warmup-ratio", "0.5", "--log-every", "1",
@@ -1393,6 +1441,8 @@ def test_resuming_a_finished_run_says_what_is_left_to_do(tiny, tmp_path, capsys)
     capsys.readouterr()
     assert train.main([*args, "--resume"]) == 0
     assert "it had finished training at step 4: nothing is left to do" in capsys.readouterr().out
+    validated = [r["step"] for r in read_jsonl(tmp_path / "run" / "train_log.jsonl") if r["type"] == "eval"]
+    assert validated == [4]  # its last step's validation is not run (and logged) again
     assert train.main([*args, "--resume", "--max-steps", "6"]) == 0
     assert "it had finished" not in capsys.readouterr().out
 
