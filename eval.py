@@ -624,9 +624,11 @@ def evaluate_captioner(captioner, records, decodings: dict[str, DecodingConfig],
     query_features = torch.cat(processes.gather([features]))
     if train_features is None:
         train_shard = processes.shard(len(train_records), batch_size)
+        # Its share named, as the split's: "448 images" read as the baseline's whole pool of 900.
+        train_whose = processes.share_label(len(train_shard), len(train_records))
         train_features = torch.cat(processes.gather([clip_features(
             captioner, train_records[train_shard.start : train_shard.stop], batch_size, num_workers, progress,
-            "CLIP features (training images, for the baseline)", feature_cache, on_bad_sample="skip")]))
+            f"CLIP features (training images, for the baseline{train_whose})", feature_cache, on_bad_sample="skip")]))
     if not processes.is_main:
         return None
     readable, train_features = drop_unreadable(train_records, train_features)  # no unreadable candidates

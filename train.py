@@ -54,8 +54,8 @@ from utils import (MAX_RECORDS_JSON_BYTES, HelpFormatter, Processes, Terminated,
                    launched_on_cpu, launched_processes, library_versions, load_state, lone_cpu_launch_warning,
                    lost_another_process, machines, nearest_existing, not_a_link, note, read_json, read_jsonl,
                    rng_states, run_cli, said_alike_before_joining, said_alike_by, save_state, set_rng_states,
-                   stopping_together, sync_folder, sync_tree, usage_errors_once_per_machine, user_message,
-                   weights_digest, write_json, write_jsonl, write_text)
+                   stopping_together, sync_folder, sync_tree, tell_the_launcher, usage_errors_once_per_machine,
+                   user_message, weights_digest, write_json, write_jsonl, write_text)
 
 RUN_CONFIG = "run_config.json"
 # --select-by: the validation record's key, and whether higher is better.
@@ -961,8 +961,8 @@ def load_resume_state(run_dir: Path, accelerator, adapter, optimizer, scheduler)
     saved_by = len(list(resume_dir.glob("rng_*.json")))  # one per process that saved it
     if saved_by and saved_by != accelerator.num_processes:
         # The global batch, the steps per epoch and each process's place in the epoch depend on it.
-        raise UserError(f"{resume_dir} was saved by {saved_by} processes, not {accelerator.num_processes}; "
-                        f"resume with the same number of processes ({saved_by})")
+        raise UserError(f"{resume_dir} was saved by {saved_by} process{'es' if saved_by > 1 else ''}, not "
+                        f"{accelerator.num_processes}; resume with the same number of processes ({saved_by})")
     if not rng_file.is_file():
         raise UserError(f"{rng_file} is missing: the resume state is damaged; resume from a copy or start again")
 
@@ -1284,10 +1284,10 @@ def banner(accelerator, config, train_pairs, train_records, steps_per_epoch, tot
         + (f"   frozen LM = {config.lm_quantization} (bitsandbytes)" if config.lm_quantization != "none" else "")
     ))
     if accelerator.is_local_main_process and not accelerator.is_main_process:  # another machine's console
-        here = accelerator.num_processes // machines()
-        print(f"this machine trains processes {accelerator.process_index}-{accelerator.process_index + here - 1} "
-              f"of the run's {accelerator.num_processes}; the banner, progress bar and messages are printed by "
-              "process 0's machine, which writes the run folder")
+        first, last = accelerator.process_index, accelerator.process_index + accelerator.num_processes // machines() - 1
+        which = f"process {first}" if first == last else f"processes {first}-{last}"  # not "processes 1-1"
+        print(f"this machine trains {which} of the run's {accelerator.num_processes}; the banner, progress bar and "
+              "messages are printed by process 0's machine, which writes the run folder")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1827,12 +1827,15 @@ def resume(run: Run, train_data: str, data_content: dict) -> None:
     """Load the run's resume state into the prepared pieces, after checking it is this run's, and
     apply the flags that changed (a longer run, another peak learning rate)."""
     config, accelerator = run.config, run.accelerator
-    state = run.state = load_resume_state(run.run_dir, accelerator, run.adapter, run.optimizer, run.scheduler)
-    check_resume_belongs(state, run.run_dir, config, train_data, data_content)
     changes = getattr(config, "resume_changes", {})
-    if {"epochs", "max_steps"} & set(changes) and run.total_steps <= state.step:
-        raise UserError(f"{run.run_dir} is at step {state.step}, and with the new --epochs/--max-steps the run has "
-                        f"{run.total_steps} steps: nothing to continue; give more steps than {state.step}")
+    # Every process reads the same state and refuses it alike (another process count, another run's state): one
+    # line, not one per process.
+    with stopping_together(Processes.of(accelerator)):
+        state = run.state = load_resume_state(run.run_dir, accelerator, run.adapter, run.optimizer, run.scheduler)
+        check_resume_belongs(state, run.run_dir, config, train_data, data_content)
+        if {"epochs", "max_steps"} & set(changes) and run.total_steps <= state.step:
+            raise UserError(f"{run.run_dir} is at step {state.step}, and with the new --epochs/--max-steps the run "
+                            f"has {run.total_steps} steps: nothing to continue; give more steps than {state.step}")
     if {"learning_rate", "epochs", "max_steps"} & set(changes):
         # The optimizer comes back with the old schedule's last rate (0 where that schedule ended):
         # the first step must take the rate of the new schedule at this step, as every later one does.
@@ -1916,6 +1919,16 @@ def train_steps(run: Run, stop: StopRequest, on_step=None) -> bool:
     at their cadence. Returns False when a signal stopped it (a resumable checkpoint is then saved)."""
     from tqdm.auto import tqdm
 
+    bar = tqdm(total=run.total_steps, initial=run.state.step, desc="training", unit="step",
+               disable=not (run.config.progress and run.accelerator.is_main_process))
+    try:
+        return take_steps(run, stop, bar, on_step)
+    finally:  # however the steps end: left open, the bar had an error's line (a process lost, a full disk) on its own
+        bar.close()
+
+
+def take_steps(run: Run, stop: StopRequest, bar, on_step=None) -> bool:
+    """train_steps' loop, `bar` counting its steps."""
     config, accelerator, state = run.config, run.accelerator, run.state
     window = run.window = LossWindow(accelerator)
     window.restore(state.log_window)
@@ -1927,8 +1940,6 @@ def train_steps(run: Run, stop: StopRequest, on_step=None) -> bool:
     # caption tokens: it is back-propagated as it is (no rescaling, so no rounding: the same numbers as a
     # plain loop, and as every demo figure in the README).
     shared_step = accelerator.num_processes > 1 or config.grad_accum_steps > 1
-    bar = tqdm(total=run.total_steps, initial=state.step, desc="training", unit="step",
-               disable=not (config.progress and accelerator.is_main_process))
     loss_function = TrainingLoss(run.captioner, compile=config.compile)
     run.captioner.train()
     first_step = state.step + 1  # of this start: it compiles and warms up (LossWindow.leave_out_warm_up)
@@ -1988,7 +1999,6 @@ def train_steps(run: Run, stop: StopRequest, on_step=None) -> bool:
             say(accelerator, f"{stop.signal_name or 'signal'}: saved a checkpoint at step {state.step}; "
                              f"continue with {resume_command(config, accelerator)}", every_machine=True)
             return False
-    bar.close()
     return True
 
 
@@ -2301,8 +2311,10 @@ def train_from_config(config: TrainConfig, on_step) -> int:
             raise
         # What it left, as after a signal: a bare "--resume" resumed in the default folder, or answered "nothing to
         # resume" where the other process had stopped before the first checkpoint.
-        print(f"error: another process of this run ended ({reason}), so this one stops too; "
-              f"{what_an_early_stop_left(config)}", file=sys.stderr)
+        line = (f"error: another process of this run ended ({reason}), so this one stops too; "
+                f"{what_an_early_stop_left(config)}")
+        print(line, file=sys.stderr)
+        tell_the_launcher(line)  # the launcher's summary, printed last, showed a link on tracebacks in its place
         return 1
     return 1 if summary["interrupted"] else 0
 

@@ -996,6 +996,8 @@ def test_two_processes_caption_each_image_once_and_match_one_process(run, evalua
     assert metrics["processes"] == {"num_processes": 2, "images_per_process": [2, 4]}
     # The main process's bars count its own shard, and say so: not "1/1 batch" for the whole split.
     assert "captioning (greedy), process 0's 2 of 6 images" in result.stderr, result.stderr[-3000:]
+    # So do the baseline's: its 40 training images, not the 20 of process 0's share.
+    assert "(training images, for the baseline, process 0's 20 of 40 images)" in result.stderr, result.stderr[-3000:]
     rows, single_rows = read_jsonl(tmp_path / "predictions.jsonl"), read_jsonl(evaluated / "predictions.jsonl")
     assert [r["image_id"] for r in rows] == [r["image_id"] for r in single_rows]  # each once, in split order
     assert [r["prediction"] for r in rows] == [r["prediction"] for r in single_rows]

@@ -914,6 +914,19 @@ def test_refusals_on_resume_and_at_the_test_evaluation_are_one_line_under_two_pr
             log.write_text("".join(log.read_text().splitlines(keepends=True)[:2]) + "{not json\n")
 
 
+@pytest.mark.slow
+def test_resuming_with_another_number_of_processes_is_one_line_under_two_processes(tiny, tmp_path):
+    """A run saved by one process, resumed by two: each process read the resume state and refused it alike, and
+    said so, one line per process. It is one line, naming the number the run resumes with."""
+    run_training_processes(tiny, tmp_path, "one", 1, 8, "--max-steps", "2")
+    # A 5 s monitor lets process 1 say its line before the launcher stops it (see the test above).
+    failed = run_training_processes(tiny, tmp_path, "one", 2, 8, "--max-steps", "4", "--resume", returncode=1,
+                                    timeout=240, launcher=("--monitor-interval", "5"))
+    said = said_by_the_processes(failed.stderr)
+    assert said.count("error: ") == 1, failed.stderr[-3000:]
+    assert "was saved by 1 process, not 2; resume with the same number of processes (1)" in said, said[-3000:]
+
+
 def test_accelerate_launch_cpu_running_one_process_says_so(tmp_path):
     """`accelerate launch --cpu --num_processes 2` starts one process (several need mpirun): the
     scripts must say so, not run alone in silence. Checked against the installed Accelerate."""
@@ -1489,7 +1502,7 @@ def test_two_machines_train_and_resume_as_two_processes_on_one_each_with_its_own
     for first, second in (stopped, resumed):
         assert first.stdout.count("***** Running training *****") == 1 and "***** Running" not in second.stdout
         assert first.stderr.count("training:") > 0 and "training:" not in second.stderr  # one progress bar
-        assert "this machine trains processes 1-1 of the run's 2; the banner, progress bar and messages are " \
+        assert "this machine trains process 1 of the run's 2; the banner, progress bar and messages are " \
                "printed by process 0's machine" in second.stdout, second.stdout
     assert [len(list(home.glob("features/*/part-*.npy"))) for home in homes] == [2, 2]  # read, not extracted again
     steps = [r["step"] for r in read_jsonl(tmp_path / "two" / "train_log.jsonl") if r["type"] == "train"]
@@ -1872,10 +1885,26 @@ def test_a_lost_process_says_what_the_run_left_and_how_to_go_on(tiny, tmp_path, 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
     assert train.train_from_config(train.TrainConfig(run_name="run", output_dir=str(tmp_path)), None) == 1
     error = capsys.readouterr().err
     assert f"(continue it with ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 train.py {flags} (or the launcher" \
         in error, error
+    # The launcher's summary of the failed processes, printed after it, shows that line, not a link on tracebacks.
+    assert read_json(tmp_path / "error.json")["message"]["message"] == error.rstrip("\n")
+
+
+def test_an_error_that_stops_the_steps_is_a_line_of_its_own_after_the_progress_bar(tiny, tmp_path, capsys):
+    """The bar was left open when an error stopped the steps (another process gone, a full disk): the run's one
+    error line, with its resume command, went on after the bar's counts, on the bar's line."""
+    def stopped(step):
+        if step == 2:
+            raise UserError("the disk is full")
+    args = train_args(tiny, tmp_path, "stopped", "--max-steps", "3")
+    args.remove("--no-progress")
+    assert run_cli(lambda argv: train.main(argv, on_step=stopped), args) == 2
+    err = capsys.readouterr().err
+    assert "2/3" in err and "\nerror: the disk is full\n" in err, err[-1000:]
 
 
 @pytest.mark.parametrize("poisoned, max_in_a_row", [({2, 4}, "2"), ({2}, "0")])
