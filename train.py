@@ -606,7 +606,7 @@ def adapter_config_for(config: TrainConfig) -> AdapterConfig:
 
 def load_split(config: TrainConfig, split: str, limit: int, bad_samples: list | None = None):
     """One split's records. Given the run's bad_samples, images whose files are missing follow
-    --on-bad-sample as unreadable ones do; without it (the final test, as eval.py) they stop the run."""
+    --on-bad-sample as unreadable ones do; without it they stop the run."""
     on_bad_sample = config.on_bad_sample if bad_samples is not None else "error"
     records = load_records(config.dataset, split, config.data_dir, config.hub_data_files, config.seed,
                            on_bad_sample, bad_samples, config.folder_split)
@@ -946,6 +946,11 @@ def save_resume_state(run_dir: Path, accelerator, adapter, optimizer, scheduler,
     accelerator.wait_for_everyone()
 
 
+def processes_that_saved(resume_dir: Path) -> int:
+    """How many processes saved a resume state: each writes its own random generators' file (0: none did)."""
+    return len(list(resume_dir.glob("rng_*.json")))
+
+
 def load_resume_state(run_dir: Path, accelerator, adapter, optimizer, scheduler) -> TrainerState:
     resume_dir = resume_state_dir(run_dir)
     if resume_dir is None:
@@ -958,7 +963,7 @@ def load_resume_state(run_dir: Path, accelerator, adapter, optimizer, scheduler)
                         "start a new run (another --run-name) to train further; the run's adapter still works with "
                         "eval.py and inference.py")
     rng_file = resume_dir / f"rng_{accelerator.process_index}.json"
-    saved_by = len(list(resume_dir.glob("rng_*.json")))  # one per process that saved it
+    saved_by = processes_that_saved(resume_dir)
     if saved_by and saved_by != accelerator.num_processes:
         # The global batch, the steps per epoch and each process's place in the epoch depend on it.
         raise UserError(f"{resume_dir} was saved by {saved_by} process{'es' if saved_by > 1 else ''}, not "
@@ -985,7 +990,7 @@ def pickled_resume_state(resume_dir: Path) -> bool:
     """Whether resume_dir holds the first versions' resume state (accelerator.save_state: pickled
     optimizer.bin, random_states_0.pkl), not ours (JSON + safetensors): it was reported as "damaged",
     with advice to resume from a copy, which would be as old."""
-    return not any(resume_dir.glob("rng_*.json")) and (
+    return not processes_that_saved(resume_dir) and (
         (resume_dir / "optimizer.bin").is_file() or any(resume_dir.glob("random_states_*.pkl")))
 
 
@@ -2073,10 +2078,13 @@ def resume_command(config: TrainConfig, accelerator, *extra: str) -> str:
     return resume_command_for(config, accelerator.num_processes, accelerator.device.type == "cpu", *extra)
 
 
-def launched_resume_command(config: TrainConfig) -> str:
-    """resume_command where no Accelerator was made (a stop during start-up): the launcher's process count,
-    and the device Accelerator would have chosen."""
-    return resume_command_for(config, launched_processes(), launched_on_cpu())
+def launched_resume_command(config: TrainConfig, resume_dir: Path) -> str:
+    """resume_command where no Accelerator was made (a stop during start-up): as many processes as saved
+    `resume_dir` (not as this launch started: a resume launched with another count, stopped before its check,
+    echoed that count back, which the state then refused), and the device Accelerator would have chosen."""
+    saved_by = processes_that_saved(resume_dir)
+    processes = saved_by if saved_by and saved_by % machines() == 0 else launched_processes()
+    return resume_command_for(config, processes, launched_on_cpu())
 
 
 def resume_command_for(config: TrainConfig, processes: int, cpu: bool, *extra: str) -> str:
@@ -2283,7 +2291,7 @@ def what_an_early_stop_left(config: TrainConfig) -> str:
     run_dir = Path(config.output_dir) / config.run_name if config.run_name else None
     if run_dir is None or not run_dir.is_dir() or all(path.name == RUN_LOCK for path in run_dir.iterdir()):
         return f"the run had saved nothing yet: run the same command again ({cache})"
-    if resume_state_dir(run_dir) is None:
+    if (resume_dir := resume_state_dir(run_dir)) is None:
         if (run_dir / ADAPTER_WEIGHTS).is_file():
             # A second signal during the first save, after a validation had saved the best adapter: "delete that
             # folder" threw that adapter away.
@@ -2295,7 +2303,7 @@ def what_an_early_stop_left(config: TrainConfig) -> str:
     # The whole command, as a stop during training gives it: flags alone resumed a run of several processes
     # with one (which its saved state refuses), and without --output-dir in the default folder.
     return (f"nothing saved is damaged: {run_dir} keeps its last complete checkpoint (continue it with "
-            f"{launched_resume_command(config)}) and {cache}")
+            f"{launched_resume_command(config, resume_dir)}) and {cache}")
 
 
 def train_from_config(config: TrainConfig, on_step) -> int:

@@ -409,8 +409,9 @@ def lost_another_process(error: RuntimeError) -> str:
 
 
 def launched_on_cpu(device: str = "auto") -> bool:
-    """Whether the launcher's processes run on CPUs, as Accelerator chooses: where told to
-    (ACCELERATE_USE_CPU, `accelerate launch --cpu`, --device cpu), or where there is no GPU."""
+    """Whether the launcher's processes run on CPUs: where told to (ACCELERATE_USE_CPU, `accelerate launch
+    --cpu`, --device cpu), or where there is no GPU, where they join only as CPU processes (Accelerator, not told,
+    left each of plain torchrun's alone)."""
     from accelerate.utils import parse_flag_from_env
 
     return parse_flag_from_env("ACCELERATE_USE_CPU") or device == "cpu" or not torch.cuda.is_available()

@@ -700,7 +700,6 @@ def test_a_demo_run_under_a_relative_captioner_home_rebuilds_its_cleared_assets_
     assert demo.backbones_built(Path(assets["lm_model"]).parent)
 
 
-
 def test_a_demo_run_under_captioner_home_dot_dot_is_the_demo_cache_from_a_sibling_folder(tmp_path, monkeypatch):
     """CAPTIONER_HOME=../cache from work/a: the run named its assets work/a/../cache/... (absolute, not normal).
     From work/b, with the same setting, they were not taken for the demo cache's (work/b/../cache): a cleared
@@ -726,6 +725,7 @@ def test_a_demo_run_under_captioner_home_dot_dot_is_the_demo_cache_from_a_siblin
     demo.rebuild_cleared_demo(*saved)
     assert built == ["data", "backbones", "data", "backbones"]
     assert all(Path(path).exists() for path in saved)
+
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no folder can be made")
 def test_an_unwritable_captioner_home_is_one_line(monkeypatch):

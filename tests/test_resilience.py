@@ -1882,6 +1882,7 @@ def test_a_lost_process_says_what_the_run_left_and_how_to_go_on(tiny, tmp_path, 
     assert error.startswith(said) and f"keeps its last complete checkpoint (continue it with python train.py {flags})" \
         in error, error
     # Under a launcher: its command, with the run's process count (a run resumes only with as many).
+    shutil.copy(tmp_path / "run" / "resume" / "rng_0.json", tmp_path / "run" / "resume" / "rng_1.json")  # saved by 2
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
@@ -1905,6 +1906,26 @@ def test_an_error_that_stops_the_steps_is_a_line_of_its_own_after_the_progress_b
     assert run_cli(lambda argv: train.main(argv, on_step=stopped), args) == 2
     err = capsys.readouterr().err
     assert "2/3" in err and "\nerror: the disk is full\n" in err, err[-1000:]
+
+
+def test_a_resume_launched_with_another_process_count_and_stopped_is_told_the_saved_count(tmp_path, monkeypatch):
+    """A run saved by 2 processes, resumed by `python train.py ... --resume` and stopped during start-up (before the
+    count is checked): the command it gave was python's, which the saved state refuses; and the other way round."""
+    state = tmp_path / "run" / "resume"
+    state.mkdir(parents=True)
+    for name in (train.TRAINER_STATE, "rng_0.json", "rng_1.json"):
+        (state / name).write_text("{}")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    for variable in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(variable, raising=False)
+    flags = shlex.join(["--run-name", "run", "--output-dir", str(tmp_path), "--resume"])
+    left = train.what_an_early_stop_left(train.TrainConfig(run_name="run", output_dir=str(tmp_path)))
+    assert f"(continue it with ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 train.py {flags} (or" in left, left
+    (state / "rng_1.json").unlink()  # saved by 1, resumed under a launcher of 2
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    left = train.what_an_early_stop_left(train.TrainConfig(run_name="run", output_dir=str(tmp_path)))
+    assert f"(continue it with python train.py {flags})" in left, left
 
 
 @pytest.mark.parametrize("poisoned, max_in_a_row", [({2, 4}, "2"), ({2}, "0")])
