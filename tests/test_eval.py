@@ -25,8 +25,8 @@ from dataset import extract_features, load_records
 from metrics import COCO_METRICS, coco_metrics
 from model import load_captioner
 from report import best_validation, collapse_line, render_report
-from utils import (UserError, caption_diversity, collapse_warning, read_json, read_jsonl, run_cli, write_json,
-                   write_jsonl)
+from utils import (BLEU_VARIANT, UserError, caption_diversity, collapse_warning, read_json, read_jsonl, run_cli,
+                   write_json, write_jsonl)
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP_NAMES = ["greedy", "beam 3", "beam 5", "nucleus top-p 0.9 T 1", eval_script.BASELINE]
@@ -946,6 +946,153 @@ def test_bidi_controls_in_captions_and_names_cannot_reorder_the_report(tmp_path)
     assert not any(chr(code) in html for code in [*range(0x202A, 0x202F), *range(0x2066, 0x206A)])
     assert "baseline: \\u202ea dog (CIDEr-D 12.00)" in html and "\\u2067evil.png" in html
     assert "\\u202ba dog" in html and "\u05db\u05dc\u05d1 dog" in html
+
+
+def table_cells(page: str) -> list[list[list[str]]]:
+    """The text of each cell of each <table> of a report, row by row."""
+    return [[re.findall(r"<t[hd][^>]*>([^<]*)</t[hd]>", row) for row in re.findall(r"<tr[^>]*>.*?</tr>", table, re.S)]
+            for table in re.findall(r"<table>.*?</table>", page, re.S)]
+
+
+def test_each_figure_of_the_report_tables_is_in_its_own_row_and_column():
+    """The metrics and decoding tables cell by cell, every score a number of its own: a figure under another
+    metric's name, the baseline's column showing the run's figure, a METEOR without Java (None) shown as a number,
+    a row left out, or the baseline's own row of the decoding comparison saying NO, each still made a page that
+    the other report tests passed."""
+    keys = [key for key, _ in COCO_METRICS] + ["rougeL", "bleu4"]
+    ours = {key: (i + 1) / 100 for i, key in enumerate(keys)} | {"coco_meteor": None}
+    theirs = {key: (i + 1) / 1000 for i, key in enumerate(keys)} | {"coco_meteor": None}
+    metrics = {**ours, "num_images": 6, "coco_tokenization": "ptb-python", "coco_tokenization_detail": "no java",
+               "beats_baseline": True, "baseline_decided_by": "coco_cider_d", "processes": {"num_processes": 1},
+               "rougeL_variant": "rouge-score as recorded",
+               "baseline": {**theirs, "method": "nearest", "train_images": 40}}
+    sweep = {"rows": [{"decoding": "greedy", **ours, "beats_baseline": True},
+                      {"decoding": "beam 3", **ours, "beats_baseline": False},
+                      {"decoding": eval_script.BASELINE, **theirs, "beats_baseline": None}]}
+    page = render_report(metrics, [], [], [], sweep)
+    scores_table, decoding_table = table_cells(page)
+
+    def shown(value) -> str:
+        return "n/a" if value is None else f"{100 * value:.2f}"
+
+    coco = "COCO (pycocoevalcap), ptb-python"
+    names = [*COCO_METRICS, ("rougeL", "ROUGE-L (rouge-score)"), ("bleu4", "BLEU-4 (NLTK)")]
+    variants = [coco] * len(COCO_METRICS) + ["rouge-score as recorded", BLEU_VARIANT]
+    assert scores_table == [["metric (x100)", "this run", "NN baseline", "difference", "variant"]] + [
+        [name, shown(ours[key]), shown(theirs[key]),
+         "n/a" if ours[key] is None else f"{100 * (ours[key] - theirs[key]):+.2f}", variant]
+        for (key, name), variant in zip(names, variants)]
+    assert re.findall(r'<tr class="decides"><td>([^<]*)<', page) == ["CIDEr-D"]  # the metric that decides, in bold
+    assert decoding_table == [["decoding", *(name for _, name in COCO_METRICS), "ROUGE-L (rouge-score)",
+                               "beats baseline"]] + [
+        [row["decoding"], *(shown(row[key]) for key, _ in COCO_METRICS), shown(row["rougeL"]), said]
+        for row, said in zip(sweep["rows"], ["yes", "NO", ""])]
+    assert "tokenisation: ptb-python (no java)" in page and "over 40 training images" in page
+
+
+def test_a_gallery_card_shows_each_score_under_its_name_and_every_caption_as_text():
+    """Captions and image names come from data files and from the model: each is text on the page, markup in one
+    included; each per-image score stands under its own name (METEOR without Java as n/a), the baseline's CIDEr-D
+    beside its caption, and an empty caption says so."""
+    from report import gallery_card
+
+    row = {"image_id": "<i>x.png", "prediction": "<b>a cat", "baseline": "<u>a dog", "references": ["<s>a cow"],
+           "coco_cider_d": 0.01, "coco_bleu4": 0.02, "coco_meteor": None, "coco_rougeL": 0.04, "rougeL": 0.05,
+           "baseline_coco_cider_d": 0.06}
+    card = gallery_card(3, row, Image.new("RGB", (8, 8)))
+    assert not re.search(r"<[ibus]>", card), card
+    for shown in ('<div class="rank">#3 · &lt;i&gt;x.png</div>', '<div class="pred">&lt;b&gt;a cat</div>',
+                  '<div class="base">baseline: &lt;u&gt;a dog (CIDEr-D 6.00)</div>', "<li>&lt;s&gt;a cow</li>",
+                  '<div class="scores">CIDEr-D 1.00 · BLEU-4 2.00 · METEOR n/a · ROUGE-L 4.00 · '
+                  "ROUGE-L (rouge-score) 5.00</div>"):
+        assert shown in card, (shown, card)
+    assert '<div class="pred"><i>(empty)</i></div>' in gallery_card(1, {**row, "prediction": ""}, None)
+
+
+def test_the_run_name_notes_and_baseline_in_the_report_are_text_not_markup():
+    """A run folder's name, the data set's, a note (which names files of the data) and the baseline's method come
+    from the command line and metrics.json: each is text on the page. The gallery counts from #1."""
+    scores = {key: 0.1 for key, _ in COCO_METRICS} | {"rougeL": 0.1, "bleu4": 0.1}
+    metrics = {**scores, "num_images": 2, "coco_tokenization": "ptb-java", "beats_baseline": True,
+               "baseline_decided_by": "coco_cider_d", "processes": {"num_processes": 1}, "checkpoint": "runs/<b>x",
+               "dataset": "folder<i>", "split": "test", "notes": ["skipped <img src=x onerror=alert(1)>.png"],
+               "baseline": {**scores, "method": "<u>nearest", "train_images": 3}}
+    rows = [{"image_id": f"{i}.png", "prediction": "a cat", "references": ["a cat"], "baseline": "a dog",
+             "coco_cider_d": i / 10, "coco_rougeL": 0.1} for i in range(2)]
+    page = render_report(metrics, rows, [], [], None)
+    assert not re.search(r"<(b|i|u|img)[ >]", page), page
+    for shown in ("<title>Evaluation: runs/&lt;b&gt;x</title>", "<h1>Evaluation: runs/&lt;b&gt;x</h1>",
+                  '<div class="meta">folder&lt;i&gt; test split', "Baseline: &lt;u&gt;nearest, over 3 training images",
+                  '<div class="note">note: skipped &lt;img src=x onerror=alert(1)&gt;.png</div>'):
+        assert shown in page, shown
+    assert re.findall(r'class="rank">#(\d+) · ([^<]+)<', page) == [("1", "0.png"), ("2", "1.png")]
+
+
+def test_the_gallery_breaks_cider_ties_by_lower_rouge_then_by_name():
+    """The page says its order: worst per-image CIDEr-D first, ties (common: CIDEr-D is 0 for every caption sharing
+    no n-gram with its references) by lower COCO ROUGE-L, then by the image's name, whatever the split's order."""
+    scores = {key: 0.1 for key, _ in COCO_METRICS} | {"rougeL": 0.1, "bleu4": 0.1}
+    metrics = {**scores, "num_images": 4, "coco_tokenization": "ptb-java", "beats_baseline": True,
+               "baseline_decided_by": "coco_cider_d", "processes": {"num_processes": 1},
+               "baseline": {**scores, "method": "nearest", "train_images": 3}}
+    rows = [{"image_id": name, "prediction": "a cat", "references": ["a cat"], "baseline": "a dog",
+             "coco_cider_d": cider, "coco_rougeL": rouge}
+            for name, cider, rouge in (("d.png", 0.0, 0.5), ("c.png", 0.0, 0.2), ("a.png", 0.3, 0.0),
+                                       ("b.png", 0.0, 0.2))]
+    page = render_report(metrics, rows, [], [], None)
+    assert re.findall(r'class="rank">#\d+ · ([^<]+)<', page) == ["b.png", "c.png", "d.png", "a.png"]
+
+
+def test_the_gallery_size_given_to_eval_reaches_the_report(tmp_path):
+    """eval.py --gallery-size N: write_eval_outputs hands it on to the page, which shows the worst N."""
+    scores = {key: 0.1 for key, _ in COCO_METRICS} | {"rougeL": 0.1, "bleu4": 0.1}
+    metrics = {**scores, "num_images": 3, "coco_tokenization": "ptb-java", "beats_baseline": True,
+               "baseline_decided_by": "coco_cider_d", "processes": {"num_processes": 1},
+               "baseline": {**scores, "method": "nearest", "train_images": 3}}
+    rows = [{"image_id": f"{i}.png", "prediction": "a cat", "references": ["a cat"], "baseline": "a dog",
+             "coco_cider_d": i / 10, "coco_rougeL": 0.1} for i in range(3)]
+    eval_script.write_eval_outputs(tmp_path, eval_script.SplitResult(metrics, rows), [], gallery_size=2)
+    report = (tmp_path / "report.html").read_text()
+    assert "Gallery: the worst 2 of 3 images" in report and "the gallery shows the worst 2, and" in report
+    assert re.findall(r'class="rank">#\d+ · ([^<]+)<', report) == ["0.png", "1.png"]
+
+
+def test_the_validation_curve_plots_every_validation_x100_and_marks_the_kept_adapter(tmp_path, monkeypatch):
+    """Each validation's ROUGE-L x100 at its step; CIDEr-D on an axis of its own only where every validation
+    logged it (an older run resumed since logged it for the new ones only: that was a KeyError, and no report); the
+    dashed line at the step of the adapter at the run's top as adapter_config.json records it, over the log's marks
+    (a resume can cut the record of the best validation from the log)."""
+    from matplotlib.axes import Axes
+
+    from report import training_curves
+
+    plotted, marked, plot = [], [], Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, *args, **kw: plotted.append(kw.get("label")
+                                                                               and (kw["label"], *args[:2]))
+                        or plot(self, *args, **kw))
+    monkeypatch.setattr(Axes, "axvline", lambda self, x, **kw: marked.append((x, kw["label"])))
+    write_jsonl(tmp_path / "train_log.jsonl", [
+        {"type": "train", "step": 1, "loss": 2.0},
+        {"type": "eval", "step": 2, "val_loss": 1.5, "val_rougeL": 0.25, "best": True},
+        {"type": "eval", "step": 4, "val_loss": 1.0, "val_rougeL": 0.5, "val_cider_d": 1.5, "best": False}])
+    write_json(tmp_path / "adapter_config.json", {"training": {"step": 6, "best": {"step": 6}}})
+    training_curves(tmp_path / "train_log.jsonl", tmp_path)
+    assert ("ROUGE-L (rouge-score)", [2, 4], [25.0, 50.0]) in plotted, plotted
+    assert not any(label.startswith("CIDEr-D") for label, *_ in filter(None, plotted)), plotted
+    assert marked == [(6, "best, saved (step 6)")]
+
+
+def test_print_metrics_shows_the_baseline_figures_beside_the_runs(capsys):
+    """The table eval.py prints: each metric's row holds the run's figure, then the baseline's."""
+    keys = [key for key, _ in COCO_METRICS] + ["rougeL", "bleu4"]
+    ours = {key: (i + 1) / 100 for i, key in enumerate(keys)}
+    metrics = {**ours, "coco_tokenization": "ptb-java", "rougeL_variant": "r", "bleu4_variant": "b",
+               "beats_baseline": True, "baseline_decided_by": "coco_cider_d",
+               "baseline": {key: value / 10 for key, value in ours.items()}}
+    eval_script.print_metrics(metrics, "test split")
+    printed = capsys.readouterr().out
+    for key, name in [*COCO_METRICS, ("rougeL", "ROUGE-L (rouge-score)"), ("bleu4", "BLEU-4 (NLTK)")]:
+        assert re.search(rf"^{re.escape(name)} +{100 * ours[key]:.2f} +{10 * ours[key]:.2f} ", printed, re.M), name
 
 
 def test_one_caption_for_most_images_is_flagged_unless_the_data_is_as_repetitive(tmp_path):
