@@ -221,7 +221,8 @@ def _finish_curve(plt, figure, axes, path, ylabel: str, title: str):
     """Label, grid, legend and save one curve figure; returns its path."""
     axes.set(xlabel="optimizer step", ylabel=ylabel, title=title)
     axes.grid(alpha=0.3)
-    axes.legend()
+    if axes.get_legend_handles_labels()[0]:  # else matplotlib warns "No artists with labels" into the run's output
+        axes.legend()
     figure.tight_layout()
     # Rendered in memory, then replaced atomically like the other outputs: savefig straight onto
     # the file would leave half a PNG there if the evaluation stopped mid-write.
@@ -309,7 +310,7 @@ def render_report(metrics: dict, rows: list[dict], records, curves: list[Path], 
     if gallery_size > 0:
         ordered = ordered[:gallery_size]
     title = f"Evaluation: {metrics.get('checkpoint', '')}"
-    meta = (f"{metrics.get('dataset', '?')} {metrics.get('split', '?')} split · {metrics['num_images']} images · "
+    meta = (f"{metrics.get('dataset', '?')} {metrics.get('split', '?')} split · {metrics['num_images']:,} images · "
             f"decoding: {metrics.get('decoding_name', '?')} · "
             f"LM quantization: {metrics.get('lm_quantization', '?')} · tokenisation: {metrics['coco_tokenization']} "
             f"({metrics.get('coco_tokenization_detail', '')}) · {metrics['processes']['num_processes']} process(es) · "

@@ -1082,6 +1082,26 @@ def test_the_validation_curve_plots_every_validation_x100_and_marks_the_kept_ada
     assert marked == [(6, "best, saved (step 6)")]
 
 
+@pytest.mark.filterwarnings("error")
+def test_a_curve_with_nothing_labelled_is_drawn_without_a_warning(tmp_path):
+    """Validations that logged only their loss (no ROUGE-L, no kept adapter to mark): matplotlib warned "No artists
+    with labels found to put in legend" into the output of eval.py and of train.py's final evaluation."""
+    from report import LOSS_CURVE, METRIC_CURVE, training_curves
+
+    write_jsonl(tmp_path / "train_log.jsonl", [{"type": "train", "step": 1, "loss": 2.0},
+                                               {"type": "eval", "step": 2, "val_loss": 1.5}])
+    assert [path.name for path in training_curves(tmp_path / "train_log.jsonl", tmp_path)] == [
+        LOSS_CURVE, METRIC_CURVE]
+
+
+def test_the_reports_image_count_has_thousands_separators_as_its_gallery_title_does():
+    scores = {key: 0.5 for key in [key for key, _ in COCO_METRICS] + ["rougeL", "bleu4"]}
+    metrics = {**scores, "num_images": 25010, "coco_tokenization": "ptb-python", "processes": {"num_processes": 1},
+               "beats_baseline": True, "baseline_decided_by": "coco_cider_d",
+               "baseline": {**scores, "method": "nearest", "train_images": 40}}
+    assert " · 25,010 images · " in render_report(metrics, [], [], [], None)
+
+
 def test_print_metrics_shows_the_baseline_figures_beside_the_runs(capsys):
     """The table eval.py prints: each metric's row holds the run's figure, then the baseline's."""
     keys = [key for key, _ in COCO_METRICS] + ["rougeL", "bleu4"]
