@@ -144,6 +144,10 @@ def open_image(path):
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise UserError(f"refusing image {path} as a possible decompression bomb: {_bomb_size(error)}") from None
     except UnidentifiedImageError:
+        if _is_resource_fork(path):
+            raise UserError(f"cannot read image {path}: it is a macOS resource fork (a '._' file a Mac writes beside "
+                            "what it copies to other drives), not an image; delete it (find . -name '._*' -delete) "
+                            "and its caption row") from None
         if kind := _format_by_content(path):
             raise UserError(f"cannot read image {path}: it is {kind}; convert it to JPEG or PNG") from None
         raise UserError(f"cannot read image {path}: not a {', '.join(IMAGE_FORMATS)} image") from None
@@ -231,6 +235,19 @@ def _format_by_content(path: Path) -> str:
     return ""
 
 
+APPLE_DOUBLE_MAGIC = b"\x00\x05\x16\x07"  # how a '._' file (AppleDouble: a macOS file's attributes) begins
+
+
+def _is_resource_fork(path: Path) -> bool:
+    """Whether `path` is a macOS '._' file: named as an image ("._IMG_0001.JPG"), so `find -name '*.JPG'` lists it
+    beside its photo in a caption file, where it was only "not a JPEG, PNG, ... image", not what to do with it."""
+    try:
+        with open(path, "rb") as file:
+            return file.read(4) == APPLE_DOUBLE_MAGIC
+    except OSError:
+        return False
+
+
 # CLIP's preprocessing scales the shorter side up to 224 before it crops the centre square, so a thin
 # strip of few pixels (1 x 100,000: a 471-byte PNG) becomes gigabytes; no photo is this thin.
 MAX_ASPECT_RATIO = 100
@@ -251,8 +268,8 @@ def image_file_problem(path: Path) -> str:
         if error.errno not in (errno.ENOENT, errno.ENOTDIR):  # EACCES, ENAMETOOLONG: is_dir() raised (a traceback)
             return f"cannot read image {path}: {stat_error_reason(error)}"
         if near := _names_alike(path.parent).get(_name_key(path.name)):
-            return (f"image not found: {path} (its folder holds {near!r}, the same name in another Unicode form or "
-                    "letter case: spell it in the caption file as the file is named)")
+            return (f"image not found: {path} (its folder holds {near!r}, the same name in another Unicode form, "
+                    "letter case or spacing: spell it in the caption file as the file is named)")
         return f"image not found: {path}"
     if S_ISDIR(mode):
         return f"{path} is a directory, not an image file"
@@ -271,8 +288,9 @@ def stat_error_reason(error: OSError) -> str:
 
 def _name_key(name: str) -> str:
     """A file name as a person reads it: macOS writes "é" as e + accent (NFD), most files say "é" (NFC);
-    a camera writes .JPG where a caption file says .jpg. Linux file systems tell these apart."""
-    return unicodedata.normalize("NFC", name).casefold()
+    a camera writes .JPG where a caption file says .jpg; a spreadsheet cell keeps a space typed after the name,
+    which the error then printed unseen ("image not found: a.jpg "). Linux file systems tell these apart."""
+    return unicodedata.normalize("NFC", name).strip().casefold()
 
 
 @functools.lru_cache(maxsize=16)
@@ -396,19 +414,39 @@ def _clean_captions(captions) -> tuple[list[str], int]:
 
 def _listed_captions(text) -> list:
     """The captions a value holds: a list saved as its text is that list's captions. nlphuji/flickr30k's CSV
-    keeps each image's five captions as one JSON list ('["Two men ...", ...]'), and pandas writes a list column
-    to CSV as its Python repr ("['Two men ...', ...]"); each was trained on and scored as one caption, brackets,
-    quotes and all. Anything else is one caption as it is."""
+    keeps each image's five captions as one JSON list ('["Two men ...", ...]'), pandas writes a list column
+    to CSV as its Python repr ("['Two men ...', ...]"), and one of numpy arrays (a list column read from parquet;
+    datasets' Dataset.to_csv) as theirs ("['Two men ...' 'A man ...']"); each was trained on and scored as one
+    caption, brackets, quotes and all. Anything else is one caption as it is."""
     if not isinstance(text, str) or not (text.lstrip().startswith("[") and text.rstrip().endswith("]")):
         return [text]
-    for parse in (json.loads, ast.literal_eval):
+    for parse in (json.loads, _python_strings):
         try:
             listed = parse(text.strip())
-        except Exception:  # not a list literal after all (SyntaxError, ValueError, RecursionError, ...)
+        except Exception:  # not a list literal after all (SyntaxError, ValueError, tokenize.TokenError, ...)
             continue
         if isinstance(listed, list) and all(isinstance(item, str) for item in listed):
             return listed
     return [text]
+
+
+def _python_strings(text: str) -> list | None:
+    """The strings of a list's Python text, comma-separated as a list's repr or space-separated (lines wrapped at 75
+    characters) as a numpy array's; None for other text. Read string by string: ast.literal_eval joins adjacent
+    strings as Python does, and an array's ten captions were read as one ("a dog on grassa brown dog ...")."""
+    import io
+    import tokenize
+
+    tokens = [token for token in tokenize.generate_tokens(io.StringIO(text).readline)
+              if token.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.ENDMARKER)]
+    if len(tokens) < 2 or (tokens[0].string, tokens[-1].string) != ("[", "]"):
+        return None
+    inner = tokens[1:-1]
+    commas = len(inner) > 1 and inner[1].string == ","
+    strings, separators = (inner[0::2], inner[1::2]) if commas else (inner, [])
+    if any(token.type != tokenize.STRING for token in strings) or any(token.string != "," for token in separators):
+        return None
+    return [ast.literal_eval(token.string) for token in strings]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -666,17 +704,28 @@ def _read_caption_file(path: Path) -> list[dict]:
 # Hugging Face's imagefolder layout: a metadata file naming each image by `file_name` (relative to the metadata
 # file's folder), in the data folder or in each split's folder (train/, validation/, test/), whose name is the split.
 IMAGEFOLDER_METADATA = ("metadata.jsonl", "metadata.csv")
+# Folder names Hugging Face reads as the test split beyond SPLIT_ALIASES' (datasets.data_files.SPLIT_KEYWORDS): an
+# eval/ folder's metadata file was not read, its images left out of every split without a word. Folder names only:
+# a row's "eval" stays an error, as it may mean val.
+IMAGEFOLDER_TEST_FOLDERS = ("eval", "evaluation")
 
 
-def imagefolder_metadata_files(data_dir: Path) -> list[Path]:
-    """The imagefolder metadata files of `data_dir` and of its split folders, each folder's one file."""
+def split_of_folder(name: str) -> str | None:
+    """The split a folder of an imagefolder data set gives its images, as Hugging Face reads its name, else None."""
+    if name.strip().lower() in IMAGEFOLDER_TEST_FOLDERS:
+        return "test"
+    return _normal_split(name)
+
+
+def imagefolder_metadata_files(data_dir: Path, names: tuple[str, ...] = IMAGEFOLDER_METADATA) -> list[Path]:
+    """The imagefolder metadata files (`names`) of `data_dir` and of its split folders, each folder's one file."""
     try:
-        split_folders = sorted(p for p in data_dir.iterdir() if _normal_split(p.name) and p.is_dir())
+        split_folders = sorted(p for p in data_dir.iterdir() if split_of_folder(p.name) and p.is_dir())
     except OSError:
         split_folders = []
     found = []
     for folder in (data_dir, *split_folders):
-        files = [folder / name for name in IMAGEFOLDER_METADATA if (folder / name).is_file()]
+        files = [folder / name for name in names if (folder / name).is_file()]
         if len(files) > 1:
             raise UserError(f"{folder} holds both metadata.jsonl and metadata.csv; keep the one that is meant")
         found += files
@@ -689,13 +738,14 @@ def _read_imagefolder_metadata(data_dir: Path, files: list[Path]) -> list[dict]:
     rows, split_folders = [], {}
     for path in files:
         folder = path.parent.relative_to(data_dir)
+        folder_split = split_of_folder(folder.name) if folder.parts else None  # "validation/", "eval/": val, test
         for row in _read_caption_file(path):
             field = next((f for f in IMAGE_FIELDS if row.get(f)), None)
             if isinstance(row.get(field), str):
                 row[field] = str(folder / row[field])
                 no_split = row.get("split") is None or (isinstance(row["split"], str) and not row["split"].strip())
                 # The metadata file's own split folder, or for one at the top the split folder its name goes into.
-                split_folder = folder.name if folder.parts else _split_folder_of(data_dir, row[field], split_folders)
+                split_folder = folder_split if folder.parts else _split_folder_of(data_dir, row[field], split_folders)
                 if no_split and split_folder:
                     row["split"] = split_folder
             rows.append(row)
@@ -707,11 +757,11 @@ def _split_folder_of(data_dir: Path, name: str, split_folders: dict[str, bool]) 
     metadata.jsonl naming "test/a.png" left the image to the hash deal, which trained on most of test/.
     `split_folders` keeps whether each name is a folder: one look per name, not per row."""
     first = re.split(r"[\\/]", name, maxsplit=1)
-    if len(first) < 2 or not _normal_split(first[0]):
+    if len(first) < 2 or not split_of_folder(first[0]):
         return None
     if first[0] not in split_folders:
         split_folders[first[0]] = (data_dir / first[0]).is_dir()
-    return first[0] if split_folders[first[0]] else None
+    return split_of_folder(first[0]) if split_folders[first[0]] else None
 
 
 def other_caption_file_hint(data_dir: Path) -> str:
@@ -725,6 +775,15 @@ def other_caption_file_hint(data_dir: Path) -> str:
                 "README (Other data) shows")
     if (data_dir / "captions.json").is_file():
         return "; its captions.json is not read: write its objects one per line as captions.jsonl (jq -c '.[]')"
+    # Kaggle's Flickr8k keeps its "image,caption" rows in captions.txt; a spreadsheet's tab-separated text is .tsv.
+    for name in ("captions.tsv", "captions.txt"):
+        if (data_dir / name).is_file():
+            return (f"; its {name} is not read: if it is a table with a header line naming the image and caption "
+                    "columns (fields separated by commas, semicolons or tabs), rename it captions.csv")
+    # Hugging Face's imagefolder also reads metadata.parquet.
+    if parquet := imagefolder_metadata_files(data_dir, ("metadata.parquet",)):
+        return (f"; its {parquet[0].relative_to(data_dir)} is not read: save it as metadata.csv in its folder "
+                "(pandas: pd.read_parquet(path).to_csv(csv_path, index=False))")
     return ""
 
 
@@ -772,7 +831,9 @@ def _read_caption_csv(path: Path) -> list[dict]:
             check_csv_header(path, header)
             row_start = reader.line_num + 1
             for fields in reader:
-                if fields:  # a blank line is no row, as for csv.DictReader
+                # A blank line is no row, as for csv.DictReader, nor is one of empty fields (";;"), as spreadsheets
+                # save rows that once held something: each stopped the load as "names no image".
+                if any(field.strip() for field in fields):
                     rows.append(_whole_csv_row(path, header, _csv_dict(header, fields), row_start, delimiter))
                 row_start = reader.line_num + 1
     except csv.Error as error:

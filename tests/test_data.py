@@ -969,18 +969,20 @@ def test_a_missing_image_named_on_disk_in_another_unicode_form_or_case_says_so(t
     import unicodedata
 
     nfc = unicodedata.normalize("NFC", "Café.png")
-    for on_disk in (unicodedata.normalize("NFD", "café.png"), "Photo.PNG", "other.png"):
+    for on_disk in (unicodedata.normalize("NFD", "café.png"), "Photo.PNG", "other.png", "beach.jpg"):
         write_image(tmp_path / on_disk)
-    names = (nfc, "photo.png", "gone.png", "other.png")
+    names = (nfc, "photo.png", "gone.png", "other.png", "beach.jpg ")
     write_jsonl_captions(tmp_path, [{"image": n, "caption": "x", "split": "train"} for n in names])
     bad_samples = []
     load_records("folder", "train", str(tmp_path), on_bad_sample="skip", bad_samples=bad_samples)
     why = dict(bad_samples)
     assert why[nfc].endswith(f"(its folder holds {unicodedata.normalize('NFD', 'café.png')!r}, the same name in "
-                             "another Unicode form or letter case: spell it in the caption file as the file is named)")
+                             "another Unicode form, letter case or spacing: spell it in the caption file as the file "
+                             "is named)")
     assert "its folder holds 'Photo.PNG'" in why["photo.png"]
+    assert "its folder holds 'beach.jpg'" in why["beach.jpg "]  # a space a spreadsheet cell kept, unseen in the line
     assert why["gone.png"] == f"image not found: {tmp_path / 'gone.png'}"  # nothing alike: no hint
-    assert set(why) == {nfc, "photo.png", "gone.png"}
+    assert set(why) == {nfc, "photo.png", "gone.png", "beach.jpg "}
 
 
 @pytest.mark.parametrize("dataset", ["folder", "karpathy"])
@@ -1062,6 +1064,17 @@ def test_a_csv_saved_by_excel_with_semicolons_or_tabs_reads_its_columns(tmp_path
         [[{";": "a red; small square", "\t": "a red small square"}[delimiter]]]  # a tab is whitespace in a caption
 
 
+def test_a_csv_row_of_empty_fields_as_spreadsheets_save_them_is_no_row(tmp_path):
+    """Excel and LibreOffice save rows that once held something as bare separators (";;"): each stopped the load
+    with "caption row 2 names no image". A row that holds a caption but no image still does."""
+    write_image(tmp_path / "a.png")
+    (tmp_path / "captions.csv").write_bytes(b"Image;Caption;Split\r\na.png;a red square;train\r\n;;\r\n ; ;\r\n")
+    assert [r.captions for r in load_records("folder", "train", str(tmp_path))] == [["a red square"]]
+    (tmp_path / "captions.csv").write_bytes(b"Image;Caption;Split\r\na.png;a red square;train\r\n;a caption;\r\n")
+    with pytest.raises(UserError, match="caption row 2 names no image"):
+        load_records("folder", "train", str(tmp_path))
+
+
 def test_hugging_face_imagefolder_metadata_files_are_read_as_caption_files(tmp_path):
     """An imagefolder data set (metadata.jsonl or metadata.csv naming each image by file_name, in the folder or in
     each split's folder, whose name is the split) had "neither captions.jsonl nor captions.csv"."""
@@ -1102,6 +1115,24 @@ def test_a_root_imagefolder_metadata_file_gives_images_in_split_folders_their_sp
     assert by_split["test"] == {os.path.join("test", f"{i}.png") for i in range(20)}
 
 
+def test_an_imagefolder_eval_folder_is_the_test_split_as_hugging_face_reads_it(tmp_path):
+    """Hugging Face reads a split folder named eval/ or evaluation/ as test: its metadata file was not read here, and
+    its images were left out of every split without a word. A row's own "eval" is still an error (it may mean val)."""
+    for split in ("train", "eval"):
+        for i in range(3):
+            write_image(tmp_path / split / f"{i}.png")
+        (tmp_path / split / "metadata.csv").write_text("file_name,text\n" + "".join(f"{i}.png,{split} {i}\n"
+                                                                                    for i in range(3)))
+    assert {r.image_id for r in load_records("folder", "test", str(tmp_path))} == \
+        {os.path.join("eval", f"{i}.png") for i in range(3)}
+    (tmp_path / "eval" / "metadata.csv").unlink()  # one metadata file at the top, naming eval/ images
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "eval/0.png", "text": "zero"}) + "\n")
+    assert [r.image_id for r in load_records("folder", "test", str(tmp_path))] == [os.path.join("eval", "0.png")]
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "eval/0.png", "text": "0", "split": "eval"}))
+    with pytest.raises(UserError, match="split 'eval' is unknown"):
+        load_records("folder", "test", str(tmp_path))
+
+
 def test_a_folder_of_another_caption_layout_says_what_to_do(tmp_path):
     """A COCO captions file, a JSON list saved as captions.json, or a folder given to the other --dataset: "has
     neither captions.jsonl nor captions.csv" did not say what to do with the file the folder does hold."""
@@ -1122,6 +1153,20 @@ def test_a_folder_of_another_caption_layout_says_what_to_do(tmp_path):
     with pytest.raises(UserError, match="no Karpathy split file .* it holds captions.jsonl, which --dataset folder "
                                         "reads"):
         load_records("karpathy", "train", str(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["captions.tsv", "captions.txt", "metadata.parquet", "train/metadata.parquet"])
+def test_a_caption_table_under_a_name_not_read_says_what_to_rename_it(tmp_path, name):
+    """A spreadsheet's captions.tsv, Kaggle Flickr8k's captions.txt ("image,caption" rows), or imagefolder's
+    metadata.parquet: "has neither captions.jsonl nor captions.csv" did not say that the table itself is read
+    under another name (tabs and all), nor how to make one of the parquet."""
+    (tmp_path / name).parent.mkdir(exist_ok=True)
+    (tmp_path / name).write_text("image\tcaption\n")
+    then = "rename it captions.csv" if name.startswith("captions") else "save it as metadata.csv in its folder"
+    with pytest.raises(UserError, match=f"its {name} is not read: .*{then}"):
+        load_records("folder", "train", str(tmp_path))
+    with pytest.raises(UserError, match=f"its {name} is not read"):
+        dataset_from_data_dir(str(tmp_path))
 
 
 def test_data_dir_alone_on_a_coco_folder_says_to_convert_it(tmp_path):
@@ -1441,6 +1486,21 @@ def test_captions_saved_as_the_text_of_a_list_are_that_lists_captions(tmp_path):
     path = tmp_path / "own.parquet"
     datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image()).to_parquet(str(path))
     assert load_flickr30k_hub("test", str(path))[0].captions == ["a cat", "a grey cat"]
+
+
+def test_a_list_column_written_to_csv_by_datasets_as_numpy_text_is_that_lists_captions(tmp_path):
+    """datasets' Dataset.to_csv (pandas, on numpy arrays) writes a list column as "['a dog' 'a cat']", wrapped at 75
+    characters: ast.literal_eval joins adjacent strings, and an image's captions were read as one, "a doga cat"."""
+    import datasets
+
+    captions = ["a dog on the grass", "a brown dog runs in the park", "it's \"fetch\"", "two dogs", "x"]
+    write_image(tmp_path / "a.png")
+    datasets.Dataset.from_dict({"file_name": ["a.png"], "text": [captions]}).to_csv(str(tmp_path / "metadata.csv"))
+    assert "' '" in (tmp_path / "metadata.csv").read_text()  # numpy's text, as this test means
+    [record] = load_records("folder", "train", str(tmp_path))
+    assert record.captions == captions
+    (tmp_path / "metadata.csv").write_text("file_name,text\na.png,\"['a dog' 'a cat', 'a pet']\"\n")  # neither
+    assert load_records("folder", "train", str(tmp_path))[0].captions == ["['a dog' 'a cat', 'a pet']"]
 
 
 def test_captions_dropped_from_images_that_keep_others_are_counted_in_a_note(tmp_path, capsys):

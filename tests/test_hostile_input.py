@@ -129,8 +129,14 @@ def test_a_photo_format_that_is_not_read_is_named_with_what_to_do(tmp_path, head
     assert_one_line_error(path, f"it is {says}", "convert it to jpeg or png")
 
 
+def test_a_macos_resource_fork_named_as_an_image_says_to_delete_it(tmp_path):
+    """A Mac writes "._IMG_0001.JPG" beside each photo it copies to a USB drive; `find -name '*.JPG'` lists both in a
+    caption file, and the fork was only "not a JPEG, PNG, GIF, BMP, WEBP, TIFF image"."""
+    path = tmp_path / "._IMG_0001.JPG"
+    path.write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(4000))
+    assert_one_line_error(path, "it is a macos resource fork", "delete it")
 
-def test_a_thin_strip_that_preprocessing_would_blow_up_is_refused(tmp_path):
+
     # 1 x 100,000 pixels in 471 bytes: under the pixel limit, but scaled to a shorter side of 224 it
     # is 22 billion pixels (measured: 4.4 GB peak for the tiny 64-pixel CLIP before this check).
     strip = saved(Image.new("RGB", (1, 100_000)), tmp_path / "strip.png")
