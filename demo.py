@@ -442,7 +442,8 @@ train.py reads with --dataset folder.
     python demo.py data --out shapes
 """
 BACKBONES_HELP = """Build a tiny CLIP, a byte-level BPE tokenizer and a briefly pre-trained tiny Qwen3 from the
-training captions of a caption folder (captions.jsonl or captions.csv), to smoke-test your own data offline:
+training captions of a caption folder (captions.jsonl or captions.csv, or Hugging Face imagefolder's metadata
+files: whatever train.py --dataset folder reads), to smoke-test your own data offline:
 
     python demo.py backbones --captions my_data --out tiny
     python train.py --dataset folder --data-dir my_data --clip-model tiny/clip --lm-model tiny/lm --run-name smoke
@@ -460,7 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--seed", type=whole_number(0, 2**32 - 1), default=0, help="random seed for the drawings")
     backbones = commands.add_parser("backbones", help="build tiny CLIP + tokenizer + pre-trained tiny Qwen3",
                                     description=BACKBONES_HELP, formatter_class=HelpFormatter)
-    backbones.add_argument("--captions", required=True, help="a caption folder (captions.jsonl or captions.csv)")
+    backbones.add_argument("--captions", required=True,
+                           help="a caption folder (captions.jsonl, captions.csv or imagefolder metadata files)")
     backbones.add_argument("--out", required=True, help="output folder; writes clip/ and lm/ inside")
     backbones.add_argument("--lm-steps", type=whole_number(1), default=1400,
                            help="pre-training steps of the tiny LM (batch 64)")
