@@ -395,6 +395,11 @@ def image_file(image: str | None, max_upload_mb: float):
         yield str(path)
 
 
+def in_megapixels(amount: float) -> str:
+    """"1 megapixel", "0.5 megapixels", "40 megapixels": --max-megapixels 1 refused images "up to 1 megapixels"."""
+    return f"{amount:,g} megapixel{'' if amount == 1 else 's'}"
+
+
 def open_upload(path, max_megapixels: float, max_upload_mb: float):
     """The uploaded file as an RGB PIL image, or a UserError a person can act on. The pixel count is
     read from the header before anything is decoded, so an image bomb costs nothing."""
@@ -415,14 +420,14 @@ def open_upload(path, max_megapixels: float, max_upload_mb: float):
         with Image.open(path) as image:
             width, height = image.size
     except Image.DecompressionBombError:  # PIL refuses to even open the very largest
-        raise UserError(f"That image is far too large; this page takes images up to {max_megapixels:g} megapixels.") \
+        raise UserError(f"That image is far too large; this page takes images up to {in_megapixels(max_megapixels)}.") \
             from None
     except Exception:  # PIL raises many kinds for files that are not images (UnidentifiedImageError, ...)
         raise UserError(unreadable) from None
     if width * height > max_megapixels * 1e6:  # shown as check_upload_size does: 40.4 was "40", over a limit of 40
         megapixels = shown_over(width * height / 1e6, max_megapixels)
-        raise UserError(f"That image is {width:,} x {height:,} pixels ({megapixels:,g} megapixels); this page takes "
-                        f"images up to {max_megapixels:g} megapixels. Please make it smaller.")
+        raise UserError(f"That image is {width:,} x {height:,} pixels ({in_megapixels(megapixels)}); this page takes "
+                        f"images up to {in_megapixels(max_megapixels)}. Please make it smaller.")
     if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):  # open_image refuses it too, unexplained
         raise UserError(f"That image is {width:,} x {height:,} pixels, over {MAX_ASPECT_RATIO} times as long as it is "
                         "wide; please crop it.")

@@ -945,6 +945,9 @@ def test_an_image_over_the_megapixel_limit_is_not_said_to_be_at_it(tmp_path):
                                         r"images up to 0\.4 megapixels\."):
         app.open_upload(image, 0.4, 50)
     assert app.open_upload(image, 0.41, 50).size == (2020, 200)
+    Image.new("1", (1000, 1001)).save(image)  # one megapixel and a bit, under a limit of one
+    with pytest.raises(UserError, match=r"\(1\.1 megapixels\); this page takes images up to 1 megapixel\. Please"):
+        app.open_upload(image, 1, 50)
 
 
 def test_a_setting_sent_as_true_or_false_is_not_taken_for_a_number():
