@@ -5,6 +5,7 @@
     python inference.py --checkpoint saved_models/demo --json photos/ > captions.jsonl      # a whole folder
     find photos -name '*.jpg' | python inference.py --checkpoint saved_models/demo -       # paths on stdin
     python inference.py --checkpoint saved_models/demo --lm-quantization 4bit photo.jpg   # a small GPU
+    torchrun --nproc_per_node 8 inference.py --checkpoint saved_models/demo --json photos/ > captions.jsonl  # 8 GPUs
 
 Needs only the run folder and the backbones its adapter_config.json names (said on stderr before they load,
 unless --clip-model/--lm-model name them or they are the demo's own). Prints one caption per image
@@ -16,6 +17,8 @@ its sub-folders included; other files there are left out with one note. "-" read
 input, one a line (a name with a newline in it must be given as an argument). An image that cannot be read
 gets one line on stderr ("error: ..." naming it; {"image", "error"} on stdout with --json), the others are
 still captioned, and the exit status is 1. A progress bar (stderr, only on a terminal) counts the images.
+Under torchrun (or accelerate launch) each process captions a share of whole batches and process 0 alone prints,
+the same lines as one process; each batch is sampled with --seed plus its index, whichever process captions it.
 """
 from __future__ import annotations
 
@@ -40,8 +43,9 @@ from dataset import IMAGE_SUFFIXES, open_image
 from eval import (add_decoding_flags, add_loading_flags, chosen_dtype, decoding_from_args,
                   loaded_as_the_run_names_note, loading_from_args, pick_device, seed_from_args)
 from model import ADAPTER_CONFIG, AdapterConfig, checkpoint_folder, load_captioner
-from utils import (HelpFormatter, UserError, escape_surrogates, note, resume_gc_after_loading, run_cli,
-                   run_folder_argument, whole_number)
+from utils import (HelpFormatter, Processes, UserError, escape_surrogates, lost_another_process, note,
+                   resume_gc_after_loading, run_cli, run_folder_argument, stopping_together,
+                   usage_errors_once_per_machine, whole_number)
 
 
 class ImagesParser(argparse.ArgumentParser):
@@ -79,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "pays off when captioning many images in one process)")
     add_loading_flags(parser)
     add_decoding_flags(parser)
-    return parser
+    return usage_errors_once_per_machine(parser)  # under torchrun: one usage line, not one per process
 
 
 def compile_applies(compile: bool, strategy: str) -> bool:
@@ -185,20 +189,45 @@ def open_images(paths: list[str], unreadable: dict[str, str]) -> list:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    checkpoint = checkpoint_folder(args.checkpoint)
-    trained = AdapterConfig.from_json(checkpoint / ADAPTER_CONFIG)  # a bad checkpoint is reported before any image
-    decoding = decoding_from_args(args, trained.max_caption_tokens)
-    args.seed = seed_from_args(args, [decoding])
-    args.compile = compile_applies(args.compile, decoding.strategy)
-    device = pick_device(args.device)
-    check_no_empty_argument(args.images)
-    check_stdout_open()
-    paths_to_caption, unreadable = image_paths(with_stdin_paths(args.images))
+    # Under torchrun / accelerate launch the processes join first, and each captions a share of the images
+    # (each used to caption and print every one); a lone `python inference.py` joins no process group.
+    processes = Processes.from_environment("inference.py", args.device)
+    try:
+        return caption_images(args, processes)
+    except RuntimeError as error:  # another process stopped (a signal, a crash) and said why: not a gather traceback
+        if not (reason := lost_another_process(error)):
+            raise
+        print(f"error: another process of this captioning ended ({reason}), so this one stops too", file=sys.stderr)
+        return 1
+
+
+def caption_images(args, processes: Processes) -> int:
+    """Caption the images args names, this process's share of them under a launcher; returns the exit status."""
+    # Read alike by every process: a line one of them stops on (a bad checkpoint) stops all, said once.
+    with stopping_together(processes):
+        checkpoint = checkpoint_folder(args.checkpoint)
+        trained = AdapterConfig.from_json(checkpoint / ADAPTER_CONFIG)  # a bad checkpoint is reported before any image
+        decoding = decoding_from_args(args, trained.max_caption_tokens)
+        args.seed = seed_from_args(args, [decoding])
+        args.compile = compile_applies(args.compile, decoding.strategy)
+        device = processes.device or pick_device(args.device)  # a launcher's process: the GPU it was given
+        check_no_empty_argument(args.images)
+        check_stdout_open()
+        # Process 0 alone reads "-" (a pipe's lines go to whichever process reads them) and the folders (their
+        # notes said once), and hands the list to the others.
+        listed = [image_paths(with_stdin_paths(args.images))] if processes.is_main else []
+    paths_to_caption, unreadable = processes.gather(listed)[0]
     # Decoded a batch at a time (memory stays flat however many images); the backbones are loaded
     # at the first readable image, so a run where every image is bad loads no model at all.
-    with captions_to_stdout():
-        failed = caption_batches(args, checkpoint, device, decoding, paths_to_caption, unreadable)
-    return 1 if failed else 0
+    with stopping_together(processes), captions_to_stdout():
+        failed, held = caption_batches(args, checkpoint, device, decoding, paths_to_caption, unreadable, processes)
+    # Process 0 printed its share (the first batches) as it went; the others' lines follow, in batch order.
+    shares = processes.gather([(failed, held)])
+    if processes.is_main:
+        with captions_to_stdout():
+            for _, lines in shares[1:]:
+                write_lines(lines)
+    return 1 if sum(failed for failed, _ in shares) else 0
 
 
 def check_stdout_open() -> None:
@@ -224,33 +253,56 @@ def captions_to_stdout():
                         "space where it is redirected and run again") from None
 
 
-def caption_batches(args, checkpoint: Path, device, decoding, paths_to_caption: list, unreadable: dict) -> int:
-    """Print each image's caption (or its error), a batch at a time; returns how many images failed."""
+def caption_batches(args, checkpoint: Path, device, decoding, paths_to_caption: list, unreadable: dict,
+                    processes: Processes) -> tuple[int, list]:
+    """Caption this process's share of the images (all of them, alone), a batch at a time; the main process
+    prints each image's caption (or its error) as it goes, another holds its lines for it. Returns how many
+    images failed and the lines held."""
     from tqdm.auto import tqdm
 
-    captioner, failed = None, 0
+    captioner, failed, held = None, 0, []
+    share = processes.shard(len(paths_to_caption), args.batch_size)
     # On stderr, and only on a terminal (disable=None), so --json lines and redirected logs stay clean.
-    bar = tqdm(total=len(paths_to_caption), unit="image", desc="captioning", file=sys.stderr,
-               disable=True if args.no_progress or len(paths_to_caption) < 2 else None)
-    for start in range(0, len(paths_to_caption), args.batch_size):
+    bar = tqdm(total=len(share), unit="image", file=sys.stderr,
+               desc=f"captioning{processes.share_label(len(share), len(paths_to_caption))}",
+               disable=True if args.no_progress or len(share) < 2 or not processes.is_main else None)
+    for start in range(share.start, share.stop, args.batch_size):
         paths = paths_to_caption[start : start + args.batch_size]
-        captioner, failed_here = caption_batch(args, captioner, checkpoint, device, decoding, paths, unreadable)
+        seed = args.seed + start // args.batch_size  # by the batch's index: whichever process captions it
+        captioner, failed_here, lines = caption_batch(args, captioner, checkpoint, device, decoding, paths,
+                                                      unreadable, seed)
         failed += failed_here
+        if processes.is_main:
+            write_lines(lines)
+        else:
+            held += lines
         # Piped (`inference.py *.jpg > out.tsv`, or into another program) stdout is block-buffered: without
         # this, nothing of a long job shows until 8 KiB of captions pile up or the process ends.
         sys.stdout.flush()
         bar.update(len(paths))
         resume_gc()  # here, where nothing is left of the batch's images but garbage
     bar.close()
-    return failed
+    return failed, held
 
 
-def caption_batch(args, captioner, checkpoint: Path, device, decoding, paths: list, unreadable: dict):
-    """Print the caption (or the error) of each of `paths`; returns the captioner, loaded here for the first
-    readable image, and how many of the images failed."""
+def write_lines(lines: list[tuple[str, str]]) -> None:
+    """Print caption_batch's lines: ("stdout", a caption or --json's error object) or ("stderr", a note or error)."""
     from tqdm.auto import tqdm
 
-    failed = 0
+    for stream, line in lines:
+        if stream == "stderr":
+            tqdm.write(line, file=sys.stderr)  # above the bar, not through it
+        else:
+            print(line)
+
+
+def caption_batch(args, captioner, checkpoint: Path, device, decoding, paths: list, unreadable: dict, seed: int):
+    """The lines (see write_lines) of each of `paths`: its caption or its error; returns the captioner, loaded here
+    for the first readable image, how many of the images failed, and the lines. Sampled after torch.manual_seed(seed).
+    """
+    from tqdm.auto import tqdm
+
+    failed, lines = 0, []
     opened = open_images(paths, unreadable)
     images = [image for image in opened if not isinstance(image, UserError)]
     if images and captioner is None:
@@ -260,22 +312,22 @@ def caption_batch(args, captioner, checkpoint: Path, device, decoding, paths: li
                 note(announce, file=sys.stderr)
         captioner = load_captioner(checkpoint, device=device, dtype=chosen_dtype(args.dtype, device), **loading)
         if args.compile and not captioner.enable_compiled_decoding():
-            print("note: --compile needs a CUDA device; decoding eagerly", file=sys.stderr)
-        torch.manual_seed(args.seed)
+            note("note: --compile needs a CUDA device; decoding eagerly", file=sys.stderr)
+    torch.manual_seed(seed)
     captions = iter(captioner.caption_images(images, decoding) if images else [])
     for path, image in zip(paths, opened):
         if isinstance(image, UserError):
             failed += 1
-            tqdm.write(f"error: {image}", file=sys.stderr)  # above the bar, not through it
+            lines.append(("stderr", f"error: {image}"))
             if args.json:
-                print(json.dumps({"image": path, "error": str(image)}))
+                lines.append(("stdout", json.dumps({"image": path, "error": str(image)})))
         else:
             caption = next(captions)
             if not caption:  # else a bare "path<TAB>" line, easy to take for a lost caption
-                tqdm.write(f"note: the model wrote no words for {path} (it ended the caption at once)",
-                           file=sys.stderr)
-            print(json.dumps({"image": path, "caption": caption}) if args.json else tab_line(path, caption))
-    return captioner, failed
+                lines.append(("stderr", f"note: the model wrote no words for {path} (it ended the caption at once)"))
+            lines.append(("stdout", json.dumps({"image": path, "caption": caption}) if args.json
+                          else tab_line(path, caption)))
+    return captioner, failed, lines
 
 
 def resume_gc() -> None:

@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,10 +21,12 @@ import eval as eval_script
 import inference
 import model
 import train
-from conftest import train_args, without_loading_note
+from conftest import said_by_the_processes, train_args, without_loading_note
 from dataset import collate_captions, load_records, tokenize_caption
 from model import AdapterConfig, build_captioner, load_captioner
 from utils import UserError, library_versions, run_cli, write_json
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -756,6 +759,55 @@ def test_inference_samples_with_the_seed_given(tiny, checkpoint, capsys):
                                "--top-p", "1", "--max-new-tokens", "12", "--seed", str(seed), str(image)]) == 0
         assert capsys.readouterr().out == f"{image}\t{expected[seed]}\n"
 
+
+def caption_in_two_processes(argv: list[str], stdin: str = "") -> subprocess.CompletedProcess:
+    """`ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 inference.py ARGV`, one thread each."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(ROOT / "inference.py"), *argv]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, cwd=ROOT, env=env, input=stdin, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_inference_in_two_processes_captions_each_image_once_and_prints_what_one_process_prints(
+        tiny, checkpoint, tmp_path, monkeypatch, capsys):
+    """torchrun --nproc_per_node 2 inference.py: every process captioned every image and printed every caption. Now
+    each captions its share of whole batches and process 0 prints them all, byte for byte what one process prints:
+    --json with an unreadable image in process 1's share (its error line said once), and paths piped to "-" (read
+    by process 0 alone) with sampled captions (each batch seeded by its index, whichever process samples it)."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for source in sorted((Path(tiny["data_dir"]) / "images").glob("test_*.png")):
+        shutil.copy(source, folder / source.name)
+    (folder / "test_0004b.png").write_bytes(b"not an image")  # 5th of 7: batch 2 of 4, process 1's first
+    (folder / "notes.txt").write_text("left out, in one note")
+    flags = ["--checkpoint", str(checkpoint), "--batch-size", "2", "--no-progress"]
+    two = caption_in_two_processes([*flags, "--json", str(folder)])
+    assert two.returncode == 1, two.stderr[-3000:]
+    assert inference.main([*flags, "--json", str(folder)]) == 1
+    one = capsys.readouterr()
+    assert two.stdout == one.out and len(one.out.splitlines()) == 7
+    said = said_by_the_processes(two.stderr)
+    assert said.count("error: cannot read image") == 1 and said.count("left out 1 file") == 1, said
+
+    listed = "".join(f"{path}\n" for path in sorted(folder.glob("test_000?.png")))
+    sampled = [*flags, "--strategy", "sample", "--temperature", "2", "--top-p", "1", "--seed", "3", "-"]
+    two = caption_in_two_processes(sampled, stdin=listed)
+    assert two.returncode == 0, two.stderr[-3000:]
+    monkeypatch.setattr("sys.stdin", io.StringIO(listed))
+    assert inference.main(sampled) == 0
+    one = capsys.readouterr().out
+    assert two.stdout == one and len(set(one.splitlines())) == 6
+    assert len({line.split("\t")[1] for line in one.splitlines()}) > 1  # else the seeds could not be told apart
+
+
+@pytest.mark.slow
+def test_inference_with_a_bad_checkpoint_stops_two_processes_in_one_line(copy):
+    """Every process reads the run folder: each printed the same error line."""
+    (copy / "adapter_config.json").write_text("{")
+    two = caption_in_two_processes(["--checkpoint", str(copy), str(copy)])
+    said = said_by_the_processes(two.stderr)
+    assert two.returncode != 0 and said.count("error: ") == 1 and "is not valid JSON" in said, said
 
 def test_inference_says_compile_needs_a_cuda_device_and_captions_eagerly(tiny, checkpoint, capsys):
     image = sorted((Path(tiny["data_dir"]) / "images").glob("test_*.png"))[0]

@@ -1853,9 +1853,9 @@ def test_inference_flushes_each_batch_of_captions_as_it_is_done(tiny, tmp_path, 
     seen_at_start = []
     real = inference.caption_batch
 
-    def caption_batch(args, captioner, checkpoint, device, decoding, paths, unreadable):
+    def caption_batch(*args):
         seen_at_start.append(written.getvalue().decode().count("\n"))
-        return real(args, captioner, checkpoint, device, decoding, paths, unreadable)
+        return real(*args)
     monkeypatch.setattr(inference, "caption_batch", caption_batch)
     assert inference.main(["--checkpoint", str(run), "--batch-size", "1", "--no-progress", *images]) == 0
     assert seen_at_start == [0, 1, 2]
