@@ -849,6 +849,31 @@ def _read_caption_csv(path: Path) -> list[dict]:
 # Hugging Face's imagefolder metadata uses).
 IMAGE_FIELDS = ("image", "file_name", "filename")
 CAPTION_FIELDS = ("captions", "caption", "text")
+# A wide table's caption columns: one of CAPTION_FIELDS numbered ("caption_1", "Caption 2", "text3"), as published
+# caption CSVs keep an image's captions in one row, a column each (image,caption_1,...,caption_5).
+NUMBERED_CAPTION = re.compile(r"({})[_ ]?\d+".format("|".join(CAPTION_FIELDS)), re.IGNORECASE)
+
+
+@functools.lru_cache(maxsize=64)  # asked once per row with the row's field names: one answer per layout
+def wide_caption_fields(names: tuple) -> tuple[tuple | None, str]:
+    """The fields of a row (or a header) that hold its captions, in their order, where some are numbered: the
+    numbered fields of one caption name (caption_1, caption_2, ...) and that name's own field beside them
+    (image,caption,caption2). None where no field is numbered (a tall row: one caption field, read as before).
+    The second value says what is wrong where numbered fields stand beside other caption fields ("" where
+    nothing is): caption_1 and text_1, or caption_1 and text, may be captions or not, and which is not ours to
+    guess."""
+    family_of = {name: match[1].lower() for name in names
+                 if isinstance(name, str) and (match := NUMBERED_CAPTION.fullmatch(name.strip()))}
+    if not family_of:
+        return None, ""
+    family = next(iter(family_of.values()))  # the first numbered column's name
+    fields = tuple(name for name in names if name == family or family_of.get(name) == family)
+    others = [name for name in names if (name in CAPTION_FIELDS or name in family_of) and name not in fields]
+    if others:
+        return fields, (f"has caption fields of two names ({', '.join(fields)}; {', '.join(others)}); an image's "
+                        f"captions are read from the fields of one name ({family}, {family}_1, {family}_2, ...): "
+                        "rename or remove the others")
+    return fields, ""
 
 
 # What separates a caption CSV's fields, tried in this order on its header line: Excel saves "CSV" with ";" where the
@@ -863,7 +888,7 @@ def csv_delimiter(header_line: str) -> str:
     guessed from the captions, whose own commas and semicolons a sniffer would take for separators."""
     for delimiter in CSV_DELIMITERS:
         header = set(_known_column_names(next(csv.reader([header_line], delimiter=delimiter), [])))
-        if header & set(IMAGE_FIELDS) and header & set(CAPTION_FIELDS):
+        if header & set(IMAGE_FIELDS) and (header & set(CAPTION_FIELDS) or wide_caption_fields(tuple(header))[0]):
             return delimiter
     return ","
 
@@ -871,10 +896,13 @@ def csv_delimiter(header_line: str) -> str:
 def check_csv_header(path: Path, header: list[str]) -> None:
     """The first line must name an image column and a caption column: without a header (or with other
     names) every row used to be dropped, ending in "no training images with captions found"."""
-    if not set(header) & set(IMAGE_FIELDS) or not set(header) & set(CAPTION_FIELDS):
+    wide, problem = wide_caption_fields(tuple(header))
+    if not set(header) & set(IMAGE_FIELDS) or not (set(header) & set(CAPTION_FIELDS) or wide):
         raise UserError(f"{path}: the first line must be a header naming the image column ({', '.join(IMAGE_FIELDS)}) "
                         f"and the caption column ({', '.join(CAPTION_FIELDS[1:])}), e.g. image,caption,split; "
                         f"it is {','.join(header)!r}")
+    if problem:
+        raise UserError(f"{path}: its header {problem}")
 
 
 def _known_column_names(header: list[str]) -> list[str]:
@@ -904,14 +932,18 @@ def _whole_csv_row(path: Path, header: list[str], row: dict, line: int, delimite
     """A row with more fields than the header is a caption with unquoted commas. When the caption is
     the last column, its pieces are joined back; elsewhere the row is ambiguous, so it is an error."""
     extra = row.pop(None, None)  # csv.DictReader's place for fields beyond the header
-    caption = next(f for f in CAPTION_FIELDS if f in row)  # the column _group_by_image reads (the header has one)
+    wide = wide_caption_fields(tuple(header))[0]
+    # The (first) column _group_by_image reads (the header has one).
+    caption = wide[0] if wide else next(f for f in CAPTION_FIELDS if f in row)
     if row[caption] is None:  # a row that ends before its caption column: not an empty caption, a broken row
         given = sum(value is not None for value in row.values())
         raise UserError(f"{path} line {line} ends before its {caption} column ({given} of the header's "
                         f"{len(header)} fields); give each row every column up to the caption")
     if extra is None:
         return row
-    if header and header[-1] in CAPTION_FIELDS:
+    # Joined back only into the last column, and in a wide table only where it is the one caption column: among
+    # caption_1..caption_5 which caption the pieces belong to is not ours to guess.
+    if header and (header[-1] in CAPTION_FIELDS if wide is None else wide == (header[-1],)):
         row[header[-1]] = delimiter.join([row[header[-1]], *extra])
         return row
     raise UserError(f"{path} line {line} has {len(header) + len(extra)} fields but the header has {len(header)}: "
@@ -1038,16 +1070,28 @@ def _group_by_image(data_dir: Path, rows: list[dict]) -> dict[str, dict]:
         name = _image_name(data_dir, row, number)
         entry = by_image.setdefault(name, {"captions": [], "split": None, "split_row": None})
         _set_split(data_dir, name, entry, _split_name(data_dir, row.get("split")), number)
-        # The first caption field that holds something: {"captions": null, "caption": "a dog"} had its caption
-        # dropped as null; one with none present is an error below, one with all null a dropped caption.
-        field = next((f for f in CAPTION_FIELDS if row.get(f) is not None),
-                     next((f for f in CAPTION_FIELDS if f in row), None))
-        if field is None:
-            raise UserError(f"{data_dir}: caption row {number} has no caption (expected a field named "
-                            f"{', '.join(CAPTION_FIELDS)}; it has {', '.join(map(str, row))})")
-        captions = row[field]
-        entry["captions"].extend(captions if isinstance(captions, (list, tuple)) else [captions])
+        for captions in _row_captions(data_dir, row, number):
+            entry["captions"].extend(captions if isinstance(captions, (list, tuple)) else [captions])
     return by_image
+
+
+def _row_captions(data_dir: Path, row: dict, number: int) -> list:
+    """The values of a caption row's caption fields: each numbered one's of a wide row (wide_caption_fields: its
+    image,caption,caption2 read only `caption`, and caption_1..caption_5 named no caption column), else its one
+    caption field's. _clean_captions reads each as a tall row's one caption (empty ones left out, with a note)."""
+    wide, problem = wide_caption_fields(tuple(row))
+    if problem:
+        raise UserError(f"{data_dir}: caption row {number} {problem}")
+    if wide:
+        return [row[field] for field in wide]
+    # The first caption field that holds something: {"captions": null, "caption": "a dog"} had its caption
+    # dropped as null; one with none present is an error below, one with all null a dropped caption.
+    field = next((f for f in CAPTION_FIELDS if row.get(f) is not None),
+                 next((f for f in CAPTION_FIELDS if f in row), None))
+    if field is None:
+        raise UserError(f"{data_dir}: caption row {number} has no caption (expected a field named "
+                        f"{', '.join(CAPTION_FIELDS)}; it has {', '.join(map(str, row))})")
+    return [row[field]]
 
 
 def file_name_problem(name: str) -> str:
@@ -1197,7 +1241,8 @@ def _set_split(data_dir: Path, name: str, entry: dict, split: str | None, number
 
 def load_caption_folder(data_dir: Path, split: str, seed: int = 0, folder_split: str = "hash") -> list[ImageRecord]:
     """A folder of images with captions.jsonl ({"image", "captions"|"caption"|"text", "split"?}) or
-    captions.csv (columns image, caption, split?; one row per caption; file_name and text also do), else
+    captions.csv (columns image, caption, split?; one row per caption, or one per image with caption_1,
+    caption_2, ...: wide_caption_fields; file_name and text also do), else
     Hugging Face imagefolder's metadata.jsonl or metadata.csv (imagefolder_metadata_files).
 
     Rows without a split are assigned one by deal_splits, by `folder_split` (see FOLDER_SPLITS).

@@ -902,6 +902,70 @@ def test_caption_files_name_their_columns_as_imagefolder_does_or_say_what_is_mis
         load_records("folder", "train", str(tmp_path))
 
 
+@pytest.mark.parametrize("column, delimiter", [("caption_{}", ","), ("Caption {}", ";"), ("caption{}", "\t"),
+                                               ("TEXT_{}", ",")])
+def test_a_wide_csv_gives_each_image_its_captions_in_column_order(tmp_path, column, delimiter):
+    """Published caption tables keep an image's captions in one row, a column each (image,caption_1,...,caption_5):
+    the header was refused as naming no caption column."""
+    for name in ("a.png", "b.png"):
+        write_image(tmp_path / name)
+    header = ["image", *(column.format(i) for i in (1, 2, 3, 4, 5)), "split"]
+    rows = [[name, *(f"{name} caption {i}" for i in (1, 2, 3, 4, 5)), "train"] for name in ("a.png", "b.png")]
+    (tmp_path / "captions.csv").write_text("".join(delimiter.join(fields) + "\n" for fields in [header, *rows]))
+    records = load_records("folder", "train", str(tmp_path))
+    assert [r.captions for r in records] == [[f"{name} caption {i}" for i in (1, 2, 3, 4, 5)]
+                                             for name in ("a.png", "b.png")]
+
+
+def test_a_wide_tables_empty_cells_are_left_out_with_the_usual_note(tmp_path, capsys):
+    for name in ("a.png", "b.png"):
+        write_image(tmp_path / name)
+    (tmp_path / "captions.csv").write_text("image,caption_0,caption_1,caption_2,caption_3,caption_4,split\n"
+                                           "a.png,one,,three,  ,\"[\"\"four\"\", \"\"five\"\"]\",train\n"
+                                           "b.png,,,,,,train\n")
+    assert [r.captions for r in load_records("folder", "train", str(tmp_path))] == [["one", "three", "four", "five"]]
+    out = capsys.readouterr().out
+    assert "train: 1 images have no usable caption (empty, or not text) and are left out (first: b.png)" in out
+    assert "train: 2 captions of 1 images are empty or not text and are left out" in out
+
+
+def test_a_caption_column_beside_its_numbered_ones_is_read_with_them(tmp_path):
+    """image,caption,caption2 read only `caption`, dropping caption2 without a word."""
+    write_image(tmp_path / "a.png")
+    (tmp_path / "captions.csv").write_text("image,caption,caption2\na.png,a dog,a brown dog\n")
+    assert [r.captions for s in SPLITS for r in load_records("folder", s, str(tmp_path))] == [["a dog", "a brown dog"]]
+    # Unquoted commas: which caption the pieces belong to is not ours to guess (one caption column: joined back).
+    (tmp_path / "captions.csv").write_text("image,caption,caption2\na.png,a dog, brown,a cat\n")
+    with pytest.raises(UserError, match="line 2 has 4 fields but the header has 3: put a caption that contains"):
+        load_records("folder", "train", str(tmp_path))
+    (tmp_path / "captions.csv").write_text("image,caption_1\na.png,a dog, brown\n")
+    assert [r.captions for s in SPLITS for r in load_records("folder", s, str(tmp_path))] == [["a dog, brown"]]
+
+
+def test_jsonl_rows_with_numbered_caption_fields_are_read_as_a_wide_table_is(tmp_path):
+    for name in ("a.png", "b.png"):
+        write_image(tmp_path / name)
+    write_jsonl_captions(tmp_path, [{"image": "a.png", "caption_1": "one", "caption_2": ["two", "three"],
+                                     "split": "train"},
+                                    {"image": "b.png", "caption": "four", "caption_1": "five", "split": "train"}])
+    assert [r.captions for r in load_records("folder", "train", str(tmp_path))] == [["one", "two", "three"],
+                                                                                    ["four", "five"]]
+
+
+@pytest.mark.parametrize("file_format", ["jsonl", "csv"])
+def test_numbered_caption_fields_beside_other_caption_fields_are_an_error_naming_both(tmp_path, file_format):
+    """caption_1 beside text_1 (or text) may be two sets of captions or one set and something else."""
+    write_image(tmp_path / "a.png")
+    if file_format == "csv":
+        (tmp_path / "captions.csv").write_text("image,caption_1,caption_2,text_1\na.png,one,two,three\n")
+        where = r"captions.csv: its header"
+    else:
+        write_jsonl_captions(tmp_path, [{"image": "a.png", "text": "one", "caption_1": "two", "caption_2": "three"}])
+        where = "caption row 1"
+    with pytest.raises(UserError, match=where + r" has caption fields of two names \(caption_1, caption_2; text"):
+        load_records("folder", "train", str(tmp_path))
+
+
 def test_caption_files_that_are_two_or_not_json_lines_are_named(tmp_path):
     write_image(tmp_path / "a.png")
     (tmp_path / "captions.jsonl").write_text('[\n  {"image": "a.png", "caption": "x"}\n]\n')  # pretty JSON
