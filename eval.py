@@ -1,7 +1,7 @@
 """Caption a split with a trained run, score it as the papers do, beside a baseline, and show it.
 
     python eval.py saved_models/demo                          # the run's test split, greedy
-    python eval.py saved_models/demo --split val --limit 100 --strategy beam --num-beams 5
+    python eval.py saved_models/demo --split val --limit 100 --strategy beam --num-beams 5   # into demo/eval-val/
     python eval.py saved_models/demo/last                     # the last adapter instead of the best
     python eval.py saved_models/demo --decoding-sweep         # greedy, beam 3, beam 5, nucleus: one table
     python eval.py --compare saved_models/a saved_models/b    # runs side by side, from their metrics.json
@@ -19,8 +19,10 @@ whose CLIP feature is nearest (cosine). An adapter that does not beat it on CIDE
 Writes into the run folder (or --out): metrics.json, predictions.jsonl (per-image scores and the
 baseline caption), report.html (self-contained: gallery worst first, metrics, curves),
 curve_loss.png and curve_val_metrics.png (from the run's train_log.jsonl), and with
---decoding-sweep decoding_sweep.json. --compare reads each run's metrics.json (evaluate a run
-first; nothing is re-evaluated implicitly) and with --out writes comparison.md and comparison.json.
+--decoding-sweep decoding_sweep.json. The run folder's own are of the test split (as training's final
+evaluation wrote them); another split's go into RUN/eval-val/ or RUN/eval-train/ unless --out says where.
+--compare reads each run's metrics.json (evaluate a run first; nothing is re-evaluated implicitly; RUN/eval-val
+for its val figures) and with --out writes comparison.md and comparison.json.
 """
 from __future__ import annotations
 
@@ -72,6 +74,7 @@ COMPARISON_FILES = ("comparison.md", "comparison.json")
 # What an evaluation writes into its folder, and deletes there when it does not write it (write_outputs_in).
 EVAL_OUTPUTS = (METRICS_FILE, PREDICTIONS_FILE, REPORT_FILE, SWEEP_FILE, LOSS_CURVE, METRIC_CURVE)
 OUTPUTS_LOCK = ".eval.lock"
+SPLIT_FOLDER_PREFIX = "eval-"  # RUN/eval-val/: where another split than test writes without --out (outputs_folder)
 # Names of a file, not of the folder --out takes: the outputs' own kinds, and tables'.
 FILE_SUFFIXES = {".json", ".jsonl", ".html", ".htm", ".md", ".csv", ".tsv", ".txt", ".png"}
 TRAIN_LOG = "train_log.jsonl"
@@ -527,7 +530,8 @@ def reevaluation_command(path: Path, metrics: dict, folder: Path) -> str:
     sampled = decoding.get("strategy") == "sample" or bool(options.get("decoding_sweep"))  # the sweep samples too
     command += decoding_flags(decoding) + option_flags(options, sampled)
     written_to = path.parent if path.suffix == ".json" else path
-    if written_to.resolve() != folder.resolve():
+    split = metrics.get("split") if metrics.get("split") in SPLITS else "test"  # a file's other text: its own folder
+    if written_to.resolve() != outputs_folder(folder, split, None).resolve():
         command += ["--out", str(written_to)]
     return shlex.join(command)
 
@@ -684,6 +688,28 @@ def evaluate_captioner(captioner, records, decodings: dict[str, DecodingConfig],
 # Output
 # ----------------------------------------------------------------------------------------------
 
+def outputs_folder(checkpoint: Path, split: str, out: str | None) -> Path:
+    """Where an evaluation writes: --out, else the checkpoint folder for the test split (the run's figures, which
+    train.py's final evaluation writes and --compare RUN reads), else its eval-<split>/: `--split val` replaced the
+    run's test figures there without a word."""
+    if out:
+        return Path(out)
+    return checkpoint if split == "test" else checkpoint / f"{SPLIT_FOLDER_PREFIX}{split}"
+
+
+def split_of_outputs_folder(path: Path) -> str | None:
+    """The split whose evaluation `path` holds if it is a run's eval-<split>/ (outputs_folder), else None."""
+    split = path.name.removeprefix(SPLIT_FOLDER_PREFIX)
+    return split if split != path.name and split in SPLITS and (path.parent / ADAPTER_CONFIG).is_file() else None
+
+
+def evaluation_command(path: Path) -> str:
+    """The command that writes `path`'s metrics.json: a run's eval-val/ is `eval.py RUN --split val`'s, not
+    `eval.py RUN/eval-val`'s (no run folder)."""
+    split = split_of_outputs_folder(path)
+    return f"python eval.py {path.parent} --split {split}" if split else f"python eval.py {path}"
+
+
 def find_run_dir(checkpoint: Path) -> Path:
     """The run folder: the checkpoint itself, or its parent for last/."""
     for folder in (checkpoint, checkpoint.parent):
@@ -822,21 +848,23 @@ def comparison(run_paths: list[str]) -> dict:
     runs, stale = [], []
     for path in map(checkpoint_folder, run_paths):
         metrics_path = path if path.suffix == ".json" else path / METRICS_FILE
-        if not path.exists():
+        if not path.exists() and not split_of_outputs_folder(path):
             raise UserError(f"--compare: {path} does not exist")
         if not metrics_path.is_file():
-            raise UserError(f"{path} has no {METRICS_FILE}: evaluate it first (python eval.py {path})")
+            raise UserError(f"{path} has no {METRICS_FILE}: evaluate it first ({evaluation_command(path)})"
+                            + other_splits_hint(path))
         metrics = read_json(metrics_path, "metrics")
         if not isinstance(metrics, dict) or not {"coco_cider_d", "baseline", "beats_baseline"} <= set(metrics):
             raise UserError(f"{metrics_path} is not a metrics.json of this version of eval.py: re-evaluate it "
-                            f"(python eval.py {path})")
+                            f"({evaluation_command(path)})")
         if problem := metrics_problem(metrics):
             raise UserError(f"{metrics_path} is not a metrics.json eval.py wrote ({problem}): re-evaluate it "
-                            f"(python eval.py {path})")
+                            f"({evaluation_command(path)})")
         runs.append((str(path), metrics))
         if note := stale_adapter_note(path, metrics):
             stale.append(note)
-    names = [Path(p).name if [Path(q).name for q, _ in runs].count(Path(p).name) == 1 else p for p, _ in runs]
+    columns = [column_name(Path(p)) for p, _ in runs]
+    names = [name if columns.count(name) == 1 else p for name, (p, _) in zip(columns, runs)]
     table = [[name, *(percent(m.get(key)) for _, m in runs)] for key, name in COCO_METRICS]
     table += [[name, *(percent(m.get(key)) for _, m in runs)] for key, name, _ in EXTRA_METRICS]
     table.append(["NN baseline CIDEr-D", *(percent(m["baseline"][DECIDING_METRIC]) for _, m in runs)])
@@ -865,6 +893,19 @@ def comparison(run_paths: list[str]) -> dict:
     return {"header": ["metric (x100)", *names], "rows": table, "runs": [p for p, _ in runs], "notes": notes,
             "metrics": {p: {key: m.get(key) for key in metric_keys()} | {"baseline_" + DECIDING_METRIC:
                         m["baseline"][DECIDING_METRIC]} for p, m in runs}}
+
+
+def column_name(path: Path) -> str:
+    """A run's column in --compare's table: its folder's name, with its run's for a run's eval-val/ (a column
+    "eval-val" did not say whose)."""
+    return f"{path.parent.name}/{path.name}" if split_of_outputs_folder(path) else path.name
+
+
+def other_splits_hint(run: Path) -> str:
+    """"" or where `run`'s evaluations of other splits are, for --compare RUN on a run evaluated on them only."""
+    folders = [str(folder) for split in SPLITS if (folder := outputs_folder(run, split, None)) != run
+               and (folder / METRICS_FILE).is_file()]
+    return f"; its other splits' are in {' and '.join(folders)}, which --compare takes too" if folders else ""
 
 
 # The strings of a metrics.json that --compare prints or sets side by side.
@@ -1164,7 +1205,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("checkpoint", nargs="?", type=run_folder_argument,
                         help="run folder (best adapter) or its last/ sub-folder")
-    parser.add_argument("--split", choices=("train", "val", "test"), default="test", help="split to caption (default: test)")
+    parser.add_argument("--split", choices=SPLITS, default="test",
+                        help="split to caption (default: test); without --out, the outputs of val or train go into "
+                             "RUN/eval-val or RUN/eval-train, leaving the run's own test figures as they are")
     parser.add_argument("--limit", type=whole_number(0, meaning=" (0 = all)"), default=0,
                         help="caption at most this many images, drawn by the run's own seed (not --seed), so every "
                              "evaluation of a run with one --limit scores the same images; 0 = all")
@@ -1173,7 +1216,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "as the run's data set where it can be, else as its files show")
     parser.add_argument("--hub-data-files", default=None, help="parquet files for --dataset flickr30k")
     parser.add_argument("--out", default=None, type=not_empty,
-                        help="folder for the outputs (default: the checkpoint folder; with --compare: none, the "
+                        help="folder for the outputs (default: the checkpoint folder for --split test, its "
+                             "eval-val or eval-train sub-folder for --split val or train; with --compare: none, the "
                              "table is only printed)")
     parser.add_argument("--batch-size", type=whole_number(1), default=128 if torch.cuda.is_available() else 64,
                         help="images per CLIP and generation batch (default 128 on a GPU, 64 on a CPU)")
@@ -1200,26 +1244,28 @@ def build_parser() -> argparse.ArgumentParser:
     return usage_errors_once_per_machine(parser)
 
 
-def check_out_folder(out: Path, outputs: tuple[str, ...] = EVAL_OUTPUTS) -> None:
+def check_out_folder(out: Path, outputs: tuple[str, ...] = EVAL_OUTPUTS, named: str = "") -> None:
     """--out must be a folder that exists or can be made: a file in its place (or in its path) would
     only fail at the end, after the whole split was captioned, with FileExistsError. An existing one must hold
-    no file the `outputs` would replace but one an evaluation wrote, and no images."""
+    no file the `outputs` would replace but one an evaluation wrote, and no images. `named`: how errors name the
+    folder (default "--out OUT")."""
+    named = named or f"--out {out}"
     folder = nearest_existing(out)
     if not folder.is_dir():
         where = "is a file" if folder == out else f"is inside {folder}, which is a file"
-        raise UserError(f"--out {out} {where}: give a folder for the outputs (it is made if need be)")
+        raise UserError(f"{named} {where}: give a folder for the outputs (it is made if need be)")
     if folder != out and out.suffix.lower() in FILE_SUFFIXES:  # `--out results.json` made a folder of that name
-        raise UserError(f"--out {out} names a file, but the outputs are several files ({', '.join(outputs)}), "
+        raise UserError(f"{named} names a file, but the outputs are several files ({', '.join(outputs)}), "
                         "written into a folder: give a folder for them (it is made if need be)")
     if folder == out:
-        check_out_holds_nothing_of_the_users(out, outputs)
+        check_out_holds_nothing_of_the_users(out, outputs, named)
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"--out {out}: cannot write in {folder}; give a folder you can write to")
+        raise UserError(f"{named}: cannot write in {folder}; give a folder you can write to")
     missing = [place for place in (out, *out.parents) if not place.exists()]  # deepest first
     try:  # made now: a place that cannot hold a folder (/proc, a full disk) fails before the work, not after
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise UserError(f"--out {out} cannot be made ({error.strerror or error}); give a folder you can write "
+        raise UserError(f"{named} cannot be made ({error.strerror or error}); give a folder you can write "
                         "to") from None
     # And taken away again: a command refused later (a split with no images, --out inside the data folder) left
     # empty folders behind. The outputs make it again.
@@ -1228,20 +1274,20 @@ def check_out_folder(out: Path, outputs: tuple[str, ...] = EVAL_OUTPUTS) -> None
             place.rmdir()
 
 
-def check_out_holds_nothing_of_the_users(out: Path, outputs: tuple[str, ...]) -> None:
+def check_out_holds_nothing_of_the_users(out: Path, outputs: tuple[str, ...], named: str) -> None:
     """An existing --out folder that no evaluation or comparison wrote into must hold no file of an output's name
     (an evaluation replaces them all, and deletes those it does not write): the user's own report.html or
     metrics.json was overwritten without a word. Nor images: among them the curve PNGs would be taken for some
     (inference.py captions a folder's every image), and a caption folder's own files be mixed with outputs."""
     if not written_by_eval(out, outputs):
         if clash := next((name for name in outputs if os.path.lexists(out / name)), None):
-            raise UserError(f"--out {out} holds a {clash} that is no output of eval.py, and would be replaced: give "
+            raise UserError(f"{named} holds a {clash} that is no output of eval.py, and would be replaced: give "
                             "a folder of its own for the outputs (it is made if need be)")
     with os.scandir(out) as entries:
         image = next((entry.name for entry in entries if Path(entry.name).suffix.lower() in IMAGE_SUFFIXES
                       and entry.name not in (LOSS_CURVE, METRIC_CURVE)), None)
     if image is not None:
-        raise UserError(f"--out {out} holds images (first: {image}), which the outputs' curve PNGs would be mixed "
+        raise UserError(f"{named} holds images (first: {image}), which the outputs' curve PNGs would be mixed "
                         "in with: give a folder of its own for the outputs (it is made if need be)")
 
 
@@ -1274,7 +1320,7 @@ PER_MACHINE_FLAGS = {"no_progress", "num_workers", "device", "data_dir", "hub_da
                      "trust_remote_code", "out", "checkpoint"}
 
 
-def checkpoint_problem(checkpoint: Path, out: str, writes: bool = True) -> str:
+def checkpoint_problem(checkpoint: Path, out: str, split: str = "test", writes: bool = True) -> str:
     """Why `checkpoint` cannot be evaluated here ("" if it can): what each process checks on its machine
     (the one that `writes` the outputs, whether it can)."""
     if not checkpoint.exists():
@@ -1285,7 +1331,7 @@ def checkpoint_problem(checkpoint: Path, out: str, writes: bool = True) -> str:
         return not_a_run_folder(checkpoint)
     try:
         if writes:
-            check_outputs_can_be_written(checkpoint, out)
+            check_outputs_can_be_written(checkpoint, out, split)
     except UserError as error:
         return str(error)
     if not (checkpoint / ADAPTER_WEIGHTS).is_file():  # else a traceback from the digest of what was scored
@@ -1306,13 +1352,16 @@ def evaluated_facts(args, checkpoint: Path, captioner, records, train_records) -
             "the baseline's training data (a digest)": content_digest(train_records)}
 
 
-def check_outputs_can_be_written(checkpoint: Path, out: str) -> None:
-    """Before any work: the outputs' default folder (the checkpoint) can be written, or it used to fail
-    only after the whole split was captioned (a damaged train_log.jsonl costs only the curves); and --out
-    is not another run's folder."""
+def check_outputs_can_be_written(checkpoint: Path, out: str, split: str = "test") -> None:
+    """Before any work: the outputs' default folder (the checkpoint, or its eval-<split>/) can be written, or it
+    used to fail only after the whole split was captioned (a damaged train_log.jsonl costs only the curves), and
+    eval-<split>/ holds none of the user's files, as --out must not; and --out is not another run's folder."""
     if not out and not os.access(checkpoint, os.W_OK | os.X_OK):
         raise UserError(f"{checkpoint} cannot be written, and the outputs go there unless --out says otherwise: "
                         "pass --out FOLDER")
+    if not out and split != "test":
+        folder = outputs_folder(checkpoint, split, out)
+        check_out_folder(folder, named=f"{folder} (where --split {split} writes unless --out says otherwise)")
     if out and (Path(out) / ADAPTER_CONFIG).is_file() and not Path(out).samefile(checkpoint):
         # Its metrics.json, report and predictions would then be another adapter's, under its own name
         # (and --compare would call them stale instead of saying whose they are).
@@ -1349,7 +1398,8 @@ def what_goes_on(args) -> str:
     """What still happens once the reader of standard output has gone, for ReaderMayLeave's note."""
     if args.compare:
         return f"the comparison is still written into {args.out}" if args.out else "the rest of the table is dropped"
-    return f"the evaluation goes on and writes its files into {args.out or args.checkpoint}"
+    where = outputs_folder(Path(args.checkpoint), args.split, args.out) if args.checkpoint else args.out
+    return f"the evaluation goes on and writes its files into {where}"
 
 
 def evaluate_or_compare(parser: argparse.ArgumentParser, args) -> int:
@@ -1383,7 +1433,7 @@ def evaluate_run(args, processes: Processes) -> int:
     """Evaluate the run args.checkpoint names, this process's shard of it under a launcher: the main process
     writes and prints the results."""
     checkpoint = checkpoint_folder(args.checkpoint)
-    processes.agree({}, problem=checkpoint_problem(checkpoint, args.out, writes=processes.is_main),
+    processes.agree({}, problem=checkpoint_problem(checkpoint, args.out, args.split, writes=processes.is_main),
                     advice=SAME_RUN_EVERYWHERE)
     # What every process reads alike: a line it stops on (a split with no images, a changed caption file)
     # is printed once, not once per process, or names the one process whose files differ.
@@ -1469,7 +1519,7 @@ def evaluate_run(args, processes: Processes) -> int:
                      if note]
     result.metrics["notes"] += printed_notes
     sweep = sweep_table(results) if args.decoding_sweep else None
-    out_dir = Path(args.out) if args.out else checkpoint
+    out_dir = outputs_folder(checkpoint, args.split, args.out)
     written = write_eval_outputs(out_dir, result, records, run_dir, sweep, args.gallery_size)
     print_metrics(result.metrics, title=f"{checkpoint} on {dataset} {args.split} ({len(records)} images, "
                                         f"{result.metrics['decoding_name']}, {result.metrics['coco_tokenization']})",

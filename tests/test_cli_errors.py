@@ -420,6 +420,28 @@ def test_eval_checks_its_default_output_folder_before_any_work(run, no_model, tm
     assert f"{copied} cannot be written" in line and "pass --out FOLDER" in line, line
 
 
+def test_eval_of_another_split_checks_its_own_folder_in_the_run_before_any_work(run, no_model, tmp_path, monkeypatch,
+                                                                             capsys):
+    """--split val writes into RUN/eval-val/ (not over the run's test figures): that folder is checked as --out is."""
+    import shutil
+
+    copied = Path(shutil.copytree(run, tmp_path / "copied"))
+    (copied / "eval-val").write_text("mine")
+    line = cli_error(capsys, eval_script.main, [str(copied), "--split", "val", "--no-progress"])
+    assert line == (f"error: {copied / 'eval-val'} (where --split val writes unless --out says otherwise) is a file: "
+                    "give a folder for the outputs (it is made if need be)"), line
+    (copied / "eval-train").mkdir()
+    (copied / "eval-train" / "report.html").write_text("<p>my page</p>")
+    line = cli_error(capsys, eval_script.main, [str(copied), "--split", "train", "--no-progress"])
+    assert f"{copied / 'eval-train'} (where --split train writes unless --out says otherwise) holds a report.html " \
+           "that is no output of eval.py" in line, line
+    assert (copied / "eval-train" / "report.html").read_text() == "<p>my page</p>"
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != copied / "eval-train")
+    (copied / "eval-train" / "report.html").unlink()
+    line = cli_error(capsys, eval_script.main, [str(copied), "--split", "train", "--no-progress"])
+    assert f"cannot write in {copied / 'eval-train'}" in line, line
+
+
 # ----------------------------------------------------------------------------------------------
 # eval.py and an unreadable image: advice that is true of eval.py
 # ----------------------------------------------------------------------------------------------

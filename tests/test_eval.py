@@ -744,6 +744,46 @@ def test_validation_images_the_best_adapter_was_chosen_by_are_said_to_flatter_it
         assert [line[: len("note: " + note)] for line in printed] == ["note: " + n for n in expected], printed
 
 
+def test_another_split_is_written_beside_the_runs_test_figures_not_over_them(run, tmp_path, capsys):
+    """`eval.py RUN --split val` wrote its metrics.json, predictions and report over the run's test figures (training's
+    final evaluation's), which --compare RUN then showed as the run's: they go into RUN/eval-val/ instead."""
+    folder = Path(shutil.copytree(run, tmp_path / "run"))
+    flags = ["--limit", "4", "--no-progress", "--num-workers", "0"]
+    assert eval_script.main([str(folder), "--split", "val", *flags]) == 0
+    assert f"wrote {folder / 'eval-val' / 'metrics.json'}, " in capsys.readouterr().out
+    assert not (folder / "metrics.json").exists()
+    # A run evaluated on val only: --compare RUN says where those figures are.
+    with pytest.raises(UserError, match=re.escape(f"its other splits' are in {folder / 'eval-val'}")):
+        eval_script.main(["--compare", str(folder)])
+    with pytest.raises(UserError, match=re.escape(f"evaluate it first (python eval.py {folder} --split train)")):
+        eval_script.main(["--compare", str(folder / "eval-train")])  # not `eval.py RUN/eval-train`, no run
+
+    assert eval_script.main([str(folder), *flags]) == 0
+    test_files = {name: (folder / name).read_bytes() for name in ("metrics.json", "predictions.jsonl", "report.html")}
+    assert eval_script.main([str(folder), "--split", "val", *flags]) == 0
+    assert {name: (folder / name).read_bytes() for name in test_files} == test_files
+    assert read_json(folder / "metrics.json")["split"] == "test"
+    assert read_json(folder / "eval-val" / "metrics.json")["split"] == "val"
+    assert (folder / "eval-val" / "report.html").is_file() and (folder / "eval-val" / "predictions.jsonl").is_file()
+    out = tmp_path / "out"  # --out still says where
+    assert eval_script.main([str(folder), "--split", "val", *flags, "--out", str(out)]) == 0
+    assert read_json(out / "metrics.json")["split"] == "val" and not (out / "eval-val").exists()
+
+    capsys.readouterr()
+    assert eval_script.main(["--compare", str(folder), str(folder / "eval-val")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[0].split()[-2:] == ["run", "run/eval-val"], printed  # whose eval-val it is
+    assert next(line for line in printed.splitlines() if line.startswith("split")).split()[1:] == ["test", "val"]
+    assert "stale" not in printed
+    for name in ("adapter.safetensors", "adapter_config.json"):  # training went on: the val figures are stale
+        shutil.copy(run / "last" / name, folder / name)
+    assert eval_script.main(["--compare", str(folder / "eval-val")]) == 0
+    # The command that writes them again writes them where they are, with no --out.
+    command = shlex.split(re.search(r"re-evaluate it \((python eval\.py .*)\)$", capsys.readouterr().out,
+                                    re.MULTILINE).group(1))
+    assert command[:5] == ["python", "eval.py", str(folder), "--split", "val"] and "--out" not in command, command
+
+
 def test_metrics_report_and_compare_say_how_the_lm_was_quantised(run, evaluated, tmp_path, capsys):
     """The same adapter scores differently over a quantised LM (on the demo: CIDEr-D 185.90 with the
     8-bit LM it trained with, 181.41 with --lm-quantization none), so each evaluation must say which."""
