@@ -43,7 +43,7 @@ from dataset import IMAGE_SUFFIXES, open_image
 from eval import (add_decoding_flags, add_loading_flags, chosen_dtype, decoding_from_args,
                   loaded_as_the_run_names_note, loading_from_args, pick_device, seed_from_args)
 from model import ADAPTER_CONFIG, AdapterConfig, checkpoint_folder, load_captioner
-from utils import (HelpFormatter, Processes, UserError, escape_surrogates, lost_another_process, note,
+from utils import (HelpFormatter, Processes, UserError, escape_surrogates, for_terminal, lost_another_process, note,
                    resume_gc_after_loading, run_cli, run_folder_argument, stopping_together,
                    usage_errors_once_per_machine, whole_number)
 
@@ -220,14 +220,19 @@ def caption_images(args, processes: Processes) -> int:
     # Decoded a batch at a time (memory stays flat however many images); the backbones are loaded
     # at the first readable image, so a run where every image is bad loads no model at all.
     with stopping_together(processes), captions_to_stdout():
-        failed, held = caption_batches(args, checkpoint, device, decoding, paths_to_caption, unreadable, processes)
+        failed, held, loading = caption_batches(args, checkpoint, device, decoding, paths_to_caption, unreadable,
+                                                processes)
     # Process 0 printed its share (the first batches) as it went; the others' lines follow, in batch order.
-    shares = processes.gather([(failed, held)])
+    shares = processes.gather([(failed, held, loading)])
     if processes.is_main:
         with captions_to_stdout():
-            for _, lines in shares[1:]:
+            # The notes said as the model loaded (by the first process of each machine) were lost where process 0
+            # loaded none (its share empty or unreadable, as with 1 image): the first process that loaded says them.
+            if not loading:
+                write_lines(next((notes for *_, notes in shares if notes), []))
+            for _, lines, _ in shares[1:]:
                 write_lines(lines)
-    return 1 if sum(failed for failed, _ in shares) else 0
+    return 1 if sum(failed for failed, *_ in shares) else 0
 
 
 def check_stdout_open() -> None:
@@ -254,13 +259,13 @@ def captions_to_stdout():
 
 
 def caption_batches(args, checkpoint: Path, device, decoding, paths_to_caption: list, unreadable: dict,
-                    processes: Processes) -> tuple[int, list]:
+                    processes: Processes) -> tuple[int, list, list]:
     """Caption this process's share of the images (all of them, alone), a batch at a time; the main process
     prints each image's caption (or its error) as it goes, another holds its lines for it. Returns how many
-    images failed and the lines held."""
+    images failed, the lines held and the notes said as the model loaded (none where it loaded none)."""
     from tqdm.auto import tqdm
 
-    captioner, failed, held = None, 0, []
+    captioner, failed, held, loading = None, 0, [], []
     share = processes.shard(len(paths_to_caption), args.batch_size)
     # On stderr, and only on a terminal (disable=None), so --json lines and redirected logs stay clean.
     bar = tqdm(total=len(share), unit="image", file=sys.stderr,
@@ -272,6 +277,7 @@ def caption_batches(args, checkpoint: Path, device, decoding, paths_to_caption: 
         captioner, failed_here, lines = caption_batch(args, captioner, checkpoint, device, decoding, paths,
                                                       unreadable, seed)
         failed += failed_here
+        loading += [("stderr", for_terminal(line)) for stream, line in lines if stream == "loading"]  # as note()
         if processes.is_main:
             write_lines(lines)
         else:
@@ -282,17 +288,18 @@ def caption_batches(args, checkpoint: Path, device, decoding, paths_to_caption: 
         bar.update(len(paths))
         resume_gc()  # here, where nothing is left of the batch's images but garbage
     bar.close()
-    return failed, held
+    return failed, held, loading
 
 
 def write_lines(lines: list[tuple[str, str]]) -> None:
-    """Print caption_batch's lines: ("stdout", a caption or --json's error object) or ("stderr", a note or error)."""
+    """Print caption_batch's lines: ("stdout", a caption or --json's error object) or ("stderr", a note or error);
+    ("loading", a note) was said as the model loaded."""
     from tqdm.auto import tqdm
 
     for stream, line in lines:
         if stream == "stderr":
             tqdm.write(line, file=sys.stderr)  # above the bar, not through it
-        else:
+        elif stream == "stdout":
             print(line)
 
 
@@ -310,9 +317,11 @@ def caption_batch(args, captioner, checkpoint: Path, device, decoding, paths: li
         if announce := loaded_as_the_run_names_note(checkpoint, args.clip_model, args.lm_model):
             with tqdm.external_write_mode(file=sys.stderr):  # above the bar, not through it
                 note(announce, file=sys.stderr)
+            lines.append(("loading", announce))
         captioner = load_captioner(checkpoint, device=device, dtype=chosen_dtype(args.dtype, device), **loading)
         if args.compile and not captioner.enable_compiled_decoding():
-            note("note: --compile needs a CUDA device; decoding eagerly", file=sys.stderr)
+            note(eager := "note: --compile needs a CUDA device; decoding eagerly", file=sys.stderr)
+            lines.append(("loading", eager))
     torch.manual_seed(seed)
     captions = iter(captioner.caption_images(images, decoding) if images else [])
     for path, image in zip(paths, opened):

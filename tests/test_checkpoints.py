@@ -809,6 +809,20 @@ def test_inference_with_a_bad_checkpoint_stops_two_processes_in_one_line(copy):
     said = said_by_the_processes(two.stderr)
     assert two.returncode != 0 and said.count("error: ") == 1 and "is not valid JSON" in said, said
 
+
+@pytest.mark.slow
+def test_inference_in_two_processes_says_what_it_loads_where_process_0_captions_nothing(tiny, checkpoint, capsys):
+    """One image is one batch, process 1's: process 0 loaded no model, so the note on the backbones the run folder
+    names (and --compile's on CPU), said by the first process of each machine as it loads, was said by none."""
+    image = str(sorted((Path(tiny["data_dir"]) / "images").glob("test_*.png"))[0])
+    flags = ["--checkpoint", str(checkpoint), "--compile", "--no-progress", image]
+    assert inference.main(flags) == 0
+    one = capsys.readouterr()
+    two = caption_in_two_processes(flags)
+    assert two.returncode == 0, two.stderr[-3000:]
+    said = [line for line in said_by_the_processes(two.stderr).splitlines() if line.startswith("note: ")]
+    assert two.stdout == one.out and said == one.err.splitlines() and len(said) == 2, (said, one.err)
+
 def test_inference_says_compile_needs_a_cuda_device_and_captions_eagerly(tiny, checkpoint, capsys):
     image = sorted((Path(tiny["data_dir"]) / "images").glob("test_*.png"))[0]
     assert inference.main(["--checkpoint", str(checkpoint), str(image)]) == 0
