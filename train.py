@@ -951,7 +951,8 @@ def processes_that_saved(resume_dir: Path) -> int:
     return len(list(resume_dir.glob("rng_*.json")))
 
 
-def load_resume_state(run_dir: Path, accelerator, adapter, optimizer, scheduler) -> TrainerState:
+def load_resume_state(run_dir: Path, accelerator, adapter, optimizer, scheduler,
+                      config: TrainConfig | None = None) -> TrainerState:
     resume_dir = resume_state_dir(run_dir)
     if resume_dir is None:
         raise UserError(f"{run_dir} has no resume state (resume/{TRAINER_STATE}): it stopped before its first "
@@ -966,8 +967,10 @@ def load_resume_state(run_dir: Path, accelerator, adapter, optimizer, scheduler)
     saved_by = processes_that_saved(resume_dir)
     if saved_by and saved_by != accelerator.num_processes:
         # The global batch, the steps per epoch and each process's place in the epoch depend on it.
+        # With the command that does (given the run's config), as a stop names it: the launcher and its count.
+        command = f": {resume_command_for(config, saved_by, accelerator.device.type == 'cpu')}" if config else ""
         raise UserError(f"{resume_dir} was saved by {saved_by} process{'es' if saved_by > 1 else ''}, not "
-                        f"{accelerator.num_processes}; resume with the same number of processes ({saved_by})")
+                        f"{accelerator.num_processes}; resume with the same number of processes ({saved_by}){command}")
     if not rng_file.is_file():
         raise UserError(f"{rng_file} is missing: the resume state is damaged; resume from a copy or start again")
 
@@ -1836,7 +1839,8 @@ def resume(run: Run, train_data: str, data_content: dict) -> None:
     # Every process reads the same state and refuses it alike (another process count, another run's state): one
     # line, not one per process.
     with stopping_together(Processes.of(accelerator)):
-        state = run.state = load_resume_state(run.run_dir, accelerator, run.adapter, run.optimizer, run.scheduler)
+        state = run.state = load_resume_state(run.run_dir, accelerator, run.adapter, run.optimizer, run.scheduler,
+                                              config)
         check_resume_belongs(state, run.run_dir, config, train_data, data_content)
         if {"epochs", "max_steps"} & set(changes) and run.total_steps <= state.step:
             raise UserError(f"{run.run_dir} is at step {state.step}, and with the new --epochs/--max-steps the run "

@@ -1117,7 +1117,10 @@ def test_resuming_with_another_number_of_processes_is_refused(tiny, tmp_path, ca
     shutil.copy(resume / "rng_0.json", resume / "rng_1.json")
     assert run_cli(train.main, ["--output-dir", str(tmp_path), "--run-name", "two", "--resume", "--no-progress",
                                 "--max-steps", "3"]) == 2
-    assert "was saved by 2 processes, not 1; resume with the same number of processes (2)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    flags = shlex.join(["--run-name", "two", "--output-dir", str(tmp_path), "--resume"])
+    assert ("was saved by 2 processes, not 1; resume with the same number of processes (2): ACCELERATE_USE_CPU=true "
+            f"torchrun --nproc_per_node 2 train.py {flags}") in err, err
 
 
 def test_a_run_that_stopped_before_its_first_checkpoint_says_what_to_do(tiny, tmp_path, monkeypatch, capsys):
