@@ -87,6 +87,8 @@ class AdapterConfig:
         if path.is_dir():
             raise UserError(f"{path} is a folder, not a JSON file: point --checkpoint at a run folder whose "
                             f"{ADAPTER_CONFIG} is a file")
+        if not path.is_file() and (evaluation := evaluation_folder_problem(path.parent)):
+            raise UserError(evaluation)
         if not path.is_file():
             advice = only_last_hint(path.parent) or f"point --checkpoint at a run folder holding {ADAPTER_CONFIG}"
             raise UserError(f"{path} not found: {advice}")
@@ -153,7 +155,17 @@ def not_a_run_folder(folder: Path) -> str:
     hint = only_last_hint(folder)
     if hint:
         return f"{folder} has no {ADAPTER_CONFIG}: {hint}"
+    if evaluation := evaluation_folder_problem(folder):
+        return evaluation
     return f"{folder} is not a run folder: it has no {ADAPTER_CONFIG}"
+
+
+def evaluation_folder_problem(folder: Path) -> str:
+    """The error for a run's RUN/eval-val/ (eval.py --split val writes there), or an --out folder inside a run,
+    given as the run: "not a run folder" did not say whose it is. "" for other folders."""
+    if (folder / "metrics.json").is_file() and (folder.parent / ADAPTER_CONFIG).is_file():
+        return f"{folder} holds an evaluation's outputs, not a run: give its run folder, {folder.parent}"
+    return ""
 
 
 def _json_value_fits(value, annotation: str) -> bool:

@@ -115,6 +115,20 @@ def test_a_checkpoint_that_does_not_exist_is_said_so(script, tmp_path, data_dir,
     assert f"{missing} does not exist" in line, line
 
 
+def test_an_evaluations_folder_inside_a_run_is_said_to_be_one(run, data_dir, tmp_path, no_model, capsys):
+    """RUN/eval-val/ (eval.py RUN --split val writes there) given as the run: "not a run folder" did not say
+    whose it is."""
+    folder = tmp_path / "run"
+    shutil.copytree(run, folder)
+    (folder / "eval-val").mkdir()
+    (folder / "eval-val" / "metrics.json").write_text("{}")
+    for script, argv in ((inference, ["--checkpoint", str(folder / "eval-val"), image(data_dir)]),
+                         (eval_script, [str(folder / "eval-val")])):
+        line = cli_error(capsys, script.main, argv)
+        assert line.endswith(f"{folder / 'eval-val'} holds an evaluation's outputs, not a run: give its run folder, "
+                             f"{folder}"), line
+
+
 def test_app_names_a_bad_host_or_a_taken_port_before_loading(run, no_model, capsys):
     import socket
 
