@@ -2005,8 +2005,12 @@ def take_steps(run: Run, stop: StopRequest, bar, on_step=None) -> bool:
         if stop.signal_name or stop.agreed:
             bar.close()
             run.save_checkpoint()
-            say(accelerator, f"{stop.signal_name or 'signal'}: saved a checkpoint at step {state.step}; "
-                             f"continue with {resume_command(config, accelerator)}", every_machine=True)
+            line = (f"{stop.signal_name or 'signal'}: saved a checkpoint at step {state.step}; "
+                    f"continue with {resume_command(config, accelerator)}")
+            say(accelerator, line, every_machine=True)
+            # A launcher whose processes stop so sums them up last; a machine the signal never reached showed
+            # a link on how to record tracebacks there, not where the run stands.
+            tell_the_launcher(line)
             return False
     return True
 

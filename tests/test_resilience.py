@@ -1911,6 +1911,22 @@ def test_an_error_that_stops_the_steps_is_a_line_of_its_own_after_the_progress_b
     assert "2/3" in err and "\nerror: the disk is full\n" in err, err[-1000:]
 
 
+def test_a_signal_stop_leaves_its_line_for_the_launchers_summary(tiny, tmp_path, monkeypatch, capsys):
+    """torchrun sums up the processes that ended non-zero last; a machine the Ctrl-C never reached showed a link
+    on recording tracebacks there, not the line saying where the run stands and how to go on."""
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
+
+    def stopped_at_2(step):
+        if step == 2:
+            signal.raise_signal(signal.SIGTERM)
+
+    summary = train.train(train.parse_config(train_args(tiny, tmp_path, "stopped", "--max-steps", "4")),
+                          on_step=stopped_at_2)
+    assert summary["interrupted"]
+    said = [line for line in capsys.readouterr().out.splitlines() if "saved a checkpoint at step 2" in line]
+    assert read_json(tmp_path / "error.json")["message"]["message"] == said[-1], said
+
+
 def test_a_resume_launched_with_another_process_count_and_stopped_is_told_the_saved_count(tmp_path, monkeypatch):
     """A run saved by 2 processes, resumed by `python train.py ... --resume` and stopped during start-up (before the
     count is checked): the command it gave was python's, which the saved state refuses; and the other way round."""
