@@ -1083,7 +1083,9 @@ def _row_captions(data_dir: Path, row: dict, number: int) -> list:
     if problem:
         raise UserError(f"{data_dir}: caption row {number} {problem}")
     if wide:
-        return [row[field] for field in wide]
+        # A blank cell is no caption (images of a wide table have their own numbers of captions), not one dropped
+        # with a note; a number or a null still is.
+        return [row[field] for field in wide if not (isinstance(row[field], str) and not row[field].strip())]
     # The first caption field that holds something: {"captions": null, "caption": "a dog"} had its caption
     # dropped as null; one with none present is an error below, one with all null a dropped caption.
     field = next((f for f in CAPTION_FIELDS if row.get(f) is not None),
@@ -1365,19 +1367,27 @@ def load_records(dataset: str, split: str, data_dir: str | None = None, hub_data
     return records
 
 
+def counted(number: int, noun: str) -> str:
+    """ "1 image", "2 images": a note read "1 captions of 1 images"."""
+    return f"{number:,} {noun}{'' if number == 1 else 's'}"
+
+
 def _drop_captionless(records: list[ImageRecord], split: str) -> list[ImageRecord]:
     """The records with a caption left after normalize_caption. The others are left out, and counted:
     a column of captions that all came out empty would otherwise shrink the data set unnoticed."""
     kept = [r for r in records if r.captions]
     if len(kept) < len(records):
         first = next(r.image_id for r in records if not r.captions)
-        note(f"note: {split}: {len(records) - len(kept):,} images have no usable caption (empty, or not text) and "
-             f"are left out (first: {first})")
+        left_out = len(records) - len(kept)
+        note(f"note: {split}: {counted(left_out, 'image')} {'has' if left_out == 1 else 'have'} no usable caption "
+             f"(empty, or not text) and {'is' if left_out == 1 else 'are'} left out (first: {first})")
     # Captions dropped from images that keep others were left out without a word: a column of numbers or
     # nulls in half the rows shrank the data set unnoticed.
     if dropped := [r for r in kept if r.unusable_captions]:
-        note(f"note: {split}: {sum(r.unusable_captions for r in dropped):,} captions of {len(dropped):,} images are "
-             f"empty or not text and are left out; the images keep their other captions (first: {dropped[0].image_id})")
+        captions = sum(r.unusable_captions for r in dropped)
+        note(f"note: {split}: {counted(captions, 'caption')} of {counted(len(dropped), 'image')} "
+             f"{'is' if captions == 1 else 'are'} empty or not text and {'is' if captions == 1 else 'are'} left out; "
+             f"the images keep their other captions (first: {dropped[0].image_id})")
     return kept
 
 

@@ -917,7 +917,9 @@ def test_a_wide_csv_gives_each_image_its_captions_in_column_order(tmp_path, colu
                                              for name in ("a.png", "b.png")]
 
 
-def test_a_wide_tables_empty_cells_are_left_out_with_the_usual_note(tmp_path, capsys):
+def test_a_wide_tables_blank_cells_are_no_captions_and_a_row_of_them_no_image(tmp_path, capsys):
+    """Images of a wide table have their own numbers of captions: a blank cell is none, not a caption dropped with
+    a note (each image short of five captions was noted); a row of blank cells is an image without captions."""
     for name in ("a.png", "b.png"):
         write_image(tmp_path / name)
     (tmp_path / "captions.csv").write_text("image,caption_0,caption_1,caption_2,caption_3,caption_4,split\n"
@@ -925,8 +927,12 @@ def test_a_wide_tables_empty_cells_are_left_out_with_the_usual_note(tmp_path, ca
                                            "b.png,,,,,,train\n")
     assert [r.captions for r in load_records("folder", "train", str(tmp_path))] == [["one", "three", "four", "five"]]
     out = capsys.readouterr().out
-    assert "train: 1 images have no usable caption (empty, or not text) and are left out (first: b.png)" in out
-    assert "train: 2 captions of 1 images are empty or not text and are left out" in out
+    assert "train: 1 image has no usable caption (empty, or not text) and is left out (first: b.png)" in out
+    assert "empty or not text and" not in out.replace("(empty, or not text) and", ""), out
+    # A cell of a list of nothing but blanks is a caption that came out empty, noted as before.
+    (tmp_path / "captions.csv").write_text('image,caption_1,caption_2,split\na.png,one,"[""  ""]",train\n')
+    assert [r.captions for r in load_records("folder", "train", str(tmp_path))] == [["one"]]
+    assert "train: 1 caption of 1 image is empty or not text and is left out" in capsys.readouterr().out
 
 
 def test_a_caption_column_beside_its_numbered_ones_is_read_with_them(tmp_path):
@@ -1509,7 +1515,7 @@ def test_a_data_note_is_printed_by_the_first_process_of_each_machine_only(tmp_pa
         monkeypatch.setenv("LOCAL_RANK", local_rank)
         assert [r.image_id for r in load_records("folder", "train", str(tmp_path))] == ["a.png"]
         printed = capsys.readouterr().out
-        assert ("a caption written more than once" in printed and "have no usable caption" in printed) == says, printed
+        assert ("a caption written more than once" in printed and "no usable caption" in printed) == says, printed
 
 
 def test_hub_rows_of_one_filename_holding_different_images_are_an_error_not_merged(tmp_path):
