@@ -60,9 +60,10 @@ from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LM_QUANTIZATIONS, AdapterCon
 from report import (EXTRA_METRICS, GALLERY_SIZE, LOSS_CURVE, METRIC_CURVE, REPORT_FILE, baseline_verdict,
                     collapse_line, percent, sweep_rows, write_report)
 from utils import (BLEU_VARIANT, MAX_RECORDS_JSON_BYTES, ROUGE_L_VARIANT, HelpFormatter, Processes, UserError,
-                   add_dtype_flag, caption_diversity, caption_metrics, default_image_workers, file_digest, for_terminal,
+                   add_dtype_flag, another_process_ended, caption_diversity, caption_metrics, default_image_workers,
+                   file_digest, for_terminal,
                    format_table, gpu_computes_in_bf16, ids_digest, keep_going_if_the_reader_leaves, stopping_together,
-                   json_value, lost_another_process, nearest_existing, not_empty, note, read_json, run_cli,
+                   json_value, nearest_existing, not_empty, note, read_json, run_cli,
                    resume_gc_after_loading, run_folder_argument,
                    usage_errors_once_per_machine, waiting_lock, weights_digest, whole_number, write_json, write_jsonl,
                    write_text)
@@ -1422,11 +1423,7 @@ def evaluate_or_compare(parser: argparse.ArgumentParser, args) -> int:
     try:  # from the first collective on: the run's check, the loading's end, the gathers
         return evaluate_run(args, processes)
     except RuntimeError as error:  # another process stopped (a signal, a crash) and said why: not a gather traceback
-        if not (reason := lost_another_process(error)):
-            raise
-        print(f"error: another process of this evaluation ended ({reason}), so this one stops too; nothing was "
-              "written", file=sys.stderr)
-        return 1
+        return another_process_ended(error, "evaluation", lambda: "; nothing was written")
 
 
 def evaluate_run(args, processes: Processes) -> int:

@@ -43,7 +43,7 @@ from dataset import IMAGE_SUFFIXES, open_image
 from eval import (add_decoding_flags, add_loading_flags, chosen_dtype, decoding_from_args,
                   loaded_as_the_run_names_note, loading_from_args, pick_device, seed_from_args)
 from model import ADAPTER_CONFIG, AdapterConfig, checkpoint_folder, load_captioner
-from utils import (HelpFormatter, Processes, UserError, escape_surrogates, for_terminal, lost_another_process, note,
+from utils import (HelpFormatter, Processes, UserError, another_process_ended, escape_surrogates, for_terminal, note,
                    resume_gc_after_loading, run_cli, run_folder_argument, stopping_together,
                    usage_errors_once_per_machine, whole_number)
 
@@ -195,10 +195,7 @@ def main(argv=None) -> int:
     try:
         return caption_images(args, processes)
     except RuntimeError as error:  # another process stopped (a signal, a crash) and said why: not a gather traceback
-        if not (reason := lost_another_process(error)):
-            raise
-        print(f"error: another process of this captioning ended ({reason}), so this one stops too", file=sys.stderr)
-        return 1
+        return another_process_ended(error, "captioning")
 
 
 def caption_images(args, processes: Processes) -> int:

@@ -46,13 +46,13 @@ from metrics import validation_cider_d
 from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, IGNORE_INDEX, AdapterConfig, DecodingConfig, TrainingLoss,
                    build_captioner, let_4bit_weights_repack, load_adapter_state, missing_local_folder,
                    repair_torn_export, resolve_dtype, save_adapter, save_adapter_weights, value_count)
-from utils import (MAX_RECORDS_JSON_BYTES, HelpFormatter, Processes, Terminated, UserError, append_jsonl,
-                   caption_diversity, caption_metrics,
+from utils import (MAX_RECORDS_JSON_BYTES, HelpFormatter, Processes, Terminated, UserError, another_process_ended,
+                   append_jsonl, caption_diversity, caption_metrics,
                    check_folder_is_shared, check_processes_agree, collapse_warning, default_image_workers,
                    gpu_computes_in_bf16, ids_digest, interrupt_handled, interrupt_name, interrupted_exit_code,
                    is_whole_number, join_processes, keep_going_if_the_reader_leaves, json_text, json_value,
                    launched_on_cpu, launched_processes, library_versions, load_state, lone_cpu_launch_warning,
-                   lost_another_process, machines, nearest_existing, not_a_link, note, read_json, read_jsonl,
+                   machines, nearest_existing, not_a_link, note, read_json, read_jsonl,
                    rng_states, run_cli, said_alike_before_joining, said_alike_by, save_state, set_rng_states,
                    stopping_together, sync_folder, sync_tree, tell_the_launcher, usage_errors_once_per_machine,
                    user_message, weights_digest, write_json, write_jsonl, write_text)
@@ -2322,16 +2322,9 @@ def train_from_config(config: TrainConfig, on_step) -> int:
         print(f"interrupted ({interrupt_name(interrupt)}); {what_an_early_stop_left(config)}", file=sys.stderr)
         return interrupted_exit_code(interrupt)
     except RuntimeError as error:
-        reason = lost_another_process(error)
-        if not reason:
-            raise
         # What it left, as after a signal: a bare "--resume" resumed in the default folder, or answered "nothing to
         # resume" where the other process had stopped before the first checkpoint.
-        line = (f"error: another process of this run ended ({reason}), so this one stops too; "
-                f"{what_an_early_stop_left(config)}")
-        print(line, file=sys.stderr)
-        tell_the_launcher(line)  # the launcher's summary, printed last, showed a link on tracebacks in its place
-        return 1
+        return another_process_ended(error, "run", lambda: f"; {what_an_early_stop_left(config)}")
     return 1 if summary["interrupted"] else 0
 
 

@@ -408,6 +408,18 @@ def lost_another_process(error: RuntimeError) -> str:
     return next((reason for reason in PEER_LOST if reason in str(error)), "")
 
 
+def another_process_ended(error: RuntimeError, what: str, consequence=lambda: "") -> int:
+    """For `except RuntimeError` around a script's work under a launcher: where another process of the `what`
+    (run, evaluation, captioning) ended, this one's one line saying so (and `consequence()`, what was left), also
+    for the launcher's summary; exit status 1. Any other RuntimeError goes on up."""
+    if not (reason := lost_another_process(error)):
+        raise error
+    line = f"error: another process of this {what} ended ({reason}), so this one stops too{consequence()}"
+    print(line, file=sys.stderr)
+    tell_the_launcher(line)  # the launcher's summary, printed last, showed a link on tracebacks in its place
+    return 1
+
+
 def launched_on_cpu(device: str = "auto") -> bool:
     """Whether the launcher's processes run on CPUs: where told to (ACCELERATE_USE_CPU, `accelerate launch
     --cpu`, --device cpu), or where there is no GPU, where they join only as CPU processes (Accelerator, not told,

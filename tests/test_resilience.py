@@ -1874,7 +1874,7 @@ def test_a_lost_process_says_what_the_run_left_and_how_to_go_on(tiny, tmp_path, 
     def lost(config, on_step=None):
         raise RuntimeError("[gloo] Connection closed by peer")
     monkeypatch.setattr(train, "train", lost)
-    monkeypatch.setattr(train, "lost_another_process", lambda error: "Connection closed by peer")
+    monkeypatch.setattr("utils.lost_another_process", lambda error: "Connection closed by peer")
     said = "error: another process of this run ended (Connection closed by peer), so this one stops too; "
     assert train.train_from_config(train.TrainConfig(run_name="fresh", output_dir=str(tmp_path)), None) == 1
     assert capsys.readouterr().err == said + "the run had saved nothing yet: run the same command again (the " \
