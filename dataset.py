@@ -797,7 +797,14 @@ def check_not_utf16(path: Path) -> None:
     # Chinese captions hold few NULs, but the file begins in ASCII (a header's names, "{"): one NUL in two bytes.
     if head.startswith((b"\xff\xfe", b"\xfe\xff")) or head[:2].count(b"\x00") == 1 \
             or head.count(b"\x00") * 4 >= len(head) > 0:
-        raise UserError(f"{path} is UTF-16 text, not UTF-8; save it again as UTF-8")
+        raise UserError(f"{path} is {utf16_or_utf32(head)} text, not UTF-8; save it again as UTF-8")
+
+
+def utf16_or_utf32(head: bytes) -> str:
+    """Which wide encoding a text file's first bytes are in: UTF-32 (rare, but Python's and iconv's) has three
+    NULs beside each ASCII letter and a 4-byte mark, and UTF-16's mark is the first half of UTF-32's."""
+    utf32 = head.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")) or head[:4].count(b"\x00") == 3
+    return "UTF-32" if utf32 else "UTF-16"
 
 
 def not_utf8_message(path: Path) -> str:

@@ -539,6 +539,11 @@ def test_caption_files_with_bad_encoding_or_rows_are_clear_errors(tmp_path):
         (tmp_path / "captions.csv").write_bytes("image,caption\na.png,un caf\u00e9\n".encode(encoding))
         with pytest.raises(UserError, match=r"captions.csv is UTF-16 text, not UTF-8; save it again as UTF-8"):
             load_records("folder", "train", str(tmp_path))
+    # UTF-32 (Python's and iconv's), with or without its mark: it was named UTF-16, which the user would save again as.
+    for encoding in ("utf-32", "utf-32-le", "utf-32-be"):
+        (tmp_path / "captions.csv").write_bytes("image,caption\na.png,un caf\u00e9\n".encode(encoding))
+        with pytest.raises(UserError, match=r"captions.csv is UTF-32 text, not UTF-8; save it again as UTF-8"):
+            load_records("folder", "train", str(tmp_path))
     # Without a mark and with captions partly in a script whose letters hold no NUL byte: fewer NULs, still UTF-16.
     greek = "\u03ad\u03bd\u03b1\u03c2 \u03ba\u03b1\u03c6\u03ad \u03c3\u03ba\u03cd\u03bb\u03bf\u03c2"  # a brown dog
     (tmp_path / "captions.csv").write_bytes(f"image,caption\na.png,a brown dog runs on the grass: {greek}\n"
