@@ -718,18 +718,31 @@ def split_of_folder(name: str) -> str | None:
 
 
 def imagefolder_metadata_files(data_dir: Path, names: tuple[str, ...] = IMAGEFOLDER_METADATA) -> list[Path]:
-    """The imagefolder metadata files (`names`) of `data_dir` and of its split folders, each folder's one file."""
-    try:
-        split_folders = sorted(p for p in data_dir.iterdir() if split_of_folder(p.name) and p.is_dir())
-    except OSError:
-        split_folders = []
+    """The imagefolder metadata files (`names`) of `data_dir` and of every folder under it, each folder's one file:
+    Hugging Face reads them all (a folder per class, dogs/metadata.csv and cats/metadata.csv, or train/dogs/), and
+    those of folders other than the split folders were left out without a word."""
     found = []
-    for folder in (data_dir, *split_folders):
+    for folder in _folders_under(data_dir):
         files = [folder / name for name in names if (folder / name).is_file()]
         if len(files) > 1:
             raise UserError(f"{folder} holds both metadata.jsonl and metadata.csv; keep the one that is meant")
         found += files
     return found
+
+
+def _folders_under(data_dir: Path) -> list[Path]:
+    """`data_dir` and the folders under it, top first then by name, as Hugging Face's data files see them: hidden
+    folders and "__" ones (macOS's __MACOSX, __pycache__) skipped. A linked folder is followed unless its folder was
+    seen (a link to a parent loops); links come after real folders, so latest -> train/ leaves train/ its name."""
+    folders, seen = [], set()
+    for top, subfolders, _ in os.walk(data_dir, followlinks=True):
+        real = os.path.realpath(top)
+        shown = (d for d in subfolders if not d.startswith((".", "__")))
+        subfolders[:] = [] if real in seen else sorted(shown, key=lambda d: (os.path.islink(os.path.join(top, d)), d))
+        if real not in seen:
+            seen.add(real)
+            folders.append(Path(top))
+    return folders
 
 
 def _read_imagefolder_metadata(data_dir: Path, files: list[Path]) -> list[dict]:
@@ -738,14 +751,14 @@ def _read_imagefolder_metadata(data_dir: Path, files: list[Path]) -> list[dict]:
     rows, split_folders = [], {}
     for path in files:
         folder = path.parent.relative_to(data_dir)
-        folder_split = split_of_folder(folder.name) if folder.parts else None  # "validation/", "eval/": val, test
         for row in _read_caption_file(path):
             field = next((f for f in IMAGE_FIELDS if row.get(f)), None)
             if isinstance(row.get(field), str):
                 row[field] = str(folder / row[field])
                 no_split = row.get("split") is None or (isinstance(row["split"], str) and not row["split"].strip())
-                # The metadata file's own split folder, or for one at the top the split folder its name goes into.
-                split_folder = folder_split if folder.parts else _split_folder_of(data_dir, row[field], split_folders)
+                # The split folder the image lies in: the metadata file's own ("validation/", "eval/", "train/dogs/")
+                # or, for one above it, the one its name goes into.
+                split_folder = _split_folder_of(data_dir, row[field], split_folders)
                 if no_split and split_folder:
                     row["split"] = split_folder
             rows.append(row)
@@ -753,15 +766,18 @@ def _read_imagefolder_metadata(data_dir: Path, files: list[Path]) -> list[dict]:
 
 
 def _split_folder_of(data_dir: Path, name: str, split_folders: dict[str, bool]) -> str | None:
-    """The split folder of `data_dir` (train/, validation/, test/, ...) an image name lies in, else None: a root
-    metadata.jsonl naming "test/a.png" left the image to the hash deal, which trained on most of test/.
-    `split_folders` keeps whether each name is a folder: one look per name, not per row."""
-    first = re.split(r"[\\/]", name, maxsplit=1)
-    if len(first) < 2 or not split_of_folder(first[0]):
-        return None
-    if first[0] not in split_folders:
-        split_folders[first[0]] = (data_dir / first[0]).is_dir()
-    return split_of_folder(first[0]) if split_folders[first[0]] else None
+    """The split of the outermost split folder (train/, validation/, test/, ...; at any depth, as split_of_folders)
+    an image name lies in, else None: a root metadata.jsonl naming "test/a.png" left the image to the hash deal,
+    which trained on most of test/. `split_folders` keeps whether each such folder is one: a look per folder."""
+    folders = re.split(r"[\\/]", name)[:-1]
+    for depth, part in enumerate(folders, 1):
+        if split := split_of_folder(part):
+            prefix = "/".join(folders[:depth])
+            if prefix not in split_folders:
+                split_folders[prefix] = (data_dir / prefix).is_dir()
+            if split_folders[prefix]:
+                return split
+    return None
 
 
 def other_caption_file_hint(data_dir: Path) -> str:

@@ -1203,6 +1203,33 @@ def test_an_imagefolder_eval_folder_is_the_test_split_as_hugging_face_reads_it(t
         load_records("folder", "test", str(tmp_path))
 
 
+def test_imagefolder_metadata_files_in_any_folder_are_read_as_hugging_face_reads_them(tmp_path):
+    """A folder per class (dogs/metadata.csv, train/cats/metadata.jsonl): Hugging Face reads every metadata file under
+    the data folder, and here those outside the split folders were left out without a word (all of them: "has
+    neither captions.jsonl nor captions.csv"). A hidden or __MACOSX copy is not read, nor a link back up, twice."""
+    for name in ("dogs/0.png", "dogs/1.png", "train/cats/0.png", "photos/test/0.png"):
+        write_image(tmp_path / name)
+    (tmp_path / "dogs" / "metadata.csv").write_text("file_name,text\n0.png,dog zero\n1.png,dog one\n")
+    (tmp_path / "train" / "cats" / "metadata.jsonl").write_text('{"file_name": "0.png", "text": "cat zero"}\n')
+    (tmp_path / "photos" / "test" / "metadata.csv").write_text("file_name,text\n0.png,a test photo\n")
+    for skipped in (".ipynb_checkpoints", "__MACOSX"):
+        (tmp_path / skipped).mkdir()
+        (tmp_path / skipped / "metadata.csv").write_text("file_name,text\nnowhere.png,not read\n")
+    (tmp_path / "dogs" / "up").symlink_to(tmp_path, target_is_directory=True)
+    write_image(tmp_path / "photos" / "test" / "1.png")  # a split folder deeper down, named from the top
+    (tmp_path / "metadata.csv").write_text("file_name,text\nphotos/test/1.png,another test photo\n")
+    by_split = {split: {r.image_id: r.captions for r in load_records("folder", split, str(tmp_path))}
+                for split in SPLITS}
+    assert by_split["train"][os.path.join("train", "cats", "0.png")] == ["cat zero"]  # train/'s folder: train
+    assert by_split["test"][os.path.join("photos", "test", "0.png")] == ["a test photo"]
+    assert by_split["test"]["photos/test/1.png"] == ["another test photo"]
+    dealt = {name: captions for found in by_split.values() for name, captions in found.items()}
+    assert dealt == {os.path.join("dogs", "0.png"): ["dog zero"], os.path.join("dogs", "1.png"): ["dog one"],
+                     os.path.join("train", "cats", "0.png"): ["cat zero"],
+                     os.path.join("photos", "test", "0.png"): ["a test photo"],
+                     "photos/test/1.png": ["another test photo"]}
+
+
 def test_a_folder_of_another_caption_layout_says_what_to_do(tmp_path):
     """A COCO captions file, a JSON list saved as captions.json, or a folder given to the other --dataset: "has
     neither captions.jsonl nor captions.csv" did not say what to do with the file the folder does hold."""
