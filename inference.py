@@ -19,6 +19,8 @@ gets one line on stderr ("error: ..." naming it; {"image", "error"} on stdout wi
 still captioned, and the exit status is 1. A progress bar (stderr, only on a terminal) counts the images.
 Under torchrun (or accelerate launch) each process captions a share of whole batches and process 0 alone prints,
 the same lines as one process; each batch is sampled with --seed plus its index, whichever process captions it.
+There every process loads the model before any captioning, and all stop in one line unless they loaded the same
+adapter and backbones with the same flags.
 """
 from __future__ import annotations
 
@@ -39,13 +41,16 @@ from pathlib import Path
 
 import torch
 
-from dataset import IMAGE_SUFFIXES, open_image
-from eval import (add_decoding_flags, add_loading_flags, chosen_dtype, decoding_from_args,
+from dataset import IMAGE_SUFFIXES, encoder_fingerprint, open_image
+from eval import (PER_MACHINE_FLAGS, add_decoding_flags, add_loading_flags, chosen_dtype, decoding_from_args,
                   loaded_as_the_run_names_note, loading_from_args, pick_device, seed_from_args)
-from model import ADAPTER_CONFIG, AdapterConfig, checkpoint_folder, load_captioner
-from utils import (HelpFormatter, Processes, UserError, another_process_ended, escape_surrogates, for_terminal, note,
+from model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterConfig, checkpoint_folder, load_captioner
+from utils import (HelpFormatter, Processes, UserError, another_process_ended, escape_surrogates, file_digest, note,
                    resume_gc_after_loading, run_cli, run_folder_argument, stopping_together,
-                   usage_errors_once_per_machine, whole_number)
+                   usage_errors_once_per_machine, weights_digest, whole_number)
+
+SAME_RUN_EVERYWHERE = ("every machine needs the run folder and the backbones at the same paths, the same files (a "
+                       "shared disk, or copies made whole), and the same flags")
 
 
 class ImagesParser(argparse.ArgumentParser):
@@ -200,8 +205,9 @@ def main(argv=None) -> int:
 
 def caption_images(args, processes: Processes) -> int:
     """Caption the images args names, this process's share of them under a launcher; returns the exit status."""
-    # Read alike by every process: a line one of them stops on (a bad checkpoint) stops all, said once.
-    with stopping_together(processes):
+    # Read alike by every process: a line one of them stops on (a bad checkpoint) stops all, said once, or names
+    # the one process whose machine has no such run folder.
+    with stopping_together(processes, SAME_RUN_EVERYWHERE):
         checkpoint = checkpoint_folder(args.checkpoint)
         trained = AdapterConfig.from_json(checkpoint / ADAPTER_CONFIG)  # a bad checkpoint is reported before any image
         decoding = decoding_from_args(args, trained.max_caption_tokens)
@@ -214,22 +220,42 @@ def caption_images(args, processes: Processes) -> int:
         # notes said once), and hands the list to the others.
         listed = [image_paths(with_stdin_paths(args.images))] if processes.is_main else []
     paths_to_caption, unreadable = processes.gather(listed)[0]
-    # Decoded a batch at a time (memory stays flat however many images); the backbones are loaded
-    # at the first readable image, so a run where every image is bad loads no model at all.
+    # Alone, the backbones are loaded at the first readable image, so a run where every image is bad loads no model
+    # at all; under a launcher every process loads them first, to compare what it loaded with the others.
+    captioner = loaded_alike(args, checkpoint, device, processes) if processes.count > 1 else None
+    # Decoded a batch at a time (memory stays flat however many images).
     with stopping_together(processes), captions_to_stdout():
-        failed, held, loading = caption_batches(args, checkpoint, device, decoding, paths_to_caption, unreadable,
-                                                processes)
+        failed, held = caption_batches(args, captioner, checkpoint, device, decoding, paths_to_caption, unreadable,
+                                       processes)
     # Process 0 printed its share (the first batches) as it went; the others' lines follow, in batch order.
-    shares = processes.gather([(failed, held, loading)])
+    shares = processes.gather([(failed, held)])
     if processes.is_main:
         with captions_to_stdout():
-            # The notes said as the model loaded (by the first process of each machine) were lost where process 0
-            # loaded none (its share empty or unreadable, as with 1 image): the first process that loaded says them.
-            if not loading:
-                write_lines(next((notes for *_, notes in shares if notes), []))
-            for _, lines, _ in shares[1:]:
+            for _, lines in shares[1:]:
                 write_lines(lines)
-    return 1 if sum(failed for failed, *_ in shares) else 0
+    return 1 if sum(failed for failed, _ in shares) else 0
+
+
+def loaded_alike(args, checkpoint: Path, device, processes: Processes):
+    """The captioner, loaded by each of several processes, once all of them are seen to have loaded the same one
+    with the same flags. Each machine may read its own copy of the run folder and the backbones: copies that differ
+    captioned their shares with different models without a word, and different flags (--max-new-tokens, --json,
+    --batch-size) mixed the output or hung. Loaded before any captioning, its notes are said before any caption (a
+    process 0 whose share failed or was empty used to say them after every process had captioned)."""
+    with stopping_together(processes, SAME_RUN_EVERYWHERE):  # an adapter missing on one machine: named, all stop
+        captioner = load_model(args, checkpoint, device)
+    processes.agree(loaded_facts(args, checkpoint, captioner), advice=SAME_RUN_EVERYWHERE)
+    return captioner
+
+
+def loaded_facts(args, checkpoint: Path, captioner) -> dict[str, str]:
+    """What every process must have loaded alike (see utils.check_processes_agree), as eval.evaluated_facts; the
+    image arguments too may differ, as process 0 alone reads them."""
+    flags = {f"--{name.replace('_', '-')}": repr(value) for name, value in sorted(vars(args).items())
+             if name not in PER_MACHINE_FLAGS | {"images"}}
+    return {**flags, "the adapter's weights (a digest)": file_digest(checkpoint / ADAPTER_WEIGHTS),
+            "the CLIP weights (a digest)": encoder_fingerprint(captioner),
+            "the language model's weights (a digest)": weights_digest(captioner.lm)}
 
 
 def check_stdout_open() -> None:
@@ -255,14 +281,14 @@ def captions_to_stdout():
                         "space where it is redirected and run again") from None
 
 
-def caption_batches(args, checkpoint: Path, device, decoding, paths_to_caption: list, unreadable: dict,
-                    processes: Processes) -> tuple[int, list, list]:
-    """Caption this process's share of the images (all of them, alone), a batch at a time; the main process
-    prints each image's caption (or its error) as it goes, another holds its lines for it. Returns how many
-    images failed, the lines held and the notes said as the model loaded (none where it loaded none)."""
+def caption_batches(args, captioner, checkpoint: Path, device, decoding, paths_to_caption: list, unreadable: dict,
+                    processes: Processes) -> tuple[int, list]:
+    """Caption this process's share of the images (all of them, alone) with `captioner` (None: loaded at the first
+    readable image), a batch at a time; the main process prints each image's caption (or its error) as it goes,
+    another holds its lines for it. Returns how many images failed and the lines held."""
     from tqdm.auto import tqdm
 
-    captioner, failed, held, loading = None, 0, [], []
+    failed, held = 0, []
     share = processes.shard(len(paths_to_caption), args.batch_size)
     # On stderr, and only on a terminal (disable=None), so --json lines and redirected logs stay clean.
     bar = tqdm(total=len(share), unit="image", file=sys.stderr,
@@ -274,7 +300,6 @@ def caption_batches(args, checkpoint: Path, device, decoding, paths_to_caption: 
         captioner, failed_here, lines = caption_batch(args, captioner, checkpoint, device, decoding, paths,
                                                       unreadable, seed)
         failed += failed_here
-        loading += [("stderr", for_terminal(line)) for stream, line in lines if stream == "loading"]  # as note()
         if processes.is_main:
             write_lines(lines)
         else:
@@ -285,12 +310,11 @@ def caption_batches(args, checkpoint: Path, device, decoding, paths_to_caption: 
         bar.update(len(paths))
         resume_gc()  # here, where nothing is left of the batch's images but garbage
     bar.close()
-    return failed, held, loading
+    return failed, held
 
 
 def write_lines(lines: list[tuple[str, str]]) -> None:
-    """Print caption_batch's lines: ("stdout", a caption or --json's error object) or ("stderr", a note or error);
-    ("loading", a note) was said as the model loaded."""
+    """Print caption_batch's lines: ("stdout", a caption or --json's error object) or ("stderr", a note or error)."""
     from tqdm.auto import tqdm
 
     for stream, line in lines:
@@ -304,21 +328,11 @@ def caption_batch(args, captioner, checkpoint: Path, device, decoding, paths: li
     """The lines (see write_lines) of each of `paths`: its caption or its error; returns the captioner, loaded here
     for the first readable image, how many of the images failed, and the lines. Sampled after torch.manual_seed(seed).
     """
-    from tqdm.auto import tqdm
-
     failed, lines = 0, []
     opened = open_images(paths, unreadable)
     images = [image for image in opened if not isinstance(image, UserError)]
     if images and captioner is None:
-        loading = loading_from_args(args, checkpoint)  # a setting it refuses stops the run before the note
-        if announce := loaded_as_the_run_names_note(checkpoint, args.clip_model, args.lm_model):
-            with tqdm.external_write_mode(file=sys.stderr):  # above the bar, not through it
-                note(announce, file=sys.stderr)
-            lines.append(("loading", announce))
-        captioner = load_captioner(checkpoint, device=device, dtype=chosen_dtype(args.dtype, device), **loading)
-        if args.compile and not captioner.enable_compiled_decoding():
-            note(eager := "note: --compile needs a CUDA device; decoding eagerly", file=sys.stderr)
-            lines.append(("loading", eager))
+        captioner = load_model(args, checkpoint, device)
     torch.manual_seed(seed)
     captions = iter(captioner.caption_images(images, decoding) if images else [])
     for path, image in zip(paths, opened):
@@ -334,6 +348,20 @@ def caption_batch(args, captioner, checkpoint: Path, device, decoding, paths: li
             lines.append(("stdout", json.dumps({"image": path, "caption": caption}) if args.json
                           else tab_line(path, caption)))
     return captioner, failed, lines
+
+
+def load_model(args, checkpoint: Path, device):
+    """The captioner args and the run folder `checkpoint` ask for, after the note naming what it loads."""
+    from tqdm.auto import tqdm
+
+    loading = loading_from_args(args, checkpoint)  # a setting it refuses stops the run before the note
+    if announce := loaded_as_the_run_names_note(checkpoint, args.clip_model, args.lm_model):
+        with tqdm.external_write_mode(file=sys.stderr):  # above the bar, not through it
+            note(announce, file=sys.stderr)
+    captioner = load_captioner(checkpoint, device=device, dtype=chosen_dtype(args.dtype, device), **loading)
+    if args.compile and not captioner.enable_compiled_decoding():
+        note("note: --compile needs a CUDA device; decoding eagerly", file=sys.stderr)
+    return captioner
 
 
 def resume_gc() -> None:

@@ -760,10 +760,16 @@ def test_inference_samples_with_the_seed_given(tiny, checkpoint, capsys):
         assert capsys.readouterr().out == f"{image}\t{expected[seed]}\n"
 
 
-def caption_in_two_processes(argv: list[str], stdin: str = "") -> subprocess.CompletedProcess:
-    """`ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 inference.py ARGV`, one thread each."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(ROOT / "inference.py"), *argv]
+def caption_in_two_processes(argv: list[str], stdin: str = "", process_1_argv: list[str] | None = None
+                             ) -> subprocess.CompletedProcess:
+    """`ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 inference.py ARGV`, one thread each; with
+    `process_1_argv`, process 1 is given those arguments instead (as a machine with other files or flags)."""
+    script = [str(ROOT / "inference.py")]
+    if process_1_argv is not None:  # a Python that swaps process 1's arguments, then runs inference.py as a script
+        swap = (f"import os, runpy, sys\nif os.environ['RANK'] == '1': sys.argv[1:] = {process_1_argv!r}\n"
+                f"runpy.run_path({script[0]!r}, run_name='__main__')")
+        script = ["--no-python", sys.executable, "-c", swap]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *script, *argv]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, cwd=ROOT, env=env, input=stdin, capture_output=True, text=True, timeout=300)
 
@@ -808,6 +814,43 @@ def test_inference_with_a_bad_checkpoint_stops_two_processes_in_one_line(copy):
     two = caption_in_two_processes(["--checkpoint", str(copy), str(copy)])
     said = said_by_the_processes(two.stderr)
     assert two.returncode != 0 and said.count("error: ") == 1 and "is not valid JSON" in said, said
+
+
+@pytest.mark.slow
+def test_inference_in_two_processes_stops_in_one_line_where_they_loaded_another_adapter_or_flags(tiny, checkpoint,
+                                                                                                 copy):
+    """Each machine reads its own copy of the run folder and the backbones: a process with another adapter (or
+    another --max-new-tokens) captioned its share with it without a word. Now all stop before any caption."""
+    captioner = load_captioner(copy, device="cpu")
+    with torch.no_grad():
+        next(captioner.adapter.parameters()).add_(1.0)
+    model.save_adapter(copy, captioner.adapter, captioner.config)
+    images = [str(path) for path in sorted((Path(tiny["data_dir"]) / "images").glob("test_*.png"))[:4]]
+    flags = ["--batch-size", "2", "--no-progress", *images]
+    for process_1_flags, differ in ((["--checkpoint", str(copy)], "the adapter's weights (a digest)"),
+                                    (["--checkpoint", str(checkpoint), "--max-new-tokens", "5"],
+                                     "--max-new-tokens: process 0 on ")):
+        two = caption_in_two_processes(["--checkpoint", str(checkpoint), *flags],
+                                       process_1_argv=[*process_1_flags, *flags])
+        said = said_by_the_processes(two.stderr)
+        assert two.returncode != 0 and two.stdout == "", (two.stdout, said)
+        errors = [line for line in said.splitlines() if line.startswith("error: ")]
+        assert errors == [line for line in errors if f"do not agree on {differ}" in line] and len(errors) == 1, said
+        assert errors[0].endswith("and the same flags"), said
+
+
+@pytest.mark.slow
+def test_inference_with_the_run_folder_missing_on_one_machine_names_its_process(tiny, checkpoint, tmp_path):
+    """As eval.py: the process (and its host) without the run folder is named, and every process stops."""
+    gone, image = tmp_path / "not-copied", str(Path(tiny["data_dir"]) / "images" / "test_0000.png")
+    two = caption_in_two_processes(["--checkpoint", str(checkpoint), image],
+                                   process_1_argv=["--checkpoint", str(gone), image])
+    said = said_by_the_processes(two.stderr)
+    errors = [line for line in said.splitlines() if line.startswith("error: ")]
+    assert two.returncode != 0 and two.stdout == "" and len(errors) == 1, said
+    assert errors[0].startswith("error: process 1 (on ") and str(gone) in errors[0], said
+    assert errors[0].endswith("every machine needs the run folder and the backbones at the same paths, the same "
+                              "files (a shared disk, or copies made whole), and the same flags"), said
 
 
 @pytest.mark.slow
