@@ -771,9 +771,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "bf16, as train.py --mixed-precision bf16 trains (frozen weights in bf16, bf16 autocast), "
                         "and greedy captions with bf16 frozen weights (generate, latency): CPUs with AMX (Xeon "
                         "Sapphire Rapids and later) run them faster")
-    parser.add_argument("--variants", type=variant_list, default="", help="GPU only: more compiled training steps to time, as "
-                        "NAME@BATCH with NAME a torch.compile mode (reduce-overhead, max-autotune, ...) or "
-                        "full-logits (plain fp32 logits + F.cross_entropy instead of the chunked loss)")
+    parser.add_argument("--variants", type=variant_list, default="",
+                        help="GPU only: more compiled training steps to time, as NAME@BATCH with NAME a "
+                        "torch.compile mode (reduce-overhead, max-autotune, ...) or full-logits (plain fp32 "
+                        "logits + F.cross_entropy instead of the chunked loss)")
     parser.add_argument("--adapter-kind", choices=("mlp", "transformer"), default="mlp",
                         help="the adapter every path trains and captions with (the targets are for mlp)")
     parser.add_argument("--profile", action="store_true", help="profile the compiled step at the largest batch")

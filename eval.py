@@ -1213,8 +1213,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="caption at most this many images, drawn by the run's own seed (not --seed), so every "
                              "evaluation of a run with one --limit scores the same images; 0 = all")
     parser.add_argument("--dataset", choices=DATASETS, default=None, help="data source (default: the run's own)")
-    parser.add_argument("--data-dir", default=None, help="data folder (default: the run's own); without --dataset, read "
-                        "as the run's data set where it can be, else as its files show")
+    parser.add_argument("--data-dir", default=None,
+                        help="data folder (default: the run's own); without --dataset, read as the run's data "
+                        "set where it can be, else as its files show")
     parser.add_argument("--hub-data-files", default=None, help="parquet files for --dataset flickr30k")
     parser.add_argument("--out", default=None, type=not_empty,
                         help="folder for the outputs (default: the checkpoint folder for --split test, its "

@@ -265,7 +265,8 @@ def metrics_table(metrics: dict) -> str:
     for key, name, variant in rows:
         ours, theirs = metrics.get(key), baseline.get(key)
         # Of the figures as shown, so that the row adds up (252.74 - 658.66 is -405.92, not -405.91).
-        difference = "n/a" if ours is None or theirs is None else f"{float(percent(ours)) - float(percent(theirs)):+.2f}"
+        difference = ("n/a" if ours is None or theirs is None
+                      else f"{float(percent(ours)) - float(percent(theirs)):+.2f}")
         css = ' class="decides"' if key == metrics["baseline_decided_by"] else ""
         lines.append(f"<tr{css}><td>{esc(name)}</td><td class=num>{percent(ours)}</td>"
                      f"<td class=num>{percent(theirs)}</td><td class=num>{difference}</td>"
@@ -313,7 +314,8 @@ def render_report(metrics: dict, rows: list[dict], records, curves: list[Path], 
     meta = (f"{metrics.get('dataset', '?')} {metrics.get('split', '?')} split · {metrics['num_images']:,} images · "
             f"decoding: {metrics.get('decoding_name', '?')} · "
             f"LM quantization: {metrics.get('lm_quantization', '?')} · tokenisation: {metrics['coco_tokenization']} "
-            f"({metrics.get('coco_tokenization_detail', '')}) · {metrics['processes']['num_processes']} process(es) · "
+            f"({metrics.get('coco_tokenization_detail', '')}) · "
+            f"{metrics['processes']['num_processes']} process(es) · "
             f"written {time.strftime('%Y-%m-%d %H:%M')}")
     verdict_class = {True: "good", False: "bad"}.get(metrics["beats_baseline"], "note")  # None: no verdict
     collapsed = collapse_line(metrics)

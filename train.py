@@ -1562,7 +1562,8 @@ def load_backbones_and_data(config: TrainConfig, run_dir: Path, device, bad_samp
         captioner = build_captioner(adapter_config_for(config), dtype=frozen_dtype(config), device=device,
                                     lm_quantization=config.lm_quantization, trust_remote_code=config.trust_remote_code)
     except UserError:
-        if config.resume and (moved := moved_backbone_error(run_dir / RUN_CONFIG, (config.clip_model, config.lm_model))):
+        backbones = (config.clip_model, config.lm_model)
+        if config.resume and (moved := moved_backbone_error(run_dir / RUN_CONFIG, backbones)):
             raise moved from None
         raise
     # Training reads prefix + caption and validation decodes as many tokens: both must fit the LM, checked
@@ -2127,7 +2128,8 @@ class StepOutcome:
     loss_scale: float | None = None  # fp16's loss scale after the step, when a step was skipped under it
 
 
-def optimizer_step(accelerator, adapter, optimizer, scheduler, window_losses: list, max_grad_norm: float) -> StepOutcome:
+def optimizer_step(accelerator, adapter, optimizer, scheduler, window_losses: list,
+                   max_grad_norm: float) -> StepOutcome:
     """Clip and apply one optimizer step unless a loss or the gradient is NaN/inf on any process.
 
     The check costs one host sync per optimizer step; all processes decide together, so they stay
