@@ -623,11 +623,14 @@ def load_karpathy(data_dir: Path, split: str) -> list[ImageRecord]:
         path_ = _resolve_image(data_dir, folder, filename, listings=listings)
         records[file] = ImageRecord(image_id, captions, split, path=path_, unusable_captions=unusable)
     if repeated:
-        note(f"note: {split}: {len(repeated):,} captions of images listed more than once in {path} count once "
-             f"(first: {repeated[0]})")
+        count = "counts" if len(repeated) == 1 else "count"
+        note(f"note: {split}: {counted(len(repeated), 'caption')} of images listed more than once in {path} {count} "
+             f"once (first: {repeated[0]})")
     if shared_ids:
-        note(f"note: {split}: {len(shared_ids):,} images of {path} share their id with another image file and are "
-             f"named by their file instead (first: {shared_ids[0]})")
+        share = "shares its id with another image file and is named by its" if len(shared_ids) == 1 else \
+            "share their id with another image file and are named by their"
+        note(f"note: {split}: {counted(len(shared_ids), 'image')} of {path} {share} file instead "
+             f"(first: {shared_ids[0]})")
     return list(records.values())
 
 

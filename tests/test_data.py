@@ -252,6 +252,21 @@ def test_the_hash_deal_gives_an_image_its_split_whatever_unicode_form_names_it()
     assert list(deal_splits(respelled, seed=0).values()) == list(deal_splits(names, seed=0).values())
 
 
+def test_where_no_image_hashes_into_val_or_test_the_lowest_train_image_stands_in_for_val_the_next_for_test():
+    """img0, img1, img2 hash to 0.34, 0.86, 0.99 under seed 42, none under 0.1. Which stand-in takes which split is
+    part of the deal: swapped, a small folder's runs would be scored on the image they were selected by."""
+    assert deal_splits(["img2.png", "img1.png", "img0.png"], 42) == {
+        "img0.png": "val", "img1.png": "test", "img2.png": "train"}
+
+
+def test_the_shuffle_deal_holds_out_one_of_each_from_three_images_whatever_the_order_of_the_rows():
+    """Runs saved before the hash deal read their folder with the shuffle deal: it must deal as it did then, from
+    the names alone (rows reordered in the caption file re-dealt them), with val and test never empty."""
+    names = [f"img{i}.png" for i in range(40)]
+    assert deal_splits(names[::-1], 42, "shuffle") == deal_splits(names, 42, "shuffle")
+    assert sorted(deal_splits(["a.png", "b.png", "c.png"], 0, "shuffle").values()) == ["test", "train", "val"]
+
+
 def test_a_caption_folder_that_grows_keeps_each_images_split(tmp_path):
     """Through the files: 60 images without a split, then 60 more. Under the shuffle deal, which runs saved
     before the hash deal keep, the second deal moved training images into val and test."""
@@ -306,6 +321,16 @@ def test_train_limit_is_seeded_and_stable(tiny):
     assert len(a) == 10 and [r.image_id for r in a] == [r.image_id for r in b]
     assert [r.image_id for r in limit_records(records, 10, seed=2)] != [r.image_id for r in a]
     assert limit_records(records, 0, seed=1) == records
+
+
+def test_a_limited_split_keeps_the_caption_files_order():
+    """--train-limit, --val-limit, eval.py --limit draw a subset by the seed, but list it as the caption file does:
+    predictions.jsonl and the report follow the file, not the draw."""
+    from dataset import ImageRecord
+
+    records = [ImageRecord(f"{i:03d}.png", ["x"], "test") for i in range(100)]
+    drawn = [r.image_id for r in limit_records(records, 10, seed=1)]
+    assert len(set(drawn)) == 10 and drawn == sorted(drawn)
 
 
 def test_epoch_order_depends_only_on_seed_and_epoch():
@@ -982,6 +1007,25 @@ def test_caption_files_that_are_two_or_not_json_lines_are_named(tmp_path):
         load_records("folder", "train", str(tmp_path))
 
 
+def test_a_captions_jsonl_saved_with_a_byte_order_mark_is_read(tmp_path):
+    """Windows Notepad saves UTF-8 with a byte-order mark: the first line was "not JSON" for it."""
+    write_image(tmp_path / "a.png")
+    row = json.dumps({"image": "a.png", "caption": "a dog"}).encode()
+    (tmp_path / "captions.jsonl").write_bytes(b"\xef\xbb\xbf" + row + b"\r\n")
+    assert [r.captions for r in load_records("folder", "train", str(tmp_path))] == [["a dog"]]
+
+
+def test_an_empty_image_field_gives_way_to_the_next_field_that_names_the_image(tmp_path):
+    """A table with both an image and a file_name column, the first left empty or null in some rows: those rows
+    name their image by file_name, not "no image"."""
+    for name in ("a.png", "b.png"):
+        write_image(tmp_path / name)
+    write_jsonl_captions(tmp_path, [{"image": "", "file_name": "a.png", "caption": "one"},
+                                    {"image": None, "file_name": "b.png", "caption": "two"}])
+    assert [(r.image_id, r.captions) for r in load_records("folder", "train", str(tmp_path))] == [
+        ("a.png", ["one"]), ("b.png", ["two"])]
+
+
 def test_spellings_of_one_image_path_are_one_image(tmp_path):
     write_image(tmp_path / "images" / "x.png")
     write_jsonl_captions(tmp_path, [
@@ -1143,6 +1187,15 @@ def test_a_csv_row_of_empty_fields_as_spreadsheets_save_them_is_no_row(tmp_path)
     (tmp_path / "captions.csv").write_bytes(b"Image;Caption;Split\r\na.png;a red square;train\r\n;a caption;\r\n")
     with pytest.raises(UserError, match="caption row 2 names no image"):
         load_records("folder", "train", str(tmp_path))
+
+
+def test_a_csv_row_of_blank_fields_is_no_row_and_no_image_to_note(tmp_path, capsys):
+    """A row of spaces between separators (" , ,", a spreadsheet's cells once typed in) is no row, as a row of
+    empty fields is: read as one, it was an image named " " left out for having no caption, in a note."""
+    write_image(tmp_path / "a.png")
+    (tmp_path / "captions.csv").write_bytes(b"image,caption,split\r\na.png,a red square,train\r\n , ,\r\n")
+    assert [r.captions for r in load_records("folder", "train", str(tmp_path))] == [["a red square"]]
+    assert capsys.readouterr().out == ""
 
 
 def test_hugging_face_imagefolder_metadata_files_are_read_as_caption_files(tmp_path):
@@ -1314,6 +1367,16 @@ def test_a_folder_named_as_an_image_is_skipped_or_stops_but_is_not_called_missin
                                "directory, not an image file); check --data-dir")
 
 
+def test_a_split_of_missing_files_and_a_folder_is_called_missing_or_unreadable(tmp_path):
+    """"missing" only where every file is not found: a folder named as an image is there."""
+    write_image(tmp_path / "a.png")
+    (tmp_path / "b.png").mkdir()
+    names = ("gone.png", "b.png", "a.png")
+    write_jsonl_captions(tmp_path, [{"image": n, "caption": "x", "split": "train"} for n in names])
+    with pytest.raises(UserError, match=r"^2 of 3 train images are missing or unreadable \(first: image not found: "):
+        load_records("folder", "train", str(tmp_path))
+
+
 def test_training_skips_a_missing_image_and_lists_it_or_stops_on_it(tiny, tmp_path, capsys):
     import shutil
 
@@ -1374,7 +1437,19 @@ def test_karpathy_image_listed_twice_in_one_split_counts_each_caption_once(tmp_p
         entry, {**entry, "sentences": [{"raw": "a pet"}, {"raw": "a puppy"}]}]}))
     [record] = load_records("karpathy", "train", str(tmp_path))
     assert record.captions == ["a dog", "a pet", "a puppy"]  # not "a pet" twice: it would weigh double
-    assert "train: 1 captions of images listed more than once" in capsys.readouterr().out
+    assert (f"note: train: 1 caption of images listed more than once in {tmp_path / 'dataset_flickr8k.json'} counts "
+            "once (first: a.jpg)") in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("folder", ["", "images", "Images", "flickr30k-images"])
+def test_karpathy_images_are_found_in_the_folders_data_sets_ship_them_in(tmp_path, folder):
+    """Karpathy's file names images without a folder: Kaggle's Flickr8k keeps them in Images/, Flickr30k's archive in
+    flickr30k-images/. The id is COCO's where the entry has one (dataset_coco.json gives cocoid and imgid)."""
+    write_image(tmp_path / folder / "a.jpg")
+    (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": [
+        {"filename": "a.jpg", "imgid": 0, "cocoid": 391895, "split": "train", "sentences": [{"raw": "a dog"}]}]}))
+    [record] = load_records("karpathy", "train", str(tmp_path))
+    assert record.path == tmp_path / folder / "a.jpg" and record.image_id == "391895"
 
 
 def test_karpathy_images_sharing_an_id_are_told_apart_by_their_files(tmp_path, capsys):
@@ -1385,7 +1460,8 @@ def test_karpathy_images_sharing_an_id_are_told_apart_by_their_files(tmp_path, c
         {"filename": name, "imgid": 7, "split": "train", "sentences": [{"raw": f"caption of {name}"}]}
         for name in ("a.jpg", "b.jpg")]}))
     assert [r.image_id for r in load_records("karpathy", "train", str(tmp_path))] == ["7", "b.jpg"]
-    assert "1 images of" in capsys.readouterr().out
+    assert (f"note: train: 1 image of {tmp_path / 'dataset_flickr8k.json'} shares its id with another image file and "
+            "is named by its file instead (first: 7 (a.jpg, b.jpg))") in capsys.readouterr().out
 
 
 def test_hub_rows_with_an_unknown_split_are_an_error_not_left_out(tmp_path):
@@ -1430,6 +1506,29 @@ def test_images_left_without_a_caption_are_counted_in_a_note(tmp_path, capsys):
     assert [r.image_id for r in load_records("folder", "train", str(tmp_path))] == ["a.png"]
     assert "train: 2 images have no usable caption (empty, or not text) and are left out (first: b.png)" in \
         capsys.readouterr().out
+
+
+def test_split_names_are_read_as_data_sets_spell_them(tmp_path):
+    """Hugging Face's and spreadsheets' split names ("validation", "dev", "Testing", COCO's "restval") are the
+    three splits; an image read into the wrong one would be trained on, or scored on, unseen."""
+    spellings = {"validation": "val", "valid": "val", "dev": "val", "Testing": "test", " TEST ": "test",
+                 "training": "train", "restval": "train"}
+    rows = []
+    for i, spelling in enumerate(spellings):
+        write_image(tmp_path / f"{i}.png")
+        rows.append({"image": f"{i}.png", "caption": f"picture {i}", "split": spelling})
+    write_jsonl_captions(tmp_path, rows)
+    read = {r.image_id: split for split in SPLITS for r in load_records("folder", split, str(tmp_path))}
+    assert read == {f"{i}.png": split for i, split in enumerate(spellings.values())}
+
+
+def test_blank_captions_in_the_text_of_a_list_are_counted_in_the_note(tmp_path, capsys):
+    """A cell holding a list's text is that list's captions: its blank ones are dropped captions, counted as such
+    (counted by the cell, one caption kept of one cell left nothing to say)."""
+    write_image(tmp_path / "a.png")
+    (tmp_path / "captions.csv").write_text('image,captions,split\na.png,"[""a dog"", "" "", """"]",train\n')
+    assert [r.captions for r in load_records("folder", "train", str(tmp_path))] == [["a dog"]]
+    assert "train: 2 captions of 1 image are empty or not text and are left out" in capsys.readouterr().out
 
 
 def test_a_csv_row_that_ends_before_its_caption_column_is_an_error_naming_its_line(tmp_path):
@@ -1663,6 +1762,20 @@ def test_a_file_named_in_train_and_in_test_under_two_names_is_said_in_one_line(t
     assert "b-link.png = train's b.png, c-hard.png = train's c.png" in out and "optimistic" in out
     load_records("folder", "train", str(tmp_path))
     assert "another name" not in capsys.readouterr().out
+
+
+def test_one_file_named_in_train_and_in_val_is_said_in_the_singular(tmp_path, capsys):
+    write_image(tmp_path / "a.png")
+    write_image(tmp_path / "b.png", (0, 0, 200))
+    (tmp_path / "a-link.png").symlink_to(tmp_path / "a.png")
+    write_jsonl_captions(tmp_path, [{"image": "a.png", "caption": "a", "split": "train"},
+                                    {"image": "a-link.png", "caption": "a again", "split": "val"},
+                                    {"image": "b.png", "caption": "b", "split": "val"}])
+    assert [r.image_id for r in load_records("folder", "val", str(tmp_path))] == ["a-link.png", "b.png"]
+    assert capsys.readouterr().out.startswith("note: val: 1 of its 2 images is a file the train split lists under "
+                                              "another name (a symlink, a hard link, or a path through a linked "
+                                              "folder), so its scores on them are optimistic (a-link.png = train's "
+                                              "a.png); give each file one split in ")
 
 
 def test_files_on_a_file_system_without_inode_numbers_are_told_apart_by_their_paths(tmp_path, monkeypatch):
