@@ -217,6 +217,19 @@ def test_weights_promising_more_values_than_the_adapter_holds_are_refused_unread
     assert not loaded
 
 
+def test_weights_are_read_up_to_the_adapters_values_and_the_allowance_and_refused_past_it(copy, monkeypatch):
+    """The allowance for values past the adapter's is a bound, not a rough scale: with it set to 10, a file of 10
+    values more is read (and its extra tensor named), one of 11 more is refused unread."""
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.setattr(model, "EXTRA_VALUES_READ", 10)
+    state = load_file(str(copy / "adapter.safetensors"))
+    save_file({**state, "extra": torch.zeros(10)}, str(copy / "adapter.safetensors"))
+    assert "unexpected tensors (extra)" in load_error(copy)
+    save_file({**state, "extra": torch.zeros(11)}, str(copy / "adapter.safetensors"))
+    assert "far more than the" in load_error(copy)
+
+
 def test_captions_hold_no_control_characters_whatever_the_tokenizer_decodes(checkpoint):
     """An LM a run folder names may come with a tokenizer whose tokens hold escape sequences: inference.py printed
     them raw (ESC[2J cleared the user's screen). Captions follow the references' rule: control characters are

@@ -1,6 +1,7 @@
 """The model's contract: batches, loss positions, freezing, saving and reloading."""
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -79,6 +80,8 @@ def test_only_the_adapter_trains(tiny):
         assert param.requires_grad == (id(param) in adapter_params), name
     captioner.train()
     assert captioner.adapter.training and not captioner.clip.training and not captioner.lm.training
+    captioner.eval()  # validation's: the adapter too (a dropout added to it would otherwise stay on)
+    assert not captioner.adapter.training and not captioner.training
     optimizer = make_optimizer(captioner, TrainConfig())
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert in_optimizer == adapter_params
@@ -398,6 +401,8 @@ def test_decoding_settings_out_of_range_are_refused_by_the_library_too():
         DecodingConfig(strategy="beam", num_beams=1)
     with pytest.raises(UserError, match="must be >= 1, got 0"):
         DecodingConfig(max_new_tokens=0)
+    with pytest.raises(UserError, match="0 < top-p <= 1, got 0.7, 1.5"):
+        DecodingConfig(strategy="sample", top_p=1.5)
 
 
 def test_the_transformer_adapter_is_clipcaps_mapper_with_8_heads(tiny):
@@ -422,3 +427,130 @@ def test_generate_decodes_as_long_as_the_training_captions_by_default(tiny, monk
                         or greedy_tokens(prefix, budget, **kwargs))
     captioner.generate(torch.randn(2, captioner.config.image_feature_dim))
     assert budgets == [7]
+
+
+def caption_prefixes(captioner, *texts: str) -> torch.Tensor:
+    """Prefixes (B, n, D) that are the LM's own embeddings of caption beginnings of n tokens each: the tiny LM
+    trained on the demo captions ends a whole caption at once and finishes a cut one in a few tokens, so a batch
+    holds a row that ends at its first token beside one that ends later (a random adapter's rows rarely do)."""
+    ids = [captioner.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    with torch.no_grad():
+        return captioner.lm.get_input_embeddings()(torch.tensor(ids))
+
+
+def tokens_after_first_eos(row: list[int], eos: int) -> list[int]:
+    return row[row.index(eos) + 1 :] if eos in row else []
+
+
+def test_greedy_rows_hold_pad_after_their_first_eos_and_decoding_stops_once_all_have_ended(tiny):
+    """Ended rows are filled with PAD, never with what the LM would say after its EOS (decoding drops only special
+    tokens: a row that went on would read "... background red circle"), and the loop stops at the step every row
+    has ended. PAD is made unlike EOS here, as Gemma's (0 and 1), so that a row resuming after its EOS shows."""
+    captioner = make_captioner(tiny)
+    eos, pad = captioner.config.eos_token_id, 5
+    captioner.config.pad_token_id = pad
+    prefix = caption_prefixes(captioner, "a red circle on a white background", "a picture of a green cross on")
+    tokens = captioner.greedy_tokens(prefix, 8).tolist()
+    ended_at = [row.index(eos) if eos in row else None for row in tokens]
+    assert ended_at[0] == 0 and 0 < ended_at[1] < 7, f"the fixture should end row 0 at once, row 1 later: {tokens}"
+    assert tokens[0] == [eos] + [pad] * ended_at[1]
+    assert all(tokens_after_first_eos(row, eos) == [pad] * (len(row) - row.index(eos) - 1) for row in tokens)
+    assert len(tokens[1]) == ended_at[1] + 1  # not a step more than the last row to end needed
+    assert captioner.decode(captioner.greedy_tokens(prefix[:1], 8)) == [""]
+    assert len(captioner.greedy_tokens(prefix, 8, stop_at_eos=False)[0]) == 8
+
+
+@pytest.mark.parametrize("decoding", [DecodingConfig(strategy="beam", num_beams=3, max_new_tokens=8),
+                                      DecodingConfig(strategy="sample", temperature=0.3, top_p=0.9, max_new_tokens=8)],
+                         ids=["beam", "sample"])
+def test_beam_search_and_sampling_end_rows_at_eos_and_fill_them_with_pad(tiny, decoding):
+    """generate takes EOS and PAD from us (the LM's own generation config is set aside): without EOS it would run
+    every caption to --max-new-tokens past its end, without PAD fill ended rows with EOS."""
+    captioner = make_captioner(tiny)
+    eos, pad = captioner.config.eos_token_id, 5
+    captioner.config.pad_token_id = pad
+    prefix = caption_prefixes(captioner, "a red circle on a white background", "a picture of a green cross on")
+    torch.manual_seed(0)
+    tokens = captioner.hf_generate_tokens(prefix, decoding).tolist()
+    assert tokens[0][0] == eos and eos in tokens[1], f"the fixture should end both rows: {tokens}"
+    assert all(tokens_after_first_eos(row, eos) == [pad] * (len(row) - row.index(eos) - 1) for row in tokens)
+    assert len(tokens[0]) < 8  # stopped once both rows had ended
+    # A budget that ends the later row before its EOS: every one of the tokens asked for, not one fewer.
+    budget = tokens[1].index(eos)
+    assert budget >= 2, f"the fixture should end row 1 after a few tokens: {tokens}"
+    torch.manual_seed(0)
+    assert captioner.hf_generate_tokens(prefix, dataclasses.replace(decoding, max_new_tokens=budget)).shape[1] == budget
+
+
+def test_beam_search_keeps_num_beams_hypotheses_per_image(tiny):
+    """--num-beams reaches generate: its LM head scores beams x images rows at every step (a width lost on the
+    way is greedy decoding under beam search's name)."""
+    captioner = make_captioner(tiny)
+    rows = []
+    spy = captioner.lm.get_output_embeddings().register_forward_pre_hook(lambda module, args: rows.append(len(args[0])))
+    try:
+        captioner.generate(torch.randn(2, captioner.config.image_feature_dim),
+                           DecodingConfig(strategy="beam", num_beams=4, max_new_tokens=3))
+    finally:
+        spy.remove()
+    assert set(rows) == {2 * 4}
+
+
+def test_sampling_from_a_nucleus_of_one_token_is_greedy(tiny):
+    """top-p reaches the sampler: at temperature 1 a top-p so small that the nucleus holds the likeliest token alone
+    gives greedy's captions, where sampling the whole distribution does not."""
+    captioner = make_captioner(tiny)
+    torch.manual_seed(0)
+    features = torch.randn(4, captioner.config.image_feature_dim)
+    greedy = captioner.generate(features, DecodingConfig(max_new_tokens=8))
+    nucleus = DecodingConfig(strategy="sample", temperature=1.0, top_p=1e-6, max_new_tokens=8)
+    whole = DecodingConfig(strategy="sample", temperature=1.0, top_p=1.0, max_new_tokens=8)
+    assert captioner.generate(features, nucleus) == greedy
+    assert captioner.generate(features, whole) != greedy, "the fixture should sample other captions at top-p 1"
+
+
+def test_an_lm_loaded_in_bf16_takes_the_fp32_adapters_prefix(tiny):
+    """eval.py and inference.py load the backbones in bf16 on a GPU that computes in it, the adapter staying in
+    fp32: its prefix is cast to the LM's dtype before it meets the caption's embeddings, for the loss and for
+    every decoding."""
+    config = AdapterConfig(clip_model=tiny["clip_model"], lm_model=tiny["lm_model"])
+    captioner = build_captioner(config, dtype=torch.bfloat16)
+    assert captioner.lm.dtype == torch.bfloat16 and next(captioner.adapter.parameters()).dtype == torch.float32
+    features = torch.randn(2, config.image_feature_dim)
+    for decoding in (DecodingConfig(max_new_tokens=4), DecodingConfig(strategy="beam", num_beams=2, max_new_tokens=4)):
+        assert len(captioner.generate(features, decoding)) == 2
+    batch = collate_captions([{"image_features": f, "token_ids": tokenize_caption(
+        captioner.tokenizer, "a red circle on white", config.eos_token_id, 40)} for f in features],
+        pad_token_id=config.pad_token_id)
+    assert torch.isfinite(captioner(**batch))
+
+
+def test_every_config_field_survives_saving_and_loading(tmp_path):
+    """The adapter's config is the only record of how to rebuild it: a field not written (or not read back) reloads
+    as its default, and a run trained on raw CLIP features would be fed normalised ones."""
+    from model import ADAPTER_CONFIG
+
+    config = AdapterConfig(clip_model="clip", lm_model="lm", clip_revision="c1", lm_revision="l1", adapter_kind="mlp",
+                           prefix_length=3, image_feature_dim=6, lm_hidden_dim=8, adapter_hidden_dim=5,
+                           adapter_layers=2, normalize_image_features=False, standardize_image_features=True,
+                           eos_token_id=4, pad_token_id=7, vocab_size=99, vocabulary_digest="abc",
+                           max_caption_tokens=12, training={"step": 3})
+    config.to_json(tmp_path / ADAPTER_CONFIG)
+    assert AdapterConfig.from_json(tmp_path / ADAPTER_CONFIG) == config
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp", "transformer"])
+def test_the_adapter_size_check_counts_every_parameter(kind, monkeypatch):
+    """check_adapter_size refuses an adapter over the limit by a count of its parameters made before any is
+    allocated: that count is the real one for every kind, biases included (exactly at the limit is allowed)."""
+    import model
+
+    config = AdapterConfig(clip_model="clip", lm_model="lm", adapter_kind=kind, prefix_length=3, image_feature_dim=6,
+                           lm_hidden_dim=8, adapter_layers=2)
+    out_dim = config.prefix_length * config.lm_hidden_dim
+    parameters = sum(p.numel() for p in model.Adapter(config).parameters())
+    monkeypatch.setattr(model, "MAX_ADAPTER_PARAMETERS", parameters)
+    model.check_adapter_size(config, out_dim)
+    monkeypatch.setattr(model, "MAX_ADAPTER_PARAMETERS", parameters - 1)
+    with pytest.raises(UserError, match=f"would have {parameters:,} parameters"):
+        model.check_adapter_size(config, out_dim)

@@ -373,6 +373,7 @@ def test_static_cache_decoding_gives_the_tokens_of_the_eager_loop(captioner):
     prefix = captioner.prefix_embeds(features)
     batches = [prefix[:n] for n in (6, 1, 2, 3, 5, 7, 8, 4)]
     eager = [captioner.greedy_tokens(p, 12) for p in batches]
+    eager_longer = captioner.greedy_tokens(prefix[:2], 16, stop_at_eos=False)
     assert not captioner.enable_compiled_decoding()  # on a CPU the default keeps the eager loop
     graphs, reused = [], {}
     try:
@@ -387,6 +388,10 @@ def test_static_cache_decoding_gives_the_tokens_of_the_eager_loop(captioner):
         # The second round's caches are the first's: a captured CUDA graph reads the buffers it was captured with.
         assert all(captioner._static_caches[shape] is cache for shape, cache in reused.items())
         assert len(graphs) == 4
+        # A longer budget for a batch size seen before is a cache of its own length, not the shorter one's.
+        assert torch.equal(captioner.greedy_tokens(prefix[:2], 16, stop_at_eos=False), eager_longer)
+        assert captioner.decode_step is not None, "the longer budget fell back to eager decoding"
+        assert (2, captioner.config.prefix_length + 16) in captioner._static_caches
     finally:
         captioner.decode_step, captioner._static_caches = None, {}
 
@@ -455,9 +460,8 @@ def test_chunked_head_loss_equals_cross_entropy_without_the_full_logits(compiled
         (grad,) = torch.autograd.grad(3 * loss, hidden)
     torch.testing.assert_close(loss.double(), reference, rtol=1e-6, atol=1e-6)  # fp32 softmax inside
     torch.testing.assert_close(grad, reference_grad, rtol=1e-5, atol=1e-7)
-    with torch.no_grad():  # evaluation: the loss alone, same value
-        torch.testing.assert_close(frozen_head_cross_entropy(hidden, weight, labels, chunk).double(), reference,
-                                   rtol=1e-6, atol=1e-6)
+    with torch.no_grad():  # evaluation: the loss alone, same value (compiled too, where padding rows are kept)
+        torch.testing.assert_close(loss_function(hidden).double(), reference, rtol=1e-6, atol=1e-6)
     if not compiled:
         assert seen.numel <= chunk * vocab, "the loss built logits for more rows than one chunk"
         with LargestTensor() as plain:  # the detector itself sees a full-logits loss
