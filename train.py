@@ -417,7 +417,11 @@ def resumed_config(config: TrainConfig) -> TrainConfig:
         raise UserError(f"--resume needs --run-name of the run to continue{listed}")
     saved_file = Path(config.output_dir) / config.run_name / RUN_CONFIG
     if not saved_file.is_file():
-        raise UserError(f"nothing to resume: {saved_file} not found")
+        # A folder holding only the lock: a run killed (SIGKILL, a power cut) before it saved its config.
+        started = saved_file.parent.is_dir() and saved_nothing(saved_file.parent)
+        raise UserError(f"nothing to resume: {saved_file} not found"
+                        + ("; the run stopped before it saved anything: run the command that started it again, "
+                           "without --resume" if started else ""))
     saved_fields = read_json(saved_file, "run config")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     if not isinstance(saved_fields, dict) or set(saved_fields) - known:
@@ -955,6 +959,11 @@ def load_resume_state(run_dir: Path, accelerator, adapter, optimizer, scheduler,
                       config: TrainConfig | None = None) -> TrainerState:
     resume_dir = resume_state_dir(run_dir)
     if resume_dir is None:
+        if (run_dir / ADAPTER_WEIGHTS).is_file():
+            # Killed after a validation saved the best adapter, before the first checkpoint: "delete the folder"
+            # threw away the only adapter the run had trained (as what_an_early_stop_left says after a signal).
+            raise UserError(f"{run_dir} has no resume state (resume/{TRAINER_STATE}): it stopped before its first "
+                            f"checkpoint and cannot be continued, but {best_adapter_kept(run_dir)}")
         raise UserError(f"{run_dir} has no resume state (resume/{TRAINER_STATE}): it stopped before its first "
                         "checkpoint and cannot be continued; start it again under another --run-name (or delete "
                         "the folder)")
@@ -2293,21 +2302,32 @@ def main(argv=None, on_step=None) -> int:
         return train_from_config(config, on_step)
 
 
+def saved_nothing(run_dir: Path) -> bool:
+    """Whether a run's folder holds nothing but its lock: it stopped (or was killed) before it saved its config."""
+    return all(path.name == RUN_LOCK for path in run_dir.iterdir())
+
+
+def best_adapter_kept(run_dir: Path) -> str:
+    """What a run stopped before its first checkpoint keeps where a validation saved the best adapter: "delete the
+    folder" would throw away the only adapter it trained."""
+    return (f"it keeps the best adapter its validation saved (score it: python eval.py {shlex.quote(str(run_dir))}); "
+            "to train again, choose another --run-name")
+
+
 def what_an_early_stop_left(config: TrainConfig) -> str:
     """What a run stopped before training began (or by a second signal) left, and the command to type next.
     --resume only where there is a checkpoint to continue from: a stop during start-up or feature extraction
     said to --resume, which then answered "nothing to resume"."""
     cache = "the feature cache keeps every part it finished"
     run_dir = Path(config.output_dir) / config.run_name if config.run_name else None
-    if run_dir is None or not run_dir.is_dir() or all(path.name == RUN_LOCK for path in run_dir.iterdir()):
+    if run_dir is None or not run_dir.is_dir() or saved_nothing(run_dir):
         return f"the run had saved nothing yet: run the same command again ({cache})"
     if (resume_dir := resume_state_dir(run_dir)) is None:
         if (run_dir / ADAPTER_WEIGHTS).is_file():
             # A second signal during the first save, after a validation had saved the best adapter: "delete that
             # folder" threw that adapter away.
-            return (f"{run_dir} stopped before its first resumable checkpoint, so it cannot be resumed, but it keeps "
-                    f"the best adapter its validation saved (score it: python eval.py {shlex.quote(str(run_dir))}); "
-                    f"to train again, choose another --run-name ({cache})")
+            return (f"{run_dir} stopped before its first resumable checkpoint, so it cannot be resumed, but "
+                    f"{best_adapter_kept(run_dir)} ({cache})")
         return (f"{run_dir} stopped before its first checkpoint, so it cannot be resumed: delete that folder and run "
                 f"the same command again, or choose another --run-name ({cache})")
     # The whole command, as a stop during training gives it: flags alone resumed a run of several processes

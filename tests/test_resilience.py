@@ -1138,7 +1138,21 @@ def test_a_run_that_stopped_before_its_first_checkpoint_says_what_to_do(tiny, tm
     assert "stopped before its first resumable checkpoint, so it cannot be continued; delete or rename" in \
         capsys.readouterr().err
     assert run_cli(train.main, ["--output-dir", str(tmp_path), "--run-name", "early", "--resume"]) == 2
-    assert "start it again under another --run-name" in capsys.readouterr().err
+    assert "it keeps the best adapter its validation saved" in capsys.readouterr().err
+
+
+def test_a_resume_after_a_kill_before_the_first_checkpoint_says_the_way_on_and_keeps_the_adapter(tmp_path, capsys):
+    """SIGKILL leaves no line saying what to type next, so the user's --resume must say it: "nothing to resume"
+    named no way on, and "delete the folder" threw away the best adapter a validation had saved before the first
+    checkpoint (found by SIGKILLing the demo at random moments)."""
+    run = tmp_path / "cw"
+    run.mkdir()
+    (run / train.RUN_LOCK).write_text("1234 host")  # killed before the run saved its config
+    assert run_cli(train.main, ["--output-dir", str(tmp_path), "--run-name", "cw", "--resume"]) == 2
+    assert "run the command that started it again, without --resume" in capsys.readouterr().err
+    (run / "adapter.safetensors").write_bytes(b"")  # killed between the first best adapter and the first checkpoint
+    with pytest.raises(UserError, match=r"keeps the best adapter its validation saved \(score it: python eval.py "):
+        train.load_resume_state(run, None, None, None, None)
 
 
 def test_an_output_folder_that_cannot_be_written_is_one_line_before_anything_loads(tiny, tmp_path, monkeypatch,
