@@ -1387,13 +1387,13 @@ class Run:
         state.history.append({"step": state.step,
                               **{k: v for k, v in result.items() if k not in ("example", "warning")}})
         self.log({"type": "eval", "step": state.step, "epoch": state.epoch, **result})
+        if improved:  # before the line that says so: a run killed during the save had said "saved" of it
+            self.save_export("best")
         say(accelerator, f"step {state.step}: val loss {result['val_loss']:.4f}  val ROUGE-L "
                          f"{result['val_rougeL']:.4f}  CIDEr-D {result['val_cider_d']:.4f}"
                          f"{'  (best so far, saved)' if improved else ''}  e.g. {result['example']!r}")
         if result["warning"]:
             say(accelerator, f"step {state.step}: {result['warning']}")
-        if improved:
-            self.save_export("best")
 
     def skip_nonfinite_step(self, window_losses: list, grad_norm: float, pair_indices: list) -> None:
         """Log a step that was not applied (NaN/inf) with its images; stop the run after too many in a row."""

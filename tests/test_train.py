@@ -788,6 +788,26 @@ def test_select_by_cider_d_keeps_the_adapter_of_the_highest_validation_cider_d(t
     assert "CIDEr-D weighs words" in printed  # 6 validation images: too few for its IDF, and it says so
 
 
+def test_best_so_far_saved_is_said_only_once_the_adapter_is_saved(tiny, tmp_path, monkeypatch, capsys):
+    """A run killed while it saved the best adapter (found by a SIGKILL sweep) had already printed "(best so far,
+    saved)" of an adapter that was not there."""
+    class Killed(BaseException):  # as a SIGKILL: nothing of the run's own handling runs after it
+        pass
+
+    def killed_while_saving_best(self, kind):
+        if kind == "best":
+            raise Killed
+        return real_save_export(self, kind)
+
+    real_save_export = train.Run.save_export
+    monkeypatch.setattr(train.Run, "save_export", killed_while_saving_best)
+    with pytest.raises(Killed):
+        train.main(train_args(tiny, tmp_path, "killed", "--final-eval", "false", "--max-steps", "4",
+                              "--eval-every", "2", "--val-limit", "0"))
+    printed = capsys.readouterr().out
+    assert "step 2: val loss" not in printed and "best so far" not in printed, printed
+
+
 def test_a_nan_validation_score_is_replaced_by_the_next_one(tiny, tmp_path, monkeypatch):
     """No score compares better than NaN (a validation loss overflowing half precision): the adapter that scored
     it must not stay the best for the rest of the run."""
