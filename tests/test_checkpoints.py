@@ -1220,3 +1220,21 @@ def test_eval_names_the_data_the_run_folder_makes_it_read(tiny, checkpoint, monk
 
     monkeypatch.setattr(demo, "demo_root", lambda: Path(tiny["data_dir"]).parent)
     assert eval_script.loaded_as_the_run_names_note(checkpoint, data=tiny["data_dir"]) == ""
+
+
+def test_a_tokenizer_with_added_tokens_loads_the_adapter_it_trained(tiny, tmp_path):
+    """Qwen3's tokenizer holds 151,643 tokens of its model and 26 added ones (<|im_start|>, ...): a checkpoint keeps
+    the whole count, len(tokenizer). Kept as tokenizer.vocab_size (the model's alone), every Qwen3 checkpoint would
+    refuse to load against the very tokenizer it trained with. The tiny tokenizer has no added token but EOS."""
+    from transformers import AutoTokenizer
+
+    lm = tmp_path / "lm"
+    shutil.copytree(tiny["lm_model"], lm)
+    tokenizer = AutoTokenizer.from_pretrained(lm)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.save_pretrained(lm)
+    captioner = build_captioner(AdapterConfig(clip_model=tiny["clip_model"], lm_model=str(lm)))
+    assert captioner.config.vocab_size == len(tokenizer) > tokenizer.vocab_size
+    model.save_adapter(tmp_path / "run", captioner.adapter, captioner.config)
+    loaded = load_captioner(tmp_path / "run")  # refused, were the count the model's alone
+    assert torch.equal(loaded.adapter.state_dict()["net.0.weight"], captioner.adapter.state_dict()["net.0.weight"])
