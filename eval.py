@@ -1345,13 +1345,19 @@ def evaluated_facts(args, checkpoint: Path, captioner, records, train_records) -
     """What every process must have loaded alike (see utils.check_processes_agree)."""
     from train import content_digest
 
-    flags = {f"--{name.replace('_', '-')}": repr(value) for name, value in sorted(vars(args).items())
-             if name not in PER_MACHINE_FLAGS}
-    return {**flags, "the adapter's weights (a digest)": file_digest(checkpoint / ADAPTER_WEIGHTS),
-            "the CLIP weights (a digest)": encoder_fingerprint(captioner),
-            "the language model's weights (a digest)": weights_digest(captioner.lm),
+    return {**loaded_facts(args, checkpoint, captioner),
             "the evaluated data (a digest of image ids, captions, file sizes)": content_digest(records),
             "the baseline's training data (a digest)": content_digest(train_records)}
+
+
+def loaded_facts(args, checkpoint: Path, captioner, per_machine: frozenset = frozenset()) -> dict[str, str]:
+    """The flags (all but PER_MACHINE_FLAGS and `per_machine`) and the adapter and backbones loaded by their
+    weights, which every process of eval.py or inference.py must hold alike."""
+    flags = {f"--{name.replace('_', '-')}": repr(value) for name, value in sorted(vars(args).items())
+             if name not in PER_MACHINE_FLAGS | per_machine}
+    return {**flags, "the adapter's weights (a digest)": file_digest(checkpoint / ADAPTER_WEIGHTS),
+            "the CLIP weights (a digest)": encoder_fingerprint(captioner),
+            "the language model's weights (a digest)": weights_digest(captioner.lm)}
 
 
 def check_outputs_can_be_written(checkpoint: Path, out: str, split: str = "test") -> None:

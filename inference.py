@@ -41,13 +41,13 @@ from pathlib import Path
 
 import torch
 
-from dataset import IMAGE_SUFFIXES, encoder_fingerprint, open_image
-from eval import (PER_MACHINE_FLAGS, add_decoding_flags, add_loading_flags, chosen_dtype, decoding_from_args,
-                  loaded_as_the_run_names_note, loading_from_args, pick_device, seed_from_args)
-from model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterConfig, checkpoint_folder, load_captioner
-from utils import (HelpFormatter, Processes, UserError, another_process_ended, escape_surrogates, file_digest, note,
+from dataset import IMAGE_SUFFIXES, open_image
+from eval import (add_decoding_flags, add_loading_flags, chosen_dtype, decoding_from_args, loaded_as_the_run_names_note,
+                  loaded_facts, loading_from_args, pick_device, seed_from_args)
+from model import ADAPTER_CONFIG, AdapterConfig, checkpoint_folder, load_captioner
+from utils import (HelpFormatter, Processes, UserError, another_process_ended, escape_surrogates, note,
                    resume_gc_after_loading, run_cli, run_folder_argument, stopping_together,
-                   usage_errors_once_per_machine, weights_digest, whole_number)
+                   usage_errors_once_per_machine, whole_number)
 
 SAME_RUN_EVERYWHERE = ("every machine needs the run folder and the backbones at the same paths, the same files (a "
                        "shared disk, or copies made whole), and the same flags")
@@ -244,18 +244,10 @@ def loaded_alike(args, checkpoint: Path, device, processes: Processes):
     process 0 whose share failed or was empty used to say them after every process had captioned)."""
     with stopping_together(processes, SAME_RUN_EVERYWHERE):  # an adapter missing on one machine: named, all stop
         captioner = load_model(args, checkpoint, device)
-    processes.agree(loaded_facts(args, checkpoint, captioner), advice=SAME_RUN_EVERYWHERE)
+    # The image arguments may differ: process 0 alone reads them.
+    processes.agree(loaded_facts(args, checkpoint, captioner, per_machine=frozenset({"images"})),
+                    advice=SAME_RUN_EVERYWHERE)
     return captioner
-
-
-def loaded_facts(args, checkpoint: Path, captioner) -> dict[str, str]:
-    """What every process must have loaded alike (see utils.check_processes_agree), as eval.evaluated_facts; the
-    image arguments too may differ, as process 0 alone reads them."""
-    flags = {f"--{name.replace('_', '-')}": repr(value) for name, value in sorted(vars(args).items())
-             if name not in PER_MACHINE_FLAGS | {"images"}}
-    return {**flags, "the adapter's weights (a digest)": file_digest(checkpoint / ADAPTER_WEIGHTS),
-            "the CLIP weights (a digest)": encoder_fingerprint(captioner),
-            "the language model's weights (a digest)": weights_digest(captioner.lm)}
 
 
 def check_stdout_open() -> None:
