@@ -799,6 +799,10 @@ def _too_few_rows(path, width):
     np.save(path, np.zeros((2, width), np.float32))
 
 
+def _float16(path, width):
+    np.save(path, np.load(path).astype(np.float16))
+
+
 def _float64(path, width):
     np.save(path, np.zeros((3, width), np.float64))
 
@@ -818,6 +822,24 @@ def test_damaged_feature_cache_part_is_dropped_and_extracted_again(tiny, caption
     assert not part.exists()
     extract_features(captioner, records, progress=False, cache_dir=tmp_path)
     assert "cannot be read" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", [_too_few_rows, _float16])
+def test_a_part_not_float32_n_by_f_is_dropped_even_where_its_digest_matches(tiny, captioner, tmp_path, capsys,
+                                                                           damage):
+    """A part's digest says its bytes are those written, not that they are what its keys promise (a writer of
+    another version, a part copied in with its keys file redone): the shape and dtype are checked on their own."""
+    from utils import file_digest
+
+    records = load_records("folder", "train", tiny["data_dir"])[:3]
+    expected = extract_features(captioner, records, progress=False, cache_dir=tmp_path)
+    [part] = (tmp_path / encoder_fingerprint(captioner)).glob("part-*.npy")
+    damage(part, captioner.config.image_feature_dim)
+    entry = json.loads(part.with_suffix(".json").read_text())
+    part.with_suffix(".json").write_text(json.dumps({**entry, "blake2b": file_digest(part)}))
+    capsys.readouterr()
+    assert torch.equal(extract_features(captioner, records, progress=False, cache_dir=tmp_path), expected)
+    assert "not float32 (3, " in capsys.readouterr().err and not part.exists()
 
 
 def test_feature_cache_keys_file_of_garbage_bytes_is_extracted_again(tiny, captioner, tmp_path):

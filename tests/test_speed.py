@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from dataset import FeatureCache, encoder_fingerprint, extract_features, load_records
+from dataset import FeatureCache, ImageRecord, encoder_fingerprint, extract_features, load_records
 from model import IGNORE_INDEX, AdapterConfig, Captioner, DecodingConfig, build_captioner
 
 
@@ -310,6 +312,162 @@ def test_a_feature_cache_that_cannot_be_written_is_a_note_not_a_stop(tiny, capti
     monkeypatch.setenv("LOCAL_RANK", "1")
     features = extract_features(captioner, records, progress=False, cache_dir=blocker / "cache")
     assert torch.allclose(features, expected, atol=1e-5) and "cannot be written" not in capsys.readouterr().err
+
+
+def _noise_images(folder, count: int = 3) -> list:
+    """Images CLIP's preprocessing must resize (the demo's are already its 64x64), so that its resampling counts."""
+    from PIL import Image
+
+    from dataset import ImageRecord
+
+    generator = np.random.default_rng(0)
+    folder.mkdir()
+    records = []
+    for i in range(count):
+        path = folder / f"im{i}.png"
+        Image.fromarray(generator.integers(0, 256, (83, 97, 3), dtype=np.uint8)).save(path)
+        records.append(ImageRecord(f"im{i}", ["a caption"], "train", path=path))
+    return records
+
+
+@pytest.mark.parametrize("setting, value", [("size", {"shortest_edge": 80}), ("resample", 2), ("image_mean", [0.5] * 3),
+                                            ("image_std", [0.5] * 3), ("rescale_factor", 1 / 200)])
+def test_features_cached_under_other_preprocessing_are_extracted_again(captioner, tmp_path, monkeypatch, setting,
+                                                                       value):
+    """Every preprocessing setting changes what CLIP sees (image size, resize mode, normalisation): features cached
+    under the old one are stale."""
+    import copy
+
+    records = _noise_images(tmp_path / "images")
+    old = extract_features(captioner, records, progress=False, cache_dir=tmp_path / "cache")
+    changed = copy.deepcopy(captioner.processor)
+    setattr(changed, setting, value)
+    monkeypatch.setattr(captioner, "processor", changed)
+    monkeypatch.setattr(captioner, "_encoder_fingerprint", None)
+    expected = extract_features(captioner, records, progress=False, use_cache=False)
+    assert not torch.allclose(expected, old, atol=1e-4)  # the setting matters to these images
+    seen = count_clip_images(monkeypatch, captioner)
+    assert torch.equal(extract_features(captioner, records, progress=False, cache_dir=tmp_path / "cache"), expected)
+    assert sum(seen) == 3
+
+
+def test_without_the_cache_clip_runs_every_time_and_writes_nothing(tiny, captioner, tmp_path, monkeypatch):
+    """use_cache=False (train.py --no-feature-cache) re-encodes, even images a cache holds, and leaves no file."""
+    records = load_records("folder", "train", tiny["data_dir"])[:3]
+    expected = extract_features(captioner, records, progress=False, cache_dir=tmp_path / "cache")
+    before = sorted(tmp_path.rglob("*"))
+    seen = count_clip_images(monkeypatch, captioner)
+    assert torch.equal(extract_features(captioner, records, progress=False, cache_dir=tmp_path / "cache",
+                                        use_cache=False), expected)
+    extract_features(captioner, records, progress=False, use_cache=False)
+    assert sum(seen) == 6 and sorted(tmp_path.rglob("*")) == before  # the default cache (in tmp_path) untouched
+
+
+def test_the_default_feature_cache_is_under_captioner_home(tiny, captioner, tmp_path, monkeypatch):
+    monkeypatch.setenv("CAPTIONER_HOME", str(tmp_path / "home"))
+    extract_features(captioner, load_records("folder", "train", tiny["data_dir"])[:2], progress=False)
+    assert [p.parent.relative_to(tmp_path) for p in tmp_path.rglob("part-*.npy")] == \
+        [Path("home", "features", encoder_fingerprint(captioner))]
+
+
+def test_a_run_folders_cache_that_exists_but_holds_no_features_is_not_used(tmp_path, capsys):
+    """The path a run folder names may be any folder on this machine (~/.ssh): extraction would write there."""
+    from dataset import run_feature_cache
+
+    (tmp_path / "somewhere").mkdir()
+    assert run_feature_cache(str(tmp_path / "somewhere")) is None
+    assert "holds no features on this machine" in capsys.readouterr().err
+
+
+def test_a_partial_hit_with_an_unreadable_image_gives_each_record_its_own_features(tiny, captioner, tmp_path):
+    """Records in another order than the cache holds them, some cached and some not, one unreadable between them:
+    each gets its own image's features, as extracted and as read back, and the unreadable one a row of NaN."""
+    from dataset import ImageRecord
+
+    records = load_records("folder", "train", tiny["data_dir"])[:4]
+    expected = extract_features(captioner, records, progress=False, use_cache=False)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    extract_features(captioner, [records[2]], progress=False, cache_dir=tmp_path / "cache")
+    mixed = [records[3], ImageRecord("broken", ["a caption"], "train", path=broken), records[0], records[2], records[1]]
+    for _ in ("extracted", "read back"):
+        bad = []
+        features = extract_features(captioner, mixed, batch_size=2, progress=False, cache_dir=tmp_path / "cache",
+                                    on_bad_sample="skip", bad_samples=bad)
+        assert [image for image, _ in bad] == ["broken"] and torch.isnan(features[1]).all()
+        assert torch.allclose(features[[0, 2, 3, 4]], expected[[3, 0, 2, 1]], atol=1e-6)
+
+
+def test_extraction_progress_counts_every_image_and_a_cached_split_says_so(tiny, captioner, tmp_path, capsys):
+    from dataset import ImageRecord
+
+    records = load_records("folder", "train", tiny["data_dir"])[:3]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    extract_features(captioner, [*records, ImageRecord("broken", ["a caption"], "train", path=broken)], batch_size=2,
+                     desc="CLIP features (val)", cache_dir=tmp_path / "cache", on_bad_sample="skip", bad_samples=[])
+    said = capsys.readouterr()
+    assert said.out == "" and said.err.rstrip().splitlines()[-1].startswith("CLIP features (val): 100%")
+    assert " 4/4 [" in said.err.rstrip().splitlines()[-1]  # the unreadable image counted
+    extract_features(captioner, records, desc="CLIP features (val)", cache_dir=tmp_path / "cache")
+    said = capsys.readouterr()
+    assert said.err == ""  # no bar: nothing to encode
+    assert said.out == f"CLIP features (val): 3 images read from the feature cache " \
+                       f"{tmp_path / 'cache' / encoder_fingerprint(captioner)}\n"
+
+
+@dataclasses.dataclass
+class NotingWhereDecoded(ImageRecord):
+    """A record that notes, in a file named by the process id, which process decoded it (at module level: a worker
+    started by spawn or forkserver, Python 3.14's default, unpickles it by name)."""
+
+    noted_in: Path | None = None
+
+    def open(self):
+        (self.noted_in / str(os.getpid())).touch()
+        return super().open()
+
+
+def test_images_are_decoded_in_num_workers_processes_and_encoded_batch_size_at_a_time(tiny, captioner, tmp_path,
+                                                                                      monkeypatch):
+    (tmp_path / "decoded-in").mkdir()
+    records = [NotingWhereDecoded(r.image_id, r.captions, r.split, path=r.path, noted_in=tmp_path / "decoded-in")
+               for r in load_records("folder", "train", tiny["data_dir"])[:5]]
+    seen = count_clip_images(monkeypatch, captioner)
+    extract_features(captioner, records, batch_size=2, num_workers=2, progress=False, use_cache=False)
+    assert seen == [2, 2, 1]
+    decoded_in = {int(path.name) for path in (tmp_path / "decoded-in").iterdir()}
+    assert len(decoded_in) == 2 and os.getpid() not in decoded_in
+
+
+def test_a_run_opening_the_cache_while_a_part_is_written_neither_reads_it_nor_deletes_it(tiny, captioner, tmp_path,
+                                                                                          monkeypatch, capsys):
+    """Runs share a cache: another one may open it at any moment of a part's write. A file's bytes reach the disk a
+    piece at a time; seen half-written, the part was taken as damaged and deleted under its writer."""
+    import pathlib
+
+    from dataset import image_keys
+
+    records = load_records("folder", "train", tiny["data_dir"])[:3]
+    fingerprint, real_write_bytes, opened = encoder_fingerprint(captioner), pathlib.Path.write_bytes, []
+
+    def written_in_two_halves(path, data):
+        if path.parent.name != fingerprint:
+            return real_write_bytes(path, data)
+        with path.open("wb") as file:
+            file.write(data[: len(data) // 2])
+            file.flush()
+            other_run = FeatureCache(tmp_path, fingerprint, captioner.config.image_feature_dim)
+            opened.append(other_run.missing(image_keys(records)))
+            file.write(data[len(data) // 2 :])
+        return len(data)
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", written_in_two_halves)
+    expected = extract_features(captioner, records, progress=False, cache_dir=tmp_path)
+    assert opened == [[0, 1, 2]] and "cannot be read" not in capsys.readouterr().err
+    seen = count_clip_images(monkeypatch, captioner)
+    assert torch.equal(extract_features(captioner, records, progress=False, cache_dir=tmp_path), expected)
+    assert sum(seen) == 0
 
 
 def test_greedy_loop_gives_the_tokens_of_generate(captioner):

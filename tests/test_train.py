@@ -1246,6 +1246,22 @@ def test_a_relative_feature_cache_dir_is_saved_absolute(tmp_path, monkeypatch):
     assert config.feature_cache_dir == str(tmp_path / "cache")
 
 
+def test_no_feature_cache_reaches_extraction_and_every_image_is_encoded(tiny, tmp_path, monkeypatch):
+    """--no-feature-cache: CLIP encodes every image, even ones the cache holds, and the cache gets no file."""
+    from model import AdapterConfig, build_captioner
+
+    captioner = build_captioner(AdapterConfig(clip_model=tiny["clip_model"], lm_model=tiny["lm_model"]))
+    records = load_records("folder", "train", tiny["data_dir"])[:3]
+    extract_features(captioner, records, progress=False, cache_dir=tmp_path / "cache")
+    before = sorted((tmp_path / "cache").rglob("*"))
+    config = train.parse_config(["--run-name", "x", "--no-feature-cache", "--feature-cache-dir",
+                                 str(tmp_path / "cache"), "--num-workers", "0", "--no-progress"])
+    encoded, real = [], captioner.clip_embeddings
+    monkeypatch.setattr(captioner, "clip_embeddings", lambda pixels: encoded.append(len(pixels)) or real(pixels))
+    kept, pairs = train.make_pairs(captioner, records, config, "CLIP features (train)", [])
+    assert sum(encoded) == 3 and kept == records and sorted((tmp_path / "cache").rglob("*")) == before
+
+
 def spy_optimizer_steps(monkeypatch) -> list[dict]:
     """The adapter's gradient and learning rate as each optimizer step receives them."""
     steps, real = [], train.optimizer_step
