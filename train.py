@@ -40,8 +40,8 @@ import torch
 
 from dataset import (DATASETS, DEFAULT_SEED, FLICKR30K_PARQUET, FOLDER_SPLIT_OF_OLDER_RUNS, FOLDER_SPLITS,
                      PADDING_PAIR, CaptionPairs, EpochShuffleSampler, check_data_flags, collate_captions,
-                     dataset_from_data_dir, drop_unreadable, encoder_fingerprint, extract_features, hash_deal_record,
-                     limit_records, load_records, run_feature_cache, split_deal)
+                     dataset_from_data_dir, dealt_names, drop_unreadable, encoder_fingerprint, extract_features,
+                     hash_deal_record, limit_records, load_records, run_feature_cache, split_deal)
 from metrics import validation_cider_d
 from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, IGNORE_INDEX, AdapterConfig, DecodingConfig, TrainingLoss,
                    build_captioner, let_4bit_weights_repack, load_adapter_state, missing_local_folder,
@@ -1647,9 +1647,10 @@ def set_up_run(config: TrainConfig, accelerator) -> Run:
     run.state.settings, run.state.train_data = settings_digest(config), train_data
     run.state.data_content = data_content
     if config.dataset == "folder":  # for eval.py: a re-dealt folder's test split holds trained images
-        run.state.split_deal = split_deal(config.data_dir, config.seed)
+        unassigned = dealt_names(config.data_dir, config.seed)  # read once: COCO's caption file takes seconds
+        run.state.split_deal = split_deal(config.data_dir, config.seed, unassigned)
         if config.folder_split == "hash":
-            run.state.hash_deal = hash_deal_record(config.data_dir, config.seed)
+            run.state.hash_deal = hash_deal_record(config.data_dir, config.seed, unassigned)
         run.state.train_images = sorted(record.image_id for record in train_records)
     run.last_validated = run.state.history[-1]["step"] if run.state.history else -1
     open_run_folder(run)

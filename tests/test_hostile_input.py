@@ -503,6 +503,26 @@ def test_caption_text_cannot_end_a_caption_early(byte_level_tokenizer):
     assert tokenize_caption(tokenizer, "a red circle " * 50, eos, 6)[-1] == eos
 
 
+def test_captions_tokenized_in_batches_as_one_by_one(byte_level_tokenizer, monkeypatch):
+    """tokenize_captions asks the fast tokenizer's Rust tokenizer directly, in batches: the ids must be transformers'
+    call's, one caption at a time, special-token text as text, also where tokenizer.json turns on truncation and
+    padding (transformers' call turns them off; asked directly, every caption came back cut to 2 tokens)."""
+    import copy
+
+    from dataset import tokenize_captions
+
+    tokenizer, eos = byte_level_tokenizer
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.backend_tokenizer.enable_truncation(max_length=2)
+    tokenizer.backend_tokenizer.enable_padding(length=50)
+    captions = ["a red <|endoftext|> circle", "a red circle " * 50, "un carré bleu", "e\u0301", "a"]
+    expected = [copy.deepcopy(byte_level_tokenizer[0])(caption, add_special_tokens=False, split_special_tokens=True)
+                ["input_ids"][:39] + [eos] for caption in captions]
+    monkeypatch.setattr("dataset.TOKENIZE_BATCH", 2)  # the first batch through transformers' call, the rest direct
+    assert tokenize_captions(tokenizer, captions, eos, 40) == expected
+    assert [ids.count(eos) for ids in expected] == [1] * len(captions) and len(expected[1]) == 40
+
+
 def test_loaders_survive_odd_captions(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     Image.new("RGB", (8, 8)).save(tmp_path / "b.png")
