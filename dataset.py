@@ -771,8 +771,8 @@ def _read_imagefolder_metadata(data_dir: Path, files: list[Path]) -> list[dict]:
 
 
 def _split_folder_of(data_dir: Path, name: str, split_folders: dict[str, bool]) -> str | None:
-    """The split of the outermost split folder (train/, validation/, test/, ...; at any depth, as split_of_folders)
-    an image name lies in, else None: a root metadata.jsonl naming "test/a.png" left the image to the hash deal,
+    """The split of the outermost split folder (train/, validation/, test/, ...; at any depth, as Hugging Face reads
+    **/train/**) an image name lies in, else None: a root metadata.jsonl naming "test/a.png" left the image to the hash deal,
     which trained on most of test/. `split_folders` keeps whether each such folder is one: a look per folder."""
     folders = re.split(r"[\\/]", name)[:-1]
     for depth, part in enumerate(folders, 1):
