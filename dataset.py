@@ -1012,9 +1012,8 @@ def _without_split(by_image: dict[str, dict], followers: dict[str, str]) -> list
 
 def dealt_names(data_dir: str | Path, seed: int) -> list[str]:
     """The images of a caption folder that get their split dealt with `seed` (see _without_split)."""
-    data_dir = Path(data_dir)
-    by_image = _group_by_image(data_dir, _read_caption_rows(data_dir))
-    return _without_split(by_image, _join_same_files(data_dir, by_image, seed)[0])
+    reading = _read_caption_folder(Path(data_dir), seed)
+    return _without_split(reading.by_image, reading.followers)
 
 
 def hash_position(seed: int, name: str) -> float:
@@ -1241,17 +1240,18 @@ def _join_same_files(data_dir: Path, by_image: dict[str, dict], seed: int) -> tu
     return followers, shared
 
 
-def _note_files_shared_with_train(data_dir: Path, split: str, by_image: dict[str, dict],
+def _note_files_shared_with_train(data_dir: Path, split: str, split_of: dict[str, str],
                                   names_of_one_file: list[list[str]]) -> None:
     """Say, in one line, which of a held-out split's images are files the train split holds under another name:
-    only where rows name those splits (else _join_same_files keeps them together), and they are the user's."""
+    only where rows name those splits (else _join_same_files keeps them together), and they are the user's.
+    `split_of`: {name: split} of every image (_FolderReading.splits)."""
     pairs = []
     for names in names_of_one_file:
-        trained = [name for name in names if by_image[name]["split"] == "train"]
-        pairs += [(name, trained[0]) for name in names if trained and by_image[name]["split"] == split]
+        trained = [name for name in names if split_of[name] == "train"]
+        pairs += [(name, trained[0]) for name in names if trained and split_of[name] == split]
     if not pairs:
         return
-    held_out = sum(entry["split"] == split for entry in by_image.values())
+    held_out = sum(each == split for each in split_of.values())
     shown = ", ".join(f"{name} = train's {trained}" for name, trained in pairs[:3])
     more = f" and {len(pairs) - 3:,} more" if len(pairs) > 3 else ""
     files = "is a file" if len(pairs) == 1 else "are files"
@@ -1272,6 +1272,59 @@ def _set_split(data_dir: Path, name: str, entry: dict, split: str | None, number
     entry["split"], entry["split_row"] = split, number
 
 
+@dataclass
+class _FolderReading:
+    """One reading of a caption folder with a seed (_read_caption_folder): its images (_group_by_image, with the
+    splits rows name, also through other names of one file: _join_same_files) and its deal under each --folder-split
+    asked for. Shared by the loads of one_reading_per_folder: read only, each load makes its own records."""
+    seed: int
+    by_image: dict[str, dict]
+    followers: dict[str, str]
+    names_of_one_file: list[list[str]]
+    deals: dict[str, tuple[dict[str, str], dict[str, str]]] = field(default_factory=dict)
+
+    def splits(self, folder_split: str) -> tuple[dict[str, str], dict[str, str]]:
+        """({name: split} of the images dealt one (deal_splits), {name: split} of every image)."""
+        if folder_split not in self.deals:
+            deal = deal_splits(_without_split(self.by_image, self.followers), self.seed, folder_split)
+            split_of = {name: entry["split"] for name, entry in self.by_image.items()}
+            split_of.update(deal)
+            split_of.update({name: deal[leader] for name, leader in self.followers.items()})
+            self.deals[folder_split] = deal, split_of
+        return self.deals[folder_split]
+
+
+# {(folder, seed): _FolderReading} while one_reading_per_folder is open; None outside it.
+_folder_readings: dict[tuple[str, int], _FolderReading] | None = None
+
+
+@contextlib.contextmanager
+def one_reading_per_folder():
+    """Inside, a caption folder is read once (per seed): every split loaded and every dealt_names is dealt from
+    that reading. Reading, grouping and looking at each image file took 3.5 s of COCO's 3.9 s per split (113,287
+    images), 3 or 4 times per start-up of train.py; and the splits of one run come from one version of the caption
+    file, even where it is edited while the run starts (a re-dealt test split could hold a trained image)."""
+    global _folder_readings
+    outer = _folder_readings
+    _folder_readings = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _folder_readings = outer
+
+
+def _read_caption_folder(data_dir: Path, seed: int) -> _FolderReading:
+    """A caption folder's _FolderReading: read now, or the one read before inside one_reading_per_folder."""
+    key = (os.path.abspath(data_dir), seed)
+    if _folder_readings is not None and key in _folder_readings:
+        return _folder_readings[key]
+    by_image = _group_by_image(data_dir, _read_caption_rows(data_dir))
+    reading = _FolderReading(seed, by_image, *_join_same_files(data_dir, by_image, seed))
+    if _folder_readings is not None:
+        _folder_readings[key] = reading
+    return reading
+
+
 def load_caption_folder(data_dir: Path, split: str, seed: int = 0, folder_split: str = "hash") -> list[ImageRecord]:
     """A folder of images with captions.jsonl ({"image", "captions"|"caption"|"text", "split"?}) or
     captions.csv (columns image, caption, split?; one row per caption, or one per image with caption_1,
@@ -1280,19 +1333,15 @@ def load_caption_folder(data_dir: Path, split: str, seed: int = 0, folder_split:
 
     Rows without a split are assigned one by deal_splits, by `folder_split` (see FOLDER_SPLITS).
     """
-    by_image = _group_by_image(data_dir, _read_caption_rows(data_dir))
-    followers, names_of_one_file = _join_same_files(data_dir, by_image, seed)
-    deal = deal_splits(_without_split(by_image, followers), seed, folder_split)
+    reading = _read_caption_folder(data_dir, seed)
+    deal, split_of = reading.splits(folder_split)
     if split == "train":
-        check_deal_leaves_train(data_dir, by_image, deal)
-    deal.update({name: deal[leader] for name, leader in followers.items()})
-    for name, dealt in deal.items():
-        by_image[name]["split"] = dealt
+        check_deal_leaves_train(data_dir, reading.by_image, deal)
     if split != "train":
-        _note_files_shared_with_train(data_dir, split, by_image, names_of_one_file)
+        _note_files_shared_with_train(data_dir, split, split_of, reading.names_of_one_file)
     records, repeats = [], []
-    for name, entry in by_image.items():
-        if entry["split"] == split:
+    for name, entry in reading.by_image.items():
+        if split_of[name] == split:
             kept, unusable = _clean_captions(entry["captions"])
             counts = Counter(kept)  # keeps first-seen order
             repeats.extend((name, caption) for caption, count in counts.items() if count > 1)

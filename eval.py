@@ -50,8 +50,8 @@ import torch.nn.functional as F
 
 from dataset import (DATASETS, FLICKR30K_PARQUET, FOLDER_SPLIT_OF_OLDER_RUNS, IMAGE_SUFFIXES, SPLITS, check_data_flags,
                      dataset_from_data_dir, dataset_of_folder, dealt_names, drop_unreadable, encoder_fingerprint,
-                     extract_features, file_identity, held_out_past, limit_records, load_records, run_feature_cache,
-                     split_deal)
+                     extract_features, file_identity, held_out_past, limit_records, load_records,
+                     one_reading_per_folder, run_feature_cache, split_deal)
 from demo import in_demo_cache, rebuild_cleared_demo
 from metrics import COCO_METRICS, COCO_VARIANT, TOKENIZATION_DETAILS, coco_metrics, start_meteor
 from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LM_QUANTIZATIONS, AdapterConfig, DecodingConfig, load_captioner,
@@ -1428,7 +1428,8 @@ def evaluate_or_compare(parser: argparse.ArgumentParser, args) -> int:
     # machine (a disk of its own) then stops them all in one line, where the others waited for it forever.
     processes = Processes.from_environment("eval.py", args.device)
     try:  # from the first collective on: the run's check, the loading's end, the gathers
-        return evaluate_run(args, processes)
+        with one_reading_per_folder():  # the split scored, the baseline's train split and the deal's checks
+            return evaluate_run(args, processes)
     except RuntimeError as error:  # another process stopped (a signal, a crash) and said why: not a gather traceback
         return another_process_ended(error, "evaluation", lambda: "; nothing was written")
 

@@ -41,7 +41,8 @@ import torch
 from dataset import (DATASETS, DEFAULT_SEED, FLICKR30K_PARQUET, FOLDER_SPLIT_OF_OLDER_RUNS, FOLDER_SPLITS,
                      PADDING_PAIR, CaptionPairs, EpochShuffleSampler, check_data_flags, collate_captions,
                      dataset_from_data_dir, dealt_names, drop_unreadable, encoder_fingerprint, extract_features,
-                     hash_deal_record, limit_records, load_records, run_feature_cache, split_deal)
+                     hash_deal_record, limit_records, load_records, one_reading_per_folder, run_feature_cache,
+                     split_deal)
 from metrics import validation_cider_d
 from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, IGNORE_INDEX, AdapterConfig, DecodingConfig, TrainingLoss,
                    build_captioner, let_4bit_weights_repack, load_adapter_state, missing_local_folder,
@@ -1497,7 +1498,8 @@ def train(config: TrainConfig, on_step=None) -> dict:
     config, accelerator, lock = start(config)
     interrupted = False
     try:
-        run = set_up_run(config, accelerator)
+        with one_reading_per_folder():  # its train, val and test splits and its deal's record from one reading
+            run = set_up_run(config, accelerator)
         with StopRequest() as stop:
             if not train_steps(run, stop, on_step):
                 interrupted = True

@@ -14,8 +14,9 @@ from PIL import Image
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dataset import (PADDING_PAIR, SPLITS, EpochShuffleSampler, dataset_from_data_dir, deal_splits, encoder_fingerprint,
-                     extract_features, hash_position, limit_records, load_flickr30k_hub, load_records)
+from dataset import (PADDING_PAIR, SPLITS, EpochShuffleSampler, dataset_from_data_dir, deal_splits, dealt_names,
+                     encoder_fingerprint, extract_features, hash_position, limit_records, load_flickr30k_hub,
+                     load_records, one_reading_per_folder)
 from utils import UserError
 
 
@@ -881,6 +882,45 @@ def test_csv_caption_over_the_csv_field_limit_is_accepted(tmp_path):
 
 def write_jsonl_captions(folder, rows):
     (folder / "captions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def test_the_splits_of_one_run_come_from_one_reading_of_the_caption_file(tmp_path):
+    # train.py and eval.py read a caption folder once (one_reading_per_folder): COCO's took 3.5 s per split. An edit
+    # made while they load is not half seen (an image moved from train to test would be in both); the next run sees it.
+    rows = [{"image": f"img{i}.png", "caption": f"caption {i}", "split": split}
+            for i, split in enumerate(["train", "train", "train", "val", "test"])]
+    for row in rows:
+        write_image(tmp_path / row["image"])
+    write_jsonl_captions(tmp_path, rows)
+    moved = [{**row, "split": "test"} if row["image"] == "img0.png" else row for row in rows]
+
+    def ids(split):
+        return [record.image_id for record in load_records("folder", split, str(tmp_path))]
+
+    with one_reading_per_folder():
+        assert ids("train") == ["img0.png", "img1.png", "img2.png"]
+        write_jsonl_captions(tmp_path, moved)
+        assert ids("test") == ["img4.png"]
+    assert ids("test") == ["img0.png", "img4.png"]
+
+
+def test_the_loads_of_one_reading_change_nothing_the_next_reads(tmp_path):
+    # The splits, deals and dealt_names of one reading come from one shared grouping of the caption file: loading
+    # a split used to write each image's dealt split into it, which left dealt_names nothing to deal.
+    for i in range(30):
+        write_image(tmp_path / f"img{i}.png")
+    write_jsonl_captions(tmp_path, [{"image": f"img{i}.png", "caption": f"caption {i}"} for i in range(30)])
+    alone = {(split, deal): load_records("folder", split, str(tmp_path), 42, folder_split=deal)
+             for split in SPLITS for deal in ("hash", "shuffle")}
+    unassigned = dealt_names(tmp_path, 42)
+    assert len(unassigned) == 30
+    with one_reading_per_folder():
+        for (split, deal), records in alone.items():
+            loaded = load_records("folder", split, str(tmp_path), 42, folder_split=deal)
+            assert loaded == records
+            loaded[0].captions.append("changed by its caller")  # its own records: the next load is unchanged
+        assert load_records("folder", "val", str(tmp_path), 42) == alone["val", "hash"]
+        assert dealt_names(tmp_path, 42) == unassigned
 
 
 @pytest.mark.parametrize("file_format", ["jsonl", "csv"])

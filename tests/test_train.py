@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import dataset
 import eval as eval_script
 import inference
 import train
@@ -123,6 +124,18 @@ def test_a_transformer_adapter_trains_and_reloads(tiny, tmp_path):
     assert (captioner.config.adapter_kind, captioner.config.adapter_layers, captioner.config.prefix_length) == (
         "transformer", 2, 4)
     assert len(captioner.adapter.net.layers.layers) == 2
+
+
+def test_a_run_and_its_evaluation_each_read_the_caption_file_once(tiny, tmp_path, monkeypatch):
+    # train.py read it for its train, val and test splits and again for the deal's record, eval.py for the split it
+    # scores, the baseline's training images and the deal's checks: 3.5 s each time for COCO's (one_reading_per_folder).
+    read, reads = dataset._read_caption_rows, []
+    monkeypatch.setattr(dataset, "_read_caption_rows", lambda data_dir: reads.append(data_dir) or read(data_dir))
+    assert train.main(train_args(tiny, tmp_path, "once", "--max-steps", "2", "--test-limit", "2")) == 0
+    assert len(reads) == 1
+    assert eval_script.main([str(tmp_path / "once"), "--limit", "2", "--out", str(tmp_path / "eval"), "--no-progress",
+                             "--num-workers", "0"]) == 0
+    assert len(reads) == 2
 
 
 def test_no_frozen_weight_is_ever_saved(tiny, tmp_path):
