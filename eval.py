@@ -40,6 +40,7 @@ import html
 import io
 import os
 import shlex
+import shutil
 import sys
 from dataclasses import dataclass
 from itertools import zip_longest
@@ -63,8 +64,8 @@ from utils import (BLEU_VARIANT, MAX_RECORDS_JSON_BYTES, ROUGE_L_VARIANT, HelpFo
                    add_dtype_flag, another_process_ended, caption_diversity, caption_metrics, default_image_workers,
                    file_digest, for_terminal,
                    format_table, gpu_computes_in_bf16, ids_digest, keep_going_if_the_reader_leaves, stopping_together,
-                   json_value, nearest_existing, not_empty, note, read_json, run_cli,
-                   resume_gc_after_loading, run_folder_argument,
+                   json_value, nearest_existing, not_a_link, not_empty, note, read_json, removed_unless_renamed,
+                   replace_durably, run_cli, resume_gc_after_loading, run_folder_argument,
                    usage_errors_once_per_machine, waiting_lock, weights_digest, whole_number, write_json, write_jsonl,
                    write_text)
 
@@ -75,6 +76,7 @@ COMPARISON_FILES = ("comparison.md", "comparison.json")
 # What an evaluation writes into its folder, and deletes there when it does not write it (write_outputs_in).
 EVAL_OUTPUTS = (METRICS_FILE, PREDICTIONS_FILE, REPORT_FILE, SWEEP_FILE, LOSS_CURVE, METRIC_CURVE)
 OUTPUTS_LOCK = ".eval.lock"
+OUTPUTS_STAGE = ".eval-outputs.tmp"  # where write_outputs_in writes them all before any replaces an earlier one
 SPLIT_FOLDER_PREFIX = "eval-"  # RUN/eval-val/: where another split than test writes without --out (outputs_folder)
 # Names of a file, not of the folder --out takes: the outputs' own kinds, and tables'.
 FILE_SUFFIXES = {".json", ".jsonl", ".html", ".htm", ".md", ".csv", ".tsv", ".txt", ".png"}
@@ -768,15 +770,18 @@ def write_eval_outputs(out_dir: Path, result: SplitResult, records, run_dir: Pat
                        sweep: dict | None = None, gallery_size: int = GALLERY_SIZE) -> list[Path]:
     """metrics.json, predictions.jsonl, report.html and the curve PNGs (and decoding_sweep.json).
 
-    Each file is replaced atomically; metrics.json, which --compare reads as "evaluated", goes first
-    and comes back last, so a crash or Ctrl-C half-way leaves no metrics beside other predictions.
+    All are written aside first (OUTPUTS_STAGE), then renamed into place: a full disk stops the write before
+    anything of an earlier evaluation is touched. metrics.json, which --compare reads as "evaluated", goes first
+    and comes back last, so a crash or Ctrl-C during the renames leaves no metrics beside other predictions.
     """
     try:
         return write_outputs_in(out_dir, result, records, run_dir, sweep, gallery_size)
     except OSError as error:  # a full disk, a read-only remount: one line, not json's or matplotlib's traceback
-        raise UserError(f"cannot write {error.filename or out_dir} ({error.strerror or error}): the evaluation's "
-                        f"outputs in {out_dir} are incomplete; free some space (or give another --out) and "
-                        "evaluate again") from None
+        # metrics.json still there: the write stopped before the renames, so the earlier evaluation is whole.
+        left = (f"{out_dir} keeps the earlier evaluation's outputs as they were" if (out_dir / METRICS_FILE).exists()
+                else f"the evaluation's outputs in {out_dir} are incomplete")
+        raise UserError(f"cannot write {error.filename or out_dir} ({error.strerror or error}): {left}; free some "
+                        "space (or give another --out) and evaluate again") from None
 
 
 def say_written(paths: list[Path]) -> None:
@@ -788,19 +793,38 @@ def write_outputs_in(out_dir: Path, result: SplitResult, records, run_dir: Path 
                      gallery_size: int) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     with outputs_lock(out_dir):
-        # What an earlier evaluation wrote must not stay beside this one's predictions: its report
-        # (if this write stops half-way), its decoding sweep and its curves (if this one has none).
-        for name in (METRICS_FILE, REPORT_FILE, SWEEP_FILE, LOSS_CURVE, METRIC_CURVE):
+        stage = not_a_link(out_dir / OUTPUTS_STAGE)
+        shutil.rmtree(stage, ignore_errors=True)  # what a killed evaluation left
+        stage.mkdir()
+        # Deleted where the write fails: it held on to the space the error asks to free.
+        with removed_unless_renamed(stage):
+            write_jsonl(stage / PREDICTIONS_FILE, result.rows)
+            written = [PREDICTIONS_FILE]
+            if sweep is not None:
+                write_json(stage / SWEEP_FILE, sweep)
+                written.append(SWEEP_FILE)
+            train_log = run_dir / TRAIN_LOG if run_dir is not None else None
+            written += [path.name for path in
+                        write_report(stage, result.metrics, result.rows, records, train_log, sweep, gallery_size)]
+            write_json(stage / METRICS_FILE, result.metrics)
+            put_outputs_in_place(stage, out_dir)
+            stage.rmdir()
+    return [out_dir / METRICS_FILE, *(out_dir / name for name in written)]
+
+
+def put_outputs_in_place(stage: Path, out_dir: Path) -> None:
+    """Move the staged outputs into `out_dir`, metrics.json taken away first and put back last. What an earlier
+    evaluation wrote and this one did not (its decoding sweep, its curves) is deleted: it must not stay beside
+    this one's predictions."""
+    (out_dir / METRICS_FILE).unlink(missing_ok=True)
+    for name in EVAL_OUTPUTS:
+        if name == METRICS_FILE:
+            continue
+        if (stage / name).exists():
+            replace_durably(stage / name, out_dir / name)
+        else:
             (out_dir / name).unlink(missing_ok=True)
-        write_jsonl(out_dir / PREDICTIONS_FILE, result.rows)
-        written = [out_dir / PREDICTIONS_FILE]
-        if sweep is not None:
-            write_json(out_dir / SWEEP_FILE, sweep)
-            written.append(out_dir / SWEEP_FILE)
-        train_log = run_dir / TRAIN_LOG if run_dir is not None else None
-        written += write_report(out_dir, result.metrics, result.rows, records, train_log, sweep, gallery_size)
-        write_json(out_dir / METRICS_FILE, result.metrics)
-    return [out_dir / METRICS_FILE, *written]
+    replace_durably(stage / METRICS_FILE, out_dir / METRICS_FILE)
 
 
 def outputs_lock(out_dir: Path):

@@ -26,7 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from utils import (UserError, first_line, gpu_computes_in_bf16, is_whole_number, json_error, json_file_text,
-                   not_a_link, note, removed_unless_renamed, replace_durably, with_usual_mode, write_json)
+                   not_a_link, note, removed_unless_renamed, replace_durably, save_safetensors, with_usual_mode,
+                   write_json)
 
 FORMAT_VERSION = 1
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -1140,14 +1141,12 @@ def save_adapter(directory: str | Path, adapter: nn.Module, config: AdapterConfi
 def save_adapter_weights(path: Path, adapter: nn.Module, described_by: AdapterConfig | None = None) -> None:
     """The adapter's tensors as safetensors, written aside and renamed (atomic and durable); with `described_by`,
     that config's JSON in the file's metadata too."""
-    from safetensors.torch import save_file
-
     state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in adapter.state_dict().items()}
     metadata = {"format_version": str(FORMAT_VERSION)}
     if described_by is not None:
         metadata[ADAPTER_CONFIG] = json.dumps(dataclasses.asdict(described_by), default=str)
     with removed_unless_renamed(not_a_link(path.with_name(path.name + ".tmp"))) as tmp:
-        save_file(state, str(tmp), metadata=metadata)
+        save_safetensors(state, tmp, metadata=metadata)
         with_usual_mode(tmp)
         replace_durably(tmp, path)
 

@@ -53,7 +53,7 @@ from utils import (MAX_RECORDS_JSON_BYTES, HelpFormatter, Processes, Terminated,
                    gpu_computes_in_bf16, ids_digest, interrupt_handled, interrupt_name, interrupted_exit_code,
                    is_whole_number, join_processes, keep_going_if_the_reader_leaves, json_text, json_value,
                    launched_on_cpu, launched_processes, library_versions, load_state, lone_cpu_launch_warning,
-                   machines, nearest_existing, not_a_link, note, read_json, read_jsonl,
+                   machines, nearest_existing, not_a_link, note, read_json, read_jsonl, removed_unless_renamed,
                    rng_states, run_cli, said_alike_before_joining, said_alike_by, save_state, set_rng_states,
                    stopping_together, sync_folder, sync_tree, tell_the_launcher, usage_errors_once_per_machine,
                    user_message, weights_digest, write_json, write_jsonl, write_text)
@@ -864,8 +864,10 @@ def save_export(directory: Path, accelerator, adapter, captioner, config, state,
         else:
             tmp = directory.with_name(directory.name + ".tmp")
             shutil.rmtree(not_a_link(tmp), ignore_errors=True)  # rmtree leaves a link, to be written through
-            save_adapter(tmp, accelerator.unwrap_model(adapter), adapter_config)
-            if kept := swap_in(directory, tmp, keep_others=True):
+            with removed_unless_renamed(tmp):  # a full disk: the half-written copy gives its space back
+                save_adapter(tmp, accelerator.unwrap_model(adapter), adapter_config)
+                kept = swap_in(directory, tmp, keep_others=True)
+            if kept:
                 say(accelerator, kept_aside_note(directory, kept, state.step))
 
 
@@ -937,17 +939,19 @@ def save_resume_state(run_dir: Path, accelerator, adapter, optimizer, scheduler,
         shutil.rmtree(not_a_link(tmp), ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    save_state(tmp, f"rng_{accelerator.process_index}", rng_states())
-    if accelerator.is_main_process:
-        save_adapter_weights(tmp / ADAPTER_WEIGHTS, accelerator.unwrap_model(adapter))
-        save_state(tmp, "optimizer", optimizer.state_dict())
-        save_state(tmp, "scheduler", scheduler.scheduler.state_dict())
-        if accelerator.scaler is not None:
-            save_state(tmp, "grad_scaler", accelerator.scaler.state_dict())
-        write_json(tmp / TRAINER_STATE, dataclasses.asdict(state))  # last: its presence marks a whole state
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        swap_in(final, tmp)
+    # A save that fails (a full disk) deletes resume.tmp/: left, it held on to the space the error asked to free.
+    with removed_unless_renamed(tmp) if accelerator.is_main_process else contextlib.nullcontext():
+        save_state(tmp, f"rng_{accelerator.process_index}", rng_states())
+        if accelerator.is_main_process:
+            save_adapter_weights(tmp / ADAPTER_WEIGHTS, accelerator.unwrap_model(adapter))
+            save_state(tmp, "optimizer", optimizer.state_dict())
+            save_state(tmp, "scheduler", scheduler.scheduler.state_dict())
+            if accelerator.scaler is not None:
+                save_state(tmp, "grad_scaler", accelerator.scaler.state_dict())
+            write_json(tmp / TRAINER_STATE, dataclasses.asdict(state))  # last: its presence marks a whole state
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            swap_in(final, tmp)
     accelerator.wait_for_everyone()
 
 

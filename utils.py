@@ -11,6 +11,7 @@ import os
 import platform
 import random
 import re
+import shutil
 import signal
 import stat
 import sys
@@ -801,20 +802,36 @@ def removed_unless_renamed(tmp: Path):
     """Around writing `tmp` and renaming it into place: where that fails or is interrupted (a full disk, Ctrl-C),
     `tmp` is deleted. Left there, a half-written copy stayed in the run folder until the next write of its file
     (predictions.jsonl.tmp, curve_loss.png.tmp after a Ctrl-C as eval.py wrote its outputs), and on a full disk
-    it held on to space the error asked to free. (A SIGKILL leaves it: the next write replaces it.)"""
+    it held on to space the error asked to free. (A SIGKILL leaves it: the next write replaces it.) A folder
+    (train.py's last.tmp/, resume.tmp/) goes with what is in it."""
     try:
         yield tmp
     except BaseException:
         with contextlib.suppress(OSError):  # renamed already (a failed sync after it), or never made
-            tmp.unlink()
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp)
+            else:
+                tmp.unlink()
         raise
+
+
+@contextlib.contextmanager
+def naming(path: Path):
+    """Inside, an OSError that names no file (a write's or a close's: a full disk) names `path`: the one-line
+    messages built from it (train.py's, eval.py's) named only the folder."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is not None or error.errno is None:
+            raise
+        raise OSError(error.errno, error.strerror, str(path)) from None
 
 
 def write_text(path: str | Path, text: str) -> None:
     """Replace a text file atomically and durably (written aside, then renamed: see replace_durably):
     a crash or power cut mid-write leaves the old file, never half a new one."""
     path = Path(path)
-    with removed_unless_renamed(not_a_link(path.with_name(path.name + ".tmp"))) as tmp:
+    with removed_unless_renamed(not_a_link(path.with_name(path.name + ".tmp"))) as tmp, naming(tmp):
         tmp.write_text(text, encoding="utf-8")
         replace_durably(tmp, path)
 
@@ -934,7 +951,7 @@ def read_json(path: str | Path, what: str = "file", limit: int = MAX_JSON_BYTES)
 
 
 def append_jsonl(path: str | Path, record: dict) -> None:
-    with open(not_a_link(path), "a") as handle:
+    with naming(path), open(not_a_link(path), "a") as handle:
         handle.write(json_text(record) + "\n")
 
 
@@ -1107,14 +1124,32 @@ def with_usual_mode(path: str | Path) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
-def save_state(folder: str | Path, name: str, state) -> None:
-    """Write a nested state (optimizer, scheduler, RNG ...) as name.safetensors + name.json."""
+SAFETENSORS_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def save_safetensors(tensors: dict, path: str | Path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, with a failed write raised as the OSError it is. safetensors reports a full disk
+    (or a read-only one) as a SafetensorError, "I/O error: No space left on device (os error 28)", which no
+    `except OSError` around a save caught: a real full disk ended train.py in safetensors' traceback, with
+    resume.tmp/ left holding the space the run needed."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as error:
+        if not (found := SAFETENSORS_OS_ERROR.search(str(error))):
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from None
+
+
+def save_state(folder: str | Path, name: str, state) -> None:
+    """Write a nested state (optimizer, scheduler, RNG ...) as name.safetensors + name.json."""
     tensors: dict[str, torch.Tensor] = {}
     structure = _split_tensors(state, tensors, name)
     folder = Path(folder)
-    save_file(tensors, str(folder / f"{name}.safetensors"))
+    save_safetensors(tensors, folder / f"{name}.safetensors")
     with_usual_mode(folder / f"{name}.safetensors")
     write_json(folder / f"{name}.json", structure)
 

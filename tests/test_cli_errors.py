@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ import train
 from conftest import without_loading_note
 from demo import build_demo_data
 from model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterConfig
-from utils import run_cli, write_json, write_jsonl
+from utils import append_jsonl, run_cli, write_json, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -692,6 +693,19 @@ def test_a_run_on_an_older_versions_gone_demo_assets_says_to_train_a_new_demo(da
 # ----------------------------------------------------------------------------------------------
 # A full disk or read-only folder where a script writes
 # ----------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not (os.path.exists("/dev/full") and stat.S_ISCHR(os.stat("/dev/full").st_mode)),
+                    reason="needs /dev/full, where every write fails with ENOSPC")
+def test_a_log_line_on_a_full_disk_names_its_file():
+    """A write's (or close's) OSError names no file: on a full tmpfs, train.py's line named only the run folder
+    ("cannot write RUN (No space left on device)"), not its train_log.jsonl. /dev/full is appended to, never
+    replaced: write_text's rename would put a file in its place."""
+    import errno
+
+    with pytest.raises(OSError) as raised:
+        append_jsonl("/dev/full", {"type": "train", "step": 1})
+    assert (raised.value.errno, raised.value.filename) == (errno.ENOSPC, "/dev/full")
+
 
 def test_a_full_disk_anywhere_a_script_writes_is_one_line(tiny, tmp_path, monkeypatch, capsys):
     """The checkpoint saves say more themselves (test_resilience); any other write, here the run's

@@ -308,16 +308,17 @@ def test_scoring_has_a_progress_bar_as_captioning_has(run, tmp_path, capsys):
 
 def test_an_evaluation_stopped_while_writing_leaves_no_metrics_beside_other_predictions(run, evaluated, tmp_path,
                                                                                         monkeypatch):
-    """metrics.json marks a folder evaluated (--compare reads it): a stop after the new predictions
-    are written must not leave the previous metrics.json posing as theirs, nor its report, nor an
-    earlier decoding sweep. Meanwhile no other evaluation can write into the folder."""
+    """metrics.json marks a folder evaluated (--compare reads it): a stop while the new outputs are written
+    must not leave the previous metrics.json posing as other predictions, nor its report, nor an earlier
+    decoding sweep. They are all written aside first, so the stop leaves the earlier evaluation whole, and
+    nothing of the new one. Meanwhile no other evaluation can write into the folder."""
     import fcntl
 
     out = tmp_path / "out"
     shutil.copytree(evaluated, out)
     (out / "decoding_sweep.json").write_text('{"num_images": 99}')  # from an earlier --decoding-sweep
     assert (out / "report.html").is_file()
-    old_predictions = (out / "predictions.jsonl").read_text()
+    earlier = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
 
     def stopped(*args, **kwargs):
         with open(out / ".eval.lock", "a") as other, pytest.raises(BlockingIOError):
@@ -327,12 +328,44 @@ def test_an_evaluation_stopped_while_writing_leaves_no_metrics_beside_other_pred
     monkeypatch.setattr(eval_script, "write_report", stopped)
     args = [str(run), "--out", str(out), "--no-progress", "--num-workers", "0", "--limit", "2"]
     assert run_cli(eval_script.main, args) == 130
-    assert (out / "predictions.jsonl").read_text() != old_predictions  # the new ones were written
-    assert not any((out / name).exists() for name in ("metrics.json", "report.html", "decoding_sweep.json"))
+    assert {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()} == earlier
+    assert not (out / eval_script.OUTPUTS_STAGE).exists()
     monkeypatch.undo()
     assert run_cli(eval_script.main, args) == 0
     assert json.loads((out / "metrics.json").read_text())["num_images"] == 2
     assert (out / "report.html").is_file() and not (out / "decoding_sweep.json").exists()
+
+
+def test_eval_outputs_on_a_full_disk_leave_the_earlier_evaluation_whole(tmp_path, monkeypatch, capsys):
+    """ENOSPC while an evaluation's outputs are written over an earlier one's: the earlier metrics.json, report.html,
+    predictions.jsonl and curves stay as they were, nothing staged is left holding space, and the line says so.
+    Before, the earlier metrics and report were deleted first, and on a full tmpfs neither came back."""
+    import errno
+
+    scores = {key: 0.1 for key, _ in COCO_METRICS} | {"rougeL": 0.1, "bleu4": 0.1}
+    metrics = {**scores, "num_images": 1, "coco_tokenization": "ptb-java", "beats_baseline": True,
+               "baseline_decided_by": "coco_cider_d", "processes": {"num_processes": 1},
+               "baseline": {**scores, "coco_cider_d": 0.05, "method": "nearest", "train_images": 3}}
+    row = {"image_id": "a.png", "prediction": "a red circle", "references": ["a red circle"], "baseline": "a circle",
+           "coco_cider_d": 0.1, "coco_rougeL": 0.1}
+    run, out = tmp_path / "run", tmp_path / "out"
+    run.mkdir()
+    write_jsonl(run / "train_log.jsonl", [{"type": "train", "step": 1, "loss": 2.0},
+                                          {"type": "eval", "step": 1, "val_loss": 1.5, "val_rougeL": 0.5}])
+    eval_script.write_eval_outputs(out, eval_script.SplitResult(metrics, [row]), [], run)
+    earlier = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
+    assert {"metrics.json", "report.html", "curve_loss.png"} <= set(earlier)
+
+    def disk_full(path, data):  # metrics.json, the last output written
+        raise OSError(errno.ENOSPC, "No space left on device", str(path) + ".tmp")
+
+    monkeypatch.setattr(eval_script, "write_json", disk_full)
+    other = eval_script.SplitResult({**metrics, "num_images": 2}, [row, {**row, "image_id": "b.png"}])
+    with pytest.raises(UserError, match=r"^cannot write .*metrics\.json\.tmp \(No space left on device\): .*out keeps "
+                                        r"the earlier evaluation's outputs as they were; free some space"):
+        eval_script.write_eval_outputs(out, other, [], run)
+    assert {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()} == earlier
+    assert not (out / eval_script.OUTPUTS_STAGE).exists()
 
 
 def test_an_evaluation_without_curves_leaves_none_of_an_earlier_ones_in_its_folder(tmp_path):

@@ -1419,19 +1419,22 @@ def test_what_only_rank_1_sees_is_acted_on_by_all_and_reported(tiny, tmp_path):
     assert len(skipped[0]["losses"]) == 2 and skipped[0]["losses"][1] == "NaN", skipped  # rank 0's, rank 1's
 
 
-def test_a_full_disk_while_saving_stops_the_run_in_one_line_with_its_last_checkpoint_whole(tiny, tmp_path,
+@pytest.mark.parametrize("folder", ["last", "resume"])
+def test_a_full_disk_while_saving_stops_the_run_in_one_line_with_its_last_checkpoint_whole(tiny, tmp_path, folder,
                                                                                             monkeypatch, capsys):
-    """ENOSPC inside safetensors while the second checkpoint is written: one line naming the file, the
-    cause and the command that continues, not safetensors' traceback; the first checkpoint stays whole."""
-    import errno
-
+    """ENOSPC inside safetensors while the second checkpoint's `folder` is written: one line naming the file, the
+    cause and the command that continues, not safetensors' traceback; the first checkpoint stays whole, and the
+    half-written last.tmp/ or resume.tmp/ is gone (it held on to the space the line asks to free). safetensors
+    reports a full disk as a SafetensorError, no OSError: a real full disk (a tmpfs) ended in its traceback."""
     import safetensors.torch
+    from safetensors import SafetensorError
 
     real_save_file = safetensors.torch.save_file
 
     def disk_full_after_the_first_checkpoint(tensors, filename, *args, **kwargs):
-        if (tmp_path / "full" / "resume" / train.TRAINER_STATE).is_file() and ".tmp" in filename:
-            raise OSError(errno.ENOSPC, "No space left on device", filename)
+        if (tmp_path / "full" / "resume" / train.TRAINER_STATE).is_file() and f"{folder}.tmp" in filename:
+            # What safetensors 0.8 raised on a full tmpfs, word for word.
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         return real_save_file(tensors, filename, *args, **kwargs)
 
     monkeypatch.setattr(safetensors.torch, "save_file", disk_full_after_the_first_checkpoint)
@@ -1441,6 +1444,7 @@ def test_a_full_disk_while_saving_stops_the_run_in_one_line_with_its_last_checkp
     assert err.startswith(f"error: cannot write {tmp_path / 'full'}") and "(No space left on device)" in err, err
     assert "--resume" in err and len(err.splitlines()) == 1, err
     assert read_json(tmp_path / "full" / "resume" / train.TRAINER_STATE)["step"] == 5
+    assert not (tmp_path / "full" / f"{folder}.tmp").exists()
 
 
 # Several machines, simulated on this one: two torchrun launches with --nnodes 2 on 127.0.0.1, one process
