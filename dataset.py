@@ -38,7 +38,7 @@ from torch.utils.data import Dataset, Sampler
 
 from model import IGNORE_INDEX
 from utils import (UserError, cache_home, file_digest, first_line, gc_paused, ids_digest, note, replace_durably,
-                   write_json)
+                   waiting_lock, write_json)
 
 FLICKR30K_PARQUET = "hf://datasets/nlphuji/flickr30k@refs/convert/parquet/TEST/test/*.parquet"
 DATASETS = ("flickr30k", "karpathy", "folder")
@@ -54,6 +54,7 @@ FEATURE_PART_SIZE = 4096  # images per cache part: what an interrupted extractio
 # A cache part's two files are written a second or so apart; loose pieces older than this were left by a
 # write that was killed, and are deleted (FeatureCache._remove_loose_pieces).
 LOOSE_PIECE_AGE_S = 3600
+FEATURE_CACHE_LOCK = ".write.lock"  # empty; runs encoding into one cache folder take turns on it
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 # How a caption folder deals its images without a split (train.py --folder-split): "hash" gives each its
 # split by a hash of the seed and its name, so adding or removing images moves no other (but for a stand-in
@@ -1765,10 +1766,14 @@ class FeatureCache:
         self.digests: dict[Path, str] = {}
         self.verified: set[Path] = set()
         self._remove_loose_pieces()
+        self._read_new_parts()
+
+    def _read_new_parts(self) -> None:
+        """Take in the parts not yet known: all of them at first, then those other runs added since."""
         for keys_file in sorted(self.folder.glob("part-*.json")):
             array_file = keys_file.with_suffix(".npy")
-            if array_file in _DROPPED_PARTS or not array_file.is_file():
-                continue  # dropped but not deletable (a read-only cache), or deleted by hand
+            if array_file in self.digests or array_file in _DROPPED_PARTS or not array_file.is_file():
+                continue  # known, dropped but not deletable (a read-only cache), or deleted by hand
             try:
                 entry = json.loads(keys_file.read_text(encoding="utf-8"))
             except OSError:
@@ -1838,6 +1843,20 @@ class FeatureCache:
             self.rows = {key: where for key, where in self.rows.items() if where[0] != array_file}
         return damaged
 
+    @contextlib.contextmanager
+    def writing(self):
+        """Encode and add parts holding the cache's lock, with the parts other runs added meanwhile read first:
+        two runs started at once on the same images each encoded and stored all of them (CLIP ran twice per
+        image); now they take turns a part at a time, each encoding what is still missing. Where the lock
+        cannot be taken (a read-only cache, no flock) the run goes on unguarded, as it did before."""
+        with contextlib.ExitStack() as lock:
+            with contextlib.suppress(OSError):
+                self.folder.mkdir(parents=True, exist_ok=True)
+                lock.enter_context(waiting_lock(self.folder / FEATURE_CACHE_LOCK, "waiting for another run encoding "
+                                                f"into the feature cache {self.folder} ..."))
+            self._read_new_parts()
+            yield
+
     def missing(self, keys: list[str]) -> list[int]:
         return [i for i, key in enumerate(keys) if key not in self.rows]
 
@@ -1903,14 +1922,16 @@ def run_feature_cache(cache_dir: str | None, use_cache: bool = True) -> str | No
 def extract_features(captioner, records: list[ImageRecord], batch_size: int = 64, num_workers: int = 0,
                      progress: bool = True, desc: str = "CLIP features", cache_dir: str | Path | None = None,
                      use_cache: bool = True, on_bad_sample: str = "error",
-                     bad_samples: list | None = None, _retry: bool = False) -> torch.Tensor:
+                     bad_samples: list | None = None, take_turns: bool = True, _retry: bool = False) -> torch.Tensor:
     """CLIP features (N, F) for every record, as the adapter sees them.
 
     With the cache (the default) each image is encoded once per encoder fingerprint, ever: later
     epochs and later runs read the stored embeddings and never decode an image or run CLIP.
     An image that cannot be read raises a UserError naming it (on_bad_sample="error"), or
     (on_bad_sample="skip") gets a row of NaN and an (image_id, reason) entry in `bad_samples`;
-    unreadable images are never cached, so a fixed file is picked up next time.
+    unreadable images are never cached, so a fixed file is picked up next time. `take_turns`: whether to
+    take turns with other runs writing into the cache (FeatureCache.writing); False for the processes of one
+    launch encoding shards of their own at once (eval.py's), which turns would make encode one after another.
     """
     if not records:
         return torch.empty(0, captioner.config.image_feature_dim)
@@ -1923,18 +1944,24 @@ def extract_features(captioner, records: list[ImageRecord], batch_size: int = 64
         keys = image_keys(records)
         todo = cache.missing(keys)
         unstored: dict[str, torch.Tensor] = {}  # features the cache could not take (a read-only disk)
+        pending, done = todo, 0
         # Parts of a few thousand images: an interrupted extraction keeps what it finished.
-        for start in range(0, len(todo), FEATURE_PART_SIZE):
-            chunk = todo[start : start + FEATURE_PART_SIZE]
-            label = f"{desc} {start + len(chunk):,}/{len(todo):,} new" if len(todo) > FEATURE_PART_SIZE else desc
-            chunk_failures: dict[int, str] = {}
-            encoded = _encode(captioner, [records[i] for i in chunk], batch_size, num_workers, progress, label,
-                              chunk_failures, on_bad_sample)
-            readable = [j for j in range(len(chunk)) if j not in chunk_failures]
-            new_keys = [keys[chunk[j]] for j in readable]
-            if new_keys and (unstored or not _store_part(cache, new_keys, encoded[readable])):
-                unstored.update(zip(new_keys, encoded[readable]))
-            failures.update({chunk[j]: why for j, why in chunk_failures.items()})
+        while pending:
+            with cache.writing() if take_turns else contextlib.nullcontext():
+                pending = [i for i in cache.missing(keys) if i not in failures and keys[i] not in unstored]
+                if not pending:  # another run encoded the rest while this one waited
+                    break
+                chunk = pending[:FEATURE_PART_SIZE]
+                label = f"{desc} {done + len(chunk):,}/{len(todo):,} new" if len(todo) > FEATURE_PART_SIZE else desc
+                chunk_failures: dict[int, str] = {}
+                encoded = _encode(captioner, [records[i] for i in chunk], batch_size, num_workers, progress, label,
+                                  chunk_failures, on_bad_sample)
+                readable = [j for j in range(len(chunk)) if j not in chunk_failures]
+                new_keys = [keys[chunk[j]] for j in readable]
+                if new_keys and (unstored or not _store_part(cache, new_keys, encoded[readable])):
+                    unstored.update(zip(new_keys, encoded[readable]))
+                failures.update({chunk[j]: why for j, why in chunk_failures.items()})
+            pending, done = pending[len(chunk):], done + len(chunk)
         if not todo and progress:
             print(f"{desc}: {len(keys):,} images read from the feature cache {cache.folder}")
         embeddings = torch.full((len(records), captioner.config.image_feature_dim), float("nan"))
@@ -1944,7 +1971,7 @@ def extract_features(captioner, records: list[ImageRecord], batch_size: int = 64
                 raise UserError(f"the feature cache {cache.folder} is being damaged while this run reads it; "
                                 "check the disk, delete that folder and run again")
             return extract_features(captioner, records, batch_size, num_workers, progress, desc, cache_dir, use_cache,
-                                    on_bad_sample, bad_samples, _retry=True)
+                                    on_bad_sample, bad_samples, take_turns, _retry=True)
         if cached:
             embeddings[cached] = cache.read([keys[i] for i in cached])
         for i in range(len(records)):

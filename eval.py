@@ -295,11 +295,13 @@ def chosen_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def clip_features(captioner, records, batch_size: int, num_workers: int, progress: bool, desc: str,
                   feature_cache: dict | None = None, on_bad_sample: str = "error",
-                  bad_samples: list | None = None) -> torch.Tensor:
+                  bad_samples: list | None = None, processes: Processes | None = None) -> torch.Tensor:
     """CLIP features of records, through the on-disk feature cache (`feature_cache`: the run's
-    {"cache_dir", "use_cache"}; default: the default cache)."""
+    {"cache_dir", "use_cache"}; default: the default cache). Several `processes` each encode a shard of
+    their own at once, not taking turns at the cache as separate runs do."""
     return extract_features(captioner, records, batch_size, num_workers, progress, desc,
-                            on_bad_sample=on_bad_sample, bad_samples=bad_samples, **(feature_cache or {}))
+                            on_bad_sample=on_bad_sample, bad_samples=bad_samples,
+                            take_turns=processes is None or processes.count == 1, **(feature_cache or {}))
 
 
 def feature_cache_settings(run: dict) -> dict:
@@ -394,7 +396,7 @@ def readable_split(captioner, records, batch_size: int, num_workers: int, progre
     with stopping_together(processes):
         features = clip_features(captioner, mine, batch_size, num_workers, progress,
                                  f"CLIP features (reading the split{processes.share_label(len(mine), len(records))})",
-                                 feature_cache, on_bad_sample="skip", bad_samples=found)
+                                 feature_cache, on_bad_sample="skip", bad_samples=found, processes=processes)
     bad_samples += processes.gather(found)  # in rank order, which is the split's
     # Flags, not records, through the gather: a Hub record holds its table. (An unreadable image's row is NaN.)
     readable_flags = processes.gather((~torch.isnan(features).any(dim=1)).tolist())
@@ -610,7 +612,7 @@ def evaluate_captioner(captioner, records, decodings: dict[str, DecodingConfig],
     whose = processes.share_label(len(mine), len(records))
     bad_samples: list[tuple[str, str]] = []
     features = clip_features(captioner, mine, batch_size, num_workers, progress, f"CLIP features{whose}",
-                             feature_cache, on_bad_sample="skip", bad_samples=bad_samples)
+                             feature_cache, on_bad_sample="skip", bad_samples=bad_samples, processes=processes)
     unreadable = processes.gather(bad_samples)
     if unreadable and not processes.is_main:  # the main process names them, once: not one error line per process
         return None
@@ -635,7 +637,8 @@ def evaluate_captioner(captioner, records, decodings: dict[str, DecodingConfig],
         train_whose = processes.share_label(len(train_shard), len(train_records))
         train_features = torch.cat(processes.gather([clip_features(
             captioner, train_records[train_shard.start : train_shard.stop], batch_size, num_workers, progress,
-            f"CLIP features (training images, for the baseline{train_whose})", feature_cache, on_bad_sample="skip")]))
+            f"CLIP features (training images, for the baseline{train_whose})", feature_cache, on_bad_sample="skip",
+            processes=processes)]))
     if not processes.is_main:
         return None
     readable, train_features = drop_unreadable(train_records, train_features)  # no unreadable candidates

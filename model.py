@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import sys
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1308,6 +1309,32 @@ def adapter_to_load(config: AdapterConfig) -> Adapter:
     return adapter.to_empty(device="cpu")
 
 
+# Pauses before a reader of a run's last/ tries again: a save replaces it whole in well under a second.
+SAVE_IN_PROGRESS_RETRY_S = (0.05, 0.5)
+
+
+def read_checkpoint(path: Path) -> tuple[Path, AdapterConfig, dict[str, torch.Tensor]]:
+    """The folder `path` resolves to (checkpoint_folder), its config and its weights. A run's last/ is replaced
+    whole at each save (train.swap_in renames it to last.old/, last.tmp/ to last/, then deletes last.old/): read
+    while training saved, a file was gone for a moment and loading stopped with a safetensors traceback or a wrong
+    "not found" line (12 of 3,535 reads, saves 25 ms apart). Such a read is tried again when the save is done."""
+    for pause in (*SAVE_IN_PROGRESS_RETRY_S, None):
+        checkpoint = checkpoint_folder(path, quiet=True)
+        try:
+            if not checkpoint.is_dir():
+                raise UserError(f"checkpoint folder not found: {checkpoint}")
+            config = AdapterConfig.from_json(checkpoint / ADAPTER_CONFIG)
+            state = load_adapter_state(checkpoint / ADAPTER_WEIGHTS, adapter_value_count(config),
+                                       checkpoint / ADAPTER_CONFIG)
+            break
+        except (UserError, OSError, RuntimeError):  # safetensors: RuntimeError "unable to open file"
+            if pause is None or path.name not in ("last", "last.old"):
+                raise
+            time.sleep(pause)
+    checkpoint_folder(path)  # its note, where a crash between a save's two renames left last.old/ alone
+    return checkpoint, config, state
+
+
 def load_captioner(checkpoint: str | Path, device="cpu", dtype=torch.float32, clip_model=None, lm_model=None,
                    lm_quantization: str = "none", trust_remote_code: bool = False) -> Captioner:
     """Rebuild a trained captioner from a run folder (or its last/ sub-folder) alone.
@@ -1316,11 +1343,7 @@ def load_captioner(checkpoint: str | Path, device="cpu", dtype=torch.float32, cl
     code shipped with a backbone, and how to quantise the LM, are the caller's choices, not the
     checkpoint's.
     """
-    checkpoint = checkpoint_folder(checkpoint)
-    if not checkpoint.is_dir():
-        raise UserError(f"checkpoint folder not found: {checkpoint}")
-    config = AdapterConfig.from_json(checkpoint / ADAPTER_CONFIG)
-    state = load_adapter_state(checkpoint / ADAPTER_WEIGHTS, adapter_value_count(config), checkpoint / ADAPTER_CONFIG)
+    checkpoint, config, state = read_checkpoint(Path(checkpoint))
     named = {"CLIP": clip_model is None, "LM": lm_model is None}  # by the checkpoint, not by the caller
     clip_model, lm_model = clip_model or config.clip_model, lm_model or config.lm_model
     from demo import rebuild_cleared_demo

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from dataset import FeatureCache, ImageRecord, encoder_fingerprint, extract_features, load_records
+from dataset import (FEATURE_CACHE_LOCK, FeatureCache, ImageRecord, encoder_fingerprint, extract_features,
+                     load_records)
 from model import IGNORE_INDEX, AdapterConfig, Captioner, DecodingConfig, build_captioner
 
 
@@ -224,7 +225,7 @@ def test_a_cache_write_that_fails_leaves_no_file_behind(tiny, captioner, tmp_pat
     features = extract_features(captioner, records, progress=False, cache_dir=tmp_path)
     assert torch.equal(features, extract_features(captioner, records, progress=False, use_cache=False))
     assert "No space left on device" in capsys.readouterr().err
-    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == []
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file() and p.name != FEATURE_CACHE_LOCK] == []
 
 
 @pytest.mark.parametrize("stop", [KeyboardInterrupt(), OSError(28, "No space left on device")])
@@ -242,7 +243,7 @@ def test_a_cache_write_stopped_between_a_parts_two_files_leaves_neither(tiny, ca
     records = load_records("folder", "train", tiny["data_dir"])[:3]
     with pytest.raises(KeyboardInterrupt) if isinstance(stop, KeyboardInterrupt) else contextlib.nullcontext():
         extract_features(captioner, records, progress=False, cache_dir=tmp_path)  # a full disk: kept in memory
-    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == []
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file() and p.name != FEATURE_CACHE_LOCK] == []
 
 
 def test_pieces_a_killed_cache_write_left_are_deleted_once_old(tiny, captioner, tmp_path):
@@ -468,6 +469,57 @@ def test_a_run_opening_the_cache_while_a_part_is_written_neither_reads_it_nor_de
     seen = count_clip_images(monkeypatch, captioner)
     assert torch.equal(extract_features(captioner, records, progress=False, cache_dir=tmp_path), expected)
     assert sum(seen) == 0
+
+
+def test_a_run_encoding_into_the_cache_makes_another_wait_and_then_read_its_part(tiny, captioner, tmp_path,
+                                                                                    monkeypatch, capsys):
+    """Two runs started at once on the same images (train.py twice, each its own run name) both found every image
+    missing from the shared cache: each encoded all of them, CLIP twice per image and two copies on the disk. The
+    second now waits while the first writes, then reads what it wrote and encodes nothing."""
+    import shutil
+    import threading
+
+    from utils import waiting_lock
+
+    records = load_records("folder", "train", tiny["data_dir"])[:6]
+    fresh = extract_features(captioner, records, progress=False, cache_dir=tmp_path / "first")
+    written = sorted((tmp_path / "first" / encoder_fingerprint(captioner)).glob("part-*"), key=lambda p: p.suffix)
+    folder = tmp_path / encoder_fingerprint(captioner)
+    folder.mkdir()
+    seen, second_run = count_clip_images(monkeypatch, captioner), {}
+    with waiting_lock(folder / FEATURE_CACHE_LOCK, "the first run's"):
+        waiter = threading.Thread(target=lambda: second_run.update(features=extract_features(
+            captioner, records, progress=False, cache_dir=tmp_path)))
+        waiter.start()
+        said, deadline = "", time.monotonic() + 60
+        while "waiting for another run encoding into the feature cache" not in said and time.monotonic() < deadline:
+            time.sleep(0.05)
+            said += capsys.readouterr().err
+        assert "waiting for another run" in said and seen == []
+        for path in reversed(written):  # as the first run writes a part: its .npy, then its keys
+            shutil.copy(path, folder)
+    waiter.join(60)
+    assert seen == [] and torch.equal(second_run["features"], fresh)
+    assert len(list(folder.glob("part-*.npy"))) == 1
+
+
+def test_the_processes_of_one_evaluation_encode_their_shards_without_taking_turns(tiny, captioner, tmp_path,
+                                                                                   monkeypatch):
+    """eval.py's processes each encode a shard of their own at once: taking turns at the cache, as separate runs
+    do, would have made 8 GPUs encode one after another. A lone evaluation takes its turn."""
+    import eval as eval_script
+    from utils import Processes
+
+    records = load_records("folder", "train", tiny["data_dir"])[:4]
+    took, original = [], FeatureCache.writing
+    monkeypatch.setattr(FeatureCache, "writing", lambda cache: took.append(cache) or original(cache))
+    features = eval_script.clip_features(captioner, records[:2], 2, 0, False, "shard", {"cache_dir": str(tmp_path)},
+                                         processes=Processes(0, 2))
+    assert took == [] and torch.equal(features, extract_features(captioner, records[:2], progress=False,
+                                                                  use_cache=False))
+    eval_script.clip_features(captioner, records[2:], 2, 0, False, "alone", {"cache_dir": str(tmp_path)},
+                              processes=Processes())
+    assert len(took) == 1
 
 
 def test_greedy_loop_gives_the_tokens_of_generate(captioner):
