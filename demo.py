@@ -311,7 +311,8 @@ def damaged_backbone_file(backbones: Path) -> str | None:
     """A file the backbone build wrote that is now missing or another size, or None. BUILT alone does
     not say the files are whole: a deleted or truncated one was later loaded as if complete, and the
     user was told to download a model that only this build can make. BUILT files written before it
-    listed the files cannot be checked, and are trusted."""
+    listed the files (an older version's cache, kept on upgrading) are checked by the weights files' own
+    headers (whole_safetensors)."""
     try:
         listed = json.loads((backbones / "BUILT").read_text()).get("files", {})
     except (OSError, ValueError, AttributeError):
@@ -322,7 +323,24 @@ def damaged_backbone_file(backbones: Path) -> str | None:
             return name
     # A build marked complete without its weights (one made by a second process of a process group,
     # before build_in_a_process_of_its_own) lists only the files it wrote: it is built again.
-    return next((name for name in BACKBONE_FILES if not (backbones / name).is_file()), None)
+    missing = next((name for name in BACKBONE_FILES if not (backbones / name).is_file()), None)
+    if missing or listed:
+        return missing
+    # An older version's BUILT lists no sizes: a weights file cut short there was loaded, and the user told to
+    # download or copy a model only this build makes.
+    return next((name for name in BACKBONE_FILES if name.endswith(".safetensors")
+                 and not whole_safetensors(backbones / name)), None)
+
+
+def whole_safetensors(path: Path) -> bool:
+    """Whether a safetensors file holds all that its header lists (one cut short or grown does not)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt"):
+            return True
+    except (SafetensorError, OSError):
+        return False
 
 
 def backbones_built(backbones: Path) -> bool:

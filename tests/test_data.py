@@ -500,7 +500,7 @@ def test_two_processes_starting_the_demo_at_once_build_it_once(tmp_path, capsys,
         for name in demo.BACKBONE_FILES:
             (Path(out_dir) / name).parent.mkdir(parents=True, exist_ok=True)
             (Path(out_dir) / name).write_text("")
-        (Path(out_dir) / "BUILT").write_text("{}")
+        (Path(out_dir) / "BUILT").write_text(json.dumps({"files": demo.file_sizes(Path(out_dir))}))  # as builds do
 
     monkeypatch.setattr(demo, "build_demo_data", slow_data)
     monkeypatch.setattr(demo, "build_tiny_backbones", backbones)
@@ -617,6 +617,26 @@ def test_a_demo_build_record_that_does_not_parse_or_a_file_of_another_size_count
     (tmp_path / "BUILT").write_text(record)
     (tmp_path / "lm" / "config.json").write_text('{"hidden_size": 64}')  # longer than built
     assert demo.damaged_backbone_file(tmp_path) == "lm/config.json"
+
+
+def test_an_older_versions_demo_build_record_is_checked_by_the_weights_files_headers(tmp_path):
+    """A demo cache built before BUILT listed its files (an upgrade keeps it) was trusted whole: its LM's weights
+    cut short were loaded, and the user told to "download or copy that model again", which only the build makes."""
+    import demo
+    from safetensors.torch import save_file
+
+    for name in demo.BACKBONE_FILES:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith(".safetensors"):
+            save_file({"weight": torch.zeros(4)}, str(tmp_path / name))
+        else:
+            (tmp_path / name).write_text("{}")
+    # BUILT as versions before 2026-11-30 wrote it: no "files" with their sizes.
+    (tmp_path / "BUILT").write_text(json.dumps({"version": 2, "captions": 4500, "steps": 1400, "final_loss": 0.44}))
+    assert demo.backbones_built(tmp_path)
+    weights = tmp_path / "lm" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1])
+    assert demo.damaged_backbone_file(tmp_path) == "lm/model.safetensors"
 
 
 @pytest.mark.slow  # two tiny demo builds: about 7 s on 2 idle cores, 20 s on busy ones
