@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from dataset import (PADDING_PAIR, SPLITS, EpochShuffleSampler, dataset_from_data_dir, deal_splits, dealt_names,
                      encoder_fingerprint, extract_features, hash_position, limit_records, load_flickr30k_hub,
-                     load_records, one_reading_per_folder)
+                     load_records, one_reading_per_folder, split_deal)
 from utils import UserError
 
 
@@ -941,6 +941,18 @@ def test_the_loads_of_one_reading_change_nothing_the_next_reads(tmp_path):
             loaded[0].captions.append("changed by its caller")  # its own records: the next load is unchanged
         assert load_records("folder", "val", str(tmp_path), 42) == alone["val", "hash"]
         assert dealt_names(tmp_path, 42) == unassigned
+
+
+def test_the_deal_of_a_folder_named_from_home_is_that_folders_deal(tmp_path, monkeypatch):
+    # eval.py deals the folder its run_config.json names; "~/coco" there loaded the split, and dealt_names (unlike
+    # load_records) read a folder named "~" in the current folder: no caption file, the evaluation stopped.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    folder = tmp_path / "coco"
+    for i in range(5):
+        write_image(folder / f"img{i}.png")
+    write_jsonl_captions(folder, [{"image": f"img{i}.png", "caption": f"caption {i}"} for i in range(5)])
+    assert dealt_names("~/coco", 42) == dealt_names(folder, 42) == [f"img{i}.png" for i in range(5)]
+    assert split_deal("~/coco", 42) == split_deal(folder, 42) != ""
 
 
 @pytest.mark.parametrize("file_format", ["jsonl", "csv"])
