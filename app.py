@@ -675,6 +675,59 @@ def answer_bad_requests_in_one_line(app) -> None:
     app.preprocess_data = preprocess_data
 
 
+def forget_pasted_images(app) -> None:
+    """Gradio keeps each request's input values in its session (for deep links, which this page does not
+    offer), an image pasted inline as its whole data: URL, and every API call without a session is a new
+    session: 1,200 requests, a quarter of them pasted images of up to 9 MB, grew the server by 550 MB
+    (up to SESSIONS_KEPT of them kept, so a stranger's loop of 50 MB images could have added 65 GB). The
+    URL is dropped from the session once the values are read. Replaced on this one instance, as
+    answer_bad_requests_in_one_line does."""
+    gradio_preprocess_data = app.preprocess_data
+
+    async def preprocess_data(block_fn, inputs, state=None, *args, **kwargs):
+        try:
+            return await gradio_preprocess_data(block_fn, inputs, state, *args, **kwargs)
+        finally:  # a refused request's value was stored too
+            for config in getattr(state, "config_values", {}).values():
+                props = (config or {}).get("props") or {}
+                if is_pasted_image(props.get("value")):
+                    props["value"] = None
+
+    app.preprocess_data = preprocess_data
+
+
+class UploadSet(set):
+    """Gradio's set of the uploads its sweep (delete_cache) deletes, made safe to sweep: iterated over a copy
+    of itself, and each deleted upload's folder removed with it."""
+
+    def __iter__(self):
+        # Whole, under the GIL: the sweep runs in a worker thread while uploads go on adding to the set, and
+        # "Set changed size during iteration" ended it for good (every later upload stayed on the disk until
+        # the server stopped: a 60 s flood of 9,012 uploads, all still there past their time). The sweep at
+        # the stop ended the same way, leaving files behind.
+        return iter(set.copy(self))
+
+    def __isub__(self, deleted):
+        # Gradio keeps each upload in a folder named by its bytes' hash and deleted the file alone: one empty
+        # folder (4 kB) per distinct upload piled up for good, across restarts (1,630 after 1,760 uploads).
+        for folder in {os.path.dirname(path) for path in deleted}:
+            with contextlib.suppress(OSError):  # not empty: the same bytes uploaded under another name
+                os.rmdir(folder)
+        return set.__isub__(self, deleted)
+
+
+def sweep_uploads_safely(app) -> None:
+    if not isinstance(getattr(app, "upload_file_set", None), set) or not hasattr(app, "temp_file_sets"):
+        return  # another Gradio's sweep: left as it comes (the page works without this)
+    uploads = UploadSet(app.upload_file_set)
+    app.temp_file_sets[:] = [uploads if files is app.upload_file_set else files for files in app.temp_file_sets]
+    app.upload_file_set = uploads
+
+
+def is_pasted_image(value) -> bool:
+    return isinstance(value, dict) and str(value.get("url") or "").startswith("data:")
+
+
 def numbers_only(control, label: str, whole: bool = False):
     """`control` (a slider or number box) with a message for a value that is not a finite number, not
     a whole one where `whole`, or out of the slider's range. Only a hand-written API call sends one ("3",
@@ -800,6 +853,8 @@ def build_app(page: Page, examples: list[tuple[str, str]], keep_uploads_s: float
                      api_name="caption", concurrency_limit=1)
     app.queue(max_size=64)
     answer_bad_requests_in_one_line(app)
+    forget_pasted_images(app)
+    sweep_uploads_safely(app)
     return app
 
 

@@ -511,6 +511,46 @@ def test_the_server_keeps_state_for_a_bounded_number_of_sessions(tmp_path):
         assert len(page_app.state_holder.session_data) == 3
 
 
+def test_a_session_keeps_no_pasted_image(tmp_path):
+    """Gradio keeps each request's values in its session, an image pasted inline as its whole data: URL, and
+    each API call without a session is a new one: 200 pasted images of up to 9 MB grew the server by 600 MB.
+    An upload's value (its path, a few hundred bytes) is kept as before."""
+    import httpx
+
+    with served(stub_page(tmp_path)) as (url, page_app):
+        (uploaded,) = httpx.post(url + "gradio_api/upload", files={"files": ("red.png", png_bytes())}).json()
+        for image in (pasted(png_bytes((0, 200, 0))), {"path": uploaded, "meta": {"_type": "gradio.FileData"}}):
+            assert call_caption(url, image)[0]["value"] == "a stub caption"
+        assert call_caption(url, pasted(b"not an image"))[4].startswith("⚠️ That file could not be read")
+        kept = [config["props"].get("value") for session in page_app.state_holder.session_data.values()
+                for config in session.config_values.values() if isinstance((config or {}).get("props"), dict)]
+        assert any(isinstance(value, dict) and value.get("path") == uploaded for value in kept)
+        assert not any(app.is_pasted_image(value) for value in kept)
+
+
+def test_the_upload_sweep_survives_an_upload_during_it_and_takes_the_folders(tmp_path):
+    """Gradio's sweep iterates the set of uploads in a thread while uploads add to it: "Set changed size during
+    iteration" ended it for good, and a 60 s flood of 9,012 uploads all stayed on the disk past their time. It
+    deleted each upload but not the folder Gradio made for it: one empty folder per upload piled up for good."""
+    page_app = app.build_app(stub_page(tmp_path), [])
+    # The set the sweep goes through, the one each upload is added to.
+    (uploads,) = [files for files in page_app.temp_file_sets if files is page_app.upload_file_set]
+    uploads.add("uploaded-before.png")
+    sweeping = iter(uploads)
+    uploads.add("uploaded-meanwhile.png")
+    assert list(sweeping) == ["uploaded-before.png"]
+    alone, shared = (tmp_path / "cache" / "1a" / "red.png", tmp_path / "cache" / "2b" / "red.png")
+    for path in (alone, shared, shared.with_name("same-bytes.png")):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(png_bytes())
+        uploads.add(str(path))
+    for path in (alone, shared):  # as Gradio's sweep deletes them
+        path.unlink()
+    uploads -= {str(alone), str(shared)}
+    assert not alone.parent.exists() and shared.with_name("same-bytes.png").exists()
+    assert uploads == {"uploaded-before.png", "uploaded-meanwhile.png", str(shared.with_name("same-bytes.png"))}
+
+
 def test_a_port_just_freed_can_be_served_again():
     """After the page stops, its port keeps connections in TIME_WAIT for a minute; the start-up check
     bound without SO_REUSEADDR (which Gradio's server sets) and so refused a restart as 'port in use'.
