@@ -336,18 +336,24 @@ def test_an_evaluation_stopped_while_writing_leaves_no_metrics_beside_other_pred
     assert (out / "report.html").is_file() and not (out / "decoding_sweep.json").exists()
 
 
-def test_eval_outputs_on_a_full_disk_leave_the_earlier_evaluation_whole(tmp_path, monkeypatch, capsys):
-    """ENOSPC while an evaluation's outputs are written over an earlier one's: the earlier metrics.json, report.html,
-    predictions.jsonl and curves stay as they were, nothing staged is left holding space, and the line says so.
-    Before, the earlier metrics and report were deleted first, and on a full tmpfs neither came back."""
-    import errno
-
+def one_image_result() -> tuple[dict, dict]:
+    """The metrics and the row of an evaluation of one image, as write_eval_outputs takes them."""
     scores = {key: 0.1 for key, _ in COCO_METRICS} | {"rougeL": 0.1, "bleu4": 0.1}
     metrics = {**scores, "num_images": 1, "coco_tokenization": "ptb-java", "beats_baseline": True,
                "baseline_decided_by": "coco_cider_d", "processes": {"num_processes": 1},
                "baseline": {**scores, "coco_cider_d": 0.05, "method": "nearest", "train_images": 3}}
     row = {"image_id": "a.png", "prediction": "a red circle", "references": ["a red circle"], "baseline": "a circle",
            "coco_cider_d": 0.1, "coco_rougeL": 0.1}
+    return metrics, row
+
+
+def test_eval_outputs_on_a_full_disk_leave_the_earlier_evaluation_whole(tmp_path, monkeypatch, capsys):
+    """ENOSPC while an evaluation's outputs are written over an earlier one's: the earlier metrics.json, report.html,
+    predictions.jsonl and curves stay as they were, nothing staged is left holding space, and the line says so.
+    Before, the earlier metrics and report were deleted first, and on a full tmpfs neither came back."""
+    import errno
+
+    metrics, row = one_image_result()
     run, out = tmp_path / "run", tmp_path / "out"
     run.mkdir()
     write_jsonl(run / "train_log.jsonl", [{"type": "train", "step": 1, "loss": 2.0},
@@ -371,12 +377,7 @@ def test_eval_outputs_on_a_full_disk_leave_the_earlier_evaluation_whole(tmp_path
 def test_an_evaluation_without_curves_leaves_none_of_an_earlier_ones_in_its_folder(tmp_path):
     """Two runs evaluated into one --out, the second without a train_log.jsonl (or without validations):
     the first run's curve PNGs stayed beside the second's report, which said it had no curves."""
-    scores = {key: 0.1 for key, _ in COCO_METRICS} | {"rougeL": 0.1, "bleu4": 0.1}
-    metrics = {**scores, "num_images": 1, "coco_tokenization": "ptb-java", "beats_baseline": True,
-               "baseline_decided_by": "coco_cider_d", "processes": {"num_processes": 1},
-               "baseline": {**scores, "coco_cider_d": 0.05, "method": "nearest", "train_images": 3}}
-    row = {"image_id": "a.png", "prediction": "a red circle", "references": ["a red circle"], "baseline": "a circle",
-           "coco_cider_d": 0.1, "coco_rougeL": 0.1}
+    metrics, row = one_image_result()
     result, first_run, out = eval_script.SplitResult(metrics, [row]), tmp_path / "first", tmp_path / "out"
     first_run.mkdir()
     write_jsonl(first_run / "train_log.jsonl", [{"type": "train", "step": 1, "loss": 2.0},
