@@ -16,6 +16,7 @@ import inspect
 import json
 import logging
 import math
+import os
 import sys
 import time
 import warnings
@@ -60,6 +61,9 @@ class AdapterConfig:
     pad_token_id: int | None = None
     vocab_size: int | None = None
     vocabulary_digest: str | None = None  # of the tokenizer's token -> id map: same size and EOS is not the same tokenizer
+    # Of each backbone's weights files as stored (stored_weights_digest); None where unknown and before they existed.
+    clip_weights_digest: str | None = None
+    lm_weights_digest: str | None = None
     max_caption_tokens: int = 40
     format_version: int = FORMAT_VERSION
     training: dict = field(default_factory=dict)  # hyperparameters, history, best scores, versions
@@ -1101,6 +1105,8 @@ def build_captioner(config: AdapterConfig, dtype=torch.float32, device="cpu", lm
     config.eos_token_id, config.pad_token_id = special_token_ids(tokenizer, lm)
     config.vocab_size = len(tokenizer)
     config.vocabulary_digest = vocabulary_digest(tokenizer)
+    config.clip_weights_digest = stored_weights_digest(config.clip_model, config.clip_revision)
+    config.lm_weights_digest = stored_weights_digest(config.lm_model, config.lm_revision)
     config.__post_init__()  # derive the adapter's hidden size now that the LM's is known
     keep_4bit_weights_differentiable(lm)  # a fresh adapter is built to be trained
     captioner = Captioner(config, clip, processor, lm, tokenizer)
@@ -1114,6 +1120,66 @@ def vocabulary_digest(tokenizer) -> str:
 
     vocabulary = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
     return hashlib.sha256(json.dumps(vocabulary, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+# Spots of each weights file stored_weights_digest reads: spread over the file, so that a fine-tune that left the
+# first tensors as they were (a merged LoRA leaves the embeddings) still differs in some.
+WEIGHTS_SAMPLES, WEIGHTS_SAMPLE_BYTES = 32, 4096
+
+
+def stored_weights_digest(name: str, revision: str | None) -> str | None:
+    """A short digest of the safetensors files a backbone loads from, as stored on disk: each file's name, size and
+    header, and WEIGHTS_SAMPLES spots of its data. The same whatever dtype, quantisation or device it is loaded in;
+    another build of the demo's backbones, a Hub `main` that moved, or a folder holding another fine-tune differs.
+    None where the files cannot be found or read: no run fails for it."""
+    import hashlib
+
+    folder = backbone_folder(name, revision)
+    files = sorted(folder.glob("*.safetensors")) if folder else []
+    digest = hashlib.blake2b(digest_size=8)
+    try:
+        for path in files:
+            with open(path, "rb") as stored:
+                size = os.fstat(stored.fileno()).st_size
+                header_end = 8 + int.from_bytes(stored.read(8), "little")
+                digest.update(f"{path.name}|{size}|".encode() + stored.read(min(header_end, size) - 8))
+                for spot in range(WEIGHTS_SAMPLES):  # the data region's start, then evenly spaced
+                    stored.seek(header_end + max(0, size - header_end) * spot // WEIGHTS_SAMPLES)
+                    digest.update(stored.read(WEIGHTS_SAMPLE_BYTES))
+    except (OSError, ValueError):
+        return None
+    return digest.hexdigest() if files else None
+
+
+def backbone_folder(name: str, revision: str | None) -> Path | None:
+    """The folder from_pretrained read a backbone's files from: the local folder, or the Hub cache's snapshot of
+    `revision` (None: of `main`, which from_pretrained has just brought up to date where the Hub is reachable;
+    transformers 5 keeps no config._commit_hash to name the commit loaded); None where unknown."""
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return local
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(name, "config.json", revision=revision)
+    except ValueError:  # not a repo id huggingface_hub accepts
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def note_other_backbone_weights(config: AdapterConfig, source: Path, clip_model: str, lm_model: str,
+                                clip_revision=None, lm_revision=None) -> None:
+    """A note where a backbone's weights files differ from those the adapter was trained with (by their digests).
+    Same sizes and vocabulary load without an error, and the captions are poor: another build of the demo's LM
+    (another CPU kind), a Hub `main` that moved, a folder replaced by another fine-tune. A note, not an error: a
+    run trained with weights since reformatted on disk (another shard size) still captions as well."""
+    differ = [f"{backbone} {name}" for backbone, name, revision, trained in (
+        ("CLIP", clip_model, clip_revision, config.clip_weights_digest),
+        ("LM", lm_model, lm_revision, config.lm_weights_digest))
+        if trained and (now := stored_weights_digest(name, revision)) and now != trained]
+    if differ:
+        note(f"note: the weights of {' and '.join(differ)} are not those {source} was trained with: captions may "
+             "be poor: load the weights it trained with, or train again", file=sys.stderr)
 
 
 def special_token_ids(tokenizer, lm) -> tuple[int, int]:
@@ -1363,6 +1429,8 @@ def load_captioner(checkpoint: str | Path, device="cpu", dtype=torch.float32, cl
                         f"with {flag}") from None
     captioner = Captioner(config, clip, processor, lm, tokenizer, adapter=adapter_to_load(config))
     check_backbones_match(config, captioner, checkpoint / ADAPTER_CONFIG, clip_model, lm_model)
+    note_other_backbone_weights(config, checkpoint / ADAPTER_CONFIG, clip_model, lm_model, config.clip_revision,
+                                config.lm_revision)
     check_tokenizer_fits(tokenizer, lm, lm_model)  # after: "not the tokenizer it was trained with" says more
     try:
         captioner.adapter.load_state_dict(state, strict=True)

@@ -45,8 +45,9 @@ from dataset import (DATASETS, DEFAULT_SEED, FLICKR30K_PARQUET, FOLDER_SPLIT_OF_
                      split_deal)
 from metrics import validation_cider_d
 from model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, IGNORE_INDEX, AdapterConfig, DecodingConfig, TrainingLoss,
-                   build_captioner, let_4bit_weights_repack, load_adapter_state, missing_local_folder,
-                   repair_torn_export, resolve_dtype, save_adapter, save_adapter_weights, value_count)
+                   build_captioner, checkpoint_folder, let_4bit_weights_repack, load_adapter_state,
+                   missing_local_folder, note_other_backbone_weights, repair_torn_export, resolve_dtype, save_adapter,
+                   save_adapter_weights, value_count)
 from utils import (MAX_RECORDS_JSON_BYTES, HelpFormatter, Processes, Terminated, UserError, another_process_ended,
                    append_jsonl, caption_diversity, caption_metrics,
                    check_folder_is_shared, check_processes_agree, collapse_warning, default_image_workers,
@@ -1867,6 +1868,7 @@ def resume(run: Run, train_data: str, data_content: dict) -> None:
         # the first step must take the rate of the new schedule at this step, as every later one does.
         set_peak_learning_rate(run.optimizer, run.scheduler, config.learning_rate)
     state.finished = state.finished and state.step >= run.total_steps  # a finished run given more steps goes on
+    note_other_weights_on_resume(run)
     adopt_newer_best(run)
     changed = "".join(f", --{name.replace('_', '-')} {new} (was {old})" for name, (old, new) in changes.items())
     say(accelerator, f"resuming {run.run_dir} at step {state.step} (epoch {state.epoch}, "
@@ -1875,6 +1877,19 @@ def resume(run: Run, train_data: str, data_content: dict) -> None:
         left = "only its test evaluation runs again" if config.final_eval else "nothing is left to do"
         say(accelerator, f"it had finished training at step {state.step}: {left}; to train on, give --resume a "
                          "larger --max-steps or --epochs")
+
+
+def note_other_weights_on_resume(run: Run) -> None:
+    """load_captioner's note where a backbone's weights files are not those the run trained with so far (its last
+    export's record): the adapter would go on training against other weights."""
+    trained = checkpoint_folder(run.run_dir / "last", quiet=True) / ADAPTER_CONFIG
+    try:
+        recorded = AdapterConfig.from_json(trained)
+    except UserError:  # none yet (a run stopped before its first checkpoint cannot resume anyway), or damaged
+        return
+    loaded = run.captioner.config
+    note_other_backbone_weights(recorded, trained, loaded.clip_model, loaded.lm_model, loaded.clip_revision,
+                                loaded.lm_revision)
 
 
 def adopt_newer_best(run: Run) -> None:

@@ -126,6 +126,21 @@ def train_args(tiny: dict, output_dir, run_name: str, *extra: str) -> list[str]:
     ]
 
 
+def other_values_in(weights_file: Path, name: str) -> None:
+    """Rewrite one tensor of a safetensors file with other values: the same header, other weights (another build
+    of the demo's LM, another fine-tune of one model)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(weights_file), "pt") as opened:
+        metadata = opened.metadata()
+    header = weights_file.read_bytes()[: 8 + int.from_bytes(weights_file.read_bytes()[:8], "little")]
+    tensors = load_file(weights_file)
+    tensors[name] += 0.01
+    save_file(tensors, weights_file, metadata=metadata)
+    assert weights_file.read_bytes().startswith(header)  # only the values tell them apart
+
+
 LAUNCHER_SUMMARY = "torch.distributed.elastic.multiprocessing.errors.ChildFailedError"
 
 

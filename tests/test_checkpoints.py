@@ -21,7 +21,7 @@ import eval as eval_script
 import inference
 import model
 import train
-from conftest import said_by_the_processes, train_args, without_loading_note
+from conftest import other_values_in, said_by_the_processes, train_args, without_loading_note
 from dataset import collate_captions, load_records, tokenize_caption
 from model import AdapterConfig, build_captioner, load_captioner
 from utils import UserError, library_versions, run_cli, write_json
@@ -319,6 +319,27 @@ def test_tokenizer_of_another_vocabulary(checkpoint, other_backbones, tmp_path):
     message = load_error(checkpoint, lm_model=str(other_eos))
     trained = f"trained with vocab {config['vocab_size']}, EOS {config['eos_token_id']}"
     assert "differs" in message and trained in message and "EOS 0;" not in message, message
+
+
+def test_backbone_of_other_weights_noted(checkpoint, tiny, tmp_path, capsys):
+    """An LM folder whose weights were replaced by other values of the same shapes (another build of the demo's LM,
+    another fine-tune) loads with a note naming it; the same weights, or an adapter from before the digests, not."""
+    run = Path(shutil.copytree(checkpoint, tmp_path / "run"))
+    lm = Path(shutil.copytree(tiny["lm_model"], tmp_path / "lm"))
+    edit_config(run, lm_model=str(lm))
+    load_captioner(run)
+    assert "trained with" not in capsys.readouterr().err
+    # One tensor past the file's first 64 KB (the embeddings), as a fine-tune that left those alone changes it.
+    other_values_in(lm / "model.safetensors", "model.layers.1.mlp.gate_proj.weight")
+    load_captioner(run)
+    said = capsys.readouterr().err
+    assert said.count("note:") == 1 and f"LM {lm}" in said and "CLIP" not in said and "train again" in said, said
+    # An adapter_config.json written before the digests: loads without a word, as before.
+    config = json.loads((run / "adapter_config.json").read_text())
+    del config["clip_weights_digest"], config["lm_weights_digest"]
+    (run / "adapter_config.json").write_text(json.dumps(config))
+    load_captioner(run)
+    assert "trained with" not in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1061,6 +1082,7 @@ try:
 except UserError as error:
     print("error:", error)
 print(f"failed in {time.perf_counter() - start:.1f} s")
+print("weights", model.stored_weights_digest("someone/tiny-lm", None))  # found in the Hub cache's snapshot
 """
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_DISABLE_TELEMETRY": "1"}
     done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], env=env,
@@ -1072,6 +1094,7 @@ print(f"failed in {time.perf_counter() - start:.1f} s")
                         "machine, and the Hub cache here does not hold it; give a local folder, or load it once where "
                         "the Hub is reachable"), done.stdout
     assert float(lines[2].split()[2]) < 5, done.stdout  # no back-off: it was about 23 s of it
+    assert lines[3] == f"weights {model.stored_weights_digest(tiny['lm_model'], None)}", done.stdout
     assert "Retrying" not in done.stderr, done.stderr
 
 

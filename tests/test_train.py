@@ -24,7 +24,7 @@ import dataset
 import eval as eval_script
 import inference
 import train
-from conftest import train_args
+from conftest import other_values_in, train_args
 from dataset import extract_features, load_records
 from model import TrainingLoss, load_captioner
 from utils import UserError, load_state, read_jsonl, run_cli, write_json
@@ -257,6 +257,18 @@ def test_resume_after_crash_restarts_from_last_checkpoint(tiny, tmp_path):
     for key in expected:
         assert torch.equal(expected[key], resumed[key]), key
     assert logged_losses(tmp_path / "crashed") == logged_losses(tmp_path / "straight")  # step 6's includes step 5's
+
+
+def test_resume_on_other_lm_weights_noted(tiny, tmp_path, capsys):
+    lm = Path(shutil.copytree(tiny["lm_model"], tmp_path / "lm"))
+    assert train.main(train_args({**tiny, "lm_model": str(lm)}, tmp_path, "run", "--max-steps", "5",
+                                 "--final-eval", "false")) == 0
+    other_values_in(lm / "model.safetensors", "model.layers.1.mlp.gate_proj.weight")
+    capsys.readouterr()
+    assert train.main(["--run-name", "run", "--output-dir", str(tmp_path), "--resume", "--max-steps", "6",
+                       "--no-progress"]) == 0
+    said = capsys.readouterr().err
+    assert said.count("not those") == 1 and f"LM {lm}" in said and "train again" in said, said
 
 
 def test_a_restored_log_window_counts_its_samples_but_times_only_its_own(monkeypatch):
