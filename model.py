@@ -632,9 +632,14 @@ def freeze(module: nn.Module) -> nn.Module:
     return module
 
 
-def backbone_revision(model) -> str | None:
-    """The Hub commit a backbone came from, when it came from the Hub."""
-    return getattr(model.config, "_commit_hash", None)
+def backbone_revision(name: str) -> str | None:
+    """The Hub commit a backbone named `name` was just loaded from (of `main`), when it came from the Hub: its
+    snapshot's folder in the Hub cache is named by it. transformers 5 dropped config._commit_hash, which this read:
+    every run since recorded no revision, and loaded whatever `main` had become."""
+    if Path(name).expanduser().is_dir():
+        return None  # a local folder has no commit (and --*-revision is refused for one)
+    folder = backbone_folder(name, None)
+    return folder.name if folder is not None and folder.parent.name == "snapshots" else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1100,8 +1105,8 @@ def build_captioner(config: AdapterConfig, dtype=torch.float32, device="cpu", lm
     check_tokenizer_fits(tokenizer, lm, config.lm_model)
     config.image_feature_dim = clip.visual_projection.out_features
     config.lm_hidden_dim = lm.get_input_embeddings().weight.shape[1]
-    config.clip_revision = config.clip_revision or backbone_revision(clip)
-    config.lm_revision = config.lm_revision or backbone_revision(lm)
+    config.clip_revision = config.clip_revision or backbone_revision(config.clip_model)
+    config.lm_revision = config.lm_revision or backbone_revision(config.lm_model)
     config.eos_token_id, config.pad_token_id = special_token_ids(tokenizer, lm)
     config.vocab_size = len(tokenizer)
     config.vocabulary_digest = vocabulary_digest(tokenizer)

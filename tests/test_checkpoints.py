@@ -1083,8 +1083,14 @@ except UserError as error:
     print("error:", error)
 print(f"failed in {time.perf_counter() - start:.1f} s")
 print("weights", model.stored_weights_digest("someone/tiny-lm", None))  # found in the Hub cache's snapshot
+config = model.AdapterConfig(clip_model="someone/tiny-clip", lm_model="someone/tiny-lm")
+captioner = model.build_captioner(config)
+print("revisions", config.clip_revision, config.lm_revision)  # the commit loaded, recorded in the run
+model.save_adapter(RUN, captioner.adapter, config)
+print("reloaded", model.load_captioner(RUN).config.lm_revision)  # that commit, from the cache, offline
 """
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    script = script.replace("RUN", repr(str(tmp_path / "run")))
     done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -1095,6 +1101,7 @@ print("weights", model.stored_weights_digest("someone/tiny-lm", None))  # found 
                         "the Hub is reachable"), done.stdout
     assert float(lines[2].split()[2]) < 5, done.stdout  # no back-off: it was about 23 s of it
     assert lines[3] == f"weights {model.stored_weights_digest(tiny['lm_model'], None)}", done.stdout
+    assert lines[4] == f"revisions {'0' * 40} {'0' * 40}" and lines[5] == f"reloaded {'0' * 40}", done.stdout
     assert "Retrying" not in done.stderr, done.stderr
 
 
