@@ -798,6 +798,9 @@ def write_outputs_in(out_dir: Path, result: SplitResult, records, run_dir: Path 
     with outputs_lock(out_dir):
         stage = not_a_link(out_dir / OUTPUTS_STAGE)
         shutil.rmtree(stage, ignore_errors=True)  # what a killed evaluation left
+        for name in EVAL_OUTPUTS:  # and what one of an earlier version left (it wrote NAME.tmp in place), or links
+            with contextlib.suppress(OSError):  # a folder of that name is not ours to delete
+                not_a_link(out_dir / f"{name}.tmp").unlink(missing_ok=True)
         stage.mkdir()
         # Deleted where the write fails: it held on to the space the error asks to free.
         with removed_unless_renamed(stage):
