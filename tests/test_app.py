@@ -1163,3 +1163,11 @@ def test_a_refused_request_reaches_the_servers_log_with_its_control_characters_e
         thread.submit(asyncio.run, request).result()  # its own thread: a browser test's loop may run in this one
     log = capsys.readouterr()
     assert "\x1b" not in log.out + log.err and "\\x1b[2J" in log.out, log
+
+
+def test_any_image_pasted_inline_is_told_from_an_uploaded_one():
+    """forget_pasted_images drops a data: URL of any image type (a JPEG or WebP paste too), and never an upload's
+    served path."""
+    assert all(app.is_pasted_image({"url": f"data:image/{kind};base64,AAAA"}) for kind in ("jpeg", "webp", "png"))
+    assert not app.is_pasted_image({"url": "http://127.0.0.1:7860/gradio_api/file=/tmp/gradio/x/a.png"})
+    assert not app.is_pasted_image({"path": "/tmp/gradio/x/a.png", "url": None})

@@ -1309,3 +1309,43 @@ def test_a_reader_of_last_during_a_save_reads_it_again_when_the_save_is_done(tin
     assert read == [run / "last" / "adapter.safetensors"] * 2
     assert all(torch.equal(loaded.adapter.state_dict()[name], tensor)
                for name, tensor in captioner.adapter.state_dict().items())
+
+
+def test_a_reader_of_last_after_a_crash_between_a_saves_renames_is_told_it_reads_last_old(tiny, tmp_path, capsys):
+    """read_checkpoint reads quietly (it may try again): the note naming last.old/ is still said, once."""
+    captioner = build_captioner(AdapterConfig(clip_model=tiny["clip_model"], lm_model=tiny["lm_model"]))
+    run = tmp_path / "run"
+    model.save_adapter(run / "last.old", captioner.adapter, captioner.config)
+    capsys.readouterr()
+    assert model.read_checkpoint(run / "last")[0] == run / "last.old"
+    assert capsys.readouterr().err.count(f"note: {run / 'last'} is missing (a save stopped between") == 1
+
+
+def test_the_hub_commit_of_a_backbone_and_no_digest_without_weights_files(tmp_path, monkeypatch):
+    """backbone_revision: the Hub cache's snapshot folder `main` points to names the commit loaded.
+    stored_weights_digest: no safetensors files (a .bin only), no digest to compare against later."""
+    import huggingface_hub.constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--someone--clip"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "config.json").write_text("{}")
+    (repo / "snapshots" / commit / "pytorch_model.bin").write_bytes(b"weights")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    assert model.backbone_revision("someone/clip") == commit
+    assert model.stored_weights_digest("someone/clip", None) is None
+
+
+def test_weights_files_of_the_same_size_and_data_but_other_headers_have_other_digests(tmp_path):
+    """The header says what the bytes are (names, shapes, dtypes): the same bytes read as other tensors differ."""
+    from safetensors.torch import save_file
+
+    for name, shape in (("a", (2, 8)), ("b", (8, 2))):
+        (tmp_path / name).mkdir()
+        save_file({"weight": torch.zeros(shape)}, str(tmp_path / name / "model.safetensors"))
+    sizes = {(tmp_path / name / "model.safetensors").stat().st_size for name in "ab"}
+    assert len(sizes) == 1
+    assert model.stored_weights_digest(str(tmp_path / "a"), None) != model.stored_weights_digest(str(tmp_path / "b"),
+                                                                                                 None)

@@ -707,6 +707,19 @@ def test_a_log_line_on_a_full_disk_names_its_file():
     assert (raised.value.errno, raised.value.filename) == (errno.ENOSPC, "/dev/full")
 
 
+def test_a_replaced_file_on_a_full_disk_names_the_file_written(tmp_path, monkeypatch):
+    """write_text's write names no file either: the line names the file it was writing (RUN/x.json.tmp)."""
+    import errno
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(OSError) as raised:
+        write_json(tmp_path / "run_config.json", {})
+    assert (raised.value.errno, raised.value.filename) == (errno.ENOSPC, str(tmp_path / "run_config.json.tmp"))
+
+
 def test_a_full_disk_anywhere_a_script_writes_is_one_line(tiny, tmp_path, monkeypatch, capsys):
     """The checkpoint saves say more themselves (test_resilience); any other write, here the run's
     config at its start, used to end in json's traceback."""

@@ -389,6 +389,29 @@ def test_an_evaluation_without_curves_leaves_none_of_an_earlier_ones_in_its_fold
         path.name for path in written) == ["metrics.json", "predictions.jsonl", "report.html"]
 
 
+def test_outputs_clear_a_killed_evaluations_stage_leave_none_and_take_metrics_away_first(tmp_path, monkeypatch):
+    """The stage a killed evaluation left is cleared (not "File exists"), and a written evaluation leaves no stage;
+    a stop while the outputs are renamed into place leaves no earlier metrics.json beside the new predictions."""
+    metrics, row = one_image_result()
+    out = tmp_path / "out"
+    (out / eval_script.OUTPUTS_STAGE).mkdir(parents=True)
+    (out / eval_script.OUTPUTS_STAGE / "predictions.jsonl").write_text("left by a killed evaluation")
+    eval_script.write_eval_outputs(out, eval_script.SplitResult(metrics, [row]), [], None)
+    assert (out / "metrics.json").is_file() and not (out / eval_script.OUTPUTS_STAGE).exists()
+    real_replace = eval_script.replace_durably
+
+    def stopped_after_the_predictions(source, target):
+        real_replace(source, target)
+        if str(target).endswith("predictions.jsonl"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(eval_script, "replace_durably", stopped_after_the_predictions)
+    with pytest.raises(KeyboardInterrupt):
+        eval_script.write_eval_outputs(out, eval_script.SplitResult(metrics, [row, {**row, "image_id": "b.png"}]),
+                                       [], None)
+    assert len(read_jsonl(out / "predictions.jsonl")) == 2 and not (out / "metrics.json").exists()
+
+
 def test_dtype_bf16_evaluates_and_captions_with_bf16_weights_on_a_cpu(tiny, run, evaluated, tmp_path, monkeypatch,
                                                                       capsys):
     """--dtype bf16 (faster on a CPU with AMX): eval.py loads the backbones so and says so in metrics.json and

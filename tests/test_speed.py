@@ -522,6 +522,43 @@ def test_the_processes_of_one_evaluation_encode_their_shards_without_taking_turn
     assert len(took) == 1
 
 
+def test_a_shard_whose_cached_part_was_damaged_encodes_it_again_without_taking_turns(tiny, captioner, tmp_path,
+                                                                                       monkeypatch):
+    """The extraction again after a damaged part (take_turns=False, as eval.py's processes ask) takes no turns
+    either."""
+    records = load_records("folder", "train", tiny["data_dir"])[:2]
+    expected = extract_features(captioner, records, progress=False, cache_dir=tmp_path)
+    [part] = (tmp_path / encoder_fingerprint(captioner)).glob("part-*.npy")
+    stored = np.load(part, mmap_mode="r+")
+    stored[0, 0] += 1.0
+    stored.flush()
+    del stored
+    took, original = [], FeatureCache.writing
+    monkeypatch.setattr(FeatureCache, "writing", lambda cache: took.append(cache) or original(cache))
+    again = extract_features(captioner, records, progress=False, cache_dir=tmp_path, take_turns=False)
+    assert took == [] and torch.equal(again, expected)
+
+
+def test_parts_encode_each_image_once_an_unreadable_one_too_and_count_on(tiny, captioner, tmp_path, monkeypatch):
+    """Each part takes the next images still missing: an unreadable one (never cached, so still missing) is not
+    encoded again with the next part, and each part's label counts on from the last."""
+    import dataset
+
+    records = load_records("folder", "train", tiny["data_dir"])[:4]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    records[0] = ImageRecord("broken", ["a caption"], "train", path=broken)
+    encoded, real_encode = [], dataset._encode
+    monkeypatch.setattr(dataset, "FEATURE_PART_SIZE", 2)
+    monkeypatch.setattr(dataset, "_encode", lambda captioner, chunk, *args: encoded.append(
+        ([record.image_id for record in chunk], args[3])) or real_encode(captioner, chunk, *args))
+    extract_features(captioner, records, progress=False, desc="CLIP", cache_dir=tmp_path, on_bad_sample="skip",
+                     bad_samples=[])
+    assert [ids for ids, _ in encoded] == [[record.image_id for record in records[:2]],
+                                           [record.image_id for record in records[2:]]]
+    assert [label for _, label in encoded] == ["CLIP 2/4 new", "CLIP 4/4 new"]
+
+
 def test_greedy_loop_gives_the_tokens_of_generate(captioner):
     torch.manual_seed(3)
     features = torch.nn.functional.normalize(torch.randn(6, captioner.config.image_feature_dim), dim=-1)
